@@ -1,0 +1,181 @@
+"""EngineConfig: the LLMEngineRunnerConfig analog, read from an HF config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from ..errors import ConfigurationError, ModelLoadError, UnsupportedModelError
+from ..kernels.rope import SUPPORTED_ROPE_TYPES
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+DEFAULT_MAX_BATCH_SIZE = 4
+DEFAULT_MAX_INPUT_LENGTH = 1024
+DEFAULT_MAX_KV_CACHE_CAPACITY = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    # What the model is.
+    model_type: str
+    num_decoder_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rotary_dim: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    qk_norm: bool
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    # What this engine instance supports (set when it is built).
+    max_supported_batch_size: int
+    max_supported_input_length: int
+    max_kv_cache_capacity: int
+    reduced_vocab_size: int = 0
+    max_supported_lora_rank: int = 0
+
+    @property
+    def output_vocab_size(self) -> int:
+        return self.reduced_vocab_size or self.vocab_size
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def describe(self) -> str:
+        return "\n".join(f"{f.name:28s} {getattr(self, f.name)}" for f in dataclasses.fields(self))
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, *, max_batch_size: int | None = None,
+                       max_input_length: int | None = None,
+                       max_kv_cache_capacity: int | None = None) -> "EngineConfig":
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise ModelLoadError(f"{model_dir} has no config.json: expected a Hugging Face model directory "
+                                 "(config.json, *.safetensors, tokenizer.json)")
+        try:
+            hf = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot read {path}: {exc}") from exc
+        return cls.from_hf_dict(hf, max_batch_size=max_batch_size, max_input_length=max_input_length,
+                                max_kv_cache_capacity=max_kv_cache_capacity)
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict, *, max_batch_size: int | None = None,
+                     max_input_length: int | None = None,
+                     max_kv_cache_capacity: int | None = None) -> "EngineConfig":
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            arch = ", ".join(hf.get("architectures") or []) or "unknown"
+            raise UnsupportedModelError(
+                f"unsupported architecture: model_type={model_type!r} ({arch}); "
+                f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise UnsupportedModelError(f"unsupported hidden_act {hf.get('hidden_act')!r}; only 'silu' is supported")
+        if hf.get("mlp_bias"):
+            raise UnsupportedModelError("mlp_bias=true is not supported")
+        try:
+            heads = int(hf["num_attention_heads"])
+            hidden = int(hf["hidden_size"])
+            head_dim = int(hf.get("head_dim") or hidden // heads)
+            theta, scaling = _rope_settings(hf)
+            rotary_dim = int(head_dim * float(hf.get("partial_rotary_factor", 1.0)))
+            max_pos = int(hf.get("max_position_embeddings", 4096))
+            fields = dict(
+                model_type=model_type,
+                num_decoder_layers=int(hf["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+                head_dim=head_dim,
+                rotary_dim=rotary_dim,
+                hidden_size=hidden,
+                intermediate_size=int(hf["intermediate_size"]),
+                vocab_size=int(hf["vocab_size"]),
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                rope_theta=theta,
+                rope_scaling=scaling,
+                max_position_embeddings=max_pos,
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+                o_bias=model_type != "qwen2" and bool(hf.get("attention_bias", False)),
+                qk_norm=model_type == "qwen3",
+                bos_token_id=hf.get("bos_token_id"),
+                eos_token_ids=_as_id_tuple(hf.get("eos_token_id")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelLoadError(f"config.json is missing or has a bad value for {exc}") from exc
+        if fields["num_attention_heads"] % fields["num_kv_heads"]:
+            raise ModelLoadError("num_attention_heads must be a multiple of num_key_value_heads")
+        if rotary_dim % 2 or rotary_dim > head_dim:
+            raise UnsupportedModelError(f"rotary dim {rotary_dim} must be even and <= head_dim {head_dim}")
+
+        # Limits of this engine instance: defaults fit a laptop, bounded by what the model supports.
+        position_limit = max_pos
+        window = _sliding_window(hf)
+        if window is not None:
+            position_limit = min(position_limit, window)
+        capacity = _default(max_kv_cache_capacity, min(DEFAULT_MAX_KV_CACHE_CAPACITY, position_limit))
+        input_length = _default(max_input_length, min(DEFAULT_MAX_INPUT_LENGTH, capacity))
+        batch = _default(max_batch_size, DEFAULT_MAX_BATCH_SIZE)
+        for name, value in (("max_batch_size", batch), ("max_input_length", input_length),
+                            ("max_kv_cache_capacity", capacity)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(f"{name} must be a positive integer, got {value!r}")
+        if input_length > capacity:
+            raise ConfigurationError(f"max_input_length ({input_length}) must be <= max_kv_cache_capacity ({capacity})")
+        if window is not None and capacity > window:
+            raise ConfigurationError(
+                f"max_kv_cache_capacity ({capacity}) exceeds the model's sliding window ({window}); "
+                "sliding-window attention is not implemented, so the capacity must be <= the window")
+        return cls(max_supported_batch_size=batch, max_supported_input_length=input_length,
+                   max_kv_cache_capacity=capacity, **fields)
+
+
+def _default(value, fallback):
+    return fallback if value is None else value
+
+
+def _as_id_tuple(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def _rope_settings(hf: dict) -> tuple[float, dict | None]:
+    """(theta, scaling) from either transformers 5 `rope_parameters` or 4.x `rope_theta`/`rope_scaling`."""
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = dict(hf.get("rope_scaling") or {})
+    theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    merged = {**scaling, **params}
+    rope_type = merged.get("rope_type", merged.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    if rope_type == "default":
+        return theta, None
+    merged["rope_type"] = rope_type
+    return theta, merged
+
+
+def _sliding_window(hf: dict) -> int | None:
+    window = hf.get("sliding_window")
+    if window is None:
+        return None
+    uses_window = hf.get("model_type") == "mistral" or bool(hf.get("use_sliding_window", False))
+    return int(window) if uses_window else None

@@ -1,0 +1,67 @@
+"""The decoder forward shared by the llama family (llama, mistral, qwen2, qwen3).
+
+One function serves prefill and decode: a right-padded chunk of `q_lens[b]` tokens per row, placed
+at positions starts[b] ... of cache slot slots[b]. Every hot-path op goes through `edgellm.kernels`
+(which picks Triton or the torch reference); the matmuls are torch (cuBLAS on GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import kernels
+from .config import EngineConfig
+from .kv_cache import LinearKVCache
+from .weights import LayerWeights, ModelWeights
+
+
+def _attention_block(lw: LayerWeights, cfg: EngineConfig, x: torch.Tensor, keys: torch.Tensor,
+                     values: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                     positions: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor,
+                     q_lens: torch.Tensor) -> torch.Tensor:
+    batch, seq, _ = x.shape
+    qkv = F.linear(x, lw.qkv, lw.qkv_bias)
+    q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+    q = q.reshape(batch, seq, cfg.num_attention_heads, cfg.head_dim)
+    k = k.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q = kernels.rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
+        k = kernels.rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
+    q, k = kernels.apply_rope(q, k, rope[0], rope[1], positions)
+    kernels.kv_append(keys, values, k, v, slots, starts, q_lens)
+    scale = cfg.head_dim ** -0.5
+    if seq == 1:
+        out = kernels.decode_attention(q[:, 0], keys, values, slots, starts + q_lens, scale)[:, None]
+    else:
+        out = kernels.prefill_attention(q, keys, values, slots, starts, q_lens, scale)
+    return F.linear(out.reshape(batch, seq, cfg.q_size), lw.o_proj, lw.o_bias)
+
+
+def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCache,
+                   rope: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor, slots: torch.Tensor,
+                   starts: torch.Tensor, q_lens: torch.Tensor) -> torch.Tensor:
+    """hidden: input embeddings [B, S, H]; slots/starts/q_lens: [B] int tensors on the device.
+
+    Appends the chunk's keys/values to the cache (lengths are the caller's to update) and returns
+    the logits of each row's last real token, [B, vocab], float32.
+    """
+    batch, seq, _ = hidden.shape
+    positions = starts[:, None].long() + torch.arange(seq, device=hidden.device)[None, :]
+    residual = hidden
+    x = None
+    for index, lw in enumerate(weights.layers):
+        if x is None:
+            x = kernels.rms_norm(hidden, lw.input_norm, cfg.rms_norm_eps)
+        else:
+            x, residual = kernels.add_rms_norm(x, residual, lw.input_norm, cfg.rms_norm_eps)
+        keys, values = cache.layer(index)
+        attn = _attention_block(lw, cfg, x, keys, values, rope, positions, slots, starts, q_lens)
+        x, residual = kernels.add_rms_norm(attn, residual, lw.post_norm, cfg.rms_norm_eps)
+        x = F.linear(kernels.silu_mul(F.linear(x, lw.gate_up)), lw.down)
+    last = (q_lens.long() - 1).clamp(min=0)
+    rows = torch.arange(batch, device=hidden.device)
+    x_last, res_last = x[rows, last][:, None], residual[rows, last][:, None]
+    final, _ = kernels.add_rms_norm(x_last, res_last, weights.final_norm, cfg.rms_norm_eps)
+    return F.linear(final[:, 0], weights.lm_head).float()

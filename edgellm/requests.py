@@ -1,0 +1,190 @@
+"""Request and response dataclasses, and the validation that turns bad input into clear errors.
+
+Everything here runs before any model compute: a request that fails validation leaves the runtime
+exactly as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from .errors import InvalidRequestError
+from .tokenizer import ROLES
+
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOP_K = 50
+DEFAULT_TOP_P = 1.0
+DEFAULT_MAX_GENERATE_LENGTH = 128
+
+
+@dataclasses.dataclass
+class GenerationItem:
+    """One sequence of a batch. Give exactly one of `messages`, `prompt` or `input_ids`."""
+
+    messages: list[dict[str, Any]] | None = None  # chat messages; the model's chat template applies
+    prompt: str | None = None                     # raw text, no template
+    input_ids: list[int] | None = None            # token ids, used as they are
+
+
+@dataclasses.dataclass
+class LLMGenerationRequest:
+    """A batch of sequences generated together with shared settings.
+
+    temperature / top_k / top_p left as None take the model's generation_config.json values, else
+    1.0 / 50 / 1.0. Greedy decoding: temperature=0 or top_k=1. top_k=0 disables top-k.
+    """
+
+    requests: list[GenerationItem | dict]
+    max_generate_length: int = DEFAULT_MAX_GENERATE_LENGTH
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    lora_weights_name: str = ""
+
+
+@dataclasses.dataclass
+class GenerationTimings:
+    prefill_ms: float = 0.0         # prompt processing and the first token
+    decode_ms: float = 0.0          # every later token
+    decode_tokens: int = 0          # tokens produced by decode steps (all rows)
+    total_ms: float = 0.0           # the whole request, tokenisation and detokenisation included
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / (self.decode_ms / 1e3) if self.decode_ms > 0 else 0.0
+
+
+@dataclasses.dataclass
+class LLMGenerationResponse:
+    output_texts: list[str]
+    output_ids: list[list[int]]     # generated ids only, per item (an ending EOS id included)
+    finish_reasons: list[str]       # "stop" (EOS id or stop string) or "length"
+    prompt_lengths: list[int]
+    timings: GenerationTimings
+
+    def to_dict(self) -> dict:
+        return {
+            "output_texts": self.output_texts, "output_ids": self.output_ids,
+            "finish_reasons": self.finish_reasons, "prompt_lengths": self.prompt_lengths,
+            "timings": {**dataclasses.asdict(self.timings), "decode_tokens_per_s": self.timings.decode_tokens_per_s},
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int | None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _validate_messages(messages, where: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError(f"{where}: messages must be a non-empty list of {{'role', 'content'}} dicts")
+    for j, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise InvalidRequestError(f"{where}: message {j} must be a dict with 'role' and 'content'")
+        if message["role"] not in ROLES:
+            raise InvalidRequestError(f"{where}: message {j} has unknown role {message['role']!r}; "
+                                      f"allowed roles: {', '.join(ROLES)}")
+        content = message["content"]
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise InvalidRequestError(f"{where}: message {j} content parts must be "
+                                          "{'type': 'text', 'text': str} (images are not supported yet)")
+        elif not isinstance(content, str):
+            raise InvalidRequestError(f"{where}: message {j} content must be a string")
+    return messages
+
+
+def normalize_item(item, index: int) -> GenerationItem:
+    where = f"request item {index}"
+    if isinstance(item, dict):
+        unknown = set(item) - {f.name for f in dataclasses.fields(GenerationItem)}
+        if unknown:
+            raise InvalidRequestError(f"{where}: unknown keys {sorted(unknown)}; "
+                                      "allowed: messages, prompt, input_ids")
+        item = GenerationItem(**item)
+    elif not isinstance(item, GenerationItem):
+        raise InvalidRequestError(f"{where}: must be a dict or GenerationItem, got {type(item).__name__}")
+    given = [name for name in ("messages", "prompt", "input_ids") if getattr(item, name) is not None]
+    if len(given) != 1:
+        raise InvalidRequestError(f"{where}: give exactly one of messages, prompt or input_ids "
+                                  f"(got {', '.join(given) if given else 'none'})")
+    if item.messages is not None:
+        _validate_messages(item.messages, where)
+    elif item.prompt is not None:
+        if not isinstance(item.prompt, str) or not item.prompt:
+            raise InvalidRequestError(f"{where}: prompt must be a non-empty string")
+    else:
+        ids = item.input_ids
+        if not isinstance(ids, (list, tuple)) or not ids or not all(_is_int(t) for t in ids):
+            raise InvalidRequestError(f"{where}: input_ids must be a non-empty list of ints")
+    return item
+
+
+def sampling_settings(request: LLMGenerationRequest, defaults: dict) -> SamplingSettings:
+    """Resolve None fields from `defaults` (generation_config.json), then edgellm's, and check ranges."""
+    def pick(name, fallback):
+        value = getattr(request, name)
+        return defaults.get(name, fallback) if value is None else value
+
+    temperature = pick("temperature", DEFAULT_TEMPERATURE)
+    top_k = pick("top_k", DEFAULT_TOP_K)
+    top_p = pick("top_p", DEFAULT_TOP_P)
+    if not _is_number(temperature) or temperature < 0:
+        raise InvalidRequestError(f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
+    if not _is_int(top_k) or top_k < 0:
+        raise InvalidRequestError(f"top_k must be an integer >= 0 (0 disables top-k, 1 is greedy), got {top_k!r}")
+    if not _is_number(top_p) or not 0 < top_p <= 1:
+        raise InvalidRequestError(f"top_p must be in (0, 1] (1 disables top-p), got {top_p!r}")
+    if request.seed is not None and not _is_int(request.seed):
+        raise InvalidRequestError(f"seed must be an integer or None, got {request.seed!r}")
+    return SamplingSettings(float(temperature), int(top_k), float(top_p), request.seed)
+
+
+def stop_strings(request: LLMGenerationRequest) -> list[str]:
+    stop = request.stop
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+        raise InvalidRequestError("stop must be a non-empty string or a list of non-empty strings")
+    return list(stop)
+
+
+def validate_request(request: LLMGenerationRequest, *, max_batch_size: int) -> list[GenerationItem]:
+    """Shape-level checks that need no tokenizer or model; returns the items as GenerationItems."""
+    if not isinstance(request, LLMGenerationRequest):
+        raise InvalidRequestError(f"expected an LLMGenerationRequest, got {type(request).__name__}")
+    if not isinstance(request.requests, (list, tuple)) or not request.requests:
+        raise InvalidRequestError("requests must be a non-empty list of items")
+    if len(request.requests) > max_batch_size:
+        raise InvalidRequestError(f"{len(request.requests)} items exceed the engine's max_batch_size "
+                                  f"{max_batch_size}; split the batch or build the runtime with a larger one")
+    if not _is_int(request.max_generate_length) or request.max_generate_length < 1:
+        raise InvalidRequestError(f"max_generate_length must be an integer >= 1, got {request.max_generate_length!r}")
+    if not isinstance(request.lora_weights_name, str):
+        raise InvalidRequestError("lora_weights_name must be a string")
+    if request.lora_weights_name:
+        raise InvalidRequestError(f"unknown LoRA adapter {request.lora_weights_name!r}: no adapters are loaded "
+                                  "(use '' for the base model)")
+    return [normalize_item(item, i) for i, item in enumerate(request.requests)]

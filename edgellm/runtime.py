@@ -1,0 +1,218 @@
+"""LLMInferenceRuntime: requests in, responses out.
+
+Owns the tokenizer and one LLMEngineRunner. For each request: validate everything (no model work
+before the request is known to be good), tokenize, prefill all items together, sample, then decode
+the batch step by step; each row stops on its own (EOS id, stop string, max length) and leaves the
+batch, and the rest go on.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import kernels
+from .engine.runner import LLMEngineRunner
+from .errors import InvalidRequestError, TokenizerError
+from .models import resolve_model_dir
+from .requests import (GenerationItem, GenerationTimings, LLMGenerationRequest, LLMGenerationResponse,
+                       SamplingSettings, sampling_settings, stop_strings, validate_request)
+from .tokenizer import Tokenizer, TextStreamer
+
+# Called as on_text(item_index, text_delta) while generating, for streaming output.
+TextCallback = Callable[[int, str], None]
+
+_SEED_STRIDE = 0x632BE5AB  # spreads the per-item seeds of one request apart
+
+
+class _Row:
+    """Generation state of one batch item."""
+
+    def __init__(self, prompt_len: int, streamer: TextStreamer | None):
+        self.prompt_len = prompt_len
+        self.ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.streamer = streamer
+
+
+class LLMInferenceRuntime:
+    def __init__(self, model_dir: str | Path | None = None, *, device=None, dtype=None,
+                 max_batch_size: int | None = None, max_input_length: int | None = None,
+                 max_kv_cache_capacity: int | None = None):
+        """model_dir=None runs the embedded default model (SmolLM2-135M-Instruct)."""
+        self.model_dir = resolve_model_dir(model_dir)
+        self.runner = LLMEngineRunner(self.model_dir, device=device, dtype=dtype, max_batch_size=max_batch_size,
+                                      max_input_length=max_input_length,
+                                      max_kv_cache_capacity=max_kv_cache_capacity)
+        self.config = self.runner.config
+        try:
+            self.tokenizer: Tokenizer | None = Tokenizer.from_dir(self.model_dir)
+            self._tokenizer_error = None
+        except TokenizerError as exc:  # input_ids requests still work; text requests get this error
+            self.tokenizer, self._tokenizer_error = None, exc
+        self.generation_defaults = self._read_generation_config()
+        self.eos_token_ids = self._eos_ids()
+
+    # ------------------------------------------------------------------ setup helpers
+    def _read_generation_config(self) -> dict:
+        path = self.model_dir / "generation_config.json"
+        try:
+            return json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids = set(self.config.eos_token_ids)
+        eos = self.generation_defaults.get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+        if self.tokenizer is not None:
+            ids.update(self.tokenizer.eos_token_ids)
+        return frozenset(ids)
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.runner.dtype
+
+    # ------------------------------------------------------------------ validation
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise self._tokenizer_error
+        return self.tokenizer
+
+    def _prompt_ids(self, item: GenerationItem, index: int) -> list[int]:
+        if item.input_ids is not None:
+            ids = list(item.input_ids)
+            vocab = self.config.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequestError(f"request item {index}: token ids {bad[:5]} are outside the "
+                                          f"vocabulary [0, {vocab})")
+            return ids
+        tokenizer = self._require_tokenizer()
+        if item.messages is not None:
+            ids = tokenizer.encode_chat(item.messages)
+        else:
+            ids = tokenizer.encode(item.prompt)
+        if not ids:
+            raise InvalidRequestError(f"request item {index}: the prompt encodes to no tokens")
+        return ids
+
+    def _prepare(self, request: LLMGenerationRequest):
+        cfg = self.config
+        items = validate_request(request, max_batch_size=cfg.max_supported_batch_size)
+        sampling = sampling_settings(request, self.generation_defaults)
+        stops = stop_strings(request)
+        if stops:
+            self._require_tokenizer()
+        prompts = [self._prompt_ids(item, i) for i, item in enumerate(items)]
+        for i, ids in enumerate(prompts):
+            if len(ids) > cfg.max_supported_input_length:
+                raise InvalidRequestError(f"request item {i}: prompt has {len(ids)} tokens, more than the "
+                                          f"engine's max_input_length {cfg.max_supported_input_length}")
+            room = cfg.max_kv_cache_capacity - len(ids)
+            if request.max_generate_length > room:
+                raise InvalidRequestError(
+                    f"request item {i}: prompt of {len(ids)} tokens + max_generate_length "
+                    f"{request.max_generate_length} exceeds the KV cache capacity {cfg.max_kv_cache_capacity}; "
+                    f"max_generate_length may be at most {room} for this prompt")
+        return prompts, sampling, stops
+
+    # ------------------------------------------------------------------ generation
+    def handle_request(self, request: LLMGenerationRequest, *,
+                       on_text: TextCallback | None = None) -> LLMGenerationResponse:
+        """Generate for every item of `request`. `on_text(i, delta)` streams item i's text."""
+        started = time.perf_counter()
+        prompts, sampling, stops = self._prepare(request)
+        if on_text is not None:
+            self._require_tokenizer()
+        with torch.inference_mode():
+            rows, timings = self._generate(prompts, sampling, stops, request.max_generate_length, on_text)
+        timings.total_ms = (time.perf_counter() - started) * 1e3
+        return LLMGenerationResponse(
+            output_texts=[row.text for row in rows], output_ids=[row.ids for row in rows],
+            finish_reasons=[row.finish_reason for row in rows], prompt_lengths=[row.prompt_len for row in rows],
+            timings=timings)
+
+    def _sampling_tensors(self, sampling: SamplingSettings, batch: int):
+        device = self.device
+        seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
+        seeds = torch.tensor([(seed + i * _SEED_STRIDE) & 0xFFFFFFFF for i in range(batch)],
+                             dtype=torch.int64, device=device)
+        return (torch.full((batch,), sampling.temperature, dtype=torch.float32, device=device),
+                torch.full((batch,), sampling.top_k, dtype=torch.int32, device=device),
+                torch.full((batch,), sampling.top_p, dtype=torch.float32, device=device),
+                seeds)
+
+    def _generate(self, prompts: list[list[int]], sampling: SamplingSettings, stops: list[str],
+                  max_new: int, on_text: TextCallback | None):
+        runner, device = self.runner, self.device
+        batch, width = len(prompts), max(len(p) for p in prompts)
+        holdback = max((len(s) for s in stops), default=1) - 1
+        rows = [_Row(len(p), TextStreamer(holdback) if on_text else None) for p in prompts]
+        timings = GenerationTimings()
+
+        t0 = time.perf_counter()
+        ids = torch.zeros(batch, width, dtype=torch.int64)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.tensor(p)
+        temperature, top_k, top_p, seeds = self._sampling_tensors(sampling, batch)
+        offsets = torch.zeros(batch, dtype=torch.int64, device=device)
+        logits = runner.prefill_step(runner.embed(ids.to(device)), [len(p) for p in prompts])
+        tokens = kernels.sample(logits, temperature, top_k, top_p, seeds, offsets)
+        active = list(range(batch))
+        self._advance(rows, active, tokens.tolist(), stops, max_new, on_text)
+        timings.prefill_ms = (time.perf_counter() - t0) * 1e3
+
+        t1 = time.perf_counter()
+        while True:
+            still = [i for i in active if rows[i].finish_reason is None]
+            if not still:
+                break
+            if len(still) != len(active):  # rows that finished leave the batch
+                keep = torch.tensor([active.index(i) for i in still], device=device)
+                tokens = tokens[keep]
+                active = still
+            index = torch.tensor(active, device=device)
+            offsets[index] += 1
+            logits = runner.decode_step(runner.embed(tokens[:, None]), slots=index)
+            tokens = kernels.sample(logits, temperature[index], top_k[index], top_p[index], seeds[index],
+                                    offsets[index])
+            self._advance(rows, active, tokens.tolist(), stops, max_new, on_text)
+            timings.decode_tokens += len(active)
+        timings.decode_ms = (time.perf_counter() - t1) * 1e3
+
+        if self.tokenizer is not None and not (stops or on_text):  # else _advance kept text current
+            for row in rows:
+                row.text = self.tokenizer.decode(row.ids)
+        return rows, timings
+
+    def _advance(self, rows: list[_Row], active: list[int], new_tokens: list[int], stops: list[str],
+                 max_new: int, on_text: TextCallback | None) -> None:
+        """Record one new token per active row and decide which rows are finished."""
+        for i, token in zip(active, new_tokens):
+            row = rows[i]
+            row.ids.append(token)
+            if token in self.eos_token_ids:
+                row.finish_reason = "stop"
+            elif len(row.ids) >= max_new:
+                row.finish_reason = "length"
+            if stops or on_text:
+                row.text = self.tokenizer.decode(row.ids)
+                hits = [row.text.find(s) for s in stops if s in row.text]
+                if hits:
+                    row.text = row.text[:min(hits)]
+                    row.finish_reason = "stop"
+                if on_text:
+                    delta = row.streamer.delta(row.text, final=row.finish_reason is not None)
+                    if delta:
+                        on_text(i, delta)

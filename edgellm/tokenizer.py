@@ -1,0 +1,138 @@
+"""Text <-> token ids with HF `tokenizers`, and chat templates rendered with jinja2.
+
+Reads tokenizer.json and tokenizer_config.json (special tokens, chat template); the template may
+also live in chat_template.jinja, as current transformers writes it. Templates render the way
+transformers renders them (sandboxed jinja2, trim_blocks, lstrip_blocks, loop controls, tojson,
+raise_exception, strftime_now), so prompts are token-identical to `apply_chat_template`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
+from tokenizers import Tokenizer as _HFTokenizer
+
+from .errors import TokenizerError
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _token_text(value) -> str | None:
+    """tokenizer_config stores special tokens as a string or as {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+@lru_cache(maxsize=16)
+def _compile_template(source: str) -> jinja2.Template:
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, separators=None, sort_keys=False: json.dumps(
+        x, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: _HFTokenizer, config: dict, chat_template: str | None):
+        self._tok = tokenizer
+        self.config = config
+        self.chat_template = chat_template
+        self.special_tokens = {
+            key: _token_text(config.get(key))
+            for key in ("bos_token", "eos_token", "unk_token", "pad_token")
+            if _token_text(config.get(key)) is not None
+        }
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "Tokenizer":
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise TokenizerError(f"{model_dir} has no tokenizer.json; text prompts need one "
+                                 "(requests with input_ids work without it)")
+        try:
+            tok = _HFTokenizer.from_file(str(path))
+        except Exception as exc:
+            raise TokenizerError(f"cannot read {path}: {exc}") from exc
+        config = {}
+        config_path = model_dir / "tokenizer_config.json"
+        if config_path.is_file():
+            try:
+                config = json.loads(config_path.read_text())
+            except (OSError, ValueError) as exc:
+                raise TokenizerError(f"cannot read {config_path}: {exc}") from exc
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: take the default one
+            named = {t.get("name"): t.get("template") for t in template}
+            template = named.get("default") or next(iter(named.values()), None)
+        jinja_file = model_dir / "chat_template.jinja"
+        if template is None and jinja_file.is_file():
+            template = jinja_file.read_text()
+        return cls(tok, config, template)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        eos = self.special_tokens.get("eos_token")
+        token_id = self.token_to_id(eos) if eos else None
+        return () if token_id is None else (token_id,)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise TokenizerError("this model has no chat template (tokenizer_config.json or chat_template.jinja); "
+                                 "send `prompt` (raw text) or `input_ids` instead of `messages`")
+        try:
+            return _compile_template(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None,
+                **self.special_tokens)
+        except jinja2.exceptions.TemplateError as exc:
+            raise TokenizerError(f"the model's chat template rejected the messages: {exc}") from exc
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Chat messages -> prompt ids, as transformers' apply_chat_template(tokenize=True) gives them:
+        the template already writes any BOS, so no special tokens are added on top."""
+        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+
+
+class TextStreamer:
+    """Turns successive decodings of a growing id list into text deltas for streaming. Holds back an
+    incomplete UTF-8 character (decoded as U+FFFD) and the last `holdback` characters, which might
+    still turn out to be the start of a stop string."""
+
+    def __init__(self, holdback: int = 0):
+        self.holdback = holdback
+        self.emitted = 0
+
+    def delta(self, text: str, final: bool = False) -> str:
+        if not final:
+            if text.endswith("\ufffd"):
+                return ""
+            text = text[:max(self.emitted, len(text) - self.holdback)]
+        out = text[self.emitted:]
+        self.emitted = max(self.emitted, len(text))
+        return out
