@@ -1,0 +1,208 @@
+"""The `edgellm` command: thin wrappers that parse arguments, call the public API and print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import EdgeLLMError
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dir", "-m", default=None,
+                   help="Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float32 on CPU, "
+                                                  "float16 on CUDA)")
+    p.add_argument("--max-batch-size", type=int, default=None)
+    p.add_argument("--max-input-length", type=int, default=None)
+    p.add_argument("--max-kv-cache-capacity", type=int, default=None)
+
+
+def _add_sampling_options(p: argparse.ArgumentParser, temperature_default) -> None:
+    p.add_argument("--max-tokens", "-n", type=int, default=256, help="most tokens to generate (default 256)")
+    p.add_argument("--temperature", "-t", type=float, default=temperature_default,
+                   help="0 = greedy" + (f" (default {temperature_default})" if temperature_default is not None
+                                        else " (default: the model's generation config, else 1.0)"))
+    p.add_argument("--top-k", type=int, default=None, help="0 disables (default: model's, else 50)")
+    p.add_argument("--top-p", type=float, default=None, help="in (0, 1]; 1 disables (default: model's, else 1)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling; same seed, same output")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _runtime(args):
+    from .runtime import LLMInferenceRuntime
+
+    return LLMInferenceRuntime(args.model_dir, device=args.device, dtype=args.dtype,
+                               max_batch_size=args.max_batch_size, max_input_length=args.max_input_length,
+                               max_kv_cache_capacity=args.max_kv_cache_capacity)
+
+
+def _request(args, items):
+    from .requests import LLMGenerationRequest
+
+    return LLMGenerationRequest(requests=items, max_generate_length=args.max_tokens,
+                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                seed=args.seed, stop=args.stop)
+
+
+def _print_timings(response) -> None:
+    t = response.timings
+    print(f"[prefill {t.prefill_ms:.1f} ms, {t.decode_tokens} decode tokens at {t.decode_tokens_per_s:.1f} tok/s, "
+          f"total {t.total_ms:.1f} ms]", file=sys.stderr)
+
+
+def cmd_generate(args) -> int:
+    runtime = _runtime(args)
+    if args.raw:
+        item = {"prompt": args.prompt}
+    else:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        item = {"messages": messages + [{"role": "user", "content": args.prompt}]}
+
+    def stream(_, delta):
+        print(delta, end="", flush=True)
+
+    response = runtime.handle_request(_request(args, [item]), on_text=stream if args.stream else None)
+    print("" if args.stream else response.output_texts[0])
+    if args.timings:
+        _print_timings(response)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    runtime = _runtime(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("edgellm chat: type a message; /reset clears the conversation, /exit (or Ctrl-D) quits.",
+          file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            response = runtime.handle_request(_request(args, [{"messages": list(messages)}]),
+                                              on_text=lambda _, delta: print(delta, end="", flush=True))
+        except EdgeLLMError as exc:
+            messages.pop()
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        print()
+        if args.timings:
+            _print_timings(response)
+        messages.append({"role": "assistant", "content": response.output_texts[0]})
+
+
+_RUN_SETTINGS = ("max_generate_length", "temperature", "top_k", "top_p", "seed", "stop", "lora_weights_name")
+
+
+def run_batch_file(runtime, spec: dict) -> dict:
+    """Execute the JSON batch format of `edgellm run` (see README); returns the output document."""
+    from .requests import LLMGenerationRequest
+
+    if not isinstance(spec, dict) or not isinstance(spec.get("requests"), list):
+        raise EdgeLLMError('input JSON must be an object with a "requests" list')
+    settings = {k: spec[k] for k in _RUN_SETTINGS if k in spec}
+    batch_size = spec.get("batch_size") or runtime.config.max_supported_batch_size
+    items, responses, batches = spec["requests"], [], []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        try:
+            response = runtime.handle_request(LLMGenerationRequest(requests=chunk, **settings))
+        except EdgeLLMError as exc:
+            responses += [{"request_index": start + i, "error": str(exc)} for i in range(len(chunk))]
+            batches.append({"first_request": start, "size": len(chunk), "error": str(exc)})
+            continue
+        for i in range(len(chunk)):
+            responses.append({"request_index": start + i, "output_text": response.output_texts[i],
+                              "output_ids": response.output_ids[i], "finish_reason": response.finish_reasons[i],
+                              "prompt_length": response.prompt_lengths[i]})
+        batches.append({"first_request": start, "size": len(chunk), **response.to_dict()["timings"]})
+    return {"responses": responses, "batches": batches}
+
+
+def cmd_run(args) -> int:
+    try:
+        spec = json.loads(Path(args.input).read_text())
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot read {args.input}: {exc}", file=sys.stderr)
+        return 2
+    result = run_batch_file(_runtime(args), spec)
+    Path(args.output).write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    failed = sum("error" in r for r in result["responses"])
+    print(f"wrote {len(result['responses'])} responses to {args.output}" + (f" ({failed} failed)" if failed else ""),
+          file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_info(args) -> int:
+    from .engine.config import EngineConfig
+    from .models import resolve_model_dir
+
+    model_dir = resolve_model_dir(args.model_dir)
+    config = EngineConfig.from_model_dir(model_dir, max_batch_size=args.max_batch_size,
+                                         max_input_length=args.max_input_length,
+                                         max_kv_cache_capacity=args.max_kv_cache_capacity)
+    print(f"model directory              {model_dir}")
+    print(config.describe())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgellm", description="Run LLMs with edgellm's Triton-kernel runtime.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="answer one prompt (chat template applied) and print it")
+    p.add_argument("prompt")
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat template")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    p.add_argument("--timings", action="store_true", help="print prefill/decode timings to stderr")
+    _add_model_options(p)
+    _add_sampling_options(p, temperature_default=0.0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat, streaming the answers")
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--timings", action="store_true")
+    _add_model_options(p)
+    _add_sampling_options(p, temperature_default=None)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("run", help="run a JSON batch of requests (format: README)")
+    p.add_argument("--input", "-i", required=True)
+    p.add_argument("--output", "-o", required=True)
+    _add_model_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("info", help="print a model's engine configuration")
+    p.add_argument("model_dir", nargs="?", default=None, help="model directory (default: the embedded model)")
+    p.add_argument("--max-batch-size", type=int, default=None)
+    p.add_argument("--max-input-length", type=int, default=None)
+    p.add_argument("--max-kv-cache-capacity", type=int, default=None)
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EdgeLLMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
