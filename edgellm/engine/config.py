@@ -164,7 +164,7 @@ def _rope_settings(hf: dict) -> tuple[float, dict | None]:
     scaling = dict(hf.get("rope_scaling") or {})
     theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
     merged = {**scaling, **params}
-    rope_type = merged.get("rope_type", merged.get("type", "default"))
+    rope_type = merged.pop("rope_type", merged.pop("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     if rope_type == "default":

@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny random models of each supported family, built with transformers and saved
+as HF directories, and a tiny word-level tokenizer with a chat template."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+VOCAB = 96
+SPECIALS = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+WORDS = [f"w{i}" for i in range(VOCAB - len(SPECIALS))]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {{ eos_token }} "
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
+
+# Family name -> (transformers class names, extra config). Together they cover GQA, Llama-3 rope
+# scaling, qkv bias, q/k norm with an explicit head_dim, and tied and untied embeddings.
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_key_value_heads=2, tie_word_embeddings=False, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16})),
+    "llama_tied": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=False,
+                                                            sliding_window=4096)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=12,
+                                                       tie_word_embeddings=False)),
+}
+
+
+def write_tokenizer(model_dir: Path, *, chat_template: str | None = CHAT_TEMPLATE) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(SPECIALS)
+    tok.save(str(model_dir / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+              "unk_token": "<unk>", "pad_token": "</s>"}
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def build_model(family: str, model_dir: Path, seed: int = 0, **overrides):
+    import transformers
+
+    config_cls, model_cls, extra = FAMILIES[family]
+    config = getattr(transformers, config_cls)(**{**COMMON, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    model.save_pretrained(model_dir)
+    write_tokenizer(model_dir)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """family -> (model_dir, transformers model) for every family, built once per test session."""
+    built = {}
+    for family in FAMILIES:
+        model_dir = tmp_path_factory.mktemp(family)
+        built[family] = (model_dir, build_model(family, model_dir))
+    return built
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tiny_models):
+    return tiny_models["llama"][0]
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    import edgellm
+
+    return edgellm.default_model_dir()
+
+
+def hf_greedy(model, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    """transformers' greedy continuation of one unpadded prompt (generated ids only)."""
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=model.generation_config.eos_token_id)
+    return out[0, len(prompt_ids):].tolist()

@@ -1,0 +1,44 @@
+"""The `edgellm` command line on a tiny model (the default-model CLI check is in test_default_model)."""
+
+import json
+
+from edgellm.cli import main
+
+
+def test_run_json_batches(llama_dir, tmp_path, capsys):
+    spec = {"max_generate_length": 6, "temperature": 0, "batch_size": 2,
+            "requests": [{"prompt": "w1 w2"}, {"messages": [{"role": "user", "content": "w3"}]},
+                         {"input_ids": [1, 5, 6]}]}
+    (tmp_path / "in.json").write_text(json.dumps(spec))
+    code = main(["run", "-i", str(tmp_path / "in.json"), "-o", str(tmp_path / "out.json"), "-m", str(llama_dir),
+                 "--device", "cpu"])
+    assert code == 0
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert [r["request_index"] for r in result["responses"]] == [0, 1, 2]
+    assert all(r["finish_reason"] in ("stop", "length") and r["output_ids"] for r in result["responses"])
+    assert [b["size"] for b in result["batches"]] == [2, 1]
+
+
+def test_run_reports_bad_items_and_continues(llama_dir, tmp_path):
+    spec = {"max_generate_length": 4, "temperature": 0, "batch_size": 1,
+            "requests": [{"prompt": "w1"}, {"messages": [{"role": "wizard", "content": "w3"}]}]}
+    (tmp_path / "in.json").write_text(json.dumps(spec))
+    code = main(["run", "-i", str(tmp_path / "in.json"), "-o", str(tmp_path / "out.json"), "-m", str(llama_dir)])
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert code == 1
+    assert "output_text" in result["responses"][0]
+    assert "unknown role 'wizard'" in result["responses"][1]["error"]
+
+
+def test_generate_and_info(llama_dir, capsys):
+    assert main(["generate", "w4 w5", "-m", str(llama_dir), "-n", "4", "--timings"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() and "prefill" in out.err
+    assert main(["info", str(llama_dir)]) == 0
+    assert "num_kv_heads                 2" in capsys.readouterr().out
+
+
+def test_clear_error_exit_code(tmp_path, capsys):
+    assert main(["generate", "hi", "-m", str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert main(["generate", "hi", "-m", str(tmp_path), "--top-p", "3"]) == 2

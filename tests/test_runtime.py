@@ -1,0 +1,96 @@
+"""Runtime behaviour: stop strings, EOS, streaming, rows leaving the batch, timings."""
+
+import pytest
+
+from edgellm import GenerationItem, LLMGenerationRequest, LLMInferenceRuntime
+
+
+@pytest.fixture(scope="module")
+def runtime(llama_dir):
+    return LLMInferenceRuntime(llama_dir, device="cpu")
+
+
+def greedy(runtime, items, n=16, **kw):
+    return runtime.handle_request(LLMGenerationRequest(requests=items, max_generate_length=n, temperature=0, **kw))
+
+
+def test_stop_string_truncates_text_and_frees_the_row(runtime):
+    base = greedy(runtime, [{"prompt": "w5 w6 w7"}, {"prompt": "w10 w11"}])
+    words = base.output_texts[0].split()
+    assert len(words) >= 4
+    stop = words[2]
+    stopped = greedy(runtime, [{"prompt": "w5 w6 w7"}, {"prompt": "w10 w11"}], stop=[stop])
+    cut = base.output_texts[0].find(stop)
+    assert stopped.output_texts[0] == base.output_texts[0][:cut]
+    assert stopped.finish_reasons[0] == "stop"
+    assert len(stopped.output_ids[0]) < len(base.output_ids[0])
+    # The other row, decoded on after the first left the batch, is unchanged (unless it stopped too).
+    if stop not in base.output_texts[1]:
+        assert stopped.output_ids[1] == base.output_ids[1]
+
+
+def test_eos_finishes_a_row_with_reason_stop(runtime):
+    base = greedy(runtime, [{"input_ids": [1, 7, 3]}], n=12)
+    first = base.output_ids[0][0]
+    # Declare the first generated token an EOS id: the row must end right there.
+    runtime.eos_token_ids = frozenset({first})
+    try:
+        out = greedy(runtime, [{"input_ids": [1, 7, 3]}, {"input_ids": [1, 20]}], n=12)
+    finally:
+        runtime.eos_token_ids = runtime._eos_ids()
+    assert out.output_ids[0] == [first] and out.finish_reasons[0] == "stop"
+    assert out.finish_reasons[1] in ("stop", "length")
+
+
+def test_length_finish_and_generation_items(runtime):
+    runtime.eos_token_ids = frozenset()  # this random model may emit its EOS id early
+    try:
+        out = greedy(runtime, [GenerationItem(input_ids=[1, 40, 41])], n=5)
+    finally:
+        runtime.eos_token_ids = runtime._eos_ids()
+    assert len(out.output_ids[0]) == 5 and out.finish_reasons == ["length"]
+
+
+def test_streaming_concatenates_to_the_final_text(runtime):
+    pieces = {0: [], 1: []}
+    out = runtime.handle_request(
+        LLMGenerationRequest(requests=[{"prompt": "w5 w6"}, {"messages": [{"role": "user", "content": "w3"}]}],
+                             max_generate_length=14, temperature=0),
+        on_text=lambda i, delta: pieces[i].append(delta))
+    assert "".join(pieces[0]) == out.output_texts[0]
+    assert "".join(pieces[1]) == out.output_texts[1]
+    assert len(pieces[0]) > 1
+
+
+def test_streaming_never_emits_a_stop_string(runtime):
+    base = greedy(runtime, [{"prompt": "w5 w6 w7"}])
+    stop = " ".join(base.output_texts[0].split()[1:3])
+    pieces = []
+    out = runtime.handle_request(LLMGenerationRequest(requests=[{"prompt": "w5 w6 w7"}], max_generate_length=16,
+                                                      temperature=0, stop=stop),
+                                 on_text=lambda i, delta: pieces.append(delta))
+    assert "".join(pieces) == out.output_texts[0]
+    assert stop not in "".join(pieces)
+
+
+def test_timings_and_dict(runtime):
+    out = greedy(runtime, [{"input_ids": [1, 2, 3]}, {"input_ids": [1, 4]}], n=6)
+    t = out.timings
+    assert t.prefill_ms > 0 and t.total_ms >= t.prefill_ms
+    assert t.decode_tokens == sum(len(ids) for ids in out.output_ids) - 2
+    assert out.to_dict()["timings"]["decode_tokens_per_s"] > 0
+
+
+def test_generation_config_defaults_apply(tiny_models, tmp_path):
+    import json
+    import shutil
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_models["llama"][0], model_dir)
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5], "top_k": 1}))
+    runtime = LLMInferenceRuntime(model_dir, device="cpu")
+    assert runtime.eos_token_ids >= {2, 5}
+    # top_k=1 from generation_config.json makes sampling greedy even at temperature 1.
+    sampled = runtime.handle_request(LLMGenerationRequest(requests=[{"input_ids": [1, 9]}], max_generate_length=8,
+                                                          temperature=1.0, seed=3))
+    assert sampled.output_ids == greedy(runtime, [{"input_ids": [1, 9]}], n=8).output_ids
