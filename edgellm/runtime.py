@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from . import kernels
+from .kernels import ops
 from .engine.runner import LLMEngineRunner
 from .errors import InvalidRequestError, TokenizerError
 from .models import resolve_model_dir
@@ -168,7 +168,7 @@ class LLMInferenceRuntime:
         temperature, top_k, top_p, seeds = self._sampling_tensors(sampling, batch)
         offsets = torch.zeros(batch, dtype=torch.int64, device=device)
         logits = runner.prefill_step(runner.embed(ids.to(device)), [len(p) for p in prompts])
-        tokens = kernels.sample(logits, temperature, top_k, top_p, seeds, offsets)
+        tokens = ops.sample(logits, temperature, top_k, top_p, seeds, offsets)
         active = list(range(batch))
         self._advance(rows, active, tokens.tolist(), stops, max_new, on_text)
         timings.prefill_ms = (time.perf_counter() - t0) * 1e3
@@ -185,7 +185,7 @@ class LLMInferenceRuntime:
             index = torch.tensor(active, device=device)
             offsets[index] += 1
             logits = runner.decode_step(runner.embed(tokens[:, None]), slots=index)
-            tokens = kernels.sample(logits, temperature[index], top_k[index], top_p[index], seeds[index],
+            tokens = ops.sample(logits, temperature[index], top_k[index], top_p[index], seeds[index],
                                     offsets[index])
             self._advance(rows, active, tokens.tolist(), stops, max_new, on_text)
             timings.decode_tokens += len(active)

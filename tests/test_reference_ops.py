@@ -6,6 +6,12 @@ import torch
 import torch.nn.functional as F
 
 from edgellm import kernels
+from edgellm.kernels.attention import decode_attention_ref, prefill_attention_ref
+from edgellm.kernels.kv_append import kv_append_ref
+from edgellm.kernels.rms_norm import add_rms_norm_ref, rms_norm_ref
+from edgellm.kernels.rope import apply_rope_ref, rope_cos_sin_cache_ref
+from edgellm.kernels.silu_mul import silu_mul_ref
+from edgellm.kernels.vocab_remap import vocab_remap_ref
 
 
 def _filled_cache(batch, hkv, capacity, d, lengths, seed=0):
@@ -26,7 +32,7 @@ def test_prefill_attention_matches_sdpa(hq, hkv):
     slots = torch.tensor([2, 0, 1])
     # Slot order differs from row order: row b reads slot slots[b].
     k_cache, v_cache = k_cache[[1, 2, 0]], v_cache[[1, 2, 0]]
-    out = kernels.prefill_attention(q, k_cache, v_cache, slots, torch.tensor(starts), torch.tensor(q_lens), 0.25)
+    out = prefill_attention_ref(q, k_cache, v_cache, slots, torch.tensor(starts), torch.tensor(q_lens), 0.25)
     for b in range(3):
         n, s = q_lens[b], starts[b]
         keys = k_cache[slots[b], :, :s + n].repeat_interleave(hq // hkv, 0)
@@ -41,8 +47,8 @@ def test_decode_attention_equals_prefill_of_one_token():
     k_cache, v_cache = _filled_cache(2, 2, 20, 8, [9, 17], seed=1)
     q = torch.randn(2, 4, 8)
     lengths = torch.tensor([9, 17])
-    out = kernels.decode_attention(q, k_cache, v_cache, torch.tensor([0, 1]), lengths, 0.3)
-    ref = kernels.prefill_attention(q[:, None], k_cache, v_cache, torch.tensor([0, 1]), lengths - 1,
+    out = decode_attention_ref(q, k_cache, v_cache, torch.tensor([0, 1]), lengths, 0.3)
+    ref = prefill_attention_ref(q[:, None], k_cache, v_cache, torch.tensor([0, 1]), lengths - 1,
                                     torch.ones(2, dtype=torch.int64), 0.3)[:, 0]
     torch.testing.assert_close(out, ref)
 
@@ -51,7 +57,7 @@ def test_kv_append_writes_only_real_tokens():
     k_cache = torch.zeros(3, 2, 10, 4)
     v_cache = torch.zeros(3, 2, 10, 4)
     k, v = torch.randn(2, 5, 2, 4), torch.randn(2, 5, 2, 4)
-    kernels.kv_append(k_cache, v_cache, k, v, torch.tensor([2, 0]), torch.tensor([3, 0]), torch.tensor([5, 2]))
+    kv_append_ref(k_cache, v_cache, k, v, torch.tensor([2, 0]), torch.tensor([3, 0]), torch.tensor([5, 2]))
     torch.testing.assert_close(k_cache[2, :, 3:8], k[0].transpose(0, 1))
     torch.testing.assert_close(v_cache[0, :, 0:2], v[1, :2].transpose(0, 1))
     assert k_cache[0, :, 2:].abs().sum() == 0 and k_cache[1].abs().sum() == 0 and k_cache[2, :, :3].abs().sum() == 0
@@ -63,17 +69,17 @@ def test_rms_norm_and_rope_match_transformers():
     x = torch.randn(2, 5, 32)
     norm = LlamaRMSNorm(32, eps=1e-5)
     norm.weight.data.normal_()
-    torch.testing.assert_close(kernels.rms_norm(x, norm.weight.data, 1e-5), norm(x))
+    torch.testing.assert_close(rms_norm_ref(x, norm.weight.data, 1e-5), norm(x))
     residual = torch.randn(2, 5, 32)
-    y, summed = kernels.add_rms_norm(x, residual, norm.weight.data, 1e-5)
+    y, summed = add_rms_norm_ref(x, residual, norm.weight.data, 1e-5)
     torch.testing.assert_close(summed, x + residual)
     torch.testing.assert_close(y, norm(x + residual))
 
     inv_freq = kernels.rope_inv_freq(8, 10000.0)
-    cos, sin = kernels.rope_cos_sin_cache(inv_freq, 64)
+    cos, sin = rope_cos_sin_cache_ref(inv_freq, 64)
     q, k = torch.randn(2, 5, 4, 12), torch.randn(2, 5, 2, 12)
     positions = torch.tensor([[0, 1, 2, 3, 4], [30, 31, 32, 33, 34]])
-    q_out, k_out = kernels.apply_rope(q, k, cos, sin, positions)
+    q_out, k_out = apply_rope_ref(q, k, cos, sin, positions)
     # transformers' layout: [B, H, S, D], cos/sin duplicated over both halves; partial rotary = 8 of 12.
     c = torch.cat([cos[positions], cos[positions]], -1)
     s = torch.cat([sin[positions], sin[positions]], -1)
@@ -85,9 +91,9 @@ def test_rms_norm_and_rope_match_transformers():
 
 def test_silu_mul_and_vocab_remap():
     gate_up = torch.randn(3, 10)
-    torch.testing.assert_close(kernels.silu_mul(gate_up), F.silu(gate_up[:, :5]) * gate_up[:, 5:])
+    torch.testing.assert_close(silu_mul_ref(gate_up), F.silu(gate_up[:, :5]) * gate_up[:, 5:])
     table = torch.tensor([7, 3, 100, 42])
-    assert kernels.vocab_remap(torch.tensor([[2, 0], [3, 1]]), table).tolist() == [[100, 7], [42, 3]]
+    assert vocab_remap_ref(torch.tensor([[2, 0], [3, 1]]), table).tolist() == [[100, 7], [42, 3]]
 
 
 def test_dispatch_rule(monkeypatch):

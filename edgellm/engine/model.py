@@ -1,7 +1,7 @@
 """The decoder forward shared by the llama family (llama, mistral, qwen2, qwen3).
 
 One function serves prefill and decode: a right-padded chunk of `q_lens[b]` tokens per row, placed
-at positions starts[b] ... of cache slot slots[b]. Every hot-path op goes through `edgellm.kernels`
+at positions starts[b] ... of cache slot slots[b]. Every hot-path op goes through `edgellm.kernels.ops`
 (which picks Triton or the torch reference); the matmuls are torch (cuBLAS on GPU).
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import kernels
+from ..kernels import ops
 from .config import EngineConfig
 from .kv_cache import LinearKVCache
 from .weights import LayerWeights, ModelWeights
@@ -27,15 +27,15 @@ def _attention_block(lw: LayerWeights, cfg: EngineConfig, x: torch.Tensor, keys:
     k = k.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
     v = v.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
-        q = kernels.rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
-        k = kernels.rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
-    q, k = kernels.apply_rope(q, k, rope[0], rope[1], positions)
-    kernels.kv_append(keys, values, k, v, slots, starts, q_lens)
+        q = ops.rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
+        k = ops.rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
+    q, k = ops.apply_rope(q, k, rope[0], rope[1], positions)
+    ops.kv_append(keys, values, k, v, slots, starts, q_lens)
     scale = cfg.head_dim ** -0.5
     if seq == 1:
-        out = kernels.decode_attention(q[:, 0], keys, values, slots, starts + q_lens, scale)[:, None]
+        out = ops.decode_attention(q[:, 0], keys, values, slots, starts + q_lens, scale)[:, None]
     else:
-        out = kernels.prefill_attention(q, keys, values, slots, starts, q_lens, scale)
+        out = ops.prefill_attention(q, keys, values, slots, starts, q_lens, scale)
     return F.linear(out.reshape(batch, seq, cfg.q_size), lw.o_proj, lw.o_bias)
 
 
@@ -53,15 +53,15 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     x = None
     for index, lw in enumerate(weights.layers):
         if x is None:
-            x = kernels.rms_norm(hidden, lw.input_norm, cfg.rms_norm_eps)
+            x = ops.rms_norm(hidden, lw.input_norm, cfg.rms_norm_eps)
         else:
-            x, residual = kernels.add_rms_norm(x, residual, lw.input_norm, cfg.rms_norm_eps)
+            x, residual = ops.add_rms_norm(x, residual, lw.input_norm, cfg.rms_norm_eps)
         keys, values = cache.layer(index)
         attn = _attention_block(lw, cfg, x, keys, values, rope, positions, slots, starts, q_lens)
-        x, residual = kernels.add_rms_norm(attn, residual, lw.post_norm, cfg.rms_norm_eps)
-        x = F.linear(kernels.silu_mul(F.linear(x, lw.gate_up)), lw.down)
+        x, residual = ops.add_rms_norm(attn, residual, lw.post_norm, cfg.rms_norm_eps)
+        x = F.linear(ops.silu_mul(F.linear(x, lw.gate_up)), lw.down)
     last = (q_lens.long() - 1).clamp(min=0)
     rows = torch.arange(batch, device=hidden.device)
     x_last, res_last = x[rows, last][:, None], residual[rows, last][:, None]
-    final, _ = kernels.add_rms_norm(x_last, res_last, weights.final_norm, cfg.rms_norm_eps)
+    final, _ = ops.add_rms_norm(x_last, res_last, weights.final_norm, cfg.rms_norm_eps)
     return F.linear(final[:, 0], weights.lm_head).float()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .. import kernels
+from ..kernels import ops, rope_inv_freq
 from ..errors import ConfigurationError, InvalidRequestError
 from .config import EngineConfig
 from .kv_cache import LinearKVCache
@@ -62,8 +62,8 @@ class LLMEngineRunner:
             num_layers=cfg.num_decoder_layers, max_batch_size=cfg.max_supported_batch_size,
             num_kv_heads=cfg.num_kv_heads, capacity=cfg.max_kv_cache_capacity, head_dim=cfg.head_dim,
             dtype=self.dtype, device=self.device)
-        inv_freq = kernels.rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling).to(self.device)
-        self.rope_cos_sin = kernels.rope_cos_sin_cache(inv_freq, cfg.max_kv_cache_capacity)
+        inv_freq = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling).to(self.device)
+        self.rope_cos_sin = ops.rope_cos_sin_cache(inv_freq, cfg.max_kv_cache_capacity)
 
     # Accessors named after the seeds' API.
     def get_engine_config(self) -> EngineConfig:

@@ -1,6 +1,189 @@
-"""Causal GQA attention over the linear KV cache: prefill (many queries per row) and decode (one)."""
+"""Causal GQA attention over the linear KV cache: prefill (many queries per row) and decode (one).
+
+Prefill kernel: flash attention, one program per (row, query head, block of queries), online
+softmax in float32 over key blocks up to the causal limit, keys/values read straight from the row's
+cache slot (so a chunk may follow an earlier prefix: chunked prefill and prefix reuse need nothing
+else). head_dim that is not a power of two (48, 96, ...) is padded to the next one with masks.
+
+Decode kernel: split-K ("flash decoding"). Phase 1: one program per (row, KV head, split) loads
+each key/value block once for all query heads of its group and writes a partial result and its
+log-sum-exp; phase 2 merges the splits. Split ranges come from each row's length on the device,
+so the launch needs no host synchronisation (CUDA-graph safe).
+"""
 
 import torch
+
+from ._triton import pow2, tl, triton
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, slots_ptr, starts_ptr, qlens_ptr,
+                    s_qb, s_qs, s_qh, s_ob, s_os, s_oh, c_slot, c_head, c_pos,
+                    scale_log2, group, head_dim,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    m_block = tl.program_id(2)
+    q_len = tl.load(qlens_ptr + b)
+    if m_block * BLOCK_M < q_len:
+        start = tl.load(starts_ptr + b)
+        slot = tl.load(slots_ptr + b).to(tl.int64)
+        m_offs = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < head_dim
+        row_ok = m_offs < q_len
+        q = tl.load(q_ptr + b.to(tl.int64) * s_qb + m_offs[:, None] * s_qs + h * s_qh + d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        q_pos = start + m_offs
+        kv_base = slot * c_slot + (h // group).to(tl.int64) * c_head
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        key_end = start + tl.minimum((m_block + 1) * BLOCK_M, q_len)
+        for n0 in range(0, key_end, BLOCK_N):
+            n_offs = n0 + tl.arange(0, BLOCK_N)
+            key_ok = n_offs < key_end
+            k = tl.load(kc_ptr + kv_base + n_offs[None, :] * c_pos + d[:, None],
+                        mask=key_ok[None, :] & d_ok[:, None], other=0.0)
+            qk = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+            allowed = key_ok[None, :] & (n_offs[None, :] <= q_pos[:, None])
+            qk = tl.where(allowed, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            p = tl.exp2(qk - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(vc_ptr + kv_base + n_offs[:, None] * c_pos + d[None, :],
+                        mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + b.to(tl.int64) * s_ob + m_offs[:, None] * s_os + h * s_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 must stay float32 through tl.dot (its default on GPUs is TF32).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_cache(q_heads, head_dim, k_cache, v_cache):
+    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        raise ValueError("attention: k_cache and v_cache must have the same shape and strides, last dim contiguous")
+    if k_cache.shape[-1] != head_dim or q_heads % k_cache.shape[1]:
+        raise ValueError(f"attention: {q_heads} query heads of dim {head_dim} do not fit cache {tuple(k_cache.shape)}")
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                      starts: torch.Tensor, q_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    batch, seq, heads, head_dim = q.shape
+    _check_cache(heads, head_dim, k_cache, v_cache)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    out = torch.zeros(batch, seq, heads, head_dim, dtype=q.dtype, device=q.device)
+    block_d = pow2(head_dim, 16)
+    block_m = 64 if block_d <= 64 else 32
+    block_m = min(block_m, pow2(seq, 16))
+    grid = (batch, heads, triton.cdiv(seq, block_m))
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, slots, starts, q_lens, q.stride(0), q.stride(1), q.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        scale * _LOG2E, heads // k_cache.shape[1], head_dim,
+        BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d, PRECISION=_precision(q.dtype), num_warps=4, num_stages=2)
+    return out
+
+
+@triton.jit
+def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, part_out_ptr, part_lse_ptr, slots_ptr, lens_ptr,
+                         s_qb, s_qh, c_slot, c_head, c_pos, scale_log2, group, head_dim, n_heads, n_splits,
+                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    length = tl.load(lens_ptr + b)
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+    split_len = tl.cdiv(tl.cdiv(length, n_splits), BLOCK_N) * BLOCK_N
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, length)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    g_ok = g < group
+    d_ok = d < head_dim
+    heads = kv_head * group + g
+    q = tl.load(q_ptr + b.to(tl.int64) * s_qb + heads[:, None] * s_qh + d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    kv_base = slot * c_slot + kv_head.to(tl.int64) * c_head
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        n_offs = n0 + tl.arange(0, BLOCK_N)
+        key_ok = n_offs < hi
+        k = tl.load(kc_ptr + kv_base + n_offs[None, :] * c_pos + d[:, None],
+                    mask=key_ok[None, :] & d_ok[:, None], other=0.0)
+        qk = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+        qk = tl.where(key_ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(vc_ptr + kv_base + n_offs[:, None] * c_pos + d[None, :],
+                    mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    has_keys = l_i > 0
+    out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    row = (b * n_heads + heads).to(tl.int64) * n_splits + split
+    tl.store(part_out_ptr + row[:, None] * head_dim + d[None, :], out, mask=g_ok[:, None] & d_ok[None, :])
+    tl.store(part_lse_ptr + row, lse, mask=g_ok)
+
+
+@triton.jit
+def _decode_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, s_ob, s_oh, n_heads, n_splits, head_dim,
+                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    row = (b * n_heads + h).to(tl.int64) * n_splits + s
+    lse = tl.load(part_lse_ptr + row, mask=s < n_splits, other=float("-inf"))
+    weight = tl.exp2(lse - tl.max(lse, axis=0))
+    part = tl.load(part_out_ptr + row[:, None] * head_dim + d[None, :],
+                   mask=(s[:, None] < n_splits) & (d[None, :] < head_dim), other=0.0)
+    out = tl.sum(part * weight[:, None], axis=0) / tl.sum(weight, axis=0)
+    tl.store(out_ptr + b.to(tl.int64) * s_ob + h * s_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < head_dim)
+
+
+def _num_splits(q: torch.Tensor, batch: int, kv_heads: int, capacity: int) -> int:
+    """Enough programs to fill the GPU (about two per SM), never more splits than key blocks."""
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    return max(1, min(triton.cdiv(2 * sms, batch * kv_heads), triton.cdiv(capacity, 64), 64))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                     lengths: torch.Tensor, scale: float, num_splits: int | None = None) -> torch.Tensor:
+    batch, heads, head_dim = q.shape
+    _check_cache(heads, head_dim, k_cache, v_cache)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    kv_heads = k_cache.shape[1]
+    group = heads // kv_heads
+    splits = num_splits or _num_splits(q, batch, kv_heads, k_cache.shape[2])
+    part_out = torch.empty(batch * heads * splits, head_dim, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(batch * heads * splits, dtype=torch.float32, device=q.device)
+    block_d = pow2(head_dim, 16)
+    _decode_split_kernel[(batch, kv_heads, splits)](
+        q, k_cache, v_cache, part_out, part_lse, slots, lengths, q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), scale * _LOG2E, group, head_dim, heads, splits,
+        BLOCK_G=pow2(group, 16), BLOCK_N=64, BLOCK_D=block_d, PRECISION=_precision(q.dtype), num_warps=4)
+    out = torch.empty(batch, heads, head_dim, dtype=q.dtype, device=q.device)
+    _decode_merge_kernel[(batch, heads)](part_out, part_lse, out, out.stride(0), out.stride(1), heads, splits,
+                                         head_dim, BLOCK_S=pow2(splits), BLOCK_D=block_d)
+    return out
 
 
 def _row_attention(q, keys, values, first_position: int, scale: float):

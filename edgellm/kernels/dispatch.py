@@ -37,6 +37,26 @@ def use_reference(enabled: bool = True):
         _state.force_reference = previous
 
 
+def _reference_forbidden() -> bool:
+    return getattr(_state, "forbid_reference_on_cuda", False) or os.environ.get("EDGELLM_FORBID_REF_ON_CUDA") == "1"
+
+
+@contextlib.contextmanager
+def forbid_reference_on_cuda(enabled: bool = True):
+    """Debug switch: within this block (or with EDGELLM_FORBID_REF_ON_CUDA=1) a reference op called
+    on a CUDA tensor raises, proving the GPU hot path is all Triton."""
+    previous = getattr(_state, "forbid_reference_on_cuda", False)
+    _state.forbid_reference_on_cuda = enabled
+    try:
+        yield
+    finally:
+        _state.forbid_reference_on_cuda = previous
+
+
+class ReferenceOnCudaError(RuntimeError):
+    """A torch reference op ran on CUDA tensors while that was forbidden."""
+
+
 def _first_tensor(args, kwargs) -> torch.Tensor:
     for value in list(args) + list(kwargs.values()):
         if isinstance(value, torch.Tensor):
@@ -56,11 +76,15 @@ class KernelOp:
     def uses_triton(self, tensor: torch.Tensor) -> bool:
         if self.triton is None or _forced_reference():
             return False
-        return tensor.is_cuda or interpreter_on()
+        # The interpreter computes with numpy, which has no bfloat16: such CPU tensors take the reference.
+        return tensor.is_cuda or (interpreter_on() and tensor.dtype != torch.bfloat16)
 
     def __call__(self, *args, **kwargs):
-        if self.uses_triton(_first_tensor(args, kwargs)):
+        tensor = _first_tensor(args, kwargs)
+        if self.uses_triton(tensor):
             return self.triton(*args, **kwargs)
+        if tensor.is_cuda and _reference_forbidden() and not _forced_reference():
+            raise ReferenceOnCudaError(f"reference op {self.name!r} ran on a CUDA tensor")
         return self.reference(*args, **kwargs)
 
     def __repr__(self) -> str:

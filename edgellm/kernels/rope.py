@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from ._triton import pow2, tl, triton
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -39,6 +41,75 @@ def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None = None) ->
         medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
         return torch.where(medium, smoothed, scaled)
     raise ValueError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+
+
+@triton.jit
+def _cos_sin_kernel(inv_freq_ptr, cos_ptr, sin_ptr, n_pos, half, BLOCK_P: tl.constexpr, BLOCK_F: tl.constexpr):
+    pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    freq_idx = tl.arange(0, BLOCK_F)
+    inv_freq = tl.load(inv_freq_ptr + freq_idx, mask=freq_idx < half, other=0.0)
+    angles = pos.to(tl.float32)[:, None] * inv_freq[None, :]
+    offs = pos[:, None] * half + freq_idx[None, :]
+    mask = (pos[:, None] < n_pos) & (freq_idx[None, :] < half)
+    tl.store(cos_ptr + offs, tl.cos(angles), mask=mask)
+    tl.store(sin_ptr + offs, tl.sin(angles), mask=mask)
+
+
+def rope_cos_sin_cache(inv_freq: torch.Tensor, max_positions: int):
+    inv_freq = inv_freq.float().contiguous()
+    half = inv_freq.numel()
+    cos = torch.empty(max_positions, half, dtype=torch.float32, device=inv_freq.device)
+    sin = torch.empty_like(cos)
+    block_p = 32
+    _cos_sin_kernel[(triton.cdiv(max_positions, block_p),)](inv_freq, cos, sin, max_positions, half,
+                                                             BLOCK_P=block_p, BLOCK_F=pow2(half))
+    return cos, sin
+
+
+@triton.jit
+def _rope_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, seq_len, stride_b, stride_s, stride_h,
+                 n_heads, head_dim, half, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    token = tl.program_id(0)
+    b = token // seq_len
+    s = token % seq_len
+    pos = tl.load(pos_ptr + token).to(tl.int64)
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (heads < n_heads) & (d < head_dim)
+    base = x_ptr + b.to(tl.int64) * stride_b + s.to(tl.int64) * stride_s + heads * stride_h
+    x = tl.load(base + d, mask=mask, other=0.0).to(tl.float32)
+    rotary = d < 2 * half
+    first = d < half
+    # rotate_half: the partner of feature d is d + half (first half, negated) or d - half (second half).
+    partner_d = tl.where(first, d + half, d - half)
+    partner = tl.load(base + partner_d, mask=mask & rotary, other=0.0).to(tl.float32)
+    partner = tl.where(first, -partner, partner)
+    freq = tl.where(first, d, d - half)
+    cos = tl.load(cos_ptr + pos * half + freq, mask=rotary, other=1.0)
+    sin = tl.load(sin_ptr + pos * half + freq, mask=rotary, other=0.0)
+    y = tl.where(rotary, x * cos + partner * sin, x)
+    out = out_ptr + token.to(tl.int64) * n_heads * head_dim + heads * head_dim + d
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rope_one(x: torch.Tensor, cos, sin, positions) -> torch.Tensor:
+    batch, seq, heads, head_dim = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty(batch, seq, heads, head_dim, dtype=x.dtype, device=x.device)
+    _rope_kernel[(batch * seq,)](x, out, cos, sin, positions, seq, x.stride(0), x.stride(1), x.stride(2),
+                                 heads, head_dim, cos.shape[-1], BLOCK_H=pow2(heads), BLOCK_D=pow2(head_dim))
+    return out
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor):
+    if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or positions.shape != q.shape[:2]:
+        raise ValueError("apply_rope: q [B, S, Hq, D], k [B, S, Hkv, D] and positions [B, S] must agree")
+    if 2 * cos.shape[-1] > q.shape[-1]:
+        raise ValueError(f"apply_rope: rotary dim {2 * cos.shape[-1]} exceeds head_dim {q.shape[-1]}")
+    positions = positions.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    return _rope_one(q, cos, sin, positions), _rope_one(k, cos, sin, positions)
 
 
 def rope_cos_sin_cache_ref(inv_freq: torch.Tensor, max_positions: int):

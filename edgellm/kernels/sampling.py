@@ -10,11 +10,150 @@ Randomness is counter based: each row draws u = hash(seed, offset) in [0, 1), co
 tensors, so sampling needs no host RNG or synchronisation and can run inside a CUDA graph (advance
 `offsets` between steps). The hash is a 32-bit murmur3 finaliser; a Triton kernel can compute the
 same numbers bit for bit.
+
+Kernel: one program per row, no sort. Top-k and top-p become value thresholds found by bisection
+over the row (each step one pass that counts, or sums the probability mass of, the values above a
+candidate threshold; the row stays in L2 between passes). Then one pass draws the token by inverse
+CDF over the kept values, in vocabulary order, exactly as the reference does.
 """
 
 import torch
 
+from ._triton import tl, triton
+
 _MASK32 = 0xFFFFFFFF
+_BLOCK = 2048
+_MAX_BISECT = 64  # float32 bisection ends well before this; it only bounds a pathological row
+
+
+@triton.jit
+def _fmix32_tl(x):
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _count_mass_above(row_ptr, vocab, inv_t, row_max, threshold, BLOCK: tl.constexpr):
+    """(count, mass) of the scaled values >= threshold; mass = sum of exp(value - row_max)."""
+    count = tl.zeros([BLOCK], dtype=tl.int32)
+    mass = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, vocab, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        s = tl.load(row_ptr + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32) * inv_t
+        keep = s >= threshold
+        count += keep.to(tl.int32)
+        mass += tl.where(keep, tl.exp(s - row_max), 0.0)
+    return tl.sum(count, axis=0), tl.sum(mass, axis=0)
+
+
+@triton.jit
+def _sample_kernel(logits_ptr, stride_row, vocab, temp_ptr, topk_ptr, topp_ptr, seed_ptr, offset_ptr, out_ptr,
+                   BLOCK: tl.constexpr, MAX_BISECT: tl.constexpr):
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    temperature = tl.load(temp_ptr + row)
+    top_k = tl.load(topk_ptr + row)
+    top_p = tl.load(topp_ptr + row)
+
+    # Pass 1: max, min and the first argmax of the raw logits.
+    best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    best_idx = tl.zeros([BLOCK], dtype=tl.int32)
+    low = tl.full([BLOCK], float("inf"), dtype=tl.float32)
+    for start in range(0, vocab, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        x = tl.load(row_ptr + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
+        better = x > best
+        best_idx = tl.where(better, offs, best_idx)
+        best = tl.where(better, x, best)
+        low = tl.minimum(low, tl.where(offs < vocab, x, float("inf")))
+    row_max = tl.max(best, axis=0)
+    argmax = tl.min(tl.where(best == row_max, best_idx, vocab), axis=0)
+    token = argmax
+    if (temperature > 0) & (top_k != 1):
+        inv_t = 1.0 / temperature
+        s_max = row_max * inv_t
+        s_min = tl.min(low, axis=0) * inv_t
+        threshold = s_min
+        # Top-k: the k-th largest value, bisecting [lo, hi) with count(>= lo) >= k > count(>= hi).
+        if (top_k > 0) & (top_k < vocab):
+            lo = s_min
+            hi = s_max + tl.abs(s_max) * 1e-6 + 1e-30
+            k_done = top_k * 0  # int32 flags and counters: loop-carried values need fixed types
+            k_steps = top_k * 0
+            while (k_done == 0) & (k_steps < MAX_BISECT):
+                mid = lo + (hi - lo) * 0.5
+                if (mid <= lo) | (mid >= hi):
+                    k_done = k_done * 0 + 1
+                else:
+                    count, _ = _count_mass_above(row_ptr, vocab, inv_t, s_max, mid, BLOCK)
+                    if count >= top_k:
+                        lo = mid
+                        k_done = (count == top_k).to(tl.int32)
+                    else:
+                        hi = mid
+                k_steps += 1
+            threshold = lo
+        # Top-p over the top-k set: the largest value whose mass-from-the-top reaches top_p.
+        if top_p < 1.0:
+            count_lo, mass_lo = _count_mass_above(row_ptr, vocab, inv_t, s_max, threshold, BLOCK)
+            target = top_p * mass_lo
+            lo = threshold
+            hi = s_max + tl.abs(s_max) * 1e-6 + 1e-30
+            count_hi = count_lo * 0
+            p_done = (count_lo <= 1).to(tl.int32)
+            p_steps = count_lo * 0
+            while (p_done == 0) & (p_steps < MAX_BISECT):
+                mid = lo + (hi - lo) * 0.5
+                if (mid <= lo) | (mid >= hi):
+                    p_done = p_done * 0 + 1
+                else:
+                    count, mass = _count_mass_above(row_ptr, vocab, inv_t, s_max, mid, BLOCK)
+                    if mass >= target:
+                        lo = mid
+                        count_lo = count
+                    else:
+                        hi = mid
+                        count_hi = count
+                    p_done = (count_lo - count_hi <= 1).to(tl.int32)
+                p_steps += 1
+            threshold = lo
+        # Draw: inverse CDF over the kept values in vocabulary order.
+        _, total = _count_mass_above(row_ptr, vocab, inv_t, s_max, threshold, BLOCK)
+        seed = tl.load(seed_ptr + row).to(tl.int64) & 0xFFFFFFFF
+        offset = tl.load(offset_ptr + row).to(tl.int64) & 0xFFFFFFFF
+        x = _fmix32_tl((seed * 0x9E3779B1 + 0x7F4A7C15) & 0xFFFFFFFF)
+        x = _fmix32_tl(((x ^ offset) * 0x85EBCA77) & 0xFFFFFFFF)
+        u = (x >> 8).to(tl.float32) * (1.0 / 16777216.0)
+        target = u * total
+        running = 0.0
+        drawn = vocab
+        for start in range(0, vocab, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            s = tl.load(row_ptr + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32) * inv_t
+            e = tl.where(s >= threshold, tl.exp(s - s_max), 0.0)
+            cdf = tl.cumsum(e, axis=0) + running
+            drawn = tl.minimum(drawn, tl.min(tl.where((cdf > target) & (e > 0), offs, vocab), axis=0))
+            running += tl.sum(e, axis=0)
+        token = tl.where(drawn < vocab, drawn, argmax)
+    tl.store(out_ptr + row, token.to(tl.int64))
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+           seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    if logits.dim() != 2 or logits.stride(-1) != 1:
+        raise ValueError("sample: logits must be [B, V] with a contiguous last dim")
+    batch, vocab = logits.shape
+    out = torch.empty(batch, dtype=torch.int64, device=logits.device)
+    dev = logits.device
+    _sample_kernel[(batch,)](
+        logits, logits.stride(0), vocab, temperature.to(dev, torch.float32).contiguous(),
+        top_k.to(dev, torch.int32).contiguous(), top_p.to(dev, torch.float32).contiguous(),
+        seeds.to(dev, torch.int64).contiguous(), offsets.to(dev, torch.int64).contiguous(), out,
+        BLOCK=_BLOCK if logits.is_cuda else 128, MAX_BISECT=_MAX_BISECT, num_warps=8)
+    return out
 
 
 def _fmix32(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,21 @@
+"""Triton, when it is installed. Without it (e.g. macOS) the kernel files still import, their
+`@triton.jit` functions are left unused, and every op runs its torch reference."""
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    import types
+
+    HAS_TRITON = False
+    triton = types.SimpleNamespace(jit=lambda fn=None, **_: fn if fn is not None else (lambda f: f),
+                                   cdiv=lambda a, b: -(-a // b),
+                                   next_power_of_2=lambda n: 1 << max(0, (int(n) - 1).bit_length()))
+    tl = types.SimpleNamespace(constexpr=object)
+
+
+def pow2(n: int, minimum: int = 1) -> int:
+    """The smallest power of two >= max(n, minimum): Triton block sizes must be powers of two."""
+    return max(minimum, triton.next_power_of_2(int(n)))

@@ -1,0 +1,29 @@
+"""The dispatched hot-path ops the engine calls: `ops.rms_norm(...)`, `ops.sample(...)`, ...
+
+Each is a KernelOp pairing a file's Triton launcher with its `_ref` twin (see dispatch.py for which
+runs when). Without triton installed every op runs its reference.
+"""
+
+from . import attention, kv_append as _kv_append, rms_norm as _rms_norm, rope, sampling
+from . import silu_mul as _silu_mul, vocab_remap as _vocab_remap
+from ._triton import HAS_TRITON
+from .dispatch import KernelOp
+
+
+def _op(name: str, module) -> KernelOp:
+    return KernelOp(name, getattr(module, name + "_ref"), getattr(module, name) if HAS_TRITON else None)
+
+
+rms_norm = _op("rms_norm", _rms_norm)
+add_rms_norm = _op("add_rms_norm", _rms_norm)
+rope_cos_sin_cache = _op("rope_cos_sin_cache", rope)
+apply_rope = _op("apply_rope", rope)
+kv_append = _op("kv_append", _kv_append)
+prefill_attention = _op("prefill_attention", attention)
+decode_attention = _op("decode_attention", attention)
+silu_mul = _op("silu_mul", _silu_mul)
+sample = _op("sample", sampling)
+vocab_remap = _op("vocab_remap", _vocab_remap)
+
+ALL_OPS = (rms_norm, add_rms_norm, rope_cos_sin_cache, apply_rope, kv_append, prefill_attention,
+           decode_attention, silu_mul, sample, vocab_remap)

@@ -1,0 +1,181 @@
+"""Every Triton kernel against its torch reference (`_ref`), on fresh random inputs of several
+shapes, odd sizes included. On CPU this runs under TRITON_INTERPRET=1 (set in conftest); on a GPU
+(bench/gpu_check.sh) the same tests run the compiled kernels on CUDA tensors."""
+
+import pytest
+import torch
+
+from edgellm.kernels import attention, kv_append, rms_norm, rope, sampling, silu_mul, vocab_remap  # the op files
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The interpreter computes in numpy, which has no bfloat16: bfloat16 is checked on the GPU only.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=1e-2),
+       torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def randn(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 64), (2, 5, 96), (1, 1000)])
+def test_rms_norm(dtype, shape):
+    x, w, r = randn(*shape, dtype=dtype), randn(shape[-1], dtype=dtype, seed=1), randn(*shape, dtype=dtype, seed=2)
+    torch.testing.assert_close(rms_norm.rms_norm(x, w, 1e-6), rms_norm.rms_norm_ref(x, w, 1e-6), **TOL[dtype])
+    y, s = rms_norm.add_rms_norm(x, r, w, 1e-5)
+    y_ref, s_ref = rms_norm.add_rms_norm_ref(x, r, w, 1e-5)
+    torch.testing.assert_close(s, s_ref, **TOL[dtype])
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+
+
+def test_rms_norm_on_strided_heads():
+    """q/k norm runs on a [B, S, H, D] view cut out of the fused qkv output."""
+    qkv = randn(2, 3, 4 * 12 + 2 * 2 * 12)
+    q = qkv[..., :48].reshape(2, 3, 4, 12)
+    w = randn(12, seed=3)
+    torch.testing.assert_close(rms_norm.rms_norm(q, w, 1e-6), rms_norm.rms_norm_ref(q, w, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(4, 2 * 48), (2, 3, 2 * 1500)])
+def test_silu_mul(dtype, shape):
+    x = randn(*shape, dtype=dtype)
+    torch.testing.assert_close(silu_mul.silu_mul(x), silu_mul.silu_mul_ref(x), **TOL[dtype])
+
+
+def test_vocab_remap():
+    table = torch.randperm(1000, generator=torch.Generator().manual_seed(0)).to(DEVICE) + 5000
+    ids = torch.randint(0, 1000, (3, 77), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    assert torch.equal(vocab_remap.vocab_remap(ids, table), vocab_remap.vocab_remap_ref(ids, table))
+
+
+@pytest.mark.parametrize("rotary_dim,theta,scaling", [
+    (64, 10000.0, None), (32, 1e6, None),
+    (128, 5e5, {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192})])
+def test_rope_cos_sin_cache(rotary_dim, theta, scaling):
+    inv_freq = rope.rope_inv_freq(rotary_dim, theta, scaling).to(DEVICE)
+    cos, sin = rope.rope_cos_sin_cache(inv_freq, 777)
+    cos_ref, sin_ref = rope.rope_cos_sin_cache_ref(inv_freq, 777)
+    torch.testing.assert_close(cos, cos_ref, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(sin, sin_ref, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv,head_dim,rotary_dim", [(4, 4, 64, 64), (8, 2, 48, 48), (8, 1, 96, 64),
+                                                         (4, 1, 128, 128)])
+def test_apply_rope(dtype, hq, hkv, head_dim, rotary_dim):
+    batch, seq = 2, 5
+    qkv = randn(batch, seq, (hq + 2 * hkv) * head_dim, dtype=dtype)
+    q = qkv[..., :hq * head_dim].reshape(batch, seq, hq, head_dim)  # strided, like the model's
+    k = qkv[..., hq * head_dim:(hq + hkv) * head_dim].reshape(batch, seq, hkv, head_dim)
+    cos, sin = rope.rope_cos_sin_cache_ref(rope.rope_inv_freq(rotary_dim, 10000.0).to(DEVICE), 64)
+    positions = torch.tensor([[0, 1, 2, 3, 4], [17, 18, 19, 20, 21]], device=DEVICE)
+    q_out, k_out = rope.apply_rope(q, k, cos, sin, positions)
+    q_ref, k_ref = rope.apply_rope_ref(q, k, cos, sin, positions)
+    torch.testing.assert_close(q_out, q_ref, **TOL[dtype])
+    torch.testing.assert_close(k_out, k_ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kv_append(dtype):
+    k_cache = torch.zeros(4, 2, 40, 48, dtype=dtype, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    k, v = randn(3, 7, 2, 48, dtype=dtype), randn(3, 7, 2, 48, dtype=dtype, seed=1)
+    slots, starts, lens = (torch.tensor(x, dtype=torch.int32, device=DEVICE) for x in ([3, 0, 2], [5, 0, 33], [7, 2, 1]))
+    kr, vr = k_cache.clone(), v_cache.clone()
+    kv_append.kv_append(k_cache, v_cache, k, v, slots, starts, lens)
+    kv_append.kv_append_ref(kr, vr, k, v, slots, starts, lens)
+    assert torch.equal(k_cache, kr) and torch.equal(v_cache, vr)
+
+
+def _cache_with_lengths(lengths, hkv, capacity, head_dim, dtype, seed=0):
+    k_cache = randn(len(lengths) + 1, hkv, capacity, head_dim, dtype=dtype, seed=seed)
+    v_cache = randn(len(lengths) + 1, hkv, capacity, head_dim, dtype=dtype, seed=seed + 1)
+    return k_cache, v_cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hq,hkv,head_dim", [(4, 4, 64), (8, 2, 48), (8, 1, 96), (2, 2, 128)])
+def test_prefill_attention(dtype, hq, hkv, head_dim):
+    starts, q_lens, seq = [0, 13, 3], [37, 9, 1], 37
+    k_cache, v_cache = _cache_with_lengths([50, 50, 50], hkv, 72, head_dim, dtype)
+    q = randn(3, seq, hq, head_dim, dtype=dtype, seed=5)
+    args = (torch.tensor([1, 3, 0], device=DEVICE), torch.tensor(starts, device=DEVICE),
+            torch.tensor(q_lens, device=DEVICE), head_dim ** -0.5)
+    out = attention.prefill_attention(q, k_cache, v_cache, *args)
+    ref = attention.prefill_attention_ref(q, k_cache, v_cache, *args)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv,head_dim", [(4, 4, 64), (8, 2, 48), (8, 1, 96), (4, 1, 128)])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_attention(dtype, hq, hkv, head_dim, splits):
+    lengths = [1, 70, 129, 33]
+    k_cache, v_cache = _cache_with_lengths(lengths, hkv, 160, head_dim, dtype)
+    q = randn(4, hq, head_dim, dtype=dtype, seed=7)
+    slots = torch.tensor([4, 0, 2, 1], device=DEVICE)
+    lens = torch.tensor(lengths, device=DEVICE)
+    out = attention.decode_attention(q, k_cache, v_cache, slots, lens, head_dim ** -0.5, num_splits=splits)
+    ref = attention.decode_attention_ref(q, k_cache, v_cache, slots, lens, head_dim ** -0.5)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+def _sampling_params(batch, temperature, top_k, top_p):
+    return (torch.full((batch,), temperature, device=DEVICE), torch.full((batch,), top_k, dtype=torch.int32, device=DEVICE),
+            torch.full((batch,), top_p, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("vocab", [50, 1000, 4099])
+def test_sampling_greedy_and_same_draws_as_reference(dtype, vocab):
+    """Greedy rows equal the argmax; sampled rows draw, from the same counter-based numbers, the same
+    tokens as the reference except where float summation order moves a cdf boundary (rare)."""
+    batch = 16
+    logits = (randn(batch, vocab, seed=vocab) * 3).to(dtype)
+    temperature = torch.tensor([0.0, 1.0] * (batch // 2), device=DEVICE)
+    top_k = torch.tensor([0, 1, 0, 5, 40, 0, 7, 0] * 2, dtype=torch.int32, device=DEVICE)
+    top_p = torch.tensor([1.0, 1.0, 0.9, 1.0, 0.5, 1.0, 0.8, 0.95] * 2, device=DEVICE)
+    seeds = torch.arange(batch, device=DEVICE) * 11
+    offsets = torch.full((batch,), 3, device=DEVICE)
+    out = sampling.sample(logits, temperature, top_k, top_p, seeds, offsets)
+    ref = sampling.sample_ref(logits, temperature, top_k, top_p, seeds, offsets)
+    greedy = (temperature == 0) | (top_k == 1)
+    assert torch.equal(out[greedy], logits.float().argmax(-1)[greedy])
+    assert (out == ref).float().mean() >= 0.85
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.9, 6, 0.7)])
+def test_sampling_distribution(temperature, top_k, top_p):
+    from test_sampling import CHI2_9999, hf_distribution
+
+    logits = randn(1, 12, seed=3) * 1.5
+    expected = hf_distribution(logits.cpu(), temperature, top_k, top_p)[0]
+    n = 20000 if DEVICE == "cuda" else 500  # the interpreter runs one row at a time
+    rows = logits.expand(n, -1).contiguous()
+    tokens = sampling.sample(rows, *_sampling_params(n, temperature, top_k, top_p),
+                             torch.full((n,), 99, device=DEVICE), torch.arange(n, device=DEVICE))
+    counts = torch.bincount(tokens.cpu(), minlength=12).double()
+    allowed = expected > 0
+    assert counts[~allowed].sum() == 0
+    wanted = expected[allowed].double() * n
+    chi2 = ((counts[allowed] - wanted) ** 2 / wanted).sum().item()
+    dof = int(allowed.sum()) - 1
+    if dof:
+        assert chi2 < CHI2_9999[dof - 1]
+
+
+def test_sampling_never_leaves_the_allowed_set():
+    batch, vocab = 24, 700
+    logits = randn(batch, vocab, seed=11) * 4
+    g = torch.Generator().manual_seed(2)
+    temperature = (torch.rand(batch, generator=g) + 0.3).to(DEVICE)
+    top_k = torch.randint(0, 30, (batch,), generator=g, dtype=torch.int32).to(DEVICE)
+    top_p = (torch.rand(batch, generator=g) * 0.9 + 0.05).to(DEVICE)
+    tokens = sampling.sample(logits, temperature, top_k, top_p, torch.arange(batch, device=DEVICE),
+                             torch.zeros(batch, device=DEVICE))
+    allowed = sampling.filtered_probs_ref(logits, temperature, top_k, top_p) > 0
+    assert allowed[torch.arange(batch, device=DEVICE), tokens].all()
