@@ -1,0 +1,198 @@
+"""Kernel microbenchmarks: each Triton kernel against its torch baseline (eager and torch.compile)
+and against its floor (bytes / measured copy bandwidth, or FLOPs / measured matrix rate).
+
+Run on a CUDA GPU:  python bench/kernels.py --json bench/results/kernels.json
+Sizes are decode (batch 16, one token) and prefill (4096 tokens) shapes of Llama-3.2-1B (hidden 2048,
+32 query heads, 8 KV heads, head_dim 64, FFN 8192, vocab 128256), fp16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edgellm.kernels import attention, kv_append, rms_norm, rope, sampling, silu_mul  # noqa: E402
+
+ANCHORS = Path(__file__).resolve().parents[2] / "shared" / "anchors" / "h100-2026-11-22.json"
+DEV = "cuda"
+HALF = torch.float16
+
+
+def bench_us(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a large device-to-device copy (read + write counted)."""
+    x = torch.randn(256 * 1024 * 1024 // 2, dtype=HALF, device=DEV)
+    y = torch.empty_like(x)
+    us = bench_us(lambda: y.copy_(x))
+    return 2 * x.numel() * 2 / (us * 1e-6)
+
+
+def matmul_rate() -> float:
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=DEV)
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=DEV)
+    us = bench_us(lambda: a @ b)
+    return 2 * 8192 ** 3 / (us * 1e-6)
+
+
+def compiled(fn):
+    try:
+        return torch.compile(fn, dynamic=False)
+    except Exception:  # noqa: BLE001 - a baseline that cannot compile is reported as missing
+        return None
+
+
+def cases():
+    g = torch.Generator(device=DEV).manual_seed(0)
+
+    def rnd(*shape, dtype=HALF):
+        return torch.randn(*shape, generator=g, device=DEV, dtype=torch.float32).to(dtype)
+
+    out = []
+    hidden, ffn, hq, hkv, d = 2048, 8192, 32, 8, 64
+    for tag, rows in (("decode b16", 16), ("prefill 4096", 4096)):
+        x, r, w = rnd(rows, hidden), rnd(rows, hidden), rnd(hidden)
+        out.append(dict(name=f"rms_norm {tag}", triton=lambda x=x, w=w: rms_norm.rms_norm(x, w, 1e-5),
+                        torch=lambda x=x, w=w: rms_norm.rms_norm_ref(x, w, 1e-5), compile=rms_norm.rms_norm_ref,
+                        compile_args=(x, w, 1e-5), bytes=2 * x.numel() * 2))
+        out.append(dict(name=f"add_rms_norm {tag}", triton=lambda x=x, r=r, w=w: rms_norm.add_rms_norm(x, r, w, 1e-5),
+                        torch=lambda x=x, r=r, w=w: rms_norm.add_rms_norm_ref(x, r, w, 1e-5),
+                        compile=rms_norm.add_rms_norm_ref, compile_args=(x, r, w, 1e-5), bytes=4 * x.numel() * 2))
+        gu = rnd(rows, 2 * ffn)
+        out.append(dict(name=f"silu_mul {tag}", triton=lambda gu=gu: silu_mul.silu_mul(gu),
+                        torch=lambda gu=gu: silu_mul.silu_mul_ref(gu), compile=silu_mul.silu_mul_ref,
+                        compile_args=(gu,), bytes=3 * rows * ffn * 2))
+    cos, sin = rope.rope_cos_sin_cache_ref(rope.rope_inv_freq(d, 5e5).to(DEV), 8192)
+    for tag, (b, s) in (("decode b16", (16, 1)), ("prefill 4096", (1, 4096))):
+        q, k = rnd(b, s, hq, d), rnd(b, s, hkv, d)
+        pos = (torch.arange(s, device=DEV)[None, :] + torch.randint(0, 4000, (b, 1), device=DEV))
+        out.append(dict(name=f"apply_rope {tag}", triton=lambda q=q, k=k, pos=pos: rope.apply_rope(q, k, cos, sin, pos),
+                        torch=lambda q=q, k=k, pos=pos: rope.apply_rope_ref(q, k, cos, sin, pos),
+                        compile=rope.apply_rope_ref, compile_args=(q, k, cos, sin, pos),
+                        bytes=2 * (q.numel() + k.numel()) * 2))
+        kc = torch.zeros(16, hkv, 8192, d, dtype=HALF, device=DEV)
+        vc = torch.zeros_like(kc)
+        kk, vv = rnd(b, s, hkv, d), rnd(b, s, hkv, d)
+        slots = torch.arange(b, device=DEV, dtype=torch.int32)
+        starts = torch.full((b,), 100, device=DEV, dtype=torch.int32)
+        lens = torch.full((b,), s, device=DEV, dtype=torch.int32)
+
+        def torch_append(kc=kc, vc=vc, kk=kk, vv=vv, s=s, b=b):  # vectorised torch baseline
+            pos = 100 + torch.arange(s, device=DEV)
+            kc[:b, :, pos] = kk.transpose(1, 2)
+            vc[:b, :, pos] = vv.transpose(1, 2)
+
+        out.append(dict(name=f"kv_append {tag}",
+                        triton=lambda kc=kc, vc=vc, kk=kk, vv=vv, slots=slots, starts=starts, lens=lens:
+                        kv_append.kv_append(kc, vc, kk, vv, slots, starts, lens),
+                        torch=torch_append, compile=torch_append, compile_args=(), bytes=4 * kk.numel() * 2))
+
+    # Decode attention: batch 16 over a 4096-token cache.
+    b, ctx = 16, 4096
+    kc, vc = rnd(b, hkv, ctx, d), rnd(b, hkv, ctx, d)
+    q = rnd(b, hq, d)
+    slots = torch.arange(b, device=DEV, dtype=torch.int32)
+    lens = torch.full((b,), ctx, device=DEV, dtype=torch.int32)
+    scale = d ** -0.5
+    out.append(dict(name="decode_attention b16 x 4096",
+                    triton=lambda: attention.decode_attention(q, kc, vc, slots, lens, scale),
+                    torch=lambda: F.scaled_dot_product_attention(q[:, :, None], kc, vc, scale=scale, enable_gqa=True),
+                    compile=None, bytes=2 * kc.numel() * 2, baseline="SDPA"))
+    # Prefill attention: one 4096-token prompt (and a 1024 one), causal.
+    for s in (1024, 4096):
+        kc, vc = rnd(1, hkv, s, d), rnd(1, hkv, s, d)
+        qq = rnd(1, s, hq, d)
+        zeros = torch.zeros(1, device=DEV, dtype=torch.int32)
+        qlen = torch.full((1,), s, device=DEV, dtype=torch.int32)
+        qt = qq.transpose(1, 2).contiguous()
+        out.append(dict(name=f"prefill_attention {s}",
+                        triton=lambda qq=qq, kc=kc, vc=vc, zeros=zeros, qlen=qlen:
+                        attention.prefill_attention(qq, kc, vc, zeros, zeros, qlen, scale),
+                        torch=lambda qt=qt, kc=kc, vc=vc: F.scaled_dot_product_attention(
+                            qt, kc, vc, is_causal=True, scale=scale, enable_gqa=True),
+                        compile=None, flops=2 * 2 * s * s * d * hq / 2, baseline="SDPA"))
+    # Sampling: batch 64 over a 128256 vocabulary.
+    bsz, vocab = 64, 128256
+    logits = rnd(bsz, vocab, dtype=torch.float32) * 4
+    temp = torch.full((bsz,), 0.8, device=DEV)
+    seeds = torch.arange(bsz, device=DEV)
+    offs = torch.zeros(bsz, device=DEV, dtype=torch.int64)
+    for tag, k, p in (("top-k 50 + top-p 0.9", 50, 0.9), ("top-p 0.9", 0, 0.9), ("top-k 50", 50, 1.0),
+                      ("greedy", 1, 1.0)):
+        top_k = torch.full((bsz,), k, device=DEV, dtype=torch.int32)
+        top_p = torch.full((bsz,), p, device=DEV)
+        args = (logits, temp, top_k, top_p, seeds, offs)
+        out.append(dict(name=f"sample b64 v128256 {tag}", triton=lambda args=args: sampling.sample(*args),
+                        torch=lambda args=args: sampling.sample_ref(*args), compile=sampling.sample_ref,
+                        compile_args=args, bytes=logits.numel() * 4, baseline="sort-based ref"))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    bandwidth, rate = copy_bandwidth(), matmul_rate()
+    rows = []
+    for case in cases():
+        t_triton = bench_us(case["triton"])
+        t_torch = bench_us(case["torch"])
+        t_compiled = None
+        if case.get("compile") is not None and not args.no_compile:
+            fn = compiled(case["compile"])
+            if fn is not None:
+                try:
+                    fn(*case["compile_args"])
+                    t_compiled = bench_us(lambda fn=fn, a=case["compile_args"]: fn(*a))
+                except Exception as exc:  # noqa: BLE001
+                    print(f"  torch.compile failed for {case['name']}: {type(exc).__name__}", file=sys.stderr)
+        if "bytes" in case:
+            floor = case["bytes"] / bandwidth * 1e6
+        else:
+            floor = case["flops"] / rate * 1e6
+        row = dict(name=case["name"], triton_us=t_triton, torch_us=t_torch, compiled_us=t_compiled,
+                   floor_us=floor, pct_of_floor=100 * floor / t_triton, speedup_vs_torch=t_torch / t_triton,
+                   baseline=case.get("baseline", "torch ref"))
+        rows.append(row)
+        print(f"  {row['name']:<36s} {t_triton:9.1f} us", file=sys.stderr, flush=True)
+    meta = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name(),
+                torch=torch.__version__, triton=__import__("triton").__version__, python=platform.python_version(),
+                commit=os.environ.get("EDGELLM_COMMIT", "unknown"), copy_TBps=bandwidth / 1e12,
+                bf16_mm_TFLOPs=rate / 1e12)
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
+    print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  copy {meta['copy_TBps']:.2f} TB/s  "
+          f"bf16 mm {meta['bf16_mm_TFLOPs']:.0f} TFLOP/s  commit {meta['commit']}")
+    print(f"{'kernel':<36s} {'triton us':>10s} {'torch us':>10s} {'compile us':>10s} {'floor us':>9s} "
+          f"{'% floor':>8s} {'x torch':>8s}  baseline")
+    for r in rows:
+        comp = f"{r['compiled_us']:10.1f}" if r["compiled_us"] else f"{'-':>10s}"
+        print(f"{r['name']:<36s} {r['triton_us']:10.1f} {r['torch_us']:10.1f} {comp} {r['floor_us']:9.1f} "
+              f"{r['pct_of_floor']:7.0f}% {r['speedup_vs_torch']:7.1f}x  {r['baseline']}")
+    if ANCHORS.is_file():
+        anchors = json.loads(ANCHORS.read_text())["kernels_torch"]
+        print(f"peer figures (H100, 2026-11-22): sort top-k/top-p b64 {anchors['sort_topk_topp_sampling_b64_v128256_us']} us, "
+              f"SDPA decode b16x4096 {anchors['sdpa_decode_b16_L4096_hq32_hkv8_d64_us']} us")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
