@@ -77,21 +77,26 @@ def _check_cache(q_heads, head_dim, k_cache, v_cache):
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                      starts: torch.Tensor, q_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                      starts: torch.Tensor, q_lens: torch.Tensor, scale: float, *,
+                      tile: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """tile = (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the default tiling (benchmarks)."""
     batch, seq, heads, head_dim = q.shape
     _check_cache(heads, head_dim, k_cache, v_cache)
     if q.stride(-1) != 1:
         q = q.contiguous()
     out = torch.zeros(batch, seq, heads, head_dim, dtype=q.dtype, device=q.device)
     block_d = pow2(head_dim, 16)
-    block_m = 64 if block_d <= 64 else 32
+    if tile is None:
+        tile = (128, 64, 8, 3) if block_d <= 64 and q.is_cuda else (64, 64, 4, 2)
+    block_m, block_n, warps, stages = tile
     block_m = min(block_m, pow2(seq, 16))
     grid = (batch, heads, triton.cdiv(seq, block_m))
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, slots, starts, q_lens, q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         scale * _LOG2E, heads // k_cache.shape[1], head_dim,
-        BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d, PRECISION=_precision(q.dtype), num_warps=4, num_stages=2)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=_precision(q.dtype), num_warps=warps,
+        num_stages=stages)
     return out
 
 
