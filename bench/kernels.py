@@ -125,11 +125,6 @@ def cases():
                         torch=lambda qt=qt, kc=kc, vc=vc: F.scaled_dot_product_attention(
                             qt, kc, vc, is_causal=True, scale=scale, enable_gqa=True),
                         compile=None, flops=2 * 2 * s * s * d * hq / 2, baseline="SDPA"))
-        for tile in ((64, 64, 4, 2), (128, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3)):  # tiling candidates
-            out.append(dict(name=f"  prefill_attention {s} tile {tile}",
-                            triton=lambda qq=qq, kc=kc, vc=vc, zeros=zeros, qlen=qlen, tile=tile:
-                            attention.prefill_attention(qq, kc, vc, zeros, zeros, qlen, scale, tile=tile),
-                            torch=lambda: None, compile=None, flops=2 * 2 * s * s * d * hq / 2, baseline="-"))
     # Sampling: batch 64 over a 128256 vocabulary.
     bsz, vocab = 64, 128256
     logits = rnd(bsz, vocab, dtype=torch.float32) * 4

@@ -59,16 +59,18 @@ def _probe(row_ptr, vocab, inv_t, row_max, lo, hi, WITH_MASS: tl.constexpr, NT: 
     bracket by NT + 1 instead of 2, for about a third of the passes."""
     steps = (tl.arange(0, NT) + 1).to(tl.float32) / (NT + 1)
     thresholds = lo + (hi - lo) * steps
-    count = tl.zeros([NT], dtype=tl.int32)
-    mass = tl.zeros([NT], dtype=tl.float32)
+    # Accumulate element-wise and reduce once after the loop: a cross-thread reduction per tile
+    # would cost more than the comparisons themselves.
+    count = tl.zeros([BLOCK, NT], dtype=tl.int32)
+    mass = tl.zeros([BLOCK, NT], dtype=tl.float32)
     for start in range(0, vocab, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         s = tl.load(row_ptr + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32) * inv_t
         keep = s[:, None] >= thresholds[None, :]
-        count += tl.sum(keep.to(tl.int32), axis=0)
+        count += keep.to(tl.int32)
         if WITH_MASS:
-            mass += tl.sum(tl.where(keep, tl.exp(s - row_max)[:, None], 0.0), axis=0)
-    return thresholds, count, mass
+            mass += tl.where(keep, tl.exp(s - row_max)[:, None], 0.0)
+    return thresholds, tl.sum(count, axis=0), tl.sum(mass, axis=0)
 
 
 @triton.jit
