@@ -1,7 +1,7 @@
 """Write new keys/values into the linear KV cache.
 
-Kernel: one program per (row, group of tokens); it copies each token's K and V of every KV head
-into the row's cache slot at position starts[row] + token, and does nothing for padding tokens.
+Kernel: one program per (row, token); it copies that token's K and V of every KV head into the
+row's cache slot at position starts[row] + token, and does nothing for padding tokens.
 """
 
 import torch
@@ -12,17 +12,15 @@ from ._triton import pow2, tl, triton
 @triton.jit
 def _kv_append_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, starts_ptr, lens_ptr, seq_len,
                       s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, c_slot, c_head, c_pos,
-                      n_heads, head_dim, TOKENS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                      n_heads, head_dim, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0)
-    length = tl.load(lens_ptr + b)
-    slot = tl.load(slots_ptr + b).to(tl.int64)
-    start = tl.load(starts_ptr + b)
-    heads = tl.arange(0, BLOCK_H)[:, None]
-    d = tl.arange(0, BLOCK_D)[None, :]
-    for i in tl.static_range(TOKENS):  # several tokens per program: per-token work is tiny
-        s = tl.program_id(1) * TOKENS + i
-        pos = (start + s).to(tl.int64)
-        mask = (heads < n_heads) & (d < head_dim) & ((d * 0 + s) < length)  # tensor-shaped: interpreter
+    s = tl.program_id(1)
+    if s < tl.load(lens_ptr + b):
+        slot = tl.load(slots_ptr + b).to(tl.int64)
+        pos = (tl.load(starts_ptr + b) + s).to(tl.int64)
+        heads = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, BLOCK_D)[None, :]
+        mask = (heads < n_heads) & (d < head_dim)
         src_k = k_ptr + b.to(tl.int64) * s_kb + s.to(tl.int64) * s_ks + heads * s_kh + d
         src_v = v_ptr + b.to(tl.int64) * s_vb + s.to(tl.int64) * s_vs + heads * s_vh + d
         dst = slot * c_slot + heads * c_head + pos * c_pos + d
@@ -40,11 +38,10 @@ def kv_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: 
     if v.stride(-1) != 1:
         v = v.contiguous()
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
-    tokens = 1 if seq == 1 else 8
-    _kv_append_kernel[(batch, triton.cdiv(seq, tokens))](
+    _kv_append_kernel[(batch, seq)](
         k, v, k_cache, v_cache, slots, starts, lengths, seq, k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        heads, head_dim, TOKENS=tokens, BLOCK_H=pow2(heads), BLOCK_D=pow2(head_dim))
+        heads, head_dim, BLOCK_H=pow2(heads), BLOCK_D=pow2(head_dim))
 
 
 def kv_append_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

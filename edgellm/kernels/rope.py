@@ -67,22 +67,15 @@ def rope_cos_sin_cache(inv_freq: torch.Tensor, max_positions: int):
 
 
 @triton.jit
-def _rope_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, seq_len, n_tokens, stride_b, stride_s, stride_h,
-                 n_heads, head_dim, half, TOKENS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    for i in tl.static_range(TOKENS):  # several tokens per program: per-token work is tiny
-        _rope_token(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, tl.program_id(0) * TOKENS + i, seq_len, n_tokens,
-                    stride_b, stride_s, stride_h, n_heads, head_dim, half, BLOCK_H, BLOCK_D)
-
-
-@triton.jit
-def _rope_token(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, token, seq_len, n_tokens, stride_b, stride_s, stride_h,
-                n_heads, head_dim, half, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rope_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, seq_len, stride_b, stride_s, stride_h,
+                 n_heads, head_dim, half, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    token = tl.program_id(0)
     b = token // seq_len
     s = token % seq_len
-    pos = tl.load(pos_ptr + tl.minimum(token, n_tokens - 1)).to(tl.int64)  # clamped: in bounds
+    pos = tl.load(pos_ptr + token).to(tl.int64)
     heads = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
-    mask = (heads < n_heads) & (d < head_dim) & ((d * 0 + token) < n_tokens)  # tensor-shaped: interpreter
+    mask = (heads < n_heads) & (d < head_dim)
     base = x_ptr + b.to(tl.int64) * stride_b + s.to(tl.int64) * stride_s + heads * stride_h
     x = tl.load(base + d, mask=mask, other=0.0).to(tl.float32)
     rotary = d < 2 * half
@@ -104,11 +97,8 @@ def _rope_one(x: torch.Tensor, cos, sin, positions) -> torch.Tensor:
     if x.stride(-1) != 1:
         x = x.contiguous()
     out = torch.empty(batch, seq, heads, head_dim, dtype=x.dtype, device=x.device)
-    n_tokens = batch * seq
-    tokens = 1 if n_tokens <= 64 else 4
-    _rope_kernel[(triton.cdiv(n_tokens, tokens),)](
-        x, out, cos, sin, positions, seq, n_tokens, x.stride(0), x.stride(1), x.stride(2), heads, head_dim,
-        cos.shape[-1], TOKENS=tokens, BLOCK_H=pow2(heads), BLOCK_D=pow2(head_dim))
+    _rope_kernel[(batch * seq,)](x, out, cos, sin, positions, seq, x.stride(0), x.stride(1), x.stride(2),
+                                 heads, head_dim, cos.shape[-1], BLOCK_H=pow2(heads), BLOCK_D=pow2(head_dim))
     return out
 
 

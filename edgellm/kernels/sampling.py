@@ -11,9 +11,9 @@ tensors, so sampling needs no host RNG or synchronisation and can run inside a C
 `offsets` between steps). The hash is a 32-bit murmur3 finaliser; a Triton kernel can compute the
 same numbers bit for bit.
 
-Kernel: one program per row, no sort. Top-k and top-p become value thresholds found by a search
-over the row (each pass counts, or sums the probability mass of, the values above 8 candidate
-thresholds at once; the row stays in L2 between passes). Then one pass draws the token by inverse
+Kernel: one program per row, no sort. Top-k and top-p become value thresholds found by bisection
+over the row (each step one pass that counts, or sums the probability mass of, the values above a
+candidate threshold; the row stays in L2 between passes). Then one pass draws the token by inverse
 CDF over the kept values, in vocabulary order, exactly as the reference does.
 """
 
@@ -23,9 +23,7 @@ from ._triton import tl, triton
 
 _MASK32 = 0xFFFFFFFF
 _BLOCK = 2048
-_PROBE_BLOCK = 512   # a probe pass holds [PROBE_BLOCK, _PROBES] comparisons at once
-_PROBES = 8          # thresholds tried per pass: the bracket shrinks 9x a pass
-_MAX_BISECT = 64     # float32 search ends well before this; it only bounds a pathological row
+_MAX_BISECT = 64  # float32 bisection ends well before this; it only bounds a pathological row
 
 
 @triton.jit
@@ -52,30 +50,8 @@ def _count_mass_above(row_ptr, vocab, inv_t, row_max, threshold, BLOCK: tl.const
 
 
 @triton.jit
-def _probe(row_ptr, vocab, inv_t, row_max, lo, hi, WITH_MASS: tl.constexpr, NT: tl.constexpr,
-           BLOCK: tl.constexpr):
-    """One pass over the row that evaluates NT evenly spaced thresholds inside (lo, hi) at once:
-    returns (thresholds, count >= each, mass >= each). NT thresholds per pass narrow a bisection
-    bracket by NT + 1 instead of 2, for about a third of the passes."""
-    steps = (tl.arange(0, NT) + 1).to(tl.float32) / (NT + 1)
-    thresholds = lo + (hi - lo) * steps
-    # Accumulate element-wise and reduce once after the loop: a cross-thread reduction per tile
-    # would cost more than the comparisons themselves.
-    count = tl.zeros([BLOCK, NT], dtype=tl.int32)
-    mass = tl.zeros([BLOCK, NT], dtype=tl.float32)
-    for start in range(0, vocab, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        s = tl.load(row_ptr + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32) * inv_t
-        keep = s[:, None] >= thresholds[None, :]
-        count += keep.to(tl.int32)
-        if WITH_MASS:
-            mass += tl.where(keep, tl.exp(s - row_max)[:, None], 0.0)
-    return thresholds, tl.sum(count, axis=0), tl.sum(mass, axis=0)
-
-
-@triton.jit
 def _sample_kernel(logits_ptr, stride_row, vocab, temp_ptr, topk_ptr, topp_ptr, seed_ptr, offset_ptr, out_ptr,
-                   BLOCK: tl.constexpr, PROBE_BLOCK: tl.constexpr, NT: tl.constexpr, MAX_BISECT: tl.constexpr):
+                   BLOCK: tl.constexpr, MAX_BISECT: tl.constexpr):
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     temperature = tl.load(temp_ptr + row)
@@ -101,20 +77,23 @@ def _sample_kernel(logits_ptr, stride_row, vocab, temp_ptr, topk_ptr, topp_ptr, 
         s_max = row_max * inv_t
         s_min = tl.min(low, axis=0) * inv_t
         threshold = s_min
-        # Top-k: the k-th largest value, narrowing [lo, hi) with count(>= lo) >= k > count(>= hi).
+        # Top-k: the k-th largest value, bisecting [lo, hi) with count(>= lo) >= k > count(>= hi).
         if (top_k > 0) & (top_k < vocab):
             lo = s_min
             hi = s_max + tl.abs(s_max) * 1e-6 + 1e-30
             k_done = top_k * 0  # int32 flags and counters: loop-carried values need fixed types
             k_steps = top_k * 0
             while (k_done == 0) & (k_steps < MAX_BISECT):
-                thresholds, count, _ = _probe(row_ptr, vocab, inv_t, s_max, lo, hi, False, NT, PROBE_BLOCK)
-                ok = count >= top_k
-                lo = tl.max(tl.where(ok, thresholds, lo), axis=0)
-                hi = tl.min(tl.where(ok, hi, thresholds), axis=0)
-                count_lo = tl.min(tl.where(ok, count, vocab + 1), axis=0)
                 mid = lo + (hi - lo) * 0.5
-                k_done = ((count_lo == top_k) | (mid <= lo) | (mid >= hi)).to(tl.int32)
+                if (mid <= lo) | (mid >= hi):
+                    k_done = k_done * 0 + 1
+                else:
+                    count, _ = _count_mass_above(row_ptr, vocab, inv_t, s_max, mid, BLOCK)
+                    if count >= top_k:
+                        lo = mid
+                        k_done = (count == top_k).to(tl.int32)
+                    else:
+                        hi = mid
                 k_steps += 1
             threshold = lo
         # Top-p over the top-k set: the largest value whose mass-from-the-top reaches top_p.
@@ -127,15 +106,18 @@ def _sample_kernel(logits_ptr, stride_row, vocab, temp_ptr, topk_ptr, topp_ptr, 
             p_done = (count_lo <= 1).to(tl.int32)
             p_steps = count_lo * 0
             while (p_done == 0) & (p_steps < MAX_BISECT):
-                thresholds, count, mass = _probe(row_ptr, vocab, inv_t, s_max, lo, hi, True, NT, PROBE_BLOCK)
-                ok = mass >= target
-                lo = tl.max(tl.where(ok, thresholds, lo), axis=0)
-                hi = tl.min(tl.where(ok, hi, thresholds), axis=0)
-                # Counts fall as thresholds rise: the count at the new lo is the least among the ok ones.
-                count_lo = tl.minimum(count_lo, tl.min(tl.where(ok, count, vocab + 1), axis=0))
-                count_hi = tl.maximum(count_hi, tl.max(tl.where(ok, 0, count), axis=0))
                 mid = lo + (hi - lo) * 0.5
-                p_done = ((count_lo - count_hi <= 1) | (mid <= lo) | (mid >= hi)).to(tl.int32)
+                if (mid <= lo) | (mid >= hi):
+                    p_done = p_done * 0 + 1
+                else:
+                    count, mass = _count_mass_above(row_ptr, vocab, inv_t, s_max, mid, BLOCK)
+                    if mass >= target:
+                        lo = mid
+                        count_lo = count
+                    else:
+                        hi = mid
+                        count_hi = count
+                    p_done = (count_lo - count_hi <= 1).to(tl.int32)
                 p_steps += 1
             threshold = lo
         # Draw: inverse CDF over the kept values in vocabulary order.
@@ -170,8 +152,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         logits, logits.stride(0), vocab, temperature.to(dev, torch.float32).contiguous(),
         top_k.to(dev, torch.int32).contiguous(), top_p.to(dev, torch.float32).contiguous(),
         seeds.to(dev, torch.int64).contiguous(), offsets.to(dev, torch.int64).contiguous(), out,
-        BLOCK=_BLOCK if logits.is_cuda else 128, PROBE_BLOCK=_PROBE_BLOCK if logits.is_cuda else 64, NT=_PROBES,
-        MAX_BISECT=_MAX_BISECT, num_warps=8)
+        BLOCK=_BLOCK if logits.is_cuda else 128, MAX_BISECT=_MAX_BISECT, num_warps=8)
     return out
 
 
