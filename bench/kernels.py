@@ -139,6 +139,12 @@ def cases():
         out.append(dict(name=f"sample b64 v128256 {tag}", triton=lambda args=args: sampling.sample(*args),
                         torch=lambda args=args: sampling.sample_ref(*args), compile=sampling.sample_ref,
                         compile_args=args, bytes=logits.numel() * 4, baseline="sort-based ref"))
+        if k == 50 and p == 0.9:
+            for blk, warps in ((4096, 8), (4096, 16), (8192, 16), (1024, 4)):  # tile candidates
+                out.append(dict(name=f"  sample {tag} block {blk} warps {warps}",
+                                triton=lambda args=args, blk=blk, warps=warps: sampling.sample(
+                                    *args, block=blk, num_warps=warps),
+                                torch=lambda: None, compile=None, bytes=logits.numel() * 4, baseline="-"))
     return out
 
 

@@ -142,7 +142,9 @@ def _sample_kernel(logits_ptr, stride_row, vocab, temp_ptr, topk_ptr, topp_ptr, 
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+           seeds: torch.Tensor, offsets: torch.Tensor, *, block: int | None = None,
+           num_warps: int | None = None) -> torch.Tensor:
+    """block / num_warps override the per-row tile (benchmarks); defaults suit a 128k vocabulary."""
     if logits.dim() != 2 or logits.stride(-1) != 1:
         raise ValueError("sample: logits must be [B, V] with a contiguous last dim")
     batch, vocab = logits.shape
@@ -152,7 +154,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         logits, logits.stride(0), vocab, temperature.to(dev, torch.float32).contiguous(),
         top_k.to(dev, torch.int32).contiguous(), top_p.to(dev, torch.float32).contiguous(),
         seeds.to(dev, torch.int64).contiguous(), offsets.to(dev, torch.int64).contiguous(), out,
-        BLOCK=_BLOCK if logits.is_cuda else 128, MAX_BISECT=_MAX_BISECT, num_warps=8)
+        BLOCK=block or (_BLOCK if logits.is_cuda else 128), MAX_BISECT=_MAX_BISECT, num_warps=num_warps or 8)
     return out
 
 
