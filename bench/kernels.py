@@ -140,7 +140,7 @@ def cases():
                         torch=lambda args=args: sampling.sample_ref(*args), compile=sampling.sample_ref,
                         compile_args=args, bytes=logits.numel() * 4, baseline="sort-based ref"))
         if k == 50 and p == 0.9:
-            for blk, warps in ((4096, 8), (4096, 16), (8192, 16), (1024, 4)):  # tile candidates
+            for blk, warps in ((2048, 8), (8192, 32), (16384, 16), (16384, 32)):  # tile candidates
                 out.append(dict(name=f"  sample {tag} block {blk} warps {warps}",
                                 triton=lambda args=args, blk=blk, warps=warps: sampling.sample(
                                     *args, block=blk, num_warps=warps),
