@@ -69,6 +69,11 @@ def cases():
         out.append(dict(name=f"rms_norm {tag}", triton=lambda x=x, w=w: rms_norm.rms_norm(x, w, 1e-5),
                         torch=lambda x=x, w=w: rms_norm.rms_norm_ref(x, w, 1e-5), compile=rms_norm.rms_norm_ref,
                         compile_args=(x, w, 1e-5), bytes=2 * x.numel() * 2))
+        if rows > 16:
+            for warps in (2, 4, 16):  # tile candidates
+                out.append(dict(name=f"  rms_norm {tag} warps {warps}",
+                                triton=lambda x=x, w=w, warps=warps: rms_norm.rms_norm(x, w, 1e-5, num_warps=warps),
+                                torch=lambda: None, compile=None, bytes=2 * x.numel() * 2, baseline="-"))
         out.append(dict(name=f"add_rms_norm {tag}", triton=lambda x=x, r=r, w=w: rms_norm.add_rms_norm(x, r, w, 1e-5),
                         torch=lambda x=x, r=r, w=w: rms_norm.add_rms_norm_ref(x, r, w, 1e-5),
                         compile=rms_norm.add_rms_norm_ref, compile_args=(x, r, w, 1e-5), bytes=4 * x.numel() * 2))
@@ -140,7 +145,7 @@ def cases():
                         torch=lambda args=args: sampling.sample_ref(*args), compile=sampling.sample_ref,
                         compile_args=args, bytes=logits.numel() * 4, baseline="sort-based ref"))
         if k == 50 and p == 0.9:
-            for blk, warps in ((2048, 8), (8192, 32), (16384, 16), (16384, 32)):  # tile candidates
+            for blk, warps in ((2048, 8), (8192, 16)):  # tile candidates
                 out.append(dict(name=f"  sample {tag} block {blk} warps {warps}",
                                 triton=lambda args=args, blk=blk, warps=warps: sampling.sample(
                                     *args, block=blk, num_warps=warps),

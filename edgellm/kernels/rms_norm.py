@@ -31,7 +31,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match last dim of x {tuple(x.shape)}")
 
 
-def _launch(x, residual, weight, eps):
+def _launch(x, residual, weight, eps, num_warps=None):
     _check(x, weight)
     x = x.contiguous()
     n = x.shape[-1]
@@ -41,12 +41,13 @@ def _launch(x, residual, weight, eps):
     res = residual.contiguous() if residual is not None else x
     block = pow2(n)
     _rms_norm_kernel[(rows,)](x, res, weight, out, res_out, n, eps, HAS_RESIDUAL=residual is not None,
-                              BLOCK=block, num_warps=min(16, max(1, block // 256)))
+                              BLOCK=block, num_warps=num_warps or min(16, max(1, block // 256)))
     return out, res_out
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return _launch(x, None, weight, eps)[0]
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, num_warps: int | None = None) -> torch.Tensor:
+    """num_warps overrides the default (benchmarks)."""
+    return _launch(x, None, weight, eps, num_warps)[0]
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):

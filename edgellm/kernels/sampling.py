@@ -22,7 +22,7 @@ import torch
 from ._triton import tl, triton
 
 _MASK32 = 0xFFFFFFFF
-_BLOCK = 8192  # large tiles and 16 warps: each pass is latency-bound (H100 sweep, bench/RESULTS.md)
+_BLOCK = 8192  # large tiles and 32 warps: each pass is latency-bound (H100 sweep, bench/RESULTS.md)
 _MAX_BISECT = 64  # float32 bisection ends well before this; it only bounds a pathological row
 
 
@@ -155,7 +155,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         top_k.to(dev, torch.int32).contiguous(), top_p.to(dev, torch.float32).contiguous(),
         seeds.to(dev, torch.int64).contiguous(), offsets.to(dev, torch.int64).contiguous(), out,
         BLOCK=block or (_BLOCK if logits.is_cuda else 128), MAX_BISECT=_MAX_BISECT,
-        num_warps=num_warps or (16 if logits.is_cuda else 4))
+        num_warps=num_warps or (32 if logits.is_cuda else 4))
     return out
 
 
