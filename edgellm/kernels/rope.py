@@ -67,32 +67,29 @@ def rope_cos_sin_cache(inv_freq: torch.Tensor, max_positions: int):
 
 
 @triton.jit
-def _rope_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, seq_len, n_tokens, stride_b, stride_s, stride_h,
-                 n_heads, head_dim, half, TOKENS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                 BLOCK_REST: tl.constexpr):
-    # Rows of the tile are (token, head) pairs of TOKENS consecutive tokens: per-token work is small.
-    r = tl.arange(0, TOKENS * BLOCK_H)
-    token = tl.program_id(0) * TOKENS + r // BLOCK_H
-    head = r % BLOCK_H
-    row_ok = (token < n_tokens) & (head < n_heads)
-    token = tl.minimum(token, n_tokens - 1)  # keeps every address in bounds; masked rows store nothing
+def _rope_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, seq_len, stride_b, stride_s, stride_h,
+                 n_heads, head_dim, half, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    token = tl.program_id(0)
     b = token // seq_len
     s = token % seq_len
     pos = tl.load(pos_ptr + token).to(tl.int64)
-    src = x_ptr + b.to(tl.int64) * stride_b + s.to(tl.int64) * stride_s + head * stride_h
-    dst = out_ptr + token.to(tl.int64) * n_heads * head_dim + head * head_dim
-    i = tl.arange(0, BLOCK_HALF)
-    m = row_ok[:, None] & (i[None, :] < half)
-    x1 = tl.load(src[:, None] + i[None, :], mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(src[:, None] + half + i[None, :], mask=m, other=0.0).to(tl.float32)
-    cos = tl.load(cos_ptr + pos[:, None] * half + i[None, :], mask=m, other=1.0)
-    sin = tl.load(sin_ptr + pos[:, None] * half + i[None, :], mask=m, other=0.0)
-    tl.store(dst[:, None] + i[None, :], (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=m)
-    tl.store(dst[:, None] + half + i[None, :], (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=m)
-    if BLOCK_REST > 0:  # features past the rotary dim pass through
-        j = 2 * half + tl.arange(0, BLOCK_REST)
-        mr = row_ok[:, None] & (j[None, :] < head_dim)
-        tl.store(dst[:, None] + j[None, :], tl.load(src[:, None] + j[None, :], mask=mr, other=0.0), mask=mr)
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (heads < n_heads) & (d < head_dim)
+    base = x_ptr + b.to(tl.int64) * stride_b + s.to(tl.int64) * stride_s + heads * stride_h
+    x = tl.load(base + d, mask=mask, other=0.0).to(tl.float32)
+    rotary = d < 2 * half
+    first = d < half
+    # rotate_half: the partner of feature d is d + half (first half, negated) or d - half (second half).
+    partner_d = tl.where(first, d + half, d - half)
+    partner = tl.load(base + partner_d, mask=mask & rotary, other=0.0).to(tl.float32)
+    partner = tl.where(first, -partner, partner)
+    freq = tl.where(first, d, d - half)
+    cos = tl.load(cos_ptr + pos * half + freq, mask=rotary, other=1.0)
+    sin = tl.load(sin_ptr + pos * half + freq, mask=rotary, other=0.0)
+    y = tl.where(rotary, x * cos + partner * sin, x)
+    out = out_ptr + token.to(tl.int64) * n_heads * head_dim + heads * head_dim + d
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _rope_one(x: torch.Tensor, cos, sin, positions) -> torch.Tensor:
@@ -100,14 +97,8 @@ def _rope_one(x: torch.Tensor, cos, sin, positions) -> torch.Tensor:
     if x.stride(-1) != 1:
         x = x.contiguous()
     out = torch.empty(batch, seq, heads, head_dim, dtype=x.dtype, device=x.device)
-    half = cos.shape[-1]
-    n_tokens = batch * seq
-    block_h = pow2(heads)
-    tokens = max(1, min(128 // block_h, pow2(n_tokens)))
-    rest = head_dim - 2 * half
-    _rope_kernel[(triton.cdiv(n_tokens, tokens),)](
-        x, out, cos, sin, positions, seq, n_tokens, x.stride(0), x.stride(1), x.stride(2), heads, head_dim, half,
-        TOKENS=tokens, BLOCK_H=block_h, BLOCK_HALF=pow2(half), BLOCK_REST=pow2(rest) if rest else 0, num_warps=4)
+    _rope_kernel[(batch * seq,)](x, out, cos, sin, positions, seq, x.stride(0), x.stride(1), x.stride(2),
+                                 heads, head_dim, cos.shape[-1], BLOCK_H=pow2(heads), BLOCK_D=pow2(head_dim))
     return out
 
 
