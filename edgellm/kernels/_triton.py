@@ -1,5 +1,6 @@
-"""Triton, when it is installed. Without it (e.g. macOS) the kernel files still import, their
-`@triton.jit` functions are left unused, and every op runs its torch reference."""
+"""Triton, when it is installed. Without it (e.g. macOS) the kernel files still import (the jit
+decorator below returns the function as it is), the kernels are never launched, and every op runs
+its torch reference."""
 
 try:
     import triton
