@@ -19,23 +19,6 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_block(q, kc_ptr, vc_ptr, kv_base, n_offs, key_ok, allowed, d, d_ok, c_pos, scale_log2,
-                  m_i, l_i, acc, PRECISION: tl.constexpr):
-    """One key/value block of online-softmax attention (keys where `allowed`): the updated
-    (running max, running sum, accumulator), all float32."""
-    k = tl.load(kc_ptr + kv_base + n_offs[None, :] * c_pos + d[:, None],
-                mask=key_ok[None, :] & d_ok[:, None], other=0.0)
-    qk = tl.where(allowed, tl.dot(q, k, input_precision=PRECISION) * scale_log2, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-    p = tl.exp2(qk - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    v = tl.load(vc_ptr + kv_base + n_offs[:, None] * c_pos + d[None, :],
-                mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return m_new, l_i * alpha + tl.sum(p, axis=1), acc
-
-
-@triton.jit
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, slots_ptr, starts_ptr, qlens_ptr,
                     s_qb, s_qs, s_qh, s_ob, s_os, s_oh, c_slot, c_head, c_pos,
                     scale_log2, group, head_dim,
@@ -63,9 +46,19 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, slots_ptr, starts_ptr, qlens
         for n0 in range(0, key_end, BLOCK_N):
             n_offs = n0 + tl.arange(0, BLOCK_N)
             key_ok = n_offs < key_end
+            k = tl.load(kc_ptr + kv_base + n_offs[None, :] * c_pos + d[:, None],
+                        mask=key_ok[None, :] & d_ok[:, None], other=0.0)
+            qk = tl.dot(q, k, input_precision=PRECISION) * scale_log2
             allowed = key_ok[None, :] & (n_offs[None, :] <= q_pos[:, None])
-            m_i, l_i, acc = _attend_block(q, kc_ptr, vc_ptr, kv_base, n_offs, key_ok, allowed, d, d_ok, c_pos,
-                                          scale_log2, m_i, l_i, acc, PRECISION)
+            qk = tl.where(allowed, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            p = tl.exp2(qk - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(vc_ptr + kv_base + n_offs[:, None] * c_pos + d[None, :],
+                        mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
         out = acc / l_i[:, None]
         tl.store(out_ptr + b.to(tl.int64) * s_ob + m_offs[:, None] * s_os + h * s_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -135,8 +128,18 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, part_out_ptr, part_lse_ptr, slot
     for n0 in range(lo, hi, BLOCK_N):
         n_offs = n0 + tl.arange(0, BLOCK_N)
         key_ok = n_offs < hi
-        m_i, l_i, acc = _attend_block(q, kc_ptr, vc_ptr, kv_base, n_offs, key_ok, key_ok[None, :], d, d_ok, c_pos,
-                                      scale_log2, m_i, l_i, acc, PRECISION)
+        k = tl.load(kc_ptr + kv_base + n_offs[None, :] * c_pos + d[:, None],
+                    mask=key_ok[None, :] & d_ok[:, None], other=0.0)
+        qk = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+        qk = tl.where(key_ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(vc_ptr + kv_base + n_offs[:, None] * c_pos + d[None, :],
+                    mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
     has_keys = l_i > 0
     out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
