@@ -34,6 +34,26 @@ def bench_us(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
 
 
+def graph_us(fn, calls: int = 20) -> float | None:
+    """Per-call time of `fn` replayed from a CUDA graph of `calls` calls: the GPU time without the
+    Python launch cost (what a captured decode step pays). None where `fn` cannot be captured."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+        return bench_us(graph.replay) / calls
+    except Exception as exc:  # noqa: BLE001 - reported as missing
+        print(f"  graph capture failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+
+
 def copy_bandwidth() -> float:
     """Bytes per second of a large device-to-device copy (read + write counted)."""
     x = torch.randn(256 * 1024 * 1024 // 2, dtype=HALF, device=DEV)
@@ -54,6 +74,14 @@ def compiled(fn):
         return torch.compile(fn, dynamic=False)
     except Exception:  # noqa: BLE001 - a baseline that cannot compile is reported as missing
         return None
+
+
+def _copy_case(nbytes: int) -> dict:
+    """A plain device copy moving the same bytes (read + write): what this size allows at best."""
+    src = torch.empty(nbytes // 4, dtype=HALF, device=DEV)
+    dst = torch.empty_like(src)
+    return dict(name=f"  torch copy of the same {nbytes / 1e6:.1f} MB", triton=lambda: dst.copy_(src),
+                torch=lambda: None, compile=None, bytes=nbytes, baseline="-")
 
 
 def cases():
@@ -85,10 +113,17 @@ def cases():
     for tag, (b, s) in (("decode b16", (16, 1)), ("prefill 4096", (1, 4096))):
         q, k = rnd(b, s, hq, d), rnd(b, s, hkv, d)
         pos = (torch.arange(s, device=DEV)[None, :] + torch.randint(0, 4000, (b, 1), device=DEV))
+        rope_bytes = 2 * (q.numel() + k.numel()) * 2
         out.append(dict(name=f"apply_rope {tag}", triton=lambda q=q, k=k, pos=pos: rope.apply_rope(q, k, cos, sin, pos),
                         torch=lambda q=q, k=k, pos=pos: rope.apply_rope_ref(q, k, cos, sin, pos),
-                        compile=rope.apply_rope_ref, compile_args=(q, k, cos, sin, pos),
-                        bytes=2 * (q.numel() + k.numel()) * 2))
+                        compile=rope.apply_rope_ref, compile_args=(q, k, cos, sin, pos), bytes=rope_bytes))
+        if s > 1:
+            for warps in (1, 2, 8):  # tile candidates (default 4)
+                out.append(dict(name=f"  apply_rope {tag} warps {warps}",
+                                triton=lambda q=q, k=k, pos=pos, warps=warps: rope.apply_rope(q, k, cos, sin, pos,
+                                                                                             num_warps=warps),
+                                torch=lambda: None, compile=None, bytes=rope_bytes, baseline="-"))
+            out.append(_copy_case(rope_bytes))
         kc = torch.zeros(16, hkv, 8192, d, dtype=HALF, device=DEV)
         vc = torch.zeros_like(kc)
         kk, vv = rnd(b, s, hkv, d), rnd(b, s, hkv, d)
@@ -105,6 +140,14 @@ def cases():
                         triton=lambda kc=kc, vc=vc, kk=kk, vv=vv, slots=slots, starts=starts, lens=lens:
                         kv_append.kv_append(kc, vc, kk, vv, slots, starts, lens),
                         torch=torch_append, compile=torch_append, compile_args=(), bytes=4 * kk.numel() * 2))
+        if s > 1:
+            for tokens, warps in ((16, 4), (32, 4), (128, 4), (64, 2), (64, 8)):  # tile candidates (default 64, 4)
+                out.append(dict(name=f"  kv_append {tag} tokens {tokens} warps {warps}",
+                                triton=lambda kc=kc, vc=vc, kk=kk, vv=vv, slots=slots, starts=starts, lens=lens,
+                                tokens=tokens, warps=warps: kv_append.kv_append(kc, vc, kk, vv, slots, starts, lens,
+                                                                                 tokens=tokens, num_warps=warps),
+                                torch=lambda: None, compile=None, bytes=4 * kk.numel() * 2, baseline="-"))
+            out.append(_copy_case(4 * kk.numel() * 2))
 
     # Decode attention: batch 16 over a 4096-token cache.
     b, ctx = 16, 4096
@@ -165,6 +208,7 @@ def main() -> int:
     rows = []
     for case in cases():
         t_triton = bench_us(case["triton"])
+        t_graph = graph_us(case["triton"])
         t_torch = bench_us(case["torch"])
         t_compiled = None
         if case.get("compile") is not None and not args.no_compile:
@@ -179,7 +223,7 @@ def main() -> int:
             floor = case["bytes"] / bandwidth * 1e6
         else:
             floor = case["flops"] / rate * 1e6
-        row = dict(name=case["name"], triton_us=t_triton, torch_us=t_torch, compiled_us=t_compiled,
+        row = dict(name=case["name"], triton_us=t_triton, graph_us=t_graph, torch_us=t_torch, compiled_us=t_compiled,
                    floor_us=floor, pct_of_floor=100 * floor / t_triton, speedup_vs_torch=t_torch / t_triton,
                    baseline=case.get("baseline", "torch ref"))
         rows.append(row)
@@ -192,12 +236,15 @@ def main() -> int:
         Path(args.json).write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
     print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  copy {meta['copy_TBps']:.2f} TB/s  "
           f"bf16 mm {meta['bf16_mm_TFLOPs']:.0f} TFLOP/s  commit {meta['commit']}")
-    print(f"{'kernel':<36s} {'triton us':>10s} {'torch us':>10s} {'compile us':>10s} {'floor us':>9s} "
-          f"{'% floor':>8s} {'x torch':>8s}  baseline")
+    print(f"{'kernel':<36s} {'triton us':>10s} {'graph us':>9s} {'torch us':>10s} {'compile us':>10s} {'floor us':>9s} "
+          f"{'% floor':>8s} {'graph':>6s} {'x torch':>8s}  baseline")
     for r in rows:
         comp = f"{r['compiled_us']:10.1f}" if r["compiled_us"] else f"{'-':>10s}"
-        print(f"{r['name']:<36s} {r['triton_us']:10.1f} {r['torch_us']:10.1f} {comp} {r['floor_us']:9.1f} "
-              f"{r['pct_of_floor']:7.0f}% {r['speedup_vs_torch']:7.1f}x  {r['baseline']}")
+        graph = f"{r['graph_us']:9.1f}" if r["graph_us"] else f"{'-':>9s}"
+        best = min(r["triton_us"], r["graph_us"] or r["triton_us"])
+        print(f"{r['name']:<36s} {r['triton_us']:10.1f} {graph} {r['torch_us']:10.1f} {comp} {r['floor_us']:9.1f} "
+              f"{r['pct_of_floor']:7.0f}% {100 * r['floor_us'] / best:5.0f}%g {r['speedup_vs_torch']:7.1f}x  "
+              f"{r['baseline']}")
     if ANCHORS.is_file():
         anchors = json.loads(ANCHORS.read_text())["kernels_torch"]
         print(f"peer figures (H100, 2026-11-22): sort top-k/top-p b64 {anchors['sort_topk_topp_sampling_b64_v128256_us']} us, "

@@ -1,7 +1,8 @@
 """Write new keys/values into the linear KV cache.
 
-Kernel: one program per (row, group of tokens); its tile's rows are (token, KV head) pairs, copied
-into the row's cache slot at position starts[row] + token; padding tokens are not written.
+Kernel: one program per (row, KV head, block of tokens). The cache keeps a head's positions
+contiguous, so each program writes one contiguous run of TOKENS * head_dim values per tensor
+(reads are head_dim-long runs, one per token). Padding tokens are not written.
 """
 
 import torch
@@ -12,27 +13,29 @@ from ._triton import pow2, tl, triton
 @triton.jit
 def _kv_append_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, starts_ptr, lens_ptr,
                       s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, c_slot, c_head, c_pos,
-                      n_heads, head_dim, TOKENS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    b = tl.program_id(0)
+                      n_heads, head_dim, TOKENS: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // n_heads
+    head = (pid % n_heads).to(tl.int64)
     length = tl.load(lens_ptr + b)
-    slot = tl.load(slots_ptr + b).to(tl.int64)
-    start = tl.load(starts_ptr + b)
-    # Rows of the tile are (token, head) pairs of TOKENS consecutive tokens of row b.
-    r = tl.arange(0, TOKENS * BLOCK_H)
-    s = tl.program_id(1) * TOKENS + r // BLOCK_H
-    head = r % BLOCK_H
-    d = tl.arange(0, BLOCK_D)
-    mask = ((s < length) & (head < n_heads))[:, None] & (d[None, :] < head_dim)
-    s64 = s.to(tl.int64)
-    src_k = k_ptr + b.to(tl.int64) * s_kb + s64[:, None] * s_ks + head[:, None] * s_kh + d[None, :]
-    src_v = v_ptr + b.to(tl.int64) * s_vb + s64[:, None] * s_vs + head[:, None] * s_vh + d[None, :]
-    dst = slot * c_slot + head[:, None] * c_head + (start + s64)[:, None] * c_pos + d[None, :]
-    tl.store(kc_ptr + dst, tl.load(src_k, mask=mask).to(kc_ptr.dtype.element_ty), mask=mask)
-    tl.store(vc_ptr + dst, tl.load(src_v, mask=mask).to(vc_ptr.dtype.element_ty), mask=mask)
+    s = tl.program_id(1) * TOKENS + tl.arange(0, TOKENS)
+    if tl.program_id(1) * TOKENS < length:
+        slot = tl.load(slots_ptr + b).to(tl.int64)
+        start = tl.load(starts_ptr + b)
+        d = tl.arange(0, BLOCK_D)[None, :]
+        mask = (s < length)[:, None] & (d < head_dim)
+        s64 = s.to(tl.int64)[:, None]
+        b64 = b.to(tl.int64)
+        k = tl.load(k_ptr + b64 * s_kb + s64 * s_ks + head * s_kh + d, mask=mask)
+        v = tl.load(v_ptr + b64 * s_vb + s64 * s_vs + head * s_vh + d, mask=mask)
+        dst = slot * c_slot + head * c_head + (start + s64) * c_pos + d
+        tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=mask)
+        tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
 
 
 def kv_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              slots: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) -> None:
+              slots: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
+              tokens: int | None = None, num_warps: int = 4) -> None:
     batch, seq, heads, head_dim = k.shape
     if v.shape != k.shape or k_cache.shape[1] != heads or k_cache.shape[3] != head_dim:
         raise ValueError(f"kv_append: k {tuple(k.shape)} / v {tuple(v.shape)} do not fit cache {tuple(k_cache.shape)}")
@@ -41,12 +44,11 @@ def kv_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: 
     if v.stride(-1) != 1:
         v = v.contiguous()
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
-    block_h = pow2(heads)
-    tokens = max(1, min(128 // block_h, pow2(seq)))
-    _kv_append_kernel[(batch, triton.cdiv(seq, tokens))](
+    tokens = tokens or min(64, pow2(seq))
+    _kv_append_kernel[(batch * heads, triton.cdiv(seq, tokens))](
         k, v, k_cache, v_cache, slots, starts, lengths, k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        heads, head_dim, TOKENS=tokens, BLOCK_H=block_h, BLOCK_D=pow2(head_dim), num_warps=4)
+        heads, head_dim, TOKENS=tokens, BLOCK_D=pow2(head_dim), num_warps=num_warps)
 
 
 def kv_append_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -67,49 +67,64 @@ def rope_cos_sin_cache(inv_freq: torch.Tensor, max_positions: int):
 
 
 @triton.jit
-def _rope_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, seq_len, stride_b, stride_s, stride_h,
-                 n_heads, head_dim, half, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    token = tl.program_id(0)
-    b = token // seq_len
-    s = token % seq_len
-    pos = tl.load(pos_ptr + token).to(tl.int64)
+def _rotate_heads(x_base, out_base, stride_h, n_heads, head_dim, half, cos, sin,
+                  BLOCK_H: tl.constexpr, HALF: tl.constexpr, BLOCK_REST: tl.constexpr):
+    """Rotate one token's heads: rows are heads, the two halves of the rotary part are loaded as
+    separate tiles (each element read once), and the non-rotary tail (partial rotary) is copied."""
     heads = tl.arange(0, BLOCK_H)[:, None]
-    d = tl.arange(0, BLOCK_D)[None, :]
-    mask = (heads < n_heads) & (d < head_dim)
-    base = x_ptr + b.to(tl.int64) * stride_b + s.to(tl.int64) * stride_s + heads * stride_h
-    x = tl.load(base + d, mask=mask, other=0.0).to(tl.float32)
-    rotary = d < 2 * half
-    first = d < half
-    # rotate_half: the partner of feature d is d + half (first half, negated) or d - half (second half).
-    partner_d = tl.where(first, d + half, d - half)
-    partner = tl.load(base + partner_d, mask=mask & rotary, other=0.0).to(tl.float32)
-    partner = tl.where(first, -partner, partner)
-    freq = tl.where(first, d, d - half)
-    cos = tl.load(cos_ptr + pos * half + freq, mask=rotary, other=1.0)
-    sin = tl.load(sin_ptr + pos * half + freq, mask=rotary, other=0.0)
-    y = tl.where(rotary, x * cos + partner * sin, x)
-    out = out_ptr + token.to(tl.int64) * n_heads * head_dim + heads * head_dim + d
-    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
+    f = tl.arange(0, HALF)[None, :]
+    mask = (heads < n_heads) & (f < half)
+    src = x_base + heads * stride_h + f
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
+    dst = out_base + heads * head_dim + f
+    dtype = out_base.dtype.element_ty
+    tl.store(dst, (x1 * cos - x2 * sin).to(dtype), mask=mask)
+    tl.store(dst + half, (x2 * cos + x1 * sin).to(dtype), mask=mask)
+    if BLOCK_REST > 0:
+        r = 2 * half + tl.arange(0, BLOCK_REST)[None, :]
+        rest_mask = (heads < n_heads) & (r < head_dim)
+        tl.store(out_base + heads * head_dim + r, tl.load(x_base + heads * stride_h + r, mask=rest_mask), mask=rest_mask)
 
 
-def _rope_one(x: torch.Tensor, cos, sin, positions) -> torch.Tensor:
-    batch, seq, heads, head_dim = x.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    out = torch.empty(batch, seq, heads, head_dim, dtype=x.dtype, device=x.device)
-    _rope_kernel[(batch * seq,)](x, out, cos, sin, positions, seq, x.stride(0), x.stride(1), x.stride(2),
-                                 heads, head_dim, cos.shape[-1], BLOCK_H=pow2(heads), BLOCK_D=pow2(head_dim))
-    return out
+@triton.jit
+def _rope_kernel(q_ptr, k_ptr, q_out, k_out, cos_ptr, sin_ptr, pos_ptr, seq_len,
+                 sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, n_q_heads, n_k_heads, head_dim, half,
+                 BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, HALF: tl.constexpr, BLOCK_REST: tl.constexpr):
+    # One program per token rotates its query heads and its key heads with one cos/sin load.
+    token = tl.program_id(0)
+    b = (token // seq_len).to(tl.int64)
+    s = (token % seq_len).to(tl.int64)
+    pos = tl.load(pos_ptr + token).to(tl.int64)
+    f = tl.arange(0, HALF)[None, :]
+    cos = tl.load(cos_ptr + pos * half + f, mask=f < half, other=1.0)
+    sin = tl.load(sin_ptr + pos * half + f, mask=f < half, other=0.0)
+    t64 = token.to(tl.int64)
+    _rotate_heads(q_ptr + b * sq_b + s * sq_s, q_out + t64 * n_q_heads * head_dim, sq_h, n_q_heads, head_dim,
+                  half, cos, sin, BLOCK_HQ, HALF, BLOCK_REST)
+    _rotate_heads(k_ptr + b * sk_b + s * sk_s, k_out + t64 * n_k_heads * head_dim, sk_h, n_k_heads, head_dim,
+                  half, cos, sin, BLOCK_HK, HALF, BLOCK_REST)
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor):
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+               num_warps: int | None = None):
     if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or positions.shape != q.shape[:2]:
         raise ValueError("apply_rope: q [B, S, Hq, D], k [B, S, Hkv, D] and positions [B, S] must agree")
-    if 2 * cos.shape[-1] > q.shape[-1]:
-        raise ValueError(f"apply_rope: rotary dim {2 * cos.shape[-1]} exceeds head_dim {q.shape[-1]}")
-    positions = positions.contiguous()
-    cos, sin = cos.contiguous(), sin.contiguous()
-    return _rope_one(q, cos, sin, positions), _rope_one(k, cos, sin, positions)
+    if q.shape[-1] != k.shape[-1] or 2 * cos.shape[-1] > q.shape[-1]:
+        raise ValueError(f"apply_rope: rotary dim {2 * cos.shape[-1]} must fit head_dim q {q.shape[-1]} / k {k.shape[-1]}")
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    positions, cos, sin = positions.contiguous(), cos.contiguous(), sin.contiguous()
+    batch, seq, hq, head_dim = q.shape
+    hk, half = k.shape[2], cos.shape[-1]
+    q_out = torch.empty(batch, seq, hq, head_dim, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(batch, seq, hk, head_dim, dtype=k.dtype, device=k.device)
+    rest = head_dim - 2 * half
+    _rope_kernel[(batch * seq,)](q, k, q_out, k_out, cos, sin, positions, seq,
+                                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                                 hq, hk, head_dim, half, BLOCK_HQ=pow2(hq), BLOCK_HK=pow2(hk), HALF=pow2(half),
+                                 BLOCK_REST=pow2(rest) if rest else 0, num_warps=num_warps or 4)
+    return q_out, k_out
 
 
 def rope_cos_sin_cache_ref(inv_freq: torch.Tensor, max_positions: int):
