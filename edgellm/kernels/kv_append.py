@@ -12,25 +12,27 @@ from ._triton import pow2, tl, triton
 
 @triton.jit
 def _kv_append_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, starts_ptr, lens_ptr,
-                      s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, c_slot, c_head, c_pos,
+                      s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, c_slot, c_head, c_pos, seq_len,
                       n_heads, head_dim, TOKENS: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // n_heads
+    b64 = b.to(tl.int64)
     head = (pid % n_heads).to(tl.int64)
-    length = tl.load(lens_ptr + b)
     s = tl.program_id(1) * TOKENS + tl.arange(0, TOKENS)
-    if tl.program_id(1) * TOKENS < length:
-        slot = tl.load(slots_ptr + b).to(tl.int64)
-        start = tl.load(starts_ptr + b)
-        d = tl.arange(0, BLOCK_D)[None, :]
-        mask = (s < length)[:, None] & (d < head_dim)
-        s64 = s.to(tl.int64)[:, None]
-        b64 = b.to(tl.int64)
-        k = tl.load(k_ptr + b64 * s_kb + s64 * s_ks + head * s_kh + d, mask=mask)
-        v = tl.load(v_ptr + b64 * s_vb + s64 * s_vs + head * s_vh + d, mask=mask)
-        dst = slot * c_slot + head * c_head + (start + s64) * c_pos + d
-        tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=mask)
-        tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
+    d = tl.arange(0, BLOCK_D)[None, :]
+    s64 = s.to(tl.int64)[:, None]
+    # The loads of k/v do not wait for the row's length, slot and start (bounded by the chunk's
+    # seq_len instead): all of a program's reads are in flight at once; the store applies the length.
+    in_chunk = (s < seq_len)[:, None] & (d < head_dim)
+    k = tl.load(k_ptr + b64 * s_kb + s64 * s_ks + head * s_kh + d, mask=in_chunk)
+    v = tl.load(v_ptr + b64 * s_vb + s64 * s_vs + head * s_vh + d, mask=in_chunk)
+    length = tl.load(lens_ptr + b)
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+    start = tl.load(starts_ptr + b)
+    mask = in_chunk & (s < length)[:, None]
+    dst = slot * c_slot + head * c_head + (start + s64) * c_pos + d
+    tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
 
 
 def kv_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -47,7 +49,7 @@ def kv_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: 
     tokens = tokens or min(64, pow2(seq))
     _kv_append_kernel[(batch * heads, triton.cdiv(seq, tokens))](
         k, v, k_cache, v_cache, slots, starts, lengths, k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), seq,
         heads, head_dim, TOKENS=tokens, BLOCK_D=pow2(head_dim), num_warps=num_warps)
 
 
