@@ -201,7 +201,9 @@ def cases():
     out.append(dict(name="decode_attention b16 x 4096",
                     triton=lambda: attention.decode_attention(q, kc, vc, slots, lens, scale),
                     torch=lambda: F.scaled_dot_product_attention(q[:, :, None], kc, vc, scale=scale, enable_gqa=True),
-                    compile=None, bytes=2 * kc.numel() * 2, baseline="SDPA"))
+                    compile=None, bytes=2 * kc.numel() * 2, baseline="SDPA",
+                    fresh=lambda i: (lambda kc=rnd(b, hkv, ctx, d), vc=rnd(b, hkv, ctx, d), q=rnd(b, hq, d):
+                                     attention.decode_attention(q, kc, vc, slots, lens, scale))))
     # Prefill attention: one 4096-token prompt (and a 1024 one), causal.
     for s in (1024, 4096):
         kc, vc = rnd(1, hkv, s, d), rnd(1, hkv, s, d)
