@@ -1,17 +1,28 @@
 #!/usr/bin/env bash
 # The device script: GPU tests (kernels vs their references on CUDA, end-to-end generation vs
-# transformers, no reference op in the hot path), then the kernel benchmarks; a short table last.
-# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh
+# transformers, CUDA-graph decode vs eager, no reference op in the hot path), then the kernel and
+# decode benchmarks; short tables last.
+# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|kernels|decode ...]
+# (no argument: all three). Results go to $OUT (the device tool's folder) or bench/results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-bench/results}"
 mkdir -p "$out"
+parts="${*:-tests kernels decode}"
+status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py tests/test_gpu.py > "$out/gpu_pytest.log" 2>&1
-status=$?
-grep -E "passed|failed|error" "$out/gpu_pytest.log" | tail -3
-[ $status -ne 0 ] && grep -E "^(FAILED|ERROR)" "$out/gpu_pytest.log" | head -20
-python3 bench/kernels.py --json "$out/kernels.json" 2> "$out/kernels.stderr"
+if [[ " $parts " == *" tests "* ]]; then
+  python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py tests/test_gpu.py > "$out/gpu_pytest.log" 2>&1
+  status=$?
+  grep -E "passed|failed|error" "$out/gpu_pytest.log" | tail -3
+  [ $status -ne 0 ] && grep -E "^(FAILED|ERROR)" "$out/gpu_pytest.log" | head -20
+fi
+if [[ " $parts " == *" kernels "* ]]; then
+  python3 bench/kernels.py --json "$out/kernels.json" 2> "$out/kernels.stderr"
+fi
+if [[ " $parts " == *" decode "* ]]; then
+  python3 bench/decode.py --json "$out/decode.json" 2> "$out/decode.stderr" || { status=1; tail -30 "$out/decode.stderr"; }
+fi
 exit $status

@@ -159,6 +159,21 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from . import benchmark
+
+    model = args.shape or args.model_dir
+    if model is None:
+        raise EdgeLLMError("give --shape (" + ", ".join(benchmark.SHAPES) + ") or --model-dir")
+    result = benchmark.run(model, batches=args.batch, isl=args.isl, osl=args.osl, ttft_lens=args.ttft,
+                           iterations=args.iterations, dtype=args.dtype, cuda_graphs=not args.no_cuda_graphs,
+                           cache_dir=args.cache_dir)
+    benchmark.print_table(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgellm", description="Run LLMs with edgellm's Triton-kernel runtime.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +207,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-input-length", type=int, default=None)
     p.add_argument("--max-kv-cache-capacity", type=int, default=None)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("bench", help="decode tokens/s and time to first token on the GPU",
+                       description="Benchmark decode (tokens/s, ms per step, %% of the bandwidth floor) and TTFT "
+                                   "on a CUDA GPU, for a model directory or a named random-weight shape.")
+    p.add_argument("--shape", default=None, help="random fp16 weights of a named shape: llama-3.2-1b, smollm2-135m")
+    p.add_argument("--model-dir", "-m", default=None, help="a model directory instead of a named shape")
+    p.add_argument("--isl", type=int, default=128, help="prompt length of the decode runs (default 128)")
+    p.add_argument("--osl", type=int, default=256, help="decode steps per run (default 256)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64], help="batch sizes (default 1 4 16 64)")
+    p.add_argument("--ttft", type=int, nargs="*", default=[128, 1024, 4096], help="prompt lengths for TTFT")
+    p.add_argument("--iterations", type=int, default=3, help="timed runs per figure, median (default 3)")
+    p.add_argument("--dtype", default="float16")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly")
+    p.add_argument("--cache-dir", default="/tmp/edgellm-bench", help="where random-weight models are written")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

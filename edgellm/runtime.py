@@ -44,12 +44,15 @@ class _Row:
 class LLMInferenceRuntime:
     def __init__(self, model_dir: str | Path | None = None, *, device=None, dtype=None,
                  max_batch_size: int | None = None, max_input_length: int | None = None,
-                 max_kv_cache_capacity: int | None = None):
-        """model_dir=None runs the embedded default model (SmolLM2-135M-Instruct)."""
+                 max_kv_cache_capacity: int | None = None, cuda_graphs: bool = True,
+                 prefill_chunk_size: int | None = None):
+        """model_dir=None runs the embedded default model (SmolLM2-135M-Instruct). cuda_graphs and
+        prefill_chunk_size are the engine settings of LLMEngineRunner."""
         self.model_dir = resolve_model_dir(model_dir)
         self.runner = LLMEngineRunner(self.model_dir, device=device, dtype=dtype, max_batch_size=max_batch_size,
                                       max_input_length=max_input_length,
-                                      max_kv_cache_capacity=max_kv_cache_capacity)
+                                      max_kv_cache_capacity=max_kv_cache_capacity, cuda_graphs=cuda_graphs,
+                                      prefill_chunk_size=prefill_chunk_size)
         self.config = self.runner.config
         try:
             self.tokenizer: Tokenizer | None = Tokenizer.from_dir(self.model_dir)
@@ -167,27 +170,28 @@ class LLMInferenceRuntime:
             ids[i, :len(p)] = torch.tensor(p)
         temperature, top_k, top_p, seeds = self._sampling_tensors(sampling, batch)
         offsets = torch.zeros(batch, dtype=torch.int64, device=device)
-        logits = runner.prefill_step(runner.embed(ids.to(device)), [len(p) for p in prompts])
+        slots = torch.arange(batch, dtype=torch.int32, device=device)
+        logits = runner.prefill_step(runner.embed(ids.to(device)), [len(p) for p in prompts], slots=slots)
         tokens = ops.sample(logits, temperature, top_k, top_p, seeds, offsets)
         active = list(range(batch))
         self._advance(rows, active, tokens.tolist(), stops, max_new, on_text)
         timings.prefill_ms = (time.perf_counter() - t0) * 1e3
 
         t1 = time.perf_counter()
+        started = False
         while True:
             still = [i for i in active if rows[i].finish_reason is None]
             if not still:
                 break
-            if len(still) != len(active):  # rows that finished leave the batch
-                keep = torch.tensor([active.index(i) for i in still], device=device)
-                tokens = tokens[keep]
-                active = still
-            index = torch.tensor(active, device=device)
-            offsets[index] += 1
-            logits = runner.decode_step(runner.embed(tokens[:, None]), slots=index)
-            tokens = ops.sample(logits, temperature[index], top_k[index], top_p[index], seeds[index],
-                                    offsets[index])
-            self._advance(rows, active, tokens.tolist(), stops, max_new, on_text)
+            if not started:
+                keep = torch.tensor(still, device=device)
+                runner.start_decode(tokens[keep], slots[keep], temperature[keep], top_k[keep], top_p[keep],
+                                    seeds[keep], offsets[keep])
+                started = True
+            elif len(still) != len(active):  # rows that finished leave the batch
+                runner.keep_decode_rows([active.index(i) for i in still])
+            active = still
+            self._advance(rows, active, runner.decode_sample_step().tolist(), stops, max_new, on_text)
             timings.decode_tokens += len(active)
         timings.decode_ms = (time.perf_counter() - t1) * 1e3
 

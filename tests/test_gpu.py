@@ -65,3 +65,60 @@ def test_sampling_on_gpu_is_seeded_and_runs_without_reference(tiny_models):
         first = runtime.handle_request(request)
         again = runtime.handle_request(request)
     assert first.output_ids == again.output_ids
+
+
+# ---- CUDA graphs of the decode step ----
+
+def _decode_runs(model_dir, params, keep=None, **runner_kw):
+    from test_decode_path import _fast_path, _padded
+
+    runner = LLMEngineRunner(model_dir, device="cuda", dtype="float32", max_batch_size=4, **runner_kw)
+    ids, lengths = _padded(PROMPTS)
+    cuda_params = tuple(p.cuda() for p in params)
+    with forbid_reference_on_cuda():
+        return runner, _fast_path(runner, ids.cuda(), lengths, cuda_params, 12, None if keep is None else 4, keep)
+
+
+GREEDY = (torch.zeros(3), torch.ones(3, dtype=torch.int32), torch.ones(3), torch.zeros(3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "seeded"])
+def test_graph_replay_gives_the_eager_tokens(tiny_models, sampling):
+    from test_decode_path import PARAMS
+
+    model_dir, _ = tiny_models["llama"]
+    params = GREEDY if sampling == "greedy" else PARAMS
+    graphed, with_graphs = _decode_runs(model_dir, params, keep=[0, 2])
+    eager, without = _decode_runs(model_dir, params, keep=[0, 2], cuda_graphs=False)
+    assert with_graphs == without
+    # 3 rows ran padded to the size-4 graph, then 2 rows on the size-2 graph; the eager runner has none.
+    assert sorted(k[0] for k in graphed.graphs.graphs) == [2, 4]
+    assert not eager.graphs.graphs
+
+
+def test_rows_leaving_the_batch_do_not_change_the_others(tiny_models):
+    model_dir, _ = tiny_models["qwen3"]
+    _, full = _decode_runs(model_dir, GREEDY)
+    _, shrunk = _decode_runs(model_dir, GREEDY, keep=[0, 2])
+    assert [step[0] for step in shrunk] == [step[0] for step in full]
+    assert [step[-1] for step in shrunk] == [step[2] for step in full]
+
+
+def test_capture_up_front_and_no_memory_growth_over_200_requests(tiny_models):
+    model_dir, _ = tiny_models["llama"]
+    runtime = LLMInferenceRuntime(model_dir, device="cuda", max_batch_size=4)
+    assert runtime.runner.capture_decode_graphs() == [1, 2, 4]
+    request = LLMGenerationRequest(requests=[{"input_ids": p} for p in PROMPTS], max_generate_length=6,
+                                   temperature=0.7, seed=1)
+    first = runtime.handle_request(request)
+    for _ in range(5):
+        runtime.handle_request(request)
+    torch.cuda.synchronize()
+    allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    for _ in range(200):
+        last = runtime.handle_request(request)
+    torch.cuda.synchronize()
+    assert last.output_ids == first.output_ids
+    assert torch.cuda.memory_allocated() == allocated
+    assert torch.cuda.memory_reserved() == reserved
+    assert len(runtime.runner.graphs.graphs) == 3

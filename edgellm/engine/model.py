@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import ops
+from ..kernels import ops as _ops
 from .config import EngineConfig
 from .kv_cache import LinearKVCache
 from .weights import LayerWeights, ModelWeights
@@ -19,7 +20,7 @@ from .weights import LayerWeights, ModelWeights
 def _attention_block(lw: LayerWeights, cfg: EngineConfig, x: torch.Tensor, keys: torch.Tensor,
                      values: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                      positions: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor,
-                     q_lens: torch.Tensor) -> torch.Tensor:
+                     q_lens: torch.Tensor, ops=ops) -> torch.Tensor:
     batch, seq, _ = x.shape
     qkv = F.linear(x, lw.qkv, lw.qkv_bias)
     q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
@@ -41,12 +42,14 @@ def _attention_block(lw: LayerWeights, cfg: EngineConfig, x: torch.Tensor, keys:
 
 def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCache,
                    rope: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor, slots: torch.Tensor,
-                   starts: torch.Tensor, q_lens: torch.Tensor) -> torch.Tensor:
+                   starts: torch.Tensor, q_lens: torch.Tensor, kernels=None) -> torch.Tensor:
     """hidden: input embeddings [B, S, H]; slots/starts/q_lens: [B] int tensors on the device.
+    `kernels`: where the ops come from (default: the dispatched `edgellm.kernels.ops`).
 
     Appends the chunk's keys/values to the cache (lengths are the caller's to update) and returns
     the logits of each row's last real token, [B, vocab], float32.
     """
+    ops = kernels or _ops
     batch, seq, _ = hidden.shape
     positions = starts[:, None].long() + torch.arange(seq, device=hidden.device)[None, :]
     residual = hidden
@@ -57,7 +60,7 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
         else:
             x, residual = ops.add_rms_norm(x, residual, lw.input_norm, cfg.rms_norm_eps)
         keys, values = cache.layer(index)
-        attn = _attention_block(lw, cfg, x, keys, values, rope, positions, slots, starts, q_lens)
+        attn = _attention_block(lw, cfg, x, keys, values, rope, positions, slots, starts, q_lens, ops)
         x, residual = ops.add_rms_norm(attn, residual, lw.post_norm, cfg.rms_norm_eps)
         x = F.linear(ops.silu_mul(F.linear(x, lw.gate_up)), lw.down)
     last = (q_lens.long() - 1).clamp(min=0)

@@ -3,6 +3,11 @@
 Mirrors the seeds' engine runner: the runtime hands it input embeddings and gets logits back;
 it knows nothing of text or requests. Rows of a batch live in KV-cache *slots*; a decode step runs
 any subset of slots, so rows that finish can leave the batch without moving anyone's cache.
+
+The fast decode path is `start_decode(...)` then `decode_sample_step()` per token: embedding, all
+layers, LM head and sampling run from static buffers with no host synchronisation, replayed from a
+CUDA graph per padded batch size (see decode_graphs.py); `decode_step` is the seeds' eager
+embeddings-in, logits-out step.
 """
 
 from __future__ import annotations
@@ -14,9 +19,12 @@ import torch
 from ..kernels import ops, rope_inv_freq
 from ..errors import ConfigurationError, InvalidRequestError
 from .config import EngineConfig
+from .decode_graphs import DecodeBuffers, DecodeGraphs, graph_batch_sizes
 from .kv_cache import LinearKVCache
 from .model import forward_logits
 from .weights import load_weights
+
+DEFAULT_PREFILL_CHUNK = 2048  # prompts longer than this are prefilled chunk by chunk
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
            "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -49,7 +57,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 class LLMEngineRunner:
     def __init__(self, model_dir: str | Path, *, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, max_batch_size: int | None = None,
-                 max_input_length: int | None = None, max_kv_cache_capacity: int | None = None):
+                 max_input_length: int | None = None, max_kv_cache_capacity: int | None = None,
+                 cuda_graphs: bool = True, prefill_chunk_size: int | None = None):
+        """cuda_graphs: replay decode steps from CUDA graphs (on CUDA; eager elsewhere or when False).
+        prefill_chunk_size: prompts longer than this are prefilled in chunks of it (default 2048)."""
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -64,6 +75,14 @@ class LLMEngineRunner:
             dtype=self.dtype, device=self.device)
         inv_freq = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling).to(self.device)
         self.rope_cos_sin = ops.rope_cos_sin_cache(inv_freq, cfg.max_kv_cache_capacity)
+        chunk = DEFAULT_PREFILL_CHUNK if prefill_chunk_size is None else prefill_chunk_size
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+            raise ConfigurationError(f"prefill_chunk_size must be a positive integer, got {prefill_chunk_size!r}")
+        self.prefill_chunk_size = chunk
+        self.graphs = DecodeGraphs(self.device, enabled=cuda_graphs)
+        self._decode_buffers: dict[int, DecodeBuffers] = {}
+        self._active: DecodeBuffers | None = None
+        self.lora_key = ""  # the active LoRA configuration: part of every graph key
 
     # Accessors named after the seeds' API.
     def get_engine_config(self) -> EngineConfig:
@@ -82,7 +101,13 @@ class LLMEngineRunner:
     def _slots(self, slots, batch: int) -> torch.Tensor:
         if slots is None:
             return torch.arange(batch, dtype=torch.int32, device=self.device)
-        return torch.as_tensor(slots, dtype=torch.int32).to(self.device)
+        slots = torch.as_tensor(slots, dtype=torch.int32)
+        if not slots.is_cuda:  # host-side check is free here (device tensors are the caller's to get right)
+            if slots.shape != (batch,) or slots.unique().numel() != batch or slots.min() < 0 \
+                    or slots.max() >= self.config.max_supported_batch_size:
+                raise InvalidRequestError(f"slots must be {batch} distinct values in "
+                                          f"[0, {self.config.max_supported_batch_size})")
+        return slots.to(self.device)
 
     def prefill_step(self, inputs_embeds: torch.Tensor, context_lengths, slots=None) -> torch.Tensor:
         """Start new sequences: clears the given slots (default 0..B-1), fills their KV cache with
@@ -100,11 +125,20 @@ class LLMEngineRunner:
         if lengths_host.min() < 1 or lengths_host.max() > min(seq, cfg.max_supported_input_length):
             raise InvalidRequestError(f"context lengths must be in [1, {min(seq, cfg.max_supported_input_length)}]")
         slot_ids = self._slots(slots, batch)
-        starts = torch.zeros(batch, dtype=torch.int32, device=self.device)
-        q_lens = lengths_host.to(device=self.device, dtype=torch.int32)
-        logits = forward_logits(self.weights, cfg, self.kv_cache, self.rope_cos_sin,
-                                inputs_embeds.to(self.dtype), slot_ids, starts, q_lens)
-        self.kv_cache.lengths[slot_ids.long()] = q_lens
+        embeds = inputs_embeds.to(self.dtype)
+        chunk = self.prefill_chunk_size
+        logits = None
+        for begin in range(0, int(lengths_host.max()), chunk):
+            # Row b contributes tokens [begin, begin + chunk) of its prompt (none once it has ended);
+            # its logits come from the chunk that holds its last token.
+            q_host = (lengths_host - begin).clamp(0, chunk)
+            starts = torch.full((batch,), begin, dtype=torch.int32, device=self.device)
+            q_lens = q_host.to(device=self.device, dtype=torch.int32)
+            part = forward_logits(self.weights, cfg, self.kv_cache, self.rope_cos_sin,
+                                  embeds[:, begin:begin + chunk], slot_ids, starts, q_lens)
+            ends_here = ((lengths_host > begin) & (lengths_host <= begin + chunk)).to(self.device)
+            logits = part if logits is None else torch.where(ends_here[:, None], part, logits)
+        self.kv_cache.lengths[slot_ids.long()] = lengths_host.to(device=self.device, dtype=torch.int32)
         return logits
 
     def decode_step(self, inputs_embeds: torch.Tensor, slots=None) -> torch.Tensor:
@@ -120,3 +154,112 @@ class LLMEngineRunner:
                                 inputs_embeds.to(self.dtype), slot_ids, starts, q_lens)
         self.kv_cache.lengths[slot_ids.long()] = starts + 1
         return logits
+
+    # ---- the fast decode path: static buffers, sampling inside the step, CUDA graphs ----
+
+    def _padded_size(self, rows: int) -> int:
+        if not self.graphs.enabled:
+            return rows
+        return next(size for size in graph_batch_sizes(self.config.max_supported_batch_size) if size >= rows)
+
+    def _buffers(self, size: int) -> DecodeBuffers:
+        if size not in self._decode_buffers:
+            self._decode_buffers[size] = DecodeBuffers(size, self.kv_cache.scratch_slot, self.device)
+        return self._decode_buffers[size]
+
+    def _graph_key(self, size: int):
+        return (size, self.lora_key, "decode")
+
+    def _decode_body(self, buf: DecodeBuffers) -> None:
+        """One decode step on `buf`, device work only: what a graph captures."""
+        lengths = self.kv_cache.lengths
+        lengths[self.kv_cache.scratch_slot] = 0  # padding rows restart at position 0 every step
+        starts = lengths[buf.slot_index]
+        embeds = torch.nn.functional.embedding(buf.tokens, self.weights.embed)[:, None]
+        logits = forward_logits(self.weights, self.config, self.kv_cache, self.rope_cos_sin, embeds,
+                                buf.slots, starts, buf.q_lens)
+        lengths[buf.slot_index] = starts + 1
+        buf.offsets += 1
+        buf.tokens.copy_(ops.sample(logits, buf.temperature, buf.top_k, buf.top_p, buf.seeds, buf.offsets))
+        buf.logits = logits
+
+    def capture_decode_graphs(self, batch_sizes=None) -> list[int]:
+        """Capture decode graphs up front for these batch sizes (default: every padded size up to
+        max_batch_size); sizes are rounded up to the padded sizes. Returns the sizes captured."""
+        if not self.graphs.enabled:
+            return []
+        wanted = graph_batch_sizes(self.config.max_supported_batch_size) if batch_sizes is None else batch_sizes
+        sizes = []
+        for rows in wanted:
+            if not 1 <= int(rows) <= self.config.max_supported_batch_size:
+                raise InvalidRequestError(f"batch size {rows} is outside 1..{self.config.max_supported_batch_size}")
+            size = self._padded_size(int(rows))
+            self._ensure_graph(size)
+            sizes.append(size)
+        return sorted(set(sizes))
+
+    def _ensure_graph(self, size: int) -> None:
+        key = self._graph_key(size)
+        if not self.graphs.enabled or self.graphs.get(key) is not None:
+            return
+        buf = self._buffers(size)
+        if buf is self._active:
+            raise RuntimeError("cannot capture a graph for the buffers of the running decode batch")
+        empty = torch.empty(0, dtype=torch.int64, device=self.device)
+        buf.load(tokens=empty, slots=empty, temperature=empty, top_k=empty, top_p=empty, seeds=empty, offsets=empty)
+        # Warm-up and capture touch only the scratch slot: every row of `buf` is padding here.
+        self.graphs.capture(key, lambda: self._decode_body(buf))
+
+    def start_decode(self, tokens, slots, temperature, top_k, top_p, seeds, offsets) -> None:
+        """Set the rows of the next decode steps. Per row (all [n], device tensors or lists): the last
+        token (input of the next step), its KV-cache slot, sampling temperature / top_k / top_p, seed,
+        and the RNG offset used last (each step advances it by one before drawing)."""
+        device = self.device
+        as_t = lambda x, dtype: torch.as_tensor(x, dtype=dtype).to(device)  # noqa: E731
+        rows = dict(tokens=as_t(tokens, torch.int64), slots=as_t(slots, torch.int32),
+                    temperature=as_t(temperature, torch.float32), top_k=as_t(top_k, torch.int32),
+                    top_p=as_t(top_p, torch.float32), seeds=as_t(seeds, torch.int64),
+                    offsets=as_t(offsets, torch.int64))
+        n = rows["slots"].shape[0]
+        if not 1 <= n <= self.config.max_supported_batch_size:
+            raise InvalidRequestError(f"decode batch of {n} rows is outside 1..{self.config.max_supported_batch_size}")
+        if any(v.shape != (n,) for v in rows.values()):
+            raise InvalidRequestError("start_decode: every per-row argument must have one entry per row")
+        self._load_rows(rows)
+
+    def keep_decode_rows(self, keep) -> None:
+        """Continue decoding only rows `keep` (indices into the current rows, in order): finished
+        rows leave the batch, which moves to the smallest padded size that holds the rest."""
+        if self._active is None:
+            raise RuntimeError("keep_decode_rows before start_decode")
+        index = torch.as_tensor(list(keep), dtype=torch.int64, device=self.device)
+        rows = {name: value[index] for name, value in self._active.rows().items()}
+        self._load_rows(rows)
+
+    def _load_rows(self, rows: dict) -> None:
+        size = self._padded_size(rows["slots"].shape[0])
+        self._active = None
+        self._ensure_graph(size)
+        buf = self._buffers(size)
+        buf.load(**rows)
+        self._active = buf
+
+    def decode_sample_step(self) -> torch.Tensor:
+        """One decode step of the rows set by start_decode: returns their sampled tokens, [n] int64 on
+        the device (a view of the static buffer, overwritten by the next step)."""
+        buf = self._active
+        if buf is None:
+            raise RuntimeError("decode_sample_step before start_decode")
+        graph = self.graphs.get(self._graph_key(buf.size))
+        if graph is not None:
+            graph.replay()
+        else:
+            self._decode_body(buf)
+        return buf.tokens[:buf.live]
+
+    def decode_logits(self) -> torch.Tensor:
+        """The last decode_sample_step's logits of the live rows, [n, vocab] float32."""
+        buf = self._active
+        if buf is None or buf.logits is None:
+            raise RuntimeError("no decode step has run")
+        return buf.logits[:buf.live]

@@ -225,9 +225,15 @@ def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          slots: torch.Tensor, lengths: torch.Tensor, scale: float) -> torch.Tensor:
     """q: [B, Hq, D], one query per row at position lengths[b] - 1 (its key already appended);
-    attends to keys 0 .. lengths[b] - 1 of slot slots[b]. Returns [B, Hq, D] in q's dtype."""
-    out = torch.empty_like(q)
-    for b, (slot, n) in enumerate(zip(slots.tolist(), lengths.tolist())):
-        row = _row_attention(q[b, None], k_cache[slot, :, :n], v_cache[slot, :, :n], n - 1, scale)
-        out[b] = row[0].to(q.dtype)
-    return out
+    attends to keys 0 .. lengths[b] - 1 of slot slots[b]. Returns [B, Hq, D] in q's dtype.
+
+    Written over the whole cache capacity with a length mask (no per-row host loop), so that it has
+    static shapes and needs no host sync: torch.compile can capture it (the compiled baseline)."""
+    batch, heads, head_dim = q.shape
+    keys, values = k_cache[slots.long()].float(), v_cache[slots.long()].float()  # [B, Hkv, L, D]
+    kv_heads, capacity = keys.shape[1], keys.shape[2]
+    grouped = q.float().reshape(batch, kv_heads, heads // kv_heads, head_dim)
+    scores = torch.einsum("bhgd,bhld->bhgl", grouped, keys) * scale
+    valid = torch.arange(capacity, device=q.device)[None, :] < lengths.long()[:, None]
+    probs = scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(dim=-1)
+    return torch.einsum("bhgl,bhld->bhgd", probs, values).reshape(batch, heads, head_dim).to(q.dtype)

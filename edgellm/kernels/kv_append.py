@@ -61,6 +61,12 @@ def kv_append_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,
     k_cache, v_cache: [max_batch, Hkv, max_seq, D]; k, v: [B, S, Hkv, D]; slots/starts/lengths: [B].
     Padding tokens (index >= lengths[b]) are not written.
     """
+    if k.shape[1] == 1:  # decode: one token a row, written without a host loop (compile-friendly)
+        rows, positions = slots.long(), starts.long()
+        write = (lengths > 0)[:, None, None]
+        k_cache[rows, :, positions] = torch.where(write, k[:, 0].to(k_cache.dtype), k_cache[rows, :, positions])
+        v_cache[rows, :, positions] = torch.where(write, v[:, 0].to(v_cache.dtype), v_cache[rows, :, positions])
+        return
     for b, (slot, start, n) in enumerate(zip(slots.tolist(), starts.tolist(), lengths.tolist())):
         k_cache[slot, :, start:start + n] = k[b, :n].transpose(0, 1).to(k_cache.dtype)
         v_cache[slot, :, start:start + n] = v[b, :n].transpose(0, 1).to(v_cache.dtype)

@@ -27,3 +27,11 @@ vocab_remap = _op("vocab_remap", _vocab_remap)
 
 ALL_OPS = (rms_norm, add_rms_norm, rope_cos_sin_cache, apply_rope, kv_append, prefill_attention,
            decode_attention, silu_mul, sample, vocab_remap)
+
+
+def reference_ops():
+    """A namespace with the same op names bound straight to the torch references (no dispatch):
+    what `forward_logits(..., kernels=reference_ops())` runs, e.g. under torch.compile."""
+    import types
+
+    return types.SimpleNamespace(**{op.name: op.reference for op in ALL_OPS})

@@ -1,0 +1,194 @@
+"""Decode and time-to-first-token benchmark of the engine (what `edgellm bench` runs; bench/decode.py
+adds the transformers and torch.compile baselines).
+
+Models are a local directory or a named shape of a public model with random weights (speed does not
+depend on the values). Decode is timed on the runner's fast path: rows prefilled with an ISL-token
+prompt, then OSL steps of `decode_sample_step` (CUDA graphs, sampling inside, no host sync between
+steps). The floor of a step is the bytes it must read (every weight once, plus each row's KV cache up
+to its length) over the measured device copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigurationError
+
+# Hugging Face config.json fields of the named random-weight shapes.
+SHAPES = {
+    "llama-3.2-1b": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=2048, intermediate_size=8192,
+        num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+        max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
+        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192),
+        bos_token_id=128000, eos_token_id=128001, hidden_act="silu", torch_dtype="float16"),
+    "smollm2-135m": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=576, intermediate_size=1536,
+        num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
+        max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, hidden_act="silu", torch_dtype="float16"),
+}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def random_model_dir(shape: str, root: str | Path) -> Path:
+    """A model directory of `shape` with random fp16 weights under `root` (made once, then reused)."""
+    if shape not in SHAPES:
+        raise ConfigurationError(f"unknown shape {shape!r}; named shapes: {', '.join(SHAPES)}")
+    from safetensors.torch import save_file
+
+    from .engine.config import EngineConfig
+    from .engine.weights import expected_shapes
+
+    hf = SHAPES[shape]
+    model_dir = Path(root) / f"random-{shape}"
+    if (model_dir / "model.safetensors").is_file():
+        return model_dir
+    model_dir.mkdir(parents=True, exist_ok=True)
+    log(f"writing random {shape} weights to {model_dir} ...")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # drawing 1e9 numbers is much faster there
+    generator = torch.Generator(device=device).manual_seed(0)
+    tensors = {}
+    for name, shp in expected_shapes(EngineConfig.from_hf_dict(hf)).items():
+        if name.endswith("norm.weight"):
+            tensors[name] = torch.ones(shp, dtype=torch.float16)
+        else:
+            tensors[name] = (torch.randn(shp, generator=generator, device=device) * 0.02).half().cpu()
+    save_file(tensors, str(model_dir / "model.safetensors.tmp"))
+    (model_dir / "config.json").write_text(json.dumps(hf, indent=1))
+    (model_dir / "model.safetensors.tmp").rename(model_dir / "model.safetensors")
+    return model_dir
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes per second of a large device-to-device copy (read + write counted), median of 20."""
+    x = torch.empty(256 * 2 ** 20, dtype=torch.float16, device=device)
+    y = torch.empty_like(x)
+    times = []
+    for _ in range(25):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        y.copy_(x)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3)
+    return 2 * x.numel() * 2 / statistics.median(times[5:])
+
+
+def weight_bytes(runner) -> int:
+    """Bytes one decode step reads from the weights: every layer, the final norm and the LM head
+    (the embedding table only for the batch's rows, which is negligible)."""
+    w = runner.weights
+    tensors = [t for layer in w.layers for t in vars(layer).values() if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors + [w.final_norm, w.lm_head])
+
+
+def kv_bytes_per_token(runner) -> int:
+    cfg = runner.config
+    return cfg.num_decoder_layers * 2 * cfg.num_kv_heads * cfg.head_dim * runner.kv_cache.data.element_size()
+
+
+def _sync_time(fn) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _random_prompts(runner, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(10, runner.config.vocab_size, (batch, length), generator=generator).to(runner.device)
+
+
+def prefill(runner, ids: torch.Tensor) -> torch.Tensor:
+    """Prefill `ids` and sample each row's first token greedily: what TTFT measures."""
+    from .kernels import ops
+
+    batch = ids.shape[0]
+    logits = runner.prefill_step(runner.embed(ids), [ids.shape[1]] * batch)
+    zeros = torch.zeros(batch, device=runner.device)
+    return ops.sample(logits, zeros, torch.ones(batch, dtype=torch.int32, device=runner.device),
+                      torch.ones(batch, device=runner.device), zeros.long(), zeros.long())
+
+
+def bench_decode(runner, batch: int, isl: int, osl: int, iterations: int, bandwidth: float) -> dict:
+    """Decode tokens/s of `batch` rows, ISL-token prompts, OSL steps each iteration (median)."""
+    ids = _random_prompts(runner, batch, isl)
+    greedy = dict(temperature=[0.0] * batch, top_k=[1] * batch, top_p=[1.0] * batch, seeds=[0] * batch,
+                  offsets=[0] * batch)
+    step_times = []
+    torch.cuda.reset_peak_memory_stats()
+    for it in range(iterations + 1):  # the first iteration warms up (and captures the graph)
+        first = prefill(runner, ids)
+        runner.start_decode(first, list(range(batch)), **greedy)
+
+        def steps():
+            for _ in range(osl):
+                runner.decode_sample_step()
+
+        elapsed = _sync_time(steps)
+        if it:
+            step_times.append(elapsed / osl)
+    ms = statistics.median(step_times) * 1e3
+    floor_bytes = weight_bytes(runner) + batch * kv_bytes_per_token(runner) * (isl + osl / 2)
+    floor_ms = floor_bytes / bandwidth * 1e3
+    return dict(batch=batch, isl=isl, osl=osl, tokens_per_s=batch / ms * 1e3, ms_per_step=ms, floor_ms=floor_ms,
+                pct_of_floor=100 * floor_ms / ms, peak_gpu_mem_gb=torch.cuda.max_memory_allocated() / 1e9)
+
+
+def bench_ttft(runner, prompt_len: int, iterations: int) -> dict:
+    ids = _random_prompts(runner, 1, prompt_len, seed=1)
+    prefill(runner, ids)  # warm-up: kernel compilation, cuBLAS heuristics
+    times = [_sync_time(lambda: prefill(runner, ids)) for _ in range(max(3, iterations))]
+    return dict(prompt_len=prompt_len, ttft_ms=statistics.median(times) * 1e3)
+
+
+def run(model: str, *, batches=(1, 4, 16, 64), isl: int = 128, osl: int = 256, ttft_lens=(128, 1024, 4096),
+        iterations: int = 3, dtype: str = "float16", cuda_graphs: bool = True, cache_dir: str | Path = "/tmp/edgellm-bench",
+        runner=None) -> dict:
+    """Our figures for one model (a directory or a named shape). Returns a JSON-ready dict."""
+    from .engine.runner import LLMEngineRunner
+
+    if not torch.cuda.is_available():
+        raise ConfigurationError("the benchmark needs a CUDA GPU")
+    model_dir = random_model_dir(model, cache_dir) if model in SHAPES else Path(model)
+    if runner is None:
+        log(f"loading {model_dir} ...")
+        runner = LLMEngineRunner(model_dir, device="cuda", dtype=dtype, max_batch_size=max(batches),
+                                 max_input_length=max([isl, *ttft_lens]),
+                                 max_kv_cache_capacity=max(isl + osl, *ttft_lens), cuda_graphs=cuda_graphs)
+    bandwidth = copy_bandwidth(runner.device)
+    result = dict(model=model, dtype=dtype, cuda_graphs=cuda_graphs, copy_TBps=bandwidth / 1e12,
+                  weight_gb=weight_bytes(runner) / 1e9, decode=[], ttft=[])
+    for batch in batches:
+        row = bench_decode(runner, batch, isl, osl, iterations, bandwidth)
+        log(f"  decode b{batch}: {row['tokens_per_s']:.0f} tok/s, {row['ms_per_step']:.3f} ms/step "
+            f"({row['pct_of_floor']:.0f}% of floor)")
+        result["decode"].append(row)
+    for length in ttft_lens:
+        row = bench_ttft(runner, length, iterations)
+        log(f"  TTFT {length}: {row['ttft_ms']:.2f} ms")
+        result["ttft"].append(row)
+    result["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return result
+
+
+def print_table(result: dict, label: str = "edgellm") -> None:
+    print(f"{label}  {result['model']}  {result['dtype']}  copy {result['copy_TBps']:.2f} TB/s  "
+          f"weights {result['weight_gb']:.2f} GB")
+    print(f"{'batch':>5s} {'tok/s':>9s} {'ms/step':>8s} {'floor ms':>8s} {'% floor':>7s} {'peak GB':>7s}")
+    for r in result["decode"]:
+        print(f"{r['batch']:5d} {r['tokens_per_s']:9.0f} {r['ms_per_step']:8.3f} {r['floor_ms']:8.3f} "
+              f"{r['pct_of_floor']:6.0f}% {r['peak_gpu_mem_gb']:7.2f}")
+    print("TTFT " + "  ".join(f"{r['prompt_len']}: {r['ttft_ms']:.2f} ms" for r in result["ttft"]))

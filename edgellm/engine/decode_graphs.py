@@ -1,0 +1,98 @@
+"""Static buffers of the decode step and the registry of its CUDA graphs.
+
+A captured graph replays fixed kernels on fixed memory, so everything the decode step reads or writes
+lives in buffers made once per (padded) batch size: the step's input tokens (which are also where its
+sampled tokens go, ready for the next step), the rows' cache slots, sampling parameters, seeds and RNG
+offsets (advanced inside the step, so each replay draws fresh numbers). Rows beyond the live ones are
+padding: they point at the cache's scratch slot and are greedy.
+
+Graphs are keyed by (batch size, LoRA configuration, decode mode), share one memory pool, and are
+captured after an eager warm-up on a side stream (which also compiles every Triton kernel).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Hashable
+
+import torch
+
+
+class DecodeBuffers:
+    """The device tensors one decode step of `size` rows reads and writes."""
+
+    def __init__(self, size: int, scratch_slot: int, device: torch.device):
+        self.size = size
+        self.scratch_slot = scratch_slot
+        self.live = 0  # rows 0 .. live-1 are real; the rest are padding
+        self.tokens = torch.zeros(size, dtype=torch.int64, device=device)
+        self.slots = torch.full((size,), scratch_slot, dtype=torch.int32, device=device)
+        self.slot_index = self.slots.long()
+        self.temperature = torch.zeros(size, dtype=torch.float32, device=device)
+        self.top_k = torch.ones(size, dtype=torch.int32, device=device)
+        self.top_p = torch.ones(size, dtype=torch.float32, device=device)
+        self.seeds = torch.zeros(size, dtype=torch.int64, device=device)
+        self.offsets = torch.zeros(size, dtype=torch.int64, device=device)
+        self.q_lens = torch.ones(size, dtype=torch.int32, device=device)
+        self.logits: torch.Tensor | None = None  # the last step's [size, vocab] float32 logits
+
+    def rows(self) -> dict[str, torch.Tensor]:
+        """Copies of the live rows' per-row state (to move them into another buffer set)."""
+        n = self.live
+        return dict(tokens=self.tokens[:n].clone(), slots=self.slots[:n].clone(),
+                    temperature=self.temperature[:n].clone(), top_k=self.top_k[:n].clone(),
+                    top_p=self.top_p[:n].clone(), seeds=self.seeds[:n].clone(), offsets=self.offsets[:n].clone())
+
+    def load(self, *, tokens, slots, temperature, top_k, top_p, seeds, offsets) -> None:
+        """Device-to-device copies of n live rows into rows 0..n-1; rows n.. become padding."""
+        n = slots.shape[0]
+        if n > self.size:
+            raise ValueError(f"{n} rows do not fit decode buffers of {self.size}")
+        for buffer, value in ((self.tokens, tokens), (self.slots, slots), (self.temperature, temperature),
+                              (self.top_k, top_k), (self.top_p, top_p), (self.seeds, seeds), (self.offsets, offsets)):
+            buffer[:n].copy_(value.reshape(-1))
+        if n < self.size:
+            self.slots[n:].fill_(self.scratch_slot)
+            self.temperature[n:].zero_()  # greedy: the cheapest sampling path
+            self.top_k[n:].fill_(1)
+        self.slot_index.copy_(self.slots)
+        self.live = n
+
+
+class DecodeGraphs:
+    """CUDA graphs of decode steps, looked up by key; all share one memory pool."""
+
+    def __init__(self, device: torch.device, enabled: bool = True):
+        self.enabled = bool(enabled) and device.type == "cuda"
+        self.graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
+        self._pool = None
+
+    def get(self, key: Hashable):
+        return self.graphs.get(key) if self.enabled else None
+
+    def capture(self, key: Hashable, step: Callable[[], None], warmup: int = 2) -> torch.cuda.CUDAGraph:
+        """Run `step` eagerly `warmup` times on a side stream, then capture one call of it."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            step()
+        self.graphs[key] = graph
+        return graph
+
+    def clear(self) -> None:
+        self.graphs.clear()
+
+
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    """The padded batch sizes that get graphs: powers of two below max_batch, and max_batch."""
+    sizes, size = [], 1
+    while size < max_batch:
+        sizes.append(size)
+        size *= 2
+    return sizes + [max_batch]

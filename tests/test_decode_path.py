@@ -1,0 +1,111 @@
+"""The fast decode path (static buffers, sampling inside the step, rows leaving the batch) and
+chunked prefill, against the plain eager steps and transformers. CPU here; the same path under CUDA
+graphs is checked against eager decoding in test_gpu.py."""
+
+import pytest
+import torch
+
+from edgellm import LLMEngineRunner, LLMGenerationRequest, LLMInferenceRuntime
+from edgellm.errors import ConfigurationError, InvalidRequestError
+from edgellm.kernels import ops
+
+from conftest import hf_greedy
+
+PROMPTS = [[1, 17, 33, 8, 61, 40, 9, 22, 5, 71, 12], [1, 50, 6], [1, 90, 14, 27, 3, 88, 44]]
+
+
+def _padded(prompts):
+    ids = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.int64)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = torch.tensor(p)
+    return ids, [len(p) for p in prompts]
+
+
+def test_chunked_prefill_gives_the_unchunked_logits_and_cache(tiny_models):
+    model_dir, _ = tiny_models["llama"]
+    ids, lengths = _padded(PROMPTS)
+    whole = LLMEngineRunner(model_dir, device="cpu", dtype="float32")
+    chunked = LLMEngineRunner(model_dir, device="cpu", dtype="float32", prefill_chunk_size=3)
+    expected = whole.prefill_step(whole.embed(ids), lengths)
+    got = chunked.prefill_step(chunked.embed(ids), lengths)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert chunked.kv_cache.lengths[:3].tolist() == lengths
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(chunked.kv_cache.data[:, :, b, :, :n], whole.kv_cache.data[:, :, b, :, :n],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_prefill_generation_matches_transformers(tiny_models):
+    model_dir, hf_model = tiny_models["qwen2"]
+    runtime = LLMInferenceRuntime(model_dir, device="cpu", dtype="float32", prefill_chunk_size=4)
+    response = runtime.handle_request(LLMGenerationRequest(requests=[{"input_ids": p} for p in PROMPTS],
+                                                           max_generate_length=10, temperature=0))
+    for i, prompt in enumerate(PROMPTS):
+        expected = hf_greedy(hf_model, prompt, 10)
+        expected = expected[:expected.index(2) + 1] if 2 in expected else expected
+        assert response.output_ids[i] == expected
+
+
+def _eager_reference(runner, ids, lengths, params, steps, keep_after=None, keep=None):
+    """Tokens per step from prefill_step / decode_step / ops.sample, the offsets advanced by hand."""
+    temperature, top_k, top_p, seeds = params
+    logits = runner.prefill_step(runner.embed(ids), lengths)
+    offsets = torch.zeros(len(lengths), dtype=torch.int64)
+    tokens = ops.sample(logits, temperature, top_k, top_p, seeds, offsets)
+    rows = torch.arange(len(lengths))
+    history = []
+    for step in range(steps):
+        if keep_after is not None and step == keep_after:
+            rows, tokens = rows[keep], tokens[keep]
+        offsets[rows] += 1
+        logits = runner.decode_step(runner.embed(tokens[:, None]), slots=rows)
+        tokens = ops.sample(logits, temperature[rows], top_k[rows], top_p[rows], seeds[rows], offsets[rows])
+        history.append(tokens.tolist())
+    return history
+
+
+def _fast_path(runner, ids, lengths, params, steps, keep_after=None, keep=None):
+    temperature, top_k, top_p, seeds = params
+    logits = runner.prefill_step(runner.embed(ids), lengths)
+    offsets = torch.zeros(len(lengths), dtype=torch.int64)
+    tokens = ops.sample(logits, temperature, top_k, top_p, seeds, offsets)
+    runner.start_decode(tokens, list(range(len(lengths))), temperature, top_k, top_p, seeds, offsets)
+    history = []
+    for step in range(steps):
+        if keep_after is not None and step == keep_after:
+            runner.keep_decode_rows(keep)
+        history.append(runner.decode_sample_step().tolist())
+    return history
+
+
+PARAMS = (torch.tensor([0.0, 0.9, 1.3]), torch.tensor([1, 20, 0], dtype=torch.int32),
+          torch.tensor([1.0, 0.8, 0.95]), torch.tensor([3, 11, 12345], dtype=torch.int64))
+
+
+@pytest.mark.parametrize("keep", [None, [0, 2], [1]])
+def test_decode_sample_step_matches_the_eager_steps(tiny_models, keep):
+    model_dir, _ = tiny_models["llama"]
+    runner = LLMEngineRunner(model_dir, device="cpu", dtype="float32")
+    ids, lengths = _padded(PROMPTS)
+    keep_after = None if keep is None else 3
+    expected = _eager_reference(runner, ids, lengths, PARAMS, 7, keep_after, keep)
+    got = _fast_path(runner, ids, lengths, PARAMS, 7, keep_after, keep)
+    assert got == expected
+    assert runner.decode_logits().shape == (len(got[-1]), runner.config.vocab_size)
+
+
+def test_decode_path_bad_calls(tiny_models):
+    model_dir, _ = tiny_models["llama"]
+    runner = LLMEngineRunner(model_dir, device="cpu", dtype="float32", max_batch_size=2)
+    with pytest.raises(RuntimeError, match="before start_decode"):
+        runner.decode_sample_step()
+    one = torch.ones(1)
+    with pytest.raises(InvalidRequestError, match="outside 1..2"):
+        runner.start_decode([1, 2, 3], [0, 1, 1], [0.0] * 3, [1] * 3, [1.0] * 3, [0] * 3, [0] * 3)
+    with pytest.raises(InvalidRequestError, match="one entry per row"):
+        runner.start_decode([1, 2], [0, 1], one, [1, 1], [1.0, 1.0], [0, 0], [0, 0])
+    with pytest.raises(InvalidRequestError, match="distinct values"):
+        runner.prefill_step(runner.embed(torch.ones(2, 3, dtype=torch.int64)), [3, 3], slots=[1, 1])
+    with pytest.raises(ConfigurationError, match="prefill_chunk_size"):
+        LLMEngineRunner(model_dir, device="cpu", prefill_chunk_size=0)
+    assert runner.capture_decode_graphs() == []  # no CUDA: eager decode, nothing to capture
