@@ -173,7 +173,9 @@ class LLMEngineRunner:
     def _decode_body(self, buf: DecodeBuffers) -> None:
         """One decode step on `buf`, device work only: what a graph captures."""
         lengths = self.kv_cache.lengths
-        lengths[self.kv_cache.scratch_slot] = 0  # padding rows restart at position 0 every step
+        scratch = self.kv_cache.scratch_slot
+        lengths[scratch:scratch + 1].zero_()  # padding rows restart at position 0 every step (no host scalar:
+        # a CPU value copied in would be illegal while a graph is captured)
         starts = lengths[buf.slot_index]
         embeds = torch.nn.functional.embedding(buf.tokens, self.weights.embed)[:, None]
         logits = forward_logits(self.weights, self.config, self.kv_cache, self.rope_cos_sin, embeds,
