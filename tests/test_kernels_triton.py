@@ -180,3 +180,15 @@ def test_sampling_never_leaves_the_allowed_set():
                              torch.zeros(batch, device=DEVICE))
     allowed = sampling.filtered_probs_ref(logits, temperature, top_k, top_p) > 0
     assert allowed[torch.arange(batch, device=DEVICE), tokens].all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,n,k,bias", [(1, 40, 96, False), (3, 33, 70, True), (16, 64, 256, False)])
+def test_gemv(dtype, m, n, k, bias):
+    from edgellm.kernels import gemv
+
+    x, w = randn(m, k, dtype=dtype), randn(n, k, dtype=dtype, seed=1)
+    b = randn(n, dtype=dtype, seed=2) if bias else None
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(gemv.gemv(x, w, b), gemv.gemv_ref(x, w, b), **tol)
+    torch.testing.assert_close(gemv.gemv(x, w, b, tile=(16, 32, 4, 2)), gemv.gemv_ref(x, w, b), **tol)

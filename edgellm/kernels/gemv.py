@@ -1,0 +1,68 @@
+"""Skinny GEMM (GEMV at batch 1): y = x @ W^T for a few rows of x, the decode-time matmul.
+
+At decode, a linear layer reads its whole weight matrix for one or a few tokens: the time is the
+weight bytes over the bandwidth reached. cuBLAS leaves part of that bandwidth unused at small batch
+(DESIGN.md: 1.6 of 2.97 TB/s on an 8192x2048 fp16 GEMV), so this kernel streams W with many loads in
+flight: each program owns BLOCK_N output features and walks K in BLOCK_K steps, multiplying the
+(padded to 16) rows of x on the tensor cores.
+"""
+
+import torch
+
+from ._triton import pow2, tl, triton
+
+MAX_ROWS = 16  # rows of x one launch handles (padded to 16 for tl.dot)
+# (BLOCK_N, BLOCK_K, num_warps, num_stages): chosen from the H100 sweep in bench/RESULTS.md
+DEFAULT_TILE = (32, 256, 4, 4)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
+                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 NUM_STAGES: tl.constexpr):
+    rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_m = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_K)
+    n_ok = rows_n < n
+    m_ok = rows_m < m
+    w_base = w_ptr + rows_n.to(tl.int64)[:, None] * s_wn
+    x_base = x_ptr + rows_m[:, None] * s_xm
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
+        kk = k0 + cols
+        k_ok = kk < k
+        w = tl.load(w_base + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_base + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.dot(x, tl.trans(w))
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + rows_m[:, None] * s_ym + rows_n[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, tile=None) -> torch.Tensor:
+    """x: [..., K] with at most MAX_ROWS rows in all; weight: [N, K]; bias: [N] or None -> [..., N]."""
+    *lead, k = x.shape
+    n = weight.shape[0]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if m > MAX_ROWS or weight.shape[1] != k or weight.stride(-1) != 1:
+        raise ValueError(f"gemv: x {tuple(x.shape)} (at most {MAX_ROWS} rows) does not fit weight {tuple(weight.shape)}")
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    block_n, block_k, warps, stages = tile or DEFAULT_TILE
+    block_k = min(block_k, pow2(k, 16))
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=stages,
+        num_warps=warps)
+    return y.reshape(*lead, n)
+
+
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, tile=None) -> torch.Tensor:
+    """x @ weight^T (+ bias), accumulated in float32, in x's dtype."""
+    y = x.float() @ weight.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
