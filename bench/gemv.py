@@ -55,7 +55,7 @@ def main() -> int:
                     row["tiles"][str(tile)] = streamed_us(lambda i, tile=tile: fresh(i, tile=tile), nbytes)
                 except Exception as exc:  # noqa: BLE001 - a tile that does not compile is skipped
                     print(f"  tile {tile} failed: {type(exc).__name__}", file=sys.stderr)
-            best = min((t, v) for v, t in ((v, t) for t, v in row["tiles"].items() if v))
+            best = min((us, tile) for tile, us in row["tiles"].items() if us)
             row["best_tile"], row["best_us"] = best[1], best[0]
             results.append(row)
             print(f"{name:<14s} m={m:<3d} floor {row['floor_us']:7.1f} us  cuBLAS {cublas:7.1f} us "
