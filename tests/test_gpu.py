@@ -92,7 +92,8 @@ def test_graph_replay_gives_the_eager_tokens(tiny_models, sampling):
     eager, without = _decode_runs(model_dir, params, keep=[0, 2], cuda_graphs=False)
     assert with_graphs == without
     # 3 rows ran padded to the size-4 graph, then 2 rows on the size-2 graph; the eager runner has none.
-    assert sorted(k[0] for k in graphed.graphs.graphs) == [2, 4]
+    assert sorted(k[0] for k in graphed.graphs.graphs if k[-1] == "decode") == [2, 4]
+    assert [k[:2] for k in graphed.graphs.graphs if k[-1] == "prefill"] == [(3, 128)]  # 11 tokens -> bucket 128
     assert not eager.graphs.graphs
 
 
@@ -121,4 +122,4 @@ def test_capture_up_front_and_no_memory_growth_over_200_requests(tiny_models):
     assert last.output_ids == first.output_ids
     assert torch.cuda.memory_allocated() == allocated
     assert torch.cuda.memory_reserved() == reserved
-    assert len(runtime.runner.graphs.graphs) == 3
+    assert len(runtime.runner.graphs.graphs) == 3 + 1  # decode sizes 1, 2, 4; one prefill bucket

@@ -6,7 +6,7 @@ any subset of slots, so rows that finish can leave the batch without moving anyo
 
 The fast decode path is `start_decode(...)` then `decode_sample_step()` per token: embedding, all
 layers, LM head and sampling run from static buffers with no host synchronisation, replayed from a
-CUDA graph per padded batch size (see decode_graphs.py); `decode_step` is the seeds' eager
+CUDA graph per padded batch size (see graphs.py); `decode_step` is the seeds' eager
 embeddings-in, logits-out step.
 """
 
@@ -19,7 +19,7 @@ import torch
 from ..kernels import ops, rope_inv_freq
 from ..errors import ConfigurationError, InvalidRequestError
 from .config import EngineConfig
-from .decode_graphs import DecodeBuffers, DecodeGraphs, graph_batch_sizes
+from .graphs import DecodeBuffers, PrefillBuffers, StepGraphs, graph_batch_sizes, prefill_bucket
 from .kv_cache import LinearKVCache
 from .model import forward_logits
 from .weights import load_weights
@@ -79,8 +79,9 @@ class LLMEngineRunner:
         if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
             raise ConfigurationError(f"prefill_chunk_size must be a positive integer, got {prefill_chunk_size!r}")
         self.prefill_chunk_size = chunk
-        self.graphs = DecodeGraphs(self.device, enabled=cuda_graphs)
+        self.graphs = StepGraphs(self.device, enabled=cuda_graphs)
         self._decode_buffers: dict[int, DecodeBuffers] = {}
+        self._prefill_buffers: dict[tuple[int, int], PrefillBuffers] = {}
         self._active: DecodeBuffers | None = None
         self.lora_key = ""  # the active LoRA configuration: part of every graph key
 
@@ -134,8 +135,7 @@ class LLMEngineRunner:
             q_host = (lengths_host - begin).clamp(0, chunk)
             starts = torch.full((batch,), begin, dtype=torch.int32, device=self.device)
             q_lens = q_host.to(device=self.device, dtype=torch.int32)
-            part = forward_logits(self.weights, cfg, self.kv_cache, self.rope_cos_sin,
-                                  embeds[:, begin:begin + chunk], slot_ids, starts, q_lens)
+            part = self._prefill_chunk(embeds[:, begin:begin + chunk], slot_ids, starts, q_lens)
             ends_here = ((lengths_host > begin) & (lengths_host <= begin + chunk)).to(self.device)
             logits = part if logits is None else torch.where(ends_here[:, None], part, logits)
         self.kv_cache.lengths[slot_ids.long()] = lengths_host.to(device=self.device, dtype=torch.int32)
@@ -154,6 +154,31 @@ class LLMEngineRunner:
                                 inputs_embeds.to(self.dtype), slot_ids, starts, q_lens)
         self.kv_cache.lengths[slot_ids.long()] = starts + 1
         return logits
+
+    def _prefill_chunk(self, embeds, slots, starts, q_lens) -> torch.Tensor:
+        """One prefill chunk: replayed from a graph of its (rows, length bucket) where graphs are on."""
+        if not self.graphs.enabled:
+            return forward_logits(self.weights, self.config, self.kv_cache, self.rope_cos_sin, embeds, slots,
+                                  starts, q_lens)
+        rows, width, hidden = embeds.shape
+        key = (rows, prefill_bucket(width), self.lora_key, "prefill")
+        buf = self._prefill_buffers.get(key[:2])
+        if buf is None:
+            buf = PrefillBuffers(rows, key[1], hidden, self.dtype, self.kv_cache.scratch_slot, self.device)
+            self._prefill_buffers[key[:2]] = buf
+        if self.graphs.get(key) is None:
+            # Warm-up and capture with every row on the scratch slot: no request's cache is touched.
+            buf.slots.fill_(self.kv_cache.scratch_slot)
+            buf.starts.zero_()
+            buf.q_lens.fill_(1)
+            self.graphs.capture(key, lambda: self._prefill_body(buf))
+        buf.load(embeds, slots, starts, q_lens)
+        self.graphs.get(key).replay()
+        return buf.logits.clone()  # the next replay of this graph overwrites buf.logits
+
+    def _prefill_body(self, buf: PrefillBuffers) -> None:
+        buf.logits = forward_logits(self.weights, self.config, self.kv_cache, self.rope_cos_sin, buf.embeds,
+                                    buf.slots, buf.starts, buf.q_lens)
 
     # ---- the fast decode path: static buffers, sampling inside the step, CUDA graphs ----
 

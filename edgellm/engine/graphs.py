@@ -1,4 +1,4 @@
-"""Static buffers of the decode step and the registry of its CUDA graphs.
+"""Static buffers of the decode and prefill steps and the registry of their CUDA graphs.
 
 A captured graph replays fixed kernels on fixed memory, so everything the decode step reads or writes
 lives in buffers made once per (padded) batch size: the step's input tokens (which are also where its
@@ -6,8 +6,12 @@ sampled tokens go, ready for the next step), the rows' cache slots, sampling par
 offsets (advanced inside the step, so each replay draws fresh numbers). Rows beyond the live ones are
 padding: they point at the cache's scratch slot and are greedy.
 
-Graphs are keyed by (batch size, LoRA configuration, decode mode), share one memory pool, and are
-captured after an eager warm-up on a side stream (which also compiles every Triton kernel).
+Prefill chunks get graphs too, keyed by (rows, chunk length rounded up to a multiple of
+PREFILL_BUCKET, LoRA configuration, "prefill"): a prefill launches a few hundred kernels, and from
+Python each launch costs more than the GPU work of a short prompt.
+
+Graphs are keyed by (batch size, LoRA configuration, mode), share one memory pool, and are captured
+after an eager warm-up on a side stream (which also compiles every Triton kernel).
 """
 
 from __future__ import annotations
@@ -58,8 +62,36 @@ class DecodeBuffers:
         self.live = n
 
 
-class DecodeGraphs:
-    """CUDA graphs of decode steps, looked up by key; all share one memory pool."""
+PREFILL_BUCKET = 128  # prefill graphs exist for chunk lengths 128, 256, ... (padding at most 127 tokens)
+
+
+def prefill_bucket(tokens: int) -> int:
+    return -(-tokens // PREFILL_BUCKET) * PREFILL_BUCKET
+
+
+class PrefillBuffers:
+    """Static inputs of one prefill chunk of `rows` x `length` tokens (right-padded)."""
+
+    def __init__(self, rows: int, length: int, hidden: int, dtype: torch.dtype, scratch_slot: int,
+                 device: torch.device):
+        self.embeds = torch.zeros(rows, length, hidden, dtype=dtype, device=device)
+        self.slots = torch.full((rows,), scratch_slot, dtype=torch.int32, device=device)
+        self.starts = torch.zeros(rows, dtype=torch.int32, device=device)
+        self.q_lens = torch.ones(rows, dtype=torch.int32, device=device)
+        self.logits: torch.Tensor | None = None
+
+    def load(self, embeds: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, q_lens: torch.Tensor) -> None:
+        width = embeds.shape[1]
+        self.embeds[:, :width].copy_(embeds)
+        if width < self.embeds.shape[1]:
+            self.embeds[:, width:].zero_()
+        self.slots.copy_(slots)
+        self.starts.copy_(starts)
+        self.q_lens.copy_(q_lens)
+
+
+class StepGraphs:
+    """CUDA graphs of decode steps and prefill chunks, looked up by key; all share one memory pool."""
 
     def __init__(self, device: torch.device, enabled: bool = True):
         self.enabled = bool(enabled) and device.type == "cuda"
