@@ -106,6 +106,12 @@ class _ReferenceDecoder(torch.nn.Module):
 def compiled_figures(runner: LLMEngineRunner, batches, isl: int, osl: int, ttft_lens) -> dict:
     """Our reference path compiled with mode="reduce-overhead" (greedy argmax: the sort-based
     sampling reference does not compile on this torch, see bench/RESULTS.md)."""
+    # Each prefill length and decode batch is its own specialisation of the same functions: allow
+    # them all (the default limit of 8 sends the rest back to eager, a much slower baseline).
+    torch._dynamo.reset()
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
     decoder = _ReferenceDecoder(runner)
     step = torch.compile(decoder, mode="reduce-overhead", dynamic=False)
     prefill = torch.compile(decoder, dynamic=False)

@@ -192,3 +192,26 @@ def test_gemv(dtype, m, n, k, bias):
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(gemv.gemv(x, w, b), gemv.gemv_ref(x, w, b), **tol)
     torch.testing.assert_close(gemv.gemv(x, w, b, tile=(16, 32, 4, 2)), gemv.gemv_ref(x, w, b), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hq,hkv,head_dim,rotary_dim,seq", [(4, 2, 64, 64, 5), (8, 1, 96, 64, 1), (6, 2, 48, 48, 4)])
+def test_rope_kv_append(dtype, hq, hkv, head_dim, rotary_dim, seq):
+    from edgellm.kernels import rope_append
+
+    batch, capacity = 3, 24
+    qkv = randn(batch, seq, (hq + 2 * hkv) * head_dim, dtype=dtype)
+    q = qkv[..., :hq * head_dim].reshape(batch, seq, hq, head_dim)  # strided views, like the model's
+    k = qkv[..., hq * head_dim:(hq + hkv) * head_dim].reshape(batch, seq, hkv, head_dim)
+    v = qkv[..., (hq + hkv) * head_dim:].reshape(batch, seq, hkv, head_dim)
+    cos, sin = rope.rope_cos_sin_cache_ref(rope.rope_inv_freq(rotary_dim, 10000.0).to(DEVICE), capacity)
+    k_cache = randn(batch + 1, hkv, capacity, head_dim, dtype=dtype, seed=3)
+    v_cache = randn(batch + 1, hkv, capacity, head_dim, dtype=dtype, seed=4)
+    slots, starts = (torch.tensor(x, dtype=torch.int32, device=DEVICE) for x in ([2, 0, 3], [0, 7, capacity - seq]))
+    lens = torch.tensor([seq, max(seq - 2, 1), seq], dtype=torch.int32, device=DEVICE)  # row 1 padded
+    kr, vr = k_cache.clone(), v_cache.clone()
+    q_out = rope_append.rope_kv_append(q, k, v, cos, sin, k_cache, v_cache, slots, starts, lens)
+    q_ref = rope_append.rope_kv_append_ref(q, k, v, cos, sin, kr, vr, slots, starts, lens)
+    torch.testing.assert_close(q_out, q_ref, **TOL[dtype])
+    torch.testing.assert_close(k_cache, kr, **TOL[dtype])
+    assert torch.equal(v_cache, vr)

@@ -19,7 +19,7 @@ from .weights import LayerWeights, ModelWeights
 
 def _attention_block(lw: LayerWeights, cfg: EngineConfig, x: torch.Tensor, keys: torch.Tensor,
                      values: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                     positions: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor,
+                     slots: torch.Tensor, starts: torch.Tensor,
                      q_lens: torch.Tensor, ends: torch.Tensor, ops=ops) -> torch.Tensor:
     batch, seq, _ = x.shape
     qkv = F.linear(x, lw.qkv, lw.qkv_bias)
@@ -30,8 +30,7 @@ def _attention_block(lw: LayerWeights, cfg: EngineConfig, x: torch.Tensor, keys:
     if cfg.qk_norm:
         q = ops.rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
         k = ops.rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
-    q, k = ops.apply_rope(q, k, rope[0], rope[1], positions)
-    ops.kv_append(keys, values, k, v, slots, starts, q_lens)
+    q = ops.rope_kv_append(q, k, v, rope[0], rope[1], keys, values, slots, starts, q_lens)
     scale = cfg.head_dim ** -0.5
     if seq == 1:
         out = ops.decode_attention(q[:, 0], keys, values, slots, ends, scale)[:, None]
@@ -51,7 +50,6 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     """
     ops = kernels or _ops
     batch, seq, _ = hidden.shape
-    positions = starts[:, None].long() + torch.arange(seq, device=hidden.device)[None, :]
     ends = starts + q_lens  # each row's cache length after this chunk (computed once, not per layer)
     residual = hidden
     x = None
@@ -61,7 +59,7 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
         else:
             x, residual = ops.add_rms_norm(x, residual, lw.input_norm, cfg.rms_norm_eps)
         keys, values = cache.layer(index)
-        attn = _attention_block(lw, cfg, x, keys, values, rope, positions, slots, starts, q_lens, ends, ops)
+        attn = _attention_block(lw, cfg, x, keys, values, rope, slots, starts, q_lens, ends, ops)
         x, residual = ops.add_rms_norm(attn, residual, lw.post_norm, cfg.rms_norm_eps)
         x = F.linear(ops.silu_mul(F.linear(x, lw.gate_up)), lw.down)
     last = (q_lens.long() - 1).clamp(min=0)

@@ -67,7 +67,7 @@ def rope_cos_sin_cache(inv_freq: torch.Tensor, max_positions: int):
 
 
 @triton.jit
-def _rotate_heads(x_base, out_base, stride_h, n_heads, head_dim, half, cos, sin,
+def _rotate_heads(x_base, out_base, stride_h, out_stride_h, n_heads, head_dim, half, cos, sin,
                   BLOCK_H: tl.constexpr, HALF: tl.constexpr, BLOCK_REST: tl.constexpr):
     """Rotate one token's heads: rows are heads, the two halves of the rotary part are loaded as
     separate tiles (each element read once), and the non-rotary tail (partial rotary) is copied."""
@@ -77,14 +77,15 @@ def _rotate_heads(x_base, out_base, stride_h, n_heads, head_dim, half, cos, sin,
     src = x_base + heads * stride_h + f
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
-    dst = out_base + heads * head_dim + f
+    dst = out_base + heads * out_stride_h + f
     dtype = out_base.dtype.element_ty
     tl.store(dst, (x1 * cos - x2 * sin).to(dtype), mask=mask)
     tl.store(dst + half, (x2 * cos + x1 * sin).to(dtype), mask=mask)
     if BLOCK_REST > 0:
         r = 2 * half + tl.arange(0, BLOCK_REST)[None, :]
         rest_mask = (heads < n_heads) & (r < head_dim)
-        tl.store(out_base + heads * head_dim + r, tl.load(x_base + heads * stride_h + r, mask=rest_mask), mask=rest_mask)
+        tl.store(out_base + heads * out_stride_h + r, tl.load(x_base + heads * stride_h + r, mask=rest_mask),
+                 mask=rest_mask)
 
 
 @triton.jit
@@ -100,10 +101,10 @@ def _rope_kernel(q_ptr, k_ptr, q_out, k_out, cos_ptr, sin_ptr, pos_ptr, seq_len,
     cos = tl.load(cos_ptr + pos * half + f, mask=f < half, other=1.0)
     sin = tl.load(sin_ptr + pos * half + f, mask=f < half, other=0.0)
     t64 = token.to(tl.int64)
-    _rotate_heads(q_ptr + b * sq_b + s * sq_s, q_out + t64 * n_q_heads * head_dim, sq_h, n_q_heads, head_dim,
-                  half, cos, sin, BLOCK_HQ, HALF, BLOCK_REST)
-    _rotate_heads(k_ptr + b * sk_b + s * sk_s, k_out + t64 * n_k_heads * head_dim, sk_h, n_k_heads, head_dim,
-                  half, cos, sin, BLOCK_HK, HALF, BLOCK_REST)
+    _rotate_heads(q_ptr + b * sq_b + s * sq_s, q_out + t64 * n_q_heads * head_dim, sq_h, head_dim, n_q_heads,
+                  head_dim, half, cos, sin, BLOCK_HQ, HALF, BLOCK_REST)
+    _rotate_heads(k_ptr + b * sk_b + s * sk_s, k_out + t64 * n_k_heads * head_dim, sk_h, head_dim, n_k_heads,
+                  head_dim, half, cos, sin, BLOCK_HK, HALF, BLOCK_REST)
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
