@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgellm.kernels import attention, kv_append, rms_norm, rope, sampling, silu_mul  # noqa: E402
+from edgellm.kernels import attention, kv_append, rms_norm, rope, rope_append, sampling, silu_mul  # noqa: E402
 
 ANCHORS = Path(__file__).resolve().parents[2] / "shared" / "anchors" / "h100-2026-11-22.json"
 DEV = "cuda"
@@ -190,6 +190,19 @@ def cases():
                                                         num_warps=warps)),
                                 torch=lambda: None, compile=None, bytes=4 * kk.numel() * 2, baseline="-"))
             out.append(_copy_case(4 * kk.numel() * 2))
+        # The fused op the model runs: RoPE of q and k, k and v appended (vs the two ops above).
+        vq = rnd(b, s, hkv, d)
+        fused_bytes = 2 * q.numel() * 2 + 4 * kk.numel() * 2
+        out.append(dict(name=f"rope_kv_append {tag}",
+                        triton=lambda q=q, k=k, v=vq, kc=kc, vc=vc, slots=slots, starts=starts, lens=lens:
+                        rope_append.rope_kv_append(q, k, v, cos, sin, kc, vc, slots, starts, lens),
+                        torch=lambda q=q, k=k, v=vq, kc=kc, vc=vc, slots=slots, starts=starts, lens=lens, pos=pos:
+                        (rope.apply_rope(q, k, cos, sin, pos), kv_append.kv_append(kc, vc, k, v, slots, starts, lens)),
+                        compile=None, bytes=fused_bytes, baseline="apply_rope + kv_append (Triton)",
+                        fresh=lambda i, b=b, s=s, kc=kc, vc=vc, starts=starts, lens=lens: (
+                            lambda q=rnd(b, s, hq, d), k=rnd(b, s, hkv, d), v=rnd(b, s, hkv, d),
+                            slots=torch.full((b,), i % 16, device=DEV, dtype=torch.int32):
+                            rope_append.rope_kv_append(q, k, v, cos, sin, kc, vc, slots, starts, lens))))
 
     # Decode attention: batch 16 over a 4096-token cache.
     b, ctx = 16, 4096
