@@ -129,6 +129,9 @@ def compiled_figures(runner: LLMEngineRunner, batches, isl: int, osl: int, ttft_
             tokens = logits.argmax(-1)
             for _ in range(steps):
                 starts = lengths[:batch].clone()
+                # A new decode step: the previous step's graph outputs are dead (else CUDA-graph trees
+                # record a new graph at every call).
+                torch.compiler.cudagraph_mark_step_begin()
                 logits = step(runner.embed(tokens)[:, None], slots, starts, ones)
                 lengths[:batch] = starts + 1
                 tokens = logits.argmax(-1)
@@ -173,6 +176,7 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--baseline-osl", type=int, default=32, help="decode steps of the baseline runs")
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline only")
     parser.add_argument("--compile-batch", type=int, nargs="*", default=[1, 16],
                         help="batches of the compiled baseline (each costs a compilation)")
     parser.add_argument("--compile-ttft", type=int, nargs="*", default=[1024])
@@ -198,6 +202,7 @@ def main() -> int:
                                                                 args.baseline_osl, args.compile_ttft)
             del runner
             torch.cuda.empty_cache()
+        if not (args.no_baselines or args.no_transformers):
             log(f"{shape}: transformers generate")
             entry["transformers"] = hf_figures(model_dir, args.batch, args.isl, args.baseline_osl, args.ttft,
                                                ours["copy_TBps"] * 1e12)
