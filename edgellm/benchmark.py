@@ -98,7 +98,8 @@ def kv_bytes_per_token(runner) -> int:
     return cfg.num_decoder_layers * 2 * cfg.num_kv_heads * cfg.head_dim * runner.kv_cache.data.element_size()
 
 
-def _sync_time(fn) -> float:
+def sync_time(fn) -> float:
+    """Seconds `fn` takes, the GPU synchronised before and after."""
     torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
@@ -137,7 +138,7 @@ def bench_decode(runner, batch: int, isl: int, osl: int, iterations: int, bandwi
             for _ in range(osl):
                 runner.decode_sample_step()
 
-        elapsed = _sync_time(steps)
+        elapsed = sync_time(steps)
         if it:
             step_times.append(elapsed / osl)
     ms = statistics.median(step_times) * 1e3
@@ -150,7 +151,7 @@ def bench_decode(runner, batch: int, isl: int, osl: int, iterations: int, bandwi
 def bench_ttft(runner, prompt_len: int, iterations: int) -> dict:
     ids = _random_prompts(runner, 1, prompt_len, seed=1)
     prefill(runner, ids)  # warm-up: kernel compilation, cuBLAS heuristics
-    times = [_sync_time(lambda: prefill(runner, ids)) for _ in range(max(3, iterations))]
+    times = [sync_time(lambda: prefill(runner, ids)) for _ in range(max(3, iterations))]
     return dict(prompt_len=prompt_len, ttft_ms=statistics.median(times) * 1e3)
 
 

@@ -8,7 +8,7 @@ import torch
 from edgellm import LLMEngineRunner, LLMGenerationRequest, LLMInferenceRuntime
 from edgellm.kernels import forbid_reference_on_cuda
 
-from conftest import FAMILIES, hf_greedy
+from conftest import FAMILIES
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
