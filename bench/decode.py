@@ -16,7 +16,6 @@ import json
 import os
 import statistics
 import sys
-import types
 from pathlib import Path
 
 import torch
@@ -74,6 +73,7 @@ class _ReferenceDecoder(torch.nn.Module):
     def __init__(self, runner: LLMEngineRunner):
         super().__init__()
         self.config, self.kernels = runner.config, reference_ops()
+        self.layer_count = runner.config.num_decoder_layers
         w = runner.weights
         self.layer_fields = [name for name, value in vars(w.layers[0]).items() if value is not None]
         for i, layer in enumerate(w.layers):
@@ -89,9 +89,12 @@ class _ReferenceDecoder(torch.nn.Module):
         layers = [LayerWeights(**{name: getattr(self, f"l{i}_{name}", None) for name in vars(LayerWeights)
                                   ["__dataclass_fields__"]}) for i in range(self.config.num_decoder_layers)]
         weights = ModelWeights(embed=self.embed, layers=layers, final_norm=self.final_norm, lm_head=self.lm_head)
-        cache = types.SimpleNamespace(layer=lambda i: (self.kv[i, 0], self.kv[i, 1]))
-        return forward_logits(weights, self.config, cache, (self.cos, self.sin), embeds, slots, starts, q_lens,
+        # The module is its own cache object (layer(i) below): no object built here, no graph break.
+        return forward_logits(weights, self.config, self, (self.cos, self.sin), embeds, slots, starts, q_lens,
                               kernels=self.kernels)
+
+    def layer(self, index: int):
+        return self.kv[index, 0], self.kv[index, 1]
 
 
 def compiled_figures(runner: LLMEngineRunner, batches, isl: int, osl: int, ttft_lens) -> dict:
