@@ -109,3 +109,16 @@ def test_decode_path_bad_calls(tiny_models):
     with pytest.raises(ConfigurationError, match="prefill_chunk_size"):
         LLMEngineRunner(model_dir, device="cpu", prefill_chunk_size=0)
     assert runner.capture_decode_graphs() == []  # no CUDA: eager decode, nothing to capture
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: the qkv bias after the fused GEMV
+def test_fused_gemv_decode_matches_transformers(tiny_models, family, monkeypatch):
+    monkeypatch.setenv("EDGELLM_FUSED_GEMV", "1")
+    model_dir, hf_model = tiny_models[family]
+    runtime = LLMInferenceRuntime(model_dir, device="cpu", dtype="float32")
+    response = runtime.handle_request(LLMGenerationRequest(requests=[{"input_ids": p} for p in PROMPTS],
+                                                           max_generate_length=10, temperature=0))
+    for i, prompt in enumerate(PROMPTS):
+        expected = hf_greedy(hf_model, prompt, 10)
+        expected = expected[:expected.index(2) + 1] if 2 in expected else expected
+        assert response.output_ids[i] == expected

@@ -123,3 +123,21 @@ def test_capture_up_front_and_no_memory_growth_over_200_requests(tiny_models):
     assert torch.cuda.memory_allocated() == allocated
     assert torch.cuda.memory_reserved() == reserved
     assert len(runtime.runner.graphs.graphs) == 3 + 1  # decode sizes 1, 2, 4; one prefill bucket
+
+
+def test_fused_gemv_decode_on_gpu(tiny_models, monkeypatch):
+    """The experimental EDGELLM_FUSED_GEMV=1 decode path (graphs on): float32 tokens as transformers'."""
+    monkeypatch.setenv("EDGELLM_FUSED_GEMV", "1")
+    model_dir, hf_model = tiny_models["qwen2"]
+    runtime = LLMInferenceRuntime(model_dir, device="cuda", dtype="float32")
+    with forbid_reference_on_cuda():
+        response = runtime.handle_request(LLMGenerationRequest(
+            requests=[{"input_ids": p} for p in PROMPTS], max_generate_length=16, temperature=0))
+    for i, prompt in enumerate(PROMPTS):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                                    pad_token_id=2)
+        expected = out[0, len(prompt):].tolist()
+        expected = expected[:expected.index(2) + 1] if 2 in expected else expected
+        assert response.output_ids[i] == expected

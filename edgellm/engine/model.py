@@ -7,6 +7,8 @@ at positions starts[b] ... of cache slot slots[b]. Every hot-path op goes throug
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -17,12 +19,11 @@ from .kv_cache import LinearKVCache
 from .weights import LayerWeights, ModelWeights
 
 
-def _attention_block(lw: LayerWeights, cfg: EngineConfig, x: torch.Tensor, keys: torch.Tensor,
+def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, keys: torch.Tensor,
                      values: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                      slots: torch.Tensor, starts: torch.Tensor,
                      q_lens: torch.Tensor, ends: torch.Tensor, ops=ops) -> torch.Tensor:
-    batch, seq, _ = x.shape
-    qkv = F.linear(x, lw.qkv, lw.qkv_bias)
+    batch, seq, _ = qkv.shape
     q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
     q = q.reshape(batch, seq, cfg.num_attention_heads, cfg.head_dim)
     k = k.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
@@ -53,20 +54,38 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     ends = starts + q_lens  # each row's cache length after this chunk (computed once, not per layer)
     residual = hidden
     x = None
+    fused = _fused_decode(ops, hidden)
+    eps = cfg.rms_norm_eps
     for index, lw in enumerate(weights.layers):
         if x is None:
-            x = ops.rms_norm(hidden, lw.input_norm, cfg.rms_norm_eps)
+            qkv = F.linear(ops.rms_norm(hidden, lw.input_norm, eps), lw.qkv, lw.qkv_bias)
+        elif fused:
+            qkv, residual = ops.add_rms_norm_gemv(x, residual, lw.input_norm, eps, lw.qkv)
+            qkv = qkv if lw.qkv_bias is None else qkv + lw.qkv_bias
         else:
-            x, residual = ops.add_rms_norm(x, residual, lw.input_norm, cfg.rms_norm_eps)
+            x, residual = ops.add_rms_norm(x, residual, lw.input_norm, eps)
+            qkv = F.linear(x, lw.qkv, lw.qkv_bias)
         keys, values = cache.layer(index)
-        attn = _attention_block(lw, cfg, x, keys, values, rope, slots, starts, q_lens, ends, ops)
-        x, residual = ops.add_rms_norm(attn, residual, lw.post_norm, cfg.rms_norm_eps)
-        x = F.linear(ops.silu_mul(F.linear(x, lw.gate_up)), lw.down)
+        attn = _attention_block(lw, cfg, qkv, keys, values, rope, slots, starts, q_lens, ends, ops)
+        if fused:
+            gate_up, residual = ops.add_rms_norm_gemv(attn, residual, lw.post_norm, eps, lw.gate_up)
+            x = ops.silu_mul_gemv(gate_up, lw.down)
+        else:
+            x, residual = ops.add_rms_norm(attn, residual, lw.post_norm, eps)
+            x = F.linear(ops.silu_mul(F.linear(x, lw.gate_up)), lw.down)
     last = (q_lens.long() - 1).clamp(min=0)
     rows = torch.arange(batch, device=hidden.device)
     x_last, res_last = x[rows, last][:, None], residual[rows, last][:, None]
     final, _ = ops.add_rms_norm(x_last, res_last, weights.final_norm, cfg.rms_norm_eps)
     return _lm_head(final[:, 0], weights.lm_head, ops).float()
+
+
+def _fused_decode(ops, hidden: torch.Tensor) -> bool:
+    """EDGELLM_FUSED_GEMV=1 (experimental; off until it is measured faster on the GPU): decode chunks
+    of at most gemv.MAX_ROWS rows fold add-RMSNorm into the qkv and gate_up GEMVs and SiLU*mul into
+    the down GEMV (kernels/fused_gemv.py): 4 launches fewer per layer."""
+    return (os.environ.get("EDGELLM_FUSED_GEMV") == "1" and hidden.shape[1] == 1
+            and hidden.shape[0] <= gemv.MAX_ROWS and hasattr(ops, "add_rms_norm_gemv"))
 
 
 def _lm_head(x: torch.Tensor, weight: torch.Tensor, ops) -> torch.Tensor:

@@ -9,8 +9,8 @@ each launch's fixed cost (1-4 us on an H100, bench/RESULTS.md) is worth more tha
 Same tiles as gemv.py. Rounding follows the unfused ops (normalised rows and silu*up are rounded to
 the input dtype before the matmul, as the separate kernels store them).
 
-Status: tested against the references; not yet wired into the model (it needs a measured gain on the
-GPU first: see the issue notes).
+Status: tested against the references; the model uses them only with EDGELLM_FUSED_GEMV=1 until a
+GPU measurement shows the gain (engine/model.py, _fused_decode).
 """
 
 import torch
