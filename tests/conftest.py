@@ -97,3 +97,11 @@ def hf_greedy(model, prompt_ids: list[int], new_tokens: int) -> list[int]:
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              do_sample=False, pad_token_id=model.generation_config.eos_token_id)
     return out[0, len(prompt_ids):].tolist()
+
+
+def assert_rows_match_transformers(response, hf_model, prompts, new_tokens: int) -> None:
+    """Each row of a batched response equals transformers' greedy run of that prompt alone."""
+    for i, prompt in enumerate(prompts):
+        expected = hf_greedy(hf_model, prompt, new_tokens)
+        expected = expected[:expected.index(2) + 1] if 2 in expected else expected
+        assert response.output_ids[i] == expected, f"row {i} differs from transformers"

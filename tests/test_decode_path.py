@@ -9,7 +9,7 @@ from edgellm import LLMEngineRunner, LLMGenerationRequest, LLMInferenceRuntime
 from edgellm.errors import ConfigurationError, InvalidRequestError
 from edgellm.kernels import ops
 
-from conftest import hf_greedy
+from conftest import assert_rows_match_transformers
 
 PROMPTS = [[1, 17, 33, 8, 61, 40, 9, 22, 5, 71, 12], [1, 50, 6], [1, 90, 14, 27, 3, 88, 44]]
 
@@ -40,10 +40,7 @@ def test_chunked_prefill_generation_matches_transformers(tiny_models):
     runtime = LLMInferenceRuntime(model_dir, device="cpu", dtype="float32", prefill_chunk_size=4)
     response = runtime.handle_request(LLMGenerationRequest(requests=[{"input_ids": p} for p in PROMPTS],
                                                            max_generate_length=10, temperature=0))
-    for i, prompt in enumerate(PROMPTS):
-        expected = hf_greedy(hf_model, prompt, 10)
-        expected = expected[:expected.index(2) + 1] if 2 in expected else expected
-        assert response.output_ids[i] == expected
+    assert_rows_match_transformers(response, hf_model, PROMPTS, 10)
 
 
 def _eager_reference(runner, ids, lengths, params, steps, keep_after=None, keep=None):
@@ -118,7 +115,4 @@ def test_fused_gemv_decode_matches_transformers(tiny_models, family, monkeypatch
     runtime = LLMInferenceRuntime(model_dir, device="cpu", dtype="float32")
     response = runtime.handle_request(LLMGenerationRequest(requests=[{"input_ids": p} for p in PROMPTS],
                                                            max_generate_length=10, temperature=0))
-    for i, prompt in enumerate(PROMPTS):
-        expected = hf_greedy(hf_model, prompt, 10)
-        expected = expected[:expected.index(2) + 1] if 2 in expected else expected
-        assert response.output_ids[i] == expected
+    assert_rows_match_transformers(response, hf_model, PROMPTS, 10)

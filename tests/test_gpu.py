@@ -8,7 +8,7 @@ import torch
 from edgellm import LLMEngineRunner, LLMGenerationRequest, LLMInferenceRuntime
 from edgellm.kernels import forbid_reference_on_cuda
 
-from conftest import FAMILIES
+from conftest import FAMILIES, assert_rows_match_transformers
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -133,11 +133,4 @@ def test_fused_gemv_decode_on_gpu(tiny_models, monkeypatch):
     with forbid_reference_on_cuda():
         response = runtime.handle_request(LLMGenerationRequest(
             requests=[{"input_ids": p} for p in PROMPTS], max_generate_length=16, temperature=0))
-    for i, prompt in enumerate(PROMPTS):
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
-                                    pad_token_id=2)
-        expected = out[0, len(prompt):].tolist()
-        expected = expected[:expected.index(2) + 1] if 2 in expected else expected
-        assert response.output_ids[i] == expected
+    assert_rows_match_transformers(response, hf_model, PROMPTS, 16)
