@@ -106,6 +106,9 @@ def test_decode_path_bad_calls(tiny_models):
     with pytest.raises(ConfigurationError, match="prefill_chunk_size"):
         LLMEngineRunner(model_dir, device="cpu", prefill_chunk_size=0)
     assert runner.capture_decode_graphs() == []  # no CUDA: eager decode, nothing to capture
+    runner.start_decode([1, 2], [0, 1], [0.0] * 2, [1] * 2, [1.0] * 2, [0] * 2, [0] * 2)
+    with pytest.raises(InvalidRequestError, match=r"keep_decode_rows: indices must be in \[0, 2\)"):
+        runner.keep_decode_rows([2])
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: the qkv bias after the fused GEMV

@@ -39,12 +39,11 @@ class DecodeBuffers:
         self.q_lens = torch.ones(size, dtype=torch.int32, device=device)
         self.logits: torch.Tensor | None = None  # the last step's [size, vocab] float32 logits
 
-    def rows(self) -> dict[str, torch.Tensor]:
-        """Copies of the live rows' per-row state (to move them into another buffer set)."""
-        n = self.live
-        return dict(tokens=self.tokens[:n].clone(), slots=self.slots[:n].clone(),
-                    temperature=self.temperature[:n].clone(), top_k=self.top_k[:n].clone(),
-                    top_p=self.top_p[:n].clone(), seeds=self.seeds[:n].clone(), offsets=self.offsets[:n].clone())
+    def rows(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Copies of the per-row state of live rows `index` (to move them into another buffer set)."""
+        return dict(tokens=self.tokens[index], slots=self.slots[index], temperature=self.temperature[index],
+                    top_k=self.top_k[index], top_p=self.top_p[index], seeds=self.seeds[index],
+                    offsets=self.offsets[index])
 
     def load(self, *, tokens, slots, temperature, top_k, top_p, seeds, offsets) -> None:
         """Device-to-device copies of n live rows into rows 0..n-1; rows n.. become padding."""
@@ -116,9 +115,6 @@ class StepGraphs:
             step()
         self.graphs[key] = graph
         return graph
-
-    def clear(self) -> None:
-        self.graphs.clear()
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:

@@ -12,8 +12,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ..kernels import gemv, ops
-from ..kernels import ops as _ops
+from ..kernels import gemv
+from ..kernels import ops as dispatched_ops
 from .config import EngineConfig
 from .kv_cache import LinearKVCache
 from .weights import LayerWeights, ModelWeights
@@ -22,7 +22,7 @@ from .weights import LayerWeights, ModelWeights
 def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, keys: torch.Tensor,
                      values: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                      slots: torch.Tensor, starts: torch.Tensor,
-                     q_lens: torch.Tensor, ends: torch.Tensor, ops=ops) -> torch.Tensor:
+                     q_lens: torch.Tensor, ends: torch.Tensor, ops) -> torch.Tensor:
     batch, seq, _ = qkv.shape
     q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
     q = q.reshape(batch, seq, cfg.num_attention_heads, cfg.head_dim)
@@ -49,12 +49,12 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     Appends the chunk's keys/values to the cache (lengths are the caller's to update) and returns
     the logits of each row's last real token, [B, vocab], float32.
     """
-    ops = kernels or _ops
+    ops = kernels or dispatched_ops
     batch, seq, _ = hidden.shape
     ends = starts + q_lens  # each row's cache length after this chunk (computed once, not per layer)
     residual = hidden
     x = None
-    fused = _fused_decode(ops, hidden)
+    fused = _fused_decode(hidden)
     eps = cfg.rms_norm_eps
     for index, lw in enumerate(weights.layers):
         if x is None:
@@ -80,18 +80,16 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     return _lm_head(final[:, 0], weights.lm_head, ops).float()
 
 
-def _fused_decode(ops, hidden: torch.Tensor) -> bool:
+def _fused_decode(hidden: torch.Tensor) -> bool:
     """EDGELLM_FUSED_GEMV=1 (experimental; off until it is measured faster on the GPU): decode chunks
     of at most gemv.MAX_ROWS rows fold add-RMSNorm into the qkv and gate_up GEMVs and SiLU*mul into
     the down GEMV (kernels/fused_gemv.py): 4 launches fewer per layer."""
-    return (os.environ.get("EDGELLM_FUSED_GEMV") == "1" and hidden.shape[1] == 1
-            and hidden.shape[0] <= gemv.MAX_ROWS and hasattr(ops, "add_rms_norm_gemv"))
+    return os.environ.get("EDGELLM_FUSED_GEMV") == "1" and hidden.shape[1] == 1 and hidden.shape[0] <= gemv.MAX_ROWS
 
 
 def _lm_head(x: torch.Tensor, weight: torch.Tensor, ops) -> torch.Tensor:
     # The LM head is the largest matrix a decode step reads; at a few rows the Triton skinny GEMM
     # streams it faster than cuBLAS (bench/RESULTS.md: 1B shape 177 us vs 194 us). Elsewhere cuBLAS.
-    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.shape[0] <= gemv.MAX_ROWS \
-            and hasattr(ops, "gemv"):
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.shape[0] <= gemv.MAX_ROWS:
         return ops.gemv(x, weight)
     return F.linear(x, weight)

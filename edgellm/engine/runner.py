@@ -259,9 +259,10 @@ class LLMEngineRunner:
         rows leave the batch, which moves to the smallest padded size that holds the rest."""
         if self._active is None:
             raise RuntimeError("keep_decode_rows before start_decode")
-        index = torch.as_tensor(list(keep), dtype=torch.int64, device=self.device)
-        rows = {name: value[index] for name, value in self._active.rows().items()}
-        self._load_rows(rows)
+        keep = list(keep)
+        if any(not 0 <= i < self._active.live for i in keep):
+            raise InvalidRequestError(f"keep_decode_rows: indices must be in [0, {self._active.live})")
+        self._load_rows(self._active.rows(torch.as_tensor(keep, dtype=torch.int64, device=self.device)))
 
     def _load_rows(self, rows: dict) -> None:
         size = self._padded_size(rows["slots"].shape[0])

@@ -13,7 +13,7 @@ so the launch needs no host synchronisation (CUDA-graph safe).
 
 import torch
 
-from ._triton import pow2, tl, triton
+from ._triton import dot_precision, pow2, tl, triton
 
 _LOG2E = 1.4426950408889634
 
@@ -64,11 +64,6 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, slots_ptr, starts_ptr, qlens
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # float32 must stay float32 through tl.dot (its default on GPUs is TF32).
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _check_cache(q_heads, head_dim, k_cache, v_cache):
     if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
         raise ValueError("attention: k_cache and v_cache must have the same shape and strides, last dim contiguous")
@@ -96,7 +91,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         q, k_cache, v_cache, out, slots, starts, q_lens, q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         scale * _LOG2E, heads // k_cache.shape[1], head_dim,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=_precision(q.dtype), num_warps=warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), num_warps=warps,
         num_stages=stages)
     return out
 
@@ -185,7 +180,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _decode_split_kernel[(batch, kv_heads, splits)](
         q, k_cache, v_cache, part_out, part_lse, slots, lengths, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), scale * _LOG2E, group, head_dim, heads, splits,
-        BLOCK_G=pow2(group, 16), BLOCK_N=64, BLOCK_D=block_d, PRECISION=_precision(q.dtype), num_warps=4)
+        BLOCK_G=pow2(group, 16), BLOCK_N=64, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), num_warps=4)
     out = torch.empty(batch, heads, head_dim, dtype=q.dtype, device=q.device)
     _decode_merge_kernel[(batch, heads)](part_out, part_lse, out, out.stride(0), out.stride(1), heads, splits,
                                          head_dim, BLOCK_S=pow2(splits), BLOCK_D=block_d)

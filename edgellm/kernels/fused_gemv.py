@@ -15,7 +15,7 @@ GPU measurement shows the gain (engine/model.py, _fused_decode).
 
 import torch
 
-from ._triton import pow2, tl, triton
+from ._triton import dot_precision, pow2, tl, triton
 from .gemv import DEFAULT_TILE, MAX_ROWS, gemv_ref
 from .rms_norm import add_rms_norm_ref
 from .silu_mul import silu_mul_ref
@@ -78,7 +78,7 @@ def _launch(mode, x2, residual, norm_w, weight, eps, k, tile):
     r = residual if residual is not None else x2
     _fused_gemv_kernel[(triton.cdiv(n, block_n),)](
         x2, r, norm_w if norm_w is not None else weight, weight, y, r_out, m, n, k, x2.stride(0), r.stride(0),
-        weight.stride(0), y.stride(0), eps, MODE=mode, PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
+        weight.stride(0), y.stride(0), eps, MODE=mode, PRECISION=dot_precision(x2.dtype),
         BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=stages, num_warps=warps)
     return y, r_out
 

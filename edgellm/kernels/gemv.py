@@ -9,7 +9,7 @@ flight: each program owns BLOCK_N output features and walks K in BLOCK_K steps, 
 
 import torch
 
-from ._triton import pow2, tl, triton
+from ._triton import dot_precision, pow2, tl, triton
 
 MAX_ROWS = 16  # rows of x one launch handles (padded to 16 for tl.dot)
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): chosen from the H100 sweep in bench/RESULTS.md
@@ -55,8 +55,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=stages,
-        num_warps=warps)
+        HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), BLOCK_M=16, BLOCK_N=block_n,
+        BLOCK_K=block_k, NUM_STAGES=stages, num_warps=warps)
     return y.reshape(*lead, n)
 
 

@@ -4,8 +4,8 @@ Each is a KernelOp pairing a file's Triton launcher with its `_ref` twin (see di
 runs when). Without triton installed every op runs its reference.
 """
 
-from . import attention, fused_gemv, gemv as _gemv, kv_append as _kv_append, rope_append, rms_norm as _rms_norm, rope, sampling
-from . import silu_mul as _silu_mul, vocab_remap as _vocab_remap
+from . import attention, fused_gemv, gemv as _gemv, kv_append as _kv_append, rope, rope_append, sampling
+from . import rms_norm as _rms_norm, silu_mul as _silu_mul, vocab_remap as _vocab_remap
 from ._triton import HAS_TRITON
 from .dispatch import KernelOp
 
