@@ -19,7 +19,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import copy_bandwidth, streamed_us  # noqa: E402
+from kernels import streamed_us  # noqa: E402
+
+from edgellm.benchmark import copy_bandwidth  # noqa: E402
 
 from edgellm.kernels import fused_gemv, gemv, rms_norm, silu_mul  # noqa: E402
 

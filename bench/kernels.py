@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from edgellm.benchmark import copy_bandwidth  # noqa: E402
 from edgellm.kernels import attention, kv_append, rms_norm, rope, rope_append, sampling, silu_mul  # noqa: E402
 
 ANCHORS = Path(__file__).resolve().parents[2] / "shared" / "anchors" / "h100-2026-11-22.json"
@@ -67,18 +68,10 @@ def streamed_us(fresh, nbytes: int) -> float | None:
     the 50 MB L2, and no Python launch cost or per-call event overhead is counted."""
     sets = max(2, min(32, -(-256 * 2 ** 20 // nbytes)))
     calls = [fresh(i) for i in range(sets)]
-    result = graph_us(lambda: [c() for c in calls], calls=1)
+    result = graph_us(lambda calls=calls: [c() for c in calls], calls=1)
     del calls
     torch.cuda.empty_cache()
     return None if result is None else result / sets
-
-
-def copy_bandwidth() -> float:
-    """Bytes per second of a large device-to-device copy (read + write counted)."""
-    x = torch.randn(256 * 1024 * 1024 // 2, dtype=HALF, device=DEV)
-    y = torch.empty_like(x)
-    us = bench_us(lambda: y.copy_(x))
-    return 2 * x.numel() * 2 / (us * 1e-6)
 
 
 def matmul_rate() -> float:

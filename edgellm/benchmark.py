@@ -70,19 +70,15 @@ def random_model_dir(shape: str, root: str | Path) -> Path:
     return model_dir
 
 
-def copy_bandwidth(device) -> float:
-    """Bytes per second of a large device-to-device copy (read + write counted), median of 20."""
-    x = torch.empty(256 * 2 ** 20, dtype=torch.float16, device=device)
+def copy_bandwidth(device="cuda") -> float:
+    """Bytes per second of a 256 MiB device-to-device copy (read + write counted), median of
+    triton's do_bench: the bandwidth every floor in bench/ is measured against."""
+    import triton.testing
+
+    x = torch.randn(128 * 2 ** 20, dtype=torch.float16, device=device)
     y = torch.empty_like(x)
-    times = []
-    for _ in range(25):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        y.copy_(x)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e-3)
-    return 2 * x.numel() * 2 / statistics.median(times[5:])
+    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=25, rep=200, return_mode="median")
+    return 2 * x.numel() * 2 / (ms * 1e-3)
 
 
 def weight_bytes(runner) -> int:
