@@ -187,9 +187,8 @@ def main() -> int:
     results = []
     for shape in args.shapes:
         model_dir = benchmark.random_model_dir(shape, args.cache_dir)
-        runner = LLMEngineRunner(model_dir, device="cuda", dtype="float16", max_batch_size=max(args.batch),
-                                 max_input_length=max([args.isl, *args.ttft]),
-                                 max_kv_cache_capacity=max(args.isl + args.osl, *args.ttft))
+        runner = benchmark.make_runner(model_dir, batches=args.batch, isl=args.isl, osl=args.osl,
+                                       ttft_lens=args.ttft)
         log(f"{shape}: edgellm")
         ours = benchmark.run(shape, batches=args.batch, isl=args.isl, osl=args.osl, ttft_lens=args.ttft,
                              iterations=args.iterations, runner=runner)

@@ -151,20 +151,28 @@ def bench_ttft(runner, prompt_len: int, iterations: int) -> dict:
     return dict(prompt_len=prompt_len, ttft_ms=statistics.median(times) * 1e3)
 
 
+def make_runner(model_dir: str | Path, *, batches, isl: int, osl: int, ttft_lens, dtype: str = "float16",
+                cuda_graphs: bool = True):
+    """An engine on the GPU sized for these runs: batch, prompt and cache limits."""
+    from .engine.runner import LLMEngineRunner
+
+    log(f"loading {model_dir} ...")
+    return LLMEngineRunner(model_dir, device="cuda", dtype=dtype, max_batch_size=max(batches),
+                           max_input_length=max([isl, *ttft_lens]), max_kv_cache_capacity=max(isl + osl, *ttft_lens),
+                           cuda_graphs=cuda_graphs)
+
+
 def run(model: str, *, batches=(1, 4, 16, 64), isl: int = 128, osl: int = 256, ttft_lens=(128, 1024, 4096),
         iterations: int = 3, dtype: str = "float16", cuda_graphs: bool = True, cache_dir: str | Path = "/tmp/edgellm-bench",
         runner=None) -> dict:
-    """Our figures for one model (a directory or a named shape). Returns a JSON-ready dict."""
-    from .engine.runner import LLMEngineRunner
-
+    """Our figures for one model (a directory or a named shape), on `runner` if given (built for
+    these sizes by make_runner). Returns a JSON-ready dict."""
     if not torch.cuda.is_available():
         raise ConfigurationError("the benchmark needs a CUDA GPU")
-    model_dir = random_model_dir(model, cache_dir) if model in SHAPES else Path(model)
     if runner is None:
-        log(f"loading {model_dir} ...")
-        runner = LLMEngineRunner(model_dir, device="cuda", dtype=dtype, max_batch_size=max(batches),
-                                 max_input_length=max([isl, *ttft_lens]),
-                                 max_kv_cache_capacity=max(isl + osl, *ttft_lens), cuda_graphs=cuda_graphs)
+        model_dir = random_model_dir(model, cache_dir) if model in SHAPES else Path(model)
+        runner = make_runner(model_dir, batches=batches, isl=isl, osl=osl, ttft_lens=ttft_lens, dtype=dtype,
+                             cuda_graphs=cuda_graphs)
     bandwidth = copy_bandwidth(runner.device)
     result = dict(model=model, dtype=dtype, cuda_graphs=cuda_graphs, copy_TBps=bandwidth / 1e12,
                   weight_gb=weight_bytes(runner) / 1e9, decode=[], ttft=[])
