@@ -15,8 +15,8 @@ GPU measurement shows the gain (engine/model.py, _fused_decode).
 
 import torch
 
-from ._triton import dot_precision, pow2, tl, triton
-from .gemv import DEFAULT_TILE, MAX_ROWS, gemv_ref
+from ._triton import dot_precision, pow2, tl, triton, use_pdl
+from .gemv import DEFAULT_TILE, MAX_ROWS, gemv_ref, prefetch_lines, wait_after_weight_prefetch
 from .rms_norm import add_rms_norm_ref
 from .silu_mul import silu_mul_ref
 
@@ -24,9 +24,12 @@ from .silu_mul import silu_mul_ref
 @triton.jit
 def _fused_gemv_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, r_out_ptr, m, n, k, s_xm, s_rm, s_wn, s_ym, eps,
                        MODE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+                       PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr):
     # MODE 1: x (+ residual) -> RMSNorm -> GEMM;  MODE 2: x = [gate | up] -> silu(gate) * up -> GEMM.
     rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if PDL:
+        wait_after_weight_prefetch(w_ptr, rows_n, n, k, s_wn, PREFETCH_LINES, LINE)
     rows_m = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_K)
     n_ok = rows_n < n
@@ -76,10 +79,13 @@ def _launch(mode, x2, residual, norm_w, weight, eps, k, tile):
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     r_out = torch.empty(m, k, dtype=x2.dtype, device=x2.device) if mode == 1 else y
     r = residual if residual is not None else x2
+    pdl = use_pdl(x2)
     _fused_gemv_kernel[(triton.cdiv(n, block_n),)](
         x2, r, norm_w if norm_w is not None else weight, weight, y, r_out, m, n, k, x2.stride(0), r.stride(0),
         weight.stride(0), y.stride(0), eps, MODE=mode, PRECISION=dot_precision(x2.dtype),
-        BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=stages, num_warps=warps)
+        BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=stages, PDL=pdl,
+        PREFETCH_LINES=prefetch_lines(k, weight.element_size()) if pdl else 0, LINE=128 // weight.element_size(),
+        num_warps=warps, launch_pdl=pdl)
     return y, r_out
 
 

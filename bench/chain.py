@@ -1,0 +1,137 @@
+"""The launch cost between decode kernels: a chain of one decode step's linear layers (qkv, o,
+gate_up, down per layer, each layer's weights distinct, every kernel reading the previous one's
+output), replayed from a CUDA graph, with cuBLAS, with the Triton GEMV, and with the Triton GEMV under
+programmatic dependent launch (PDL) with and without the L2 weight prefetch before its wait.
+Also the fused-prologue layer (add-RMSNorm into qkv and gate_up, SiLU*mul into down).
+Floor = weight bytes / copy bandwidth.
+
+Run on a CUDA GPU:  python bench/chain.py [--json bench/results/chain.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edgellm.benchmark import SHAPES, copy_bandwidth  # noqa: E402
+from edgellm.kernels import fused_gemv, gemv  # noqa: E402
+
+VARIANTS = {  # name: (kernels, env)
+    "cublas": ("cublas", {"EDGELLM_PDL": "0"}),
+    "triton": ("triton", {"EDGELLM_PDL": "0"}),
+    "triton pdl": ("triton", {"EDGELLM_PDL": "1", "EDGELLM_PREFETCH_LINES": "0"}),
+    "triton pdl pf16": ("triton", {"EDGELLM_PDL": "1", "EDGELLM_PREFETCH_LINES": "16"}),
+    "triton pdl pf64": ("triton", {"EDGELLM_PDL": "1", "EDGELLM_PREFETCH_LINES": "64"}),
+    "fused": ("fused", {"EDGELLM_PDL": "0"}),
+    "fused pdl pf16": ("fused", {"EDGELLM_PDL": "1", "EDGELLM_PREFETCH_LINES": "16"}),
+}
+
+
+def layer_weights(shape: dict, layers: int):
+    h, i = shape["hidden_size"], shape["intermediate_size"]
+    d = shape["hidden_size"] // shape["num_attention_heads"]
+    qkv = (shape["num_attention_heads"] + 2 * shape["num_key_value_heads"]) * d
+    def w(n, k):
+        return torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+    return [dict(qkv=w(qkv, h), o=w(h, shape["num_attention_heads"] * d), gate_up=w(2 * i, h), down=w(h, i),
+                 norm=torch.ones(h, device="cuda", dtype=torch.float16)) for _ in range(layers)]
+
+
+def chain(kind: str, weights, x: torch.Tensor, residual: torch.Tensor):
+    h = x.shape[-1]
+    for lw in weights:
+        q_size = lw["o"].shape[1]
+        i = lw["down"].shape[1]
+        if kind == "cublas":
+            qkv = F.linear(x, lw["qkv"])
+            x = F.linear(F.linear(F.linear(qkv[:, :q_size], lw["o"])[:, :h], lw["gate_up"])[:, :i], lw["down"])
+        elif kind == "triton":
+            qkv = gemv.gemv(x, lw["qkv"])
+            x = gemv.gemv(gemv.gemv(gemv.gemv(qkv[:, :q_size], lw["o"]), lw["gate_up"])[:, :i], lw["down"])
+        else:
+            qkv, residual = fused_gemv.add_rms_norm_gemv(x, residual, lw["norm"], 1e-5, lw["qkv"])
+            attn = gemv.gemv(qkv[:, :q_size], lw["o"])
+            gate_up, residual = fused_gemv.add_rms_norm_gemv(attn, residual, lw["norm"], 1e-5, lw["gate_up"])
+            x = fused_gemv.silu_mul_gemv(gate_up, lw["down"])
+    return x
+
+
+def time_graph(fn, replays: int = 50) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / replays
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=["smollm2-135m", "llama-3.2-1b"])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    bandwidth = copy_bandwidth()
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    results = []
+    for name in args.shapes:
+        shape = SHAPES[name]
+        weights = layer_weights(shape, shape["num_hidden_layers"])
+        nbytes = sum(t.numel() * 2 for lw in weights for key, t in lw.items() if key != "norm")
+        floor_us = nbytes / bandwidth * 1e6
+        for rows in args.rows:
+            x = torch.randn(rows, shape["hidden_size"], device="cuda", dtype=torch.float16)
+            residual = torch.randn_like(x)
+            reference = None
+            for variant, (kind, env) in VARIANTS.items():
+                os.environ.update(env)
+                try:
+                    out = chain(kind, weights, x, residual)
+                    us = time_graph(lambda w=weights: chain(kind, w, x, residual))
+                    error = None
+                except Exception as exc:  # noqa: BLE001 - report the variant as failed, go on
+                    us, out, error = None, None, f"{type(exc).__name__}: {str(exc)[:200]}"
+                if kind == "triton" and out is not None:
+                    reference = out if reference is None else reference
+                    same = torch.equal(out, reference)
+                else:
+                    same = None
+                row = dict(shape=name, rows=rows, variant=variant, us=us, floor_us=floor_us,
+                           layers=len(weights), same_as_triton=same, error=error)
+                results.append(row)
+                if us is None:
+                    print(f"{name:<14s} m={rows:<3d} {variant:<18s} FAILED {error}", flush=True)
+                else:
+                    print(f"{name:<14s} m={rows:<3d} {variant:<18s} {us:8.1f} us  {us / len(weights):6.2f} us/layer  "
+                          f"{floor_us / us:5.0%} of floor ({floor_us:.1f} us){'' if same is None else '  same=' + str(same)}",
+                          flush=True)
+        del weights
+        torch.cuda.empty_cache()
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(dict(bandwidth=bandwidth, results=results), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
