@@ -24,14 +24,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edgellm.benchmark import SHAPES, copy_bandwidth  # noqa: E402
 from edgellm.kernels import fused_gemv, gemv  # noqa: E402
 
-VARIANTS = {  # name: (kernels, env)
-    "cublas": ("cublas", {"EDGELLM_PDL": "0"}),
-    "triton": ("triton", {"EDGELLM_PDL": "0"}),
+DEFAULT_ENV = {"EDGELLM_PDL": "0", "EDGELLM_PDL_MODE": "1", "EDGELLM_PREFETCH_LINES": "16", "EDGELLM_GEMV_TILE": "32,256,4,4"}
+VARIANTS = {  # name: (kernels, env over DEFAULT_ENV)
+    "cublas": ("cublas", {}),
+    "triton": ("triton", {}),
     "triton pdl": ("triton", {"EDGELLM_PDL": "1", "EDGELLM_PREFETCH_LINES": "0"}),
-    "triton pdl pf16": ("triton", {"EDGELLM_PDL": "1", "EDGELLM_PREFETCH_LINES": "16"}),
-    "triton pdl pf64": ("triton", {"EDGELLM_PDL": "1", "EDGELLM_PREFETCH_LINES": "64"}),
-    "fused": ("fused", {"EDGELLM_PDL": "0"}),
-    "fused pdl pf16": ("fused", {"EDGELLM_PDL": "1", "EDGELLM_PREFETCH_LINES": "16"}),
+    "triton pdl pf16": ("triton", {"EDGELLM_PDL": "1"}),
+    "triton pdl late": ("triton", {"EDGELLM_PDL": "1", "EDGELLM_PDL_MODE": "2"}),
+    "triton 16x1024": ("triton", {"EDGELLM_GEMV_TILE": "16,1024,4,1"}),
+    "triton 16x512": ("triton", {"EDGELLM_GEMV_TILE": "16,512,4,2"}),
+    "triton 16x512 late": ("triton", {"EDGELLM_GEMV_TILE": "16,512,4,2", "EDGELLM_PDL": "1", "EDGELLM_PDL_MODE": "2"}),
+    "triton 64x128x8": ("triton", {"EDGELLM_GEMV_TILE": "64,128,8,4"}),
+    "fused": ("fused", {}),
 }
 
 
@@ -104,7 +108,7 @@ def main() -> int:
             residual = torch.randn_like(x)
             reference = None
             for variant, (kind, env) in VARIANTS.items():
-                os.environ.update(env)
+                os.environ.update({**DEFAULT_ENV, **env})
                 try:
                     out = chain(kind, weights, x, residual)
                     us = time_graph(lambda w=weights: chain(kind, w, x, residual))

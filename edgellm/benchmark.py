@@ -158,7 +158,7 @@ def make_runner(model_dir: str | Path, *, batches, isl: int, osl: int, ttft_lens
 
     log(f"loading {model_dir} ...")
     return LLMEngineRunner(model_dir, device="cuda", dtype=dtype, max_batch_size=max(batches),
-                           max_input_length=max([isl, *ttft_lens]), max_kv_cache_capacity=max(isl + osl, *ttft_lens),
+                           max_input_length=max([isl, *ttft_lens]), max_kv_cache_capacity=max([isl + osl, *ttft_lens]),
                            cuda_graphs=cuda_graphs)
 
 
