@@ -1,9 +1,7 @@
 """The launch cost between decode kernels: a chain of one decode step's linear layers (qkv, o,
 gate_up, down per layer, each layer's weights distinct, every kernel reading the previous one's
 output), replayed from a CUDA graph, with cuBLAS, with the Triton GEMV, and with the Triton GEMV under
-programmatic dependent launch (PDL) with and without the L2 weight prefetch before its wait.
-Also the fused-prologue layer (add-RMSNorm into qkv and gate_up, SiLU*mul into down).
-Floor = weight bytes / copy bandwidth.
+programmatic dependent launch (PDL, kernels/_triton.py). Floor = weight bytes / copy bandwidth.
 
 Run on a CUDA GPU:  python bench/chain.py [--json bench/results/chain.json]
 """
@@ -22,20 +20,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgellm.benchmark import SHAPES, copy_bandwidth  # noqa: E402
-from edgellm.kernels import fused_gemv, gemv  # noqa: E402
+from edgellm.kernels import gemv  # noqa: E402
 
-DEFAULT_ENV = {"EDGELLM_PDL": "0", "EDGELLM_PDL_MODE": "1", "EDGELLM_PREFETCH_LINES": "16", "EDGELLM_GEMV_TILE": "32,256,4,4"}
-VARIANTS = {  # name: (kernels, env over DEFAULT_ENV)
-    "cublas": ("cublas", {}),
-    "triton": ("triton", {}),
-    "triton pdl": ("triton", {"EDGELLM_PDL": "1", "EDGELLM_PREFETCH_LINES": "0"}),
-    "triton pdl pf16": ("triton", {"EDGELLM_PDL": "1"}),
-    "triton pdl late": ("triton", {"EDGELLM_PDL": "1", "EDGELLM_PDL_MODE": "2"}),
-    "triton 16x1024": ("triton", {"EDGELLM_GEMV_TILE": "16,1024,4,1"}),
-    "triton 16x512": ("triton", {"EDGELLM_GEMV_TILE": "16,512,4,2"}),
-    "triton 16x512 late": ("triton", {"EDGELLM_GEMV_TILE": "16,512,4,2", "EDGELLM_PDL": "1", "EDGELLM_PDL_MODE": "2"}),
-    "triton 64x128x8": ("triton", {"EDGELLM_GEMV_TILE": "64,128,8,4"}),
-    "fused": ("fused", {}),
+VARIANTS = {  # name: (kernels, EDGELLM_PDL)
+    "cublas": ("cublas", "0"),
+    "triton": ("triton", "0"),
+    "triton pdl": ("triton", "1"),
 }
 
 
@@ -45,11 +35,10 @@ def layer_weights(shape: dict, layers: int):
     qkv = (shape["num_attention_heads"] + 2 * shape["num_key_value_heads"]) * d
     def w(n, k):
         return torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
-    return [dict(qkv=w(qkv, h), o=w(h, shape["num_attention_heads"] * d), gate_up=w(2 * i, h), down=w(h, i),
-                 norm=torch.ones(h, device="cuda", dtype=torch.float16)) for _ in range(layers)]
+    return [dict(qkv=w(qkv, h), o=w(h, shape["num_attention_heads"] * d), gate_up=w(2 * i, h), down=w(h, i)) for _ in range(layers)]
 
 
-def chain(kind: str, weights, x: torch.Tensor, residual: torch.Tensor):
+def chain(kind: str, weights, x: torch.Tensor):
     h = x.shape[-1]
     for lw in weights:
         q_size = lw["o"].shape[1]
@@ -57,14 +46,9 @@ def chain(kind: str, weights, x: torch.Tensor, residual: torch.Tensor):
         if kind == "cublas":
             qkv = F.linear(x, lw["qkv"])
             x = F.linear(F.linear(F.linear(qkv[:, :q_size], lw["o"])[:, :h], lw["gate_up"])[:, :i], lw["down"])
-        elif kind == "triton":
+        else:
             qkv = gemv.gemv(x, lw["qkv"])
             x = gemv.gemv(gemv.gemv(gemv.gemv(qkv[:, :q_size], lw["o"]), lw["gate_up"])[:, :i], lw["down"])
-        else:
-            qkv, residual = fused_gemv.add_rms_norm_gemv(x, residual, lw["norm"], 1e-5, lw["qkv"])
-            attn = gemv.gemv(qkv[:, :q_size], lw["o"])
-            gate_up, residual = fused_gemv.add_rms_norm_gemv(attn, residual, lw["norm"], 1e-5, lw["gate_up"])
-            x = fused_gemv.silu_mul_gemv(gate_up, lw["down"])
     return x
 
 
@@ -101,17 +85,16 @@ def main() -> int:
     for name in args.shapes:
         shape = SHAPES[name]
         weights = layer_weights(shape, shape["num_hidden_layers"])
-        nbytes = sum(t.numel() * 2 for lw in weights for key, t in lw.items() if key != "norm")
+        nbytes = sum(t.numel() * 2 for lw in weights for t in lw.values())
         floor_us = nbytes / bandwidth * 1e6
         for rows in args.rows:
             x = torch.randn(rows, shape["hidden_size"], device="cuda", dtype=torch.float16)
-            residual = torch.randn_like(x)
             reference = None
-            for variant, (kind, env) in VARIANTS.items():
-                os.environ.update({**DEFAULT_ENV, **env})
+            for variant, (kind, pdl) in VARIANTS.items():
+                os.environ["EDGELLM_PDL"] = pdl
                 try:
-                    out = chain(kind, weights, x, residual)
-                    us = time_graph(lambda w=weights: chain(kind, w, x, residual))
+                    out = chain(kind, weights, x)
+                    us = time_graph(lambda w=weights: chain(kind, w, x))
                     error = None
                 except Exception as exc:  # noqa: BLE001 - report the variant as failed, go on
                     us, out, error = None, None, f"{type(exc).__name__}: {str(exc)[:200]}"

@@ -23,7 +23,7 @@ from kernels import streamed_us  # noqa: E402
 
 from edgellm.benchmark import copy_bandwidth  # noqa: E402
 
-from edgellm.kernels import fused_gemv, gemv, rms_norm, silu_mul  # noqa: E402
+from edgellm.kernels import gemv  # noqa: E402
 
 SHAPES = {  # name: (N, K)
     "1b qkv": (3072, 2048), "1b o": (2048, 2048), "1b gate_up": (16384, 2048), "1b down": (2048, 8192),
@@ -33,29 +33,6 @@ SHAPES = {  # name: (N, K)
 }
 TILES = [(16, 256, 4, 4), (32, 256, 4, 4), (32, 512, 4, 3), (64, 256, 4, 4), (16, 512, 4, 3), (32, 128, 4, 6),
          (64, 128, 8, 4), (16, 1024, 8, 2)]
-
-
-def fused_rows(rows_list) -> list[dict]:
-    """The fused prologue GEMVs (kernels/fused_gemv.py) against the two launches they replace."""
-    out = []
-    for name, (n, k), mode in (("1b qkv + add_rms_norm", (3072, 2048), "norm"), ("1b down + silu_mul", (2048, 8192), "silu"),
-                               ("135m qkv + add_rms_norm", (960, 576), "norm"), ("135m down + silu_mul", (576, 1536), "silu")):
-        for m in rows_list:
-            def fresh(i, fused, m=m, n=n, k=k, mode=mode):
-                w = torch.randn(n, k, device="cuda", dtype=torch.float16)
-                if mode == "norm":
-                    x, r, nw = (torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(3))
-                    if fused:
-                        return lambda: fused_gemv.add_rms_norm_gemv(x, r, nw[0], 1e-5, w)
-                    return lambda: F.linear(rms_norm.add_rms_norm(x, r, nw[0], 1e-5)[0], w)
-                gu = torch.randn(m, 2 * k, device="cuda", dtype=torch.float16)
-                return (lambda: fused_gemv.silu_mul_gemv(gu, w)) if fused else (lambda: F.linear(silu_mul.silu_mul(gu), w))
-
-            two = streamed_us(lambda i: fresh(i, False), n * k * 2)
-            one = streamed_us(lambda i: fresh(i, True), n * k * 2)
-            out.append(dict(shape=name, rows=m, unfused_us=two, fused_us=one))
-            print(f"{name:<26s} m={m:<3d} two launches {two:7.1f} us   fused {one:7.1f} us", flush=True)
-    return out
 
 
 def main() -> int:
@@ -87,9 +64,8 @@ def main() -> int:
                   f"({100 * row['floor_us'] / cublas:3.0f}%)  triton best {best[0]:7.1f} us "
                   f"({100 * row['floor_us'] / best[0]:3.0f}%) {best[1]}  default {row['tiles'][str(gemv.DEFAULT_TILE)]:7.1f}",
                   flush=True)
-    fused = fused_rows(args.rows)
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(copy_TBps=bandwidth / 1e12, results=results, fused=fused),
+        Path(args.json).write_text(json.dumps(dict(copy_TBps=bandwidth / 1e12, results=results),
                                               indent=2))
     return 0
 

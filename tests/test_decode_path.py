@@ -109,13 +109,3 @@ def test_decode_path_bad_calls(tiny_models):
     runner.start_decode([1, 2], [0, 1], [0.0] * 2, [1] * 2, [1.0] * 2, [0] * 2, [0] * 2)
     with pytest.raises(InvalidRequestError, match=r"keep_decode_rows: indices must be in \[0, 2\)"):
         runner.keep_decode_rows([2])
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: the qkv bias after the fused GEMV
-def test_fused_gemv_decode_matches_transformers(tiny_models, family, monkeypatch):
-    monkeypatch.setenv("EDGELLM_FUSED_GEMV", "1")
-    model_dir, hf_model = tiny_models[family]
-    runtime = LLMInferenceRuntime(model_dir, device="cpu", dtype="float32")
-    response = runtime.handle_request(LLMGenerationRequest(requests=[{"input_ids": p} for p in PROMPTS],
-                                                           max_generate_length=10, temperature=0))
-    assert_rows_match_transformers(response, hf_model, PROMPTS, 10)

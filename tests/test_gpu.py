@@ -8,7 +8,7 @@ import torch
 from edgellm import LLMEngineRunner, LLMGenerationRequest, LLMInferenceRuntime
 from edgellm.kernels import forbid_reference_on_cuda
 
-from conftest import FAMILIES, assert_rows_match_transformers
+from conftest import FAMILIES
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -123,14 +123,3 @@ def test_capture_up_front_and_no_memory_growth_over_200_requests(tiny_models):
     assert torch.cuda.memory_allocated() == allocated
     assert torch.cuda.memory_reserved() == reserved
     assert len(runtime.runner.graphs.graphs) == 3 + 1  # decode sizes 1, 2, 4; one prefill bucket
-
-
-def test_fused_gemv_decode_on_gpu(tiny_models, monkeypatch):
-    """The experimental EDGELLM_FUSED_GEMV=1 decode path (graphs on): float32 tokens as transformers'."""
-    monkeypatch.setenv("EDGELLM_FUSED_GEMV", "1")
-    model_dir, hf_model = tiny_models["qwen2"]
-    runtime = LLMInferenceRuntime(model_dir, device="cuda", dtype="float32")
-    with forbid_reference_on_cuda():
-        response = runtime.handle_request(LLMGenerationRequest(
-            requests=[{"input_ids": p} for p in PROMPTS], max_generate_length=16, temperature=0))
-    assert_rows_match_transformers(response, hf_model, PROMPTS, 16)

@@ -215,19 +215,3 @@ def test_rope_kv_append(dtype, hq, hkv, head_dim, rotary_dim, seq):
     torch.testing.assert_close(q_out, q_ref, **TOL[dtype])
     torch.testing.assert_close(k_cache, kr, **TOL[dtype])
     assert torch.equal(v_cache, vr)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("m,n,k", [(1, 40, 96), (3, 33, 70), (16, 64, 256)])
-def test_fused_gemvs(dtype, m, n, k):
-    from edgellm.kernels import fused_gemv
-
-    x, r = randn(m, k, dtype=dtype), randn(m, k, dtype=dtype, seed=1)
-    norm_w, w = randn(k, dtype=dtype, seed=2), randn(n, k, dtype=dtype, seed=3) * 0.2
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    y, summed = fused_gemv.add_rms_norm_gemv(x, r, norm_w, 1e-5, w, tile=(16, 32, 4, 2))
-    y_ref, summed_ref = fused_gemv.add_rms_norm_gemv_ref(x, r, norm_w, 1e-5, w)
-    torch.testing.assert_close(y, y_ref, **tol)
-    assert torch.equal(summed, summed_ref)
-    gate_up = randn(m, 2 * k, dtype=dtype, seed=4)
-    torch.testing.assert_close(fused_gemv.silu_mul_gemv(gate_up, w), fused_gemv.silu_mul_gemv_ref(gate_up, w), **tol)

@@ -2,7 +2,7 @@
 
 One function serves prefill and decode: a right-padded chunk of `q_lens[b]` tokens per row, placed
 at positions starts[b] ... of cache slot slots[b]. Every hot-path op goes through `edgellm.kernels.ops`
-(which picks Triton or the torch reference); the matmuls are torch (cuBLAS on GPU).
+(which picks Triton or the torch reference); the matmuls are cuBLAS, or the Triton GEMV at decode sizes.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, key
         out = ops.decode_attention(q[:, 0], keys, values, slots, ends, scale)[:, None]
     else:
         out = ops.prefill_attention(q, keys, values, slots, starts, q_lens, scale)
-    return F.linear(out.reshape(batch, seq, cfg.q_size), lw.o_proj, lw.o_bias)
+    return _linear(out.reshape(batch, seq, cfg.q_size), lw.o_proj, lw.o_bias, ops)
 
 
 def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCache,
@@ -54,42 +54,30 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     ends = starts + q_lens  # each row's cache length after this chunk (computed once, not per layer)
     residual = hidden
     x = None
-    fused = _fused_decode(hidden)
     eps = cfg.rms_norm_eps
     for index, lw in enumerate(weights.layers):
         if x is None:
-            qkv = F.linear(ops.rms_norm(hidden, lw.input_norm, eps), lw.qkv, lw.qkv_bias)
-        elif fused:
-            qkv, residual = ops.add_rms_norm_gemv(x, residual, lw.input_norm, eps, lw.qkv)
-            qkv = qkv if lw.qkv_bias is None else qkv + lw.qkv_bias
+            qkv = _linear(ops.rms_norm(hidden, lw.input_norm, eps), lw.qkv, lw.qkv_bias, ops)
         else:
             x, residual = ops.add_rms_norm(x, residual, lw.input_norm, eps)
-            qkv = F.linear(x, lw.qkv, lw.qkv_bias)
+            qkv = _linear(x, lw.qkv, lw.qkv_bias, ops)
         keys, values = cache.layer(index)
         attn = _attention_block(lw, cfg, qkv, keys, values, rope, slots, starts, q_lens, ends, ops)
-        if fused:
-            gate_up, residual = ops.add_rms_norm_gemv(attn, residual, lw.post_norm, eps, lw.gate_up)
-            x = ops.silu_mul_gemv(gate_up, lw.down)
-        else:
-            x, residual = ops.add_rms_norm(attn, residual, lw.post_norm, eps)
-            x = F.linear(ops.silu_mul(F.linear(x, lw.gate_up)), lw.down)
+        x, residual = ops.add_rms_norm(attn, residual, lw.post_norm, eps)
+        x = _linear(ops.silu_mul(_linear(x, lw.gate_up, None, ops)), lw.down, None, ops)
     last = (q_lens.long() - 1).clamp(min=0)
     rows = torch.arange(batch, device=hidden.device)
     x_last, res_last = x[rows, last][:, None], residual[rows, last][:, None]
     final, _ = ops.add_rms_norm(x_last, res_last, weights.final_norm, cfg.rms_norm_eps)
-    return _lm_head(final[:, 0], weights.lm_head, ops).float()
+    return _linear(final[:, 0], weights.lm_head, None, ops, head=True).float()
 
 
-def _fused_decode(hidden: torch.Tensor) -> bool:
-    """EDGELLM_FUSED_GEMV=1 (experimental; off until it is measured faster on the GPU): decode chunks
-    of at most gemv.MAX_ROWS rows fold add-RMSNorm into the qkv and gate_up GEMVs and SiLU*mul into
-    the down GEMV (kernels/fused_gemv.py): 4 launches fewer per layer."""
-    return os.environ.get("EDGELLM_FUSED_GEMV") == "1" and hidden.shape[1] == 1 and hidden.shape[0] <= gemv.MAX_ROWS
-
-
-def _lm_head(x: torch.Tensor, weight: torch.Tensor, ops) -> torch.Tensor:
-    # The LM head is the largest matrix a decode step reads; at a few rows the Triton skinny GEMM
-    # streams it faster than cuBLAS (bench/RESULTS.md: 1B shape 177 us vs 194 us). Elsewhere cuBLAS.
-    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.shape[0] <= gemv.MAX_ROWS:
-        return ops.gemv(x, weight)
-    return F.linear(x, weight)
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ops, head: bool = False) -> torch.Tensor:
+    # At decode sizes (a few rows) on the GPU, the Triton skinny GEMM: it streams the LM head faster
+    # than cuBLAS (bench/RESULTS.md: 1B shape 177 us vs 194 us), matches it on the layer matrices, and,
+    # launched with PDL like its neighbours, overlaps their launch and drain (bench/chain.py).
+    # EDGELLM_DECODE_GEMV=cublas keeps cuBLAS for the layer matrices (A/B runs). Elsewhere cuBLAS.
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.numel() <= gemv.MAX_ROWS * x.shape[-1] \
+            and (head or os.environ.get("EDGELLM_DECODE_GEMV", "triton") == "triton"):
+        return ops.gemv(x, weight, bias)
+    return F.linear(x, weight, bias)

@@ -29,24 +29,19 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-# Programmatic dependent launch (Hopper and later): a kernel launched with launch_pdl=True may start
-# while the previous kernel drains. It calls gdc_launch_dependents() early, so the kernel after it
-# can be scheduled too, and gdc_wait() before it touches anything the previous kernel writes (or
-# reads). What it does before the wait — here only prefetching its own weights, which no kernel
-# writes — overlaps the previous kernel's tail: the 2-4 us start/drain each decode GEMV pays alone.
+# Programmatic dependent launch (Hopper and later). A decode step is hundreds of short dependent
+# kernels, each paying a launch and a drain. A kernel launched with launch_pdl=True may be scheduled
+# as soon as every program of the kernel before it has called gdc_launch_dependents(), which ours do
+# once their loads are done, just before their final stores; it then blocks in gdc_wait(), at its
+# very start, until that kernel has finished and its writes are visible. So nothing is read or
+# written early, and the next launch overlaps the previous kernel's tail (bench/chain.py measured a
+# 30-layer GEMV chain 8% faster). Kernels launched without it (torch's, cuBLAS) wait as usual.
 try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
     _HAS_GDC = True
 except ImportError:  # triton without grid dependency control: PDL stays off
     _HAS_GDC = False
-
-    @triton.jit
-    def gdc_wait():
-        pass
-
-    @triton.jit
-    def gdc_launch_dependents():
-        pass
+    gdc_launch_dependents = gdc_wait = None
 
 _pdl_devices: dict = {}
 
@@ -66,8 +61,14 @@ def use_pdl(tensor: torch.Tensor) -> bool:
 
 
 @triton.jit
-def prefetch_l2(ptrs):
-    """Ask the memory system to bring the 128-byte lines at `ptrs` into L2 (no registers written);
-    compiled GPU only, call it under a PDL constexpr."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
+def pdl_wait(PDL: tl.constexpr):
+    """First statement of a PDL kernel: wait until the previous kernel has finished."""
+    if PDL:
+        gdc_wait()
+
+
+@triton.jit
+def pdl_release(PDL: tl.constexpr):
+    """After a PDL kernel's last loads: the next kernel may be scheduled (it waits in pdl_wait)."""
+    if PDL:
+        gdc_launch_dependents()

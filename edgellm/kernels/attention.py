@@ -13,7 +13,7 @@ so the launch needs no host synchronisation (CUDA-graph safe).
 
 import torch
 
-from ._triton import dot_precision, pow2, tl, triton
+from ._triton import dot_precision, pdl_release, pdl_wait, pow2, tl, triton, use_pdl
 
 _LOG2E = 1.4426950408889634
 
@@ -100,7 +100,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, part_out_ptr, part_lse_ptr, slots_ptr, lens_ptr,
                          s_qb, s_qh, c_slot, c_head, c_pos, scale_log2, group, head_dim, n_heads, n_splits,
                          BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         PRECISION: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -139,13 +140,15 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, part_out_ptr, part_lse_ptr, slot
     out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     row = (b * n_heads + heads).to(tl.int64) * n_splits + split
+    pdl_release(PDL)
     tl.store(part_out_ptr + row[:, None] * head_dim + d[None, :], out, mask=g_ok[:, None] & d_ok[None, :])
     tl.store(part_lse_ptr + row, lse, mask=g_ok)
 
 
 @triton.jit
 def _decode_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, s_ob, s_oh, n_heads, n_splits, head_dim,
-                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
@@ -156,6 +159,7 @@ def _decode_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, s_ob, s_oh, n_head
     part = tl.load(part_out_ptr + row[:, None] * head_dim + d[None, :],
                    mask=(s[:, None] < n_splits) & (d[None, :] < head_dim), other=0.0)
     out = tl.sum(part * weight[:, None], axis=0) / tl.sum(weight, axis=0)
+    pdl_release(PDL)
     tl.store(out_ptr + b.to(tl.int64) * s_ob + h * s_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < head_dim)
 
 
@@ -177,13 +181,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     part_out = torch.empty(batch * heads * splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch * heads * splits, dtype=torch.float32, device=q.device)
     block_d = pow2(head_dim, 16)
+    pdl = use_pdl(q)
     _decode_split_kernel[(batch, kv_heads, splits)](
         q, k_cache, v_cache, part_out, part_lse, slots, lengths, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), scale * _LOG2E, group, head_dim, heads, splits,
-        BLOCK_G=pow2(group, 16), BLOCK_N=64, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), num_warps=4)
+        BLOCK_G=pow2(group, 16), BLOCK_N=64, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), PDL=pdl, num_warps=4,
+        launch_pdl=pdl)
     out = torch.empty(batch, heads, head_dim, dtype=q.dtype, device=q.device)
     _decode_merge_kernel[(batch, heads)](part_out, part_lse, out, out.stride(0), out.stride(1), heads, splits,
-                                         head_dim, BLOCK_S=pow2(splits), BLOCK_D=block_d)
+                                         head_dim, BLOCK_S=pow2(splits), BLOCK_D=block_d, PDL=pdl, launch_pdl=pdl)
     return out
 
 

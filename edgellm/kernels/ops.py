@@ -4,7 +4,7 @@ Each is a KernelOp pairing a file's Triton launcher with its `_ref` twin (see di
 runs when). Without triton installed every op runs its reference.
 """
 
-from . import attention, fused_gemv, gemv as _gemv, kv_append as _kv_append, rope, rope_append, sampling
+from . import attention, gemv as _gemv, kv_append as _kv_append, rope, rope_append, sampling
 from . import rms_norm as _rms_norm, silu_mul as _silu_mul, vocab_remap as _vocab_remap
 from ._triton import HAS_TRITON
 from .dispatch import KernelOp
@@ -26,12 +26,9 @@ sample = _op("sample", sampling)
 vocab_remap = _op("vocab_remap", _vocab_remap)
 gemv = _op("gemv", _gemv)
 rope_kv_append = _op("rope_kv_append", rope_append)
-add_rms_norm_gemv = _op("add_rms_norm_gemv", fused_gemv)
-silu_mul_gemv = _op("silu_mul_gemv", fused_gemv)
 
 ALL_OPS = (rms_norm, add_rms_norm, rope_cos_sin_cache, apply_rope, kv_append, prefill_attention,
-           decode_attention, silu_mul, sample, vocab_remap, gemv, rope_kv_append,
-           add_rms_norm_gemv, silu_mul_gemv)
+           decode_attention, silu_mul, sample, vocab_remap, gemv, rope_kv_append)
 
 
 def reference_ops():

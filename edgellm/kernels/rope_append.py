@@ -10,7 +10,7 @@ keys. The rotation itself is rope.py's.
 
 import torch
 
-from ._triton import pow2, tl, triton
+from ._triton import pdl_release, pdl_wait, pow2, tl, triton, use_pdl
 from .kv_append import kv_append_ref
 from .rope import _rotate_heads, apply_rope_ref
 
@@ -20,7 +20,8 @@ def _rope_append_kernel(q_ptr, k_ptr, v_ptr, q_out, kc_ptr, vc_ptr, cos_ptr, sin
                         lens_ptr, seq_len, n_pos, sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h,
                         c_slot, c_head, c_pos, n_q_heads, n_k_heads, head_dim, half,
                         BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, HALF: tl.constexpr,
-                        BLOCK_REST: tl.constexpr, BLOCK_D: tl.constexpr):
+                        BLOCK_REST: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     token = tl.program_id(0)
     b = (token // seq_len).to(tl.int64)
     s = (token % seq_len).to(tl.int64)
@@ -32,6 +33,7 @@ def _rope_append_kernel(q_ptr, k_ptr, v_ptr, q_out, kc_ptr, vc_ptr, cos_ptr, sin
     sin = tl.load(sin_ptr + pos * half + f, mask=f < half, other=0.0)
     _rotate_heads(q_ptr + b * sq_b + s * sq_s, q_out + token.to(tl.int64) * n_q_heads * head_dim, sq_h, head_dim,
                   n_q_heads, head_dim, half, cos, sin, BLOCK_HQ, HALF, BLOCK_REST)
+    pdl_release(PDL)
     if s < tl.load(lens_ptr + b):
         dst = tl.load(slots_ptr + b).to(tl.int64) * c_slot + (start + s) * c_pos
         _rotate_heads(k_ptr + b * sk_b + s * sk_s, kc_ptr + dst, sk_h, c_head, n_k_heads, head_dim, half, cos, sin,
@@ -57,12 +59,13 @@ def rope_kv_append(q, k, v, cos, sin, k_cache, v_cache, slots, starts, lengths) 
     hk, half = k.shape[2], cos.shape[-1]
     q_out = torch.empty(batch, seq, hq, head_dim, dtype=q.dtype, device=q.device)
     rest = head_dim - 2 * half
+    pdl = use_pdl(q)
     _rope_append_kernel[(batch * seq,)](
         q, k, v, q_out, k_cache, v_cache, cos, sin, slots, starts, lengths, seq, cos.shape[0],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), hq, hk, head_dim, half,
         BLOCK_HQ=pow2(hq), BLOCK_HK=pow2(hk), HALF=pow2(half), BLOCK_REST=pow2(rest) if rest else 0,
-        BLOCK_D=pow2(head_dim), num_warps=4)
+        BLOCK_D=pow2(head_dim), PDL=pdl, num_warps=4, launch_pdl=pdl)
     return q_out
 
 

@@ -19,7 +19,7 @@ CDF over the kept values, in vocabulary order, exactly as the reference does.
 
 import torch
 
-from ._triton import tl, triton
+from ._triton import pdl_release, pdl_wait, tl, triton, use_pdl
 
 _MASK32 = 0xFFFFFFFF
 _BLOCK = 8192  # large tiles and 32 warps: each pass is latency-bound (H100 sweep, bench/RESULTS.md)
@@ -51,7 +51,8 @@ def _count_mass_above(row_ptr, vocab, inv_t, row_max, threshold, BLOCK: tl.const
 
 @triton.jit
 def _sample_kernel(logits_ptr, stride_row, vocab, temp_ptr, topk_ptr, topp_ptr, seed_ptr, offset_ptr, out_ptr,
-                   BLOCK: tl.constexpr, MAX_BISECT: tl.constexpr):
+                   BLOCK: tl.constexpr, MAX_BISECT: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     temperature = tl.load(temp_ptr + row)
@@ -138,6 +139,7 @@ def _sample_kernel(logits_ptr, stride_row, vocab, temp_ptr, topk_ptr, topp_ptr, 
             drawn = tl.minimum(drawn, tl.min(tl.where((cdf > target) & (e > 0), offs, vocab), axis=0))
             running += tl.sum(e, axis=0)
         token = tl.where(drawn < vocab, drawn, argmax)
+    pdl_release(PDL)
     tl.store(out_ptr + row, token.to(tl.int64))
 
 
@@ -150,12 +152,13 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     batch, vocab = logits.shape
     out = torch.empty(batch, dtype=torch.int64, device=logits.device)
     dev = logits.device
+    pdl = use_pdl(logits)
     _sample_kernel[(batch,)](
         logits, logits.stride(0), vocab, temperature.to(dev, torch.float32).contiguous(),
         top_k.to(dev, torch.int32).contiguous(), top_p.to(dev, torch.float32).contiguous(),
         seeds.to(dev, torch.int64).contiguous(), offsets.to(dev, torch.int64).contiguous(), out,
         BLOCK=block or (_BLOCK if logits.is_cuda else 128), MAX_BISECT=_MAX_BISECT,
-        num_warps=num_warps or (32 if logits.is_cuda else 4))
+        PDL=pdl, num_warps=num_warps or (32 if logits.is_cuda else 4), launch_pdl=pdl)
     return out
 
 
