@@ -7,8 +7,6 @@ at positions starts[b] ... of cache slot slots[b]. Every hot-path op goes throug
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -69,15 +67,14 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     rows = torch.arange(batch, device=hidden.device)
     x_last, res_last = x[rows, last][:, None], residual[rows, last][:, None]
     final, _ = ops.add_rms_norm(x_last, res_last, weights.final_norm, cfg.rms_norm_eps)
-    return _linear(final[:, 0], weights.lm_head, None, ops, head=True).float()
+    return _linear(final[:, 0], weights.lm_head, None, ops).float()
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ops, head: bool = False) -> torch.Tensor:
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ops) -> torch.Tensor:
     # At decode sizes (a few rows) on the GPU, the Triton skinny GEMM: it streams the LM head faster
     # than cuBLAS (bench/RESULTS.md: 1B shape 177 us vs 194 us), matches it on the layer matrices, and,
-    # launched with PDL like its neighbours, overlaps their launch and drain (bench/chain.py).
-    # EDGELLM_DECODE_GEMV=cublas keeps cuBLAS for the layer matrices (A/B runs). Elsewhere cuBLAS.
-    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.numel() <= gemv.MAX_ROWS * x.shape[-1] \
-            and (head or os.environ.get("EDGELLM_DECODE_GEMV", "triton") == "triton"):
+    # launched with PDL like its neighbours, overlaps their launch and drain (bench/RESULTS.md: SmolLM2
+    # shape batch 1 1194 vs 1087 tok/s with cuBLAS and no PDL; Llama-3.2-1B shape even). Else cuBLAS.
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.numel() <= gemv.MAX_ROWS * x.shape[-1]:
         return ops.gemv(x, weight, bias)
     return F.linear(x, weight, bias)
