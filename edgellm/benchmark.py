@@ -70,6 +70,33 @@ def random_model_dir(shape: str, root: str | Path) -> Path:
     return model_dir
 
 
+def random_lora_dir(model_dir: str | Path, adapter_dir: str | Path, *, rank: int, alpha: float, seed: int = 0,
+                    targets=("q", "k", "v", "o", "gate", "up", "down")) -> Path:
+    """A random LoRA adapter for the model in `model_dir`, in PEFT's layout (adapter_config.json and
+    adapter_model.safetensors), written without the peft package: what benchmarks and GPU tests load."""
+    from safetensors.torch import save_file
+
+    from .engine.config import EngineConfig
+    from .engine.lora import module_shapes
+
+    cfg = EngineConfig.from_model_dir(model_dir)
+    adapter_dir = Path(adapter_dir)
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(cfg.num_decoder_layers):
+        for module in targets:
+            out_features, in_features = module_shapes(cfg)[module]
+            prefix = f"base_model.model.model.layers.{layer}.{'mlp' if module in ('gate', 'up', 'down') else 'self_attn'}"
+            tensors[f"{prefix}.{module}_proj.lora_A.weight"] = \
+                torch.randn(rank, in_features, generator=generator) / in_features ** 0.5
+            tensors[f"{prefix}.{module}_proj.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.1
+    save_file(tensors, str(adapter_dir / "adapter_model.safetensors"))
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(dict(
+        peft_type="LORA", r=rank, lora_alpha=alpha, target_modules=[f"{m}_proj" for m in targets], bias="none")))
+    return adapter_dir
+
+
 def copy_bandwidth(device="cuda") -> float:
     """Bytes per second of a 256 MiB device-to-device copy (read + write counted), median of
     triton's do_bench: the bandwidth every floor in bench/ is measured against."""
@@ -108,27 +135,29 @@ def _random_prompts(runner, batch: int, length: int, seed: int = 0) -> torch.Ten
     return torch.randint(10, runner.config.vocab_size, (batch, length), generator=generator).to(runner.device)
 
 
-def prefill(runner, ids: torch.Tensor) -> torch.Tensor:
-    """Prefill `ids` and sample each row's first token greedily: what TTFT measures."""
+def prefill(runner, ids: torch.Tensor, lora=None) -> torch.Tensor:
+    """Prefill `ids` and sample each row's first token greedily: what TTFT measures. lora: one
+    adapter name per row, or None (the runner's active adapter)."""
     from .kernels import ops
 
     batch = ids.shape[0]
-    logits = runner.prefill_step(runner.embed(ids), [ids.shape[1]] * batch)
+    logits = runner.prefill_step(runner.embed(ids), [ids.shape[1]] * batch, lora=lora)
     zeros = torch.zeros(batch, device=runner.device)
     return ops.sample(logits, zeros, torch.ones(batch, dtype=torch.int32, device=runner.device),
                       torch.ones(batch, device=runner.device), zeros.long(), zeros.long())
 
 
-def bench_decode(runner, batch: int, isl: int, osl: int, iterations: int, bandwidth: float) -> dict:
-    """Decode tokens/s of `batch` rows, ISL-token prompts, OSL steps each iteration (median)."""
+def bench_decode(runner, batch: int, isl: int, osl: int, iterations: int, bandwidth: float, lora=None) -> dict:
+    """Decode tokens/s of `batch` rows, ISL-token prompts, OSL steps each iteration (median);
+    lora: one adapter name per row, or None (the runner's active adapter)."""
     ids = _random_prompts(runner, batch, isl)
     greedy = dict(temperature=[0.0] * batch, top_k=[1] * batch, top_p=[1.0] * batch, seeds=[0] * batch,
                   offsets=[0] * batch)
     step_times = []
     torch.cuda.reset_peak_memory_stats()
     for it in range(iterations + 1):  # the first iteration warms up (and captures the graph)
-        first = prefill(runner, ids)
-        runner.start_decode(first, list(range(batch)), **greedy)
+        first = prefill(runner, ids, lora)
+        runner.start_decode(first, list(range(batch)), **greedy, lora=lora)
 
         def steps():
             for _ in range(osl):

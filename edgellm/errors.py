@@ -32,3 +32,8 @@ class DefaultModelUnavailableError(EdgeLLMError):
 
 class ConfigurationError(EdgeLLMError, ValueError):
     """Engine or runtime settings are inconsistent (e.g. max_input_length above the KV capacity)."""
+
+
+class LoraError(EdgeLLMError, ValueError):
+    """A LoRA adapter cannot be loaded or used: missing or corrupt file, shapes that do not fit the
+    base model, rank above the engine's max_lora_rank, unknown or duplicate name."""

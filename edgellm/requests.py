@@ -21,11 +21,13 @@ DEFAULT_MAX_GENERATE_LENGTH = 128
 
 @dataclasses.dataclass
 class GenerationItem:
-    """One sequence of a batch. Give exactly one of `messages`, `prompt` or `input_ids`."""
+    """One sequence of a batch. Give exactly one of `messages`, `prompt` or `input_ids`.
+    `lora_weights_name` overrides the request's adapter for this item ("" = the base model)."""
 
     messages: list[dict[str, Any]] | None = None  # chat messages; the model's chat template applies
     prompt: str | None = None                     # raw text, no template
     input_ids: list[int] | None = None            # token ids, used as they are
+    lora_weights_name: str | None = None
 
 
 @dataclasses.dataclass
@@ -34,6 +36,8 @@ class LLMGenerationRequest:
 
     temperature / top_k / top_p left as None take the model's generation_config.json values, else
     1.0 / 50 / 1.0. Greedy decoding: temperature=0 or top_k=1. top_k=0 disables top-k.
+    lora_weights_name: the LoRA adapter of every item that names none; None = the runtime's active
+    adapter (switch_lora_weights), "" = the base model.
     """
 
     requests: list[GenerationItem | dict]
@@ -43,7 +47,7 @@ class LLMGenerationRequest:
     top_p: float | None = None
     seed: int | None = None
     stop: list[str] | str | None = None
-    lora_weights_name: str = ""
+    lora_weights_name: str | None = None
 
 
 @dataclasses.dataclass
@@ -120,10 +124,12 @@ def normalize_item(item, index: int) -> GenerationItem:
         unknown = set(item) - {f.name for f in dataclasses.fields(GenerationItem)}
         if unknown:
             raise InvalidRequestError(f"{where}: unknown keys {sorted(unknown)}; "
-                                      "allowed: messages, prompt, input_ids")
+                                      "allowed: messages, prompt, input_ids, lora_weights_name")
         item = GenerationItem(**item)
     elif not isinstance(item, GenerationItem):
         raise InvalidRequestError(f"{where}: must be a dict or GenerationItem, got {type(item).__name__}")
+    if item.lora_weights_name is not None and not isinstance(item.lora_weights_name, str):
+        raise InvalidRequestError(f"{where}: lora_weights_name must be a string or None")
     given = [name for name in ("messages", "prompt", "input_ids") if getattr(item, name) is not None]
     if len(given) != 1:
         raise InvalidRequestError(f"{where}: give exactly one of messages, prompt or input_ids "
@@ -182,9 +188,6 @@ def validate_request(request: LLMGenerationRequest, *, max_batch_size: int) -> l
                                   f"{max_batch_size}; split the batch or build the runtime with a larger one")
     if not _is_int(request.max_generate_length) or request.max_generate_length < 1:
         raise InvalidRequestError(f"max_generate_length must be an integer >= 1, got {request.max_generate_length!r}")
-    if not isinstance(request.lora_weights_name, str):
-        raise InvalidRequestError("lora_weights_name must be a string")
-    if request.lora_weights_name:
-        raise InvalidRequestError(f"unknown LoRA adapter {request.lora_weights_name!r}: no adapters are loaded "
-                                  "(use '' for the base model)")
+    if request.lora_weights_name is not None and not isinstance(request.lora_weights_name, str):
+        raise InvalidRequestError("lora_weights_name must be a string or None")
     return [normalize_item(item, i) for i, item in enumerate(request.requests)]

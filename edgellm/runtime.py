@@ -18,7 +18,7 @@ import torch
 
 from .kernels import ops
 from .engine.runner import LLMEngineRunner
-from .errors import InvalidRequestError, TokenizerError
+from .errors import InvalidRequestError, LoraError, TokenizerError
 from .models import resolve_model_dir
 from .requests import (GenerationItem, GenerationTimings, LLMGenerationRequest, LLMGenerationResponse,
                        SamplingSettings, sampling_settings, stop_strings, validate_request)
@@ -45,14 +45,17 @@ class LLMInferenceRuntime:
     def __init__(self, model_dir: str | Path | None = None, *, device=None, dtype=None,
                  max_batch_size: int | None = None, max_input_length: int | None = None,
                  max_kv_cache_capacity: int | None = None, cuda_graphs: bool = True,
-                 prefill_chunk_size: int | None = None):
-        """model_dir=None runs the embedded default model (SmolLM2-135M-Instruct). cuda_graphs and
-        prefill_chunk_size are the engine settings of LLMEngineRunner."""
+                 prefill_chunk_size: int | None = None, lora_weights: dict | None = None,
+                 max_lora_rank: int | None = None, max_loras: int | None = None):
+        """model_dir=None runs the embedded default model (SmolLM2-135M-Instruct). cuda_graphs,
+        prefill_chunk_size, lora_weights ({name: adapter path}), max_lora_rank and max_loras are the
+        engine settings of LLMEngineRunner."""
         self.model_dir = resolve_model_dir(model_dir)
         self.runner = LLMEngineRunner(self.model_dir, device=device, dtype=dtype, max_batch_size=max_batch_size,
                                       max_input_length=max_input_length,
                                       max_kv_cache_capacity=max_kv_cache_capacity, cuda_graphs=cuda_graphs,
-                                      prefill_chunk_size=prefill_chunk_size)
+                                      prefill_chunk_size=prefill_chunk_size, lora_weights=lora_weights,
+                                      max_lora_rank=max_lora_rank, max_loras=max_loras)
         self.config = self.runner.config
         try:
             self.tokenizer: Tokenizer | None = Tokenizer.from_dir(self.model_dir)
@@ -77,6 +80,24 @@ class LLMInferenceRuntime:
         if self.tokenizer is not None:
             ids.update(self.tokenizer.eos_token_ids)
         return frozenset(ids)
+
+    # ------------------------------------------------------------------ LoRA adapters (the runner's)
+    def add_lora_weights(self, name: str, path, *, rank: int | None = None, alpha: float | None = None) -> None:
+        """Load a PEFT adapter directory (or a bare .safetensors file with its alpha) under `name`."""
+        self.runner.add_lora_weights(name, path, rank=rank, alpha=alpha)
+
+    def remove_lora_weights(self, name: str) -> None:
+        self.runner.remove_lora_weights(name)
+
+    def switch_lora_weights(self, name: str) -> bool:
+        """The adapter of requests that name none ("" = the base model); the KV cache is kept."""
+        return self.runner.switch_lora_weights(name)
+
+    def get_available_lora_weights(self) -> list[str]:
+        return self.runner.get_available_lora_weights()
+
+    def get_active_lora_weights_name(self) -> str:
+        return self.runner.get_active_lora_weights_name()
 
     @property
     def device(self) -> torch.device:
@@ -118,6 +139,8 @@ class LLMInferenceRuntime:
         if stops:
             self._require_tokenizer()
         prompts = [self._prompt_ids(item, i) for i, item in enumerate(items)]
+        adapters = [self._adapter(item.lora_weights_name if item.lora_weights_name is not None
+                                  else request.lora_weights_name, i) for i, item in enumerate(items)]
         for i, ids in enumerate(prompts):
             if len(ids) > cfg.max_supported_input_length:
                 raise InvalidRequestError(f"request item {i}: prompt has {len(ids)} tokens, more than the "
@@ -128,18 +151,27 @@ class LLMInferenceRuntime:
                     f"request item {i}: prompt of {len(ids)} tokens + max_generate_length "
                     f"{request.max_generate_length} exceeds the KV cache capacity {cfg.max_kv_cache_capacity}; "
                     f"max_generate_length may be at most {room} for this prompt")
-        return prompts, sampling, stops
+        return prompts, sampling, stops, adapters
+
+    def _adapter(self, name: str | None, index: int) -> str:
+        """The adapter name item `index` runs with (None: the active one), checked to be loaded."""
+        name = self.runner.get_active_lora_weights_name() if name is None else name
+        try:
+            self.runner.lora_slot(name)
+        except LoraError as exc:
+            raise InvalidRequestError(f"request item {index}: {exc}") from exc
+        return name
 
     # ------------------------------------------------------------------ generation
     def handle_request(self, request: LLMGenerationRequest, *,
                        on_text: TextCallback | None = None) -> LLMGenerationResponse:
         """Generate for every item of `request`. `on_text(i, delta)` streams item i's text."""
         started = time.perf_counter()
-        prompts, sampling, stops = self._prepare(request)
+        prompts, sampling, stops, adapters = self._prepare(request)
         if on_text is not None:
             self._require_tokenizer()
         with torch.inference_mode():
-            rows, timings = self._generate(prompts, sampling, stops, request.max_generate_length, on_text)
+            rows, timings = self._generate(prompts, adapters, sampling, stops, request.max_generate_length, on_text)
         timings.total_ms = (time.perf_counter() - started) * 1e3
         return LLMGenerationResponse(
             output_texts=[row.text for row in rows], output_ids=[row.ids for row in rows],
@@ -156,8 +188,8 @@ class LLMInferenceRuntime:
                 torch.full((batch,), sampling.top_p, dtype=torch.float32, device=device),
                 seeds)
 
-    def _generate(self, prompts: list[list[int]], sampling: SamplingSettings, stops: list[str],
-                  max_new: int, on_text: TextCallback | None):
+    def _generate(self, prompts: list[list[int]], adapters: list[str], sampling: SamplingSettings,
+                  stops: list[str], max_new: int, on_text: TextCallback | None):
         runner, device = self.runner, self.device
         batch, width = len(prompts), max(len(p) for p in prompts)
         holdback = max((len(s) for s in stops), default=1) - 1
@@ -171,7 +203,8 @@ class LLMInferenceRuntime:
         temperature, top_k, top_p, seeds = self._sampling_tensors(sampling, batch)
         offsets = torch.zeros(batch, dtype=torch.int64, device=device)
         slots = torch.arange(batch, dtype=torch.int32, device=device)
-        logits = runner.prefill_step(runner.embed(ids.to(device)), [len(p) for p in prompts], slots=slots)
+        logits = runner.prefill_step(runner.embed(ids.to(device)), [len(p) for p in prompts], slots=slots,
+                                     lora=adapters)
         tokens = ops.sample(logits, temperature, top_k, top_p, seeds, offsets)
         active = list(range(batch))
         self._advance(rows, active, tokens.tolist(), stops, max_new, on_text)
@@ -186,13 +219,14 @@ class LLMInferenceRuntime:
             if not started:
                 keep = torch.tensor(still, device=device)
                 runner.start_decode(tokens[keep], slots[keep], temperature[keep], top_k[keep], top_p[keep],
-                                    seeds[keep], offsets[keep])
+                                    seeds[keep], offsets[keep], lora=[adapters[i] for i in still])
                 started = True
             elif len(still) != len(active):  # rows that finished leave the batch
                 runner.keep_decode_rows([active.index(i) for i in still])
             active = still
             self._advance(rows, active, runner.decode_sample_step().tolist(), stops, max_new, on_text)
             timings.decode_tokens += len(active)
+        runner.end_decode()
         timings.decode_ms = (time.perf_counter() - t1) * 1e3
 
         if self.tokenizer is not None and not (stops or on_text):  # else _advance kept text current

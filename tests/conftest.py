@@ -105,3 +105,35 @@ def assert_rows_match_transformers(response, hf_model, prompts, new_tokens: int)
         expected = hf_greedy(hf_model, prompt, new_tokens)
         expected = expected[:expected.index(2) + 1] if 2 in expected else expected
         assert response.output_ids[i] == expected, f"row {i} differs from transformers"
+
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_lora_adapter(model_dir: Path, adapter_dir: Path, *, seed: int, rank: int, alpha: float,
+                       targets=ALL_PROJECTIONS, rslora: bool = False):
+    """A random PEFT LoRA adapter (A and B both nonzero) saved to adapter_dir; returns the peft
+    package's merged-weights model of it: the reference for edgellm's per-row LoRA."""
+    import peft
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+                             init_lora_weights=False, use_rslora=rslora)
+    peft.get_peft_model(base, config).save_pretrained(adapter_dir)
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return peft.PeftModel.from_pretrained(fresh, adapter_dir).merge_and_unload().eval()
+
+
+@pytest.fixture(scope="session")
+def lora_adapters(tiny_models, tmp_path_factory):
+    """Two adapters of the tiny llama: "a" (rank 4, all seven projections) and "b" (rank 8, q/v/down
+    only, rsLoRA scaling): name -> (adapter dir, merged reference model)."""
+    model_dir = tiny_models["llama"][0]
+    root = tmp_path_factory.mktemp("lora")
+    return {
+        "a": (root / "a", build_lora_adapter(model_dir, root / "a", seed=1, rank=4, alpha=8.0)),
+        "b": (root / "b", build_lora_adapter(model_dir, root / "b", seed=2, rank=8, alpha=4.0,
+                                             targets=["q_proj", "v_proj", "down_proj"], rslora=True)),
+    }

@@ -123,3 +123,32 @@ def test_capture_up_front_and_no_memory_growth_over_200_requests(tiny_models):
     assert torch.cuda.memory_allocated() == allocated
     assert torch.cuda.memory_reserved() == reserved
     assert len(runtime.runner.graphs.graphs) == 3 + 1  # decode sizes 1, 2, 4; one prefill bucket
+
+
+def test_lora_mixed_batch_on_gpu_matches_the_cpu_reference(tiny_models, tmp_path):
+    """Rows with adapter a, adapter b and none in one batch, graphs on and off, float32: the tokens of
+    the CPU reference path (which tests/test_lora.py checks against peft's merged models)."""
+    from edgellm.benchmark import random_lora_dir
+
+    model_dir, _ = tiny_models["llama"]
+    adapters = {"a": random_lora_dir(model_dir, tmp_path / "a", rank=4, alpha=8.0, seed=1),
+                "b": random_lora_dir(model_dir, tmp_path / "b", rank=16, alpha=8.0, seed=2, targets=("q", "v", "down"))}
+    request = LLMGenerationRequest(requests=[{"input_ids": p, "lora_weights_name": name}
+                                             for p, name in zip(PROMPTS, ["a", "b", ""])],
+                                   max_generate_length=12, temperature=0)
+    base_only = LLMGenerationRequest(requests=[{"input_ids": p} for p in PROMPTS], max_generate_length=12,
+                                     temperature=0)
+    expected = LLMInferenceRuntime(model_dir, device="cpu", lora_weights=adapters).handle_request(request).output_ids
+    base = LLMInferenceRuntime(model_dir, device="cpu").handle_request(base_only).output_ids
+    assert expected[:2] != base[:2] and expected[2] == base[2]
+    runtimes = {graphs: LLMInferenceRuntime(model_dir, device="cuda", dtype="float32", lora_weights=adapters,
+                                            cuda_graphs=graphs) for graphs in (True, False)}
+    for runtime in runtimes.values():
+        with forbid_reference_on_cuda():
+            assert runtime.handle_request(request).output_ids == expected
+            runtime.switch_lora_weights("b")  # switching keeps graphs valid: same tokens after a round trip
+            runtime.switch_lora_weights("")
+            assert runtime.handle_request(request).output_ids == expected
+            assert runtime.handle_request(base_only).output_ids == base
+    # Batches with adapters and without run on separate graphs (3 rows padded to 4, then fewer as rows end).
+    assert {k[1] for k in runtimes[True].runner.graphs.graphs if k[-1] == "decode"} == {"lora", ""}

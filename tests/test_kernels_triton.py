@@ -215,3 +215,29 @@ def test_rope_kv_append(dtype, hq, hkv, head_dim, rotary_dim, seq):
     torch.testing.assert_close(q_out, q_ref, **TOL[dtype])
     torch.testing.assert_close(k_cache, kr, **TOL[dtype])
     assert torch.equal(v_cache, vr)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("batch,seq,k,segments,rank", [
+    (3, 1, 40, (24, 8, 8), 16),     # decode rows, a fused qkv-like group of three segments
+    (2, 19, 70, (50, 50), 16),      # prefill chunk, two segments (gate/up), odd sizes
+    (4, 1, 96, (33,), 32),          # one segment, a larger rank
+])
+def test_lora_shrink_expand(dtype, batch, seq, k, segments, rank):
+    from edgellm.kernels import lora
+
+    adapters, n, groups = 3, sum(segments), len(segments)
+    x = randn(batch, seq, k, dtype=dtype)
+    a_stack = randn(adapters, groups * rank, k, dtype=dtype, seed=1) * 0.3
+    b_stack = randn(adapters, n, rank, dtype=dtype, seed=2) * 0.3
+    scale = torch.tensor([0.5, 2.0, 1.25], device=DEVICE)
+    index = torch.tensor([2, -1, 0, 1][:batch], dtype=torch.int32, device=DEVICE)  # row 1: no adapter
+    t = lora.lora_shrink(x, a_stack, index)
+    t_ref = lora.lora_shrink_ref(x, a_stack, index)
+    has = index >= 0
+    torch.testing.assert_close(t[has], t_ref[has], **TOL[dtype])
+    y = randn(batch, seq, n, dtype=dtype, seed=3)
+    expected = lora.lora_expand_ref(y, t_ref, b_stack, index, scale, segments)
+    out = lora.lora_expand(y.clone(), t_ref, b_stack, index, scale, segments)
+    torch.testing.assert_close(out, expected, **TOL[dtype])
+    assert torch.equal(out[1], y[1])  # zero-rank gating: the row without an adapter is untouched

@@ -37,26 +37,31 @@ class DecodeBuffers:
         self.seeds = torch.zeros(size, dtype=torch.int64, device=device)
         self.offsets = torch.zeros(size, dtype=torch.int64, device=device)
         self.q_lens = torch.ones(size, dtype=torch.int32, device=device)
+        self.lora = torch.full((size,), -1, dtype=torch.int32, device=device)  # LoRA slot per row, -1: none
+        self.lora_host: list[int] = []  # the live rows' LoRA slots, known on the host
+        self.uses_lora = False
         self.logits: torch.Tensor | None = None  # the last step's [size, vocab] float32 logits
 
     def rows(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """Copies of the per-row state of live rows `index` (to move them into another buffer set)."""
         return dict(tokens=self.tokens[index], slots=self.slots[index], temperature=self.temperature[index],
                     top_k=self.top_k[index], top_p=self.top_p[index], seeds=self.seeds[index],
-                    offsets=self.offsets[index])
+                    offsets=self.offsets[index], lora=self.lora[index])
 
-    def load(self, *, tokens, slots, temperature, top_k, top_p, seeds, offsets) -> None:
+    def load(self, *, tokens, slots, temperature, top_k, top_p, seeds, offsets, lora) -> None:
         """Device-to-device copies of n live rows into rows 0..n-1; rows n.. become padding."""
         n = slots.shape[0]
         if n > self.size:
             raise ValueError(f"{n} rows do not fit decode buffers of {self.size}")
         for buffer, value in ((self.tokens, tokens), (self.slots, slots), (self.temperature, temperature),
-                              (self.top_k, top_k), (self.top_p, top_p), (self.seeds, seeds), (self.offsets, offsets)):
+                              (self.top_k, top_k), (self.top_p, top_p), (self.seeds, seeds), (self.offsets, offsets),
+                              (self.lora, lora)):
             buffer[:n].copy_(value.reshape(-1))
         if n < self.size:
             self.slots[n:].fill_(self.scratch_slot)
             self.temperature[n:].zero_()  # greedy: the cheapest sampling path
             self.top_k[n:].fill_(1)
+            self.lora[n:].fill_(-1)
         self.slot_index.copy_(self.slots)
         self.live = n
 
@@ -77,9 +82,11 @@ class PrefillBuffers:
         self.slots = torch.full((rows,), scratch_slot, dtype=torch.int32, device=device)
         self.starts = torch.zeros(rows, dtype=torch.int32, device=device)
         self.q_lens = torch.ones(rows, dtype=torch.int32, device=device)
+        self.lora = torch.full((rows,), -1, dtype=torch.int32, device=device)
         self.logits: torch.Tensor | None = None
 
-    def load(self, embeds: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, q_lens: torch.Tensor) -> None:
+    def load(self, embeds: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, q_lens: torch.Tensor,
+             lora: torch.Tensor) -> None:
         width = embeds.shape[1]
         self.embeds[:, :width].copy_(embeds)
         if width < self.embeds.shape[1]:
@@ -87,6 +94,7 @@ class PrefillBuffers:
         self.slots.copy_(slots)
         self.starts.copy_(starts)
         self.q_lens.copy_(q_lens)
+        self.lora.copy_(lora)
 
 
 class StepGraphs:

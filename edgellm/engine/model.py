@@ -7,6 +7,8 @@ at positions starts[b] ... of cache slot slots[b]. Every hot-path op goes throug
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -14,13 +16,31 @@ from ..kernels import gemv
 from ..kernels import ops as dispatched_ops
 from .config import EngineConfig
 from .kv_cache import LinearKVCache
+from .lora import LoraStacks
 from .weights import LayerWeights, ModelWeights
+
+
+class LoraBatch(NamedTuple):
+    """The adapters of one forward: the engine's stacks (engine/lora.py) and each row's slot, [B]
+    int32 on the device (-1: no adapter)."""
+    stacks: LoraStacks
+    index: torch.Tensor
+
+
+def _with_lora(y: torch.Tensor, x: torch.Tensor, lora: LoraBatch | None, layer: int, group: str, ops) -> torch.Tensor:
+    """y (the base projection of x) plus each row's adapter delta for this projection group."""
+    if lora is None:
+        return y
+    a_stack, b_stack = lora.stacks.layers[layer][group]
+    t = ops.lora_shrink(x, a_stack, lora.index)
+    return ops.lora_expand(y, t, b_stack, lora.index, lora.stacks.scale, lora.stacks.segments[group])
 
 
 def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, keys: torch.Tensor,
                      values: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                      slots: torch.Tensor, starts: torch.Tensor,
-                     q_lens: torch.Tensor, ends: torch.Tensor, ops) -> torch.Tensor:
+                     q_lens: torch.Tensor, ends: torch.Tensor, ops, lora: LoraBatch | None,
+                     layer: int) -> torch.Tensor:
     batch, seq, _ = qkv.shape
     q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
     q = q.reshape(batch, seq, cfg.num_attention_heads, cfg.head_dim)
@@ -35,14 +55,17 @@ def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, key
         out = ops.decode_attention(q[:, 0], keys, values, slots, ends, scale)[:, None]
     else:
         out = ops.prefill_attention(q, keys, values, slots, starts, q_lens, scale)
-    return _linear(out.reshape(batch, seq, cfg.q_size), lw.o_proj, lw.o_bias, ops)
+    out = out.reshape(batch, seq, cfg.q_size)
+    return _with_lora(_linear(out, lw.o_proj, lw.o_bias, ops), out, lora, layer, "o", ops)
 
 
 def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCache,
                    rope: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor, slots: torch.Tensor,
-                   starts: torch.Tensor, q_lens: torch.Tensor, kernels=None) -> torch.Tensor:
+                   starts: torch.Tensor, q_lens: torch.Tensor, kernels=None,
+                   lora: LoraBatch | None = None) -> torch.Tensor:
     """hidden: input embeddings [B, S, H]; slots/starts/q_lens: [B] int tensors on the device.
     `kernels`: where the ops come from (default: the dispatched `edgellm.kernels.ops`).
+    `lora`: per-row LoRA adapters (None: the base model for every row).
 
     Appends the chunk's keys/values to the cache (lengths are the caller's to update) and returns
     the logits of each row's last real token, [B, vocab], float32.
@@ -55,14 +78,16 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     eps = cfg.rms_norm_eps
     for index, lw in enumerate(weights.layers):
         if x is None:
-            qkv = _linear(ops.rms_norm(hidden, lw.input_norm, eps), lw.qkv, lw.qkv_bias, ops)
+            x = ops.rms_norm(hidden, lw.input_norm, eps)
         else:
             x, residual = ops.add_rms_norm(x, residual, lw.input_norm, eps)
-            qkv = _linear(x, lw.qkv, lw.qkv_bias, ops)
+        qkv = _with_lora(_linear(x, lw.qkv, lw.qkv_bias, ops), x, lora, index, "qkv", ops)
         keys, values = cache.layer(index)
-        attn = _attention_block(lw, cfg, qkv, keys, values, rope, slots, starts, q_lens, ends, ops)
+        attn = _attention_block(lw, cfg, qkv, keys, values, rope, slots, starts, q_lens, ends, ops, lora, index)
         x, residual = ops.add_rms_norm(attn, residual, lw.post_norm, eps)
-        x = _linear(ops.silu_mul(_linear(x, lw.gate_up, None, ops)), lw.down, None, ops)
+        gate_up = _with_lora(_linear(x, lw.gate_up, None, ops), x, lora, index, "gate_up", ops)
+        x = ops.silu_mul(gate_up)
+        x = _with_lora(_linear(x, lw.down, None, ops), x, lora, index, "down", ops)
     last = (q_lens.long() - 1).clamp(min=0)
     rows = torch.arange(batch, device=hidden.device)
     x_last, res_last = x[rows, last][:, None], residual[rows, last][:, None]

@@ -12,16 +12,18 @@ embeddings-in, logits-out step.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
 from ..kernels import ops, rope_inv_freq
-from ..errors import ConfigurationError, InvalidRequestError
+from ..errors import ConfigurationError, InvalidRequestError, LoraError
 from .config import EngineConfig
 from .graphs import DecodeBuffers, PrefillBuffers, StepGraphs, graph_batch_sizes, prefill_bucket
 from .kv_cache import LinearKVCache
-from .model import forward_logits
+from .lora import DEFAULT_MAX_LORAS, LoraStacks, read_adapter
+from .model import LoraBatch, forward_logits
 from .weights import load_weights
 
 DEFAULT_PREFILL_CHUNK = 2048  # prompts longer than this are prefilled chunk by chunk
@@ -58,15 +60,23 @@ class LLMEngineRunner:
     def __init__(self, model_dir: str | Path, *, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, max_batch_size: int | None = None,
                  max_input_length: int | None = None, max_kv_cache_capacity: int | None = None,
-                 cuda_graphs: bool = True, prefill_chunk_size: int | None = None):
+                 cuda_graphs: bool = True, prefill_chunk_size: int | None = None,
+                 lora_weights: dict | None = None, max_lora_rank: int | None = None, max_loras: int | None = None):
         """cuda_graphs: replay decode steps from CUDA graphs (on CUDA; eager elsewhere or when False).
-        prefill_chunk_size: prompts longer than this are prefilled in chunks of it (default 2048)."""
+        prefill_chunk_size: prompts longer than this are prefilled in chunks of it (default 2048).
+        lora_weights: {name: adapter} loaded at start; an adapter is a PEFT directory, a bare
+        .safetensors path, or {"path": ..., "alpha": ..., "rank": ...} (see add_lora_weights).
+        max_lora_rank: the largest adapter rank this engine accepts (default: the largest given
+        adapter's, 0 = no LoRA). max_loras: adapters loaded at once (default 8)."""
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.config = EngineConfig.from_model_dir(
             self.model_dir, max_batch_size=max_batch_size, max_input_length=max_input_length,
             max_kv_cache_capacity=max_kv_cache_capacity)
+        adapters = {name: self._read_adapter(name, spec) for name, spec in (lora_weights or {}).items()}
+        max_lora_rank = self._lora_limits(adapters, max_lora_rank, max_loras)
+        self.config = dataclasses.replace(self.config, max_supported_lora_rank=max_lora_rank)
         cfg = self.config
         self.weights = load_weights(self.model_dir, cfg, dtype=self.dtype, device=self.device)
         self.kv_cache = LinearKVCache(
@@ -83,7 +93,11 @@ class LLMEngineRunner:
         self._decode_buffers: dict[int, DecodeBuffers] = {}
         self._prefill_buffers: dict[tuple[int, int], PrefillBuffers] = {}
         self._active: DecodeBuffers | None = None
-        self.lora_key = ""  # the active LoRA configuration: part of every graph key
+        self.lora = LoraStacks(cfg, max_lora_rank, max_loras or DEFAULT_MAX_LORAS, self.dtype, self.device) \
+            if max_lora_rank else None
+        self._active_lora = ""  # the adapter rows use when a call names none ("" = the base model)
+        for name, adapter in adapters.items():
+            self.lora.add(name, adapter)
 
     # Accessors named after the seeds' API.
     def get_engine_config(self) -> EngineConfig:
@@ -94,6 +108,97 @@ class LLMEngineRunner:
 
     def get_rope_cos_sin_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rope_cos_sin
+
+    # ---- LoRA adapters (engine/lora.py): any mix of them, or none, in one batch ----
+
+    def _read_adapter(self, name, spec):
+        if not isinstance(name, str) or not name:
+            raise LoraError(f"a LoRA adapter name must be a non-empty string, got {name!r}")
+        if isinstance(spec, dict):
+            unknown = set(spec) - {"path", "rank", "alpha"}
+            if "path" not in spec or unknown:
+                raise LoraError(f"LoRA adapter {name!r}: give a path, or a dict with 'path' and optional "
+                                "'rank' / 'alpha'")
+            return read_adapter(spec["path"], self.config, rank=spec.get("rank"), alpha=spec.get("alpha"))
+        if not isinstance(spec, (str, Path)):
+            raise LoraError(f"LoRA adapter {name!r}: expected a path, got {type(spec).__name__}")
+        return read_adapter(spec, self.config)
+
+    @staticmethod
+    def _lora_limits(adapters: dict, max_lora_rank, max_loras) -> int:
+        for value, what in ((max_lora_rank, "max_lora_rank"), (max_loras, "max_loras")):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ConfigurationError(f"{what} must be a non-negative integer, got {value!r}")
+        if max_loras is not None and max_loras < max(1, len(adapters)):
+            raise ConfigurationError(f"max_loras={max_loras} cannot hold the {len(adapters)} adapters given")
+        rank = max((a.rank for a in adapters.values()), default=0) if max_lora_rank is None else max_lora_rank
+        too_big = [n for n, a in adapters.items() if a.rank > rank]
+        if too_big:
+            raise LoraError(f"LoRA adapter {too_big[0]!r} has rank {adapters[too_big[0]].rank}, above "
+                            f"max_lora_rank {rank}")
+        return rank
+
+    def _lora_stacks(self) -> LoraStacks:
+        if self.lora is None:
+            raise LoraError("this engine was built without LoRA support: pass max_lora_rank=N (or lora_weights) "
+                            "when building it")
+        return self.lora
+
+    def add_lora_weights(self, name: str, path, *, rank: int | None = None, alpha: float | None = None) -> None:
+        """Load an adapter under `name`: a PEFT directory, or a bare .safetensors file with its `alpha`
+        (rank from the tensors; a given `rank` must agree). Checked in full before anything is written."""
+        stacks = self._lora_stacks()
+        if isinstance(name, str) and name in stacks.slots:
+            raise LoraError(f"a LoRA adapter named {name!r} is already loaded; remove it first")
+        adapter = self._read_adapter(name, {"path": path, "rank": rank, "alpha": alpha})
+        stacks.add(name, adapter)
+
+    def remove_lora_weights(self, name: str) -> None:
+        slot = self.lora_slot(name)
+        if slot < 0:
+            raise LoraError("remove_lora_weights needs an adapter name ('' is the base model)")
+        if self._active is not None and slot in self._active.lora_host[:self._active.live]:
+            raise LoraError(f"LoRA adapter {name!r} is in use by the running decode batch (end_decode() first)")
+        self.lora.remove(name)
+        if self._active_lora == name:
+            self._active_lora = ""
+
+    def switch_lora_weights(self, name: str) -> bool:
+        """Make `name` the adapter used when a call names none ("" = the base model). The KV cache and
+        the model weights are untouched."""
+        self.lora_slot(name)  # raises for an unknown name
+        self._active_lora = name
+        return True
+
+    def get_available_lora_weights(self) -> list[str]:
+        return sorted(self.lora.slots) if self.lora is not None else []
+
+    def get_active_lora_weights_name(self) -> str:
+        return self._active_lora
+
+    def lora_slot(self, name: str | None) -> int:
+        """The stack slot of adapter `name` (None: the active adapter; "": -1, the base model)."""
+        name = self._active_lora if name is None else name
+        if not isinstance(name, str):
+            raise LoraError(f"a LoRA adapter name must be a string, got {name!r}")
+        if name == "":
+            return -1
+        if self.lora is None or name not in self.lora.slots:
+            available = ", ".join(self.get_available_lora_weights()) or "none loaded"
+            raise LoraError(f"unknown LoRA adapter {name!r} (available: {available}; '' is the base model)")
+        return self.lora.slots[name]
+
+    def _lora_rows(self, lora, batch: int) -> list[int]:
+        """Per-row adapter slots from `lora`: None (the active adapter for every row) or one name per row."""
+        if lora is None or isinstance(lora, str):
+            return [self.lora_slot(lora)] * batch
+        names = list(lora)
+        if len(names) != batch:
+            raise InvalidRequestError(f"lora: {len(names)} adapter names for {batch} rows")
+        return [self.lora_slot(n) for n in names]
+
+    def _lora_batch(self, index: torch.Tensor, uses_lora: bool) -> LoraBatch | None:
+        return LoraBatch(self.lora, index) if uses_lora else None
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids [...] -> input embeddings [..., hidden] in the engine dtype."""
@@ -110,11 +215,12 @@ class LLMEngineRunner:
                                           f"[0, {self.config.max_supported_batch_size})")
         return slots.to(self.device)
 
-    def prefill_step(self, inputs_embeds: torch.Tensor, context_lengths, slots=None) -> torch.Tensor:
+    def prefill_step(self, inputs_embeds: torch.Tensor, context_lengths, slots=None, lora=None) -> torch.Tensor:
         """Start new sequences: clears the given slots (default 0..B-1), fills their KV cache with
         the prompt and returns the last prompt token's logits, [B, vocab] float32.
 
-        inputs_embeds: [B, S, hidden], right-padded; context_lengths: [B] (list or tensor).
+        inputs_embeds: [B, S, hidden], right-padded; context_lengths: [B] (list or tensor);
+        lora: one adapter name per row ("" = none), or None for the active adapter on every row.
         """
         cfg = self.config
         batch, seq, hidden = inputs_embeds.shape
@@ -126,6 +232,9 @@ class LLMEngineRunner:
         if lengths_host.min() < 1 or lengths_host.max() > min(seq, cfg.max_supported_input_length):
             raise InvalidRequestError(f"context lengths must be in [1, {min(seq, cfg.max_supported_input_length)}]")
         slot_ids = self._slots(slots, batch)
+        lora_rows = self._lora_rows(lora, batch)
+        lora_index = torch.tensor(lora_rows, dtype=torch.int32, device=self.device)
+        uses_lora = max(lora_rows) >= 0
         embeds = inputs_embeds.to(self.dtype)
         chunk = self.prefill_chunk_size
         logits = None
@@ -135,33 +244,37 @@ class LLMEngineRunner:
             q_host = (lengths_host - begin).clamp(0, chunk)
             starts = torch.full((batch,), begin, dtype=torch.int32, device=self.device)
             q_lens = q_host.to(device=self.device, dtype=torch.int32)
-            part = self._prefill_chunk(embeds[:, begin:begin + chunk], slot_ids, starts, q_lens)
+            part = self._prefill_chunk(embeds[:, begin:begin + chunk], slot_ids, starts, q_lens, lora_index, uses_lora)
             ends_here = ((lengths_host > begin) & (lengths_host <= begin + chunk)).to(self.device)
             logits = part if logits is None else torch.where(ends_here[:, None], part, logits)
         self.kv_cache.lengths[slot_ids.long()] = lengths_host.to(device=self.device, dtype=torch.int32)
         return logits
 
-    def decode_step(self, inputs_embeds: torch.Tensor, slots=None) -> torch.Tensor:
+    def decode_step(self, inputs_embeds: torch.Tensor, slots=None, lora=None) -> torch.Tensor:
         """Append one token per row: inputs_embeds [b, 1, hidden] for cache slots `slots`
-        (default 0..b-1). Returns the new logits, [b, vocab] float32."""
+        (default 0..b-1), adapters `lora` as in prefill_step. Returns the new logits, [b, vocab] float32."""
         if inputs_embeds.dim() == 2:
             inputs_embeds = inputs_embeds[:, None]
         batch = inputs_embeds.shape[0]
         slot_ids = self._slots(slots, batch)
+        lora_rows = self._lora_rows(lora, batch)
+        lora_batch = self._lora_batch(torch.tensor(lora_rows, dtype=torch.int32, device=self.device),
+                                      max(lora_rows) >= 0)
         starts = self.kv_cache.lengths[slot_ids.long()]
         q_lens = torch.ones(batch, dtype=torch.int32, device=self.device)
         logits = forward_logits(self.weights, self.config, self.kv_cache, self.rope_cos_sin,
-                                inputs_embeds.to(self.dtype), slot_ids, starts, q_lens)
+                                inputs_embeds.to(self.dtype), slot_ids, starts, q_lens, lora=lora_batch)
         self.kv_cache.lengths[slot_ids.long()] = starts + 1
         return logits
 
-    def _prefill_chunk(self, embeds, slots, starts, q_lens) -> torch.Tensor:
-        """One prefill chunk: replayed from a graph of its (rows, length bucket) where graphs are on."""
+    def _prefill_chunk(self, embeds, slots, starts, q_lens, lora_index, uses_lora: bool) -> torch.Tensor:
+        """One prefill chunk: replayed from a graph of its (rows, length bucket, LoRA on/off) where
+        graphs are on."""
         if not self.graphs.enabled:
             return forward_logits(self.weights, self.config, self.kv_cache, self.rope_cos_sin, embeds, slots,
-                                  starts, q_lens)
+                                  starts, q_lens, lora=self._lora_batch(lora_index, uses_lora))
         rows, width, hidden = embeds.shape
-        key = (rows, prefill_bucket(width), self.lora_key, "prefill")
+        key = (rows, prefill_bucket(width), _lora_key(uses_lora), "prefill")
         buf = self._prefill_buffers.get(key[:2])
         if buf is None:
             buf = PrefillBuffers(rows, key[1], hidden, self.dtype, self.kv_cache.scratch_slot, self.device)
@@ -171,14 +284,15 @@ class LLMEngineRunner:
             buf.slots.fill_(self.kv_cache.scratch_slot)
             buf.starts.zero_()
             buf.q_lens.fill_(1)
-            self.graphs.capture(key, lambda: self._prefill_body(buf))
-        buf.load(embeds, slots, starts, q_lens)
+            buf.lora.fill_(-1)
+            self.graphs.capture(key, lambda: self._prefill_body(buf, uses_lora))
+        buf.load(embeds, slots, starts, q_lens, lora_index)
         self.graphs.get(key).replay()
         return buf.logits.clone()  # the next replay of this graph overwrites buf.logits
 
-    def _prefill_body(self, buf: PrefillBuffers) -> None:
+    def _prefill_body(self, buf: PrefillBuffers, uses_lora: bool) -> None:
         buf.logits = forward_logits(self.weights, self.config, self.kv_cache, self.rope_cos_sin, buf.embeds,
-                                    buf.slots, buf.starts, buf.q_lens)
+                                    buf.slots, buf.starts, buf.q_lens, lora=self._lora_batch(buf.lora, uses_lora))
 
     # ---- the fast decode path: static buffers, sampling inside the step, CUDA graphs ----
 
@@ -192,10 +306,10 @@ class LLMEngineRunner:
             self._decode_buffers[size] = DecodeBuffers(size, self.kv_cache.scratch_slot, self.device)
         return self._decode_buffers[size]
 
-    def _graph_key(self, size: int):
-        return (size, self.lora_key, "decode")
+    def _graph_key(self, size: int, uses_lora: bool):
+        return (size, _lora_key(uses_lora), "decode")
 
-    def _decode_body(self, buf: DecodeBuffers) -> None:
+    def _decode_body(self, buf: DecodeBuffers, uses_lora: bool) -> None:
         """One decode step on `buf`, device work only: what a graph captures."""
         lengths = self.kv_cache.lengths
         scratch = self.kv_cache.scratch_slot
@@ -204,15 +318,16 @@ class LLMEngineRunner:
         starts = lengths[buf.slot_index]
         embeds = torch.nn.functional.embedding(buf.tokens, self.weights.embed)[:, None]
         logits = forward_logits(self.weights, self.config, self.kv_cache, self.rope_cos_sin, embeds,
-                                buf.slots, starts, buf.q_lens)
+                                buf.slots, starts, buf.q_lens, lora=self._lora_batch(buf.lora, uses_lora))
         lengths[buf.slot_index] = starts + 1
         buf.offsets += 1
         buf.tokens.copy_(ops.sample(logits, buf.temperature, buf.top_k, buf.top_p, buf.seeds, buf.offsets))
         buf.logits = logits
 
-    def capture_decode_graphs(self, batch_sizes=None) -> list[int]:
+    def capture_decode_graphs(self, batch_sizes=None, lora: bool = False) -> list[int]:
         """Capture decode graphs up front for these batch sizes (default: every padded size up to
-        max_batch_size); sizes are rounded up to the padded sizes. Returns the sizes captured."""
+        max_batch_size); sizes are rounded up to the padded sizes. lora=True captures the graphs of
+        batches that use adapters (any mix; the base-model graphs are separate). Returns the sizes."""
         if not self.graphs.enabled:
             return []
         wanted = graph_batch_sizes(self.config.max_supported_batch_size) if batch_sizes is None else batch_sizes
@@ -221,26 +336,28 @@ class LLMEngineRunner:
             if not 1 <= int(rows) <= self.config.max_supported_batch_size:
                 raise InvalidRequestError(f"batch size {rows} is outside 1..{self.config.max_supported_batch_size}")
             size = self._padded_size(int(rows))
-            self._ensure_graph(size)
+            self._ensure_graph(size, bool(lora) and self.lora is not None)
             sizes.append(size)
         return sorted(set(sizes))
 
-    def _ensure_graph(self, size: int) -> None:
-        key = self._graph_key(size)
+    def _ensure_graph(self, size: int, uses_lora: bool) -> None:
+        key = self._graph_key(size, uses_lora)
         if not self.graphs.enabled or self.graphs.get(key) is not None:
             return
         buf = self._buffers(size)
         if buf is self._active:
             raise RuntimeError("cannot capture a graph for the buffers of the running decode batch")
         empty = torch.empty(0, dtype=torch.int64, device=self.device)
-        buf.load(tokens=empty, slots=empty, temperature=empty, top_k=empty, top_p=empty, seeds=empty, offsets=empty)
+        buf.load(tokens=empty, slots=empty, temperature=empty, top_k=empty, top_p=empty, seeds=empty, offsets=empty,
+                 lora=empty)
         # Warm-up and capture touch only the scratch slot: every row of `buf` is padding here.
-        self.graphs.capture(key, lambda: self._decode_body(buf))
+        self.graphs.capture(key, lambda: self._decode_body(buf, uses_lora))
 
-    def start_decode(self, tokens, slots, temperature, top_k, top_p, seeds, offsets) -> None:
+    def start_decode(self, tokens, slots, temperature, top_k, top_p, seeds, offsets, lora=None) -> None:
         """Set the rows of the next decode steps. Per row (all [n], device tensors or lists): the last
         token (input of the next step), its KV-cache slot, sampling temperature / top_k / top_p, seed,
-        and the RNG offset used last (each step advances it by one before drawing)."""
+        and the RNG offset used last (each step advances it by one before drawing). lora: one
+        adapter name per row ("" = none), or None for the active adapter on every row."""
         device = self.device
         as_t = lambda x, dtype: torch.as_tensor(x, dtype=dtype).to(device)  # noqa: E731
         rows = dict(tokens=as_t(tokens, torch.int64), slots=as_t(slots, torch.int32),
@@ -252,7 +369,9 @@ class LLMEngineRunner:
             raise InvalidRequestError(f"decode batch of {n} rows is outside 1..{self.config.max_supported_batch_size}")
         if any(v.shape != (n,) for v in rows.values()):
             raise InvalidRequestError("start_decode: every per-row argument must have one entry per row")
-        self._load_rows(rows)
+        lora_rows = self._lora_rows(lora, n)
+        rows["lora"] = torch.tensor(lora_rows, dtype=torch.int32, device=device)
+        self._load_rows(rows, lora_rows)
 
     def keep_decode_rows(self, keep) -> None:
         """Continue decoding only rows `keep` (indices into the current rows, in order): finished
@@ -262,15 +381,23 @@ class LLMEngineRunner:
         keep = list(keep)
         if any(not 0 <= i < self._active.live for i in keep):
             raise InvalidRequestError(f"keep_decode_rows: indices must be in [0, {self._active.live})")
-        self._load_rows(self._active.rows(torch.as_tensor(keep, dtype=torch.int64, device=self.device)))
+        lora_rows = [self._active.lora_host[i] for i in keep]
+        self._load_rows(self._active.rows(torch.as_tensor(keep, dtype=torch.int64, device=self.device)), lora_rows)
 
-    def _load_rows(self, rows: dict) -> None:
+    def _load_rows(self, rows: dict, lora_rows: list[int]) -> None:
         size = self._padded_size(rows["slots"].shape[0])
+        uses_lora = max(lora_rows) >= 0
         self._active = None
-        self._ensure_graph(size)
+        self._ensure_graph(size, uses_lora)
         buf = self._buffers(size)
         buf.load(**rows)
+        buf.lora_host = lora_rows
+        buf.uses_lora = uses_lora
         self._active = buf
+
+    def end_decode(self) -> None:
+        """The decode batch is done: its rows stop holding their adapters (see remove_lora_weights)."""
+        self._active = None
 
     def decode_sample_step(self) -> torch.Tensor:
         """One decode step of the rows set by start_decode: returns their sampled tokens, [n] int64 on
@@ -278,11 +405,11 @@ class LLMEngineRunner:
         buf = self._active
         if buf is None:
             raise RuntimeError("decode_sample_step before start_decode")
-        graph = self.graphs.get(self._graph_key(buf.size))
+        graph = self.graphs.get(self._graph_key(buf.size, buf.uses_lora))
         if graph is not None:
             graph.replay()
         else:
-            self._decode_body(buf)
+            self._decode_body(buf, buf.uses_lora)
         return buf.tokens[:buf.live]
 
     def decode_logits(self) -> torch.Tensor:
@@ -291,3 +418,10 @@ class LLMEngineRunner:
         if buf is None or buf.logits is None:
             raise RuntimeError("no decode step has run")
         return buf.logits[:buf.live]
+
+
+def _lora_key(uses_lora: bool) -> str:
+    """The LoRA part of a graph key. Adapters live in fixed stacks and rows pick theirs by a slot
+    index in a static buffer, so one graph serves every mix of adapters; only whether the LoRA
+    kernels run at all changes the graph."""
+    return "lora" if uses_lora else ""

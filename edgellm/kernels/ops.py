@@ -4,7 +4,7 @@ Each is a KernelOp pairing a file's Triton launcher with its `_ref` twin (see di
 runs when). Without triton installed every op runs its reference.
 """
 
-from . import attention, gemv as _gemv, kv_append as _kv_append, rope, rope_append, sampling
+from . import attention, gemv as _gemv, kv_append as _kv_append, lora, rope, rope_append, sampling
 from . import rms_norm as _rms_norm, silu_mul as _silu_mul, vocab_remap as _vocab_remap
 from ._triton import HAS_TRITON
 from .dispatch import KernelOp
@@ -26,9 +26,11 @@ sample = _op("sample", sampling)
 vocab_remap = _op("vocab_remap", _vocab_remap)
 gemv = _op("gemv", _gemv)
 rope_kv_append = _op("rope_kv_append", rope_append)
+lora_shrink = _op("lora_shrink", lora)
+lora_expand = _op("lora_expand", lora)
 
 ALL_OPS = (rms_norm, add_rms_norm, rope_cos_sin_cache, apply_rope, kv_append, prefill_attention,
-           decode_attention, silu_mul, sample, vocab_remap, gemv, rope_kv_append)
+           decode_attention, silu_mul, sample, vocab_remap, gemv, rope_kv_append, lora_shrink, lora_expand)
 
 
 def reference_ops():
