@@ -22,7 +22,7 @@ from .weights import LayerWeights, ModelWeights
 
 class LoraBatch(NamedTuple):
     """The adapters of one forward: the engine's stacks (engine/lora.py) and each row's slot, [B]
-    int32 on the device (-1: no adapter)."""
+    int32 on the device (-1: no adapter); forward_logits widens it to one entry per token."""
     stacks: LoraStacks
     index: torch.Tensor
 
@@ -72,6 +72,8 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     """
     ops = kernels or dispatched_ops
     batch, seq, _ = hidden.shape
+    if lora is not None and seq > 1:  # the LoRA kernels take one adapter index per token
+        lora = LoraBatch(lora.stacks, lora.index.repeat_interleave(seq))
     ends = starts + q_lens  # each row's cache length after this chunk (computed once, not per layer)
     residual = hidden
     x = None
