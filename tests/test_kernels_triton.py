@@ -244,3 +244,23 @@ def test_lora_shrink_expand(dtype, index, k, segments, rank):
     torch.testing.assert_close(out, expected, **tol)
     assert torch.equal(out[~has], y[~has])  # zero-rank gating: rows without an adapter are untouched
     assert not torch.equal(out[has], y[has]) or not has.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gemv_with_lora_epilogue(dtype):
+    """At decode sizes the LoRA expand is the GEMV's epilogue: the same as gemv + lora_expand."""
+    from edgellm.kernels import gemv, lora
+
+    m, k, segments, rank = 5, 96, (40, 12, 12), 16
+    n = sum(segments)
+    x, w, bias = randn(m, k, dtype=dtype), randn(n, k, dtype=dtype, seed=1) * 0.2, randn(n, dtype=dtype, seed=2)
+    a_stack = randn(4, 3 * rank, k, dtype=dtype, seed=3) * 0.2
+    b_stack = randn(4, n, rank, dtype=dtype, seed=4) * 0.2
+    index = torch.tensor([3, -1, 0, 3, 1], dtype=torch.int32, device=DEVICE)
+    scale = torch.tensor([1.0, 0.5, 0.0, 2.0], device=DEVICE)
+    spec = (lora.lora_shrink(x, a_stack, index), b_stack, index, scale, segments)
+    out = gemv.gemv(x, w, bias, tile=(16, 32, 4, 2), lora=spec)
+    tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(out, gemv.gemv_ref(x, w, bias, lora=spec), **tol)
+    torch.testing.assert_close(out[1], gemv.gemv_ref(x, w, bias)[1], **tol)  # no adapter: the plain GEMV
+    assert not torch.allclose(out[0], gemv.gemv_ref(x, w, bias)[0], **tol)  # adapter 3: a real delta

@@ -27,13 +27,18 @@ class LoraBatch(NamedTuple):
     index: torch.Tensor
 
 
-def _with_lora(y: torch.Tensor, x: torch.Tensor, lora: LoraBatch | None, layer: int, group: str, ops) -> torch.Tensor:
-    """y (the base projection of x) plus each row's adapter delta for this projection group."""
+def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora: LoraBatch | None,
+             layer: int, group: str, ops) -> torch.Tensor:
+    """x @ weight^T (+ bias), plus each row's adapter delta for this projection group (qkv, o,
+    gate_up, down): the LoRA shrink, then the expand, which at decode sizes is the GEMV's epilogue."""
     if lora is None:
-        return y
+        return _linear(x, weight, bias, ops)
     a_stack, b_stack = lora.stacks.layers[layer][group]
-    t = ops.lora_shrink(x, a_stack, lora.index)
-    return ops.lora_expand(y, t, b_stack, lora.index, lora.stacks.scale, lora.stacks.segments[group])
+    spec = (ops.lora_shrink(x, a_stack, lora.index), b_stack, lora.index, lora.stacks.scale,
+            lora.stacks.segments[group])
+    if _decode_sized(x):
+        return ops.gemv(x, weight, bias, lora=spec)
+    return ops.lora_expand(F.linear(x, weight, bias), *spec)
 
 
 def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, keys: torch.Tensor,
@@ -55,8 +60,7 @@ def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, key
         out = ops.decode_attention(q[:, 0], keys, values, slots, ends, scale)[:, None]
     else:
         out = ops.prefill_attention(q, keys, values, slots, starts, q_lens, scale)
-    out = out.reshape(batch, seq, cfg.q_size)
-    return _with_lora(_linear(out, lw.o_proj, lw.o_bias, ops), out, lora, layer, "o", ops)
+    return _project(out.reshape(batch, seq, cfg.q_size), lw.o_proj, lw.o_bias, lora, layer, "o", ops)
 
 
 def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCache,
@@ -83,13 +87,12 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
             x = ops.rms_norm(hidden, lw.input_norm, eps)
         else:
             x, residual = ops.add_rms_norm(x, residual, lw.input_norm, eps)
-        qkv = _with_lora(_linear(x, lw.qkv, lw.qkv_bias, ops), x, lora, index, "qkv", ops)
+        qkv = _project(x, lw.qkv, lw.qkv_bias, lora, index, "qkv", ops)
         keys, values = cache.layer(index)
         attn = _attention_block(lw, cfg, qkv, keys, values, rope, slots, starts, q_lens, ends, ops, lora, index)
         x, residual = ops.add_rms_norm(attn, residual, lw.post_norm, eps)
-        gate_up = _with_lora(_linear(x, lw.gate_up, None, ops), x, lora, index, "gate_up", ops)
-        x = ops.silu_mul(gate_up)
-        x = _with_lora(_linear(x, lw.down, None, ops), x, lora, index, "down", ops)
+        x = ops.silu_mul(_project(x, lw.gate_up, None, lora, index, "gate_up", ops))
+        x = _project(x, lw.down, None, lora, index, "down", ops)
     last = (q_lens.long() - 1).clamp(min=0)
     rows = torch.arange(batch, device=hidden.device)
     x_last, res_last = x[rows, last][:, None], residual[rows, last][:, None]
@@ -102,6 +105,10 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, op
     # than cuBLAS (bench/RESULTS.md: 1B shape 177 us vs 194 us), matches it on the layer matrices, and,
     # launched with PDL like its neighbours, overlaps their launch and drain (bench/RESULTS.md: SmolLM2
     # shape batch 1 1194 vs 1087 tok/s with cuBLAS and no PDL; Llama-3.2-1B shape even). Else cuBLAS.
-    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.numel() <= gemv.MAX_ROWS * x.shape[-1]:
+    if _decode_sized(x):
         return ops.gemv(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def _decode_sized(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.numel() <= gemv.MAX_ROWS * x.shape[-1]

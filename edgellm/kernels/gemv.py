@@ -10,6 +10,7 @@ flight: each program owns BLOCK_N output features and walks K in BLOCK_K steps, 
 import torch
 
 from ._triton import dot_precision, pdl_release, pdl_wait, pow2, tl, triton, use_pdl
+from .lora import _segment_ends, delta_constants, lora_delta, lora_expand_ref
 
 MAX_ROWS = 16  # rows of x one launch handles (padded to 16 for tl.dot)
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): chosen from the H100 sweep in bench/RESULTS.md
@@ -18,8 +19,10 @@ DEFAULT_TILE = (32, 256, 4, 4)
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
+                 t_ptr, lb_ptr, idx_ptr, scale_ptr, rank, n_splits, end0, end1, s_tsplit, s_tm, s_bs, s_bn,
                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 NUM_STAGES: tl.constexpr, PDL: tl.constexpr):
+                 NUM_STAGES: tl.constexpr, PDL: tl.constexpr, HAS_LORA: tl.constexpr, GROUPS: tl.constexpr,
+                 SPLITS: tl.constexpr, N_SLOTS: tl.constexpr, BLOCK_R: tl.constexpr, LORA_PRECISION: tl.constexpr):
     pdl_wait(PDL)
     rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.arange(0, BLOCK_M)
@@ -37,13 +40,21 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
         acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_LORA:  # the LoRA expand as an epilogue (kernels/lora.py): each row's adapter delta
+        adapter = tl.load(idx_ptr + rows_m, mask=m_ok, other=-1)
+        if tl.max(adapter, axis=0) >= 0:
+            acc += lora_delta(t_ptr, lb_ptr, scale_ptr, adapter, rows_m, m_ok, rows_n, n_ok, rank, n_splits, end0,
+                              end1, s_tsplit, s_tm, s_bs, s_bn, GROUPS, SPLITS, N_SLOTS, BLOCK_R, LORA_PRECISION)
     pdl_release(PDL)
     y = y_ptr + rows_m[:, None] * s_ym + rows_n[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, tile=None) -> torch.Tensor:
-    """x: [..., K] with at most MAX_ROWS rows in all; weight: [N, K]; bias: [N] or None -> [..., N]."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, tile=None,
+         lora=None) -> torch.Tensor:
+    """x: [..., K] with at most MAX_ROWS rows in all; weight: [N, K]; bias: [N] or None -> [..., N].
+    lora: None, or (t, b_stack, index, scale, segments) as lora_expand takes them: adds each row's
+    adapter delta in the epilogue."""
     *lead, k = x.shape
     n = weight.shape[0]
     x2 = x.reshape(-1, k)
@@ -56,13 +67,26 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     block_k = min(block_k, pow2(k, 16))
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     pdl = use_pdl(x)
+    if lora is None:
+        lora_args = (y, y, y, y, 0, 0, 0, 0, 0, 0, 0, 0)
+        constants = dict(HAS_LORA=False, GROUPS=1, SPLITS=1, N_SLOTS=1, BLOCK_R=16, LORA_PRECISION="ieee")
+    else:
+        t, b_stack, index, scale, segments = lora
+        if t.dim() != 3 or t.shape[1] != m or b_stack.shape[1] != n or index.shape != (m,) or sum(segments) != n:
+            raise ValueError(f"gemv: LoRA t {tuple(t.shape)} / B stack {tuple(b_stack.shape)} do not fit {m} x {n}")
+        lora_args = (t, b_stack, index, scale, b_stack.shape[2], t.shape[0], *_segment_ends(list(segments)),
+                     t.stride(0), t.stride(1), b_stack.stride(0), b_stack.stride(1))
+        constants = {**delta_constants(t, b_stack, segments), "HAS_LORA": True}
+        constants["LORA_PRECISION"] = constants.pop("PRECISION")
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), BLOCK_M=16, BLOCK_N=block_n,
-        BLOCK_K=block_k, NUM_STAGES=stages, PDL=pdl, num_warps=warps, launch_pdl=pdl)
+        *lora_args, HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), BLOCK_M=16, BLOCK_N=block_n,
+        BLOCK_K=block_k, NUM_STAGES=stages, PDL=pdl, **constants, num_warps=warps, launch_pdl=pdl)
     return y.reshape(*lead, n)
 
 
-def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, tile=None) -> torch.Tensor:
-    """x @ weight^T (+ bias) in x's dtype: torch's linear (cuBLAS on the GPU)."""
-    return torch.nn.functional.linear(x, weight, bias)
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, tile=None,
+             lora=None) -> torch.Tensor:
+    """x @ weight^T (+ bias) in x's dtype: torch's linear (cuBLAS on the GPU); plus lora_expand_ref."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    return y if lora is None else lora_expand_ref(y, *lora)

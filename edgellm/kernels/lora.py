@@ -10,12 +10,15 @@ B stacks [adapters, N, R] (output features in segment order); ranks below R are 
 - `lora_expand`: y[m, n] += scale[a_m] * t[m, seg(n)*R : seg(n)*R + R] . B[a_m, n, :], in place.
 
 Kernels. A decode step has a handful of rows, so a tile is BLOCK_M tokens (rows) whatever their
-adapters: each program walks the adapter slots and, for each slot some of its tokens use, loads that
-adapter's tile once and multiplies it on the tensor cores with the other tokens masked out. A batch
-of 16 rows on 4 adapters reads each adapter tile once per program, not once per row. Zero-rank
-gating: a slot no token of the tile uses is skipped before any load, and a tile with no adapter at
-all loads nothing else. The shrink splits K over programs (one BLOCK_K chunk each), so a
-16 x 2048 adapter matrix is read by many SMs at once instead of one; the expand adds the splits up.
+adapters: each program goes over the adapter slots (unrolled, so the loads of all slots are in flight
+at once) and, for each slot some of its tokens use, loads that adapter's tile once and multiplies it
+on the tensor cores, keeping the product only for the tokens of that slot. A batch of 16 rows on 4
+adapters reads each adapter tile once per program, not once per row. Zero-rank gating: a slot no
+token of the tile uses has its loads masked off (no memory traffic), and a tile with no adapter at
+all returns at once. The shrink splits K over programs (one BLOCK_K chunk each), so a 16 x 2048
+adapter matrix is read by many SMs at once instead of one; the expand sums the splits in one load.
+At decode sizes the expand runs as the epilogue of the base projection's GEMV (gemv.py), which
+uses `lora_delta` from here: one launch fewer per projection group.
 """
 
 import torch
@@ -27,9 +30,9 @@ SHRINK_BLOCK_K = 256
 
 
 @triton.jit
-def _lora_shrink_kernel(x_ptr, a_ptr, idx_ptr, t_ptr, m, k, gr, n_slots, s_xm, s_as, s_ar, s_tsplit, s_tm,
-                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                        BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+def _lora_shrink_kernel(x_ptr, a_ptr, idx_ptr, t_ptr, m, k, gr, s_xm, s_as, s_ar, s_tsplit, s_tm,
+                        N_SLOTS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     pdl_wait(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(1)
@@ -38,54 +41,67 @@ def _lora_shrink_kernel(x_ptr, a_ptr, idx_ptr, t_ptr, m, k, gr, n_slots, s_xm, s
     adapter = tl.load(idx_ptr + rows, mask=row_ok, other=-1)
     if tl.max(adapter, axis=0) >= 0:
         kk = split * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_ok = kk < k
-        r_ok = r < gr
-        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * s_xm + kk[None, :], mask=row_ok[:, None] & k_ok[None, :],
+        a_mask = (r < gr)[:, None] & (kk < k)[None, :]
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * s_xm + kk[None, :], mask=row_ok[:, None] & (kk < k)[None, :],
                     other=0.0)
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-        for slot in range(n_slots):
+        # Unrolled over the slots, so every used slot's loads are in flight together; an unused
+        # slot's load is masked off entirely (no memory traffic).
+        for slot in tl.static_range(N_SLOTS):
             hit = adapter == slot
-            if tl.max(hit.to(tl.int32), axis=0) > 0:
-                a = tl.load(a_ptr + slot * s_as + r[:, None] * s_ar + kk[None, :], mask=r_ok[:, None] & k_ok[None, :],
-                            other=0.0)
-                acc += tl.where(hit[:, None], tl.dot(x, tl.trans(a), input_precision=PRECISION), 0.0)
+            used = tl.max(hit.to(tl.int32), axis=0, keep_dims=True) > 0  # [1]: the interpreter wants a tensor mask
+            a = tl.load(a_ptr + slot * s_as + r[:, None] * s_ar + kk[None, :], mask=a_mask & used[:, None], other=0.0)
+            acc += tl.where(hit[:, None], tl.dot(x, tl.trans(a), input_precision=PRECISION), 0.0)
         pdl_release(PDL)
         tl.store(t_ptr + split * s_tsplit + rows.to(tl.int64)[:, None] * s_tm + r[None, :], acc,
-                 mask=row_ok[:, None] & r_ok[None, :])
+                 mask=row_ok[:, None] & (r < gr)[None, :])
 
 
 @triton.jit
-def _lora_expand_kernel(y_ptr, t_ptr, b_ptr, idx_ptr, scale_ptr, m, n, rank, n_splits, n_slots, end0, end1,
+def lora_delta(t_ptr, b_ptr, scale_ptr, adapter, rows, row_ok, cols, n_ok, rank, n_splits, end0, end1,
+               s_tsplit, s_tm, s_bs, s_bn, GROUPS: tl.constexpr, SPLITS: tl.constexpr, N_SLOTS: tl.constexpr,
+               BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] float32: each row's scale[a] * t[row, segment of col] . B[a, col, :], zero
+    for rows without an adapter. Shared by the expand kernel and the GEMV's LoRA epilogue."""
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < rank
+    sp = tl.arange(0, SPLITS)
+    # Segment of each output feature: 0 below end0, 1 below end1, else 2.
+    segment = (cols >= end0).to(tl.int32) + (cols >= end1).to(tl.int32)
+    dtype = b_ptr.dtype.element_ty
+    delta = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
+    for g in tl.static_range(GROUPS):
+        in_g = n_ok & (segment == g)
+        any_g = tl.max(in_g.to(tl.int32), axis=0, keep_dims=True) > 0
+        # All K-split partial sums of the tile's rows in one load, summed here.
+        t = tl.load(t_ptr + sp[:, None, None] * s_tsplit + rows.to(tl.int64)[None, :, None] * s_tm + g * rank
+                    + r[None, None, :], mask=(sp < n_splits)[:, None, None] & row_ok[None, :, None]
+                    & r_ok[None, None, :] & any_g[:, None, None], other=0.0)
+        t = tl.sum(t, axis=0).to(dtype)  # rounded to the model dtype, as the unfused lora_A output would be
+        for slot in tl.static_range(N_SLOTS):
+            hit = adapter == slot
+            used = tl.max(hit.to(tl.int32), axis=0, keep_dims=True) > 0
+            w = tl.load(b_ptr + slot * s_bs + cols[:, None] * s_bn + r[None, :],
+                        mask=in_g[:, None] & r_ok[None, :] & used[:, None], other=0.0)
+            part = tl.dot(t, tl.trans(w), input_precision=PRECISION) * tl.load(scale_ptr + slot)
+            delta += tl.where(hit[:, None], part, 0.0)
+    return delta
+
+
+@triton.jit
+def _lora_expand_kernel(y_ptr, t_ptr, b_ptr, idx_ptr, scale_ptr, m, n, rank, n_splits, end0, end1,
                         s_ym, s_tsplit, s_tm, s_bs, s_bn,
-                        GROUPS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
+                        GROUPS: tl.constexpr, SPLITS: tl.constexpr, N_SLOTS: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
     pdl_wait(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < m
     adapter = tl.load(idx_ptr + rows, mask=row_ok, other=-1)
     if tl.max(adapter, axis=0) >= 0:
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        r = tl.arange(0, BLOCK_R)
         n_ok = cols < n
-        r_ok = r < rank
-        # Segment of each output feature: 0 below end0, 1 below end1, else 2.
-        segment = (cols >= end0).to(tl.int32) + (cols >= end1).to(tl.int32)
-        dtype = b_ptr.dtype.element_ty
-        delta = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for g in tl.static_range(GROUPS):
-            t_tile = t_ptr + rows.to(tl.int64)[:, None] * s_tm + g * rank + r[None, :]
-            t_mask = row_ok[:, None] & r_ok[None, :]
-            t = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-            for split in range(n_splits):
-                t += tl.load(t_tile + split * s_tsplit, mask=t_mask, other=0.0)
-            t = t.to(dtype)  # rounded to the model dtype, as the unfused lora_A output would be
-            w_mask = (n_ok & (segment == g))[:, None] & r_ok[None, :]
-            for slot in range(n_slots):
-                hit = adapter == slot
-                if tl.max(hit.to(tl.int32), axis=0) > 0:
-                    w = tl.load(b_ptr + slot * s_bs + cols[:, None] * s_bn + r[None, :], mask=w_mask, other=0.0)
-                    part = tl.dot(t, tl.trans(w), input_precision=PRECISION) * tl.load(scale_ptr + slot)
-                    delta += tl.where(hit[:, None], part, 0.0)
+        delta = lora_delta(t_ptr, b_ptr, scale_ptr, adapter, rows, row_ok, cols, n_ok, rank, n_splits, end0, end1,
+                           s_tsplit, s_tm, s_bs, s_bn, GROUPS, SPLITS, N_SLOTS, BLOCK_R, PRECISION)
         y_tile = y_ptr + rows.to(tl.int64)[:, None] * s_ym + cols[None, :]
         mask = (row_ok & (adapter >= 0))[:, None] & n_ok[None, :]
         y = tl.load(y_tile, mask=mask, other=0.0).to(tl.float32) + delta
@@ -105,7 +121,7 @@ def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, index: torch.Tensor) -> 
     [splits, M, G*R] float32 partial sums (rows without an adapter may be left unwritten)."""
     x2 = _rows(x, index, "lora_shrink")
     m, k = x2.shape
-    slots, gr = a_stack.shape[:2]
+    slots, gr = a_stack.shape[:2]  # every slot is a case of the unrolled kernel loop
     if a_stack.shape[2] != k or a_stack.stride(-1) != 1:
         raise ValueError(f"lora_shrink: A stack {tuple(a_stack.shape)} does not fit x {tuple(x.shape)}")
     if x2.stride(-1) != 1:
@@ -116,9 +132,9 @@ def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, index: torch.Tensor) -> 
     block_r = min(32, pow2(gr, 16))
     pdl = use_pdl(x)
     _lora_shrink_kernel[(triton.cdiv(m, BLOCK_M), splits, triton.cdiv(gr, block_r))](
-        x2, a_stack, index, t, m, k, gr, slots, x2.stride(0), a_stack.stride(0), a_stack.stride(1), t.stride(0),
-        t.stride(1), PRECISION=dot_precision(x.dtype), BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=block_k,
-        PDL=pdl, num_warps=4, launch_pdl=pdl)
+        x2, a_stack, index, t, m, k, gr, x2.stride(0), a_stack.stride(0), a_stack.stride(1), t.stride(0),
+        t.stride(1), N_SLOTS=slots, PRECISION=dot_precision(x.dtype), BLOCK_M=BLOCK_M, BLOCK_R=block_r,
+        BLOCK_K=block_k, PDL=pdl, num_warps=4, launch_pdl=pdl)
     return t
 
 
@@ -136,22 +152,26 @@ def lora_expand(y: torch.Tensor, t: torch.Tensor, b_stack: torch.Tensor, index: 
     sizes, summing to N."""
     y2 = _rows(y, index, "lora_expand")
     m, n = y2.shape
-    slots, _, rank = b_stack.shape
+    rank = b_stack.shape[2]
     if b_stack.shape[1] != n or sum(segments) != n or t.dim() != 3 or t.shape[1:] != (m, len(segments) * rank):
         raise ValueError(f"lora_expand: y {tuple(y.shape)}, t {tuple(t.shape)}, B stack {tuple(b_stack.shape)} "
                          f"and segments {tuple(segments)} do not agree")
     if not y.is_contiguous() or b_stack.stride(-1) != 1 or t.stride(-1) != 1:
         raise ValueError("lora_expand: y (updated in place) must be contiguous, t and the B stack need a "
                          "contiguous last dim")
-    end0, end1 = _segment_ends(list(segments))
     pdl = use_pdl(y)
     block_n = 64
     _lora_expand_kernel[(triton.cdiv(m, BLOCK_M), triton.cdiv(n, block_n))](
-        y2, t, b_stack, index, scale, m, n, rank, t.shape[0], slots, end0, end1, y2.stride(0), t.stride(0),
-        t.stride(1), b_stack.stride(0), b_stack.stride(1), GROUPS=len(segments),
-        PRECISION=dot_precision(b_stack.dtype), BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=pow2(rank, 16),
-        PDL=pdl, num_warps=4, launch_pdl=pdl)
+        y2, t, b_stack, index, scale, m, n, rank, t.shape[0], *_segment_ends(list(segments)), y2.stride(0),
+        t.stride(0), t.stride(1), b_stack.stride(0), b_stack.stride(1), **delta_constants(t, b_stack, segments),
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, PDL=pdl, num_warps=4, launch_pdl=pdl)
     return y
+
+
+def delta_constants(t: torch.Tensor, b_stack: torch.Tensor, segments) -> dict:
+    """The constexpr arguments of lora_delta for these tensors."""
+    return dict(GROUPS=len(segments), SPLITS=pow2(t.shape[0]), N_SLOTS=b_stack.shape[0],
+                BLOCK_R=pow2(b_stack.shape[2], 16), PRECISION=dot_precision(b_stack.dtype))
 
 
 def lora_shrink_ref(x: torch.Tensor, a_stack: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
