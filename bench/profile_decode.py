@@ -25,13 +25,17 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--capacity", type=int, default=4096)
+    parser.add_argument("--lora-rank", type=int, default=0, help="every row on a random adapter of this rank")
     args = parser.parse_args()
     model_dir = benchmark.random_model_dir(args.shape, "/tmp/edgellm-bench")
+    adapters = {"r": benchmark.random_lora_dir(model_dir, f"/tmp/edgellm-bench/lora-profile-{args.shape}",
+                                               rank=args.lora_rank, alpha=2.0 * args.lora_rank)} if args.lora_rank else None
     runner = LLMEngineRunner(model_dir, device="cuda", dtype="float16", max_batch_size=max(args.batch, 1),
-                             max_kv_cache_capacity=args.capacity)
+                             max_kv_cache_capacity=args.capacity, lora_weights=adapters)
     b = args.batch
-    first = benchmark.prefill(runner, torch.randint(10, 1000, (b, 128), device="cuda"))
-    runner.start_decode(first, list(range(b)), [0.0] * b, [1] * b, [1.0] * b, [0] * b, [0] * b)
+    lora = ["r" if adapters else ""] * b
+    first = benchmark.prefill(runner, torch.randint(10, 1000, (b, 128), device="cuda"), lora)
+    runner.start_decode(first, list(range(b)), [0.0] * b, [1] * b, [1.0] * b, [0] * b, [0] * b, lora=lora)
     for _ in range(5):
         runner.decode_sample_step()
     torch.cuda.synchronize()
@@ -42,16 +46,16 @@ def main() -> int:
     graph_ms = (time.perf_counter() - t0) / args.steps * 1e3
     buf = runner._active
     for _ in range(3):
-        runner._decode_body(buf, False)
+        runner._decode_body(buf, buf.uses_lora)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
-            runner._decode_body(buf, False)
+            runner._decode_body(buf, buf.uses_lora)
         torch.cuda.synchronize()
     events = prof.key_averages()
     total_us = sum(e.device_time_total for e in events) / args.steps
     launches = sum(e.count for e in events) / args.steps
-    print(f"{args.shape} batch {b}: graph step {graph_ms:.3f} ms; eager kernels' GPU time {total_us / 1e3:.3f} ms "
+    print(f"{args.shape} batch {b}{' LoRA rank %d' % args.lora_rank if adapters else ''}: graph step {graph_ms:.3f} ms; eager kernels' GPU time {total_us / 1e3:.3f} ms "
           f"in {launches:.0f} kernels per step")
     rows = sorted(events, key=lambda e: -e.device_time_total)[:14]
     for e in rows:
