@@ -232,15 +232,16 @@ def test_lora_shrink_expand(dtype, index, k, segments, rank):
     a_stack = randn(adapters, groups * rank, k, dtype=dtype, seed=1) * 0.3
     b_stack = randn(adapters, n, rank, dtype=dtype, seed=2) * 0.3
     scale = torch.tensor([0.5, 2.0, 1.25], device=DEVICE)
+    used = lora.used_slots(index, adapters, DEVICE)
     index = torch.tensor(index, dtype=torch.int32, device=DEVICE)
-    t = lora.lora_shrink(x, a_stack, index)
-    t_ref = lora.lora_shrink_ref(x, a_stack, index)
+    t = lora.lora_shrink(x, a_stack, index, used)
+    t_ref = lora.lora_shrink_ref(x, a_stack, index, used)
     has = index >= 0
     tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
     torch.testing.assert_close(t.sum(0)[has], t_ref.sum(0)[has], **tol)
     y = randn(m, n, dtype=dtype, seed=3)
-    expected = lora.lora_expand_ref(y, t_ref, b_stack, index, scale, segments)
-    out = lora.lora_expand(y.clone(), t_ref, b_stack, index, scale, segments)
+    expected = lora.lora_expand_ref(y, t_ref, b_stack, index, used, scale, segments)
+    out = lora.lora_expand(y.clone(), t_ref, b_stack, index, used, scale, segments)
     torch.testing.assert_close(out, expected, **tol)
     assert torch.equal(out[~has], y[~has])  # zero-rank gating: rows without an adapter are untouched
     assert not torch.equal(out[has], y[has]) or not has.any()
@@ -256,9 +257,10 @@ def test_gemv_with_lora_epilogue(dtype):
     x, w, bias = randn(m, k, dtype=dtype), randn(n, k, dtype=dtype, seed=1) * 0.2, randn(n, dtype=dtype, seed=2)
     a_stack = randn(4, 3 * rank, k, dtype=dtype, seed=3) * 0.2
     b_stack = randn(4, n, rank, dtype=dtype, seed=4) * 0.2
+    used = lora.used_slots([3, -1, 0, 3, 1], 4, DEVICE)
     index = torch.tensor([3, -1, 0, 3, 1], dtype=torch.int32, device=DEVICE)
     scale = torch.tensor([1.0, 0.5, 0.0, 2.0], device=DEVICE)
-    spec = (lora.lora_shrink(x, a_stack, index), b_stack, index, scale, segments)
+    spec = (lora.lora_shrink(x, a_stack, index, used), b_stack, index, used, scale, segments)
     out = gemv.gemv(x, w, bias, tile=(16, 32, 4, 2), lora=spec)
     tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
     torch.testing.assert_close(out, gemv.gemv_ref(x, w, bias, lora=spec), **tol)

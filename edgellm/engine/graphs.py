@@ -24,7 +24,7 @@ import torch
 class DecodeBuffers:
     """The device tensors one decode step of `size` rows reads and writes."""
 
-    def __init__(self, size: int, scratch_slot: int, device: torch.device):
+    def __init__(self, size: int, scratch_slot: int, device: torch.device, lora_slots: int = 0):
         self.size = size
         self.scratch_slot = scratch_slot
         self.live = 0  # rows 0 .. live-1 are real; the rest are padding
@@ -38,6 +38,7 @@ class DecodeBuffers:
         self.offsets = torch.zeros(size, dtype=torch.int64, device=device)
         self.q_lens = torch.ones(size, dtype=torch.int32, device=device)
         self.lora = torch.full((size,), -1, dtype=torch.int32, device=device)  # LoRA slot per row, -1: none
+        self.lora_used = torch.zeros(1 + lora_slots, dtype=torch.int32, device=device)  # kernels/lora.py used_slots
         self.lora_host: list[int] = []  # the live rows' LoRA slots, known on the host
         self.uses_lora = False
         self.logits: torch.Tensor | None = None  # the last step's [size, vocab] float32 logits
@@ -77,16 +78,17 @@ class PrefillBuffers:
     """Static inputs of one prefill chunk of `rows` x `length` tokens (right-padded)."""
 
     def __init__(self, rows: int, length: int, hidden: int, dtype: torch.dtype, scratch_slot: int,
-                 device: torch.device):
+                 device: torch.device, lora_slots: int = 0):
         self.embeds = torch.zeros(rows, length, hidden, dtype=dtype, device=device)
         self.slots = torch.full((rows,), scratch_slot, dtype=torch.int32, device=device)
         self.starts = torch.zeros(rows, dtype=torch.int32, device=device)
         self.q_lens = torch.ones(rows, dtype=torch.int32, device=device)
         self.lora = torch.full((rows,), -1, dtype=torch.int32, device=device)
+        self.lora_used = torch.zeros(1 + lora_slots, dtype=torch.int32, device=device)
         self.logits: torch.Tensor | None = None
 
     def load(self, embeds: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, q_lens: torch.Tensor,
-             lora: torch.Tensor) -> None:
+             lora: torch.Tensor, lora_used: torch.Tensor) -> None:
         width = embeds.shape[1]
         self.embeds[:, :width].copy_(embeds)
         if width < self.embeds.shape[1]:
@@ -95,6 +97,7 @@ class PrefillBuffers:
         self.starts.copy_(starts)
         self.q_lens.copy_(q_lens)
         self.lora.copy_(lora)
+        self.lora_used.copy_(lora_used)
 
 
 class StepGraphs:

@@ -25,6 +25,7 @@ class LoraBatch(NamedTuple):
     int32 on the device (-1: no adapter); forward_logits widens it to one entry per token."""
     stacks: LoraStacks
     index: torch.Tensor
+    used: torch.Tensor  # kernels/lora.py used_slots(): the batch's distinct adapters
 
 
 def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora: LoraBatch | None,
@@ -34,7 +35,7 @@ def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, l
     if lora is None:
         return _linear(x, weight, bias, ops)
     a_stack, b_stack = lora.stacks.layers[layer][group]
-    spec = (ops.lora_shrink(x, a_stack, lora.index), b_stack, lora.index, lora.stacks.scale,
+    spec = (ops.lora_shrink(x, a_stack, lora.index, lora.used), b_stack, lora.index, lora.used, lora.stacks.scale,
             lora.stacks.segments[group])
     if _decode_sized(x):
         return ops.gemv(x, weight, bias, lora=spec)
@@ -77,7 +78,7 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     ops = kernels or dispatched_ops
     batch, seq, _ = hidden.shape
     if lora is not None and seq > 1:  # the LoRA kernels take one adapter index per token
-        lora = LoraBatch(lora.stacks, lora.index.repeat_interleave(seq))
+        lora = lora._replace(index=lora.index.repeat_interleave(seq))
     ends = starts + q_lens  # each row's cache length after this chunk (computed once, not per layer)
     residual = hidden
     x = None

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..kernels import ops, rope_inv_freq
+from ..kernels.lora import used_slots
 from ..errors import ConfigurationError, InvalidRequestError, LoraError
 from .config import EngineConfig
 from .graphs import DecodeBuffers, PrefillBuffers, StepGraphs, graph_batch_sizes, prefill_bucket
@@ -197,8 +198,16 @@ class LLMEngineRunner:
             raise InvalidRequestError(f"lora: {len(names)} adapter names for {batch} rows")
         return [self.lora_slot(n) for n in names]
 
-    def _lora_batch(self, index: torch.Tensor, uses_lora: bool) -> LoraBatch | None:
-        return LoraBatch(self.lora, index) if uses_lora else None
+    def _lora_tensors(self, lora_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row slots and the used-slot list (kernels/lora.py) as device tensors."""
+        return (torch.tensor(lora_rows, dtype=torch.int32, device=self.device),
+                used_slots(lora_rows, self._lora_capacity(), self.device))
+
+    def _lora_capacity(self) -> int:
+        return self.lora.max_loras if self.lora is not None else 0
+
+    def _lora_batch(self, index: torch.Tensor, used: torch.Tensor, uses_lora: bool) -> LoraBatch | None:
+        return LoraBatch(self.lora, index, used) if uses_lora else None
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids [...] -> input embeddings [..., hidden] in the engine dtype."""
@@ -233,7 +242,7 @@ class LLMEngineRunner:
             raise InvalidRequestError(f"context lengths must be in [1, {min(seq, cfg.max_supported_input_length)}]")
         slot_ids = self._slots(slots, batch)
         lora_rows = self._lora_rows(lora, batch)
-        lora_index = torch.tensor(lora_rows, dtype=torch.int32, device=self.device)
+        lora_index, lora_used = self._lora_tensors(lora_rows)
         uses_lora = max(lora_rows) >= 0
         embeds = inputs_embeds.to(self.dtype)
         chunk = self.prefill_chunk_size
@@ -244,7 +253,8 @@ class LLMEngineRunner:
             q_host = (lengths_host - begin).clamp(0, chunk)
             starts = torch.full((batch,), begin, dtype=torch.int32, device=self.device)
             q_lens = q_host.to(device=self.device, dtype=torch.int32)
-            part = self._prefill_chunk(embeds[:, begin:begin + chunk], slot_ids, starts, q_lens, lora_index, uses_lora)
+            part = self._prefill_chunk(embeds[:, begin:begin + chunk], slot_ids, starts, q_lens, lora_index, lora_used,
+                                       uses_lora)
             ends_here = ((lengths_host > begin) & (lengths_host <= begin + chunk)).to(self.device)
             logits = part if logits is None else torch.where(ends_here[:, None], part, logits)
         self.kv_cache.lengths[slot_ids.long()] = lengths_host.to(device=self.device, dtype=torch.int32)
@@ -258,8 +268,7 @@ class LLMEngineRunner:
         batch = inputs_embeds.shape[0]
         slot_ids = self._slots(slots, batch)
         lora_rows = self._lora_rows(lora, batch)
-        lora_batch = self._lora_batch(torch.tensor(lora_rows, dtype=torch.int32, device=self.device),
-                                      max(lora_rows) >= 0)
+        lora_batch = self._lora_batch(*self._lora_tensors(lora_rows), max(lora_rows) >= 0)
         starts = self.kv_cache.lengths[slot_ids.long()]
         q_lens = torch.ones(batch, dtype=torch.int32, device=self.device)
         logits = forward_logits(self.weights, self.config, self.kv_cache, self.rope_cos_sin,
@@ -267,17 +276,18 @@ class LLMEngineRunner:
         self.kv_cache.lengths[slot_ids.long()] = starts + 1
         return logits
 
-    def _prefill_chunk(self, embeds, slots, starts, q_lens, lora_index, uses_lora: bool) -> torch.Tensor:
+    def _prefill_chunk(self, embeds, slots, starts, q_lens, lora_index, lora_used, uses_lora: bool) -> torch.Tensor:
         """One prefill chunk: replayed from a graph of its (rows, length bucket, LoRA on/off) where
         graphs are on."""
         if not self.graphs.enabled:
             return forward_logits(self.weights, self.config, self.kv_cache, self.rope_cos_sin, embeds, slots,
-                                  starts, q_lens, lora=self._lora_batch(lora_index, uses_lora))
+                                  starts, q_lens, lora=self._lora_batch(lora_index, lora_used, uses_lora))
         rows, width, hidden = embeds.shape
         key = (rows, prefill_bucket(width), _lora_key(uses_lora), "prefill")
         buf = self._prefill_buffers.get(key[:2])
         if buf is None:
-            buf = PrefillBuffers(rows, key[1], hidden, self.dtype, self.kv_cache.scratch_slot, self.device)
+            buf = PrefillBuffers(rows, key[1], hidden, self.dtype, self.kv_cache.scratch_slot, self.device,
+                                 self._lora_capacity())
             self._prefill_buffers[key[:2]] = buf
         if self.graphs.get(key) is None:
             # Warm-up and capture with every row on the scratch slot: no request's cache is touched.
@@ -285,14 +295,16 @@ class LLMEngineRunner:
             buf.starts.zero_()
             buf.q_lens.fill_(1)
             buf.lora.fill_(-1)
+            buf.lora_used.zero_()
             self.graphs.capture(key, lambda: self._prefill_body(buf, uses_lora))
-        buf.load(embeds, slots, starts, q_lens, lora_index)
+        buf.load(embeds, slots, starts, q_lens, lora_index, lora_used)
         self.graphs.get(key).replay()
         return buf.logits.clone()  # the next replay of this graph overwrites buf.logits
 
     def _prefill_body(self, buf: PrefillBuffers, uses_lora: bool) -> None:
         buf.logits = forward_logits(self.weights, self.config, self.kv_cache, self.rope_cos_sin, buf.embeds,
-                                    buf.slots, buf.starts, buf.q_lens, lora=self._lora_batch(buf.lora, uses_lora))
+                                    buf.slots, buf.starts, buf.q_lens,
+                                    lora=self._lora_batch(buf.lora, buf.lora_used, uses_lora))
 
     # ---- the fast decode path: static buffers, sampling inside the step, CUDA graphs ----
 
@@ -303,7 +315,8 @@ class LLMEngineRunner:
 
     def _buffers(self, size: int) -> DecodeBuffers:
         if size not in self._decode_buffers:
-            self._decode_buffers[size] = DecodeBuffers(size, self.kv_cache.scratch_slot, self.device)
+            self._decode_buffers[size] = DecodeBuffers(size, self.kv_cache.scratch_slot, self.device,
+                                                       self._lora_capacity())
         return self._decode_buffers[size]
 
     def _graph_key(self, size: int, uses_lora: bool):
@@ -318,7 +331,7 @@ class LLMEngineRunner:
         starts = lengths[buf.slot_index]
         embeds = torch.nn.functional.embedding(buf.tokens, self.weights.embed)[:, None]
         logits = forward_logits(self.weights, self.config, self.kv_cache, self.rope_cos_sin, embeds,
-                                buf.slots, starts, buf.q_lens, lora=self._lora_batch(buf.lora, uses_lora))
+                                buf.slots, starts, buf.q_lens, lora=self._lora_batch(buf.lora, buf.lora_used, uses_lora))
         lengths[buf.slot_index] = starts + 1
         buf.offsets += 1
         buf.tokens.copy_(ops.sample(logits, buf.temperature, buf.top_k, buf.top_p, buf.seeds, buf.offsets))
@@ -350,6 +363,7 @@ class LLMEngineRunner:
         empty = torch.empty(0, dtype=torch.int64, device=self.device)
         buf.load(tokens=empty, slots=empty, temperature=empty, top_k=empty, top_p=empty, seeds=empty, offsets=empty,
                  lora=empty)
+        buf.lora_used.zero_()
         # Warm-up and capture touch only the scratch slot: every row of `buf` is padding here.
         self.graphs.capture(key, lambda: self._decode_body(buf, uses_lora))
 
@@ -391,6 +405,7 @@ class LLMEngineRunner:
         self._ensure_graph(size, uses_lora)
         buf = self._buffers(size)
         buf.load(**rows)
+        buf.lora_used.copy_(used_slots(lora_rows, self._lora_capacity(), self.device))
         buf.lora_host = lora_rows
         buf.uses_lora = uses_lora
         self._active = buf

@@ -19,10 +19,10 @@ DEFAULT_TILE = (32, 256, 4, 4)
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
-                 t_ptr, lb_ptr, idx_ptr, scale_ptr, rank, n_splits, end0, end1, s_tsplit, s_tm, s_bs, s_bn,
+                 t_ptr, lb_ptr, idx_ptr, used_ptr, scale_ptr, rank, n_splits, end0, end1, s_tsplit, s_tm, s_bs, s_bn,
                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NUM_STAGES: tl.constexpr, PDL: tl.constexpr, HAS_LORA: tl.constexpr, GROUPS: tl.constexpr,
-                 SPLITS: tl.constexpr, N_SLOTS: tl.constexpr, BLOCK_R: tl.constexpr, LORA_PRECISION: tl.constexpr):
+                 SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, LORA_PRECISION: tl.constexpr):
     pdl_wait(PDL)
     rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.arange(0, BLOCK_M)
@@ -43,8 +43,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
     if HAS_LORA:  # the LoRA expand as an epilogue (kernels/lora.py): each row's adapter delta
         adapter = tl.load(idx_ptr + rows_m, mask=m_ok, other=-1)
         if tl.max(adapter, axis=0) >= 0:
-            acc += lora_delta(t_ptr, lb_ptr, scale_ptr, adapter, rows_m, m_ok, rows_n, n_ok, rank, n_splits, end0,
-                              end1, s_tsplit, s_tm, s_bs, s_bn, GROUPS, SPLITS, N_SLOTS, BLOCK_R, LORA_PRECISION)
+            acc += lora_delta(t_ptr, lb_ptr, scale_ptr, used_ptr, adapter, rows_m, m_ok, rows_n, n_ok, rank, n_splits,
+                              end0, end1, s_tsplit, s_tm, s_bs, s_bn, GROUPS, SPLITS, BLOCK_R, LORA_PRECISION)
     pdl_release(PDL)
     y = y_ptr + rows_m[:, None] * s_ym + rows_n[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -53,7 +53,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, tile=None,
          lora=None) -> torch.Tensor:
     """x: [..., K] with at most MAX_ROWS rows in all; weight: [N, K]; bias: [N] or None -> [..., N].
-    lora: None, or (t, b_stack, index, scale, segments) as lora_expand takes them: adds each row's
+    lora: None, or (t, b_stack, index, used, scale, segments) as lora_expand takes them: adds each row's
     adapter delta in the epilogue."""
     *lead, k = x.shape
     n = weight.shape[0]
@@ -68,13 +68,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     pdl = use_pdl(x)
     if lora is None:
-        lora_args = (y, y, y, y, 0, 0, 0, 0, 0, 0, 0, 0)
-        constants = dict(HAS_LORA=False, GROUPS=1, SPLITS=1, N_SLOTS=1, BLOCK_R=16, LORA_PRECISION="ieee")
+        lora_args = (y, y, y, y, y, 0, 0, 0, 0, 0, 0, 0, 0)
+        constants = dict(HAS_LORA=False, GROUPS=1, SPLITS=1, BLOCK_R=16, LORA_PRECISION="ieee")
     else:
-        t, b_stack, index, scale, segments = lora
+        t, b_stack, index, used, scale, segments = lora
         if t.dim() != 3 or t.shape[1] != m or b_stack.shape[1] != n or index.shape != (m,) or sum(segments) != n:
             raise ValueError(f"gemv: LoRA t {tuple(t.shape)} / B stack {tuple(b_stack.shape)} do not fit {m} x {n}")
-        lora_args = (t, b_stack, index, scale, b_stack.shape[2], t.shape[0], *_segment_ends(list(segments)),
+        lora_args = (t, b_stack, index, used, scale, b_stack.shape[2], t.shape[0], *_segment_ends(list(segments)),
                      t.stride(0), t.stride(1), b_stack.stride(0), b_stack.stride(1))
         constants = {**delta_constants(t, b_stack, segments), "HAS_LORA": True}
         constants["LORA_PRECISION"] = constants.pop("PRECISION")

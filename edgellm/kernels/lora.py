@@ -10,11 +10,11 @@ B stacks [adapters, N, R] (output features in segment order); ranks below R are 
 - `lora_expand`: y[m, n] += scale[a_m] * t[m, seg(n)*R : seg(n)*R + R] . B[a_m, n, :], in place.
 
 Kernels. A decode step has a handful of rows, so a tile is BLOCK_M tokens (rows) whatever their
-adapters: each program goes over the adapter slots (unrolled, so the loads of all slots are in flight
-at once) and, for each slot some of its tokens use, loads that adapter's tile once and multiplies it
-on the tensor cores, keeping the product only for the tokens of that slot. A batch of 16 rows on 4
-adapters reads each adapter tile once per program, not once per row. Zero-rank gating: a slot no
-token of the tile uses has its loads masked off (no memory traffic), and a tile with no adapter at
+adapters: each program goes over the batch's adapters (`used`: their count, then their slots, made
+by the caller, so no host sync) and, for each one some of its tokens use, loads that adapter's tile
+once and multiplies it on the tensor cores, keeping the product only for that adapter's tokens. A
+batch of 16 rows on 4 adapters reads each adapter tile once per program, not once per row.
+Zero-rank gating: an adapter no token of the tile uses loads nothing, and a tile with no adapter at
 all returns at once. The shrink splits K over programs (one BLOCK_K chunk each), so a 16 x 2048
 adapter matrix is read by many SMs at once instead of one; the expand sums the splits in one load.
 At decode sizes the expand runs as the epilogue of the base projection's GEMV (gemv.py), which
@@ -30,8 +30,8 @@ SHRINK_BLOCK_K = 256
 
 
 @triton.jit
-def _lora_shrink_kernel(x_ptr, a_ptr, idx_ptr, t_ptr, m, k, gr, s_xm, s_as, s_ar, s_tsplit, s_tm,
-                        N_SLOTS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+def _lora_shrink_kernel(x_ptr, a_ptr, idx_ptr, used_ptr, t_ptr, m, k, gr, s_xm, s_as, s_ar, s_tsplit, s_tm,
+                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     pdl_wait(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -45,21 +45,20 @@ def _lora_shrink_kernel(x_ptr, a_ptr, idx_ptr, t_ptr, m, k, gr, s_xm, s_as, s_ar
         x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * s_xm + kk[None, :], mask=row_ok[:, None] & (kk < k)[None, :],
                     other=0.0)
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-        # Unrolled over the slots, so every used slot's loads are in flight together; an unused
-        # slot's load is masked off entirely (no memory traffic).
-        for slot in tl.static_range(N_SLOTS):
+        for i in range(tl.load(used_ptr)):  # the batch's adapters; only those of this tile load anything
+            slot = tl.load(used_ptr + 1 + i)
             hit = adapter == slot
-            used = tl.max(hit.to(tl.int32), axis=0, keep_dims=True) > 0  # [1]: the interpreter wants a tensor mask
-            a = tl.load(a_ptr + slot * s_as + r[:, None] * s_ar + kk[None, :], mask=a_mask & used[:, None], other=0.0)
-            acc += tl.where(hit[:, None], tl.dot(x, tl.trans(a), input_precision=PRECISION), 0.0)
+            if tl.max(hit.to(tl.int32), axis=0) > 0:
+                a = tl.load(a_ptr + slot * s_as + r[:, None] * s_ar + kk[None, :], mask=a_mask, other=0.0)
+                acc += tl.where(hit[:, None], tl.dot(x, tl.trans(a), input_precision=PRECISION), 0.0)
         pdl_release(PDL)
         tl.store(t_ptr + split * s_tsplit + rows.to(tl.int64)[:, None] * s_tm + r[None, :], acc,
                  mask=row_ok[:, None] & (r < gr)[None, :])
 
 
 @triton.jit
-def lora_delta(t_ptr, b_ptr, scale_ptr, adapter, rows, row_ok, cols, n_ok, rank, n_splits, end0, end1,
-               s_tsplit, s_tm, s_bs, s_bn, GROUPS: tl.constexpr, SPLITS: tl.constexpr, N_SLOTS: tl.constexpr,
+def lora_delta(t_ptr, b_ptr, scale_ptr, used_ptr, adapter, rows, row_ok, cols, n_ok, rank, n_splits, end0, end1,
+               s_tsplit, s_tm, s_bs, s_bn, GROUPS: tl.constexpr, SPLITS: tl.constexpr,
                BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
     """[BLOCK_M, BLOCK_N] float32: each row's scale[a] * t[row, segment of col] . B[a, col, :], zero
     for rows without an adapter. Shared by the expand kernel and the GEMV's LoRA epilogue."""
@@ -78,20 +77,21 @@ def lora_delta(t_ptr, b_ptr, scale_ptr, adapter, rows, row_ok, cols, n_ok, rank,
                     + r[None, None, :], mask=(sp < n_splits)[:, None, None] & row_ok[None, :, None]
                     & r_ok[None, None, :] & any_g[:, None, None], other=0.0)
         t = tl.sum(t, axis=0).to(dtype)  # rounded to the model dtype, as the unfused lora_A output would be
-        for slot in tl.static_range(N_SLOTS):
+        for i in range(tl.load(used_ptr)):
+            slot = tl.load(used_ptr + 1 + i)
             hit = adapter == slot
-            used = tl.max(hit.to(tl.int32), axis=0, keep_dims=True) > 0
-            w = tl.load(b_ptr + slot * s_bs + cols[:, None] * s_bn + r[None, :],
-                        mask=in_g[:, None] & r_ok[None, :] & used[:, None], other=0.0)
-            part = tl.dot(t, tl.trans(w), input_precision=PRECISION) * tl.load(scale_ptr + slot)
-            delta += tl.where(hit[:, None], part, 0.0)
+            if tl.max(hit.to(tl.int32), axis=0) > 0:
+                w = tl.load(b_ptr + slot * s_bs + cols[:, None] * s_bn + r[None, :], mask=in_g[:, None] & r_ok[None, :],
+                            other=0.0)
+                part = tl.dot(t, tl.trans(w), input_precision=PRECISION) * tl.load(scale_ptr + slot)
+                delta += tl.where(hit[:, None], part, 0.0)
     return delta
 
 
 @triton.jit
-def _lora_expand_kernel(y_ptr, t_ptr, b_ptr, idx_ptr, scale_ptr, m, n, rank, n_splits, end0, end1,
+def _lora_expand_kernel(y_ptr, t_ptr, b_ptr, idx_ptr, used_ptr, scale_ptr, m, n, rank, n_splits, end0, end1,
                         s_ym, s_tsplit, s_tm, s_bs, s_bn,
-                        GROUPS: tl.constexpr, SPLITS: tl.constexpr, N_SLOTS: tl.constexpr, PRECISION: tl.constexpr,
+                        GROUPS: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
     pdl_wait(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -100,8 +100,8 @@ def _lora_expand_kernel(y_ptr, t_ptr, b_ptr, idx_ptr, scale_ptr, m, n, rank, n_s
     if tl.max(adapter, axis=0) >= 0:
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = cols < n
-        delta = lora_delta(t_ptr, b_ptr, scale_ptr, adapter, rows, row_ok, cols, n_ok, rank, n_splits, end0, end1,
-                           s_tsplit, s_tm, s_bs, s_bn, GROUPS, SPLITS, N_SLOTS, BLOCK_R, PRECISION)
+        delta = lora_delta(t_ptr, b_ptr, scale_ptr, used_ptr, adapter, rows, row_ok, cols, n_ok, rank, n_splits, end0,
+                           end1, s_tsplit, s_tm, s_bs, s_bn, GROUPS, SPLITS, BLOCK_R, PRECISION)
         y_tile = y_ptr + rows.to(tl.int64)[:, None] * s_ym + cols[None, :]
         mask = (row_ok & (adapter >= 0))[:, None] & n_ok[None, :]
         y = tl.load(y_tile, mask=mask, other=0.0).to(tl.float32) + delta
@@ -116,12 +116,21 @@ def _rows(x: torch.Tensor, index: torch.Tensor, what: str) -> torch.Tensor:
     return x2
 
 
-def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x: [..., K] (M tokens); a_stack: [adapters, G*R, K]; index: [M] int32 (-1: no adapter) ->
-    [splits, M, G*R] float32 partial sums (rows without an adapter may be left unwritten)."""
+def used_slots(slots, capacity: int, device) -> torch.Tensor:
+    """The `used` argument of the LoRA ops for a batch whose tokens use adapter `slots` (-1: none):
+    [1 + capacity] int32, the number of distinct slots, then the slots."""
+    distinct = sorted({int(s) for s in slots if s >= 0})
+    return torch.tensor([len(distinct)] + distinct + [0] * (capacity - len(distinct)), dtype=torch.int32,
+                        device=device)
+
+
+def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, index: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    """x: [..., K] (M tokens); a_stack: [adapters, G*R, K]; index: [M] int32 (-1: no adapter); used:
+    used_slots(...) of the batch -> [splits, M, G*R] float32 partial sums (rows without an adapter
+    may be left unwritten)."""
     x2 = _rows(x, index, "lora_shrink")
     m, k = x2.shape
-    slots, gr = a_stack.shape[:2]  # every slot is a case of the unrolled kernel loop
+    gr = a_stack.shape[1]
     if a_stack.shape[2] != k or a_stack.stride(-1) != 1:
         raise ValueError(f"lora_shrink: A stack {tuple(a_stack.shape)} does not fit x {tuple(x.shape)}")
     if x2.stride(-1) != 1:
@@ -132,8 +141,8 @@ def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, index: torch.Tensor) -> 
     block_r = min(32, pow2(gr, 16))
     pdl = use_pdl(x)
     _lora_shrink_kernel[(triton.cdiv(m, BLOCK_M), splits, triton.cdiv(gr, block_r))](
-        x2, a_stack, index, t, m, k, gr, x2.stride(0), a_stack.stride(0), a_stack.stride(1), t.stride(0),
-        t.stride(1), N_SLOTS=slots, PRECISION=dot_precision(x.dtype), BLOCK_M=BLOCK_M, BLOCK_R=block_r,
+        x2, a_stack, index, used, t, m, k, gr, x2.stride(0), a_stack.stride(0), a_stack.stride(1), t.stride(0),
+        t.stride(1), PRECISION=dot_precision(x.dtype), BLOCK_M=BLOCK_M, BLOCK_R=block_r,
         BLOCK_K=block_k, PDL=pdl, num_warps=4, launch_pdl=pdl)
     return t
 
@@ -145,7 +154,7 @@ def _segment_ends(segments) -> tuple[int, int]:
     return tuple((ends[:-1] + [ends[-1]] * 2)[:2])
 
 
-def lora_expand(y: torch.Tensor, t: torch.Tensor, b_stack: torch.Tensor, index: torch.Tensor,
+def lora_expand(y: torch.Tensor, t: torch.Tensor, b_stack: torch.Tensor, index: torch.Tensor, used: torch.Tensor,
                 scale: torch.Tensor, segments) -> torch.Tensor:
     """y: [..., N] (the base projection of M tokens, updated in place and returned); t: lora_shrink's
     [splits, M, G*R]; b_stack: [adapters, N, R]; scale: [adapters] float32; segments: the G output
@@ -162,7 +171,7 @@ def lora_expand(y: torch.Tensor, t: torch.Tensor, b_stack: torch.Tensor, index: 
     pdl = use_pdl(y)
     block_n = 64
     _lora_expand_kernel[(triton.cdiv(m, BLOCK_M), triton.cdiv(n, block_n))](
-        y2, t, b_stack, index, scale, m, n, rank, t.shape[0], *_segment_ends(list(segments)), y2.stride(0),
+        y2, t, b_stack, index, used, scale, m, n, rank, t.shape[0], *_segment_ends(list(segments)), y2.stride(0),
         t.stride(0), t.stride(1), b_stack.stride(0), b_stack.stride(1), **delta_constants(t, b_stack, segments),
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, PDL=pdl, num_warps=4, launch_pdl=pdl)
     return y
@@ -170,11 +179,10 @@ def lora_expand(y: torch.Tensor, t: torch.Tensor, b_stack: torch.Tensor, index: 
 
 def delta_constants(t: torch.Tensor, b_stack: torch.Tensor, segments) -> dict:
     """The constexpr arguments of lora_delta for these tensors."""
-    return dict(GROUPS=len(segments), SPLITS=pow2(t.shape[0]), N_SLOTS=b_stack.shape[0],
-                BLOCK_R=pow2(b_stack.shape[2], 16), PRECISION=dot_precision(b_stack.dtype))
+    return dict(GROUPS=len(segments), SPLITS=pow2(t.shape[0]), BLOCK_R=pow2(b_stack.shape[2], 16), PRECISION=dot_precision(b_stack.dtype))
 
 
-def lora_shrink_ref(x: torch.Tensor, a_stack: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def lora_shrink_ref(x: torch.Tensor, a_stack: torch.Tensor, index: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
     """Per token m with index[m] >= 0: x[m] @ a_stack[index[m]]^T in float32, as one split [1, M, G*R];
     tokens without an adapter give zeros."""
     x2 = _rows(x, index, "lora_shrink_ref").float()
@@ -183,7 +191,7 @@ def lora_shrink_ref(x: torch.Tensor, a_stack: torch.Tensor, index: torch.Tensor)
     return (t * (index >= 0).to(t.dtype)[:, None])[None]
 
 
-def lora_expand_ref(y: torch.Tensor, t: torch.Tensor, b_stack: torch.Tensor, index: torch.Tensor,
+def lora_expand_ref(y: torch.Tensor, t: torch.Tensor, b_stack: torch.Tensor, index: torch.Tensor, used: torch.Tensor,
                     scale: torch.Tensor, segments) -> torch.Tensor:
     """y + scale[a] * (t summed over splits, segment g, rounded to the model dtype) @ B[a][segment g]^T
     for each segment; tokens with index < 0 unchanged. Returns a new tensor shaped like y."""
