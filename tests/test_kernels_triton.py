@@ -223,15 +223,16 @@ def test_rope_kv_append(dtype, hq, hkv, head_dim, rotary_dim, seq):
     ([1] * 19 + [-1] * 5 + [0] * 13, 600, (50, 50), 16),  # prefill tokens of three rows, K over three splits
     ([0, 0, 0], 96, (33,), 32),                 # one adapter for every row, one segment, a larger rank
     ([-1, -1], 64, (16,), 16),                  # no adapter at all: y untouched
+    ([5, 0, 4, -1, 1, 2, 3, 5], 64, (16, 16), 16),  # six adapters in one batch: past the unrolled four
 ])
 def test_lora_shrink_expand(dtype, index, k, segments, rank):
     from edgellm.kernels import lora
 
-    adapters, n, groups, m = 3, sum(segments), len(segments), len(index)
+    adapters, n, groups, m = max(3, max(index) + 1), sum(segments), len(segments), len(index)
     x = randn(m, k, dtype=dtype)
     a_stack = randn(adapters, groups * rank, k, dtype=dtype, seed=1) * 0.3
     b_stack = randn(adapters, n, rank, dtype=dtype, seed=2) * 0.3
-    scale = torch.tensor([0.5, 2.0, 1.25], device=DEVICE)
+    scale = torch.tensor([0.5, 2.0, 1.25, 0.75, 1.5, 3.0][:adapters], device=DEVICE)
     used = lora.used_slots(index, adapters, DEVICE)
     index = torch.tensor(index, dtype=torch.int32, device=DEVICE)
     t = lora.lora_shrink(x, a_stack, index, used)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..kernels import ops, rope_inv_freq
-from ..kernels.lora import used_slots
+from ..kernels.lora import UNROLL, used_slots
 from ..errors import ConfigurationError, InvalidRequestError, LoraError
 from .config import EngineConfig
 from .graphs import DecodeBuffers, PrefillBuffers, StepGraphs, graph_batch_sizes, prefill_bucket
@@ -204,7 +204,8 @@ class LLMEngineRunner:
                 used_slots(lora_rows, self._lora_capacity(), self.device))
 
     def _lora_capacity(self) -> int:
-        return self.lora.max_loras if self.lora is not None else 0
+        """Entries of a used-slot list (kernels/lora.py used_slots) for this engine."""
+        return max(self.lora.max_loras, UNROLL) if self.lora is not None else 0
 
     def _lora_batch(self, index: torch.Tensor, used: torch.Tensor, uses_lora: bool) -> LoraBatch | None:
         return LoraBatch(self.lora, index, used) if uses_lora else None
