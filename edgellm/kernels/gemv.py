@@ -22,7 +22,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                  t_ptr, lb_ptr, idx_ptr, used_ptr, scale_ptr, rank, n_splits, end0, end1, s_tsplit, s_tm, s_bs, s_bn,
                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NUM_STAGES: tl.constexpr, PDL: tl.constexpr, HAS_LORA: tl.constexpr, GROUPS: tl.constexpr,
-                 SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, LORA_PRECISION: tl.constexpr):
+                 SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, LORA_PRECISION: tl.constexpr, UNROLL: tl.constexpr):
     pdl_wait(PDL)
     rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.arange(0, BLOCK_M)
@@ -44,7 +44,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
         adapter = tl.load(idx_ptr + rows_m, mask=m_ok, other=-1)
         if tl.max(adapter, axis=0) >= 0:
             acc += lora_delta(t_ptr, lb_ptr, scale_ptr, used_ptr, adapter, rows_m, m_ok, rows_n, n_ok, rank, n_splits,
-                              end0, end1, s_tsplit, s_tm, s_bs, s_bn, GROUPS, SPLITS, BLOCK_R, LORA_PRECISION)
+                              end0, end1, s_tsplit, s_tm, s_bs, s_bn, GROUPS, SPLITS, BLOCK_R, LORA_PRECISION, UNROLL)
     pdl_release(PDL)
     y = y_ptr + rows_m[:, None] * s_ym + rows_n[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -69,7 +69,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     pdl = use_pdl(x)
     if lora is None:
         lora_args = (y, y, y, y, y, 0, 0, 0, 0, 0, 0, 0, 0)
-        constants = dict(HAS_LORA=False, GROUPS=1, SPLITS=1, BLOCK_R=16, LORA_PRECISION="ieee")
+        constants = dict(HAS_LORA=False, GROUPS=1, SPLITS=1, BLOCK_R=16, LORA_PRECISION="ieee", UNROLL=1)
     else:
         t, b_stack, index, used, scale, segments = lora
         if t.dim() != 3 or t.shape[1] != m or b_stack.shape[1] != n or index.shape != (m,) or sum(segments) != n:

@@ -35,7 +35,7 @@ UNROLL = 4  # a batch's first UNROLL adapters are unrolled (their loads in fligh
 @triton.jit
 def _lora_shrink_kernel(x_ptr, a_ptr, idx_ptr, used_ptr, t_ptr, m, k, gr, s_xm, s_as, s_ar, s_tsplit, s_tm,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr, PDL: tl.constexpr):
     pdl_wait(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(1)
@@ -69,7 +69,7 @@ def _lora_shrink_kernel(x_ptr, a_ptr, idx_ptr, used_ptr, t_ptr, m, k, gr, s_xm, 
 @triton.jit
 def lora_delta(t_ptr, b_ptr, scale_ptr, used_ptr, adapter, rows, row_ok, cols, n_ok, rank, n_splits, end0, end1,
                s_tsplit, s_tm, s_bs, s_bn, GROUPS: tl.constexpr, SPLITS: tl.constexpr,
-               BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+               BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, UNROLL: tl.constexpr):
     """[BLOCK_M, BLOCK_N] float32: each row's scale[a] * t[row, segment of col] . B[a, col, :], zero
     for rows without an adapter. Shared by the expand kernel and the GEMV's LoRA epilogue."""
     r = tl.arange(0, BLOCK_R)
@@ -109,7 +109,7 @@ def lora_delta(t_ptr, b_ptr, scale_ptr, used_ptr, adapter, rows, row_ok, cols, n
 @triton.jit
 def _lora_expand_kernel(y_ptr, t_ptr, b_ptr, idx_ptr, used_ptr, scale_ptr, m, n, rank, n_splits, end0, end1,
                         s_ym, s_tsplit, s_tm, s_bs, s_bn,
-                        GROUPS: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+                        GROUPS: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, UNROLL: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
     pdl_wait(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -119,7 +119,7 @@ def _lora_expand_kernel(y_ptr, t_ptr, b_ptr, idx_ptr, used_ptr, scale_ptr, m, n,
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = cols < n
         delta = lora_delta(t_ptr, b_ptr, scale_ptr, used_ptr, adapter, rows, row_ok, cols, n_ok, rank, n_splits, end0,
-                           end1, s_tsplit, s_tm, s_bs, s_bn, GROUPS, SPLITS, BLOCK_R, PRECISION)
+                           end1, s_tsplit, s_tm, s_bs, s_bn, GROUPS, SPLITS, BLOCK_R, PRECISION, UNROLL)
         y_tile = y_ptr + rows.to(tl.int64)[:, None] * s_ym + cols[None, :]
         mask = (row_ok & (adapter >= 0))[:, None] & n_ok[None, :]
         y = tl.load(y_tile, mask=mask, other=0.0).to(tl.float32) + delta
@@ -161,7 +161,7 @@ def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, index: torch.Tensor, use
     _lora_shrink_kernel[(triton.cdiv(m, BLOCK_M), splits, triton.cdiv(gr, block_r))](
         x2, a_stack, index, used, t, m, k, gr, x2.stride(0), a_stack.stride(0), a_stack.stride(1), t.stride(0),
         t.stride(1), PRECISION=dot_precision(x.dtype), BLOCK_M=BLOCK_M, BLOCK_R=block_r,
-        BLOCK_K=block_k, PDL=pdl, num_warps=8, launch_pdl=pdl)
+        BLOCK_K=block_k, UNROLL=UNROLL, PDL=pdl, num_warps=8, launch_pdl=pdl)
     return t
 
 
@@ -197,7 +197,7 @@ def lora_expand(y: torch.Tensor, t: torch.Tensor, b_stack: torch.Tensor, index: 
 
 def delta_constants(t: torch.Tensor, b_stack: torch.Tensor, segments) -> dict:
     """The constexpr arguments of lora_delta for these tensors."""
-    return dict(GROUPS=len(segments), SPLITS=pow2(t.shape[0]), BLOCK_R=pow2(b_stack.shape[2], 16), PRECISION=dot_precision(b_stack.dtype))
+    return dict(GROUPS=len(segments), SPLITS=pow2(t.shape[0]), UNROLL=UNROLL, BLOCK_R=pow2(b_stack.shape[2], 16), PRECISION=dot_precision(b_stack.dtype))
 
 
 def lora_shrink_ref(x: torch.Tensor, a_stack: torch.Tensor, index: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
