@@ -205,7 +205,7 @@ class LLMEngineRunner:
 
     def _lora_capacity(self) -> int:
         """Entries of a used-slot list (kernels/lora.py used_slots) for this engine."""
-        return max(self.lora.max_loras, UNROLL) if self.lora is not None else 0
+        return max(self.lora.max_loras if self.lora is not None else 0, UNROLL)
 
     def _lora_batch(self, index: torch.Tensor, used: torch.Tensor, uses_lora: bool) -> LoraBatch | None:
         return LoraBatch(self.lora, index, used) if uses_lora else None
