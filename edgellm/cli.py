@@ -19,6 +19,22 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, default=None)
     p.add_argument("--max-input-length", type=int, default=None)
     p.add_argument("--max-kv-cache-capacity", type=int, default=None)
+    p.add_argument("--lora", action="append", default=None, metavar="NAME=PATH",
+                   help="load a LoRA adapter (PEFT directory) under NAME (repeatable); the first one is active: "
+                        "requests that name no adapter use it")
+    p.add_argument("--max-lora-rank", type=int, default=None, help="largest adapter rank (default: the largest given)")
+
+
+def _lora_weights(specs) -> dict | None:
+    if not specs:
+        return None
+    adapters = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise EdgeLLMError(f"--lora takes NAME=PATH, got {spec!r}")
+        adapters[name] = path
+    return adapters
 
 
 def _add_sampling_options(p: argparse.ArgumentParser, temperature_default) -> None:
@@ -35,9 +51,14 @@ def _add_sampling_options(p: argparse.ArgumentParser, temperature_default) -> No
 def _runtime(args):
     from .runtime import LLMInferenceRuntime
 
-    return LLMInferenceRuntime(args.model_dir, device=args.device, dtype=args.dtype,
-                               max_batch_size=args.max_batch_size, max_input_length=args.max_input_length,
-                               max_kv_cache_capacity=args.max_kv_cache_capacity)
+    adapters = _lora_weights(args.lora)
+    runtime = LLMInferenceRuntime(args.model_dir, device=args.device, dtype=args.dtype,
+                                  max_batch_size=args.max_batch_size, max_input_length=args.max_input_length,
+                                  max_kv_cache_capacity=args.max_kv_cache_capacity, lora_weights=adapters,
+                                  max_lora_rank=args.max_lora_rank)
+    if adapters:
+        runtime.switch_lora_weights(next(iter(adapters)))
+    return runtime
 
 
 def _request(args, items):

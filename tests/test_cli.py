@@ -42,3 +42,24 @@ def test_clear_error_exit_code(tmp_path, capsys):
     assert main(["generate", "hi", "-m", str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err
     assert main(["generate", "hi", "-m", str(tmp_path), "--top-p", "3"]) == 2
+
+
+def test_run_with_lora_adapters(llama_dir, lora_adapters, tmp_path):
+    """--lora loads adapters (the first is active); run files pick one per request or item."""
+    from edgellm import LLMGenerationRequest, LLMInferenceRuntime
+
+    spec = {"max_generate_length": 5, "temperature": 0,
+            "requests": [{"input_ids": [1, 5, 6]}, {"input_ids": [1, 5, 6], "lora_weights_name": "b"},
+                         {"input_ids": [1, 5, 6], "lora_weights_name": ""}]}
+    (tmp_path / "in.json").write_text(json.dumps(spec))
+    code = main(["run", "-i", str(tmp_path / "in.json"), "-o", str(tmp_path / "out.json"), "-m", str(llama_dir),
+                 "--device", "cpu", "--lora", f"a={lora_adapters['a'][0]}", "--lora", f"b={lora_adapters['b'][0]}"])
+    assert code == 0
+    got = [r["output_ids"] for r in json.loads((tmp_path / "out.json").read_text())["responses"]]
+    runtime = LLMInferenceRuntime(llama_dir, device="cpu", lora_weights={n: p for n, (p, _) in lora_adapters.items()})
+    expected = runtime.handle_request(LLMGenerationRequest(
+        requests=[{"input_ids": [1, 5, 6], "lora_weights_name": n} for n in ("a", "b", "")],
+        max_generate_length=5, temperature=0)).output_ids
+    assert got == expected
+    assert main(["run", "-i", str(tmp_path / "in.json"), "-o", str(tmp_path / "x.json"), "-m", str(llama_dir),
+                 "--lora", "nopath"]) == 2
