@@ -83,10 +83,11 @@ def random_lora_dir(model_dir: str | Path, adapter_dir: str | Path, *, rank: int
     adapter_dir = Path(adapter_dir)
     adapter_dir.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
+    shapes = module_shapes(cfg)
     tensors = {}
     for layer in range(cfg.num_decoder_layers):
         for module in targets:
-            out_features, in_features = module_shapes(cfg)[module]
+            out_features, in_features = shapes[module]
             prefix = f"base_model.model.model.layers.{layer}.{'mlp' if module in ('gate', 'up', 'down') else 'self_attn'}"
             tensors[f"{prefix}.{module}_proj.lora_A.weight"] = \
                 torch.randn(rank, in_features, generator=generator) / in_features ** 0.5

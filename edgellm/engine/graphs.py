@@ -40,8 +40,12 @@ class DecodeBuffers:
         self.lora = torch.full((size,), -1, dtype=torch.int32, device=device)  # LoRA slot per row, -1: none
         self.lora_used = torch.zeros(1 + lora_slots, dtype=torch.int32, device=device)  # kernels/lora.py used_slots
         self.lora_host: list[int] = []  # the live rows' LoRA slots, known on the host
-        self.uses_lora = False
         self.logits: torch.Tensor | None = None  # the last step's [size, vocab] float32 logits
+
+    @property
+    def uses_lora(self) -> bool:
+        """Some live row has an adapter: the step runs the LoRA kernels (and that graph)."""
+        return any_adapter(self.lora_host)
 
     def rows(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """Copies of the per-row state of live rows `index` (to move them into another buffer set)."""
@@ -65,6 +69,11 @@ class DecodeBuffers:
             self.lora[n:].fill_(-1)
         self.slot_index.copy_(self.slots)
         self.live = n
+
+
+def any_adapter(lora_slots: list[int]) -> bool:
+    """Whether any row of these LoRA slots (-1: none) uses an adapter."""
+    return max(lora_slots, default=-1) >= 0
 
 
 PREFILL_BUCKET = 128  # prefill graphs exist for chunk lengths 128, 256, ... (padding at most 127 tokens)

@@ -29,9 +29,7 @@ from safetensors import safe_open
 from ..errors import LoraError
 from .config import EngineConfig
 
-MODULES = ("q", "k", "v", "o", "gate", "up", "down")
 GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
-GROUP_OF = {m: (group, i) for group, members in GROUPS.items() for i, m in enumerate(members)}
 DEFAULT_MAX_LORAS = 8
 
 # ...layers.<i>.(self_attn|mlp).<m>_proj.lora_<A|B>[.<adapter name>].weight, PEFT's naming.

@@ -21,7 +21,7 @@ from ..kernels import ops, rope_inv_freq
 from ..kernels.lora import UNROLL, used_slots
 from ..errors import ConfigurationError, InvalidRequestError, LoraError
 from .config import EngineConfig
-from .graphs import DecodeBuffers, PrefillBuffers, StepGraphs, graph_batch_sizes, prefill_bucket
+from .graphs import DecodeBuffers, PrefillBuffers, StepGraphs, any_adapter, graph_batch_sizes, prefill_bucket
 from .kv_cache import LinearKVCache
 from .lora import DEFAULT_MAX_LORAS, LoraStacks, read_adapter
 from .model import LoraBatch, forward_logits
@@ -244,7 +244,7 @@ class LLMEngineRunner:
         slot_ids = self._slots(slots, batch)
         lora_rows = self._lora_rows(lora, batch)
         lora_index, lora_used = self._lora_tensors(lora_rows)
-        uses_lora = max(lora_rows) >= 0
+        uses_lora = any_adapter(lora_rows)
         embeds = inputs_embeds.to(self.dtype)
         chunk = self.prefill_chunk_size
         logits = None
@@ -269,7 +269,7 @@ class LLMEngineRunner:
         batch = inputs_embeds.shape[0]
         slot_ids = self._slots(slots, batch)
         lora_rows = self._lora_rows(lora, batch)
-        lora_batch = self._lora_batch(*self._lora_tensors(lora_rows), max(lora_rows) >= 0)
+        lora_batch = self._lora_batch(*self._lora_tensors(lora_rows), any_adapter(lora_rows))
         starts = self.kv_cache.lengths[slot_ids.long()]
         q_lens = torch.ones(batch, dtype=torch.int32, device=self.device)
         logits = forward_logits(self.weights, self.config, self.kv_cache, self.rope_cos_sin,
@@ -401,14 +401,12 @@ class LLMEngineRunner:
 
     def _load_rows(self, rows: dict, lora_rows: list[int]) -> None:
         size = self._padded_size(rows["slots"].shape[0])
-        uses_lora = max(lora_rows) >= 0
         self._active = None
-        self._ensure_graph(size, uses_lora)
+        self._ensure_graph(size, any_adapter(lora_rows))
         buf = self._buffers(size)
         buf.load(**rows)
         buf.lora_used.copy_(used_slots(lora_rows, self._lora_capacity(), self.device))
         buf.lora_host = lora_rows
-        buf.uses_lora = uses_lora
         self._active = buf
 
     def end_decode(self) -> None:
