@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgellm.benchmark import copy_bandwidth  # noqa: E402
-from edgellm.kernels import attention, kv_append, rms_norm, rope, rope_append, sampling, silu_mul  # noqa: E402
+from edgellm.kernels import attention, gemv, kv_append, lora, rms_norm, rope, rope_append, sampling, silu_mul  # noqa: E402
 
 ANCHORS = Path(__file__).resolve().parents[2] / "shared" / "anchors" / "h100-2026-11-22.json"
 DEV = "cuda"
@@ -243,6 +243,54 @@ def cases():
                                 triton=lambda args=args, blk=blk, warps=warps: sampling.sample(
                                     *args, block=blk, num_warps=warps),
                                 torch=lambda: None, compile=None, bytes=logits.numel() * 4, baseline="-"))
+    return out + lora_cases(rnd)
+
+
+def lora_cases(rnd):
+    """LoRA at decode sizes (rank 16, Llama-3.2-1B shape): each producer kernel with the next
+    projection's shrink fused in, against the same kernel plus a separate lora_shrink launch; the
+    GEMV with its LoRA epilogue against the plain GEMV. Floors: the bytes each reads and writes."""
+    out = []
+    hidden, ffn, hq, hkv, d, rank, slots = 2048, 8192, 32, 8, 64, 16, 4
+    for b in (1, 16):
+        tag = f"b{b}"
+        index = torch.tensor([i % slots for i in range(b)], device=DEV, dtype=torch.int32)
+        used = lora.used_slots(index.tolist(), slots, DEV)
+        a_qkv, a_o, a_down = rnd(slots, 3 * rank, hidden), rnd(slots, rank, hq * d), rnd(slots, rank, ffn)
+        a_bytes = lambda a: min(b, slots) * a[0].numel() * 2  # noqa: E731 - the adapters' A rows read
+        x, r, w = rnd(b, hidden), rnd(b, hidden), rnd(hidden)
+        out.append(dict(name=f"add_rms_norm+qkv shrink {tag}",
+                        triton=lambda x=x, r=r, w=w, a=a_qkv, i=index, u=used:
+                        rms_norm.add_rms_norm(x, r, w, 1e-5, lora_a=(a, i, u)),
+                        torch=lambda x=x, r=r, w=w, a=a_qkv, i=index, u=used:
+                        lora.lora_shrink(rms_norm.add_rms_norm(x, r, w, 1e-5)[0], a, i, u),
+                        compile=None, bytes=4 * x.numel() * 2 + a_bytes(a_qkv), baseline="unfused"))
+        gu = rnd(b, 2 * ffn)
+        out.append(dict(name=f"silu_mul+down shrink {tag}",
+                        triton=lambda gu=gu, a=a_down, i=index, u=used: silu_mul.silu_mul(gu, lora_a=(a, i, u)),
+                        torch=lambda gu=gu, a=a_down, i=index, u=used: lora.lora_shrink(silu_mul.silu_mul(gu), a, i, u),
+                        compile=None, bytes=3 * b * ffn * 2 + a_bytes(a_down), baseline="unfused"))
+        ctx = 1024
+        kc, vc, q = rnd(b, hkv, ctx, d), rnd(b, hkv, ctx, d), rnd(b, hq, d)
+        kv_slots = torch.arange(b, device=DEV, dtype=torch.int32)
+        lens = torch.full((b,), ctx, device=DEV, dtype=torch.int32)
+        out.append(dict(name=f"decode_attention+o shrink {tag} x {ctx}",
+                        triton=lambda q=q, kc=kc, vc=vc, s=kv_slots, n=lens, a=a_o, i=index, u=used:
+                        attention.decode_attention(q, kc, vc, s, n, d ** -0.5, lora_a=(a, i, u)),
+                        torch=lambda q=q, kc=kc, vc=vc, s=kv_slots, n=lens, a=a_o, i=index, u=used: lora.lora_shrink(
+                            attention.decode_attention(q, kc, vc, s, n, d ** -0.5).reshape(b, -1), a, i, u),
+                        compile=None, bytes=2 * kc.numel() * 2 + a_bytes(a_o), baseline="unfused"))
+        n_qkv = (hq + 2 * hkv) * d
+        wq, b_qkv = rnd(n_qkv, hidden), rnd(slots, n_qkv, rank)
+        t = rms_norm.add_rms_norm(x, r, w, 1e-5, lora_a=(a_qkv, index, used))[2]
+        spec = (t, b_qkv, index, used, torch.ones(slots, device=DEV), (hq * d, hkv * d, hkv * d))
+        out.append(dict(name=f"gemv qkv+LoRA epilogue {tag}", triton=lambda x=x, wq=wq, spec=spec:
+                        gemv.gemv(x, wq, lora=spec), torch=lambda x=x, wq=wq: gemv.gemv(x, wq), compile=None,
+                        bytes=wq.numel() * 2, baseline="no LoRA",
+                        fresh=lambda i, x=x, spec=spec: (lambda wq=rnd(n_qkv, hidden): gemv.gemv(x, wq, lora=spec))))
+        out.append(dict(name=f"  gemv qkv {tag} without LoRA", triton=lambda x=x, wq=wq: gemv.gemv(x, wq),
+                        torch=lambda x=x, wq=wq: F.linear(x, wq), compile=None, bytes=wq.numel() * 2,
+                        baseline="cuBLAS", fresh=lambda i, x=x: (lambda wq=rnd(n_qkv, hidden): gemv.gemv(x, wq))))
     return out
 
 
@@ -250,6 +298,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    parser.add_argument("--only", default=None, help="run only the cases whose name contains one of these (comma-separated)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
@@ -257,6 +306,8 @@ def main() -> int:
     bandwidth, rate = copy_bandwidth(), matmul_rate()
     rows = []
     for case in cases():
+        if args.only and not any(part in case["name"] for part in args.only.split(",")):
+            continue
         t_triton = bench_us(case["triton"])
         t_graph = graph_us(case["triton"])
         t_stream = streamed_us(case["fresh"], case["bytes"]) if "fresh" in case and case["bytes"] > 2 ** 20 else None

@@ -249,21 +249,98 @@ def test_lora_shrink_expand(dtype, index, k, segments, rank):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_gemv_with_lora_epilogue(dtype):
+@pytest.mark.parametrize("slots", [
+    [3, -1, 0, 3, 1],  # three adapters and none: the first (prefetched) adapter and the looped ones
+    [3],               # batch 1: all of the epilogue prefetched before the K loop
+    [-1, -1],          # no adapter: the plain GEMV
+])
+def test_gemv_with_lora_epilogue(dtype, slots):
     """At decode sizes the LoRA expand is the GEMV's epilogue: the same as gemv + lora_expand."""
     from edgellm.kernels import gemv, lora
 
-    m, k, segments, rank = 5, 96, (40, 12, 12), 16
+    m, k, segments, rank = len(slots), 96, (40, 12, 12), 16
     n = sum(segments)
     x, w, bias = randn(m, k, dtype=dtype), randn(n, k, dtype=dtype, seed=1) * 0.2, randn(n, dtype=dtype, seed=2)
     a_stack = randn(4, 3 * rank, k, dtype=dtype, seed=3) * 0.2
     b_stack = randn(4, n, rank, dtype=dtype, seed=4) * 0.2
-    used = lora.used_slots([3, -1, 0, 3, 1], 4, DEVICE)
-    index = torch.tensor([3, -1, 0, 3, 1], dtype=torch.int32, device=DEVICE)
+    used = lora.used_slots(slots, 4, DEVICE)
+    index = torch.tensor(slots, dtype=torch.int32, device=DEVICE)
     scale = torch.tensor([1.0, 0.5, 0.0, 2.0], device=DEVICE)
     spec = (lora.lora_shrink(x, a_stack, index, used), b_stack, index, used, scale, segments)
     out = gemv.gemv(x, w, bias, tile=(16, 32, 4, 2), lora=spec)
     tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
     torch.testing.assert_close(out, gemv.gemv_ref(x, w, bias, lora=spec), **tol)
-    torch.testing.assert_close(out[1], gemv.gemv_ref(x, w, bias)[1], **tol)  # no adapter: the plain GEMV
-    assert not torch.allclose(out[0], gemv.gemv_ref(x, w, bias)[0], **tol)  # adapter 3: a real delta
+    base = gemv.gemv_ref(x, w, bias)
+    for row, slot in enumerate(slots):
+        if slot < 0:  # no adapter: the plain GEMV
+            torch.testing.assert_close(out[row], base[row], **tol)
+        else:  # adapter 3 (scale 2): a real delta
+            assert slot != 3 or not torch.allclose(out[row], base[row], **tol)
+
+
+def _fused_shrink_case(rows, k, gr, seed=5):
+    """An A stack of three adapters and an index with rows on adapters 2, none, 0, 2, ... (rows of
+    the decode batches the fused LoRA shrinks serve)."""
+    from edgellm.kernels import lora
+
+    a_stack = randn(3, gr, k, seed=seed) * 0.3
+    slots = [(2, -1, 0)[i % 3] for i in range(rows)]
+    index = torch.tensor(slots, dtype=torch.int32, device=DEVICE)
+    return a_stack, index, lora.used_slots(slots, 3, DEVICE)
+
+
+def _check_fused_shrink(t, t_ref, index, dtype):
+    has = index >= 0
+    tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(t.sum(0)[has], t_ref.sum(0)[has], **tol)
+    assert t_ref.sum(0)[has].abs().max() > 0.1  # a real product, not zeros on both sides
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,gr,residual", [(40, 48, True), (600, 16, True), (96, 32, False)])
+def test_rms_norm_with_fused_lora_shrink(dtype, n, gr, residual):
+    """The next projection's LoRA shrink computed by the norm kernel: outputs unchanged, partials = ref."""
+    rows = 4
+    x, r, w = randn(rows, n, dtype=dtype), randn(rows, n, dtype=dtype, seed=1), randn(n, dtype=dtype, seed=2)
+    a_stack, index, used = _fused_shrink_case(rows, n, gr)
+    a_stack = a_stack.to(dtype)
+    if residual:
+        y, s, t = rms_norm.add_rms_norm(x, r, w, 1e-5, lora_a=(a_stack, index, used))
+        y_ref, s_ref, t_ref = rms_norm.add_rms_norm_ref(x, r, w, 1e-5, lora_a=(a_stack, index, used))
+        assert torch.equal(s, s_ref)
+    else:
+        y, t = rms_norm.rms_norm(x, w, 1e-5, lora_a=(a_stack, index, used))
+        y_ref, t_ref = rms_norm.rms_norm_ref(x, w, 1e-5, lora_a=(a_stack, index, used))
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    assert t.shape[0] == -(-n // 256)  # one K split per chunk of 256 columns
+    _check_fused_shrink(t, t_ref, index, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_silu_mul_with_fused_lora_shrink(dtype):
+    rows, n_ffn = 3, 1100  # two blocks of 1024: two K splits, the second partial
+    gate_up = randn(rows, 2 * n_ffn, dtype=dtype)
+    a_stack, index, used = _fused_shrink_case(rows, n_ffn, 16)
+    y, t = silu_mul.silu_mul(gate_up, lora_a=(a_stack.to(dtype), index, used))
+    y_ref, t_ref = silu_mul.silu_mul_ref(gate_up, lora_a=(a_stack.to(dtype), index, used))
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    _check_fused_shrink(t, t_ref, index, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 48])
+def test_decode_attention_with_fused_lora_shrink(dtype, head_dim):
+    """The o projection's shrink in the attention merge: one K split per query head."""
+    batch, hq, hkv, capacity = 3, 4, 2, 40
+    q = randn(batch, hq, head_dim, dtype=dtype)
+    k_cache = randn(batch, hkv, capacity, head_dim, dtype=dtype, seed=1)
+    v_cache = randn(batch, hkv, capacity, head_dim, dtype=dtype, seed=2)
+    slots = torch.tensor([1, 0, 2], dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor([5, 40, 17], dtype=torch.int32, device=DEVICE)
+    a_stack, index, used = _fused_shrink_case(batch, hq * head_dim, 16)
+    lora_a = (a_stack.to(dtype), index, used)
+    out, t = attention.decode_attention(q, k_cache, v_cache, slots, lens, 0.125, num_splits=2, lora_a=lora_a)
+    out_ref, t_ref = attention.decode_attention_ref(q, k_cache, v_cache, slots, lens, 0.125, lora_a=lora_a)
+    torch.testing.assert_close(out, out_ref, **TOL[dtype])
+    assert t.shape[0] == hq
+    _check_fused_shrink(t, t_ref, index, dtype)

@@ -29,17 +29,36 @@ class LoraBatch(NamedTuple):
 
 
 def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora: LoraBatch | None,
-             layer: int, group: str, ops) -> torch.Tensor:
+             layer: int, group: str, ops, t: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight^T (+ bias), plus each row's adapter delta for this projection group (qkv, o,
-    gate_up, down): the LoRA shrink, then the expand, which at decode sizes is the GEMV's epilogue."""
+    gate_up, down): the LoRA shrink (`t`: its partials, when the kernel that made x computed them),
+    then the expand, which at decode sizes is the GEMV's epilogue."""
     if lora is None:
         return _linear(x, weight, bias, ops)
     a_stack, b_stack = lora.stacks.layers[layer][group]
-    spec = (ops.lora_shrink(x, a_stack, lora.index, lora.used), b_stack, lora.index, lora.used, lora.stacks.scale,
-            lora.stacks.segments[group])
+    if t is None:
+        t = ops.lora_shrink(x, a_stack, lora.index, lora.used)
+    spec = (t, b_stack, lora.index, lora.used, lora.stacks.scale, lora.stacks.segments[group])
     if _decode_sized(x):
         return ops.gemv(x, weight, bias, lora=spec)
     return ops.lora_expand(F.linear(x, weight, bias), *spec)
+
+
+def _fused(op, *args, lora_a=None):
+    """op(*args), and the LoRA shrink partials that the op computes when given lora_a (else None)."""
+    if lora_a is None:
+        return op(*args), None
+    *outs, t = op(*args, lora_a=lora_a)
+    return (outs[0] if len(outs) == 1 else tuple(outs)), t
+
+
+def _shrink_operand(lora: LoraBatch | None, layer: int, group: str, rows: int):
+    """The lora_a argument (A stack, index, used) for the op that produces this group's input, or None.
+    Only for decode-sized batches: the fused shrink reads each row's A chunk in that row's programs,
+    which at prefill sizes would re-read the adapters once per token (the tiled lora_shrink does not)."""
+    if lora is None or rows > gemv.MAX_ROWS:
+        return None
+    return lora.stacks.layers[layer][group][0], lora.index, lora.used
 
 
 def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, keys: torch.Tensor,
@@ -57,11 +76,14 @@ def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, key
         k = ops.rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
     q = ops.rope_kv_append(q, k, v, rope[0], rope[1], keys, values, slots, starts, q_lens)
     scale = cfg.head_dim ** -0.5
+    t = None
     if seq == 1:
-        out = ops.decode_attention(q[:, 0], keys, values, slots, ends, scale)[:, None]
+        out, t = _fused(ops.decode_attention, q[:, 0], keys, values, slots, ends, scale,
+                        lora_a=_shrink_operand(lora, layer, "o", batch))
+        out = out[:, None]
     else:
         out = ops.prefill_attention(q, keys, values, slots, starts, q_lens, scale)
-    return _project(out.reshape(batch, seq, cfg.q_size), lw.o_proj, lw.o_bias, lora, layer, "o", ops)
+    return _project(out.reshape(batch, seq, cfg.q_size), lw.o_proj, lw.o_bias, lora, layer, "o", ops, t)
 
 
 def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCache,
@@ -83,17 +105,21 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     residual = hidden
     x = None
     eps = cfg.rms_norm_eps
+    tokens = batch * seq
     for index, lw in enumerate(weights.layers):
+        qkv_a = _shrink_operand(lora, index, "qkv", tokens)
         if x is None:
-            x = ops.rms_norm(hidden, lw.input_norm, eps)
+            x, t = _fused(ops.rms_norm, hidden, lw.input_norm, eps, lora_a=qkv_a)
         else:
-            x, residual = ops.add_rms_norm(x, residual, lw.input_norm, eps)
-        qkv = _project(x, lw.qkv, lw.qkv_bias, lora, index, "qkv", ops)
+            (x, residual), t = _fused(ops.add_rms_norm, x, residual, lw.input_norm, eps, lora_a=qkv_a)
+        qkv = _project(x, lw.qkv, lw.qkv_bias, lora, index, "qkv", ops, t)
         keys, values = cache.layer(index)
         attn = _attention_block(lw, cfg, qkv, keys, values, rope, slots, starts, q_lens, ends, ops, lora, index)
-        x, residual = ops.add_rms_norm(attn, residual, lw.post_norm, eps)
-        x = ops.silu_mul(_project(x, lw.gate_up, None, lora, index, "gate_up", ops))
-        x = _project(x, lw.down, None, lora, index, "down", ops)
+        (x, residual), t = _fused(ops.add_rms_norm, attn, residual, lw.post_norm, eps,
+                                  lora_a=_shrink_operand(lora, index, "gate_up", tokens))
+        gate_up = _project(x, lw.gate_up, None, lora, index, "gate_up", ops, t)
+        x, t = _fused(ops.silu_mul, gate_up, lora_a=_shrink_operand(lora, index, "down", tokens))
+        x = _project(x, lw.down, None, lora, index, "down", ops, t)
     last = (q_lens.long() - 1).clamp(min=0)
     rows = torch.arange(batch, device=hidden.device)
     x_last, res_last = x[rows, last][:, None], residual[rows, last][:, None]

@@ -14,6 +14,7 @@ so the launch needs no host synchronisation (CUDA-graph safe).
 import torch
 
 from ._triton import dot_precision, pdl_release, pdl_wait, pow2, tl, triton, use_pdl
+from .lora import chunk_args, fused_shrink_output, lora_shrink_ref, shrink_chunk
 
 _LOG2E = 1.4426950408889634
 
@@ -147,7 +148,9 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, part_out_ptr, part_lse_ptr, slot
 
 @triton.jit
 def _decode_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, s_ob, s_oh, n_heads, n_splits, head_dim,
-                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+                         a_ptr, idx_ptr, t_ptr, gr, s_as, s_ar, s_tsplit, s_tm,
+                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
+                         PDL: tl.constexpr):
     pdl_wait(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -158,9 +161,14 @@ def _decode_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, s_ob, s_oh, n_head
     weight = tl.exp2(lse - tl.max(lse, axis=0))
     part = tl.load(part_out_ptr + row[:, None] * head_dim + d[None, :],
                    mask=(s[:, None] < n_splits) & (d[None, :] < head_dim), other=0.0)
-    out = tl.sum(part * weight[:, None], axis=0) / tl.sum(weight, axis=0)
+    out = (tl.sum(part * weight[:, None], axis=0) / tl.sum(weight, axis=0)).to(out_ptr.dtype.element_ty)
+    if HAS_LORA:  # the o projection's LoRA shrink over this head's columns (split h of its K)
+        adapter = tl.load(idx_ptr + b)
+        if adapter >= 0:
+            shrink_chunk(out, h * head_dim + d, d < head_dim, a_ptr + adapter * s_as, gr, s_ar,
+                         t_ptr + h * s_tsplit + b * s_tm, BLOCK_R)
     pdl_release(PDL)
-    tl.store(out_ptr + b.to(tl.int64) * s_ob + h * s_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < head_dim)
+    tl.store(out_ptr + b.to(tl.int64) * s_ob + h * s_oh + d, out, mask=d < head_dim)
 
 
 def _num_splits(q: torch.Tensor, batch: int, kv_heads: int, capacity: int) -> int:
@@ -170,7 +178,9 @@ def _num_splits(q: torch.Tensor, batch: int, kv_heads: int, capacity: int) -> in
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                     lengths: torch.Tensor, scale: float, num_splits: int | None = None) -> torch.Tensor:
+                     lengths: torch.Tensor, scale: float, num_splits: int | None = None, *, lora_a=None):
+    """lora_a=(a_stack, index, used): also the o projection's LoRA shrink of the output (kernels/lora.py),
+    fused into the merge, one K split per head: returns (out, [heads, batch, G*R] partials)."""
     batch, heads, head_dim = q.shape
     _check_cache(heads, head_dim, k_cache, v_cache)
     if q.stride(-1) != 1:
@@ -188,9 +198,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         BLOCK_G=pow2(group, 16), BLOCK_N=64, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), PDL=pdl, num_warps=4,
         launch_pdl=pdl)
     out = torch.empty(batch, heads, head_dim, dtype=q.dtype, device=q.device)
+    if lora_a is None:
+        t, lora_args, constants = None, (out, out, out, 0, 0, 0, 0, 0), dict(BLOCK_R=1)
+    else:
+        a_stack, index, _ = lora_a
+        t = fused_shrink_output(a_stack, index, batch, heads * head_dim, heads, q.device)
+        lora_args, constants = chunk_args(a_stack, index, t, block_d)
     _decode_merge_kernel[(batch, heads)](part_out, part_lse, out, out.stride(0), out.stride(1), heads, splits,
-                                         head_dim, BLOCK_S=pow2(splits), BLOCK_D=block_d, PDL=pdl, launch_pdl=pdl)
-    return out
+                                         head_dim, *lora_args, BLOCK_S=pow2(splits), BLOCK_D=block_d,
+                                         HAS_LORA=lora_a is not None, **constants, PDL=pdl, launch_pdl=pdl)
+    return out if lora_a is None else (out, t)
 
 
 def _row_attention(q, keys, values, first_position: int, scale: float):
@@ -224,12 +241,15 @@ def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         slots: torch.Tensor, lengths: torch.Tensor, scale: float) -> torch.Tensor:
+                         slots: torch.Tensor, lengths: torch.Tensor, scale: float, num_splits: int | None = None, *,
+                         lora_a=None):
     """q: [B, Hq, D], one query per row at position lengths[b] - 1 (its key already appended);
     attends to keys 0 .. lengths[b] - 1 of slot slots[b]. Returns [B, Hq, D] in q's dtype.
 
     Written over the whole cache capacity with a length mask (no per-row host loop), so that it has
-    static shapes and needs no host sync: torch.compile can capture it (the compiled baseline)."""
+    static shapes and needs no host sync: torch.compile can capture it (the compiled baseline).
+    num_splits is the kernel's tuning knob (ignored); with lora_a also lora_shrink_ref of the output
+    rows (as [B, Hq * D])."""
     batch, heads, head_dim = q.shape
     keys, values = k_cache[slots.long()].float(), v_cache[slots.long()].float()  # [B, Hkv, L, D]
     kv_heads, capacity = keys.shape[1], keys.shape[2]
@@ -237,4 +257,5 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     scores = torch.einsum("bhgd,bhld->bhgl", grouped, keys) * scale
     valid = torch.arange(capacity, device=q.device)[None, :] < lengths.long()[:, None]
     probs = scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(dim=-1)
-    return torch.einsum("bhgl,bhld->bhgd", probs, values).reshape(batch, heads, head_dim).to(q.dtype)
+    out = torch.einsum("bhgl,bhld->bhgd", probs, values).reshape(batch, heads, head_dim).to(q.dtype)
+    return out if lora_a is None else (out, lora_shrink_ref(out.reshape(batch, -1), *lora_a))

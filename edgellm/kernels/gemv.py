@@ -10,7 +10,7 @@ flight: each program owns BLOCK_N output features and walks K in BLOCK_K steps, 
 import torch
 
 from ._triton import dot_precision, pdl_release, pdl_wait, pow2, tl, triton, use_pdl
-from .lora import _segment_ends, delta_constants, lora_delta, lora_expand_ref
+from .lora import _segment_ends, delta_constants, extended_b, lora_delta, lora_expand_ref, lora_t
 
 MAX_ROWS = 16  # rows of x one launch handles (padded to 16 for tl.dot)
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): chosen from the H100 sweep in bench/RESULTS.md
@@ -22,13 +22,24 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                  t_ptr, lb_ptr, idx_ptr, used_ptr, scale_ptr, rank, n_splits, end0, end1, s_tsplit, s_tm, s_bs, s_bn,
                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NUM_STAGES: tl.constexpr, PDL: tl.constexpr, HAS_LORA: tl.constexpr, GROUPS: tl.constexpr,
-                 SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, LORA_PRECISION: tl.constexpr, UNROLL: tl.constexpr):
+                 SPLITS: tl.constexpr, BLOCK_GR: tl.constexpr, LORA_PRECISION: tl.constexpr, UNROLL: tl.constexpr):
     pdl_wait(PDL)
     rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_K)
     n_ok = rows_n < n
     m_ok = rows_m < m
+    if HAS_LORA:
+        # The LoRA expand as an epilogue (kernels/lora.py). Its loads (t, and B of the batch's first
+        # adapter, the only one at batch 1) are issued here, before the K loop, which hides their latency.
+        adapter = tl.load(idx_ptr + rows_m, mask=m_ok, other=-1)
+        t_parts = lora_t(t_ptr, rows_m, m_ok & (adapter >= 0), GROUPS * rank, n_splits, s_tsplit, s_tm, SPLITS, BLOCK_GR)
+        b_offs, b_mask = extended_b(rows_n, n_ok, rank, end0, end1, s_bn, GROUPS, BLOCK_GR)
+        first = tl.load(used_ptr + 1)
+        hit = (adapter == first) & (tl.load(used_ptr) > 0)
+        some = tl.max(hit.to(tl.int32), axis=0, keep_dims=True) > 0
+        b_first = tl.load(lb_ptr + first * s_bs + b_offs, mask=b_mask & some[:, None], other=0.0)
+        scale_first = tl.load(scale_ptr + first)
     w_base = w_ptr + rows_n.to(tl.int64)[:, None] * s_wn
     x_base = x_ptr + rows_m[:, None] * s_xm
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -40,11 +51,10 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
         acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_LORA:  # the LoRA expand as an epilogue (kernels/lora.py): each row's adapter delta
-        adapter = tl.load(idx_ptr + rows_m, mask=m_ok, other=-1)
-        if tl.max(adapter, axis=0) >= 0:
-            acc += lora_delta(t_ptr, lb_ptr, scale_ptr, used_ptr, adapter, rows_m, m_ok, rows_n, n_ok, rank, n_splits,
-                              end0, end1, s_tsplit, s_tm, s_bs, s_bn, GROUPS, SPLITS, BLOCK_R, LORA_PRECISION, UNROLL)
+    if HAS_LORA:
+        t = tl.sum(t_parts, axis=0).to(lb_ptr.dtype.element_ty)  # rounded as the unfused lora_A output would be
+        acc += tl.where(hit[:, None], tl.dot(t, tl.trans(b_first), input_precision=LORA_PRECISION) * scale_first, 0.0)
+        acc = lora_delta(acc, t, lb_ptr, b_offs, b_mask, scale_ptr, used_ptr, adapter, s_bs, 1, UNROLL, LORA_PRECISION)
     pdl_release(PDL)
     y = y_ptr + rows_m[:, None] * s_ym + rows_n[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -69,10 +79,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     pdl = use_pdl(x)
     if lora is None:
         lora_args = (y, y, y, y, y, 0, 0, 0, 0, 0, 0, 0, 0)
-        constants = dict(HAS_LORA=False, GROUPS=1, SPLITS=1, BLOCK_R=16, LORA_PRECISION="ieee", UNROLL=1)
+        constants = dict(HAS_LORA=False, GROUPS=1, SPLITS=1, BLOCK_GR=16, LORA_PRECISION="ieee", UNROLL=1)
     else:
         t, b_stack, index, used, scale, segments = lora
-        if t.dim() != 3 or t.shape[1] != m or b_stack.shape[1] != n or index.shape != (m,) or sum(segments) != n:
+        if t.dim() != 3 or t.shape[1:] != (m, len(segments) * b_stack.shape[2]) or b_stack.shape[1] != n \
+                or index.shape != (m,) or sum(segments) != n:
             raise ValueError(f"gemv: LoRA t {tuple(t.shape)} / B stack {tuple(b_stack.shape)} do not fit {m} x {n}")
         lora_args = (t, b_stack, index, used, scale, b_stack.shape[2], t.shape[0], *_segment_ends(list(segments)),
                      t.stride(0), t.stride(1), b_stack.stride(0), b_stack.stride(1))

@@ -9,17 +9,24 @@ B stacks [adapters, N, R] (output features in segment order); ranks below R are 
   [splits, M, G*R] (their sum is the product);
 - `lora_expand`: y[m, n] += scale[a_m] * t[m, seg(n)*R : seg(n)*R + R] . B[a_m, n, :], in place.
 
-Kernels. A decode step has a handful of rows, so a tile is BLOCK_M tokens (rows) whatever their
-adapters: each program goes over the batch's adapters (`used`: their count, then their slots, made
-by the caller, so no host sync; the first UNROLL are unrolled so that their loads are in flight
-together, except in a shrink with one adapter) and, for each one some of its tokens use, loads that adapter's tile once and
-multiplies it on the tensor cores, keeping the product only for that adapter's tokens. A
-batch of 16 rows on 4 adapters reads each adapter tile once per program, not once per row.
-Zero-rank gating: an adapter no token of the tile uses loads nothing, and a tile with no adapter at
-all returns at once. The shrink splits K over programs (one BLOCK_K chunk each), so a 16 x 2048
+Kernels. Prefill-sized batches: a tile is BLOCK_M tokens (rows) whatever their adapters: each
+program goes over the batch's adapters (`used`: their count, then their slots, made by the caller,
+so no host sync; the first UNROLL are unrolled so that their loads are in flight together, except
+in a shrink with one adapter) and, for each one some of its tokens use, loads that adapter's tile
+once and multiplies it on the tensor cores, keeping the product only for that adapter's tokens.
+Zero-rank gating: an adapter no token of the tile uses loads nothing, and a tile with no adapter
+at all returns at once. The shrink splits K over programs (one BLOCK_K chunk each), so a 16 x 2048
 adapter matrix is read by many SMs at once instead of one; the expand sums the splits in one load.
-At decode sizes the expand runs as the epilogue of the base projection's GEMV (gemv.py), which
-uses `lora_delta` from here: one launch fewer per projection group.
+
+The expand sees all G segments as one product: t [M, G*R] times an "extended" B tile whose column
+g*R + r holds B[n, r] for the output features n of segment g and zero elsewhere, so a tile that
+spans segments still needs one load and one dot per adapter.
+
+Decode-sized batches (at most 16 rows) launch neither kernel. The shrink is computed by the kernel
+that produces its input (the RMSNorms, the decode-attention merge, SiLU*mul: `shrink_chunk`), each
+of whose programs holds one row's chunk of K and writes that chunk's partial sum; the expand is the
+base projection's GEMV epilogue (gemv.py), which issues its t and B loads before its K loop. So
+LoRA adds no launch to the decode step.
 """
 
 import torch
@@ -36,6 +43,78 @@ def _add_product(acc, lhs, tile_ptrs, mask, hit, scale, PRECISION: tl.constexpr)
     """acc + scale * lhs @ tile^T for the rows in `hit` (the rows of one adapter), tile loaded under `mask`."""
     tile = tl.load(tile_ptrs, mask=mask, other=0.0)
     return acc + tl.where(hit[:, None], tl.dot(lhs, tl.trans(tile), input_precision=PRECISION) * scale, 0.0)
+
+
+@triton.jit
+def shrink_chunk(y, cols, cols_ok, a_ptr, gr, s_ar, t_ptr, BLOCK_R: tl.constexpr):
+    """One row's LoRA shrink over one chunk of K, for the kernels that produce the row: stores
+    t_ptr[r] = sum over the chunk of A[r, cols] * y, for r < gr (a_ptr: the row's adapter's A)."""
+    y32 = y.to(tl.float32)[None, :]
+    for r0 in range(0, gr, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        a = tl.load(a_ptr + r[:, None] * s_ar + cols[None, :], mask=(r < gr)[:, None] & cols_ok[None, :], other=0.0)
+        tl.store(t_ptr + r, tl.sum(a.to(tl.float32) * y32, axis=1), mask=r < gr)
+
+
+def chunk_rank_block(gr: int, chunk: int) -> int:
+    """BLOCK_R for shrink_chunk: A tiles of at most 8K elements (registers)."""
+    return max(1, min(pow2(gr), 8192 // chunk))
+
+
+def chunk_args(a_stack: torch.Tensor, index: torch.Tensor, t: torch.Tensor, chunk: int):
+    """The arguments the fused-shrink kernels take after their own: a_stack, index, t, G*R and strides."""
+    return (a_stack, index, t, a_stack.shape[1], a_stack.stride(0), a_stack.stride(1), t.stride(0), t.stride(1)), \
+        dict(BLOCK_R=chunk_rank_block(a_stack.shape[1], chunk))
+
+
+def fused_shrink_output(a_stack: torch.Tensor, index: torch.Tensor, rows: int, k: int, splits: int,
+                        device) -> torch.Tensor:
+    """Checks a fused shrink's arguments and allocates its [splits, rows, G*R] float32 output."""
+    if a_stack.dim() != 3 or a_stack.shape[2] != k or a_stack.stride(-1) != 1 or index.shape != (rows,):
+        raise ValueError(f"LoRA shrink: A stack {tuple(a_stack.shape)} and index {tuple(index.shape)} do not fit "
+                         f"{rows} rows of {k} features")
+    return torch.empty(splits, rows, a_stack.shape[1], dtype=torch.float32, device=device)
+
+
+@triton.jit
+def lora_t(t_ptr, rows, rows_on, gr, n_splits, s_tsplit, s_tm, SPLITS: tl.constexpr, BLOCK_GR: tl.constexpr):
+    """The shrink's partial sums of `rows` (those in rows_on; others 0): [SPLITS, rows, BLOCK_GR] float32
+    (sum them over axis 0). A separate load so that the GEMV can issue it before its K loop."""
+    sp = tl.arange(0, SPLITS)
+    c = tl.arange(0, BLOCK_GR)
+    return tl.load(t_ptr + sp[:, None, None] * s_tsplit + rows.to(tl.int64)[None, :, None] * s_tm + c[None, None, :],
+                   mask=(sp < n_splits)[:, None, None] & rows_on[None, :, None] & (c < gr)[None, None, :], other=0.0)
+
+
+@triton.jit
+def extended_b(cols, n_ok, rank, end0, end1, s_bn, GROUPS: tl.constexpr, BLOCK_GR: tl.constexpr):
+    """Offsets and mask of the extended B tile of output features `cols` (module doc): column
+    g*rank + r holds B[n, r] where feature n is in segment g (0 below end0, 1 below end1, else 2)."""
+    c = tl.arange(0, BLOCK_GR)
+    segment = (cols >= end0).to(tl.int32) + (cols >= end1).to(tl.int32)
+    offs = cols[:, None] * s_bn + (c % rank)[None, :]
+    mask = n_ok[:, None] & ((c // rank)[None, :] == segment[:, None]) & (c < GROUPS * rank)[None, :]
+    return offs, mask
+
+
+@triton.jit
+def lora_delta(acc, t, b_ptr, b_offs, b_mask, scale_ptr, used_ptr, adapter, s_bs, START: tl.constexpr,
+               UNROLL: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + each row's scale[a] * t[row] . extended B[a] (module doc), for the batch's used adapters
+    from the START-th on; rows without an adapter get nothing. t: [rows, BLOCK_GR] in the model dtype."""
+    n_used = tl.load(used_ptr)
+    for j in tl.static_range(START, UNROLL):
+        slot = tl.load(used_ptr + 1 + j)
+        hit = (adapter == slot) & (j < n_used)
+        some = tl.max(hit.to(tl.int32), axis=0, keep_dims=True) > 0  # [1]: the interpreter wants tensor masks
+        acc = _add_product(acc, t, b_ptr + slot * s_bs + b_offs, b_mask & some[:, None], hit, tl.load(scale_ptr + slot),
+                           PRECISION)
+    for i in range(UNROLL, n_used):
+        slot = tl.load(used_ptr + 1 + i)
+        hit = adapter == slot
+        if tl.max(hit.to(tl.int32), axis=0) > 0:
+            acc = _add_product(acc, t, b_ptr + slot * s_bs + b_offs, b_mask, hit, tl.load(scale_ptr + slot), PRECISION)
+    return acc
 
 
 @triton.jit
@@ -78,49 +157,10 @@ def _lora_shrink_kernel(x_ptr, a_ptr, idx_ptr, used_ptr, t_ptr, m, k, gr, s_xm, 
 
 
 @triton.jit
-def lora_delta(t_ptr, b_ptr, scale_ptr, used_ptr, adapter, rows, row_ok, cols, n_ok, rank, n_splits, end0, end1,
-               s_tsplit, s_tm, s_bs, s_bn, GROUPS: tl.constexpr, SPLITS: tl.constexpr,
-               BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, UNROLL: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] float32: each row's scale[a] * t[row, segment of col] . B[a, col, :], zero
-    for rows without an adapter. Shared by the expand kernel and the GEMV's LoRA epilogue."""
-    r = tl.arange(0, BLOCK_R)
-    r_ok = r < rank
-    sp = tl.arange(0, SPLITS)
-    # Segment of each output feature: 0 below end0, 1 below end1, else 2.
-    segment = (cols >= end0).to(tl.int32) + (cols >= end1).to(tl.int32)
-    dtype = b_ptr.dtype.element_ty
-    delta = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
-    for g in tl.static_range(GROUPS):
-        in_g = n_ok & (segment == g)
-        any_g = tl.max(in_g.to(tl.int32), axis=0, keep_dims=True) > 0
-        # All K-split partial sums of the tile's rows in one load, summed here.
-        t = tl.load(t_ptr + sp[:, None, None] * s_tsplit + rows.to(tl.int64)[None, :, None] * s_tm + g * rank
-                    + r[None, None, :], mask=(sp < n_splits)[:, None, None] & row_ok[None, :, None]
-                    & r_ok[None, None, :] & any_g[:, None, None], other=0.0)
-        t = tl.sum(t, axis=0).to(dtype)  # rounded to the model dtype, as the unfused lora_A output would be
-        w_mask = in_g[:, None] & r_ok[None, :]
-        w_offs = cols[:, None] * s_bn + r[None, :]
-        n_used = tl.load(used_ptr)
-        for j in tl.static_range(UNROLL):
-            slot = tl.load(used_ptr + 1 + j)
-            hit = (adapter == slot) & (j < n_used)
-            some = tl.max(hit.to(tl.int32), axis=0, keep_dims=True) > 0
-            delta = _add_product(delta, t, b_ptr + slot * s_bs + w_offs, w_mask & some[:, None], hit,
-                                 tl.load(scale_ptr + slot), PRECISION)
-        for i in range(UNROLL, n_used):
-            slot = tl.load(used_ptr + 1 + i)
-            hit = adapter == slot
-            if tl.max(hit.to(tl.int32), axis=0) > 0:
-                delta = _add_product(delta, t, b_ptr + slot * s_bs + w_offs, w_mask, hit, tl.load(scale_ptr + slot),
-                                     PRECISION)
-    return delta
-
-
-@triton.jit
 def _lora_expand_kernel(y_ptr, t_ptr, b_ptr, idx_ptr, used_ptr, scale_ptr, m, n, rank, n_splits, end0, end1,
                         s_ym, s_tsplit, s_tm, s_bs, s_bn,
                         GROUPS: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, UNROLL: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_GR: tl.constexpr, PDL: tl.constexpr):
     pdl_wait(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < m
@@ -128,10 +168,14 @@ def _lora_expand_kernel(y_ptr, t_ptr, b_ptr, idx_ptr, used_ptr, scale_ptr, m, n,
     if tl.max(adapter, axis=0) >= 0:
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = cols < n
-        delta = lora_delta(t_ptr, b_ptr, scale_ptr, used_ptr, adapter, rows, row_ok, cols, n_ok, rank, n_splits, end0,
-                           end1, s_tsplit, s_tm, s_bs, s_bn, GROUPS, SPLITS, BLOCK_R, PRECISION, UNROLL)
+        lora_rows = row_ok & (adapter >= 0)
+        t = tl.sum(lora_t(t_ptr, rows, lora_rows, GROUPS * rank, n_splits, s_tsplit, s_tm, SPLITS, BLOCK_GR), axis=0)
+        b_offs, b_mask = extended_b(cols, n_ok, rank, end0, end1, s_bn, GROUPS, BLOCK_GR)
+        # t rounded to the model dtype, as the unfused lora_A output would be
+        delta = lora_delta(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), t.to(b_ptr.dtype.element_ty), b_ptr, b_offs,
+                           b_mask, scale_ptr, used_ptr, adapter, s_bs, 0, UNROLL, PRECISION)
         y_tile = y_ptr + rows.to(tl.int64)[:, None] * s_ym + cols[None, :]
-        mask = (row_ok & (adapter >= 0))[:, None] & n_ok[None, :]
+        mask = lora_rows[:, None] & n_ok[None, :]
         y = tl.load(y_tile, mask=mask, other=0.0).to(tl.float32) + delta
         pdl_release(PDL)
         tl.store(y_tile, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -206,8 +250,9 @@ def lora_expand(y: torch.Tensor, t: torch.Tensor, b_stack: torch.Tensor, index: 
 
 
 def delta_constants(t: torch.Tensor, b_stack: torch.Tensor, segments) -> dict:
-    """The constexpr arguments of lora_delta for these tensors."""
-    return dict(GROUPS=len(segments), SPLITS=pow2(t.shape[0]), UNROLL=UNROLL, BLOCK_R=pow2(b_stack.shape[2], 16), PRECISION=dot_precision(b_stack.dtype))
+    """The constexpr arguments of lora_t / extended_b / lora_delta for these tensors."""
+    return dict(GROUPS=len(segments), SPLITS=pow2(t.shape[0]), UNROLL=UNROLL, BLOCK_GR=pow2(t.shape[2], 16),
+                PRECISION=dot_precision(b_stack.dtype))
 
 
 def lora_shrink_ref(x: torch.Tensor, a_stack: torch.Tensor, index: torch.Tensor, used: torch.Tensor) -> torch.Tensor:

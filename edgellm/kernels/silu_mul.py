@@ -1,18 +1,24 @@
-"""SiLU(gate) * up over the fused gate/up projection output.
+"""SiLU(gate) * up over the fused gate/up projection output; optionally with the down projection's
+LoRA shrink fused behind it.
 
 Kernel: a 2D grid (row, block of F); gate and up of a row are read once, the product written once.
+With `lora_a=(a_stack, index, used)` (kernels/lora.py) each program also writes the shrink's partial
+sum over its block for the row's adapter: returns (product, [blocks, rows, G*R] partials).
 """
 
 import torch
 import torch.nn.functional as F
 
-from ._triton import tl, triton
+from ._triton import pdl_release, pdl_wait, tl, triton, use_pdl
+from .lora import chunk_args, fused_shrink_output, lora_shrink_ref, shrink_chunk
 
 _BLOCK = 1024
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, n_ffn, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, out_ptr, n_ffn, a_ptr, idx_ptr, t_ptr, gr, s_as, s_ar, s_tsplit, s_tm,
+                     BLOCK: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_ffn
@@ -20,21 +26,39 @@ def _silu_mul_kernel(gu_ptr, out_ptr, n_ffn, BLOCK: tl.constexpr):
     up = tl.load(gu_ptr + row * 2 * n_ffn + n_ffn + cols, mask=mask, other=0.0)
     g32 = gate.to(tl.float32)
     act = (g32 / (1.0 + tl.exp(-g32))).to(gate.dtype)
-    tl.store(out_ptr + row * n_ffn + cols, act * up, mask=mask)
+    y = act * up
+    if HAS_LORA:
+        adapter = tl.load(idx_ptr + row)
+        if adapter >= 0:
+            shrink_chunk(y, cols, mask, a_ptr + adapter * s_as, gr, s_ar,
+                         t_ptr + tl.program_id(1) * s_tsplit + row * s_tm, BLOCK_R)
+    pdl_release(PDL)
+    tl.store(out_ptr + row * n_ffn + cols, y, mask=mask)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor, *, lora_a=None):
     if gate_up.shape[-1] % 2:
         raise ValueError(f"silu_mul: last dim {gate_up.shape[-1]} must be even (gate then up)")
     gate_up = gate_up.contiguous()
     n_ffn = gate_up.shape[-1] // 2
     rows = gate_up.numel() // (2 * n_ffn)
     out = torch.empty(*gate_up.shape[:-1], n_ffn, dtype=gate_up.dtype, device=gate_up.device)
-    _silu_mul_kernel[(rows, triton.cdiv(n_ffn, _BLOCK))](gate_up, out, n_ffn, BLOCK=_BLOCK, num_warps=4)
-    return out
+    blocks = triton.cdiv(n_ffn, _BLOCK)
+    if lora_a is None:
+        t, lora_args, constants = None, (out, out, out, 0, 0, 0, 0, 0), dict(BLOCK_R=1)
+    else:
+        a_stack, index, _ = lora_a
+        t = fused_shrink_output(a_stack, index, rows, n_ffn, blocks, out.device)
+        lora_args, constants = chunk_args(a_stack, index, t, _BLOCK)
+    pdl = use_pdl(gate_up)
+    _silu_mul_kernel[(rows, blocks)](gate_up, out, n_ffn, *lora_args, BLOCK=_BLOCK, HAS_LORA=lora_a is not None,
+                                     **constants, PDL=pdl, num_warps=4, launch_pdl=pdl)
+    return out if lora_a is None else (out, t)
 
 
-def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up: [..., 2 * F] holding gate then up; returns silu(gate) * up, [..., F]."""
+def silu_mul_ref(gate_up: torch.Tensor, *, lora_a=None):
+    """gate_up: [..., 2 * F] holding gate then up; returns silu(gate) * up, [..., F]; with lora_a
+    also lora_shrink_ref of it."""
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    y = F.silu(gate) * up
+    return y if lora_a is None else (y, lora_shrink_ref(y, *lora_a))
