@@ -317,10 +317,11 @@ def test_rms_norm_with_fused_lora_shrink(dtype, n, gr, residual):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_silu_mul_with_fused_lora_shrink(dtype):
+@pytest.mark.parametrize("gr", [16, 48])  # 48: more A rows than the preloaded tile holds (16 at 1024 columns)
+def test_silu_mul_with_fused_lora_shrink(dtype, gr):
     rows, n_ffn = 3, 1100  # two blocks of 1024: two K splits, the second partial
     gate_up = randn(rows, 2 * n_ffn, dtype=dtype)
-    a_stack, index, used = _fused_shrink_case(rows, n_ffn, 16)
+    a_stack, index, used = _fused_shrink_case(rows, n_ffn, gr)
     y, t = silu_mul.silu_mul(gate_up, lora_a=(a_stack.to(dtype), index, used))
     y_ref, t_ref = silu_mul.silu_mul_ref(gate_up, lora_a=(a_stack.to(dtype), index, used))
     torch.testing.assert_close(y, y_ref, **TOL[dtype])

@@ -14,7 +14,7 @@ so the launch needs no host synchronisation (CUDA-graph safe).
 import torch
 
 from ._triton import dot_precision, pdl_release, pdl_wait, pow2, tl, triton, use_pdl
-from .lora import chunk_args, fused_shrink_output, lora_shrink_ref, shrink_chunk
+from .lora import chunk_args, fused_shrink_output, lora_shrink_ref, shrink_finish, shrink_tile
 
 _LOG2E = 1.4426950408889634
 
@@ -151,22 +151,23 @@ def _decode_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, s_ob, s_oh, n_head
                          a_ptr, idx_ptr, t_ptr, gr, s_as, s_ar, s_tsplit, s_tm,
                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
                          PDL: tl.constexpr):
-    pdl_wait(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
+    if HAS_LORA:  # the o projection's LoRA shrink over this head's columns (split h of its K)
+        adapter = tl.load(idx_ptr + b)
+        a_tile = shrink_tile(a_ptr, adapter, h * head_dim + d, d < head_dim, gr, s_as, s_ar, BLOCK_R)  # see shrink_tile
+    pdl_wait(PDL)
     row = (b * n_heads + h).to(tl.int64) * n_splits + s
     lse = tl.load(part_lse_ptr + row, mask=s < n_splits, other=float("-inf"))
     weight = tl.exp2(lse - tl.max(lse, axis=0))
     part = tl.load(part_out_ptr + row[:, None] * head_dim + d[None, :],
                    mask=(s[:, None] < n_splits) & (d[None, :] < head_dim), other=0.0)
     out = (tl.sum(part * weight[:, None], axis=0) / tl.sum(weight, axis=0)).to(out_ptr.dtype.element_ty)
-    if HAS_LORA:  # the o projection's LoRA shrink over this head's columns (split h of its K)
-        adapter = tl.load(idx_ptr + b)
-        if adapter >= 0:
-            shrink_chunk(out, h * head_dim + d, d < head_dim, a_ptr + adapter * s_as, gr, s_ar,
-                         t_ptr + h * s_tsplit + b * s_tm, BLOCK_R)
+    if HAS_LORA:
+        shrink_finish(a_tile, out, h * head_dim + d, d < head_dim, a_ptr, adapter, gr, s_as, s_ar,
+                      t_ptr + h * s_tsplit + b * s_tm, BLOCK_R)
     pdl_release(PDL)
     tl.store(out_ptr + b.to(tl.int64) * s_ob + h * s_oh + d, out, mask=d < head_dim)
 

@@ -23,23 +23,26 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NUM_STAGES: tl.constexpr, PDL: tl.constexpr, HAS_LORA: tl.constexpr, GROUPS: tl.constexpr,
                  SPLITS: tl.constexpr, BLOCK_GR: tl.constexpr, LORA_PRECISION: tl.constexpr, UNROLL: tl.constexpr):
-    pdl_wait(PDL)
     rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_K)
     n_ok = rows_n < n
     m_ok = rows_m < m
     if HAS_LORA:
-        # The LoRA expand as an epilogue (kernels/lora.py). Its loads (t, and B of the batch's first
-        # adapter, the only one at batch 1) are issued here, before the K loop, which hides their latency.
+        # The LoRA expand as an epilogue (kernels/lora.py). The adapter loads (index, used slots, B of
+        # the batch's first adapter, the only one at batch 1, its scale) are issued before the wait,
+        # as in lora.shrink_tile, and t, which the kernel before wrote, right after it, before the K loop.
         adapter = tl.load(idx_ptr + rows_m, mask=m_ok, other=-1)
-        t_parts = lora_t(t_ptr, rows_m, m_ok & (adapter >= 0), GROUPS * rank, n_splits, s_tsplit, s_tm, SPLITS, BLOCK_GR)
-        b_offs, b_mask = extended_b(rows_n, n_ok, rank, end0, end1, s_bn, GROUPS, BLOCK_GR)
+        n_used = tl.load(used_ptr)
         first = tl.load(used_ptr + 1)
-        hit = (adapter == first) & (tl.load(used_ptr) > 0)
+        hit = (adapter == first) & (n_used > 0)
         some = tl.max(hit.to(tl.int32), axis=0, keep_dims=True) > 0
+        b_offs, b_mask = extended_b(rows_n, n_ok, rank, end0, end1, s_bn, GROUPS, BLOCK_GR)
         b_first = tl.load(lb_ptr + first * s_bs + b_offs, mask=b_mask & some[:, None], other=0.0)
         scale_first = tl.load(scale_ptr + first)
+    pdl_wait(PDL)
+    if HAS_LORA:
+        t_parts = lora_t(t_ptr, rows_m, m_ok & (adapter >= 0), GROUPS * rank, n_splits, s_tsplit, s_tm, SPLITS, BLOCK_GR)
     w_base = w_ptr + rows_n.to(tl.int64)[:, None] * s_wn
     x_base = x_ptr + rows_m[:, None] * s_xm
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -54,7 +57,9 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
     if HAS_LORA:
         t = tl.sum(t_parts, axis=0).to(lb_ptr.dtype.element_ty)  # rounded as the unfused lora_A output would be
         acc += tl.where(hit[:, None], tl.dot(t, tl.trans(b_first), input_precision=LORA_PRECISION) * scale_first, 0.0)
-        acc = lora_delta(acc, t, lb_ptr, b_offs, b_mask, scale_ptr, used_ptr, adapter, s_bs, 1, UNROLL, LORA_PRECISION)
+        if n_used > 1:  # the batch's other adapters
+            acc = lora_delta(acc, t, lb_ptr, b_offs, b_mask, scale_ptr, used_ptr, adapter, s_bs, 1, UNROLL,
+                             LORA_PRECISION)
     pdl_release(PDL)
     y = y_ptr + rows_m[:, None] * s_ym + rows_n[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])

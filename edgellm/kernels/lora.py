@@ -23,10 +23,11 @@ g*R + r holds B[n, r] for the output features n of segment g and zero elsewhere,
 spans segments still needs one load and one dot per adapter.
 
 Decode-sized batches (at most 16 rows) launch neither kernel. The shrink is computed by the kernel
-that produces its input (the RMSNorms, the decode-attention merge, SiLU*mul: `shrink_chunk`), each
-of whose programs holds one row's chunk of K and writes that chunk's partial sum; the expand is the
-base projection's GEMV epilogue (gemv.py), which issues its t and B loads before its K loop. So
-LoRA adds no launch to the decode step.
+that produces its input (the RMSNorms, the decode-attention merge, SiLU*mul: `shrink_tile` and
+`shrink_finish`), each of whose programs holds one row's chunk of K and writes that chunk's partial
+sum; the expand is the base projection's GEMV epilogue (gemv.py). Both issue their adapter loads
+before they wait for the kernel before them, and the GEMV its t load before its K loop. So LoRA
+adds no launch to the decode step, and little latency.
 """
 
 import torch
@@ -46,19 +47,36 @@ def _add_product(acc, lhs, tile_ptrs, mask, hit, scale, PRECISION: tl.constexpr)
 
 
 @triton.jit
-def shrink_chunk(y, cols, cols_ok, a_ptr, gr, s_ar, t_ptr, BLOCK_R: tl.constexpr):
-    """One row's LoRA shrink over one chunk of K, for the kernels that produce the row: stores
-    t_ptr[r] = sum over the chunk of A[r, cols] * y, for r < gr (a_ptr: the row's adapter's A)."""
-    y32 = y.to(tl.float32)[None, :]
-    for r0 in range(0, gr, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        a = tl.load(a_ptr + r[:, None] * s_ar + cols[None, :], mask=(r < gr)[:, None] & cols_ok[None, :], other=0.0)
-        tl.store(t_ptr + r, tl.sum(a.to(tl.float32) * y32, axis=1), mask=r < gr)
+def shrink_tile(a_ptr, adapter, cols, cols_ok, gr, s_as, s_ar, BLOCK_R: tl.constexpr):
+    """For the kernels that produce a row and fuse its LoRA shrink over one chunk of K (module doc):
+    the first BLOCK_R rows of A[adapter] at `cols`, nothing loaded for a row with no adapter (-1).
+
+    They call it before pdl_wait(): the index and the A stacks are written before a forward starts
+    (the runner copies them in before its first kernel, which is not a PDL launch, and every PDL
+    kernel after it starts only once that one has finished), so the load may overlap the kernel before."""
+    r = tl.arange(0, BLOCK_R)
+    mask = ((r < gr) & (r * 0 + adapter >= 0))[:, None] & cols_ok[None, :]  # (the interpreter wants tensor masks)
+    return tl.load(a_ptr + adapter * s_as + r[:, None] * s_ar + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def shrink_finish(tile, y, cols, cols_ok, a_ptr, adapter, gr, s_as, s_ar, t_ptr, BLOCK_R: tl.constexpr):
+    """Stores t_ptr[r] = sum over the chunk of A[adapter, r, cols] * y for r < gr: the first BLOCK_R
+    rows from shrink_tile's `tile`, any further ones (ranks above what one tile holds) loaded here."""
+    if adapter >= 0:
+        y32 = y.to(tl.float32)[None, :]
+        r = tl.arange(0, BLOCK_R)
+        tl.store(t_ptr + r, tl.sum(tile.to(tl.float32) * y32, axis=1), mask=r < gr)
+        for r0 in range(BLOCK_R, gr, BLOCK_R):
+            rr = r0 + r
+            a = tl.load(a_ptr + adapter * s_as + rr[:, None] * s_ar + cols[None, :],
+                        mask=(rr < gr)[:, None] & cols_ok[None, :], other=0.0)
+            tl.store(t_ptr + rr, tl.sum(a.to(tl.float32) * y32, axis=1), mask=rr < gr)
 
 
 def chunk_rank_block(gr: int, chunk: int) -> int:
-    """BLOCK_R for shrink_chunk: A tiles of at most 8K elements (registers)."""
-    return max(1, min(pow2(gr), 8192 // chunk))
+    """BLOCK_R for shrink_tile: A tiles of at most 16K elements (registers)."""
+    return max(1, min(pow2(gr), 16384 // chunk))
 
 
 def chunk_args(a_stack: torch.Tensor, index: torch.Tensor, t: torch.Tensor, chunk: int):

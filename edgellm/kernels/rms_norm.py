@@ -13,7 +13,7 @@ the outputs plus the shrink's [splits, rows, G*R] partials, which the projection
 import torch
 
 from ._triton import pdl_release, pdl_wait, pow2, tl, triton, use_pdl
-from .lora import chunk_args, fused_shrink_output, lora_shrink_ref, shrink_chunk
+from .lora import chunk_args, fused_shrink_output, lora_shrink_ref, shrink_finish, shrink_tile
 
 LORA_CHUNK = 256  # columns per program when the LoRA shrink is fused
 
@@ -23,15 +23,23 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
                      a_ptr, idx_ptr, t_ptr, gr, s_as, s_ar, s_tsplit, s_tm,
                      HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, HAS_LORA: tl.constexpr,
                      CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
-    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     out_mask = mask
-    if HAS_LORA:  # this program writes the columns of its chunk only
+    if HAS_LORA:  # this program writes the columns of its chunk only, and their shrink partial
         lo = tl.program_id(1) * CHUNK
         out_mask = mask & (cols >= lo) & (cols < lo + CHUNK)
+        c = lo + tl.arange(0, CHUNK)
+        c_ok = c < n_cols
+        adapter = tl.load(idx_ptr + row)
+        a_tile = shrink_tile(a_ptr, adapter, c, c_ok, gr, s_as, s_ar, BLOCK_R)  # before the wait: see shrink_tile
+    pdl_wait(PDL)
     x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0)
+    if HAS_LORA:  # the chunk's inputs again (a tensor cannot be sliced), loaded alongside the row
+        xc = tl.load(x_ptr + row * n_cols + c, mask=c_ok, other=0.0)
+        if HAS_RESIDUAL:
+            xc = xc + tl.load(res_ptr + row * n_cols + c, mask=c_ok, other=0.0)
     if HAS_RESIDUAL:
         x = x + tl.load(res_ptr + row * n_cols + cols, mask=mask, other=0.0)
         tl.store(res_out_ptr + row * n_cols + cols, x, mask=out_mask)
@@ -40,17 +48,9 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     y = (x32 * rstd).to(x.dtype) * w
     if HAS_LORA:
-        adapter = tl.load(idx_ptr + row)
-        if adapter >= 0:
-            # The chunk's normalised values again (a tensor cannot be sliced), from the cached row.
-            c = lo + tl.arange(0, CHUNK)
-            c_ok = c < n_cols
-            xc = tl.load(x_ptr + row * n_cols + c, mask=c_ok, other=0.0)
-            if HAS_RESIDUAL:
-                xc = xc + tl.load(res_ptr + row * n_cols + c, mask=c_ok, other=0.0)
-            yc = (xc.to(tl.float32) * rstd).to(x.dtype) * tl.load(w_ptr + c, mask=c_ok, other=0.0)
-            shrink_chunk(yc, c, c_ok, a_ptr + adapter * s_as, gr, s_ar,
-                         t_ptr + tl.program_id(1) * s_tsplit + row * s_tm, BLOCK_R)
+        yc = (xc.to(tl.float32) * rstd).to(x.dtype) * tl.load(w_ptr + c, mask=c_ok, other=0.0)
+        shrink_finish(a_tile, yc, c, c_ok, a_ptr, adapter, gr, s_as, s_ar,
+                      t_ptr + tl.program_id(1) * s_tsplit + row * s_tm, BLOCK_R)
     pdl_release(PDL)
     tl.store(out_ptr + row * n_cols + cols, y, mask=out_mask)
 
@@ -70,7 +70,7 @@ def _launch(x, residual, weight, eps, num_warps=None, lora_a=None):
     res = residual.contiguous() if residual is not None else x
     block = pow2(n)
     pdl = use_pdl(x)  # few warps per row: H100 sweep at 4096 x 2048 gave 2 warps 79%, 8 warps 65% of bandwidth
-    warps = num_warps or max(1, min(8, block // 1024))
+    warps = num_warps or max(1 if lora_a is None else 4, min(8, block // 1024))  # 4 for the A tile
     if lora_a is None:
         splits, t, lora_args, constants = 1, None, (x, x, x, 0, 0, 0, 0, 0), dict(CHUNK=block, BLOCK_R=1)
     else:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import pdl_release, pdl_wait, tl, triton, use_pdl
-from .lora import chunk_args, fused_shrink_output, lora_shrink_ref, shrink_chunk
+from .lora import chunk_args, fused_shrink_output, lora_shrink_ref, shrink_finish, shrink_tile
 
 _BLOCK = 1024
 
@@ -18,20 +18,21 @@ _BLOCK = 1024
 @triton.jit
 def _silu_mul_kernel(gu_ptr, out_ptr, n_ffn, a_ptr, idx_ptr, t_ptr, gr, s_as, s_ar, s_tsplit, s_tm,
                      BLOCK: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
-    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_ffn
+    if HAS_LORA:
+        adapter = tl.load(idx_ptr + row)
+        a_tile = shrink_tile(a_ptr, adapter, cols, mask, gr, s_as, s_ar, BLOCK_R)  # before the wait: see shrink_tile
+    pdl_wait(PDL)
     gate = tl.load(gu_ptr + row * 2 * n_ffn + cols, mask=mask, other=0.0)
     up = tl.load(gu_ptr + row * 2 * n_ffn + n_ffn + cols, mask=mask, other=0.0)
     g32 = gate.to(tl.float32)
     act = (g32 / (1.0 + tl.exp(-g32))).to(gate.dtype)
     y = act * up
     if HAS_LORA:
-        adapter = tl.load(idx_ptr + row)
-        if adapter >= 0:
-            shrink_chunk(y, cols, mask, a_ptr + adapter * s_as, gr, s_ar,
-                         t_ptr + tl.program_id(1) * s_tsplit + row * s_tm, BLOCK_R)
+        shrink_finish(a_tile, y, cols, mask, a_ptr, adapter, gr, s_as, s_ar,
+                      t_ptr + tl.program_id(1) * s_tsplit + row * s_tm, BLOCK_R)
     pdl_release(PDL)
     tl.store(out_ptr + row * n_ffn + cols, y, mask=mask)
 
