@@ -278,20 +278,33 @@ def lora_cases(rnd):
                         triton=lambda q=q, kc=kc, vc=vc, s=kv_slots, n=lens, a=a_o, i=index, u=used:
                         attention.decode_attention(q, kc, vc, s, n, d ** -0.5, lora_a=(a, i, u)),
                         torch=lambda q=q, kc=kc, vc=vc, s=kv_slots, n=lens, a=a_o, i=index, u=used: lora.lora_shrink(
-                            attention.decode_attention(q, kc, vc, s, n, d ** -0.5).reshape(b, -1), a, i, u),
+                            attention.decode_attention(q, kc, vc, s, n, d ** -0.5).reshape(len(i), -1), a, i, u),
                         compile=None, bytes=2 * kc.numel() * 2 + a_bytes(a_o), baseline="unfused"))
-        n_qkv = (hq + 2 * hkv) * d
-        wq, b_qkv = rnd(n_qkv, hidden), rnd(slots, n_qkv, rank)
-        t = rms_norm.add_rms_norm(x, r, w, 1e-5, lora_a=(a_qkv, index, used))[2]
-        spec = (t, b_qkv, index, used, torch.ones(slots, device=DEV), (hq * d, hkv * d, hkv * d))
-        out.append(dict(name=f"gemv qkv+LoRA epilogue {tag}", triton=lambda x=x, wq=wq, spec=spec:
-                        gemv.gemv(x, wq, lora=spec), torch=lambda x=x, wq=wq: gemv.gemv(x, wq), compile=None,
-                        bytes=wq.numel() * 2, baseline="no LoRA",
-                        fresh=lambda i, x=x, spec=spec: (lambda wq=rnd(n_qkv, hidden): gemv.gemv(x, wq, lora=spec))))
-        out.append(dict(name=f"  gemv qkv {tag} without LoRA", triton=lambda x=x, wq=wq: gemv.gemv(x, wq),
-                        torch=lambda x=x, wq=wq: F.linear(x, wq), compile=None, bytes=wq.numel() * 2,
-                        baseline="cuBLAS", fresh=lambda i, x=x: (lambda wq=rnd(n_qkv, hidden): gemv.gemv(x, wq))))
+        ones = torch.ones(slots, device=DEV)
+        for proj, n, k, segments, splits in (("qkv", (hq + 2 * hkv) * d, hidden, (hq * d, hkv * d, hkv * d), 8),
+                                             ("o", hidden, hq * d, (hidden,), hq), ("gate_up", 2 * ffn, hidden,
+                                             (ffn, ffn), 8), ("down", hidden, ffn, (hidden,), 8)):
+            wt, bt, xk = rnd(n, k), rnd(slots, n, rank), (x if k == hidden else rnd(b, k))
+            spec = (rnd(splits, b, len(segments) * rank, dtype=torch.float32), bt, index, used, ones, segments)
+            for early in ((True, False) if b == 1 else (True,)):
+                out.append(dict(name=f"gemv {proj}+LoRA {tag}{'' if early else ' t late'}",
+                                triton=lambda x=xk, wt=wt, spec=spec, early=early: _gemv_lora(x, wt, spec, early),
+                                torch=lambda x=xk, wt=wt: gemv.gemv(x, wt), compile=None, bytes=wt.numel() * 2,
+                                baseline="no LoRA", fresh=lambda i, x=xk, spec=spec, n=n, k=k, early=early: (
+                                    lambda wt=rnd(n, k): _gemv_lora(x, wt, spec, early))))
+            out.append(dict(name=f"  gemv {proj} {tag} without LoRA", triton=lambda x=xk, wt=wt: gemv.gemv(x, wt),
+                            torch=lambda x=xk, wt=wt: F.linear(x, wt), compile=None, bytes=wt.numel() * 2,
+                            baseline="cuBLAS", fresh=lambda i, x=xk, n=n, k=k: (lambda wt=rnd(n, k): gemv.gemv(x, wt))))
     return out
+
+
+def _gemv_lora(x, weight, spec, t_early: bool):
+    """The GEMV with its LoRA epilogue, t loaded before (the default) or after the K loop (the variant)."""
+    gemv.LORA_T_EARLY = t_early
+    try:
+        return gemv.gemv(x, weight, lora=spec)
+    finally:
+        gemv.LORA_T_EARLY = True
 
 
 def main() -> int:

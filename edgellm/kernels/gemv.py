@@ -7,6 +7,8 @@ flight: each program owns BLOCK_N output features and walks K in BLOCK_K steps, 
 (padded to 16) rows of x on the tensor cores.
 """
 
+import os
+
 import torch
 
 from ._triton import dot_precision, pdl_release, pdl_wait, pow2, tl, triton, use_pdl
@@ -15,6 +17,7 @@ from .lora import _segment_ends, delta_constants, extended_b, lora_delta, lora_e
 MAX_ROWS = 16  # rows of x one launch handles (padded to 16 for tl.dot)
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): chosen from the H100 sweep in bench/RESULTS.md
 DEFAULT_TILE = (32, 256, 4, 4)
+LORA_T_EARLY = os.environ.get("EDGELLM_LORA_T_EARLY", "1") == "1"  # t before the K loop (experiment knob)
 
 
 @triton.jit
@@ -22,7 +25,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                  t_ptr, lb_ptr, idx_ptr, used_ptr, scale_ptr, rank, n_splits, end0, end1, s_tsplit, s_tm, s_bs, s_bn,
                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NUM_STAGES: tl.constexpr, PDL: tl.constexpr, HAS_LORA: tl.constexpr, GROUPS: tl.constexpr,
-                 SPLITS: tl.constexpr, BLOCK_GR: tl.constexpr, LORA_PRECISION: tl.constexpr, UNROLL: tl.constexpr):
+                 SPLITS: tl.constexpr, BLOCK_GR: tl.constexpr, LORA_PRECISION: tl.constexpr, UNROLL: tl.constexpr,
+                 T_EARLY: tl.constexpr):
     rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_K)
@@ -36,12 +40,11 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
         n_used = tl.load(used_ptr)
         first = tl.load(used_ptr + 1)
         hit = (adapter == first) & (n_used > 0)
-        some = tl.max(hit.to(tl.int32), axis=0, keep_dims=True) > 0
         b_offs, b_mask = extended_b(rows_n, n_ok, rank, end0, end1, s_bn, GROUPS, BLOCK_GR)
-        b_first = tl.load(lb_ptr + first * s_bs + b_offs, mask=b_mask & some[:, None], other=0.0)
+        b_first = tl.load(lb_ptr + first * s_bs + b_offs, mask=b_mask & (b_offs * 0 + n_used > 0), other=0.0)
         scale_first = tl.load(scale_ptr + first)
     pdl_wait(PDL)
-    if HAS_LORA:
+    if HAS_LORA and T_EARLY:
         t_parts = lora_t(t_ptr, rows_m, m_ok & (adapter >= 0), GROUPS * rank, n_splits, s_tsplit, s_tm, SPLITS, BLOCK_GR)
     w_base = w_ptr + rows_n.to(tl.int64)[:, None] * s_wn
     x_base = x_ptr + rows_m[:, None] * s_xm
@@ -55,6 +58,9 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_LORA:
+        if not T_EARLY:
+            t_parts = lora_t(t_ptr, rows_m, m_ok & (adapter >= 0), GROUPS * rank, n_splits, s_tsplit, s_tm, SPLITS,
+                             BLOCK_GR)
         t = tl.sum(t_parts, axis=0).to(lb_ptr.dtype.element_ty)  # rounded as the unfused lora_A output would be
         acc += tl.where(hit[:, None], tl.dot(t, tl.trans(b_first), input_precision=LORA_PRECISION) * scale_first, 0.0)
         if n_used > 1:  # the batch's other adapters
@@ -97,7 +103,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
         *lora_args, HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), BLOCK_M=16, BLOCK_N=block_n,
-        BLOCK_K=block_k, NUM_STAGES=stages, PDL=pdl, **constants, num_warps=warps, launch_pdl=pdl)
+        BLOCK_K=block_k, NUM_STAGES=stages, PDL=pdl, **constants, T_EARLY=LORA_T_EARLY, num_warps=warps, launch_pdl=pdl)
     return y.reshape(*lead, n)
 
 
