@@ -17,7 +17,8 @@ from .lora import _segment_ends, delta_constants, extended_b, lora_delta, lora_e
 MAX_ROWS = 16  # rows of x one launch handles (padded to 16 for tl.dot)
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): chosen from the H100 sweep in bench/RESULTS.md
 DEFAULT_TILE = (32, 256, 4, 4)
-LORA_T_EARLY = os.environ.get("EDGELLM_LORA_T_EARLY", "1") == "1"  # t before the K loop (experiment knob)
+# LoRA epilogue, experiment knob: 0 t loaded before the K loop, 1 after it, 2 the first adapter's delta before it
+LORA_MODE = int(os.environ.get("EDGELLM_LORA_MODE", "0"))
 
 
 @triton.jit
@@ -26,7 +27,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NUM_STAGES: tl.constexpr, PDL: tl.constexpr, HAS_LORA: tl.constexpr, GROUPS: tl.constexpr,
                  SPLITS: tl.constexpr, BLOCK_GR: tl.constexpr, LORA_PRECISION: tl.constexpr, UNROLL: tl.constexpr,
-                 T_EARLY: tl.constexpr):
+                 LORA_MODE: tl.constexpr):
     rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_K)
@@ -44,11 +45,15 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
         b_first = tl.load(lb_ptr + first * s_bs + b_offs, mask=b_mask & (b_offs * 0 + n_used > 0), other=0.0)
         scale_first = tl.load(scale_ptr + first)
     pdl_wait(PDL)
-    if HAS_LORA and T_EARLY:
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if HAS_LORA and LORA_MODE != 1:
         t_parts = lora_t(t_ptr, rows_m, m_ok & (adapter >= 0), GROUPS * rank, n_splits, s_tsplit, s_tm, SPLITS, BLOCK_GR)
+        if LORA_MODE == 2:  # the first adapter's delta before the K loop
+            t = tl.sum(t_parts, axis=0).to(lb_ptr.dtype.element_ty)
+            acc += tl.where(hit[:, None], tl.dot(t, tl.trans(b_first), input_precision=LORA_PRECISION) * scale_first,
+                            0.0)
     w_base = w_ptr + rows_n.to(tl.int64)[:, None] * s_wn
     x_base = x_ptr + rows_m[:, None] * s_xm
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
         kk = k0 + cols
         k_ok = kk < k
@@ -58,11 +63,13 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_LORA:
-        if not T_EARLY:
+        if LORA_MODE == 1:
             t_parts = lora_t(t_ptr, rows_m, m_ok & (adapter >= 0), GROUPS * rank, n_splits, s_tsplit, s_tm, SPLITS,
                              BLOCK_GR)
-        t = tl.sum(t_parts, axis=0).to(lb_ptr.dtype.element_ty)  # rounded as the unfused lora_A output would be
-        acc += tl.where(hit[:, None], tl.dot(t, tl.trans(b_first), input_precision=LORA_PRECISION) * scale_first, 0.0)
+        if LORA_MODE != 2:
+            t = tl.sum(t_parts, axis=0).to(lb_ptr.dtype.element_ty)  # rounded as the unfused lora_A output would be
+            acc += tl.where(hit[:, None], tl.dot(t, tl.trans(b_first), input_precision=LORA_PRECISION) * scale_first,
+                            0.0)
         if n_used > 1:  # the batch's other adapters
             acc = lora_delta(acc, t, lb_ptr, b_offs, b_mask, scale_ptr, used_ptr, adapter, s_bs, 1, UNROLL,
                              LORA_PRECISION)
@@ -103,7 +110,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
         *lora_args, HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), BLOCK_M=16, BLOCK_N=block_n,
-        BLOCK_K=block_k, NUM_STAGES=stages, PDL=pdl, **constants, T_EARLY=LORA_T_EARLY, num_warps=warps, launch_pdl=pdl)
+        BLOCK_K=block_k, NUM_STAGES=stages, PDL=pdl, **constants, LORA_MODE=LORA_MODE, num_warps=warps, launch_pdl=pdl)
     return y.reshape(*lead, n)
 
 
