@@ -286,25 +286,15 @@ def lora_cases(rnd):
                                              (ffn, ffn), 8), ("down", hidden, ffn, (hidden,), 8)):
             wt, bt, xk = rnd(n, k), rnd(slots, n, rank), (x if k == hidden else rnd(b, k))
             spec = (rnd(splits, b, len(segments) * rank, dtype=torch.float32), bt, index, used, ones, segments)
-            for mode in ((0, 1, 2) if b == 1 else (0,)):
-                out.append(dict(name=f"gemv {proj}+LoRA {tag}{('', ' t late', ' before')[mode]}",
-                                triton=lambda x=xk, wt=wt, spec=spec, mode=mode: _gemv_lora(x, wt, spec, mode),
-                                torch=lambda x=xk, wt=wt: gemv.gemv(x, wt), compile=None, bytes=wt.numel() * 2,
-                                baseline="no LoRA", fresh=lambda i, x=xk, spec=spec, n=n, k=k, mode=mode: (
-                                    lambda wt=rnd(n, k): _gemv_lora(x, wt, spec, mode))))
+            out.append(dict(name=f"gemv {proj}+LoRA {tag}",
+                            triton=lambda x=xk, wt=wt, spec=spec: gemv.gemv(x, wt, lora=spec),
+                            torch=lambda x=xk, wt=wt: gemv.gemv(x, wt), compile=None, bytes=wt.numel() * 2,
+                            baseline="no LoRA", fresh=lambda i, x=xk, spec=spec, n=n, k=k: (
+                                lambda wt=rnd(n, k): gemv.gemv(x, wt, lora=spec))))
             out.append(dict(name=f"  gemv {proj} {tag} without LoRA", triton=lambda x=xk, wt=wt: gemv.gemv(x, wt),
                             torch=lambda x=xk, wt=wt: F.linear(x, wt), compile=None, bytes=wt.numel() * 2,
                             baseline="cuBLAS", fresh=lambda i, x=xk, n=n, k=k: (lambda wt=rnd(n, k): gemv.gemv(x, wt))))
     return out
-
-
-def _gemv_lora(x, weight, spec, mode: int):
-    """The GEMV with its LoRA epilogue in mode `mode` (gemv.LORA_MODE)."""
-    default, gemv.LORA_MODE = gemv.LORA_MODE, mode
-    try:
-        return gemv.gemv(x, weight, lora=spec)
-    finally:
-        gemv.LORA_MODE = default
 
 
 def main() -> int:

@@ -7,27 +7,22 @@ flight: each program owns BLOCK_N output features and walks K in BLOCK_K steps, 
 (padded to 16) rows of x on the tensor cores.
 """
 
-import os
-
 import torch
 
 from ._triton import dot_precision, pdl_release, pdl_wait, pow2, tl, triton, use_pdl
-from .lora import _segment_ends, delta_constants, extended_b, lora_delta, lora_expand_ref, lora_t
+from .lora import _segment_ends, check_expand_operands, delta_constants, extended_b, lora_delta, lora_expand_ref, lora_t
 
 MAX_ROWS = 16  # rows of x one launch handles (padded to 16 for tl.dot)
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): chosen from the H100 sweep in bench/RESULTS.md
 DEFAULT_TILE = (32, 256, 4, 4)
-# LoRA epilogue, experiment knob: 0 t loaded before the K loop, 1 after it, 2 the first adapter's delta before it
-LORA_MODE = int(os.environ.get("EDGELLM_LORA_MODE", "0"))
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
-                 t_ptr, lb_ptr, idx_ptr, used_ptr, scale_ptr, rank, n_splits, end0, end1, s_tsplit, s_tm, s_bs, s_bn,
+                 t_ptr, lb_ptr, idx_ptr, used_ptr, scale_ptr, n_splits, end0, end1, s_bs,
                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 NUM_STAGES: tl.constexpr, PDL: tl.constexpr, HAS_LORA: tl.constexpr, GROUPS: tl.constexpr,
-                 SPLITS: tl.constexpr, BLOCK_GR: tl.constexpr, LORA_PRECISION: tl.constexpr, UNROLL: tl.constexpr,
-                 LORA_MODE: tl.constexpr):
+                 NUM_STAGES: tl.constexpr, PDL: tl.constexpr, HAS_LORA: tl.constexpr, GROUPS: tl.constexpr, RANK: tl.constexpr,
+                 SPLITS: tl.constexpr, BLOCK_GR: tl.constexpr, LORA_PRECISION: tl.constexpr, UNROLL: tl.constexpr):
     rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_K)
@@ -41,19 +36,15 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
         n_used = tl.load(used_ptr)
         first = tl.load(used_ptr + 1)
         hit = (adapter == first) & (n_used > 0)
-        b_offs, b_mask = extended_b(rows_n, n_ok, rank, end0, end1, s_bn, GROUPS, BLOCK_GR)
+        b_offs, b_mask = extended_b(rows_n, n_ok, end0, end1, RANK, GROUPS, BLOCK_GR)
         b_first = tl.load(lb_ptr + first * s_bs + b_offs, mask=b_mask & (b_offs * 0 + n_used > 0), other=0.0)
         scale_first = tl.load(scale_ptr + first)
     pdl_wait(PDL)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if HAS_LORA and LORA_MODE != 1:
-        t_parts = lora_t(t_ptr, rows_m, m_ok & (adapter >= 0), GROUPS * rank, n_splits, s_tsplit, s_tm, SPLITS, BLOCK_GR)
-        if LORA_MODE == 2:  # the first adapter's delta before the K loop
-            t = tl.sum(t_parts, axis=0).to(lb_ptr.dtype.element_ty)
-            acc += tl.where(hit[:, None], tl.dot(t, tl.trans(b_first), input_precision=LORA_PRECISION) * scale_first,
-                            0.0)
+    if HAS_LORA:  # (measured on the H100: t loaded after the K loop, b1 decode 3% slower)
+        t_parts = lora_t(t_ptr, rows_m, m_ok & (adapter >= 0), m, n_splits, SPLITS, GROUPS * RANK, BLOCK_GR)
     w_base = w_ptr + rows_n.to(tl.int64)[:, None] * s_wn
     x_base = x_ptr + rows_m[:, None] * s_xm
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
         kk = k0 + cols
         k_ok = kk < k
@@ -63,13 +54,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_LORA:
-        if LORA_MODE == 1:
-            t_parts = lora_t(t_ptr, rows_m, m_ok & (adapter >= 0), GROUPS * rank, n_splits, s_tsplit, s_tm, SPLITS,
-                             BLOCK_GR)
-        if LORA_MODE != 2:
-            t = tl.sum(t_parts, axis=0).to(lb_ptr.dtype.element_ty)  # rounded as the unfused lora_A output would be
-            acc += tl.where(hit[:, None], tl.dot(t, tl.trans(b_first), input_precision=LORA_PRECISION) * scale_first,
-                            0.0)
+        t = tl.sum(t_parts, axis=0).to(lb_ptr.dtype.element_ty)  # rounded as the unfused lora_A output would be
+        acc += tl.where(hit[:, None], tl.dot(t, tl.trans(b_first), input_precision=LORA_PRECISION) * scale_first, 0.0)
         if n_used > 1:  # the batch's other adapters
             acc = lora_delta(acc, t, lb_ptr, b_offs, b_mask, scale_ptr, used_ptr, adapter, s_bs, 1, UNROLL,
                              LORA_PRECISION)
@@ -96,21 +82,20 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     pdl = use_pdl(x)
     if lora is None:
-        lora_args = (y, y, y, y, y, 0, 0, 0, 0, 0, 0, 0, 0)
-        constants = dict(HAS_LORA=False, GROUPS=1, SPLITS=1, BLOCK_GR=16, LORA_PRECISION="ieee", UNROLL=1)
+        lora_args = (y, y, y, y, y, 0, 0, 0, 0)
+        constants = dict(HAS_LORA=False, GROUPS=1, RANK=16, SPLITS=1, BLOCK_GR=16, LORA_PRECISION="ieee", UNROLL=1)
     else:
         t, b_stack, index, used, scale, segments = lora
-        if t.dim() != 3 or t.shape[1:] != (m, len(segments) * b_stack.shape[2]) or b_stack.shape[1] != n \
-                or index.shape != (m,) or sum(segments) != n:
-            raise ValueError(f"gemv: LoRA t {tuple(t.shape)} / B stack {tuple(b_stack.shape)} do not fit {m} x {n}")
-        lora_args = (t, b_stack, index, used, scale, b_stack.shape[2], t.shape[0], *_segment_ends(list(segments)),
-                     t.stride(0), t.stride(1), b_stack.stride(0), b_stack.stride(1))
+        check_expand_operands(m, n, t, b_stack, segments, "gemv")
+        if index.shape != (m,):
+            raise ValueError(f"gemv: LoRA index {tuple(index.shape)} needs one entry per row of x ({m})")
+        lora_args = (t, b_stack, index, used, scale, t.shape[0], *_segment_ends(list(segments)), b_stack.stride(0))
         constants = {**delta_constants(t, b_stack, segments), "HAS_LORA": True}
         constants["LORA_PRECISION"] = constants.pop("PRECISION")
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
         *lora_args, HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), BLOCK_M=16, BLOCK_N=block_n,
-        BLOCK_K=block_k, NUM_STAGES=stages, PDL=pdl, **constants, LORA_MODE=LORA_MODE, num_warps=warps, launch_pdl=pdl)
+        BLOCK_K=block_k, NUM_STAGES=stages, PDL=pdl, **constants, num_warps=warps, launch_pdl=pdl)
     return y.reshape(*lead, n)
 
 

@@ -95,23 +95,25 @@ def fused_shrink_output(a_stack: torch.Tensor, index: torch.Tensor, rows: int, k
 
 
 @triton.jit
-def lora_t(t_ptr, rows, rows_on, gr, n_splits, s_tsplit, s_tm, SPLITS: tl.constexpr, BLOCK_GR: tl.constexpr):
-    """The shrink's partial sums of `rows` (those in rows_on; others 0): [SPLITS, rows, BLOCK_GR] float32
-    (sum them over axis 0). A separate load so that the GEMV can issue it before its K loop."""
+def lora_t(t_ptr, rows, rows_on, m, n_splits, SPLITS: tl.constexpr, GR: tl.constexpr, BLOCK_GR: tl.constexpr):
+    """The shrink's partial sums (contiguous [n_splits, m, GR]) of `rows` (those in rows_on; others 0):
+    [SPLITS, rows, BLOCK_GR] float32, to be summed over axis 0. A separate load so that the GEMV can
+    issue it before its K loop. GR is a constexpr so that the masks are known per vector: few loads."""
     sp = tl.arange(0, SPLITS)
     c = tl.arange(0, BLOCK_GR)
-    return tl.load(t_ptr + sp[:, None, None] * s_tsplit + rows.to(tl.int64)[None, :, None] * s_tm + c[None, None, :],
-                   mask=(sp < n_splits)[:, None, None] & rows_on[None, :, None] & (c < gr)[None, None, :], other=0.0)
+    return tl.load(t_ptr + (sp[:, None, None] * m + rows[None, :, None]) * GR + c[None, None, :],
+                   mask=(sp < n_splits)[:, None, None] & rows_on[None, :, None] & (c < GR)[None, None, :], other=0.0)
 
 
 @triton.jit
-def extended_b(cols, n_ok, rank, end0, end1, s_bn, GROUPS: tl.constexpr, BLOCK_GR: tl.constexpr):
-    """Offsets and mask of the extended B tile of output features `cols` (module doc): column
-    g*rank + r holds B[n, r] where feature n is in segment g (0 below end0, 1 below end1, else 2)."""
+def extended_b(cols, n_ok, end0, end1, RANK: tl.constexpr, GROUPS: tl.constexpr, BLOCK_GR: tl.constexpr):
+    """Offsets (in a contiguous [N, RANK] B) and mask of the extended B tile of output features `cols`
+    (module doc): column g*RANK + r holds B[n, r] where feature n is in segment g (0 below end0, 1
+    below end1, else 2). RANK is a constexpr: the divisions are shifts and the loads vectors."""
     c = tl.arange(0, BLOCK_GR)
     segment = (cols >= end0).to(tl.int32) + (cols >= end1).to(tl.int32)
-    offs = cols[:, None] * s_bn + (c % rank)[None, :]
-    mask = n_ok[:, None] & ((c // rank)[None, :] == segment[:, None]) & (c < GROUPS * rank)[None, :]
+    offs = cols[:, None] * RANK + (c % RANK)[None, :]
+    mask = n_ok[:, None] & ((c // RANK)[None, :] == segment[:, None]) & (c < GROUPS * RANK)[None, :]
     return offs, mask
 
 
@@ -175,10 +177,10 @@ def _lora_shrink_kernel(x_ptr, a_ptr, idx_ptr, used_ptr, t_ptr, m, k, gr, s_xm, 
 
 
 @triton.jit
-def _lora_expand_kernel(y_ptr, t_ptr, b_ptr, idx_ptr, used_ptr, scale_ptr, m, n, rank, n_splits, end0, end1,
-                        s_ym, s_tsplit, s_tm, s_bs, s_bn,
-                        GROUPS: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, UNROLL: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_GR: tl.constexpr, PDL: tl.constexpr):
+def _lora_expand_kernel(y_ptr, t_ptr, b_ptr, idx_ptr, used_ptr, scale_ptr, m, n, n_splits, end0, end1, s_ym, s_bs,
+                        GROUPS: tl.constexpr, RANK: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+                        UNROLL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_GR: tl.constexpr,
+                        PDL: tl.constexpr):
     pdl_wait(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < m
@@ -187,8 +189,8 @@ def _lora_expand_kernel(y_ptr, t_ptr, b_ptr, idx_ptr, used_ptr, scale_ptr, m, n,
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = cols < n
         lora_rows = row_ok & (adapter >= 0)
-        t = tl.sum(lora_t(t_ptr, rows, lora_rows, GROUPS * rank, n_splits, s_tsplit, s_tm, SPLITS, BLOCK_GR), axis=0)
-        b_offs, b_mask = extended_b(cols, n_ok, rank, end0, end1, s_bn, GROUPS, BLOCK_GR)
+        t = tl.sum(lora_t(t_ptr, rows, lora_rows, m, n_splits, SPLITS, GROUPS * RANK, BLOCK_GR), axis=0)
+        b_offs, b_mask = extended_b(cols, n_ok, end0, end1, RANK, GROUPS, BLOCK_GR)
         # t rounded to the model dtype, as the unfused lora_A output would be
         delta = lora_delta(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), t.to(b_ptr.dtype.element_ty), b_ptr, b_offs,
                            b_mask, scale_ptr, used_ptr, adapter, s_bs, 0, UNROLL, PRECISION)
@@ -244,6 +246,17 @@ def _segment_ends(segments) -> tuple[int, int]:
     return tuple((ends[:-1] + [ends[-1]] * 2)[:2])
 
 
+def check_expand_operands(m: int, n: int, t: torch.Tensor, b_stack: torch.Tensor, segments, what: str) -> None:
+    """What lora_expand and the GEMV's epilogue need of t ([splits, M, G*R], contiguous) and the B
+    stack ([adapters, N, R], contiguous)."""
+    rank = b_stack.shape[2]
+    if b_stack.shape[1] != n or sum(segments) != n or t.dim() != 3 or t.shape[1:] != (m, len(segments) * rank):
+        raise ValueError(f"{what}: {m} x {n} output, t {tuple(t.shape)}, B stack {tuple(b_stack.shape)} "
+                         f"and segments {tuple(segments)} do not agree")
+    if not (t.is_contiguous() and b_stack.is_contiguous()):
+        raise ValueError(f"{what}: t and the B stack must be contiguous")
+
+
 def lora_expand(y: torch.Tensor, t: torch.Tensor, b_stack: torch.Tensor, index: torch.Tensor, used: torch.Tensor,
                 scale: torch.Tensor, segments) -> torch.Tensor:
     """y: [..., N] (the base projection of M tokens, updated in place and returned); t: lora_shrink's
@@ -251,26 +264,22 @@ def lora_expand(y: torch.Tensor, t: torch.Tensor, b_stack: torch.Tensor, index: 
     sizes, summing to N."""
     y2 = _rows(y, index, "lora_expand")
     m, n = y2.shape
-    rank = b_stack.shape[2]
-    if b_stack.shape[1] != n or sum(segments) != n or t.dim() != 3 or t.shape[1:] != (m, len(segments) * rank):
-        raise ValueError(f"lora_expand: y {tuple(y.shape)}, t {tuple(t.shape)}, B stack {tuple(b_stack.shape)} "
-                         f"and segments {tuple(segments)} do not agree")
-    if not y.is_contiguous() or b_stack.stride(-1) != 1 or t.stride(-1) != 1:
-        raise ValueError("lora_expand: y (updated in place) must be contiguous, t and the B stack need a "
-                         "contiguous last dim")
+    check_expand_operands(m, n, t, b_stack, segments, "lora_expand")
+    if not y.is_contiguous():
+        raise ValueError("lora_expand: y (updated in place) must be contiguous")
     pdl = use_pdl(y)
     block_n = 64
     _lora_expand_kernel[(triton.cdiv(m, BLOCK_M), triton.cdiv(n, block_n))](
-        y2, t, b_stack, index, used, scale, m, n, rank, t.shape[0], *_segment_ends(list(segments)), y2.stride(0),
-        t.stride(0), t.stride(1), b_stack.stride(0), b_stack.stride(1), **delta_constants(t, b_stack, segments),
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, PDL=pdl, num_warps=4, launch_pdl=pdl)
+        y2, t, b_stack, index, used, scale, m, n, t.shape[0], *_segment_ends(list(segments)), y2.stride(0),
+        b_stack.stride(0), **delta_constants(t, b_stack, segments), BLOCK_M=BLOCK_M, BLOCK_N=block_n, PDL=pdl,
+        num_warps=4, launch_pdl=pdl)
     return y
 
 
 def delta_constants(t: torch.Tensor, b_stack: torch.Tensor, segments) -> dict:
     """The constexpr arguments of lora_t / extended_b / lora_delta for these tensors."""
-    return dict(GROUPS=len(segments), SPLITS=pow2(t.shape[0]), UNROLL=UNROLL, BLOCK_GR=pow2(t.shape[2], 16),
-                PRECISION=dot_precision(b_stack.dtype))
+    return dict(GROUPS=len(segments), RANK=b_stack.shape[2], SPLITS=pow2(t.shape[0]), UNROLL=UNROLL,
+                BLOCK_GR=pow2(t.shape[2], 16), PRECISION=dot_precision(b_stack.dtype))
 
 
 def lora_shrink_ref(x: torch.Tensor, a_stack: torch.Tensor, index: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
