@@ -253,6 +253,7 @@ def test_lora_shrink_expand(dtype, index, k, segments, rank):
     [3, -1, 0, 3, 1],  # three adapters and none: the first (prefetched) adapter and the looped ones
     [3],               # batch 1: all of the epilogue prefetched before the K loop
     [-1, -1],          # no adapter: the plain GEMV
+    [-1],              # batch 1 with no adapter
 ])
 def test_gemv_with_lora_epilogue(dtype, slots):
     """At decode sizes the LoRA expand is the GEMV's epilogue: the same as gemv + lora_expand."""

@@ -22,7 +22,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                  t_ptr, lb_ptr, idx_ptr, used_ptr, scale_ptr, n_splits, end0, end1, s_bs,
                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NUM_STAGES: tl.constexpr, PDL: tl.constexpr, HAS_LORA: tl.constexpr, GROUPS: tl.constexpr, RANK: tl.constexpr,
-                 SPLITS: tl.constexpr, BLOCK_GR: tl.constexpr, LORA_PRECISION: tl.constexpr, UNROLL: tl.constexpr):
+                 SPLITS: tl.constexpr, BLOCK_GR: tl.constexpr, LORA_PRECISION: tl.constexpr, UNROLL: tl.constexpr,
+                 ONE_ROW: tl.constexpr):
     rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_K)
@@ -40,8 +41,18 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
         b_first = tl.load(lb_ptr + first * s_bs + b_offs, mask=b_mask & (b_offs * 0 + n_used > 0), other=0.0)
         scale_first = tl.load(scale_ptr + first)
     pdl_wait(PDL)
-    if HAS_LORA:  # (measured on the H100: t loaded after the K loop, b1 decode 3% slower)
-        t_parts = lora_t(t_ptr, rows_m, m_ok & (adapter >= 0), m, n_splits, SPLITS, GROUPS * RANK, BLOCK_GR)
+    if HAS_LORA:
+        # t, written by the kernel before. Its loads cost in proportion to their size, padding rows
+        # included (H100: 8 splits x 16 rows x 64 took 3 us of a 5 us GEMV), so batch 1, the latency
+        # case, loads its one row: [SPLITS, BLOCK_GR], not [SPLITS, 16, BLOCK_GR].
+        if ONE_ROW:
+            sp = tl.arange(0, SPLITS)
+            c = tl.arange(0, BLOCK_GR)
+            live = (sp < n_splits) & (sp * 0 + n_used > 0)  # (the row has an adapter: n_used is 1)
+            t_parts = tl.load(t_ptr + sp[:, None] * (GROUPS * RANK) + c[None, :],
+                              mask=live[:, None] & (c < GROUPS * RANK)[None, :], other=0.0)
+        else:
+            t_parts = lora_t(t_ptr, rows_m, m_ok & (adapter >= 0), m, n_splits, SPLITS, GROUPS * RANK, BLOCK_GR)
     w_base = w_ptr + rows_n.to(tl.int64)[:, None] * s_wn
     x_base = x_ptr + rows_m[:, None] * s_xm
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -55,10 +66,15 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
         acc += tl.load(b_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_LORA:
         t = tl.sum(t_parts, axis=0).to(lb_ptr.dtype.element_ty)  # rounded as the unfused lora_A output would be
-        acc += tl.where(hit[:, None], tl.dot(t, tl.trans(b_first), input_precision=LORA_PRECISION) * scale_first, 0.0)
-        if n_used > 1:  # the batch's other adapters
-            acc = lora_delta(acc, t, lb_ptr, b_offs, b_mask, scale_ptr, used_ptr, adapter, s_bs, 1, UNROLL,
-                             LORA_PRECISION)
+        if ONE_ROW:  # one dot product per output feature, no tensor-core tile of 15 padding rows
+            delta = tl.sum(b_first.to(tl.float32) * t.to(tl.float32)[None, :], axis=1) * scale_first
+            acc += tl.where((hit & (rows_m == 0))[:, None], delta[None, :], 0.0)
+        else:
+            acc += tl.where(hit[:, None], tl.dot(t, tl.trans(b_first), input_precision=LORA_PRECISION) * scale_first,
+                            0.0)
+            if n_used > 1:  # the batch's other adapters
+                acc = lora_delta(acc, t, lb_ptr, b_offs, b_mask, scale_ptr, used_ptr, adapter, s_bs, 1, UNROLL,
+                                 LORA_PRECISION)
     pdl_release(PDL)
     y = y_ptr + rows_m[:, None] * s_ym + rows_n[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -83,14 +99,15 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     pdl = use_pdl(x)
     if lora is None:
         lora_args = (y, y, y, y, y, 0, 0, 0, 0)
-        constants = dict(HAS_LORA=False, GROUPS=1, RANK=16, SPLITS=1, BLOCK_GR=16, LORA_PRECISION="ieee", UNROLL=1)
+        constants = dict(HAS_LORA=False, GROUPS=1, RANK=16, SPLITS=1, BLOCK_GR=16, LORA_PRECISION="ieee", UNROLL=1,
+                         ONE_ROW=False)
     else:
         t, b_stack, index, used, scale, segments = lora
         check_expand_operands(m, n, t, b_stack, segments, "gemv")
         if index.shape != (m,):
             raise ValueError(f"gemv: LoRA index {tuple(index.shape)} needs one entry per row of x ({m})")
         lora_args = (t, b_stack, index, used, scale, t.shape[0], *_segment_ends(list(segments)), b_stack.stride(0))
-        constants = {**delta_constants(t, b_stack, segments), "HAS_LORA": True}
+        constants = {**delta_constants(t, b_stack, segments), "HAS_LORA": True, "ONE_ROW": m == 1}
         constants["LORA_PRECISION"] = constants.pop("PRECISION")
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
