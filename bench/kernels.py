@@ -8,9 +8,12 @@ inputs under 50 MB stay in L2, so it can beat the DRAM floor); "stream us" repla
 inputs whose total exceeds L2, back to back from one graph: the DRAM-bound time a kernel takes inside a
 captured prefill or decode step, used for the bandwidth targets of memory-bound kernels.
 
-Run on a CUDA GPU:  python bench/kernels.py --json bench/results/kernels.json
+Run on a CUDA GPU:  python bench/kernels.py --json bench/results/kernels.json  [--only shrink,gemv]
 Sizes are decode (batch 16, one token) and prefill (4096 tokens) shapes of Llama-3.2-1B (hidden 2048,
-32 query heads, 8 KV heads, head_dim 64, FFN 8192, vocab 128256), fp16.
+32 query heads, 8 KV heads, head_dim 64, FFN 8192, vocab 128256), fp16. The LoRA cases (batch 1 and
+16, rank 16, four adapters) compare each producer kernel with its fused shrink against the same kernel
+plus a lora_shrink launch ("unfused"), and each projection's GEMV with its LoRA epilogue against the
+plain GEMV ("no LoRA"); read their "graph us" (launch costs are what the fusion removes).
 """
 
 from __future__ import annotations
