@@ -10,6 +10,7 @@
 
 from . import errors
 from .engine import EngineConfig, LinearKVCache, LLMEngineRunner
+from .engine.kv_store import KVReuseSettings, KVReuseStats
 from .models import default_model_dir
 from .requests import GenerationItem, GenerationTimings, LLMGenerationRequest, LLMGenerationResponse
 from .runtime import LLMInferenceRuntime
@@ -17,6 +18,7 @@ from .runtime import LLMInferenceRuntime
 __version__ = "0.1.0"
 
 __all__ = [
-    "EngineConfig", "GenerationItem", "GenerationTimings", "LinearKVCache", "LLMEngineRunner",
+    "EngineConfig", "GenerationItem", "GenerationTimings", "KVReuseSettings", "KVReuseStats", "LinearKVCache",
+    "LLMEngineRunner",
     "LLMGenerationRequest", "LLMGenerationResponse", "LLMInferenceRuntime", "default_model_dir", "errors",
 ]

@@ -23,6 +23,23 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="load a LoRA adapter (PEFT directory) under NAME (repeatable); the first one is active: "
                         "requests that name no adapter use it")
     p.add_argument("--max-lora-rank", type=int, default=None, help="largest adapter rank (default: the largest given)")
+    g = p.add_argument_group("KV reuse (saved prompt prefixes; any of these turns it on)")
+    g.add_argument("--kv-reuse", action="store_true", help="reuse saved prefixes with the default device budget")
+    g.add_argument("--kv-gpu-mb", type=int, default=None, help="device memory for saved blocks (default 256 MB)")
+    g.add_argument("--kv-host-mb", type=int, default=None, help="pinned host RAM for blocks evicted from the device")
+    g.add_argument("--kv-disk-dir", default=None, help="directory of saved blocks kept across runs and processes")
+    g.add_argument("--kv-block-tokens", type=int, default=None, help="tokens per saved block (default 64)")
+
+
+def _kv_reuse(args):
+    """KVReuseSettings from the --kv-* options, or None when none is given."""
+    from .engine.kv_store import KVReuseSettings
+
+    given = {"gpu_bytes": None if args.kv_gpu_mb is None else args.kv_gpu_mb << 20,
+             "host_bytes": None if args.kv_host_mb is None else args.kv_host_mb << 20,
+             "disk_dir": args.kv_disk_dir, "block_tokens": args.kv_block_tokens}
+    given = {k: v for k, v in given.items() if v is not None}
+    return KVReuseSettings(**given) if given or args.kv_reuse else None
 
 
 def _lora_weights(specs) -> dict | None:
@@ -55,7 +72,7 @@ def _runtime(args):
     runtime = LLMInferenceRuntime(args.model_dir, device=args.device, dtype=args.dtype,
                                   max_batch_size=args.max_batch_size, max_input_length=args.max_input_length,
                                   max_kv_cache_capacity=args.max_kv_cache_capacity, lora_weights=adapters,
-                                  max_lora_rank=args.max_lora_rank)
+                                  max_lora_rank=args.max_lora_rank, kv_reuse=_kv_reuse(args))
     if adapters:
         runtime.switch_lora_weights(next(iter(adapters)))
     return runtime
@@ -73,6 +90,8 @@ def _print_timings(response) -> None:
     t = response.timings
     print(f"[prefill {t.prefill_ms:.1f} ms, {t.decode_tokens} decode tokens at {t.decode_tokens_per_s:.1f} tok/s, "
           f"total {t.total_ms:.1f} ms]", file=sys.stderr)
+    if response.kv_reuse is not None:
+        print(f"[{response.kv_reuse.log_line()}]", file=sys.stderr)
 
 
 def cmd_generate(args) -> int:
@@ -149,7 +168,9 @@ def run_batch_file(runtime, spec: dict) -> dict:
             responses.append({"request_index": start + i, "output_text": response.output_texts[i],
                               "output_ids": response.output_ids[i], "finish_reason": response.finish_reasons[i],
                               "prompt_length": response.prompt_lengths[i]})
-        batches.append({"first_request": start, "size": len(chunk), **response.to_dict()["timings"]})
+        document = response.to_dict()
+        batches.append({"first_request": start, "size": len(chunk), **document["timings"],
+                        **({"kv_reuse": document["kv_reuse"]} if "kv_reuse" in document else {})})
     return {"responses": responses, "batches": batches}
 
 
@@ -159,7 +180,9 @@ def cmd_run(args) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: cannot read {args.input}: {exc}", file=sys.stderr)
         return 2
-    result = run_batch_file(_runtime(args), spec)
+    runtime = _runtime(args)
+    result = run_batch_file(runtime, spec)
+    runtime.close()  # pending KV-store disk writes
     Path(args.output).write_text(json.dumps(result, indent=2, ensure_ascii=False))
     failed = sum("error" in r for r in result["responses"])
     print(f"wrote {len(result['responses'])} responses to {args.output}" + (f" ({failed} failed)" if failed else ""),

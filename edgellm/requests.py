@@ -10,6 +10,7 @@ import dataclasses
 import math
 from typing import Any
 
+from .engine.kv_store import KVReuseStats
 from .errors import InvalidRequestError
 from .tokenizer import ROLES
 
@@ -69,13 +70,17 @@ class LLMGenerationResponse:
     finish_reasons: list[str]       # "stop" (EOS id or stop string) or "length"
     prompt_lengths: list[int]
     timings: GenerationTimings
+    kv_reuse: KVReuseStats | None = None  # saved-prefix reuse (engine/kv_store.py), when the runtime has it on
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "output_texts": self.output_texts, "output_ids": self.output_ids,
             "finish_reasons": self.finish_reasons, "prompt_lengths": self.prompt_lengths,
             "timings": {**dataclasses.asdict(self.timings), "decode_tokens_per_s": self.timings.decode_tokens_per_s},
         }
+        if self.kv_reuse is not None:
+            out["kv_reuse"] = self.kv_reuse.as_dict()
+        return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,17 +8,21 @@ batch, and the rest go on.
 
 from __future__ import annotations
 
+import atexit
 import json
+import logging
 import random
 import time
+import weakref
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .kernels import ops
+from .engine.kv_store import KVReuseSettings, KVReuseStats, TieredKVStore, model_identity
 from .engine.runner import LLMEngineRunner
-from .errors import InvalidRequestError, LoraError, TokenizerError
+from .errors import ConfigurationError, InvalidRequestError, LoraError, TokenizerError
 from .models import resolve_model_dir
 from .requests import (GenerationItem, GenerationTimings, LLMGenerationRequest, LLMGenerationResponse,
                        SamplingSettings, sampling_settings, stop_strings, validate_request)
@@ -28,6 +32,8 @@ from .tokenizer import Tokenizer, TextStreamer
 TextCallback = Callable[[int, str], None]
 
 _SEED_STRIDE = 0x632BE5AB  # spreads the per-item seeds of one request apart
+
+log = logging.getLogger("edgellm")
 
 
 class _Row:
@@ -46,10 +52,17 @@ class LLMInferenceRuntime:
                  max_batch_size: int | None = None, max_input_length: int | None = None,
                  max_kv_cache_capacity: int | None = None, cuda_graphs: bool = True,
                  prefill_chunk_size: int | None = None, lora_weights: dict | None = None,
-                 max_lora_rank: int | None = None, max_loras: int | None = None):
+                 max_lora_rank: int | None = None, max_loras: int | None = None,
+                 kv_reuse: KVReuseSettings | None = None):
         """model_dir=None runs the embedded default model (SmolLM2-135M-Instruct). cuda_graphs,
         prefill_chunk_size, lora_weights ({name: adapter path}), max_lora_rank and max_loras are the
-        engine settings of LLMEngineRunner."""
+        engine settings of LLMEngineRunner. kv_reuse: save prompts' KV in blocks and reuse the longest
+        saved prefix of later prompts (engine/kv_store.py; tiers and budgets in KVReuseSettings);
+        None (the default) reuses nothing."""
+        if kv_reuse is not None:
+            if not isinstance(kv_reuse, KVReuseSettings):
+                raise ConfigurationError(f"kv_reuse must be a KVReuseSettings or None, got {type(kv_reuse).__name__}")
+            kv_reuse.check()  # before the model loads
         self.model_dir = resolve_model_dir(model_dir)
         self.runner = LLMEngineRunner(self.model_dir, device=device, dtype=dtype, max_batch_size=max_batch_size,
                                       max_input_length=max_input_length,
@@ -64,6 +77,21 @@ class LLMInferenceRuntime:
             self.tokenizer, self._tokenizer_error = None, exc
         self.generation_defaults = self._read_generation_config()
         self.eos_token_ids = self._eos_ids()
+        self.kv_store = TieredKVStore(self.runner.kv_cache, kv_reuse, model_identity(self.model_dir)) \
+            if kv_reuse is not None else None
+        self._kv_totals = KVReuseStats()
+        self._prefill_ms_per_token: float | None = None  # measured on prompts prefilled whole (saving estimates)
+        if self.kv_store is not None:  # pending disk writes finish before the process exits
+            atexit.register(_flush_store, weakref.ref(self.kv_store))
+
+    def close(self) -> None:
+        """Finish pending work that outlives a request (the KV store's disk writes). The runtime stays usable."""
+        if self.kv_store is not None:
+            self.kv_store.flush()
+
+    def kv_reuse_stats(self) -> KVReuseStats:
+        """KV reuse over this runtime's life (a copy); each response carries its own."""
+        return KVReuseStats(**{f: getattr(self._kv_totals, f) for f in KVReuseStats.__dataclass_fields__})
 
     # ------------------------------------------------------------------ setup helpers
     def _read_generation_config(self) -> dict:
@@ -170,13 +198,18 @@ class LLMInferenceRuntime:
         prompts, sampling, stops, adapters = self._prepare(request)
         if on_text is not None:
             self._require_tokenizer()
+        reuse = KVReuseStats() if self.kv_store is not None else None
         with torch.inference_mode():
-            rows, timings = self._generate(prompts, adapters, sampling, stops, request.max_generate_length, on_text)
+            rows, timings = self._generate(prompts, adapters, sampling, stops, request.max_generate_length, on_text,
+                                           reuse)
         timings.total_ms = (time.perf_counter() - started) * 1e3
+        if reuse is not None:
+            self._kv_totals.add(reuse)
+            log.info("%s (this request); cumulative hit rate %.2f", reuse.log_line(), self._kv_totals.hit_rate)
         return LLMGenerationResponse(
             output_texts=[row.text for row in rows], output_ids=[row.ids for row in rows],
             finish_reasons=[row.finish_reason for row in rows], prompt_lengths=[row.prompt_len for row in rows],
-            timings=timings)
+            timings=timings, kv_reuse=reuse)
 
     def _sampling_tensors(self, sampling: SamplingSettings, batch: int):
         device = self.device
@@ -189,22 +222,31 @@ class LLMInferenceRuntime:
                 seeds)
 
     def _generate(self, prompts: list[list[int]], adapters: list[str], sampling: SamplingSettings,
-                  stops: list[str], max_new: int, on_text: TextCallback | None):
+                  stops: list[str], max_new: int, on_text: TextCallback | None, reuse: KVReuseStats | None):
         runner, device = self.runner, self.device
-        batch, width = len(prompts), max(len(p) for p in prompts)
+        batch = len(prompts)
         holdback = max((len(s) for s in stops), default=1) - 1
         rows = [_Row(len(p), TextStreamer(holdback) if on_text else None) for p in prompts]
         timings = GenerationTimings()
 
         t0 = time.perf_counter()
-        ids = torch.zeros(batch, width, dtype=torch.int64)
-        for i, p in enumerate(prompts):
-            ids[i, :len(p)] = torch.tensor(p)
+        fingerprints = [runner.lora_fingerprint(a) for a in adapters]
+        # Slot i serves item i. With KV reuse on, each slot first gets the longest saved prefix of its
+        # prompt, and only the rest is prefilled.
+        cached = [self.kv_store.restore(i, p, fingerprints[i], reuse) if reuse is not None else 0
+                  for i, p in enumerate(prompts)]
+        ids = torch.zeros(batch, max(len(p) - c for p, c in zip(prompts, cached)), dtype=torch.int64)
+        for i, (p, c) in enumerate(zip(prompts, cached)):
+            ids[i, :len(p) - c] = torch.tensor(p[c:])
         temperature, top_k, top_p, seeds = self._sampling_tensors(sampling, batch)
         offsets = torch.zeros(batch, dtype=torch.int64, device=device)
         slots = torch.arange(batch, dtype=torch.int32, device=device)
         logits = runner.prefill_step(runner.embed(ids.to(device)), [len(p) for p in prompts], slots=slots,
-                                     lora=adapters)
+                                     lora=adapters, cached_lengths=cached)
+        if reuse is not None:
+            self._account_prefill(reuse, sum(len(p) - c for p, c in zip(prompts, cached)), t0)
+            for i, p in enumerate(prompts):
+                self.kv_store.save(i, p, fingerprints[i], reuse)
         tokens = ops.sample(logits, temperature, top_k, top_p, seeds, offsets)
         active = list(range(batch))
         self._advance(rows, active, tokens.tolist(), stops, max_new, on_text)
@@ -234,6 +276,19 @@ class LLMInferenceRuntime:
                 row.text = self.tokenizer.decode(row.ids)
         return rows, timings
 
+    def _account_prefill(self, reuse: KVReuseStats, prefilled: int, started: float) -> None:
+        """Estimate the prefill time the reused tokens saved, at the rate measured on prompts that
+        reused nothing (an exponential average), and update that rate."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed_ms = (time.perf_counter() - started) * 1e3
+        if reuse.reused_tokens == 0 and prefilled > 0:
+            rate = elapsed_ms / prefilled
+            self._prefill_ms_per_token = rate if self._prefill_ms_per_token is None else \
+                0.5 * (self._prefill_ms_per_token + rate)
+        if self._prefill_ms_per_token is not None:
+            reuse.prefill_ms_saved += reuse.reused_tokens * self._prefill_ms_per_token
+
     def _advance(self, rows: list[_Row], active: list[int], new_tokens: list[int], stops: list[str],
                  max_new: int, on_text: TextCallback | None) -> None:
         """Record one new token per active row and decide which rows are finished."""
@@ -254,3 +309,9 @@ class LLMInferenceRuntime:
                     delta = row.streamer.delta(row.text, final=row.finish_reason is not None)
                     if delta:
                         on_text(i, delta)
+
+
+def _flush_store(store_ref) -> None:
+    store = store_ref()
+    if store is not None:
+        store.flush()

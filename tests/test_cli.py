@@ -63,3 +63,18 @@ def test_run_with_lora_adapters(llama_dir, lora_adapters, tmp_path):
     assert got == expected
     assert main(["run", "-i", str(tmp_path / "in.json"), "-o", str(tmp_path / "x.json"), "-m", str(llama_dir),
                  "--lora", "nopath"]) == 2
+
+
+def test_run_reuses_kv_saved_on_disk_by_an_earlier_run(llama_dir, tmp_path):
+    """--kv-disk-dir: a second `edgellm run` finds the first one's saved prefix and answers the same."""
+    spec = {"max_generate_length": 3, "temperature": 0, "requests": [{"input_ids": [1, 9, 8, 7, 6, 5, 4, 3, 2, 11]}]}
+    (tmp_path / "in.json").write_text(json.dumps(spec))
+    args = ["-m", str(llama_dir), "--device", "cpu", "--kv-disk-dir", str(tmp_path / "kv"), "--kv-gpu-mb", "0",
+            "--kv-block-tokens", "4"]
+    outputs = []
+    for name in ("first.json", "second.json"):
+        assert main(["run", "-i", str(tmp_path / "in.json"), "-o", str(tmp_path / name), *args]) == 0
+        outputs.append(json.loads((tmp_path / name).read_text()))
+    assert outputs[0]["batches"][0]["kv_reuse"]["stored_blocks"] == 2
+    assert outputs[1]["batches"][0]["kv_reuse"]["hits_disk"] == 2
+    assert outputs[0]["responses"][0]["output_ids"] == outputs[1]["responses"][0]["output_ids"]

@@ -18,6 +18,7 @@ does not target stay zero.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -51,6 +52,15 @@ class LoraAdapter:
     rank: int
     scaling: float
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+    def fingerprint(self) -> str:
+        """A digest of the adapter's content (scaling and every A and B)."""
+        digest = hashlib.sha256(f"{self.rank}:{self.scaling!r}".encode())
+        for (layer, module), pair in sorted(self.weights.items()):
+            digest.update(f"{layer}.{module}".encode())
+            for tensor in pair:
+                digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:32]
 
 
 def _peft_config(directory: Path) -> tuple[int, float, bool]:
@@ -161,6 +171,7 @@ class LoraStacks:
             self.layers.append(layer)
         self.scale = torch.zeros(max_loras, dtype=torch.float32, device=device)
         self.slots: dict[str, int] = {}
+        self.fingerprints: dict[str, str] = {}  # name -> LoraAdapter.fingerprint() (KV reuse keys)
 
     def add(self, name: str, adapter: LoraAdapter) -> int:
         if adapter.rank > self.max_rank:
@@ -173,6 +184,7 @@ class LoraStacks:
         slot = free[0]
         self._write(slot, adapter)
         self.slots[name] = slot
+        self.fingerprints[name] = adapter.fingerprint()
         return slot
 
     def _write(self, slot: int, adapter: LoraAdapter) -> None:
@@ -195,4 +207,5 @@ class LoraStacks:
 
     def remove(self, name: str) -> None:
         slot = self.slots.pop(name)
+        self.fingerprints.pop(name, None)
         self.scale[slot] = 0.0

@@ -189,6 +189,15 @@ class LLMEngineRunner:
             raise LoraError(f"unknown LoRA adapter {name!r} (available: {available}; '' is the base model)")
         return self.lora.slots[name]
 
+    def lora_fingerprint(self, name: str | None) -> str:
+        """What names adapter `name`'s weights ("" for the base model): its name and a digest of its
+        content, so a saved KV prefix is never reused under another adapter of the same name."""
+        slot = self.lora_slot(name)
+        if slot < 0:
+            return ""
+        name = self._active_lora if name is None else name
+        return f"{name}:{self.lora.fingerprints[name]}"
+
     def _lora_rows(self, lora, batch: int) -> list[int]:
         """Per-row adapter slots from `lora`: None (the active adapter for every row) or one name per row."""
         if lora is None or isinstance(lora, str):
@@ -225,38 +234,50 @@ class LLMEngineRunner:
                                           f"[0, {self.config.max_supported_batch_size})")
         return slots.to(self.device)
 
-    def prefill_step(self, inputs_embeds: torch.Tensor, context_lengths, slots=None, lora=None) -> torch.Tensor:
-        """Start new sequences: clears the given slots (default 0..B-1), fills their KV cache with
-        the prompt and returns the last prompt token's logits, [B, vocab] float32.
+    def prefill_step(self, inputs_embeds: torch.Tensor, context_lengths, slots=None, lora=None,
+                     cached_lengths=None) -> torch.Tensor:
+        """Start new sequences: fills the given slots' (default 0..B-1) KV cache with the prompt and
+        returns the last prompt token's logits, [B, vocab] float32.
 
         inputs_embeds: [B, S, hidden], right-padded; context_lengths: [B] (list or tensor);
         lora: one adapter name per row ("" = none), or None for the active adapter on every row.
+        cached_lengths: [B] positions of each slot that already hold the prompt's first tokens (a
+        reused prefix, e.g. copied in by the KV store; default 0). inputs_embeds then holds only the
+        rest of each prompt, context_lengths - cached_lengths tokens, which is prefilled after them.
         """
         cfg = self.config
         batch, seq, hidden = inputs_embeds.shape
         lengths_host = torch.as_tensor(context_lengths, dtype=torch.int64).cpu()
+        cached_host = torch.zeros(batch, dtype=torch.int64) if cached_lengths is None else \
+            torch.as_tensor(cached_lengths, dtype=torch.int64).cpu()
         if batch > cfg.max_supported_batch_size:
             raise InvalidRequestError(f"batch of {batch} exceeds max_batch_size {cfg.max_supported_batch_size}")
-        if hidden != cfg.hidden_size or lengths_host.shape != (batch,):
-            raise InvalidRequestError(f"inputs_embeds must be [B, S, {cfg.hidden_size}] with B context lengths")
-        if lengths_host.min() < 1 or lengths_host.max() > min(seq, cfg.max_supported_input_length):
-            raise InvalidRequestError(f"context lengths must be in [1, {min(seq, cfg.max_supported_input_length)}]")
+        if hidden != cfg.hidden_size or lengths_host.shape != (batch,) or cached_host.shape != (batch,):
+            raise InvalidRequestError(f"inputs_embeds must be [B, S, {cfg.hidden_size}] with B context lengths"
+                                      " (and B cached lengths)")
+        if lengths_host.min() < 1 or lengths_host.max() > cfg.max_supported_input_length:
+            raise InvalidRequestError(f"context lengths must be in [1, {cfg.max_supported_input_length}]")
+        new_host = lengths_host - cached_host  # tokens each row prefills now
+        if cached_host.min() < 0 or new_host.min() < 1 or new_host.max() > seq:
+            raise InvalidRequestError(f"cached lengths must leave each row 1 to {seq} (inputs_embeds' length) "
+                                      "tokens to prefill")
         slot_ids = self._slots(slots, batch)
         lora_rows = self._lora_rows(lora, batch)
         lora_index, lora_used = self._lora_tensors(lora_rows)
         uses_lora = any_adapter(lora_rows)
         embeds = inputs_embeds.to(self.dtype)
+        cached = cached_host.to(device=self.device, dtype=torch.int32)
         chunk = self.prefill_chunk_size
         logits = None
-        for begin in range(0, int(lengths_host.max()), chunk):
-            # Row b contributes tokens [begin, begin + chunk) of its prompt (none once it has ended);
-            # its logits come from the chunk that holds its last token.
-            q_host = (lengths_host - begin).clamp(0, chunk)
-            starts = torch.full((batch,), begin, dtype=torch.int32, device=self.device)
+        for begin in range(0, int(new_host.max()), chunk):
+            # Row b contributes its new tokens [begin, begin + chunk) (none once it has ended), placed
+            # after its cached prefix; its logits come from the chunk that holds its last token.
+            q_host = (new_host - begin).clamp(0, chunk)
+            starts = cached + begin
             q_lens = q_host.to(device=self.device, dtype=torch.int32)
             part = self._prefill_chunk(embeds[:, begin:begin + chunk], slot_ids, starts, q_lens, lora_index, lora_used,
                                        uses_lora)
-            ends_here = ((lengths_host > begin) & (lengths_host <= begin + chunk)).to(self.device)
+            ends_here = ((new_host > begin) & (new_host <= begin + chunk)).to(self.device)
             logits = part if logits is None else torch.where(ends_here[:, None], part, logits)
         self.kv_cache.lengths[slot_ids.long()] = lengths_host.to(device=self.device, dtype=torch.int32)
         return logits

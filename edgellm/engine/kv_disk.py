@@ -1,0 +1,149 @@
+"""The disk tier of the KV store (kv_store.py): one file per saved block, shared by processes and runs.
+
+A file is `<key hex>.kvb`: the magic line, a JSON header, then the block's bytes. The header names
+the format version, the model identity, the dtype, the layout (the block tensor's shape), the token
+count, the key and a CRC-32 of the payload. A file whose header or checksum does not match what
+this engine expects (truncated, corrupted, written for another model or dtype) is never loaded: it
+counts as a miss and is deleted, so the block is written afresh.
+
+Writes go to a temporary file in the same directory, then `os.replace` onto the final name: a
+reader sees the old file or the new one, never part of one, whatever other processes do at the
+same time. Writing happens on a background thread (`flush()` waits for it). Any OSError (directory
+unwritable, disk full) turns the tier off with one warning; the requests go on without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import uuid
+import warnings
+import zlib
+from pathlib import Path
+
+import torch
+
+MAGIC = b"EDGELLM-KV\n"
+FORMAT_VERSION = 1
+_MAX_HEADER = 1 << 16
+
+
+def block_bytes(block: torch.Tensor) -> bytes:
+    """The raw bytes of a CPU block (any dtype, bfloat16 included)."""
+    return block.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+class DiskTier:
+    def __init__(self, directory: str | Path, identity: dict):
+        """identity: model, dtype and layout (the block shape), as every file must carry them."""
+        self.directory = Path(directory)
+        self.identity = dict(identity)
+        self.dtype = getattr(torch, identity["dtype"].removeprefix("torch."))
+        self.enabled = True
+        self.rejected = 0  # files found and refused (bad header, checksum, identity)
+        self._queue: queue.Queue = queue.Queue()
+        self._writer: threading.Thread | None = None
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.directory, os.W_OK):
+                raise PermissionError(f"{self.directory} is not writable")
+        except OSError as exc:
+            self._disable(exc)
+
+    def _disable(self, exc: BaseException) -> None:
+        if self.enabled:
+            warnings.warn(f"edgellm KV store: disk tier {self.directory} turned off ({exc})", RuntimeWarning,
+                          stacklevel=3)
+        self.enabled = False
+
+    def path(self, key: bytes) -> Path:
+        return self.directory / f"{key.hex()}.kvb"
+
+    def has(self, key: bytes) -> bool:
+        return self.enabled and self.path(key).is_file()
+
+    def read(self, key: bytes) -> torch.Tensor | None:
+        """The block saved under `key` as a CPU tensor, or None (absent or refused)."""
+        if not self.enabled:
+            return None
+        path = self.path(key)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        block = self._decode(data, key)
+        if block is None:
+            self.rejected += 1
+            try:
+                path.unlink()
+            except OSError:
+                pass
+        return block
+
+    def _decode(self, data: bytes, key: bytes) -> torch.Tensor | None:
+        if not data.startswith(MAGIC):
+            return None
+        end = data.find(b"\n", len(MAGIC), len(MAGIC) + _MAX_HEADER)
+        if end < 0:
+            return None
+        try:
+            header = json.loads(data[len(MAGIC):end])
+        except ValueError:
+            return None
+        expected = {**self.identity, "format_version": FORMAT_VERSION, "key": key.hex()}
+        if not isinstance(header, dict) or any(header.get(k) != v for k, v in expected.items()):
+            return None
+        payload = memoryview(data)[end + 1:]
+        shape = self.identity["layout"]
+        nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=self.dtype).element_size()
+        if len(payload) != nbytes or header.get("checksum") != zlib.crc32(payload):
+            return None
+        return torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(self.dtype).reshape(shape)
+
+    def write(self, key: bytes, block: torch.Tensor, ready=None) -> None:
+        """Saves a CPU block under `key` in the background. ready: an event (e.g. torch.cuda.Event)
+        to wait on before reading the block, when it is still being copied in."""
+        if not self.enabled:
+            return
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, name="edgellm-kv-disk", daemon=True)
+            self._writer.start()
+        self._queue.put((key, block, ready))
+
+    def _write_loop(self) -> None:
+        while True:
+            key, block, ready = self._queue.get()
+            try:
+                if self.enabled:
+                    if ready is not None:
+                        ready.synchronize()
+                    self._write_now(key, block)
+            except OSError as exc:
+                self._disable(exc)
+            finally:
+                self._queue.task_done()
+
+    def _write_now(self, key: bytes, block: torch.Tensor) -> None:
+        payload = block_bytes(block)
+        header = {**self.identity, "format_version": FORMAT_VERSION, "key": key.hex(),
+                  "tokens": self.identity["layout"][3], "checksum": zlib.crc32(payload)}
+        final = self.path(key)
+        temporary = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(temporary, "wb") as f:
+                f.write(MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n")
+                f.write(payload)
+            os.replace(temporary, final)
+        except OSError:
+            try:
+                temporary.unlink()
+            except OSError:
+                pass
+            raise
+
+    def flush(self) -> None:
+        """Wait until every queued block is on disk (or the tier has turned itself off)."""
+        if self._writer is not None:
+            self._queue.join()

@@ -1,0 +1,305 @@
+"""Saved KV prefixes in three tiers: device memory, pinned host RAM, a disk directory.
+
+A prompt's KV is saved in fixed blocks of `block_tokens` tokens. Block i's key hashes block i-1's
+key with the block's token ids; block 0 starts from a root that hashes the model identity, the
+dtype, the LoRA adapter (name and content) and the block size. So equal keys mean an equal
+prefix, and the longest saved prefix of any prompt (a system prompt, earlier turns of a chat) is
+found by walking its keys until the first miss.
+
+Tiers (each optional, `KVReuseSettings`): "gpu" (the engine's device; byte budget), "host" (pinned
+RAM; byte budget) and "disk" (kv_disk.py; persistent, shared across processes). Within a memory
+tier eviction is least-recently-used, and an evicted block moves down to the next enabled tier
+instead of being dropped. A hit in a lower tier promotes the block to the top enabled one. New
+blocks go to the top memory tier and are written through to disk, so another process finds them.
+Device <-> host copies run on a side CUDA stream.
+
+The runner's linear KV cache layout never changes: `restore` copies the saved blocks into a
+slot's first positions and the caller prefills only the rest (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from array import array
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigurationError
+from .kv_cache import LinearKVCache
+from .kv_disk import DiskTier
+
+DEFAULT_BLOCK_TOKENS = 64
+TIERS = ("gpu", "host", "disk")
+
+
+@dataclasses.dataclass(frozen=True)
+class KVReuseSettings:
+    """Which tiers of saved KV prefixes a runtime keeps. A budget of 0 (or no directory) turns
+    that tier off. gpu_bytes: device memory for saved blocks (beside the KV cache); host_bytes:
+    pinned host RAM; disk_dir: a directory kept across processes and runs; block_tokens: tokens
+    per saved block (a prefix is reused in whole blocks)."""
+
+    gpu_bytes: int = 256 << 20
+    host_bytes: int = 0
+    disk_dir: str | Path | None = None
+    block_tokens: int = DEFAULT_BLOCK_TOKENS
+
+    def check(self) -> None:
+        for name in ("gpu_bytes", "host_bytes", "block_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigurationError(f"KVReuseSettings.{name} must be a non-negative integer, got {value!r}")
+        if self.block_tokens < 1:
+            raise ConfigurationError("KVReuseSettings.block_tokens must be at least 1")
+        if not (self.gpu_bytes or self.host_bytes or self.disk_dir):
+            raise ConfigurationError("KVReuseSettings enables no tier: give gpu_bytes, host_bytes or disk_dir")
+
+
+@dataclasses.dataclass
+class KVReuseStats:
+    """KV reuse of one response, or cumulated over a runtime's life (blocks, except where said)."""
+
+    lookups: int = 0            # prompts looked up
+    blocks_looked_up: int = 0   # whole blocks those prompts could have reused
+    hits_gpu: int = 0
+    hits_host: int = 0
+    hits_disk: int = 0
+    reused_tokens: int = 0      # prompt tokens not prefilled
+    stored_blocks: int = 0      # new blocks saved
+    prefill_ms_saved: float = 0.0  # estimate: reused tokens x this runtime's measured prefill time per token
+
+    @property
+    def reused_blocks(self) -> int:
+        return self.hits_gpu + self.hits_host + self.hits_disk
+
+    @property
+    def hit_rate(self) -> float:
+        return self.reused_blocks / self.blocks_looked_up if self.blocks_looked_up else 0.0
+
+    def add(self, other: "KVReuseStats") -> None:
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "reused_blocks": self.reused_blocks, "hit_rate": self.hit_rate}
+
+    def log_line(self) -> str:
+        return (f"KV reuse: reused blocks {self.reused_blocks} of {self.blocks_looked_up} (gpu {self.hits_gpu}, "
+                f"host {self.hits_host}, disk {self.hits_disk}), cache hit rate {self.hit_rate:.2f}, reused tokens "
+                f"{self.reused_tokens}, new blocks {self.stored_blocks}, prefill saved ~{self.prefill_ms_saved:.1f} ms")
+
+
+class _MemoryTier:
+    """Blocks in LRU order under a byte budget."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.blocks: OrderedDict[bytes, tuple[torch.Tensor, object]] = OrderedDict()  # key -> (block, ready event)
+        self.used = 0
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self.blocks
+
+    def take(self, key: bytes):
+        """Removes and returns (block, ready) or None."""
+        entry = self.blocks.pop(key, None)
+        if entry is not None:
+            self.used -= entry[0].nbytes
+        return entry
+
+    def get(self, key: bytes):
+        entry = self.blocks.get(key)
+        if entry is not None:
+            self.blocks.move_to_end(key)
+        return entry
+
+    def put(self, key: bytes, block: torch.Tensor, ready=None) -> list[tuple[bytes, torch.Tensor, object]]:
+        """Adds a block (most recently used); returns the blocks evicted to make room (a block larger
+        than the whole budget is itself returned, not kept)."""
+        if block.nbytes > self.budget:
+            return [(key, block, ready)]
+        self.blocks[key] = (block, ready)
+        self.used += block.nbytes
+        evicted = []
+        while self.used > self.budget:
+            old_key, (old, old_ready) = self.blocks.popitem(last=False)
+            self.used -= old.nbytes
+            evicted.append((old_key, old, old_ready))
+        return evicted
+
+
+def model_identity(model_dir: Path) -> str:
+    """A digest that names a model's weights across processes: config.json, and each safetensors
+    file's size and first and last MiB (reading whole multi-GB files would cost seconds)."""
+    digest = hashlib.sha256()
+    config = model_dir / "config.json"
+    digest.update(config.read_bytes() if config.is_file() else b"")
+    for file in sorted(model_dir.glob("*.safetensors")):
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as f:
+            digest.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(size - (1 << 20))
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+class TieredKVStore:
+    def __init__(self, cache: LinearKVCache, settings: KVReuseSettings, identity: str):
+        settings.check()
+        self.cache = cache
+        self.settings = settings
+        self.block_tokens = settings.block_tokens
+        layers, _, _, kv_heads, _, head_dim = cache.data.shape
+        self.layout = [layers, 2, kv_heads, self.block_tokens, head_dim]
+        self.device = cache.data.device
+        self.identity = identity
+        self.gpu = _MemoryTier(settings.gpu_bytes) if settings.gpu_bytes else None
+        self.host = _MemoryTier(settings.host_bytes) if settings.host_bytes else None
+        self.disk = DiskTier(settings.disk_dir, {"model": identity, "dtype": str(cache.data.dtype),
+                                                 "layout": self.layout}) if settings.disk_dir else None
+        self._cuda = self.device.type == "cuda"
+        self._side = torch.cuda.Stream(self.device) if self._cuda else None
+
+    # ---- keys
+    def root(self, adapter: str) -> bytes:
+        """Block 0's parent key for this engine and LoRA adapter fingerprint ("" = the base model)."""
+        text = json.dumps({"model": self.identity, "dtype": str(self.cache.data.dtype), "adapter": adapter,
+                           "block_tokens": self.block_tokens, "layout": self.layout}, sort_keys=True)
+        return hashlib.sha256(text.encode()).digest()
+
+    def keys(self, tokens: list[int], adapter: str) -> list[bytes]:
+        """The keys of the whole blocks of `tokens`: a hash chain, so key i names tokens[:(i+1)*T]."""
+        keys, key, size = [], self.root(adapter), self.block_tokens
+        for start in range(0, len(tokens) - size + 1, size):
+            key = hashlib.sha256(key + array("q", tokens[start:start + size]).tobytes()).digest()[:20]
+            keys.append(key)
+        return keys
+
+    # ---- moving blocks
+    def _slot_view(self, slot: int, block_index: int) -> torch.Tensor:
+        start = block_index * self.block_tokens
+        return self.cache.data[:, :, slot, :, start:start + self.block_tokens, :]
+
+    def _to_host(self, block: torch.Tensor):
+        """(host copy, ready event) of a device block nothing else writes: on the side stream, after
+        the work queued so far."""
+        if not self._cuda:
+            return block.clone(), None
+        host = torch.empty(block.shape, dtype=block.dtype, pin_memory=True)
+        self._side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._side):
+            host.copy_(block, non_blocking=True)
+            block.record_stream(self._side)
+            ready = torch.cuda.Event()
+            ready.record(self._side)
+        return host, ready
+
+    def _to_device(self, block: torch.Tensor, ready) -> torch.Tensor:
+        if not self._cuda:
+            return block.clone()
+        with torch.cuda.stream(self._side):
+            if ready is not None:
+                self._side.wait_event(ready)
+            out = block.to(self.device, non_blocking=True)
+        torch.cuda.current_stream(self.device).wait_stream(self._side)
+        out.record_stream(torch.cuda.current_stream(self.device))
+        return out
+
+    def _put_gpu(self, key: bytes, block: torch.Tensor) -> None:
+        for old_key, old, _ in self.gpu.put(key, block):
+            self._demote_from_gpu(old_key, old)
+
+    def _demote_from_gpu(self, key: bytes, block: torch.Tensor) -> None:
+        if self.host is not None:
+            self._put_host(key, *self._to_host(block))
+        elif self.disk is not None and not self.disk.has(key):
+            self.disk.write(key, *self._to_host(block))
+
+    def _put_host(self, key: bytes, block: torch.Tensor, ready) -> None:
+        for old_key, old, old_ready in self.host.put(key, block, ready):
+            if self.disk is not None and not self.disk.has(old_key):
+                self.disk.write(old_key, old, old_ready)
+
+    def _fetch(self, key: bytes):
+        """(device block, tier name) for a saved block, promoted to the top memory tier; None if absent."""
+        if self.gpu is not None:
+            entry = self.gpu.get(key)
+            if entry is not None:
+                return entry[0], "gpu"
+        if self.host is not None and key in self.host:
+            host, ready = self.host.take(key) if self.gpu is not None else self.host.get(key)
+            block = self._to_device(host, ready)
+            if self.gpu is not None:
+                self._put_gpu(key, block)
+            return block, "host"
+        if self.disk is not None:
+            host = self.disk.read(key)
+            if host is not None:
+                if self._cuda:
+                    host = host.pin_memory()
+                block = self._to_device(host, None)
+                if self.gpu is not None:
+                    self._put_gpu(key, block)
+                elif self.host is not None:
+                    self._put_host(key, host, None)
+                return block, "disk"
+        return None
+
+    def _saved(self, key: bytes) -> bool:
+        return (self.gpu is not None and key in self.gpu) or (self.host is not None and key in self.host) \
+            or (self.disk is not None and self.disk.has(key))
+
+    # ---- what the runtime calls
+    def restore(self, slot: int, tokens: list[int], adapter: str, stats: KVReuseStats) -> int:
+        """Copies the longest saved prefix of `tokens` into cache slot `slot` (whole blocks, leaving at
+        least one token to prefill, whose logits the caller needs); returns its length in tokens."""
+        usable = (len(tokens) - 1) // self.block_tokens
+        stats.lookups += 1
+        stats.blocks_looked_up += usable
+        reused = 0
+        for index, key in enumerate(self.keys(tokens[:usable * self.block_tokens], adapter)):
+            found = self._fetch(key)
+            if found is None:
+                break
+            block, tier = found
+            self._slot_view(slot, index).copy_(block)
+            setattr(stats, f"hits_{tier}", getattr(stats, f"hits_{tier}") + 1)
+            reused += 1
+        stats.reused_tokens += reused * self.block_tokens
+        return reused * self.block_tokens
+
+    def save(self, slot: int, tokens: list[int], adapter: str, stats: KVReuseStats) -> None:
+        """Saves the whole blocks of `tokens` (whose KV cache slot `slot` holds) that are not saved yet."""
+        for index, key in enumerate(self.keys(tokens, adapter)):
+            if self._saved(key):
+                if self.gpu is not None:
+                    self.gpu.get(key)  # recently used
+                continue
+            # A copy of the slot's block first (on the compute stream): the slot may be overwritten by
+            # the next request while the side stream still copies to the host.
+            block = self._slot_view(slot, index).clone()
+            stats.stored_blocks += 1
+            if self.gpu is not None:
+                self._put_gpu(key, block)
+                if self.disk is not None:
+                    self.disk.write(key, *self._to_host(block))
+            else:
+                host, ready = self._to_host(block)
+                if self.host is not None:
+                    self._put_host(key, host, ready)
+                if self.disk is not None:
+                    self.disk.write(key, host, ready)
+
+    def flush(self) -> None:
+        """Wait for pending disk writes (at exit, or before another process needs the files)."""
+        if self.disk is not None:
+            self.disk.flush()
+
+    def blocks_held(self) -> dict:
+        return {"gpu": len(self.gpu.blocks) if self.gpu else 0, "host": len(self.host.blocks) if self.host else 0}
