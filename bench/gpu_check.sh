@@ -2,14 +2,14 @@
 # The device script: GPU tests (kernels vs their references on CUDA, end-to-end generation vs
 # transformers, CUDA-graph decode vs eager, no reference op in the hot path), then the kernel and
 # decode benchmarks; short tables last.
-# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|kernels|decode|lora ...]
-# (no argument: all four). Results go to $OUT (the device tool's folder) or bench/results.
+# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|kernels|decode|lora|kv ...]
+# (no argument: all five). Results go to $OUT (the device tool's folder) or bench/results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-bench/results}"
 mkdir -p "$out"
-parts="${*:-tests kernels decode lora}"
+parts="${*:-tests kernels decode lora kv}"
 status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
@@ -27,5 +27,8 @@ if [[ " $parts " == *" decode "* ]]; then
 fi
 if [[ " $parts " == *" lora "* ]]; then
   python3 bench/lora.py --json "$out/lora.json" 2> "$out/lora.stderr" || { status=1; tail -30 "$out/lora.stderr"; }
+fi
+if [[ " $parts " == *" kv "* ]]; then
+  python3 bench/kv_reuse.py --json "$out/kv_reuse.json" 2> "$out/kv_reuse.stderr" || { status=1; tail -30 "$out/kv_reuse.stderr"; }
 fi
 exit $status

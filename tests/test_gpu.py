@@ -152,3 +152,34 @@ def test_lora_mixed_batch_on_gpu_matches_the_cpu_reference(tiny_models, tmp_path
             assert runtime.handle_request(base_only).output_ids == base
     # Batches with adapters and without run on separate graphs (3 rows padded to 4, then fewer as rows end).
     assert {k[1] for k in runtimes[True].runner.graphs.graphs if k[-1] == "decode"} == {"lora", ""}
+
+
+def test_kv_reuse_through_every_tier_on_gpu(tiny_models, tmp_path):
+    """The KV store on CUDA (side-stream host copies, pinned memory, disk): prompts A, B, A, B with a
+    device tier of one prompt, a host tier and a disk directory; then a fresh runtime on the same
+    directory. Every answer equals the no-reuse run's."""
+    from edgellm import KVReuseSettings
+
+    model_dir, _ = tiny_models["llama"]
+    a = [1] + [(5 * i) % 80 + 7 for i in range(32)]
+    b = [1] + [(3 * i) % 70 + 9 for i in range(32)]
+    plain = LLMInferenceRuntime(model_dir, device="cuda", dtype="float32")
+
+    def run(runtime, prompt):
+        return runtime.handle_request(LLMGenerationRequest(requests=[{"input_ids": prompt}], max_generate_length=8,
+                                                           temperature=0))
+
+    expected = {tuple(p): run(plain, p).output_ids for p in (a, b)}
+    cache = plain.runner.kv_cache.data
+    block = cache[:, :, 0, :, :8].numel() * cache.element_size()
+    settings = KVReuseSettings(gpu_bytes=4 * block, host_bytes=16 * block, disk_dir=tmp_path, block_tokens=8)
+    runtime = LLMInferenceRuntime(model_dir, device="cuda", dtype="float32", kv_reuse=settings)
+    with forbid_reference_on_cuda():
+        responses = [run(runtime, p) for p in (a, b, a, b)]
+    runtime.close()
+    assert [r.kv_reuse.hits_host for r in responses] == [0, 0, 4, 4]
+    assert all(r.output_ids == expected[tuple(p)] for r, p in zip(responses, (a, b, a, b)))
+    fresh = LLMInferenceRuntime(model_dir, device="cuda", dtype="float32",
+                                kv_reuse=KVReuseSettings(gpu_bytes=4 * block, disk_dir=tmp_path, block_tokens=8))
+    again = run(fresh, a)
+    assert again.kv_reuse.hits_disk == 4 and again.output_ids == expected[tuple(a)]
