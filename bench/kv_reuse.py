@@ -103,13 +103,16 @@ def main() -> int:
                 reused_kv_mb=kv_mb)
     print(f"\n{meta['device']}  torch {meta['torch']}  {args.shape}  system prompt {args.system_tokens} + question "
           f"{args.question_tokens} tokens  commit {meta['commit']}")
-    print(f"{'case':<22s} {'TTFT ms':>9s} {'x cold':>7s} {'reused tok':>10s} {'hits g/h/d':>11s} {'same 1st':>9s}")
+    print(f"{'case':<22s} {'TTFT ms':>9s} {'x cold':>7s} {'restore ms':>10s} {'reused tok':>10s} {'hits g/h/d':>11s} "
+          f"{'same 1st':>9s}")
     for label, row in rows.items():
         hits = row["hits"]
         reused = hits["reused_tokens"] if hits else 0
         tiers = f"{hits['hits_gpu']}/{hits['hits_host']}/{hits['hits_disk']}" if hits else "-"
         same = f"{row['same_first_token']}/{args.iterations}" if row["same_first_token"] is not None else "-"
-        print(f"{label:<22s} {row['ttft_ms']:9.2f} {cold / row['ttft_ms']:6.1f}x {reused:10d} {tiers:>11s} {same:>9s}")
+        restore = f"{hits['restore_ms']:10.2f}" if hits else f"{'-':>10s}"
+        print(f"{label:<22s} {row['ttft_ms']:9.2f} {cold / row['ttft_ms']:6.1f}x {restore} {reused:10d} {tiers:>11s} "
+              f"{same:>9s}")
     print(f"(the reused prefix is {kv_mb:.0f} MB of KV; 'first request' times, which save the blocks, are in the JSON)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -235,6 +235,8 @@ class LLMInferenceRuntime:
         # prompt, and only the rest is prefilled.
         cached = [self.kv_store.restore(i, p, fingerprints[i], reuse) if reuse is not None else 0
                   for i, p in enumerate(prompts)]
+        if reuse is not None:
+            reuse.restore_ms += (time.perf_counter() - t0) * 1e3
         ids = torch.zeros(batch, max(len(p) - c for p, c in zip(prompts, cached)), dtype=torch.int64)
         for i, (p, c) in enumerate(zip(prompts, cached)):
             ids[i, :len(p) - c] = torch.tensor(p[c:])
@@ -245,8 +247,10 @@ class LLMInferenceRuntime:
                                      lora=adapters, cached_lengths=cached)
         if reuse is not None:
             self._account_prefill(reuse, sum(len(p) - c for p, c in zip(prompts, cached)), t0)
+            t_save = time.perf_counter()
             for i, p in enumerate(prompts):
                 self.kv_store.save(i, p, fingerprints[i], reuse)
+            reuse.save_ms += (time.perf_counter() - t_save) * 1e3
         tokens = ops.sample(logits, temperature, top_k, top_p, seeds, offsets)
         active = list(range(batch))
         self._advance(rows, active, tokens.tolist(), stops, max_new, on_text)

@@ -21,6 +21,7 @@ import threading
 import uuid
 import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -45,6 +46,7 @@ class DiskTier:
         self.rejected = 0  # files found and refused (bad header, checksum, identity)
         self._queue: queue.Queue = queue.Queue()
         self._writer: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             if not os.access(self.directory, os.W_OK):
@@ -70,7 +72,9 @@ class DiskTier:
             return None
         path = self.path(key)
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                data = bytearray(os.fstat(f.fileno()).st_size)
+                f.readinto(data)
         except OSError:
             return None
         block = self._decode(data, key)
@@ -81,6 +85,29 @@ class DiskTier:
             except OSError:
                 pass
         return block
+
+    def read_prefix(self, keys: list[bytes]) -> list[torch.Tensor]:
+        """The blocks of the longest run of `keys` saved here, from the first: the files that exist
+        are read and checked on a thread pool (reading and CRC-32 release the GIL), as one block
+        after another would leave the disk and the cores mostly idle."""
+        present = []
+        for key in keys:
+            if not self.has(key):
+                break
+            present.append(key)
+        if len(present) <= 1:
+            blocks = [self.read(k) for k in present]
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                                thread_name_prefix="edgellm-kv-read")
+            blocks = list(self._pool.map(self.read, present))
+        run = []
+        for block in blocks:
+            if block is None:
+                break
+            run.append(block)
+        return run
 
     def _decode(self, data: bytes, key: bytes) -> torch.Tensor | None:
         if not data.startswith(MAGIC):
@@ -95,12 +122,15 @@ class DiskTier:
         expected = {**self.identity, "format_version": FORMAT_VERSION, "key": key.hex()}
         if not isinstance(header, dict) or any(header.get(k) != v for k, v in expected.items()):
             return None
-        payload = memoryview(data)[end + 1:]
+        payload = memoryview(data)[end + 1:]  # (data: a bytearray, so the tensor below shares it)
         shape = self.identity["layout"]
         nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=self.dtype).element_size()
         if len(payload) != nbytes or header.get("checksum") != zlib.crc32(payload):
             return None
-        return torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(self.dtype).reshape(shape)
+        if not isinstance(data, bytearray):
+            data = bytearray(data)
+            payload = memoryview(data)[end + 1:]
+        return torch.frombuffer(payload, dtype=torch.uint8).view(self.dtype).reshape(shape)
 
     def write(self, key: bytes, block: torch.Tensor, ready=None) -> None:
         """Saves a CPU block under `key` in the background. ready: an event (e.g. torch.cuda.Event)

@@ -71,6 +71,8 @@ class KVReuseStats:
     reused_tokens: int = 0      # prompt tokens not prefilled
     stored_blocks: int = 0      # new blocks saved
     prefill_ms_saved: float = 0.0  # estimate: reused tokens x this runtime's measured prefill time per token
+    restore_ms: float = 0.0     # host time spent finding and copying in saved blocks
+    save_ms: float = 0.0        # host time spent saving new blocks (disk writes run in the background)
 
     @property
     def reused_blocks(self) -> int:
@@ -227,7 +229,7 @@ class TieredKVStore:
                 self.disk.write(old_key, old, old_ready)
 
     def _fetch(self, key: bytes):
-        """(device block, tier name) for a saved block, promoted to the top memory tier; None if absent."""
+        """(device block, tier name) for a block saved in a memory tier, promoted to the top one; None if absent."""
         if self.gpu is not None:
             entry = self.gpu.get(key)
             if entry is not None:
@@ -238,18 +240,18 @@ class TieredKVStore:
             if self.gpu is not None:
                 self._put_gpu(key, block)
             return block, "host"
-        if self.disk is not None:
-            host = self.disk.read(key)
-            if host is not None:
-                if self._cuda:
-                    host = host.pin_memory()
-                block = self._to_device(host, None)
-                if self.gpu is not None:
-                    self._put_gpu(key, block)
-                elif self.host is not None:
-                    self._put_host(key, host, None)
-                return block, "disk"
         return None
+
+    def _from_disk(self, key: bytes, host: torch.Tensor) -> torch.Tensor:
+        """A block read from disk, on the device and promoted to the top memory tier."""
+        if self._cuda:
+            host = host.pin_memory()
+        block = self._to_device(host, None)
+        if self.gpu is not None:
+            self._put_gpu(key, block)
+        elif self.host is not None:
+            self._put_host(key, host, None)
+        return block
 
     def _saved(self, key: bytes) -> bool:
         return (self.gpu is not None and key in self.gpu) or (self.host is not None and key in self.host) \
@@ -262,15 +264,21 @@ class TieredKVStore:
         usable = (len(tokens) - 1) // self.block_tokens
         stats.lookups += 1
         stats.blocks_looked_up += usable
+        keys = self.keys(tokens[:usable * self.block_tokens], adapter)
         reused = 0
-        for index, key in enumerate(self.keys(tokens[:usable * self.block_tokens], adapter)):
+        for key in keys:  # the memory tiers first
             found = self._fetch(key)
             if found is None:
                 break
             block, tier = found
-            self._slot_view(slot, index).copy_(block)
+            self._slot_view(slot, reused).copy_(block)
             setattr(stats, f"hits_{tier}", getattr(stats, f"hits_{tier}") + 1)
             reused += 1
+        if self.disk is not None and reused < len(keys):  # then the run of blocks that follows on disk
+            for key, host in zip(keys[reused:], self.disk.read_prefix(keys[reused:])):
+                self._slot_view(slot, reused).copy_(self._from_disk(key, host))
+                stats.hits_disk += 1
+                reused += 1
         stats.reused_tokens += reused * self.block_tokens
         return reused * self.block_tokens
 
