@@ -184,7 +184,8 @@ def test_two_writers_of_one_key_never_leave_a_torn_file(tmp_path):
     seen = []
     while any(w.is_alive() for w in workers):
         if reader.path(b"\x01" * 20).exists():
-            block = reader._decode(reader.path(b"\x01" * 20).read_bytes(), b"\x01" * 20)
+            data = torch.frombuffer(bytearray(reader.path(b"\x01" * 20).read_bytes()), dtype=torch.uint8)
+            block = reader._decode(data, b"\x01" * 20)
             assert block is not None  # every file a reader finds is whole
             seen.append(float(block.flatten()[0]))
     for w in workers:

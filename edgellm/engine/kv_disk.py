@@ -29,6 +29,7 @@ import torch
 MAGIC = b"EDGELLM-KV\n"
 FORMAT_VERSION = 1
 _MAX_HEADER = 1 << 16
+_ALIGN = 64  # the payload starts at a multiple of this (the header line is padded), so it can be viewed in place
 
 
 def block_bytes(block: torch.Tensor) -> bytes:
@@ -37,9 +38,11 @@ def block_bytes(block: torch.Tensor) -> bytes:
 
 
 class DiskTier:
-    def __init__(self, directory: str | Path, identity: dict):
-        """identity: model, dtype and layout (the block shape), as every file must carry them."""
+    def __init__(self, directory: str | Path, identity: dict, *, pinned: bool = False):
+        """identity: model, dtype and layout (the block shape), as every file must carry them.
+        pinned: read blocks into pinned memory (for fast copies to a GPU)."""
         self.directory = Path(directory)
+        self.pinned = pinned
         self.identity = dict(identity)
         self.dtype = getattr(torch, identity["dtype"].removeprefix("torch."))
         self.enabled = True
@@ -67,14 +70,16 @@ class DiskTier:
         return self.enabled and self.path(key).is_file()
 
     def read(self, key: bytes) -> torch.Tensor | None:
-        """The block saved under `key` as a CPU tensor, or None (absent or refused)."""
+        """The block saved under `key` as a CPU tensor (in pinned memory when `pinned` was asked for at
+        construction), or None (absent or refused)."""
         if not self.enabled:
             return None
         path = self.path(key)
         try:
             with open(path, "rb") as f:
-                data = bytearray(os.fstat(f.fileno()).st_size)
-                f.readinto(data)
+                # Read straight into the buffer the block will live in: no copy after the read.
+                data = torch.empty(os.fstat(f.fileno()).st_size, dtype=torch.uint8, pin_memory=self.pinned)
+                f.readinto(memoryview(data.numpy()))
         except OSError:
             return None
         block = self._decode(data, key)
@@ -109,28 +114,31 @@ class DiskTier:
             run.append(block)
         return run
 
-    def _decode(self, data: bytes, key: bytes) -> torch.Tensor | None:
-        if not data.startswith(MAGIC):
+    def _decode(self, data: torch.Tensor, key: bytes) -> torch.Tensor | None:
+        """The block in a file's bytes (a uint8 tensor), a view of them, or None if anything is off."""
+        raw = memoryview(data.numpy())
+        if bytes(raw[:len(MAGIC)]) != MAGIC:
             return None
-        end = data.find(b"\n", len(MAGIC), len(MAGIC) + _MAX_HEADER)
+        end = bytes(raw[len(MAGIC):len(MAGIC) + _MAX_HEADER]).find(b"\n")
         if end < 0:
             return None
+        end += len(MAGIC)
         try:
-            header = json.loads(data[len(MAGIC):end])
+            header = json.loads(bytes(raw[len(MAGIC):end]))
         except ValueError:
             return None
         expected = {**self.identity, "format_version": FORMAT_VERSION, "key": key.hex()}
         if not isinstance(header, dict) or any(header.get(k) != v for k, v in expected.items()):
             return None
-        payload = memoryview(data)[end + 1:]  # (data: a bytearray, so the tensor below shares it)
+        start = end + 1
         shape = self.identity["layout"]
         nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=self.dtype).element_size()
-        if len(payload) != nbytes or header.get("checksum") != zlib.crc32(payload):
+        if len(raw) - start != nbytes or header.get("checksum") != zlib.crc32(raw[start:]):
             return None
-        if not isinstance(data, bytearray):
-            data = bytearray(data)
-            payload = memoryview(data)[end + 1:]
-        return torch.frombuffer(payload, dtype=torch.uint8).view(self.dtype).reshape(shape)
+        payload = data[start:]
+        if start % _ALIGN:  # (files this version writes put the payload at an aligned offset)
+            payload = payload.clone()
+        return payload.view(self.dtype).reshape(shape)
 
     def write(self, key: bytes, block: torch.Tensor, ready=None) -> None:
         """Saves a CPU block under `key` in the background. ready: an event (e.g. torch.cuda.Event)
@@ -162,8 +170,10 @@ class DiskTier:
         final = self.path(key)
         temporary = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
         try:
+            head = MAGIC + json.dumps(header, sort_keys=True).encode()
+            head += b" " * (-(len(head) + 1) % _ALIGN) + b"\n"
             with open(temporary, "wb") as f:
-                f.write(MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n")
+                f.write(head)
                 f.write(payload)
             os.replace(temporary, final)
         except OSError:

@@ -164,7 +164,8 @@ class TieredKVStore:
         self.gpu = _MemoryTier(settings.gpu_bytes) if settings.gpu_bytes else None
         self.host = _MemoryTier(settings.host_bytes) if settings.host_bytes else None
         self.disk = DiskTier(settings.disk_dir, {"model": identity, "dtype": str(cache.data.dtype),
-                                                 "layout": self.layout}) if settings.disk_dir else None
+                                                 "layout": self.layout},
+                             pinned=self.device.type == "cuda") if settings.disk_dir else None
         self._cuda = self.device.type == "cuda"
         self._side = torch.cuda.Stream(self.device) if self._cuda else None
 
@@ -244,7 +245,7 @@ class TieredKVStore:
 
     def _from_disk(self, key: bytes, host: torch.Tensor) -> torch.Tensor:
         """A block read from disk, on the device and promoted to the top memory tier."""
-        if self._cuda:
+        if self._cuda and not host.is_pinned():
             host = host.pin_memory()
         block = self._to_device(host, None)
         if self.gpu is not None:
