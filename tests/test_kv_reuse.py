@@ -58,12 +58,15 @@ def cold(tiny_models):
     return _Cold(tiny_models["llama"][0])
 
 
-def test_same_system_prompt_reuses_its_kv(tiny_models, cold):
+def test_same_system_prompt_reuses_its_kv(tiny_models, cold, caplog):
     runtime = LLMInferenceRuntime(tiny_models["llama"][0], device="cpu",
                                   kv_reuse=KVReuseSettings(gpu_bytes=1 << 24, block_tokens=BLOCK))
     first = run(runtime, [SYSTEM + QUESTIONS[0]])
     assert first.kv_reuse.reused_blocks == 0 and first.kv_reuse.stored_blocks == 5
-    second = run(runtime, [SYSTEM + QUESTIONS[1]])
+    with caplog.at_level("INFO", logger="edgellm"):
+        second = run(runtime, [SYSTEM + QUESTIONS[1]])
+    assert any("reused blocks 5 of 5" in r.getMessage() and "cache hit rate 1.00" in r.getMessage()
+               for r in caplog.records)
     stats = second.kv_reuse
     assert stats.hits_gpu == 5 and stats.reused_tokens == 40 and stats.blocks_looked_up == 5
     assert stats.hit_rate == 1.0 and stats.prefill_ms_saved > 0
