@@ -38,11 +38,9 @@ def block_bytes(block: torch.Tensor) -> bytes:
 
 
 class DiskTier:
-    def __init__(self, directory: str | Path, identity: dict, *, pinned: bool = False):
-        """identity: model, dtype and layout (the block shape), as every file must carry them.
-        pinned: read blocks into pinned memory (for fast copies to a GPU)."""
+    def __init__(self, directory: str | Path, identity: dict):
+        """identity: model, dtype and layout (the block shape), as every file must carry them."""
         self.directory = Path(directory)
-        self.pinned = pinned
         self.identity = dict(identity)
         self.dtype = getattr(torch, identity["dtype"].removeprefix("torch."))
         self.enabled = True
@@ -70,15 +68,14 @@ class DiskTier:
         return self.enabled and self.path(key).is_file()
 
     def read(self, key: bytes) -> torch.Tensor | None:
-        """The block saved under `key` as a CPU tensor (in pinned memory when `pinned` was asked for at
-        construction), or None (absent or refused)."""
+        """The block saved under `key` as a CPU tensor, or None (absent or refused)."""
         if not self.enabled:
             return None
         path = self.path(key)
         try:
             with open(path, "rb") as f:
                 # Read straight into the buffer the block will live in: no copy after the read.
-                data = torch.empty(os.fstat(f.fileno()).st_size, dtype=torch.uint8, pin_memory=self.pinned)
+                data = torch.empty(os.fstat(f.fileno()).st_size, dtype=torch.uint8, )
                 f.readinto(memoryview(data.numpy()))
         except OSError:
             return None
