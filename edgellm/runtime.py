@@ -9,6 +9,7 @@ batch, and the rest go on.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import logging
 import random
@@ -91,7 +92,7 @@ class LLMInferenceRuntime:
 
     def kv_reuse_stats(self) -> KVReuseStats:
         """KV reuse over this runtime's life (a copy); each response carries its own."""
-        return KVReuseStats(**{f: getattr(self._kv_totals, f) for f in KVReuseStats.__dataclass_fields__})
+        return dataclasses.replace(self._kv_totals)
 
     # ------------------------------------------------------------------ setup helpers
     def _read_generation_config(self) -> dict:

@@ -310,6 +310,3 @@ class TieredKVStore:
         """Wait for pending disk writes (at exit, or before another process needs the files)."""
         if self.disk is not None:
             self.disk.flush()
-
-    def blocks_held(self) -> dict:
-        return {"gpu": len(self.gpu.blocks) if self.gpu else 0, "host": len(self.host.blocks) if self.host else 0}

@@ -14,7 +14,7 @@ so the launch needs no host synchronisation (CUDA-graph safe).
 import torch
 
 from ._triton import dot_precision, pdl_release, pdl_wait, pow2, tl, triton, use_pdl
-from .lora import chunk_args, fused_shrink_output, lora_shrink_ref, shrink_finish, shrink_tile
+from .lora import fused_shrink_args, lora_shrink_ref, shrink_finish, shrink_tile
 
 _LOG2E = 1.4426950408889634
 
@@ -199,12 +199,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         BLOCK_G=pow2(group, 16), BLOCK_N=64, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), PDL=pdl, num_warps=4,
         launch_pdl=pdl)
     out = torch.empty(batch, heads, head_dim, dtype=q.dtype, device=q.device)
-    if lora_a is None:
-        t, lora_args, constants = None, (out, out, out, 0, 0, 0, 0, 0), dict(BLOCK_R=1)
-    else:
-        a_stack, index, _ = lora_a
-        t = fused_shrink_output(a_stack, index, batch, heads * head_dim, heads, q.device)
-        lora_args, constants = chunk_args(a_stack, index, t, block_d)
+    t, lora_args, constants = fused_shrink_args(lora_a, batch, heads * head_dim, heads, block_d, out)
     _decode_merge_kernel[(batch, heads)](part_out, part_lse, out, out.stride(0), out.stride(1), heads, splits,
                                          head_dim, *lora_args, BLOCK_S=pow2(splits), BLOCK_D=block_d,
                                          HAS_LORA=lora_a is not None, **constants, PDL=pdl, launch_pdl=pdl)

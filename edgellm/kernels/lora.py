@@ -79,19 +79,20 @@ def chunk_rank_block(gr: int, chunk: int) -> int:
     return max(1, min(pow2(gr), 16384 // chunk))
 
 
-def chunk_args(a_stack: torch.Tensor, index: torch.Tensor, t: torch.Tensor, chunk: int):
-    """The arguments the fused-shrink kernels take after their own: a_stack, index, t, G*R and strides."""
-    return (a_stack, index, t, a_stack.shape[1], a_stack.stride(0), a_stack.stride(1), t.stride(0), t.stride(1)), \
-        dict(BLOCK_R=chunk_rank_block(a_stack.shape[1], chunk))
-
-
-def fused_shrink_output(a_stack: torch.Tensor, index: torch.Tensor, rows: int, k: int, splits: int,
-                        device) -> torch.Tensor:
-    """Checks a fused shrink's arguments and allocates its [splits, rows, G*R] float32 output."""
+def fused_shrink_args(lora_a, rows: int, k: int, splits: int, chunk: int, placeholder: torch.Tensor):
+    """For a kernel that fuses the next projection's shrink (shrink_tile / shrink_finish) over
+    `splits` chunks of `chunk` of its rows' k features: (t, the kernel's LoRA arguments, their
+    constexprs). t is the [splits, rows, G*R] float32 output, None without lora_a (the arguments
+    are then `placeholder` tensors and zeros, never read)."""
+    if lora_a is None:
+        return None, (placeholder,) * 3 + (0,) * 5, dict(BLOCK_R=1)
+    a_stack, index, _ = lora_a
     if a_stack.dim() != 3 or a_stack.shape[2] != k or a_stack.stride(-1) != 1 or index.shape != (rows,):
         raise ValueError(f"LoRA shrink: A stack {tuple(a_stack.shape)} and index {tuple(index.shape)} do not fit "
                          f"{rows} rows of {k} features")
-    return torch.empty(splits, rows, a_stack.shape[1], dtype=torch.float32, device=device)
+    t = torch.empty(splits, rows, a_stack.shape[1], dtype=torch.float32, device=placeholder.device)
+    return t, (a_stack, index, t, a_stack.shape[1], a_stack.stride(0), a_stack.stride(1), t.stride(0), t.stride(1)), \
+        dict(BLOCK_R=chunk_rank_block(a_stack.shape[1], chunk))
 
 
 @triton.jit

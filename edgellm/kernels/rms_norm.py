@@ -13,7 +13,7 @@ the outputs plus the shrink's [splits, rows, G*R] partials, which the projection
 import torch
 
 from ._triton import pdl_release, pdl_wait, pow2, tl, triton, use_pdl
-from .lora import chunk_args, fused_shrink_output, lora_shrink_ref, shrink_finish, shrink_tile
+from .lora import fused_shrink_args, lora_shrink_ref, shrink_finish, shrink_tile
 
 LORA_CHUNK = 256  # columns per program when the LoRA shrink is fused
 
@@ -71,18 +71,12 @@ def _launch(x, residual, weight, eps, num_warps=None, lora_a=None):
     block = pow2(n)
     pdl = use_pdl(x)  # few warps per row: H100 sweep at 4096 x 2048 gave 2 warps 79%, 8 warps 65% of bandwidth
     warps = num_warps or max(1 if lora_a is None else 4, min(8, block // 1024))  # 4 for the A tile
-    if lora_a is None:
-        splits, t, lora_args, constants = 1, None, (x, x, x, 0, 0, 0, 0, 0), dict(CHUNK=block, BLOCK_R=1)
-    else:
-        a_stack, index, _ = lora_a
-        chunk = min(LORA_CHUNK, block)
-        splits = triton.cdiv(n, chunk)
-        t = fused_shrink_output(a_stack, index, rows, n, splits, x.device)
-        lora_args, constants = chunk_args(a_stack, index, t, chunk)
-        constants["CHUNK"] = chunk
+    chunk = block if lora_a is None else min(LORA_CHUNK, block)  # one program per row without LoRA
+    splits = triton.cdiv(n, chunk)
+    t, lora_args, constants = fused_shrink_args(lora_a, rows, n, splits, chunk, x)
     _rms_norm_kernel[(rows, splits)](x, res, weight, out, res_out, n, eps, *lora_args,
                                      HAS_RESIDUAL=residual is not None, BLOCK=block, HAS_LORA=lora_a is not None,
-                                     **constants, PDL=pdl, num_warps=warps, launch_pdl=pdl)
+                                     CHUNK=chunk, **constants, PDL=pdl, num_warps=warps, launch_pdl=pdl)
     return out, res_out, t
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import pdl_release, pdl_wait, tl, triton, use_pdl
-from .lora import chunk_args, fused_shrink_output, lora_shrink_ref, shrink_finish, shrink_tile
+from .lora import fused_shrink_args, lora_shrink_ref, shrink_finish, shrink_tile
 
 _BLOCK = 1024
 
@@ -45,12 +45,7 @@ def silu_mul(gate_up: torch.Tensor, *, lora_a=None):
     rows = gate_up.numel() // (2 * n_ffn)
     out = torch.empty(*gate_up.shape[:-1], n_ffn, dtype=gate_up.dtype, device=gate_up.device)
     blocks = triton.cdiv(n_ffn, _BLOCK)
-    if lora_a is None:
-        t, lora_args, constants = None, (out, out, out, 0, 0, 0, 0, 0), dict(BLOCK_R=1)
-    else:
-        a_stack, index, _ = lora_a
-        t = fused_shrink_output(a_stack, index, rows, n_ffn, blocks, out.device)
-        lora_args, constants = chunk_args(a_stack, index, t, _BLOCK)
+    t, lora_args, constants = fused_shrink_args(lora_a, rows, n_ffn, blocks, _BLOCK, out)
     pdl = use_pdl(gate_up)
     _silu_mul_kernel[(rows, blocks)](gate_up, out, n_ffn, *lora_args, BLOCK=_BLOCK, HAS_LORA=lora_a is not None,
                                      **constants, PDL=pdl, num_warps=4, launch_pdl=pdl)
