@@ -37,3 +37,8 @@ class ConfigurationError(EdgeLLMError, ValueError):
 class LoraError(EdgeLLMError, ValueError):
     """A LoRA adapter cannot be loaded or used: missing or corrupt file, shapes that do not fit the
     base model, rank above the engine's max_lora_rank, unknown or duplicate name."""
+
+
+class ReentrantRequestError(EdgeLLMError, RuntimeError):
+    """handle_request was called by the thread already running a request on the same runtime (from
+    its streaming callback): that request holds the engine until it returns."""

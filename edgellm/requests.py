@@ -56,7 +56,8 @@ class GenerationTimings:
     prefill_ms: float = 0.0         # prompt processing and the first token
     decode_ms: float = 0.0          # every later token
     decode_tokens: int = 0          # tokens produced by decode steps (all rows)
-    total_ms: float = 0.0           # the whole request, tokenisation and detokenisation included
+    total_ms: float = 0.0           # the whole request, tokenisation, detokenisation and queue_ms included
+    queue_ms: float = 0.0           # waiting for the engine while other callers' requests ran (runtime.py)
 
     @property
     def decode_tokens_per_s(self) -> float:

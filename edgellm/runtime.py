@@ -4,15 +4,24 @@ Owns the tokenizer and one LLMEngineRunner. For each request: validate everythin
 before the request is known to be good), tokenize, prefill all items together, sample, then decode
 the batch step by step; each row stops on its own (EOS id, stop string, max length) and leaves the
 batch, and the rest go on.
+
+Threads: every public method may be called from several threads. Whatever touches the engine (a
+request, adding/removing/switching LoRA adapters, flushing the KV store) runs in a turn of one
+FifoLock, first come first served, so each request gets exactly the answer it would get alone; the
+getters read snapshots and never wait. A request's whole run (validation to detokenisation) is one
+turn, streaming callbacks included. In-flight batching (callers sharing one running batch) will
+replace the lock behind `_engine_turn`, the one door every engine call goes through.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import json
 import logging
 import random
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -23,7 +32,8 @@ import torch
 from .kernels import ops
 from .engine.kv_store import KVReuseSettings, KVReuseStats, TieredKVStore, model_identity
 from .engine.runner import LLMEngineRunner
-from .errors import ConfigurationError, InvalidRequestError, LoraError, TokenizerError
+from .errors import ConfigurationError, InvalidRequestError, LoraError, ReentrantRequestError, TokenizerError
+from .fifo_lock import FifoLock
 from .models import resolve_model_dir
 from .requests import (GenerationItem, GenerationTimings, LLMGenerationRequest, LLMGenerationResponse,
                        SamplingSettings, sampling_settings, stop_strings, validate_request)
@@ -64,12 +74,19 @@ class LLMInferenceRuntime:
             if not isinstance(kv_reuse, KVReuseSettings):
                 raise ConfigurationError(f"kv_reuse must be a KVReuseSettings or None, got {type(kv_reuse).__name__}")
             kv_reuse.check()  # before the model loads
+        self._engine_lock = FifoLock()
+        self._stats_lock = threading.Lock()  # kv_reuse_stats reads totals a request's end may be adding to
         self.model_dir = resolve_model_dir(model_dir)
+        # The KV store's device tier is allocated beside the engine: the runner's up-front memory
+        # check counts it.
+        reuse_device = {"KV reuse device tier (KVReuseSettings.gpu_bytes)": kv_reuse.gpu_bytes} \
+            if kv_reuse is not None else None
         self.runner = LLMEngineRunner(self.model_dir, device=device, dtype=dtype, max_batch_size=max_batch_size,
                                       max_input_length=max_input_length,
                                       max_kv_cache_capacity=max_kv_cache_capacity, cuda_graphs=cuda_graphs,
                                       prefill_chunk_size=prefill_chunk_size, lora_weights=lora_weights,
-                                      max_lora_rank=max_lora_rank, max_loras=max_loras)
+                                      max_lora_rank=max_lora_rank, max_loras=max_loras,
+                                      extra_device_bytes=reuse_device)
         self.config = self.runner.config
         try:
             self.tokenizer: Tokenizer | None = Tokenizer.from_dir(self.model_dir)
@@ -88,11 +105,31 @@ class LLMInferenceRuntime:
     def close(self) -> None:
         """Finish pending work that outlives a request (the KV store's disk writes). The runtime stays usable."""
         if self.kv_store is not None:
-            self.kv_store.flush()
+            with self._engine_turn():
+                self.kv_store.flush()
 
     def kv_reuse_stats(self) -> KVReuseStats:
         """KV reuse over this runtime's life (a copy); each response carries its own."""
-        return dataclasses.replace(self._kv_totals)
+        with self._stats_lock:
+            return dataclasses.replace(self._kv_totals)
+
+    # ------------------------------------------------------------------ turns on the engine
+    def _engine_turn(self, request: bool = False):
+        """The lock every engine call holds (FIFO, re-entrant). request=True: a generation request,
+        which may not start inside another one (a streaming callback calling handle_request)."""
+        if request and self._engine_lock.owned:
+            raise ReentrantRequestError(
+                "handle_request was called while this thread is already running a request on this runtime "
+                "(from its streaming callback?): the engine is mid-request; return from the callback first, "
+                "or use a second runtime")
+        return self._engine_lock
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """Hold the engine for a block of your own: other threads' requests wait until it ends. For
+        driving `runtime.runner` directly while other threads use the runtime."""
+        with self._engine_turn():
+            yield self.runner
 
     # ------------------------------------------------------------------ setup helpers
     def _read_generation_config(self) -> dict:
@@ -113,14 +150,17 @@ class LLMInferenceRuntime:
     # ------------------------------------------------------------------ LoRA adapters (the runner's)
     def add_lora_weights(self, name: str, path, *, rank: int | None = None, alpha: float | None = None) -> None:
         """Load a PEFT adapter directory (or a bare .safetensors file with its alpha) under `name`."""
-        self.runner.add_lora_weights(name, path, rank=rank, alpha=alpha)
+        with self._engine_turn():
+            self.runner.add_lora_weights(name, path, rank=rank, alpha=alpha)
 
     def remove_lora_weights(self, name: str) -> None:
-        self.runner.remove_lora_weights(name)
+        with self._engine_turn():
+            self.runner.remove_lora_weights(name)
 
     def switch_lora_weights(self, name: str) -> bool:
         """The adapter of requests that name none ("" = the base model); the KV cache is kept."""
-        return self.runner.switch_lora_weights(name)
+        with self._engine_turn():
+            return self.runner.switch_lora_weights(name)
 
     def get_available_lora_weights(self) -> list[str]:
         return self.runner.get_available_lora_weights()
@@ -194,19 +234,25 @@ class LLMInferenceRuntime:
     # ------------------------------------------------------------------ generation
     def handle_request(self, request: LLMGenerationRequest, *,
                        on_text: TextCallback | None = None) -> LLMGenerationResponse:
-        """Generate for every item of `request`. `on_text(i, delta)` streams item i's text."""
+        """Generate for every item of `request`. `on_text(i, delta)` streams item i's text.
+        Safe from several threads: requests take turns on the engine in arrival order."""
         started = time.perf_counter()
-        prompts, sampling, stops, adapters = self._prepare(request)
-        if on_text is not None:
-            self._require_tokenizer()
-        reuse = KVReuseStats() if self.kv_store is not None else None
-        with torch.inference_mode():
-            rows, timings = self._generate(prompts, adapters, sampling, stops, request.max_generate_length, on_text,
-                                           reuse)
+        with self._engine_turn(request=True):
+            queued_ms = (time.perf_counter() - started) * 1e3
+            prompts, sampling, stops, adapters = self._prepare(request)
+            if on_text is not None:
+                self._require_tokenizer()
+            reuse = KVReuseStats() if self.kv_store is not None else None
+            with torch.inference_mode():
+                rows, timings = self._generate(prompts, adapters, sampling, stops, request.max_generate_length,
+                                               on_text, reuse)
+        timings.queue_ms = queued_ms
         timings.total_ms = (time.perf_counter() - started) * 1e3
         if reuse is not None:
-            self._kv_totals.add(reuse)
-            log.info("%s (this request); cumulative hit rate %.2f", reuse.log_line(), self._kv_totals.hit_rate)
+            with self._stats_lock:
+                self._kv_totals.add(reuse)
+                hit_rate = self._kv_totals.hit_rate
+            log.info("%s (this request); cumulative hit rate %.2f", reuse.log_line(), hit_rate)
         return LLMGenerationResponse(
             output_texts=[row.text for row in rows], output_ids=[row.ids for row in rows],
             finish_reasons=[row.finish_reason for row in rows], prompt_lengths=[row.prompt_len for row in rows],
@@ -259,21 +305,23 @@ class LLMInferenceRuntime:
 
         t1 = time.perf_counter()
         started = False
-        while True:
-            still = [i for i in active if rows[i].finish_reason is None]
-            if not still:
-                break
-            if not started:
-                keep = torch.tensor(still, device=device)
-                runner.start_decode(tokens[keep], slots[keep], temperature[keep], top_k[keep], top_p[keep],
-                                    seeds[keep], offsets[keep], lora=[adapters[i] for i in still])
-                started = True
-            elif len(still) != len(active):  # rows that finished leave the batch
-                runner.keep_decode_rows([active.index(i) for i in still])
-            active = still
-            self._advance(rows, active, runner.decode_sample_step().tolist(), stops, max_new, on_text)
-            timings.decode_tokens += len(active)
-        runner.end_decode()
+        try:  # an exception from on_text, or a KeyboardInterrupt, must not leave the batch running
+            while True:
+                still = [i for i in active if rows[i].finish_reason is None]
+                if not still:
+                    break
+                if not started:
+                    keep = torch.tensor(still, device=device)
+                    runner.start_decode(tokens[keep], slots[keep], temperature[keep], top_k[keep], top_p[keep],
+                                        seeds[keep], offsets[keep], lora=[adapters[i] for i in still])
+                    started = True
+                elif len(still) != len(active):  # rows that finished leave the batch
+                    runner.keep_decode_rows([active.index(i) for i in still])
+                active = still
+                self._advance(rows, active, runner.decode_sample_step().tolist(), stops, max_new, on_text)
+                timings.decode_tokens += len(active)
+        finally:
+            runner.end_decode()
         timings.decode_ms = (time.perf_counter() - t1) * 1e3
 
         if self.tokenizer is not None and not (stops or on_text):  # else _advance kept text current

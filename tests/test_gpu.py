@@ -183,3 +183,89 @@ def test_kv_reuse_through_every_tier_on_gpu(tiny_models, tmp_path):
                                 kv_reuse=KVReuseSettings(gpu_bytes=4 * block, disk_dir=tmp_path, block_tokens=8))
     again = run(fresh, a)
     assert again.kv_reuse.hits_disk == 4 and again.output_ids == expected[tuple(a)]
+
+
+# ---- reliability: threads, inference mode, memory limits (issue 12) ----
+
+def _random_adapters(model_dir, root):
+    from edgellm.benchmark import random_lora_dir
+
+    return {"a": random_lora_dir(model_dir, root / "a", rank=4, alpha=8.0, seed=1),
+            "b": random_lora_dir(model_dir, root / "b", rank=8, alpha=8.0, seed=2, targets=("q", "v", "down"))}
+
+
+def test_threads_on_gpu_get_the_answers_of_one_by_one(tiny_models, tmp_path):
+    """tests/test_threads.py's 8 threads x 3 requests under CUDA graphs, with LoRA adapters loaded and
+    removed meanwhile and KV reuse through a device tier and a disk directory (whose writer thread
+    runs while graphs are captured)."""
+    from edgellm import KVReuseSettings
+    from test_threads import check_interrupted_request_leaves_runtime_usable, check_threads_match_one_by_one, \
+        lora_side_calls, mixed_requests
+
+    model_dir, _ = tiny_models["llama"]
+    adapters = _random_adapters(model_dir, tmp_path)
+    runtime = LLMInferenceRuntime(model_dir, device="cuda", max_batch_size=3, lora_weights=adapters,
+                                  kv_reuse=KVReuseSettings(gpu_bytes=1 << 16, disk_dir=tmp_path / "kv", block_tokens=4))
+    check_threads_match_one_by_one(runtime, mixed_requests(), lora_side_calls(runtime, adapters["a"]))
+    assert {k[-1] for k in runtime.runner.graphs.graphs} == {"decode", "prefill"}
+    for interrupt in (RuntimeError("client went away"), KeyboardInterrupt()):
+        check_interrupted_request_leaves_runtime_usable(runtime, interrupt, adapter="b")
+    runtime.close()
+
+
+def test_runner_api_in_and_out_of_inference_mode_on_gpu(tiny_models, tmp_path):
+    from test_inference_mode import check_runner_api_in_and_out_of_inference_mode
+
+    model_dir, _ = tiny_models["llama"]
+    adapters = _random_adapters(model_dir, tmp_path)
+    runtime = LLMInferenceRuntime(model_dir, device="cuda", max_batch_size=2, lora_weights={"a": adapters["a"]})
+    check_runner_api_in_and_out_of_inference_mode(runtime, adapters["b"])
+    assert any(k[-1] == "prefill" for k in runtime.runner.graphs.graphs)  # the graph path was the one used
+
+
+def test_kv_cache_larger_than_the_gpu_fails_up_front(tiny_models):
+    from edgellm.errors import ConfigurationError
+
+    model_dir, _ = tiny_models["llama"]
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated()
+    total = torch.cuda.get_device_properties(0).total_memory
+    with pytest.raises(ConfigurationError) as caught:
+        LLMInferenceRuntime(model_dir, device="cuda", max_batch_size=64, max_kv_cache_capacity=1 << 26)
+    message = str(caught.value)
+    assert "KV cache (max_batch_size 64 x max_kv_cache_capacity 67108864)" in message
+    assert "GiB of memory on cuda" in message and "is free" in message
+    needed = float(message.split("need about ")[1].split(" GiB")[0]) * (1 << 30)
+    assert needed > total
+    assert torch.cuda.memory_allocated() == allocated  # nothing was allocated
+    runtime = LLMInferenceRuntime(model_dir, device="cuda")  # right after, in the same process
+    response = runtime.handle_request(LLMGenerationRequest(requests=[{"input_ids": PROMPTS[0]}],
+                                                           max_generate_length=4, temperature=0))
+    assert len(response.output_ids[0]) >= 1
+
+
+def test_memory_plan_bounds_what_the_engine_uses(tmp_path):
+    """The SmolLM2-135M shape at max_batch_size 8, prompts up to 1024 tokens: after prefill graphs of
+    many shapes and every decode graph, the memory torch reserved for the engine stays within the
+    plan the up-front check used (which is printed for bench/RESULTS.md)."""
+    from edgellm.benchmark import random_model_dir
+    from edgellm.engine.memory import gib
+
+    model_dir = random_model_dir("smollm2-135m", tmp_path)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved()
+    torch.cuda.reset_peak_memory_stats()
+    runtime = LLMInferenceRuntime(model_dir, device="cuda", max_batch_size=8, max_input_length=1024,
+                                  max_kv_cache_capacity=2048)
+    runtime.runner.capture_decode_graphs()
+    generator = torch.Generator().manual_seed(0)
+    for rows, length in ((8, 1024), (1, 100), (3, 700), (8, 300), (5, 1000), (2, 129), (7, 513)):
+        prompts = [torch.randint(3, 49000, (length - 7 * i,), generator=generator).tolist() for i in range(rows)]
+        runtime.handle_request(LLMGenerationRequest(requests=[{"input_ids": p} for p in prompts],
+                                                    max_generate_length=8, temperature=0))
+    torch.cuda.synchronize()
+    used = torch.cuda.max_memory_reserved() - before
+    plan = runtime.runner.memory_plan
+    print(f"\nmemory plan {gib(plan.total)} ({plan.describe()}); measured peak reserved {gib(used)}")
+    assert used <= plan.total

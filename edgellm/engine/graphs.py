@@ -83,18 +83,31 @@ def prefill_bucket(tokens: int) -> int:
     return -(-tokens // PREFILL_BUCKET) * PREFILL_BUCKET
 
 
-class PrefillBuffers:
-    """Static inputs of one prefill chunk of `rows` x `length` tokens (right-padded)."""
+class PrefillStorage:
+    """The memory behind every prefill graph's input embeddings and output logits: one flat tensor
+    each, sized for the largest chunk (`rows` x `length` tokens). Each graph's buffers are views of
+    their first elements. Graphs replay one at a time and each loads its inputs just before, so they
+    can share; the static memory then stays that of the largest chunk instead of growing with every
+    (rows, length) shape met, which the up-front memory check (memory.py) relies on."""
 
-    def __init__(self, rows: int, length: int, hidden: int, dtype: torch.dtype, scratch_slot: int,
+    def __init__(self, rows: int, length: int, hidden: int, vocab: int, dtype: torch.dtype, device: torch.device):
+        self.hidden, self.vocab = hidden, vocab
+        self.embeds = torch.zeros(rows * length * hidden, dtype=dtype, device=device)
+        self.logits = torch.zeros(rows * vocab, dtype=torch.float32, device=device)
+
+
+class PrefillBuffers:
+    """Static inputs and outputs of one prefill chunk of `rows` x `length` tokens (right-padded)."""
+
+    def __init__(self, rows: int, length: int, storage: PrefillStorage, scratch_slot: int,
                  device: torch.device, lora_slots: int = 0):
-        self.embeds = torch.zeros(rows, length, hidden, dtype=dtype, device=device)
+        self.embeds = storage.embeds[:rows * length * storage.hidden].view(rows, length, storage.hidden)
+        self.logits = storage.logits[:rows * storage.vocab].view(rows, storage.vocab)  # written by the graph
         self.slots = torch.full((rows,), scratch_slot, dtype=torch.int32, device=device)
         self.starts = torch.zeros(rows, dtype=torch.int32, device=device)
         self.q_lens = torch.ones(rows, dtype=torch.int32, device=device)
         self.lora = torch.full((rows,), -1, dtype=torch.int32, device=device)
         self.lora_used = torch.zeros(1 + lora_slots, dtype=torch.int32, device=device)
-        self.logits: torch.Tensor | None = None
 
     def load(self, embeds: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, q_lens: torch.Tensor,
              lora: torch.Tensor, lora_used: torch.Tensor) -> None:
@@ -121,7 +134,11 @@ class StepGraphs:
         return self.graphs.get(key) if self.enabled else None
 
     def capture(self, key: Hashable, step: Callable[[], None], warmup: int = 2) -> torch.cuda.CUDAGraph:
-        """Run `step` eagerly `warmup` times on a side stream, then capture one call of it."""
+        """Run `step` eagerly `warmup` times on a side stream, then capture one call of it.
+
+        The capture restricts only this thread ("thread_local"): other threads may use CUDA meanwhile
+        (the KV store's disk writer waits on events; callers' own threads run their own work), which
+        the default "global" mode would turn into a failed capture."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
@@ -131,7 +148,7 @@ class StepGraphs:
                 step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             step()
         self.graphs[key] = graph
         return graph

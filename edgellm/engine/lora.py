@@ -151,12 +151,17 @@ def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise LoraError(f"cannot read LoRA weights from {file}: {exc}") from exc
 
 
+def stack_rank(max_rank: int) -> int:
+    """The rank the stacks are allocated with: tl.dot needs >= 16, and a power of two."""
+    return max(16, 1 << (max_rank - 1).bit_length())
+
+
 class LoraStacks:
     """The device stacks of every adapter slot, and the registry of names -> slots."""
 
     def __init__(self, cfg: EngineConfig, max_rank: int, max_loras: int, dtype: torch.dtype, device: torch.device):
         self.cfg = cfg
-        self.rank = max(16, 1 << (max_rank - 1).bit_length())  # tl.dot needs >= 16; a power of two
+        self.rank = stack_rank(max_rank)
         self.max_rank = max_rank
         self.max_loras = max_loras
         shapes = module_shapes(cfg)

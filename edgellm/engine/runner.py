@@ -8,11 +8,18 @@ The fast decode path is `start_decode(...)` then `decode_sample_step()` per toke
 layers, LM head and sampling run from static buffers with no host synchronisation, replayed from a
 CUDA graph per padded batch size (see graphs.py); `decode_step` is the seeds' eager
 embeddings-in, logits-out step.
+
+Inference mode: the public methods run in torch's inference mode whatever the caller's mode (the
+buffers they make on first use are then inference tensors, which only inference mode may update),
+and give a caller outside it ordinary tensors (copies) back. State made at construction (weights,
+KV cache, RoPE table, LoRA stacks) is made outside inference mode, so callers may touch it either way.
+A runner is driven by one thread at a time; LLMInferenceRuntime serializes its callers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import torch
@@ -21,9 +28,11 @@ from ..kernels import ops, rope_inv_freq
 from ..kernels.lora import UNROLL, used_slots
 from ..errors import ConfigurationError, InvalidRequestError, LoraError
 from .config import EngineConfig
-from .graphs import DecodeBuffers, PrefillBuffers, StepGraphs, any_adapter, graph_batch_sizes, prefill_bucket
+from .graphs import (DecodeBuffers, PrefillBuffers, PrefillStorage, StepGraphs, any_adapter, graph_batch_sizes,
+                     prefill_bucket)
 from .kv_cache import LinearKVCache
 from .lora import DEFAULT_MAX_LORAS, LoraStacks, read_adapter
+from .memory import check_fits, engine_memory_plan, free_bytes
 from .model import LoraBatch, forward_logits
 from .weights import load_weights
 
@@ -57,18 +66,46 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     raise ConfigurationError(f"unsupported dtype {dtype!r}; use float32, float16 or bfloat16")
 
 
+def _inference_call(method):
+    """Run a public runner method in inference mode whatever the caller's (see the module docstring);
+    a caller outside inference mode gets a returned tensor as an ordinary copy, which it may modify."""
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+        if torch.is_inference_mode_enabled():
+            return method(*args, **kwargs)
+        with torch.inference_mode():
+            out = method(*args, **kwargs)
+        return out.clone() if isinstance(out, torch.Tensor) else out
+    return call
+
+
+def _outside_inference_mode(method):
+    """Build persistent state as ordinary tensors even when the caller is in inference mode."""
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+        with torch.inference_mode(False):
+            return method(*args, **kwargs)
+    return call
+
+
 class LLMEngineRunner:
+    @_outside_inference_mode
     def __init__(self, model_dir: str | Path, *, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, max_batch_size: int | None = None,
                  max_input_length: int | None = None, max_kv_cache_capacity: int | None = None,
                  cuda_graphs: bool = True, prefill_chunk_size: int | None = None,
-                 lora_weights: dict | None = None, max_lora_rank: int | None = None, max_loras: int | None = None):
+                 lora_weights: dict | None = None, max_lora_rank: int | None = None, max_loras: int | None = None,
+                 extra_device_bytes: dict[str, int] | None = None):
         """cuda_graphs: replay decode steps from CUDA graphs (on CUDA; eager elsewhere or when False).
         prefill_chunk_size: prompts longer than this are prefilled in chunks of it (default 2048).
         lora_weights: {name: adapter} loaded at start; an adapter is a PEFT directory, a bare
         .safetensors path, or {"path": ..., "alpha": ..., "rank": ...} (see add_lora_weights).
         max_lora_rank: the largest adapter rank this engine accepts (default: the largest given
-        adapter's, 0 = no LoRA). max_loras: adapters loaded at once (default 8)."""
+        adapter's, 0 = no LoRA). max_loras: adapters loaded at once (default 8). extra_device_bytes:
+        {what: bytes} the caller will allocate on the device beside the engine (counted below).
+
+        Before anything is allocated, the bytes these limits need (engine/memory.py) are checked
+        against the device's free memory (host memory on the CPU): ConfigurationError if they do not fit."""
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -79,6 +116,15 @@ class LLMEngineRunner:
         max_lora_rank = self._lora_limits(adapters, max_lora_rank, max_loras)
         self.config = dataclasses.replace(self.config, max_supported_lora_rank=max_lora_rank)
         cfg = self.config
+        chunk = DEFAULT_PREFILL_CHUNK if prefill_chunk_size is None else prefill_chunk_size
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+            raise ConfigurationError(f"prefill_chunk_size must be a positive integer, got {prefill_chunk_size!r}")
+        self.prefill_chunk_size = chunk
+        self.graphs = StepGraphs(self.device, enabled=cuda_graphs)
+        self.memory_plan = engine_memory_plan(
+            cfg, self.dtype, prefill_chunk=chunk, graphs=self.graphs.enabled, max_lora_rank=max_lora_rank,
+            max_loras=(max_loras or DEFAULT_MAX_LORAS) if max_lora_rank else 0, extra=extra_device_bytes)
+        check_fits(self.memory_plan, self.device, free_bytes(self.device))
         self.weights = load_weights(self.model_dir, cfg, dtype=self.dtype, device=self.device)
         self.kv_cache = LinearKVCache(
             num_layers=cfg.num_decoder_layers, max_batch_size=cfg.max_supported_batch_size,
@@ -86,13 +132,9 @@ class LLMEngineRunner:
             dtype=self.dtype, device=self.device)
         inv_freq = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling).to(self.device)
         self.rope_cos_sin = ops.rope_cos_sin_cache(inv_freq, cfg.max_kv_cache_capacity)
-        chunk = DEFAULT_PREFILL_CHUNK if prefill_chunk_size is None else prefill_chunk_size
-        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
-            raise ConfigurationError(f"prefill_chunk_size must be a positive integer, got {prefill_chunk_size!r}")
-        self.prefill_chunk_size = chunk
-        self.graphs = StepGraphs(self.device, enabled=cuda_graphs)
         self._decode_buffers: dict[int, DecodeBuffers] = {}
         self._prefill_buffers: dict[tuple[int, int], PrefillBuffers] = {}
+        self._prefill_storage: PrefillStorage | None = None
         self._active: DecodeBuffers | None = None
         self.lora = LoraStacks(cfg, max_lora_rank, max_loras or DEFAULT_MAX_LORAS, self.dtype, self.device) \
             if max_lora_rank else None
@@ -145,6 +187,7 @@ class LLMEngineRunner:
                             "when building it")
         return self.lora
 
+    @_inference_call
     def add_lora_weights(self, name: str, path, *, rank: int | None = None, alpha: float | None = None) -> None:
         """Load an adapter under `name`: a PEFT directory, or a bare .safetensors file with its `alpha`
         (rank from the tensors; a given `rank` must agree). Checked in full before anything is written."""
@@ -154,6 +197,7 @@ class LLMEngineRunner:
         adapter = self._read_adapter(name, {"path": path, "rank": rank, "alpha": alpha})
         stacks.add(name, adapter)
 
+    @_inference_call
     def remove_lora_weights(self, name: str) -> None:
         slot = self.lora_slot(name)
         if slot < 0:
@@ -164,6 +208,7 @@ class LLMEngineRunner:
         if self._active_lora == name:
             self._active_lora = ""
 
+    @_inference_call
     def switch_lora_weights(self, name: str) -> bool:
         """Make `name` the adapter used when a call names none ("" = the base model). The KV cache and
         the model weights are untouched."""
@@ -234,6 +279,7 @@ class LLMEngineRunner:
                                           f"[0, {self.config.max_supported_batch_size})")
         return slots.to(self.device)
 
+    @_inference_call
     def prefill_step(self, inputs_embeds: torch.Tensor, context_lengths, slots=None, lora=None,
                      cached_lengths=None) -> torch.Tensor:
         """Start new sequences: fills the given slots' (default 0..B-1) KV cache with the prompt and
@@ -282,6 +328,7 @@ class LLMEngineRunner:
         self.kv_cache.lengths[slot_ids.long()] = lengths_host.to(device=self.device, dtype=torch.int32)
         return logits
 
+    @_inference_call
     def decode_step(self, inputs_embeds: torch.Tensor, slots=None, lora=None) -> torch.Tensor:
         """Append one token per row: inputs_embeds [b, 1, hidden] for cache slots `slots`
         (default 0..b-1), adapters `lora` as in prefill_step. Returns the new logits, [b, vocab] float32."""
@@ -308,7 +355,12 @@ class LLMEngineRunner:
         key = (rows, prefill_bucket(width), _lora_key(uses_lora), "prefill")
         buf = self._prefill_buffers.get(key[:2])
         if buf is None:
-            buf = PrefillBuffers(rows, key[1], hidden, self.dtype, self.kv_cache.scratch_slot, self.device,
+            if self._prefill_storage is None:
+                cfg = self.config
+                widest = prefill_bucket(min(self.prefill_chunk_size, cfg.max_supported_input_length))
+                self._prefill_storage = PrefillStorage(cfg.max_supported_batch_size, widest, hidden,
+                                                       self.weights.lm_head.shape[0], self.dtype, self.device)
+            buf = PrefillBuffers(rows, key[1], self._prefill_storage, self.kv_cache.scratch_slot, self.device,
                                  self._lora_capacity())
             self._prefill_buffers[key[:2]] = buf
         if self.graphs.get(key) is None:
@@ -321,12 +373,12 @@ class LLMEngineRunner:
             self.graphs.capture(key, lambda: self._prefill_body(buf, uses_lora))
         buf.load(embeds, slots, starts, q_lens, lora_index, lora_used)
         self.graphs.get(key).replay()
-        return buf.logits.clone()  # the next replay of this graph overwrites buf.logits
+        return buf.logits.clone()  # the next prefill replay overwrites buf.logits
 
     def _prefill_body(self, buf: PrefillBuffers, uses_lora: bool) -> None:
-        buf.logits = forward_logits(self.weights, self.config, self.kv_cache, self.rope_cos_sin, buf.embeds,
-                                    buf.slots, buf.starts, buf.q_lens,
-                                    lora=self._lora_batch(buf.lora, buf.lora_used, uses_lora))
+        buf.logits.copy_(forward_logits(self.weights, self.config, self.kv_cache, self.rope_cos_sin, buf.embeds,
+                                        buf.slots, buf.starts, buf.q_lens,
+                                        lora=self._lora_batch(buf.lora, buf.lora_used, uses_lora)))
 
     # ---- the fast decode path: static buffers, sampling inside the step, CUDA graphs ----
 
@@ -359,6 +411,7 @@ class LLMEngineRunner:
         buf.tokens.copy_(ops.sample(logits, buf.temperature, buf.top_k, buf.top_p, buf.seeds, buf.offsets))
         buf.logits = logits
 
+    @_inference_call
     def capture_decode_graphs(self, batch_sizes=None, lora: bool = False) -> list[int]:
         """Capture decode graphs up front for these batch sizes (default: every padded size up to
         max_batch_size); sizes are rounded up to the padded sizes. lora=True captures the graphs of
@@ -389,6 +442,7 @@ class LLMEngineRunner:
         # Warm-up and capture touch only the scratch slot: every row of `buf` is padding here.
         self.graphs.capture(key, lambda: self._decode_body(buf, uses_lora))
 
+    @_inference_call
     def start_decode(self, tokens, slots, temperature, top_k, top_p, seeds, offsets, lora=None) -> None:
         """Set the rows of the next decode steps. Per row (all [n], device tensors or lists): the last
         token (input of the next step), its KV-cache slot, sampling temperature / top_k / top_p, seed,
@@ -409,6 +463,7 @@ class LLMEngineRunner:
         rows["lora"] = torch.tensor(lora_rows, dtype=torch.int32, device=device)
         self._load_rows(rows, lora_rows)
 
+    @_inference_call
     def keep_decode_rows(self, keep) -> None:
         """Continue decoding only rows `keep` (indices into the current rows, in order): finished
         rows leave the batch, which moves to the smallest padded size that holds the rest."""
@@ -430,10 +485,12 @@ class LLMEngineRunner:
         buf.lora_host = lora_rows
         self._active = buf
 
+    @_inference_call
     def end_decode(self) -> None:
         """The decode batch is done: its rows stop holding their adapters (see remove_lora_weights)."""
         self._active = None
 
+    @_inference_call
     def decode_sample_step(self) -> torch.Tensor:
         """One decode step of the rows set by start_decode: returns their sampled tokens, [n] int64 on
         the device (a view of the static buffer, overwritten by the next step)."""
@@ -447,6 +504,7 @@ class LLMEngineRunner:
             self._decode_body(buf, buf.uses_lora)
         return buf.tokens[:buf.live]
 
+    @_inference_call
     def decode_logits(self) -> torch.Tensor:
         """The last decode_sample_step's logits of the live rows, [n, vocab] float32."""
         buf = self._active
