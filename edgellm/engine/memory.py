@@ -24,8 +24,12 @@ from .graphs import graph_batch_sizes, prefill_bucket
 from .lora import GROUPS, module_shapes, stack_rank
 from .weights import expected_shapes
 
-MARGIN_BYTES = 256 << 20  # CUDA-graph executables, cuBLAS workspaces, Triton code, allocator rounding
+MARGIN_BYTES = 256 << 20  # CUDA-graph executables, Triton code, allocator rounding
 MARGIN_FRACTION = 0.05
+# torch gives each (cuBLAS handle, stream) pair a workspace of up to 32 MiB (Hopper), kept for the
+# process's life; the engine's matmuls run on three streams: the caller's, the graph warm-up stream
+# and the capture stream (graphs.py).
+CUBLAS_WORKSPACES = 3 * (32 << 20)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +64,9 @@ def gib(nbytes: int) -> str:
 
 
 def engine_memory_plan(cfg: EngineConfig, dtype: torch.dtype, *, prefill_chunk: int, graphs: bool,
-                       max_lora_rank: int = 0, max_loras: int = 0,
+                       cuda: bool = True, max_lora_rank: int = 0, max_loras: int = 0,
                        extra: dict[str, int] | None = None) -> MemoryPlan:
-    """Bytes an engine of `cfg` will hold on its device, item by item (an upper bound)."""
+    """Bytes an engine of `cfg` will hold on its device (cuda: a CUDA one), item by item (an upper bound)."""
     el = torch.empty(0, dtype=dtype).element_size()
     h, q, kv, ffn, vocab = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size, cfg.output_vocab_size
     batch, capacity = cfg.max_supported_batch_size, cfg.max_kv_cache_capacity
@@ -80,13 +84,15 @@ def engine_memory_plan(cfg: EngineConfig, dtype: torch.dtype, *, prefill_chunk: 
     # One prefill chunk: `batch` rows of up to `width` tokens. What the forward holds at its peak per
     # token (residual, normed input, qkv, attention output, o output, gate_up, SiLU*mul, down output),
     # the chunk's input embeddings (static, with graphs), and the last tokens' logits (dtype, float32).
+    # With graphs, twice the activations: the graph pool keeps one set, and the eager warm-up before
+    # a capture takes another from torch's ordinary cache (measured: tests/test_gpu.py).
     width = min(prefill_chunk, cfg.max_supported_input_length)
     if graphs:
         width = prefill_bucket(width)
     tokens = batch * width
     per_token = 4 * h + 2 * q + 2 * kv + 3 * ffn
     logits_row = vocab * (el + 4)
-    prefill = tokens * (per_token + h) * el + 2 * batch * logits_row
+    prefill = tokens * (per_token * (2 if graphs else 1) + h) * el + 2 * batch * logits_row
     # Decode: one graph per padded batch size (and LoRA on/off), each keeping its logits; the
     # activations of a few rows are small next to those.
     sizes = graph_batch_sizes(batch) if graphs else [batch]
@@ -99,6 +105,8 @@ def engine_memory_plan(cfg: EngineConfig, dtype: torch.dtype, *, prefill_chunk: 
              MemoryItem(f"prefill activations and buffers ({batch} rows x {width} tokens)", prefill,
                         "prefill_chunk_size, max_input_length or max_batch_size"),
              MemoryItem("decode graphs' buffers", decode, "max_batch_size")]
+    if cuda:
+        items.append(MemoryItem("cuBLAS workspaces", CUBLAS_WORKSPACES, ""))
     items += [MemoryItem(what, int(n), "") for what, n in (extra or {}).items()]
     return MemoryPlan(tuple(items), kv_per_position)
 

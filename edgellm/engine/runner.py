@@ -122,7 +122,8 @@ class LLMEngineRunner:
         self.prefill_chunk_size = chunk
         self.graphs = StepGraphs(self.device, enabled=cuda_graphs)
         self.memory_plan = engine_memory_plan(
-            cfg, self.dtype, prefill_chunk=chunk, graphs=self.graphs.enabled, max_lora_rank=max_lora_rank,
+            cfg, self.dtype, prefill_chunk=chunk, graphs=self.graphs.enabled, cuda=self.device.type == "cuda",
+            max_lora_rank=max_lora_rank,
             max_loras=(max_loras or DEFAULT_MAX_LORAS) if max_lora_rank else 0, extra=extra_device_bytes)
         check_fits(self.memory_plan, self.device, free_bytes(self.device))
         self.weights = load_weights(self.model_dir, cfg, dtype=self.dtype, device=self.device)
