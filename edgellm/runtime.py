@@ -75,6 +75,7 @@ class LLMInferenceRuntime:
                 raise ConfigurationError(f"kv_reuse must be a KVReuseSettings or None, got {type(kv_reuse).__name__}")
             kv_reuse.check()  # before the model loads
         self._engine_lock = FifoLock()
+        self._request_running = False
         self._stats_lock = threading.Lock()  # kv_reuse_stats reads totals a request's end may be adding to
         self.model_dir = resolve_model_dir(model_dir)
         # The KV store's device tier is allocated beside the engine: the runner's up-front memory
@@ -114,15 +115,24 @@ class LLMInferenceRuntime:
             return dataclasses.replace(self._kv_totals)
 
     # ------------------------------------------------------------------ turns on the engine
+    @contextlib.contextmanager
     def _engine_turn(self, request: bool = False):
-        """The lock every engine call holds (FIFO, re-entrant). request=True: a generation request,
-        which may not start inside another one (a streaming callback calling handle_request)."""
-        if request and self._engine_lock.owned:
+        """Hold the lock every engine call holds (FIFO, re-entrant). request=True: a generation
+        request, which may not start inside another one (a streaming callback calling handle_request)."""
+        if request and self._engine_lock.owned and self._request_running:
             raise ReentrantRequestError(
                 "handle_request was called while this thread is already running a request on this runtime "
                 "(from its streaming callback?): the engine is mid-request; return from the callback first, "
                 "or use a second runtime")
-        return self._engine_lock
+        with self._engine_lock:
+            if not request:
+                yield
+                return
+            self._request_running = True  # read only by the thread that holds the lock
+            try:
+                yield
+            finally:
+                self._request_running = False
 
     @contextlib.contextmanager
     def exclusive(self):

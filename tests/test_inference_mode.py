@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from edgellm import LLMGenerationRequest, LLMInferenceRuntime
+from edgellm.kernels import use_reference
 
 PROMPTS = [[1, 17, 33, 8, 61, 40], [1, 50, 6]]
 
@@ -46,13 +47,16 @@ def runner_api_sequence(runner, adapter_path) -> list:
 def check_runner_api_in_and_out_of_inference_mode(runtime, adapter_path):
     request = LLMGenerationRequest(requests=[{"input_ids": p} for p in PROMPTS], max_generate_length=4,
                                    temperature=0)
-    with torch.inference_mode():  # before the runtime has used the runner
-        first = runner_api_sequence(runtime.runner, adapter_path)
-    answer = runtime.handle_request(request).output_ids
-    assert runner_api_sequence(runtime.runner, adapter_path) == first  # outside, after handle_request
-    with torch.inference_mode():
-        assert runner_api_sequence(runtime.runner, adapter_path) == first
-    assert runtime.handle_request(request).output_ids == answer
+    # On the CPU through the torch references (the Triton interpreter would take half a minute here;
+    # which kernels run does not change what inference mode allows).
+    with use_reference(runtime.device.type == "cpu"):
+        with torch.inference_mode():  # before the runtime has used the runner
+            first = runner_api_sequence(runtime.runner, adapter_path)
+        answer = runtime.handle_request(request).output_ids
+        assert runner_api_sequence(runtime.runner, adapter_path) == first  # outside, after handle_request
+        with torch.inference_mode():
+            assert runner_api_sequence(runtime.runner, adapter_path) == first
+        assert runtime.handle_request(request).output_ids == answer
     # State made at construction stays ordinary: callers may edit it in either mode.
     for tensor in (runtime.runner.kv_cache.data, runtime.runner.kv_cache.lengths, runtime.runner.weights.embed):
         assert not torch.is_inference(tensor)

@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from edgellm import KVReuseSettings, LLMGenerationRequest, LLMInferenceRuntime
 from edgellm.errors import ReentrantRequestError
@@ -219,3 +220,26 @@ def test_fifo_lock_is_reentrant_and_a_waiter_that_gives_up_leaves_the_queue():
     assert got == [True] and not lock.owned
     with pytest.raises(RuntimeError, match="does not hold"):
         lock.release()
+
+
+def test_exclusive_holds_other_threads_requests_until_it_ends(runtime):
+    request = LLMGenerationRequest(requests=[{"input_ids": PROMPTS[2]}], max_generate_length=4, temperature=0)
+    alone = run(runtime, request, False)
+    got = []
+
+    def wait_and_run():
+        with use_reference():
+            response = runtime.handle_request(request)
+        got.append((response.output_ids, response.timings.queue_ms))
+
+    waiter = threading.Thread(target=wait_and_run)
+    with runtime.exclusive() as runner:
+        waiter.start()
+        _wait_until(lambda: runtime._engine_lock.waiting == 1)
+        time.sleep(0.2)
+        with use_reference():  # drive the runner by hand meanwhile, and run a request of our own
+            runner.prefill_step(runner.embed(torch.tensor([PROMPTS[0]])), [len(PROMPTS[0])])
+            assert run(runtime, request, False) == alone
+        assert not got
+    waiter.join()
+    assert got[0][0] == alone[0] and got[0][1] >= 200  # it waited for the whole exclusive block
