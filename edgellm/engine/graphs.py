@@ -71,6 +71,30 @@ class DecodeBuffers:
         self.live = n
 
 
+class TreeBuffers:
+    """The device tensors a speculative verify step of `size` rows x `nodes` tree nodes adds to its
+    DecodeBuffers (engine/verify.py). Node 0 of each row is the row's last token (the step copies
+    DecodeBuffers.tokens there); rows beyond the live ones, and padding nodes, are a bare root."""
+
+    def __init__(self, size: int, nodes: int, device: torch.device):
+        self.nodes = nodes
+        self.tokens = torch.zeros(size, nodes, dtype=torch.int64, device=device)
+        self.parents = torch.full((size, nodes), -1, dtype=torch.int32, device=device)
+        self.n_nodes = torch.ones(size, dtype=torch.int32, device=device)
+        self.out = torch.zeros(size, nodes, dtype=torch.int64, device=device)  # the row's new tokens
+        self.count = torch.zeros(size, dtype=torch.int32, device=device)       # accepted drafts (new tokens - 1)
+        self.logits: torch.Tensor | None = None  # the last step's [size, nodes, vocab] float32 logits
+
+    def load(self, tokens: torch.Tensor, parents: torch.Tensor, n_nodes: torch.Tensor) -> None:
+        """n live rows' trees ([n, <= nodes] each; the rest of a row's nodes are padding)."""
+        n, width = tokens.shape
+        self.tokens[:n, :width].copy_(tokens)
+        self.parents[:n, :width].copy_(parents)
+        self.parents[:n, width:].fill_(-1)
+        self.n_nodes[:n].copy_(n_nodes)
+        self.n_nodes[n:].fill_(1)
+
+
 def any_adapter(lora_slots: list[int]) -> bool:
     """Whether any row of these LoRA slots (-1: none) uses an adapter."""
     return max(lora_slots, default=-1) >= 0

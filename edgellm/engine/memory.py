@@ -22,6 +22,7 @@ from ..errors import ConfigurationError
 from .config import EngineConfig
 from .graphs import graph_batch_sizes, prefill_bucket
 from .lora import GROUPS, module_shapes, stack_rank
+from .verify import tree_buckets
 from .weights import expected_shapes
 
 MARGIN_BYTES = 256 << 20  # CUDA-graph executables, Triton code, allocator rounding
@@ -64,7 +65,7 @@ def gib(nbytes: int) -> str:
 
 
 def engine_memory_plan(cfg: EngineConfig, dtype: torch.dtype, *, prefill_chunk: int, graphs: bool,
-                       cuda: bool = True, max_lora_rank: int = 0, max_loras: int = 0,
+                       cuda: bool = True, max_lora_rank: int = 0, max_loras: int = 0, max_verify_tokens: int = 0,
                        extra: dict[str, int] | None = None) -> MemoryPlan:
     """Bytes an engine of `cfg` will hold on its device (cuda: a CUDA one), item by item (an upper bound)."""
     el = torch.empty(0, dtype=dtype).element_size()
@@ -97,6 +98,10 @@ def engine_memory_plan(cfg: EngineConfig, dtype: torch.dtype, *, prefill_chunk: 
     # activations of a few rows are small next to those.
     sizes = graph_batch_sizes(batch) if graphs else [batch]
     decode = sum(sizes) * (2 if max_lora_rank else 1) * (logits_row + 4 * vocab + per_token * el)
+    # Verify steps (engine/verify.py): per padded size, a graph per tree bucket keeping logits of
+    # every node; their activations (a few dozen tokens) are the prefill's, already counted.
+    nodes = sum(tree_buckets(max_verify_tokens)) if graphs else max_verify_tokens
+    verify = sum(sizes) * (2 if max_lora_rank else 1) * nodes * (logits_row + 4 * vocab)
     items = [MemoryItem("weights", weights, ""),
              MemoryItem(f"KV cache (max_batch_size {batch} x max_kv_cache_capacity {capacity})",
                         kv_per_position * capacity, "max_kv_cache_capacity or max_batch_size"),
@@ -104,7 +109,9 @@ def engine_memory_plan(cfg: EngineConfig, dtype: torch.dtype, *, prefill_chunk: 
                         "max_loras or max_lora_rank"),
              MemoryItem(f"prefill activations and buffers ({batch} rows x {width} tokens)", prefill,
                         "prefill_chunk_size, max_input_length or max_batch_size"),
-             MemoryItem("decode graphs' buffers", decode, "max_batch_size")]
+             MemoryItem("decode graphs' buffers", decode, "max_batch_size"),
+             MemoryItem(f"verify graphs' buffers (max_verify_tokens {max_verify_tokens})", verify,
+                        "max_verify_tokens or max_batch_size")]
     if cuda:
         items.append(MemoryItem("cuBLAS workspaces", CUBLAS_WORKSPACES, ""))
     items += [MemoryItem(what, int(n), "") for what, n in (extra or {}).items()]

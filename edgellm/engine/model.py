@@ -20,6 +20,14 @@ from .lora import LoraStacks
 from .weights import LayerWeights, ModelWeights
 
 
+class TokenTree(NamedTuple):
+    """A chunk that is a speculative token tree rather than a sequence (kernels/tree_mask.py): node
+    i of row b is stored at cache position starts[b] + i, rotated at positions[b, i] (the row's
+    length plus its depth) and sees the context and the nodes whose bits bits[b, i] has."""
+    bits: torch.Tensor       # [B, T] int64
+    positions: torch.Tensor  # [B, T] int
+
+
 class LoraBatch(NamedTuple):
     """The adapters of one forward: the engine's stacks (engine/lora.py) and each row's slot, [B]
     int32 on the device (-1: no adapter); forward_logits widens it to one entry per token."""
@@ -65,7 +73,7 @@ def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, key
                      values: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                      slots: torch.Tensor, starts: torch.Tensor,
                      q_lens: torch.Tensor, ends: torch.Tensor, ops, lora: LoraBatch | None,
-                     layer: int) -> torch.Tensor:
+                     layer: int, tree: "TokenTree | None") -> torch.Tensor:
     batch, seq, _ = qkv.shape
     q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
     q = q.reshape(batch, seq, cfg.num_attention_heads, cfg.head_dim)
@@ -74,28 +82,36 @@ def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, key
     if cfg.qk_norm:
         q = ops.rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
         k = ops.rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
-    q = ops.rope_kv_append(q, k, v, rope[0], rope[1], keys, values, slots, starts, q_lens)
+    if tree is None:
+        q = ops.rope_kv_append(q, k, v, rope[0], rope[1], keys, values, slots, starts, q_lens)
+    else:
+        q = ops.rope_kv_append(q, k, v, rope[0], rope[1], keys, values, slots, starts, q_lens, tree.positions)
     scale = cfg.head_dim ** -0.5
     t = None
     if seq == 1:
         out, t = _fused(ops.decode_attention, q[:, 0], keys, values, slots, ends, scale,
                         lora_a=_shrink_operand(lora, layer, "o", batch))
         out = out[:, None]
-    else:
+    elif tree is None:
         out = ops.prefill_attention(q, keys, values, slots, starts, q_lens, scale)
+    else:
+        out = ops.prefill_attention(q, keys, values, slots, starts, q_lens, scale, tree.bits)
     return _project(out.reshape(batch, seq, cfg.q_size), lw.o_proj, lw.o_bias, lora, layer, "o", ops, t)
 
 
 def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCache,
                    rope: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor, slots: torch.Tensor,
                    starts: torch.Tensor, q_lens: torch.Tensor, kernels=None,
-                   lora: LoraBatch | None = None) -> torch.Tensor:
+                   lora: LoraBatch | None = None, tree: TokenTree | None = None,
+                   every_token: bool = False) -> torch.Tensor:
     """hidden: input embeddings [B, S, H]; slots/starts/q_lens: [B] int tensors on the device.
     `kernels`: where the ops come from (default: the dispatched `edgellm.kernels.ops`).
-    `lora`: per-row LoRA adapters (None: the base model for every row).
+    `lora`: per-row LoRA adapters (None: the base model for every row). `tree`: the chunk is a
+    token tree (speculative verification), S > 1.
 
     Appends the chunk's keys/values to the cache (lengths are the caller's to update) and returns
-    the logits of each row's last real token, [B, vocab], float32.
+    the logits of each row's last real token, [B, vocab], float32; every_token: of every token of
+    the chunk, [B, S, vocab].
     """
     ops = kernels or dispatched_ops
     batch, seq, _ = hidden.shape
@@ -114,12 +130,15 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
             (x, residual), t = _fused(ops.add_rms_norm, x, residual, lw.input_norm, eps, lora_a=qkv_a)
         qkv = _project(x, lw.qkv, lw.qkv_bias, lora, index, "qkv", ops, t)
         keys, values = cache.layer(index)
-        attn = _attention_block(lw, cfg, qkv, keys, values, rope, slots, starts, q_lens, ends, ops, lora, index)
+        attn = _attention_block(lw, cfg, qkv, keys, values, rope, slots, starts, q_lens, ends, ops, lora, index, tree)
         (x, residual), t = _fused(ops.add_rms_norm, attn, residual, lw.post_norm, eps,
                                   lora_a=_shrink_operand(lora, index, "gate_up", tokens))
         gate_up = _project(x, lw.gate_up, None, lora, index, "gate_up", ops, t)
         x, t = _fused(ops.silu_mul, gate_up, lora_a=_shrink_operand(lora, index, "down", tokens))
         x = _project(x, lw.down, None, lora, index, "down", ops, t)
+    if every_token:
+        final, _ = ops.add_rms_norm(x, residual, weights.final_norm, cfg.rms_norm_eps)
+        return _linear(final, weights.lm_head, None, ops).float()
     last = (q_lens.long() - 1).clamp(min=0)
     rows = torch.arange(batch, device=hidden.device)
     x_last, res_last = x[rows, last][:, None], residual[rows, last][:, None]

@@ -19,20 +19,22 @@ A runner is driven by one thread at a time; LLMInferenceRuntime serializes its c
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 
 import torch
 
 from ..kernels import ops, rope_inv_freq
 from ..kernels.lora import UNROLL, used_slots
+from ..kernels.tree_mask import MAX_TREE
 from ..errors import ConfigurationError, InvalidRequestError, LoraError
 from .config import EngineConfig
-from .graphs import (DecodeBuffers, PrefillBuffers, PrefillStorage, StepGraphs, any_adapter, graph_batch_sizes,
-                     prefill_bucket)
+from .graphs import (DecodeBuffers, PrefillBuffers, PrefillStorage, StepGraphs, TreeBuffers, any_adapter,
+                     graph_batch_sizes, prefill_bucket)
 from .kv_cache import LinearKVCache
 from .lora import DEFAULT_MAX_LORAS, LoraStacks, read_adapter
 from .memory import check_fits, engine_memory_plan, free_bytes
+from .modes import inference_call, outside_inference_mode
+from .verify import TreeSteps
 from .model import LoraBatch, forward_logits
 from .weights import load_weights
 
@@ -66,42 +68,22 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     raise ConfigurationError(f"unsupported dtype {dtype!r}; use float32, float16 or bfloat16")
 
 
-def _inference_call(method):
-    """Run a public runner method in inference mode whatever the caller's (see the module docstring);
-    a caller outside inference mode gets a returned tensor as an ordinary copy, which it may modify."""
-    @functools.wraps(method)
-    def call(*args, **kwargs):
-        if torch.is_inference_mode_enabled():
-            return method(*args, **kwargs)
-        with torch.inference_mode():
-            out = method(*args, **kwargs)
-        return out.clone() if isinstance(out, torch.Tensor) else out
-    return call
-
-
-def _outside_inference_mode(method):
-    """Build persistent state as ordinary tensors even when the caller is in inference mode."""
-    @functools.wraps(method)
-    def call(*args, **kwargs):
-        with torch.inference_mode(False):
-            return method(*args, **kwargs)
-    return call
-
-
-class LLMEngineRunner:
-    @_outside_inference_mode
+class LLMEngineRunner(TreeSteps):
+    @outside_inference_mode
     def __init__(self, model_dir: str | Path, *, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, max_batch_size: int | None = None,
                  max_input_length: int | None = None, max_kv_cache_capacity: int | None = None,
                  cuda_graphs: bool = True, prefill_chunk_size: int | None = None,
                  lora_weights: dict | None = None, max_lora_rank: int | None = None, max_loras: int | None = None,
-                 extra_device_bytes: dict[str, int] | None = None):
+                 max_verify_tokens: int = 0, extra_device_bytes: dict[str, int] | None = None):
         """cuda_graphs: replay decode steps from CUDA graphs (on CUDA; eager elsewhere or when False).
         prefill_chunk_size: prompts longer than this are prefilled in chunks of it (default 2048).
         lora_weights: {name: adapter} loaded at start; an adapter is a PEFT directory, a bare
         .safetensors path, or {"path": ..., "alpha": ..., "rank": ...} (see add_lora_weights).
         max_lora_rank: the largest adapter rank this engine accepts (default: the largest given
-        adapter's, 0 = no LoRA). max_loras: adapters loaded at once (default 8). extra_device_bytes:
+        adapter's, 0 = no LoRA). max_loras: adapters loaded at once (default 8). max_verify_tokens: the
+        largest token tree (root included) verify_sample_step takes, up to 64 (0: no speculative
+        verification, no verify graphs; engine/verify.py). extra_device_bytes:
         {what: bytes} the caller will allocate on the device beside the engine (counted below).
 
         Before anything is allocated, the bytes these limits need (engine/memory.py) are checked
@@ -120,11 +102,15 @@ class LLMEngineRunner:
         if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
             raise ConfigurationError(f"prefill_chunk_size must be a positive integer, got {prefill_chunk_size!r}")
         self.prefill_chunk_size = chunk
+        if not isinstance(max_verify_tokens, int) or isinstance(max_verify_tokens, bool) \
+                or not 0 <= max_verify_tokens <= MAX_TREE:
+            raise ConfigurationError(f"max_verify_tokens must be an integer in [0, {MAX_TREE}], got {max_verify_tokens!r}")
+        self.max_verify_tokens = max_verify_tokens
         self.graphs = StepGraphs(self.device, enabled=cuda_graphs)
         self.memory_plan = engine_memory_plan(
             cfg, self.dtype, prefill_chunk=chunk, graphs=self.graphs.enabled, cuda=self.device.type == "cuda",
-            max_lora_rank=max_lora_rank,
-            max_loras=(max_loras or DEFAULT_MAX_LORAS) if max_lora_rank else 0, extra=extra_device_bytes)
+            max_lora_rank=max_lora_rank, max_loras=(max_loras or DEFAULT_MAX_LORAS) if max_lora_rank else 0,
+            max_verify_tokens=max_verify_tokens, extra=extra_device_bytes)
         check_fits(self.memory_plan, self.device, free_bytes(self.device))
         self.weights = load_weights(self.model_dir, cfg, dtype=self.dtype, device=self.device)
         self.kv_cache = LinearKVCache(
@@ -136,6 +122,7 @@ class LLMEngineRunner:
         self._decode_buffers: dict[int, DecodeBuffers] = {}
         self._prefill_buffers: dict[tuple[int, int], PrefillBuffers] = {}
         self._prefill_storage: PrefillStorage | None = None
+        self._trees: dict[tuple[int, int], TreeBuffers] = {}  # verify steps' buffers, by (size, tree nodes)
         self._active: DecodeBuffers | None = None
         self.lora = LoraStacks(cfg, max_lora_rank, max_loras or DEFAULT_MAX_LORAS, self.dtype, self.device) \
             if max_lora_rank else None
@@ -188,7 +175,7 @@ class LLMEngineRunner:
                             "when building it")
         return self.lora
 
-    @_inference_call
+    @inference_call
     def add_lora_weights(self, name: str, path, *, rank: int | None = None, alpha: float | None = None) -> None:
         """Load an adapter under `name`: a PEFT directory, or a bare .safetensors file with its `alpha`
         (rank from the tensors; a given `rank` must agree). Checked in full before anything is written."""
@@ -198,7 +185,7 @@ class LLMEngineRunner:
         adapter = self._read_adapter(name, {"path": path, "rank": rank, "alpha": alpha})
         stacks.add(name, adapter)
 
-    @_inference_call
+    @inference_call
     def remove_lora_weights(self, name: str) -> None:
         slot = self.lora_slot(name)
         if slot < 0:
@@ -209,7 +196,7 @@ class LLMEngineRunner:
         if self._active_lora == name:
             self._active_lora = ""
 
-    @_inference_call
+    @inference_call
     def switch_lora_weights(self, name: str) -> bool:
         """Make `name` the adapter used when a call names none ("" = the base model). The KV cache and
         the model weights are untouched."""
@@ -280,7 +267,7 @@ class LLMEngineRunner:
                                           f"[0, {self.config.max_supported_batch_size})")
         return slots.to(self.device)
 
-    @_inference_call
+    @inference_call
     def prefill_step(self, inputs_embeds: torch.Tensor, context_lengths, slots=None, lora=None,
                      cached_lengths=None) -> torch.Tensor:
         """Start new sequences: fills the given slots' (default 0..B-1) KV cache with the prompt and
@@ -329,7 +316,7 @@ class LLMEngineRunner:
         self.kv_cache.lengths[slot_ids.long()] = lengths_host.to(device=self.device, dtype=torch.int32)
         return logits
 
-    @_inference_call
+    @inference_call
     def decode_step(self, inputs_embeds: torch.Tensor, slots=None, lora=None) -> torch.Tensor:
         """Append one token per row: inputs_embeds [b, 1, hidden] for cache slots `slots`
         (default 0..b-1), adapters `lora` as in prefill_step. Returns the new logits, [b, vocab] float32."""
@@ -412,7 +399,7 @@ class LLMEngineRunner:
         buf.tokens.copy_(ops.sample(logits, buf.temperature, buf.top_k, buf.top_p, buf.seeds, buf.offsets))
         buf.logits = logits
 
-    @_inference_call
+    @inference_call
     def capture_decode_graphs(self, batch_sizes=None, lora: bool = False) -> list[int]:
         """Capture decode graphs up front for these batch sizes (default: every padded size up to
         max_batch_size); sizes are rounded up to the padded sizes. lora=True captures the graphs of
@@ -442,8 +429,9 @@ class LLMEngineRunner:
         buf.lora_used.zero_()
         # Warm-up and capture touch only the scratch slot: every row of `buf` is padding here.
         self.graphs.capture(key, lambda: self._decode_body(buf, uses_lora))
+        self._ensure_verify_graphs(buf, uses_lora)
 
-    @_inference_call
+    @inference_call
     def start_decode(self, tokens, slots, temperature, top_k, top_p, seeds, offsets, lora=None) -> None:
         """Set the rows of the next decode steps. Per row (all [n], device tensors or lists): the last
         token (input of the next step), its KV-cache slot, sampling temperature / top_k / top_p, seed,
@@ -464,7 +452,7 @@ class LLMEngineRunner:
         rows["lora"] = torch.tensor(lora_rows, dtype=torch.int32, device=device)
         self._load_rows(rows, lora_rows)
 
-    @_inference_call
+    @inference_call
     def keep_decode_rows(self, keep) -> None:
         """Continue decoding only rows `keep` (indices into the current rows, in order): finished
         rows leave the batch, which moves to the smallest padded size that holds the rest."""
@@ -486,12 +474,12 @@ class LLMEngineRunner:
         buf.lora_host = lora_rows
         self._active = buf
 
-    @_inference_call
+    @inference_call
     def end_decode(self) -> None:
         """The decode batch is done: its rows stop holding their adapters (see remove_lora_weights)."""
         self._active = None
 
-    @_inference_call
+    @inference_call
     def decode_sample_step(self) -> torch.Tensor:
         """One decode step of the rows set by start_decode: returns their sampled tokens, [n] int64 on
         the device (a view of the static buffer, overwritten by the next step)."""
@@ -505,7 +493,7 @@ class LLMEngineRunner:
             self._decode_body(buf, buf.uses_lora)
         return buf.tokens[:buf.live]
 
-    @_inference_call
+    @inference_call
     def decode_logits(self) -> torch.Tensor:
         """The last decode_sample_step's logits of the live rows, [n, vocab] float32."""
         buf = self._active

@@ -6,6 +6,7 @@ runs when). Without triton installed every op runs its reference.
 
 from . import attention, gemv as _gemv, kv_append as _kv_append, lora, rope, rope_append, sampling
 from . import rms_norm as _rms_norm, silu_mul as _silu_mul, vocab_remap as _vocab_remap
+from . import kv_compact as _kv_compact, tree_accept, tree_mask as _tree_mask
 from ._triton import HAS_TRITON
 from .dispatch import KernelOp
 
@@ -28,9 +29,13 @@ gemv = _op("gemv", _gemv)
 rope_kv_append = _op("rope_kv_append", rope_append)
 lora_shrink = _op("lora_shrink", lora)
 lora_expand = _op("lora_expand", lora)
+tree_mask = _op("tree_mask", _tree_mask)
+accept_tree = _op("accept_tree", tree_accept)
+kv_compact = _op("kv_compact", _kv_compact)
 
 ALL_OPS = (rms_norm, add_rms_norm, rope_cos_sin_cache, apply_rope, kv_append, prefill_attention,
-           decode_attention, silu_mul, sample, vocab_remap, gemv, rope_kv_append, lora_shrink, lora_expand)
+           decode_attention, silu_mul, sample, vocab_remap, gemv, rope_kv_append, lora_shrink, lora_expand,
+           tree_mask, accept_tree, kv_compact)
 
 
 def reference_ops():

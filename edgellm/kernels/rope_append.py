@@ -6,6 +6,10 @@ heads into a new q, rotates the key heads straight into the cache at the row's s
 and copies the value heads into the cache (padding tokens, index >= lengths[b], write nothing to
 the cache). Against apply_rope + kv_append this saves a launch and a write and read of the rotated
 keys. The rotation itself is rope.py's.
+
+`positions` (optional, [B, S]) gives each token's rotary position explicitly; the cache position
+stays starts[b] + i. A speculative token tree rotates node i at the row's length plus its depth
+while storing it at the row's length plus i (tree_mask.py).
 """
 
 import torch
@@ -17,17 +21,21 @@ from .rope import _rotate_heads, apply_rope_ref
 
 @triton.jit
 def _rope_append_kernel(q_ptr, k_ptr, v_ptr, q_out, kc_ptr, vc_ptr, cos_ptr, sin_ptr, slots_ptr, starts_ptr,
-                        lens_ptr, seq_len, n_pos, sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h,
+                        lens_ptr, positions_ptr, seq_len, n_pos, sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h,
                         c_slot, c_head, c_pos, n_q_heads, n_k_heads, head_dim, half,
                         BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, HALF: tl.constexpr,
-                        BLOCK_REST: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+                        BLOCK_REST: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+                        POSITIONS: tl.constexpr):
     pdl_wait(PDL)
     token = tl.program_id(0)
     b = (token // seq_len).to(tl.int64)
     s = (token % seq_len).to(tl.int64)
     start = tl.load(starts_ptr + b).to(tl.int64)
     # Padding tokens of a padded chunk may lie past the cache: clamp (their outputs are never used).
-    pos = tl.minimum(start + s, n_pos - 1)
+    if POSITIONS:
+        pos = tl.minimum(tl.load(positions_ptr + token).to(tl.int64), n_pos - 1)
+    else:
+        pos = tl.minimum(start + s, n_pos - 1)
     f = tl.arange(0, HALF)[None, :]
     cos = tl.load(cos_ptr + pos * half + f, mask=f < half, other=1.0)
     sin = tl.load(sin_ptr + pos * half + f, mask=f < half, other=0.0)
@@ -45,7 +53,7 @@ def _rope_append_kernel(q_ptr, k_ptr, v_ptr, q_out, kc_ptr, vc_ptr, cos_ptr, sin
         tl.store(vc_ptr + dst + heads * c_head + d, v.to(vc_ptr.dtype.element_ty), mask=mask)
 
 
-def rope_kv_append(q, k, v, cos, sin, k_cache, v_cache, slots, starts, lengths) -> torch.Tensor:
+def rope_kv_append(q, k, v, cos, sin, k_cache, v_cache, slots, starts, lengths, positions=None) -> torch.Tensor:
     """Returns the rotated q; writes rotated k and v into the cache (see rope_kv_append_ref)."""
     if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError("rope_kv_append: q [B, S, Hq, D], k and v [B, S, Hkv, D] must agree")
@@ -58,22 +66,30 @@ def rope_kv_append(q, k, v, cos, sin, k_cache, v_cache, slots, starts, lengths) 
     batch, seq, hq, head_dim = q.shape
     hk, half = k.shape[2], cos.shape[-1]
     q_out = torch.empty(batch, seq, hq, head_dim, dtype=q.dtype, device=q.device)
+    if positions is not None:
+        if positions.shape != (batch, seq):
+            raise ValueError(f"rope_kv_append: positions must be [{batch}, {seq}]")
+        positions = positions.contiguous()
     rest = head_dim - 2 * half
     pdl = use_pdl(q)
     _rope_append_kernel[(batch * seq,)](
-        q, k, v, q_out, k_cache, v_cache, cos, sin, slots, starts, lengths, seq, cos.shape[0],
+        q, k, v, q_out, k_cache, v_cache, cos, sin, slots, starts, lengths,
+        starts if positions is None else positions, seq, cos.shape[0],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), hq, hk, head_dim, half,
         BLOCK_HQ=pow2(hq), BLOCK_HK=pow2(hk), HALF=pow2(half), BLOCK_REST=pow2(rest) if rest else 0,
-        BLOCK_D=pow2(head_dim), PDL=pdl, num_warps=4, launch_pdl=pdl)
+        BLOCK_D=pow2(head_dim), PDL=pdl, POSITIONS=positions is not None, num_warps=4, launch_pdl=pdl)
     return q_out
 
 
-def rope_kv_append_ref(q, k, v, cos, sin, k_cache, v_cache, slots, starts, lengths) -> torch.Tensor:
+def rope_kv_append_ref(q, k, v, cos, sin, k_cache, v_cache, slots, starts, lengths, positions=None) -> torch.Tensor:
     """q: [B, S, Hq, D], k/v: [B, S, Hkv, D]; row b's token i sits at position starts[b] + i.
-    Rotates q and k there (apply_rope_ref), appends the rotated k and v of the first lengths[b]
-    tokens to cache slot slots[b] (kv_append_ref), and returns the rotated q."""
-    positions = (starts.long()[:, None] + torch.arange(q.shape[1], device=q.device)[None, :]).clamp(max=cos.shape[0] - 1)
+    Rotates q and k there (or at positions[b, i] where given; apply_rope_ref), appends the rotated
+    k and v of the first lengths[b] tokens to cache slot slots[b] at starts[b] + i (kv_append_ref),
+    and returns the rotated q."""
+    if positions is None:
+        positions = starts.long()[:, None] + torch.arange(q.shape[1], device=q.device)[None, :]
+    positions = positions.long().clamp(max=cos.shape[0] - 1)
     q_rot, k_rot = apply_rope_ref(q, k, cos, sin, positions)
     kv_append_ref(k_cache, v_cache, k_rot, v, slots, starts, lengths)
     return q_rot

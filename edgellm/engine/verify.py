@@ -1,0 +1,162 @@
+"""Speculative verification on the runner: a token tree per row through the model in one forward.
+
+Each row of the running decode batch brings a tree of candidate tokens: node 0 is the row's last
+token (the input a plain decode step would take), the others are drafts, each after its parent. One
+forward over all nodes (kernels/tree_mask.py: node i sees the context, its ancestors and itself, and
+is rotated at the row's length plus its depth) gives logits at every node; the step then picks the
+target's token at every node with the row's sampling settings (kernels/sampling.py, at the RNG
+offsets plain decoding would use for that depth), walks the tree along those choices
+(kernels/tree_accept.py), moves the accepted nodes' K/V into consecutive positions
+(kernels/kv_compact.py) and advances the row by the accepted drafts plus one. So every step yields
+at least the token plain decoding would have produced, and with the same seed exactly the tokens
+plain decoding produces.
+
+`verify_sample_step` is the fast path: static buffers (graphs.py TreeBuffers beside the batch's
+DecodeBuffers) and a CUDA graph per (padded batch size, tree size bucket, LoRA on/off), captured
+with the batch's decode graph. `tree_decode_step` / `commit_tree_path` are the seeds' eager
+logits-out form (executeEagleBaseTreeDecodingStep): verification and acceptance left to the caller.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import InvalidRequestError
+from ..kernels import ops
+from ..kernels.tree_mask import MAX_TREE, mask_to_bits
+from .graphs import DecodeBuffers, TreeBuffers, any_adapter, graph_batch_sizes
+from .model import TokenTree, forward_logits
+from .modes import inference_call
+
+
+def tree_buckets(max_verify_tokens: int) -> list[int]:
+    """Tree sizes (nodes, the root included) that get verify graphs: 2, 4, 8, ... and the maximum."""
+    return graph_batch_sizes(max_verify_tokens)[1:] if max_verify_tokens > 1 else []
+
+
+class TreeSteps:
+    """The verify steps of LLMEngineRunner (a mixin: the state is the runner's)."""
+
+    max_verify_tokens: int  # nodes per tree, the root included; 0: this engine does not verify trees
+
+    # ---- the seeds' form: logits out, acceptance by the caller ----
+
+    @inference_call
+    def tree_decode_step(self, inputs_embeds: torch.Tensor, tree_mask: torch.Tensor, slots=None,
+                         lora=None) -> torch.Tensor:
+        """Run a token tree per row after the rows' cached tokens: inputs_embeds [B, T, hidden] (node 0
+        first; each node after its parent), tree_mask [B, T, T] (node i sees node j: its ancestors and
+        itself). Writes the nodes' K/V at positions length .. length + T - 1 of each row's slot without
+        advancing its length, and returns the logits of every node, [B, T, vocab] float32. Follow with
+        commit_tree_path() to keep a path."""
+        batch, nodes, hidden = inputs_embeds.shape
+        mask = torch.as_tensor(tree_mask).to(self.device).bool()
+        if hidden != self.config.hidden_size or mask.shape != (batch, nodes, nodes) or not 1 <= nodes <= MAX_TREE:
+            raise InvalidRequestError(f"tree_decode_step: inputs_embeds [B, T, {self.config.hidden_size}] and "
+                                      f"tree_mask [B, T, T] with 1 <= T <= {MAX_TREE}")
+        eye = torch.eye(nodes, dtype=torch.bool, device=self.device)
+        if not (mask[:, eye].all() and not mask.triu(1).any()):
+            raise InvalidRequestError("tree_decode_step: tree_mask must see each node itself and no later node")
+        slot_ids = self._slots(slots, batch)
+        lora_rows = self._lora_rows(lora, batch)
+        starts = self.kv_cache.lengths[slot_ids.long()]
+        positions = starts[:, None] + mask.sum(-1) - 1  # depth = ancestors
+        q_lens = torch.full((batch,), nodes, dtype=torch.int32, device=self.device)
+        return forward_logits(self.weights, self.config, self.kv_cache, self.rope_cos_sin,
+                              inputs_embeds.to(self.dtype), slot_ids, starts, q_lens,
+                              lora=self._lora_batch(*self._lora_tensors(lora_rows), any_adapter(lora_rows)),
+                              tree=TokenTree(mask_to_bits(mask), positions), every_token=True)
+
+    @inference_call
+    def commit_tree_path(self, path, accepted, slots=None) -> None:
+        """Keep the path path[b, :accepted[b] + 1] (node indices, path[b, 0] = 0) of the last
+        tree_decode_step in each row's cache, in consecutive positions; the row grows by accepted + 1."""
+        path = torch.as_tensor(path, dtype=torch.int32).to(self.device)
+        accepted = torch.as_tensor(accepted, dtype=torch.int32).to(self.device)
+        slot_ids = self._slots(slots, path.shape[0])
+        starts = self.kv_cache.lengths[slot_ids.long()]
+        ops.kv_compact(self.kv_cache.data, slot_ids, starts, path, accepted)
+        self.kv_cache.lengths[slot_ids.long()] = starts + accepted + 1
+
+    # ---- the fast path: the running decode batch, sampling and acceptance inside the step ----
+
+    @inference_call
+    def verify_sample_step(self, tokens, parents, n_nodes) -> tuple[torch.Tensor, torch.Tensor]:
+        """One speculative step of the rows set by start_decode. Per row: a tree of n_nodes[i] nodes,
+        tokens [n, T] (column 0, the root, is the row's last token and is ignored), parents [n, T]
+        (parents[i, 0] = -1, parents[i, j] < j). The caller keeps each row's length + n_nodes within
+        the KV cache capacity. Returns (new tokens [n, T], count [n]): row i got new tokens
+        [:count[i] + 1] (views of static buffers, overwritten by the next step)."""
+        buf = self._active
+        if buf is None:
+            raise RuntimeError("verify_sample_step before start_decode")
+        tokens = torch.as_tensor(tokens, dtype=torch.int64)
+        parents = torch.as_tensor(parents, dtype=torch.int32)
+        n_nodes = torch.as_tensor(n_nodes, dtype=torch.int32)
+        n, width = tokens.shape
+        if n != buf.live or parents.shape != (n, width) or n_nodes.shape != (n,):
+            raise InvalidRequestError(f"verify_sample_step: tokens and parents [{buf.live}, T], n_nodes [{buf.live}]")
+        if not 1 <= width <= self.max_verify_tokens:
+            raise InvalidRequestError(f"verify_sample_step: trees of 1 to max_verify_tokens={self.max_verify_tokens} "
+                                      f"nodes, got {width}")
+        if not parents.is_cuda:  # host-side checks are free here
+            order = torch.arange(width, dtype=torch.int32)
+            if (n_nodes < 1).any() or (n_nodes > width).any() or (parents[:, 0] != -1).any() \
+                    or (parents[:, 1:] >= order[1:]).any() or (parents[:, 1:] < 0).any():
+                raise InvalidRequestError("verify_sample_step: parents[:, 0] must be -1 and 0 <= parents[:, j] < j; "
+                                          "1 <= n_nodes <= T")
+        nodes = next(size for size in tree_buckets(self.max_verify_tokens) if size >= width) if width > 1 else 2
+        tree = self._tree_buffers(buf.size, nodes)
+        tree.load(tokens.to(self.device), parents.to(self.device), n_nodes.to(self.device))
+        graph = self.graphs.get(self._verify_key(buf.size, nodes, buf.uses_lora))
+        if graph is not None:
+            graph.replay()
+        else:
+            self._verify_body(buf, tree, buf.uses_lora)
+        return tree.out[:n], tree.count[:n]
+
+    def _tree_buffers(self, size: int, nodes: int) -> TreeBuffers:
+        key = (size, nodes)
+        if key not in self._trees:
+            self._trees[key] = TreeBuffers(size, nodes, self.device)
+        return self._trees[key]
+
+    @staticmethod
+    def _verify_key(size: int, nodes: int, uses_lora: bool):
+        return (size, "lora" if uses_lora else "", ("verify", nodes))
+
+    def _verify_body(self, buf: DecodeBuffers, tree: TreeBuffers, uses_lora: bool) -> None:
+        """One verify step on `buf` and `tree`, device work only: what a graph captures."""
+        lengths = self.kv_cache.lengths
+        scratch = self.kv_cache.scratch_slot
+        lengths[scratch:scratch + 1].zero_()  # padding rows restart at position 0 (see _decode_body)
+        size, nodes = tree.tokens.shape
+        starts = lengths[buf.slot_index]
+        tree.tokens[:, 0].copy_(buf.tokens)
+        bits, depth = ops.tree_mask(tree.parents, tree.n_nodes)
+        embeds = torch.nn.functional.embedding(tree.tokens, self.weights.embed)
+        logits = forward_logits(self.weights, self.config, self.kv_cache, self.rope_cos_sin, embeds, buf.slots,
+                                starts, tree.n_nodes, lora=self._lora_batch(buf.lora, buf.lora_used, uses_lora),
+                                tree=TokenTree(bits, starts[:, None] + depth), every_token=True)
+        # The target's token at every node, drawn as plain decoding would draw it at that depth.
+        per_node = lambda x: x.repeat_interleave(nodes)  # noqa: E731
+        targets = ops.sample(logits.view(size * nodes, -1), per_node(buf.temperature), per_node(buf.top_k),
+                             per_node(buf.top_p), per_node(buf.seeds), (buf.offsets[:, None] + depth + 1).view(-1))
+        path, count, out = ops.accept_tree(tree.tokens, tree.parents, tree.n_nodes, targets.view(size, nodes))
+        ops.kv_compact(self.kv_cache.data, buf.slots, starts, path, count)
+        lengths[buf.slot_index] = starts + count + 1
+        buf.offsets += count + 1
+        buf.tokens.copy_(out.gather(1, count[:, None].long())[:, 0])
+        tree.out.copy_(out)
+        tree.count.copy_(count)
+        tree.logits = logits
+
+    def _ensure_verify_graphs(self, buf: DecodeBuffers, uses_lora: bool) -> None:
+        """Capture the verify graphs of `buf`'s size, every tree bucket (with its decode graph, while
+        every row of `buf` is padding: the captures touch only the scratch slot)."""
+        for nodes in tree_buckets(self.max_verify_tokens):
+            key = self._verify_key(buf.size, nodes, uses_lora)
+            if self.graphs.get(key) is None:
+                tree = self._tree_buffers(buf.size, nodes)
+                tree.n_nodes.fill_(1)
+                self.graphs.capture(key, lambda: self._verify_body(buf, tree, uses_lora))

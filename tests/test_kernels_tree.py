@@ -1,0 +1,133 @@
+"""The speculative-verification kernels against their torch references: tree masks, tree-masked
+attention, RoPE at explicit positions, acceptance, KV compaction. Interpreter on CPU (CI); compiled
+on a GPU (bench/gpu_check.sh)."""
+
+import random
+
+import pytest
+import torch
+
+from edgellm.kernels import attention, kv_compact, rope, rope_append, tree_accept, tree_mask
+
+from test_kernels_triton import DEVICE, TOL, randn
+
+
+def random_trees(batch, t, seed, vocab=12):
+    """parents [B, T] (parent before child, node 0 the root), n_nodes [B], tokens [B, T] with
+    distinct tokens among siblings."""
+    rng = random.Random(seed)
+    parents = torch.full((batch, t), -1, dtype=torch.int32)
+    tokens = torch.zeros(batch, t, dtype=torch.int64)
+    nodes = torch.tensor([rng.randint(1, t) for _ in range(batch)], dtype=torch.int32)
+    for b in range(batch):
+        used = {}
+        for i in range(1, t):
+            parent = rng.randrange(i) if rng.random() < 0.7 else i - 1
+            free = [x for x in range(vocab) if x not in used.setdefault(parent, set())]
+            token = rng.choice(free) if free else 0
+            used[parent].add(token)
+            parents[b, i], tokens[b, i] = parent, token
+    return parents.to(DEVICE), nodes.to(DEVICE), tokens.to(DEVICE)
+
+
+@pytest.mark.parametrize("t", [1, 5, 16, 64])
+def test_tree_mask(t):
+    parents, nodes, _ = random_trees(4, t, seed=t)
+    bits, depth = tree_mask.tree_mask(parents, nodes)
+    bits_ref, depth_ref = tree_mask.tree_mask_ref(parents, nodes)
+    assert torch.equal(bits, bits_ref) and torch.equal(depth, depth_ref)
+    assert torch.equal(tree_mask.mask_to_bits(tree_mask.bits_to_mask(bits)), bits)
+
+
+def test_tree_mask_of_a_chain_is_causal():
+    t = 7
+    parents = torch.arange(-1, t - 1, dtype=torch.int32, device=DEVICE)[None]
+    bits, depth = tree_mask.tree_mask(parents, torch.tensor([t], dtype=torch.int32, device=DEVICE))
+    assert torch.equal(tree_mask.bits_to_mask(bits)[0], torch.ones(t, t, dtype=torch.bool, device=DEVICE).tril())
+    assert depth[0].tolist() == list(range(t))
+
+
+@pytest.mark.parametrize("t", [1, 4, 16])
+def test_accept_tree(t):
+    parents, nodes, tokens = random_trees(6, t, seed=10 + t, vocab=4)
+    # Targets that follow the tree for a while: each node's target is one of its children's tokens
+    # (or a token no child has), so paths of every length occur.
+    rng = random.Random(t)
+    targets = torch.tensor([[rng.randrange(5) for _ in range(t)] for _ in range(6)], device=DEVICE)
+    path, count, out = tree_accept.accept_tree(tokens, parents, nodes, targets)
+    path_ref, count_ref, out_ref = tree_accept.accept_tree_ref(tokens, parents, nodes, targets)
+    assert torch.equal(count, count_ref)
+    for b in range(6):
+        n = int(count_ref[b]) + 1
+        assert torch.equal(path[b, :n], path_ref[b, :n]) and torch.equal(out[b, :n], out_ref[b, :n])
+
+
+def test_accept_tree_walks_the_matching_branch():
+    # root -> a(5) -> c(7); root -> b(6) -> d(8). Targets pick b after the root, then d, then 9.
+    parents = torch.tensor([[-1, 0, 0, 1, 2]], dtype=torch.int32, device=DEVICE)
+    tokens = torch.tensor([[0, 5, 6, 7, 8]], device=DEVICE)
+    targets = torch.tensor([[6, 1, 8, 1, 9]], device=DEVICE)
+    path, count, out = tree_accept.accept_tree(tokens, parents, torch.tensor([5], dtype=torch.int32, device=DEVICE),
+                                               targets)
+    assert count.tolist() == [2] and path[0, :3].tolist() == [0, 2, 4] and out[0, :3].tolist() == [6, 8, 9]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kv_compact(dtype):
+    t, batch = 8, 3
+    parents, nodes, tokens = random_trees(batch, t, seed=3, vocab=3)
+    targets = torch.randint(0, 4, (batch, t), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    path, count, _ = tree_accept.accept_tree_ref(tokens, parents, nodes, targets)
+    path[0, 1:4], count[0] = torch.tensor([2, 5, 7]), 3  # a long non-chain path too
+    cache = randn(2, 2, batch + 1, 3, 20, 12, dtype=dtype)
+    original, expected = cache.clone(), cache.clone()
+    slots = torch.tensor([3, 0, 1], dtype=torch.int32, device=DEVICE)
+    starts = torch.tensor([0, 5, 12], dtype=torch.int32, device=DEVICE)
+    kv_compact.kv_compact(cache, slots, starts, path.to(DEVICE), count.to(DEVICE))
+    kv_compact.kv_compact_ref(expected, slots, starts, path.to(DEVICE), count.to(DEVICE))
+    assert torch.equal(cache, expected)
+    assert torch.equal(cache[:, :, 3, :, 1:4], original[:, :, 3, :, torch.tensor([2, 5, 7])])
+    assert torch.equal(cache[:, :, 2], original[:, :, 2])  # other slots untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hq,hkv,head_dim", [(4, 4, 64), (8, 2, 48)])
+def test_prefill_attention_with_a_tree_mask(dtype, hq, hkv, head_dim):
+    t = 16
+    parents, nodes, _ = random_trees(3, t, seed=4)
+    bits, _ = tree_mask.tree_mask_ref(parents, nodes)
+    k_cache = randn(4, hkv, 80, head_dim, dtype=dtype)
+    v_cache = randn(4, hkv, 80, head_dim, dtype=dtype, seed=1)
+    q = randn(3, t, hq, head_dim, dtype=dtype, seed=2)
+    args = (torch.tensor([1, 3, 0], device=DEVICE), torch.tensor([0, 21, 60], device=DEVICE), nodes, head_dim ** -0.5)
+    out = attention.prefill_attention(q, k_cache, v_cache, *args, tree_bits=bits)
+    ref = attention.prefill_attention_ref(q, k_cache, v_cache, *args, tree_bits=bits)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    # A chain's mask is the causal one.
+    chain = tree_mask.mask_to_bits(torch.ones(3, t, t, dtype=torch.bool, device=DEVICE).tril())
+    causal = attention.prefill_attention(q, k_cache, v_cache, *args)
+    torch.testing.assert_close(attention.prefill_attention(q, k_cache, v_cache, *args, tree_bits=chain), causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_kv_append_at_explicit_positions(dtype):
+    batch, seq, hq, hkv, head_dim, capacity = 2, 6, 4, 2, 32, 40
+    q, k, v = randn(batch, seq, hq, head_dim, dtype=dtype), randn(batch, seq, hkv, head_dim, dtype=dtype, seed=1), \
+        randn(batch, seq, hkv, head_dim, dtype=dtype, seed=2)
+    cos, sin = rope.rope_cos_sin_cache_ref(rope.rope_inv_freq(head_dim, 10000.0).to(DEVICE), capacity)
+    caches = [randn(batch + 1, hkv, capacity, head_dim, dtype=dtype, seed=s) for s in (3, 4)]
+    slots = torch.tensor([1, 0], dtype=torch.int32, device=DEVICE)
+    starts = torch.tensor([3, 20], dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor([seq, 4], dtype=torch.int32, device=DEVICE)
+    positions = starts[:, None] + torch.tensor([[0, 1, 1, 2, 2, 3], [0, 1, 2, 1, 2, 3]], device=DEVICE)
+    got, want = [c.clone() for c in caches], [c.clone() for c in caches]
+    q_out = rope_append.rope_kv_append(q, k, v, cos, sin, *got, slots, starts, lens, positions)
+    q_ref = rope_append.rope_kv_append_ref(q, k, v, cos, sin, *want, slots, starts, lens, positions)
+    torch.testing.assert_close(q_out, q_ref, **TOL[dtype])
+    torch.testing.assert_close(got[0], want[0], **TOL[dtype])
+    assert torch.equal(got[1], want[1])
+    # positions = starts + i is the default.
+    plain = rope_append.rope_kv_append(q, k, v, cos, sin, *[c.clone() for c in caches], slots, starts, lens)
+    explicit = starts[:, None] + torch.arange(seq, device=DEVICE)
+    torch.testing.assert_close(rope_append.rope_kv_append(q, k, v, cos, sin, *[c.clone() for c in caches], slots,
+                                                          starts, lens, explicit), plain)
