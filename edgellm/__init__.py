@@ -11,6 +11,7 @@
 from . import errors
 from .engine import EngineConfig, LinearKVCache, LLMEngineRunner
 from .engine.kv_store import KVReuseSettings, KVReuseStats
+from .speculative import SpeculativeConfig, SpeculativeStats
 from .models import default_model_dir
 from .requests import GenerationItem, GenerationTimings, LLMGenerationRequest, LLMGenerationResponse
 from .runtime import LLMInferenceRuntime
@@ -20,5 +21,6 @@ __version__ = "0.1.0"
 __all__ = [
     "EngineConfig", "GenerationItem", "GenerationTimings", "KVReuseSettings", "KVReuseStats", "LinearKVCache",
     "LLMEngineRunner",
-    "LLMGenerationRequest", "LLMGenerationResponse", "LLMInferenceRuntime", "default_model_dir", "errors",
+    "LLMGenerationRequest", "LLMGenerationResponse", "LLMInferenceRuntime", "SpeculativeConfig", "SpeculativeStats",
+    "default_model_dir", "errors",
 ]

@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from .engine.kv_store import KVReuseStats
+from .speculative.config import SpeculativeStats
 from .errors import InvalidRequestError
 from .tokenizer import ROLES
 
@@ -49,6 +50,7 @@ class LLMGenerationRequest:
     seed: int | None = None
     stop: list[str] | str | None = None
     lora_weights_name: str | None = None
+    speculative: bool | None = None  # False: decode this request without the runtime's speculation
 
 
 @dataclasses.dataclass
@@ -72,6 +74,7 @@ class LLMGenerationResponse:
     prompt_lengths: list[int]
     timings: GenerationTimings
     kv_reuse: KVReuseStats | None = None  # saved-prefix reuse (engine/kv_store.py), when the runtime has it on
+    speculative: SpeculativeStats | None = None  # speculative decoding (edgellm/speculative), when it ran
 
     def to_dict(self) -> dict:
         out = {
@@ -81,6 +84,8 @@ class LLMGenerationResponse:
         }
         if self.kv_reuse is not None:
             out["kv_reuse"] = self.kv_reuse.as_dict()
+        if self.speculative is not None:
+            out["speculative"] = self.speculative.as_dict()
         return out
 
 
@@ -196,4 +201,6 @@ def validate_request(request: LLMGenerationRequest, *, max_batch_size: int) -> l
         raise InvalidRequestError(f"max_generate_length must be an integer >= 1, got {request.max_generate_length!r}")
     if request.lora_weights_name is not None and not isinstance(request.lora_weights_name, str):
         raise InvalidRequestError("lora_weights_name must be a string or None")
+    if request.speculative not in (None, True, False):
+        raise InvalidRequestError(f"speculative must be True, False or None, got {request.speculative!r}")
     return [normalize_item(item, i) for i, item in enumerate(request.requests)]

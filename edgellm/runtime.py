@@ -37,6 +37,7 @@ from .fifo_lock import FifoLock
 from .models import resolve_model_dir
 from .requests import (GenerationItem, GenerationTimings, LLMGenerationRequest, LLMGenerationResponse,
                        SamplingSettings, sampling_settings, stop_strings, validate_request)
+from .speculative import Speculation, SpeculativeConfig, make_proposer, pack_trees
 from .tokenizer import Tokenizer, TextStreamer
 
 # Called as on_text(item_index, text_delta) while generating, for streaming output.
@@ -64,16 +65,23 @@ class LLMInferenceRuntime:
                  max_kv_cache_capacity: int | None = None, cuda_graphs: bool = True,
                  prefill_chunk_size: int | None = None, lora_weights: dict | None = None,
                  max_lora_rank: int | None = None, max_loras: int | None = None,
-                 kv_reuse: KVReuseSettings | None = None):
+                 kv_reuse: KVReuseSettings | None = None, speculative: SpeculativeConfig | None = None):
         """model_dir=None runs the embedded default model (SmolLM2-135M-Instruct). cuda_graphs,
         prefill_chunk_size, lora_weights ({name: adapter path}), max_lora_rank and max_loras are the
         engine settings of LLMEngineRunner. kv_reuse: save prompts' KV in blocks and reuse the longest
         saved prefix of later prompts (engine/kv_store.py; tiers and budgets in KVReuseSettings);
-        None (the default) reuses nothing."""
+        None (the default) reuses nothing. speculative: speculative decoding (edgellm/speculative;
+        n-gram prompt lookup or a draft model), None (the default) decodes one token per step."""
         if kv_reuse is not None:
             if not isinstance(kv_reuse, KVReuseSettings):
                 raise ConfigurationError(f"kv_reuse must be a KVReuseSettings or None, got {type(kv_reuse).__name__}")
             kv_reuse.check()  # before the model loads
+        if speculative is not None:
+            if not isinstance(speculative, SpeculativeConfig):
+                raise ConfigurationError(f"speculative must be a SpeculativeConfig or None, got "
+                                         f"{type(speculative).__name__}")
+            speculative.check()
+        self.speculative = speculative
         self._engine_lock = FifoLock()
         self._request_running = False
         self._stats_lock = threading.Lock()  # kv_reuse_stats reads totals a request's end may be adding to
@@ -87,6 +95,7 @@ class LLMInferenceRuntime:
                                       max_kv_cache_capacity=max_kv_cache_capacity, cuda_graphs=cuda_graphs,
                                       prefill_chunk_size=prefill_chunk_size, lora_weights=lora_weights,
                                       max_lora_rank=max_lora_rank, max_loras=max_loras,
+                                      max_verify_tokens=speculative.max_verify_tokens if speculative else 0,
                                       extra_device_bytes=reuse_device)
         self.config = self.runner.config
         try:
@@ -100,6 +109,7 @@ class LLMInferenceRuntime:
             if kv_reuse is not None else None
         self._kv_totals = KVReuseStats()
         self._prefill_ms_per_token: float | None = None  # measured on prompts prefilled whole (saving estimates)
+        self._proposer = make_proposer(speculative, self.runner) if speculative is not None else None
         if self.kv_store is not None:  # pending disk writes finish before the process exits
             atexit.register(_flush_store, weakref.ref(self.kv_store))
 
@@ -253,9 +263,10 @@ class LLMInferenceRuntime:
             if on_text is not None:
                 self._require_tokenizer()
             reuse = KVReuseStats() if self.kv_store is not None else None
+            spec = self._speculation(request, prompts)
             with torch.inference_mode():
                 rows, timings = self._generate(prompts, adapters, sampling, stops, request.max_generate_length,
-                                               on_text, reuse)
+                                               on_text, reuse, spec)
         timings.queue_ms = queued_ms
         timings.total_ms = (time.perf_counter() - started) * 1e3
         if reuse is not None:
@@ -263,10 +274,19 @@ class LLMInferenceRuntime:
                 self._kv_totals.add(reuse)
                 hit_rate = self._kv_totals.hit_rate
             log.info("%s (this request); cumulative hit rate %.2f", reuse.log_line(), hit_rate)
+        if spec is not None:  # tokens a finished row dropped have no flag
+            spec.stats.accepted_flags = [flags[:len(row.ids)] for flags, row in zip(spec.stats.accepted_flags, rows)]
         return LLMGenerationResponse(
             output_texts=[row.text for row in rows], output_ids=[row.ids for row in rows],
             finish_reasons=[row.finish_reason for row in rows], prompt_lengths=[row.prompt_len for row in rows],
-            timings=timings, kv_reuse=reuse)
+            timings=timings, kv_reuse=reuse, speculative=spec.stats if spec is not None else None)
+
+    def _speculation(self, request: LLMGenerationRequest, prompts: list[list[int]]) -> Speculation | None:
+        """This request's speculation, unless the runtime has none or the request turns it off."""
+        if self._proposer is None or request.speculative is False:
+            return None
+        config = self.speculative
+        return Speculation(self._proposer, prompts, config.max_verify_tokens - 1, config.adaptive)
 
     def _sampling_tensors(self, sampling: SamplingSettings, batch: int):
         device = self.device
@@ -279,7 +299,8 @@ class LLMInferenceRuntime:
                 seeds)
 
     def _generate(self, prompts: list[list[int]], adapters: list[str], sampling: SamplingSettings,
-                  stops: list[str], max_new: int, on_text: TextCallback | None, reuse: KVReuseStats | None):
+                  stops: list[str], max_new: int, on_text: TextCallback | None, reuse: KVReuseStats | None,
+                  spec: Speculation | None):
         runner, device = self.runner, self.device
         batch = len(prompts)
         holdback = max((len(s) for s in stops), default=1) - 1
@@ -310,7 +331,10 @@ class LLMInferenceRuntime:
             reuse.save_ms += (time.perf_counter() - t_save) * 1e3
         tokens = ops.sample(logits, temperature, top_k, top_p, seeds, offsets)
         active = list(range(batch))
-        self._advance(rows, active, tokens.tolist(), stops, max_new, on_text)
+        first = tokens.tolist()
+        self._advance(rows, active, [[t] for t in first], stops, max_new, on_text)
+        if spec is not None:
+            spec.first_tokens(first)
         timings.prefill_ms = (time.perf_counter() - t0) * 1e3
 
         t1 = time.perf_counter()
@@ -328,8 +352,8 @@ class LLMInferenceRuntime:
                 elif len(still) != len(active):  # rows that finished leave the batch
                     runner.keep_decode_rows([active.index(i) for i in still])
                 active = still
-                self._advance(rows, active, runner.decode_sample_step().tolist(), stops, max_new, on_text)
-                timings.decode_tokens += len(active)
+                new_tokens = self._decode_step(active, rows, max_new, spec)
+                timings.decode_tokens += self._advance(rows, active, new_tokens, stops, max_new, on_text)
         finally:
             runner.end_decode()
         timings.decode_ms = (time.perf_counter() - t1) * 1e3
@@ -352,26 +376,51 @@ class LLMInferenceRuntime:
         if self._prefill_ms_per_token is not None:
             reuse.prefill_ms_saved += reuse.reused_tokens * self._prefill_ms_per_token
 
-    def _advance(self, rows: list[_Row], active: list[int], new_tokens: list[int], stops: list[str],
-                 max_new: int, on_text: TextCallback | None) -> None:
-        """Record one new token per active row and decide which rows are finished."""
-        for i, token in zip(active, new_tokens):
+    def _decode_step(self, active: list[int], rows: list[_Row], max_new: int,
+                     spec: Speculation | None) -> list[list[int]]:
+        """One decode step of the running batch: each active row's new tokens (one, or with
+        speculation the accepted drafts plus one)."""
+        runner = self.runner
+        trees = spec.propose(active, [max_new - len(rows[i].ids) for i in active]) if spec is not None else None
+        if trees is None:
+            new_tokens = [[t] for t in runner.decode_sample_step().tolist()]
+            if spec is not None:
+                spec.record(active, new_tokens)
+            return new_tokens
+        out, count = runner.verify_sample_step(*pack_trees(trees))
+        host = torch.cat([out, count[:, None].to(out.dtype)], dim=1).tolist()  # one copy to the host
+        accepted = [row[-1] for row in host]
+        new_tokens = [row[:n + 1] for row, n in zip(host, accepted)]
+        spec.record(active, new_tokens, trees, accepted)
+        return new_tokens
+
+    def _advance(self, rows: list[_Row], active: list[int], new_tokens: list[list[int]], stops: list[str],
+                 max_new: int, on_text: TextCallback | None) -> int:
+        """Record each active row's new tokens, in order, until the row finishes (tokens after an EOS
+        id, a stop string or max_new are dropped); returns how many were kept."""
+        kept = 0
+        for i, tokens in zip(active, new_tokens):
             row = rows[i]
-            row.ids.append(token)
-            if token in self.eos_token_ids:
-                row.finish_reason = "stop"
-            elif len(row.ids) >= max_new:
-                row.finish_reason = "length"
-            if stops or on_text:
-                row.text = self.tokenizer.decode(row.ids)
-                hits = [row.text.find(s) for s in stops if s in row.text]
-                if hits:
-                    row.text = row.text[:min(hits)]
+            for token in tokens:
+                if row.finish_reason is not None:
+                    break
+                row.ids.append(token)
+                kept += 1
+                if token in self.eos_token_ids:
                     row.finish_reason = "stop"
-                if on_text:
-                    delta = row.streamer.delta(row.text, final=row.finish_reason is not None)
-                    if delta:
-                        on_text(i, delta)
+                elif len(row.ids) >= max_new:
+                    row.finish_reason = "length"
+                if stops or on_text:
+                    row.text = self.tokenizer.decode(row.ids)
+                    hits = [row.text.find(s) for s in stops if s in row.text]
+                    if hits:
+                        row.text = row.text[:min(hits)]
+                        row.finish_reason = "stop"
+                    if on_text:
+                        delta = row.streamer.delta(row.text, final=row.finish_reason is not None)
+                        if delta:
+                            on_text(i, delta)
+        return kept
 
 
 def _flush_store(store_ref) -> None:

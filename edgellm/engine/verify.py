@@ -101,10 +101,10 @@ class TreeSteps:
                                       f"nodes, got {width}")
         if not parents.is_cuda:  # host-side checks are free here
             order = torch.arange(width, dtype=torch.int32)
-            if (n_nodes < 1).any() or (n_nodes > width).any() or (parents[:, 0] != -1).any() \
-                    or (parents[:, 1:] >= order[1:]).any() or (parents[:, 1:] < 0).any():
-                raise InvalidRequestError("verify_sample_step: parents[:, 0] must be -1 and 0 <= parents[:, j] < j; "
-                                          "1 <= n_nodes <= T")
+            real = (order[None, 1:] < n_nodes[:, None]) & ((parents[:, 1:] >= order[1:]) | (parents[:, 1:] < 0))
+            if (n_nodes < 1).any() or (n_nodes > width).any() or (parents[:, 0] != -1).any() or real.any():
+                raise InvalidRequestError("verify_sample_step: parents[:, 0] must be -1 and 0 <= parents[:, j] < j "
+                                          "for the nodes j < n_nodes; 1 <= n_nodes <= T")
         nodes = next(size for size in tree_buckets(self.max_verify_tokens) if size >= width) if width > 1 else 2
         tree = self._tree_buffers(buf.size, nodes)
         tree.load(tokens.to(self.device), parents.to(self.device), n_nodes.to(self.device))

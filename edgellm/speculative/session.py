@@ -1,0 +1,75 @@
+"""One request's speculation: what to propose at each decode step, and the bookkeeping after it
+(the proposer's view of each row, statistics, and the adaptive back-off)."""
+
+from __future__ import annotations
+
+from .config import SpeculativeStats
+from .tree import DraftTree
+
+MAX_WAIT = 32  # decode steps a failing row may sit out, at most
+
+
+class RowBackoff:
+    """A row whose drafts were all rejected twice in a row sits out 1, then 2, 4, ... up to MAX_WAIT
+    steps before proposing again; any accepted draft resets it."""
+
+    def __init__(self):
+        self.wait = self.failures = 0
+        self.penalty = 1
+
+    def allows(self) -> bool:
+        if self.wait:
+            self.wait -= 1
+            return False
+        return True
+
+    def update(self, accepted: int) -> None:
+        if accepted:
+            self.failures, self.penalty = 0, 1
+            return
+        self.failures += 1
+        if self.failures >= 2:
+            self.wait, self.penalty, self.failures = self.penalty, min(2 * self.penalty, MAX_WAIT), 0
+
+
+class Speculation:
+    def __init__(self, proposer, prompts: list[list[int]], max_drafts: int, adaptive: bool):
+        self.proposer = proposer
+        self.max_drafts = max_drafts
+        self.backoff = [RowBackoff() for _ in prompts] if adaptive else None
+        self.stats = SpeculativeStats(accepted_flags=[[] for _ in prompts])
+        proposer.begin(prompts)
+
+    def propose(self, rows: list[int], remaining: list[int]) -> list[DraftTree | None] | None:
+        """Trees for these rows (None where a row proposes nothing), or None if no row proposes.
+        A row never gets more drafts than it has tokens left to generate, minus the target's own one."""
+        limits = [min(self.max_drafts, left - 1) if self.backoff is None or self.backoff[row].allows() else 0
+                  for row, left in zip(rows, remaining)]
+        if not any(limit > 0 for limit in limits):
+            return None
+        trees = self.proposer.propose(rows, limits)
+        return trees if any(t is not None for t in trees) else None
+
+    def record(self, rows: list[int], new_tokens: list[list[int]], trees=None, accepted=None) -> None:
+        """Tokens a step gave each row: a verify step (trees, accepted drafts per row) or a plain one."""
+        stats = self.stats
+        if trees is None:
+            stats.plain_steps += 1
+        else:
+            stats.verify_steps += 1
+        for k, (row, tokens) in enumerate(zip(rows, new_tokens)):
+            kept = accepted[k] if trees is not None else 0
+            if trees is not None and trees[k] is not None:
+                stats.proposed += trees[k].drafts
+                stats.accepted += kept
+                if self.backoff is not None:
+                    self.backoff[row].update(kept)
+            stats.tokens += len(tokens)
+            stats.accepted_flags[row] += [True] * kept + [False] * (len(tokens) - kept)
+            self.proposer.extend(row, tokens)
+
+    def first_tokens(self, tokens: list[int]) -> None:
+        """The tokens sampled from the prefill, one per row (not a decode step's)."""
+        for row, token in enumerate(tokens):
+            self.stats.accepted_flags[row].append(False)
+            self.proposer.extend(row, [token])
