@@ -29,6 +29,25 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-host-mb", type=int, default=None, help="pinned host RAM for blocks evicted from the device")
     g.add_argument("--kv-disk-dir", default=None, help="directory of saved blocks kept across runs and processes")
     g.add_argument("--kv-block-tokens", type=int, default=None, help="tokens per saved block (default 64)")
+    g = p.add_argument_group("speculative decoding (outputs are the same; only the speed changes)")
+    g.add_argument("--speculative", choices=("ngram", "draft"), default=None,
+                   help="ngram: prompt lookup, no extra model; draft: a smaller model proposes (--draft-model)")
+    g.add_argument("--draft-model", default=None, help="draft model directory (same tokenizer); implies --speculative draft")
+    g.add_argument("--num-speculative-tokens", type=int, default=None, help="draft chain length (default 4)")
+    g.add_argument("--draft-top-k", type=int, default=None, help="draft's best tokens per depth, as tree siblings (default 1)")
+    g.add_argument("--max-verify-tokens", type=int, default=None, help="largest tree verified per step (default 16)")
+
+
+def _speculative(args):
+    """SpeculativeConfig from the speculative options, or None when none is given."""
+    from .speculative import SpeculativeConfig
+
+    method = args.speculative or ("draft" if args.draft_model else None)
+    if method is None:
+        return None
+    given = {"draft_model": args.draft_model, "num_speculative_tokens": args.num_speculative_tokens,
+             "draft_top_k": args.draft_top_k, "max_verify_tokens": args.max_verify_tokens}
+    return SpeculativeConfig(method=method, **{k: v for k, v in given.items() if v is not None})
 
 
 def _kv_reuse(args):
@@ -72,7 +91,8 @@ def _runtime(args):
     runtime = LLMInferenceRuntime(args.model_dir, device=args.device, dtype=args.dtype,
                                   max_batch_size=args.max_batch_size, max_input_length=args.max_input_length,
                                   max_kv_cache_capacity=args.max_kv_cache_capacity, lora_weights=adapters,
-                                  max_lora_rank=args.max_lora_rank, kv_reuse=_kv_reuse(args))
+                                  max_lora_rank=args.max_lora_rank, kv_reuse=_kv_reuse(args),
+                                  speculative=_speculative(args))
     if adapters:
         runtime.switch_lora_weights(next(iter(adapters)))
     return runtime
@@ -92,6 +112,28 @@ def _print_timings(response) -> None:
           f"total {t.total_ms:.1f} ms]", file=sys.stderr)
     if response.kv_reuse is not None:
         print(f"[{response.kv_reuse.log_line()}]", file=sys.stderr)
+    spec = response.speculative
+    if spec is not None:
+        print(f"[speculative: accepted {spec.accepted} of {spec.proposed} drafts ({spec.acceptance_rate:.0%}), "
+              f"{spec.tokens_per_step:.2f} tokens per step, {spec.verify_steps} verify and {spec.plain_steps} plain "
+              "steps]", file=sys.stderr)
+
+
+_ACCEPTED, _RESET = "\033[1;32m", "\033[0m"  # bold green: tokens that came from accepted drafts
+
+
+def accepted_spans(tokenizer, ids: list[int], flags: list[bool], text: str, colour: bool) -> str:
+    """`text` (the response's, possibly cut at a stop string) with the tokens that came from accepted
+    drafts in colour (seed 003's demo); plain text when `colour` is off."""
+    if not colour:
+        return text
+    out, start = [], 0
+    for j, accepted in enumerate(flags):  # token j spans the growth of the decoded text it caused
+        end = max(start, min(len(text), len(tokenizer.decode(ids[:j + 1]))))
+        piece = text[start:end]
+        out.append(f"{_ACCEPTED}{piece}{_RESET}" if accepted and piece else piece)
+        start = end
+    return "".join(out) + text[start:]
 
 
 def cmd_generate(args) -> int:
@@ -105,9 +147,16 @@ def cmd_generate(args) -> int:
     def stream(_, delta):
         print(delta, end="", flush=True)
 
-    response = runtime.handle_request(_request(args, [item]), on_text=stream if args.stream else None)
-    print("" if args.stream else response.output_texts[0])
-    if args.timings:
+    streaming = args.stream and not args.show_accepted
+    response = runtime.handle_request(_request(args, [item]), on_text=stream if streaming else None)
+    if streaming:
+        print()
+    elif args.show_accepted and response.speculative is not None and runtime.tokenizer is not None:
+        print(accepted_spans(runtime.tokenizer, response.output_ids[0], response.speculative.accepted_flags[0],
+                             response.output_texts[0], colour=sys.stdout.isatty()))
+    else:
+        print(response.output_texts[0])
+    if args.timings or args.show_accepted:
         _print_timings(response)
     return 0
 
@@ -144,7 +193,8 @@ def cmd_chat(args) -> int:
         messages.append({"role": "assistant", "content": response.output_texts[0]})
 
 
-_RUN_SETTINGS = ("max_generate_length", "temperature", "top_k", "top_p", "seed", "stop", "lora_weights_name")
+_RUN_SETTINGS = ("max_generate_length", "temperature", "top_k", "top_p", "seed", "stop", "lora_weights_name",
+                 "speculative")
 
 
 def run_batch_file(runtime, spec: dict) -> dict:
@@ -170,7 +220,7 @@ def run_batch_file(runtime, spec: dict) -> dict:
                               "prompt_length": response.prompt_lengths[i]})
         document = response.to_dict()
         batches.append({"first_request": start, "size": len(chunk), **document["timings"],
-                        **({"kv_reuse": document["kv_reuse"]} if "kv_reuse" in document else {})})
+                        **{key: document[key] for key in ("kv_reuse", "speculative") if key in document}})
     return {"responses": responses, "batches": batches}
 
 
@@ -228,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat template")
     p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     p.add_argument("--timings", action="store_true", help="print prefill/decode timings to stderr")
+    p.add_argument("--show-accepted", action="store_true",
+                   help="with speculative decoding: colour the tokens that came from accepted drafts (on a "
+                        "terminal; the answer is printed when done) and print the speculation statistics")
     _add_model_options(p)
     _add_sampling_options(p, temperature_default=0.0)
     p.set_defaults(func=cmd_generate)

@@ -78,3 +78,32 @@ def test_run_reuses_kv_saved_on_disk_by_an_earlier_run(llama_dir, tmp_path):
     assert outputs[0]["batches"][0]["kv_reuse"]["stored_blocks"] == 2
     assert outputs[1]["batches"][0]["kv_reuse"]["hits_disk"] == 2
     assert outputs[0]["responses"][0]["output_ids"] == outputs[1]["responses"][0]["output_ids"]
+
+
+def test_generate_with_speculation_prints_the_same_answer_and_its_statistics(llama_dir, capsys):
+    base = ["generate", "w5 w6 w7 w5 w6 w7 w5 w6", "-m", str(llama_dir), "-n", "12", "--raw", "--device", "cpu"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    assert main(base + ["--speculative", "ngram", "--show-accepted"]) == 0
+    out = capsys.readouterr()
+    assert out.out == plain  # not a terminal: no colour codes
+    assert "[speculative: accepted" in out.err and "tokens per step" in out.err
+    assert main(base + ["--draft-model", str(llama_dir), "--num-speculative-tokens", "3", "--timings"]) == 0
+    out = capsys.readouterr()
+    assert out.out == plain and "[speculative: accepted" in out.err
+    assert main(base + ["--speculative", "draft"]) == 2
+    assert "needs draft_model" in capsys.readouterr().err
+
+
+def test_accepted_spans_colour_the_accepted_tokens(llama_dir):
+    from edgellm.cli import accepted_spans
+    from edgellm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(llama_dir)
+    ids = tokenizer.encode("w5 w6 w7 w8")
+    text = tokenizer.decode(ids)
+    coloured = accepted_spans(tokenizer, ids, [False, True, True, False], text, colour=True)
+    assert coloured.replace("\033[1;32m", "").replace("\033[0m", "") == text
+    assert coloured.count("\033[1;32m") == 2
+    assert any(f"\033[1;32m{piece}\033[0m" in coloured for piece in (" w6", "w6 ", "w6"))
+    assert accepted_spans(tokenizer, ids, [True] * 4, text[:5], colour=False) == text[:5]
