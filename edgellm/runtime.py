@@ -381,13 +381,18 @@ class LLMInferenceRuntime:
         """One decode step of the running batch: each active row's new tokens (one, or with
         speculation the accepted drafts plus one)."""
         runner = self.runner
-        trees = spec.propose(active, [max_new - len(rows[i].ids) for i in active]) if spec is not None else None
+        trees = packed = None
+        if spec is not None:
+            began = time.perf_counter()
+            trees = spec.propose(active, [max_new - len(rows[i].ids) for i in active])
+            packed = pack_trees(trees) if trees is not None else None
+            spec.stats.propose_ms += (time.perf_counter() - began) * 1e3
         if trees is None:
             new_tokens = [[t] for t in runner.decode_sample_step().tolist()]
             if spec is not None:
                 spec.record(active, new_tokens)
             return new_tokens
-        out, count = runner.verify_sample_step(*pack_trees(trees))
+        out, count = runner.verify_sample_step(*packed)
         host = torch.cat([out, count[:, None].to(out.dtype)], dim=1).tolist()  # one copy to the host
         accepted = [row[-1] for row in host]
         new_tokens = [row[:n + 1] for row, n in zip(host, accepted)]

@@ -276,3 +276,27 @@ def test_memory_plan_bounds_what_the_engine_uses(tmp_path):
     # Prefill graphs of new shapes after the largest one cost no more memory (each used to keep a 32 MiB
     # cuBLAS workspace of its own warm-up stream).
     assert reserved[-1] - reserved[0] < 16 << 20
+
+
+# ---- speculative decoding (issue 13) ----
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_speculative_greedy_on_gpu_is_token_identical(tiny_models, family):
+    """fp16, CUDA graphs: n-gram trees and the model as its own draft give exactly the tokens of the
+    same runtime with speculation off; the verify graphs are the ones that ran."""
+    from edgellm import SpeculativeConfig
+
+    model_dir, _ = tiny_models[family]
+    prompts = [[1] + [5, 6, 7, 8, 9] * 4, [1, 50, 6, 7, 50, 6], [1] + list(range(10, 40)) + list(range(10, 20))]
+    for config in (SpeculativeConfig(), SpeculativeConfig(method="draft", draft_model=model_dir, draft_top_k=2)):
+        runtime = LLMInferenceRuntime(model_dir, device="cuda", max_batch_size=3, speculative=config)
+        request = dict(requests=[{"input_ids": p} for p in prompts], max_generate_length=32, temperature=0)
+        with forbid_reference_on_cuda():
+            plain = runtime.handle_request(LLMGenerationRequest(**request, speculative=False))
+            spec = runtime.handle_request(LLMGenerationRequest(**request))
+            sampled = [runtime.handle_request(LLMGenerationRequest(**{**request, "temperature": 0.8}, seed=3,
+                                                                   speculative=s)).output_ids for s in (False, True)]
+        assert spec.output_ids == plain.output_ids
+        assert spec.speculative.verify_steps > 0 and spec.speculative.accepted > 0
+        assert sampled[0] == sampled[1]
+        assert any(isinstance(k[-1], tuple) and k[-1][0] == "verify" for k in runtime.runner.graphs.graphs)

@@ -68,6 +68,7 @@ class SpeculativeStats:
     verify_steps: int = 0    # speculative steps
     plain_steps: int = 0     # steps where no row proposed anything
     tokens: int = 0          # tokens the decode steps produced (all rows)
+    propose_ms: float = 0.0  # host time spent proposing drafts and packing them for the verify step
     accepted_flags: list[list[bool]] = dataclasses.field(default_factory=list)
 
     @property
@@ -82,5 +83,6 @@ class SpeculativeStats:
 
     def as_dict(self) -> dict:
         return {"proposed": self.proposed, "accepted": self.accepted, "verify_steps": self.verify_steps,
-                "plain_steps": self.plain_steps, "tokens": self.tokens, "acceptance_rate": self.acceptance_rate,
+                "plain_steps": self.plain_steps, "tokens": self.tokens, "propose_ms": self.propose_ms,
+                "acceptance_rate": self.acceptance_rate,
                 "tokens_per_step": self.tokens_per_step}
