@@ -37,7 +37,7 @@ from .fifo_lock import FifoLock
 from .models import resolve_model_dir
 from .requests import (GenerationItem, GenerationTimings, LLMGenerationRequest, LLMGenerationResponse,
                        SamplingSettings, sampling_settings, stop_strings, validate_request)
-from .speculative import Speculation, SpeculativeConfig, make_proposer, pack_trees
+from .speculative import Speculation, SpeculativeConfig, make_proposer
 from .tokenizer import Tokenizer, TextStreamer
 
 # Called as on_text(item_index, text_delta) while generating, for streaming output.
@@ -381,19 +381,18 @@ class LLMInferenceRuntime:
         """One decode step of the running batch: each active row's new tokens (one, or with
         speculation the accepted drafts plus one)."""
         runner = self.runner
-        trees = packed = None
+        trees = None
         if spec is not None:
             began = time.perf_counter()
             trees = spec.propose(active, [max_new - len(rows[i].ids) for i in active])
-            packed = pack_trees(trees) if trees is not None else None
             spec.stats.propose_ms += (time.perf_counter() - began) * 1e3
         if trees is None:
             new_tokens = [[t] for t in runner.decode_sample_step().tolist()]
             if spec is not None:
                 spec.record(active, new_tokens)
             return new_tokens
-        out, count = runner.verify_sample_step(*packed)
-        host = torch.cat([out, count[:, None].to(out.dtype)], dim=1).tolist()  # one copy to the host
+        host = runner.verify_sample_trees([(t.tokens, t.parents) if t is not None else ([0], [-1])
+                                           for t in trees]).tolist()  # one copy to the host
         accepted = [row[-1] for row in host]
         new_tokens = [row[:n + 1] for row, n in zip(host, accepted)]
         spec.record(active, new_tokens, trees, accepted)

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from edgellm.kernels import attention, kv_compact, rope, rope_append, tree_accept, tree_mask
+from edgellm.kernels import attention, kv_compact, rope, rope_append, tree_accept, tree_attention, tree_mask
 
 from test_kernels_triton import DEVICE, TOL, randn
 
@@ -91,22 +91,26 @@ def test_kv_compact(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("hq,hkv,head_dim", [(4, 4, 64), (8, 2, 48)])
-def test_prefill_attention_with_a_tree_mask(dtype, hq, hkv, head_dim):
-    t = 16
+@pytest.mark.parametrize("hq,hkv,head_dim,t", [(4, 4, 64, 16), (8, 2, 48, 5), (9, 3, 64, 8)])
+def test_tree_attention(dtype, hq, hkv, head_dim, t):
     parents, nodes, _ = random_trees(3, t, seed=4)
     bits, _ = tree_mask.tree_mask_ref(parents, nodes)
-    k_cache = randn(4, hkv, 80, head_dim, dtype=dtype)
-    v_cache = randn(4, hkv, 80, head_dim, dtype=dtype, seed=1)
+    k_cache = randn(4, hkv, 200, head_dim, dtype=dtype)
+    v_cache = randn(4, hkv, 200, head_dim, dtype=dtype, seed=1)
     q = randn(3, t, hq, head_dim, dtype=dtype, seed=2)
-    args = (torch.tensor([1, 3, 0], device=DEVICE), torch.tensor([0, 21, 60], device=DEVICE), nodes, head_dim ** -0.5)
-    out = attention.prefill_attention(q, k_cache, v_cache, *args, tree_bits=bits)
-    ref = attention.prefill_attention_ref(q, k_cache, v_cache, *args, tree_bits=bits)
-    torch.testing.assert_close(out, ref, **TOL[dtype])
-    # A chain's mask is the causal one.
+    args = (torch.tensor([1, 3, 0], device=DEVICE), torch.tensor([0, 21, 170], device=DEVICE), nodes)
+    out = tree_attention.tree_attention(q, k_cache, v_cache, *args, bits, head_dim ** -0.5)
+    ref = tree_attention.tree_attention_ref(q, k_cache, v_cache, *args, bits, head_dim ** -0.5)
+    for b in range(3):
+        n = int(nodes[b])
+        torch.testing.assert_close(out[b, :n], ref[b, :n], **TOL[dtype])
+    assert torch.isfinite(out).all()  # padding nodes too
+    # A chain's tree attention is causal attention over the chunk.
     chain = tree_mask.mask_to_bits(torch.ones(3, t, t, dtype=torch.bool, device=DEVICE).tril())
-    causal = attention.prefill_attention(q, k_cache, v_cache, *args)
-    torch.testing.assert_close(attention.prefill_attention(q, k_cache, v_cache, *args, tree_bits=chain), causal)
+    full = torch.full((3,), t, dtype=torch.int32, device=DEVICE)
+    causal = attention.prefill_attention_ref(q, k_cache, v_cache, *args[:2], full, head_dim ** -0.5)
+    torch.testing.assert_close(tree_attention.tree_attention(q, k_cache, v_cache, *args[:2], full, chain,
+                                                             head_dim ** -0.5), causal, **TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

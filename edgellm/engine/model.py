@@ -95,7 +95,7 @@ def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, key
     elif tree is None:
         out = ops.prefill_attention(q, keys, values, slots, starts, q_lens, scale)
     else:
-        out = ops.prefill_attention(q, keys, values, slots, starts, q_lens, scale, tree.bits)
+        out = ops.tree_attention(q, keys, values, slots, starts, q_lens, tree.bits, scale)
     return _project(out.reshape(batch, seq, cfg.q_size), lw.o_proj, lw.o_bias, lora, layer, "o", ops, t)
 
 

@@ -85,35 +85,50 @@ class TreeSteps:
         """One speculative step of the rows set by start_decode. Per row: a tree of n_nodes[i] nodes,
         tokens [n, T] (column 0, the root, is the row's last token and is ignored), parents [n, T]
         (parents[i, 0] = -1, parents[i, j] < j). The caller keeps each row's length + n_nodes within
-        the KV cache capacity. Returns (new tokens [n, T], count [n]): row i got new tokens
-        [:count[i] + 1] (views of static buffers, overwritten by the next step)."""
+        the KV cache capacity. Returns (new tokens [n, T'], count [n]): row i got new tokens
+        [:count[i] + 1] (views of static buffers, overwritten by the next step; T' >= T)."""
         buf = self._active
         if buf is None:
             raise RuntimeError("verify_sample_step before start_decode")
-        tokens = torch.as_tensor(tokens, dtype=torch.int64)
-        parents = torch.as_tensor(parents, dtype=torch.int32)
-        n_nodes = torch.as_tensor(n_nodes, dtype=torch.int32)
+        tokens = torch.as_tensor(tokens, dtype=torch.int64).cpu()
+        parents = torch.as_tensor(parents, dtype=torch.int32).cpu()
+        n_nodes = torch.as_tensor(n_nodes, dtype=torch.int32).cpu()
         n, width = tokens.shape
         if n != buf.live or parents.shape != (n, width) or n_nodes.shape != (n,):
             raise InvalidRequestError(f"verify_sample_step: tokens and parents [{buf.live}, T], n_nodes [{buf.live}]")
-        if not 1 <= width <= self.max_verify_tokens:
-            raise InvalidRequestError(f"verify_sample_step: trees of 1 to max_verify_tokens={self.max_verify_tokens} "
-                                      f"nodes, got {width}")
-        if not parents.is_cuda:  # host-side checks are free here
-            order = torch.arange(width, dtype=torch.int32)
-            real = (order[None, 1:] < n_nodes[:, None]) & ((parents[:, 1:] >= order[1:]) | (parents[:, 1:] < 0))
-            if (n_nodes < 1).any() or (n_nodes > width).any() or (parents[:, 0] != -1).any() or real.any():
-                raise InvalidRequestError("verify_sample_step: parents[:, 0] must be -1 and 0 <= parents[:, j] < j "
-                                          "for the nodes j < n_nodes; 1 <= n_nodes <= T")
+        order = torch.arange(width, dtype=torch.int32)
+        bad = (order[None, 1:] < n_nodes[:, None]) & ((parents[:, 1:] >= order[1:]) | (parents[:, 1:] < 0))
+        if (n_nodes < 1).any() or (n_nodes > width).any() or (parents[:, 0] != -1).any() or bad.any():
+            raise InvalidRequestError("verify_sample_step: parents[:, 0] must be -1 and 0 <= parents[:, j] < j "
+                                      "for the nodes j < n_nodes; 1 <= n_nodes <= T")
+        result = self.verify_sample_trees([(t[:k], p[:k]) for t, p, k in
+                                           zip(tokens.tolist(), parents.tolist(), n_nodes.tolist())])
+        return result[:, :-1], result[:, -1]
+
+    @inference_call
+    def verify_sample_trees(self, trees: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+        """verify_sample_step for trees given as (tokens, parents) lists per row, node 0 first (what the
+        runtime's proposers build; not checked beyond their size). Returns [n, T' + 1] int64 on the
+        device: row i's new tokens in [:count + 1] and count (accepted drafts) in its last column."""
+        buf = self._active
+        if buf is None:
+            raise RuntimeError("verify_sample_step before start_decode")
+        width = max(len(tokens) for tokens, _ in trees)
+        if len(trees) != buf.live or not 1 <= width <= self.max_verify_tokens:
+            raise InvalidRequestError(f"verify_sample_step: {buf.live} trees of 1 to max_verify_tokens="
+                                      f"{self.max_verify_tokens} nodes")
         nodes = next(size for size in tree_buckets(self.max_verify_tokens) if size >= width) if width > 1 else 2
         tree = self._tree_buffers(buf.size, nodes)
-        tree.load(tokens.to(self.device), parents.to(self.device), n_nodes.to(self.device))
+        rows = [tokens + [0] * (nodes - len(tokens)) + parents + [-1] * (nodes - len(tokens)) + [len(tokens)]
+                for tokens, parents in trees]
+        rows += [[0] * nodes + [-1] * nodes + [1]] * (buf.size - len(trees))
+        tree.packed.copy_(torch.tensor(rows, dtype=torch.int64))  # the step's one copy to the device
         graph = self.graphs.get(self._verify_key(buf.size, nodes, buf.uses_lora))
         if graph is not None:
             graph.replay()
         else:
             self._verify_body(buf, tree, buf.uses_lora)
-        return tree.out[:n], tree.count[:n]
+        return tree.result[:len(trees)]
 
     def _tree_buffers(self, size: int, nodes: int) -> TreeBuffers:
         key = (size, nodes)
@@ -132,6 +147,7 @@ class TreeSteps:
         lengths[scratch:scratch + 1].zero_()  # padding rows restart at position 0 (see _decode_body)
         size, nodes = tree.tokens.shape
         starts = lengths[buf.slot_index]
+        tree.unpack()
         tree.tokens[:, 0].copy_(buf.tokens)
         bits, depth = ops.tree_mask(tree.parents, tree.n_nodes)
         embeds = torch.nn.functional.embedding(tree.tokens, self.weights.embed)
@@ -147,8 +163,8 @@ class TreeSteps:
         lengths[buf.slot_index] = starts + count + 1
         buf.offsets += count + 1
         buf.tokens.copy_(out.gather(1, count[:, None].long())[:, 0])
-        tree.out.copy_(out)
-        tree.count.copy_(count)
+        tree.result[:, :nodes].copy_(out)
+        tree.result[:, nodes].copy_(count)
         tree.logits = logits
 
     def _ensure_verify_graphs(self, buf: DecodeBuffers, uses_lora: bool) -> None:
@@ -157,6 +173,5 @@ class TreeSteps:
         for nodes in tree_buckets(self.max_verify_tokens):
             key = self._verify_key(buf.size, nodes, uses_lora)
             if self.graphs.get(key) is None:
-                tree = self._tree_buffers(buf.size, nodes)
-                tree.n_nodes.fill_(1)
+                tree = self._tree_buffers(buf.size, nodes)  # fresh buffers hold bare roots
                 self.graphs.capture(key, lambda: self._verify_body(buf, tree, uses_lora))

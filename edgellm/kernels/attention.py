@@ -4,8 +4,8 @@ Prefill kernel: flash attention, one program per (row, query head, block of quer
 softmax in float32 over key blocks up to the causal limit, keys/values read straight from the row's
 cache slot (so a chunk may follow an earlier prefix: chunked prefill and prefix reuse need nothing
 else). head_dim that is not a power of two (48, 96, ...) is padded to the next one with masks.
-With `tree_bits` (speculative verification, tree_mask.py) the chunk is a token tree instead of a
-sequence: query i sees the cache before the chunk and the chunk's keys j whose bit j it has.
+Speculative token trees have their own split-K kernel (tree_attention.py); the reference here
+takes their masks too.
 
 Decode kernel: split-K ("flash decoding"). Phase 1: one program per (row, KV head, split) loads
 each key/value block once for all query heads of its group and writes a partial result and its
@@ -22,11 +22,11 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, slots_ptr, starts_ptr, qlens_ptr, tree_ptr, s_tree,
+def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, slots_ptr, starts_ptr, qlens_ptr,
                     s_qb, s_qs, s_qh, s_ob, s_os, s_oh, c_slot, c_head, c_pos,
                     scale_log2, group, head_dim,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PRECISION: tl.constexpr, TREE: tl.constexpr):
+                    PRECISION: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     m_block = tl.program_id(2)
@@ -41,8 +41,6 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, slots_ptr, starts_ptr, qlens
         q = tl.load(q_ptr + b.to(tl.int64) * s_qb + m_offs[:, None] * s_qs + h * s_qh + d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         q_pos = start + m_offs
-        if TREE:  # [B, S] int64 masks; a tree has at most 64 nodes
-            bits = tl.load(tree_ptr + b.to(tl.int64) * s_tree + m_offs, mask=row_ok, other=0)
         kv_base = slot * c_slot + (h // group).to(tl.int64) * c_head
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -54,12 +52,7 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, slots_ptr, starts_ptr, qlens
             k = tl.load(kc_ptr + kv_base + n_offs[None, :] * c_pos + d[:, None],
                         mask=key_ok[None, :] & d_ok[:, None], other=0.0)
             qk = tl.dot(q, k, input_precision=PRECISION) * scale_log2
-            if TREE:
-                rel = n_offs - start
-                in_tree = (bits[:, None] >> tl.minimum(tl.maximum(rel, 0), 63).to(tl.int64)[None, :]) & 1
-                allowed = key_ok[None, :] & ((rel[None, :] < 0) | ((in_tree != 0) & (rel[None, :] < 64)))
-            else:
-                allowed = key_ok[None, :] & (n_offs[None, :] <= q_pos[:, None])
+            allowed = key_ok[None, :] & (n_offs[None, :] <= q_pos[:, None])
             qk = tl.where(allowed, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, axis=1))
             p = tl.exp2(qk - m_new[:, None])
@@ -82,15 +75,13 @@ def _check_cache(q_heads, head_dim, k_cache, v_cache):
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                      starts: torch.Tensor, q_lens: torch.Tensor, scale: float, tree_bits: torch.Tensor | None = None,
-                      *, tile: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                      starts: torch.Tensor, q_lens: torch.Tensor, scale: float, *,
+                      tile: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """tile = (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the default tiling (benchmarks)."""
     batch, seq, heads, head_dim = q.shape
     _check_cache(heads, head_dim, k_cache, v_cache)
     if q.stride(-1) != 1:
         q = q.contiguous()
-    if tree_bits is not None and (tree_bits.shape != (batch, seq) or seq > 64 or not tree_bits.is_contiguous()):
-        raise ValueError(f"prefill_attention: tree_bits must be a contiguous [{batch}, {seq}] tensor, seq <= 64")
     out = torch.zeros(batch, seq, heads, head_dim, dtype=q.dtype, device=q.device)
     block_d = pow2(head_dim, 16)
     if tile is None:
@@ -100,12 +91,11 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     block_m = min(block_m, pow2(seq, 16))
     grid = (batch, heads, triton.cdiv(seq, block_m))
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, slots, starts, q_lens, q_lens if tree_bits is None else tree_bits, seq,
-        q.stride(0), q.stride(1), q.stride(2),
+        q, k_cache, v_cache, out, slots, starts, q_lens, q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         scale * _LOG2E, heads // k_cache.shape[1], head_dim,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype),
-        TREE=tree_bits is not None, num_warps=warps, num_stages=stages)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), num_warps=warps,
+        num_stages=stages)
     return out
 
 

@@ -4,7 +4,7 @@ per-request bookkeeping; the runner verifies the drafts (engine/verify.py)."""
 from .config import METHODS, SpeculativeConfig, SpeculativeStats
 from .ngram import NgramProposer
 from .session import Speculation
-from .tree import DraftTree, pack_trees
+from .tree import DraftTree
 
 
 def make_proposer(config: SpeculativeConfig, runner):
@@ -17,4 +17,4 @@ def make_proposer(config: SpeculativeConfig, runner):
 
 
 __all__ = ["METHODS", "DraftTree", "NgramProposer", "SpeculativeConfig", "SpeculativeStats", "Speculation",
-           "make_proposer", "pack_trees"]
+           "make_proposer"]

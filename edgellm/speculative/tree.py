@@ -1,9 +1,7 @@
-"""Draft token trees on the host: branches merged into a trie, and a batch of trees packed into the
-arrays the runner's verify step takes (engine/verify.py)."""
+"""Draft token trees on the host: branches merged into a trie (the runner's verify step takes each
+as its tokens and parents lists, engine/verify.py)."""
 
 from __future__ import annotations
-
-import torch
 
 
 class DraftTree:
@@ -37,19 +35,3 @@ class DraftTree:
                 self._children.append({})
                 self._children[node][token] = child
             node = child
-
-
-def pack_trees(trees: list[DraftTree | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(tokens [n, T], parents [n, T], n_nodes [n]) for the verify step; a row without a tree is a
-    bare root (it advances by one token, as in a plain step)."""
-    width = max(len(t) if t is not None else 1 for t in trees)
-    tokens = torch.zeros(len(trees), width, dtype=torch.int64)
-    parents = torch.full((len(trees), width), -1, dtype=torch.int32)
-    n_nodes = torch.ones(len(trees), dtype=torch.int32)
-    for row, tree in enumerate(trees):
-        if tree is not None:
-            n = len(tree)
-            tokens[row, :n] = torch.tensor(tree.tokens)
-            parents[row, :n] = torch.tensor(tree.parents, dtype=torch.int32)
-            n_nodes[row] = n
-    return tokens, parents, n_nodes

@@ -1,0 +1,106 @@
+"""Attention of a speculative token tree over the linear KV cache (engine/verify.py).
+
+Each row brings T tree nodes (tree_mask.py), already appended at cache positions starts[b] ..
+starts[b] + T - 1. Node i attends to the row's context (positions before starts[b]) and to the tree
+nodes j whose bit j bits[b, i] has (its ancestors and itself).
+
+A tree is a handful of queries over a long context, like a decode step and unlike a prefill chunk,
+so the kernel is the decode kernel's split-K (attention.py): one program per (row, KV head, split of
+the keys) loads each key/value block once for every node and every query head of its group (T x
+group query rows in one tl.dot), then attention.py's merge combines the splits. Nodes past
+n_nodes[b] see only the root (their outputs are never used; this keeps them finite).
+"""
+
+import torch
+
+from ._triton import dot_precision, pow2, tl, triton
+from .attention import _LOG2E, _check_cache, _decode_merge_kernel, _num_splits, prefill_attention_ref
+
+
+@triton.jit
+def _tree_split_kernel(q_ptr, kc_ptr, vc_ptr, bits_ptr, part_out_ptr, part_lse_ptr, slots_ptr, starts_ptr, nodes_ptr,
+                       s_qb, s_qt, s_qh, c_slot, c_head, c_pos, scale_log2, group, head_dim, n_heads, n_splits, T,
+                       BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    start = tl.load(starts_ptr + b)
+    n_nodes = tl.load(nodes_ptr + b)
+    length = start + n_nodes
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+    split_len = tl.cdiv(tl.cdiv(length, n_splits), BLOCK_N) * BLOCK_N
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, length)
+    r = tl.arange(0, BLOCK_Q)  # query row = node * group + head in the group
+    node = r // group
+    g = r % group
+    r_ok = node < T
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    heads = kv_head * group + g
+    q = tl.load(q_ptr + b.to(tl.int64) * s_qb + node[:, None] * s_qt + heads[:, None] * s_qh + d[None, :],
+                mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    bits = tl.load(bits_ptr + b.to(tl.int64) * T + node, mask=r_ok, other=1)
+    bits = tl.where(node < n_nodes, bits, 1)
+    kv_base = slot * c_slot + kv_head.to(tl.int64) * c_head
+    m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        n_offs = n0 + tl.arange(0, BLOCK_N)
+        key_ok = n_offs < hi
+        k = tl.load(kc_ptr + kv_base + n_offs[None, :] * c_pos + d[:, None],
+                    mask=key_ok[None, :] & d_ok[:, None], other=0.0)
+        qk = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+        rel = n_offs - start  # < 0: the context; 0 .. n_nodes - 1: the tree
+        seen = (bits[:, None] >> tl.minimum(tl.maximum(rel, 0), 63).to(tl.int64)[None, :]) & 1
+        allowed = key_ok[None, :] & ((rel[None, :] < 0) | (seen != 0))
+        qk = tl.where(allowed, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        p = tl.exp2(qk - tl.where(m_new == float("-inf"), 0.0, m_new)[:, None])
+        alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(vc_ptr + kv_base + n_offs[:, None] * c_pos + d[None, :],
+                    mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    has_keys = l_i > 0
+    out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    row = ((b * T + node) * n_heads + heads).to(tl.int64) * n_splits + split
+    ok = r_ok & (g < group)
+    tl.store(part_out_ptr + row[:, None] * head_dim + d[None, :], out, mask=ok[:, None] & d_ok[None, :])
+    tl.store(part_lse_ptr + row, lse, mask=ok)
+
+
+def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                   starts: torch.Tensor, n_nodes: torch.Tensor, bits: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [B, T, Hq, D]; bits: [B, T] int64 (tree_mask.py). Returns [B, T, Hq, D] in q's dtype."""
+    batch, t, heads, head_dim = q.shape
+    _check_cache(heads, head_dim, k_cache, v_cache)
+    if bits.shape != (batch, t) or t > 64:
+        raise ValueError(f"tree_attention: bits must be [{batch}, {t}] with T <= 64")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    bits = bits.contiguous()
+    kv_heads = k_cache.shape[1]
+    group = heads // kv_heads
+    splits = _num_splits(q, batch, kv_heads, k_cache.shape[2])
+    part_out = torch.empty(batch * t * heads * splits, head_dim, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(batch * t * heads * splits, dtype=torch.float32, device=q.device)
+    block_d = pow2(head_dim, 16)
+    _tree_split_kernel[(batch, kv_heads, splits)](
+        q, k_cache, v_cache, bits, part_out, part_lse, slots, starts, n_nodes, q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), scale * _LOG2E, group, head_dim, heads, splits, t,
+        BLOCK_Q=pow2(t * group, 16), BLOCK_N=64, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), num_warps=4)
+    out = torch.empty(batch, t, heads, head_dim, dtype=q.dtype, device=q.device)
+    _decode_merge_kernel[(batch * t, heads)](  # the tree's nodes are the merge's rows
+        part_out, part_lse, out, heads * head_dim, head_dim, heads, splits, head_dim,
+        out, out, out, 0, 0, 0, 0, 0, BLOCK_S=pow2(splits), BLOCK_D=block_d, HAS_LORA=False, BLOCK_R=16, PDL=False)
+    return out
+
+
+def tree_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                       starts: torch.Tensor, n_nodes: torch.Tensor, bits: torch.Tensor, scale: float) -> torch.Tensor:
+    """prefill_attention_ref with the tree's masks; nodes past n_nodes[b] give 0."""
+    return prefill_attention_ref(q, k_cache, v_cache, slots, starts, n_nodes, scale, tree_bits=bits)
