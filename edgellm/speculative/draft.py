@@ -3,8 +3,9 @@
 
 Per row the draft keeps its cache in step with the text: `valid` positions of its slot hold the
 text's first tokens, `pending` are tokens the target accepted that the draft has not read yet.
-Each proposal reads the pending tokens (one prefill chunk after the cached prefix), takes its argmax,
-then k - 1 greedy decode steps (the fast path: graphs, no host sync until the end); with
+Each proposal reads the pending tokens and guesses k tokens greedily: k decode steps when one token
+is pending (the usual case), else a prefill chunk of the pending tokens after the cached prefix and
+k - 1 decode steps (the fast path: graphs, no host sync until the end); with
 draft_top_k > 1 the next best tokens at every depth become sibling leaves of the chain. The chain
 tokens the target then accepts already have their K/V in the draft's cache, so only the rest is
 pending next time. The draft runs without LoRA adapters, whatever the rows use.
@@ -20,6 +21,8 @@ from .tree import DraftTree
 
 
 class DraftModelProposer:
+    costly = True  # each proposal runs the draft model k times (speculative/session.py backs off sooner)
+
     def __init__(self, config, target: LLMEngineRunner):
         cfg = target.config
         self.runner = LLMEngineRunner(
@@ -37,6 +40,23 @@ class DraftModelProposer:
         self.valid: list[int] = []
         self.pending: list[list[int]] = []
         self.chains: list[list[int]] = []  # per row: the proposed chain's tokens whose K/V the draft holds
+
+    def _greedy_steps(self, tokens, slots: list[int], steps: int) -> list[torch.Tensor]:
+        """`steps` greedy decode steps of the draft from `tokens` (one per row, appended first): the
+        top_k choices after each, [n, top_k] on the device."""
+        runner, device = self.runner, self.runner.device
+        n = len(slots)
+        zeros = torch.zeros(n, dtype=torch.int64, device=device)
+        runner.start_decode(torch.as_tensor(tokens, device=device), slots, torch.zeros(n, device=device),
+                            torch.ones(n, dtype=torch.int32, device=device), torch.ones(n, device=device), zeros, zeros)
+        try:
+            best = []
+            for _ in range(steps):
+                runner.decode_sample_step()
+                best.append(runner.decode_logits().topk(self.top_k, dim=-1).indices)
+            return best
+        finally:
+            runner.end_decode()
 
     def begin(self, prompts: list[list[int]]) -> None:
         runner = self.runner
@@ -62,29 +82,27 @@ class DraftModelProposer:
         trees: list[DraftTree | None] = [None] * len(rows)
         if not chosen:
             return trees
-        runner, device = self.runner, self.runner.device
+        runner = self.runner
         slots = [row for _, row, _ in chosen]
         pending = [self.pending[row] for row in slots]
-        ids = torch.zeros(len(slots), max(map(len, pending)), dtype=torch.int64)
-        for i, tokens in enumerate(pending):
-            ids[i, :len(tokens)] = torch.tensor(tokens)
-        cached = [self.valid[row] for row in slots]
-        logits = runner.prefill_step(runner.embed(ids.to(device)), [c + len(p) for c, p in zip(cached, pending)],
-                                     slots=slots, cached_lengths=cached)
         depth = min(self.k, max(limit for _, _, limit in chosen))
-        best = [logits.topk(self.top_k, dim=-1).indices]  # [n, top_k] per depth; column 0 is the chain
-        if depth > 1:
-            n = len(slots)
-            zeros = torch.zeros(n, device=device)
-            runner.start_decode(best[0][:, 0], slots, zeros, torch.ones(n, dtype=torch.int32, device=device),
-                                torch.ones(n, device=device), torch.zeros(n, dtype=torch.int64, device=device),
-                                torch.zeros(n, dtype=torch.int64, device=device))
-            try:
-                for _ in range(depth - 1):
-                    runner.decode_sample_step()
-                    best.append(runner.decode_logits().topk(self.top_k, dim=-1).indices)
-            finally:
-                runner.end_decode()
+        n = len(slots)
+        if all(len(tokens) == 1 for tokens in pending):
+            # The usual case: one pending token per row, read by the first of `depth` decode steps
+            # (no prefill chunk), after setting the draft's lengths back to the valid prefix.
+            runner.kv_cache.lengths[torch.tensor(slots, device=runner.device)] = torch.tensor(
+                [self.valid[row] for row in slots], dtype=torch.int32, device=runner.device)
+            best = self._greedy_steps([tokens[0] for tokens in pending], slots, depth)
+        else:
+            ids = torch.zeros(n, max(map(len, pending)), dtype=torch.int64)
+            for i, tokens in enumerate(pending):
+                ids[i, :len(tokens)] = torch.tensor(tokens)
+            cached = [self.valid[row] for row in slots]
+            logits = runner.prefill_step(runner.embed(ids.to(runner.device)),
+                                         [c + len(p) for c, p in zip(cached, pending)], slots=slots,
+                                         cached_lengths=cached)
+            first = logits.topk(self.top_k, dim=-1).indices  # [n, top_k]; column 0 continues the chain
+            best = [first] + (self._greedy_steps(first[:, 0], slots, depth - 1) if depth > 1 else [])
         choices = torch.stack(best, dim=1).tolist()  # [n, depth, top_k]: the one sync
         for i, (k, row, limit) in enumerate(chosen):
             self.valid[row] += len(self.pending[row])

@@ -6,14 +6,15 @@ from __future__ import annotations
 from .config import SpeculativeStats
 from .tree import DraftTree
 
-MAX_WAIT = 32  # decode steps a failing row may sit out, at most
-
-
 class RowBackoff:
-    """A row whose drafts were all rejected twice in a row sits out 1, then 2, 4, ... up to MAX_WAIT
-    steps before proposing again; any accepted draft resets it."""
+    """A row whose drafts were all rejected `patience` times in a row sits out 1, then 2, 4, ... up to
+    `max_wait` steps before proposing again; any accepted draft resets it. Cheap proposals (n-gram:
+    a verify step costs ~1.1 plain steps) get patience 2 and max_wait 32; costly ones (a draft model
+    runs k steps of its own) patience 1 and max_wait 256, so a draft that never helps stops costing
+    anything within a few dozen steps."""
 
-    def __init__(self):
+    def __init__(self, patience: int, max_wait: int):
+        self.patience, self.max_wait = patience, max_wait
         self.wait = self.failures = 0
         self.penalty = 1
 
@@ -28,15 +29,16 @@ class RowBackoff:
             self.failures, self.penalty = 0, 1
             return
         self.failures += 1
-        if self.failures >= 2:
-            self.wait, self.penalty, self.failures = self.penalty, min(2 * self.penalty, MAX_WAIT), 0
+        if self.failures >= self.patience:
+            self.wait, self.penalty, self.failures = self.penalty, min(2 * self.penalty, self.max_wait), 0
 
 
 class Speculation:
     def __init__(self, proposer, prompts: list[list[int]], max_drafts: int, adaptive: bool):
         self.proposer = proposer
         self.max_drafts = max_drafts
-        self.backoff = [RowBackoff() for _ in prompts] if adaptive else None
+        costly = getattr(proposer, "costly", False)
+        self.backoff = [RowBackoff(1 if costly else 2, 256 if costly else 32) for _ in prompts] if adaptive else None
         self.stats = SpeculativeStats(accepted_flags=[[] for _ in prompts])
         proposer.begin(prompts)
 
