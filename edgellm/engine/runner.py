@@ -28,6 +28,7 @@ from ..kernels.lora import UNROLL, used_slots
 from ..kernels.tree_mask import MAX_TREE
 from ..errors import ConfigurationError, InvalidRequestError, LoraError
 from .config import EngineConfig
+from .devices import resolve_device, resolve_dtype
 from .graphs import (DecodeBuffers, PrefillBuffers, PrefillStorage, StepGraphs, TreeBuffers, any_adapter,
                      graph_batch_sizes, prefill_bucket)
 from .kv_cache import LinearKVCache
@@ -39,34 +40,6 @@ from .model import LoraBatch, forward_logits
 from .weights import load_weights
 
 DEFAULT_PREFILL_CHUNK = 2048  # prompts longer than this are prefilled chunk by chunk
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-           "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigurationError(f"bad device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigurationError("device 'cuda' was asked for but torch sees no CUDA GPU")
-    if resolved.type not in ("cpu", "cuda"):
-        raise ConfigurationError(f"unsupported device {device!r}: use 'cpu' or 'cuda'")
-    return resolved
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        return _DTYPES[dtype.lower()]
-    raise ConfigurationError(f"unsupported dtype {dtype!r}; use float32, float16 or bfloat16")
-
 
 class LLMEngineRunner(TreeSteps):
     @outside_inference_mode

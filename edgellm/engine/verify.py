@@ -165,7 +165,7 @@ class TreeSteps:
         buf.tokens.copy_(out.gather(1, count[:, None].long())[:, 0])
         tree.result[:, :nodes].copy_(out)
         tree.result[:, nodes].copy_(count)
-        tree.logits = logits
+        tree.logits = logits  # kept alive: pool memory a replay writes must not go to a later capture
 
     def _ensure_verify_graphs(self, buf: DecodeBuffers, uses_lora: bool) -> None:
         """Capture the verify graphs of `buf`'s size, every tree bucket (with its decode graph, while

@@ -100,6 +100,44 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 
 @triton.jit
+def _attend_split(q, k_ptr, v_ptr, c_pos, d, d_ok, lo, hi, scale_log2, start, bits,
+                  BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                  TREE: tl.constexpr):
+    """Split-K attention of BLOCK_Q query rows `q` over keys lo .. hi - 1 at k_ptr / v_ptr (one KV
+    head of one slot): (out [BLOCK_Q, BLOCK_D], log2-sum-exp [BLOCK_Q]) of the split, for the merge.
+    TREE (tree_attention.py): keys from `start` on are a token tree, row r sees key start + j only
+    where bit j of bits[r] is set, so a row may see no key of a block."""
+    m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        n_offs = n0 + tl.arange(0, BLOCK_N)
+        key_ok = n_offs < hi
+        k = tl.load(k_ptr + n_offs[None, :] * c_pos + d[:, None], mask=key_ok[None, :] & d_ok[:, None], other=0.0)
+        qk = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+        if TREE:
+            rel = n_offs - start  # < 0: the context; 0 .. nodes - 1: the tree
+            seen = (bits[:, None] >> tl.minimum(tl.maximum(rel, 0), 63).to(tl.int64)[None, :]) & 1
+            qk = tl.where(key_ok[None, :] & ((rel[None, :] < 0) | (seen != 0)), qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet stays at 0
+        else:
+            qk = tl.where(key_ok[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            shift = m_new
+        p = tl.exp2(qk - shift[:, None])
+        alpha = tl.exp2(m_i - shift)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + n_offs[:, None] * c_pos + d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    has_keys = l_i > 0
+    out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    return out, lse
+
+
+@triton.jit
 def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, part_out_ptr, part_lse_ptr, slots_ptr, lens_ptr,
                          s_qb, s_qh, c_slot, c_head, c_pos, scale_log2, group, head_dim, n_heads, n_splits,
                          BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -121,27 +159,8 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, part_out_ptr, part_lse_ptr, slot
     q = tl.load(q_ptr + b.to(tl.int64) * s_qb + heads[:, None] * s_qh + d[None, :],
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)
     kv_base = slot * c_slot + kv_head.to(tl.int64) * c_head
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        n_offs = n0 + tl.arange(0, BLOCK_N)
-        key_ok = n_offs < hi
-        k = tl.load(kc_ptr + kv_base + n_offs[None, :] * c_pos + d[:, None],
-                    mask=key_ok[None, :] & d_ok[:, None], other=0.0)
-        qk = tl.dot(q, k, input_precision=PRECISION) * scale_log2
-        qk = tl.where(key_ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(vc_ptr + kv_base + n_offs[:, None] * c_pos + d[None, :],
-                    mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
-    has_keys = l_i > 0
-    out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
-    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    out, lse = _attend_split(q, kc_ptr + kv_base, vc_ptr + kv_base, c_pos, d, d_ok, lo, hi, scale_log2, 0, 0,
+                             BLOCK_G, BLOCK_N, BLOCK_D, PRECISION, False)
     row = (b * n_heads + heads).to(tl.int64) * n_splits + split
     pdl_release(PDL)
     tl.store(part_out_ptr + row[:, None] * head_dim + d[None, :], out, mask=g_ok[:, None] & d_ok[None, :])

@@ -14,7 +14,7 @@ n_nodes[b] see only the root (their outputs are never used; this keeps them fini
 import torch
 
 from ._triton import dot_precision, pow2, tl, triton
-from .attention import _LOG2E, _check_cache, _decode_merge_kernel, _num_splits, prefill_attention_ref
+from .attention import _LOG2E, _attend_split, _check_cache, _decode_merge_kernel, _num_splits, prefill_attention_ref
 
 
 @triton.jit
@@ -43,30 +43,8 @@ def _tree_split_kernel(q_ptr, kc_ptr, vc_ptr, bits_ptr, part_out_ptr, part_lse_p
     bits = tl.load(bits_ptr + b.to(tl.int64) * T + node, mask=r_ok, other=1)
     bits = tl.where(node < n_nodes, bits, 1)
     kv_base = slot * c_slot + kv_head.to(tl.int64) * c_head
-    m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        n_offs = n0 + tl.arange(0, BLOCK_N)
-        key_ok = n_offs < hi
-        k = tl.load(kc_ptr + kv_base + n_offs[None, :] * c_pos + d[:, None],
-                    mask=key_ok[None, :] & d_ok[:, None], other=0.0)
-        qk = tl.dot(q, k, input_precision=PRECISION) * scale_log2
-        rel = n_offs - start  # < 0: the context; 0 .. n_nodes - 1: the tree
-        seen = (bits[:, None] >> tl.minimum(tl.maximum(rel, 0), 63).to(tl.int64)[None, :]) & 1
-        allowed = key_ok[None, :] & ((rel[None, :] < 0) | (seen != 0))
-        qk = tl.where(allowed, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        p = tl.exp2(qk - tl.where(m_new == float("-inf"), 0.0, m_new)[:, None])
-        alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(vc_ptr + kv_base + n_offs[:, None] * c_pos + d[None, :],
-                    mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
-    has_keys = l_i > 0
-    out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
-    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    out, lse = _attend_split(q, kc_ptr + kv_base, vc_ptr + kv_base, c_pos, d, d_ok, lo, hi, scale_log2, start, bits,
+                             BLOCK_Q, BLOCK_N, BLOCK_D, PRECISION, True)
     row = ((b * T + node) * n_heads + heads).to(tl.int64) * n_splits + split
     ok = r_ok & (g < group)
     tl.store(part_out_ptr + row[:, None] * head_dim + d[None, :], out, mask=ok[:, None] & d_ok[None, :])
