@@ -334,7 +334,7 @@ class LLMInferenceRuntime:
         first = tokens.tolist()
         self._advance(rows, active, [[t] for t in first], stops, max_new, on_text)
         if spec is not None:
-            spec.first_tokens(first)
+            spec.start(first)
         timings.prefill_ms = (time.perf_counter() - t0) * 1e3
 
         t1 = time.perf_counter()

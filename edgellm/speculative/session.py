@@ -36,11 +36,11 @@ class RowBackoff:
 class Speculation:
     def __init__(self, proposer, prompts: list[list[int]], max_drafts: int, adaptive: bool):
         self.proposer = proposer
+        self.prompts = prompts
         self.max_drafts = max_drafts
         costly = getattr(proposer, "costly", False)
         self.backoff = [RowBackoff(1 if costly else 2, 256 if costly else 32) for _ in prompts] if adaptive else None
         self.stats = SpeculativeStats(accepted_flags=[[] for _ in prompts])
-        proposer.begin(prompts)
 
     def propose(self, rows: list[int], remaining: list[int]) -> list[DraftTree | None] | None:
         """Trees for these rows (None where a row proposes nothing), or None if no row proposes.
@@ -70,8 +70,10 @@ class Speculation:
             stats.accepted_flags[row] += [True] * kept + [False] * (len(tokens) - kept)
             self.proposer.extend(row, tokens)
 
-    def first_tokens(self, tokens: list[int]) -> None:
-        """The tokens sampled from the prefill, one per row (not a decode step's)."""
+    def start(self, tokens: list[int]) -> None:
+        """The proposer reads the prompts (a draft model prefills them: part of the request's prefill
+        time) and the tokens sampled from the prefill, one per row (not a decode step's)."""
+        self.proposer.begin(self.prompts)
         for row, token in enumerate(tokens):
             self.stats.accepted_flags[row].append(False)
             self.proposer.extend(row, [token])
