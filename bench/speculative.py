@@ -4,8 +4,8 @@
    tokens: n-gram prompt lookup on prompts that copy (editing a code file, quoting a passage,
    rewriting a list) and on prompts with nothing to copy. Decode tokens/s with and without
    speculation (the same runtime, `speculative=False` per request), outputs compared token by token.
-2. The verify step's cost on the Llama-3.2-1B shape (random weights), batch 1: a CUDA-graph step of
-   T tree nodes against one plain decode step, T = 2, 4, 8, 16.
+2. The verify step's cost on the SmolLM2-135M and Llama-3.2-1B shapes (random weights), batch 1: a
+   CUDA-graph step of T tree nodes against one plain decode step, T = 2, 4, 8, 16.
 3. Draft models on the real model: a random-weights draft (the overhead floor: nothing is accepted)
    and the model's own first layers as a draft (what a cheap draft accepts).
 
@@ -95,19 +95,21 @@ def compare(runtime, prompts: dict, new_tokens: int, repeats: int) -> list[dict]
         request = dict(requests=[chat(prompt)], max_generate_length=new_tokens, temperature=0)
         runtime.handle_request(LLMGenerationRequest(**request))  # graphs of this prompt length
         runtime.handle_request(LLMGenerationRequest(**request, speculative=False))
-        plain, spec, last = [], [], {}
+        plain, spec, host, last = [], [], [], {}
         for _ in range(repeats):
             for on, out in ((False, plain), (True, spec)):
                 response = runtime.handle_request(LLMGenerationRequest(**request, speculative=on))
                 out.append(response.timings.decode_tokens_per_s)
                 last[on] = response
+            stats = last[True].speculative
+            host.append(stats.propose_ms / max(1, stats.verify_steps + stats.plain_steps))
         stats = last[True].speculative
         rows.append(dict(prompt=name, tokens=len(last[True].output_ids[0]),
                          identical=last[True].output_ids == last[False].output_ids,
                          plain_tok_s=statistics.median(plain), spec_tok_s=statistics.median(spec),
                          speedup=statistics.median(spec) / statistics.median(plain),
                          acceptance=stats.acceptance_rate, tokens_per_step=stats.tokens_per_step,
-                         propose_ms_per_step=stats.propose_ms / max(1, stats.verify_steps + stats.plain_steps),
+                         propose_ms_per_step=statistics.median(host),
                          ms_per_step=1e3 / statistics.median(spec) * stats.tokens_per_step))
         log(f"  {name}: plain {rows[-1]['plain_tok_s']:.0f} tok/s, speculative {rows[-1]['spec_tok_s']:.0f} "
             f"({rows[-1]['speedup']:.2f}x), acceptance {stats.acceptance_rate:.2f}, identical {rows[-1]['identical']}")
@@ -120,10 +122,10 @@ def ngram_part(model_dir: Path, repeats: int) -> dict:
     return dict(copy=compare(runtime, COPY_PROMPTS, 256, repeats), free=compare(runtime, FREE_PROMPTS, 256, repeats))
 
 
-def verify_part(cache_dir: str, steps: int = 200) -> list[dict]:
+def verify_part(cache_dir: str, shape: str, steps: int = 200) -> list[dict]:
     """ms per step of plain decode graphs and of verify graphs of T nodes (chains of random drafts,
     so the row advances about one token per step, as in plain decoding)."""
-    model_dir = random_model_dir("llama-3.2-1b", cache_dir)
+    model_dir = random_model_dir(shape, cache_dir)
     runner = LLMEngineRunner(model_dir, device="cuda", max_batch_size=1, max_input_length=1024,
                              max_kv_cache_capacity=4096, max_verify_tokens=16)
     vocab = runner.config.vocab_size
@@ -149,11 +151,13 @@ def verify_part(cache_dir: str, steps: int = 200) -> list[dict]:
         return (time.perf_counter() - began) / steps * 1e3
 
     plain = statistics.median(run(None) for _ in range(3))
-    rows = [dict(nodes=1, ms_per_step=plain, x_plain=1.0)]
+    rows = [dict(shape=shape, nodes=1, ms_per_step=plain, x_plain=1.0)]
     for nodes in (2, 4, 8, 16):
         ms = statistics.median(run(nodes) for _ in range(3))
-        rows.append(dict(nodes=nodes, ms_per_step=ms, x_plain=ms / plain))
-        log(f"  verify {nodes} nodes: {ms:.3f} ms ({ms / plain:.2f}x a plain step of {plain:.3f} ms)")
+        rows.append(dict(shape=shape, nodes=nodes, ms_per_step=ms, x_plain=ms / plain))
+        log(f"  {shape} verify {nodes} nodes: {ms:.3f} ms ({ms / plain:.2f}x a plain step of {plain:.3f} ms)")
+    del runner
+    torch.cuda.empty_cache()
     return rows
 
 
@@ -221,8 +225,8 @@ def main() -> None:
         log("n-gram prompt lookup, default model, batch 1")
         result["ngram"] = ngram_part(model_dir, args.repeats)
     if "verify" in args.parts:
-        log("verify step, Llama-3.2-1B shape, batch 1")
-        result["verify"] = verify_part(args.cache_dir)
+        log("verify step, batch 1")
+        result["verify"] = [row for shape in ("smollm2-135m", "llama-3.2-1b") for row in verify_part(args.cache_dir, shape)]
     if "draft" in args.parts:
         log("draft models, default model, batch 1")
         result["draft"] = draft_part(model_dir, Path(args.cache_dir), args.repeats)
@@ -243,10 +247,10 @@ def print_tables(result: dict) -> None:
                       f"{r['acceptance']:7.2f} {r['tokens_per_step']:9.2f} {r['propose_ms_per_step']:13.3f} "
                       f"{str(r['identical']):>5}")
     if "verify" in result:
-        print("\nverify step, Llama-3.2-1B shape, batch 1 (nodes 1 = a plain decode step)")
-        print(f"{'nodes':>6} {'ms/step':>8} {'x plain':>8}")
+        print("\nverify step, batch 1 (nodes 1 = a plain decode step)")
+        print(f"{'shape':>13} {'nodes':>6} {'ms/step':>8} {'x plain':>8}")
         for r in result["verify"]:
-            print(f"{r['nodes']:6d} {r['ms_per_step']:8.3f} {r['x_plain']:8.2f}")
+            print(f"{r.get('shape', 'llama-3.2-1b'):>13} {r['nodes']:6d} {r['ms_per_step']:8.3f} {r['x_plain']:8.2f}")
     if "draft" in result:
         print("\ndraft models, SmolLM2-135M-Instruct, batch 1, greedy, 256 tokens, k = 4")
         print(f"{'draft':>26} {'prompt':>10} {'plain tok/s':>12} {'spec tok/s':>11} {'x':>6} {'accept':>7} {'same':>5}")

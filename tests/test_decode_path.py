@@ -109,3 +109,29 @@ def test_decode_path_bad_calls(tiny_models):
     runner.start_decode([1, 2], [0, 1], [0.0] * 2, [1] * 2, [1.0] * 2, [0] * 2, [0] * 2)
     with pytest.raises(InvalidRequestError, match=r"keep_decode_rows: indices must be in \[0, 2\)"):
         runner.keep_decode_rows([2])
+
+
+def test_restart_decode_rows_rewinds_like_a_new_start(tiny_models):
+    """Greedy rows decoded a few steps, then pointed back at other tokens and shorter cache lengths,
+    continue exactly as a fresh start_decode from there would."""
+    model_dir, _ = tiny_models["llama"]
+    ids, lengths = _padded(PROMPTS[:2])
+    greedy = ([0.0] * 2, [1] * 2, [1.0] * 2, [0] * 2, [0] * 2)
+    runs = []
+    for restart in (True, False):
+        runner = LLMEngineRunner(model_dir, device="cpu", dtype="float32", max_batch_size=2)
+        runner.prefill_step(runner.embed(ids), lengths)
+        runner.start_decode([5, 6], [0, 1], *greedy)
+        for _ in range(4):
+            runner.decode_sample_step()
+        rewind = [lengths[0] + 2, lengths[1] + 1]
+        if restart:
+            runner.restart_decode_rows(torch.tensor([9, 10]), rewind)
+        else:
+            runner.kv_cache.lengths[:2] = torch.tensor(rewind, dtype=torch.int32)
+            runner.start_decode([9, 10], [0, 1], *greedy)
+        runs.append([runner.decode_sample_step().tolist() for _ in range(3)])
+        assert runner.kv_cache.lengths[:2].tolist() == [n + 3 for n in rewind]
+    assert runs[0] == runs[1]
+    with pytest.raises(InvalidRequestError, match="2 tokens"):
+        runner.restart_decode_rows([1], None)

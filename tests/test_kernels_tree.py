@@ -135,3 +135,71 @@ def test_rope_kv_append_at_explicit_positions(dtype):
     explicit = starts[:, None] + torch.arange(seq, device=DEVICE)
     torch.testing.assert_close(rope_append.rope_kv_append(q, k, v, cos, sin, *[c.clone() for c in caches], slots,
                                                           starts, lens, explicit), plain)
+
+
+def _packed_trees(batch, t, seed, vocab):
+    parents, nodes, tokens = random_trees(batch, t, seed, vocab)
+    tokens[:, 0] = 999  # node 0's packed token is a placeholder: the root comes from `roots`
+    return torch.cat([tokens, parents.long(), nodes.long()[:, None]], 1).contiguous()
+
+
+@pytest.mark.parametrize("t", [1, 5, 16])
+def test_tree_inputs(t):
+    from edgellm.kernels import tree_step
+
+    batch, vocab, hidden, scratch = 3, 40, 24, 5
+    packed = _packed_trees(batch, t, seed=t, vocab=vocab)
+    roots = torch.tensor([7, 8, 9], device=DEVICE)
+    lengths = torch.tensor([4, 11, 0, 2, 30, 17], dtype=torch.int32, device=DEVICE)
+    slots = torch.tensor([1, scratch, 4], dtype=torch.int32, device=DEVICE)  # the middle row is padding
+    offsets = torch.tensor([3, 0, 100], device=DEVICE)
+    embed = randn(vocab + 1000, hidden, seed=2)
+    got = tree_step.tree_inputs(packed, roots, lengths, slots, offsets, embed, scratch)
+    want = tree_step.tree_inputs_ref(packed, roots, lengths, slots, offsets, embed, scratch)
+    for name, a, b in zip(want._fields, got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert got.starts.tolist() == [11, 0, 30] and got.tokens[:, 0].tolist() == [7, 8, 9]
+
+
+def test_tree_commit():
+    from edgellm.kernels import tree_step
+
+    t, scratch = 6, 3
+    count = torch.tensor([0, 4, 2], dtype=torch.int32, device=DEVICE)
+    out = torch.arange(18, device=DEVICE).view(3, t) + 100
+    starts = torch.tensor([5, 9, 0], dtype=torch.int32, device=DEVICE)
+    slots = torch.tensor([2, 0, scratch], dtype=torch.int32, device=DEVICE)
+    states = []
+    for fn in (tree_step.tree_commit, tree_step.tree_commit_ref):
+        lengths = torch.tensor([1, 1, 1, 1], dtype=torch.int32, device=DEVICE)
+        offsets = torch.tensor([10, 20, 30], device=DEVICE)
+        last = torch.zeros(4, dtype=torch.int64, device=DEVICE)  # a padded batch: rows beyond B are untouched
+        result = torch.zeros(4, t + 1, dtype=torch.int64, device=DEVICE)
+        fn(count, out, starts, slots, lengths, offsets, last, result, scratch)
+        states.append((lengths, offsets, last, result))
+    for a, b in zip(*states):
+        assert torch.equal(a, b)
+    lengths, offsets, last, result = states[0]
+    assert lengths.tolist() == [14, 1, 6, 1] and offsets.tolist() == [11, 25, 33]
+    assert last.tolist() == [100, 110, 114, 0] and result[1].tolist() == [106, 107, 108, 109, 110, 111, 4]
+
+
+def test_sampling_groups_share_settings_not_offsets():
+    """sample(group=G): logits row r uses the settings of row r // G and its own RNG offset, as if
+    each settings row were repeated G times."""
+    from edgellm.kernels import sampling
+
+    rows, group, vocab = 3, 4, 50
+    logits = randn(rows * group, vocab, seed=5) * 2
+    temperature = torch.tensor([0.0, 1.0, 0.8], device=DEVICE)
+    top_k = torch.tensor([0, 0, 7], dtype=torch.int32, device=DEVICE)
+    top_p = torch.tensor([1.0, 0.9, 1.0], device=DEVICE)
+    seeds = torch.tensor([1, 2, 3], device=DEVICE)
+    offsets = torch.arange(rows * group, device=DEVICE) * 5
+    got = sampling.sample(logits, temperature, top_k, top_p, seeds, offsets, group=group)
+    repeated = [x.repeat_interleave(group) for x in (temperature, top_k, top_p, seeds)]
+    assert torch.equal(got, sampling.sample(logits, *repeated, offsets))
+    assert torch.equal(sampling.sample_ref(logits, temperature, top_k, top_p, seeds, offsets, group=group),
+                       sampling.sample_ref(logits, *repeated, offsets))
+    with pytest.raises(ValueError):
+        sampling.sample(logits, temperature, top_k, top_p, seeds, offsets[:-1], group=group)

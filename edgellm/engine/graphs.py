@@ -74,28 +74,18 @@ class DecodeBuffers:
 class TreeBuffers:
     """The device tensors a speculative verify step of `size` rows x `nodes` tree nodes adds to its
     DecodeBuffers (engine/verify.py). The host writes every row's tree in one copy, as one int64
-    row [tokens | parents | n_nodes] (`packed`; verify.pack_rows builds it), and the step unpacks
-    it; node 0 of each row is the row's last token (the step copies DecodeBuffers.tokens there). The
-    step writes each row's new tokens and, last, how many drafts it accepted (`result`), read back
-    in one copy too. Rows beyond the live ones are a bare root."""
+    row [tokens | parents | n_nodes] (`packed`, kernels/tree_step.py reads it inside the step; node
+    0 of each row is the row's last token, which the step takes from DecodeBuffers.tokens). The step
+    writes each row's new tokens and, last, how many drafts it accepted (`result`), read back in one
+    copy too. Rows beyond the live ones are a bare root."""
 
     def __init__(self, size: int, nodes: int, device: torch.device):
         self.nodes = nodes
         self.packed = torch.zeros(size, 2 * nodes + 1, dtype=torch.int64, device=device)
         self.packed[:, nodes:2 * nodes] = -1
         self.packed[:, 2 * nodes] = 1
-        self.tokens = torch.zeros(size, nodes, dtype=torch.int64, device=device)
-        self.parents = torch.full((size, nodes), -1, dtype=torch.int32, device=device)
-        self.n_nodes = torch.ones(size, dtype=torch.int32, device=device)
         self.result = torch.zeros(size, nodes + 1, dtype=torch.int64, device=device)
         self.logits: torch.Tensor | None = None  # the last step's [size, nodes, vocab] float32 logits
-
-    def unpack(self) -> None:
-        """Inside the step: the packed rows into tokens, parents and n_nodes."""
-        nodes = self.nodes
-        self.tokens.copy_(self.packed[:, :nodes])
-        self.parents.copy_(self.packed[:, nodes:2 * nodes])
-        self.n_nodes.copy_(self.packed[:, 2 * nodes])
 
 
 def any_adapter(lora_slots: list[int]) -> bool:

@@ -426,6 +426,21 @@ class LLMEngineRunner(TreeSteps):
         self._load_rows(rows, lora_rows)
 
     @inference_call
+    def restart_decode_rows(self, tokens, lengths=None) -> None:
+        """Point the running decode batch's rows (start_decode's: same slots and settings) at new
+        input tokens ([n], a list or a device tensor) and, if given, set their slots' cache lengths
+        ([n]; e.g. a draft model rewinding to the text it has read). Cheaper than a new start_decode."""
+        buf = self._active
+        if buf is None:
+            raise RuntimeError("restart_decode_rows before start_decode")
+        tokens = torch.as_tensor(tokens, dtype=torch.int64)
+        if tokens.shape != (buf.live,) or (lengths is not None and len(lengths) != buf.live):
+            raise InvalidRequestError(f"restart_decode_rows: {buf.live} tokens (and lengths)")
+        buf.tokens[:buf.live].copy_(tokens)
+        if lengths is not None:
+            self.kv_cache.lengths[buf.slot_index[:buf.live]] = torch.tensor(lengths, dtype=torch.int32).to(self.device)
+
+    @inference_call
     def keep_decode_rows(self, keep) -> None:
         """Continue decoding only rows `keep` (indices into the current rows, in order): finished
         rows leave the batch, which moves to the smallest padded size that holds the rest."""

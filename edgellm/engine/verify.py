@@ -142,29 +142,19 @@ class TreeSteps:
 
     def _verify_body(self, buf: DecodeBuffers, tree: TreeBuffers, uses_lora: bool) -> None:
         """One verify step on `buf` and `tree`, device work only: what a graph captures."""
-        lengths = self.kv_cache.lengths
-        scratch = self.kv_cache.scratch_slot
-        lengths[scratch:scratch + 1].zero_()  # padding rows restart at position 0 (see _decode_body)
-        size, nodes = tree.tokens.shape
-        starts = lengths[buf.slot_index]
-        tree.unpack()
-        tree.tokens[:, 0].copy_(buf.tokens)
-        bits, depth = ops.tree_mask(tree.parents, tree.n_nodes)
-        embeds = torch.nn.functional.embedding(tree.tokens, self.weights.embed)
-        logits = forward_logits(self.weights, self.config, self.kv_cache, self.rope_cos_sin, embeds, buf.slots,
-                                starts, tree.n_nodes, lora=self._lora_batch(buf.lora, buf.lora_used, uses_lora),
-                                tree=TokenTree(bits, starts[:, None] + depth), every_token=True)
+        cache, scratch = self.kv_cache, self.kv_cache.scratch_slot
+        size, nodes = buf.size, tree.nodes
+        inputs = ops.tree_inputs(tree.packed, buf.tokens, cache.lengths, buf.slots, buf.offsets, self.weights.embed,
+                                 scratch)
+        logits = forward_logits(self.weights, self.config, cache, self.rope_cos_sin, inputs.embeds, buf.slots,
+                                inputs.starts, inputs.n_nodes, lora=self._lora_batch(buf.lora, buf.lora_used, uses_lora),
+                                tree=TokenTree(inputs.bits, inputs.positions), every_token=True)
         # The target's token at every node, drawn as plain decoding would draw it at that depth.
-        per_node = lambda x: x.repeat_interleave(nodes)  # noqa: E731
-        targets = ops.sample(logits.view(size * nodes, -1), per_node(buf.temperature), per_node(buf.top_k),
-                             per_node(buf.top_p), per_node(buf.seeds), (buf.offsets[:, None] + depth + 1).view(-1))
-        path, count, out = ops.accept_tree(tree.tokens, tree.parents, tree.n_nodes, targets.view(size, nodes))
-        ops.kv_compact(self.kv_cache.data, buf.slots, starts, path, count)
-        lengths[buf.slot_index] = starts + count + 1
-        buf.offsets += count + 1
-        buf.tokens.copy_(out.gather(1, count[:, None].long())[:, 0])
-        tree.result[:, :nodes].copy_(out)
-        tree.result[:, nodes].copy_(count)
+        targets = ops.sample(logits.view(size * nodes, -1), buf.temperature, buf.top_k, buf.top_p, buf.seeds,
+                             inputs.offsets, group=nodes)
+        path, count, out = ops.accept_tree(inputs.tokens, inputs.parents, inputs.n_nodes, targets.view(size, nodes))
+        ops.kv_compact(cache.data, buf.slots, inputs.starts, path, count)
+        ops.tree_commit(count, out, inputs.starts, buf.slots, cache.lengths, buf.offsets, buf.tokens, tree.result, scratch)
         tree.logits = logits  # kept alive: pool memory a replay writes must not go to a later capture
 
     def _ensure_verify_graphs(self, buf: DecodeBuffers, uses_lora: bool) -> None:

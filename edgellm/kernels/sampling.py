@@ -50,14 +50,15 @@ def _count_mass_above(row_ptr, vocab, inv_t, row_max, threshold, BLOCK: tl.const
 
 
 @triton.jit
-def _sample_kernel(logits_ptr, stride_row, vocab, temp_ptr, topk_ptr, topp_ptr, seed_ptr, offset_ptr, out_ptr,
+def _sample_kernel(logits_ptr, stride_row, vocab, temp_ptr, topk_ptr, topp_ptr, seed_ptr, offset_ptr, out_ptr, group,
                    BLOCK: tl.constexpr, MAX_BISECT: tl.constexpr, PDL: tl.constexpr):
     pdl_wait(PDL)
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
-    temperature = tl.load(temp_ptr + row)
-    top_k = tl.load(topk_ptr + row)
-    top_p = tl.load(topp_ptr + row)
+    settings = row // group  # `group` logits rows share one row of settings
+    temperature = tl.load(temp_ptr + settings)
+    top_k = tl.load(topk_ptr + settings)
+    top_p = tl.load(topp_ptr + settings)
 
     # Pass 1: max, min and the first argmax of the raw logits.
     best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
@@ -123,7 +124,7 @@ def _sample_kernel(logits_ptr, stride_row, vocab, temp_ptr, topk_ptr, topp_ptr, 
             threshold = lo
         # Draw: inverse CDF over the kept values in vocabulary order.
         _, total = _count_mass_above(row_ptr, vocab, inv_t, s_max, threshold, BLOCK)
-        seed = tl.load(seed_ptr + row).to(tl.int64) & 0xFFFFFFFF
+        seed = tl.load(seed_ptr + settings).to(tl.int64) & 0xFFFFFFFF
         offset = tl.load(offset_ptr + row).to(tl.int64) & 0xFFFFFFFF
         x = _fmix32_tl((seed * 0x9E3779B1 + 0x7F4A7C15) & 0xFFFFFFFF)
         x = _fmix32_tl(((x ^ offset) * 0x85EBCA77) & 0xFFFFFFFF)
@@ -144,11 +145,12 @@ def _sample_kernel(logits_ptr, stride_row, vocab, temp_ptr, topk_ptr, topp_ptr, 
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           seeds: torch.Tensor, offsets: torch.Tensor, *, block: int | None = None,
+           seeds: torch.Tensor, offsets: torch.Tensor, *, group: int = 1, block: int | None = None,
            num_warps: int | None = None) -> torch.Tensor:
-    """block / num_warps override the per-row tile (benchmarks); defaults suit a 128k vocabulary."""
-    if logits.dim() != 2 or logits.stride(-1) != 1:
-        raise ValueError("sample: logits must be [B, V] with a contiguous last dim")
+    """group: each `group` consecutive logits rows share one row of temperature / top_k / top_p /
+    seeds (a verify step's tree nodes share their row's settings); offsets stay one per logits row.
+    block / num_warps override the per-row tile (benchmarks); defaults suit a 128k vocabulary."""
+    _check_group(logits, temperature, offsets, group)
     batch, vocab = logits.shape
     out = torch.empty(batch, dtype=torch.int64, device=logits.device)
     dev = logits.device
@@ -156,10 +158,18 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     _sample_kernel[(batch,)](
         logits, logits.stride(0), vocab, temperature.to(dev, torch.float32).contiguous(),
         top_k.to(dev, torch.int32).contiguous(), top_p.to(dev, torch.float32).contiguous(),
-        seeds.to(dev, torch.int64).contiguous(), offsets.to(dev, torch.int64).contiguous(), out,
+        seeds.to(dev, torch.int64).contiguous(), offsets.to(dev, torch.int64).contiguous(), out, group,
         BLOCK=block or (_BLOCK if logits.is_cuda else 128), MAX_BISECT=_MAX_BISECT,
         PDL=pdl, num_warps=num_warps or (32 if logits.is_cuda else 4), launch_pdl=pdl)
     return out
+
+
+def _check_group(logits: torch.Tensor, temperature: torch.Tensor, offsets: torch.Tensor, group: int) -> None:
+    if logits.dim() != 2 or logits.stride(-1) != 1:
+        raise ValueError("sample: logits must be [B, V] with a contiguous last dim")
+    if group < 1 or temperature.shape[0] * group != logits.shape[0] or offsets.shape[0] != logits.shape[0]:
+        raise ValueError(f"sample: {logits.shape[0]} logits rows need {logits.shape[0]} offsets and "
+                         f"{logits.shape[0]} / group={group} rows of settings")
 
 
 def _fmix32(x: torch.Tensor) -> torch.Tensor:
@@ -198,11 +208,15 @@ def filtered_probs_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: t
 
 
 def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-               top_p: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """logits [B, V]; per-row temperature/top_p (float), top_k (int), seeds/offsets (int).
+               top_p: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor, *, group: int = 1) -> torch.Tensor:
+    """logits [B, V]; per-row temperature/top_p (float), top_k (int), seeds/offsets (int); with
+    group > 1 the settings (not the offsets) have one row per `group` logits rows.
 
     Returns the chosen token ids [B] int64.
     """
+    _check_group(logits, temperature, offsets, group)
+    if group > 1:
+        temperature, top_k, top_p, seeds = (x.repeat_interleave(group) for x in (temperature, top_k, top_p, seeds))
     greedy_tokens = logits.argmax(-1)
     probs = filtered_probs_ref(logits, temperature, top_k, top_p)
     cdf = probs.cumsum(-1)

@@ -13,14 +13,16 @@ n_nodes[b] see only the root (their outputs are never used; this keeps them fini
 
 import torch
 
-from ._triton import dot_precision, pow2, tl, triton
+from ._triton import dot_precision, pdl_release, pdl_wait, pow2, tl, triton, use_pdl
 from .attention import _LOG2E, _attend_split, _check_cache, _decode_merge_kernel, _num_splits, prefill_attention_ref
 
 
 @triton.jit
 def _tree_split_kernel(q_ptr, kc_ptr, vc_ptr, bits_ptr, part_out_ptr, part_lse_ptr, slots_ptr, starts_ptr, nodes_ptr,
                        s_qb, s_qt, s_qh, c_slot, c_head, c_pos, scale_log2, group, head_dim, n_heads, n_splits, T,
-                       BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                       BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                       PDL: tl.constexpr):
+    pdl_wait(PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -47,6 +49,7 @@ def _tree_split_kernel(q_ptr, kc_ptr, vc_ptr, bits_ptr, part_out_ptr, part_lse_p
                              BLOCK_Q, BLOCK_N, BLOCK_D, PRECISION, True)
     row = ((b * T + node) * n_heads + heads).to(tl.int64) * n_splits + split
     ok = r_ok & (g < group)
+    pdl_release(PDL)
     tl.store(part_out_ptr + row[:, None] * head_dim + d[None, :], out, mask=ok[:, None] & d_ok[None, :])
     tl.store(part_lse_ptr + row, lse, mask=ok)
 
@@ -67,14 +70,17 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     part_out = torch.empty(batch * t * heads * splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch * t * heads * splits, dtype=torch.float32, device=q.device)
     block_d = pow2(head_dim, 16)
+    pdl = use_pdl(q)
     _tree_split_kernel[(batch, kv_heads, splits)](
         q, k_cache, v_cache, bits, part_out, part_lse, slots, starts, n_nodes, q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), scale * _LOG2E, group, head_dim, heads, splits, t,
-        BLOCK_Q=pow2(t * group, 16), BLOCK_N=64, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), num_warps=4)
+        BLOCK_Q=pow2(t * group, 16), BLOCK_N=64, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), PDL=pdl, num_warps=4,
+        launch_pdl=pdl)
     out = torch.empty(batch, t, heads, head_dim, dtype=q.dtype, device=q.device)
     _decode_merge_kernel[(batch * t, heads)](  # the tree's nodes are the merge's rows
         part_out, part_lse, out, heads * head_dim, head_dim, heads, splits, head_dim,
-        out, out, out, 0, 0, 0, 0, 0, BLOCK_S=pow2(splits), BLOCK_D=block_d, HAS_LORA=False, BLOCK_R=16, PDL=False)
+        out, out, out, 0, 0, 0, 0, 0, BLOCK_S=pow2(splits), BLOCK_D=block_d, HAS_LORA=False, BLOCK_R=16, PDL=pdl,
+        launch_pdl=pdl)
     return out
 
 

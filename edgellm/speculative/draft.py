@@ -40,26 +40,34 @@ class DraftModelProposer:
         self.valid: list[int] = []
         self.pending: list[list[int]] = []
         self.chains: list[list[int]] = []  # per row: the proposed chain's tokens whose K/V the draft holds
+        self._decoding: list[int] | None = None  # the slots of the draft's started decode batch
 
-    def _greedy_steps(self, tokens, slots: list[int], steps: int) -> list[torch.Tensor]:
-        """`steps` greedy decode steps of the draft from `tokens` (one per row, appended first): the
-        top_k choices after each, [n, top_k] on the device."""
+    def _greedy_steps(self, tokens, slots: list[int], steps: int, lengths: list[int] | None = None) -> list[torch.Tensor]:
+        """`steps` greedy decode steps of the draft from `tokens` (one per row, appended first, at
+        `lengths` if given): the top_k choices after each, [n, top_k] on the device. The draft's decode
+        batch stays started between proposals; the same rows again only get new tokens and lengths."""
         runner, device = self.runner, self.runner.device
-        n = len(slots)
-        zeros = torch.zeros(n, dtype=torch.int64, device=device)
-        runner.start_decode(torch.as_tensor(tokens, device=device), slots, torch.zeros(n, device=device),
-                            torch.ones(n, dtype=torch.int32, device=device), torch.ones(n, device=device), zeros, zeros)
-        try:
-            best = []
-            for _ in range(steps):
-                runner.decode_sample_step()
-                best.append(runner.decode_logits().topk(self.top_k, dim=-1).indices)
-            return best
-        finally:
-            runner.end_decode()
+        if self._decoding != slots:
+            if lengths is not None:
+                runner.kv_cache.lengths[torch.tensor(slots, device=device)] = torch.tensor(
+                    lengths, dtype=torch.int32, device=device)
+            n = len(slots)
+            zeros = torch.zeros(n, dtype=torch.int64, device=device)
+            runner.start_decode(torch.as_tensor(tokens, device=device), slots, torch.zeros(n, device=device),
+                                torch.ones(n, dtype=torch.int32, device=device), torch.ones(n, device=device), zeros, zeros)
+            self._decoding = list(slots)
+        else:
+            runner.restart_decode_rows(tokens, lengths)
+        best = []
+        for _ in range(steps):
+            runner.decode_sample_step()
+            best.append(runner.decode_logits().topk(self.top_k, dim=-1).indices)
+        return best
 
     def begin(self, prompts: list[list[int]]) -> None:
         runner = self.runner
+        runner.end_decode()
+        self._decoding = None
         ids = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.int64)
         for i, prompt in enumerate(prompts):
             ids[i, :len(prompt)] = torch.tensor(prompt)
@@ -90,9 +98,7 @@ class DraftModelProposer:
         if all(len(tokens) == 1 for tokens in pending):
             # The usual case: one pending token per row, read by the first of `depth` decode steps
             # (no prefill chunk), after setting the draft's lengths back to the valid prefix.
-            runner.kv_cache.lengths[torch.tensor(slots, device=runner.device)] = torch.tensor(
-                [self.valid[row] for row in slots], dtype=torch.int32, device=runner.device)
-            best = self._greedy_steps([tokens[0] for tokens in pending], slots, depth)
+            best = self._greedy_steps([tokens[0] for tokens in pending], slots, depth, [self.valid[row] for row in slots])
         else:
             ids = torch.zeros(n, max(map(len, pending)), dtype=torch.int64)
             for i, tokens in enumerate(pending):

@@ -5,7 +5,8 @@ Per row, an index maps each n-gram (n = 1 .. window) to the positions where it e
 recent last, updated as tokens arrive (O(window) per token), so a lookup costs a few dict reads
 whatever the length of the text. The longest n-gram that occurred before wins; its most recent
 occurrences give up to `branches` distinct continuations of up to `candidates` tokens each, merged
-into one tree.
+into one tree. A continuation that reaches the end of the text repeats its period (text that loops
+keeps looping).
 """
 
 from __future__ import annotations
@@ -40,12 +41,22 @@ class NgramIndex:
             for stop in reversed(self.ends.get(tuple(self.tokens[end - n:]), ())):
                 if stop < end and self.tokens[stop] not in firsts:
                     firsts.add(self.tokens[stop])
-                    found.append(self.tokens[stop:stop + candidates])
+                    found.append(self._copy(stop, candidates))
                     if len(found) == branches:
                         break
             if found:
                 return found
         return []
+
+
+    def _copy(self, stop: int, candidates: int) -> list[int]:
+        """What followed position `stop`, `candidates` tokens. A copy that runs into the end of the text
+        overlaps itself (the text repeats with period end - stop, as in a loop or a repeated line):
+        it goes on repeating that period rather than stopping short."""
+        period = len(self.tokens) - stop
+        if period >= candidates:
+            return self.tokens[stop:stop + candidates]
+        return [self.tokens[stop + j % period] for j in range(candidates)]
 
 
 class NgramProposer:

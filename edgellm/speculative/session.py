@@ -7,16 +7,20 @@ from .config import SpeculativeStats
 from .tree import DraftTree
 
 class RowBackoff:
-    """A row whose drafts were all rejected `patience` times in a row sits out 1, then 2, 4, ... up to
-    `max_wait` steps before proposing again; any accepted draft resets it. Cheap proposals (n-gram:
-    a verify step costs ~1.1 plain steps) get patience 2 and max_wait 32; costly ones (a draft model
-    runs k steps of its own) patience 1 and max_wait 256, so a draft that never helps stops costing
-    anything within a few dozen steps."""
+    """A row whose drafts were all rejected `patience` times in a row sits out 1 step, then `growth`
+    times longer after each further run of failures, up to `max_wait` steps; any accepted draft
+    resets it. `trusted`: a draft of the row was accepted since its last failure. Cheap proposals
+    (n-gram: a verify step costs ~1.1 plain steps) get patience 2, growth 2 and max_wait 32. Costly
+    ones (a draft model runs its own steps) get patience 1, growth 4 and max_wait 256, and an
+    untrusted row (at the start, and after a failure) proposes a single token, one draft step and the
+    smallest verify tree: a draft that never helps costs a few probes per request, and one that helps
+    is back to full proposals at its first accepted token."""
 
-    def __init__(self, patience: int, max_wait: int):
-        self.patience, self.max_wait = patience, max_wait
+    def __init__(self, patience: int, max_wait: int, growth: int = 2):
+        self.patience, self.max_wait, self.growth = patience, max_wait, growth
         self.wait = self.failures = 0
         self.penalty = 1
+        self.trusted = False
 
     def allows(self) -> bool:
         if self.wait:
@@ -25,12 +29,14 @@ class RowBackoff:
         return True
 
     def update(self, accepted: int) -> None:
+        self.trusted = accepted > 0
         if accepted:
             self.failures, self.penalty = 0, 1
             return
         self.failures += 1
         if self.failures >= self.patience:
-            self.wait, self.penalty, self.failures = self.penalty, min(2 * self.penalty, self.max_wait), 0
+            self.wait, self.failures = self.penalty, 0
+            self.penalty = min(self.growth * self.penalty, self.max_wait)
 
 
 class Speculation:
@@ -38,19 +44,24 @@ class Speculation:
         self.proposer = proposer
         self.prompts = prompts
         self.max_drafts = max_drafts
-        costly = getattr(proposer, "costly", False)
-        self.backoff = [RowBackoff(1 if costly else 2, 256 if costly else 32) for _ in prompts] if adaptive else None
+        self.costly = getattr(proposer, "costly", False)
+        self.backoff = [RowBackoff(1, 256, 4) if self.costly else RowBackoff(2, 32, 2) for _ in prompts] \
+            if adaptive else None
         self.stats = SpeculativeStats(accepted_flags=[[] for _ in prompts])
 
     def propose(self, rows: list[int], remaining: list[int]) -> list[DraftTree | None] | None:
         """Trees for these rows (None where a row proposes nothing), or None if no row proposes.
         A row never gets more drafts than it has tokens left to generate, minus the target's own one."""
-        limits = [min(self.max_drafts, left - 1) if self.backoff is None or self.backoff[row].allows() else 0
+        limits = [min(self._cap(row), left - 1) if self.backoff is None or self.backoff[row].allows() else 0
                   for row, left in zip(rows, remaining)]
         if not any(limit > 0 for limit in limits):
             return None
         trees = self.proposer.propose(rows, limits)
         return trees if any(t is not None for t in trees) else None
+
+    def _cap(self, row: int) -> int:
+        """Drafts this row may propose now: one while a costly proposer's row is not trusted."""
+        return 1 if self.costly and self.backoff is not None and not self.backoff[row].trusted else self.max_drafts
 
     def record(self, rows: list[int], new_tokens: list[list[int]], trees=None, accepted=None) -> None:
         """Tokens a step gave each row: a verify step (trees, accepted drafts per row) or a plain one."""
