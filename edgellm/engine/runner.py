@@ -229,16 +229,18 @@ class LLMEngineRunner(TreeSteps):
         """Token ids [...] -> input embeddings [..., hidden] in the engine dtype."""
         return torch.nn.functional.embedding(input_ids.to(self.device), self.weights.embed)
 
-    def _slots(self, slots, batch: int) -> torch.Tensor:
+    def _slots(self, slots, batch: int, on_device: bool = True) -> torch.Tensor:
+        """The rows' cache slots (default 0..batch-1), int32, checked when they come from the host;
+        on the device, or (on_device=False) on the host (device tensors are brought back: rare)."""
         if slots is None:
-            return torch.arange(batch, dtype=torch.int32, device=self.device)
+            return torch.arange(batch, dtype=torch.int32, device=self.device if on_device else "cpu")
         slots = torch.as_tensor(slots, dtype=torch.int32)
-        if not slots.is_cuda:  # host-side check is free here (device tensors are the caller's to get right)
+        if slots.device.type == "cpu":  # the host-side check is free here (device tensors are the caller's)
             if slots.shape != (batch,) or slots.unique().numel() != batch or slots.min() < 0 \
                     or slots.max() >= self.config.max_supported_batch_size:
                 raise InvalidRequestError(f"slots must be {batch} distinct values in "
                                           f"[0, {self.config.max_supported_batch_size})")
-        return slots.to(self.device)
+        return slots.to(self.device if on_device else "cpu")
 
     @inference_call
     def prefill_step(self, inputs_embeds: torch.Tensor, context_lengths, slots=None, lora=None,
@@ -268,25 +270,33 @@ class LLMEngineRunner(TreeSteps):
         if cached_host.min() < 0 or new_host.min() < 1 or new_host.max() > seq:
             raise InvalidRequestError(f"cached lengths must leave each row 1 to {seq} (inputs_embeds' length) "
                                       "tokens to prefill")
-        slot_ids = self._slots(slots, batch)
+        slot_ids = self._slots(slots, batch, on_device=False)
         lora_rows = self._lora_rows(lora, batch)
-        lora_index, lora_used = self._lora_tensors(lora_rows)
         uses_lora = any_adapter(lora_rows)
         embeds = inputs_embeds.to(self.dtype)
-        cached = cached_host.to(device=self.device, dtype=torch.int32)
         chunk = self.prefill_chunk_size
+        begins = list(range(0, int(new_host.max()), chunk))
+        # Every per-row integer of the step in one host-to-device copy (each copy from pageable
+        # memory costs ~10-20 us of host time, which at small prompts is most of a prefill):
+        # slots, cached lengths, final lengths, LoRA slots, then per chunk the rows' token counts
+        # and whether their last token is in it, then the LoRA used-slot list.
+        rows = [slot_ids.to(torch.int32), cached_host, lengths_host, torch.tensor(lora_rows)]
+        for begin in begins:
+            rows += [(new_host - begin).clamp(0, chunk), (new_host > begin) & (new_host <= begin + chunk)]
+        used = used_slots(lora_rows, self._lora_capacity(), "cpu")
+        packed = torch.cat([torch.stack(rows).to(torch.int32).flatten(), used]).to(self.device)
+        per_row = packed[:len(rows) * batch].view(len(rows), batch)
+        slot_dev, cached, lengths_dev, lora_index = per_row[0], per_row[1], per_row[2], per_row[3]
+        lora_used = packed[len(rows) * batch:]
         logits = None
-        for begin in range(0, int(new_host.max()), chunk):
+        for i, begin in enumerate(begins):
             # Row b contributes its new tokens [begin, begin + chunk) (none once it has ended), placed
             # after its cached prefix; its logits come from the chunk that holds its last token.
-            q_host = (new_host - begin).clamp(0, chunk)
-            starts = cached + begin
-            q_lens = q_host.to(device=self.device, dtype=torch.int32)
-            part = self._prefill_chunk(embeds[:, begin:begin + chunk], slot_ids, starts, q_lens, lora_index, lora_used,
-                                       uses_lora)
-            ends_here = ((new_host > begin) & (new_host <= begin + chunk)).to(self.device)
-            logits = part if logits is None else torch.where(ends_here[:, None], part, logits)
-        self.kv_cache.lengths[slot_ids.long()] = lengths_host.to(device=self.device, dtype=torch.int32)
+            q_lens, ends_here = per_row[4 + 2 * i], per_row[5 + 2 * i]
+            part = self._prefill_chunk(embeds[:, begin:begin + chunk], slot_dev, cached + begin, q_lens, lora_index,
+                                       lora_used, uses_lora)
+            logits = part if logits is None else torch.where(ends_here.bool()[:, None], part, logits)
+        self.kv_cache.lengths[slot_dev.long()] = lengths_dev
         return logits
 
     @inference_call
