@@ -246,7 +246,144 @@ def cases():
                                 triton=lambda args=args, blk=blk, warps=warps: sampling.sample(
                                     *args, block=blk, num_warps=warps),
                                 torch=lambda: None, compile=None, bytes=logits.numel() * 4, baseline="-"))
-    return out + lora_cases(rnd)
+    return out + lora_cases(rnd) + tree_cases(rnd)
+
+
+def tree_cases(rnd):
+    """The verify step's kernels (engine/verify.py) at the Llama-3.2-1B shape, batch 1 and 16, trees of
+    16 nodes (random trees: about half the nodes branch off earlier ones), against torch written the
+    way the step was written before them (vectorised, no host loops)."""
+    from edgellm.kernels import kv_compact, tree_accept, tree_attention, tree_step
+
+    hq, hkv, d, hidden, layers, vocab, t = 32, 8, 64, 2048, 16, 128256, 16
+    g = torch.Generator().manual_seed(0)
+    parents = torch.stack([torch.tensor([-1] + [int(torch.randint(0, i, (1,), generator=g)) if i % 2 else i - 1
+                                                 for i in range(1, t)]) for _ in range(16)]).to(DEV, torch.int32)
+    out = []
+
+    def torch_walk(par, nodes):  # bits and depth, a level per iteration
+        i = torch.arange(t, device=DEV)
+        bits = torch.ones_like(par, dtype=torch.int64) << i
+        depth = torch.zeros_like(par)
+        up = torch.where(i < nodes[:, None], par, -1)
+        for _ in range(t):
+            has = up >= 0
+            bits = bits | torch.where(has, torch.ones_like(bits) << up.clamp(min=0).long(), 0)
+            depth = depth + has.int()
+            up = torch.where(has, par.gather(1, up.clamp(min=0).long()), -1)
+        return bits, depth
+
+    for b in (1, 16):
+        tag = f"b{b} T{t}"
+        par = parents[:b].contiguous()
+        nodes = torch.full((b,), t, device=DEV, dtype=torch.int32)
+        tokens = torch.randint(0, vocab, (b, t), device=DEV)
+        # Tree attention over a 4096-token context: SDPA with the tree's mask as the baseline.
+        ctx = 4096
+        kc, vc = rnd(b, hkv, ctx + t, d), rnd(b, hkv, ctx + t, d)
+        q = rnd(b, t, hq, d)
+        slots = torch.arange(b, device=DEV, dtype=torch.int32)
+        starts = torch.full((b,), ctx, device=DEV, dtype=torch.int32)
+        bits, _ = torch_walk(par, nodes)
+        seen = ((bits[:, :, None] >> torch.arange(t, device=DEV)) & 1).bool()
+        mask = torch.cat([torch.ones(b, t, ctx, dtype=torch.bool, device=DEV), seen], -1)[:, None]
+        qt = q.transpose(1, 2).contiguous()
+        scale = d ** -0.5
+        out.append(dict(name=f"tree_attention {tag} x {ctx}",
+                        triton=lambda q=q, kc=kc, vc=vc, slots=slots, starts=starts, nodes=nodes, bits=bits:
+                        tree_attention.tree_attention(q, kc, vc, slots, starts, nodes, bits, scale),
+                        torch=lambda qt=qt, kc=kc, vc=vc, mask=mask: F.scaled_dot_product_attention(
+                            qt, kc, vc, attn_mask=mask, scale=scale, enable_gqa=True),
+                        compile=None, bytes=2 * kc.numel() * 2, baseline="SDPA + mask"))
+        # The step's inputs: trees, masks, positions, offsets and embeddings from the packed rows.
+        packed = torch.cat([tokens, par.long(), nodes.long()[:, None]], 1).contiguous()
+        roots = tokens[:, 0].clone()
+        lengths = torch.full((b + 1,), ctx, device=DEV, dtype=torch.int32)
+        offsets = torch.zeros(b, device=DEV, dtype=torch.int64)
+        embed = rnd(vocab, hidden)
+
+        def torch_inputs(packed=packed, roots=roots, lengths=lengths, slots=slots, offsets=offsets, embed=embed):
+            toks = packed[:, :t].clone()
+            toks[:, 0] = roots
+            par_ = packed[:, t:2 * t].int()
+            n = packed[:, 2 * t].int()
+            st = lengths[slots.long()]
+            bits_, depth = torch_walk(par_, n)
+            return toks, par_, n, st, bits_, st[:, None] + depth, (offsets[:, None] + depth + 1).view(-1), \
+                F.embedding(toks, embed)
+
+        out.append(dict(name=f"tree_inputs {tag}",
+                        triton=lambda packed=packed, roots=roots, lengths=lengths, slots=slots, offsets=offsets,
+                        embed=embed: tree_step.tree_inputs(packed, roots, lengths, slots, offsets, embed, b),
+                        torch=torch_inputs, compile=None, bytes=2 * b * t * hidden * 2, baseline="torch ops"))
+        # Acceptance: the target's tokens equal the drafts on a random half of the nodes.
+        targets = torch.where(torch.rand(b, t, device=DEV) < 0.5, tokens.roll(-1, 1), 0)
+
+        def torch_accept(tokens=tokens, par=par, targets=targets):
+            cur = torch.zeros(b, dtype=torch.int64, device=DEV)
+            count = torch.zeros(b, dtype=torch.int64, device=DEV)
+            for _ in range(1, t):
+                want = targets.gather(1, cur[:, None])
+                match = (par.long() == cur[:, None]) & (tokens == want)
+                match[:, 0] = False
+                nxt = torch.where(match, torch.arange(t, device=DEV), t).min(1).values
+                found = nxt < t
+                cur = torch.where(found, nxt, cur)
+                count += found
+            return cur, count
+
+        out.append(dict(name=f"accept_tree {tag}",
+                        triton=lambda tokens=tokens, par=par, nodes=nodes, targets=targets:
+                        tree_accept.accept_tree(tokens, par, nodes, targets),
+                        torch=torch_accept, compile=None, bytes=b * t * 8 * 3, baseline="torch ops"))
+        # KV compaction of a 15-node path in every layer's cache.
+        cache = rnd(layers, 2, b + 1, hkv, ctx + t, d)
+        path = torch.arange(t, device=DEV, dtype=torch.int32).flip(0).expand(b, t).contiguous()  # worst case: all move
+        path[:, 0] = 0
+        count = torch.full((b,), t - 1, device=DEV, dtype=torch.int32)
+        moved = layers * 2 * b * hkv * (t - 1) * d * 2
+
+        def torch_compact(cache=cache, path=path):
+            src = ctx + path.long()  # [b, t]
+            for i in range(b):
+                cache[:, :, i, :, ctx:ctx + t] = cache[:, :, i, :, src[i]]
+
+        out.append(dict(name=f"kv_compact {tag} x {layers} layers",
+                        triton=lambda cache=cache, slots=slots, starts=starts, path=path, count=count:
+                        kv_compact.kv_compact(cache, slots, starts, path, count),
+                        torch=torch_compact, compile=None, bytes=2 * moved, baseline="torch index copy"))
+        # The step's bookkeeping after acceptance.
+        outs = torch.randint(0, vocab, (b, t), device=DEV)
+        last = torch.zeros(b, device=DEV, dtype=torch.int64)
+        result = torch.zeros(b, t + 1, device=DEV, dtype=torch.int64)
+        cnt = torch.randint(0, t, (b,), device=DEV, dtype=torch.int32)
+
+        def torch_commit(cnt=cnt, outs=outs, starts=starts, slots=slots, lengths=lengths, offsets=offsets,
+                         last=last, result=result):
+            lengths[slots.long()] = starts + cnt + 1
+            offsets.add_(cnt + 1)
+            last.copy_(outs.gather(1, cnt[:, None].long())[:, 0])
+            result[:, :t].copy_(outs)
+            result[:, t].copy_(cnt)
+
+        out.append(dict(name=f"tree_commit {tag}",
+                        triton=lambda cnt=cnt, outs=outs, starts=starts, slots=slots, lengths=lengths, offsets=offsets,
+                        last=last, result=result: tree_step.tree_commit(cnt, outs, starts, slots, lengths, offsets,
+                                                                        last, result, b),
+                        torch=torch_commit, compile=None, bytes=b * t * 8 * 2, baseline="torch ops"))
+        # The target's token at every node: sampling settings shared by each tree (group=T).
+        logits = rnd(b * t, vocab, dtype=torch.float32) * 4
+        temp = torch.full((b,), 0.8, device=DEV)
+        top_k = torch.full((b,), 50, device=DEV, dtype=torch.int32)
+        top_p = torch.full((b,), 0.9, device=DEV)
+        seeds = torch.arange(b, device=DEV)
+        node_offsets = torch.arange(b * t, device=DEV)
+        args = (logits, temp, top_k, top_p, seeds, node_offsets)
+        out.append(dict(name=f"sample grouped {tag} v{vocab} top-k 50 + top-p 0.9",
+                        triton=lambda args=args: sampling.sample(*args, group=t),
+                        torch=lambda args=args: sampling.sample_ref(*args, group=t), compile=None,
+                        bytes=logits.numel() * 4, baseline="sort-based ref"))
+    return out
 
 
 def lora_cases(rnd):

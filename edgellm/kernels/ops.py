@@ -6,8 +6,7 @@ runs when). Without triton installed every op runs its reference.
 
 from . import attention, gemv as _gemv, kv_append as _kv_append, lora, rope, rope_append, sampling
 from . import rms_norm as _rms_norm, silu_mul as _silu_mul, vocab_remap as _vocab_remap
-from . import kv_compact as _kv_compact, tree_accept, tree_attention as _tree_attention, tree_mask as _tree_mask
-from . import tree_step
+from . import kv_compact as _kv_compact, tree_accept, tree_attention as _tree_attention, tree_step
 from ._triton import HAS_TRITON
 from .dispatch import KernelOp
 
@@ -30,7 +29,6 @@ gemv = _op("gemv", _gemv)
 rope_kv_append = _op("rope_kv_append", rope_append)
 lora_shrink = _op("lora_shrink", lora)
 lora_expand = _op("lora_expand", lora)
-tree_mask = _op("tree_mask", _tree_mask)
 accept_tree = _op("accept_tree", tree_accept)
 kv_compact = _op("kv_compact", _kv_compact)
 tree_attention = _op("tree_attention", _tree_attention)
@@ -39,7 +37,7 @@ tree_commit = _op("tree_commit", tree_step)
 
 ALL_OPS = (rms_norm, add_rms_norm, rope_cos_sin_cache, apply_rope, kv_append, prefill_attention,
            decode_attention, silu_mul, sample, vocab_remap, gemv, rope_kv_append, lora_shrink, lora_expand,
-           tree_mask, accept_tree, kv_compact, tree_attention, tree_inputs, tree_commit)
+           accept_tree, kv_compact, tree_attention, tree_inputs, tree_commit)
 
 
 def reference_ops():

@@ -6,45 +6,13 @@ Node i may attend to the context, its ancestors and itself: bit j of bits[b, i] 
 is set for each such node j of the tree. Its RoPE position is the row's length plus its depth
 (the root has depth 0), which a chain (parents = i - 1) makes the usual consecutive positions.
 
-Kernel: one program per row; every node walks up to the root at once, one level per iteration
-(reading the parent array, never what it writes), so T iterations at most.
+On the device the walk is part of the verify step's input kernel (tree_step.py tree_inputs);
+`tree_mask_ref` here is its reference, and the bit conversions serve the seeds' mask-in API.
 """
 
 import torch
 
-from ._triton import pow2, tl, triton
-
 MAX_TREE = 64  # nodes per row: the mask of a node is one int64
-
-
-@triton.jit
-def _tree_mask_kernel(parents_ptr, nodes_ptr, bits_ptr, depth_ptr, T, BLOCK_T: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    i = tl.arange(0, BLOCK_T)
-    exists = i < tl.load(nodes_ptr + b)
-    in_tree = i < T
-    bits = tl.full([BLOCK_T], 1, dtype=tl.int64) << i.to(tl.int64)
-    depth = tl.zeros([BLOCK_T], dtype=tl.int32)
-    up = tl.load(parents_ptr + b * T + i, mask=exists, other=-1)
-    for _ in range(0, T):
-        has = up >= 0
-        bits = bits | tl.where(has, tl.full([BLOCK_T], 1, dtype=tl.int64) << tl.maximum(up, 0).to(tl.int64), 0)
-        depth += has.to(tl.int32)
-        up = tl.load(parents_ptr + b * T + tl.maximum(up, 0), mask=has, other=-1)
-    tl.store(bits_ptr + b * T + i, bits, mask=in_tree)
-    tl.store(depth_ptr + b * T + i, depth, mask=in_tree)
-
-
-def tree_mask(parents: torch.Tensor, n_nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(bits [B, T] int64, depth [B, T] int32) of trees given by parents [B, T] and n_nodes [B]."""
-    batch, t = parents.shape
-    if t > MAX_TREE:
-        raise ValueError(f"tree_mask: trees of at most {MAX_TREE} nodes, got {t}")
-    parents, n_nodes = parents.contiguous(), n_nodes.contiguous()
-    bits = torch.empty(batch, t, dtype=torch.int64, device=parents.device)
-    depth = torch.empty(batch, t, dtype=torch.int32, device=parents.device)
-    _tree_mask_kernel[(batch,)](parents, n_nodes, bits, depth, t, BLOCK_T=pow2(t), num_warps=1)
-    return bits, depth
 
 
 def tree_mask_ref(parents: torch.Tensor, n_nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
