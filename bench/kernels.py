@@ -314,12 +314,12 @@ def tree_cases(rnd):
 
         out.append(dict(name=f"tree_inputs {tag}",
                         triton=lambda packed=packed, roots=roots, lengths=lengths, slots=slots, offsets=offsets,
-                        embed=embed: tree_step.tree_inputs(packed, roots, lengths, slots, offsets, embed, b),
+                        embed=embed, b=b: tree_step.tree_inputs(packed, roots, lengths, slots, offsets, embed, b),
                         torch=torch_inputs, compile=None, bytes=2 * b * t * hidden * 2, baseline="torch ops"))
         # Acceptance: the target's tokens equal the drafts on a random half of the nodes.
         targets = torch.where(torch.rand(b, t, device=DEV) < 0.5, tokens.roll(-1, 1), 0)
 
-        def torch_accept(tokens=tokens, par=par, targets=targets):
+        def torch_accept(tokens=tokens, par=par, targets=targets, b=b):
             cur = torch.zeros(b, dtype=torch.int64, device=DEV)
             count = torch.zeros(b, dtype=torch.int64, device=DEV)
             for _ in range(1, t):
@@ -343,7 +343,7 @@ def tree_cases(rnd):
         count = torch.full((b,), t - 1, device=DEV, dtype=torch.int32)
         moved = layers * 2 * b * hkv * (t - 1) * d * 2
 
-        def torch_compact(cache=cache, path=path):
+        def torch_compact(cache=cache, path=path, b=b):
             src = ctx + path.long()  # [b, t]
             for i in range(b):
                 cache[:, :, i, :, ctx:ctx + t] = cache[:, :, i, :, src[i]]
@@ -368,7 +368,7 @@ def tree_cases(rnd):
 
         out.append(dict(name=f"tree_commit {tag}",
                         triton=lambda cnt=cnt, outs=outs, starts=starts, slots=slots, lengths=lengths, offsets=offsets,
-                        last=last, result=result: tree_step.tree_commit(cnt, outs, starts, slots, lengths, offsets,
+                        last=last, result=result, b=b: tree_step.tree_commit(cnt, outs, starts, slots, lengths, offsets,
                                                                         last, result, b),
                         torch=torch_commit, compile=None, bytes=b * t * 8 * 2, baseline="torch ops"))
         # The target's token at every node: sampling settings shared by each tree (group=T).
