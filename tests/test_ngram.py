@@ -68,7 +68,7 @@ def test_backoff_waits_longer_after_each_run_of_failures_and_resets_on_success()
     assert backoff.allows() and backoff.penalty == 1
 
 
-def test_a_costly_proposer_probes_with_one_token_until_trusted_and_waits_four_times_longer():
+def test_a_costly_proposer_probes_with_one_token_until_trusted_and_gives_up_if_never_right():
     from edgellm.speculative.session import Speculation
 
     class Costly:  # proposes the same chain of 3 whatever the row's text
@@ -88,21 +88,22 @@ def test_a_costly_proposer_probes_with_one_token_until_trusted_and_waits_four_ti
                 trees.append(tree if limit else None)
             return trees
 
-    spec = Speculation(Costly(), [[5]], max_drafts=8, adaptive=True)
-    spec.start([6])
-    sizes = []
-    for step in range(30):
-        trees = spec.propose([0], [100])
-        sizes.append(trees[0].drafts if trees else 0)
-        spec.record([0], [[7]], trees, [0]) if trees else spec.record([0], [[7]])
-    assert [i for i, n in enumerate(sizes) if n] == [0, 2, 7, 24] and sizes[0] == sizes[2] == sizes[24] == 1
-    trees = spec.propose([0], [100])
-    assert trees is None  # still waiting
-    for _ in range(70):
-        probe = spec.propose([0], [100])
-        if probe is not None:
-            break
-        spec.record([0], [[7]])
-    assert probe[0].drafts == 1
-    spec.record([0], [[1, 7]], probe, [1])  # the probe's token accepted: full proposals again
-    assert spec.propose([0], [100])[0].drafts == 3
+    def run(accept_at):
+        spec = Speculation(Costly(), [[5]], max_drafts=8, adaptive=True)
+        spec.start([6])
+        sizes = []
+        for step in range(120):
+            trees = spec.propose([0], [1000])
+            sizes.append(trees[0].drafts if trees else 0)
+            if trees is None:
+                spec.record([0], [[7]])
+            elif step in accept_at:
+                spec.record([0], [[1, 7]], trees, [1])
+            else:
+                spec.record([0], [[7]], trees, [0])
+        return {i: n for i, n in enumerate(sizes) if n}
+
+    # Never right: probes of one token at steps 0, 2 and 7, then nothing for the rest of the request.
+    assert run(()) == {0: 1, 2: 1, 7: 1}
+    # Right once: full proposals until a failure, then probes backing off 1, 4, 16, 64 steps.
+    assert run((2,)) == {0: 1, 2: 1, 3: 3, 5: 1, 10: 1, 27: 1, 92: 1}

@@ -13,16 +13,21 @@ class RowBackoff:
     (n-gram: a verify step costs ~1.1 plain steps) get patience 2, growth 2 and max_wait 32. Costly
     ones (a draft model runs its own steps) get patience 1, growth 4 and max_wait 256, and an
     untrusted row (at the start, and after a failure) proposes a single token, one draft step and the
-    smallest verify tree: a draft that never helps costs a few probes per request, and one that helps
-    is back to full proposals at its first accepted token."""
+    smallest verify tree, and a row whose first `give_up` attempts all failed (not one token accepted
+    in the request yet) stops proposing for the rest of the request: a draft that never helps costs
+    three probes per request, and one that helps is back to full proposals at its first accepted token."""
 
-    def __init__(self, patience: int, max_wait: int, growth: int = 2):
-        self.patience, self.max_wait, self.growth = patience, max_wait, growth
+    def __init__(self, patience: int, max_wait: int, growth: int = 2, give_up: int | None = None):
+        self.patience, self.max_wait, self.growth, self.give_up = patience, max_wait, growth, give_up
         self.wait = self.failures = 0
         self.penalty = 1
         self.trusted = False
+        self.attempts = 0   # until the first accepted draft; then None
+        self.stopped = False
 
     def allows(self) -> bool:
+        if self.stopped:
+            return False
         if self.wait:
             self.wait -= 1
             return False
@@ -31,8 +36,11 @@ class RowBackoff:
     def update(self, accepted: int) -> None:
         self.trusted = accepted > 0
         if accepted:
-            self.failures, self.penalty = 0, 1
+            self.failures, self.penalty, self.attempts = 0, 1, None
             return
+        if self.attempts is not None:
+            self.attempts += 1
+            self.stopped = self.give_up is not None and self.attempts >= self.give_up
         self.failures += 1
         if self.failures >= self.patience:
             self.wait, self.failures = self.penalty, 0
@@ -45,7 +53,7 @@ class Speculation:
         self.prompts = prompts
         self.max_drafts = max_drafts
         self.costly = getattr(proposer, "costly", False)
-        self.backoff = [RowBackoff(1, 256, 4) if self.costly else RowBackoff(2, 32, 2) for _ in prompts] \
+        self.backoff = [RowBackoff(1, 256, 4, give_up=3) if self.costly else RowBackoff(2, 32, 2) for _ in prompts] \
             if adaptive else None
         self.stats = SpeculativeStats(accepted_flags=[[] for _ in prompts])
 
