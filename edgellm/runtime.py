@@ -321,8 +321,8 @@ class LLMInferenceRuntime:
         temperature, top_k, top_p, seeds = self._sampling_tensors(sampling, batch)
         offsets = torch.zeros(batch, dtype=torch.int64, device=device)
         slots = torch.arange(batch, dtype=torch.int32, device=device)
-        logits = runner.prefill_step(runner.embed(ids.to(device)), [len(p) for p in prompts], slots=list(range(batch)),
-                                     lora=adapters, cached_lengths=cached)
+        logits = runner.prefill_step(runner.embed(ids.to(device)), [len(p) for p in prompts], lora=adapters,
+                                     cached_lengths=cached)  # slot i serves item i (the default)
         if reuse is not None:
             self._account_prefill(reuse, sum(len(p) - c for p, c in zip(prompts, cached)), t0)
             t_save = time.perf_counter()

@@ -47,17 +47,13 @@ class DraftModelProposer:
         `lengths` if given): the top_k choices after each, [n, top_k] on the device. The draft's decode
         batch stays started between proposals; the same rows again only get new tokens and lengths."""
         runner, device = self.runner, self.runner.device
-        if self._decoding != slots:
-            if lengths is not None:
-                runner.kv_cache.lengths[torch.tensor(slots, device=device)] = torch.tensor(
-                    lengths, dtype=torch.int32, device=device)
+        if self._decoding != slots:  # greedy rows on these slots (their tokens and lengths come next)
             n = len(slots)
             zeros = torch.zeros(n, dtype=torch.int64, device=device)
-            runner.start_decode(torch.as_tensor(tokens, device=device), slots, torch.zeros(n, device=device),
-                                torch.ones(n, dtype=torch.int32, device=device), torch.ones(n, device=device), zeros, zeros)
+            runner.start_decode(zeros, slots, torch.zeros(n, device=device), torch.ones(n, dtype=torch.int32, device=device),
+                                torch.ones(n, device=device), zeros, zeros)
             self._decoding = list(slots)
-        else:
-            runner.restart_decode_rows(tokens, lengths)
+        runner.restart_decode_rows(tokens, lengths)
         best = []
         for _ in range(steps):
             runner.decode_sample_step()

@@ -48,7 +48,6 @@ class NgramIndex:
                 return found
         return []
 
-
     def _copy(self, stop: int, candidates: int) -> list[int]:
         """What followed position `stop`, `candidates` tokens. A copy that runs into the end of the text
         overlaps itself (the text repeats with period end - stop, as in a loop or a repeated line):
