@@ -22,6 +22,11 @@ class UnsupportedModelError(ModelLoadError):
     """The model directory is readable but describes an architecture or feature edgellm does not run."""
 
 
+class ImageError(InvalidRequestError):
+    """An image of a request cannot be used: missing or unreadable file, not an image, unsupported
+    source type, or a shape the model's preprocessing cannot take."""
+
+
 class TokenizerError(EdgeLLMError):
     """The tokenizer is missing, unreadable, or cannot do what the request asks (e.g. no chat template)."""
 

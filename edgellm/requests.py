@@ -24,12 +24,18 @@ DEFAULT_MAX_GENERATE_LENGTH = 128
 @dataclasses.dataclass
 class GenerationItem:
     """One sequence of a batch. Give exactly one of `messages`, `prompt` or `input_ids`.
-    `lora_weights_name` overrides the request's adapter for this item ("" = the base model)."""
+    `lora_weights_name` overrides the request's adapter for this item ("" = the base model).
+
+    Images (vision-language models): a message's content may be a list of parts, text parts
+    {"type": "text", "text": ...} and image parts {"type": "image", "image": PATH_OR_PIL_OR_BYTES};
+    a prompt item takes them as `images` (one placeholder each goes in front of the prompt unless it
+    already holds them)."""
 
     messages: list[dict[str, Any]] | None = None  # chat messages; the model's chat template applies
     prompt: str | None = None                     # raw text, no template
     input_ids: list[int] | None = None            # token ids, used as they are
     lora_weights_name: str | None = None
+    images: list[Any] | None = None               # with `prompt`: image paths, PIL images or encoded bytes
 
 
 @dataclasses.dataclass
@@ -60,6 +66,8 @@ class GenerationTimings:
     decode_tokens: int = 0          # tokens produced by decode steps (all rows)
     total_ms: float = 0.0           # the whole request, tokenisation, detokenisation and queue_ms included
     queue_ms: float = 0.0           # waiting for the engine while other callers' requests ran (runtime.py)
+    image_preprocess_ms: float = 0.0  # loading and preprocessing the request's images (host)
+    vision_ms: float = 0.0          # the vision encoder (not part of prefill_ms)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -120,10 +128,12 @@ def _validate_messages(messages, where: str) -> list[dict]:
                                       f"allowed roles: {', '.join(ROLES)}")
         content = message["content"]
         if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise InvalidRequestError(f"{where}: message {j} content parts must be "
-                                          "{'type': 'text', 'text': str} (images are not supported yet)")
+            for part in content:
+                text = isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                image = isinstance(part, dict) and part.get("type") == "image" and part.get("image") is not None
+                if not (text or image):
+                    raise InvalidRequestError(f"{where}: message {j} content parts must be {{'type': 'text', "
+                                              "'text': str} or {'type': 'image', 'image': path, PIL image or bytes}")
         elif not isinstance(content, str):
             raise InvalidRequestError(f"{where}: message {j} content must be a string")
     return messages
@@ -135,7 +145,7 @@ def normalize_item(item, index: int) -> GenerationItem:
         unknown = set(item) - {f.name for f in dataclasses.fields(GenerationItem)}
         if unknown:
             raise InvalidRequestError(f"{where}: unknown keys {sorted(unknown)}; "
-                                      "allowed: messages, prompt, input_ids, lora_weights_name")
+                                      "allowed: messages, prompt, input_ids, lora_weights_name, images")
         item = GenerationItem(**item)
     elif not isinstance(item, GenerationItem):
         raise InvalidRequestError(f"{where}: must be a dict or GenerationItem, got {type(item).__name__}")
@@ -145,6 +155,12 @@ def normalize_item(item, index: int) -> GenerationItem:
     if len(given) != 1:
         raise InvalidRequestError(f"{where}: give exactly one of messages, prompt or input_ids "
                                   f"(got {', '.join(given) if given else 'none'})")
+    if item.images is not None:
+        if item.prompt is None:
+            raise InvalidRequestError(f"{where}: images= goes with a prompt item; in messages, put images in the "
+                                      "content as {'type': 'image', 'image': ...} parts; input_ids items take none")
+        if not isinstance(item.images, (list, tuple)) or not item.images:
+            raise InvalidRequestError(f"{where}: images must be a non-empty list of paths, PIL images or bytes")
     if item.messages is not None:
         _validate_messages(item.messages, where)
     elif item.prompt is not None:

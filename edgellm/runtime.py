@@ -31,14 +31,17 @@ import torch
 
 from .kernels import ops
 from .engine.kv_store import KVReuseSettings, KVReuseStats, TieredKVStore, model_identity
+from .engine.devices import resolve_device, resolve_dtype
 from .engine.runner import LLMEngineRunner
 from .errors import ConfigurationError, InvalidRequestError, LoraError, ReentrantRequestError, TokenizerError
 from .fifo_lock import FifoLock
 from .models import resolve_model_dir
+from .multimodal import ImagePrompt, ImagePrompts, image_sources, template_messages
 from .requests import (GenerationItem, GenerationTimings, LLMGenerationRequest, LLMGenerationResponse,
                        SamplingSettings, sampling_settings, stop_strings, validate_request)
 from .speculative import Speculation, SpeculativeConfig, make_proposer
 from .tokenizer import Tokenizer, TextStreamer
+from .vision import VisionEncoder, vision_config_of
 
 # Called as on_text(item_index, text_delta) while generating, for streaming output.
 TextCallback = Callable[[int, str], None]
@@ -89,15 +92,22 @@ class LLMInferenceRuntime:
         # The KV store's device tier is allocated beside the engine: the runner's up-front memory
         # check counts it.
         reuse_device = {"KV reuse device tier (KVReuseSettings.gpu_bytes)": kv_reuse.gpu_bytes} \
-            if kv_reuse is not None else None
+            if kv_reuse is not None else {}
+        vision = vision_config_of(self.model_dir)  # None: a text-only model
+        if vision is not None:
+            element = torch.empty(0, dtype=resolve_dtype(dtype, resolve_device(device))).element_size()
+            reuse_device["vision encoder weights"] = vision.parameter_count * element
         self.runner = LLMEngineRunner(self.model_dir, device=device, dtype=dtype, max_batch_size=max_batch_size,
                                       max_input_length=max_input_length,
                                       max_kv_cache_capacity=max_kv_cache_capacity, cuda_graphs=cuda_graphs,
                                       prefill_chunk_size=prefill_chunk_size, lora_weights=lora_weights,
                                       max_lora_rank=max_lora_rank, max_loras=max_loras,
                                       max_verify_tokens=speculative.max_verify_tokens if speculative else 0,
-                                      extra_device_bytes=reuse_device)
+                                      extra_device_bytes=reuse_device or None)
         self.config = self.runner.config
+        self.vision = ImagePrompts(VisionEncoder(self.model_dir, vision, device=self.runner.device,
+                                                 dtype=self.runner.dtype),
+                                   self.config.max_supported_input_length) if vision is not None else None
         try:
             self.tokenizer: Tokenizer | None = Tokenizer.from_dir(self.model_dir)
             self._tokenizer_error = None
@@ -213,7 +223,7 @@ class LLMInferenceRuntime:
             return ids
         tokenizer = self._require_tokenizer()
         if item.messages is not None:
-            ids = tokenizer.encode_chat(item.messages)
+            ids = tokenizer.encode_chat(template_messages(item.messages))
         else:
             ids = tokenizer.encode(item.prompt)
         if not ids:
@@ -227,7 +237,15 @@ class LLMInferenceRuntime:
         stops = stop_strings(request)
         if stops:
             self._require_tokenizer()
-        prompts = [self._prompt_ids(item, i) for i, item in enumerate(items)]
+        prompts, images = [], []
+        preprocess_ms = 0.0
+        for i, item in enumerate(items):
+            ids = self._prompt_ids(item, i)
+            began = time.perf_counter()
+            placed = self._place_images(item, ids, i)
+            preprocess_ms += (time.perf_counter() - began) * 1e3
+            prompts.append(placed.ids if placed is not None else ids)
+            images.append(placed)
         adapters = [self._adapter(item.lora_weights_name if item.lora_weights_name is not None
                                   else request.lora_weights_name, i) for i, item in enumerate(items)]
         for i, ids in enumerate(prompts):
@@ -240,7 +258,25 @@ class LLMInferenceRuntime:
                     f"request item {i}: prompt of {len(ids)} tokens + max_generate_length "
                     f"{request.max_generate_length} exceeds the KV cache capacity {cfg.max_kv_cache_capacity}; "
                     f"max_generate_length may be at most {room} for this prompt")
-        return prompts, sampling, stops, adapters
+        return prompts, images, preprocess_ms, sampling, stops, adapters
+
+    def _place_images(self, item: GenerationItem, ids: list[int], index: int) -> ImagePrompt | None:
+        """The item's images loaded, preprocessed and placed in its prompt (None: an item without images)."""
+        sources = image_sources(item)
+        if self.vision is None:
+            if sources:
+                raise InvalidRequestError(f"request item {index}: this model ({self.model_dir.name}) is text-only "
+                                          "and takes no images")
+            return None
+        if not sources:
+            if self.vision.config.image_token_id in ids:
+                raise InvalidRequestError(f"request item {index}: the prompt holds image placeholder tokens "
+                                          f"({self.vision.config.image_token_id}) but the item has no images")
+            return None
+        prepared = self.vision.prepare(sources, index)
+        if item.prompt is not None:
+            ids = self.vision.placeholders(ids, len(prepared))
+        return self.vision.place(ids, prepared, index, mrope=self.config.mrope_section is not None)
 
     def _adapter(self, name: str | None, index: int) -> str:
         """The adapter name item `index` runs with (None: the active one), checked to be loaded."""
@@ -259,14 +295,15 @@ class LLMInferenceRuntime:
         started = time.perf_counter()
         with self._engine_turn(request=True):
             queued_ms = (time.perf_counter() - started) * 1e3
-            prompts, sampling, stops, adapters = self._prepare(request)
+            prompts, images, preprocess_ms, sampling, stops, adapters = self._prepare(request)
             if on_text is not None:
                 self._require_tokenizer()
             reuse = KVReuseStats() if self.kv_store is not None else None
             spec = self._speculation(request, prompts)
             with torch.inference_mode():
                 rows, timings = self._generate(prompts, adapters, sampling, stops, request.max_generate_length,
-                                               on_text, reuse, spec)
+                                               on_text, reuse, spec, images)
+        timings.image_preprocess_ms = preprocess_ms
         timings.queue_ms = queued_ms
         timings.total_ms = (time.perf_counter() - started) * 1e3
         if reuse is not None:
@@ -300,7 +337,7 @@ class LLMInferenceRuntime:
 
     def _generate(self, prompts: list[list[int]], adapters: list[str], sampling: SamplingSettings,
                   stops: list[str], max_new: int, on_text: TextCallback | None, reuse: KVReuseStats | None,
-                  spec: Speculation | None):
+                  spec: Speculation | None, images: list[ImagePrompt | None]):
         runner, device = self.runner, self.device
         batch = len(prompts)
         holdback = max((len(s) for s in stops), default=1) - 1
@@ -311,8 +348,10 @@ class LLMInferenceRuntime:
         fingerprints = [runner.lora_fingerprint(a) for a in adapters]
         # Slot i serves item i. With KV reuse on, each slot first gets the longest saved prefix of its
         # prompt, and only the rest is prefilled.
-        cached = [self.kv_store.restore(i, p, fingerprints[i], reuse) if reuse is not None else 0
-                  for i, p in enumerate(prompts)]
+        # Image tokens are keyed by their image's digest (multimodal.py).
+        keys = [im.key_ids if im is not None else p for p, im in zip(prompts, images)]
+        cached = [self.kv_store.restore(i, k, fingerprints[i], reuse) if reuse is not None else 0
+                  for i, k in enumerate(keys)]
         if reuse is not None:
             reuse.restore_ms += (time.perf_counter() - t0) * 1e3
         ids = torch.zeros(batch, max(len(p) - c for p, c in zip(prompts, cached)), dtype=torch.int64)
@@ -321,13 +360,18 @@ class LLMInferenceRuntime:
         temperature, top_k, top_p, seeds = self._sampling_tensors(sampling, batch)
         offsets = torch.zeros(batch, dtype=torch.int64, device=device)
         slots = torch.arange(batch, dtype=torch.int32, device=device)
-        logits = runner.prefill_step(runner.embed(ids.to(device)), [len(p) for p in prompts], lora=adapters,
-                                     cached_lengths=cached)  # slot i serves item i (the default)
+        embeds = runner.embed(ids.to(device))
+        positions = offsets_mm = None
+        if any(im is not None for im in images):
+            timings.vision_ms = self.vision.write_embeddings(embeds, images, cached)
+            positions, offsets_mm = self._image_positions(prompts, images, cached, ids.shape[1])
+        logits = runner.prefill_step(embeds, [len(p) for p in prompts], lora=adapters, cached_lengths=cached,
+                                     positions=positions, position_offsets=offsets_mm)  # slot i serves item i
         if reuse is not None:
             self._account_prefill(reuse, sum(len(p) - c for p, c in zip(prompts, cached)), t0)
             t_save = time.perf_counter()
-            for i, p in enumerate(prompts):
-                self.kv_store.save(i, p, fingerprints[i], reuse)
+            for i, k in enumerate(keys):
+                self.kv_store.save(i, k, fingerprints[i], reuse)
             reuse.save_ms += (time.perf_counter() - t_save) * 1e3
         tokens = ops.sample(logits, temperature, top_k, top_p, seeds, offsets)
         active = list(range(batch))
@@ -335,7 +379,7 @@ class LLMInferenceRuntime:
         self._advance(rows, active, [[t] for t in first], stops, max_new, on_text)
         if spec is not None:
             spec.start(first)
-        timings.prefill_ms = (time.perf_counter() - t0) * 1e3
+        timings.prefill_ms = (time.perf_counter() - t0) * 1e3 - timings.vision_ms
 
         t1 = time.perf_counter()
         started = False
@@ -362,6 +406,20 @@ class LLMInferenceRuntime:
             for row in rows:
                 row.text = self.tokenizer.decode(row.ids)
         return rows, timings
+
+    def _image_positions(self, prompts: list[list[int]], images: list[ImagePrompt | None], cached: list[int],
+                         width: int):
+        """Multimodal RoPE: the (t, h, w) positions of each row's prefilled tokens [B, width, 3] and
+        its decode offsets; (None, None) for models without it."""
+        if self.config.mrope_section is None:
+            return None, None
+        positions = torch.zeros(len(prompts), width, 3, dtype=torch.int32)
+        for row, (p, im, c) in enumerate(zip(prompts, images, cached)):
+            if im is not None:
+                positions[row, :len(p) - c] = im.positions[c:]
+            else:
+                positions[row, :len(p) - c] = torch.arange(c, len(p), dtype=torch.int32)[:, None]
+        return positions, [im.delta if im is not None else 0 for im in images]
 
     def _account_prefill(self, reuse: KVReuseStats, prefilled: int, started: float) -> None:
         """Estimate the prefill time the reused tokens saved, at the rate measured on prompts that

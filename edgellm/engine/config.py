@@ -10,6 +10,9 @@ from ..errors import ConfigurationError, ModelLoadError, UnsupportedModelError
 from ..kernels.rope import SUPPORTED_ROPE_TYPES
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Vision-language models: the language model's type (its config is the top level merged with
+# `text_config`, or `text_config` alone); the vision side is edgellm/vision's.
+MULTIMODAL_TEXT_TYPES = {"qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "internvl": None}
 
 DEFAULT_MAX_BATCH_SIZE = 4
 DEFAULT_MAX_INPUT_LENGTH = 1024
@@ -44,6 +47,9 @@ class EngineConfig:
     max_kv_cache_capacity: int
     reduced_vocab_size: int = 0
     max_supported_lora_rank: int = 0
+    # Multimodal RoPE (Qwen2-VL): how many rotary frequencies turn with t, h and w; None: plain RoPE.
+    mrope_section: tuple[int, int, int] | None = None
+    multimodal: str | None = None  # the vision-language model_type ("qwen2_vl", ...), None for text models
 
     @property
     def output_vocab_size(self) -> int:
@@ -79,6 +85,8 @@ class EngineConfig:
     def from_hf_dict(cls, hf: dict, *, max_batch_size: int | None = None,
                      max_input_length: int | None = None,
                      max_kv_cache_capacity: int | None = None) -> "EngineConfig":
+        multimodal = hf.get("model_type") if hf.get("model_type") in MULTIMODAL_TEXT_TYPES else None
+        hf = language_config(hf)
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             arch = ", ".join(hf.get("architectures") or []) or "unknown"
@@ -93,7 +101,7 @@ class EngineConfig:
             heads = int(hf["num_attention_heads"])
             hidden = int(hf["hidden_size"])
             head_dim = int(hf.get("head_dim") or hidden // heads)
-            theta, scaling = _rope_settings(hf)
+            theta, scaling, mrope = _rope_settings(hf)
             rotary_dim = int(head_dim * float(hf.get("partial_rotary_factor", 1.0)))
             max_pos = int(hf.get("max_position_embeddings", 4096))
             fields = dict(
@@ -116,6 +124,8 @@ class EngineConfig:
                 qk_norm=model_type == "qwen3",
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_ids=_as_id_tuple(hf.get("eos_token_id")),
+                mrope_section=mrope,
+                multimodal=multimodal,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelLoadError(f"config.json is missing or has a bad value for {exc}") from exc
@@ -123,6 +133,8 @@ class EngineConfig:
             raise ModelLoadError("num_attention_heads must be a multiple of num_key_value_heads")
         if rotary_dim % 2 or rotary_dim > head_dim:
             raise UnsupportedModelError(f"rotary dim {rotary_dim} must be even and <= head_dim {head_dim}")
+        if mrope is not None and sum(mrope) != rotary_dim // 2:
+            raise ModelLoadError(f"mrope_section {list(mrope)} must sum to rotary_dim / 2 = {rotary_dim // 2}")
 
         # Limits of this engine instance: defaults fit a laptop, bounded by what the model supports.
         position_limit = max_pos
@@ -158,19 +170,45 @@ def _as_id_tuple(value) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-def _rope_settings(hf: dict) -> tuple[float, dict | None]:
-    """(theta, scaling) from either transformers 5 `rope_parameters` or 4.x `rope_theta`/`rope_scaling`."""
+def language_config(hf: dict) -> dict:
+    """The language model's part of a config.json: the dict itself for text models; for a
+    vision-language model its `text_config` (over the top level, where 4.x-style Qwen2-VL configs keep
+    the text fields), with model_type the language family's."""
+    kind = hf.get("model_type")
+    if kind not in MULTIMODAL_TEXT_TYPES:
+        return hf
+    text = dict(hf.get("text_config") or {})
+    if MULTIMODAL_TEXT_TYPES[kind] is None:  # text_config is a complete config of its own (InternVL)
+        if not text:
+            raise ModelLoadError(f"config.json of a {kind} model has no text_config")
+        return text
+    merged = {k: v for k, v in hf.items() if k not in ("vision_config", "text_config")}
+    merged.update(text)
+    merged["model_type"] = MULTIMODAL_TEXT_TYPES[kind]
+    return merged
+
+
+def _rope_settings(hf: dict) -> tuple[float, dict | None, tuple[int, int, int] | None]:
+    """(theta, scaling, mrope_section) from either transformers 5 `rope_parameters` or 4.x
+    `rope_theta`/`rope_scaling` (Qwen2-VL's 4.x configs say rope_type "mrope")."""
     params = dict(hf.get("rope_parameters") or {})
     scaling = dict(hf.get("rope_scaling") or {})
     theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
     merged = {**scaling, **params}
     rope_type = merged.pop("rope_type", merged.pop("type", "default"))
+    section = merged.pop("mrope_section", None)
+    merged.pop("mrope_interleaved", None)
+    mrope = tuple(int(x) for x in section) if section is not None else None
+    if mrope is not None and len(mrope) != 3:
+        raise UnsupportedModelError(f"mrope_section must have 3 entries (t, h, w), got {section}")
+    if rope_type == "mrope":
+        rope_type = "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     if rope_type == "default":
-        return theta, None
+        return theta, None, mrope
     merged["rope_type"] = rope_type
-    return theta, merged
+    return theta, merged, mrope
 
 
 def _sliding_window(hf: dict) -> int | None:

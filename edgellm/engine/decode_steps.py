@@ -39,7 +39,7 @@ class DecodeSteps:
         # a CPU value copied in would be illegal while a graph is captured)
         starts = lengths[buf.slot_index]
         embeds = torch.nn.functional.embedding(buf.tokens, self.weights.embed)[:, None]
-        logits = forward_logits(self.weights, self.config, self.kv_cache, self.rope_cos_sin, embeds,
+        logits = forward_logits(self.weights, self.config, self.kv_cache, self.rope, embeds,
                                 buf.slots, starts, buf.q_lens, lora=self._lora_batch(buf.lora, buf.lora_used, uses_lora))
         lengths[buf.slot_index] = starts + 1
         buf.offsets += 1

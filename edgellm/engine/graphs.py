@@ -117,7 +117,7 @@ class PrefillBuffers:
     """Static inputs and outputs of one prefill chunk of `rows` x `length` tokens (right-padded)."""
 
     def __init__(self, rows: int, length: int, storage: PrefillStorage, scratch_slot: int,
-                 device: torch.device, lora_slots: int = 0):
+                 device: torch.device, lora_slots: int = 0, positions: bool = False):
         self.embeds = storage.embeds[:rows * length * storage.hidden].view(rows, length, storage.hidden)
         self.logits = storage.logits[:rows * storage.vocab].view(rows, storage.vocab)  # written by the graph
         self.slots = torch.full((rows,), scratch_slot, dtype=torch.int32, device=device)
@@ -125,9 +125,11 @@ class PrefillBuffers:
         self.q_lens = torch.ones(rows, dtype=torch.int32, device=device)
         self.lora = torch.full((rows,), -1, dtype=torch.int32, device=device)
         self.lora_used = torch.zeros(1 + lora_slots, dtype=torch.int32, device=device)
+        # Multimodal RoPE engines: each token's (t, h, w) rotary position.
+        self.positions = torch.zeros(rows, length, 3, dtype=torch.int32, device=device) if positions else None
 
     def load(self, embeds: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, q_lens: torch.Tensor,
-             lora: torch.Tensor, lora_used: torch.Tensor) -> None:
+             lora: torch.Tensor, lora_used: torch.Tensor, positions: torch.Tensor | None = None) -> None:
         width = embeds.shape[1]
         self.embeds[:, :width].copy_(embeds)
         if width < self.embeds.shape[1]:
@@ -137,6 +139,9 @@ class PrefillBuffers:
         self.q_lens.copy_(q_lens)
         self.lora.copy_(lora)
         self.lora_used.copy_(lora_used)
+        if self.positions is not None:
+            self.positions[:, :width].copy_(positions)
+            self.positions[:, width:].zero_()
 
 
 class StepGraphs:

@@ -28,6 +28,16 @@ class TokenTree(NamedTuple):
     positions: torch.Tensor  # [B, T] int
 
 
+class RopeTables(NamedTuple):
+    """The rotary tables of an engine: cos/sin [positions, rotary_dim / 2]; for multimodal RoPE also
+    each slot's position offset ([slots] int32 on the device, kernels/rope_append.py) and the (t, h, w)
+    frequency sections."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    offsets: torch.Tensor | None = None
+    sections: tuple[int, int, int] | None = None
+
+
 class LoraBatch(NamedTuple):
     """The adapters of one forward: the engine's stacks (engine/lora.py) and each row's slot, [B]
     int32 on the device (-1: no adapter); forward_logits widens it to one entry per token."""
@@ -70,10 +80,10 @@ def _shrink_operand(lora: LoraBatch | None, layer: int, group: str, rows: int):
 
 
 def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, keys: torch.Tensor,
-                     values: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                     values: torch.Tensor, rope: RopeTables,
                      slots: torch.Tensor, starts: torch.Tensor,
                      q_lens: torch.Tensor, ends: torch.Tensor, ops, lora: LoraBatch | None,
-                     layer: int, tree: "TokenTree | None") -> torch.Tensor:
+                     layer: int, tree: "TokenTree | None", positions: torch.Tensor | None) -> torch.Tensor:
     batch, seq, _ = qkv.shape
     q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
     q = q.reshape(batch, seq, cfg.num_attention_heads, cfg.head_dim)
@@ -82,10 +92,16 @@ def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, key
     if cfg.qk_norm:
         q = ops.rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
         k = ops.rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
-    if tree is None:
-        q = ops.rope_kv_append(q, k, v, rope[0], rope[1], keys, values, slots, starts, q_lens)
+    if tree is not None:
+        positions = tree.positions
+    if positions is not None and positions.dim() == 3:  # multimodal RoPE: absolute (t, h, w) positions
+        q = ops.rope_kv_append(q, k, v, rope.cos, rope.sin, keys, values, slots, starts, q_lens, positions,
+                               sections=rope.sections)
+    elif rope.offsets is not None:  # multimodal RoPE after the prompt: 1-D positions shifted per slot
+        q = ops.rope_kv_append(q, k, v, rope.cos, rope.sin, keys, values, slots, starts, q_lens, positions,
+                               offsets=rope.offsets)
     else:
-        q = ops.rope_kv_append(q, k, v, rope[0], rope[1], keys, values, slots, starts, q_lens, tree.positions)
+        q = ops.rope_kv_append(q, k, v, rope.cos, rope.sin, keys, values, slots, starts, q_lens, positions)
     scale = cfg.head_dim ** -0.5
     t = None
     if seq == 1:
@@ -100,20 +116,23 @@ def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, key
 
 
 def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCache,
-                   rope: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor, slots: torch.Tensor,
+                   rope: RopeTables | tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor, slots: torch.Tensor,
                    starts: torch.Tensor, q_lens: torch.Tensor, kernels=None,
                    lora: LoraBatch | None = None, tree: TokenTree | None = None,
-                   every_token: bool = False) -> torch.Tensor:
+                   every_token: bool = False, positions: torch.Tensor | None = None) -> torch.Tensor:
     """hidden: input embeddings [B, S, H]; slots/starts/q_lens: [B] int tensors on the device.
-    `kernels`: where the ops come from (default: the dispatched `edgellm.kernels.ops`).
-    `lora`: per-row LoRA adapters (None: the base model for every row). `tree`: the chunk is a
-    token tree (speculative verification), S > 1.
+    `rope`: RopeTables, or (cos, sin). `kernels`: where the ops come from (default: the dispatched
+    `edgellm.kernels.ops`). `lora`: per-row LoRA adapters (None: the base model for every row).
+    `tree`: the chunk is a token tree (speculative verification), S > 1. `positions`: [B, S, 3]
+    multimodal RoPE positions of the chunk's tokens (default: starts[b] + i, shifted by rope.offsets).
 
     Appends the chunk's keys/values to the cache (lengths are the caller's to update) and returns
     the logits of each row's last real token, [B, vocab], float32; every_token: of every token of
     the chunk, [B, S, vocab].
     """
     ops = kernels or dispatched_ops
+    if not isinstance(rope, RopeTables):
+        rope = RopeTables(*rope)
     batch, seq, _ = hidden.shape
     if lora is not None and seq > 1:  # the LoRA kernels take one adapter index per token
         lora = lora._replace(index=lora.index.repeat_interleave(seq))
@@ -130,7 +149,8 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
             (x, residual), t = _fused(ops.add_rms_norm, x, residual, lw.input_norm, eps, lora_a=qkv_a)
         qkv = _project(x, lw.qkv, lw.qkv_bias, lora, index, "qkv", ops, t)
         keys, values = cache.layer(index)
-        attn = _attention_block(lw, cfg, qkv, keys, values, rope, slots, starts, q_lens, ends, ops, lora, index, tree)
+        attn = _attention_block(lw, cfg, qkv, keys, values, rope, slots, starts, q_lens, ends, ops, lora, index, tree,
+                                positions)
         (x, residual), t = _fused(ops.add_rms_norm, attn, residual, lw.post_norm, eps,
                                   lora_a=_shrink_operand(lora, index, "gate_up", tokens))
         gate_up = _project(x, lw.gate_up, None, lora, index, "gate_up", ops, t)

@@ -37,7 +37,7 @@ from .memory import check_fits, engine_memory_plan, free_bytes
 from .modes import inference_call, outside_inference_mode
 from .decode_steps import DecodeSteps, _lora_key
 from .verify import TreeSteps
-from .model import LoraBatch, forward_logits
+from .model import LoraBatch, RopeTables, forward_logits
 from .weights import load_weights
 
 DEFAULT_PREFILL_CHUNK = 2048  # prompts longer than this are prefilled chunk by chunk
@@ -93,6 +93,11 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
             dtype=self.dtype, device=self.device)
         inv_freq = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling).to(self.device)
         self.rope_cos_sin = ops.rope_cos_sin_cache(inv_freq, cfg.max_kv_cache_capacity)
+        # Multimodal RoPE: each slot's decode positions run `offset` behind its cache positions
+        # (set by prefill_step from the prompt's layout; the step kernels read it on the device).
+        offsets = torch.zeros(cfg.max_supported_batch_size + 1, dtype=torch.int32, device=self.device) \
+            if cfg.mrope_section else None
+        self.rope = RopeTables(*self.rope_cos_sin, offsets, cfg.mrope_section)
         self._decode_buffers: dict[int, DecodeBuffers] = {}
         self._prefill_buffers: dict[tuple[int, int], PrefillBuffers] = {}
         self._prefill_storage: PrefillStorage | None = None
@@ -245,7 +250,7 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
 
     @inference_call
     def prefill_step(self, inputs_embeds: torch.Tensor, context_lengths, slots=None, lora=None,
-                     cached_lengths=None) -> torch.Tensor:
+                     cached_lengths=None, positions=None, position_offsets=None) -> torch.Tensor:
         """Start new sequences: fills the given slots' (default 0..B-1) KV cache with the prompt and
         returns the last prompt token's logits, [B, vocab] float32.
 
@@ -254,6 +259,9 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
         cached_lengths: [B] positions of each slot that already hold the prompt's first tokens (a
         reused prefix, e.g. copied in by the KV store; default 0). inputs_embeds then holds only the
         rest of each prompt, context_lengths - cached_lengths tokens, which is prefilled after them.
+        positions / position_offsets (multimodal RoPE engines only): [B, S, 3] (t, h, w) rotary positions
+        of inputs_embeds' tokens, and [B] how far each row's later positions run behind its cache
+        positions (kernels/rope_append.py); default: text, t = h = w = the cache position, offset 0.
         """
         cfg = self.config
         batch, seq, hidden = inputs_embeds.shape
@@ -274,6 +282,7 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
         slot_ids = self._slots(slots, batch, on_device=False)
         lora_rows = self._lora_rows(lora, batch)
         uses_lora = any_adapter(lora_rows)
+        positions, offsets_host = self._prompt_positions(positions, position_offsets, cached_host, batch, seq)
         embeds = inputs_embeds.to(self.dtype)
         chunk = self.prefill_chunk_size
         begins = list(range(0, int(new_host.max()), chunk))
@@ -281,7 +290,7 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
         # memory costs ~10-20 us of host time, which at small prompts is most of a prefill):
         # slots, cached lengths, final lengths, LoRA slots, then per chunk the rows' token counts
         # and whether their last token is in it, then the LoRA used-slot list.
-        rows = [slot_ids.to(torch.int32), cached_host, lengths_host, torch.tensor(lora_rows)]
+        rows = [slot_ids.to(torch.int32), cached_host, lengths_host, torch.tensor(lora_rows), offsets_host]
         for begin in begins:
             rows += [(new_host - begin).clamp(0, chunk), (new_host > begin) & (new_host <= begin + chunk)]
         used = used_slots(lora_rows, self._lora_capacity(), "cpu")
@@ -289,16 +298,43 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
         per_row = packed[:len(rows) * batch].view(len(rows), batch)
         slot_dev, cached, lengths_dev, lora_index = per_row[0], per_row[1], per_row[2], per_row[3]
         lora_used = packed[len(rows) * batch:]
+        if self.rope.offsets is not None:
+            self.rope.offsets[slot_dev.long()] = per_row[4]
+            if positions is None:  # text: t = h = w = the cache position
+                positions = (cached[:, None] + torch.arange(seq, dtype=torch.int32, device=self.device))[..., None]
+                positions = positions.expand(batch, seq, 3)
+            else:
+                positions = positions.to(self.device, torch.int32)
         logits = None
         for i, begin in enumerate(begins):
             # Row b contributes its new tokens [begin, begin + chunk) (none once it has ended), placed
             # after its cached prefix; its logits come from the chunk that holds its last token.
-            q_lens, ends_here = per_row[4 + 2 * i], per_row[5 + 2 * i]
+            q_lens, ends_here = per_row[5 + 2 * i], per_row[6 + 2 * i]
             part = self._prefill_chunk(embeds[:, begin:begin + chunk], slot_dev, cached + begin, q_lens, lora_index,
-                                       lora_used, uses_lora)
+                                       lora_used, uses_lora,
+                                       None if positions is None else positions[:, begin:begin + chunk])
             logits = part if logits is None else torch.where(ends_here.bool()[:, None], part, logits)
         self.kv_cache.lengths[slot_dev.long()] = lengths_dev
         return logits
+
+    def _prompt_positions(self, positions, offsets, cached: torch.Tensor, batch: int, seq: int):
+        """prefill_step's positions (checked, or None) and per-row offsets (host int64, zeros by default)."""
+        if self.rope.offsets is None:
+            if positions is not None or offsets is not None:
+                raise InvalidRequestError("positions / position_offsets are for multimodal-RoPE models only")
+            return None, torch.zeros(batch, dtype=torch.int64)
+        if positions is not None:
+            positions = torch.as_tensor(positions)
+            if positions.shape != (batch, seq, 3):
+                raise InvalidRequestError(f"positions must be [{batch}, {seq}, 3] (t, h, w per token)")
+            if positions.device.type == "cpu" and positions.numel() and \
+                    (positions.min() < 0 or positions.max() >= self.config.max_kv_cache_capacity):
+                raise InvalidRequestError(f"positions must be in [0, {self.config.max_kv_cache_capacity})")
+        offsets = torch.zeros(batch, dtype=torch.int64) if offsets is None else \
+            torch.as_tensor(offsets, dtype=torch.int64).cpu()
+        if offsets.shape != (batch,):
+            raise InvalidRequestError(f"position_offsets must have {batch} entries")
+        return positions, offsets
 
     @inference_call
     def decode_step(self, inputs_embeds: torch.Tensor, slots=None, lora=None) -> torch.Tensor:
@@ -312,17 +348,19 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
         lora_batch = self._lora_batch(*self._lora_tensors(lora_rows), any_adapter(lora_rows))
         starts = self.kv_cache.lengths[slot_ids.long()]
         q_lens = torch.ones(batch, dtype=torch.int32, device=self.device)
-        logits = forward_logits(self.weights, self.config, self.kv_cache, self.rope_cos_sin,
+        logits = forward_logits(self.weights, self.config, self.kv_cache, self.rope,
                                 inputs_embeds.to(self.dtype), slot_ids, starts, q_lens, lora=lora_batch)
         self.kv_cache.lengths[slot_ids.long()] = starts + 1
         return logits
 
-    def _prefill_chunk(self, embeds, slots, starts, q_lens, lora_index, lora_used, uses_lora: bool) -> torch.Tensor:
+    def _prefill_chunk(self, embeds, slots, starts, q_lens, lora_index, lora_used, uses_lora: bool,
+                       positions=None) -> torch.Tensor:
         """One prefill chunk: replayed from a graph of its (rows, length bucket, LoRA on/off) where
         graphs are on."""
         if not self.graphs.enabled:
-            return forward_logits(self.weights, self.config, self.kv_cache, self.rope_cos_sin, embeds, slots,
-                                  starts, q_lens, lora=self._lora_batch(lora_index, lora_used, uses_lora))
+            return forward_logits(self.weights, self.config, self.kv_cache, self.rope, embeds, slots,
+                                  starts, q_lens, lora=self._lora_batch(lora_index, lora_used, uses_lora),
+                                  positions=positions)
         rows, width, hidden = embeds.shape
         key = (rows, prefill_bucket(width), _lora_key(uses_lora), "prefill")
         buf = self._prefill_buffers.get(key[:2])
@@ -333,7 +371,7 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
                 self._prefill_storage = PrefillStorage(cfg.max_supported_batch_size, widest, hidden,
                                                        self.weights.lm_head.shape[0], self.dtype, self.device)
             buf = PrefillBuffers(rows, key[1], self._prefill_storage, self.kv_cache.scratch_slot, self.device,
-                                 self._lora_capacity())
+                                 self._lora_capacity(), positions=self.rope.offsets is not None)
             self._prefill_buffers[key[:2]] = buf
         if self.graphs.get(key) is None:
             # Warm-up and capture with every row on the scratch slot: no request's cache is touched.
@@ -343,11 +381,12 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
             buf.lora.fill_(-1)
             buf.lora_used.zero_()
             self.graphs.capture(key, lambda: self._prefill_body(buf, uses_lora))
-        buf.load(embeds, slots, starts, q_lens, lora_index, lora_used)
+        buf.load(embeds, slots, starts, q_lens, lora_index, lora_used, positions)
         self.graphs.get(key).replay()
         return buf.logits.clone()  # the next prefill replay overwrites buf.logits
 
     def _prefill_body(self, buf: PrefillBuffers, uses_lora: bool) -> None:
-        buf.logits.copy_(forward_logits(self.weights, self.config, self.kv_cache, self.rope_cos_sin, buf.embeds,
+        buf.logits.copy_(forward_logits(self.weights, self.config, self.kv_cache, self.rope, buf.embeds,
                                         buf.slots, buf.starts, buf.q_lens,
-                                        lora=self._lora_batch(buf.lora, buf.lora_used, uses_lora)))
+                                        lora=self._lora_batch(buf.lora, buf.lora_used, uses_lora),
+                                        positions=buf.positions))

@@ -62,7 +62,7 @@ class TreeSteps:
         starts = self.kv_cache.lengths[slot_ids.long()]
         positions = starts[:, None] + mask.sum(-1) - 1  # depth = ancestors
         q_lens = torch.full((batch,), nodes, dtype=torch.int32, device=self.device)
-        return forward_logits(self.weights, self.config, self.kv_cache, self.rope_cos_sin,
+        return forward_logits(self.weights, self.config, self.kv_cache, self.rope,
                               inputs_embeds.to(self.dtype), slot_ids, starts, q_lens,
                               lora=self._lora_batch(*self._lora_tensors(lora_rows), any_adapter(lora_rows)),
                               tree=TokenTree(mask_to_bits(mask), positions), every_token=True)
@@ -146,7 +146,7 @@ class TreeSteps:
         size, nodes = buf.size, tree.nodes
         inputs = ops.tree_inputs(tree.packed, buf.tokens, cache.lengths, buf.slots, buf.offsets, self.weights.embed,
                                  scratch)
-        logits = forward_logits(self.weights, self.config, cache, self.rope_cos_sin, inputs.embeds, buf.slots,
+        logits = forward_logits(self.weights, self.config, cache, self.rope, inputs.embeds, buf.slots,
                                 inputs.starts, inputs.n_nodes, lora=self._lora_batch(buf.lora, buf.lora_used, uses_lora),
                                 tree=TokenTree(inputs.bits, inputs.positions), every_token=True)
         # The target's token at every node, drawn as plain decoding would draw it at that depth.

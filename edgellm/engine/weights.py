@@ -70,7 +70,7 @@ def expected_shapes(cfg: EngineConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _checkpoint_files(model_dir: Path) -> list[Path]:
+def checkpoint_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -88,16 +88,30 @@ def _checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
+# A vision-language checkpoint keeps its language model under a prefix, which depends on the
+# family and on the transformers version that saved it: each maps onto the text model's names.
+LANGUAGE_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                     ("language_model.lm_head.", "lm_head."), ("model.lm_head.", "lm_head."))
+
+
+def language_name(name: str) -> str:
+    for prefix, canonical in LANGUAGE_PREFIXES:
+        if name.startswith(prefix):
+            return canonical + name[len(prefix):]
+    return name
+
+
 def read_checkpoint(model_dir: Path, cfg: EngineConfig) -> dict[str, torch.Tensor]:
     """The tensors `expected_shapes` names, on CPU in their stored dtype, all shapes verified."""
     wanted = expected_shapes(cfg)
     found: dict[str, torch.Tensor] = {}
-    for path in _checkpoint_files(model_dir):
+    for path in checkpoint_files(model_dir):
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in f.keys():
+                for stored in f.keys():
+                    name = language_name(stored)
                     if name in wanted:
-                        found[name] = f.get_tensor(name)
+                        found[name] = f.get_tensor(stored)
         except Exception as exc:  # safetensors raises several types for truncated/corrupt files
             raise ModelLoadError(f"cannot read weights from {path}: {exc}") from exc
     missing = [n for n in wanted if n not in found]

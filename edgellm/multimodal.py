@@ -1,0 +1,132 @@
+"""Images in requests: the runtime's side of vision-language models.
+
+For each item: its images (message content parts `{"type": "image", "image": ...}` or a prompt
+item's `images=[...]`) are loaded and preprocessed by the model's VisionEncoder; the prompt gets one
+image placeholder token per image (the chat template writes it; a plain prompt gets the family's
+`<|vision_start|><|image_pad|><|vision_end|>` in front unless it already holds one per image), then
+each placeholder is expanded to the image's token count. After the prompt's token embeddings are
+looked up, the encoder's outputs are written over the placeholder rows. Qwen models also get their
+(t, h, w) RoPE positions and the decode offset (vision/mrope.py).
+
+KV reuse keys name image tokens by the image's pixel digest, so two prompts with different images
+behind the same placeholder ids never share a saved block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from .errors import InvalidRequestError
+from .vision.encoder import PreparedImage, VisionEncoder
+from .vision.mrope import mrope_positions
+
+
+@dataclasses.dataclass
+class ImagePrompt:
+    """One item's prompt after its images were placed."""
+    ids: list[int]                   # the expanded prompt
+    images: list[PreparedImage]
+    starts: list[int]                # the first token of each image in `ids`
+    positions: torch.Tensor | None   # [len(ids), 3] multimodal RoPE positions (Qwen), else None
+    delta: int                       # decode positions = cache positions + delta
+    key_ids: list[int]               # `ids` with image tokens named by their image's digest (KV reuse)
+
+
+def image_sources(item) -> list:
+    """The images of a request item, in prompt order (validated in requests.py)."""
+    if item.images is not None:
+        return list(item.images)
+    sources = []
+    for message in item.messages or []:
+        if isinstance(message["content"], list):
+            sources += [part["image"] for part in message["content"] if part.get("type") == "image"]
+    return sources
+
+
+def template_messages(messages: list[dict]) -> list[dict]:
+    """Messages as the chat template sees them: image parts reduced to {"type": "image"} (the
+    template writes a placeholder; the pixels are not its business)."""
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            content = [{"type": "image"} if part.get("type") == "image" else part for part in content]
+        out.append({**message, "content": content})
+    return out
+
+
+class ImagePrompts:
+    def __init__(self, encoder: VisionEncoder, max_input_length: int):
+        self.encoder = encoder
+        self.config = encoder.config
+        self.max_input_length = max_input_length
+
+    def prepare(self, sources: list, index: int) -> list[PreparedImage]:
+        return [self.encoder.prepare(s, f"request item {index} image {j}") for j, s in enumerate(sources)]
+
+    def placeholders(self, ids: list[int], count: int) -> list[int]:
+        """A plain prompt's ids with one placeholder per image in front, unless it has them already."""
+        cfg = self.config
+        if ids.count(cfg.image_token_id) == count:
+            return ids
+        one = [t for t in (cfg.vision_start_id, cfg.image_token_id, cfg.vision_end_id) if t is not None]
+        return one * count + ids
+
+    def place(self, ids: list[int], images: list[PreparedImage], index: int, mrope: bool) -> ImagePrompt:
+        image_token = self.config.image_token_id
+        found = [i for i, t in enumerate(ids) if t == image_token]
+        if len(found) != len(images):
+            raise InvalidRequestError(
+                f"request item {index}: {len(images)} images but the prompt has {len(found)} image placeholders "
+                f"(token {image_token}); give one image per placeholder")
+        expanded, key_ids, starts = [], [], []
+        cursor = 0
+        for at, image in zip(found, images):
+            expanded += ids[cursor:at]
+            key_ids += ids[cursor:at]
+            starts.append(len(expanded))
+            expanded += [image_token] * image.tokens
+            key_ids += _image_key(image.digest, image.tokens)
+            cursor = at + 1
+        expanded += ids[cursor:]
+        key_ids += ids[cursor:]
+        if len(expanded) > self.max_input_length:
+            raise InvalidRequestError(
+                f"request item {index}: the prompt is {len(expanded)} tokens with its images "
+                f"({sum(im.tokens for im in images)} image tokens), more than the engine's max_input_length "
+                f"{self.max_input_length}; use smaller images (preprocessor max_pixels) or a larger max_input_length")
+        positions, delta = None, 0
+        if mrope:
+            positions, delta = mrope_positions(len(expanded), [(s, im.grid) for s, im in zip(starts, images)],
+                                               self.config.merge_size)
+        return ImagePrompt(expanded, images, starts, positions, delta, key_ids)
+
+    def write_embeddings(self, embeds: torch.Tensor, prompts: list[ImagePrompt | None], cached: list[int]) -> float:
+        """Write the images' embeddings over their placeholder rows of `embeds` [B, S, H] (row b holds
+        prompt b from token cached[b] on); images wholly inside a reused prefix are not encoded.
+        Returns the encoder's milliseconds."""
+        wanted = []
+        for row, (prompt, skip) in enumerate(zip(prompts, cached)):
+            for start, image in zip(prompt.starts if prompt else [], prompt.images if prompt else []):
+                if start + image.tokens > skip:
+                    wanted.append((row, start - skip, image))
+        if not wanted:
+            return 0.0
+        began = time.perf_counter()
+        outputs = self.encoder.encode([image for _, _, image in wanted])
+        for (row, at, _), emb in zip(wanted, outputs):
+            lo = max(0, -at)  # tokens of the image inside the reused prefix
+            embeds[row, at + lo:at + emb.shape[0]] = emb[lo:].to(embeds.dtype)
+        if embeds.is_cuda:
+            torch.cuda.synchronize(embeds.device)
+        return (time.perf_counter() - began) * 1e3
+
+
+def _image_key(digest: str, count: int) -> list[int]:
+    """Stand-ins for an image's tokens in KV-reuse keys: negative (no real token id is), from the
+    pixel digest, one per token position."""
+    base = int(digest.split(":")[0][:15], 16)
+    return [-(1 + ((base + i) & ((1 << 62) - 1))) for i in range(count)]

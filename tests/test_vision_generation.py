@@ -1,0 +1,171 @@
+"""Vision-language models end to end on CPU (float32) against transformers: greedy tokens identical
+and first-step logits close, for one image, two images in one message, a batch mixing an image item
+with a text-only one, an image in a system turn, and a prompt item with images=; KV reuse and the
+encoder cache with images; and the bad inputs images bring."""
+
+import pytest
+import torch
+
+from edgellm import LLMGenerationRequest, LLMInferenceRuntime
+from edgellm.engine.kv_store import KVReuseSettings
+from edgellm.errors import ImageError, InvalidRequestError
+
+from vlm_models import EOS, IMAGE_TOKEN, build_vlm, random_image
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+NEW = 8
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def vlm(request, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp(request.param)
+    model = build_vlm(request.param, model_dir)
+    return model_dir, model, LLMInferenceRuntime(model_dir, device="cpu", cuda_graphs=False)
+
+
+def hf_greedy(model, ids, images, runtime, new=NEW):
+    """transformers' greedy continuation of our expanded prompt with the same images."""
+    ids_t = torch.tensor([ids])
+    kwargs = {}
+    if images:
+        prepared = [runtime.vision.encoder.prepare(im) for im in images]
+        kwargs = dict(pixel_values=torch.cat([torch.from_numpy(p.pixels) for p in prepared]),
+                      image_grid_thw=torch.tensor([p.grid for p in prepared]),
+                      mm_token_type_ids=(ids_t == IMAGE_TOKEN).int())
+    with torch.no_grad():
+        out = model.generate(input_ids=ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=new,
+                             do_sample=False, eos_token_id=EOS, pad_token_id=EOS, **kwargs)
+    tokens = out[0, len(ids):].tolist()
+    return tokens[:tokens.index(EOS) + 1] if EOS in tokens else tokens
+
+
+def run(runtime, items, new=NEW):
+    return runtime.handle_request(LLMGenerationRequest(requests=items, max_generate_length=new, temperature=0))
+
+
+def user(*parts):
+    return {"role": "user", "content": list(parts)}
+
+
+def image_part(image):
+    return {"type": "image", "image": image}
+
+
+def text_part(text):
+    return {"type": "text", "text": text}
+
+
+
+def test_one_image(vlm):
+    model_dir, model, runtime = vlm
+    image = random_image(90, 60, seed=1)
+    response = run(runtime, [{"messages": [user(image_part(image), text_part("w3 w4 w5"))]}])
+    ids, _ = _prompt(runtime, [user(image_part(image), text_part("w3 w4 w5"))])
+    assert ids.count(IMAGE_TOKEN) == 6  # 56 x 84 pixels: 4 x 6 patches, 2 x 3 merged
+    assert response.output_ids[0] == hf_greedy(model, ids, [image], runtime)
+    assert response.timings.vision_ms > 0 and response.timings.image_preprocess_ms > 0
+
+
+def test_first_step_logits_close(vlm):
+    model_dir, model, runtime = vlm
+    images = [random_image(100, 150, seed=2), random_image(60, 60, seed=3)]
+    messages = [user(image_part(images[0]), text_part("w1"), image_part(images[1]), text_part("w2 w9"))]
+    ids, placed = _prompt(runtime, messages)
+    runner = runtime.runner
+    with torch.inference_mode():
+        embeds = runner.embed(torch.tensor([ids]))
+        runtime.vision.write_embeddings(embeds, [placed], [0])
+        ours = runner.prefill_step(embeds, [len(ids)], positions=placed.positions[None],
+                                   position_offsets=[placed.delta])
+    prepared = placed.images
+    ids_t = torch.tensor([ids])
+    with torch.no_grad():
+        theirs = model(input_ids=ids_t, pixel_values=torch.cat([torch.from_numpy(p.pixels) for p in prepared]),
+                       image_grid_thw=torch.tensor([p.grid for p in prepared]),
+                       mm_token_type_ids=(ids_t == IMAGE_TOKEN).int()).logits[:, -1]
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_two_images_in_one_message(vlm):
+    _, model, runtime = vlm
+    images = [random_image(100, 150, seed=2), random_image(60, 60, seed=3)]
+    messages = [user(image_part(images[0]), text_part("w1"), image_part(images[1]), text_part("w2 w9"))]
+    response = run(runtime, [{"messages": messages}])
+    ids, _ = _prompt(runtime, messages)
+    assert response.output_ids[0] == hf_greedy(model, ids, images, runtime)
+
+
+def test_batch_of_image_and_text_items_and_system_image(vlm):
+    _, model, runtime = vlm
+    image = random_image(70, 120, seed=4)
+    with_image = [{"role": "system", "content": [image_part(image), text_part("w7")]},
+                  {"role": "user", "content": "w8 w10"}]
+    text_only = [{"role": "user", "content": "w11 w12 w13"}]
+    response = run(runtime, [{"messages": with_image}, {"messages": text_only}])
+    ids0, _ = _prompt(runtime, with_image)
+    ids1 = runtime.tokenizer.encode_chat(text_only)
+    assert response.output_ids[0] == hf_greedy(model, ids0, [image], runtime)
+    assert response.output_ids[1] == hf_greedy(model, ids1, [], runtime)
+
+
+def test_prompt_item_with_images(vlm):
+    _, model, runtime = vlm
+    image = random_image(64, 64, seed=5)
+    response = run(runtime, [{"prompt": "w20 w21", "images": [image]}])
+    ids = [3, IMAGE_TOKEN, 4] + runtime.tokenizer.encode("w20 w21")
+    placed = runtime.vision.place(ids, [runtime.vision.encoder.prepare(image)], 0, mrope=True)
+    assert response.output_ids[0] == hf_greedy(model, placed.ids, [image], runtime)
+
+
+def test_different_images_give_different_answers_and_the_same_image_reuses(vlm, tmp_path):
+    model_dir, _, _ = vlm
+    runtime = LLMInferenceRuntime(model_dir, device="cpu", cuda_graphs=False,
+                                  kv_reuse=KVReuseSettings(block_tokens=4, gpu_bytes=1 << 22))
+    a, b = random_image(84, 84, seed=6), random_image(84, 84, seed=7)
+    ask = lambda image: run(runtime, [{"messages": [user(image_part(image), text_part("w30 w31"))]}])  # noqa: E731
+    first_a = ask(a)
+    first_b = ask(b)
+    assert first_b.kv_reuse.reused_tokens < 8  # only the text before the image may be shared
+    encoded = runtime.vision.encoder.encoded_images
+    again_a = ask(a)
+    assert again_a.output_ids == first_a.output_ids
+    assert again_a.kv_reuse.reused_tokens >= 8  # the image's blocks came back
+    assert runtime.vision.encoder.encoded_images == encoded  # and the encoder did not run
+    fresh = LLMInferenceRuntime(model_dir, device="cpu", cuda_graphs=False)
+    assert run(fresh, [{"messages": [user(image_part(b), text_part("w30 w31"))]}]).output_ids == first_b.output_ids
+
+
+def test_bad_image_inputs_leave_runtime_usable(vlm, tmp_path, tiny_models):
+    _, _, runtime = vlm
+    good = [{"messages": [user(image_part(random_image(60, 60, seed=8)), text_part("w1"))]}]
+    before = run(runtime, good).output_ids
+    with pytest.raises(ImageError, match="not found"):
+        run(runtime, [{"messages": [user(image_part(tmp_path / "nope.png"), text_part("w1"))]}])
+    (tmp_path / "bad.jpg").write_bytes(b"garbage")
+    with pytest.raises(ImageError, match="cannot read"):
+        run(runtime, [{"prompt": "w1", "images": [str(tmp_path / "bad.jpg")]}])
+    with pytest.raises(InvalidRequestError, match="input_ids items take none"):
+        run(runtime, [{"input_ids": [7, 8], "images": [random_image(60, 60)]}])
+    with pytest.raises(InvalidRequestError, match="max_input_length"):
+        small = LLMInferenceRuntime(vlm[0], device="cpu", cuda_graphs=False, max_input_length=40)
+        run(small, [{"prompt": "w1", "images": [random_image(800, 800)]}])
+    with pytest.raises(InvalidRequestError, match="placeholders"):
+        run(runtime, [{"prompt": "w1 <|image_pad|> <|image_pad|>", "images": [random_image(60, 60)] * 3}])
+    assert run(runtime, good).output_ids == before
+    text_model = LLMInferenceRuntime(tiny_models["llama"][0], device="cpu", cuda_graphs=False)
+    with pytest.raises(InvalidRequestError, match="text-only"):
+        run(text_model, [{"messages": [user(image_part(random_image(60, 60)), text_part("w1"))]}])
+
+
+def _prompt(runtime, messages):
+    """Our expanded prompt ids (and placement) for chat messages."""
+    from edgellm.multimodal import image_sources, template_messages
+    from edgellm.requests import GenerationItem
+
+    item = GenerationItem(messages=messages)
+    ids = runtime.tokenizer.encode_chat(template_messages(messages))
+    sources = image_sources(item)
+    if not sources:
+        return ids, None
+    placed = runtime.vision.place(ids, runtime.vision.prepare(sources, 0), 0, mrope=True)
+    return placed.ids, placed
