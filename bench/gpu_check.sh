@@ -2,7 +2,7 @@
 # The device script: GPU tests (kernels vs their references on CUDA, end-to-end generation vs
 # transformers, CUDA-graph decode vs eager, no reference op in the hot path), then the kernel and
 # decode benchmarks; short tables last.
-# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|kernels|decode|lora|kv|threads ...]
+# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|kernels|decode|lora|kv|threads|vision ...]
 # (no argument: all six). Results go to $OUT (the device tool's folder) or bench/results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +14,7 @@ status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 if [[ " $parts " == *" tests "* ]]; then
-  python3 -m pytest -q -rP -p no:cacheprovider tests/test_kernels_triton.py tests/test_kernels_tree.py tests/test_gpu.py > "$out/gpu_pytest.log" 2>&1
+  python3 -m pytest -q -rP -p no:cacheprovider tests/test_kernels_triton.py tests/test_kernels_tree.py tests/test_kernels_vision.py tests/test_gpu.py tests/test_gpu_vision.py > "$out/gpu_pytest.log" 2>&1
   status=$?
   grep -E "passed|failed|error" "$out/gpu_pytest.log" | tail -3
   grep -E "^memory plan" "$out/gpu_pytest.log"  # test_memory_plan_bounds_what_the_engine_uses
@@ -31,6 +31,9 @@ if [[ " $parts " == *" lora "* ]]; then
 fi
 if [[ " $parts " == *" kv "* ]]; then
   python3 bench/kv_reuse.py --json "$out/kv_reuse.json" 2> "$out/kv_reuse.stderr" || { status=1; tail -30 "$out/kv_reuse.stderr"; }
+fi
+if [[ " $parts " == *" vision "* ]]; then
+  python3 bench/vision.py --json "$out/vision.json" 2> "$out/vision.stderr" || { status=1; tail -30 "$out/vision.stderr"; }
 fi
 if [[ " $parts " == *" threads "* ]]; then
   python3 bench/threads.py --json "$out/threads.json" 2> "$out/threads.stderr" || { status=1; tail -30 "$out/threads.stderr"; }

@@ -108,8 +108,9 @@ def _request(args, items):
 
 def _print_timings(response) -> None:
     t = response.timings
-    print(f"[prefill {t.prefill_ms:.1f} ms, {t.decode_tokens} decode tokens at {t.decode_tokens_per_s:.1f} tok/s, "
-          f"total {t.total_ms:.1f} ms]", file=sys.stderr)
+    vision = f"images {t.image_preprocess_ms:.1f} ms + vision {t.vision_ms:.1f} ms, " if t.vision_ms else ""
+    print(f"[{vision}prefill {t.prefill_ms:.1f} ms, {t.decode_tokens} decode tokens at {t.decode_tokens_per_s:.1f} "
+          f"tok/s, total {t.total_ms:.1f} ms]", file=sys.stderr)
     if response.kv_reuse is not None:
         print(f"[{response.kv_reuse.log_line()}]", file=sys.stderr)
     spec = response.speculative
@@ -138,11 +139,12 @@ def accepted_spans(tokenizer, ids: list[int], flags: list[bool], text: str, colo
 
 def cmd_generate(args) -> int:
     runtime = _runtime(args)
+    images = args.image or []
     if args.raw:
-        item = {"prompt": args.prompt}
+        item = {"prompt": args.prompt, **({"images": images} if images else {})}
     else:
         messages = [{"role": "system", "content": args.system}] if args.system else []
-        item = {"messages": messages + [{"role": "user", "content": args.prompt}]}
+        item = {"messages": messages + [{"role": "user", "content": _content(args.prompt, images)}]}
 
     def stream(_, delta):
         print(delta, end="", flush=True)
@@ -161,11 +163,19 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _content(text: str, images: list[str]):
+    """A user message's content: the text alone, or image parts then the text."""
+    if not images:
+        return text
+    return [{"type": "image", "image": path} for path in images] + [{"type": "text", "text": text}]
+
+
 def cmd_chat(args) -> int:
     runtime = _runtime(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("edgellm chat: type a message; /reset clears the conversation, /exit (or Ctrl-D) quits.",
-          file=sys.stderr)
+    images: list[str] = []  # /image PATH: sent with the next message
+    print("edgellm chat: type a message; /image PATH attaches an image to the next one (vision-language "
+          "models), /reset clears the conversation, /exit (or Ctrl-D) quits.", file=sys.stderr)
     while True:
         try:
             line = input("> ")
@@ -177,16 +187,26 @@ def cmd_chat(args) -> int:
         if line.strip() == "/reset":
             messages = messages[:1] if args.system else []
             continue
+        if line.strip().startswith("/image"):
+            path = line.strip()[len("/image"):].strip()
+            if path:
+                images.append(path)
+                print(f"[image {path} goes with your next message]", file=sys.stderr)
+            else:
+                print("usage: /image PATH", file=sys.stderr)
+            continue
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line})
+        messages.append({"role": "user", "content": _content(line, images)})
         try:
             response = runtime.handle_request(_request(args, [{"messages": list(messages)}]),
                                               on_text=lambda _, delta: print(delta, end="", flush=True))
         except EdgeLLMError as exc:
             messages.pop()
+            images = []
             print(f"error: {exc}", file=sys.stderr)
             continue
+        images = []
         print()
         if args.timings:
             _print_timings(response)
@@ -276,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat template")
+    p.add_argument("--image", action="append", default=None, metavar="PATH",
+                   help="an image for a vision-language model, placed before the prompt (repeatable)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     p.add_argument("--timings", action="store_true", help="print prefill/decode timings to stderr")
     p.add_argument("--show-accepted", action="store_true",

@@ -169,3 +169,21 @@ def _prompt(runtime, messages):
         return ids, None
     placed = runtime.vision.place(ids, runtime.vision.prepare(sources, 0), 0, mrope=True)
     return placed.ids, placed
+
+
+def test_cli_generate_and_chat_take_images(vlm, tmp_path, capsys, monkeypatch):
+    from edgellm.cli import main
+
+    model_dir, _, runtime = vlm
+    path = tmp_path / "photo.png"
+    random_image(80, 70, seed=9).save(path)
+    expected = run(runtime, [{"messages": [user(image_part(str(path)), text_part("w2 w3"))]}], new=4).output_texts[0]
+    assert main(["generate", "w2 w3", "-m", str(model_dir), "--image", str(path), "-n", "4", "-t", "0",
+                 "--device", "cpu", "--timings"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == expected.strip() and "vision" in out.err
+    lines = iter([f"/image {path}", "w2 w3", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda _="": next(lines))
+    assert main(["chat", "-m", str(model_dir), "-n", "4", "-t", "0", "--device", "cpu"]) == 0
+    out = capsys.readouterr()
+    assert expected.strip() in out.out and "goes with your next message" in out.err

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import time
 from pathlib import Path
 
 import numpy as np
@@ -60,11 +59,7 @@ class VisionEncoder:
         missing = [im for im in dict((im.digest, im) for im in images).values() if im.digest not in self._cache]
         fresh = {}
         if missing:
-            pixels = torch.from_numpy(np.concatenate([im.pixels for im in missing])).to(self.device, self.dtype)
-            layout = qwen_layout(self.config, [im.grid for im in missing], self.device)
-            out = qwen_vit_forward(self.weights, self.config, pixels, layout)
-            self.encoded_images += len(missing)
-            fresh = dict(zip((im.digest for im in missing), out.split([im.tokens for im in missing])))
+            fresh = dict(zip((im.digest for im in missing), self.run(missing)))
             for digest, emb in fresh.items():
                 self._remember(digest, emb)
         result = []
@@ -75,6 +70,14 @@ class VisionEncoder:
                 self._cache.move_to_end(im.digest)
             result.append(emb)
         return result
+
+    def run(self, images: list[PreparedImage]) -> list[torch.Tensor]:
+        """The encoder over these images, packed into one call (no cache): one tensor per image."""
+        pixels = torch.from_numpy(np.concatenate([im.pixels for im in images])).to(self.device, self.dtype)
+        layout = qwen_layout(self.config, [im.grid for im in images], self.device)
+        out = qwen_vit_forward(self.weights, self.config, pixels, layout)
+        self.encoded_images += len(images)
+        return list(out.split([im.tokens for im in images]))
 
     def _remember(self, digest: str, emb: torch.Tensor) -> None:
         size = emb.numel() * emb.element_size()
