@@ -20,7 +20,7 @@ def user(*parts):
 REQUESTS = [
     [{"messages": [user({"type": "image", "image": random_image(90, 60, seed=1)}, {"type": "text", "text": "w3 w4"})]}],
     [{"messages": [user({"type": "image", "image": random_image(100, 150, seed=2)}, {"type": "text", "text": "w1"},
-                        {"type": "image", "image": random_image(60, 60, seed=3)}, {"type": "text", "text": "w9"}])},
+                        {"type": "image", "image": random_image(60, 60, seed=3)}, {"type": "text", "text": "w9"})]},
      {"messages": [{"role": "user", "content": "w11 w12 w13"}]},
      {"prompt": "w20 w21", "images": [random_image(200, 120, seed=4)]}],
 ]
