@@ -67,6 +67,19 @@ class ImagePrompts:
     def prepare(self, sources: list, index: int) -> list[PreparedImage]:
         return [self.encoder.prepare(s, f"request item {index} image {j}") for j, s in enumerate(sources)]
 
+    def place_item(self, item, ids: list[int], index: int, mrope: bool) -> ImagePrompt | None:
+        """A request item's images loaded, preprocessed and placed in its prompt ids (None: no images)."""
+        sources = image_sources(item)
+        if not sources:
+            if self.config.image_token_id in ids:
+                raise InvalidRequestError(f"request item {index}: the prompt holds image placeholder tokens "
+                                          f"({self.config.image_token_id}) but the item has no images")
+            return None
+        prepared = self.prepare(sources, index)
+        if item.prompt is not None:
+            ids = self.placeholders(ids, len(prepared))
+        return self.place(ids, prepared, index, mrope)
+
     def placeholders(self, ids: list[int], count: int) -> list[int]:
         """A plain prompt's ids with one placeholder per image in front, unless it has them already."""
         cfg = self.config
@@ -123,6 +136,18 @@ class ImagePrompts:
         if embeds.is_cuda:
             torch.cuda.synchronize(embeds.device)
         return (time.perf_counter() - began) * 1e3
+
+
+def prefill_positions(prompts: list[list[int]], images: list[ImagePrompt | None], cached: list[int], width: int):
+    """Multimodal RoPE: the (t, h, w) positions of each row's prefilled tokens (from cached[b] on),
+    [B, width, 3] int32, and each row's decode offset. Text-only rows count up plainly."""
+    positions = torch.zeros(len(prompts), width, 3, dtype=torch.int32)
+    for row, (p, im, c) in enumerate(zip(prompts, images, cached)):
+        if im is not None:
+            positions[row, :len(p) - c] = im.positions[c:]
+        else:
+            positions[row, :len(p) - c] = torch.arange(c, len(p), dtype=torch.int32)[:, None]
+    return positions, [im.delta if im is not None else 0 for im in images]
 
 
 def _image_key(digest: str, count: int) -> list[int]:

@@ -36,7 +36,7 @@ from .engine.runner import LLMEngineRunner
 from .errors import ConfigurationError, InvalidRequestError, LoraError, ReentrantRequestError, TokenizerError
 from .fifo_lock import FifoLock
 from .models import resolve_model_dir
-from .multimodal import ImagePrompt, ImagePrompts, image_sources, template_messages
+from .multimodal import ImagePrompt, ImagePrompts, image_sources, prefill_positions, template_messages
 from .requests import (GenerationItem, GenerationTimings, LLMGenerationRequest, LLMGenerationResponse,
                        SamplingSettings, sampling_settings, stop_strings, validate_request)
 from .speculative import Speculation, SpeculativeConfig, make_proposer
@@ -262,21 +262,12 @@ class LLMInferenceRuntime:
 
     def _place_images(self, item: GenerationItem, ids: list[int], index: int) -> ImagePrompt | None:
         """The item's images loaded, preprocessed and placed in its prompt (None: an item without images)."""
-        sources = image_sources(item)
         if self.vision is None:
-            if sources:
+            if image_sources(item):
                 raise InvalidRequestError(f"request item {index}: this model ({self.model_dir.name}) is text-only "
                                           "and takes no images")
             return None
-        if not sources:
-            if self.vision.config.image_token_id in ids:
-                raise InvalidRequestError(f"request item {index}: the prompt holds image placeholder tokens "
-                                          f"({self.vision.config.image_token_id}) but the item has no images")
-            return None
-        prepared = self.vision.prepare(sources, index)
-        if item.prompt is not None:
-            ids = self.vision.placeholders(ids, len(prepared))
-        return self.vision.place(ids, prepared, index, mrope=self.config.mrope_section is not None)
+        return self.vision.place_item(item, ids, index, mrope=self.config.mrope_section is not None)
 
     def _adapter(self, name: str | None, index: int) -> str:
         """The adapter name item `index` runs with (None: the active one), checked to be loaded."""
@@ -364,7 +355,8 @@ class LLMInferenceRuntime:
         positions = offsets_mm = None
         if any(im is not None for im in images):
             timings.vision_ms = self.vision.write_embeddings(embeds, images, cached)
-            positions, offsets_mm = self._image_positions(prompts, images, cached, ids.shape[1])
+            if self.config.mrope_section is not None:
+                positions, offsets_mm = prefill_positions(prompts, images, cached, ids.shape[1])
         logits = runner.prefill_step(embeds, [len(p) for p in prompts], lora=adapters, cached_lengths=cached,
                                      positions=positions, position_offsets=offsets_mm)  # slot i serves item i
         if reuse is not None:
@@ -406,20 +398,6 @@ class LLMInferenceRuntime:
             for row in rows:
                 row.text = self.tokenizer.decode(row.ids)
         return rows, timings
-
-    def _image_positions(self, prompts: list[list[int]], images: list[ImagePrompt | None], cached: list[int],
-                         width: int):
-        """Multimodal RoPE: the (t, h, w) positions of each row's prefilled tokens [B, width, 3] and
-        its decode offsets; (None, None) for models without it."""
-        if self.config.mrope_section is None:
-            return None, None
-        positions = torch.zeros(len(prompts), width, 3, dtype=torch.int32)
-        for row, (p, im, c) in enumerate(zip(prompts, images, cached)):
-            if im is not None:
-                positions[row, :len(p) - c] = im.positions[c:]
-            else:
-                positions[row, :len(p) - c] = torch.arange(c, len(p), dtype=torch.int32)[:, None]
-        return positions, [im.delta if im is not None else 0 for im in images]
 
     def _account_prefill(self, reuse: KVReuseStats, prefilled: int, started: float) -> None:
         """Estimate the prefill time the reused tokens saved, at the rate measured on prompts that
