@@ -246,7 +246,7 @@ def cases():
                                 triton=lambda args=args, blk=blk, warps=warps: sampling.sample(
                                     *args, block=blk, num_warps=warps),
                                 torch=lambda: None, compile=None, bytes=logits.numel() * 4, baseline="-"))
-    return out + lora_cases(rnd) + tree_cases(rnd)
+    return out + lora_cases(rnd) + tree_cases(rnd) + vision_cases(rnd)
 
 
 def tree_cases(rnd):
@@ -434,6 +434,58 @@ def lora_cases(rnd):
             out.append(dict(name=f"  gemv {proj} {tag} without LoRA", triton=lambda x=xk, wt=wt: gemv.gemv(x, wt),
                             torch=lambda x=xk, wt=wt: F.linear(x, wt), compile=None, bytes=wt.numel() * 2,
                             baseline="cuBLAS", fresh=lambda i, x=xk, n=n, k=k: (lambda wt=rnd(n, k): gemv.gemv(x, wt))))
+    return out
+
+
+def vision_cases(rnd):
+    """The vision encoders' kernels at the Qwen2.5-VL-3B vision shape on a 1280x720 image (4784 patches,
+    width 1280, 16 heads of 80, MLP 3420), against what transformers runs: torch's LayerNorm and GELU,
+    SDPA over the whole image, and SDPA called once per 64-patch window (its non-flash path)."""
+    import torch.nn.functional as F
+
+    from edgellm.kernels import activation, layer_norm, rope_append, segment_attention
+
+    n, width, heads, d, inner = 4784, 1280, 16, 80, 3420
+    out = []
+    x, w, b = rnd(n, width), rnd(width), rnd(width)
+    out.append(dict(name="layer_norm vit 4784x1280", triton=lambda: layer_norm.layer_norm(x, w, b, 1e-6),
+                    torch=lambda: F.layer_norm(x, (width,), w, b, 1e-6), compile=None, bytes=2 * x.numel() * 2,
+                    baseline="F.layer_norm"))
+    h = rnd(n, inner)
+    out.append(dict(name="activation gelu 4784x3420", triton=lambda: activation.activation(h, "gelu"),
+                    torch=lambda: F.gelu(h), compile=None, bytes=2 * h.numel() * 2, baseline="F.gelu"))
+    qkv = rnd(n, 3, heads, d)
+    q, k, v = qkv.unbind(1)
+    scale = d ** -0.5
+    full, longest = segment_attention.segment_bounds([0, n], DEV)
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],  # noqa: E731
+                                                          v.transpose(0, 1)[None], scale=scale)
+    out.append(dict(name="segment_attention full 4784", triton=lambda: segment_attention.segment_attention(
+        q, k, v, full, scale, longest), torch=lambda: sdpa(q, k, v), compile=None, flops=4 * n * n * d * heads,
+        baseline="SDPA"))
+    cu = list(range(0, n, 64)) + [n]
+    windows, longest_w = segment_attention.segment_bounds(cu, DEV)
+
+    def per_window():
+        for lo, hi in zip(cu[:-1], cu[1:]):
+            sdpa(q[lo:hi], k[lo:hi], v[lo:hi])
+
+    out.append(dict(name="segment_attention windows 64", triton=lambda: segment_attention.segment_attention(
+        q, k, v, windows, scale, longest_w), torch=per_window, compile=None, flops=4 * n * 64 * d * heads,
+        baseline="SDPA per window"))
+    # Multimodal RoPE + KV append, a 1196-token prompt at the Qwen2.5-VL-3B text shape (16 / 2 heads of 128).
+    t, hq, hkv, hd = 1196, 16, 2, 128
+    qq, kk, vv = rnd(1, t, hq, hd), rnd(1, t, hkv, hd), rnd(1, t, hkv, hd)
+    cos, sin = rope.rope_cos_sin_cache_ref(rope.rope_inv_freq(hd, 1e6).to(DEV), 4096)
+    kc = torch.zeros(2, hkv, 4096, hd, dtype=HALF, device=DEV)
+    vc = torch.zeros_like(kc)
+    pos = torch.randint(0, 1000, (1, t, 3), device=DEV, dtype=torch.int32)
+    z = torch.zeros(1, device=DEV, dtype=torch.int32)
+    lens = torch.full((1,), t, device=DEV, dtype=torch.int32)
+    args = (qq, kk, vv, cos, sin, kc, vc, z, z, lens, pos)
+    out.append(dict(name="rope_kv_append mrope 1196", triton=lambda: rope_append.rope_kv_append(
+        *args, sections=(16, 24, 24)), torch=lambda: rope_append.rope_kv_append_ref(*args, sections=(16, 24, 24)),
+        compile=None, bytes=2 * (qq.numel() + 2 * kk.numel()) * 2))
     return out
 
 

@@ -7,15 +7,7 @@ import torch
 
 from edgellm.kernels import activation, layer_norm, rope, rope_append, segment_attention
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=1e-2),
-       torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
-
-
-def randn(*shape, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g).to(DEVICE, dtype)
+from test_kernels_triton import DEVICE, DTYPES, TOL, randn  # one device / dtype / tolerance table
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
