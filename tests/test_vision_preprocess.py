@@ -80,3 +80,22 @@ def test_bad_image_sources(tmp_path):
         load_image(12)
     with pytest.raises(ImageError, match="aspect ratio"):
         preprocess_qwen(make_image(1000, 4), QwenImageSettings())
+
+
+@pytest.mark.parametrize("width,height,mode", CASES + [(2000, 300, "RGB"), (448, 448, "RGB")])
+@pytest.mark.parametrize("tiles", [(1, 12), (1, 4), (2, 6)])
+def test_internvl_tiling_matches_transformers(width, height, mode, tiles):
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    from edgellm.vision.internvl_preprocess import (IMAGENET_MEAN, IMAGENET_STD, InternVLImageSettings,
+                                                   internvl_tiles, preprocess_internvl)
+
+    image = make_image(width, height, mode)
+    hf = GotOcr2ImageProcessorPil(size={"height": 448, "width": 448}, crop_to_patches=True, min_patches=tiles[0],
+                                  max_patches=tiles[1], image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+    expected = hf(images=[image], return_tensors="np")
+    settings = InternVLImageSettings(min_tiles=tiles[0], max_tiles=tiles[1])
+    pixels = preprocess_internvl(load_image(image), settings)
+    assert pixels.shape == expected["pixel_values"].shape
+    assert internvl_tiles(load_image(image), settings) == pixels.shape[0] == expected["num_patches"][0]
+    np.testing.assert_allclose(pixels, expected["pixel_values"], atol=1e-6, rtol=0)
