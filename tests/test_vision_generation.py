@@ -187,3 +187,14 @@ def test_cli_generate_and_chat_take_images(vlm, tmp_path, capsys, monkeypatch):
     assert main(["chat", "-m", str(model_dir), "-n", "4", "-t", "0", "--device", "cpu"]) == 0
     out = capsys.readouterr()
     assert expected.strip() in out.out and "goes with your next message" in out.err
+
+
+def test_speculative_decoding_with_images_is_token_identical(vlm):
+    """n-gram verification steps run at the image prompt's shifted positions (the per-slot offsets)."""
+    from edgellm import SpeculativeConfig
+
+    model_dir, _, runtime = vlm
+    spec = LLMInferenceRuntime(model_dir, device="cpu", cuda_graphs=False,
+                               speculative=SpeculativeConfig(method="ngram", max_verify_tokens=4, adaptive=False))
+    items = [{"prompt": "w1 w2 w1 w2 w1 w2 w1", "images": [random_image(90, 60, seed=1)]}, {"prompt": "w5 w6 w5 w6"}]
+    assert run(spec, items, new=12).output_ids == run(runtime, items, new=12).output_ids
