@@ -94,14 +94,11 @@ def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, key
         k = ops.rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
     if tree is not None:
         positions = tree.positions
-    if positions is not None and positions.dim() == 3:  # multimodal RoPE: absolute (t, h, w) positions
-        q = ops.rope_kv_append(q, k, v, rope.cos, rope.sin, keys, values, slots, starts, q_lens, positions,
-                               sections=rope.sections)
-    elif rope.offsets is not None:  # multimodal RoPE after the prompt: 1-D positions shifted per slot
-        q = ops.rope_kv_append(q, k, v, rope.cos, rope.sin, keys, values, slots, starts, q_lens, positions,
-                               offsets=rope.offsets)
-    else:
-        q = ops.rope_kv_append(q, k, v, rope.cos, rope.sin, keys, values, slots, starts, q_lens, positions)
+    # Multimodal RoPE: a prompt's (t, h, w) positions [B, S, 3] are absolute; later 1-D positions are
+    # shifted by each slot's offset (rope.offsets, None for text models).
+    three = positions is not None and positions.dim() == 3
+    q = ops.rope_kv_append(q, k, v, rope.cos, rope.sin, keys, values, slots, starts, q_lens, positions,
+                           offsets=None if three else rope.offsets, sections=rope.sections if three else None)
     scale = cfg.head_dim ** -0.5
     t = None
     if seq == 1:

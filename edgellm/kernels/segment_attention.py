@@ -64,15 +64,12 @@ def _segment_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bounds_ptr, n_tokens
 def segment_bounds(cu_seqlens, device=None) -> tuple[torch.Tensor, int]:
     """Cumulative segment lengths [0, n0, n0 + n1, ...] (host ints or tensor) -> (bounds [2, N] int32:
     each token's segment start and end, on `device`; the longest segment's length)."""
-    cu = [int(c) for c in cu_seqlens]
-    starts, ends, longest = [], [], 0
-    for a, b in zip(cu[:-1], cu[1:]):
-        if b < a:
-            raise ValueError("segment_bounds: cumulative lengths must not decrease")
-        starts += [a] * (b - a)
-        ends += [b] * (b - a)
-        longest = max(longest, b - a)
-    return torch.tensor([starts, ends], dtype=torch.int32).to(device), longest
+    cu = torch.as_tensor(cu_seqlens, dtype=torch.int64).cpu()
+    lengths = cu[1:] - cu[:-1]
+    if (lengths < 0).any():
+        raise ValueError("segment_bounds: cumulative lengths must not decrease")
+    bounds = torch.stack([cu[:-1].repeat_interleave(lengths), cu[1:].repeat_interleave(lengths)])
+    return bounds.to(torch.int32).to(device), int(lengths.max()) if lengths.numel() else 0
 
 
 def _check(q, k, v, bounds):

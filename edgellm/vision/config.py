@@ -10,8 +10,7 @@ from pathlib import Path
 from ..errors import ModelLoadError, UnsupportedModelError
 from .qwen_preprocess import QwenImageSettings
 
-QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
-FAMILIES = QWEN_FAMILIES
+FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch
 
 from .config import VisionConfig
 from .images import image_digest, load_image
-from .qwen_preprocess import preprocess_qwen, qwen_image_tokens
+from .qwen_preprocess import preprocess_qwen
 from .qwen_vit import load_qwen_vit, qwen_layout, qwen_vit_forward
 
 DEFAULT_CACHE_BYTES = 64 << 20
@@ -39,14 +39,6 @@ class VisionEncoder:
         self._cache: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
         self._cached_bytes = 0
         self.encoded_images = 0  # images the encoder ran on (cache misses), for tests and stats
-
-    @property
-    def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in _tensors(self.weights))
-
-    def image_tokens(self, image) -> int:
-        t, h, w = qwen_image_tokens(image, self.config.preprocess)
-        return t * h * w // self.config.merge_size ** 2
 
     def prepare(self, source, where: str = "image") -> PreparedImage:
         image = load_image(source, where)
@@ -89,13 +81,3 @@ class VisionEncoder:
             _, old = self._cache.popitem(last=False)
             self._cached_bytes -= old.numel() * old.element_size()
 
-
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif dataclasses.is_dataclass(obj):
-        for f in dataclasses.fields(obj):
-            yield from _tensors(getattr(obj, f.name))
-    elif isinstance(obj, (list, tuple)):
-        for item in obj:
-            yield from _tensors(item)

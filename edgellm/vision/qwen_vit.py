@@ -55,6 +55,7 @@ class QwenVitWeights:
 
 
 def load_qwen_vit(model_dir, cfg: VisionConfig, device, dtype) -> QwenVitWeights:
+    # transformers 4.x checkpoints keep the vision tower at the top level, 5.x under `model.`.
     take = TensorTaker(read_vision_tensors(model_dir, ("visual.", "model.visual.")), device, dtype)
     w, i, layer_norm = cfg.width, cfg.intermediate, cfg.norm == "layer_norm"
     blocks = []

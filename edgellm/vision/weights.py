@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -9,9 +10,6 @@ from safetensors import safe_open
 
 from ..engine.weights import checkpoint_files
 from ..errors import ModelLoadError
-
-# transformers 4.x checkpoints keep the vision tower at the top level, 5.x under `model.`.
-VISION_PREFIXES = {"qwen": ("visual.", "model.visual.")}
 
 
 def read_vision_tensors(model_dir: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -41,7 +39,7 @@ class TensorTaker:
         if name not in self.tensors:
             raise ModelLoadError(f"vision checkpoint is missing tensor {name}")
         t = self.tensors[name]
-        if shape is not None and t.numel() == _numel(shape) and tuple(t.shape) != shape:
+        if shape is not None and t.numel() == math.prod(shape) and tuple(t.shape) != shape:
             t = t.reshape(shape)  # e.g. the patch embedding's Conv3d kernel, used as a matrix
         if shape is not None and tuple(t.shape) != shape:
             raise ModelLoadError(f"vision tensor {name} has shape {tuple(t.shape)}, the config needs {shape}")
@@ -50,9 +48,3 @@ class TensorTaker:
     def maybe(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor | None:
         return self(name, shape) if name in self.tensors else None
 
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
