@@ -3,8 +3,9 @@
 For each item: its images (message content parts `{"type": "image", "image": ...}` or a prompt
 item's `images=[...]`) are loaded and preprocessed by the model's VisionEncoder; the prompt gets one
 image placeholder token per image (the chat template writes it; a plain prompt gets the family's
-`<|vision_start|><|image_pad|><|vision_end|>` in front unless it already holds one per image), then
-each placeholder is expanded to the image's token count. After the prompt's token embeddings are
+placeholder in front unless it already holds one per image: Qwen's
+`<|vision_start|><|image_pad|><|vision_end|>`, InternVL's `<IMG_CONTEXT>`), then each placeholder is
+expanded to the image's token count (InternVL: wrapped in `<img>` ... `</img>`). After the prompt's token embeddings are
 looked up, the encoder's outputs are written over the placeholder rows. Qwen models also get their
 (t, h, w) RoPE positions and the decode offset (vision/mrope.py).
 
@@ -85,8 +86,7 @@ class ImagePrompts:
         cfg = self.config
         if ids.count(cfg.image_token_id) == count:
             return ids
-        one = [t for t in (cfg.vision_start_id, cfg.image_token_id, cfg.vision_end_id) if t is not None]
-        return one * count + ids
+        return list(cfg.placeholder) * count + ids
 
     def place(self, ids: list[int], images: list[PreparedImage], index: int, mrope: bool) -> ImagePrompt:
         image_token = self.config.image_token_id
@@ -95,14 +95,15 @@ class ImagePrompts:
             raise InvalidRequestError(
                 f"request item {index}: {len(images)} images but the prompt has {len(found)} image placeholders "
                 f"(token {image_token}); give one image per placeholder")
+        prefix, suffix = list(self.config.image_prefix), list(self.config.image_suffix)
         expanded, key_ids, starts = [], [], []
         cursor = 0
         for at, image in zip(found, images):
-            expanded += ids[cursor:at]
-            key_ids += ids[cursor:at]
+            expanded += ids[cursor:at] + prefix
+            key_ids += ids[cursor:at] + prefix
             starts.append(len(expanded))
-            expanded += [image_token] * image.tokens
-            key_ids += _image_key(image.digest, image.tokens)
+            expanded += [image_token] * image.tokens + suffix
+            key_ids += _image_key(image.digest, image.tokens) + suffix
             cursor = at + 1
         expanded += ids[cursor:]
         key_ids += ids[cursor:]

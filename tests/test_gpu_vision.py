@@ -8,7 +8,7 @@ import torch
 from edgellm import LLMGenerationRequest, LLMInferenceRuntime
 from edgellm.kernels import forbid_reference_on_cuda
 
-from vlm_models import build_vlm, random_image
+from vlm_models import FAMILIES, build_vlm, random_image
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -26,7 +26,7 @@ REQUESTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=FAMILIES)
 def vlm_dir(request, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp(request.param)
     build_vlm(request.param, model_dir)
@@ -47,7 +47,8 @@ def float32_gaps(cpu: LLMInferenceRuntime, item, tokens: list[int]) -> list[floa
         extra = {}
         if placed is not None:
             cpu.vision.write_embeddings(embeds, [placed], [0])
-            extra = dict(positions=placed.positions[None], position_offsets=[placed.delta])
+            if placed.positions is not None:  # Qwen's multimodal RoPE
+                extra = dict(positions=placed.positions[None], position_offsets=[placed.delta])
         logits = runner.prefill_step(embeds, [len(ids)], **extra)[0]
         for token in tokens:
             gaps.append((logits.max() - logits[token]).item())
@@ -82,16 +83,36 @@ def test_encoder_matches_transformers_on_gpu(vlm_dir):
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(vlm_dir)
-    cls = transformers.Qwen2VLForConditionalGeneration if config.model_type == "qwen2_vl" \
-        else transformers.Qwen2_5_VLForConditionalGeneration
+    cls = {"qwen2_vl": transformers.Qwen2VLForConditionalGeneration, "internvl": transformers.InternVLForConditionalGeneration,
+           "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration}[config.model_type]
     model = cls.from_pretrained(vlm_dir, dtype=torch.float32).to("cuda").eval()
     runtime = LLMInferenceRuntime(vlm_dir, device="cuda", dtype="float32")
     encoder = runtime.vision.encoder
     prepared = [encoder.prepare(random_image(w, h, seed=s)) for s, (w, h) in enumerate([(90, 60), (300, 200)])]
     with forbid_reference_on_cuda():
         ours = torch.cat(encoder.encode(prepared))
-    pixels = torch.cat([torch.from_numpy(p.pixels) for p in prepared]).cuda()
-    with torch.no_grad(), torch.backends.cudnn.flags(allow_tf32=False):  # their patch Conv3d: no TF32
-        theirs = model.model.visual(pixels, grid_thw=torch.tensor([p.grid for p in prepared], device="cuda"))
+    pixels = encoder.pixel_values(prepared)
+    assert pixels.is_cuda
+    with torch.no_grad(), torch.backends.cudnn.flags(allow_tf32=False):  # their patch convolution: no TF32
+        if config.model_type == "internvl":
+            theirs = model.model.get_image_features(pixel_values=pixels, vision_feature_layer=-1,
+                                                    vision_feature_select_strategy="default")
+        else:
+            theirs = model.model.visual(pixels, grid_thw=torch.tensor([p.grid for p in prepared], device="cuda"))
     theirs = getattr(theirs, "pooler_output", theirs)
-    torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(ours, theirs.reshape(ours.shape), rtol=1e-3, atol=1e-3)
+
+
+def test_pixels_normalised_on_the_device_equal_the_host_arithmetic(vlm_dir):
+    """Rescale / normalise / patch layout run where the uint8 pixels are: on CUDA they give the host's
+    float32 values (which equal transformers' processors: test_vision_preprocess.py)."""
+    from edgellm.vision.internvl_preprocess import preprocess_internvl
+    from edgellm.vision.qwen_preprocess import preprocess_qwen
+
+    runtime = LLMInferenceRuntime(vlm_dir, device="cuda", dtype="float16", max_batch_size=1)
+    encoder, cfg = runtime.vision.encoder, runtime.vision.config
+    image = random_image(300, 200, seed=5)
+    on_device = encoder.pixel_values([encoder.prepare(image)])
+    host = preprocess_internvl(image, cfg.preprocess) if cfg.family == "internvl" else preprocess_qwen(image, cfg.preprocess)[0]
+    assert on_device.is_cuda and on_device.dtype == torch.float32
+    torch.testing.assert_close(on_device.cpu(), torch.from_numpy(host), atol=1e-6, rtol=0)

@@ -10,9 +10,8 @@ from edgellm import LLMGenerationRequest, LLMInferenceRuntime
 from edgellm.engine.kv_store import KVReuseSettings
 from edgellm.errors import ImageError, InvalidRequestError
 
-from vlm_models import EOS, IMAGE_TOKEN, build_vlm, random_image
+from vlm_models import EOS, FAMILIES, IMAGE_TOKENS, PLACEHOLDERS, build_vlm, random_image
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 NEW = 8
 
 
@@ -26,17 +25,29 @@ def vlm(request, tmp_path_factory):
 def hf_greedy(model, ids, images, runtime, new=NEW):
     """transformers' greedy continuation of our expanded prompt with the same images."""
     ids_t = torch.tensor([ids])
-    kwargs = {}
-    if images:
-        prepared = [runtime.vision.encoder.prepare(im) for im in images]
-        kwargs = dict(pixel_values=torch.cat([torch.from_numpy(p.pixels) for p in prepared]),
-                      image_grid_thw=torch.tensor([p.grid for p in prepared]),
-                      mm_token_type_ids=(ids_t == IMAGE_TOKEN).int())
+    kwargs = hf_image_inputs(runtime, ids_t, [runtime.vision.encoder.prepare(im) for im in images]) if images else {}
     with torch.no_grad():
         out = model.generate(input_ids=ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=new,
                              do_sample=False, eos_token_id=EOS, pad_token_id=EOS, **kwargs)
     tokens = out[0, len(ids):].tolist()
     return tokens[:tokens.index(EOS) + 1] if EOS in tokens else tokens
+
+
+def hf_image_inputs(runtime, ids_t, prepared) -> dict:
+    """transformers' image arguments for our prepared images (its processor's pixel_values)."""
+    inputs = dict(pixel_values=runtime.vision.encoder.pixel_values(prepared))
+    if family(runtime) != "internvl":
+        inputs.update(image_grid_thw=torch.tensor([p.grid for p in prepared]),
+                      mm_token_type_ids=(ids_t == image_token(runtime)).int())
+    return inputs
+
+
+def family(runtime) -> str:
+    return runtime.vision.config.family
+
+
+def image_token(runtime) -> int:
+    return IMAGE_TOKENS[family(runtime)]
 
 
 def run(runtime, items, new=NEW):
@@ -61,7 +72,8 @@ def test_one_image(vlm):
     image = random_image(90, 60, seed=1)
     response = run(runtime, [{"messages": [user(image_part(image), text_part("w3 w4 w5"))]}])
     ids, _ = _prompt(runtime, [user(image_part(image), text_part("w3 w4 w5"))])
-    assert ids.count(IMAGE_TOKEN) == 6  # 56 x 84 pixels: 4 x 6 patches, 2 x 3 merged
+    # Qwen: 56 x 84 pixels, 4 x 6 patches, 2 x 3 merged; InternVL: 2 x 1 tiles and a thumbnail, 4 tokens each.
+    assert ids.count(image_token(runtime)) == {"internvl": 12}.get(family(runtime), 6)
     assert response.output_ids[0] == hf_greedy(model, ids, [image], runtime)
     assert response.timings.vision_ms > 0 and response.timings.image_preprocess_ms > 0
 
@@ -75,14 +87,12 @@ def test_first_step_logits_close(vlm):
     with torch.inference_mode():
         embeds = runner.embed(torch.tensor([ids]))
         runtime.vision.write_embeddings(embeds, [placed], [0])
-        ours = runner.prefill_step(embeds, [len(ids)], positions=placed.positions[None],
-                                   position_offsets=[placed.delta])
-    prepared = placed.images
+        mrope = {} if placed.positions is None else dict(positions=placed.positions[None],
+                                                         position_offsets=[placed.delta])
+        ours = runner.prefill_step(embeds, [len(ids)], **mrope)
     ids_t = torch.tensor([ids])
     with torch.no_grad():
-        theirs = model(input_ids=ids_t, pixel_values=torch.cat([torch.from_numpy(p.pixels) for p in prepared]),
-                       image_grid_thw=torch.tensor([p.grid for p in prepared]),
-                       mm_token_type_ids=(ids_t == IMAGE_TOKEN).int()).logits[:, -1]
+        theirs = model(input_ids=ids_t, **hf_image_inputs(runtime, ids_t, placed.images)).logits[:, -1]
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
@@ -112,8 +122,8 @@ def test_prompt_item_with_images(vlm):
     _, model, runtime = vlm
     image = random_image(64, 64, seed=5)
     response = run(runtime, [{"prompt": "w20 w21", "images": [image]}])
-    ids = [3, IMAGE_TOKEN, 4] + runtime.tokenizer.encode("w20 w21")
-    placed = runtime.vision.place(ids, [runtime.vision.encoder.prepare(image)], 0, mrope=True)
+    ids = PLACEHOLDERS[family(runtime)] + runtime.tokenizer.encode("w20 w21")
+    placed = runtime.vision.place(ids, [runtime.vision.encoder.prepare(image)], 0, mrope=family(runtime) != "internvl")
     assert response.output_ids[0] == hf_greedy(model, placed.ids, [image], runtime)
 
 
@@ -147,10 +157,11 @@ def test_bad_image_inputs_leave_runtime_usable(vlm, tmp_path, tiny_models):
     with pytest.raises(InvalidRequestError, match="input_ids items take none"):
         run(runtime, [{"input_ids": [7, 8], "images": [random_image(60, 60)]}])
     with pytest.raises(InvalidRequestError, match="max_input_length"):
-        small = LLMInferenceRuntime(vlm[0], device="cpu", cuda_graphs=False, max_input_length=40)
+        small = LLMInferenceRuntime(vlm[0], device="cpu", cuda_graphs=False, max_input_length=16)
         run(small, [{"prompt": "w1", "images": [random_image(800, 800)]}])
     with pytest.raises(InvalidRequestError, match="placeholders"):
-        run(runtime, [{"prompt": "w1 <|image_pad|> <|image_pad|>", "images": [random_image(60, 60)] * 3}])
+        placeholder = "<IMG_CONTEXT>" if family(runtime) == "internvl" else "<|image_pad|>"
+        run(runtime, [{"prompt": f"w1 {placeholder} {placeholder}", "images": [random_image(60, 60)] * 3}])
     assert run(runtime, good).output_ids == before
     text_model = LLMInferenceRuntime(tiny_models["llama"][0], device="cpu", cuda_graphs=False)
     with pytest.raises(InvalidRequestError, match="text-only"):
@@ -167,7 +178,7 @@ def _prompt(runtime, messages):
     sources = image_sources(item)
     if not sources:
         return ids, None
-    placed = runtime.vision.place(ids, runtime.vision.prepare(sources, 0), 0, mrope=True)
+    placed = runtime.vision.place(ids, runtime.vision.prepare(sources, 0), 0, mrope=family(runtime) != "internvl")
     return placed.ids, placed
 
 

@@ -173,7 +173,8 @@ def _as_id_tuple(value) -> tuple[int, ...]:
 def language_config(hf: dict) -> dict:
     """The language model's part of a config.json: the dict itself for text models; for a
     vision-language model its `text_config` (over the top level, where 4.x-style Qwen2-VL configs keep
-    the text fields), with model_type the language family's."""
+    the text fields), with model_type the language family's. Whether the LM head is tied to the
+    embedding is the top level's word where it has one: transformers ties by the outer config."""
     kind = hf.get("model_type")
     if kind not in MULTIMODAL_TEXT_TYPES:
         return hf
@@ -181,10 +182,13 @@ def language_config(hf: dict) -> dict:
     if MULTIMODAL_TEXT_TYPES[kind] is None:  # text_config is a complete config of its own (InternVL)
         if not text:
             raise ModelLoadError(f"config.json of a {kind} model has no text_config")
-        return text
-    merged = {k: v for k, v in hf.items() if k not in ("vision_config", "text_config")}
-    merged.update(text)
-    merged["model_type"] = MULTIMODAL_TEXT_TYPES[kind]
+        merged = text
+    else:
+        merged = {k: v for k, v in hf.items() if k not in ("vision_config", "text_config")}
+        merged.update(text)
+        merged["model_type"] = MULTIMODAL_TEXT_TYPES[kind]
+    if "tie_word_embeddings" in hf:
+        merged["tie_word_embeddings"] = hf["tie_word_embeddings"]
     return merged
 
 

@@ -1,8 +1,9 @@
 """VisionEncoder: a VLM's vision tower behind one interface, with a cache of its outputs.
 
-`prepare(source)` loads and preprocesses an image on the host (no GPU work: bad images fail here);
+`prepare(source)` loads and resizes an image on the host (no GPU work: bad images fail here);
 `encode(images)` runs the encoder once over every image not in the cache, all packed into one
-block-diagonal call, and returns one [tokens, hidden] embedding tensor per image. The cache is
+block-diagonal call (the uint8 pixels move to the device, where the family's tower, qwen_vit.py or
+intern_vit.py, normalises and encodes them), and returns one [tokens, hidden] embedding tensor per image. The cache is
 keyed by the image's pixel digest (images.py) and bounded in bytes (least recently used out)."""
 
 from __future__ import annotations
@@ -16,16 +17,16 @@ import torch
 
 from .config import VisionConfig
 from .images import image_digest, load_image
-from .qwen_preprocess import preprocess_qwen
-from .qwen_vit import load_qwen_vit, qwen_layout, qwen_vit_forward
+from .intern_vit import InternTower
+from .qwen_vit import QwenTower
 
 DEFAULT_CACHE_BYTES = 64 << 20
 
 
 @dataclasses.dataclass
 class PreparedImage:
-    pixels: np.ndarray            # the family's pixel tensor (Qwen: [patches, C*T*P*P] float32)
-    grid: tuple[int, int, int]    # Qwen: the patch grid (t, h, w)
+    pixels: np.ndarray            # uint8 RGB, resized: Qwen [H, W, 3], InternVL its tiles [T, S, S, 3]
+    grid: tuple[int, ...]         # Qwen: the patch grid (t, h, w); InternVL: (tiles,)
     tokens: int                   # language-model tokens the image becomes
     digest: str                   # of the RGB pixels and the preprocessing: the cache and KV-reuse key
 
@@ -34,7 +35,7 @@ class VisionEncoder:
     def __init__(self, model_dir: str | Path, config: VisionConfig, *, device: torch.device, dtype: torch.dtype,
                  cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.config, self.device, self.dtype = config, device, dtype
-        self.weights = load_qwen_vit(model_dir, config, device, dtype)
+        self.tower = (InternTower if config.family == "internvl" else QwenTower)(model_dir, config, device, dtype)
         self.cache_bytes = cache_bytes
         self._cache: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
         self._cached_bytes = 0
@@ -42,9 +43,8 @@ class VisionEncoder:
 
     def prepare(self, source, where: str = "image") -> PreparedImage:
         image = load_image(source, where)
-        pixels, grid = preprocess_qwen(image, self.config.preprocess)
-        digest = f"{image_digest(image)}:{self.config.preprocess}"
-        return PreparedImage(pixels, grid, grid[0] * grid[1] * grid[2] // self.config.merge_size ** 2, digest)
+        pixels, grid, tokens = self.tower.host_pixels(image)
+        return PreparedImage(pixels, grid, tokens, f"{image_digest(image)}:{self.config.preprocess}")
 
     def encode(self, images: list[PreparedImage]) -> list[torch.Tensor]:
         """One [tokens, out_hidden] tensor per image (engine dtype, on the device)."""
@@ -65,11 +65,13 @@ class VisionEncoder:
 
     def run(self, images: list[PreparedImage]) -> list[torch.Tensor]:
         """The encoder over these images, packed into one call (no cache): one tensor per image."""
-        pixels = torch.from_numpy(np.concatenate([im.pixels for im in images])).to(self.device, self.dtype)
-        layout = qwen_layout(self.config, [im.grid for im in images], self.device)
-        out = qwen_vit_forward(self.weights, self.config, pixels, layout)
+        out = self.tower.forward(images)
         self.encoded_images += len(images)
         return list(out.split([im.tokens for im in images]))
+
+    def pixel_values(self, images: list[PreparedImage]) -> torch.Tensor:
+        """float32 pixels on the device, as transformers' image processor gives them (tests, benchmarks)."""
+        return self.tower.pixel_values(images)
 
     def _remember(self, digest: str, emb: torch.Tensor) -> None:
         size = emb.numel() * emb.element_size()

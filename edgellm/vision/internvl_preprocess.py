@@ -2,7 +2,8 @@
 grid of columns x rows square tiles of tile_size pixels, the grid (with min_tiles <= tiles <=
 max_tiles) whose aspect ratio is closest to the image's (ties go to more tiles while the image's area
 exceeds half the grid's), cut into those tiles row by row, plus a thumbnail of the whole image when
-there is more than one tile; each tile rescaled and normalised (ImageNet statistics). Matches
+there is more than one tile; each tile rescaled and normalised (ImageNet statistics) wherever its
+uint8 pixels are (pixels.py). Matches
 transformers' PIL image processor (GotOcr2ImageProcessorPil with crop_to_patches)."""
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import torch
 
-from .qwen_preprocess import normalized_pixels
+from .pixels import normalize, resized_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -62,14 +64,19 @@ def internvl_tiles(image, settings: InternVLImageSettings) -> int:
     return columns * rows + (1 if settings.thumbnail and columns * rows != 1 else 0)
 
 
-def preprocess_internvl(image, settings: InternVLImageSettings) -> np.ndarray:
-    """An RGB PIL image -> pixel_values float32 [tiles, 3, tile_size, tile_size]."""
+def internvl_rgb_tiles(image, settings: InternVLImageSettings) -> np.ndarray:
+    """The host's part: the image's tiles (thumbnail last), uint8 [tiles, tile_size, tile_size, 3]."""
     t = settings.tile_size
     if not settings.tiling or settings.max_tiles <= 1:
-        return normalized_pixels(image, t, t, settings)[None]
+        return resized_rgb(image, t, t, settings.resample)[None]
     columns, rows = tile_grid(image.width, image.height, t, settings.min_tiles, settings.max_tiles)
-    whole = normalized_pixels(image, rows * t, columns * t, settings)
-    tiles = [whole[:, r * t:(r + 1) * t, c * t:(c + 1) * t] for r in range(rows) for c in range(columns)]
+    whole = resized_rgb(image, columns * t, rows * t, settings.resample)
+    tiles = [whole[r * t:(r + 1) * t, c * t:(c + 1) * t] for r in range(rows) for c in range(columns)]
     if settings.thumbnail and len(tiles) != 1:
-        tiles.append(normalized_pixels(image, t, t, settings))
-    return np.ascontiguousarray(np.stack(tiles))
+        tiles.append(resized_rgb(image, t, t, settings.resample))
+    return np.stack(tiles)
+
+
+def preprocess_internvl(image, settings: InternVLImageSettings) -> np.ndarray:
+    """An RGB PIL image -> pixel_values float32 [tiles, 3, tile_size, tile_size], on the host."""
+    return normalize(torch.from_numpy(internvl_rgb_tiles(image, settings)), settings).numpy()

@@ -1,7 +1,8 @@
 """Qwen2-VL / Qwen2.5-VL image preprocessing with pillow and numpy: the image is resized so both
 sides are multiples of patch_size * merge_size (28) with the pixel count inside [min_pixels,
 max_pixels] ("smart resize", aspect ratio kept as closely as possible), rescaled and normalised,
-then cut into patches of C x temporal_patch x P x P values. A still image fills the temporal patch
+then cut into patches of C x temporal_patch x P x P values (the resize on the host, the rest wherever
+the uint8 pixels are: pixels.py). A still image fills the temporal patch
 with two copies of itself. Patches are ordered block-major over merge_size x merge_size blocks: the
 order the patch merger concatenates them in. Matches transformers' PIL image processor."""
 
@@ -11,8 +12,10 @@ import dataclasses
 import math
 
 import numpy as np
+import torch
 
 from ..errors import ImageError
+from .pixels import normalize, resized_rgb
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -71,29 +74,31 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h, w
 
 
-def normalized_pixels(image, height: int, width: int, settings) -> np.ndarray:
-    """The RGB image resized to height x width, as float32 [3, H, W], rescaled and normalised (the
-    arithmetic of transformers' PIL backend: rescale in float64, normalise in float32)."""
-    resized = image if image.size == (width, height) else image.resize((width, height), resample=settings.resample)
-    pixels = np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1)
-    pixels = (pixels.astype(np.float64) * settings.rescale).astype(np.float32)
-    mean = np.asarray(settings.mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(settings.std, dtype=np.float32)[:, None, None]
-    return (pixels - mean) / std
-
-
 def qwen_image_tokens(image, settings: QwenImageSettings) -> tuple[int, int, int]:
     """The patch grid (t, h, w) an image becomes (without computing its pixels)."""
     h, w = smart_resize(image.height, image.width, settings.factor, settings.min_pixels, settings.max_pixels)
     return 1, h // settings.patch_size, w // settings.patch_size
 
 
-def preprocess_qwen(image, settings: QwenImageSettings) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """An RGB PIL image -> (pixel_values float32 [gh * gw, 3 * T * P * P], grid (1, gh, gw))."""
+def qwen_resized(image, settings: QwenImageSettings) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """The host's part: the image resized to its patch grid, uint8 [H, W, 3], and the grid (1, gh, gw)."""
     _, gh, gw = qwen_image_tokens(image, settings)
+    p = settings.patch_size
+    return resized_rgb(image, gw * p, gh * p, settings.resample), (1, gh, gw)
+
+
+def qwen_patches(rgb: torch.Tensor, grid: tuple[int, int, int], settings: QwenImageSettings) -> torch.Tensor:
+    """The device's part: uint8 [H, W, 3] -> pixel_values float32 [gh * gw, 3 * T * P * P]."""
+    _, gh, gw = grid
     p, m, t = settings.patch_size, settings.merge_size, settings.temporal_patch_size
-    pixels = normalized_pixels(image, gh * p, gw * p, settings)
+    pixels = normalize(rgb, settings)
     c = pixels.shape[0]
-    patches = pixels.reshape(c, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
-    patches = np.broadcast_to(patches[:, :, :, :, :, None], (*patches.shape[:5], t, p, p))
-    return np.ascontiguousarray(patches).reshape(gh * gw, c * t * p * p), (1, gh, gw)
+    patches = pixels.reshape(c, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)
+    patches = patches[:, :, :, :, :, None].expand(*patches.shape[:5], t, p, p)
+    return patches.reshape(gh * gw, c * t * p * p)
+
+
+def preprocess_qwen(image, settings: QwenImageSettings) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """An RGB PIL image -> (pixel_values float32 [gh * gw, 3 * T * P * P], grid (1, gh, gw)), on the host."""
+    rgb, grid = qwen_resized(image, settings)
+    return qwen_patches(torch.from_numpy(rgb), grid, settings).numpy(), grid

@@ -7,8 +7,8 @@ fc2. Qwen2.5-VL blocks: RMSNorm, SwiGLU, and attention within windows of window_
 in the blocks its config names, where it spans each image; tokens are reordered window by window
 once, so every window is one contiguous segment, and the merger's output is put back in order.
 
-Attention over all images of a call at once is block-diagonal: kernels/segment_attention.py with
-per-token segment bounds. Rotary: 2-D, the first quarter of the head's frequencies turn with the
+The blocks are vit_blocks.py's. Attention over all images of a call at once is block-diagonal:
+kernels/segment_attention.py with per-token segment bounds. Rotary: 2-D, the first quarter of the head's frequencies turn with the
 patch row, the second with the column (a per-token cos/sin table, kernels/rope.py's rotation).
 Norms, activations, SwiGLU and rotary are Triton kernels; matmuls are cuBLAS.
 """
@@ -17,29 +17,16 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..kernels import ops
 from ..kernels.segment_attention import segment_bounds
 from .config import VisionConfig
+from .qwen_preprocess import qwen_patches, qwen_resized
+from .vit_blocks import Block, norm, run_blocks
 from .weights import TensorTaker, read_vision_tensors
-
-
-@dataclasses.dataclass
-class Block:
-    norm1: torch.Tensor
-    norm1_bias: torch.Tensor | None
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor
-    proj: torch.Tensor
-    proj_bias: torch.Tensor
-    norm2: torch.Tensor
-    norm2_bias: torch.Tensor | None
-    fc1: torch.Tensor          # fc1, or gate and up fused (SwiGLU)
-    fc1_bias: torch.Tensor
-    fc2: torch.Tensor
-    fc2_bias: torch.Tensor
 
 
 @dataclasses.dataclass
@@ -138,37 +125,44 @@ def qwen_layout(cfg: VisionConfig, grids: list[tuple[int, int, int]], device) ->
                       window=window, order=order_t, inverse=inverse)
 
 
-def _norm(cfg: VisionConfig, x, residual, weight, bias):
-    """(norm(x + residual), x + residual); residual None: (norm(x), x)."""
-    if cfg.norm == "layer_norm":
-        if residual is None:
-            return ops.layer_norm(x, weight, bias, cfg.norm_eps), x
-        return ops.add_layer_norm(x, residual, weight, bias, cfg.norm_eps)
-    if residual is None:
-        return ops.rms_norm(x, weight, cfg.norm_eps), x
-    return ops.add_rms_norm(x, residual, weight, cfg.norm_eps)
-
-
 def qwen_vit_forward(w: QwenVitWeights, cfg: VisionConfig, pixels: torch.Tensor, layout: QwenLayout) -> torch.Tensor:
     """pixels [N, C*T*P*P] (the images' patches, concatenated) -> [N / merge^2, out_hidden]."""
-    n, width, heads, unit = pixels.shape[0], cfg.width, cfg.heads, cfg.merge_size ** 2
+    n, width, unit = pixels.shape[0], cfg.width, cfg.merge_size ** 2
     x = F.linear(pixels, w.patch)
     if layout.order is not None:
         x = x.view(n // unit, unit, width)[layout.order].reshape(n, width)
-    residual = None
-    scale = cfg.head_dim ** -0.5
-    for index, b in enumerate(w.blocks):
-        h, residual = _norm(cfg, x, residual, b.norm1, b.norm1_bias)
-        qkv = F.linear(h, b.qkv, b.qkv_bias).view(1, n, 3, heads, cfg.head_dim)
-        q, k = ops.apply_rope(qkv[:, :, 0], qkv[:, :, 1], layout.cos, layout.sin, layout.positions)
-        bounds = layout.full if layout.window is None or index in cfg.full_attention_blocks else layout.window
-        attn = ops.segment_attention(q[0], k[0], qkv[0, :, 2], bounds[0], scale, bounds[1])
-        x = F.linear(attn.reshape(n, width), b.proj, b.proj_bias)
-        h, residual = _norm(cfg, x, residual, b.norm2, b.norm2_bias)
-        up = F.linear(h, b.fc1, b.fc1_bias)
-        x = F.linear(ops.silu_mul(up) if cfg.activation == "silu" else ops.activation(up, cfg.activation),
-                     b.fc2, b.fc2_bias)
-    h, _ = _norm(cfg, x, residual, w.merge_norm, w.merge_norm_bias)
+
+    def rotate(block, q, k):
+        q, k = ops.apply_rope(q[None], k[None], layout.cos, layout.sin, layout.positions)
+        return q[0], k[0]
+
+    def bounds_of(index):
+        return layout.full if layout.window is None or index in cfg.full_attention_blocks else layout.window
+
+    x, residual = run_blocks(cfg, w.blocks, x, rotate, bounds_of)
+    h, _ = norm(cfg, x, residual, w.merge_norm, w.merge_norm_bias)
     h = F.linear(h.view(n // unit, unit * width), w.merge_fc1, w.merge_fc1_bias)
     out = F.linear(ops.activation(h, "gelu"), w.merge_fc2, w.merge_fc2_bias)
     return out if layout.inverse is None else out[layout.inverse]
+
+
+class QwenTower:
+    """Qwen2-VL / Qwen2.5-VL behind the encoder's interface (encoder.py): host pixels are the image
+    resized to its patch grid, uint8 [H, W, 3]."""
+
+    def __init__(self, model_dir, cfg: VisionConfig, device, dtype):
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+        self.weights = load_qwen_vit(model_dir, cfg, device, dtype)
+
+    def host_pixels(self, image) -> tuple[np.ndarray, tuple[int, ...], int]:
+        rgb, grid = qwen_resized(image, self.cfg.preprocess)
+        return rgb, grid, grid[0] * grid[1] * grid[2] // self.cfg.merge_size ** 2
+
+    def pixel_values(self, images) -> torch.Tensor:
+        """float32 [patches, C*T*P*P] on the device: transformers' pixel_values for these images."""
+        return torch.cat([qwen_patches(torch.from_numpy(im.pixels).to(self.device), im.grid, self.cfg.preprocess)
+                          for im in images])
+
+    def forward(self, images) -> torch.Tensor:
+        layout = qwen_layout(self.cfg, [im.grid for im in images], self.device)
+        return qwen_vit_forward(self.weights, self.cfg, self.pixel_values(images).to(self.dtype), layout)

@@ -35,7 +35,9 @@ class TensorTaker:
     def __init__(self, tensors: dict[str, torch.Tensor], device, dtype):
         self.tensors, self.device, self.dtype = tensors, device, dtype
 
-    def __call__(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    def __call__(self, name: str, shape: tuple[int, ...] | None = None, scale: str | None = None) -> torch.Tensor:
+        """The tensor `name`; with `scale`, its rows multiplied by the vector of that name first, in
+        float32 (folding a layer-scale into the weights before it is rounded to the engine dtype)."""
         if name not in self.tensors:
             raise ModelLoadError(f"vision checkpoint is missing tensor {name}")
         t = self.tensors[name]
@@ -43,6 +45,9 @@ class TensorTaker:
             t = t.reshape(shape)  # e.g. the patch embedding's Conv3d kernel, used as a matrix
         if shape is not None and tuple(t.shape) != shape:
             raise ModelLoadError(f"vision tensor {name} has shape {tuple(t.shape)}, the config needs {shape}")
+        if scale is not None:
+            factor = TensorTaker(self.tensors, self.device, torch.float32)(scale, (t.shape[0],))
+            t = t.to(device=self.device, dtype=torch.float32) * factor.view(-1, *([1] * (t.dim() - 1)))
         return t.to(device=self.device, dtype=self.dtype).contiguous()
 
     def maybe(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor | None:
