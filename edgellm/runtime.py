@@ -42,6 +42,7 @@ from .requests import (GenerationItem, GenerationTimings, LLMGenerationRequest, 
 from .speculative import Speculation, SpeculativeConfig, make_proposer
 from .tokenizer import Tokenizer, TextStreamer
 from .vision import VisionEncoder, vision_config_of
+from .vision.graphs import GRAPH_MAX_PATCHES
 
 # Called as on_text(item_index, text_delta) while generating, for streaming output.
 TextCallback = Callable[[int, str], None]
@@ -97,6 +98,8 @@ class LLMInferenceRuntime:
         if vision is not None:
             element = torch.empty(0, dtype=resolve_dtype(dtype, resolve_device(device))).element_size()
             reuse_device["vision encoder weights"] = vision.parameter_count * element
+            if cuda_graphs and resolve_device(device).type == "cuda":
+                reuse_device["vision encoder graphs' pool"] = vision.graph_bytes(GRAPH_MAX_PATCHES, element)
         self.runner = LLMEngineRunner(self.model_dir, device=device, dtype=dtype, max_batch_size=max_batch_size,
                                       max_input_length=max_input_length,
                                       max_kv_cache_capacity=max_kv_cache_capacity, cuda_graphs=cuda_graphs,
@@ -106,7 +109,7 @@ class LLMInferenceRuntime:
                                       extra_device_bytes=reuse_device or None)
         self.config = self.runner.config
         self.vision = ImagePrompts(VisionEncoder(self.model_dir, vision, device=self.runner.device,
-                                                 dtype=self.runner.dtype),
+                                                 dtype=self.runner.dtype, cuda_graphs=cuda_graphs),
                                    self.config.max_supported_input_length) if vision is not None else None
         try:
             self.tokenizer: Tokenizer | None = Tokenizer.from_dir(self.model_dir)

@@ -116,3 +116,24 @@ def test_pixels_normalised_on_the_device_equal_the_host_arithmetic(vlm_dir):
     host = preprocess_internvl(image, cfg.preprocess) if cfg.family == "internvl" else preprocess_qwen(image, cfg.preprocess)[0]
     assert on_device.is_cuda and on_device.dtype == torch.float32
     torch.testing.assert_close(on_device.cpu(), torch.from_numpy(host), atol=1e-6, rtol=0)
+
+
+def test_encoder_graphs_replay_what_eager_computes(vlm_dir):
+    """A shape's second use captures a CUDA graph; replays take each call's own pixels (two images of
+    one size, alternating) and give the eager forward's embeddings; other shapes stay eager."""
+    runtime = LLMInferenceRuntime(vlm_dir, device="cuda", dtype="float16", max_batch_size=1)
+    encoder = runtime.vision.encoder
+    tower = encoder.tower
+    images = [encoder.prepare(random_image(90, 60, seed=s)) for s in (1, 2)]
+    eager = lambda ims: tower.compute([t.cuda() for t in tower.host_tensors(ims)], tower.layout(ims))  # noqa: E731
+    with torch.no_grad():
+        reference = [eager([im]) for im in images]
+        with forbid_reference_on_cuda():
+            got = [torch.cat(encoder.run([im])) for im in images * 2]  # eager, capture + replay, replay, replay
+        assert encoder.graphs.replays == 3
+        for ours, ref in zip(got, reference * 2):
+            torch.testing.assert_close(ours, ref, atol=2e-3, rtol=2e-3)
+        assert not torch.equal(got[0], got[1])
+        other = encoder.prepare(random_image(120, 90, seed=3))
+        torch.testing.assert_close(torch.cat(encoder.run([other])), eager([other]), atol=2e-3, rtol=2e-3)
+        assert encoder.graphs.replays == 3  # a new shape's first use runs eagerly

@@ -63,6 +63,12 @@ class VisionConfig:
             return (self.patch_values + 1 + tokens) * w + self.depth * block + head
         return self.patch_values * w + self.depth * block + merged * merged + merged * o + 2 * merged
 
+    def graph_bytes(self, patches: int, element: int) -> int:
+        """About what one forward over `patches` patches allocates (a captured graph's pool): uint8,
+        float64 and float32 pixels, the residual stream, norms, q/k/v, attention and MLP activations."""
+        mlp = (3 if self.activation == "silu" else 2) * self.intermediate
+        return patches * (element * (8 * self.width + mlp) + 16 * self.patch_values)
+
     @property
     def tile_tokens(self) -> int:
         """InternVL: the language-model tokens of one tile."""

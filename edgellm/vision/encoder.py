@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .config import VisionConfig
+from .graphs import EncoderGraphs
 from .images import image_digest, load_image
 from .intern_vit import InternTower
 from .qwen_vit import QwenTower
@@ -33,9 +34,11 @@ class PreparedImage:
 
 class VisionEncoder:
     def __init__(self, model_dir: str | Path, config: VisionConfig, *, device: torch.device, dtype: torch.dtype,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES):
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, cuda_graphs: bool = True):
+        """cuda_graphs: replay the encoder from CUDA graphs for image shapes seen before (graphs.py)."""
         self.config, self.device, self.dtype = config, device, dtype
         self.tower = (InternTower if config.family == "internvl" else QwenTower)(model_dir, config, device, dtype)
+        self.graphs = EncoderGraphs(self.tower, device, enabled=cuda_graphs)
         self.cache_bytes = cache_bytes
         self._cache: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
         self._cached_bytes = 0
@@ -65,13 +68,19 @@ class VisionEncoder:
 
     def run(self, images: list[PreparedImage]) -> list[torch.Tensor]:
         """The encoder over these images, packed into one call (no cache): one tensor per image."""
-        out = self.tower.forward(images)
+        # Inference mode throughout: a graph's static inputs, made inside it, take new pixels in place.
+        with torch.inference_mode():
+            out = self.graphs.run(images)
+            if out is None:
+                out = self.tower.compute([t.to(self.device) for t in self.tower.host_tensors(images)],
+                                         self.tower.layout(images))
         self.encoded_images += len(images)
         return list(out.split([im.tokens for im in images]))
 
     def pixel_values(self, images: list[PreparedImage]) -> torch.Tensor:
         """float32 pixels on the device, as transformers' image processor gives them (tests, benchmarks)."""
-        return self.tower.pixel_values(images)
+        return self.tower.normalized([t.to(self.device) for t in self.tower.host_tensors(images)],
+                                     [im.grid for im in images])
 
     def _remember(self, digest: str, emb: torch.Tensor) -> None:
         size = emb.numel() * emb.element_size()

@@ -22,7 +22,7 @@ from ..kernels import ops
 from ..kernels.segment_attention import segment_bounds
 from .config import VisionConfig
 from .internvl_preprocess import internvl_rgb_tiles
-from .pixels import normalize
+from .pixels import channel_stats, normalize
 from .vit_blocks import Block, run_blocks
 from .weights import TensorTaker, read_vision_tensors
 
@@ -86,15 +86,16 @@ def load_intern_vit(model_dir, cfg: VisionConfig, device, dtype) -> InternVitWei
         proj_fc2_bias=head("linear_2.bias", (cfg.out_hidden,)))
 
 
-def intern_vit_forward(w: InternVitWeights, cfg: VisionConfig, pixels: torch.Tensor) -> torch.Tensor:
-    """pixels [T, C, S, S] (all tiles of a call) -> [T * tile_tokens, out_hidden]."""
+def intern_vit_forward(w: InternVitWeights, cfg: VisionConfig, pixels: torch.Tensor,
+                       bounds: tuple[torch.Tensor, int]) -> torch.Tensor:
+    """pixels [T, C, S, S] (all tiles of a call) -> [T * tile_tokens, out_hidden]; bounds: each
+    tile's attention segment (segment_bounds)."""
     tiles, channels, size, p, m = pixels.shape[0], cfg.in_channels, cfg.image_size, cfg.patch_size, cfg.merge_size
     grid, width = size // p, cfg.width
     tokens = grid * grid + 1
     patches = pixels.view(tiles, channels, grid, p, grid, p).permute(0, 2, 4, 1, 3, 5).reshape(-1, cfg.patch_values)
     x = F.linear(patches, w.patch, w.patch_bias).view(tiles, grid * grid, width)
     x = (torch.cat([w.cls.expand(tiles, 1, width), x], dim=1) + w.positions).view(tiles * tokens, width)
-    bounds = segment_bounds(list(range(0, tiles * tokens + 1, tokens)), pixels.device)
 
     def qk_norm(block, q, k):
         if block.q_norm is None:
@@ -118,19 +119,36 @@ def intern_vit_forward(w: InternVitWeights, cfg: VisionConfig, pixels: torch.Ten
 
 
 class InternTower:
-    """InternVL behind the encoder's interface (encoder.py): host pixels are an image's uint8 tiles."""
+    """InternVL behind the encoder's interface (encoder.py). Host pixels: an image's uint8 tiles
+    [T, S, S, 3], all images' in one tensor; the layout: each tile's attention segment."""
 
     def __init__(self, model_dir, cfg: VisionConfig, device, dtype):
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.weights = load_intern_vit(model_dir, cfg, device, dtype)
+        self.stats = channel_stats(cfg.preprocess, device)
+        self.tile_patches = (cfg.image_size // cfg.patch_size) ** 2 + 1  # with the CLS token
 
     def host_pixels(self, image) -> tuple[np.ndarray, tuple[int, ...], int]:
         tiles = internvl_rgb_tiles(image, self.cfg.preprocess)
         return tiles, (tiles.shape[0],), tiles.shape[0] * self.cfg.tile_tokens
 
-    def pixel_values(self, images) -> torch.Tensor:
-        """float32 [tiles, 3, S, S] on the device: transformers' pixel_values for these images."""
-        return torch.cat([normalize(torch.from_numpy(im.pixels).to(self.device), self.cfg.preprocess) for im in images])
+    def host_tensors(self, images) -> list[torch.Tensor]:
+        return [torch.from_numpy(np.concatenate([im.pixels for im in images]))]
 
-    def forward(self, images) -> torch.Tensor:
-        return intern_vit_forward(self.weights, self.cfg, self.pixel_values(images).to(self.dtype))
+    def layout(self, images) -> tuple[torch.Tensor, int]:
+        tiles, n = sum(im.grid[0] for im in images), self.tile_patches
+        return segment_bounds(list(range(0, tiles * n + 1, n)), self.device)
+
+    def graph_key(self, images) -> tuple:
+        return (sum(im.grid[0] for im in images),)
+
+    def patches(self, images) -> int:
+        return sum(im.grid[0] for im in images) * self.tile_patches
+
+    def normalized(self, pixels: list[torch.Tensor], grids=None) -> torch.Tensor:
+        """float32 [tiles, 3, S, S]: transformers' pixel_values, from the device's uint8 tiles."""
+        return normalize(pixels[0], self.cfg.preprocess, self.stats)
+
+    def compute(self, pixels: list[torch.Tensor], layout: tuple[torch.Tensor, int]) -> torch.Tensor:
+        """Device work only (no host copies, no syncs): what a CUDA graph captures."""
+        return intern_vit_forward(self.weights, self.cfg, self.normalized(pixels).to(self.dtype), layout)

@@ -17,10 +17,16 @@ def resized_rgb(image, width: int, height: int, resample: int) -> np.ndarray:
     return np.array(resized, dtype=np.uint8)  # a writable copy: torch.from_numpy takes it as is
 
 
-def normalize(rgb: torch.Tensor, settings) -> torch.Tensor:
+def channel_stats(settings, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The settings' mean and std as float32 [3, 1, 1] tensors on the device (a tower makes them once:
+    a CUDA graph cannot copy them in from the host)."""
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.float32, device=device)[:, None, None]  # noqa: E731
+    return as_tensor(settings.mean), as_tensor(settings.std)
+
+
+def normalize(rgb: torch.Tensor, settings, stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """uint8 [..., H, W, 3] -> float32 [..., 3, H, W], rescaled and normalised with the settings'
-    rescale, mean and std."""
+    rescale, mean and std (`stats`: channel_stats made beforehand)."""
+    mean, std = stats if stats is not None else channel_stats(settings, rgb.device)
     pixels = (rgb.movedim(-1, -3).double() * settings.rescale).float()
-    mean = torch.tensor(settings.mean, dtype=torch.float32, device=rgb.device)[:, None, None]
-    std = torch.tensor(settings.std, dtype=torch.float32, device=rgb.device)[:, None, None]
     return (pixels - mean) / std

@@ -87,11 +87,12 @@ def qwen_resized(image, settings: QwenImageSettings) -> tuple[np.ndarray, tuple[
     return resized_rgb(image, gw * p, gh * p, settings.resample), (1, gh, gw)
 
 
-def qwen_patches(rgb: torch.Tensor, grid: tuple[int, int, int], settings: QwenImageSettings) -> torch.Tensor:
+def qwen_patches(rgb: torch.Tensor, grid: tuple[int, int, int], settings: QwenImageSettings,
+                 stats=None) -> torch.Tensor:
     """The device's part: uint8 [H, W, 3] -> pixel_values float32 [gh * gw, 3 * T * P * P]."""
     _, gh, gw = grid
     p, m, t = settings.patch_size, settings.merge_size, settings.temporal_patch_size
-    pixels = normalize(rgb, settings)
+    pixels = normalize(rgb, settings, stats)
     c = pixels.shape[0]
     patches = pixels.reshape(c, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)
     patches = patches[:, :, :, :, :, None].expand(*patches.shape[:5], t, p, p)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ..kernels import ops
 from ..kernels.segment_attention import segment_bounds
 from .config import VisionConfig
+from .pixels import channel_stats
 from .qwen_preprocess import qwen_patches, qwen_resized
 from .vit_blocks import Block, norm, run_blocks
 from .weights import TensorTaker, read_vision_tensors
@@ -81,6 +82,7 @@ class QwenLayout:
     window: tuple[torch.Tensor, int] | None  # the same per window (Qwen2.5-VL)
     order: torch.Tensor | None         # merged-patch processing order (windows), and its inverse
     inverse: torch.Tensor | None
+    grids: tuple[tuple[int, int, int], ...]  # the images' patch grids
 
 
 def qwen_layout(cfg: VisionConfig, grids: list[tuple[int, int, int]], device) -> QwenLayout:
@@ -122,7 +124,7 @@ def qwen_layout(cfg: VisionConfig, grids: list[tuple[int, int, int]], device) ->
     n = angles.shape[0]
     return QwenLayout(cos=angles.cos().to(device), sin=angles.sin().to(device),
                       positions=torch.arange(n, device=device)[None], full=segment_bounds(cu, device),
-                      window=window, order=order_t, inverse=inverse)
+                      window=window, order=order_t, inverse=inverse, grids=tuple(grids))
 
 
 def qwen_vit_forward(w: QwenVitWeights, cfg: VisionConfig, pixels: torch.Tensor, layout: QwenLayout) -> torch.Tensor:
@@ -147,22 +149,34 @@ def qwen_vit_forward(w: QwenVitWeights, cfg: VisionConfig, pixels: torch.Tensor,
 
 
 class QwenTower:
-    """Qwen2-VL / Qwen2.5-VL behind the encoder's interface (encoder.py): host pixels are the image
-    resized to its patch grid, uint8 [H, W, 3]."""
+    """Qwen2-VL / Qwen2.5-VL behind the encoder's interface (encoder.py). Host pixels: the image
+    resized to its patch grid, uint8 [H, W, 3], one tensor per image; the layout: QwenLayout."""
 
     def __init__(self, model_dir, cfg: VisionConfig, device, dtype):
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.weights = load_qwen_vit(model_dir, cfg, device, dtype)
+        self.stats = channel_stats(cfg.preprocess, device)
 
     def host_pixels(self, image) -> tuple[np.ndarray, tuple[int, ...], int]:
         rgb, grid = qwen_resized(image, self.cfg.preprocess)
         return rgb, grid, grid[0] * grid[1] * grid[2] // self.cfg.merge_size ** 2
 
-    def pixel_values(self, images) -> torch.Tensor:
-        """float32 [patches, C*T*P*P] on the device: transformers' pixel_values for these images."""
-        return torch.cat([qwen_patches(torch.from_numpy(im.pixels).to(self.device), im.grid, self.cfg.preprocess)
-                          for im in images])
+    def host_tensors(self, images) -> list[torch.Tensor]:
+        return [torch.from_numpy(im.pixels) for im in images]
 
-    def forward(self, images) -> torch.Tensor:
-        layout = qwen_layout(self.cfg, [im.grid for im in images], self.device)
-        return qwen_vit_forward(self.weights, self.cfg, self.pixel_values(images).to(self.dtype), layout)
+    def layout(self, images) -> QwenLayout:
+        return qwen_layout(self.cfg, [im.grid for im in images], self.device)
+
+    def graph_key(self, images) -> tuple:
+        return tuple(im.grid for im in images)
+
+    def patches(self, images) -> int:
+        return sum(t * h * w for t, h, w in (im.grid for im in images))
+
+    def normalized(self, pixels: list[torch.Tensor], grids) -> torch.Tensor:
+        """float32 [patches, C*T*P*P]: transformers' pixel_values, from the device's uint8 pixels."""
+        return torch.cat([qwen_patches(p, g, self.cfg.preprocess, self.stats) for p, g in zip(pixels, grids)])
+
+    def compute(self, pixels: list[torch.Tensor], layout: QwenLayout) -> torch.Tensor:
+        """Device work only (no host copies, no syncs): what a CUDA graph captures."""
+        return qwen_vit_forward(self.weights, self.cfg, self.normalized(pixels, layout.grids).to(self.dtype), layout)
