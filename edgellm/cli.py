@@ -288,6 +288,17 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_reduce_vocab(args) -> int:
+    from .vocab import reduce_vocab
+    from .vocab.reduce import stderr_progress
+
+    result = reduce_vocab(args.model, args.corpus, args.size, args.method, output=args.output,
+                          max_samples=args.max_samples, tolerance=args.tolerance, max_new_tokens=args.max_new_tokens,
+                          batch_size=args.batch_size, device=args.device, progress=stderr_progress)
+    print(json.dumps(result.info, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgellm", description="Run LLMs with edgellm's Triton-kernel runtime.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -342,6 +353,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default="/tmp/edgellm-bench", help="where random-weight models are written")
     p.add_argument("--json", default=None, help="also write the results here")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("reduce-vocab", help="build a reduced-vocabulary map (vocab_map.safetensors) from a corpus",
+                       description="Choose the token ids a domain needs: the runtime then computes logits over "
+                                   "those only (a smaller LM head). Special, chat-template and byte tokens are "
+                                   "always kept. Corpus: .txt (a sample per line), .jsonl (text, messages, or "
+                                   "prompt + response) or a directory of them.")
+    p.add_argument("--model", "-m", default=None, help="model directory (default: the embedded model)")
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--size", type=int, required=True, help="ids in the reduced vocabulary")
+    p.add_argument("--method", default="input_aware", choices=["frequency", "input_aware", "self"],
+                   help="input_aware (default): response tokens found in their inputs first, then by frequency; "
+                        "frequency: by frequency; self: input_aware over the model's own greedy answers")
+    p.add_argument("--output", "-o", required=True, help="directory for vocab_map.safetensors and reduced_vocab.json")
+    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--tolerance", type=float, default=0.02,
+                   help="share of the budget kept for ids adjacent to chosen ones (input_aware, self; default 0.02)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="method self: answer length (default 128)")
+    p.add_argument("--batch-size", type=int, default=8, help="method self: answers generated at once (default 8)")
+    p.add_argument("--device", default=None, help="method self: where the model runs (default: cuda if present)")
+    p.set_defaults(func=cmd_reduce_vocab)
     return parser
 
 

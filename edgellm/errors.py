@@ -47,3 +47,12 @@ class LoraError(EdgeLLMError, ValueError):
 class ReentrantRequestError(EdgeLLMError, RuntimeError):
     """handle_request was called by the thread already running a request on the same runtime (from
     its streaming callback): that request holds the engine until it returns."""
+
+
+class VocabMapError(ModelLoadError, ValueError):
+    """A reduced-vocabulary map (vocab_map.safetensors) is unusable: ids out of range, duplicated or
+    unsorted, required tokens (EOS) missing, or made for another vocabulary size."""
+
+
+class CorpusError(EdgeLLMError, ValueError):
+    """A corpus for `edgellm reduce-vocab` cannot be read: missing file, bad JSON line, no samples."""

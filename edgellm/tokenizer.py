@@ -45,6 +45,20 @@ def _compile_template(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
+def _byte_level_alphabet() -> list[str]:
+    """The 256 characters byte-level BPE writes bytes as: printable bytes stand for themselves, the
+    others (controls, space, DEL, the non-printing Latin-1 range) take code points from 256 upwards."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            chars.append(chr(byte))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
 class Tokenizer:
     def __init__(self, tokenizer: _HFTokenizer, config: dict, chat_template: str | None):
         self._tok = tokenizer
@@ -86,6 +100,24 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def added_token_ids(self, special_only: bool = False) -> list[int]:
+        """Ids of the tokenizer's added tokens (all, or the ones marked special)."""
+        return sorted(i for i, token in self._tok.get_added_tokens_decoder().items()
+                      if token.special or not special_only)
+
+    def vocab(self) -> dict[str, int]:
+        """Every token string and its id (added tokens included)."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
+    def byte_token_ids(self) -> list[int]:
+        """The tokens that can spell any text byte by byte: byte-level BPE's 256-character alphabet
+        (GPT-2 style tokenizers), or SentencePiece's `<0x00>`..`<0xFF>` byte fallback."""
+        vocab = self.vocab()
+        found = {vocab[f"<0x{b:02X}>"] for b in range(256) if f"<0x{b:02X}>" in vocab}
+        if '"ByteLevel"' in self._tok.to_str():
+            found.update(vocab[c] for c in _byte_level_alphabet() if c in vocab)
+        return sorted(found)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
