@@ -144,8 +144,8 @@ def prefill(runner, ids: torch.Tensor, lora=None) -> torch.Tensor:
     batch = ids.shape[0]
     logits = runner.prefill_step(runner.embed(ids), [ids.shape[1]] * batch, lora=lora)
     zeros = torch.zeros(batch, device=runner.device)
-    return ops.sample(logits, zeros, torch.ones(batch, dtype=torch.int32, device=runner.device),
-                      torch.ones(batch, device=runner.device), zeros.long(), zeros.long())
+    return runner.full_ids(ops.sample(logits, zeros, torch.ones(batch, dtype=torch.int32, device=runner.device),
+                                      torch.ones(batch, device=runner.device), zeros.long(), zeros.long()))
 
 
 def bench_decode(runner, batch: int, isl: int, osl: int, iterations: int, bandwidth: float, lora=None) -> dict:
@@ -182,14 +182,15 @@ def bench_ttft(runner, prompt_len: int, iterations: int) -> dict:
 
 
 def make_runner(model_dir: str | Path, *, batches, isl: int, osl: int, ttft_lens, dtype: str = "float16",
-                cuda_graphs: bool = True):
-    """An engine on the GPU sized for these runs: batch, prompt and cache limits."""
+                cuda_graphs: bool = True, vocab_map: str | Path | None = None):
+    """An engine on the GPU sized for these runs: batch, prompt and cache limits (and a reduced
+    vocabulary's map, if given)."""
     from .engine.runner import LLMEngineRunner
 
     log(f"loading {model_dir} ...")
     return LLMEngineRunner(model_dir, device="cuda", dtype=dtype, max_batch_size=max(batches),
                            max_input_length=max([isl, *ttft_lens]), max_kv_cache_capacity=max([isl + osl, *ttft_lens]),
-                           cuda_graphs=cuda_graphs)
+                           cuda_graphs=cuda_graphs, vocab_map=vocab_map)
 
 
 def run(model: str, *, batches=(1, 4, 16, 64), isl: int = 128, osl: int = 256, ttft_lens=(128, 1024, 4096),

@@ -23,6 +23,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="load a LoRA adapter (PEFT directory) under NAME (repeatable); the first one is active: "
                         "requests that name no adapter use it")
     p.add_argument("--max-lora-rank", type=int, default=None, help="largest adapter rank (default: the largest given)")
+    p.add_argument("--reduced-vocab-dir", default=None,
+                   help="decode over a reduced vocabulary (a vocab_map.safetensors directory from `edgellm "
+                        "reduce-vocab`; default: the model directory's, if it has one)")
+    p.add_argument("--full-vocab", action="store_true", help="ignore a vocab_map.safetensors in the model directory")
     g = p.add_argument_group("KV reuse (saved prompt prefixes; any of these turns it on)")
     g.add_argument("--kv-reuse", action="store_true", help="reuse saved prefixes with the default device budget")
     g.add_argument("--kv-gpu-mb", type=int, default=None, help="device memory for saved blocks (default 256 MB)")
@@ -92,7 +96,8 @@ def _runtime(args):
                                   max_batch_size=args.max_batch_size, max_input_length=args.max_input_length,
                                   max_kv_cache_capacity=args.max_kv_cache_capacity, lora_weights=adapters,
                                   max_lora_rank=args.max_lora_rank, kv_reuse=_kv_reuse(args),
-                                  speculative=_speculative(args))
+                                  speculative=_speculative(args),
+                                  reduced_vocab_dir=False if args.full_vocab else args.reduced_vocab_dir)
     if adapters:
         runtime.switch_lora_weights(next(iter(adapters)))
     return runtime
@@ -261,14 +266,23 @@ def cmd_run(args) -> int:
 
 
 def cmd_info(args) -> int:
+    import dataclasses
+
     from .engine.config import EngineConfig
+    from .engine.vocab_map import MAP_FILE, load_vocab_map, map_path
     from .models import resolve_model_dir
 
     model_dir = resolve_model_dir(args.model_dir)
     config = EngineConfig.from_model_dir(model_dir, max_batch_size=args.max_batch_size,
                                          max_input_length=args.max_input_length,
                                          max_kv_cache_capacity=args.max_kv_cache_capacity)
+    where = args.reduced_vocab_dir or (model_dir if (model_dir / MAP_FILE).is_file() else None)
+    if where is not None:
+        reduced = load_vocab_map(where, config.vocab_size, config.eos_token_ids)
+        config = dataclasses.replace(config, reduced_vocab_size=reduced.numel())
     print(f"model directory              {model_dir}")
+    if where is not None:
+        print(f"reduced vocabulary map       {map_path(where)}")
     print(config.describe())
     return 0
 
@@ -336,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=None)
     p.add_argument("--max-input-length", type=int, default=None)
     p.add_argument("--max-kv-cache-capacity", type=int, default=None)
+    p.add_argument("--reduced-vocab-dir", default=None,
+                   help="a vocab_map.safetensors directory (default: the model directory's, if it has one)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("bench", help="decode tokens/s and time to first token on the GPU",

@@ -33,7 +33,8 @@ from .kernels import ops
 from .engine.kv_store import KVReuseSettings, KVReuseStats, TieredKVStore, model_identity
 from .engine.devices import resolve_device, resolve_dtype
 from .engine.runner import LLMEngineRunner
-from .errors import ConfigurationError, InvalidRequestError, LoraError, ReentrantRequestError, TokenizerError
+from .errors import (ConfigurationError, InvalidRequestError, LoraError, ReentrantRequestError, TokenizerError,
+                     VocabMapError)
 from .fifo_lock import FifoLock
 from .models import resolve_model_dir
 from .multimodal import ImagePrompt, ImagePrompts, image_sources, prefill_positions, template_messages
@@ -41,6 +42,7 @@ from .requests import (GenerationItem, GenerationTimings, LLMGenerationRequest, 
                        SamplingSettings, sampling_settings, stop_strings, validate_request)
 from .speculative import Speculation, SpeculativeConfig, make_proposer
 from .tokenizer import Tokenizer, TextStreamer
+from .engine.vocab_map import MAP_FILE
 from .vision import VisionEncoder, vision_config_of
 from .vision.graphs import GRAPH_MAX_PATCHES
 
@@ -69,13 +71,17 @@ class LLMInferenceRuntime:
                  max_kv_cache_capacity: int | None = None, cuda_graphs: bool = True,
                  prefill_chunk_size: int | None = None, lora_weights: dict | None = None,
                  max_lora_rank: int | None = None, max_loras: int | None = None,
-                 kv_reuse: KVReuseSettings | None = None, speculative: SpeculativeConfig | None = None):
+                 kv_reuse: KVReuseSettings | None = None, speculative: SpeculativeConfig | None = None,
+                 reduced_vocab_dir: str | Path | bool | None = None):
         """model_dir=None runs the embedded default model (SmolLM2-135M-Instruct). cuda_graphs,
         prefill_chunk_size, lora_weights ({name: adapter path}), max_lora_rank and max_loras are the
         engine settings of LLMEngineRunner. kv_reuse: save prompts' KV in blocks and reuse the longest
         saved prefix of later prompts (engine/kv_store.py; tiers and budgets in KVReuseSettings);
         None (the default) reuses nothing. speculative: speculative decoding (edgellm/speculative;
-        n-gram prompt lookup or a draft model), None (the default) decodes one token per step."""
+        n-gram prompt lookup or a draft model), None (the default) decodes one token per step.
+        reduced_vocab_dir: a directory with vocab_map.safetensors (`edgellm reduce-vocab`): logits and
+        sampling cover only those tokens; None (the default) uses the model directory's
+        vocab_map.safetensors when there is one; False never reduces."""
         if kv_reuse is not None:
             if not isinstance(kv_reuse, KVReuseSettings):
                 raise ConfigurationError(f"kv_reuse must be a KVReuseSettings or None, got {type(kv_reuse).__name__}")
@@ -106,7 +112,8 @@ class LLMInferenceRuntime:
                                       prefill_chunk_size=prefill_chunk_size, lora_weights=lora_weights,
                                       max_lora_rank=max_lora_rank, max_loras=max_loras,
                                       max_verify_tokens=speculative.max_verify_tokens if speculative else 0,
-                                      extra_device_bytes=reuse_device or None)
+                                      extra_device_bytes=reuse_device or None,
+                                      vocab_map=self._vocab_map_path(reduced_vocab_dir))
         self.config = self.runner.config
         self.vision = ImagePrompts(VisionEncoder(self.model_dir, vision, device=self.runner.device,
                                                  dtype=self.runner.dtype, cuda_graphs=cuda_graphs),
@@ -118,6 +125,11 @@ class LLMInferenceRuntime:
             self.tokenizer, self._tokenizer_error = None, exc
         self.generation_defaults = self._read_generation_config()
         self.eos_token_ids = self._eos_ids()
+        if self.runner.vocab_map is not None:
+            missing = sorted(self.eos_token_ids - set(self.runner.vocab_map.tolist()))
+            if missing:
+                raise VocabMapError(f"the reduced vocabulary lacks stop token ids {missing} (from generation_config.json "
+                                    "or the tokenizer): generation could never end; rebuild the map with them")
         self.kv_store = TieredKVStore(self.runner.kv_cache, kv_reuse, model_identity(self.model_dir)) \
             if kv_reuse is not None else None
         self._kv_totals = KVReuseStats()
@@ -165,6 +177,16 @@ class LLMInferenceRuntime:
             yield self.runner
 
     # ------------------------------------------------------------------ setup helpers
+    def _vocab_map_path(self, reduced_vocab_dir) -> Path | None:
+        if reduced_vocab_dir is False:
+            return None
+        if reduced_vocab_dir is None:
+            found = self.model_dir / MAP_FILE
+            return found if found.is_file() else None
+        if not isinstance(reduced_vocab_dir, (str, Path)) or reduced_vocab_dir is True:
+            raise ConfigurationError(f"reduced_vocab_dir must be a directory, None or False, got {reduced_vocab_dir!r}")
+        return Path(reduced_vocab_dir)
+
     def _read_generation_config(self) -> dict:
         path = self.model_dir / "generation_config.json"
         try:
@@ -368,7 +390,7 @@ class LLMInferenceRuntime:
             for i, k in enumerate(keys):
                 self.kv_store.save(i, k, fingerprints[i], reuse)
             reuse.save_ms += (time.perf_counter() - t_save) * 1e3
-        tokens = ops.sample(logits, temperature, top_k, top_p, seeds, offsets)
+        tokens = runner.full_ids(ops.sample(logits, temperature, top_k, top_p, seeds, offsets))
         active = list(range(batch))
         first = tokens.tolist()
         self._advance(rows, active, [[t] for t in first], stops, max_new, on_text)

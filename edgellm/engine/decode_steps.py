@@ -43,7 +43,8 @@ class DecodeSteps:
                                 buf.slots, starts, buf.q_lens, lora=self._lora_batch(buf.lora, buf.lora_used, uses_lora))
         lengths[buf.slot_index] = starts + 1
         buf.offsets += 1
-        buf.tokens.copy_(ops.sample(logits, buf.temperature, buf.top_k, buf.top_p, buf.seeds, buf.offsets))
+        buf.tokens.copy_(self.full_ids(ops.sample(logits, buf.temperature, buf.top_k, buf.top_p, buf.seeds,
+                                                  buf.offsets)))
         buf.logits = logits
 
     @inference_call

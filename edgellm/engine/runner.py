@@ -38,6 +38,7 @@ from .modes import inference_call, outside_inference_mode
 from .decode_steps import DecodeSteps, _lora_key
 from .verify import TreeSteps
 from .model import LoraBatch, RopeTables, forward_logits
+from .vocab_map import load_vocab_map
 from .weights import load_weights
 
 DEFAULT_PREFILL_CHUNK = 2048  # prompts longer than this are prefilled chunk by chunk
@@ -49,7 +50,8 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
                  max_input_length: int | None = None, max_kv_cache_capacity: int | None = None,
                  cuda_graphs: bool = True, prefill_chunk_size: int | None = None,
                  lora_weights: dict | None = None, max_lora_rank: int | None = None, max_loras: int | None = None,
-                 max_verify_tokens: int = 0, extra_device_bytes: dict[str, int] | None = None):
+                 max_verify_tokens: int = 0, extra_device_bytes: dict[str, int] | None = None,
+                 vocab_map: str | Path | None = None):
         """cuda_graphs: replay decode steps from CUDA graphs (on CUDA; eager elsewhere or when False).
         prefill_chunk_size: prompts longer than this are prefilled in chunks of it (default 2048).
         lora_weights: {name: adapter} loaded at start; an adapter is a PEFT directory, a bare
@@ -59,6 +61,10 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
         largest token tree (root included) verify_sample_step takes, up to 64 (0: no speculative
         verification, no verify graphs; engine/verify.py). extra_device_bytes:
         {what: bytes} the caller will allocate on the device beside the engine (counted below).
+        vocab_map: a directory holding vocab_map.safetensors (or the file): the LM head keeps only those
+        rows, so every step's logits cover the reduced vocabulary ([B, reduced]; `self.vocab_map` maps
+        a logits column to its full id) and sampled tokens are turned back into full ids on the device
+        (kernels/vocab_remap.py, inside the decode graphs). The input embedding stays full.
 
         Before anything is allocated, the bytes these limits need (engine/memory.py) are checked
         against the device's free memory (host memory on the CPU): ConfigurationError if they do not fit."""
@@ -71,6 +77,10 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
         adapters = {name: self._read_adapter(name, spec) for name, spec in (lora_weights or {}).items()}
         max_lora_rank = self._lora_limits(adapters, max_lora_rank, max_loras)
         self.config = dataclasses.replace(self.config, max_supported_lora_rank=max_lora_rank)
+        reduced = None
+        if vocab_map is not None:  # checked before any memory is planned or allocated
+            reduced = load_vocab_map(vocab_map, self.config.vocab_size, required=self.config.eos_token_ids)
+            self.config = dataclasses.replace(self.config, reduced_vocab_size=reduced.numel())
         cfg = self.config
         chunk = DEFAULT_PREFILL_CHUNK if prefill_chunk_size is None else prefill_chunk_size
         if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
@@ -87,6 +97,10 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
             max_verify_tokens=max_verify_tokens, extra=extra_device_bytes)
         check_fits(self.memory_plan, self.device, free_bytes(self.device))
         self.weights = load_weights(self.model_dir, cfg, dtype=self.dtype, device=self.device)
+        self.vocab_map: torch.Tensor | None = None  # int32 [reduced]: logits column -> full token id
+        if reduced is not None:
+            self.vocab_map = reduced.to(self.device)
+            self.weights.lm_head = self.weights.lm_head.index_select(0, self.vocab_map).contiguous()
         self.kv_cache = LinearKVCache(
             num_layers=cfg.num_decoder_layers, max_batch_size=cfg.max_supported_batch_size,
             num_kv_heads=cfg.num_kv_heads, capacity=cfg.max_kv_cache_capacity, head_dim=cfg.head_dim,
@@ -108,6 +122,11 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
         self._active_lora = ""  # the adapter rows use when a call names none ("" = the base model)
         for name, adapter in adapters.items():
             self.lora.add(name, adapter)
+
+    def full_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids sampled from (or picked out of) this engine's logits, as full-vocabulary ids
+        (int64): the identity without a reduced vocabulary."""
+        return ids if self.vocab_map is None else ops.vocab_remap(ids, self.vocab_map)
 
     # Accessors named after the seeds' API.
     def get_engine_config(self) -> EngineConfig:

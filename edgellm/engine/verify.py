@@ -150,8 +150,8 @@ class TreeSteps:
                                 inputs.starts, inputs.n_nodes, lora=self._lora_batch(buf.lora, buf.lora_used, uses_lora),
                                 tree=TokenTree(inputs.bits, inputs.positions), every_token=True)
         # The target's token at every node, drawn as plain decoding would draw it at that depth.
-        targets = ops.sample(logits.view(size * nodes, -1), buf.temperature, buf.top_k, buf.top_p, buf.seeds,
-                             inputs.offsets, group=nodes)
+        targets = self.full_ids(ops.sample(logits.view(size * nodes, -1), buf.temperature, buf.top_k, buf.top_p,
+                                           buf.seeds, inputs.offsets, group=nodes))
         path, count, out = ops.accept_tree(inputs.tokens, inputs.parents, inputs.n_nodes, targets.view(size, nodes))
         ops.kv_compact(cache.data, buf.slots, inputs.starts, path, count)
         ops.tree_commit(count, out, inputs.starts, buf.slots, cache.lengths, buf.offsets, buf.tokens, tree.result, scratch)

@@ -57,7 +57,7 @@ class DraftModelProposer:
         best = []
         for _ in range(steps):
             runner.decode_sample_step()
-            best.append(runner.decode_logits().topk(self.top_k, dim=-1).indices)
+            best.append(runner.full_ids(runner.decode_logits().topk(self.top_k, dim=-1).indices))
         return best
 
     def begin(self, prompts: list[list[int]]) -> None:
@@ -103,7 +103,8 @@ class DraftModelProposer:
             logits = runner.prefill_step(runner.embed(ids.to(runner.device)),
                                          [c + len(p) for c, p in zip(cached, pending)], slots=slots,
                                          cached_lengths=cached)
-            first = logits.topk(self.top_k, dim=-1).indices  # [n, top_k]; column 0 continues the chain
+            # [n, top_k]; column 0 continues the chain
+            first = runner.full_ids(logits.topk(self.top_k, dim=-1).indices)
             best = [first] + (self._greedy_steps(first[:, 0], slots, depth - 1) if depth > 1 else [])
         choices = torch.stack(best, dim=1).tolist()  # [n, depth, top_k]: the one sync
         for i, (k, row, limit) in enumerate(chosen):
