@@ -135,3 +135,16 @@ def test_cli_info_and_generate_with_a_reduced_vocabulary(tiny_models, tmp_path, 
     reduced = capsys.readouterr().out
     assert main(args) == 0
     assert reduced == capsys.readouterr().out
+
+
+def test_lora_with_a_reduced_vocabulary(tiny_models, lora_adapters, tmp_path):
+    """Adapters change the layers, never the LM head: with the adapter's own answers in the map, the
+    reduced runtime gives the full runtime's tokens under the adapter."""
+    model_dir = tiny_models["llama"][0]
+    adapters = {"a": lora_adapters["a"][0]}
+    full = LLMInferenceRuntime(model_dir, device="cpu", cuda_graphs=False, lora_weights=adapters)
+    expected = run(full, items(), lora_weights_name="a").output_ids
+    save_vocab_map(tmp_path, torch.tensor(sorted({0, 1, 2, 3, 4, 5} | {t for ids in expected for t in ids})), {})
+    reduced = LLMInferenceRuntime(model_dir, device="cpu", cuda_graphs=False, lora_weights=adapters,
+                                  reduced_vocab_dir=tmp_path)
+    assert run(reduced, items(), lora_weights_name="a").output_ids == expected
