@@ -11,6 +11,7 @@ HF directory under the cache (EDGELLM_CACHE, default ~/.cache/edgellm).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -120,3 +121,23 @@ def resolve_model_dir(model_dir: str | Path | None) -> Path:
         raise ModelLoadError(f"{path} has no config.json: expected a Hugging Face model directory "
                              "(config.json, *.safetensors, tokenizer.json)")
     return path
+
+
+def generation_config(model_dir: str | Path) -> dict:
+    """generation_config.json of a model directory ({} when absent or unreadable: it only sets defaults)."""
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def stop_token_ids(config_eos, generation: dict, tokenizer) -> frozenset[int]:
+    """Every id that ends generation: config.json's eos_token_id(s), generation_config.json's, and the
+    tokenizer's EOS token."""
+    ids = set(config_eos)
+    eos = generation.get("eos_token_id")
+    ids.update([eos] if isinstance(eos, int) else (eos or []))
+    if tokenizer is not None:
+        ids.update(tokenizer.eos_token_ids)
+    return frozenset(int(i) for i in ids)

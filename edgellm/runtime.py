@@ -18,7 +18,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
-import json
 import logging
 import random
 import threading
@@ -36,7 +35,7 @@ from .engine.runner import LLMEngineRunner
 from .errors import (ConfigurationError, InvalidRequestError, LoraError, ReentrantRequestError, TokenizerError,
                      VocabMapError)
 from .fifo_lock import FifoLock
-from .models import resolve_model_dir
+from .models import generation_config, resolve_model_dir, stop_token_ids
 from .multimodal import ImagePrompt, ImagePrompts, image_sources, prefill_positions, template_messages
 from .requests import (GenerationItem, GenerationTimings, LLMGenerationRequest, LLMGenerationResponse,
                        SamplingSettings, sampling_settings, stop_strings, validate_request)
@@ -123,7 +122,7 @@ class LLMInferenceRuntime:
             self._tokenizer_error = None
         except TokenizerError as exc:  # input_ids requests still work; text requests get this error
             self.tokenizer, self._tokenizer_error = None, exc
-        self.generation_defaults = self._read_generation_config()
+        self.generation_defaults = generation_config(self.model_dir)
         self.eos_token_ids = self._eos_ids()
         if self.runner.vocab_map is not None:
             missing = sorted(self.eos_token_ids - set(self.runner.vocab_map.tolist()))
@@ -177,6 +176,9 @@ class LLMInferenceRuntime:
             yield self.runner
 
     # ------------------------------------------------------------------ setup helpers
+    def _eos_ids(self) -> frozenset[int]:
+        return stop_token_ids(self.config.eos_token_ids, self.generation_defaults, self.tokenizer)
+
     def _vocab_map_path(self, reduced_vocab_dir) -> Path | None:
         if reduced_vocab_dir is False:
             return None
@@ -187,20 +189,6 @@ class LLMInferenceRuntime:
             raise ConfigurationError(f"reduced_vocab_dir must be a directory, None or False, got {reduced_vocab_dir!r}")
         return Path(reduced_vocab_dir)
 
-    def _read_generation_config(self) -> dict:
-        path = self.model_dir / "generation_config.json"
-        try:
-            return json.loads(path.read_text()) if path.is_file() else {}
-        except (OSError, ValueError):
-            return {}
-
-    def _eos_ids(self) -> frozenset[int]:
-        ids = set(self.config.eos_token_ids)
-        eos = self.generation_defaults.get("eos_token_id")
-        ids.update([eos] if isinstance(eos, int) else (eos or []))
-        if self.tokenizer is not None:
-            ids.update(self.tokenizer.eos_token_ids)
-        return frozenset(ids)
 
     # ------------------------------------------------------------------ LoRA adapters (the runner's)
     def add_lora_weights(self, name: str, path, *, rank: int | None = None, alpha: float | None = None) -> None:

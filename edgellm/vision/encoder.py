@@ -72,15 +72,16 @@ class VisionEncoder:
         with torch.inference_mode():
             out = self.graphs.run(images)
             if out is None:
-                out = self.tower.compute([t.to(self.device) for t in self.tower.host_tensors(images)],
-                                         self.tower.layout(images))
+                out = self.tower.compute(self._device_pixels(images), self.tower.layout(images))
         self.encoded_images += len(images)
         return list(out.split([im.tokens for im in images]))
 
     def pixel_values(self, images: list[PreparedImage]) -> torch.Tensor:
         """float32 pixels on the device, as transformers' image processor gives them (tests, benchmarks)."""
-        return self.tower.normalized([t.to(self.device) for t in self.tower.host_tensors(images)],
-                                     [im.grid for im in images])
+        return self.tower.normalized(self._device_pixels(images), [im.grid for im in images])
+
+    def _device_pixels(self, images: list[PreparedImage]) -> list[torch.Tensor]:
+        return [t.to(self.device) for t in self.tower.host_tensors(images)]
 
     def _remember(self, digest: str, emb: torch.Tensor) -> None:
         size = emb.numel() * emb.element_size()

@@ -4,17 +4,16 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..engine.config import language_config
+from ..engine.config import EngineConfig
 from ..engine.vocab_map import check_vocab_map, save_vocab_map
-from ..errors import ConfigurationError, ModelLoadError
-from ..models import resolve_model_dir
+from ..errors import ConfigurationError
+from ..models import generation_config, resolve_model_dir, stop_token_ids
 from ..tokenizer import Tokenizer
 from .corpus import Sample, corpus_digest, read_corpus
 from .select import choose, rank_frequency, rank_input_aware, required_ids
@@ -73,23 +72,9 @@ def reduce_vocab(model: str | Path | None, corpus: str | Path, size: int, method
     return ReducedVocab(vocab_map, info)
 
 
-def _vocab_and_stops(model_dir: Path, tokenizer: Tokenizer) -> tuple[int, set[int]]:
-    try:
-        hf = language_config(json.loads((model_dir / "config.json").read_text()))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read {model_dir / 'config.json'}: {exc}") from exc
-    stops = set(tokenizer.eos_token_ids)
-    for source in (hf, _json(model_dir / "generation_config.json")):
-        eos = source.get("eos_token_id")
-        stops.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    return int(hf["vocab_size"]), {int(i) for i in stops}
-
-
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        return {}
+def _vocab_and_stops(model_dir: Path, tokenizer: Tokenizer) -> tuple[int, frozenset[int]]:
+    config = EngineConfig.from_model_dir(model_dir)
+    return config.vocab_size, stop_token_ids(config.eos_token_ids, generation_config(model_dir), tokenizer)
 
 
 def _tokenize(tokenizer: Tokenizer, samples: list[Sample]) -> tuple[list[list[int]], list[list[int] | None]]:
