@@ -9,6 +9,7 @@ import torch
 
 from edgellm.engine.vocab_map import check_vocab_map, load_vocab_map, save_vocab_map
 from edgellm.errors import ConfigurationError, CorpusError, VocabMapError
+from edgellm.kernels import use_reference
 from edgellm.tokenizer import Tokenizer
 from edgellm.vocab import reduce_vocab
 from edgellm.vocab.corpus import read_corpus
@@ -140,3 +141,16 @@ def test_cli_reduce_vocab(default_model_dir, tmp_path, capsys):
     assert main(["reduce-vocab", "-m", str(default_model_dir), "--corpus", str(tmp_path / "none.txt"), "--size",
                  "800", "-o", str(tmp_path / "x")]) == 2
     assert "corpus not found" in capsys.readouterr().err
+
+
+def test_self_method_on_the_shipped_corpus(default_model_dir):
+    """method self with the default model on the shipped corpus: the same map twice, the required
+    tokens in it, and every token of the model's own answers covered."""
+    tok = Tokenizer.from_dir(default_model_dir)
+    kwargs = dict(max_samples=4, max_new_tokens=16, batch_size=4, device="cpu")
+    with use_reference():  # a CPU user's path (the interpreted kernels are checked on tiny models)
+        first = reduce_vocab(default_model_dir, CORPUS, 1000, "self", **kwargs)
+        again = reduce_vocab(default_model_dir, CORPUS, 1000, "self", **kwargs)
+    assert torch.equal(first.vocab_map, again.vocab_map)
+    assert set(required_ids(tok, [2], 49152)) <= set(first.vocab_map.tolist())
+    assert first.info["method"] == "self" and first.info["tokens_covered_percent"] == 100.0
