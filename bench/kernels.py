@@ -246,7 +246,22 @@ def cases():
                                 triton=lambda args=args, blk=blk, warps=warps: sampling.sample(
                                     *args, block=blk, num_warps=warps),
                                 torch=lambda: None, compile=None, bytes=logits.numel() * 4, baseline="-"))
-    return out + lora_cases(rnd) + tree_cases(rnd) + vision_cases(rnd)
+    return out + lora_cases(rnd) + tree_cases(rnd) + vision_cases(rnd) + vocab_cases()
+
+
+def vocab_cases():
+    """The reduced vocabulary's remap of sampled ids to full ids (one per row of a decode batch, and
+    a verify step's 16-node trees at batch 16), against torch's index."""
+    from edgellm.kernels import vocab_remap
+
+    table = torch.arange(0, 128256, 8, device=DEV, dtype=torch.int32)  # a 16032-id map
+    out = []
+    for rows in (16, 256):
+        ids = torch.randint(0, table.numel(), (rows,), device=DEV)
+        out.append(dict(name=f"vocab_remap {rows} ids", triton=lambda ids=ids: vocab_remap.vocab_remap(ids, table),
+                        torch=lambda ids=ids: vocab_remap.vocab_remap_ref(ids, table), compile=None,
+                        bytes=rows * (8 + 4 + 8)))
+    return out
 
 
 def tree_cases(rnd):
