@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -111,16 +112,63 @@ def default_model_dir(progress: Callable[[str], None] | None = None) -> Path:
 
 
 def resolve_model_dir(model_dir: str | Path | None) -> Path:
-    """A usable model directory: the given one (checked to exist) or the default model's."""
+    """A usable model directory: the default model's (None), a local directory, or a Hugging Face
+    hub id ("org/name", optionally "org/name@revision") from the hub cache, downloaded when online.
+    A local directory of that name wins over the hub."""
     if model_dir is None:
         return default_model_dir()
     path = Path(model_dir).expanduser()
+    if not path.is_dir() and isinstance(model_dir, str) and HUB_ID.fullmatch(model_dir):
+        path = hub_model_dir(model_dir)
     if not path.is_dir():
         raise ModelLoadError(f"model directory {path} does not exist")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json: expected a Hugging Face model directory "
                              "(config.json, *.safetensors, tokenizer.json)")
     return path
+
+
+# "org/name" or "org/name@revision": what the hub calls a model (and not a relative path like "./x").
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+# What a runtime reads; nothing else of a repository is downloaded (no .bin / .gguf / .onnx copies).
+HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+             "*.safetensors", "model.safetensors.index.json"]
+
+
+def hub_cache_dir() -> Path:
+    """The hub cache as huggingface_hub finds it (HF_HUB_CACHE, else HF_HOME/hub), read at call time."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    return Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub"
+
+
+def hub_model_dir(hub_id: str) -> Path:
+    """The snapshot directory of a hub model: from the cache when it is there, else downloaded (only
+    the files in HUB_FILES) unless HF_HUB_OFFLINE is set. ModelLoadError says what to do otherwise."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:  # pragma: no cover - a dependency of tokenizers
+        raise ModelLoadError(f"{hub_id!r} looks like a hub id, and resolving it needs huggingface_hub: "
+                             "pip install huggingface_hub (or give a local directory)") from exc
+    repo, _, revision = hub_id.partition("@")
+    common = dict(repo_id=repo, revision=revision or None, cache_dir=str(hub_cache_dir()), allow_patterns=HUB_FILES)
+    try:
+        return Path(snapshot_download(local_files_only=True, **common))
+    except Exception:  # not cached (huggingface_hub raises several types): try the network below
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no")
+    if offline:
+        raise ModelLoadError(f"{hub_id!r} is not a local directory and is not in the hub cache {hub_cache_dir()}, "
+                             "and HF_HUB_OFFLINE is set: download it once online (or `huggingface-cli download "
+                             f"{repo}`), or give a local model directory")
+    try:
+        return Path(snapshot_download(**common))
+    except Exception as exc:  # network, authentication, missing repository: one clear error
+        raise ModelLoadError(f"{hub_id!r} is not a local directory or in the hub cache {hub_cache_dir()}, and "
+                             f"downloading it failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                             "check the id and the network (gated models need `huggingface-cli login`), "
+                             "or give a local model directory") from exc
 
 
 def generation_config(model_dir: str | Path) -> dict:
