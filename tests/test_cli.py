@@ -107,3 +107,21 @@ def test_accepted_spans_colour_the_accepted_tokens(llama_dir):
     assert coloured.count("\033[1;32m") == 2
     assert any(f"\033[1;32m{piece}\033[0m" in coloured for piece in (" w6", "w6 ", "w6"))
     assert accepted_spans(tokenizer, ids, [True] * 4, text[:5], colour=False) == text[:5]
+
+
+def test_progress_bars_only_where_someone_watches(monkeypatch, capsys):
+    """tqdm bars on a terminal's stderr; nothing when stderr is not a terminal or EDGELLM_QUIET=1."""
+    import sys
+
+    from edgellm.progress import progress
+
+    def bar():
+        for _ in progress(range(3), desc="counting sheep"):
+            pass
+        return capsys.readouterr().err
+
+    assert "counting sheep" not in bar()  # pytest's captured stderr is no terminal
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert "counting sheep" in bar()
+    monkeypatch.setenv("EDGELLM_QUIET", "1")
+    assert "counting sheep" not in bar()

@@ -10,6 +10,7 @@ import torch
 from ..errors import InvalidRequestError
 from ..kernels import ops
 from ..kernels.lora import used_slots
+from ..progress import progress
 from .graphs import DecodeBuffers, any_adapter, graph_batch_sizes
 from .model import forward_logits
 from .modes import inference_call
@@ -56,7 +57,7 @@ class DecodeSteps:
             return []
         wanted = graph_batch_sizes(self.config.max_supported_batch_size) if batch_sizes is None else batch_sizes
         sizes = []
-        for rows in wanted:
+        for rows in progress(wanted, desc="capturing decode graphs", unit="graph"):
             if not 1 <= int(rows) <= self.config.max_supported_batch_size:
                 raise InvalidRequestError(f"batch size {rows} is outside 1..{self.config.max_supported_batch_size}")
             size = self._padded_size(int(rows))

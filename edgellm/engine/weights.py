@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import ModelLoadError
+from ..progress import progress
 from .config import EngineConfig
 
 
@@ -105,7 +106,8 @@ def read_checkpoint(model_dir: Path, cfg: EngineConfig) -> dict[str, torch.Tenso
     """The tensors `expected_shapes` names, on CPU in their stored dtype, all shapes verified."""
     wanted = expected_shapes(cfg)
     found: dict[str, torch.Tensor] = {}
-    for path in checkpoint_files(model_dir):
+    files = checkpoint_files(model_dir)
+    for path in progress(files, desc="loading weights", unit="file") if len(files) > 1 else files:
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for stored in f.keys():

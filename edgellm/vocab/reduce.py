@@ -14,6 +14,7 @@ from ..engine.config import EngineConfig
 from ..engine.vocab_map import check_vocab_map, save_vocab_map
 from ..errors import ConfigurationError
 from ..models import generation_config, resolve_model_dir, stop_token_ids
+from ..progress import progress
 from ..tokenizer import Tokenizer
 from .corpus import Sample, corpus_digest, read_corpus
 from .select import choose, rank_frequency, rank_input_aware, required_ids
@@ -101,8 +102,9 @@ def _self_answers(model_dir: Path, samples: list[Sample], max_new_tokens: int, b
     from ..runtime import LLMInferenceRuntime
 
     runtime = LLMInferenceRuntime(model_dir, device=device, max_batch_size=batch_size)
+    say(f"answering {len(samples)} corpus inputs with the model ({max_new_tokens} tokens each)")
     answered = []
-    for start in range(0, len(samples), batch_size):
+    for start in progress(range(0, len(samples), batch_size), desc="answering the corpus", unit="batch"):
         batch = samples[start:start + batch_size]
         items = []
         for s in batch:
@@ -115,7 +117,6 @@ def _self_answers(model_dir: Path, samples: list[Sample], max_new_tokens: int, b
                                                                temperature=0))
         for s, item, text in zip(batch, items, response.output_texts):
             answered.append(Sample(item.get("messages", item.get("prompt")), text))
-        say(f"answered {len(answered)}/{len(samples)} corpus inputs")
     return answered
 
 
