@@ -478,6 +478,25 @@ def vision_cases(rnd):
     out.append(dict(name="segment_attention full 4784", triton=lambda: segment_attention.segment_attention(
         q, k, v, full, scale, longest), torch=lambda: sdpa(q, k, v), compile=None, flops=4 * n * n * d * heads,
         baseline="SDPA"))
+    # Tile candidates (default: (64, 32, 4, 2) at head_dim 80 padded to 128; (64, 64, 4, 2) at 64).
+    tiles = [(64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 2)]
+    for tile in tiles:
+        out.append(dict(name=f"  segment_attention full 4784 tile {tile}", triton=lambda tile=tile:
+                        segment_attention.segment_attention(q, k, v, full, scale, longest, tile=tile),
+                        torch=lambda: None, compile=None, flops=4 * n * n * d * heads, baseline="-"))
+    # InternVL3-1B's tower: 9 tiles of 1025 tokens (a 1280x720 image), 16 heads of 64.
+    tq = rnd(9 * 1025, 3, 16, 64)
+    iq, ik, iv = tq.unbind(1)
+    tile_bounds, tile_longest = segment_attention.segment_bounds(list(range(0, 9 * 1025 + 1, 1025)), DEV)
+    batched = lambda: F.scaled_dot_product_attention(  # noqa: E731
+        *(t.view(9, 1025, 16, 64).transpose(1, 2) for t in (iq, ik, iv)), scale=0.125)
+    out.append(dict(name="segment_attention tiles 9x1025 d64", triton=lambda: segment_attention.segment_attention(
+        iq, ik, iv, tile_bounds, 0.125, tile_longest), torch=batched, compile=None, flops=4 * 9 * 1025 ** 2 * 64 * 16,
+        baseline="SDPA batched"))
+    for tile in tiles:
+        out.append(dict(name=f"  segment_attention tiles 9x1025 tile {tile}", triton=lambda tile=tile:
+                        segment_attention.segment_attention(iq, ik, iv, tile_bounds, 0.125, tile_longest, tile=tile),
+                        torch=lambda: None, compile=None, flops=4 * 9 * 1025 ** 2 * 64 * 16, baseline="-"))
     cu = list(range(0, n, 64)) + [n]
     windows, longest_w = segment_attention.segment_bounds(cu, DEV)
 
@@ -518,7 +537,11 @@ def main() -> int:
     for case in cases():
         if args.only and not any(part in case["name"] for part in args.only.split(",")):
             continue
-        t_triton = bench_us(case["triton"])
+        try:
+            t_triton = bench_us(case["triton"])
+        except Exception as exc:  # noqa: BLE001 - a tile candidate that does not fit (shared memory, registers)
+            print(f"  {case['name']}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", file=sys.stderr)
+            continue
         t_graph = graph_us(case["triton"])
         t_stream = streamed_us(case["fresh"], case["bytes"]) if "fresh" in case and case["bytes"] > 2 ** 20 else None
         t_torch = bench_us(case["torch"])
