@@ -99,3 +99,13 @@ def test_internvl_tiling_matches_transformers(width, height, mode, tiles):
     assert pixels.shape == expected["pixel_values"].shape
     assert internvl_tiles(load_image(image), settings) == pixels.shape[0] == expected["num_patches"][0]
     np.testing.assert_allclose(pixels, expected["pixel_values"], atol=1e-6, rtol=0)
+
+
+def test_internvl_settings_tile_as_the_transformers_processor_does():
+    """InternVLProcessor passes crop_to_patches=True to its image processor unless told otherwise, so a
+    preprocessor_config.json that says false still tiles in transformers, and here."""
+    from edgellm.vision.internvl_preprocess import InternVLImageSettings
+
+    settings = InternVLImageSettings.from_dict({"size": {"height": 448, "width": 448}, "crop_to_patches": False,
+                                                "min_patches": 1, "max_patches": 6})
+    assert settings.tiling and (settings.tile_size, settings.min_tiles, settings.max_tiles) == (448, 1, 6)

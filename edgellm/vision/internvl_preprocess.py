@@ -34,8 +34,10 @@ class InternVLImageSettings:
     @classmethod
     def from_dict(cls, pre: dict) -> "InternVLImageSettings":
         size = pre.get("size") or {}
+        # Tiling stays on whatever the file's crop_to_patches says: transformers' InternVLProcessor passes
+        # crop_to_patches=True to its image processor by default, so that is what InternVL models see.
         return cls(tile_size=int(size.get("height", 448)), min_tiles=int(pre.get("min_patches", 1)),
-                   max_tiles=int(pre.get("max_patches", 12)), tiling=bool(pre.get("crop_to_patches", True)),
+                   max_tiles=int(pre.get("max_patches", 12)), tiling=True,
                    mean=tuple(float(x) for x in pre.get("image_mean", IMAGENET_MEAN)),
                    std=tuple(float(x) for x in pre.get("image_std", IMAGENET_STD)),
                    rescale=float(pre.get("rescale_factor", 1 / 255)), resample=int(pre.get("resample", 3)))
