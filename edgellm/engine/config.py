@@ -8,8 +8,9 @@ from pathlib import Path
 
 from ..errors import ConfigurationError, ModelLoadError, UnsupportedModelError
 from ..kernels.rope import SUPPORTED_ROPE_TYPES
+from . import gpt2
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 # Vision-language models: the language model's type (its config is the top level merged with
 # `text_config`, or `text_config` alone); the vision side is edgellm/vision's.
 MULTIMODAL_TEXT_TYPES = {"qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "internvl": None}
@@ -50,6 +51,11 @@ class EngineConfig:
     # Multimodal RoPE (Qwen2-VL): how many rotary frequencies turn with t, h and w; None: plain RoPE.
     mrope_section: tuple[int, int, int] | None = None
     multimodal: str | None = None  # the vision-language model_type ("qwen2_vl", ...), None for text models
+    # The family's differences from the llama layout (engine/gpt2.py sets them; llama is the default).
+    norm: str = "rms"              # "rms" (RMSNorm) or "layer" (LayerNorm with bias)
+    mlp: str = "gated"             # "gated" (SiLU(gate) * up, down) or "plain" (fc, activation, proj; biased)
+    activation: str = "silu"       # the plain MLP's activation (kernels/activation.py)
+    positions: str = "rope"        # "rope" or "learned" (an absolute position table added to the embedding)
 
     @property
     def output_vocab_size(self) -> int:
@@ -88,6 +94,10 @@ class EngineConfig:
         multimodal = hf.get("model_type") if hf.get("model_type") in MULTIMODAL_TEXT_TYPES else None
         hf = language_config(hf)
         model_type = hf.get("model_type")
+        family = {}
+        if model_type == gpt2.MODEL_TYPE:
+            hf = gpt2.as_llama_config(hf)
+            family = hf["family"]
         if model_type not in SUPPORTED_MODEL_TYPES:
             arch = ", ".join(hf.get("architectures") or []) or "unknown"
             raise UnsupportedModelError(
@@ -119,13 +129,14 @@ class EngineConfig:
                 rope_scaling=scaling,
                 max_position_embeddings=max_pos,
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
-                o_bias=model_type != "qwen2" and bool(hf.get("attention_bias", False)),
+                qkv_bias=family.get("qkv_bias", model_type == "qwen2" or bool(hf.get("attention_bias", False))),
+                o_bias=family.get("o_bias", model_type != "qwen2" and bool(hf.get("attention_bias", False))),
                 qk_norm=model_type == "qwen3",
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_ids=_as_id_tuple(hf.get("eos_token_id")),
                 mrope_section=mrope,
                 multimodal=multimodal,
+                **{k: v for k, v in family.items() if k not in ("qkv_bias", "o_bias")},
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelLoadError(f"config.json is missing or has a bad value for {exc}") from exc

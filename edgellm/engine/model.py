@@ -1,4 +1,5 @@
-"""The decoder forward shared by the llama family (llama, mistral, qwen2, qwen3).
+"""The decoder forward shared by the llama family (llama, mistral, qwen2, qwen3) and GPT-2, whose
+differences (LayerNorm, plain MLP, learned positions) EngineConfig's family switches name (gpt2.py).
 
 One function serves prefill and decode: a right-padded chunk of `q_lens[b]` tokens per row, placed
 at positions starts[b] ... of cache slot slots[b]. Every hot-path op goes through `edgellm.kernels.ops`
@@ -97,8 +98,12 @@ def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, key
     # Multimodal RoPE: a prompt's (t, h, w) positions [B, S, 3] are absolute; later 1-D positions are
     # shifted by each slot's offset (rope.offsets, None for text models).
     three = positions is not None and positions.dim() == 3
-    q = ops.rope_kv_append(q, k, v, rope.cos, rope.sin, keys, values, slots, starts, q_lens, positions,
-                           offsets=None if three else rope.offsets, sections=rope.sections if three else None)
+    if cfg.positions == "learned":  # no rotation: positions went into the embedding
+        ops.kv_append(keys, values, k, v, slots, starts, q_lens)
+        q = q.contiguous()
+    else:
+        q = ops.rope_kv_append(q, k, v, rope.cos, rope.sin, keys, values, slots, starts, q_lens, positions,
+                               offsets=None if three else rope.offsets, sections=rope.sections if three else None)
     scale = cfg.head_dim ** -0.5
     t = None
     if seq == 1:
@@ -134,33 +139,52 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     if lora is not None and seq > 1:  # the LoRA kernels take one adapter index per token
         lora = lora._replace(index=lora.index.repeat_interleave(seq))
     ends = starts + q_lens  # each row's cache length after this chunk (computed once, not per layer)
-    residual = hidden
-    x = None
-    eps = cfg.rms_norm_eps
+    if weights.positions is not None:  # learned absolute positions (GPT-2), added to the embedding
+        pos = tree.positions if tree is not None else starts[:, None] + torch.arange(seq, device=hidden.device)
+        hidden = hidden + weights.positions[pos.long().clamp(max=weights.positions.shape[0] - 1)]
+    residual = None
+    x = hidden
     tokens = batch * seq
     for index, lw in enumerate(weights.layers):
-        qkv_a = _shrink_operand(lora, index, "qkv", tokens)
-        if x is None:
-            x, t = _fused(ops.rms_norm, hidden, lw.input_norm, eps, lora_a=qkv_a)
-        else:
-            (x, residual), t = _fused(ops.add_rms_norm, x, residual, lw.input_norm, eps, lora_a=qkv_a)
+        (x, residual), t = _norm(ops, cfg, x, residual, lw.input_norm, lw.input_norm_bias,
+                                 _shrink_operand(lora, index, "qkv", tokens))
         qkv = _project(x, lw.qkv, lw.qkv_bias, lora, index, "qkv", ops, t)
         keys, values = cache.layer(index)
         attn = _attention_block(lw, cfg, qkv, keys, values, rope, slots, starts, q_lens, ends, ops, lora, index, tree,
                                 positions)
-        (x, residual), t = _fused(ops.add_rms_norm, attn, residual, lw.post_norm, eps,
-                                  lora_a=_shrink_operand(lora, index, "gate_up", tokens))
+        (x, residual), t = _norm(ops, cfg, attn, residual, lw.post_norm, lw.post_norm_bias,
+                                 _shrink_operand(lora, index, "gate_up", tokens))
+        if cfg.mlp == "plain":  # fc, activation, proj, with biases (GPT-2; no LoRA)
+            x = ops.activation(_linear(x, lw.gate_up, lw.gate_up_bias, ops), cfg.activation)
+            x = _linear(x, lw.down, lw.down_bias, ops)
+            continue
         gate_up = _project(x, lw.gate_up, None, lora, index, "gate_up", ops, t)
         x, t = _fused(ops.silu_mul, gate_up, lora_a=_shrink_operand(lora, index, "down", tokens))
         x = _project(x, lw.down, None, lora, index, "down", ops, t)
     if every_token:
-        final, _ = ops.add_rms_norm(x, residual, weights.final_norm, cfg.rms_norm_eps)
+        (final, _), _ = _norm(ops, cfg, x, residual, weights.final_norm, weights.final_norm_bias)
         return _linear(final, weights.lm_head, None, ops).float()
     last = (q_lens.long() - 1).clamp(min=0)
     rows = torch.arange(batch, device=hidden.device)
     x_last, res_last = x[rows, last][:, None], residual[rows, last][:, None]
-    final, _ = ops.add_rms_norm(x_last, res_last, weights.final_norm, cfg.rms_norm_eps)
+    (final, _), _ = _norm(ops, cfg, x_last, res_last, weights.final_norm, weights.final_norm_bias)
     return _linear(final[:, 0], weights.lm_head, None, ops).float()
+
+
+def _norm(ops, cfg: EngineConfig, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+          bias: torch.Tensor | None, lora_a=None):
+    """((norm(x + residual), x + residual), LoRA shrink partials or None); residual None: x alone.
+    RMSNorm (llama family) computes the next projection's LoRA shrink in the same kernel when given
+    lora_a; LayerNorm (GPT-2) takes a bias."""
+    eps = cfg.rms_norm_eps
+    if cfg.norm == "layer":
+        if residual is None:
+            return (ops.layer_norm(x, weight, bias, eps), x), None
+        return ops.add_layer_norm(x, residual, weight, bias, eps), None
+    if residual is None:
+        out, t = _fused(ops.rms_norm, x, weight, eps, lora_a=lora_a)
+        return (out, x), t
+    return _fused(ops.add_rms_norm, x, residual, weight, eps, lora_a=lora_a)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ops) -> torch.Tensor:

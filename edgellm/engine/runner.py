@@ -141,6 +141,9 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
     # ---- LoRA adapters (engine/lora.py): any mix of them, or none, in one batch ----
 
     def _read_adapter(self, name, spec):
+        if self.config.model_type == "gpt2":
+            raise LoraError("LoRA adapters are supported for the llama family (llama, mistral, qwen2, qwen3); "
+                            "this model is GPT-2")
         if not isinstance(name, str) or not name:
             raise LoraError(f"a LoRA adapter name must be a non-empty string, got {name!r}")
         if isinstance(spec, dict):

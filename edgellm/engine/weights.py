@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from ..errors import ModelLoadError
 from ..progress import progress
+from . import gpt2
 from .config import EngineConfig
 
 
@@ -29,8 +30,13 @@ class LayerWeights:
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
+    gate_up: torch.Tensor        # gate and up stacked; a plain MLP's fc
     down: torch.Tensor
+    # LayerNorm / plain-MLP families (GPT-2) only:
+    input_norm_bias: torch.Tensor | None = None
+    post_norm_bias: torch.Tensor | None = None
+    gate_up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -39,10 +45,14 @@ class ModelWeights:
     layers: list[LayerWeights]
     final_norm: torch.Tensor
     lm_head: torch.Tensor  # the same tensor as `embed` when embeddings are tied
+    final_norm_bias: torch.Tensor | None = None
+    positions: torch.Tensor | None = None  # learned absolute positions [max_positions, hidden] (GPT-2)
 
 
 def expected_shapes(cfg: EngineConfig) -> dict[str, tuple[int, ...]]:
     """Every checkpoint tensor edgellm reads, by HF name, with its required shape."""
+    if cfg.model_type == gpt2.MODEL_TYPE:
+        return gpt2.expected_shapes(cfg)
     h, d = cfg.hidden_size, cfg.head_dim
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
     if not cfg.tie_word_embeddings:
@@ -112,6 +122,8 @@ def read_checkpoint(model_dir: Path, cfg: EngineConfig) -> dict[str, torch.Tenso
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for stored in f.keys():
                     name = language_name(stored)
+                    if name not in wanted and "transformer." + name in wanted:  # GPT-2 saved bare ("h.0...")
+                        name = "transformer." + name
                     if name in wanted:
                         found[name] = f.get_tensor(stored)
         except Exception as exc:  # safetensors raises several types for truncated/corrupt files
@@ -136,6 +148,11 @@ def load_weights(model_dir: str | Path, cfg: EngineConfig, *, dtype: torch.dtype
     def fused(*names: str) -> torch.Tensor:
         return torch.cat([raw.pop(n) for n in names], dim=0).to(device=device, dtype=dtype).contiguous()
 
+    if cfg.model_type == gpt2.MODEL_TYPE:
+        layers, embed, lm_head, final, final_bias, positions = gpt2.load(
+            cfg, take, lambda name: raw.pop(name).t().to(device=device, dtype=dtype).contiguous())
+        return ModelWeights(embed=embed, layers=layers, final_norm=final, lm_head=lm_head, final_norm_bias=final_bias,
+                            positions=positions)
     layers = []
     for i in range(cfg.num_decoder_layers):
         p = f"model.layers.{i}."
