@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .errors import DefaultModelUnavailableError, UnsupportedModelError
-from .progress import progress
+from .progress import progress as progress_bar
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -97,7 +97,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: Callable[
     tokens = list(_field(reader, "tokenizer.ggml.tokens"))
     tensors: dict[str, torch.Tensor] = {}
     progress(f"edgellm: dequantizing {len(reader.tensors)} tensors from {Path(gguf_path).name}")
-    for t in progress(reader.tensors, desc="converting the default model", unit="tensor"):
+    for t in progress_bar(reader.tensors, desc="converting the default model", unit="tensor"):
         name = _hf_name(t.name)
         if name is None:
             continue

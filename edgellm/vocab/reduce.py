@@ -14,7 +14,7 @@ from ..engine.config import EngineConfig
 from ..engine.vocab_map import check_vocab_map, save_vocab_map
 from ..errors import ConfigurationError
 from ..models import generation_config, resolve_model_dir, stop_token_ids
-from ..progress import progress
+from ..progress import progress as progress_bar
 from ..tokenizer import Tokenizer
 from .corpus import Sample, corpus_digest, read_corpus
 from .select import choose, rank_frequency, rank_input_aware, required_ids
@@ -104,7 +104,7 @@ def _self_answers(model_dir: Path, samples: list[Sample], max_new_tokens: int, b
     runtime = LLMInferenceRuntime(model_dir, device=device, max_batch_size=batch_size)
     say(f"answering {len(samples)} corpus inputs with the model ({max_new_tokens} tokens each)")
     answered = []
-    for start in progress(range(0, len(samples), batch_size), desc="answering the corpus", unit="batch"):
+    for start in progress_bar(range(0, len(samples), batch_size), desc="answering the corpus", unit="batch"):
         batch = samples[start:start + batch_size]
         items = []
         for s in batch:
