@@ -10,7 +10,7 @@ from ..errors import ConfigurationError, ModelLoadError, UnsupportedModelError
 from ..kernels.rope import SUPPORTED_ROPE_TYPES
 from . import gpt2
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2")
 # Vision-language models: the language model's type (its config is the top level merged with
 # `text_config`, or `text_config` alone); the vision side is edgellm/vision's.
 MULTIMODAL_TEXT_TYPES = {"qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "internvl": None}
@@ -112,7 +112,9 @@ class EngineConfig:
             hidden = int(hf["hidden_size"])
             head_dim = int(hf.get("head_dim") or hidden // heads)
             theta, scaling, mrope = _rope_settings(hf)
-            rotary_dim = int(head_dim * float(hf.get("partial_rotary_factor", 1.0)))
+            partial = (hf.get("rope_parameters") or {}).get("partial_rotary_factor",
+                                                             hf.get("partial_rotary_factor", 1.0))
+            rotary_dim = int(head_dim * float(partial))
             max_pos = int(hf.get("max_position_embeddings", 4096))
             fields = dict(
                 model_type=model_type,
@@ -213,6 +215,7 @@ def _rope_settings(hf: dict) -> tuple[float, dict | None, tuple[int, int, int] |
     rope_type = merged.pop("rope_type", merged.pop("type", "default"))
     section = merged.pop("mrope_section", None)
     merged.pop("mrope_interleaved", None)
+    merged.pop("partial_rotary_factor", None)  # read with the head shape (rotary_dim)
     mrope = tuple(int(x) for x in section) if section is not None else None
     if mrope is not None and len(mrope) != 3:
         raise UnsupportedModelError(f"mrope_section must have 3 entries (t, h, w), got {section}")
@@ -230,5 +233,5 @@ def _sliding_window(hf: dict) -> int | None:
     window = hf.get("sliding_window")
     if window is None:
         return None
-    uses_window = hf.get("model_type") == "mistral" or bool(hf.get("use_sliding_window", False))
+    uses_window = hf.get("model_type") in ("mistral", "phi3") or bool(hf.get("use_sliding_window", False))
     return int(window) if uses_window else None

@@ -70,6 +70,11 @@ def expected_shapes(cfg: EngineConfig) -> dict[str, tuple[int, ...]]:
             p + "mlp.up_proj.weight": (cfg.intermediate_size, h),
             p + "mlp.down_proj.weight": (h, cfg.intermediate_size),
         })
+        if cfg.model_type == "phi3":  # Phi-3 stores q/k/v and gate/up fused, in the order we fuse them
+            for split in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+                del shapes[p + split + ".weight"]
+            shapes.update({p + "self_attn.qkv_proj.weight": (cfg.q_size + 2 * cfg.kv_size, h),
+                           p + "mlp.gate_up_proj.weight": (2 * cfg.intermediate_size, h)})
         if cfg.qkv_bias:
             shapes.update({p + "self_attn.q_proj.bias": (cfg.q_size,),
                            p + "self_attn.k_proj.bias": (cfg.kv_size,),
@@ -159,14 +164,16 @@ def load_weights(model_dir: str | Path, cfg: EngineConfig, *, dtype: torch.dtype
         a = p + "self_attn."
         layers.append(LayerWeights(
             input_norm=take(p + "input_layernorm.weight"),
-            qkv=fused(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
+            qkv=take(a + "qkv_proj.weight") if cfg.model_type == "phi3" else
+            fused(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
             qkv_bias=fused(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias") if cfg.qkv_bias else None,
             o_proj=take(a + "o_proj.weight"),
             o_bias=take(a + "o_proj.bias") if cfg.o_bias else None,
             q_norm=take(a + "q_norm.weight") if cfg.qk_norm else None,
             k_norm=take(a + "k_norm.weight") if cfg.qk_norm else None,
             post_norm=take(p + "post_attention_layernorm.weight"),
-            gate_up=fused(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+            gate_up=take(p + "mlp.gate_up_proj.weight") if cfg.model_type == "phi3" else
+            fused(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
             down=take(p + "mlp.down_proj.weight"),
         ))
     embed = take("model.embed_tokens.weight")
