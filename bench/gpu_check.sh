@@ -14,7 +14,7 @@ status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 if [[ " $parts " == *" tests "* ]]; then
-  python3 -m pytest -q -rP -p no:cacheprovider tests/test_kernels_triton.py tests/test_kernels_tree.py tests/test_kernels_vision.py tests/test_gpu.py tests/test_gpu_vision.py tests/test_gpu_vocab.py > "$out/gpu_pytest.log" 2>&1
+  python3 -m pytest -q -rP -p no:cacheprovider tests/test_kernels_triton.py tests/test_kernels_tree.py tests/test_kernels_vision.py tests/test_gpu.py tests/test_gpu_vision.py tests/test_gpu_vocab.py tests/test_gpu_families.py > "$out/gpu_pytest.log" 2>&1
   status=$?
   grep -E "passed|failed|error" "$out/gpu_pytest.log" | tail -3
   grep -E "^memory plan" "$out/gpu_pytest.log"  # test_memory_plan_bounds_what_the_engine_uses

@@ -1,0 +1,42 @@
+"""GPT-2 and Phi-3 on a CUDA GPU (bench/gpu_check.sh): fp16 with CUDA graphs gives fp16 eager's
+tokens with no reference op, and the first step's logits stay close to float32. Skipped without a GPU."""
+
+import pytest
+import torch
+
+from edgellm import LLMGenerationRequest, LLMInferenceRuntime
+from edgellm.kernels import forbid_reference_on_cuda
+
+from test_gpt2 import build_gpt2
+from test_phi3 import build_phi3
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+PROMPTS = [[5, 9, 13, 7], [20, 21, 22, 23, 24, 25, 26], [40]]
+
+
+@pytest.fixture(scope="module", params=["gpt2", "phi3"])
+def family_dir(request, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp(request.param)
+    (build_gpt2(model_dir, tie=True) if request.param == "gpt2" else build_phi3(model_dir))
+    return model_dir
+
+
+def test_graphs_match_eager_without_reference_ops(family_dir):
+    request = LLMGenerationRequest(requests=[{"input_ids": p} for p in PROMPTS], max_generate_length=16, temperature=0)
+    graphs = LLMInferenceRuntime(family_dir, device="cuda", dtype="float16")
+    eager = LLMInferenceRuntime(family_dir, device="cuda", dtype="float16", cuda_graphs=False)
+    with forbid_reference_on_cuda():
+        first, again, plain = (graphs.handle_request(request).output_ids, graphs.handle_request(request).output_ids,
+                               eager.handle_request(request).output_ids)
+    assert first == again == plain
+
+
+def test_first_step_logits_close_to_float32(family_dir):
+    ids = torch.tensor([PROMPTS[1]])
+    out = []
+    for dtype in ("float32", "float16"):
+        runner = LLMInferenceRuntime(family_dir, device="cuda", dtype=dtype, cuda_graphs=False).runner
+        with torch.inference_mode():
+            out.append(runner.prefill_step(runner.embed(ids.cuda()), [ids.shape[1]]).float().cpu())
+    torch.testing.assert_close(out[1], out[0], rtol=2e-2, atol=2e-2)
