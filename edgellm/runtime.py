@@ -349,7 +349,7 @@ class LLMInferenceRuntime:
         timings = GenerationTimings()
 
         t0 = time.perf_counter()
-        fingerprints = [runner.lora_fingerprint(a) for a in adapters]
+        fingerprints = [runner.prefix_fingerprint(a, len(p)) for a, p in zip(adapters, prompts)]
         # Slot i serves item i. With KV reuse on, each slot first gets the longest saved prefix of its
         # prompt, and only the rest is prefilled.
         # Image tokens are keyed by their image's digest (multimodal.py).

@@ -1,5 +1,5 @@
-"""Phi-3 (fused qkv_proj / gate_up_proj as stored, partial rotary) against transformers in float32;
-longrope scaling is refused clearly until it lands (issue 16); a sliding window bounds the cache."""
+"""Phi-3 (fused qkv_proj / gate_up_proj as stored, partial rotary, LongRoPE) against transformers in
+float32; a sliding window bounds the cache."""
 
 import json
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from edgellm import LLMGenerationRequest, LLMInferenceRuntime
-from edgellm.errors import ConfigurationError, UnsupportedModelError
+from edgellm.errors import ConfigurationError, ModelLoadError
 
 from conftest import hf_greedy, write_tokenizer
 
@@ -17,11 +17,11 @@ PROMPTS = [[5, 9, 13, 7], [20, 21, 22, 23, 24, 25, 26], [40]]
 def build_phi3(model_dir, **overrides):
     import transformers
 
-    config = transformers.Phi3Config(
-        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        tie_word_embeddings=False, sliding_window=None,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}, **overrides)
+    settings = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                    tie_word_embeddings=False, sliding_window=None,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
+    config = transformers.Phi3Config(**{**settings, **overrides})
     torch.manual_seed(0)
     model = transformers.Phi3ForCausalLM(config).eval()
     with torch.no_grad():
@@ -44,17 +44,57 @@ def test_greedy_tokens_match_transformers(tmp_path):
         assert tokens == (theirs[:theirs.index(2) + 1] if 2 in theirs else theirs)
 
 
-def test_longrope_is_refused_and_a_sliding_window_bounds_the_cache(tmp_path):
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+            "short_factor": [1.0, 1.3, 1.7, 2.0], "long_factor": [2.0, 3.5, 6.0, 9.0],
+            "original_max_position_embeddings": 16}
+
+
+def test_longrope_matches_transformers(tmp_path):
+    """A prompt past the original context (16) is rotated with the long factors throughout; a prompt
+    that stays within it with the short ones: both equal transformers' generate. A row that crosses
+    the original length while decoding switches to the long factors from that position on, as
+    transformers' forward does step by step (its generate instead recomputes the whole cache at the
+    crossing, a Phi-3 special case edgellm does not copy yet)."""
+    model = build_phi3(tmp_path, max_position_embeddings=64, original_max_position_embeddings=16,
+                       rope_parameters=LONGROPE)
+    runtime = LLMInferenceRuntime(tmp_path, device="cpu", cuda_graphs=False, max_kv_cache_capacity=64,
+                                  max_input_length=40)
+    long_prompt, short_prompt = list(range(10, 30)), [7, 8, 9]
+    ours = runtime.handle_request(LLMGenerationRequest(requests=[{"input_ids": long_prompt}, {"input_ids": short_prompt}],
+                                                       max_generate_length=12, temperature=0)).output_ids
+    for prompt, tokens in zip((long_prompt, short_prompt), ours):
+        theirs = hf_greedy(model, prompt, 12)
+        assert tokens == (theirs[:theirs.index(2) + 1] if 2 in theirs else theirs)
+    crossing = list(range(40, 50))  # 10 tokens: decode passes position 16
+    sequence = crossing + hf_greedy(model, crossing, 12)
+    runner = runtime.runner
+    with torch.inference_mode(), torch.no_grad():
+        out = model(torch.tensor([crossing]), use_cache=True)
+        past, theirs = out.past_key_values, [out.logits[0, -1]]
+        ours = [runner.prefill_step(runner.embed(torch.tensor([crossing])), [len(crossing)])[0]]
+        for position in range(len(crossing), len(sequence) - 1):
+            token = torch.tensor([[sequence[position]]])
+            out = model(token, past_key_values=past, use_cache=True, position_ids=torch.tensor([[position]]))
+            past = out.past_key_values
+            theirs.append(out.logits[0, -1])
+            ours.append(runner.decode_step(runner.embed(token))[0])
+    torch.testing.assert_close(torch.stack(ours), torch.stack(theirs), rtol=1e-4, atol=1e-4)
+
+
+def test_a_sliding_window_bounds_the_cache(tmp_path):
     build_phi3(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
-                                 "long_factor": [2.0] * 4, "original_max_position_embeddings": 64}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedModelError, match="unsupported rope_type 'longrope'"):
-        LLMInferenceRuntime(tmp_path, device="cpu")
-    config["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
     config["sliding_window"] = 32
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert LLMInferenceRuntime(tmp_path, device="cpu", cuda_graphs=False).config.max_kv_cache_capacity == 32
     with pytest.raises(ConfigurationError, match="sliding window"):
         LLMInferenceRuntime(tmp_path, device="cpu", max_kv_cache_capacity=64)
+
+
+def test_bad_longrope_settings(tmp_path):
+    build_phi3(tmp_path, max_position_embeddings=64, original_max_position_embeddings=16, rope_parameters=LONGROPE)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_parameters"] = {**LONGROPE, "long_factor": [2.0, 3.0]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="long_factor must have rotary_dim / 2 = 4 entries"):
+        LLMInferenceRuntime(tmp_path, device="cpu")

@@ -116,6 +116,8 @@ class EngineConfig:
                                                              hf.get("partial_rotary_factor", 1.0))
             rotary_dim = int(head_dim * float(partial))
             max_pos = int(hf.get("max_position_embeddings", 4096))
+            if scaling is not None and scaling["rope_type"] == "longrope":
+                scaling = _longrope_settings(scaling, hf, max_pos, rotary_dim)
             fields = dict(
                 model_type=model_type,
                 num_decoder_layers=int(hf["num_hidden_layers"]),
@@ -227,6 +229,20 @@ def _rope_settings(hf: dict) -> tuple[float, dict | None, tuple[int, int, int] |
         return theta, None, mrope
     merged["rope_type"] = rope_type
     return theta, merged, mrope
+
+
+def _longrope_settings(scaling: dict, hf: dict, max_pos: int, rotary_dim: int) -> dict:
+    """LongRoPE's settings completed as transformers completes them: the original length may sit at
+    the top level (Phi-3's 4.x configs), factor defaults to the context extension."""
+    original = scaling.get("original_max_position_embeddings", hf.get("original_max_position_embeddings"))
+    if original is None:
+        raise ModelLoadError("longrope scaling needs original_max_position_embeddings")
+    for key in ("short_factor", "long_factor"):
+        if len(scaling.get(key) or []) != rotary_dim // 2:
+            raise ModelLoadError(f"longrope {key} must have rotary_dim / 2 = {rotary_dim // 2} entries")
+    factor = scaling.get("factor")
+    return {**scaling, "original_max_position_embeddings": int(original),
+            "factor": float(factor) if factor is not None else max_pos / int(original)}
 
 
 def _sliding_window(hf: dict) -> int | None:

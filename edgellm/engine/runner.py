@@ -105,12 +105,17 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
             num_layers=cfg.num_decoder_layers, max_batch_size=cfg.max_supported_batch_size,
             num_kv_heads=cfg.num_kv_heads, capacity=cfg.max_kv_cache_capacity, head_dim=cfg.head_dim,
             dtype=self.dtype, device=self.device)
-        inv_freq = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling).to(self.device)
-        self.rope_cos_sin = ops.rope_cos_sin_cache(inv_freq, cfg.max_kv_cache_capacity)
-        # Multimodal RoPE: each slot's decode positions run `offset` behind its cache positions
-        # (set by prefill_step from the prompt's layout; the step kernels read it on the device).
+        self.longrope_original = None  # LongRoPE: the original context length (see _longrope_tables)
+        if (cfg.rope_scaling or {}).get("rope_type") == "longrope":
+            self.rope_cos_sin = self._longrope_tables()
+        else:
+            inv_freq = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling).to(self.device)
+            self.rope_cos_sin = ops.rope_cos_sin_cache(inv_freq, cfg.max_kv_cache_capacity)
+        # Per-slot position offsets, read by the step kernels on the device (so graphs see them):
+        # multimodal RoPE's decode positions run `offset` behind the cache positions; LongRoPE rows
+        # whose prompt outgrew the original context read the second half of the table.
         offsets = torch.zeros(cfg.max_supported_batch_size + 1, dtype=torch.int32, device=self.device) \
-            if cfg.mrope_section else None
+            if cfg.mrope_section or self.longrope_original is not None else None
         self.rope = RopeTables(*self.rope_cos_sin, offsets, cfg.mrope_section)
         self._decode_buffers: dict[int, DecodeBuffers] = {}
         self._prefill_buffers: dict[tuple[int, int], PrefillBuffers] = {}
@@ -122,6 +127,32 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
         self._active_lora = ""  # the adapter rows use when a call names none ("" = the base model)
         for name, adapter in adapters.items():
             self.lora.add(name, adapter)
+
+    def _longrope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """LongRoPE as transformers runs it: a forward uses the long factors when its highest position
+        reaches the original context length, else the short ones, and cos / sin carry the attention
+        factor. Per row here: the table's first half serves rows whose prompt fits the original length
+        (short rows below it, long rows from it on: each decode step is its own forward); its second
+        half, all long, serves rows whose prompt is longer (offset by the capacity, set per slot by
+        prefill_step)."""
+        from ..kernels.rope import longrope_inv_freqs
+
+        cfg = self.config
+        capacity = cfg.max_kv_cache_capacity
+        short, long, attention = longrope_inv_freqs(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.longrope_original = int(cfg.rope_scaling["original_max_position_embeddings"])
+        cos_s, sin_s = ops.rope_cos_sin_cache(short.to(self.device), capacity)
+        cos_l, sin_l = ops.rope_cos_sin_cache(long.to(self.device), capacity)
+        cut = min(self.longrope_original, capacity)
+        cos = torch.cat([cos_s[:cut], cos_l[cut:], cos_l]) * attention
+        sin = torch.cat([sin_s[:cut], sin_l[cut:], sin_l]) * attention
+        return cos.contiguous(), sin.contiguous()
+
+    def prefix_fingerprint(self, adapter: str, prompt_length: int) -> str:
+        """What, besides the tokens, a saved prefix's KV depends on: the adapter, and for LongRoPE
+        whether the prompt outgrew the original context (its keys were rotated with the long factors)."""
+        long = self.longrope_original is not None and prompt_length > self.longrope_original
+        return self.lora_fingerprint(adapter) + ("|longrope" if long else "")
 
     def full_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids sampled from (or picked out of) this engine's logits, as full-vocabulary ids
@@ -305,6 +336,8 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
         lora_rows = self._lora_rows(lora, batch)
         uses_lora = any_adapter(lora_rows)
         positions, offsets_host = self._prompt_positions(positions, position_offsets, cached_host, batch, seq)
+        if self.longrope_original is not None:  # prompts past the original context: the all-long half
+            offsets_host = (lengths_host > self.longrope_original).to(torch.int64) * cfg.max_kv_cache_capacity
         embeds = inputs_embeds.to(self.dtype)
         chunk = self.prefill_chunk_size
         begins = list(range(0, int(new_host.max()), chunk))
@@ -322,6 +355,7 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
         lora_used = packed[len(rows) * batch:]
         if self.rope.offsets is not None:
             self.rope.offsets[slot_dev.long()] = per_row[4]
+        if self.rope.sections is not None:
             if positions is None:  # text: t = h = w = the cache position
                 positions = (cached[:, None] + torch.arange(seq, dtype=torch.int32, device=self.device))[..., None]
                 positions = positions.expand(batch, seq, 3)
@@ -341,7 +375,7 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
 
     def _prompt_positions(self, positions, offsets, cached: torch.Tensor, batch: int, seq: int):
         """prefill_step's positions (checked, or None) and per-row offsets (host int64, zeros by default)."""
-        if self.rope.offsets is None:
+        if self.rope.sections is None:
             if positions is not None or offsets is not None:
                 raise InvalidRequestError("positions / position_offsets are for multimodal-RoPE models only")
             return None, torch.zeros(batch, dtype=torch.int64)
@@ -393,7 +427,7 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
                 self._prefill_storage = PrefillStorage(cfg.max_supported_batch_size, widest, hidden,
                                                        self.weights.lm_head.shape[0], self.dtype, self.device)
             buf = PrefillBuffers(rows, key[1], self._prefill_storage, self.kv_cache.scratch_slot, self.device,
-                                 self._lora_capacity(), positions=self.rope.offsets is not None)
+                                 self._lora_capacity(), positions=self.rope.sections is not None)
             self._prefill_buffers[key[:2]] = buf
         if self.graphs.get(key) is None:
             # Warm-up and capture with every row on the scratch slot: no request's cache is touched.

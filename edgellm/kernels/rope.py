@@ -13,7 +13,7 @@ import torch
 
 from ._triton import pow2, tl, triton
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
 def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
@@ -40,7 +40,25 @@ def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None = None) ->
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
         return torch.where(medium, smoothed, scaled)
+    if rope_type == "longrope":
+        raise ValueError("longrope has two frequency sets: use longrope_inv_freqs")
     raise ValueError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+
+
+def longrope_inv_freqs(rotary_dim: int, theta: float, scaling: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """LongRoPE (Phi-3 128k, Phi-4-mini): (short inverse frequencies, long ones, attention factor).
+    Each frequency is divided by its short_factor / long_factor entry; cos and sin are multiplied by
+    the attention factor (default sqrt(1 + ln(factor) / ln(original length)), factor = the context
+    extension). Which set a token uses is the engine's business (engine/runner.py)."""
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    base = theta ** exponents
+    short = 1.0 / (torch.tensor(scaling["short_factor"], dtype=torch.float32) * base)
+    long = 1.0 / (torch.tensor(scaling["long_factor"], dtype=torch.float32) * base)
+    factor, original = float(scaling["factor"]), float(scaling["original_max_position_embeddings"])
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return short, long, float(attention)
 
 
 @triton.jit
