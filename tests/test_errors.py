@@ -98,9 +98,9 @@ def test_model_dir_without_config(tmp_path):
 def test_unsupported_architecture(tiny_models, tmp_path):
     model_dir = _copy(tiny_models, tmp_path)
     config = json.loads((model_dir / "config.json").read_text())
-    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    config.update(model_type="falcon", architectures=["FalconForCausalLM"])
     (model_dir / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedModelError, match="model_type='gpt2'.*supported model types: llama"):
+    with pytest.raises(UnsupportedModelError, match="model_type='falcon'.*supported model types: llama.*phi3, gpt2"):
         LLMInferenceRuntime(model_dir, device="cpu")
 
 
