@@ -103,7 +103,7 @@ class EngineConfig:
             raise UnsupportedModelError(
                 f"unsupported architecture: model_type={model_type!r} ({arch}); "
                 f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        if hf.get("hidden_act", "silu") != "silu":
+        if family.get("mlp", "gated") == "gated" and hf.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"unsupported hidden_act {hf.get('hidden_act')!r}; only 'silu' is supported")
         if hf.get("mlp_bias"):
             raise UnsupportedModelError("mlp_bias=true is not supported")

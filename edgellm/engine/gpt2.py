@@ -29,7 +29,7 @@ def as_llama_config(hf: dict) -> dict:
             "intermediate_size": int(hf.get("n_inner") or 4 * hidden),
             "max_position_embeddings": int(hf.get("n_positions", 1024)),
             "rms_norm_eps": float(hf.get("layer_norm_epsilon", 1e-5)),
-            "tie_word_embeddings": bool(hf.get("tie_word_embeddings", True)), "hidden_act": "silu",
+            "tie_word_embeddings": bool(hf.get("tie_word_embeddings", True)),
             "family": dict(norm="layer", mlp="plain", activation=ACTIVATIONS[act], positions="learned",
                            qkv_bias=True, o_bias=True)}
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..kernels import ops, rope_inv_freq
+from ..kernels.rope import longrope_inv_freqs
 from ..kernels.lora import UNROLL, used_slots
 from ..kernels.tree_mask import MAX_TREE
 from ..errors import ConfigurationError, InvalidRequestError, LoraError
@@ -105,8 +106,10 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
             num_layers=cfg.num_decoder_layers, max_batch_size=cfg.max_supported_batch_size,
             num_kv_heads=cfg.num_kv_heads, capacity=cfg.max_kv_cache_capacity, head_dim=cfg.head_dim,
             dtype=self.dtype, device=self.device)
-        self.longrope_original = None  # LongRoPE: the original context length (see _longrope_tables)
-        if (cfg.rope_scaling or {}).get("rope_type") == "longrope":
+        # LongRoPE: the original context length (see _longrope_tables); None for other RoPE kinds.
+        self.longrope_original = int(cfg.rope_scaling["original_max_position_embeddings"]) \
+            if (cfg.rope_scaling or {}).get("rope_type") == "longrope" else None
+        if self.longrope_original is not None:
             self.rope_cos_sin = self._longrope_tables()
         else:
             inv_freq = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling).to(self.device)
@@ -135,12 +138,9 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
         (short rows below it, long rows from it on: each decode step is its own forward); its second
         half, all long, serves rows whose prompt is longer (offset by the capacity, set per slot by
         prefill_step)."""
-        from ..kernels.rope import longrope_inv_freqs
-
         cfg = self.config
         capacity = cfg.max_kv_cache_capacity
         short, long, attention = longrope_inv_freqs(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
-        self.longrope_original = int(cfg.rope_scaling["original_max_position_embeddings"])
         cos_s, sin_s = ops.rope_cos_sin_cache(short.to(self.device), capacity)
         cos_l, sin_l = ops.rope_cos_sin_cache(long.to(self.device), capacity)
         cut = min(self.longrope_original, capacity)
