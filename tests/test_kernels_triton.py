@@ -43,6 +43,10 @@ def test_rms_norm_on_strided_heads():
 def test_silu_mul(dtype, shape):
     x = randn(*shape, dtype=dtype)
     torch.testing.assert_close(silu_mul.silu_mul(x), silu_mul.silu_mul_ref(x), **TOL[dtype])
+    gelu = silu_mul.silu_mul(x, activation="gelu_tanh")  # GeGLU (Gemma)
+    torch.testing.assert_close(gelu, silu_mul.silu_mul_ref(x, activation="gelu_tanh"), **TOL[dtype])
+    gate, up = x.float().chunk(2, dim=-1)
+    torch.testing.assert_close(gelu.float(), torch.nn.functional.gelu(gate, approximate="tanh") * up, **TOL[dtype])
 
 
 def test_vocab_remap():
@@ -123,6 +127,39 @@ def test_decode_attention(dtype, hq, hkv, head_dim, splits):
     out = attention.decode_attention(q, k_cache, v_cache, slots, lens, head_dim ** -0.5, num_splits=splits)
     ref = attention.decode_attention_ref(q, k_cache, v_cache, slots, lens, head_dim ** -0.5)
     torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("window", [1, 7, 40])
+def test_attention_with_a_sliding_window(dtype, window):
+    """Prefill and decode under a sliding window shorter than the rows (so a query block's first key
+    blocks are skipped and some queries see none of a block) match the references; the references
+    match full attention over just the window's keys."""
+    hq, hkv, head_dim = 4, 2, 32
+    k_cache, v_cache = _cache_with_lengths([90, 90, 90], hkv, 96, head_dim, dtype)
+    starts, q_lens, seq = [0, 30, 5], [70, 9, 1], 70
+    q = randn(3, seq, hq, head_dim, dtype=dtype, seed=5)
+    args = (torch.tensor([1, 3, 0], device=DEVICE), torch.tensor(starts, device=DEVICE),
+            torch.tensor(q_lens, device=DEVICE), head_dim ** -0.5)
+    ref = attention.prefill_attention_ref(q, k_cache, v_cache, *args, window)
+    torch.testing.assert_close(attention.prefill_attention(q, k_cache, v_cache, *args, window), ref, **TOL[dtype])
+    # Query 40 of row 0 over keys 40 - window + 1 .. 40 alone (moved to the start of a spare slot).
+    lo = 40 - window + 1
+    k_only, v_only = k_cache.clone(), v_cache.clone()
+    k_only[2, :, :window], v_only[2, :, :window] = k_cache[1, :, lo:41], v_cache[1, :, lo:41]
+    alone = attention.prefill_attention_ref(q[:1, 40:41], k_only, v_only, torch.tensor([2]), torch.tensor([window - 1]),
+                                            torch.tensor([1]), head_dim ** -0.5)
+    torch.testing.assert_close(ref[0, 40], alone[0, 0], **TOL[dtype])
+    lens = torch.tensor([1, 70, 90], device=DEVICE)
+    slots, qd = torch.tensor([2, 0, 1], device=DEVICE), randn(3, hq, head_dim, dtype=dtype, seed=7)
+    for splits in (1, 3):
+        torch.testing.assert_close(
+            attention.decode_attention(qd, k_cache, v_cache, slots, lens, head_dim ** -0.5, window, num_splits=splits),
+            attention.decode_attention_ref(qd, k_cache, v_cache, slots, lens, head_dim ** -0.5, window), **TOL[dtype])
+    as_prefill = attention.prefill_attention_ref(qd[:, None], k_cache, v_cache, slots, lens - 1,
+                                                 torch.ones(3, dtype=torch.int64), head_dim ** -0.5, window)
+    torch.testing.assert_close(attention.decode_attention_ref(qd, k_cache, v_cache, slots, lens, head_dim ** -0.5, window),
+                               as_prefill[:, 0], **TOL[dtype])
 
 
 def _sampling_params(batch, temperature, top_k, top_p):

@@ -24,9 +24,9 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, slots_ptr, starts_ptr, qlens_ptr,
                     s_qb, s_qs, s_qh, s_ob, s_os, s_oh, c_slot, c_head, c_pos,
-                    scale_log2, group, head_dim,
+                    scale_log2, group, head_dim, window,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, WINDOWED: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     m_block = tl.program_id(2)
@@ -46,17 +46,25 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, slots_ptr, starts_ptr, qlens
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         key_end = start + tl.minimum((m_block + 1) * BLOCK_M, q_len)
-        for n0 in range(0, key_end, BLOCK_N):
+        key_start = 0
+        if WINDOWED:  # query p sees keys p - window + 1 .. p: start at the block's first query's window
+            key_start = tl.maximum(start + m_block * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+        for n0 in range(key_start, key_end, BLOCK_N):
             n_offs = n0 + tl.arange(0, BLOCK_N)
             key_ok = n_offs < key_end
             k = tl.load(kc_ptr + kv_base + n_offs[None, :] * c_pos + d[:, None],
                         mask=key_ok[None, :] & d_ok[:, None], other=0.0)
             qk = tl.dot(q, k, input_precision=PRECISION) * scale_log2
             allowed = key_ok[None, :] & (n_offs[None, :] <= q_pos[:, None])
+            if WINDOWED:
+                allowed = allowed & (n_offs[None, :] > q_pos[:, None] - window)
             qk = tl.where(allowed, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            p = tl.exp2(qk - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
+            shift = m_new
+            if WINDOWED:  # a later query of the block may see no key of an early block yet: keep it at 0
+                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(qk - shift[:, None])
+            alpha = tl.exp2(m_i - shift)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(vc_ptr + kv_base + n_offs[:, None] * c_pos + d[None, :],
                         mask=key_ok[:, None] & d_ok[None, :], other=0.0)
@@ -67,6 +75,11 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, slots_ptr, starts_ptr, qlens
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
+def no_window(window: int) -> int:
+    """The kernels' window argument: the window, or for none (0) one wider than any cache."""
+    return window if window > 0 else 1 << 30
+
+
 def _check_cache(q_heads, head_dim, k_cache, v_cache):
     if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
         raise ValueError("attention: k_cache and v_cache must have the same shape and strides, last dim contiguous")
@@ -75,9 +88,10 @@ def _check_cache(q_heads, head_dim, k_cache, v_cache):
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                      starts: torch.Tensor, q_lens: torch.Tensor, scale: float, *,
+                      starts: torch.Tensor, q_lens: torch.Tensor, scale: float, window: int = 0, *,
                       tile: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """tile = (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the default tiling (benchmarks)."""
+    """window > 0: a sliding window (each query sees its last `window` keys, itself included).
+    tile = (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the default tiling (benchmarks)."""
     batch, seq, heads, head_dim = q.shape
     _check_cache(heads, head_dim, k_cache, v_cache)
     if q.stride(-1) != 1:
@@ -93,20 +107,21 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, slots, starts, q_lens, q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        scale * _LOG2E, heads // k_cache.shape[1], head_dim,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), num_warps=warps,
-        num_stages=stages)
+        scale * _LOG2E, heads // k_cache.shape[1], head_dim, window,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), WINDOWED=window > 0,
+        num_warps=warps, num_stages=stages)
     return out
 
 
 @triton.jit
-def _attend_split(q, k_ptr, v_ptr, c_pos, d, d_ok, lo, hi, scale_log2, start, bits,
+def _attend_split(q, k_ptr, v_ptr, c_pos, d, d_ok, lo, hi, scale_log2, start, bits, context_lo,
                   BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
                   TREE: tl.constexpr):
     """Split-K attention of BLOCK_Q query rows `q` over keys lo .. hi - 1 at k_ptr / v_ptr (one KV
     head of one slot): (out [BLOCK_Q, BLOCK_D], log2-sum-exp [BLOCK_Q]) of the split, for the merge.
     TREE (tree_attention.py): keys from `start` on are a token tree, row r sees key start + j only
-    where bit j of bits[r] is set, so a row may see no key of a block."""
+    where bit j of bits[r] is set, and context keys from context_lo[r] on (its sliding window), so a
+    row may see no key of a block."""
     m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
@@ -118,7 +133,8 @@ def _attend_split(q, k_ptr, v_ptr, c_pos, d, d_ok, lo, hi, scale_log2, start, bi
         if TREE:
             rel = n_offs - start  # < 0: the context; 0 .. nodes - 1: the tree
             seen = (bits[:, None] >> tl.minimum(tl.maximum(rel, 0), 63).to(tl.int64)[None, :]) & 1
-            qk = tl.where(key_ok[None, :] & ((rel[None, :] < 0) | (seen != 0)), qk, float("-inf"))
+            context = (rel[None, :] < 0) & (n_offs[None, :] >= context_lo[:, None])
+            qk = tl.where(key_ok[None, :] & (context | ((rel[None, :] >= 0) & (seen != 0))), qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, axis=1))
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet stays at 0
         else:
@@ -139,7 +155,7 @@ def _attend_split(q, k_ptr, v_ptr, c_pos, d, d_ok, lo, hi, scale_log2, start, bi
 
 @triton.jit
 def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, part_out_ptr, part_lse_ptr, slots_ptr, lens_ptr,
-                         s_qb, s_qh, c_slot, c_head, c_pos, scale_log2, group, head_dim, n_heads, n_splits,
+                         s_qb, s_qh, c_slot, c_head, c_pos, scale_log2, group, head_dim, n_heads, n_splits, window,
                          BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          PRECISION: tl.constexpr, PDL: tl.constexpr):
     pdl_wait(PDL)
@@ -148,8 +164,9 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, part_out_ptr, part_lse_ptr, slot
     split = tl.program_id(2)
     length = tl.load(lens_ptr + b)
     slot = tl.load(slots_ptr + b).to(tl.int64)
-    split_len = tl.cdiv(tl.cdiv(length, n_splits), BLOCK_N) * BLOCK_N
-    lo = split * split_len
+    first = tl.maximum(length - window, 0)  # a sliding window reads its last `window` keys only
+    split_len = tl.cdiv(tl.cdiv(length - first, n_splits), BLOCK_N) * BLOCK_N
+    lo = first + split * split_len
     hi = tl.minimum(lo + split_len, length)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -159,7 +176,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, part_out_ptr, part_lse_ptr, slot
     q = tl.load(q_ptr + b.to(tl.int64) * s_qb + heads[:, None] * s_qh + d[None, :],
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)
     kv_base = slot * c_slot + kv_head.to(tl.int64) * c_head
-    out, lse = _attend_split(q, kc_ptr + kv_base, vc_ptr + kv_base, c_pos, d, d_ok, lo, hi, scale_log2, 0, 0,
+    out, lse = _attend_split(q, kc_ptr + kv_base, vc_ptr + kv_base, c_pos, d, d_ok, lo, hi, scale_log2, 0, 0, 0,
                              BLOCK_G, BLOCK_N, BLOCK_D, PRECISION, False)
     row = (b * n_heads + heads).to(tl.int64) * n_splits + split
     pdl_release(PDL)
@@ -200,16 +217,19 @@ def _num_splits(q: torch.Tensor, batch: int, kv_heads: int, capacity: int) -> in
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                     lengths: torch.Tensor, scale: float, num_splits: int | None = None, *, lora_a=None):
-    """lora_a=(a_stack, index, used): also the o projection's LoRA shrink of the output (kernels/lora.py),
-    fused into the merge, one K split per head: returns (out, [heads, batch, G*R] partials)."""
+                     lengths: torch.Tensor, scale: float, window: int = 0, num_splits: int | None = None, *,
+                     lora_a=None):
+    """window > 0: a sliding window (the query sees the last `window` keys only; only they are read,
+    split across the programs as a whole cache would be). lora_a=(a_stack, index, used): also the o
+    projection's LoRA shrink of the output (kernels/lora.py), fused into the merge, one K split per
+    head: returns (out, [heads, batch, G*R] partials)."""
     batch, heads, head_dim = q.shape
     _check_cache(heads, head_dim, k_cache, v_cache)
     if q.stride(-1) != 1:
         q = q.contiguous()
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
-    splits = num_splits or _num_splits(q, batch, kv_heads, k_cache.shape[2])
+    splits = num_splits or _num_splits(q, batch, kv_heads, min(k_cache.shape[2], window or k_cache.shape[2]))
     part_out = torch.empty(batch * heads * splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch * heads * splits, dtype=torch.float32, device=q.device)
     block_d = pow2(head_dim, 16)
@@ -217,7 +237,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _decode_split_kernel[(batch, kv_heads, splits)](
         q, k_cache, v_cache, part_out, part_lse, slots, lengths, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), scale * _LOG2E, group, head_dim, heads, splits,
-        BLOCK_G=pow2(group, 16), BLOCK_N=64, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), PDL=pdl, num_warps=4,
+        no_window(window), BLOCK_G=pow2(group, 16), BLOCK_N=64, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), PDL=pdl, num_warps=4,
         launch_pdl=pdl)
     out = torch.empty(batch, heads, head_dim, dtype=q.dtype, device=q.device)
     t, lora_args, constants = fused_shrink_args(lora_a, batch, heads * head_dim, heads, block_d, out)
@@ -227,9 +247,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out if lora_a is None else (out, t)
 
 
-def _row_attention(q, keys, values, first_position: int, scale: float, tree: torch.Tensor | None = None):
+def _row_attention(q, keys, values, first_position: int, scale: float, tree: torch.Tensor | None = None,
+                   window: int = 0):
     """q: [S, Hq, D]; keys/values: [Hkv, L, D] with L = first_position + S. Causal, float32 math;
-    with `tree` ([S, S] bool), query i sees the chunk's keys j where tree[i, j] instead."""
+    with `tree` ([S, S] bool), query i sees the chunk's keys j where tree[i, j] instead; window > 0:
+    query i (at first_position + i, or first_position + its depth in a tree) sees only its last
+    `window` positions."""
     s, hq, _ = q.shape
     hkv, length, _ = keys.shape
     group = hq // hkv
@@ -241,18 +264,22 @@ def _row_attention(q, keys, values, first_position: int, scale: float, tree: tor
     hidden = key_pos[None, :] > query_pos[:, None]
     if tree is not None:
         hidden = torch.cat([hidden[:, :first_position], ~tree], dim=1)
+        query_pos = first_position + tree.sum(-1) - 1  # a node's position once accepted: its depth on
+    if window > 0:
+        hidden = hidden | (key_pos[None, :] <= query_pos[:, None] - window)
     scores = scores.masked_fill(hidden[None], float("-inf"))
     return torch.einsum("hsl,hld->shd", scores.softmax(-1), values)
 
 
 def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           slots: torch.Tensor, starts: torch.Tensor, q_lens: torch.Tensor,
-                          scale: float, tree_bits: torch.Tensor | None = None) -> torch.Tensor:
+                          scale: float, window: int = 0, tree_bits: torch.Tensor | None = None) -> torch.Tensor:
     """q: [B, S, Hq, D], right-padded; row b has q_lens[b] real queries at positions starts[b]...
 
     Row b's query i attends to keys 0 .. starts[b] + i of cache slot slots[b] (its keys for this
-    chunk must already be appended). With tree_bits ([B, S] int64, tree_mask.py), query i attends to
-    keys 0 .. starts[b] - 1 and to the chunk's key j where bit j of tree_bits[b, i] is set.
+    chunk must already be appended); window > 0: only to its last `window` of them. With tree_bits
+    ([B, S] int64, tree_mask.py), query i attends to keys 0 .. starts[b] - 1 (within the window of
+    its depth) and to the chunk's key j where bit j of tree_bits[b, i] is set.
     Returns [B, S, Hq, D] in q's dtype; padded queries give 0.
     """
     from .tree_mask import bits_to_mask
@@ -263,15 +290,16 @@ def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         keys = k_cache[slot, :, :start + n]
         values = v_cache[slot, :, :start + n]
         tree = trees[b, :n, :n] if trees is not None else None
-        out[b, :n] = _row_attention(q[b, :n], keys, values, start, scale, tree).to(q.dtype)
+        out[b, :n] = _row_attention(q[b, :n], keys, values, start, scale, tree, window).to(q.dtype)
     return out
 
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         slots: torch.Tensor, lengths: torch.Tensor, scale: float, num_splits: int | None = None, *,
-                         lora_a=None):
+                         slots: torch.Tensor, lengths: torch.Tensor, scale: float, window: int = 0,
+                         num_splits: int | None = None, *, lora_a=None):
     """q: [B, Hq, D], one query per row at position lengths[b] - 1 (its key already appended);
-    attends to keys 0 .. lengths[b] - 1 of slot slots[b]. Returns [B, Hq, D] in q's dtype.
+    attends to keys 0 .. lengths[b] - 1 of slot slots[b] (window > 0: the last `window` of them).
+    Returns [B, Hq, D] in q's dtype.
 
     Written over the whole cache capacity with a length mask (no per-row host loop), so that it has
     static shapes and needs no host sync: torch.compile can capture it (the compiled baseline).
@@ -282,7 +310,8 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     kv_heads, capacity = keys.shape[1], keys.shape[2]
     grouped = q.float().reshape(batch, kv_heads, heads // kv_heads, head_dim)
     scores = torch.einsum("bhgd,bhld->bhgl", grouped, keys) * scale
-    valid = torch.arange(capacity, device=q.device)[None, :] < lengths.long()[:, None]
+    key_pos = torch.arange(capacity, device=q.device)[None, :]
+    valid = (key_pos < lengths.long()[:, None]) & (key_pos >= lengths.long()[:, None] - no_window(window))
     probs = scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(dim=-1)
     out = torch.einsum("bhgl,bhld->bhgd", probs, values).reshape(batch, heads, head_dim).to(q.dtype)
     return out if lora_a is None else (out, lora_shrink_ref(out.reshape(batch, -1), *lora_a))

@@ -1,5 +1,5 @@
-"""SiLU(gate) * up over the fused gate/up projection output; optionally with the down projection's
-LoRA shrink fused behind it.
+"""SiLU(gate) * up over the fused gate/up projection output (SwiGLU; GeGLU with
+activation="gelu_tanh", Gemma's); optionally with the down projection's LoRA shrink fused behind it.
 
 Kernel: a 2D grid (row, block of F); gate and up of a row are read once, the product written once.
 With `lora_a=(a_stack, index, used)` (kernels/lora.py) each program also writes the shrink's partial
@@ -10,14 +10,17 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import pdl_release, pdl_wait, tl, triton, use_pdl
+from .activation import _tanh
 from .lora import fused_shrink_args, lora_shrink_ref, shrink_finish, shrink_tile
 
 _BLOCK = 1024
+GATE_ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 @triton.jit
 def _silu_mul_kernel(gu_ptr, out_ptr, n_ffn, a_ptr, idx_ptr, t_ptr, gr, s_as, s_ar, s_tsplit, s_tm,
-                     BLOCK: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
+                     BLOCK: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
+                     GELU: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_ffn
@@ -28,7 +31,10 @@ def _silu_mul_kernel(gu_ptr, out_ptr, n_ffn, a_ptr, idx_ptr, t_ptr, gr, s_as, s_
     gate = tl.load(gu_ptr + row * 2 * n_ffn + cols, mask=mask, other=0.0)
     up = tl.load(gu_ptr + row * 2 * n_ffn + n_ffn + cols, mask=mask, other=0.0)
     g32 = gate.to(tl.float32)
-    act = (g32 / (1.0 + tl.exp(-g32))).to(gate.dtype)
+    if GELU:
+        act = (0.5 * g32 * (1.0 + _tanh(0.7978845608028654 * (g32 + 0.044715 * g32 * g32 * g32)))).to(gate.dtype)
+    else:
+        act = (g32 / (1.0 + tl.exp(-g32))).to(gate.dtype)
     y = act * up
     if HAS_LORA:
         shrink_finish(a_tile, y, cols, mask, a_ptr, adapter, gr, s_as, s_ar,
@@ -37,7 +43,13 @@ def _silu_mul_kernel(gu_ptr, out_ptr, n_ffn, a_ptr, idx_ptr, t_ptr, gr, s_as, s_
     tl.store(out_ptr + row * n_ffn + cols, y, mask=mask)
 
 
-def silu_mul(gate_up: torch.Tensor, *, lora_a=None):
+def _check_activation(activation: str) -> None:
+    if activation not in GATE_ACTIVATIONS:
+        raise ValueError(f"silu_mul: unknown activation {activation!r}; supported: {', '.join(GATE_ACTIVATIONS)}")
+
+
+def silu_mul(gate_up: torch.Tensor, *, activation: str = "silu", lora_a=None):
+    _check_activation(activation)
     if gate_up.shape[-1] % 2:
         raise ValueError(f"silu_mul: last dim {gate_up.shape[-1]} must be even (gate then up)")
     gate_up = gate_up.contiguous()
@@ -48,13 +60,16 @@ def silu_mul(gate_up: torch.Tensor, *, lora_a=None):
     t, lora_args, constants = fused_shrink_args(lora_a, rows, n_ffn, blocks, _BLOCK, out)
     pdl = use_pdl(gate_up)
     _silu_mul_kernel[(rows, blocks)](gate_up, out, n_ffn, *lora_args, BLOCK=_BLOCK, HAS_LORA=lora_a is not None,
-                                     **constants, PDL=pdl, num_warps=4, launch_pdl=pdl)
+                                     **constants, PDL=pdl, GELU=activation == "gelu_tanh", num_warps=4,
+                                     launch_pdl=pdl)
     return out if lora_a is None else (out, t)
 
 
-def silu_mul_ref(gate_up: torch.Tensor, *, lora_a=None):
-    """gate_up: [..., 2 * F] holding gate then up; returns silu(gate) * up, [..., F]; with lora_a
-    also lora_shrink_ref of it."""
+def silu_mul_ref(gate_up: torch.Tensor, *, activation: str = "silu", lora_a=None):
+    """gate_up: [..., 2 * F] holding gate then up; returns act(gate) * up, [..., F] (act: SiLU, or
+    GELU with the tanh approximation); with lora_a also lora_shrink_ref of it."""
+    _check_activation(activation)
     gate, up = gate_up.chunk(2, dim=-1)
-    y = F.silu(gate) * up
+    act = F.silu(gate) if activation == "silu" else F.gelu(gate.float(), approximate="tanh").to(gate.dtype)
+    y = act * up
     return y if lora_a is None else (y, lora_shrink_ref(y, *lora_a))
