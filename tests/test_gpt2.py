@@ -90,7 +90,7 @@ def test_checkpoint_without_the_transformer_prefix(tmp_path):
 
 def test_what_gpt2_refuses(gpt2, tmp_path, lora_adapters):
     model_dir, _, _ = gpt2
-    with pytest.raises(LoraError, match="llama family"):
+    with pytest.raises(LoraError, match="gated MLP.*this model is gpt2"):
         LLMInferenceRuntime(model_dir, device="cpu", lora_weights={"a": lora_adapters["a"][0]})
     config = json.loads((model_dir / "config.json").read_text())
     for flag, value, message in (("scale_attn_by_inverse_layer_idx", True, "scale_attn_by_inverse_layer_idx"),

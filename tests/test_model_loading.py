@@ -68,17 +68,6 @@ def test_llama3_inv_freq_matches_transformers():
     torch.testing.assert_close(rope_inv_freq(64, 500000.0, scaling), expected, rtol=0, atol=0)
 
 
-def test_sliding_window_limits_capacity(tiny_models, tmp_path):
-    model_dir = tmp_path / "mistral"
-    shutil.copytree(tiny_models["mistral"][0], model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    config["sliding_window"] = 64
-    (model_dir / "config.json").write_text(json.dumps(config))
-    assert EngineConfig.from_model_dir(model_dir).max_kv_cache_capacity == 64
-    with pytest.raises(ConfigurationError, match="sliding window"):
-        EngineConfig.from_model_dir(model_dir, max_kv_cache_capacity=128)
-
-
 def test_qwen2_bias_is_used(tmp_path):
     """A qwen2 model whose q/k/v biases are large: without them, logits would differ."""
     hf_model = build_model("qwen2", tmp_path)

@@ -1,5 +1,5 @@
 """Phi-3 (fused qkv_proj / gate_up_proj as stored, partial rotary, LongRoPE) against transformers in
-float32; a sliding window bounds the cache."""
+float32 (its sliding window: tests/test_sliding_window.py)."""
 
 import json
 
@@ -79,16 +79,6 @@ def test_longrope_matches_transformers(tmp_path):
             theirs.append(out.logits[0, -1])
             ours.append(runner.decode_step(runner.embed(token))[0])
     torch.testing.assert_close(torch.stack(ours), torch.stack(theirs), rtol=1e-4, atol=1e-4)
-
-
-def test_a_sliding_window_bounds_the_cache(tmp_path):
-    build_phi3(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config["sliding_window"] = 32
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    assert LLMInferenceRuntime(tmp_path, device="cpu", cuda_graphs=False).config.max_kv_cache_capacity == 32
-    with pytest.raises(ConfigurationError, match="sliding window"):
-        LLMInferenceRuntime(tmp_path, device="cpu", max_kv_cache_capacity=64)
 
 
 def test_bad_longrope_settings(tmp_path):

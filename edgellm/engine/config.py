@@ -8,9 +8,7 @@ from pathlib import Path
 
 from ..errors import ConfigurationError, ModelLoadError, UnsupportedModelError
 from ..kernels.rope import SUPPORTED_ROPE_TYPES
-from . import gpt2
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2")
+from .families import SUPPORTED_MODEL_TYPES, family  # noqa: F401  (SUPPORTED_MODEL_TYPES: part of this API)
 # Vision-language models: the language model's type (its config is the top level merged with
 # `text_config`, or `text_config` alone); the vision side is edgellm/vision's.
 MULTIMODAL_TEXT_TYPES = {"qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "internvl": None}
@@ -51,11 +49,23 @@ class EngineConfig:
     # Multimodal RoPE (Qwen2-VL): how many rotary frequencies turn with t, h and w; None: plain RoPE.
     mrope_section: tuple[int, int, int] | None = None
     multimodal: str | None = None  # the vision-language model_type ("qwen2_vl", ...), None for text models
-    # The family's differences from the llama layout (engine/gpt2.py sets them; llama is the default).
+    # The family's differences from the llama layout (set by engine/families/; llama's are the defaults).
     norm: str = "rms"              # "rms" (RMSNorm) or "layer" (LayerNorm with bias)
-    mlp: str = "gated"             # "gated" (SiLU(gate) * up, down) or "plain" (fc, activation, proj; biased)
-    activation: str = "silu"       # the plain MLP's activation (kernels/activation.py)
+    mlp: str = "gated"             # "gated" (act(gate) * up, down) or "plain" (fc, activation, proj; biased)
+    activation: str = "silu"       # the MLP's activation: the gate's ("silu", "gelu_tanh") or the plain MLP's
     positions: str = "rope"        # "rope" or "learned" (an absolute position table added to the embedding)
+    layer_windows: tuple[int, ...] = ()  # each layer's sliding window (0: full attention); (): none anywhere
+    rope_local_theta: float | None = None  # the sliding layers' own RoPE base (Gemma 3); None: one table
+    sandwich_norms: bool = False   # RMSNorm on the attention and MLP outputs before the residual add (Gemma)
+    embed_scale: float = 1.0       # the input embedding's multiplier (Gemma: sqrt(hidden_size))
+    attn_scale: float | None = None  # attention's score scale; None: head_dim ** -0.5
+
+    def layer_window(self, layer: int) -> int:
+        return self.layer_windows[layer] if self.layer_windows else 0
+
+    @property
+    def attention_scale(self) -> float:
+        return self.attn_scale if self.attn_scale is not None else self.head_dim ** -0.5
 
     @property
     def output_vocab_size(self) -> int:
@@ -93,20 +103,8 @@ class EngineConfig:
                      max_kv_cache_capacity: int | None = None) -> "EngineConfig":
         multimodal = hf.get("model_type") if hf.get("model_type") in MULTIMODAL_TEXT_TYPES else None
         hf = language_config(hf)
-        model_type = hf.get("model_type")
-        family = {}
-        if model_type == gpt2.MODEL_TYPE:
-            hf = gpt2.as_llama_config(hf)
-            family = hf["family"]
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            arch = ", ".join(hf.get("architectures") or []) or "unknown"
-            raise UnsupportedModelError(
-                f"unsupported architecture: model_type={model_type!r} ({arch}); "
-                f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        if family.get("mlp", "gated") == "gated" and hf.get("hidden_act", "silu") != "silu":
-            raise UnsupportedModelError(f"unsupported hidden_act {hf.get('hidden_act')!r}; only 'silu' is supported")
-        if hf.get("mlp_bias"):
-            raise UnsupportedModelError("mlp_bias=true is not supported")
+        hf, switches = family(hf.get("model_type"), hf.get("architectures")).describe(hf)
+        model_type = hf["model_type"]
         try:
             heads = int(hf["num_attention_heads"])
             hidden = int(hf["hidden_size"])
@@ -133,15 +131,15 @@ class EngineConfig:
                 rope_scaling=scaling,
                 max_position_embeddings=max_pos,
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                qkv_bias=family.get("qkv_bias", model_type == "qwen2" or bool(hf.get("attention_bias", False))),
-                o_bias=family.get("o_bias", model_type != "qwen2" and bool(hf.get("attention_bias", False))),
-                qk_norm=model_type == "qwen3",
+                qkv_bias=False,
+                o_bias=False,
+                qk_norm=False,
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_ids=_as_id_tuple(hf.get("eos_token_id")),
                 mrope_section=mrope,
                 multimodal=multimodal,
-                **{k: v for k, v in family.items() if k not in ("qkv_bias", "o_bias")},
             )
+            fields.update(switches)
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelLoadError(f"config.json is missing or has a bad value for {exc}") from exc
         if fields["num_attention_heads"] % fields["num_kv_heads"]:
@@ -152,11 +150,7 @@ class EngineConfig:
             raise ModelLoadError(f"mrope_section {list(mrope)} must sum to rotary_dim / 2 = {rotary_dim // 2}")
 
         # Limits of this engine instance: defaults fit a laptop, bounded by what the model supports.
-        position_limit = max_pos
-        window = _sliding_window(hf)
-        if window is not None:
-            position_limit = min(position_limit, window)
-        capacity = _default(max_kv_cache_capacity, min(DEFAULT_MAX_KV_CACHE_CAPACITY, position_limit))
+        capacity = _default(max_kv_cache_capacity, min(DEFAULT_MAX_KV_CACHE_CAPACITY, max_pos))
         input_length = _default(max_input_length, min(DEFAULT_MAX_INPUT_LENGTH, capacity))
         batch = _default(max_batch_size, DEFAULT_MAX_BATCH_SIZE)
         for name, value in (("max_batch_size", batch), ("max_input_length", input_length),
@@ -165,10 +159,6 @@ class EngineConfig:
                 raise ConfigurationError(f"{name} must be a positive integer, got {value!r}")
         if input_length > capacity:
             raise ConfigurationError(f"max_input_length ({input_length}) must be <= max_kv_cache_capacity ({capacity})")
-        if window is not None and capacity > window:
-            raise ConfigurationError(
-                f"max_kv_cache_capacity ({capacity}) exceeds the model's sliding window ({window}); "
-                "sliding-window attention is not implemented, so the capacity must be <= the window")
         return cls(max_supported_batch_size=batch, max_supported_input_length=input_length,
                    max_kv_cache_capacity=capacity, **fields)
 
@@ -243,11 +233,3 @@ def _longrope_settings(scaling: dict, hf: dict, max_pos: int, rotary_dim: int) -
     factor = scaling.get("factor")
     return {**scaling, "original_max_position_embeddings": int(original),
             "factor": float(factor) if factor is not None else max_pos / int(original)}
-
-
-def _sliding_window(hf: dict) -> int | None:
-    window = hf.get("sliding_window")
-    if window is None:
-        return None
-    uses_window = hf.get("model_type") in ("mistral", "phi3") or bool(hf.get("use_sliding_window", False))
-    return int(window) if uses_window else None

@@ -1,5 +1,6 @@
-"""The decoder forward shared by the llama family (llama, mistral, qwen2, qwen3) and GPT-2, whose
-differences (LayerNorm, plain MLP, learned positions) EngineConfig's family switches name (gpt2.py).
+"""The one decoder forward of every family (engine/families/): the llama layout, with the other
+families' differences read from EngineConfig's switches (LayerNorm, plain MLP, learned positions,
+sandwich norms, GeGLU, embedding and attention scales, per-layer sliding windows and RoPE bases).
 
 One function serves prefill and decode: a right-padded chunk of `q_lens[b]` tokens per row, placed
 at positions starts[b] ... of cache slot slots[b]. Every hot-path op goes through `edgellm.kernels.ops`
@@ -32,11 +33,13 @@ class TokenTree(NamedTuple):
 class RopeTables(NamedTuple):
     """The rotary tables of an engine: cos/sin [positions, rotary_dim / 2]; for multimodal RoPE also
     each slot's position offset ([slots] int32 on the device, kernels/rope_append.py) and the (t, h, w)
-    frequency sections."""
+    frequency sections; `local`: the sliding-window layers' own (cos, sin) where their RoPE base
+    differs (Gemma 3)."""
     cos: torch.Tensor
     sin: torch.Tensor
     offsets: torch.Tensor | None = None
     sections: tuple[int, int, int] | None = None
+    local: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class LoraBatch(NamedTuple):
@@ -63,11 +66,11 @@ def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, l
     return ops.lora_expand(F.linear(x, weight, bias), *spec)
 
 
-def _fused(op, *args, lora_a=None):
-    """op(*args), and the LoRA shrink partials that the op computes when given lora_a (else None)."""
+def _fused(op, *args, lora_a=None, **kwargs):
+    """op(*args, **kwargs), and the LoRA shrink partials that the op computes when given lora_a (else None)."""
     if lora_a is None:
-        return op(*args), None
-    *outs, t = op(*args, lora_a=lora_a)
+        return op(*args, **kwargs), None
+    *outs, t = op(*args, lora_a=lora_a, **kwargs)
     return (outs[0] if len(outs) == 1 else tuple(outs)), t
 
 
@@ -98,22 +101,24 @@ def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, key
     # Multimodal RoPE: a prompt's (t, h, w) positions [B, S, 3] are absolute; later 1-D positions are
     # shifted by each slot's offset (rope.offsets, None for text models).
     three = positions is not None and positions.dim() == 3
+    window = cfg.layer_window(layer)
     if cfg.positions == "learned":  # no rotation: positions went into the embedding
         ops.kv_append(keys, values, k, v, slots, starts, q_lens)
         q = q.contiguous()
     else:
-        q = ops.rope_kv_append(q, k, v, rope.cos, rope.sin, keys, values, slots, starts, q_lens, positions,
+        cos, sin = rope.local if window and rope.local is not None else (rope.cos, rope.sin)
+        q = ops.rope_kv_append(q, k, v, cos, sin, keys, values, slots, starts, q_lens, positions,
                                offsets=None if three else rope.offsets, sections=rope.sections if three else None)
-    scale = cfg.head_dim ** -0.5
+    scale = cfg.attention_scale
     t = None
     if seq == 1:
-        out, t = _fused(ops.decode_attention, q[:, 0], keys, values, slots, ends, scale,
+        out, t = _fused(ops.decode_attention, q[:, 0], keys, values, slots, ends, scale, window,
                         lora_a=_shrink_operand(lora, layer, "o", batch))
         out = out[:, None]
     elif tree is None:
-        out = ops.prefill_attention(q, keys, values, slots, starts, q_lens, scale)
+        out = ops.prefill_attention(q, keys, values, slots, starts, q_lens, scale, window)
     else:
-        out = ops.tree_attention(q, keys, values, slots, starts, q_lens, tree.bits, scale)
+        out = ops.tree_attention(q, keys, values, slots, starts, q_lens, tree.bits, scale, window)
     return _project(out.reshape(batch, seq, cfg.q_size), lw.o_proj, lw.o_bias, lora, layer, "o", ops, t)
 
 
@@ -139,6 +144,8 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     if lora is not None and seq > 1:  # the LoRA kernels take one adapter index per token
         lora = lora._replace(index=lora.index.repeat_interleave(seq))
     ends = starts + q_lens  # each row's cache length after this chunk (computed once, not per layer)
+    if cfg.embed_scale != 1.0:  # rounded to the activations' dtype first, as transformers does
+        hidden = hidden * float(torch.tensor(cfg.embed_scale, dtype=hidden.dtype))
     if weights.positions is not None:  # learned absolute positions (GPT-2), added to the embedding
         pos = tree.positions if tree is not None else starts[:, None] + torch.arange(seq, device=hidden.device)
         hidden = hidden + weights.positions[pos.long().clamp(max=weights.positions.shape[0] - 1)]
@@ -152,6 +159,8 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
         keys, values = cache.layer(index)
         attn = _attention_block(lw, cfg, qkv, keys, values, rope, slots, starts, q_lens, ends, ops, lora, index, tree,
                                 positions)
+        if lw.attn_out_norm is not None:  # sandwich norm: the sublayer's output, before the residual add
+            attn = ops.rms_norm(attn, lw.attn_out_norm, cfg.rms_norm_eps)
         (x, residual), t = _norm(ops, cfg, attn, residual, lw.post_norm, lw.post_norm_bias,
                                  _shrink_operand(lora, index, "gate_up", tokens))
         if cfg.mlp == "plain":  # fc, activation, proj, with biases (GPT-2; no LoRA)
@@ -159,8 +168,11 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
             x = _linear(x, lw.down, lw.down_bias, ops)
             continue
         gate_up = _project(x, lw.gate_up, None, lora, index, "gate_up", ops, t)
-        x, t = _fused(ops.silu_mul, gate_up, lora_a=_shrink_operand(lora, index, "down", tokens))
+        x, t = _fused(ops.silu_mul, gate_up, activation=cfg.activation,
+                      lora_a=_shrink_operand(lora, index, "down", tokens))
         x = _project(x, lw.down, None, lora, index, "down", ops, t)
+        if lw.mlp_out_norm is not None:
+            x = ops.rms_norm(x, lw.mlp_out_norm, cfg.rms_norm_eps)
     if every_token:
         (final, _), _ = _norm(ops, cfg, x, residual, weights.final_norm, weights.final_norm_bias)
         return _linear(final, weights.lm_head, None, ops).float()

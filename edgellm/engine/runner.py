@@ -90,6 +90,10 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
         if not isinstance(max_verify_tokens, int) or isinstance(max_verify_tokens, bool) \
                 or not 0 <= max_verify_tokens <= MAX_TREE:
             raise ConfigurationError(f"max_verify_tokens must be an integer in [0, {MAX_TREE}], got {max_verify_tokens!r}")
+        shortest = min((w for w in cfg.layer_windows if w), default=0)
+        if max_verify_tokens and shortest and max_verify_tokens >= shortest:
+            raise ConfigurationError(f"max_verify_tokens ({max_verify_tokens}) must be below the model's sliding "
+                                     f"window ({shortest}): a token tree must fit in every layer's window")
         self.max_verify_tokens = max_verify_tokens
         self.graphs = StepGraphs(self.device, enabled=cuda_graphs)
         self.memory_plan = engine_memory_plan(
@@ -119,7 +123,11 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
         # whose prompt outgrew the original context read the second half of the table.
         offsets = torch.zeros(cfg.max_supported_batch_size + 1, dtype=torch.int32, device=self.device) \
             if cfg.mrope_section or self.longrope_original is not None else None
-        self.rope = RopeTables(*self.rope_cos_sin, offsets, cfg.mrope_section)
+        local = None  # the sliding-window layers' own RoPE base (Gemma 3)
+        if cfg.rope_local_theta is not None:
+            local = ops.rope_cos_sin_cache(rope_inv_freq(cfg.rotary_dim, cfg.rope_local_theta, None).to(self.device),
+                                           cfg.max_kv_cache_capacity)
+        self.rope = RopeTables(*self.rope_cos_sin, offsets, cfg.mrope_section, local)
         self._decode_buffers: dict[int, DecodeBuffers] = {}
         self._prefill_buffers: dict[tuple[int, int], PrefillBuffers] = {}
         self._prefill_storage: PrefillStorage | None = None
@@ -172,9 +180,9 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
     # ---- LoRA adapters (engine/lora.py): any mix of them, or none, in one batch ----
 
     def _read_adapter(self, name, spec):
-        if self.config.model_type == "gpt2":
-            raise LoraError("LoRA adapters are supported for the llama family (llama, mistral, qwen2, qwen3); "
-                            "this model is GPT-2")
+        if self.config.mlp != "gated":
+            raise LoraError("LoRA adapters are supported for models with a gated MLP (llama, mistral, qwen2, qwen3, "
+                            f"phi3, gemma3_text); this model is {self.config.model_type}")
         if not isinstance(name, str) or not name:
             raise LoraError(f"a LoRA adapter name must be a non-empty string, got {name!r}")
         if isinstance(spec, dict):

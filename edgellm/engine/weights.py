@@ -1,8 +1,8 @@
 """Load an HF checkpoint (safetensors, single or sharded) into the tensors the decoder uses.
 
-Names follow the HF layout (model.layers.N.self_attn.q_proj.weight, ...). q/k/v are fused into one
-[q + 2 * kv, hidden] matrix and gate/up into one [2 * ffn, hidden] matrix at load time, so each
-block runs two fewer matmuls. Every tensor's shape is checked against the config before use.
+Which tensors, under which names, fused or transposed how, is the model family's word
+(engine/families/); this file reads the files, checks every tensor's shape against the config
+before use, and moves them to the device in the engine dtype.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from safetensors import safe_open
 
 from ..errors import ModelLoadError
 from ..progress import progress
-from . import gpt2
 from .config import EngineConfig
+from .families import family
 
 
 @dataclasses.dataclass
@@ -37,6 +37,9 @@ class LayerWeights:
     post_norm_bias: torch.Tensor | None = None
     gate_up_bias: torch.Tensor | None = None
     down_bias: torch.Tensor | None = None
+    # Sandwich norms (Gemma): RMSNorm of the attention / MLP output before its residual add.
+    attn_out_norm: torch.Tensor | None = None
+    mlp_out_norm: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -51,39 +54,7 @@ class ModelWeights:
 
 def expected_shapes(cfg: EngineConfig) -> dict[str, tuple[int, ...]]:
     """Every checkpoint tensor edgellm reads, by HF name, with its required shape."""
-    if cfg.model_type == gpt2.MODEL_TYPE:
-        return gpt2.expected_shapes(cfg)
-    h, d = cfg.hidden_size, cfg.head_dim
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, h)
-    for i in range(cfg.num_decoder_layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (cfg.q_size, h),
-            p + "self_attn.k_proj.weight": (cfg.kv_size, h),
-            p + "self_attn.v_proj.weight": (cfg.kv_size, h),
-            p + "self_attn.o_proj.weight": (h, cfg.q_size),
-            p + "mlp.gate_proj.weight": (cfg.intermediate_size, h),
-            p + "mlp.up_proj.weight": (cfg.intermediate_size, h),
-            p + "mlp.down_proj.weight": (h, cfg.intermediate_size),
-        })
-        if cfg.model_type == "phi3":  # Phi-3 stores q/k/v and gate/up fused, in the order we fuse them
-            for split in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
-                del shapes[p + split + ".weight"]
-            shapes.update({p + "self_attn.qkv_proj.weight": (cfg.q_size + 2 * cfg.kv_size, h),
-                           p + "mlp.gate_up_proj.weight": (2 * cfg.intermediate_size, h)})
-        if cfg.qkv_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (cfg.q_size,),
-                           p + "self_attn.k_proj.bias": (cfg.kv_size,),
-                           p + "self_attn.v_proj.bias": (cfg.kv_size,)})
-        if cfg.o_bias:
-            shapes[p + "self_attn.o_proj.bias"] = (h,)
-        if cfg.qk_norm:
-            shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
-    return shapes
+    return family(cfg.model_type).expected_shapes(cfg)
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -143,39 +114,29 @@ def read_checkpoint(model_dir: Path, cfg: EngineConfig) -> dict[str, torch.Tenso
     return found
 
 
+class Tensors:
+    """A checkpoint's tensors as a family's load() takes them: each moved to the device in the
+    engine dtype, optionally transformed first (in float32, e.g. Gemma's 1 + w), fused with others
+    along dim 0, or transposed (GPT-2's Conv1D)."""
+
+    def __init__(self, raw: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device):
+        self.raw, self.dtype, self.device = raw, dtype, device
+
+    def _place(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device=self.device, dtype=self.dtype).contiguous()
+
+    def take(self, name: str, transform=None) -> torch.Tensor:
+        tensor = self.raw.pop(name)
+        return self._place(transform(tensor) if transform is not None else tensor)
+
+    def fused(self, *names: str) -> torch.Tensor:
+        return self._place(torch.cat([self.raw.pop(n) for n in names], dim=0))
+
+    def transposed(self, name: str) -> torch.Tensor:
+        return self._place(self.raw.pop(name).t())
+
+
 def load_weights(model_dir: str | Path, cfg: EngineConfig, *, dtype: torch.dtype,
                  device: torch.device) -> ModelWeights:
     raw = read_checkpoint(Path(model_dir), cfg)
-
-    def take(name: str) -> torch.Tensor:
-        return raw.pop(name).to(device=device, dtype=dtype).contiguous()
-
-    def fused(*names: str) -> torch.Tensor:
-        return torch.cat([raw.pop(n) for n in names], dim=0).to(device=device, dtype=dtype).contiguous()
-
-    if cfg.model_type == gpt2.MODEL_TYPE:
-        layers, embed, lm_head, final, final_bias, positions = gpt2.load(
-            cfg, take, lambda name: raw.pop(name).t().to(device=device, dtype=dtype).contiguous())
-        return ModelWeights(embed=embed, layers=layers, final_norm=final, lm_head=lm_head, final_norm_bias=final_bias,
-                            positions=positions)
-    layers = []
-    for i in range(cfg.num_decoder_layers):
-        p = f"model.layers.{i}."
-        a = p + "self_attn."
-        layers.append(LayerWeights(
-            input_norm=take(p + "input_layernorm.weight"),
-            qkv=take(a + "qkv_proj.weight") if cfg.model_type == "phi3" else
-            fused(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
-            qkv_bias=fused(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias") if cfg.qkv_bias else None,
-            o_proj=take(a + "o_proj.weight"),
-            o_bias=take(a + "o_proj.bias") if cfg.o_bias else None,
-            q_norm=take(a + "q_norm.weight") if cfg.qk_norm else None,
-            k_norm=take(a + "k_norm.weight") if cfg.qk_norm else None,
-            post_norm=take(p + "post_attention_layernorm.weight"),
-            gate_up=take(p + "mlp.gate_up_proj.weight") if cfg.model_type == "phi3" else
-            fused(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
-            down=take(p + "mlp.down_proj.weight"),
-        ))
-    embed = take("model.embed_tokens.weight")
-    lm_head = embed if cfg.tie_word_embeddings else take("lm_head.weight")
-    return ModelWeights(embed=embed, layers=layers, final_norm=take("model.norm.weight"), lm_head=lm_head)
+    return family(cfg.model_type).load(cfg, Tensors(raw, dtype, device))
