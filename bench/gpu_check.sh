@@ -2,14 +2,14 @@
 # The device script: GPU tests (kernels vs their references on CUDA, end-to-end generation vs
 # transformers, CUDA-graph decode vs eager, no reference op in the hot path), then the kernel and
 # decode benchmarks; short tables last.
-# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|kernels|decode|lora|kv|threads|vision|vocab ...]
+# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|kernels|decode|lora|kv|threads|vision|vocab|families ...]
 # (no argument: all of them). Results go to $OUT (the device tool's folder) or bench/results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-bench/results}"
 mkdir -p "$out"
-parts="${*:-tests kernels decode lora kv threads vision vocab}"
+parts="${*:-tests kernels decode lora kv threads vision vocab families}"
 status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
@@ -37,6 +37,9 @@ if [[ " $parts " == *" vision "* ]]; then
 fi
 if [[ " $parts " == *" vocab "* ]]; then
   python3 bench/vocab.py --json "$out/vocab.json" 2> "$out/vocab.stderr" || { status=1; tail -30 "$out/vocab.stderr"; }
+fi
+if [[ " $parts " == *" families "* ]]; then
+  python3 bench/families.py --json "$out/families.json" 2> "$out/families.stderr" || { status=1; tail -30 "$out/families.stderr"; }
 fi
 if [[ " $parts " == *" threads "* ]]; then
   python3 bench/threads.py --json "$out/threads.json" 2> "$out/threads.stderr" || { status=1; tail -30 "$out/threads.stderr"; }

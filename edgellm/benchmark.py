@@ -34,7 +34,30 @@ SHAPES = {
         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
         max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
         bos_token_id=1, eos_token_id=2, hidden_act="silu", torch_dtype="float16"),
+    # Gemma 3 1B: 5 sliding-window layers (512) to each global one, 4 query heads of 256 over one KV head.
+    "gemma3-1b": dict(
+        architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", hidden_size=1152, intermediate_size=6912,
+        num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=262144,
+        max_position_embeddings=32768, rms_norm_eps=1e-6, sliding_window=512, sliding_window_pattern=6,
+        rope_theta=1000000.0, rope_local_base_freq=10000.0, query_pre_attn_scalar=256,
+        hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
+        torch_dtype="float16"),
+    # GPT-2 XL (1.5B): 48 layers of 25 heads of 64, learned positions, LayerNorm, GELU MLP.
+    "gpt2-xl": dict(
+        architectures=["GPT2LMHeadModel"], model_type="gpt2", n_embd=1600, n_layer=48, n_head=25, n_positions=1024,
+        vocab_size=50257, layer_norm_epsilon=1e-5, activation_function="gelu_new", tie_word_embeddings=True,
+        bos_token_id=50256, eos_token_id=50256, torch_dtype="float16"),
+    # Phi-4-mini (3.8B, the smallest Phi): partial rotary (0.75), LongRoPE, a 200k vocabulary.
+    "phi4-mini": dict(
+        architectures=["Phi3ForCausalLM"], model_type="phi3", hidden_size=3072, intermediate_size=8192,
+        num_hidden_layers=32, num_attention_heads=24, num_key_value_heads=8, vocab_size=200064,
+        max_position_embeddings=131072, original_max_position_embeddings=4096, rms_norm_eps=1e-5,
+        partial_rotary_factor=0.75, rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=True,
+        rope_scaling=dict(type="longrope", short_factor=[1.0] * 48, long_factor=[1.5] * 48),
+        bos_token_id=199999, eos_token_id=199999, torch_dtype="float16"),
 }
+# The same Gemma 3 shape with every layer global: what the sliding windows save at long contexts.
+SHAPES["gemma3-1b-global"] = {**SHAPES["gemma3-1b"], "layer_types": ["full_attention"] * 26}
 
 
 def log(message: str) -> None:
@@ -60,8 +83,10 @@ def random_model_dir(shape: str, root: str | Path) -> Path:
     generator = torch.Generator(device=device).manual_seed(0)
     tensors = {}
     for name, shp in expected_shapes(EngineConfig.from_hf_dict(hf)).items():
-        if name.endswith("norm.weight"):
+        if "norm" in name or ".ln_" in name:  # RMSNorm / LayerNorm scales (GPT-2's ln_1, ln_2, ln_f)
             tensors[name] = torch.ones(shp, dtype=torch.float16)
+        elif name.endswith(".bias"):
+            tensors[name] = torch.zeros(shp, dtype=torch.float16)
         else:
             tensors[name] = (torch.randn(shp, generator=generator, device=device) * 0.02).half().cpu()
     save_file(tensors, str(model_dir / "model.safetensors.tmp"))
@@ -117,9 +142,12 @@ def weight_bytes(runner) -> int:
     return sum(t.numel() * t.element_size() for t in tensors + [w.final_norm, w.lm_head])
 
 
-def kv_bytes_per_token(runner) -> int:
+def kv_bytes_read(runner, context: float) -> float:
+    """Bytes one decode step reads from one row's KV cache at `context` tokens: every layer's keys and
+    values, a sliding-window layer's over its window only."""
     cfg = runner.config
-    return cfg.num_decoder_layers * 2 * cfg.num_kv_heads * cfg.head_dim * runner.kv_cache.data.element_size()
+    per_layer_token = 2 * cfg.num_kv_heads * cfg.head_dim * runner.kv_cache.data.element_size()
+    return sum(per_layer_token * min(context, cfg.layer_window(i) or context) for i in range(cfg.num_decoder_layers))
 
 
 def sync_time(fn) -> float:
@@ -168,7 +196,7 @@ def bench_decode(runner, batch: int, isl: int, osl: int, iterations: int, bandwi
         if it:
             step_times.append(elapsed / osl)
     ms = statistics.median(step_times) * 1e3
-    floor_bytes = weight_bytes(runner) + batch * kv_bytes_per_token(runner) * (isl + osl / 2)
+    floor_bytes = weight_bytes(runner) + batch * kv_bytes_read(runner, isl + osl / 2)
     floor_ms = floor_bytes / bandwidth * 1e3
     return dict(batch=batch, isl=isl, osl=osl, tokens_per_s=batch / ms * 1e3, ms_per_step=ms, floor_ms=floor_ms,
                 pct_of_floor=100 * floor_ms / ms, peak_gpu_mem_gb=torch.cuda.max_memory_allocated() / 1e9)

@@ -1,5 +1,6 @@
-"""GPT-2 and Phi-3 on a CUDA GPU (bench/gpu_check.sh): fp16 with CUDA graphs gives fp16 eager's
-tokens with no reference op, and the first step's logits stay close to float32. Skipped without a GPU."""
+"""GPT-2, Phi-3 and Gemma 3 (a sliding window shorter than the prompts) on a CUDA GPU
+(bench/gpu_check.sh): fp16 with CUDA graphs gives fp16 eager's tokens with no reference op, the same
+tokens as our float32 run, and the first step's logits stay close to float32. Skipped without a GPU."""
 
 import pytest
 import torch
@@ -7,18 +8,21 @@ import torch
 from edgellm import LLMGenerationRequest, LLMInferenceRuntime
 from edgellm.kernels import forbid_reference_on_cuda
 
+from test_gemma3 import build_gemma3
 from test_gpt2 import build_gpt2
 from test_phi3 import build_phi3
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-PROMPTS = [[5, 9, 13, 7], [20, 21, 22, 23, 24, 25, 26], [40]]
+PROMPTS = [[5, 9, 13, 7], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30], [40]]
+BUILDERS = {"gpt2": lambda d: build_gpt2(d, tie=True), "phi3": build_phi3,
+            "gemma3": lambda d: build_gemma3(d, sliding_window=5)}
 
 
-@pytest.fixture(scope="module", params=["gpt2", "phi3"])
+@pytest.fixture(scope="module", params=list(BUILDERS))
 def family_dir(request, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp(request.param)
-    (build_gpt2(model_dir, tie=True) if request.param == "gpt2" else build_phi3(model_dir))
+    BUILDERS[request.param](model_dir)
     return model_dir
 
 
@@ -30,6 +34,8 @@ def test_graphs_match_eager_without_reference_ops(family_dir):
         first, again, plain = (graphs.handle_request(request).output_ids, graphs.handle_request(request).output_ids,
                                eager.handle_request(request).output_ids)
     assert first == again == plain
+    reference = LLMInferenceRuntime(family_dir, device="cuda", dtype="float32", cuda_graphs=False)
+    assert reference.handle_request(request).output_ids == first
 
 
 def test_first_step_logits_close_to_float32(family_dir):
