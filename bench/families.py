@@ -20,8 +20,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from edgellm import benchmark  # noqa: E402
+from kernels import graph_us  # noqa: E402  (bench/kernels.py: time inside a CUDA graph, no launch cost)
 from edgellm.kernels import attention  # noqa: E402
 
 SHAPES = ("llama-3.2-1b", "gemma3-1b", "gpt2-xl", "phi4-mini")
@@ -58,9 +60,8 @@ def window_rows(batches, contexts, osl, iterations) -> list[dict]:
 
 
 def kernel_rows(contexts, window=512) -> list[dict]:
-    """decode_attention on Gemma 3 1B's head shape (4 query heads of 256 over one KV head), batch 16."""
-    import triton.testing
-
+    """decode_attention on Gemma 3 1B's head shape (4 query heads of 256 over one KV head), batch 16,
+    timed inside a CUDA graph (the launch cost of a Python call would hide the kernel)."""
     rows = []
     batch, heads, kv_heads, dim = 16, 4, 1, 256
     for context in contexts:
@@ -69,12 +70,14 @@ def kernel_rows(contexts, window=512) -> list[dict]:
         q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.float16)
         slots = torch.arange(batch, device="cuda", dtype=torch.int32)
         lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
-        row = dict(context=context, window=window)
+        row = dict(context=context, window=window, full_mb=2 * kc.numel() * 2 / 1e6,
+                   window_mb=2 * batch * kv_heads * min(window, context) * dim * 2 / 1e6)
         for name, w in (("full_us", 0), ("window_us", window)):
-            row[name] = triton.testing.do_bench(lambda w=w: attention.decode_attention(q, kc, vc, slots, lens, 0.0625, w),
-                                                return_mode="median") * 1e3
+            row[name] = graph_us(lambda w=w: attention.decode_attention(q, kc, vc, slots, lens, 0.0625, w))
         rows.append(row)
         benchmark.log(f"  decode_attention context {context}: full {row['full_us']:.1f} us, window {row['window_us']:.1f} us")
+        del kc, vc
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -105,7 +108,8 @@ def main() -> int:
         ttft = "  ".join(f"TTFT{t['prompt_len']} {t['ttft_ms']:.2f} ms" for t in r["ttft"])
         print(f"{r['model']:14s} {r['weight_gb']:5.2f} GB  {cells}  {ttft}")
     for r in out.get("kernel", []):
-        print(f"decode_attention b16 context {r['context']:6d}: full {r['full_us']:7.1f} us  window 512 {r['window_us']:6.1f} us")
+        print(f"decode_attention b16 context {r['context']:6d}: full {r['full_us']:7.1f} us ({r['full_mb']:.0f} MB)  "
+              f"window 512 {r['window_us']:6.1f} us ({r['window_mb']:.0f} MB)")
     for r in out.get("windows", []):
         print(f"{r['shape']:17s} context {r['isl']:5d} b{r['batch']:<3d} {r['ms_per_step']:.3f} ms/step "
               f"{r['tokens_per_s']:8.0f} tok/s  floor {r['floor_ms']:.3f} ms")

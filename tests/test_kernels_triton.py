@@ -28,6 +28,13 @@ def test_rms_norm(dtype, shape):
     y_ref, s_ref = rms_norm.add_rms_norm_ref(x, r, w, 1e-5)
     torch.testing.assert_close(s, s_ref, **TOL[dtype])
     torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    # Sandwich norm (Gemma): the sublayer output normalised by its own weight before the add.
+    pre = randn(shape[-1], dtype=dtype, seed=3)
+    y, s = rms_norm.add_rms_norm(x, r, w, 1e-5, pre_weight=pre)
+    y_ref, s_ref = rms_norm.add_rms_norm_ref(x, r, w, 1e-5, pre_weight=pre)
+    torch.testing.assert_close(s, s_ref, **TOL[dtype])
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    torch.testing.assert_close(s_ref, rms_norm.rms_norm_ref(x, pre, 1e-5) + r)
 
 
 def test_rms_norm_on_strided_heads():
@@ -335,17 +342,19 @@ def _check_fused_shrink(t, t_ref, index, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("n,gr,residual", [(40, 48, True), (600, 16, True), (96, 32, False)])
+@pytest.mark.parametrize("n,gr,residual", [(40, 48, True), (600, 16, True), (96, 32, False), (600, 16, "pre")])
 def test_rms_norm_with_fused_lora_shrink(dtype, n, gr, residual):
-    """The next projection's LoRA shrink computed by the norm kernel: outputs unchanged, partials = ref."""
+    """The next projection's LoRA shrink computed by the norm kernel: outputs unchanged, partials = ref
+    ("pre": with a sandwich norm in front of the add too)."""
     rows = 4
     x, r, w = randn(rows, n, dtype=dtype), randn(rows, n, dtype=dtype, seed=1), randn(n, dtype=dtype, seed=2)
     a_stack, index, used = _fused_shrink_case(rows, n, gr)
     a_stack = a_stack.to(dtype)
     if residual:
-        y, s, t = rms_norm.add_rms_norm(x, r, w, 1e-5, lora_a=(a_stack, index, used))
-        y_ref, s_ref, t_ref = rms_norm.add_rms_norm_ref(x, r, w, 1e-5, lora_a=(a_stack, index, used))
-        assert torch.equal(s, s_ref)
+        pre = randn(n, dtype=dtype, seed=3) if residual == "pre" else None
+        y, s, t = rms_norm.add_rms_norm(x, r, w, 1e-5, pre_weight=pre, lora_a=(a_stack, index, used))
+        y_ref, s_ref, t_ref = rms_norm.add_rms_norm_ref(x, r, w, 1e-5, pre_weight=pre, lora_a=(a_stack, index, used))
+        torch.testing.assert_close(s, s_ref, **TOL[dtype])
     else:
         y, t = rms_norm.rms_norm(x, w, 1e-5, lora_a=(a_stack, index, used))
         y_ref, t_ref = rms_norm.rms_norm_ref(x, w, 1e-5, lora_a=(a_stack, index, used))

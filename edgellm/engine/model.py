@@ -152,17 +152,16 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     residual = None
     x = hidden
     tokens = batch * seq
+    pending = None  # the previous layer's MLP-output norm (sandwich norms), fused into the next norm
     for index, lw in enumerate(weights.layers):
         (x, residual), t = _norm(ops, cfg, x, residual, lw.input_norm, lw.input_norm_bias,
-                                 _shrink_operand(lora, index, "qkv", tokens))
+                                 _shrink_operand(lora, index, "qkv", tokens), pre=pending)
         qkv = _project(x, lw.qkv, lw.qkv_bias, lora, index, "qkv", ops, t)
         keys, values = cache.layer(index)
         attn = _attention_block(lw, cfg, qkv, keys, values, rope, slots, starts, q_lens, ends, ops, lora, index, tree,
                                 positions)
-        if lw.attn_out_norm is not None:  # sandwich norm: the sublayer's output, before the residual add
-            attn = ops.rms_norm(attn, lw.attn_out_norm, cfg.rms_norm_eps)
         (x, residual), t = _norm(ops, cfg, attn, residual, lw.post_norm, lw.post_norm_bias,
-                                 _shrink_operand(lora, index, "gate_up", tokens))
+                                 _shrink_operand(lora, index, "gate_up", tokens), pre=lw.attn_out_norm)
         if cfg.mlp == "plain":  # fc, activation, proj, with biases (GPT-2; no LoRA)
             x = ops.activation(_linear(x, lw.gate_up, lw.gate_up_bias, ops), cfg.activation)
             x = _linear(x, lw.down, lw.down_bias, ops)
@@ -171,23 +170,23 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
         x, t = _fused(ops.silu_mul, gate_up, activation=cfg.activation,
                       lora_a=_shrink_operand(lora, index, "down", tokens))
         x = _project(x, lw.down, None, lora, index, "down", ops, t)
-        if lw.mlp_out_norm is not None:
-            x = ops.rms_norm(x, lw.mlp_out_norm, cfg.rms_norm_eps)
+        pending = lw.mlp_out_norm
     if every_token:
-        (final, _), _ = _norm(ops, cfg, x, residual, weights.final_norm, weights.final_norm_bias)
+        (final, _), _ = _norm(ops, cfg, x, residual, weights.final_norm, weights.final_norm_bias, pre=pending)
         return _linear(final, weights.lm_head, None, ops).float()
     last = (q_lens.long() - 1).clamp(min=0)
     rows = torch.arange(batch, device=hidden.device)
     x_last, res_last = x[rows, last][:, None], residual[rows, last][:, None]
-    (final, _), _ = _norm(ops, cfg, x_last, res_last, weights.final_norm, weights.final_norm_bias)
+    (final, _), _ = _norm(ops, cfg, x_last, res_last, weights.final_norm, weights.final_norm_bias, pre=pending)
     return _linear(final[:, 0], weights.lm_head, None, ops).float()
 
 
 def _norm(ops, cfg: EngineConfig, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-          bias: torch.Tensor | None, lora_a=None):
+          bias: torch.Tensor | None, lora_a=None, pre: torch.Tensor | None = None):
     """((norm(x + residual), x + residual), LoRA shrink partials or None); residual None: x alone.
     RMSNorm (llama family) computes the next projection's LoRA shrink in the same kernel when given
-    lora_a; LayerNorm (GPT-2) takes a bias."""
+    lora_a, and with `pre` (a sandwich norm's weight) normalises x itself before the add; LayerNorm
+    (GPT-2) takes a bias."""
     eps = cfg.rms_norm_eps
     if cfg.norm == "layer":
         if residual is None:
@@ -196,7 +195,9 @@ def _norm(ops, cfg: EngineConfig, x: torch.Tensor, residual: torch.Tensor | None
     if residual is None:
         out, t = _fused(ops.rms_norm, x, weight, eps, lora_a=lora_a)
         return (out, x), t
-    return _fused(ops.add_rms_norm, x, residual, weight, eps, lora_a=lora_a)
+    if pre is None:  # (the llama path's call, unchanged)
+        return _fused(ops.add_rms_norm, x, residual, weight, eps, lora_a=lora_a)
+    return _fused(ops.add_rms_norm, x, residual, weight, eps, lora_a=lora_a, pre_weight=pre)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ops) -> torch.Tensor:

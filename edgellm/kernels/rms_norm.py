@@ -1,5 +1,6 @@
-"""RMSNorm, and RMSNorm with the residual add fused in front of it; optionally with the next
-projection's LoRA shrink fused behind it.
+"""RMSNorm, and RMSNorm with the residual add fused in front of it (and optionally, for sandwich-norm
+models such as Gemma, the RMSNorm of the sublayer output before the add: pre_weight); optionally
+with the next projection's LoRA shrink fused behind it.
 
 Kernel: one program per row; the row is loaded once, statistics in float32. The fused variant
 writes both the normalised row and the new residual (x + residual) in the same pass.
@@ -19,10 +20,10 @@ LORA_CHUNK = 256  # columns per program when the LoRA shrink is fused
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, pre_ptr, out_ptr, res_out_ptr, n_cols, eps,
                      a_ptr, idx_ptr, t_ptr, gr, s_as, s_ar, s_tsplit, s_tm,
                      HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, HAS_LORA: tl.constexpr,
-                     CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
+                     CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr, HAS_PRE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -36,8 +37,14 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
         a_tile = shrink_tile(a_ptr, adapter, c, c_ok, gr, s_as, s_ar, BLOCK_R)  # before the wait: see shrink_tile
     pdl_wait(PDL)
     x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0)
+    if HAS_PRE:  # the sublayer output's own RMSNorm, before the residual add
+        xp = x.to(tl.float32)
+        pre_rstd = 1.0 / tl.sqrt(tl.sum(xp * xp, axis=0) / n_cols + eps)
+        x = (xp * pre_rstd).to(x.dtype) * tl.load(pre_ptr + cols, mask=mask, other=0.0)
     if HAS_LORA:  # the chunk's inputs again (a tensor cannot be sliced), loaded alongside the row
         xc = tl.load(x_ptr + row * n_cols + c, mask=c_ok, other=0.0)
+        if HAS_PRE:
+            xc = (xc.to(tl.float32) * pre_rstd).to(xc.dtype) * tl.load(pre_ptr + c, mask=c_ok, other=0.0)
         if HAS_RESIDUAL:
             xc = xc + tl.load(res_ptr + row * n_cols + c, mask=c_ok, other=0.0)
     if HAS_RESIDUAL:
@@ -60,8 +67,10 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match last dim of x {tuple(x.shape)}")
 
 
-def _launch(x, residual, weight, eps, num_warps=None, lora_a=None):
+def _launch(x, residual, weight, eps, num_warps=None, lora_a=None, pre_weight=None):
     _check(x, weight)
+    if pre_weight is not None:
+        _check(x, pre_weight)
     x = x.contiguous()
     n = x.shape[-1]
     rows = x.numel() // n
@@ -74,9 +83,10 @@ def _launch(x, residual, weight, eps, num_warps=None, lora_a=None):
     chunk = block if lora_a is None else min(LORA_CHUNK, block)  # one program per row without LoRA
     splits = triton.cdiv(n, chunk)
     t, lora_args, constants = fused_shrink_args(lora_a, rows, n, splits, chunk, x)
-    _rms_norm_kernel[(rows, splits)](x, res, weight, out, res_out, n, eps, *lora_args,
-                                     HAS_RESIDUAL=residual is not None, BLOCK=block, HAS_LORA=lora_a is not None,
-                                     CHUNK=chunk, **constants, PDL=pdl, num_warps=warps, launch_pdl=pdl)
+    _rms_norm_kernel[(rows, splits)](x, res, weight, weight if pre_weight is None else pre_weight, out, res_out, n,
+                                     eps, *lora_args, HAS_RESIDUAL=residual is not None, BLOCK=block,
+                                     HAS_LORA=lora_a is not None, CHUNK=chunk, **constants, PDL=pdl,
+                                     HAS_PRE=pre_weight is not None, num_warps=warps, launch_pdl=pdl)
     return out, res_out, t
 
 
@@ -86,11 +96,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, num_warps: in
     return out if lora_a is None else (out, t)
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *, lora_a=None):
-    """Returns (rms_norm(x + residual), x + residual), plus the LoRA shrink's partials with lora_a."""
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                 pre_weight: torch.Tensor | None = None, lora_a=None):
+    """Returns (rms_norm(x + residual), x + residual), plus the LoRA shrink's partials with lora_a;
+    with pre_weight, x is rms_norm(x, pre_weight) first (a sandwich norm, same eps)."""
     if residual.shape != x.shape:
         raise ValueError(f"add_rms_norm: residual {tuple(residual.shape)} != x {tuple(x.shape)}")
-    out, res_out, t = _launch(x, residual, weight, eps, lora_a=lora_a)
+    out, res_out, t = _launch(x, residual, weight, eps, lora_a=lora_a, pre_weight=pre_weight)
     return (out, res_out) if lora_a is None else (out, res_out, t)
 
 
@@ -106,9 +118,12 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, *, num_warps
     return y if lora_a is None else (y, lora_shrink_ref(y, *lora_a))
 
 
-def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *, lora_a=None):
+def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                     pre_weight: torch.Tensor | None = None, lora_a=None):
     """Returns (rms_norm(x + residual), x + residual): the pre-norm block's two outputs; with lora_a
-    also lora_shrink_ref of the first."""
+    also lora_shrink_ref of the first; with pre_weight, x is rms_norm(x, pre_weight) first."""
+    if pre_weight is not None:
+        x = rms_norm_ref(x, pre_weight, eps)
     summed = x + residual
     y = rms_norm_ref(summed, weight, eps)
     return (y, summed) if lora_a is None else (y, summed, lora_shrink_ref(y, *lora_a))
