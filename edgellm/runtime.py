@@ -401,6 +401,8 @@ class LLMInferenceRuntime:
                 elif len(still) != len(active):  # rows that finished leave the batch
                     runner.keep_decode_rows([active.index(i) for i in still])
                 active = still
+                if runner.longrope_original is not None:
+                    self._cross_original_context(prompts, rows, active, adapters)
                 new_tokens = self._decode_step(active, rows, max_new, spec)
                 timings.decode_tokens += self._advance(rows, active, new_tokens, stops, max_new, on_text)
         finally:
@@ -425,6 +427,15 @@ class LLMInferenceRuntime:
         if self._prefill_ms_per_token is not None:
             reuse.prefill_ms_saved += reuse.reused_tokens * self._prefill_ms_per_token
 
+    def _cross_original_context(self, prompts, rows, active, adapters) -> None:
+        """LongRoPE: rows whose next step passes the original context get their cache recomputed with
+        the long factors first (engine runner's switch_to_long_rope), as transformers' generate does."""
+        runner = self.runner
+        crossing = [i for i in active if runner.crosses_original_context(len(prompts[i]), len(prompts[i]) + len(rows[i].ids))]
+        if crossing:
+            runner.switch_to_long_rope(crossing, [prompts[i] + rows[i].ids[:-1] for i in crossing],
+                                       lora=[adapters[i] for i in crossing])
+
     def _decode_step(self, active: list[int], rows: list[_Row], max_new: int,
                      spec: Speculation | None) -> list[list[int]]:
         """One decode step of the running batch: each active row's new tokens (one, or with
@@ -433,7 +444,10 @@ class LLMInferenceRuntime:
         trees = None
         if spec is not None:
             began = time.perf_counter()
-            trees = spec.propose(active, [max_new - len(rows[i].ids) for i in active])
+            budgets = [max_new - len(rows[i].ids) for i in active]
+            if runner.longrope_original is not None:
+                budgets = [min(b, _drafts_before_long_rope_switch(runner, rows[i])) for i, b in zip(active, budgets)]
+            trees = spec.propose(active, budgets)
             spec.stats.propose_ms += (time.perf_counter() - began) * 1e3
         if trees is None:
             new_tokens = [[t] for t in runner.decode_sample_step().tolist()]
@@ -474,6 +488,17 @@ class LLMInferenceRuntime:
                         if delta:
                             on_text(i, delta)
         return kept
+
+
+def _drafts_before_long_rope_switch(runner, row: _Row) -> int:
+    """How many drafts a token tree of this row may hold without reaching the LongRoPE switch
+    (position `original`) from before it: trees stop short of it, the row crosses it with a plain
+    step and switches exactly as without speculation."""
+    original = runner.longrope_original
+    cached = row.prompt_len + len(row.ids) - 1  # the tree's root goes to this position
+    if row.prompt_len > original or cached >= original:
+        return 1 << 30
+    return original - cached - 1
 
 
 def _flush_store(store_ref) -> None:

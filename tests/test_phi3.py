@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from edgellm import LLMGenerationRequest, LLMInferenceRuntime
-from edgellm.errors import ConfigurationError, ModelLoadError
+from edgellm.errors import ModelLoadError
+from edgellm.speculative import SpeculativeConfig
 
 from conftest import hf_greedy, write_tokenizer
 
@@ -51,10 +52,9 @@ LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_fact
 
 def test_longrope_matches_transformers(tmp_path):
     """A prompt past the original context (16) is rotated with the long factors throughout; a prompt
-    that stays within it with the short ones: both equal transformers' generate. A row that crosses
-    the original length while decoding switches to the long factors from that position on, as
-    transformers' forward does step by step (its generate instead recomputes the whole cache at the
-    crossing, a Phi-3 special case edgellm does not copy yet)."""
+    that stays within it with the short ones: both equal transformers' generate. The runner's own
+    steps switch to the long factors at the crossing position, as transformers' forward does step by
+    step (the runtime also recomputes the cache there, as generate does: the next test)."""
     model = build_phi3(tmp_path, max_position_embeddings=64, original_max_position_embeddings=16,
                        rope_parameters=LONGROPE)
     runtime = LLMInferenceRuntime(tmp_path, device="cpu", cuda_graphs=False, max_kv_cache_capacity=64,
@@ -79,6 +79,33 @@ def test_longrope_matches_transformers(tmp_path):
             theirs.append(out.logits[0, -1])
             ours.append(runner.decode_step(runner.embed(token))[0])
     torch.testing.assert_close(torch.stack(ours), torch.stack(theirs), rtol=1e-4, atol=1e-4)
+
+
+def test_a_sequence_crossing_the_original_context_while_decoding_matches_generate(tmp_path):
+    """transformers' Phi-3 generate recomputes the whole cache with the long factors at the step whose
+    sequence first exceeds the original context; the runtime does the same (switch_to_long_rope), in a
+    batch with rows that cross at different steps or never, with and without speculation."""
+    model = build_phi3(tmp_path, max_position_embeddings=64, original_max_position_embeddings=16,
+                       rope_parameters=LONGROPE)
+    prompts = [list(range(40, 50)), list(range(60, 76)), [7, 8, 9], list(range(20, 40))]  # 10, 16, 3, 20 tokens
+    request = LLMGenerationRequest(requests=[{"input_ids": p} for p in prompts], max_generate_length=12,
+                                   temperature=0)
+    expected = []
+    for prompt in prompts:
+        theirs = hf_greedy(model, prompt, 12)
+        expected.append(theirs[:theirs.index(2) + 1] if 2 in theirs else theirs)
+    runtime = LLMInferenceRuntime(tmp_path, device="cpu", cuda_graphs=False, max_kv_cache_capacity=64,
+                                  max_input_length=40)
+    assert runtime.handle_request(request).output_ids == expected
+    # The model drafting for itself: most drafts are accepted, so trees would span the switch.
+    spec = LLMInferenceRuntime(tmp_path, device="cpu", cuda_graphs=False, max_kv_cache_capacity=64,
+                               max_input_length=40, speculative=SpeculativeConfig(
+                                   method="draft", draft_model=tmp_path, num_speculative_tokens=4, max_verify_tokens=6))
+    for prompt in prompts[:2]:
+        ours = spec.handle_request(LLMGenerationRequest(requests=[{"input_ids": prompt}], max_generate_length=12,
+                                                        temperature=0)).output_ids[0]
+        theirs = hf_greedy(model, prompt, 12)
+        assert ours == (theirs[:theirs.index(2) + 1] if 2 in theirs else theirs)
 
 
 def test_bad_longrope_settings(tmp_path):

@@ -156,6 +156,26 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
         sin = torch.cat([sin_s[:cut], sin_l[cut:], sin_l]) * attention
         return cos.contiguous(), sin.contiguous()
 
+    def crosses_original_context(self, prompt_length: int, length: int) -> bool:
+        """Whether a sequence of `length` tokens (prompt and generated) whose prompt had prompt_length
+        has just outgrown a LongRoPE model's original context: its next step feeds the token at
+        position `original`, so its cached keys, rotated with the short factors, must be recomputed
+        with the long ones first (switch_to_long_rope). transformers' Phi-3 generate does the same
+        (it drops the cache and prefills the whole sequence once at that step)."""
+        original = self.longrope_original
+        return original is not None and prompt_length <= original and length == original + 1
+
+    def switch_to_long_rope(self, slots: list[int], token_ids: list[list[int]], lora=None) -> None:
+        """Prefill each slot's cached tokens (token_ids: the sequence before its last token) again
+        with the long factors, in place, while the decode batch runs on; its later steps read the
+        long half of the table. lora: each row's adapter name (None: the active adapter)."""
+        lengths = [len(ids) for ids in token_ids]
+        ids = torch.zeros(len(token_ids), max(lengths), dtype=torch.int64)
+        for row, seq in enumerate(token_ids):
+            ids[row, :len(seq)] = torch.tensor(seq)
+        self.prefill_step(self.embed(ids), lengths, slots=torch.tensor(slots, dtype=torch.int32), lora=lora,
+                          long_rope=True)
+
     def prefix_fingerprint(self, adapter: str, prompt_length: int) -> str:
         """What, besides the tokens, a saved prefix's KV depends on: the adapter, and for LongRoPE
         whether the prompt outgrew the original context (its keys were rotated with the long factors)."""
@@ -311,7 +331,8 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
 
     @inference_call
     def prefill_step(self, inputs_embeds: torch.Tensor, context_lengths, slots=None, lora=None,
-                     cached_lengths=None, positions=None, position_offsets=None) -> torch.Tensor:
+                     cached_lengths=None, positions=None, position_offsets=None, *,
+                     long_rope: bool = False) -> torch.Tensor:
         """Start new sequences: fills the given slots' (default 0..B-1) KV cache with the prompt and
         returns the last prompt token's logits, [B, vocab] float32.
 
@@ -323,6 +344,8 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
         positions / position_offsets (multimodal RoPE engines only): [B, S, 3] (t, h, w) rotary positions
         of inputs_embeds' tokens, and [B] how far each row's later positions run behind its cache
         positions (kernels/rope_append.py); default: text, t = h = w = the cache position, offset 0.
+        long_rope (LongRoPE engines): rotate every token with the long factors, as for a prompt past the
+        original context (see switch_to_long_rope); the max_input_length limit does not apply then.
         """
         cfg = self.config
         batch, seq, hidden = inputs_embeds.shape
@@ -334,8 +357,11 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
         if hidden != cfg.hidden_size or lengths_host.shape != (batch,) or cached_host.shape != (batch,):
             raise InvalidRequestError(f"inputs_embeds must be [B, S, {cfg.hidden_size}] with B context lengths"
                                       " (and B cached lengths)")
-        if lengths_host.min() < 1 or lengths_host.max() > cfg.max_supported_input_length:
-            raise InvalidRequestError(f"context lengths must be in [1, {cfg.max_supported_input_length}]")
+        if long_rope and self.longrope_original is None:
+            raise InvalidRequestError("long_rope is for LongRoPE models only")
+        limit = cfg.max_kv_cache_capacity if long_rope else cfg.max_supported_input_length
+        if lengths_host.min() < 1 or lengths_host.max() > limit:
+            raise InvalidRequestError(f"context lengths must be in [1, {limit}]")
         new_host = lengths_host - cached_host  # tokens each row prefills now
         if cached_host.min() < 0 or new_host.min() < 1 or new_host.max() > seq:
             raise InvalidRequestError(f"cached lengths must leave each row 1 to {seq} (inputs_embeds' length) "
@@ -345,7 +371,8 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
         uses_lora = any_adapter(lora_rows)
         positions, offsets_host = self._prompt_positions(positions, position_offsets, cached_host, batch, seq)
         if self.longrope_original is not None:  # prompts past the original context: the all-long half
-            offsets_host = (lengths_host > self.longrope_original).to(torch.int64) * cfg.max_kv_cache_capacity
+            offsets_host = ((lengths_host > self.longrope_original) | long_rope).to(torch.int64) \
+                * cfg.max_kv_cache_capacity
         embeds = inputs_embeds.to(self.dtype)
         chunk = self.prefill_chunk_size
         begins = list(range(0, int(new_host.max()), chunk))
