@@ -76,7 +76,6 @@ def kernel_rows(contexts, window=512) -> list[dict]:
             row[name] = graph_us(lambda w=w: attention.decode_attention(q, kc, vc, slots, lens, 0.0625, w))
         rows.append(row)
         benchmark.log(f"  decode_attention context {context}: full {row['full_us']:.1f} us, window {row['window_us']:.1f} us")
-        del kc, vc
         torch.cuda.empty_cache()
     return rows
 

@@ -429,9 +429,10 @@ class LLMInferenceRuntime:
 
     def _cross_original_context(self, prompts, rows, active, adapters) -> None:
         """LongRoPE: rows whose next step passes the original context get their cache recomputed with
-        the long factors first (engine runner's switch_to_long_rope), as transformers' generate does."""
+        the long factors first (runner.switch_to_long_rope), as transformers' generate does."""
         runner = self.runner
-        crossing = [i for i in active if runner.crosses_original_context(len(prompts[i]), len(prompts[i]) + len(rows[i].ids))]
+        crossing = [i for i in active if runner.crosses_original_context(rows[i].prompt_len,
+                                                                         rows[i].prompt_len + len(rows[i].ids))]
         if crossing:
             runner.switch_to_long_rope(crossing, [prompts[i] + rows[i].ids[:-1] for i in crossing],
                                        lora=[adapters[i] for i in crossing])
@@ -445,8 +446,10 @@ class LLMInferenceRuntime:
         if spec is not None:
             began = time.perf_counter()
             budgets = [max_new - len(rows[i].ids) for i in active]
-            if runner.longrope_original is not None:
-                budgets = [min(b, _drafts_before_long_rope_switch(runner, rows[i])) for i, b in zip(active, budgets)]
+            if runner.longrope_original is not None:  # trees stop short of the switch (runner.py)
+                budgets = [min(b, runner.drafts_before_long_rope_switch(rows[i].prompt_len,
+                                                                        rows[i].prompt_len + len(rows[i].ids)))
+                           for i, b in zip(active, budgets)]
             trees = spec.propose(active, budgets)
             spec.stats.propose_ms += (time.perf_counter() - began) * 1e3
         if trees is None:
@@ -488,17 +491,6 @@ class LLMInferenceRuntime:
                         if delta:
                             on_text(i, delta)
         return kept
-
-
-def _drafts_before_long_rope_switch(runner, row: _Row) -> int:
-    """How many drafts a token tree of this row may hold without reaching the LongRoPE switch
-    (position `original`) from before it: trees stop short of it, the row crosses it with a plain
-    step and switches exactly as without speculation."""
-    original = runner.longrope_original
-    cached = row.prompt_len + len(row.ids) - 1  # the tree's root goes to this position
-    if row.prompt_len > original or cached >= original:
-        return 1 << 30
-    return original - cached - 1
 
 
 def _flush_store(store_ref) -> None:

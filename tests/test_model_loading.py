@@ -1,13 +1,11 @@
 """Checkpoint formats, dtypes and config variants."""
 
-import json
 import shutil
 
 import pytest
 import torch
 
 from edgellm import EngineConfig, LLMEngineRunner, LLMGenerationRequest, LLMInferenceRuntime
-from edgellm.errors import ConfigurationError
 
 from conftest import build_model, hf_greedy
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import ConfigurationError, ModelLoadError, UnsupportedModelError
 from ..kernels.rope import SUPPORTED_ROPE_TYPES
-from .families import SUPPORTED_MODEL_TYPES, family  # noqa: F401  (SUPPORTED_MODEL_TYPES: part of this API)
+from .families import family
 # Vision-language models: the language model's type (its config is the top level merged with
 # `text_config`, or `text_config` alone); the vision side is edgellm/vision's.
 MULTIMODAL_TEXT_TYPES = {"qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "internvl": None}

@@ -165,6 +165,15 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
         original = self.longrope_original
         return original is not None and prompt_length <= original and length == original + 1
 
+    def drafts_before_long_rope_switch(self, prompt_length: int, length: int) -> int:
+        """How many drafts a token tree may hold for a sequence of `length` tokens (its last not yet
+        cached) without reaching the LongRoPE switch from before it: trees stop short of it, so the row
+        crosses with a plain step and switches exactly as without speculation."""
+        original, cached = self.longrope_original, length - 1  # the tree's root goes to position `cached`
+        if original is None or prompt_length > original or cached >= original:
+            return 1 << 30
+        return original - cached - 1
+
     def switch_to_long_rope(self, slots: list[int], token_ids: list[list[int]], lora=None) -> None:
         """Prefill each slot's cached tokens (token_ids: the sequence before its last token) again
         with the long factors, in place, while the decode batch runs on; its later steps read the
