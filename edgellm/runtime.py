@@ -71,7 +71,8 @@ class LLMInferenceRuntime:
                  prefill_chunk_size: int | None = None, lora_weights: dict | None = None,
                  max_lora_rank: int | None = None, max_loras: int | None = None,
                  kv_reuse: KVReuseSettings | None = None, speculative: SpeculativeConfig | None = None,
-                 reduced_vocab_dir: str | Path | bool | None = None):
+                 reduced_vocab_dir: str | Path | bool | None = None, quantization: str | None = None,
+                 quantize_lm_head: bool = False):
         """model_dir=None runs the embedded default model (SmolLM2-135M-Instruct). cuda_graphs,
         prefill_chunk_size, lora_weights ({name: adapter path}), max_lora_rank and max_loras are the
         engine settings of LLMEngineRunner. kv_reuse: save prompts' KV in blocks and reuse the longest
@@ -80,7 +81,8 @@ class LLMInferenceRuntime:
         n-gram prompt lookup or a draft model), None (the default) decodes one token per step.
         reduced_vocab_dir: a directory with vocab_map.safetensors (`edgellm reduce-vocab`): logits and
         sampling cover only those tokens; None (the default) uses the model directory's
-        vocab_map.safetensors when there is one; False never reduces."""
+        vocab_map.safetensors when there is one; False never reduces. quantization ("int8", "int4",
+        "fp8") and quantize_lm_head: weight-only quantization at load (LLMEngineRunner)."""
         if kv_reuse is not None:
             if not isinstance(kv_reuse, KVReuseSettings):
                 raise ConfigurationError(f"kv_reuse must be a KVReuseSettings or None, got {type(kv_reuse).__name__}")
@@ -112,7 +114,8 @@ class LLMInferenceRuntime:
                                       max_lora_rank=max_lora_rank, max_loras=max_loras,
                                       max_verify_tokens=speculative.max_verify_tokens if speculative else 0,
                                       extra_device_bytes=reuse_device or None,
-                                      vocab_map=self._vocab_map_path(reduced_vocab_dir))
+                                      vocab_map=self._vocab_map_path(reduced_vocab_dir),
+                                      quantization=quantization, quantize_lm_head=quantize_lm_head)
         self.config = self.runner.config
         self.vision = ImagePrompts(VisionEncoder(self.model_dir, vision, device=self.runner.device,
                                                  dtype=self.runner.dtype, cuda_graphs=cuda_graphs),
@@ -129,8 +132,8 @@ class LLMInferenceRuntime:
             if missing:
                 raise VocabMapError(f"the reduced vocabulary lacks stop token ids {missing} (from generation_config.json "
                                     "or the tokenizer): generation could never end; rebuild the map with them")
-        self.kv_store = TieredKVStore(self.runner.kv_cache, kv_reuse, model_identity(self.model_dir)) \
-            if kv_reuse is not None else None
+        self.kv_store = None if kv_reuse is None else \
+            TieredKVStore(self.runner.kv_cache, kv_reuse, model_identity(self.model_dir, self.config.quantization))
         self._kv_totals = KVReuseStats()
         self._prefill_ms_per_token: float | None = None  # measured on prompts prefilled whole (saving estimates)
         self._proposer = make_proposer(speculative, self.runner) if speculative is not None else None

@@ -292,6 +292,28 @@ def test_lora_shrink_expand(dtype, index, k, segments, rank):
     assert not torch.equal(out[has], y[has]) or not has.any()
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,n,k,bias", [(1, 40, 576, False), (5, 33, 192, True)])
+def test_gemv_over_packed_weights(kind, dtype, m, n, k, bias):
+    """The dequantizing GEMV against the reference (linear over the dequantized weight); K = 576 has a
+    ragged last int4 group (4 x 128 + 64), K = 192 a group of 128 then one of 64."""
+    from edgellm.kernels import gemv
+    from edgellm.quant import dequantize, quantize
+
+    x, w = randn(m, k, dtype=dtype), randn(n, k, seed=1)
+    b = randn(n, dtype=dtype, seed=2) if bias else None
+    qw = quantize(w, kind, dtype=dtype)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
+    ref = gemv.gemv_ref(x, qw, b)
+    torch.testing.assert_close(gemv.gemv(x, qw, b), ref, **tol)
+    torch.testing.assert_close(gemv.gemv(x, qw, b, tile=(16, 64, 4, 2)), ref, **tol)
+    torch.testing.assert_close(ref, torch.nn.functional.linear(x, dequantize(qw, dtype), b))
+    # and the quantization is close to the weight it packs (round to nearest)
+    error = (dequantize(qw, torch.float32) - w).norm() / w.norm()
+    assert error < {"int8": 0.01, "fp8": 0.04, "int4": 0.12}[kind]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("slots", [
     [3, -1, 0, 3, 1],  # three adapters and none: the first (prefetched) adapter and the looped ones

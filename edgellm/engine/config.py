@@ -59,6 +59,9 @@ class EngineConfig:
     sandwich_norms: bool = False   # RMSNorm on the attention and MLP outputs before the residual add (Gemma)
     embed_scale: float = 1.0       # the input embedding's multiplier (Gemma: sqrt(hidden_size))
     attn_scale: float | None = None  # attention's score scale; None: head_dim ** -0.5
+    # Weight-only quantization of the layers' linear weights (edgellm/quant): None, "int8", "int4", "fp8".
+    quantization: str | None = None
+    quantize_lm_head: bool = False
 
     def layer_window(self, layer: int) -> int:
         return self.layer_windows[layer] if self.layer_windows else 0

@@ -134,10 +134,13 @@ class _MemoryTier:
         return evicted
 
 
-def model_identity(model_dir: Path) -> str:
+def model_identity(model_dir: Path, quantization: str | None = None) -> str:
     """A digest that names a model's weights across processes: config.json, and each safetensors
-    file's size and first and last MiB (reading whole multi-GB files would cost seconds)."""
+    file's size and first and last MiB (reading whole multi-GB files would cost seconds), and the
+    quantization applied at load (its keys differ from the full-precision model's)."""
     digest = hashlib.sha256()
+    if quantization:
+        digest.update(f"quantization:{quantization}".encode())
     config = model_dir / "config.json"
     digest.update(config.read_bytes() if config.is_file() else b"")
     for file in sorted(model_dir.glob("*.safetensors")):

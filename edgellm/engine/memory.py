@@ -13,7 +13,6 @@ once; tests/test_gpu.py checks them against the allocator's measured peak.
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from .config import EngineConfig
 from .graphs import graph_batch_sizes, prefill_bucket
 from .lora import GROUPS, module_shapes, stack_rank
 from .verify import tree_buckets
-from .weights import expected_shapes
+from .weights import weight_bytes
 
 MARGIN_BYTES = 256 << 20  # CUDA-graph executables, Triton code, allocator rounding
 MARGIN_FRACTION = 0.05
@@ -71,7 +70,7 @@ def engine_memory_plan(cfg: EngineConfig, dtype: torch.dtype, *, prefill_chunk: 
     el = torch.empty(0, dtype=dtype).element_size()
     h, q, kv, ffn, vocab = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size, cfg.output_vocab_size
     batch, capacity = cfg.max_supported_batch_size, cfg.max_kv_cache_capacity
-    weights = sum(math.prod(shape) for shape in expected_shapes(cfg).values()) * el
+    weights = weight_bytes(cfg, dtype)
     # LinearKVCache: [layers, 2, batch + 1, kv_heads, capacity, head_dim] (+1: the scratch slot);
     # the RoPE table: cos and sin, float32, [capacity, rotary_dim / 2] each.
     kv_per_position = cfg.num_decoder_layers * 2 * (batch + 1) * kv * el + cfg.rotary_dim * 4

@@ -28,6 +28,7 @@ from ..kernels.rope import longrope_inv_freqs
 from ..kernels.lora import UNROLL, used_slots
 from ..kernels.tree_mask import MAX_TREE
 from ..errors import ConfigurationError, InvalidRequestError, LoraError
+from ..quant.formats import QUANT_KINDS, QuantizedWeight
 from .config import EngineConfig
 from .devices import resolve_device, resolve_dtype
 from .graphs import (DecodeBuffers, PrefillBuffers, PrefillStorage, StepGraphs, TreeBuffers, any_adapter,
@@ -52,7 +53,8 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
                  cuda_graphs: bool = True, prefill_chunk_size: int | None = None,
                  lora_weights: dict | None = None, max_lora_rank: int | None = None, max_loras: int | None = None,
                  max_verify_tokens: int = 0, extra_device_bytes: dict[str, int] | None = None,
-                 vocab_map: str | Path | None = None):
+                 vocab_map: str | Path | None = None, quantization: str | None = None,
+                 quantize_lm_head: bool = False):
         """cuda_graphs: replay decode steps from CUDA graphs (on CUDA; eager elsewhere or when False).
         prefill_chunk_size: prompts longer than this are prefilled in chunks of it (default 2048).
         lora_weights: {name: adapter} loaded at start; an adapter is a PEFT directory, a bare
@@ -66,6 +68,10 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
         rows, so every step's logits cover the reduced vocabulary ([B, reduced]; `self.vocab_map` maps
         a logits column to its full id) and sampled tokens are turned back into full ids on the device
         (kernels/vocab_remap.py, inside the decode graphs). The input embedding stays full.
+        quantization: None, "int8" (per output channel), "int4" (groups of 128, asymmetric) or "fp8"
+        (E4M3, per output channel): the layers' linear weights are quantized at load (round to nearest,
+        edgellm/quant) and decode reads them packed (kernels/gemv.py). The embedding stays in the
+        compute dtype; quantize_lm_head packs the LM head too.
 
         Before anything is allocated, the bytes these limits need (engine/memory.py) are checked
         against the device's free memory (host memory on the CPU): ConfigurationError if they do not fit."""
@@ -77,7 +83,12 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
             max_kv_cache_capacity=max_kv_cache_capacity)
         adapters = {name: self._read_adapter(name, spec) for name, spec in (lora_weights or {}).items()}
         max_lora_rank = self._lora_limits(adapters, max_lora_rank, max_loras)
-        self.config = dataclasses.replace(self.config, max_supported_lora_rank=max_lora_rank)
+        if quantization is not None and quantization not in QUANT_KINDS:
+            raise ConfigurationError(f"unsupported quantization {quantization!r}; supported: {', '.join(QUANT_KINDS)}")
+        if quantize_lm_head and quantization is None:
+            raise ConfigurationError("quantize_lm_head needs a quantization (int8, int4 or fp8)")
+        self.config = dataclasses.replace(self.config, max_supported_lora_rank=max_lora_rank, quantization=quantization,
+                                          quantize_lm_head=bool(quantize_lm_head))
         reduced = None
         if vocab_map is not None:  # checked before any memory is planned or allocated
             reduced = load_vocab_map(vocab_map, self.config.vocab_size, required=self.config.eos_token_ids)
@@ -105,7 +116,9 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
         self.vocab_map: torch.Tensor | None = None  # int32 [reduced]: logits column -> full token id
         if reduced is not None:
             self.vocab_map = reduced.to(self.device)
-            self.weights.lm_head = self.weights.lm_head.index_select(0, self.vocab_map).contiguous()
+            head = self.weights.lm_head
+            self.weights.lm_head = head.rows(self.vocab_map) if isinstance(head, QuantizedWeight) else \
+                head.index_select(0, self.vocab_map).contiguous()
         self.kv_cache = LinearKVCache(
             num_layers=cfg.num_decoder_layers, max_batch_size=cfg.max_supported_batch_size,
             num_kv_heads=cfg.num_kv_heads, capacity=cfg.max_kv_cache_capacity, head_dim=cfg.head_dim,

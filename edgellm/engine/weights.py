@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from safetensors import safe_open
 
 from ..errors import ModelLoadError
 from ..progress import progress
+from ..quant.formats import QuantizedWeight, packed_bytes, quantize
 from .config import EngineConfig
 from .families import family
 
@@ -23,15 +25,15 @@ from .families import family
 @dataclasses.dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: torch.Tensor
+    qkv: torch.Tensor | QuantizedWeight  # the four linear weights may be packed (edgellm/quant)
     qkv_bias: torch.Tensor | None
-    o_proj: torch.Tensor
+    o_proj: torch.Tensor | QuantizedWeight
     o_bias: torch.Tensor | None
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
     post_norm: torch.Tensor
-    gate_up: torch.Tensor        # gate and up stacked; a plain MLP's fc
-    down: torch.Tensor
+    gate_up: torch.Tensor | QuantizedWeight  # gate and up stacked; a plain MLP's fc
+    down: torch.Tensor | QuantizedWeight
     # LayerNorm / plain-MLP families (GPT-2) only:
     input_norm_bias: torch.Tensor | None = None
     post_norm_bias: torch.Tensor | None = None
@@ -47,7 +49,7 @@ class ModelWeights:
     embed: torch.Tensor
     layers: list[LayerWeights]
     final_norm: torch.Tensor
-    lm_head: torch.Tensor  # the same tensor as `embed` when embeddings are tied
+    lm_head: torch.Tensor | QuantizedWeight  # the same tensor as `embed` when tied (and not quantized)
     final_norm_bias: torch.Tensor | None = None
     positions: torch.Tensor | None = None  # learned absolute positions [max_positions, hidden] (GPT-2)
 
@@ -136,7 +138,41 @@ class Tensors:
         return self._place(self.raw.pop(name).t())
 
 
+LINEAR_FIELDS = ("qkv", "o_proj", "gate_up", "down")  # the LayerWeights that quantization packs
+
+
+def is_linear(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether a checkpoint tensor is a layer's linear weight (what quantization packs): the 2-D
+    tensors other than the embeddings and the LM head."""
+    return len(shape) == 2 and not any(part in name for part in ("embed", "wte", "wpe", "lm_head"))
+
+
+def weight_bytes(cfg: EngineConfig, dtype: torch.dtype) -> int:
+    """Bytes the engine's weights take on the device, packed ones counted packed."""
+    el = torch.empty(0, dtype=dtype).element_size()
+    total = 0
+    for name, shape in expected_shapes(cfg).items():
+        packed = cfg.quantization and (is_linear(name, shape) or (cfg.quantize_lm_head and "lm_head" in name))
+        total += packed_bytes(cfg.quantization, *shape, el) if packed else math.prod(shape) * el
+    if cfg.quantization and cfg.quantize_lm_head and cfg.tie_word_embeddings:  # a packed copy of the table
+        total += packed_bytes(cfg.quantization, cfg.vocab_size, cfg.hidden_size, el)
+    return total
+
+
 def load_weights(model_dir: str | Path, cfg: EngineConfig, *, dtype: torch.dtype,
                  device: torch.device) -> ModelWeights:
     raw = read_checkpoint(Path(model_dir), cfg)
-    return family(cfg.model_type).load(cfg, Tensors(raw, dtype, device))
+    weights = family(cfg.model_type).load(cfg, Tensors(raw, dtype, device))
+    if cfg.quantization:
+        quantize_weights(weights, cfg.quantization, cfg.quantize_lm_head)
+    return weights
+
+
+def quantize_weights(weights: ModelWeights, kind: str, lm_head: bool = False) -> None:
+    """Quantize-on-load (round to nearest, edgellm/quant), layer by layer on the weights' device so
+    each full-precision matrix is freed as its packed copy is made; the embedding stays as it is."""
+    for layer in progress(weights.layers, desc=f"quantizing to {kind}", unit="layer"):
+        for field in LINEAR_FIELDS:
+            setattr(layer, field, quantize(getattr(layer, field), kind))
+    if lm_head:
+        weights.lm_head = quantize(weights.lm_head, kind)

@@ -1,4 +1,6 @@
-"""Skinny GEMM (GEMV at batch 1): y = x @ W^T for a few rows of x, the decode-time matmul.
+"""Skinny GEMM (GEMV at batch 1): y = x @ W^T for a few rows of x, the decode-time matmul; W full
+precision, or packed (edgellm/quant/formats.py: int8 / fp8 per output channel, int4 per group),
+dequantized tile by tile as it streams in, so the step reads the packed bytes only.
 
 At decode, a linear layer reads its whole weight matrix for one or a few tokens: the time is the
 weight bytes over the bandwidth reached. cuBLAS leaves part of that bandwidth unused at small batch
@@ -15,15 +17,44 @@ from .lora import _segment_ends, check_expand_operands, delta_constants, extende
 MAX_ROWS = 16  # rows of x one launch handles (padded to 16 for tl.dot)
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): chosen from the H100 sweep in bench/RESULTS.md
 DEFAULT_TILE = (32, 256, 4, 4)
+QUANT_TILES = {"int8": (32, 256, 4, 4), "int4": (32, 128, 4, 4), "fp8": (32, 256, 4, 4)}  # to be swept on the H100
+
+
+# Weight formats (the QUANT constexpr): full precision, then quant/formats.py's kinds.
+QUANT_CODES = {None: 0, "int8": 1, "int4": 2, "fp8": 3}
+
+
+@triton.jit
+def _weight_tile(w_base, kk, k, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k0, group, dtype: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QUANT: tl.constexpr):
+    """W[rows_n, kk] in the compute dtype. int8 / fp8 tiles are codes (their per-channel scale is
+    applied to the accumulator once); int4 tiles lie in one group and are dequantized here."""
+    k_ok = kk < k
+    if QUANT == 2:  # int4: BLOCK_K / 2 bytes a row, low nibble first; group g = k0 // group
+        half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(w_base + half[None, :], mask=n_ok[:, None] & (half < (k + 1) // 2)[None, :], other=0)
+        codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K)).to(tl.float32)
+        g = k0 // group
+        s = tl.load(sc_ptr + rows_n * s_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+        z = tl.load(zp_ptr + rows_n * s_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+        w = ((codes - z[:, None]) * s[:, None]).to(dtype)
+    elif QUANT == 3:  # fp8 e4m3 stored as bytes: its bits moved into an fp16 (exponent bias 15 vs 7), x 2^8
+        bits = tl.load(w_base + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.int16)
+        half_bits = ((bits & 0x80) << 8) | ((bits & 0x7F) << 7)
+        w = (half_bits.to(tl.float16, bitcast=True) * 256.0).to(dtype)
+    else:
+        w = tl.load(w_base + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(dtype)
+    return w
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                  t_ptr, lb_ptr, idx_ptr, used_ptr, scale_ptr, n_splits, end0, end1, s_bs,
+                 sc_ptr, zp_ptr, s_sn, group,
                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NUM_STAGES: tl.constexpr, PDL: tl.constexpr, HAS_LORA: tl.constexpr, GROUPS: tl.constexpr, RANK: tl.constexpr,
                  SPLITS: tl.constexpr, BLOCK_GR: tl.constexpr, LORA_PRECISION: tl.constexpr, UNROLL: tl.constexpr,
-                 ONE_ROW: tl.constexpr):
+                 ONE_ROW: tl.constexpr, QUANT: tl.constexpr):
     rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_K)
@@ -59,9 +90,12 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
     for k0 in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
         kk = k0 + cols
         k_ok = kk < k
-        w = tl.load(w_base + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         x = tl.load(x_base + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = _weight_tile(w_base, kk, k, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k0, group, x_ptr.dtype.element_ty,
+                         BLOCK_N, BLOCK_K, QUANT)
         acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+    if QUANT == 1 or QUANT == 3:  # per-output-channel scales, once
+        acc *= tl.load(sc_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_LORA:
@@ -80,21 +114,31 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, tile=None,
+def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None,
          lora=None) -> torch.Tensor:
-    """x: [..., K] with at most MAX_ROWS rows in all; weight: [N, K]; bias: [N] or None -> [..., N].
-    lora: None, or (t, b_stack, index, used, scale, segments) as lora_expand takes them: adds each row's
-    adapter delta in the epilogue."""
+    """x: [..., K] with at most MAX_ROWS rows in all; weight: [N, K], a tensor or a QuantizedWeight;
+    bias: [N] or None -> [..., N]. lora: None, or (t, b_stack, index, used, scale, segments) as
+    lora_expand takes them: adds each row's adapter delta in the epilogue."""
     *lead, k = x.shape
+    quant = getattr(weight, "kind", None)  # a QuantizedWeight (edgellm/quant)
     n = weight.shape[0]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    if m > MAX_ROWS or weight.shape[1] != k or weight.stride(-1) != 1:
+    data = weight.data if quant else weight
+    if m > MAX_ROWS or weight.shape[1] != k or data.stride(-1) != 1:
         raise ValueError(f"gemv: x {tuple(x.shape)} (at most {MAX_ROWS} rows) does not fit weight {tuple(weight.shape)}")
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    block_n, block_k, warps, stages = tile or DEFAULT_TILE
+    block_n, block_k, warps, stages = tile or QUANT_TILES.get(quant, DEFAULT_TILE)
     block_k = min(block_k, pow2(k, 16))
+    if quant == "int4":  # a tile lies in one group
+        block_k = min(block_k, weight.group)
+        if weight.group % block_k:
+            raise ValueError(f"gemv: int4 group {weight.group} is not a multiple of the K tile {block_k}")
+    if quant == "fp8":
+        data = data.view(torch.uint8)  # decoded from its bits in the kernel (_weight_tile)
+    scales = weight.scales if quant else data
+    zeros = weight.zeros if quant == "int4" else scales
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     pdl = use_pdl(x)
     if lora is None:
@@ -110,14 +154,21 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         constants = {**delta_constants(t, b_stack, segments), "HAS_LORA": True, "ONE_ROW": m == 1}
         constants["LORA_PRECISION"] = constants.pop("PRECISION")
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
-        *lora_args, HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), BLOCK_M=16, BLOCK_N=block_n,
-        BLOCK_K=block_k, NUM_STAGES=stages, PDL=pdl, **constants, num_warps=warps, launch_pdl=pdl)
+        x2, data, bias if bias is not None else y, y, m, n, k, x2.stride(0), data.stride(0), y.stride(0),
+        *lora_args, scales, zeros, scales.stride(0) if scales.dim() == 2 else 1, weight.group if quant == "int4" else 1,
+        HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), BLOCK_M=16, BLOCK_N=block_n,
+        BLOCK_K=block_k, NUM_STAGES=stages, PDL=pdl, **constants, QUANT=QUANT_CODES[quant], num_warps=warps,
+        launch_pdl=pdl)
     return y.reshape(*lead, n)
 
 
-def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, tile=None,
+def gemv_ref(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None,
              lora=None) -> torch.Tensor:
-    """x @ weight^T (+ bias) in x's dtype: torch's linear (cuBLAS on the GPU); plus lora_expand_ref."""
+    """x @ weight^T (+ bias) in x's dtype: torch's linear (cuBLAS on the GPU), over the dequantized
+    weight when it is packed; plus lora_expand_ref."""
+    if getattr(weight, "kind", None):
+        from ..quant.formats import dequantize
+
+        weight = dequantize(weight, x.dtype)
     y = torch.nn.functional.linear(x, weight, bias)
     return y if lora is None else lora_expand_ref(y, *lora)

@@ -1,0 +1,79 @@
+"""Weight-only quantization at load (int8, int4, fp8) against transformers running the same
+fake-quantized weights (each linear weight replaced by dequantize(quantize(W))) in float32: greedy
+token-identical, LoRA on a quantized base too; bad settings give clear errors."""
+
+import copy
+
+import pytest
+import torch
+
+from edgellm import LLMGenerationRequest, LLMInferenceRuntime
+from edgellm.engine.memory import engine_memory_plan
+from edgellm.errors import ConfigurationError
+from edgellm.quant import dequantize, quantize
+
+from conftest import assert_rows_match_transformers
+
+PROMPTS = [[5, 9, 13, 7, 30], [20, 21, 22, 23, 24, 25, 26, 27, 28], [40]]
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def fake_quantized(model, kind, lm_head=False):
+    """A copy of a transformers model whose linear weights are what edgellm's kind decodes to."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.split(".")[-1] in PROJECTIONS or (lm_head and name == "lm_head"):
+                module.weight.copy_(dequantize(quantize(module.weight.detach(), kind), torch.float32))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "fp8"])
+def test_greedy_tokens_match_transformers_on_the_same_weights(tiny_models, kind):
+    model_dir, model = tiny_models["llama"]
+    runtime = LLMInferenceRuntime(model_dir, device="cpu", cuda_graphs=False, quantization=kind)
+    assert runtime.config.quantization == kind
+    response = runtime.handle_request(LLMGenerationRequest(requests=[{"input_ids": p} for p in PROMPTS],
+                                                           max_generate_length=16, temperature=0))
+    assert_rows_match_transformers(response, fake_quantized(model, kind), PROMPTS, 16)
+
+
+def test_quantized_lm_head(tiny_models):
+    model_dir, model = tiny_models["llama"]  # untied: its own LM head
+    runtime = LLMInferenceRuntime(model_dir, device="cpu", cuda_graphs=False, quantization="int4",
+                                  quantize_lm_head=True)
+    response = runtime.handle_request(LLMGenerationRequest(requests=[{"input_ids": p} for p in PROMPTS],
+                                                           max_generate_length=16, temperature=0))
+    assert_rows_match_transformers(response, fake_quantized(model, "int4", lm_head=True), PROMPTS, 16)
+
+
+def test_lora_on_a_quantized_base(tiny_models, lora_adapters):
+    import peft
+
+    model_dir, model = tiny_models["llama"]
+    adapter_dir = lora_adapters["a"][0]
+    runtime = LLMInferenceRuntime(model_dir, device="cpu", cuda_graphs=False, quantization="int8",
+                                  lora_weights={"a": adapter_dir})
+    reference = peft.PeftModel.from_pretrained(fake_quantized(model, "int8"), adapter_dir).merge_and_unload().eval()
+    response = runtime.handle_request(LLMGenerationRequest(
+        requests=[{"input_ids": p, "lora_weights_name": "a"} for p in PROMPTS], max_generate_length=12, temperature=0))
+    assert_rows_match_transformers(response, reference, PROMPTS, 12)
+
+
+def test_the_memory_plan_counts_packed_bytes(tiny_models):
+    runtime = LLMInferenceRuntime(tiny_models["llama"][0], device="cpu", cuda_graphs=False, quantization="int4")
+    cfg = runtime.config
+    plans = {kind: engine_memory_plan(cfg.__class__(**{**cfg.__dict__, "quantization": kind}), torch.float32,
+                                      prefill_chunk=64, graphs=False).items[0].nbytes for kind in (None, "int8", "int4")}
+    assert plans[None] > plans["int8"] > plans["int4"]
+    held = sum(t.nbytes for layer in runtime.runner.weights.layers for t in (layer.qkv, layer.o_proj, layer.gate_up, layer.down))
+    linear = sum(p.numel() for n, p in tiny_models["llama"][1].named_parameters() if n.split(".")[-2] in PROJECTIONS)
+    assert held < linear * 4 / 4  # packed int4 plus group scales and zeros: under a quarter of float32
+
+
+def test_bad_quantization_settings(tiny_models):
+    model_dir = tiny_models["llama"][0]
+    with pytest.raises(ConfigurationError, match="unsupported quantization 'int3'.*int8, int4, fp8"):
+        LLMInferenceRuntime(model_dir, device="cpu", quantization="int3")
+    with pytest.raises(ConfigurationError, match="quantize_lm_head needs a quantization"):
+        LLMInferenceRuntime(model_dir, device="cpu", quantize_lm_head=True)
