@@ -2,19 +2,19 @@
 # The device script: GPU tests (kernels vs their references on CUDA, end-to-end generation vs
 # transformers, CUDA-graph decode vs eager, no reference op in the hot path), then the kernel and
 # decode benchmarks; short tables last.
-# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|kernels|decode|lora|kv|threads|vision|vocab|families ...]
+# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|kernels|decode|lora|kv|threads|vision|vocab|families|quant ...]
 # (no argument: all of them). Results go to $OUT (the device tool's folder) or bench/results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-bench/results}"
 mkdir -p "$out"
-parts="${*:-tests kernels decode lora kv threads vision vocab families}"
+parts="${*:-tests kernels decode lora kv threads vision vocab families quant}"
 status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 if [[ " $parts " == *" tests "* ]]; then
-  python3 -m pytest -q -rP -p no:cacheprovider tests/test_kernels_triton.py tests/test_kernels_tree.py tests/test_kernels_vision.py tests/test_gpu.py tests/test_gpu_vision.py tests/test_gpu_vocab.py tests/test_gpu_families.py > "$out/gpu_pytest.log" 2>&1
+  python3 -m pytest -q -rP -p no:cacheprovider tests/test_kernels_triton.py tests/test_kernels_tree.py tests/test_kernels_vision.py tests/test_gpu.py tests/test_gpu_vision.py tests/test_gpu_vocab.py tests/test_gpu_families.py tests/test_gpu_quant.py > "$out/gpu_pytest.log" 2>&1
   status=$?
   grep -E "passed|failed|error" "$out/gpu_pytest.log" | tail -3
   grep -E "^memory plan" "$out/gpu_pytest.log"  # test_memory_plan_bounds_what_the_engine_uses
@@ -40,6 +40,9 @@ if [[ " $parts " == *" vocab "* ]]; then
 fi
 if [[ " $parts " == *" families "* ]]; then
   python3 bench/families.py --json "$out/families.json" 2> "$out/families.stderr" || { status=1; tail -30 "$out/families.stderr"; }
+fi
+if [[ " $parts " == *" quant "* ]]; then
+  python3 bench/quant.py --json "$out/quant.json" 2> "$out/quant.stderr" || { status=1; tail -30 "$out/quant.stderr"; }
 fi
 if [[ " $parts " == *" threads "* ]]; then
   python3 bench/threads.py --json "$out/threads.json" 2> "$out/threads.stderr" || { status=1; tail -30 "$out/threads.stderr"; }

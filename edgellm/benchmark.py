@@ -138,8 +138,8 @@ def weight_bytes(runner) -> int:
     """Bytes one decode step reads from the weights: every layer, the final norm and the LM head
     (the embedding table only for the batch's rows, which is negligible)."""
     w = runner.weights
-    tensors = [t for layer in w.layers for t in vars(layer).values() if isinstance(t, torch.Tensor)]
-    return sum(t.numel() * t.element_size() for t in tensors + [w.final_norm, w.lm_head])
+    tensors = [t for layer in w.layers for t in vars(layer).values() if t is not None] + [w.final_norm, w.lm_head]
+    return sum(t.nbytes for t in tensors)  # a QuantizedWeight counts its packed bytes
 
 
 def kv_bytes_read(runner, context: float) -> float:
@@ -210,15 +210,15 @@ def bench_ttft(runner, prompt_len: int, iterations: int) -> dict:
 
 
 def make_runner(model_dir: str | Path, *, batches, isl: int, osl: int, ttft_lens, dtype: str = "float16",
-                cuda_graphs: bool = True, vocab_map: str | Path | None = None):
+                cuda_graphs: bool = True, vocab_map: str | Path | None = None, quantization: str | None = None):
     """An engine on the GPU sized for these runs: batch, prompt and cache limits (and a reduced
-    vocabulary's map, if given)."""
+    vocabulary's map, a quantization, if given)."""
     from .engine.runner import LLMEngineRunner
 
     log(f"loading {model_dir} ...")
     return LLMEngineRunner(model_dir, device="cuda", dtype=dtype, max_batch_size=max(batches),
                            max_input_length=max([isl, *ttft_lens]), max_kv_cache_capacity=max([isl + osl, *ttft_lens]),
-                           cuda_graphs=cuda_graphs, vocab_map=vocab_map)
+                           cuda_graphs=cuda_graphs, vocab_map=vocab_map, quantization=quantization)
 
 
 def run(model: str, *, batches=(1, 4, 16, 64), isl: int = 128, osl: int = 256, ttft_lens=(128, 1024, 4096),

@@ -293,7 +293,7 @@ def test_lora_shrink_expand(dtype, index, k, segments, rank):
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4", "fp8"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,n,k,bias", [(1, 40, 576, False), (5, 33, 192, True)])
 def test_gemv_over_packed_weights(kind, dtype, m, n, k, bias):
     """The dequantizing GEMV against the reference (linear over the dequantized weight); K = 576 has a
@@ -304,7 +304,7 @@ def test_gemv_over_packed_weights(kind, dtype, m, n, k, bias):
     x, w = randn(m, k, dtype=dtype), randn(n, k, seed=1)
     b = randn(n, dtype=dtype, seed=2) if bias else None
     qw = quantize(w, kind, dtype=dtype)
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
     ref = gemv.gemv_ref(x, qw, b)
     torch.testing.assert_close(gemv.gemv(x, qw, b), ref, **tol)
     torch.testing.assert_close(gemv.gemv(x, qw, b, tile=(16, 64, 4, 2)), ref, **tol)
