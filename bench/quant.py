@@ -29,8 +29,8 @@ from kernels import graph_us  # noqa: E402  (bench/kernels.py: time inside a CUD
 KINDS = (None, "fp8", "int8", "int4")
 # gpt-fast's published weight-only ratios over its bf16 decode (Llama-2-7B, A100, batch 1).
 GPT_FAST = {None: 1.0, "int8": 155.6 / 104.9, "int4": 196.8 / 104.9}
-TILES = [(32, 256, 4, 4), (64, 256, 4, 4), (32, 512, 4, 4), (64, 128, 4, 4), (128, 128, 8, 4), (32, 128, 4, 4),
-         (16, 256, 4, 3)]
+TILES = [(32, 256, 4, 4), (64, 256, 4, 4), (32, 512, 4, 4), (64, 128, 4, 4), (32, 1024, 4, 4), (16, 512, 4, 4),
+         (16, 1024, 4, 4), (16, 256, 4, 3)]
 
 
 def decode_rows(shape, batches, osl, iterations, bandwidth) -> list[dict]:
@@ -59,8 +59,6 @@ def kernel_rows(bandwidth) -> list[dict]:
                 qw = w if kind is None else quantize(w, kind)
                 nbytes = qw.nbytes if kind else w.numel() * 2
                 for tile in TILES:
-                    if kind == "int4" and 128 % min(tile[1], 128):
-                        continue
                     us = graph_us(lambda: gemv.gemv(x, qw, tile=tile))
                     if us is None:
                         continue

@@ -309,6 +309,9 @@ def test_gemv_over_packed_weights(kind, dtype, m, n, k, bias):
     torch.testing.assert_close(gemv.gemv(x, qw, b), ref, **tol)
     torch.testing.assert_close(gemv.gemv(x, qw, b, tile=(16, 64, 4, 2)), ref, **tol)
     torch.testing.assert_close(ref, torch.nn.functional.linear(x, dequantize(qw, dtype), b))
+    # the prefill path's one-pass unpacking
+    from edgellm.kernels import dequantize as dequantize_kernel
+    assert torch.equal(dequantize_kernel.dequantize(qw, dtype), dequantize_kernel.dequantize_ref(qw, dtype))
     # and the quantization is close to the weight it packs (round to nearest)
     error = (dequantize(qw, torch.float32) - w).norm() / w.norm()
     assert error < {"int8": 0.01, "fp8": 0.04, "int4": 0.12}[kind]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..kernels import gemv
 from ..kernels import ops as dispatched_ops
-from ..quant.formats import QuantizedWeight, dequantize
+from ..quant.formats import QuantizedWeight
 from .config import EngineConfig
 from .kv_cache import LinearKVCache
 from .lora import LoraStacks
@@ -64,7 +64,7 @@ def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, l
     spec = (t, b_stack, lora.index, lora.used, lora.stacks.scale, lora.stacks.segments[group])
     if _decode_sized(x):
         return ops.gemv(x, weight, bias, lora=spec)
-    return ops.lora_expand(F.linear(x, _dense(weight, x.dtype), bias), *spec)
+    return ops.lora_expand(F.linear(x, _dense(weight, x.dtype, ops), bias), *spec)
 
 
 def _fused(op, *args, lora_a=None, **kwargs):
@@ -208,13 +208,13 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, op
     # shape batch 1 1194 vs 1087 tok/s with cuBLAS and no PDL; Llama-3.2-1B shape even). Else cuBLAS.
     if _decode_sized(x):
         return ops.gemv(x, weight, bias)
-    return F.linear(x, _dense(weight, x.dtype), bias)
+    return F.linear(x, _dense(weight, x.dtype, ops), bias)
 
 
-def _dense(weight, dtype: torch.dtype) -> torch.Tensor:
+def _dense(weight, dtype: torch.dtype, ops) -> torch.Tensor:
     """A packed weight dequantized for cuBLAS (prefill: many tokens share one dequantization); a
     plain tensor as it is."""
-    return dequantize(weight, dtype) if isinstance(weight, QuantizedWeight) else weight
+    return ops.dequantize(weight, dtype) if isinstance(weight, QuantizedWeight) else weight
 
 
 def _decode_sized(x: torch.Tensor) -> bool:

@@ -119,26 +119,30 @@ def read_checkpoint(model_dir: Path, cfg: EngineConfig) -> dict[str, torch.Tenso
 class Tensors:
     """A checkpoint's tensors as a family's load() takes them: each moved to the device in the
     engine dtype, optionally transformed first (in float32, e.g. Gemma's 1 + w), fused with others
-    along dim 0, or transposed (GPT-2's Conv1D)."""
+    along dim 0, or transposed (GPT-2's Conv1D). With a quantization, the layers' linear weights
+    (is_linear; the LM head too with quantize_lm_head) are packed instead, from their stored values
+    on the device, one matrix at a time: the full-precision model never sits on the device whole, and
+    the codes do not depend on the compute dtype."""
 
-    def __init__(self, raw: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device):
+    def __init__(self, raw: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
+                 quantization: str | None = None, quantize_lm_head: bool = False):
         self.raw, self.dtype, self.device = raw, dtype, device
+        self.quantization, self.quantize_lm_head = quantization, quantize_lm_head
 
-    def _place(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _place(self, tensor: torch.Tensor, name: str):
+        if self.quantization and (is_linear(name, tuple(tensor.shape)) or (self.quantize_lm_head and "lm_head" in name)):
+            return quantize(tensor.to(self.device), self.quantization, dtype=self.dtype)
         return tensor.to(device=self.device, dtype=self.dtype).contiguous()
 
-    def take(self, name: str, transform=None) -> torch.Tensor:
+    def take(self, name: str, transform=None):
         tensor = self.raw.pop(name)
-        return self._place(transform(tensor) if transform is not None else tensor)
+        return self._place(transform(tensor) if transform is not None else tensor, name)
 
-    def fused(self, *names: str) -> torch.Tensor:
-        return self._place(torch.cat([self.raw.pop(n) for n in names], dim=0))
+    def fused(self, *names: str):
+        return self._place(torch.cat([self.raw.pop(n) for n in names], dim=0), names[0])
 
-    def transposed(self, name: str) -> torch.Tensor:
-        return self._place(self.raw.pop(name).t())
-
-
-LINEAR_FIELDS = ("qkv", "o_proj", "gate_up", "down")  # the LayerWeights that quantization packs
+    def transposed(self, name: str):
+        return self._place(self.raw.pop(name).t(), name)
 
 
 def is_linear(name: str, shape: tuple[int, ...]) -> bool:
@@ -162,17 +166,7 @@ def weight_bytes(cfg: EngineConfig, dtype: torch.dtype) -> int:
 def load_weights(model_dir: str | Path, cfg: EngineConfig, *, dtype: torch.dtype,
                  device: torch.device) -> ModelWeights:
     raw = read_checkpoint(Path(model_dir), cfg)
-    weights = family(cfg.model_type).load(cfg, Tensors(raw, dtype, device))
-    if cfg.quantization:
-        quantize_weights(weights, cfg.quantization, cfg.quantize_lm_head)
+    weights = family(cfg.model_type).load(cfg, Tensors(raw, dtype, device, cfg.quantization, cfg.quantize_lm_head))
+    if cfg.quantize_lm_head and cfg.tie_word_embeddings:  # the embedding stays whole; the head is a packed copy
+        weights.lm_head = quantize(weights.embed, cfg.quantization)
     return weights
-
-
-def quantize_weights(weights: ModelWeights, kind: str, lm_head: bool = False) -> None:
-    """Quantize-on-load (round to nearest, edgellm/quant), layer by layer on the weights' device so
-    each full-precision matrix is freed as its packed copy is made; the embedding stays as it is."""
-    for layer in progress(weights.layers, desc=f"quantizing to {kind}", unit="layer"):
-        for field in LINEAR_FIELDS:
-            setattr(layer, field, quantize(getattr(layer, field), kind))
-    if lm_head:
-        weights.lm_head = quantize(weights.lm_head, kind)

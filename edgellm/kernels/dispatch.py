@@ -61,6 +61,8 @@ def _first_tensor(args, kwargs) -> torch.Tensor:
     for value in list(args) + list(kwargs.values()):
         if isinstance(value, torch.Tensor):
             return value
+        if isinstance(getattr(value, "data", None), torch.Tensor):  # a packed weight (edgellm/quant)
+            return value.data
     raise TypeError("a kernel op needs at least one tensor argument")
 
 

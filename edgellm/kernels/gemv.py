@@ -17,7 +17,7 @@ from .lora import _segment_ends, check_expand_operands, delta_constants, extende
 MAX_ROWS = 16  # rows of x one launch handles (padded to 16 for tl.dot)
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): chosen from the H100 sweep in bench/RESULTS.md
 DEFAULT_TILE = (32, 256, 4, 4)
-QUANT_TILES = {"int8": (32, 256, 4, 4), "int4": (32, 128, 4, 4), "fp8": (32, 256, 4, 4)}  # to be swept on the H100
+QUANT_TILES = {"int8": (32, 512, 4, 4), "int4": (32, 512, 4, 4), "fp8": (32, 512, 4, 4)}  # to be swept on the H100
 
 
 # Weight formats (the QUANT constexpr): full precision, then quant/formats.py's kinds.
@@ -25,26 +25,38 @@ QUANT_CODES = {None: 0, "int8": 1, "int4": 2, "fp8": 3}
 
 
 @triton.jit
-def _weight_tile(w_base, kk, k, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k0, group, dtype: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QUANT: tl.constexpr):
-    """W[rows_n, kk] in the compute dtype. int8 / fp8 tiles are codes (their per-channel scale is
-    applied to the accumulator once); int4 tiles lie in one group and are dequantized here."""
+def _weight_tile(w_base, kk, k, n_ok, dtype: tl.constexpr, QUANT: tl.constexpr):
+    """W[rows, kk] in the compute dtype: full precision, or int8 / fp8 codes (their per-channel scale
+    is applied to the accumulator once, after the K loop)."""
     k_ok = kk < k
-    if QUANT == 2:  # int4: BLOCK_K / 2 bytes a row, low nibble first; group g = k0 // group
-        half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        packed = tl.load(w_base + half[None, :], mask=n_ok[:, None] & (half < (k + 1) // 2)[None, :], other=0)
-        codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K)).to(tl.float32)
-        g = k0 // group
-        s = tl.load(sc_ptr + rows_n * s_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-        z = tl.load(zp_ptr + rows_n * s_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-        w = ((codes - z[:, None]) * s[:, None]).to(dtype)
-    elif QUANT == 3:  # fp8 e4m3 stored as bytes: its bits moved into an fp16 (exponent bias 15 vs 7), x 2^8
+    if QUANT == 3:  # fp8 e4m3 stored as bytes: its bits moved into an fp16 (exponent bias 15 vs 7), x 2^8
         bits = tl.load(w_base + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.int16)
         half_bits = ((bits & 0x80) << 8) | ((bits & 0x7F) << 7)
         w = (half_bits.to(tl.float16, bitcast=True) * 256.0).to(dtype)
     else:
         w = tl.load(w_base + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(dtype)
     return w
+
+
+@triton.jit
+def _int4_dot(acc, x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k0, k, group,
+              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + x[:, k0:k0 + BLOCK_K] @ W^T over an int4 tile: byte j of a row holds columns 2j (low
+    nibble) and 2j + 1 (high), so the tile is two dots, even columns and odd ones, each dequantized
+    with its groups' scale and zero (both columns of a byte share a group)."""
+    j = tl.arange(0, BLOCK_K // 2)
+    kk = k0 + 2 * j
+    ok = n_ok[:, None] & (kk < k)[None, :]
+    packed = tl.load(w_base + (k0 // 2 + j)[None, :], mask=ok, other=0)
+    at = rows_n[:, None] * s_sn + (kk // group)[None, :]
+    s = tl.load(sc_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    z = tl.load(zp_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    x_even = tl.load(x_base + kk[None, :], mask=m_ok[:, None] & (kk < k)[None, :], other=0.0)
+    x_odd = tl.load(x_base + kk[None, :] + 1, mask=m_ok[:, None] & (kk + 1 < k)[None, :], other=0.0)
+    w_even = (((packed & 0xF).to(tl.float32) - z) * s).to(x_even.dtype)
+    w_odd = (((packed >> 4).to(tl.float32) - z) * s).to(x_even.dtype)
+    acc += tl.dot(x_even, tl.trans(w_even), input_precision=PRECISION)
+    return acc + tl.dot(x_odd, tl.trans(w_odd), input_precision=PRECISION)
 
 
 @triton.jit
@@ -88,12 +100,14 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
     x_base = x_ptr + rows_m[:, None] * s_xm
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
-        kk = k0 + cols
-        k_ok = kk < k
-        x = tl.load(x_base + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = _weight_tile(w_base, kk, k, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k0, group, x_ptr.dtype.element_ty,
-                         BLOCK_N, BLOCK_K, QUANT)
-        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+        if QUANT == 2:
+            acc = _int4_dot(acc, x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k0, k, group, BLOCK_K,
+                            PRECISION)
+        else:
+            kk = k0 + cols
+            x = tl.load(x_base + kk[None, :], mask=m_ok[:, None] & (kk < k)[None, :], other=0.0)
+            w = _weight_tile(w_base, kk, k, n_ok, x_ptr.dtype.element_ty, QUANT)
+            acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
     if QUANT == 1 or QUANT == 3:  # per-output-channel scales, once
         acc *= tl.load(sc_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
@@ -130,11 +144,9 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     block_n, block_k, warps, stages = tile or QUANT_TILES.get(quant, DEFAULT_TILE)
-    block_k = min(block_k, pow2(k, 16))
-    if quant == "int4":  # a tile lies in one group
-        block_k = min(block_k, weight.group)
-        if weight.group % block_k:
-            raise ValueError(f"gemv: int4 group {weight.group} is not a multiple of the K tile {block_k}")
+    block_k = min(block_k, pow2(k, 32 if quant == "int4" else 16))  # an int4 tile makes two dots of BLOCK_K / 2
+    if quant == "int4" and weight.group % 2:
+        raise ValueError(f"gemv: int4 groups must be even (a byte's two columns share one), got {weight.group}")
     if quant == "fp8":
         data = data.view(torch.uint8)  # decoded from its bits in the kernel (_weight_tile)
     scales = weight.scales if quant else data

@@ -98,7 +98,6 @@ def quantize(weight: torch.Tensor, kind: str, *, group: int = GROUP_SIZE, dtype:
     low, high = grouped.amin(dim=2), grouped.amax(dim=2)
     scale = ((high - low) / 15.0).clamp(min=1e-8)
     zero = torch.round(-low / scale).clamp(0, 15)
-    scale, zero = scale.to(dtype).float(), zero  # quantize against the scale as stored
     codes = torch.round(grouped / scale[..., None] + zero[..., None]).clamp(0, 15).reshape(n, -1)[:, :k]
     return QuantizedWeight("int4", pack_int4(codes.to(torch.uint8)), scale.to(dtype), zero.to(dtype), k, group)
 
