@@ -33,10 +33,10 @@ TILES = [(32, 256, 4, 4), (64, 256, 4, 4), (32, 512, 4, 4), (64, 128, 4, 4), (32
          (16, 1024, 4, 4), (16, 256, 4, 3)]
 
 
-def decode_rows(shape, batches, osl, iterations, bandwidth) -> list[dict]:
+def decode_rows(shape, batches, osl, iterations, bandwidth, kinds=KINDS) -> list[dict]:
     model_dir = benchmark.random_model_dir(shape, "/tmp/edgellm-bench")
     rows = []
-    for kind in KINDS:
+    for kind in kinds:
         runner = benchmark.make_runner(model_dir, batches=batches, isl=128, osl=osl, ttft_lens=(1024,), quantization=kind)
         for batch in batches:
             row = benchmark.bench_decode(runner, batch, 128, osl, iterations, bandwidth)
@@ -49,16 +49,16 @@ def decode_rows(shape, batches, osl, iterations, bandwidth) -> list[dict]:
     return rows
 
 
-def kernel_rows(bandwidth) -> list[dict]:
+def kernel_rows(bandwidth, kinds=KINDS, tiles=TILES) -> list[dict]:
     rows = []
     for n, k in ((3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192)):  # the 1B shape's qkv, o, gate_up, down
         w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
         for m in (1, 16):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            for kind in KINDS:
+            for kind in kinds:
                 qw = w if kind is None else quantize(w, kind)
                 nbytes = qw.nbytes if kind else w.numel() * 2
-                for tile in TILES:
+                for tile in tiles or [gemv.QUANT_TILES.get(kind, gemv.DEFAULT_TILE)]:
                     us = graph_us(lambda: gemv.gemv(x, qw, tile=tile))
                     if us is None:
                         continue
@@ -76,14 +76,17 @@ def main() -> int:
     parser.add_argument("--osl", type=int, default=128)
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=[], choices=["decode", "kernel"])
+    parser.add_argument("--kinds", nargs="+", default=["fp16", *KINDS[1:]], help="fp16 and / or quantizations")
+    parser.add_argument("--default-tiles", action="store_true", help="time each format's default tile only")
     args = parser.parse_args()
     bandwidth = benchmark.copy_bandwidth()
     out = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name(), torch=torch.__version__,
                commit=os.environ.get("EDGELLM_COMMIT", "unknown"), copy_TBps=bandwidth / 1e12)
+    kinds = [None if k == "fp16" else k for k in args.kinds]
     if "kernel" not in args.skip:
-        out["kernel"] = kernel_rows(bandwidth)
+        out["kernel"] = kernel_rows(bandwidth, kinds, None if args.default_tiles else TILES)
     if "decode" not in args.skip:
-        out["decode"] = decode_rows(args.shape, args.batch, args.osl, args.iterations, bandwidth)
+        out["decode"] = decode_rows(args.shape, args.batch, args.osl, args.iterations, bandwidth, kinds)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=1))

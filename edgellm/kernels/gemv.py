@@ -17,7 +17,7 @@ from .lora import _segment_ends, check_expand_operands, delta_constants, extende
 MAX_ROWS = 16  # rows of x one launch handles (padded to 16 for tl.dot)
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): chosen from the H100 sweep in bench/RESULTS.md
 DEFAULT_TILE = (32, 256, 4, 4)
-QUANT_TILES = {"int8": (32, 512, 4, 4), "int4": (32, 512, 4, 4), "fp8": (32, 512, 4, 4)}  # to be swept on the H100
+QUANT_TILES = {"int8": (64, 256, 4, 4), "int4": (64, 128, 4, 4), "fp8": (64, 256, 4, 4)}  # bench/quant.py sweep
 
 
 # Weight formats (the QUANT constexpr): full precision, then quant/formats.py's kinds.
@@ -41,22 +41,23 @@ def _weight_tile(w_base, kk, k, n_ok, dtype: tl.constexpr, QUANT: tl.constexpr):
 @triton.jit
 def _int4_dot(acc, x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k0, k, group,
               BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + x[:, k0:k0 + BLOCK_K] @ W^T over an int4 tile: byte j of a row holds columns 2j (low
-    nibble) and 2j + 1 (high), so the tile is two dots, even columns and odd ones, each dequantized
-    with its groups' scale and zero (both columns of a byte share a group)."""
+    """acc + x[:, k0:k0 + BLOCK_K] @ W^T over an int4 tile that lies in one group (BLOCK_K <= group):
+    byte j of a row holds columns 2j (low nibble) and 2j + 1 (high). The codes go to the tensor cores
+    as they are (small integers, exact in fp16 / bf16), even and odd columns in two dots; the group's
+    zero and scale then apply to the [rows, features] result, not to every weight:
+    x . ((q - z) s) = (x . q - z sum(x)) s."""
     j = tl.arange(0, BLOCK_K // 2)
     kk = k0 + 2 * j
-    ok = n_ok[:, None] & (kk < k)[None, :]
-    packed = tl.load(w_base + (k0 // 2 + j)[None, :], mask=ok, other=0)
-    at = rows_n[:, None] * s_sn + (kk // group)[None, :]
-    s = tl.load(sc_ptr + at, mask=ok, other=0.0).to(tl.float32)
-    z = tl.load(zp_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    packed = tl.load(w_base + (k0 // 2 + j)[None, :], mask=n_ok[:, None] & (kk < k)[None, :], other=0)
     x_even = tl.load(x_base + kk[None, :], mask=m_ok[:, None] & (kk < k)[None, :], other=0.0)
     x_odd = tl.load(x_base + kk[None, :] + 1, mask=m_ok[:, None] & (kk + 1 < k)[None, :], other=0.0)
-    w_even = (((packed & 0xF).to(tl.float32) - z) * s).to(x_even.dtype)
-    w_odd = (((packed >> 4).to(tl.float32) - z) * s).to(x_even.dtype)
-    acc += tl.dot(x_even, tl.trans(w_even), input_precision=PRECISION)
-    return acc + tl.dot(x_odd, tl.trans(w_odd), input_precision=PRECISION)
+    codes = tl.dot(x_even, tl.trans((packed & 0xF).to(x_even.dtype)), input_precision=PRECISION)
+    codes = tl.dot(x_odd, tl.trans((packed >> 4).to(x_even.dtype)), acc=codes, input_precision=PRECISION)
+    x_sum = tl.sum(x_even.to(tl.float32) + x_odd.to(tl.float32), axis=1)
+    g = k0 // group
+    s = tl.load(sc_ptr + rows_n * s_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+    z = tl.load(zp_ptr + rows_n * s_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+    return acc + (codes - x_sum[:, None] * z[None, :]) * s[None, :]
 
 
 @triton.jit
@@ -145,8 +146,10 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
         x2 = x2.contiguous()
     block_n, block_k, warps, stages = tile or QUANT_TILES.get(quant, DEFAULT_TILE)
     block_k = min(block_k, pow2(k, 32 if quant == "int4" else 16))  # an int4 tile makes two dots of BLOCK_K / 2
-    if quant == "int4" and weight.group % 2:
-        raise ValueError(f"gemv: int4 groups must be even (a byte's two columns share one), got {weight.group}")
+    if quant == "int4":  # a K tile lies in one group
+        block_k = min(block_k, weight.group)
+        if weight.group % block_k or block_k < 32:
+            raise ValueError(f"gemv: int4 group {weight.group} must be a multiple of the K tile {block_k} (>= 32)")
     if quant == "fp8":
         data = data.view(torch.uint8)  # decoded from its bits in the kernel (_weight_tile)
     scales = weight.scales if quant else data
