@@ -58,7 +58,7 @@ def kernel_rows(bandwidth, kinds=KINDS, tiles=TILES) -> list[dict]:
             for kind in kinds:
                 qw = w if kind is None else quantize(w, kind)
                 nbytes = qw.nbytes if kind else w.numel() * 2
-                for tile in tiles or [gemv.QUANT_TILES.get(kind, gemv.DEFAULT_TILE)]:
+                for tile in tiles or [gemv._tile(kind, n)]:
                     us = graph_us(lambda: gemv.gemv(x, qw, tile=tile))
                     if us is None:
                         continue
@@ -97,7 +97,7 @@ def main() -> int:
         if key not in best or r["us"] < best[key]["us"]:
             best[key] = r
     for r in out.get("kernel", []):
-        default = gemv.QUANT_TILES.get(None if r["kind"] == "fp16" else r["kind"], gemv.DEFAULT_TILE)
+        default = gemv._tile(None if r["kind"] == "fp16" else r["kind"], r["n"])
         if tuple(r["tile"]) in (tuple(best[(r["n"], r["k"], r["m"], r["kind"])]["tile"]), tuple(default)):
             print(f"gemv {r['n']:5d}x{r['k']:<5d} m{r['m']:<2d} {r['kind']:5s} tile {str(tuple(r['tile'])):18s} "
                   f"{r['us']:7.1f} us  floor {r['floor_us']:6.1f}  {r['pct']:3.0f}%")

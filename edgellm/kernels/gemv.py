@@ -17,7 +17,16 @@ from .lora import _segment_ends, check_expand_operands, delta_constants, extende
 MAX_ROWS = 16  # rows of x one launch handles (padded to 16 for tl.dot)
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): chosen from the H100 sweep in bench/RESULTS.md
 DEFAULT_TILE = (32, 256, 4, 4)
-QUANT_TILES = {"int8": (64, 256, 4, 4), "int4": (64, 128, 4, 4), "fp8": (64, 256, 4, 4)}  # bench/quant.py sweep
+# Packed formats (bench/quant.py sweep, H100): wide matrices like (64, 256), narrow ones (N < 8192,
+# few programs) like (32, 512); int4 has no good tile yet (RESULTS.md, issue 17).
+QUANT_TILES = {"int8": (32, 512, 4, 4), "int4": (64, 128, 4, 4), "fp8": (32, 512, 4, 4)}
+WIDE_QUANT_TILE = (64, 256, 4, 4)
+
+
+def _tile(quant: str | None, n: int):
+    if quant is None:
+        return DEFAULT_TILE
+    return WIDE_QUANT_TILE if quant in ("int8", "fp8") and n >= 8192 else QUANT_TILES[quant]
 
 
 # Weight formats (the QUANT constexpr): full precision, then quant/formats.py's kinds.
@@ -144,7 +153,7 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
         raise ValueError(f"gemv: x {tuple(x.shape)} (at most {MAX_ROWS} rows) does not fit weight {tuple(weight.shape)}")
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    block_n, block_k, warps, stages = tile or QUANT_TILES.get(quant, DEFAULT_TILE)
+    block_n, block_k, warps, stages = tile or _tile(quant, n)
     block_k = min(block_k, pow2(k, 32 if quant == "int4" else 16))  # an int4 tile makes two dots of BLOCK_K / 2
     if quant == "int4":  # a K tile lies in one group
         block_k = min(block_k, weight.group)
