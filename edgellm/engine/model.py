@@ -206,6 +206,9 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, op
     # than cuBLAS (bench/RESULTS.md: 1B shape 177 us vs 194 us), matches it on the layer matrices, and,
     # launched with PDL like its neighbours, overlaps their launch and drain (bench/RESULTS.md: SmolLM2
     # shape batch 1 1194 vs 1087 tok/s with cuBLAS and no PDL; Llama-3.2-1B shape even). Else cuBLAS.
+    observe = getattr(ops, "observe_linear", None)  # calibration (quant/gptq.py) sees each linear's input
+    if observe is not None:
+        observe(x, weight)
     if _decode_sized(x):
         return ops.gemv(x, weight, bias)
     return F.linear(x, _dense(weight, x.dtype, ops), bias)

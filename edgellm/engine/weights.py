@@ -145,6 +145,9 @@ class Tensors:
         return self._place(self.raw.pop(name).t(), name)
 
 
+LINEAR_FIELDS = ("qkv", "o_proj", "gate_up", "down")  # the LayerWeights that quantization packs
+
+
 def is_linear(name: str, shape: tuple[int, ...]) -> bool:
     """Whether a checkpoint tensor is a layer's linear weight (what quantization packs): the 2-D
     tensors other than the embeddings and the LM head."""
