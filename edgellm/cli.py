@@ -27,6 +27,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="decode over a reduced vocabulary (a vocab_map.safetensors directory from `edgellm "
                         "reduce-vocab`; default: the model directory's, if it has one)")
     p.add_argument("--full-vocab", action="store_true", help="ignore a vocab_map.safetensors in the model directory")
+    _quantization_options(p)
     g = p.add_argument_group("KV reuse (saved prompt prefixes; any of these turns it on)")
     g.add_argument("--kv-reuse", action="store_true", help="reuse saved prefixes with the default device budget")
     g.add_argument("--kv-gpu-mb", type=int, default=None, help="device memory for saved blocks (default 256 MB)")
@@ -88,6 +89,12 @@ def _add_sampling_options(p: argparse.ArgumentParser, temperature_default) -> No
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
+def _quantization_options(p) -> None:
+    p.add_argument("--quantization", choices=("int8", "int4", "fp8"), default=None,
+                   help="weight-only quantization at load: int8 / fp8 per output channel, int4 in groups of 128")
+    p.add_argument("--quantize-lm-head", action="store_true", help="pack the LM head too (with --quantization)")
+
+
 def _runtime(args):
     from .runtime import LLMInferenceRuntime
 
@@ -97,7 +104,8 @@ def _runtime(args):
                                   max_kv_cache_capacity=args.max_kv_cache_capacity, lora_weights=adapters,
                                   max_lora_rank=args.max_lora_rank, kv_reuse=_kv_reuse(args),
                                   speculative=_speculative(args),
-                                  reduced_vocab_dir=False if args.full_vocab else args.reduced_vocab_dir)
+                                  reduced_vocab_dir=False if args.full_vocab else args.reduced_vocab_dir,
+                                  quantization=args.quantization, quantize_lm_head=args.quantize_lm_head)
     if adapters:
         runtime.switch_lora_weights(next(iter(adapters)))
     return runtime
@@ -269,7 +277,10 @@ def cmd_info(args) -> int:
     import dataclasses
 
     from .engine.config import EngineConfig
+    from .engine.devices import resolve_device, resolve_dtype
+    from .engine.memory import gib
     from .engine.vocab_map import MAP_FILE, load_vocab_map, map_path
+    from .engine.weights import weight_bytes
     from .models import resolve_model_dir
 
     model_dir = resolve_model_dir(args.model_dir)
@@ -280,9 +291,16 @@ def cmd_info(args) -> int:
     if where is not None:
         reduced = load_vocab_map(where, config.vocab_size, config.eos_token_ids)
         config = dataclasses.replace(config, reduced_vocab_size=reduced.numel())
+    if args.quantize_lm_head and not args.quantization:
+        raise EdgeLLMError("--quantize-lm-head needs --quantization")
+    config = dataclasses.replace(config, quantization=args.quantization, quantize_lm_head=args.quantize_lm_head)
     print(f"model directory              {model_dir}")
     if where is not None:
         print(f"reduced vocabulary map       {map_path(where)}")
+    dtype = resolve_dtype(args.dtype, resolve_device(args.device))
+    nbytes = weight_bytes(config, dtype)
+    print(f"weights on the device        {nbytes:,} bytes = {gib(nbytes)} ({str(dtype).removeprefix('torch.')}"
+          f"{', ' + config.quantization + ' linear weights' if config.quantization else ''})")
     print(config.describe())
     return 0
 
@@ -352,12 +370,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-kv-cache-capacity", type=int, default=None)
     p.add_argument("--reduced-vocab-dir", default=None,
                    help="a vocab_map.safetensors directory (default: the model directory's, if it has one)")
+    p.add_argument("--device", default=None, help="cpu or cuda (the dtype default depends on it)")
+    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
+    _quantization_options(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("bench", help="decode tokens/s and time to first token on the GPU",
                        description="Benchmark decode (tokens/s, ms per step, %% of the bandwidth floor) and TTFT "
                                    "on a CUDA GPU, for a model directory or a named random-weight shape.")
-    p.add_argument("--shape", default=None, help="random fp16 weights of a named shape: llama-3.2-1b, smollm2-135m")
+    p.add_argument("--shape", default=None, help="random fp16 weights of a named shape: llama-3.2-1b, smollm2-135m, "
+                                                 "gemma3-1b, gpt2-xl, phi4-mini")
     p.add_argument("--model-dir", "-m", default=None, help="a model directory instead of a named shape")
     p.add_argument("--isl", type=int, default=128, help="prompt length of the decode runs (default 128)")
     p.add_argument("--osl", type=int, default=256, help="decode steps per run (default 256)")

@@ -38,6 +38,26 @@ def test_generate_and_info(llama_dir, capsys):
     assert "num_kv_heads                 2" in capsys.readouterr().out
 
 
+def test_quantization_options(llama_dir, capsys):
+    """--quantization loads packed weights (the same tokens as the API's), info shows what they take."""
+    from edgellm import LLMGenerationRequest, LLMInferenceRuntime
+
+    assert main(["info", str(llama_dir), "--device", "cpu"]) == 0
+    full = capsys.readouterr().out
+    assert main(["info", str(llama_dir), "--device", "cpu", "--quantization", "int4"]) == 0
+    packed = capsys.readouterr().out
+    nbytes = [int(text.split("weights on the device")[1].split()[0].replace(",", "")) for text in (full, packed)]
+    assert nbytes[1] < nbytes[0] / 2 and "int4 linear weights" in packed and "quantization                 int4" in packed
+    spec = {"max_generate_length": 6, "temperature": 0, "requests": [{"input_ids": [1, 5, 6, 9]}]}
+    code = main(["generate", "w4 w5", "-m", str(llama_dir), "-n", "4", "--device", "cpu", "--quantization", "int8",
+                 "--raw"])
+    assert code == 0 and capsys.readouterr().out.strip()
+    runtime = LLMInferenceRuntime(llama_dir, device="cpu", quantization="int8")
+    assert runtime.handle_request(LLMGenerationRequest(**spec)).output_ids[0]
+    assert main(["info", str(llama_dir), "--quantize-lm-head"]) == 2
+    assert "--quantize-lm-head needs --quantization" in capsys.readouterr().err
+
+
 def test_clear_error_exit_code(tmp_path, capsys):
     assert main(["generate", "hi", "-m", str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err
