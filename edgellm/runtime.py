@@ -405,7 +405,8 @@ class LLMInferenceRuntime:
                     runner.keep_decode_rows([active.index(i) for i in still])
                 active = still
                 if runner.longrope_original is not None:
-                    self._cross_original_context(prompts, rows, active, adapters)
+                    runner.cross_original_context(active, [prompts[i] for i in active], [rows[i].ids for i in active],
+                                                  [adapters[i] for i in active])
                 new_tokens = self._decode_step(active, rows, max_new, spec)
                 timings.decode_tokens += self._advance(rows, active, new_tokens, stops, max_new, on_text)
         finally:
@@ -429,16 +430,6 @@ class LLMInferenceRuntime:
                 0.5 * (self._prefill_ms_per_token + rate)
         if self._prefill_ms_per_token is not None:
             reuse.prefill_ms_saved += reuse.reused_tokens * self._prefill_ms_per_token
-
-    def _cross_original_context(self, prompts, rows, active, adapters) -> None:
-        """LongRoPE: rows whose next step passes the original context get their cache recomputed with
-        the long factors first (runner.switch_to_long_rope), as transformers' generate does."""
-        runner = self.runner
-        crossing = [i for i in active if runner.crosses_original_context(rows[i].prompt_len,
-                                                                         rows[i].prompt_len + len(rows[i].ids))]
-        if crossing:
-            runner.switch_to_long_rope(crossing, [prompts[i] + rows[i].ids[:-1] for i in crossing],
-                                       lora=[adapters[i] for i in crossing])
 
     def _decode_step(self, active: list[int], rows: list[_Row], max_new: int,
                      spec: Speculation | None) -> list[list[int]]:

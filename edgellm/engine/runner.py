@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 from ..kernels import ops, rope_inv_freq
-from ..kernels.rope import longrope_inv_freqs
 from ..kernels.lora import UNROLL, used_slots
 from ..kernels.tree_mask import MAX_TREE
 from ..errors import ConfigurationError, InvalidRequestError, LoraError
@@ -38,6 +37,7 @@ from .lora import DEFAULT_MAX_LORAS, LoraStacks, read_adapter
 from .memory import check_fits, engine_memory_plan, free_bytes
 from .modes import inference_call, outside_inference_mode
 from .decode_steps import DecodeSteps, _lora_key
+from .longrope import LongRopeSteps
 from .verify import TreeSteps
 from .model import LoraBatch, RopeTables, forward_logits
 from .vocab_map import load_vocab_map
@@ -45,7 +45,7 @@ from .weights import load_weights
 
 DEFAULT_PREFILL_CHUNK = 2048  # prompts longer than this are prefilled chunk by chunk
 
-class LLMEngineRunner(DecodeSteps, TreeSteps):
+class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
     @outside_inference_mode
     def __init__(self, model_dir: str | Path, *, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, max_batch_size: int | None = None,
@@ -151,52 +151,6 @@ class LLMEngineRunner(DecodeSteps, TreeSteps):
         self._active_lora = ""  # the adapter rows use when a call names none ("" = the base model)
         for name, adapter in adapters.items():
             self.lora.add(name, adapter)
-
-    def _longrope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """LongRoPE as transformers runs it: a forward uses the long factors when its highest position
-        reaches the original context length, else the short ones, and cos / sin carry the attention
-        factor. Per row here: the table's first half serves rows whose prompt fits the original length
-        (short rows below it, long rows from it on: each decode step is its own forward); its second
-        half, all long, serves rows whose prompt is longer (offset by the capacity, set per slot by
-        prefill_step)."""
-        cfg = self.config
-        capacity = cfg.max_kv_cache_capacity
-        short, long, attention = longrope_inv_freqs(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
-        cos_s, sin_s = ops.rope_cos_sin_cache(short.to(self.device), capacity)
-        cos_l, sin_l = ops.rope_cos_sin_cache(long.to(self.device), capacity)
-        cut = min(self.longrope_original, capacity)
-        cos = torch.cat([cos_s[:cut], cos_l[cut:], cos_l]) * attention
-        sin = torch.cat([sin_s[:cut], sin_l[cut:], sin_l]) * attention
-        return cos.contiguous(), sin.contiguous()
-
-    def crosses_original_context(self, prompt_length: int, length: int) -> bool:
-        """Whether a sequence of `length` tokens (prompt and generated) whose prompt had prompt_length
-        has just outgrown a LongRoPE model's original context: its next step feeds the token at
-        position `original`, so its cached keys, rotated with the short factors, must be recomputed
-        with the long ones first (switch_to_long_rope). transformers' Phi-3 generate does the same
-        (it drops the cache and prefills the whole sequence once at that step)."""
-        original = self.longrope_original
-        return original is not None and prompt_length <= original and length == original + 1
-
-    def drafts_before_long_rope_switch(self, prompt_length: int, length: int) -> int:
-        """How many drafts a token tree may hold for a sequence of `length` tokens (its last not yet
-        cached) without reaching the LongRoPE switch from before it: trees stop short of it, so the row
-        crosses with a plain step and switches exactly as without speculation."""
-        original, cached = self.longrope_original, length - 1  # the tree's root goes to position `cached`
-        if original is None or prompt_length > original or cached >= original:
-            return 1 << 30
-        return original - cached - 1
-
-    def switch_to_long_rope(self, slots: list[int], token_ids: list[list[int]], lora=None) -> None:
-        """Prefill each slot's cached tokens (token_ids: the sequence before its last token) again
-        with the long factors, in place, while the decode batch runs on; its later steps read the
-        long half of the table. lora: each row's adapter name (None: the active adapter)."""
-        lengths = [len(ids) for ids in token_ids]
-        ids = torch.zeros(len(token_ids), max(lengths), dtype=torch.int64)
-        for row, seq in enumerate(token_ids):
-            ids[row, :len(seq)] = torch.tensor(seq)
-        self.prefill_step(self.embed(ids), lengths, slots=torch.tensor(slots, dtype=torch.int32), lora=lora,
-                          long_rope=True)
 
     def prefix_fingerprint(self, adapter: str, prompt_length: int) -> str:
         """What, besides the tokens, a saved prefix's KV depends on: the adapter, and for LongRoPE
