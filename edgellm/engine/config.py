@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import ConfigurationError, ModelLoadError, UnsupportedModelError
 from ..kernels.rope import SUPPORTED_ROPE_TYPES
+from ..quant.checkpoints import checkpoint_quantization
 from .families import family
 # Vision-language models: the language model's type (its config is the top level merged with
 # `text_config`, or `text_config` alone); the vision side is edgellm/vision's.
@@ -62,6 +63,8 @@ class EngineConfig:
     # Weight-only quantization of the layers' linear weights (edgellm/quant): None, "int8", "int4", "fp8".
     quantization: str | None = None
     quantize_lm_head: bool = False
+    quant_method: str | None = None  # a checkpoint quantized elsewhere: "awq" / "gptq" (int4; quant/checkpoints.py)
+    quant_group: int = 128           # its group along K
 
     def layer_window(self, layer: int) -> int:
         return self.layer_windows[layer] if self.layer_windows else 0
@@ -143,6 +146,11 @@ class EngineConfig:
                 multimodal=multimodal,
             )
             fields.update(switches)
+            stored = checkpoint_quantization(hf)
+            if stored is not None:
+                if fields.get("mlp") == "plain":
+                    raise UnsupportedModelError(f"{stored.method} checkpoints of {model_type} are not supported")
+                fields.update(quantization="int4", quant_method=stored.method, quant_group=stored.group)
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelLoadError(f"config.json is missing or has a bad value for {exc}") from exc
         if fields["num_attention_heads"] % fields["num_kv_heads"]:

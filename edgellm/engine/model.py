@@ -62,7 +62,7 @@ def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, l
     if t is None:
         t = ops.lora_shrink(x, a_stack, lora.index, lora.used)
     spec = (t, b_stack, lora.index, lora.used, lora.stacks.scale, lora.stacks.segments[group])
-    if _decode_sized(x):
+    if _decode_sized(x, weight):
         return ops.gemv(x, weight, bias, lora=spec)
     return ops.lora_expand(F.linear(x, _dense(weight, x.dtype, ops), bias), *spec)
 
@@ -209,7 +209,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, op
     observe = getattr(ops, "observe_linear", None)  # calibration (quant/gptq.py) sees each linear's input
     if observe is not None:
         observe(x, weight)
-    if _decode_sized(x):
+    if _decode_sized(x, weight):
         return ops.gemv(x, weight, bias)
     return F.linear(x, _dense(weight, x.dtype, ops), bias)
 
@@ -220,5 +220,7 @@ def _dense(weight, dtype: torch.dtype, ops) -> torch.Tensor:
     return ops.dequantize(weight, dtype) if isinstance(weight, QuantizedWeight) else weight
 
 
-def _decode_sized(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.numel() <= gemv.MAX_ROWS * x.shape[-1]
+def _decode_sized(x: torch.Tensor, weight=None) -> bool:
+    """A few rows on the GPU: the GEMV's work (unless the weight is packed in a way it does not read)."""
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.numel() <= gemv.MAX_ROWS * x.shape[-1] \
+        and (weight is None or gemv.supports(weight))

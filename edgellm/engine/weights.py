@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from ..errors import ModelLoadError
 from ..progress import progress
+from ..quant.checkpoints import checkpoint_quantization, packed_names, unpack
 from ..quant.formats import QuantizedWeight, packed_bytes, quantize
 from .config import EngineConfig
 from .families import family
@@ -91,8 +92,15 @@ def language_name(name: str) -> str:
 
 
 def read_checkpoint(model_dir: Path, cfg: EngineConfig) -> dict[str, torch.Tensor]:
-    """The tensors `expected_shapes` names, on CPU in their stored dtype, all shapes verified."""
+    """The tensors `expected_shapes` names, on CPU in their stored dtype, all shapes verified; for a
+    checkpoint quantized elsewhere (cfg.quant_method), its linear weights as QuantizedWeights."""
     wanted = expected_shapes(cfg)
+    packed = {}  # stored name -> the linear weight it belongs to (AWQ / GPTQ)
+    if cfg.quant_method:
+        for name, shape in list(wanted.items()):
+            if is_linear(name, shape):
+                packed.update({part: name for part in packed_names(name, cfg.quant_method)})
+    parts: dict[str, torch.Tensor] = {}
     found: dict[str, torch.Tensor] = {}
     files = checkpoint_files(model_dir)
     for path in progress(files, desc="loading weights", unit="file") if len(files) > 1 else files:
@@ -102,10 +110,14 @@ def read_checkpoint(model_dir: Path, cfg: EngineConfig) -> dict[str, torch.Tenso
                     name = language_name(stored)
                     if name not in wanted and "transformer." + name in wanted:  # GPT-2 saved bare ("h.0...")
                         name = "transformer." + name
-                    if name in wanted:
+                    if name in packed:
+                        parts[name] = f.get_tensor(stored)
+                    elif name in wanted and name not in packed.values():
                         found[name] = f.get_tensor(stored)
         except Exception as exc:  # safetensors raises several types for truncated/corrupt files
             raise ModelLoadError(f"cannot read weights from {path}: {exc}") from exc
+    if packed:
+        found.update(_unpack_linear(cfg, wanted, packed, parts, model_dir))
     missing = [n for n in wanted if n not in found]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
@@ -114,6 +126,19 @@ def read_checkpoint(model_dir: Path, cfg: EngineConfig) -> dict[str, torch.Tenso
         if tuple(found[name].shape) != shape:
             raise ModelLoadError(f"tensor {name} has shape {tuple(found[name].shape)}, the config needs {shape}")
     return found
+
+
+def _unpack_linear(cfg: EngineConfig, wanted, packed, parts, model_dir) -> dict[str, QuantizedWeight]:
+    spec = checkpoint_quantization(json.loads((Path(model_dir) / "config.json").read_text()))
+    out = {}
+    for name in dict.fromkeys(packed.values()):
+        names = packed_names(name, cfg.quant_method)
+        missing = [n for n in names[:3] if n not in parts]
+        if missing:
+            raise ModelLoadError(f"checkpoint in {model_dir} is missing tensors: {', '.join(missing)}")
+        shape = wanted[name]
+        out[name] = unpack(spec, name, [parts.get(n) for n in names], shape[0], shape[1])
+    return out
 
 
 class Tensors:
@@ -129,7 +154,10 @@ class Tensors:
         self.raw, self.dtype, self.device = raw, dtype, device
         self.quantization, self.quantize_lm_head = quantization, quantize_lm_head
 
-    def _place(self, tensor: torch.Tensor, name: str):
+    def _place(self, tensor, name: str):
+        if isinstance(tensor, QuantizedWeight):  # stored packed (AWQ / GPTQ): scales in the compute dtype
+            return dataclasses.replace(tensor.to(self.device), scales=tensor.scales.to(self.device, self.dtype),
+                                       zeros=tensor.zeros.to(self.device, self.dtype))
         if self.quantization and (is_linear(name, tuple(tensor.shape)) or (self.quantize_lm_head and "lm_head" in name)):
             return quantize(tensor.to(self.device), self.quantization, dtype=self.dtype)
         return tensor.to(device=self.device, dtype=self.dtype).contiguous()
@@ -139,7 +167,11 @@ class Tensors:
         return self._place(transform(tensor) if transform is not None else tensor, name)
 
     def fused(self, *names: str):
-        return self._place(torch.cat([self.raw.pop(n) for n in names], dim=0), names[0])
+        parts = [self.raw.pop(n) for n in names]
+        if isinstance(parts[0], QuantizedWeight):  # packed rows stack as they are
+            return self._place(dataclasses.replace(parts[0], **{f: torch.cat([getattr(p, f) for p in parts])
+                                                              for f in ("data", "scales", "zeros")}), names[0])
+        return self._place(torch.cat(parts, dim=0), names[0])
 
     def transposed(self, name: str):
         return self._place(self.raw.pop(name).t(), name)
@@ -160,7 +192,8 @@ def weight_bytes(cfg: EngineConfig, dtype: torch.dtype) -> int:
     total = 0
     for name, shape in expected_shapes(cfg).items():
         packed = cfg.quantization and (is_linear(name, shape) or (cfg.quantize_lm_head and "lm_head" in name))
-        total += packed_bytes(cfg.quantization, *shape, el) if packed else math.prod(shape) * el
+        total += packed_bytes(cfg.quantization, *shape, el, cfg.quant_group or shape[-1]) if packed \
+            else math.prod(shape) * el
     if cfg.quantization and cfg.quantize_lm_head and cfg.tie_word_embeddings:  # a packed copy of the table
         total += packed_bytes(cfg.quantization, cfg.vocab_size, cfg.hidden_size, el)
     return total

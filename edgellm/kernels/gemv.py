@@ -138,6 +138,11 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+def supports(weight) -> bool:
+    """Whether the GEMV reads this weight (int4 groups must hold whole K tiles of at least 32)."""
+    return getattr(weight, "kind", None) != "int4" or weight.group % 32 == 0
+
+
 def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None,
          lora=None) -> torch.Tensor:
     """x: [..., K] with at most MAX_ROWS rows in all; weight: [N, K], a tensor or a QuantizedWeight;
@@ -155,10 +160,10 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
         x2 = x2.contiguous()
     block_n, block_k, warps, stages = tile or _tile(quant, n)
     block_k = min(block_k, pow2(k, 32 if quant == "int4" else 16))  # an int4 tile makes two dots of BLOCK_K / 2
-    if quant == "int4":  # a K tile lies in one group
-        block_k = min(block_k, weight.group)
-        if weight.group % block_k or block_k < 32:
-            raise ValueError(f"gemv: int4 group {weight.group} must be a multiple of the K tile {block_k} (>= 32)")
+    if quant == "int4":  # a K tile lies in one group: the largest power of two dividing it, at least 32
+        if not supports(weight):
+            raise ValueError(f"gemv: int4 groups must be a multiple of 32, got {weight.group}")
+        block_k = min(block_k, weight.group & -weight.group)
     if quant == "fp8":
         data = data.view(torch.uint8)  # decoded from its bits in the kernel (_weight_tile)
     scales = weight.scales if quant else data
