@@ -305,6 +305,15 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from .models import resolve_model_dir
+    from .quant.export import write_quantized
+
+    target = write_quantized(resolve_model_dir(args.model_dir), args.output, args.to, group=args.group_size)
+    print(f"wrote {args.to} weights to {target}; load it like any model directory")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from . import benchmark
 
@@ -374,6 +383,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
     _quantization_options(p)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("quantize", help="write a model directory back with quantized weights",
+                       description="Quantize a full-precision model's layer weights (round to nearest) and write a "
+                                   "model directory that later loads already quantized.")
+    p.add_argument("model_dir", nargs="?", default=None, help="model directory or hub id (default: the embedded model)")
+    p.add_argument("--to", required=True, choices=("int8", "int4", "fp8"))
+    p.add_argument("--output", "-o", required=True, help="an empty or new directory")
+    p.add_argument("--group-size", type=int, default=128, help="int4 group along the input (multiple of 32; default 128)")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("bench", help="decode tokens/s and time to first token on the GPU",
                        description="Benchmark decode (tokens/s, ms per step, %% of the bandwidth floor) and TTFT "

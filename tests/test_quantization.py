@@ -18,13 +18,13 @@ PROMPTS = [[5, 9, 13, 7, 30], [20, 21, 22, 23, 24, 25, 26, 27, 28], [40]]
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def fake_quantized(model, kind, lm_head=False):
+def fake_quantized(model, kind, lm_head=False, group=128):
     """A copy of a transformers model whose linear weights are what edgellm's kind decodes to."""
     model = copy.deepcopy(model)
     with torch.no_grad():
         for name, module in model.named_modules():
             if name.split(".")[-1] in PROJECTIONS or (lm_head and name == "lm_head"):
-                module.weight.copy_(dequantize(quantize(module.weight.detach(), kind), torch.float32))
+                module.weight.copy_(dequantize(quantize(module.weight.detach(), kind, group=group), torch.float32))
     return model
 
 
@@ -77,3 +77,27 @@ def test_bad_quantization_settings(tiny_models):
         LLMInferenceRuntime(model_dir, device="cpu", quantization="int3")
     with pytest.raises(ConfigurationError, match="quantize_lm_head needs a quantization"):
         LLMInferenceRuntime(model_dir, device="cpu", quantize_lm_head=True)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "fp8"])
+def test_edgellm_quantize_writes_a_directory_that_loads_quantized(tiny_models, tmp_path, capsys, kind):
+    """`edgellm quantize` then a plain load: transformers' tokens over the same quantized weights (int4 in
+    groups of 32 here), and the checkpoint holds packed tensors for the linear weights only."""
+    from safetensors import safe_open
+
+    from edgellm.cli import main
+
+    model_dir, model = tiny_models["llama"]
+    out = tmp_path / f"llama-{kind}"
+    assert main(["quantize", str(model_dir), "--to", kind, "--output", str(out), "--group-size", "32"]) == 0
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+    assert "model.layers.0.self_attn.q_proj.qweight" in names and "model.layers.0.self_attn.q_proj.weight" not in names
+    assert "model.embed_tokens.weight" in names and (out / "tokenizer.json").is_file()
+    stored = LLMInferenceRuntime(out, device="cpu", cuda_graphs=False)
+    assert (stored.config.quantization, stored.config.quant_method) == (kind, "edgellm")
+    response = stored.handle_request(LLMGenerationRequest(requests=[{"input_ids": p} for p in PROMPTS],
+                                                          max_generate_length=10, temperature=0))
+    assert_rows_match_transformers(response, fake_quantized(model, kind, group=32), PROMPTS, 10)
+    assert main(["quantize", str(model_dir), "--to", kind, "--output", str(out)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err

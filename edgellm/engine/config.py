@@ -150,7 +150,7 @@ class EngineConfig:
             if stored is not None:
                 if fields.get("mlp") == "plain":
                     raise UnsupportedModelError(f"{stored.method} checkpoints of {model_type} are not supported")
-                fields.update(quantization="int4", quant_method=stored.method, quant_group=stored.group)
+                fields.update(quantization=stored.kind, quant_method=stored.method, quant_group=stored.group)
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelLoadError(f"config.json is missing or has a bad value for {exc}") from exc
         if fields["num_attention_heads"] % fields["num_kv_heads"]:

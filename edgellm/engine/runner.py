@@ -85,9 +85,10 @@ class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
         max_lora_rank = self._lora_limits(adapters, max_lora_rank, max_loras)
         if quantization is not None and quantization not in QUANT_KINDS:
             raise ConfigurationError(f"unsupported quantization {quantization!r}; supported: {', '.join(QUANT_KINDS)}")
-        stored = self.config.quant_method  # a checkpoint already quantized (AWQ / GPTQ): int4 as stored
-        if stored and quantization not in (None, "int4"):
-            raise ConfigurationError(f"this checkpoint is already {stored} int4; it cannot be loaded as {quantization}")
+        stored = self.config.quant_method  # a checkpoint already quantized (AWQ / GPTQ / edgellm): as stored
+        if stored and quantization not in (None, self.config.quantization):
+            raise ConfigurationError(f"this checkpoint is already {stored} {self.config.quantization}; it cannot be "
+                                     f"loaded as {quantization}")
         if quantize_lm_head and quantization is None:
             raise ConfigurationError("quantize_lm_head needs a quantization (int8, int4 or fp8)")
         self.config = dataclasses.replace(self.config, max_supported_lora_rank=max_lora_rank,

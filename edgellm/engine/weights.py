@@ -133,7 +133,8 @@ def _unpack_linear(cfg: EngineConfig, wanted, packed, parts, model_dir) -> dict[
     out = {}
     for name in dict.fromkeys(packed.values()):
         names = packed_names(name, cfg.quant_method)
-        missing = [n for n in names[:3] if n not in parts]
+        required = names[:2] if cfg.quant_method == "edgellm" and cfg.quantization != "int4" else names[:3]
+        missing = [n for n in required if n not in parts]
         if missing:
             raise ModelLoadError(f"checkpoint in {model_dir} is missing tensors: {', '.join(missing)}")
         shape = wanted[name]
@@ -156,8 +157,9 @@ class Tensors:
 
     def _place(self, tensor, name: str):
         if isinstance(tensor, QuantizedWeight):  # stored packed (AWQ / GPTQ): scales in the compute dtype
+            zeros = None if tensor.zeros is None else tensor.zeros.to(self.device, self.dtype)
             return dataclasses.replace(tensor.to(self.device), scales=tensor.scales.to(self.device, self.dtype),
-                                       zeros=tensor.zeros.to(self.device, self.dtype))
+                                       zeros=zeros)
         if self.quantization and (is_linear(name, tuple(tensor.shape)) or (self.quantize_lm_head and "lm_head" in name)):
             return quantize(tensor.to(self.device), self.quantization, dtype=self.dtype)
         return tensor.to(device=self.device, dtype=self.dtype).contiguous()
@@ -170,7 +172,8 @@ class Tensors:
         parts = [self.raw.pop(n) for n in names]
         if isinstance(parts[0], QuantizedWeight):  # packed rows stack as they are
             return self._place(dataclasses.replace(parts[0], **{f: torch.cat([getattr(p, f) for p in parts])
-                                                              for f in ("data", "scales", "zeros")}), names[0])
+                                                              for f in ("data", "scales", "zeros")
+                                                              if getattr(parts[0], f) is not None}), names[0])
         return self._place(torch.cat(parts, dim=0), names[0])
 
     def transposed(self, name: str):

@@ -18,16 +18,17 @@ import dataclasses
 import torch
 
 from ..errors import ModelLoadError, UnsupportedModelError
-from .formats import QuantizedWeight, pack_int4
+from .formats import GROUP_SIZE, QUANT_KINDS, QuantizedWeight, pack_int4
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds column AWQ_ORDER[i]
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointQuantization:
-    method: str   # "awq" or "gptq"
+    method: str   # "awq", "gptq", or "edgellm" (written by `edgellm quantize`: formats.py's layouts as they are)
     group: int    # 0: one group over all of K
     zeros_minus_one: bool = False  # GPTQ's original format
+    kind: str = "int4"  # the format it loads as
 
 
 def checkpoint_quantization(hf: dict) -> CheckpointQuantization | None:
@@ -36,9 +37,14 @@ def checkpoint_quantization(hf: dict) -> CheckpointQuantization | None:
     if not spec:
         return None
     method = str(spec.get("quant_method", "")).lower()
+    if method == "edgellm":
+        kind = spec.get("kind")
+        if kind not in QUANT_KINDS:
+            raise UnsupportedModelError(f"edgellm checkpoint of unknown kind {kind!r}; supported: {', '.join(QUANT_KINDS)}")
+        return CheckpointQuantization("edgellm", int(spec.get("group_size", GROUP_SIZE)), kind=kind)
     if method not in ("awq", "gptq"):
-        raise UnsupportedModelError(f"unsupported quant_method {spec.get('quant_method')!r}; supported: awq, gptq "
-                                    "(or quantization= at load on a full-precision checkpoint)")
+        raise UnsupportedModelError(f"unsupported quant_method {spec.get('quant_method')!r}; supported: awq, gptq, "
+                                    "edgellm (or quantization= at load on a full-precision checkpoint)")
     bits = spec.get("bits", spec.get("w_bit"))
     if bits != 4:
         raise UnsupportedModelError(f"{method} checkpoints with {bits} bits are not supported; only 4")
@@ -60,6 +66,8 @@ def checkpoint_quantization(hf: dict) -> CheckpointQuantization | None:
 def packed_names(weight_name: str, method: str) -> tuple[str, ...]:
     """The tensors a quantized checkpoint stores for a linear `<prefix>.weight`."""
     prefix = weight_name.removesuffix(".weight")
+    if method == "edgellm":
+        return prefix + ".qweight", prefix + ".scales", prefix + ".zeros"
     names = (prefix + ".qweight", prefix + ".qzeros", prefix + ".scales")
     return names + ((prefix + ".g_idx",) if method == "gptq" else ())
 
@@ -82,8 +90,10 @@ def unpack(spec: CheckpointQuantization, name: str, tensors: list[torch.Tensor],
            in_features: int) -> QuantizedWeight:
     """One linear weight ([out, in]) from its stored tensors (packed_names order); ModelLoadError naming
     the tensor whose shape does not fit."""
-    qweight, qzeros, scales = tensors[:3]
     n, k = out_features, in_features
+    if spec.method == "edgellm":
+        return _stored(spec, name, tensors, n, k)
+    qweight, qzeros, scales = tensors[:3]
     group = spec.group or k
     groups = -(-k // group)
     prefix = name.removesuffix(".weight")
@@ -108,3 +118,29 @@ def unpack(spec: CheckpointQuantization, name: str, tensors: list[torch.Tensor],
             zeros = (zeros + 1) & 0xF
     return QuantizedWeight("int4", pack_int4(codes.to(torch.uint8)), scales.t().contiguous(),
                            zeros.to(scales.dtype).contiguous(), k, group)
+
+
+def _stored(spec: CheckpointQuantization, name: str, tensors, n: int, k: int) -> QuantizedWeight:
+    """formats.py's layout as `edgellm quantize` wrote it: shapes checked, taken as they are."""
+    data, scales, zeros = tensors
+    groups = -(-k // spec.group)
+    expect = {"qweight": (n, (k + 1) // 2) if spec.kind == "int4" else (n, k),
+              "scales": (n, groups) if spec.kind == "int4" else (n,)}
+    if spec.kind == "int4":
+        expect["zeros"] = (n, groups)
+    prefix = name.removesuffix(".weight")
+    for suffix, tensor in (("qweight", data), ("scales", scales), ("zeros", zeros)):
+        if suffix in expect and (tensor is None or tuple(tensor.shape) != expect[suffix]):
+            got = None if tensor is None else tuple(tensor.shape)
+            raise ModelLoadError(f"tensor {prefix}.{suffix} has shape {got}; a {spec.kind} weight of {n} x {k} needs "
+                                 f"{expect[suffix]}")
+    return QuantizedWeight(spec.kind, data, scales, zeros if spec.kind == "int4" else None, k,
+                           spec.group if spec.kind == "int4" else 0)
+
+
+def save_packed(weight: QuantizedWeight, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors `edgellm quantize` writes for one linear weight (read back by _stored)."""
+    out = {prefix + ".qweight": weight.data.contiguous(), prefix + ".scales": weight.scales.contiguous()}
+    if weight.zeros is not None:
+        out[prefix + ".zeros"] = weight.zeros.contiguous()
+    return out
