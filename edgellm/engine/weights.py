@@ -133,7 +133,7 @@ def _unpack_linear(cfg: EngineConfig, wanted, packed, parts, model_dir) -> dict[
     out = {}
     for name in dict.fromkeys(packed.values()):
         names = packed_names(name, cfg.quant_method)
-        required = names[:2] if cfg.quant_method == "edgellm" and cfg.quantization != "int4" else names[:3]
+        required = names[:2] if cfg.quant_method == "edgellm" and cfg.quantization == "fp8" else names[:3]
         missing = [n for n in required if n not in parts]
         if missing:
             raise ModelLoadError(f"checkpoint in {model_dir} is missing tensors: {', '.join(missing)}")

@@ -30,9 +30,11 @@ def _dequantize_kernel(w_ptr, sc_ptr, zp_ptr, out_ptr, n, k, s_wn, s_sn, group,
         tl.store(out_base + kk[None, :], (((packed & 0xF).to(tl.float32) - z) * s).to(dtype), mask=ok)
         tl.store(out_base + kk[None, :] + 1, (((packed >> 4).to(tl.float32) - z) * s).to(dtype),
                  mask=n_ok[:, None] & (kk + 1 < k)[None, :])
-    else:  # int8 / fp8: codes times the row's scale
+    else:  # int8 / fp8: codes (less the row's zero, int8) times the row's scale
         kk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         codes = _weight_tile(w_base, kk, k, n_ok, tl.float32, QUANT)
+        if QUANT == 1:
+            codes = codes - tl.load(zp_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         s = tl.load(sc_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(out_base + kk[None, :], (codes * s[:, None]).to(dtype), mask=n_ok[:, None] & (kk < k)[None, :])
 

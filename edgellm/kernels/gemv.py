@@ -35,8 +35,8 @@ QUANT_CODES = {None: 0, "int8": 1, "int4": 2, "fp8": 3}
 
 @triton.jit
 def _weight_tile(w_base, kk, k, n_ok, dtype: tl.constexpr, QUANT: tl.constexpr):
-    """W[rows, kk] in the compute dtype: full precision, or int8 / fp8 codes (their per-channel scale
-    is applied to the accumulator once, after the K loop)."""
+    """W[rows, kk] in the compute dtype: full precision, or int8 / fp8 codes (int8's are 0..255, exact
+    in fp16 and bf16; the per-channel zero and scale apply to the accumulator once, after the K loop)."""
     k_ok = kk < k
     if QUANT == 3:  # fp8 e4m3 stored as bytes: its bits moved into an fp16 (exponent bias 15 vs 7), x 2^8
         bits = tl.load(w_base + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.int16)
@@ -109,6 +109,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
     w_base = w_ptr + rows_n.to(tl.int64)[:, None] * s_wn
     x_base = x_ptr + rows_m[:, None] * s_xm
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    x_sum = tl.zeros([BLOCK_M], dtype=tl.float32)  # int8: x . (q - z) s = (x . q - z sum(x)) s
     for k0 in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
         if QUANT == 2:
             acc = _int4_dot(acc, x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k0, k, group, BLOCK_K,
@@ -118,6 +119,10 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
             x = tl.load(x_base + kk[None, :], mask=m_ok[:, None] & (kk < k)[None, :], other=0.0)
             w = _weight_tile(w_base, kk, k, n_ok, x_ptr.dtype.element_ty, QUANT)
             acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+            if QUANT == 1:
+                x_sum += tl.sum(x.to(tl.float32), axis=1)
+    if QUANT == 1:  # per-output-channel zeros, once
+        acc -= x_sum[:, None] * tl.load(zp_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if QUANT == 1 or QUANT == 3:  # per-output-channel scales, once
         acc *= tl.load(sc_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
@@ -167,7 +172,7 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
     if quant == "fp8":
         data = data.view(torch.uint8)  # decoded from its bits in the kernel (_weight_tile)
     scales = weight.scales if quant else data
-    zeros = weight.zeros if quant == "int4" else scales
+    zeros = weight.zeros if quant in ("int4", "int8") else scales
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     pdl = use_pdl(x)
     if lora is None:

@@ -128,13 +128,15 @@ def _stored(spec: CheckpointQuantization, name: str, tensors, n: int, k: int) ->
               "scales": (n, groups) if spec.kind == "int4" else (n,)}
     if spec.kind == "int4":
         expect["zeros"] = (n, groups)
+    if spec.kind == "int8":
+        expect["zeros"] = (n,)
     prefix = name.removesuffix(".weight")
     for suffix, tensor in (("qweight", data), ("scales", scales), ("zeros", zeros)):
         if suffix in expect and (tensor is None or tuple(tensor.shape) != expect[suffix]):
             got = None if tensor is None else tuple(tensor.shape)
             raise ModelLoadError(f"tensor {prefix}.{suffix} has shape {got}; a {spec.kind} weight of {n} x {k} needs "
                                  f"{expect[suffix]}")
-    return QuantizedWeight(spec.kind, data, scales, zeros if spec.kind == "int4" else None, k,
+    return QuantizedWeight(spec.kind, data, scales, zeros if spec.kind != "fp8" else None, k,
                            spec.group if spec.kind == "int4" else 0)
 
 
