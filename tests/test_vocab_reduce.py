@@ -1,5 +1,5 @@
 """Vocabulary reduction's tool (edgellm/vocab, engine/vocab_map.py): corpora, the three methods on a
-small corpus shipped in tests/data, the ids every map keeps, the map file and its checks, the CLI."""
+small corpus shipped in tests/data/vocab, the ids every map keeps, the map file and its checks, the CLI."""
 
 import json
 from pathlib import Path
@@ -15,7 +15,7 @@ from edgellm.vocab import reduce_vocab
 from edgellm.vocab.corpus import read_corpus
 from edgellm.vocab.select import choose, rank_frequency, rank_input_aware, required_ids
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent / "data" / "vocab"
 CORPUS = DATA / "vocab_corpus.jsonl"
 
 
