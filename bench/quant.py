@@ -9,6 +9,7 @@ Run:  python bench/quant.py --json bench/results/quant.json
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -24,45 +25,65 @@ sys.path.insert(0, str(ROOT / "bench"))
 from edgellm import benchmark  # noqa: E402
 from edgellm.kernels import gemv  # noqa: E402
 from edgellm.quant import quantize  # noqa: E402
-from kernels import graph_us  # noqa: E402  (bench/kernels.py: time inside a CUDA graph)
+from kernels import streamed_us  # noqa: E402  (bench/kernels.py: time inside a CUDA graph)
 
 KINDS = (None, "fp8", "int8", "int4")
 # gpt-fast's published weight-only ratios over its bf16 decode (Llama-2-7B, A100, batch 1).
 GPT_FAST = {None: 1.0, "int8": 155.6 / 104.9, "int4": 196.8 / 104.9}
 TILES = [(32, 256, 4, 4), (64, 256, 4, 4), (32, 512, 4, 4), (64, 128, 4, 4), (32, 1024, 4, 4), (16, 512, 4, 4),
          (16, 1024, 4, 4), (16, 256, 4, 3)]
+# Batch 1 on the CUDA cores (gemv row_fma): (BLOCK_N, BLOCK_K, warps, stages)
+ROW_TILES = [(bn, bk, 4, 3) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024)] + \
+    [(8, 1024, 8, 3), (16, 1024, 8, 3), (16, 2048, 8, 3), (8, 512, 4, 1), (8, 512, 4, 2)]
 
 
-def decode_rows(shape, batches, osl, iterations, bandwidth, kinds=KINDS) -> list[dict]:
+def decode_rows(shape, batches, osl, iterations, bandwidth, kinds=KINDS, lm_head=(False,)) -> list[dict]:
     model_dir = benchmark.random_model_dir(shape, "/tmp/edgellm-bench")
     rows = []
     for kind in kinds:
-        runner = benchmark.make_runner(model_dir, batches=batches, isl=128, osl=osl, ttft_lens=(1024,), quantization=kind)
-        for batch in batches:
-            row = benchmark.bench_decode(runner, batch, 128, osl, iterations, bandwidth)
-            row.update(kind=kind or "fp16", weight_gb=benchmark.weight_bytes(runner) / 1e9)
-            benchmark.log(f"  {kind or 'fp16'} b{batch}: {row['tokens_per_s']:.0f} tok/s ({row['pct_of_floor']:.0f}% of floor)")
-            rows.append(row)
-        rows.append(dict(kind=kind or "fp16", ttft_1024_ms=benchmark.bench_ttft(runner, 1024, iterations)["ttft_ms"]))
-        del runner
-        torch.cuda.empty_cache()
+        for head in lm_head if kind else (False,):
+            name = (kind or "fp16") + ("+head" if head else "")
+            runner = benchmark.make_runner(model_dir, batches=batches, isl=128, osl=osl, ttft_lens=(1024,),
+                                           quantization=kind, quantize_lm_head=head)
+            for batch in batches:
+                row = benchmark.bench_decode(runner, batch, 128, osl, iterations, bandwidth)
+                row.update(kind=name, weight_gb=benchmark.weight_bytes(runner) / 1e9)
+                benchmark.log(f"  {name} b{batch}: {row['tokens_per_s']:.0f} tok/s ({row['pct_of_floor']:.0f}% of floor)")
+                rows.append(row)
+            rows.append(dict(kind=name, ttft_1024_ms=benchmark.bench_ttft(runner, 1024, iterations)["ttft_ms"]))
+            del runner
+            torch.cuda.empty_cache()
     return rows
 
 
-def kernel_rows(bandwidth, kinds=KINDS, tiles=TILES) -> list[dict]:
+def _copy(qw):
+    """Another copy of a weight (the GEMV timings cycle copies, so no weight stays in the 50 MB L2, as
+    in a decode step that reads every layer's once)."""
+    return qw.clone() if isinstance(qw, torch.Tensor) else dataclasses.replace(qw, data=qw.data.clone())
+
+
+def kernel_rows(bandwidth, kinds=KINDS, tiles=TILES, row_tiles=ROW_TILES, batches=(1, 16)) -> list[dict]:
     rows = []
-    for n, k in ((3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192)):  # the 1B shape's qkv, o, gate_up, down
+    for n, k in ((3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192), (128256, 2048)):
+        # the 1B shape's qkv, o, gate_up, down, LM head
         w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
-        for m in (1, 16):
+        for m in batches:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             for kind in kinds:
                 qw = w if kind is None else quantize(w, kind)
                 nbytes = qw.nbytes if kind else w.numel() * 2
-                for tile in tiles or [gemv._tile(kind, n)]:
-                    us = graph_us(lambda: gemv.gemv(x, qw, tile=tile))
+                candidates = [(t, False) for t in tiles or [gemv._tile(kind, n)]]
+                if m == 1:
+                    default_row = [gemv.ROW_TILES[kind]] if gemv.ROW_TILES[kind] else []
+                    candidates += [(t, True) for t in row_tiles or default_row]
+                for tile, row_fma in candidates:
+                    def fresh(_i, qw=qw, tile=tile, row_fma=row_fma, x=x):
+                        copy = _copy(qw)
+                        return lambda: gemv.gemv(x, copy, tile=tile, row_fma=row_fma)
+                    us = streamed_us(fresh, nbytes)
                     if us is None:
                         continue
-                    rows.append(dict(n=n, k=k, m=m, kind=kind or "fp16", tile=tile, us=us,
+                    rows.append(dict(n=n, k=k, m=m, kind=kind or "fp16", tile=tile, row_fma=row_fma, us=us,
                                      floor_us=nbytes / bandwidth * 1e6, pct=100 * nbytes / bandwidth * 1e6 / us))
         del w
     return rows
@@ -77,41 +98,50 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=[], choices=["decode", "kernel"])
     parser.add_argument("--kinds", nargs="+", default=["fp16", *KINDS[1:]], help="fp16 and / or quantizations")
-    parser.add_argument("--default-tiles", action="store_true", help="time each format's default tile only")
+    parser.add_argument("--sweep", default="all", choices=["all", "row", "none"],
+                        help="tiles to time: all candidates, the batch-1 CUDA-core ones (defaults otherwise), none")
+    parser.add_argument("--lm-head", action="store_true", help="also decode with the LM head quantized")
+    parser.add_argument("--gemv-batch", type=int, nargs="+", default=[1, 16])
     args = parser.parse_args()
     bandwidth = benchmark.copy_bandwidth()
     out = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name(), torch=torch.__version__,
                commit=os.environ.get("EDGELLM_COMMIT", "unknown"), copy_TBps=bandwidth / 1e12)
     kinds = [None if k == "fp16" else k for k in args.kinds]
     if "kernel" not in args.skip:
-        out["kernel"] = kernel_rows(bandwidth, kinds, None if args.default_tiles else TILES)
+        out["kernel"] = kernel_rows(bandwidth, kinds, TILES if args.sweep == "all" else None,
+                                    None if args.sweep == "none" else ROW_TILES, args.gemv_batch)
     if "decode" not in args.skip:
-        out["decode"] = decode_rows(args.shape, args.batch, args.osl, args.iterations, bandwidth, kinds)
+        out["decode"] = decode_rows(args.shape, args.batch, args.osl, args.iterations, bandwidth, kinds,
+                                    (False, True) if args.lm_head else (False,))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=1))
     print(f"\n{out['device']}  torch {out['torch']}  commit {out['commit']}  copy {out['copy_TBps']:.2f} TB/s")
     best = {}
     for r in out.get("kernel", []):
-        key = (r["n"], r["k"], r["m"], r["kind"])
+        key = (r["n"], r["k"], r["m"], r["kind"], r["row_fma"])
         if key not in best or r["us"] < best[key]["us"]:
             best[key] = r
     for r in out.get("kernel", []):
-        default = gemv._tile(None if r["kind"] == "fp16" else r["kind"], r["n"])
-        if tuple(r["tile"]) in (tuple(best[(r["n"], r["k"], r["m"], r["kind"])]["tile"]), tuple(default)):
-            print(f"gemv {r['n']:5d}x{r['k']:<5d} m{r['m']:<2d} {r['kind']:5s} tile {str(tuple(r['tile'])):18s} "
-                  f"{r['us']:7.1f} us  floor {r['floor_us']:6.1f}  {r['pct']:3.0f}%")
+        kind = None if r["kind"] == "fp16" else r["kind"]
+        default = (gemv.ROW_TILES[kind] if r["row_fma"] else None) or gemv._tile(kind, r["n"])
+        if tuple(r["tile"]) in (tuple(best[(r["n"], r["k"], r["m"], r["kind"], r["row_fma"])]["tile"]), tuple(default)):
+            print(f"gemv {r['n']:6d}x{r['k']:<5d} m{r['m']:<2d} {r['kind']:5s} {'fma ' if r['row_fma'] else 'dot '}"
+                  f"tile {str(tuple(r['tile'])):18s} {r['us']:7.1f} us  floor {r['floor_us']:6.1f}  {r['pct']:3.0f}%"
+                  + ("  (default)" if tuple(r["tile"]) == tuple(default) else ""))
     decode = out.get("decode", [])
     fp16 = {r["batch"]: r["tokens_per_s"] for r in decode if r.get("kind") == "fp16" and "batch" in r}
+    if not fp16:
+        decode = []  # ratios need the fp16 rows
     ttft16 = next((r["ttft_1024_ms"] for r in decode if r.get("kind") == "fp16" and "ttft_1024_ms" in r), None)
     for r in decode:
         if "batch" in r:
             ratio = r["tokens_per_s"] / fp16[r["batch"]]
-            peer = GPT_FAST.get(None if r["kind"] == "fp16" else r["kind"])
-            print(f"{r['kind']:5s} b{r['batch']:<3d} {r['tokens_per_s']:7.0f} tok/s  {ratio:4.2f}x fp16  weights "
+            peer = GPT_FAST.get(None if r["kind"] == "fp16" else r["kind"].removesuffix("+head"))
+            print(f"{r['kind']:10s} b{r['batch']:<3d} {r['tokens_per_s']:7.0f} tok/s  {ratio:4.2f}x fp16  weights "
                   f"{r['weight_gb']:.2f} GB  {r['pct_of_floor']:3.0f}% of floor" + (f"  (gpt-fast {peer:.2f}x)" if peer else ""))
         else:
-            print(f"{r['kind']:5s} TTFT 1024: {r['ttft_1024_ms']:.2f} ms ({r['ttft_1024_ms'] / ttft16:.2f}x fp16)")
+            print(f"{r['kind']:10s} TTFT 1024: {r['ttft_1024_ms']:.2f} ms ({r['ttft_1024_ms'] / ttft16:.2f}x fp16)")
     return 0
 
 

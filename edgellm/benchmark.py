@@ -210,7 +210,8 @@ def bench_ttft(runner, prompt_len: int, iterations: int) -> dict:
 
 
 def make_runner(model_dir: str | Path, *, batches, isl: int, osl: int, ttft_lens, dtype: str = "float16",
-                cuda_graphs: bool = True, vocab_map: str | Path | None = None, quantization: str | None = None):
+                cuda_graphs: bool = True, vocab_map: str | Path | None = None, quantization: str | None = None,
+                quantize_lm_head: bool = False):
     """An engine on the GPU sized for these runs: batch, prompt and cache limits (and a reduced
     vocabulary's map, a quantization, if given)."""
     from .engine.runner import LLMEngineRunner
@@ -218,7 +219,8 @@ def make_runner(model_dir: str | Path, *, batches, isl: int, osl: int, ttft_lens
     log(f"loading {model_dir} ...")
     return LLMEngineRunner(model_dir, device="cuda", dtype=dtype, max_batch_size=max(batches),
                            max_input_length=max([isl, *ttft_lens]), max_kv_cache_capacity=max([isl + osl, *ttft_lens]),
-                           cuda_graphs=cuda_graphs, vocab_map=vocab_map, quantization=quantization)
+                           cuda_graphs=cuda_graphs, vocab_map=vocab_map, quantization=quantization,
+                           quantize_lm_head=quantize_lm_head)
 
 
 def run(model: str, *, batches=(1, 4, 16, 64), isl: int = 128, osl: int = 256, ttft_lens=(128, 1024, 4096),

@@ -236,6 +236,8 @@ def test_gemv(dtype, m, n, k, bias):
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(gemv.gemv(x, w, b), gemv.gemv_ref(x, w, b), **tol)
     torch.testing.assert_close(gemv.gemv(x, w, b, tile=(16, 32, 4, 2)), gemv.gemv_ref(x, w, b), **tol)
+    if m == 1:  # one row on the CUDA cores (ROW_TILES; full-precision weights take it only when asked)
+        torch.testing.assert_close(gemv.gemv(x, w, b, tile=(8, 32, 4, 2), row_fma=True), gemv.gemv_ref(x, w, b), **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -308,6 +310,10 @@ def test_gemv_over_packed_weights(kind, dtype, m, n, k, bias):
     ref = gemv.gemv_ref(x, qw, b)
     torch.testing.assert_close(gemv.gemv(x, qw, b), ref, **tol)
     torch.testing.assert_close(gemv.gemv(x, qw, b, tile=(16, 64, 4, 2)), ref, **tol)
+    if m == 1:  # batch 1 defaults to the CUDA cores (ROW_TILES): the tensor-core tile, and a K tile of two
+        # int4 groups' sub-tiles (256 = 2 x 128, over the ragged 4 x 128 + 64)
+        torch.testing.assert_close(gemv.gemv(x, qw, b, row_fma=False), ref, **tol)
+        torch.testing.assert_close(gemv.gemv(x, qw, b, tile=(8, 256, 4, 2), row_fma=True), ref, **tol)
     torch.testing.assert_close(ref, torch.nn.functional.linear(x, dequantize(qw, dtype), b))
     # the prefill path's one-pass unpacking
     from edgellm.kernels import dequantize as dequantize_kernel
@@ -340,6 +346,9 @@ def test_gemv_with_lora_epilogue(dtype, slots):
     out = gemv.gemv(x, w, bias, tile=(16, 32, 4, 2), lora=spec)
     tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
     torch.testing.assert_close(out, gemv.gemv_ref(x, w, bias, lora=spec), **tol)
+    if m == 1:  # the batch-1 CUDA-core path keeps the epilogue
+        torch.testing.assert_close(gemv.gemv(x, w, bias, tile=(8, 32, 4, 2), lora=spec, row_fma=True),
+                                   gemv.gemv_ref(x, w, bias, lora=spec), **tol)
     base = gemv.gemv_ref(x, w, bias)
     for row, slot in enumerate(slots):
         if slot < 0:  # no adapter: the plain GEMV

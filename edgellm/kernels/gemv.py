@@ -6,7 +6,9 @@ At decode, a linear layer reads its whole weight matrix for one or a few tokens:
 weight bytes over the bandwidth reached. cuBLAS leaves part of that bandwidth unused at small batch
 (DESIGN.md: 1.6 of 2.97 TB/s on an 8192x2048 fp16 GEMV), so this kernel streams W with many loads in
 flight: each program owns BLOCK_N output features and walks K in BLOCK_K steps, multiplying the
-(padded to 16) rows of x on the tensor cores.
+(padded to 16) rows of x on the tensor cores. One row of x over a packed weight (batch-1 decode, the
+latency case) goes to the CUDA cores instead (_row_gemv): no padding rows, no operand shuffles into
+the tensor-core layout, and small BLOCK_N, so even a narrow matrix gets a few programs per SM.
 """
 
 import torch
@@ -29,8 +31,68 @@ def _tile(quant: str | None, n: int):
     return WIDE_QUANT_TILE if quant in ("int8", "fp8") and n >= 8192 else QUANT_TILES[quant]
 
 
+# Batch 1 on the CUDA cores (_row_gemv), per format: None keeps the tensor-core tile.
+ROW_TILES = {None: None, "int8": (16, 512, 4, 3), "int4": (16, 512, 4, 3), "fp8": (16, 512, 4, 3)}
+
 # Weight formats (the QUANT constexpr): full precision, then quant/formats.py's kinds.
 QUANT_CODES = {None: 0, "int8": 1, "int4": 2, "fp8": 3}
+MAGIC = 8388608.0  # 2^23, see _codes_f32
+
+
+@triton.jit
+def _codes_f32(q):
+    """Integer codes (int32, 0..255) to float32 without a conversion instruction (those issue at an
+    eighth of the FMA rate on Hopper, slower than int4 bytes arrive): q or-ed into the mantissa of
+    2^23 is the float 2^23 + q exactly, and the 2^23 comes off, exactly, with the zero point."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _int4_codes(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, k0, k, group, SUBS: tl.constexpr, HALF: tl.constexpr):
+    """The int4 tile at columns k0 .. k0 + 2 SUBS HALF as SUBS sub-tiles of 2 HALF columns, each inside
+    one group: (even columns - zero, odd columns - zero, scale), [BLOCK_N, SUBS, HALF] floats and the
+    [BLOCK_N, SUBS] scales; kk, the even columns, [SUBS, HALF]. Byte j of a row holds columns 2j (low
+    nibble) and 2j + 1 (high)."""
+    g = tl.arange(0, SUBS)
+    kk = k0 + g[:, None] * (2 * HALF) + 2 * tl.arange(0, HALF)[None, :]
+    ok = n_ok[:, None, None] & (kk < k)[None]
+    packed = tl.load(w_base[:, :, None] + (kk // 2)[None], mask=ok, other=0).to(tl.int32)
+    at = rows_n[:, None] * s_sn + ((k0 + g * (2 * HALF)) // group)[None, :]
+    g_ok = n_ok[:, None] & (k0 + g * (2 * HALF) < k)[None, :]
+    s = tl.load(sc_ptr + at, mask=g_ok, other=0.0).to(tl.float32)
+    zm = (tl.load(zp_ptr + at, mask=g_ok, other=0.0).to(tl.float32) + MAGIC)[:, :, None]
+    return _codes_f32(packed & 0xF) - zm, _codes_f32(packed >> 4) - zm, s, kk
+
+
+@triton.jit
+def _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, group, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, NUM_STAGES: tl.constexpr, QUANT: tl.constexpr):
+    """x[0] . W[rows_n] on the CUDA cores, [BLOCK_N] float32, less the per-channel scales (int8 / fp8
+    apply them after). Products accumulate elementwise in a [BLOCK_N, BLOCK_K] tile, reduced once at
+    the end."""
+    if QUANT == 2:  # int4: sub-tiles of SUB_K columns inside one group, its scale on the products
+        acc = tl.zeros([BLOCK_N, BLOCK_K // SUB_K, SUB_K // 2], dtype=tl.float32)
+        for k0 in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
+            lo, hi, s, kk = _int4_codes(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, k0, k, group, BLOCK_K // SUB_K,
+                                        SUB_K // 2)
+            x_even = tl.load(x_ptr + kk, mask=kk < k, other=0.0).to(tl.float32)[None]
+            x_odd = tl.load(x_ptr + kk + 1, mask=kk + 1 < k, other=0.0).to(tl.float32)[None]
+            acc += (lo * x_even + hi * x_odd) * s[:, :, None]
+        return tl.sum(tl.sum(acc, axis=2), axis=1)
+    else:
+        cols = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        if QUANT == 1:  # the row's zero, with the 2^23 of _codes_f32
+            zm = tl.load(zp_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[:, None] + MAGIC
+        for k0 in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
+            kk = k0 + cols
+            x = tl.load(x_ptr + kk, mask=kk < k, other=0.0).to(tl.float32)[None, :]
+            if QUANT == 1:
+                q = tl.load(w_base + kk[None, :], mask=n_ok[:, None] & (kk < k)[None, :], other=0).to(tl.int32)
+                acc += (_codes_f32(q) - zm) * x
+            else:
+                acc += _weight_tile(w_base, kk, k, n_ok, tl.float32, QUANT) * x
+        return tl.sum(acc, axis=1)
 
 
 @triton.jit
@@ -76,7 +138,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NUM_STAGES: tl.constexpr, PDL: tl.constexpr, HAS_LORA: tl.constexpr, GROUPS: tl.constexpr, RANK: tl.constexpr,
                  SPLITS: tl.constexpr, BLOCK_GR: tl.constexpr, LORA_PRECISION: tl.constexpr, UNROLL: tl.constexpr,
-                 ONE_ROW: tl.constexpr, QUANT: tl.constexpr):
+                 ONE_ROW: tl.constexpr, QUANT: tl.constexpr, ROW_FMA: tl.constexpr, SUB_K: tl.constexpr):
     rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_K)
@@ -108,21 +170,25 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
             t_parts = lora_t(t_ptr, rows_m, m_ok & (adapter >= 0), m, n_splits, SPLITS, GROUPS * RANK, BLOCK_GR)
     w_base = w_ptr + rows_n.to(tl.int64)[:, None] * s_wn
     x_base = x_ptr + rows_m[:, None] * s_xm
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    x_sum = tl.zeros([BLOCK_M], dtype=tl.float32)  # int8: x . (q - z) s = (x . q - z sum(x)) s
-    for k0 in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
-        if QUANT == 2:
-            acc = _int4_dot(acc, x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k0, k, group, BLOCK_K,
-                            PRECISION)
-        else:
-            kk = k0 + cols
-            x = tl.load(x_base + kk[None, :], mask=m_ok[:, None] & (kk < k)[None, :], other=0.0)
-            w = _weight_tile(w_base, kk, k, n_ok, x_ptr.dtype.element_ty, QUANT)
-            acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
-            if QUANT == 1:
-                x_sum += tl.sum(x.to(tl.float32), axis=1)
-    if QUANT == 1:  # per-output-channel zeros, once
-        acc -= x_sum[:, None] * tl.load(zp_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if ROW_FMA:  # BLOCK_M is 1
+        acc = _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, group, BLOCK_N, BLOCK_K, SUB_K,
+                        NUM_STAGES, QUANT)[None, :]
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        x_sum = tl.zeros([BLOCK_M], dtype=tl.float32)  # int8: x . (q - z) s = (x . q - z sum(x)) s
+        for k0 in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
+            if QUANT == 2:
+                acc = _int4_dot(acc, x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k0, k, group, BLOCK_K,
+                                PRECISION)
+            else:
+                kk = k0 + cols
+                x = tl.load(x_base + kk[None, :], mask=m_ok[:, None] & (kk < k)[None, :], other=0.0)
+                w = _weight_tile(w_base, kk, k, n_ok, x_ptr.dtype.element_ty, QUANT)
+                acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+                if QUANT == 1:
+                    x_sum += tl.sum(x.to(tl.float32), axis=1)
+        if QUANT == 1:  # per-output-channel zeros, once
+            acc -= x_sum[:, None] * tl.load(zp_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if QUANT == 1 or QUANT == 3:  # per-output-channel scales, once
         acc *= tl.load(sc_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
@@ -149,10 +215,11 @@ def supports(weight) -> bool:
 
 
 def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None,
-         lora=None) -> torch.Tensor:
+         lora=None, row_fma: bool | None = None) -> torch.Tensor:
     """x: [..., K] with at most MAX_ROWS rows in all; weight: [N, K], a tensor or a QuantizedWeight;
     bias: [N] or None -> [..., N]. lora: None, or (t, b_stack, index, used, scale, segments) as
-    lora_expand takes them: adds each row's adapter delta in the epilogue."""
+    lora_expand takes them: adds each row's adapter delta in the epilogue. row_fma: one row of x on
+    the CUDA cores (default: at batch 1 where ROW_TILES has a tile for the format)."""
     *lead, k = x.shape
     quant = getattr(weight, "kind", None)  # a QuantizedWeight (edgellm/quant)
     n = weight.shape[0]
@@ -163,12 +230,18 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
         raise ValueError(f"gemv: x {tuple(x.shape)} (at most {MAX_ROWS} rows) does not fit weight {tuple(weight.shape)}")
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    block_n, block_k, warps, stages = tile or _tile(quant, n)
+    if row_fma is None:
+        row_fma = m == 1 and ROW_TILES[quant] is not None
+    if row_fma and m != 1:
+        raise ValueError(f"gemv: row_fma takes one row of x, got {m}")
+    block_n, block_k, warps, stages = tile or (ROW_TILES[quant] if row_fma else None) or _tile(quant, n)
     block_k = min(block_k, pow2(k, 32 if quant == "int4" else 16))  # an int4 tile makes two dots of BLOCK_K / 2
-    if quant == "int4":  # a K tile lies in one group: the largest power of two dividing it, at least 32
+    sub_k = block_k
+    if quant == "int4":  # (sub-)tiles lie in one group: the largest power of two dividing it, at least 32
         if not supports(weight):
             raise ValueError(f"gemv: int4 groups must be a multiple of 32, got {weight.group}")
-        block_k = min(block_k, weight.group & -weight.group)
+        sub_k = min(block_k, weight.group & -weight.group)
+        block_k = block_k if row_fma else sub_k
     if quant == "fp8":
         data = data.view(torch.uint8)  # decoded from its bits in the kernel (_weight_tile)
     scales = weight.scales if quant else data
@@ -190,9 +263,9 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x2, data, bias if bias is not None else y, y, m, n, k, x2.stride(0), data.stride(0), y.stride(0),
         *lora_args, scales, zeros, scales.stride(0) if scales.dim() == 2 else 1, weight.group if quant == "int4" else 1,
-        HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), BLOCK_M=16, BLOCK_N=block_n,
-        BLOCK_K=block_k, NUM_STAGES=stages, PDL=pdl, **constants, QUANT=QUANT_CODES[quant], num_warps=warps,
-        launch_pdl=pdl)
+        HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), BLOCK_M=1 if row_fma else 16, BLOCK_N=block_n,
+        BLOCK_K=block_k, NUM_STAGES=stages, PDL=pdl, **constants, QUANT=QUANT_CODES[quant], ROW_FMA=row_fma,
+        SUB_K=sub_k, num_warps=warps, launch_pdl=pdl)
     return y.reshape(*lead, n)
 
 
