@@ -6,7 +6,7 @@ GEMV instead). Kernel: one program per [BLOCK_N, BLOCK_K] tile, reads the codes 
 import torch
 
 from ._triton import tl, triton
-from .gemv import MAGIC, QUANT_CODES, _codes_f32, _int4_codes, _weight_tile
+from .gemv import QUANT_CODES, _codes_f32, _int4_codes, _weight_tile, _zero_f32
 
 BLOCK_N, BLOCK_K = 32, 256
 
@@ -26,7 +26,7 @@ def _dequantize_kernel(w_ptr, sc_ptr, zp_ptr, out_ptr, n, k, s_wn, s_sn, group,
         w = tl.reshape(tl.join(lo * s[:, :, None], hi * s[:, :, None]), [BLOCK_N, BLOCK_K])
     elif QUANT == 1:  # int8: codes less the row's zero (and _codes_f32's 2^23), times the row's scale
         q = tl.load(w_base + kk[None, :], mask=n_ok[:, None] & (kk < k)[None, :], other=0).to(tl.int32)
-        zm = tl.load(zp_ptr + rows, mask=n_ok, other=0.0).to(tl.float32) + MAGIC
+        zm = _zero_f32(tl.load(zp_ptr + rows, mask=n_ok, other=0.0))
         w = (_codes_f32(q) - zm[:, None]) * tl.load(sc_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     else:  # fp8: codes times the row's scale
         w = _weight_tile(w_base, kk, k, n_ok, tl.float32, QUANT)

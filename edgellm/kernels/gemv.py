@@ -36,15 +36,21 @@ ROW_TILES = {None: None, "int8": (16, 512, 4, 3), "int4": (16, 512, 4, 3), "fp8"
 
 # Weight formats (the QUANT constexpr): full precision, then quant/formats.py's kinds.
 QUANT_CODES = {None: 0, "int8": 1, "int4": 2, "fp8": 3}
-MAGIC = 8388608.0  # 2^23, see _codes_f32
 
 
 @triton.jit
 def _codes_f32(q):
     """Integer codes (int32, 0..255) to float32 without a conversion instruction (those issue at an
     eighth of the FMA rate on Hopper, slower than int4 bytes arrive): q or-ed into the mantissa of
-    2^23 is the float 2^23 + q exactly, and the 2^23 comes off, exactly, with the zero point."""
+    2^23 is the float 2^23 + q exactly; the 2^23 comes off, exactly, with the zero (_zero_f32)."""
     return (q | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _zero_f32(z):
+    """A zero point as _codes_f32's codes carry it: 2^23 + z, so _codes_f32(q) - _zero_f32(z) = q - z
+    exactly (integer zeros)."""
+    return z.to(tl.float32) + 8388608.0
 
 
 @triton.jit
@@ -60,7 +66,7 @@ def _int4_codes(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, k0, k, group, SUBS: 
     at = rows_n[:, None] * s_sn + ((k0 + g * (2 * HALF)) // group)[None, :]
     g_ok = n_ok[:, None] & (k0 + g * (2 * HALF) < k)[None, :]
     s = tl.load(sc_ptr + at, mask=g_ok, other=0.0).to(tl.float32)
-    zm = (tl.load(zp_ptr + at, mask=g_ok, other=0.0).to(tl.float32) + MAGIC)[:, :, None]
+    zm = _zero_f32(tl.load(zp_ptr + at, mask=g_ok, other=0.0))[:, :, None]
     return _codes_f32(packed & 0xF) - zm, _codes_f32(packed >> 4) - zm, s, kk
 
 
@@ -83,7 +89,7 @@ def _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, group, BLOCK
         cols = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         if QUANT == 1:  # the row's zero, with the 2^23 of _codes_f32
-            zm = tl.load(zp_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[:, None] + MAGIC
+            zm = _zero_f32(tl.load(zp_ptr + rows_n, mask=n_ok, other=0.0))[:, None]
         for k0 in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
             kk = k0 + cols
             x = tl.load(x_ptr + kk, mask=kk < k, other=0.0).to(tl.float32)[None, :]
