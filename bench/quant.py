@@ -33,8 +33,8 @@ GPT_FAST = {None: 1.0, "int8": 155.6 / 104.9, "int4": 196.8 / 104.9}
 TILES = [(32, 256, 4, 4), (64, 256, 4, 4), (32, 512, 4, 4), (64, 128, 4, 4), (32, 1024, 4, 4), (16, 512, 4, 4),
          (16, 1024, 4, 4), (16, 256, 4, 3)]
 # Batch 1 on the CUDA cores (gemv row_fma): (BLOCK_N, BLOCK_K, warps, stages)
-ROW_TILES = [(bn, bk, 4, 3) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024)] + \
-    [(8, 1024, 8, 3), (16, 1024, 8, 3), (16, 2048, 8, 3), (8, 512, 4, 1), (8, 512, 4, 2)]
+ROW_TILES = [(bn, bk, 4, 3) for bn in (2, 4, 8, 16, 32) for bk in (256, 512, 1024)] + \
+    [(8, 1024, 8, 3), (16, 1024, 8, 3), (4, 512, 4, 1), (4, 512, 4, 2), (4, 512, 2, 3), (4, 2048, 4, 3)]
 
 
 def decode_rows(shape, batches, osl, iterations, bandwidth, kinds=KINDS, lm_head=(False,)) -> list[dict]:
@@ -74,8 +74,7 @@ def kernel_rows(bandwidth, kinds=KINDS, tiles=TILES, row_tiles=ROW_TILES, batche
                 nbytes = qw.nbytes if kind else w.numel() * 2
                 candidates = [(t, False) for t in tiles or [gemv._tile(kind, n)]]
                 if m == 1:
-                    default_row = [gemv.ROW_TILES[kind]] if gemv.ROW_TILES[kind] else []
-                    candidates += [(t, True) for t in row_tiles or default_row]
+                    candidates += [(t, True) for t in row_tiles or [gemv._row_tile(kind, n, k)]]
                 for tile, row_fma in candidates:
                     def fresh(_i, qw=qw, tile=tile, row_fma=row_fma, x=x):
                         copy = _copy(qw)
@@ -124,7 +123,7 @@ def main() -> int:
             best[key] = r
     for r in out.get("kernel", []):
         kind = None if r["kind"] == "fp16" else r["kind"]
-        default = (gemv.ROW_TILES[kind] if r["row_fma"] else None) or gemv._tile(kind, r["n"])
+        default = gemv._row_tile(kind, r["n"], r["k"]) if r["row_fma"] else gemv._tile(kind, r["n"])
         if tuple(r["tile"]) in (tuple(best[(r["n"], r["k"], r["m"], r["kind"], r["row_fma"])]["tile"]), tuple(default)):
             print(f"gemv {r['n']:6d}x{r['k']:<5d} m{r['m']:<2d} {r['kind']:5s} {'fma ' if r['row_fma'] else 'dot '}"
                   f"tile {str(tuple(r['tile'])):18s} {r['us']:7.1f} us  floor {r['floor_us']:6.1f}  {r['pct']:3.0f}%"

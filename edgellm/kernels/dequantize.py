@@ -22,7 +22,8 @@ def _dequantize_kernel(w_ptr, sc_ptr, zp_ptr, out_ptr, n, k, s_wn, s_sn, group,
     k0 = tl.program_id(1) * BLOCK_K
     kk = k0 + tl.arange(0, BLOCK_K)
     if QUANT == 2:  # int4: even and odd columns interleaved back into one contiguous row tile
-        lo, hi, s, _ = _int4_codes(w_base, sc_ptr, zp_ptr, rows, n_ok, s_sn, k0, k, group, BLOCK_K // SUB_K, SUB_K // 2)
+        lo, hi, s = _int4_codes(w_base, sc_ptr, zp_ptr, rows, n_ok, s_sn, k0 // 2, k, group, BLOCK_K // SUB_K,
+                                SUB_K // 2)
         w = tl.reshape(tl.join(lo * s[:, :, None], hi * s[:, :, None]), [BLOCK_N, BLOCK_K])
     elif QUANT == 1:  # int8: codes less the row's zero (and _codes_f32's 2^23), times the row's scale
         q = tl.load(w_base + kk[None, :], mask=n_ok[:, None] & (kk < k)[None, :], other=0).to(tl.int32)

@@ -31,8 +31,15 @@ def _tile(quant: str | None, n: int):
     return WIDE_QUANT_TILE if quant in ("int8", "fp8") and n >= 8192 else QUANT_TILES[quant]
 
 
-# Batch 1 on the CUDA cores (_row_gemv), per format: None keeps the tensor-core tile.
-ROW_TILES = {None: None, "int8": (16, 512, 4, 3), "int4": (16, 512, 4, 3), "fp8": (16, 512, 4, 3)}
+# Batch 1 on the CUDA cores (_row_gemv), the formats that take it (all, H100 sweep in RESULTS.md).
+ROW_FMA_KINDS = (None, "int8", "int4", "fp8")
+
+
+def _row_tile(quant: str | None, n: int, k: int):
+    """(BLOCK_N, BLOCK_K, warps, stages) for one row: about 4 programs per SM on a 1B-class layer
+    (BLOCK_N = N / 512 within 4..32: narrow matrices get 4-row programs), long K tiles for long rows."""
+    block_n = min(32, max(4, 1 << max(0, (n // 512).bit_length() - 1)))
+    return (block_n, 1024 if k >= 8192 and block_n <= 8 else 512, 4, 3)
 
 # Weight formats (the QUANT constexpr): full precision, then quant/formats.py's kinds.
 QUANT_CODES = {None: 0, "int8": 1, "int4": 2, "fp8": 3}
@@ -54,20 +61,20 @@ def _zero_f32(z):
 
 
 @triton.jit
-def _int4_codes(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, k0, k, group, SUBS: tl.constexpr, HALF: tl.constexpr):
-    """The int4 tile at columns k0 .. k0 + 2 SUBS HALF as SUBS sub-tiles of 2 HALF columns, each inside
-    one group: (even columns - zero, odd columns - zero, scale), [BLOCK_N, SUBS, HALF] floats and the
-    [BLOCK_N, SUBS] scales; kk, the even columns, [SUBS, HALF]. Byte j of a row holds columns 2j (low
-    nibble) and 2j + 1 (high)."""
+def _int4_codes(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, SUBS: tl.constexpr, HALF: tl.constexpr):
+    """The int4 tile from byte b0 of each row (columns 2 b0 ..) as SUBS sub-tiles of HALF bytes, each
+    inside one group: (even columns - zero, odd columns - zero), [BLOCK_N, SUBS, HALF] floats, and the
+    [BLOCK_N, SUBS] scales. Byte j of a row holds columns 2j (low nibble) and 2j + 1 (high). Offsets
+    count bytes, so the compiler sees HALF contiguous bytes and loads them as vectors."""
     g = tl.arange(0, SUBS)
-    kk = k0 + g[:, None] * (2 * HALF) + 2 * tl.arange(0, HALF)[None, :]
-    ok = n_ok[:, None, None] & (kk < k)[None]
-    packed = tl.load(w_base[:, :, None] + (kk // 2)[None], mask=ok, other=0).to(tl.int32)
-    at = rows_n[:, None] * s_sn + ((k0 + g * (2 * HALF)) // group)[None, :]
-    g_ok = n_ok[:, None] & (k0 + g * (2 * HALF) < k)[None, :]
+    jj = b0 + g[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    packed = tl.load(w_base[:, :, None] + jj[None], mask=n_ok[:, None, None] & (2 * jj < k)[None], other=0).to(tl.int32)
+    first = 2 * (b0 + g * HALF)  # each sub-tile's first column
+    at = rows_n[:, None] * s_sn + (first // group)[None, :]
+    g_ok = n_ok[:, None] & (first < k)[None, :]
     s = tl.load(sc_ptr + at, mask=g_ok, other=0.0).to(tl.float32)
     zm = _zero_f32(tl.load(zp_ptr + at, mask=g_ok, other=0.0))[:, :, None]
-    return _codes_f32(packed & 0xF) - zm, _codes_f32(packed >> 4) - zm, s, kk
+    return _codes_f32(packed & 0xF) - zm, _codes_f32(packed >> 4) - zm, s
 
 
 @triton.jit
@@ -77,13 +84,15 @@ def _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, group, BLOCK
     apply them after). Products accumulate elementwise in a [BLOCK_N, BLOCK_K] tile, reduced once at
     the end."""
     if QUANT == 2:  # int4: sub-tiles of SUB_K columns inside one group, its scale on the products
-        acc = tl.zeros([BLOCK_N, BLOCK_K // SUB_K, SUB_K // 2], dtype=tl.float32)
-        for k0 in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
-            lo, hi, s, kk = _int4_codes(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, k0, k, group, BLOCK_K // SUB_K,
-                                        SUB_K // 2)
-            x_even = tl.load(x_ptr + kk, mask=kk < k, other=0.0).to(tl.float32)[None]
-            x_odd = tl.load(x_ptr + kk + 1, mask=kk + 1 < k, other=0.0).to(tl.float32)[None]
-            acc += (lo * x_even + hi * x_odd) * s[:, :, None]
+        SUBS: tl.constexpr = BLOCK_K // SUB_K
+        acc = tl.zeros([BLOCK_N, SUBS, SUB_K // 2], dtype=tl.float32)
+        cols = tl.arange(0, SUBS)[:, None] * SUB_K + tl.arange(0, SUB_K)[None, :]
+        for b0 in tl.range(0, (k + 1) // 2, BLOCK_K // 2, num_stages=NUM_STAGES):
+            lo, hi, s = _int4_codes(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, SUBS, SUB_K // 2)
+            # x as it lies (a vector load), split into its even and odd columns
+            x = tl.load(x_ptr + 2 * b0 + cols, mask=2 * b0 + cols < k, other=0.0).to(tl.float32)
+            x_even, x_odd = tl.split(tl.reshape(x, [SUBS, SUB_K // 2, 2]))
+            acc += (lo * x_even[None] + hi * x_odd[None]) * s[:, :, None]
         return tl.sum(tl.sum(acc, axis=2), axis=1)
     else:
         cols = tl.arange(0, BLOCK_K)
@@ -225,7 +234,7 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
     """x: [..., K] with at most MAX_ROWS rows in all; weight: [N, K], a tensor or a QuantizedWeight;
     bias: [N] or None -> [..., N]. lora: None, or (t, b_stack, index, used, scale, segments) as
     lora_expand takes them: adds each row's adapter delta in the epilogue. row_fma: one row of x on
-    the CUDA cores (default: at batch 1 where ROW_TILES has a tile for the format)."""
+    the CUDA cores (default: at batch 1 for the formats in ROW_FMA_KINDS)."""
     *lead, k = x.shape
     quant = getattr(weight, "kind", None)  # a QuantizedWeight (edgellm/quant)
     n = weight.shape[0]
@@ -237,10 +246,10 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if row_fma is None:
-        row_fma = m == 1 and ROW_TILES[quant] is not None
+        row_fma = m == 1 and quant in ROW_FMA_KINDS
     if row_fma and m != 1:
         raise ValueError(f"gemv: row_fma takes one row of x, got {m}")
-    block_n, block_k, warps, stages = tile or (ROW_TILES[quant] if row_fma else None) or _tile(quant, n)
+    block_n, block_k, warps, stages = tile or (_row_tile(quant, n, k) if row_fma else _tile(quant, n))
     block_k = min(block_k, pow2(k, 32 if quant == "int4" else 16))  # an int4 tile makes two dots of BLOCK_K / 2
     sub_k = block_k
     if quant == "int4":  # (sub-)tiles lie in one group: the largest power of two dividing it, at least 32
