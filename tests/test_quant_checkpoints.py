@@ -127,7 +127,8 @@ def test_bad_quantized_checkpoints(tiny_models, tmp_path):
     for spec, message in (({"quant_method": "bitsandbytes"}, "unsupported quant_method 'bitsandbytes'"),
                           ({"quant_method": "gptq", "bits": 8}, "8 bits are not supported"),
                           ({"quant_method": "gptq", "bits": 4, "desc_act": True}, "desc_act=true"),
-                          ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "version 'gemv'")):
+                          ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "version 'gemv'"),
+                          ({"quant_method": "edgellm", "kind": "int4"}, "layout None, not this version's")):
         with pytest.raises(UnsupportedModelError, match=message):
             checkpoint_quantization({"quantization_config": spec})
     target = tmp_path / "awq"

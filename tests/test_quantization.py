@@ -28,6 +28,21 @@ def fake_quantized(model, kind, lm_head=False, group=128):
     return model
 
 
+def test_int4_packing_by_hand():
+    """formats.py's int4 layout, written out: in each block of 32 columns byte j holds column j (low
+    nibble) and column 16 + j (high); a ragged K is padded with zero codes."""
+    from edgellm.quant.formats import pack_int4, unpack_int4
+
+    codes = (torch.arange(2 * 40) % 16).reshape(2, 40).to(torch.uint8)  # row 1 starts at code 8
+    packed = pack_int4(codes)
+    assert packed.shape == (2, 32) and packed.dtype == torch.uint8
+    assert packed[0, 0] == 0 | (0 << 4)  # columns 0 and 16: codes 0 and 0
+    assert packed[0, 3] == 3 | (3 << 4)  # columns 3 and 19
+    assert packed[1, 5] == 13 | (13 << 4)  # row 1: code (40 + c) % 16 = (8 + c) % 16: columns 5 and 21
+    assert packed[0, 16 + 2] == 2 | (0 << 4)  # second block: column 34 (code 2), column 50 is padding
+    assert torch.equal(unpack_int4(packed, 40), codes)
+
+
 @pytest.mark.parametrize("kind", ["int8", "int4", "fp8"])
 def test_greedy_tokens_match_transformers_on_the_same_weights(tiny_models, kind):
     model_dir, model = tiny_models["llama"]

@@ -61,38 +61,58 @@ def _zero_f32(z):
 
 
 @triton.jit
-def _int4_codes(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, SUBS: tl.constexpr, HALF: tl.constexpr):
-    """The int4 tile from byte b0 of each row (columns 2 b0 ..) as SUBS sub-tiles of HALF bytes, each
-    inside one group: (even columns - zero, odd columns - zero), [BLOCK_N, SUBS, HALF] floats, and the
-    [BLOCK_N, SUBS] scales. Byte j of a row holds columns 2j (low nibble) and 2j + 1 (high). Offsets
-    count bytes, so the compiler sees HALF contiguous bytes and loads them as vectors."""
-    g = tl.arange(0, SUBS)
-    jj = b0 + g[:, None] * HALF + tl.arange(0, HALF)[None, :]
-    packed = tl.load(w_base[:, :, None] + jj[None], mask=n_ok[:, None, None] & (2 * jj < k)[None], other=0).to(tl.int32)
-    first = 2 * (b0 + g * HALF)  # each sub-tile's first column
+def _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, NB: tl.constexpr):
+    """The int4 tile of NB blocks (32 columns, 16 bytes: formats.py) from byte b0 of each row, each
+    block inside one group: (low nibbles - zero, high nibbles - zero) as [BLOCK_N, NB, 16] floats,
+    the [BLOCK_N, NB] scales, and the low nibbles' columns [NB, 16] (the high ones' are 16 further)."""
+    blk = tl.arange(0, NB)
+    t = tl.arange(0, 16)
+    cols = 2 * b0 + blk[:, None] * 32 + t[None, :]
+    packed = tl.load(w_base[:, :, None] + (b0 + blk[:, None] * 16 + t[None, :])[None],
+                     mask=n_ok[:, None, None] & (cols < k)[None], other=0).to(tl.int32)
+    first = 2 * b0 + blk * 32  # each block's first column
     at = rows_n[:, None] * s_sn + (first // group)[None, :]
-    g_ok = n_ok[:, None] & (first < k)[None, :]
-    s = tl.load(sc_ptr + at, mask=g_ok, other=0.0).to(tl.float32)
-    zm = _zero_f32(tl.load(zp_ptr + at, mask=g_ok, other=0.0))[:, :, None]
-    return _codes_f32(packed & 0xF) - zm, _codes_f32(packed >> 4) - zm, s
+    b_ok = n_ok[:, None] & (first < k)[None, :]
+    s = tl.load(sc_ptr + at, mask=b_ok, other=0.0).to(tl.float32)
+    zm = _zero_f32(tl.load(zp_ptr + at, mask=b_ok, other=0.0))[:, :, None]
+    return _codes_f32(packed & 0xF) - zm, _codes_f32(packed >> 4) - zm, s, cols
+
+
+@triton.jit
+def _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, group, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr):
+    """x @ W^T over int4 tiles that each lie in one group (BLOCK_K <= group) on the tensor cores: the
+    low and the high nibbles (less the zero: small integers, exact in fp16 / bf16) in two dots, the
+    group's scale on their [rows, features] result."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for b0 in tl.range(0, (k + 1) // 2, BLOCK_K // 2, num_stages=NUM_STAGES):
+        lo, hi, _, cols = _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, BLOCK_K // 32)
+        x_lo = tl.load(x_base[:, :, None] + cols[None], mask=m_ok[:, None, None] & (cols < k)[None], other=0.0)
+        x_hi = tl.load(x_base[:, :, None] + cols[None] + 16, mask=m_ok[:, None, None] & (cols + 16 < k)[None],
+                       other=0.0)
+        dtype = x_lo.dtype
+        d = tl.dot(tl.reshape(x_lo, [BLOCK_M, BLOCK_K // 2]),
+                   tl.trans(tl.reshape(lo.to(dtype), [BLOCK_N, BLOCK_K // 2])), input_precision=PRECISION)
+        d = tl.dot(tl.reshape(x_hi, [BLOCK_M, BLOCK_K // 2]),
+                   tl.trans(tl.reshape(hi.to(dtype), [BLOCK_N, BLOCK_K // 2])), acc=d, input_precision=PRECISION)
+        s = tl.load(sc_ptr + rows_n * s_sn + 2 * b0 // group, mask=n_ok, other=0.0).to(tl.float32)
+        acc += d * s[None, :]
+    return acc
 
 
 @triton.jit
 def _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, group, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, NUM_STAGES: tl.constexpr, QUANT: tl.constexpr):
+              BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, QUANT: tl.constexpr):
     """x[0] . W[rows_n] on the CUDA cores, [BLOCK_N] float32, less the per-channel scales (int8 / fp8
     apply them after). Products accumulate elementwise in a [BLOCK_N, BLOCK_K] tile, reduced once at
     the end."""
-    if QUANT == 2:  # int4: sub-tiles of SUB_K columns inside one group, its scale on the products
-        SUBS: tl.constexpr = BLOCK_K // SUB_K
-        acc = tl.zeros([BLOCK_N, SUBS, SUB_K // 2], dtype=tl.float32)
-        cols = tl.arange(0, SUBS)[:, None] * SUB_K + tl.arange(0, SUB_K)[None, :]
+    if QUANT == 2:  # int4: blocks of 32 columns, each in one group, its scale on the products
+        acc = tl.zeros([BLOCK_N, BLOCK_K // 32, 16], dtype=tl.float32)
         for b0 in tl.range(0, (k + 1) // 2, BLOCK_K // 2, num_stages=NUM_STAGES):
-            lo, hi, s = _int4_codes(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, SUBS, SUB_K // 2)
-            # x as it lies (a vector load), split into its even and odd columns
-            x = tl.load(x_ptr + 2 * b0 + cols, mask=2 * b0 + cols < k, other=0.0).to(tl.float32)
-            x_even, x_odd = tl.split(tl.reshape(x, [SUBS, SUB_K // 2, 2]))
-            acc += (lo * x_even[None] + hi * x_odd[None]) * s[:, :, None]
+            lo, hi, s, cols = _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, BLOCK_K // 32)
+            x_lo = tl.load(x_ptr + cols, mask=cols < k, other=0.0).to(tl.float32)[None]
+            x_hi = tl.load(x_ptr + cols + 16, mask=cols + 16 < k, other=0.0).to(tl.float32)[None]
+            acc += (lo * x_lo + hi * x_hi) * s[:, :, None]
         return tl.sum(tl.sum(acc, axis=2), axis=1)
     else:
         cols = tl.arange(0, BLOCK_K)
@@ -125,35 +145,13 @@ def _weight_tile(w_base, kk, k, n_ok, dtype: tl.constexpr, QUANT: tl.constexpr):
 
 
 @triton.jit
-def _int4_dot(acc, x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k0, k, group,
-              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + x[:, k0:k0 + BLOCK_K] @ W^T over an int4 tile that lies in one group (BLOCK_K <= group):
-    byte j of a row holds columns 2j (low nibble) and 2j + 1 (high). The codes go to the tensor cores
-    as they are (small integers, exact in fp16 / bf16), even and odd columns in two dots; the group's
-    zero and scale then apply to the [rows, features] result, not to every weight:
-    x . ((q - z) s) = (x . q - z sum(x)) s."""
-    j = tl.arange(0, BLOCK_K // 2)
-    kk = k0 + 2 * j
-    packed = tl.load(w_base + (k0 // 2 + j)[None, :], mask=n_ok[:, None] & (kk < k)[None, :], other=0)
-    x_even = tl.load(x_base + kk[None, :], mask=m_ok[:, None] & (kk < k)[None, :], other=0.0)
-    x_odd = tl.load(x_base + kk[None, :] + 1, mask=m_ok[:, None] & (kk + 1 < k)[None, :], other=0.0)
-    codes = tl.dot(x_even, tl.trans((packed & 0xF).to(x_even.dtype)), input_precision=PRECISION)
-    codes = tl.dot(x_odd, tl.trans((packed >> 4).to(x_even.dtype)), acc=codes, input_precision=PRECISION)
-    x_sum = tl.sum(x_even.to(tl.float32) + x_odd.to(tl.float32), axis=1)
-    g = k0 // group
-    s = tl.load(sc_ptr + rows_n * s_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-    z = tl.load(zp_ptr + rows_n * s_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-    return acc + (codes - x_sum[:, None] * z[None, :]) * s[None, :]
-
-
-@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                  t_ptr, lb_ptr, idx_ptr, used_ptr, scale_ptr, n_splits, end0, end1, s_bs,
                  sc_ptr, zp_ptr, s_sn, group,
                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NUM_STAGES: tl.constexpr, PDL: tl.constexpr, HAS_LORA: tl.constexpr, GROUPS: tl.constexpr, RANK: tl.constexpr,
                  SPLITS: tl.constexpr, BLOCK_GR: tl.constexpr, LORA_PRECISION: tl.constexpr, UNROLL: tl.constexpr,
-                 ONE_ROW: tl.constexpr, QUANT: tl.constexpr, ROW_FMA: tl.constexpr, SUB_K: tl.constexpr):
+                 ONE_ROW: tl.constexpr, QUANT: tl.constexpr, ROW_FMA: tl.constexpr):
     rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_K)
@@ -186,24 +184,22 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
     w_base = w_ptr + rows_n.to(tl.int64)[:, None] * s_wn
     x_base = x_ptr + rows_m[:, None] * s_xm
     if ROW_FMA:  # BLOCK_M is 1
-        acc = _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, group, BLOCK_N, BLOCK_K, SUB_K,
-                        NUM_STAGES, QUANT)[None, :]
+        acc = _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, group, BLOCK_N, BLOCK_K, NUM_STAGES,
+                        QUANT)[None, :]
+    elif QUANT == 2:
+        acc = _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, group, BLOCK_M, BLOCK_N, BLOCK_K,
+                         NUM_STAGES, PRECISION)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        x_sum = tl.zeros([BLOCK_M], dtype=tl.float32)  # int8: x . (q - z) s = (x . q - z sum(x)) s
+        if QUANT == 1:  # int8 codes less the row's zero: integers in -255..255, exact in fp16 and bf16
+            zero = tl.load(zp_ptr + rows_n, mask=n_ok, other=0.0).to(x_ptr.dtype.element_ty)[:, None]
         for k0 in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
-            if QUANT == 2:
-                acc = _int4_dot(acc, x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k0, k, group, BLOCK_K,
-                                PRECISION)
-            else:
-                kk = k0 + cols
-                x = tl.load(x_base + kk[None, :], mask=m_ok[:, None] & (kk < k)[None, :], other=0.0)
-                w = _weight_tile(w_base, kk, k, n_ok, x_ptr.dtype.element_ty, QUANT)
-                acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
-                if QUANT == 1:
-                    x_sum += tl.sum(x.to(tl.float32), axis=1)
-        if QUANT == 1:  # per-output-channel zeros, once
-            acc -= x_sum[:, None] * tl.load(zp_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            kk = k0 + cols
+            x = tl.load(x_base + kk[None, :], mask=m_ok[:, None] & (kk < k)[None, :], other=0.0)
+            w = _weight_tile(w_base, kk, k, n_ok, x_ptr.dtype.element_ty, QUANT)
+            if QUANT == 1:
+                w -= zero
+            acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
     if QUANT == 1 or QUANT == 3:  # per-output-channel scales, once
         acc *= tl.load(sc_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
@@ -225,7 +221,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
 
 
 def supports(weight) -> bool:
-    """Whether the GEMV reads this weight (int4 groups must hold whole K tiles of at least 32)."""
+    """Whether the GEMV reads this weight (int4 groups must hold whole blocks of 32 columns)."""
     return getattr(weight, "kind", None) != "int4" or weight.group % 32 == 0
 
 
@@ -250,13 +246,12 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
     if row_fma and m != 1:
         raise ValueError(f"gemv: row_fma takes one row of x, got {m}")
     block_n, block_k, warps, stages = tile or (_row_tile(quant, n, k) if row_fma else _tile(quant, n))
-    block_k = min(block_k, pow2(k, 32 if quant == "int4" else 16))  # an int4 tile makes two dots of BLOCK_K / 2
-    sub_k = block_k
-    if quant == "int4":  # (sub-)tiles lie in one group: the largest power of two dividing it, at least 32
+    block_k = min(block_k, pow2(k, 32 if quant == "int4" else 16))  # int4 tiles are whole blocks of 32
+    if quant == "int4":
         if not supports(weight):
             raise ValueError(f"gemv: int4 groups must be a multiple of 32, got {weight.group}")
-        sub_k = min(block_k, weight.group & -weight.group)
-        block_k = block_k if row_fma else sub_k
+        if not row_fma:  # a tensor-core K tile lies in one group: the largest power of two dividing it
+            block_k = min(block_k, weight.group & -weight.group)
     if quant == "fp8":
         data = data.view(torch.uint8)  # decoded from its bits in the kernel (_weight_tile)
     scales = weight.scales if quant else data
@@ -280,7 +275,7 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
         *lora_args, scales, zeros, scales.stride(0) if scales.dim() == 2 else 1, weight.group if quant == "int4" else 1,
         HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), BLOCK_M=1 if row_fma else 16, BLOCK_N=block_n,
         BLOCK_K=block_k, NUM_STAGES=stages, PDL=pdl, **constants, QUANT=QUANT_CODES[quant], ROW_FMA=row_fma,
-        SUB_K=sub_k, num_warps=warps, launch_pdl=pdl)
+        num_warps=warps, launch_pdl=pdl)
     return y.reshape(*lead, n)
 
 

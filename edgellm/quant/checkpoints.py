@@ -18,7 +18,7 @@ import dataclasses
 import torch
 
 from ..errors import ModelLoadError, UnsupportedModelError
-from .formats import GROUP_SIZE, QUANT_KINDS, QuantizedWeight, pack_int4
+from .formats import GROUP_SIZE, INT4_BLOCK, INT4_LAYOUT, QUANT_KINDS, QuantizedWeight, pack_int4
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds column AWQ_ORDER[i]
 
@@ -41,6 +41,9 @@ def checkpoint_quantization(hf: dict) -> CheckpointQuantization | None:
         kind = spec.get("kind")
         if kind not in QUANT_KINDS:
             raise UnsupportedModelError(f"edgellm checkpoint of unknown kind {kind!r}; supported: {', '.join(QUANT_KINDS)}")
+        if kind == "int4" and spec.get("int4_layout") != INT4_LAYOUT:
+            raise UnsupportedModelError(f"edgellm int4 checkpoint in layout {spec.get('int4_layout')!r}, not this "
+                                        f"version's {INT4_LAYOUT!r}: quantize the full-precision model again")
         return CheckpointQuantization("edgellm", int(spec.get("group_size", GROUP_SIZE)), kind=kind)
     if method not in ("awq", "gptq"):
         raise UnsupportedModelError(f"unsupported quant_method {spec.get('quant_method')!r}; supported: awq, gptq, "
@@ -124,7 +127,7 @@ def _stored(spec: CheckpointQuantization, name: str, tensors, n: int, k: int) ->
     """formats.py's layout as `edgellm quantize` wrote it: shapes checked, taken as they are."""
     data, scales, zeros = tensors
     groups = -(-k // spec.group)
-    expect = {"qweight": (n, (k + 1) // 2) if spec.kind == "int4" else (n, k),
+    expect = {"qweight": (n, -(-k // INT4_BLOCK) * INT4_BLOCK // 2) if spec.kind == "int4" else (n, k),
               "scales": (n, groups) if spec.kind == "int4" else (n,)}
     if spec.kind == "int4":
         expect["zeros"] = (n, groups)

@@ -1,7 +1,7 @@
 """`edgellm quantize`: a full-precision model directory written back quantized (round to nearest),
 so that later loads skip the quantization: each layer linear weight stored in formats.py's layout
 (`<prefix>.qweight`, `.scales`, `.zeros` for int4), everything else as it was, config.json's
-quantization_config saying {"quant_method": "edgellm", "kind", "group_size"} (read by
+quantization_config saying {"quant_method": "edgellm", "kind", "group_size"} (and "int4_layout") (read by
 quant/checkpoints.py), the tokenizer and generation files copied."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from ..errors import ConfigurationError, UnsupportedModelError
 from ..progress import progress
 from .checkpoints import save_packed
-from .formats import GROUP_SIZE, QUANT_KINDS, quantize
+from .formats import GROUP_SIZE, INT4_LAYOUT, QUANT_KINDS, quantize
 
 
 def write_quantized(model_dir: str | Path, output_dir: str | Path, kind: str, *, group: int = GROUP_SIZE) -> Path:
@@ -49,6 +49,8 @@ def write_quantized(model_dir: str | Path, output_dir: str | Path, kind: str, *,
     save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((source / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "edgellm", "kind": kind, "group_size": group}
+    if kind == "int4":
+        config["quantization_config"]["int4_layout"] = INT4_LAYOUT
     (target / "config.json").write_text(json.dumps(config, indent=2))
     shards = {f.name for f in checkpoint_files(source)}
     for file in source.iterdir():  # tokenizer, generation config, chat template, a vocabulary map ...

@@ -3,9 +3,12 @@
 
   int8  data uint8 [N, K], scales and zeros [N]: w = (q - z) * s (asymmetric, per output channel:
         on the default model +1.18% perplexity symmetric, -1.4% asymmetric, bench/RESULTS.md)
-  int4  data uint8 [N, ceil(K / 2)], two codes a byte (k even in the low nibble), scales and zeros
-        [N, ceil(K / group)]: w = (q - z) * s (asymmetric, per group of `group` along K; the last
-        group may be shorter, e.g. SmolLM2's K = 576 = 4 x 128 + 64)
+  int4  data uint8 [N, 16 ceil(K / 32)], two codes a byte in blocks of 32 columns: byte j of a block
+        holds its column j (low nibble) and column 16 + j (high), so the low nibbles of 16 bytes
+        meet 16 consecutive entries of x, as do the high ones (the GEMV loads x as it lies);
+        scales and zeros [N, ceil(K / group)]: w = (q - z) * s (asymmetric, per group of `group`
+        along K, a multiple of 32 for the kernels; the last group may be shorter, e.g. SmolLM2's
+        K = 576 = 4 x 128 + 64)
   fp8   data float8_e4m3fn [N, K], scales [N]: w = q * s (per output channel)
 
 scales / zeros are in the compute dtype. `quantize` is plain round-to-nearest; checkpoints quantized
@@ -20,6 +23,8 @@ import torch
 
 QUANT_KINDS = ("int8", "int4", "fp8")
 GROUP_SIZE = 128
+INT4_BLOCK = 32  # columns a run of 16 int4 bytes holds (see int4 above)
+INT4_LAYOUT = "blocks32"  # the name `edgellm quantize` records for that layout
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 
 
@@ -60,7 +65,7 @@ class QuantizedWeight:
 def packed_bytes(kind: str, n: int, k: int, dtype_bytes: int = 2, group: int = GROUP_SIZE) -> int:
     """Bytes of a [n, k] weight in `kind` (what the memory plan counts)."""
     if kind == "int4":
-        return n * ((k + 1) // 2) + 2 * n * -(-k // group) * dtype_bytes
+        return n * _groups(k, INT4_BLOCK) * INT4_BLOCK // 2 + 2 * n * _groups(k, group) * dtype_bytes
     return n * k + n * dtype_bytes * (2 if kind == "int8" else 1)
 
 
@@ -106,16 +111,21 @@ def quantize(weight: torch.Tensor, kind: str, *, group: int = GROUP_SIZE, dtype:
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """[N, K] codes 0..15 -> [N, ceil(K / 2)] uint8, column 2j in the low nibble of byte j."""
-    if codes.shape[1] % 2:
-        codes = torch.cat([codes, torch.zeros_like(codes[:, :1])], dim=1)
+    """[N, K] codes 0..15 -> [N, 16 ceil(K / 32)] uint8: in each block of 32 columns (K padded with
+    zero codes), byte j holds column j in its low nibble and column 16 + j in its high."""
+    n, k = codes.shape
     codes = codes.to(torch.uint8)
-    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+    pad = _groups(k, INT4_BLOCK) * INT4_BLOCK - k
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(n, pad)], dim=1)
+    blocks = codes.reshape(n, -1, 2, INT4_BLOCK // 2)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, -1).contiguous()
 
 
 def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
     """pack_int4's inverse: [N, K] uint8 codes."""
-    return torch.stack([packed & 0xF, packed >> 4], dim=2).reshape(packed.shape[0], -1)[:, :k]
+    blocks = packed.reshape(packed.shape[0], -1, 1, INT4_BLOCK // 2)
+    return torch.cat([blocks & 0xF, blocks >> 4], dim=2).reshape(packed.shape[0], -1)[:, :k]
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
