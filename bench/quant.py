@@ -33,8 +33,8 @@ GPT_FAST = {None: 1.0, "int8": 155.6 / 104.9, "int4": 196.8 / 104.9}
 TILES = [(32, 256, 4, 4), (64, 256, 4, 4), (32, 512, 4, 4), (64, 128, 4, 4), (32, 1024, 4, 4), (16, 512, 4, 4),
          (16, 1024, 4, 4), (16, 256, 4, 3)]
 # Batch 1 on the CUDA cores (gemv row_fma): (BLOCK_N, BLOCK_K, warps, stages)
-ROW_TILES = [(bn, bk, 4, 3) for bn in (2, 4, 8, 16, 32) for bk in (256, 512, 1024)] + \
-    [(8, 1024, 8, 3), (16, 1024, 8, 3), (4, 512, 4, 1), (4, 512, 4, 2), (4, 512, 2, 3), (4, 2048, 4, 3)]
+ROW_TILES = [(bn, bk, w, 3) for bn in (2, 4, 8) for bk in (512, 1024) for w in (1, 2)] + \
+    [(4, 512, 4, 3), (4, 1024, 4, 3), (32, 256, 4, 3), (16, 256, 2, 3), (8, 256, 2, 3)]
 
 
 def decode_rows(shape, batches, osl, iterations, bandwidth, kinds=KINDS, lm_head=(False,)) -> list[dict]:
