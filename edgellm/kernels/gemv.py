@@ -36,10 +36,16 @@ ROW_FMA_KINDS = (None, "int8", "int4", "fp8")
 
 
 def _row_tile(quant: str | None, n: int, k: int):
-    """(BLOCK_N, BLOCK_K, warps, stages) for one row: about 4 programs per SM on a 1B-class layer
-    (BLOCK_N = N / 512 within 4..32: narrow matrices get 4-row programs), long K tiles for long rows."""
-    block_n = min(32, max(4, 1 << max(0, (n // 512).bit_length() - 1)))
-    return (block_n, 1024 if k >= 8192 and block_n <= 8 else 512, 4, 3)
+    """(BLOCK_N, BLOCK_K, warps, stages) for one row (H100 sweep, RESULTS.md): narrow matrices get
+    4-row programs (about 4 per SM on a 1B-class layer), long rows long K tiles; packed formats
+    prefer 2-warp programs, wide packed matrices more rows a program."""
+    block_k = 1024 if k >= 8192 else 512
+    if quant is None:
+        return (4, block_k, 4, 3)
+    if n < 8192:
+        return (4, block_k, 2, 3)
+    return (8, 256, 2, 3) if quant == "int4" else (16, 256, 2, 3)
+
 
 # Weight formats (the QUANT constexpr): full precision, then quant/formats.py's kinds.
 QUANT_CODES = {None: 0, "int8": 1, "int4": 2, "fp8": 3}
