@@ -42,7 +42,7 @@ if [[ " $parts " == *" families "* ]]; then
   python3 bench/families.py --json "$out/families.json" 2> "$out/families.stderr" || { status=1; tail -30 "$out/families.stderr"; }
 fi
 if [[ " $parts " == *" quant "* ]]; then
-  python3 bench/quant.py --json "$out/quant.json" 2> "$out/quant.stderr" || { status=1; tail -30 "$out/quant.stderr"; }
+  python3 bench/quant.py --sweep none --lm-head --json "$out/quant.json" 2> "$out/quant.stderr" || { status=1; tail -30 "$out/quant.stderr"; }
 fi
 if [[ " $parts " == *" threads "* ]]; then
   python3 bench/threads.py --json "$out/threads.json" 2> "$out/threads.stderr" || { status=1; tail -30 "$out/threads.stderr"; }
