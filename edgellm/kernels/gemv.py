@@ -42,9 +42,9 @@ def _row_tile(quant: str | None, n: int, k: int):
     block_k = 1024 if k >= 8192 else 512
     if quant is None:
         return (4, block_k, 4, 3)
-    if n < 8192:  # (int4 rows of 8192 want 4 warps: 9.2 vs 14.2 us on the 1B shape's down projection)
-        return (4, block_k, 4 if quant == "int4" and k >= 8192 else 2, 3)
-    return (8, 256, 2, 3) if quant == "int4" else (16, 256, 2, 3)
+    if n < 8192 or (quant == "int4" and n < 65536):  # (int4 rows of 8192 want 4 warps: 9.2 vs 14.2 us
+        return (4, block_k, 4 if quant == "int4" and k >= 8192 else 2, 3)  # on the 1B shape's down projection)
+    return (16, 256, 2, 3)
 
 
 # Weight formats (the QUANT constexpr): full precision, then quant/formats.py's kinds.
