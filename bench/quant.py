@@ -8,7 +8,6 @@ Run:  python bench/quant.py --json bench/results/quant.json
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -91,12 +90,7 @@ def kernel_rows(bandwidth, kinds=KINDS, tiles=TILES, row_tiles=ROW_TILES, batche
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--shape", default="llama-3.2-1b")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--osl", type=int, default=128)
-    parser.add_argument("--iterations", type=int, default=3)
+    parser = benchmark.decode_parser(__doc__.splitlines()[0])
     parser.add_argument("--skip", nargs="*", default=[], choices=["decode", "kernel"])
     parser.add_argument("--kinds", nargs="+", default=["fp16", *KINDS[1:]], help="fp16 and / or quantizations")
     parser.add_argument("--sweep", default="all", choices=["all", "row", "none"],

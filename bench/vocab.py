@@ -8,7 +8,6 @@ Run:  python bench/vocab.py --json bench/results/vocab.json
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -42,12 +41,7 @@ def sampling_us(vocab: int, batch: int, top: bool, bandwidth: float) -> tuple[fl
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--shape", default="llama-3.2-1b")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--osl", type=int, default=128)
-    parser.add_argument("--iterations", type=int, default=3)
+    parser = benchmark.decode_parser(__doc__.splitlines()[0])
     args = parser.parse_args()
     model_dir = benchmark.random_model_dir(args.shape, "/tmp/edgellm-bench")
     config = json.loads((model_dir / "config.json").read_text())

@@ -10,6 +10,7 @@ to its length) over the measured device copy bandwidth.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -207,6 +208,18 @@ def bench_ttft(runner, prompt_len: int, iterations: int) -> dict:
     prefill(runner, ids)  # warm-up: kernel compilation, cuBLAS heuristics
     times = [sync_time(lambda: prefill(runner, ids)) for _ in range(max(3, iterations))]
     return dict(prompt_len=prompt_len, ttft_ms=statistics.median(times) * 1e3)
+
+
+def decode_parser(description: str) -> argparse.ArgumentParser:
+    """The options the bench/ scripts that decode a named shape share (--json, --shape, --batch,
+    --osl, --iterations)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--osl", type=int, default=128)
+    parser.add_argument("--iterations", type=int, default=3)
+    return parser
 
 
 def make_runner(model_dir: str | Path, *, batches, isl: int, osl: int, ttft_lens, dtype: str = "float16",
