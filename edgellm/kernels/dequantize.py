@@ -23,9 +23,9 @@ def _dequantize_kernel(w_ptr, sc_ptr, zp_ptr, out_ptr, n, k, s_wn, s_sn, group,
     if QUANT == 2:  # int4: low and high nibbles to the two halves of each block of 32 columns
         lo, hi, s, z, cols = _int4_tile(w_base, sc_ptr, zp_ptr, rows, n_ok, s_sn, k0 // 2, k, group, BLOCK_K // 32)
         out = out_base[:, :, None] + cols[None]
-        s, z = s[:, :, None], z[:, :, None]
-        tl.store(out, ((lo - z) * s).to(dtype), mask=n_ok[:, None, None] & (cols < k)[None])
-        tl.store(out + 16, ((hi - z) * s).to(dtype), mask=n_ok[:, None, None] & (cols + 16 < k)[None])
+        s, zm = s[:, :, None], _zero_f32(z)[:, :, None]
+        tl.store(out, ((lo - zm) * s).to(dtype), mask=n_ok[:, None, None] & (cols < k)[None])
+        tl.store(out + 16, ((hi - zm) * s).to(dtype), mask=n_ok[:, None, None] & (cols + 16 < k)[None])
     else:  # int8 / fp8: codes (less the row's zero, int8) times the row's scale
         kk = k0 + tl.arange(0, BLOCK_K)
         if QUANT == 1:  # (_codes_f32's 2^23 comes off with the zero)

@@ -69,7 +69,7 @@ def _zero_f32(z):
 @triton.jit
 def _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, NB: tl.constexpr):
     """The int4 tile of NB blocks (32 columns, 16 bytes: formats.py) from byte b0 of each row, each
-    block inside one group: its low and high nibbles as floats [BLOCK_N, NB, 16] (exact), the
+    block inside one group: its low and high nibbles as _codes_f32 floats [BLOCK_N, NB, 16], the
     blocks' scales and zeros [BLOCK_N, NB], and the low nibbles' columns [NB, 16] (the high ones'
     are 16 further)."""
     blk = tl.arange(0, NB)
@@ -82,7 +82,7 @@ def _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, NB: tl.
     b_ok = n_ok[:, None] & (first < k)[None, :]
     s = tl.load(sc_ptr + at, mask=b_ok, other=0.0).to(tl.float32)
     z = tl.load(zp_ptr + at, mask=b_ok, other=0.0).to(tl.float32)
-    return _codes_f32(packed & 0xF) - 8388608.0, _codes_f32(packed >> 4) - 8388608.0, s, z, cols
+    return _codes_f32(packed & 0xF), _codes_f32(packed >> 4), s, z, cols
 
 
 @triton.jit
@@ -94,8 +94,9 @@ def _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, grou
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for b0 in tl.range(0, (k + 1) // 2, BLOCK_K // 2, num_stages=NUM_STAGES):
         lo, hi, _, z, cols = _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, BLOCK_K // 32)
-        lo -= z[:, :, None]  # small integers, exact in fp16 / bf16
-        hi -= z[:, :, None]
+        zm = _zero_f32(z)[:, :, None]
+        lo -= zm  # small integers, exact in fp16 / bf16
+        hi -= zm
         x_lo = tl.load(x_base[:, :, None] + cols[None], mask=m_ok[:, None, None] & (cols < k)[None], other=0.0)
         x_hi = tl.load(x_base[:, :, None] + cols[None] + 16, mask=m_ok[:, None, None] & (cols + 16 < k)[None],
                        other=0.0)
@@ -115,15 +116,15 @@ def _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, group, BLOCK
     """x[0] . W[rows_n] on the CUDA cores, [BLOCK_N] float32, less the per-channel scales (int8 / fp8
     apply them after). Products accumulate elementwise in a [BLOCK_N, BLOCK_K] tile, reduced once at
     the end."""
-    if QUANT == 2:  # int4: blocks of 32 columns, each in one group: per block and row, the codes'
-        # dot with x, less the zero times x's sum over the block, times the scale
+    if QUANT == 2:  # int4: blocks of 32 columns, each in one group: per block and row, the codes
+        # less the zero dotted with x, times the scale
         acc = tl.zeros([BLOCK_N, BLOCK_K // 32], dtype=tl.float32)
         for b0 in tl.range(0, (k + 1) // 2, BLOCK_K // 2, num_stages=NUM_STAGES):
             lo, hi, s, z, cols = _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, BLOCK_K // 32)
-            x_lo = tl.load(x_ptr + cols, mask=cols < k, other=0.0).to(tl.float32)
-            x_hi = tl.load(x_ptr + cols + 16, mask=cols + 16 < k, other=0.0).to(tl.float32)
-            dots = tl.sum(lo * x_lo[None] + hi * x_hi[None], axis=2)
-            acc += (dots - z * tl.sum(x_lo + x_hi, axis=1)[None, :]) * s
+            x_lo = tl.load(x_ptr + cols, mask=cols < k, other=0.0).to(tl.float32)[None]
+            x_hi = tl.load(x_ptr + cols + 16, mask=cols + 16 < k, other=0.0).to(tl.float32)[None]
+            zm = _zero_f32(z)[:, :, None]
+            acc += tl.sum((lo - zm) * x_lo + (hi - zm) * x_hi, axis=2) * s
         return tl.sum(acc, axis=1)
     else:
         cols = tl.arange(0, BLOCK_K)
