@@ -1,10 +1,10 @@
 """Quantization quality on the default model (issue 17; CPU is enough): perplexity over
 tests/data/eval_prose.txt for float32, round-to-nearest int8 / fp8 / int4 (groups 128, 64, 32), GPTQ
-int4 (H from tests/data/calibration_prose.txt; per projection too) and an AWQ-style per-input-channel
-scale search, each against float32. --self-samples adds the model's own sampled text to the
-calibration tokens (GPTQ with more data).
+int4 variants (calibrated on edgellm/quant/calibration_prose.txt, the text `edgellm quantize` ships), the quantizer edgellm uses
+(edgellm/quant/gptq.py quantize_layer_weight) and an AWQ-style per-input-channel scale search, each
+against float32.
 
-Run:  python bench/quant_quality.py --json bench/results/quant-quality.json   (a few minutes on 2 cores)
+Run:  python bench/quant_quality.py --json bench/results/quant-quality.json   (about 25 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -67,14 +67,13 @@ def awq_style(weight, hessian, salience, grid=20):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--self-samples", action="store_true")
     args = parser.parse_args()
     from tokenizers import Tokenizer
 
     model_dir = edgellm.default_model_dir()
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     evaluation = tokenizer.encode((ROOT / "tests/data/eval_prose.txt").read_text()).ids
-    calibration = tokenizer.encode((ROOT / "tests/data/calibration_prose.txt").read_text()).ids
+    calibration = tokenizer.encode(gptq.CALIBRATION_TEXT.read_text()).ids
     runner = LLMEngineRunner(model_dir, device="cpu", dtype="float32", cuda_graphs=False, max_batch_size=16,
                              max_input_length=512, max_kv_cache_capacity=600)
     ops = reference_ops()
@@ -94,28 +93,25 @@ def main() -> int:
         measure(f"{kind} per channel (RTN)", lambda f, w, kind=kind: quantize(w, kind))
     for group in (128, 64, 32):
         measure(f"int4 g{group} (RTN)", lambda f, w, group=group: quantize(w, "int4", group=group))
-    measure("float32 (restored)", lambda f, w: w)
     hessians = gptq.calibrate(runner, calibration)
-    measure("int4 g128 GPTQ", lambda f, w: gptq.gptq_int4(w, hessians[id(w)]))
-    for only in LINEAR_FIELDS:
-        measure(f"RTN, GPTQ on {only} only",
-                lambda f, w, only=only: gptq.gptq_int4(w, hessians[id(w)]) if f == only else quantize(w, "int4"))
-    measure("float32 (restored)", lambda f, w: w)
+    split = runner.config.q_size + runner.config.kv_size
+
+    def gptq_rows(f, w, value="gptq", act_order=True, damp=0.1):
+        """GPTQ of every projection; the value rows (of qkv) too, or rounded to nearest."""
+        h = hessians[id(w)]
+        if f != "qkv" or value == "gptq":
+            return gptq.gptq_int4(w, h, act_order=act_order, damp=damp)
+        return gptq.stack_rows([gptq.gptq_int4(w[:split], h, act_order=act_order, damp=damp),
+                                quantize(w[split:], "int4")])
+
+    measure("int4 g128 GPTQ, column order, damp 0.01 (first session)",
+            lambda f, w: gptq_rows(f, w, act_order=False, damp=0.01))
+    measure("int4 g128 GPTQ, column order, value rows rounded", lambda f, w: gptq_rows(f, w, "rtn", act_order=False))
+    measure("int4 g128 GPTQ, act order, static groups", lambda f, w: gptq_rows(f, w))
+    measure("int4 g128 edgellm quantize --method gptq (act order, value rows rounded)",
+            lambda f, w: gptq.quantize_layer_weight(f, w, hessians[id(w)], runner.config))
     salience = activation_means(runner, calibration)
     measure("int4 g128 AWQ-style scale search", lambda f, w: awq_style(w, hessians[id(w)], salience[id(w)]))
-    if args.self_samples:
-        from edgellm import LLMGenerationRequest, LLMInferenceRuntime
-
-        measure("float32 (restored)", lambda f, w: w)
-        runtime = LLMInferenceRuntime(model_dir, device="cpu", dtype="float32", cuda_graphs=False, max_batch_size=16,
-                                      max_input_length=512, max_kv_cache_capacity=600)
-        starts = [calibration[i:i + 16] for i in range(0, 16 * 60, 60)]
-        with edgellm.kernels.use_reference():
-            out = runtime.handle_request(LLMGenerationRequest(requests=[{"input_ids": s} for s in starts],
-                                                              max_generate_length=400, temperature=1.0, top_p=0.95))
-        ids = calibration + [t for s, o in zip(starts, out.output_ids) for t in s + o]
-        more = gptq.calibrate(runner, ids)
-        measure(f"int4 g128 GPTQ, {len(ids)} calibration tokens", lambda f, w: gptq.gptq_int4(w, more[id(w)]))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

@@ -309,7 +309,8 @@ def cmd_quantize(args) -> int:
     from .models import resolve_model_dir
     from .quant.export import write_quantized
 
-    target = write_quantized(resolve_model_dir(args.model_dir), args.output, args.to, group=args.group_size)
+    target = write_quantized(resolve_model_dir(args.model_dir), args.output, args.to, group=args.group_size,
+                             method=args.method, calibration_text=args.calibration, device=args.device)
     print(f"wrote {args.to} weights to {target}; load it like any model directory")
     return 0
 
@@ -385,12 +386,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("quantize", help="write a model directory back with quantized weights",
-                       description="Quantize a full-precision model's layer weights (round to nearest) and write a "
-                                   "model directory that later loads already quantized.")
+                       description="Quantize a full-precision model's layer weights and write a model directory "
+                                   "that later loads already quantized: int8 and fp8 round to nearest; int4 by "
+                                   "default runs GPTQ calibrated on a short prose text shipped with edgellm "
+                                   "(+36% perplexity against round to nearest's +65% on the default model).")
     p.add_argument("model_dir", nargs="?", default=None, help="model directory or hub id (default: the embedded model)")
     p.add_argument("--to", required=True, choices=("int8", "int4", "fp8"))
     p.add_argument("--output", "-o", required=True, help="an empty or new directory")
     p.add_argument("--group-size", type=int, default=128, help="int4 group along the input (multiple of 32; default 128)")
+    p.add_argument("--method", choices=("rtn", "gptq"), default=None,
+                   help="rtn: round to nearest; gptq: calibrated error compensation (int4 only; its default)")
+    p.add_argument("--calibration", default=None, help="a text file to calibrate GPTQ on (default: the shipped prose)")
+    p.add_argument("--device", default=None, help="where GPTQ runs the model (default: cuda if available, else cpu)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("bench", help="decode tokens/s and time to first token on the GPU",

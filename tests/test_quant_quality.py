@@ -8,7 +8,7 @@ import torch
 
 from edgellm.kernels import use_reference
 from edgellm.quant import dequantize, quantize
-from edgellm.quant.gptq import gptq_int4
+from edgellm.quant.gptq import gptq_int4, stack_rows
 from edgellm.quant.quality import perplexity, token_windows
 
 
@@ -45,11 +45,37 @@ def test_gptq_compensates_rounding_errors_where_the_inputs_live():
     x = torch.randn(tokens, k) @ basis.T
     w = torch.randn(n, k) * 0.05
     hessian = 2 * x.T @ x / tokens
-    rtn, gptq = quantize(w, "int4"), gptq_int4(w, hessian)
-    assert gptq.data.shape == rtn.data.shape and gptq.scales.shape == rtn.scales.shape
-    assert int(gptq.zeros.max()) <= 15 and int(gptq.zeros.min()) >= 0
+    rtn = quantize(w, "int4")
 
     def output_error(qw):
         return float((x @ (dequantize(qw, torch.float32) - w).T).norm() / (x @ w.T).norm())
 
-    assert output_error(gptq) < 0.6 * output_error(rtn)
+    for act_order in (True, False):
+        gptq = gptq_int4(w, hessian, act_order=act_order)
+        assert gptq.data.shape == rtn.data.shape and gptq.scales.shape == rtn.scales.shape
+        assert int(gptq.zeros.max()) <= 15 and int(gptq.zeros.min()) >= 0
+        assert output_error(gptq) < 0.6 * output_error(rtn)
+        if act_order:  # static groups: the scales and zeros of round to nearest, the codes reordered
+            assert torch.equal(gptq.scales, rtn.scales) and torch.equal(gptq.zeros, rtn.zeros)
+    # a fused projection quantized in two row blocks is their rows one after another
+    both = stack_rows([gptq_int4(w[:20], hessian), gptq_int4(w[20:], hessian)])
+    assert torch.equal(dequantize(both, torch.float32), dequantize(gptq_int4(w, hessian), torch.float32))
+
+
+def test_calibration_sees_each_linear_input(tiny_models):
+    """calibrate's H for the first layer's qkv is 2/n x^T x of that layer's normed inputs (computed
+    here by hand from the embeddings), over windows of 8 and 3 tokens."""
+    from edgellm.engine.runner import LLMEngineRunner
+    from edgellm.quant.gptq import calibrate
+
+    model_dir, model = tiny_models["llama"]
+    runner = LLMEngineRunner(model_dir, device="cpu", dtype="float32", cuda_graphs=False, max_input_length=64)
+    ids = [5, 9, 13, 7, 30, 20, 21, 22, 23, 24, 25]
+    with use_reference():
+        calibration = calibrate(runner, ids, window=8)  # windows of 8 and 3 tokens
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        x = layer.input_layernorm(model.model.embed_tokens(torch.tensor(ids)))
+    got = calibration[id(runner.weights.layers[0].qkv)]
+    torch.testing.assert_close(got.float(), 2 * x.T @ x / len(ids), rtol=1e-4, atol=1e-5)
+    assert len(calibration) == 4 * len(runner.weights.layers)  # every layer linear weight

@@ -104,7 +104,8 @@ def test_edgellm_quantize_writes_a_directory_that_loads_quantized(tiny_models, t
 
     model_dir, model = tiny_models["llama"]
     out = tmp_path / f"llama-{kind}"
-    assert main(["quantize", str(model_dir), "--to", kind, "--output", str(out), "--group-size", "32"]) == 0
+    assert main(["quantize", str(model_dir), "--to", kind, "--output", str(out), "--group-size", "32",
+                 "--method", "rtn"]) == 0
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         names = set(f.keys())
     assert "model.layers.0.self_attn.q_proj.qweight" in names and "model.layers.0.self_attn.q_proj.weight" not in names
@@ -116,3 +117,45 @@ def test_edgellm_quantize_writes_a_directory_that_loads_quantized(tiny_models, t
     assert_rows_match_transformers(response, fake_quantized(model, kind, group=32), PROMPTS, 10)
     assert main(["quantize", str(model_dir), "--to", kind, "--output", str(out)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_edgellm_quantize_int4_runs_gptq(tiny_models, tmp_path, capsys):
+    """int4's default method: GPTQ calibrated on a text (act order, static groups: round to nearest's
+    scales and zeros, other codes; the value projection rounded to nearest), written in the same
+    layout; the stored directory generates transformers' tokens over those weights."""
+    from safetensors.torch import load_file
+
+    from conftest import WORDS
+    from edgellm.cli import main
+    from edgellm.quant.formats import QuantizedWeight
+
+    model_dir, model = tiny_models["llama"]
+    text = tmp_path / "calibration.txt"
+    text.write_text(" ".join(WORDS[(i * 7) % len(WORDS)] for i in range(300)))
+    out = tmp_path / "llama-gptq"
+    assert main(["quantize", str(model_dir), "--to", "int4", "--output", str(out), "--group-size", "32",
+                 "--calibration", str(text), "--device", "cpu"]) == 0
+    stored, original = load_file(str(out / "model.safetensors")), dict(model.named_parameters())
+    fake = copy.deepcopy(model)
+    changed = 0
+    with torch.no_grad():
+        for name, module in fake.named_modules():
+            if name.split(".")[-1] not in PROJECTIONS:
+                continue
+            w = original[name + ".weight"].detach()
+            qw = QuantizedWeight("int4", stored[name + ".qweight"], stored[name + ".scales"], stored[name + ".zeros"],
+                                 w.shape[1], 32)
+            rtn = quantize(w, "int4", group=32)
+            assert torch.equal(qw.scales, rtn.scales) and torch.equal(qw.zeros, rtn.zeros)
+            if name.endswith("v_proj"):
+                assert torch.equal(qw.data, rtn.data)
+            else:
+                changed += not torch.equal(qw.data, rtn.data)
+            module.weight.copy_(dequantize(qw, torch.float32))
+    assert changed == len(model.model.layers) * 6  # GPTQ moved codes in every other projection
+    runtime = LLMInferenceRuntime(out, device="cpu", cuda_graphs=False)
+    response = runtime.handle_request(LLMGenerationRequest(requests=[{"input_ids": p} for p in PROMPTS],
+                                                           max_generate_length=10, temperature=0))
+    assert_rows_match_transformers(response, fake, PROMPTS, 10)
+    assert main(["quantize", str(model_dir), "--to", "int8", "--method", "gptq", "--output", str(tmp_path / "x")]) == 2
+    assert "gptq int4" in capsys.readouterr().err

@@ -1,39 +1,40 @@
 """Activation-aware int4: GPTQ-style error compensation at quantize time (Frantar et al., 2022).
 
-Round to nearest quantizes each weight alone. GPTQ quantizes a layer's weight column by column (input
-features in order) and, after each column, spreads that column's rounding error over the columns not
-yet quantized, in proportion to how the layer's inputs correlate: H = X^T X over a calibration text's
-activations. What the layer outputs on inputs like the calibration ones then moves far less than the
-weights do. Groups of 128 (asymmetric, as formats.py's int4) take their scale and zero from the
-error-compensated weights when the quantizer reaches the group's first column.
+Round to nearest quantizes each weight alone. GPTQ quantizes a layer's weight column by column and,
+after each column, spreads that column's rounding error over the columns not yet quantized, in
+proportion to how the layer's inputs correlate: H = X^T X over a calibration text's activations.
+What the layer outputs on inputs like the calibration ones then moves far less than the weights do.
+Columns go in act order (largest H diagonal first); groups of 128 keep formats.py's layout, their
+scales and zeros fixed from the weights beforehand (static groups).
 
 calibrate() runs the full-precision engine once over the calibration tokens and accumulates H for
-every layer linear weight (through the forward's observe_linear hook); quantize_engine() replaces the
-engine's linear weights with their packed GPTQ versions.
+every layer linear weight (through the forward's observe_linear hook); quantize_projection() is the
+policy `edgellm quantize --method gptq` applies to each projection (quant/export.py);
+quantize_engine() applies it to a loaded engine.
 
-Status (bench/RESULTS.md, issue 17): on the default model GPTQ cuts every layer's error on the
-calibration text several times over, yet raises perplexity (+113% against round-to-nearest's +65%,
-mostly through the q/k/v projection), with 1.3k or 6.6k calibration tokens, float64 inverses, or
-outsized tokens scaled down. Not offered to users until that is understood.
+On the default model (bench/RESULTS.md): perplexity +36.5% against rounding's +65% (target: half of
+it, +32.5%, not met yet); GPTQ in column order, as first built, was +113%.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import types
+from pathlib import Path
 
 import torch
 
 from ..kernels.ops import reference_ops
-from .formats import GROUP_SIZE, QuantizedWeight, pack_int4
+from .formats import GROUP_SIZE, QuantizedWeight, pack_int4, quantize
 from .quality import token_windows
 
 BLOCK = 128  # columns quantized between the (lazy) updates of the rest of the matrix
-
-
+CALIBRATION_TEXT = Path(__file__).with_name("calibration_prose.txt")  # public-domain prose, 1.3k tokens
 @torch.inference_mode()
 def calibrate(runner, ids: list[int], *, window: int = 512) -> dict[int, torch.Tensor]:
-    """{id(weight): H [K, K] float32} for each layer linear weight of the engine, from its inputs over
-    `ids` (windows of `window` tokens, float32 references: run on the CPU or the GPU)."""
+    """{id(weight): H [K, K] float64} for each layer linear weight of the engine: 2/n sum x x^T over
+    its inputs x on the n tokens of `ids` (windows of `window` tokens, float32 references: run on the
+    CPU or the GPU)."""
     from ..engine.model import forward_logits
     from ..engine.weights import LINEAR_FIELDS
 
@@ -60,21 +61,33 @@ def calibrate(runner, ids: list[int], *, window: int = 512) -> dict[int, torch.T
     return {key: h * (2.0 / counts[key]) for key, h in hessians.items()}
 
 
-def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, *, group: int = GROUP_SIZE, damp: float = 0.01,
-              dtype: torch.dtype | None = None) -> QuantizedWeight:
-    """weight [N, K] quantized to formats.py's int4 layout with GPTQ's error compensation under H."""
+def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, *, group: int = GROUP_SIZE, damp: float = 0.1,
+              act_order: bool = True, dtype: torch.dtype | None = None) -> QuantizedWeight:
+    """weight [N, K] quantized to formats.py's int4 layout with GPTQ's error compensation under H.
+    act_order: columns in order of decreasing H diagonal (the inputs that carry the most first, while
+    the most columns are left to absorb their error), each group's scale and zero fixed beforehand
+    from the weights as they are (static groups: the layout keeps groups of consecutive columns).
+    Without it, in column order, each group's parameters from the compensated weights."""
     dtype = dtype or weight.dtype
     w = weight.float().clone()
     n, k = w.shape
-    h = hessian.double().clone()  # H's spread is wide (outsized tokens): its inverse in float64
+    h = hessian.double().clone()  # H's spread is wide: its inverse in float64
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h += torch.eye(k, dtype=h.dtype, device=h.device) * damp * torch.mean(torch.diag(h))
-    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
     groups = -(-k // group)
-    scales = torch.zeros(n, groups, device=w.device)
-    zeros = torch.zeros(n, groups, device=w.device)
+    if act_order:
+        static = quantize(weight, "int4", group=group)
+        scales, zeros = static.scales.float(), static.zeros.float()
+        order = torch.argsort(torch.diag(h), descending=True)
+    else:
+        scales = torch.zeros(n, groups, device=w.device)
+        zeros = torch.zeros(n, groups, device=w.device)
+        order = torch.arange(k, device=w.device)
+    w, h = w[:, order], h[order][:, order]
+    column_group = order // group
+    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
     codes = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
     for start in range(0, k, BLOCK):
         end = min(start + BLOCK, k)
@@ -82,27 +95,57 @@ def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, *, group: int = GROUP
         errors = torch.zeros_like(block)
         for i in range(end - start):
             column = start + i
-            if column % group == 0:  # the group's parameters, from the compensated weights so far
-                g = column // group
+            g = int(column_group[column])
+            if not act_order and column % group == 0:  # the group's parameters, from the compensated weights
                 span = torch.cat([block[:, i:], w[:, end:]], dim=1)[:, :min(group, k - column)]
                 low, high = span.amin(dim=1).clamp(max=0), span.amax(dim=1).clamp(min=0)
                 scales[:, g] = ((high - low) / 15.0).clamp(min=1e-8)
                 zeros[:, g] = torch.round(-low / scales[:, g]).clamp(0, 15)
-            g = column // group
             q = torch.clamp(torch.round(block[:, i] / scales[:, g] + zeros[:, g]), 0, 15)
             codes[:, column] = q.to(torch.uint8)
             error = (block[:, i] - (q - zeros[:, g]) * scales[:, g]) / h_inv[column, column]
             block[:, i:] -= error[:, None] * h_inv[column, column:end][None, :]
             errors[:, i] = error
         w[:, end:] -= errors @ h_inv[start:end, end:]
+    codes = codes[:, torch.argsort(order)]
     return QuantizedWeight("int4", pack_int4(codes), scales.to(dtype), zeros.to(dtype), k, group)
 
 
-def quantize_engine(runner, ids: list[int], *, window: int = 512, group: int = GROUP_SIZE, progress=None) -> None:
-    """Replace each layer linear weight of a full-precision engine by its GPTQ int4 version (H from
-    `ids`); the engine's config then says int4."""
-    import dataclasses
+def stack_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """int4 weights of the same width, their rows one after another (a fused projection)."""
+    first = parts[0]
+    return dataclasses.replace(first, data=torch.cat([p.data for p in parts]),
+                               scales=torch.cat([p.scales for p in parts]), zeros=torch.cat([p.zeros for p in parts]))
 
+
+def quantize_projection(projection: str, weight: torch.Tensor, hessian: torch.Tensor, *,
+                        group: int = GROUP_SIZE) -> QuantizedWeight:
+    """One projection's weight ("q", "k", "v", "o", "gate", "up", "down", or a fused "gate_up") in
+    int4 the way `edgellm quantize --method gptq` does it: GPTQ in act order with static groups under
+    its input's H, except the value projection, rounded to nearest. A small model parks most of its
+    attention on each window's first token (an attention sink), so that token's value vector is in
+    nearly every attention output, while H counts it once in hundreds of tokens: GPTQ moved the value
+    projection's error onto it and raised perplexity (+68% against rounding's +65% with the rest
+    GPTQ'd, bench/RESULTS.md; H weighting that token up recovered only part of it)."""
+    if projection == "v":
+        return quantize(weight, "int4", group=group)
+    return gptq_int4(weight, hessian, group=group, dtype=weight.dtype)
+
+
+def quantize_layer_weight(field: str, weight: torch.Tensor, hessian: torch.Tensor, config, *,
+                          group: int = GROUP_SIZE) -> QuantizedWeight:
+    """An engine layer weight (engine/weights.py LINEAR_FIELDS) through quantize_projection, the
+    fused qkv weight in its three row blocks."""
+    if field != "qkv":
+        return quantize_projection(field, weight, hessian, group=group)
+    sizes = (config.q_size, config.kv_size, weight.shape[0] - config.q_size - config.kv_size)
+    return stack_rows([quantize_projection(name, rows, hessian, group=group)
+                       for name, rows in zip("qkv", weight.split(sizes))])
+
+
+def quantize_engine(runner, ids: list[int], *, window: int = 512, group: int = GROUP_SIZE, progress=None) -> None:
+    """Replace each layer linear weight of a full-precision engine by its activation-aware int4
+    version (quantize_layer_weight, calibrated on `ids`); the engine's config then says int4."""
     from ..engine.weights import LINEAR_FIELDS
 
     hessians = calibrate(runner, ids, window=window)
@@ -110,5 +153,6 @@ def quantize_engine(runner, ids: list[int], *, window: int = 512, group: int = G
     for layer in (progress(layers, desc="GPTQ int4", unit="layer") if progress else layers):
         for field in LINEAR_FIELDS:
             weight = getattr(layer, field)
-            setattr(layer, field, gptq_int4(weight, hessians[id(weight)], group=group, dtype=weight.dtype))
+            setattr(layer, field, quantize_layer_weight(field, weight, hessians[id(weight)], runner.config,
+                                                        group=group))
     runner.config = dataclasses.replace(runner.config, quantization="int4")
