@@ -236,8 +236,9 @@ def test_gemv(dtype, m, n, k, bias):
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(gemv.gemv(x, w, b), gemv.gemv_ref(x, w, b), **tol)
     torch.testing.assert_close(gemv.gemv(x, w, b, tile=(16, 32, 4, 2)), gemv.gemv_ref(x, w, b), **tol)
-    if m == 1:  # one row on the CUDA cores (ROW_TILES; full-precision weights take it only when asked)
-        torch.testing.assert_close(gemv.gemv(x, w, b, tile=(8, 32, 4, 2), row_fma=True), gemv.gemv_ref(x, w, b), **tol)
+    if m == 1:  # one row goes to the CUDA cores by default; the tensor-core tile when asked
+        torch.testing.assert_close(gemv.gemv(x, w, b, tile=(16, 32, 4, 2), row_fma=False), gemv.gemv_ref(x, w, b),
+                                   **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -310,8 +311,8 @@ def test_gemv_over_packed_weights(kind, dtype, m, n, k, bias):
     ref = gemv.gemv_ref(x, qw, b)
     torch.testing.assert_close(gemv.gemv(x, qw, b), ref, **tol)
     torch.testing.assert_close(gemv.gemv(x, qw, b, tile=(16, 64, 4, 2)), ref, **tol)
-    if m == 1:  # batch 1 defaults to the CUDA cores (ROW_TILES): the tensor-core tile, and a K tile of two
-        # int4 groups' sub-tiles (256 = 2 x 128, over the ragged 4 x 128 + 64)
+    if m == 1:  # batch 1 defaults to the CUDA cores: the tensor-core tile too, and a K tile over two int4
+        # groups (256 = 2 x 128, over the ragged 4 x 128 + 64)
         torch.testing.assert_close(gemv.gemv(x, qw, b, row_fma=False), ref, **tol)
         torch.testing.assert_close(gemv.gemv(x, qw, b, tile=(8, 256, 4, 2), row_fma=True), ref, **tol)
     torch.testing.assert_close(ref, torch.nn.functional.linear(x, dequantize(qw, dtype), b))

@@ -6,9 +6,10 @@ At decode, a linear layer reads its whole weight matrix for one or a few tokens:
 weight bytes over the bandwidth reached. cuBLAS leaves part of that bandwidth unused at small batch
 (DESIGN.md: 1.6 of 2.97 TB/s on an 8192x2048 fp16 GEMV), so this kernel streams W with many loads in
 flight: each program owns BLOCK_N output features and walks K in BLOCK_K steps, multiplying the
-(padded to 16) rows of x on the tensor cores. One row of x over a packed weight (batch-1 decode, the
-latency case) goes to the CUDA cores instead (_row_gemv): no padding rows, no operand shuffles into
-the tensor-core layout, and small BLOCK_N, so even a narrow matrix gets a few programs per SM.
+(padded to 16) rows of x on the tensor cores. One row of x (batch-1 decode, the latency case) goes
+to the CUDA cores instead (_row_gemv): no padding rows, no operand shuffles into the tensor-core
+layout, and small BLOCK_N, so even a narrow matrix gets a few programs per SM (for packed weights 2-3x
+faster than the tensor-core tile, for fp16 a few percent: bench/RESULTS.md).
 """
 
 import torch
@@ -31,10 +32,6 @@ def _tile(quant: str | None, n: int):
     return WIDE_QUANT_TILE if quant in ("int8", "fp8") and n >= 8192 else QUANT_TILES[quant]
 
 
-# Batch 1 on the CUDA cores (_row_gemv), the formats that take it (all, H100 sweep in RESULTS.md).
-ROW_FMA_KINDS = (None, "int8", "int4", "fp8")
-
-
 def _row_tile(quant: str | None, n: int, k: int):
     """(BLOCK_N, BLOCK_K, warps, stages) for one row (H100 sweep, RESULTS.md): narrow matrices get
     4-row programs (about 4 per SM on a 1B-class layer), long rows long K tiles; packed formats
@@ -42,8 +39,9 @@ def _row_tile(quant: str | None, n: int, k: int):
     block_k = 1024 if k >= 8192 else 512
     if quant is None:
         return (4, block_k, 4, 3)
-    if n < 8192 or (quant == "int4" and n < 65536):  # (int4 rows of 8192 want 4 warps: 9.2 vs 14.2 us
-        return (4, block_k, 4 if quant == "int4" and k >= 8192 else 2, 3)  # on the 1B shape's down projection)
+    if n < 8192 or (quant == "int4" and n < 65536):
+        # (int4 rows of 8192 want 4 warps: 9.2 against 14.2 us on the 1B shape's down projection)
+        return (4, block_k, 4 if quant == "int4" and k >= 8192 else 2, 3)
     return (16, 256, 2, 3)
 
 
@@ -114,8 +112,8 @@ def _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, grou
 def _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, group, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, QUANT: tl.constexpr):
     """x[0] . W[rows_n] on the CUDA cores, [BLOCK_N] float32, less the per-channel scales (int8 / fp8
-    apply them after). Products accumulate elementwise in a [BLOCK_N, BLOCK_K] tile, reduced once at
-    the end."""
+    apply them after). Products accumulate elementwise in the tile (int4: per block of 32 columns, to
+    take the block's scale), reduced over K once at the end."""
     if QUANT == 2:  # int4: blocks of 32 columns, each in one group: per block and row, the codes
         # less the zero dotted with x, times the scale
         acc = tl.zeros([BLOCK_N, BLOCK_K // 32], dtype=tl.float32)
@@ -242,7 +240,7 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
     """x: [..., K] with at most MAX_ROWS rows in all; weight: [N, K], a tensor or a QuantizedWeight;
     bias: [N] or None -> [..., N]. lora: None, or (t, b_stack, index, used, scale, segments) as
     lora_expand takes them: adds each row's adapter delta in the epilogue. row_fma: one row of x on
-    the CUDA cores (default: at batch 1 for the formats in ROW_FMA_KINDS)."""
+    the CUDA cores (default: when x has one row)."""
     *lead, k = x.shape
     quant = getattr(weight, "kind", None)  # a QuantizedWeight (edgellm/quant)
     n = weight.shape[0]
@@ -254,7 +252,7 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if row_fma is None:
-        row_fma = m == 1 and quant in ROW_FMA_KINDS
+        row_fma = m == 1
     if row_fma and m != 1:
         raise ValueError(f"gemv: row_fma takes one row of x, got {m}")
     block_n, block_k, warps, stages = tile or (_row_tile(quant, n, k) if row_fma else _tile(quant, n))
