@@ -39,11 +39,11 @@ def _dequantize_kernel(w_ptr, sc_ptr, zp_ptr, out_ptr, n, k, s_wn, s_sn, group,
 
 def dequantize(qw, dtype: torch.dtype) -> torch.Tensor:
     n, k = qw.shape
+    if qw.kind == "int4" and qw.group % 32:  # the kernel's blocks of 32 columns would straddle groups
+        return dequantize_ref(qw, dtype)
     data = qw.data.view(torch.uint8) if qw.kind == "fp8" else qw.data
     out = torch.empty(n, k, dtype=dtype, device=data.device)
     zeros = qw.zeros if qw.zeros is not None else qw.scales
-    if qw.kind == "int4" and qw.group % 32:  # the kernel's blocks of 32 columns would straddle groups
-        return dequantize_ref(qw, dtype)
     _dequantize_kernel[(triton.cdiv(n, BLOCK_N), triton.cdiv(k, BLOCK_K))](
         data, qw.scales, zeros, out, n, k, data.stride(0), qw.scales.stride(0) if qw.scales.dim() == 2 else 1,
         qw.group or 1, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, QUANT=QUANT_CODES[qw.kind], num_warps=4)

@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import torch
-
 from safetensors.torch import save_file
 
 from ..errors import ConfigurationError, UnsupportedModelError
