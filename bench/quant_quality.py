@@ -93,6 +93,9 @@ def main() -> int:
         measure(f"{kind} per channel (RTN)", lambda f, w, kind=kind: quantize(w, kind))
     for group in (128, 64, 32):
         measure(f"int4 g{group} (RTN)", lambda f, w, group=group: quantize(w, "int4", group=group))
+    for layer, weights in zip(runner.weights.layers, original):  # calibrate the full-precision model
+        for field in LINEAR_FIELDS:
+            setattr(layer, field, weights[field])
     hessians = gptq.calibrate(runner, calibration)
     split = runner.config.q_size + runner.config.kv_size
 
