@@ -4,7 +4,7 @@ int4 variants (calibrated on edgellm/quant/calibration_prose.txt, the text `edge
 (edgellm/quant/gptq.py quantize_layer_weight) and an AWQ-style per-input-channel scale search, each
 against float32.
 
-Run:  python bench/quant_quality.py --json bench/results/quant-quality.json   (about 25 minutes on 2 cores)
+Run:  python bench/quant_quality.py --json bench/results/quant-quality.json   (about 35 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -26,7 +26,11 @@ from edgellm.engine.runner import LLMEngineRunner  # noqa: E402
 from edgellm.engine.weights import LINEAR_FIELDS  # noqa: E402
 from edgellm.kernels.ops import reference_ops  # noqa: E402
 from edgellm.quant import dequantize, gptq, quantize  # noqa: E402
+from edgellm.quant.formats import (GROUP_SIZE, QuantizedWeight, _pad_groups, int4_codes,  # noqa: E402
+                                   pack_int4)
 from edgellm.quant.quality import perplexity, token_windows  # noqa: E402
+
+FIRST_CALIBRATION_TOKENS = 1300  # the calibration text's length before its second part was added
 
 
 def activation_means(runner, ids) -> dict[int, torch.Tensor]:
@@ -62,6 +66,14 @@ def awq_style(weight, hessian, salience, grid=20):
         if error < best_error:
             best, best_error = effective, error
     return best
+
+
+def searched_rounding(weight, hessian):
+    """Round to nearest with gptq.searched_groups' scales and zeros (the range search alone)."""
+    scales, zeros = gptq.searched_groups(weight, hessian)
+    codes = int4_codes(_pad_groups(weight.float(), GROUP_SIZE), scales, zeros).reshape(weight.shape[0], -1)
+    return QuantizedWeight("int4", pack_int4(codes[:, :weight.shape[1]].to(torch.uint8)), scales, zeros,
+                           weight.shape[1], GROUP_SIZE)
 
 
 def main() -> int:
@@ -107,12 +119,16 @@ def main() -> int:
         return gptq.stack_rows([gptq.gptq_int4(w[:split], h, act_order=act_order, damp=damp),
                                 quantize(w[split:], "int4")])
 
+    measure("int4 g128 searched group ranges, rounded (no GPTQ)", lambda f, w: searched_rounding(w, hessians[id(w)]))
     measure("int4 g128 GPTQ, column order, damp 0.01 (first session)",
             lambda f, w: gptq_rows(f, w, act_order=False, damp=0.01))
     measure("int4 g128 GPTQ, column order, value rows rounded", lambda f, w: gptq_rows(f, w, "rtn", act_order=False))
-    measure("int4 g128 GPTQ, act order, static groups", lambda f, w: gptq_rows(f, w))
+    measure("int4 g128 GPTQ, act order, searched groups, every row", lambda f, w: gptq_rows(f, w))
     measure("int4 g128 edgellm quantize --method gptq (act order, value rows rounded)",
             lambda f, w: gptq.quantize_layer_weight(f, w, hessians[id(w)], runner.config))
+    short = gptq.calibrate(runner, calibration[:FIRST_CALIBRATION_TOKENS])
+    measure(f"int4 g128 edgellm's method calibrated on the first {FIRST_CALIBRATION_TOKENS} tokens",
+            lambda f, w: gptq.quantize_layer_weight(f, w, short[id(w)], runner.config))
     salience = activation_means(runner, calibration)
     measure("int4 g128 AWQ-style scale search", lambda f, w: awq_style(w, hessians[id(w)], salience[id(w)]))
     if args.json:

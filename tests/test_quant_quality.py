@@ -8,7 +8,8 @@ import torch
 
 from edgellm.kernels import use_reference
 from edgellm.quant import dequantize, quantize
-from edgellm.quant.gptq import gptq_int4, stack_rows
+from edgellm.quant.formats import _pad_groups
+from edgellm.quant.gptq import gptq_int4, searched_groups, stack_rows
 from edgellm.quant.quality import perplexity, token_windows
 
 
@@ -55,11 +56,36 @@ def test_gptq_compensates_rounding_errors_where_the_inputs_live():
         assert gptq.data.shape == rtn.data.shape and gptq.scales.shape == rtn.scales.shape
         assert int(gptq.zeros.max()) <= 15 and int(gptq.zeros.min()) >= 0
         assert output_error(gptq) < 0.6 * output_error(rtn)
-        if act_order:  # static groups: the scales and zeros of round to nearest, the codes reordered
-            assert torch.equal(gptq.scales, rtn.scales) and torch.equal(gptq.zeros, rtn.zeros)
+        if act_order:  # static groups: searched_groups' scales and zeros, the codes reordered
+            scales, zeros = searched_groups(w, hessian)
+            assert torch.equal(gptq.scales, scales) and torch.equal(gptq.zeros, zeros)
     # a fused projection quantized in two row blocks is their rows one after another
     both = stack_rows([gptq_int4(w[:20], hessian), gptq_int4(w[20:], hessian)])
     assert torch.equal(dequantize(both, torch.float32), dequantize(gptq_int4(w, hessian), torch.float32))
+
+
+def test_searched_groups_never_round_worse_than_the_full_range():
+    """Each group's searched range has an H-weighted rounding error at most plain rounding's (the
+    full range is one of the candidates, and alone it gives rounding's scales and zeros); with
+    outliers in the weights some groups choose a clipped range, and the total error drops."""
+    torch.manual_seed(1)
+    n, k = 16, 320
+    w = torch.randn(n, k) * 0.05
+    w[torch.rand(n, k) < 0.01] *= 8  # a few outliers widen their groups' ranges
+    hessian = torch.diag(torch.rand(k) + 0.1)
+    energy = torch.cat([torch.diag(hessian), torch.zeros(384 - k)]).reshape(1, -1, 128)
+
+    def group_errors(scales, zeros):
+        grouped = _pad_groups(w, 128)
+        codes = torch.round(grouped / scales[..., None] + zeros[..., None]).clamp(0, 15)
+        return (((codes - zeros[..., None]) * scales[..., None] - grouped) ** 2 * energy).sum(2)
+
+    rtn = quantize(w, "int4")
+    full = searched_groups(w, hessian, shrinks=(1.0,))
+    assert torch.equal(full[0], rtn.scales) and torch.equal(full[1], rtn.zeros)
+    searched, rounded = group_errors(*searched_groups(w, hessian)), group_errors(*full)
+    assert bool((searched <= rounded).all())
+    assert float(searched.sum()) < 0.95 * float(rounded.sum())
 
 
 def test_calibration_sees_each_linear_input(tiny_models):

@@ -103,11 +103,20 @@ def quantize(weight: torch.Tensor, kind: str, *, group: int = GROUP_SIZE, dtype:
         q = (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         return QuantizedWeight("fp8", q, scale.to(dtype), None, k)
     grouped = _pad_groups(w, group)
-    low, high = grouped.amin(dim=2), grouped.amax(dim=2)
-    scale = ((high - low) / 15.0).clamp(min=1e-8)
-    zero = torch.round(-low / scale).clamp(0, 15)
-    codes = torch.round(grouped / scale[..., None] + zero[..., None]).clamp(0, 15).reshape(n, -1)[:, :k]
+    scale, zero = int4_group_params(grouped.amin(dim=2), grouped.amax(dim=2))
+    codes = int4_codes(grouped, scale, zero).reshape(n, -1)[:, :k]
     return QuantizedWeight("int4", pack_int4(codes.to(torch.uint8)), scale.to(dtype), zero.to(dtype), k, group)
+
+
+def int4_group_params(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int4 scale and zero that map a group's range [low, high] onto the codes 0..15."""
+    scale = ((high - low) / 15.0).clamp(min=1e-8)
+    return scale, torch.round(-low / scale).clamp(0, 15)
+
+
+def int4_codes(grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """[N, groups, group] weights -> their float codes 0..15 under per-group scale and zero."""
+    return torch.round(grouped / scale[..., None] + zero[..., None]).clamp(0, 15)
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
