@@ -105,10 +105,16 @@ def main() -> int:
         measure(f"{kind} per channel (RTN)", lambda f, w, kind=kind: quantize(w, kind))
     for group in (128, 64, 32):
         measure(f"int4 g{group} (RTN)", lambda f, w, group=group: quantize(w, "int4", group=group))
-    for layer, weights in zip(runner.weights.layers, original):  # calibrate the full-precision model
-        for field in LINEAR_FIELDS:
-            setattr(layer, field, weights[field])
-    hessians = gptq.calibrate(runner, calibration)
+    def restore():  # the full-precision weights back in place (measure leaves its own in)
+        for layer, weights in zip(runner.weights.layers, original):
+            for field in LINEAR_FIELDS:
+                setattr(layer, field, weights[field])
+
+    def calibrate(ids):
+        restore()
+        return gptq.calibrate(runner, ids)
+
+    hessians = calibrate(calibration)
     split = runner.config.q_size + runner.config.kv_size
 
     def gptq_rows(f, w, value="gptq", act_order=True, damp=0.1):
@@ -126,9 +132,10 @@ def main() -> int:
     measure("int4 g128 GPTQ, act order, searched groups, every row", lambda f, w: gptq_rows(f, w))
     measure("int4 g128 edgellm quantize --method gptq (act order, value rows rounded)",
             lambda f, w: gptq.quantize_layer_weight(f, w, hessians[id(w)], runner.config))
-    short = gptq.calibrate(runner, calibration[:FIRST_CALIBRATION_TOKENS])
+    short = calibrate(calibration[:FIRST_CALIBRATION_TOKENS])
     measure(f"int4 g128 edgellm's method calibrated on the first {FIRST_CALIBRATION_TOKENS} tokens",
             lambda f, w: gptq.quantize_layer_weight(f, w, short[id(w)], runner.config))
+    restore()
     salience = activation_means(runner, calibration)
     measure("int4 g128 AWQ-style scale search", lambda f, w: awq_style(w, hessians[id(w)], salience[id(w)]))
     if args.json:
