@@ -2,14 +2,14 @@
 # The device script: GPU tests (kernels vs their references on CUDA, end-to-end generation vs
 # transformers, CUDA-graph decode vs eager, no reference op in the hot path), then the kernel and
 # decode benchmarks; short tables last.
-# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|kernels|decode|lora|kv|threads|vision|vocab|families|quant ...]
+# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|kernels|decode|lora|kv|threads|vision|vocab|families|quant|host ...]
 # (no argument: all of them). Results go to $OUT (the device tool's folder) or bench/results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-bench/results}"
 mkdir -p "$out"
-parts="${*:-tests kernels decode lora kv threads vision vocab families quant}"
+parts="${*:-tests kernels decode lora kv threads vision vocab families quant host}"
 status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
@@ -43,6 +43,9 @@ if [[ " $parts " == *" families "* ]]; then
 fi
 if [[ " $parts " == *" quant "* ]]; then
   python3 bench/quant.py --sweep none --lm-head --json "$out/quant.json" 2> "$out/quant.stderr" || { status=1; tail -30 "$out/quant.stderr"; }
+fi
+if [[ " $parts " == *" host "* ]]; then
+  python3 bench/host_loop.py --json "$out/host_loop.json" 2> "$out/host_loop.stderr" || { status=1; tail -30 "$out/host_loop.stderr"; }
 fi
 if [[ " $parts " == *" threads "* ]]; then
   python3 bench/threads.py --json "$out/threads.json" 2> "$out/threads.stderr" || { status=1; tail -30 "$out/threads.stderr"; }

@@ -96,6 +96,31 @@ def random_model_dir(shape: str, root: str | Path) -> Path:
     return model_dir
 
 
+def write_synthetic_tokenizer(model_dir: str | Path, vocab_size: int, seed: int = 0) -> None:
+    """A byte-level BPE tokenizer.json of exactly `vocab_size` tokens in `model_dir` (kept if one is
+    there): the 256 byte symbols, then random words, most with a leading space. Random-weight models
+    then write text of a plausible shape, for benchmarks of the text path (detokenization, stop
+    strings, streaming)."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from .tokenizer import _byte_level_alphabet
+
+    path = Path(model_dir) / "tokenizer.json"
+    if path.is_file():
+        return
+    rng = random.Random(seed)
+    vocab = {symbol: i for i, symbol in enumerate(_byte_level_alphabet())}
+    while len(vocab) < vocab_size:
+        word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(1, 9)))
+        vocab.setdefault(("\u0120" if rng.random() < 0.7 else "") + word, len(vocab))
+    tokenizer = Tokenizer(models.BPE(vocab, []))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(path))
+
+
 def random_lora_dir(model_dir: str | Path, adapter_dir: str | Path, *, rank: int, alpha: float, seed: int = 0,
                     targets=("q", "k", "v", "o", "gate", "up", "down")) -> Path:
     """A random LoRA adapter for the model in `model_dir`, in PEFT's layout (adapter_config.json and

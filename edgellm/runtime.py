@@ -16,9 +16,11 @@ replace the lock behind `_engine_turn`, the one door every engine call goes thro
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import dataclasses
 import logging
+import os
 import random
 import threading
 import time
@@ -40,7 +42,8 @@ from .multimodal import ImagePrompt, ImagePrompts, image_sources, prefill_positi
 from .requests import (GenerationItem, GenerationTimings, LLMGenerationRequest, LLMGenerationResponse,
                        SamplingSettings, sampling_settings, stop_strings, validate_request)
 from .speculative import Speculation, SpeculativeConfig, make_proposer
-from .tokenizer import Tokenizer, TextStreamer
+from .streaming import RowText
+from .tokenizer import Tokenizer
 from .engine.vocab_map import MAP_FILE
 from .vision import VisionEncoder, vision_config_of
 from .vision.graphs import GRAPH_MAX_PATCHES
@@ -49,6 +52,8 @@ from .vision.graphs import GRAPH_MAX_PATCHES
 TextCallback = Callable[[int, str], None]
 
 _SEED_STRIDE = 0x632BE5AB  # spreads the per-item seeds of one request apart
+# EDGELLM_RUN_AHEAD=0 reads each decode step's tokens before queueing the next (for A/B runs).
+RUN_AHEAD = os.environ.get("EDGELLM_RUN_AHEAD", "1") != "0"
 
 log = logging.getLogger("edgellm")
 
@@ -56,12 +61,12 @@ log = logging.getLogger("edgellm")
 class _Row:
     """Generation state of one batch item."""
 
-    def __init__(self, prompt_len: int, streamer: TextStreamer | None):
+    def __init__(self, prompt_len: int, text: RowText | None):
         self.prompt_len = prompt_len
         self.ids: list[int] = []
-        self.text = ""
         self.finish_reason: str | None = None
-        self.streamer = streamer
+        self.live_text = text  # kept as tokens arrive when stop strings or streaming need it
+        self.text = ""  # set when the row is done
 
 
 class LLMInferenceRuntime:
@@ -347,8 +352,9 @@ class LLMInferenceRuntime:
                   spec: Speculation | None, images: list[ImagePrompt | None]):
         runner, device = self.runner, self.device
         batch = len(prompts)
-        holdback = max((len(s) for s in stops), default=1) - 1
-        rows = [_Row(len(p), TextStreamer(holdback) if on_text else None) for p in prompts]
+        live = bool(stops or on_text)
+        rows = [_Row(len(p), RowText(self.tokenizer.decode, stops, on_text is not None) if live else None)
+                for p in prompts]
         timings = GenerationTimings()
 
         t0 = time.perf_counter()
@@ -384,37 +390,47 @@ class LLMInferenceRuntime:
         tokens = runner.full_ids(ops.sample(logits, temperature, top_k, top_p, seeds, offsets))
         active = list(range(batch))
         first = tokens.tolist()
-        self._advance(rows, active, [[t] for t in first], stops, max_new, on_text)
+        self._advance(rows, active, [[t] for t in first], max_new, on_text)
         if spec is not None:
             spec.start(first)
         timings.prefill_ms = (time.perf_counter() - t0) * 1e3 - timings.vision_ms
 
         t1 = time.perf_counter()
-        started = False
+        active = [i for i in active if rows[i].finish_reason is None]
+        # Steps run one ahead where nothing on the host decides the next step's input: step n + 1 is
+        # queued before step n's tokens are read, so the host's work (stop strings, streaming) hides
+        # behind the GPU's. A row that finishes at step n has step n + 1 computed and dropped.
+        ahead = spec is None and runner.longrope_original is None and RUN_AHEAD
+        in_flight: collections.deque = collections.deque()  # (the rows of a queued step, its tokens)
         try:  # an exception from on_text, or a KeyboardInterrupt, must not leave the batch running
-            while True:
+            if active:
+                keep = torch.tensor(active, device=device)
+                runner.start_decode(tokens[keep], slots[keep], temperature[keep], top_k[keep], top_p[keep],
+                                    seeds[keep], offsets[keep], lora=[adapters[i] for i in active])
+            while active:
+                if not ahead:
+                    if runner.longrope_original is not None:
+                        runner.cross_original_context(active, [prompts[i] for i in active],
+                                                      [rows[i].ids for i in active], [adapters[i] for i in active])
+                    stepped, new_tokens = active, self._decode_step(active, rows, max_new, spec)
+                else:
+                    while len(in_flight) < 2:
+                        in_flight.append((active, runner.decode_launch()))
+                    stepped, pending = in_flight.popleft()
+                    new_tokens = [[t] for t in pending.wait()]
+                timings.decode_tokens += self._advance(rows, stepped, new_tokens, max_new, on_text)
                 still = [i for i in active if rows[i].finish_reason is None]
-                if not still:
-                    break
-                if not started:
-                    keep = torch.tensor(still, device=device)
-                    runner.start_decode(tokens[keep], slots[keep], temperature[keep], top_k[keep], top_p[keep],
-                                        seeds[keep], offsets[keep], lora=[adapters[i] for i in still])
-                    started = True
-                elif len(still) != len(active):  # rows that finished leave the batch
+                if still and len(still) != len(active):  # rows that finished leave the batch
                     runner.keep_decode_rows([active.index(i) for i in still])
                 active = still
-                if runner.longrope_original is not None:
-                    runner.cross_original_context(active, [prompts[i] for i in active], [rows[i].ids for i in active],
-                                                  [adapters[i] for i in active])
-                new_tokens = self._decode_step(active, rows, max_new, spec)
-                timings.decode_tokens += self._advance(rows, active, new_tokens, stops, max_new, on_text)
         finally:
             runner.end_decode()
         timings.decode_ms = (time.perf_counter() - t1) * 1e3
 
-        if self.tokenizer is not None and not (stops or on_text):  # else _advance kept text current
-            for row in rows:
+        for row in rows:
+            if row.live_text is not None:
+                row.text = row.live_text.text
+            elif self.tokenizer is not None:
                 row.text = self.tokenizer.decode(row.ids)
         return rows, timings
 
@@ -458,8 +474,8 @@ class LLMInferenceRuntime:
         spec.record(active, new_tokens, trees, accepted)
         return new_tokens
 
-    def _advance(self, rows: list[_Row], active: list[int], new_tokens: list[list[int]], stops: list[str],
-                 max_new: int, on_text: TextCallback | None) -> int:
+    def _advance(self, rows: list[_Row], active: list[int], new_tokens: list[list[int]], max_new: int,
+                 on_text: TextCallback | None) -> int:
         """Record each active row's new tokens, in order, until the row finishes (tokens after an EOS
         id, a stop string or max_new are dropped); returns how many were kept."""
         kept = 0
@@ -474,14 +490,12 @@ class LLMInferenceRuntime:
                     row.finish_reason = "stop"
                 elif len(row.ids) >= max_new:
                     row.finish_reason = "length"
-                if stops or on_text:
-                    row.text = self.tokenizer.decode(row.ids)
-                    hits = [row.text.find(s) for s in stops if s in row.text]
-                    if hits:
-                        row.text = row.text[:min(hits)]
+                text = row.live_text
+                if text is not None:
+                    if text.push(token, last=row.finish_reason is not None):
                         row.finish_reason = "stop"
                     if on_text:
-                        delta = row.streamer.delta(row.text, final=row.finish_reason is not None)
+                        delta = text.delta(final=row.finish_reason is not None)
                         if delta:
                             on_text(i, delta)
         return kept

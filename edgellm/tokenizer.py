@@ -150,21 +150,3 @@ class Tokenizer:
         the template already writes any BOS, so no special tokens are added on top."""
         return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
 
-
-class TextStreamer:
-    """Turns successive decodings of a growing id list into text deltas for streaming. Holds back an
-    incomplete UTF-8 character (decoded as U+FFFD) and the last `holdback` characters, which might
-    still turn out to be the start of a stop string."""
-
-    def __init__(self, holdback: int = 0):
-        self.holdback = holdback
-        self.emitted = 0
-
-    def delta(self, text: str, final: bool = False) -> str:
-        if not final:
-            if text.endswith("\ufffd"):
-                return ""
-            text = text[:max(self.emitted, len(text) - self.holdback)]
-        out = text[self.emitted:]
-        self.emitted = max(self.emitted, len(text))
-        return out

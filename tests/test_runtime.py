@@ -94,3 +94,33 @@ def test_generation_config_defaults_apply(tiny_models, tmp_path):
     sampled = runtime.handle_request(LLMGenerationRequest(requests=[{"input_ids": [1, 9]}], max_generate_length=8,
                                                           temperature=1.0, seed=3))
     assert sampled.output_ids == greedy(runtime, [{"input_ids": [1, 9]}], n=8).output_ids
+
+
+def test_running_one_step_ahead_changes_no_answer(runtime, monkeypatch):
+    """Steps queued one ahead of the host (rows that finish drop a computed token) give the same
+    rows as reading every step before the next: rows leaving at different steps (a stop string, an
+    EOS id, the length), sampled with seeds, streamed."""
+    import edgellm.runtime as module
+
+    items = [{"prompt": "w5 w6 w7"}, {"prompt": "w10 w11"}, {"input_ids": [1, 7, 3]}, {"input_ids": [1, 20, 21, 22]}]
+    base = greedy(runtime, items, n=12)
+    stop = base.output_texts[0].split()[3]
+    eos = base.output_ids[2][4]
+
+    def run(ahead):
+        monkeypatch.setattr(module, "RUN_AHEAD", ahead)
+        runtime.eos_token_ids = frozenset({eos})
+        pieces = {i: [] for i in range(len(items))}
+        try:
+            out = runtime.handle_request(LLMGenerationRequest(requests=items, max_generate_length=12, temperature=0.8,
+                                                              seed=5, stop=[stop]),
+                                         on_text=lambda i, delta: pieces[i].append(delta))
+        finally:
+            runtime.eos_token_ids = runtime._eos_ids()
+        assert ["".join(pieces[i]) for i in range(len(items))] == out.output_texts
+        return out
+
+    ahead, stepwise = run(True), run(False)
+    assert ahead.output_ids == stepwise.output_ids and ahead.output_texts == stepwise.output_texts
+    assert ahead.finish_reasons == stepwise.finish_reasons
+    assert len({len(ids) for ids in ahead.output_ids}) > 1  # the rows left the batch at different steps

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from edgellm.errors import TokenizerError
-from edgellm.tokenizer import TextStreamer, Tokenizer
+from edgellm.tokenizer import Tokenizer
 
 from conftest import write_tokenizer
 
@@ -65,10 +65,3 @@ def test_template_raise_exception_becomes_tokenizer_error(tmp_path):
     with pytest.raises(TokenizerError, match="roles must alternate"):
         Tokenizer.from_dir(tmp_path).apply_chat_template(MESSAGES)
 
-
-def test_text_streamer_holds_back_possible_stop_prefix_and_partial_chars():
-    streamer = TextStreamer(holdback=2)
-    assert streamer.delta("Hello") == "Hel"
-    assert streamer.delta("Hello wor") == "lo w"
-    assert streamer.delta("Hello wor\ufffd") == ""
-    assert streamer.delta("Hello world", final=True) == "orld"

@@ -158,12 +158,44 @@ class DecodeSteps:
         return buf.tokens[:buf.live]
 
     @inference_call
+    def decode_launch(self) -> "PendingTokens":
+        """decode_sample_step without waiting for it: queues the step and a copy of its tokens to
+        pinned host memory, and returns at once. The caller may queue the next step (which reads
+        these tokens on the device) before reading these with .wait(): the host's work on step n
+        then overlaps the GPU's on step n + 1. At most two may be pending at a time."""
+        tokens = self.decode_sample_step()
+        if self.device.type != "cuda":
+            return PendingTokens(tokens.clone(), None)
+        if self._host_tokens is None:
+            self._host_tokens = [torch.empty(self.config.max_supported_batch_size, dtype=torch.int64, pin_memory=True)
+                                 for _ in range(2)]
+        host = self._host_tokens[self._host_turn][:tokens.shape[0]]
+        self._host_turn ^= 1
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return PendingTokens(host, done)
+
+    @inference_call
     def decode_logits(self) -> torch.Tensor:
         """The last decode_sample_step's logits of the live rows, [n, vocab] float32."""
         buf = self._active
         if buf is None or buf.logits is None:
             raise RuntimeError("no decode step has run")
         return buf.logits[:buf.live]
+
+
+class PendingTokens:
+    """A queued decode step's sampled tokens (decode_launch)."""
+
+    def __init__(self, host: torch.Tensor, done):
+        self._host, self._done = host, done
+
+    def wait(self) -> list[int]:
+        """The tokens, once the step and the copy have finished."""
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host.tolist()
 
 
 def _lora_key(uses_lora: bool) -> str:

@@ -151,6 +151,8 @@ class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
         self._prefill_storage: PrefillStorage | None = None
         self._trees: dict[tuple[int, int], TreeBuffers] = {}  # verify steps' buffers, by (size, tree nodes)
         self._active: DecodeBuffers | None = None
+        self._host_tokens: list[torch.Tensor] | None = None  # decode_launch's pinned pair, used in turn
+        self._host_turn = 0
         self.lora = LoraStacks(cfg, max_lora_rank, max_loras or DEFAULT_MAX_LORAS, self.dtype, self.device) \
             if max_lora_rank else None
         self._active_lora = ""  # the adapter rows use when a call names none ("" = the base model)

@@ -1,0 +1,83 @@
+"""Where a short prompt's TTFT goes (issue 18, item 4): handle_request(max_generate_length=1) on a
+random-weight shape, split into its host phases (perf_counter around the runtime's parts, the GPU
+synchronised at each edge) and profiled with torch.profiler (the busiest host calls and GPU kernels).
+
+Run on a CUDA GPU:  python bench/profile_ttft.py [--shape llama-3.2-1b] [--length 16] [--trace out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edgellm import LLMGenerationRequest, LLMInferenceRuntime  # noqa: E402
+from edgellm.benchmark import SHAPES, random_model_dir  # noqa: E402
+from edgellm.engine.graphs import prefill_bucket  # noqa: E402
+from edgellm.kernels import ops  # noqa: E402
+
+
+def timed(fn, repeats: int = 20) -> float:
+    """Median milliseconds of fn(), the GPU synchronised around each call."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        began = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - began) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
+    parser.add_argument("--length", type=int, nargs="+", default=[16, 128])
+    parser.add_argument("--cache-dir", default="/tmp/edgellm-bench")
+    parser.add_argument("--trace", type=Path, help="write a chrome trace of one request here")
+    args = parser.parse_args()
+    runtime = LLMInferenceRuntime(random_model_dir(args.shape, args.cache_dir), device="cuda", dtype="float16",
+                                  max_batch_size=1, max_input_length=2048, max_kv_cache_capacity=2080)
+    runner = runtime.runner
+    vocab = SHAPES[args.shape]["vocab_size"]
+    for length in args.length:
+        ids = torch.randint(10, vocab, (length,), generator=torch.Generator().manual_seed(length)).tolist()
+        request = LLMGenerationRequest(requests=[{"input_ids": ids}], max_generate_length=1, temperature=0.0)
+        runtime.handle_request(request)  # warm-up: graphs captured
+        device_ids = torch.tensor([ids], device="cuda")
+        params = runtime._sampling_tensors(runtime._prepare(request)[3], 1)
+        zero = torch.zeros(1, dtype=torch.int64, device="cuda")
+        with torch.inference_mode():
+            phases = {
+                "handle_request": timed(lambda: runtime.handle_request(request)),
+                "  _prepare (validate, ids)": timed(lambda: runtime._prepare(request)),
+                "  embed": timed(lambda: runner.embed(device_ids)),
+                "  prefill_step": timed(lambda: runner.prefill_step(runner.embed(device_ids), [length])),
+                "  sample + tolist": timed(lambda: ops.sample(runner.prefill_step(runner.embed(device_ids), [length]),
+                                                              *params, zero).tolist()),
+            }
+            key = (1, prefill_bucket(length), "", "prefill")
+            phases["  prefill graph replay alone"] = timed(lambda: runner.graphs.get(key).replay())
+        print(f"TTFT parts, {args.shape}, prompt {length} (ms, median of 20):")
+        for name, ms in phases.items():
+            print(f"  {name:32s} {ms:7.3f}")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                runtime.handle_request(request)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
+        if args.trace:
+            prof.export_chrome_trace(str(args.trace.with_suffix(f".{length}.json")))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
