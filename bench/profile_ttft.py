@@ -51,8 +51,7 @@ def main() -> int:
         request = LLMGenerationRequest(requests=[{"input_ids": ids}], max_generate_length=1, temperature=0.0)
         runtime.handle_request(request)  # warm-up: graphs captured
         device_ids = torch.tensor([ids], device="cuda")
-        params = runtime._sampling_tensors(runtime._prepare(request)[3], 1)
-        zero = torch.zeros(1, dtype=torch.int64, device="cuda")
+        params = runtime._sampling_tensors(runtime._prepare(request)[3], 1)[:5]
         with torch.inference_mode():
             phases = {
                 "handle_request": timed(lambda: runtime.handle_request(request)),
@@ -60,7 +59,7 @@ def main() -> int:
                 "  embed": timed(lambda: runner.embed(device_ids)),
                 "  prefill_step": timed(lambda: runner.prefill_step(runner.embed(device_ids), [length])),
                 "  sample + tolist": timed(lambda: ops.sample(runner.prefill_step(runner.embed(device_ids), [length]),
-                                                              *params, zero).tolist()),
+                                                              *params).tolist()),
             }
             key = (1, prefill_bucket(length), "", "prefill")
             phases["  prefill graph replay alone"] = timed(lambda: runner.graphs.get(key).replay())

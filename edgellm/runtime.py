@@ -140,6 +140,7 @@ class LLMInferenceRuntime:
         self.kv_store = None if kv_reuse is None else \
             TieredKVStore(self.runner.kv_cache, kv_reuse, model_identity(self.model_dir, self.config.quantization))
         self._kv_totals = KVReuseStats()
+        self._row_tensors: dict[tuple, tuple] = {}  # _sampling_tensors' reusable part, by (batch, settings)
         self._prefill_ms_per_token: float | None = None  # measured on prompts prefilled whole (saving estimates)
         self._proposer = make_proposer(speculative, self.runner) if speculative is not None else None
         if self.kv_store is not None:  # pending disk writes finish before the process exits
@@ -338,14 +339,30 @@ class LLMInferenceRuntime:
         return Speculation(self._proposer, prompts, config.max_verify_tokens - 1, config.adaptive)
 
     def _sampling_tensors(self, sampling: SamplingSettings, batch: int):
-        device = self.device
-        seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
-        seeds = torch.tensor([(seed + i * _SEED_STRIDE) & 0xFFFFFFFF for i in range(batch)],
-                             dtype=torch.int64, device=device)
-        return (torch.full((batch,), sampling.temperature, dtype=torch.float32, device=device),
+        """(temperature, top_k, top_p, seeds, offsets, slots) of a batch's rows on the device. All but
+        the seeds depend only on the batch size and the settings: they are made once and reused (each
+        small tensor made costs the host ~10-30 us, a fair part of a short prompt's TTFT)."""
+        key = (batch, sampling.temperature, sampling.top_k, sampling.top_p)
+        fixed = self._row_tensors.get(key)
+        if fixed is None:
+            if len(self._row_tensors) >= 64:
+                self._row_tensors.clear()
+            device = self.device
+            fixed = self._row_tensors[key] = (
+                torch.full((batch,), sampling.temperature, dtype=torch.float32, device=device),
                 torch.full((batch,), sampling.top_k, dtype=torch.int32, device=device),
                 torch.full((batch,), sampling.top_p, dtype=torch.float32, device=device),
-                seeds)
+                torch.zeros(batch, dtype=torch.int64, device=device),  # RNG offsets: none used yet
+                torch.arange(batch, dtype=torch.int32, device=device))  # slot i serves item i
+        seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
+        seeds = self._device_tensor([(seed + i * _SEED_STRIDE) & 0xFFFFFFFF for i in range(batch)], torch.int64)
+        temperature, top_k, top_p, offsets, slots = fixed
+        return temperature, top_k, top_p, seeds, offsets, slots
+
+    def _device_tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """A list (of lists) as a tensor on the device, copied from pinned memory without waiting."""
+        cuda = self.device.type == "cuda"
+        return torch.tensor(values, dtype=dtype, pin_memory=cuda).to(self.device, non_blocking=cuda)
 
     def _generate(self, prompts: list[list[int]], adapters: list[str], sampling: SamplingSettings,
                   stops: list[str], max_new: int, on_text: TextCallback | None, reuse: KVReuseStats | None,
@@ -367,13 +384,10 @@ class LLMInferenceRuntime:
                   for i, k in enumerate(keys)]
         if reuse is not None:
             reuse.restore_ms += (time.perf_counter() - t0) * 1e3
-        ids = torch.zeros(batch, max(len(p) - c for p, c in zip(prompts, cached)), dtype=torch.int64)
-        for i, (p, c) in enumerate(zip(prompts, cached)):
-            ids[i, :len(p) - c] = torch.tensor(p[c:])
-        temperature, top_k, top_p, seeds = self._sampling_tensors(sampling, batch)
-        offsets = torch.zeros(batch, dtype=torch.int64, device=device)
-        slots = torch.arange(batch, dtype=torch.int32, device=device)
-        embeds = runner.embed(ids.to(device))
+        width = max(len(p) - c for p, c in zip(prompts, cached))
+        ids = self._device_tensor([p[c:] + [0] * (width - len(p) + c) for p, c in zip(prompts, cached)], torch.int64)
+        temperature, top_k, top_p, seeds, offsets, slots = self._sampling_tensors(sampling, batch)
+        embeds = runner.embed(ids)
         positions = offsets_mm = None
         if any(im is not None for im in images):
             timings.vision_ms = self.vision.write_embeddings(embeds, images, cached)

@@ -120,25 +120,28 @@ class PrefillBuffers:
                  device: torch.device, lora_slots: int = 0, positions: bool = False):
         self.embeds = storage.embeds[:rows * length * storage.hidden].view(rows, length, storage.hidden)
         self.logits = storage.logits[:rows * storage.vocab].view(rows, storage.vocab)  # written by the graph
-        self.slots = torch.full((rows,), scratch_slot, dtype=torch.int32, device=device)
-        self.starts = torch.zeros(rows, dtype=torch.int32, device=device)
-        self.q_lens = torch.ones(rows, dtype=torch.int32, device=device)
-        self.lora = torch.full((rows,), -1, dtype=torch.int32, device=device)
-        self.lora_used = torch.zeros(1 + lora_slots, dtype=torch.int32, device=device)
+        # The per-row integers in one tensor, so that one copy loads them all (load's `ints`).
+        self.ints = torch.zeros(PrefillBuffers.int_count(rows, lora_slots), dtype=torch.int32, device=device)
+        self.slots, self.starts, self.q_lens, self.lora = self.ints[:4 * rows].view(4, rows).unbind(0)
+        self.lora_used = self.ints[4 * rows:]
+        self.slots.fill_(scratch_slot)
+        self.q_lens.fill_(1)
+        self.lora.fill_(-1)
         # Multimodal RoPE engines: each token's (t, h, w) rotary position.
         self.positions = torch.zeros(rows, length, 3, dtype=torch.int32, device=device) if positions else None
 
-    def load(self, embeds: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, q_lens: torch.Tensor,
-             lora: torch.Tensor, lora_used: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+    @staticmethod
+    def int_count(rows: int, lora_slots: int) -> int:
+        """Length of `ints`: slots, starts, q_lens and LoRA slots per row, then the LoRA used-slot list."""
+        return 4 * rows + 1 + lora_slots
+
+    def load(self, embeds: torch.Tensor, ints: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+        """embeds [rows, width <= length, hidden]; ints [int_count] int32 on the device, laid out as `ints`."""
         width = embeds.shape[1]
         self.embeds[:, :width].copy_(embeds)
         if width < self.embeds.shape[1]:
             self.embeds[:, width:].zero_()
-        self.slots.copy_(slots)
-        self.starts.copy_(starts)
-        self.q_lens.copy_(q_lens)
-        self.lora.copy_(lora)
-        self.lora_used.copy_(lora_used)
+        self.ints.copy_(ints)
         if self.positions is not None:
             self.positions[:, :width].copy_(positions)
             self.positions[:, width:].zero_()

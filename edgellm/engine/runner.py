@@ -332,66 +332,72 @@ class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
         """
         cfg = self.config
         batch, seq, hidden = inputs_embeds.shape
-        lengths_host = torch.as_tensor(context_lengths, dtype=torch.int64).cpu()
-        cached_host = torch.zeros(batch, dtype=torch.int64) if cached_lengths is None else \
-            torch.as_tensor(cached_lengths, dtype=torch.int64).cpu()
+        # The per-row checks and arithmetic on Python ints: each op on a small CPU tensor costs a few
+        # microseconds, and a short prompt's whole prefill on the GPU takes about a millisecond.
+        lengths = _int_list(context_lengths)
+        cached = [0] * batch if cached_lengths is None else _int_list(cached_lengths)
         if batch > cfg.max_supported_batch_size:
             raise InvalidRequestError(f"batch of {batch} exceeds max_batch_size {cfg.max_supported_batch_size}")
-        if hidden != cfg.hidden_size or lengths_host.shape != (batch,) or cached_host.shape != (batch,):
+        if hidden != cfg.hidden_size or len(lengths) != batch or len(cached) != batch:
             raise InvalidRequestError(f"inputs_embeds must be [B, S, {cfg.hidden_size}] with B context lengths"
                                       " (and B cached lengths)")
         if long_rope and self.longrope_original is None:
             raise InvalidRequestError("long_rope is for LongRoPE models only")
         limit = cfg.max_kv_cache_capacity if long_rope else cfg.max_supported_input_length
-        if lengths_host.min() < 1 or lengths_host.max() > limit:
+        if min(lengths) < 1 or max(lengths) > limit:
             raise InvalidRequestError(f"context lengths must be in [1, {limit}]")
-        new_host = lengths_host - cached_host  # tokens each row prefills now
-        if cached_host.min() < 0 or new_host.min() < 1 or new_host.max() > seq:
+        new = [n - c for n, c in zip(lengths, cached)]  # tokens each row prefills now
+        if min(cached) < 0 or min(new) < 1 or max(new) > seq:
             raise InvalidRequestError(f"cached lengths must leave each row 1 to {seq} (inputs_embeds' length) "
                                       "tokens to prefill")
-        slot_ids = self._slots(slots, batch, on_device=False)
+        slot_ids = self._slots(slots, batch, on_device=False).tolist()
         lora_rows = self._lora_rows(lora, batch)
         uses_lora = any_adapter(lora_rows)
-        positions, offsets_host = self._prompt_positions(positions, position_offsets, cached_host, batch, seq)
+        positions, offsets_host = self._prompt_positions(positions, position_offsets, batch, seq)
+        offsets = offsets_host.tolist()
         if self.longrope_original is not None:  # prompts past the original context: the all-long half
-            offsets_host = ((lengths_host > self.longrope_original) | long_rope).to(torch.int64) \
-                * cfg.max_kv_cache_capacity
+            offsets = [cfg.max_kv_cache_capacity if (n > self.longrope_original or long_rope) else 0 for n in lengths]
         embeds = inputs_embeds.to(self.dtype)
         chunk = self.prefill_chunk_size
-        begins = list(range(0, int(new_host.max()), chunk))
-        # Every per-row integer of the step in one host-to-device copy (each copy from pageable
-        # memory costs ~10-20 us of host time, which at small prompts is most of a prefill):
-        # slots, cached lengths, final lengths, LoRA slots, then per chunk the rows' token counts
-        # and whether their last token is in it, then the LoRA used-slot list.
-        rows = [slot_ids.to(torch.int32), cached_host, lengths_host, torch.tensor(lora_rows), offsets_host]
+        begins = list(range(0, max(new), chunk))
+        # Every integer of the step in one host-to-device copy (each copy from pageable memory costs
+        # ~10-20 us of host time): per row its slot, cached length, final length, RoPE offset; per
+        # chunk whether the row's last token is in it; then per chunk the graph buffers' `ints`
+        # (slots, starts, token counts, LoRA slots, the LoRA used-slot list), loaded with one copy.
+        used = used_slots(lora_rows, self._lora_capacity(), "cpu").tolist()
+        packed = slot_ids + cached + lengths + offsets
         for begin in begins:
-            rows += [(new_host - begin).clamp(0, chunk), (new_host > begin) & (new_host <= begin + chunk)]
-        used = used_slots(lora_rows, self._lora_capacity(), "cpu")
-        packed = torch.cat([torch.stack(rows).to(torch.int32).flatten(), used]).to(self.device)
-        per_row = packed[:len(rows) * batch].view(len(rows), batch)
-        slot_dev, cached, lengths_dev, lora_index = per_row[0], per_row[1], per_row[2], per_row[3]
-        lora_used = packed[len(rows) * batch:]
+            packed += [int(begin < n <= begin + chunk) for n in new]
+        chunk_ints = []
+        for begin in begins:
+            chunk_ints.append(len(packed))
+            packed += slot_ids + [c + begin for c in cached] + [min(max(n - begin, 0), chunk) for n in new] \
+                + lora_rows + used
+        device_ints = torch.tensor(packed, dtype=torch.int32, pin_memory=self.device.type == "cuda").to(
+            self.device, non_blocking=True)
+        per_row = device_ints[:(4 + len(begins)) * batch].view(-1, batch)
+        slot_dev, cached_dev, lengths_dev = per_row[0], per_row[1], per_row[2]
         if self.rope.offsets is not None:
-            self.rope.offsets[slot_dev.long()] = per_row[4]
+            self.rope.offsets[slot_dev.long()] = per_row[3]
         if self.rope.sections is not None:
             if positions is None:  # text: t = h = w = the cache position
-                positions = (cached[:, None] + torch.arange(seq, dtype=torch.int32, device=self.device))[..., None]
+                positions = (cached_dev[:, None] + torch.arange(seq, dtype=torch.int32, device=self.device))[..., None]
                 positions = positions.expand(batch, seq, 3)
             else:
                 positions = positions.to(self.device, torch.int32)
         logits = None
+        size = PrefillBuffers.int_count(batch, self._lora_capacity())
         for i, begin in enumerate(begins):
             # Row b contributes its new tokens [begin, begin + chunk) (none once it has ended), placed
             # after its cached prefix; its logits come from the chunk that holds its last token.
-            q_lens, ends_here = per_row[5 + 2 * i], per_row[6 + 2 * i]
-            part = self._prefill_chunk(embeds[:, begin:begin + chunk], slot_dev, cached + begin, q_lens, lora_index,
-                                       lora_used, uses_lora,
+            ints = device_ints[chunk_ints[i]:chunk_ints[i] + size]
+            part = self._prefill_chunk(embeds[:, begin:begin + chunk], ints, uses_lora,
                                        None if positions is None else positions[:, begin:begin + chunk])
-            logits = part if logits is None else torch.where(ends_here.bool()[:, None], part, logits)
+            logits = part if logits is None else torch.where(per_row[4 + i].bool()[:, None], part, logits)
         self.kv_cache.lengths[slot_dev.long()] = lengths_dev
         return logits
 
-    def _prompt_positions(self, positions, offsets, cached: torch.Tensor, batch: int, seq: int):
+    def _prompt_positions(self, positions, offsets, batch: int, seq: int):
         """prefill_step's positions (checked, or None) and per-row offsets (host int64, zeros by default)."""
         if self.rope.sections is None:
             if positions is not None or offsets is not None:
@@ -427,15 +433,15 @@ class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
         self.kv_cache.lengths[slot_ids.long()] = starts + 1
         return logits
 
-    def _prefill_chunk(self, embeds, slots, starts, q_lens, lora_index, lora_used, uses_lora: bool,
-                       positions=None) -> torch.Tensor:
-        """One prefill chunk: replayed from a graph of its (rows, length bucket, LoRA on/off) where
-        graphs are on."""
-        if not self.graphs.enabled:
-            return forward_logits(self.weights, self.config, self.kv_cache, self.rope, embeds, slots,
-                                  starts, q_lens, lora=self._lora_batch(lora_index, lora_used, uses_lora),
-                                  positions=positions)
+    def _prefill_chunk(self, embeds, ints, uses_lora: bool, positions=None) -> torch.Tensor:
+        """One prefill chunk (ints: PrefillBuffers.ints' layout, on the device): replayed from a graph
+        of its (rows, length bucket, LoRA on/off) where graphs are on."""
         rows, width, hidden = embeds.shape
+        if not self.graphs.enabled:
+            slots, starts, q_lens, lora_index = ints[:4 * rows].view(4, rows).unbind(0)
+            return forward_logits(self.weights, self.config, self.kv_cache, self.rope, embeds, slots,
+                                  starts, q_lens, lora=self._lora_batch(lora_index, ints[4 * rows:], uses_lora),
+                                  positions=positions)
         key = (rows, prefill_bucket(width), _lora_key(uses_lora), "prefill")
         buf = self._prefill_buffers.get(key[:2])
         if buf is None:
@@ -455,7 +461,7 @@ class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
             buf.lora.fill_(-1)
             buf.lora_used.zero_()
             self.graphs.capture(key, lambda: self._prefill_body(buf, uses_lora))
-        buf.load(embeds, slots, starts, q_lens, lora_index, lora_used, positions)
+        buf.load(embeds, ints, positions)
         self.graphs.get(key).replay()
         return buf.logits.clone()  # the next prefill replay overwrites buf.logits
 
@@ -464,3 +470,8 @@ class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
                                         buf.slots, buf.starts, buf.q_lens,
                                         lora=self._lora_batch(buf.lora, buf.lora_used, uses_lora),
                                         positions=buf.positions))
+
+
+def _int_list(values) -> list[int]:
+    """A list, tuple or tensor of integers as a list of Python ints."""
+    return values.tolist() if isinstance(values, torch.Tensor) else [int(v) for v in values]
