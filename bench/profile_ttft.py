@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edgellm import LLMGenerationRequest, LLMInferenceRuntime  # noqa: E402
 from edgellm.benchmark import SHAPES, random_model_dir  # noqa: E402
 from edgellm.engine.graphs import prefill_bucket  # noqa: E402
+from edgellm.engine.kv_store import KVReuseSettings  # noqa: E402
 from edgellm.kernels import ops  # noqa: E402
 
 
@@ -35,13 +36,48 @@ def timed(fn, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
+def profile_hit(args) -> int:
+    """Device-tier KV hits (1984 saved tokens + 48 new) timed and profiled, against 48 tokens cold."""
+    runtime = LLMInferenceRuntime(random_model_dir(args.shape, args.cache_dir), device="cuda", dtype="float16",
+                                  max_batch_size=1, max_input_length=2048, max_kv_cache_capacity=2080,
+                                  kv_reuse=KVReuseSettings(gpu_bytes=1 << 30))
+    generator = torch.Generator().manual_seed(0)
+    vocab = SHAPES[args.shape]["vocab_size"]
+    fresh = lambda n: torch.randint(10, vocab, (n,), generator=generator).tolist()  # noqa: E731
+    prefix = fresh(1984)
+
+    def request(ids):
+        return LLMGenerationRequest(requests=[{"input_ids": ids}], max_generate_length=1, temperature=0.0)
+
+    for _ in range(3):
+        runtime.handle_request(request(prefix + fresh(48)))
+    hit = timed(lambda: runtime.handle_request(request(prefix + fresh(48))))
+    cold = timed(lambda: runtime.handle_request(request(fresh(48))))
+    response = runtime.handle_request(request(prefix + fresh(48)))
+    print(f"device hit {hit:.3f} ms, 48 cold (with saving) {cold:.3f} ms; last hit: {response.kv_reuse}")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            runtime.handle_request(request(prefix + fresh(48)))
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
+    if args.trace:
+        prof.export_chrome_trace(str(args.trace.with_suffix(".hit.json")))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
     parser.add_argument("--length", type=int, nargs="+", default=[16, 128])
     parser.add_argument("--cache-dir", default="/tmp/edgellm-bench")
     parser.add_argument("--trace", type=Path, help="write a chrome trace of one request here")
+    parser.add_argument("--hit", action="store_true",
+                        help="profile device-tier KV hits instead: a saved 1984-token prefix + 48 new tokens")
     args = parser.parse_args()
+    if args.hit:
+        return profile_hit(args)
     runtime = LLMInferenceRuntime(random_model_dir(args.shape, args.cache_dir), device="cuda", dtype="float16",
                                   max_batch_size=1, max_input_length=2048, max_kv_cache_capacity=2080)
     runner = runtime.runner
