@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgellm import LLMGenerationRequest, LLMInferenceRuntime  # noqa: E402
-from edgellm.benchmark import SHAPES, random_model_dir  # noqa: E402
+from edgellm.benchmark import SHAPES, random_model_dir, sync_time  # noqa: E402
 from edgellm.engine.graphs import prefill_bucket  # noqa: E402
 from edgellm.engine.kv_store import KVReuseSettings  # noqa: E402
 from edgellm.kernels import ops  # noqa: E402
@@ -26,14 +25,7 @@ from edgellm.kernels import ops  # noqa: E402
 
 def timed(fn, repeats: int = 20) -> float:
     """Median milliseconds of fn(), the GPU synchronised around each call."""
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        began = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - began) * 1e3)
-    return statistics.median(times)
+    return statistics.median(sync_time(fn) for _ in range(repeats)) * 1e3
 
 
 def profile_hit(args) -> int:
