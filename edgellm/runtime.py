@@ -42,7 +42,7 @@ from .multimodal import ImagePrompt, ImagePrompts, image_sources, prefill_positi
 from .requests import (GenerationItem, GenerationTimings, LLMGenerationRequest, LLMGenerationResponse,
                        SamplingSettings, sampling_settings, stop_strings, validate_request)
 from .speculative import Speculation, SpeculativeConfig, make_proposer
-from .streaming import RowText
+from .streaming import GenerationRow, RowText, advance_rows
 from .tokenizer import Tokenizer
 from .engine.vocab_map import MAP_FILE
 from .vision import VisionEncoder, vision_config_of
@@ -56,17 +56,6 @@ _SEED_STRIDE = 0x632BE5AB  # spreads the per-item seeds of one request apart
 RUN_AHEAD = os.environ.get("EDGELLM_RUN_AHEAD", "1") != "0"
 
 log = logging.getLogger("edgellm")
-
-
-class _Row:
-    """Generation state of one batch item."""
-
-    def __init__(self, prompt_len: int, text: RowText | None):
-        self.prompt_len = prompt_len
-        self.ids: list[int] = []
-        self.finish_reason: str | None = None
-        self.live_text = text  # kept as tokens arrive when stop strings or streaming need it
-        self.text = ""  # set when the row is done
 
 
 class LLMInferenceRuntime:
@@ -370,7 +359,7 @@ class LLMInferenceRuntime:
         runner, device = self.runner, self.device
         batch = len(prompts)
         live = bool(stops or on_text)
-        rows = [_Row(len(p), RowText(self.tokenizer.decode, stops, on_text is not None) if live else None)
+        rows = [GenerationRow(len(p), RowText(self.tokenizer.decode, stops, on_text is not None) if live else None)
                 for p in prompts]
         timings = GenerationTimings()
 
@@ -404,7 +393,7 @@ class LLMInferenceRuntime:
         tokens = runner.full_ids(ops.sample(logits, temperature, top_k, top_p, seeds, offsets))
         active = list(range(batch))
         first = tokens.tolist()
-        self._advance(rows, active, [[t] for t in first], max_new, on_text)
+        advance_rows(rows, active, [[t] for t in first], self.eos_token_ids, max_new, on_text)
         if spec is not None:
             spec.start(first)
         timings.prefill_ms = (time.perf_counter() - t0) * 1e3 - timings.vision_ms
@@ -432,7 +421,7 @@ class LLMInferenceRuntime:
                         in_flight.append((active, runner.decode_launch()))
                     stepped, pending = in_flight.popleft()
                     new_tokens = [[t] for t in pending.wait()]
-                timings.decode_tokens += self._advance(rows, stepped, new_tokens, max_new, on_text)
+                timings.decode_tokens += advance_rows(rows, stepped, new_tokens, self.eos_token_ids, max_new, on_text)
                 still = [i for i in active if rows[i].finish_reason is None]
                 if still and len(still) != len(active):  # rows that finished leave the batch
                     runner.keep_decode_rows([active.index(i) for i in still])
@@ -461,7 +450,7 @@ class LLMInferenceRuntime:
         if self._prefill_ms_per_token is not None:
             reuse.prefill_ms_saved += reuse.reused_tokens * self._prefill_ms_per_token
 
-    def _decode_step(self, active: list[int], rows: list[_Row], max_new: int,
+    def _decode_step(self, active: list[int], rows: list[GenerationRow], max_new: int,
                      spec: Speculation | None) -> list[list[int]]:
         """One decode step of the running batch: each active row's new tokens (one, or with
         speculation the accepted drafts plus one)."""
@@ -487,32 +476,6 @@ class LLMInferenceRuntime:
         new_tokens = [row[:n + 1] for row, n in zip(host, accepted)]
         spec.record(active, new_tokens, trees, accepted)
         return new_tokens
-
-    def _advance(self, rows: list[_Row], active: list[int], new_tokens: list[list[int]], max_new: int,
-                 on_text: TextCallback | None) -> int:
-        """Record each active row's new tokens, in order, until the row finishes (tokens after an EOS
-        id, a stop string or max_new are dropped); returns how many were kept."""
-        kept = 0
-        for i, tokens in zip(active, new_tokens):
-            row = rows[i]
-            for token in tokens:
-                if row.finish_reason is not None:
-                    break
-                row.ids.append(token)
-                kept += 1
-                if token in self.eos_token_ids:
-                    row.finish_reason = "stop"
-                elif len(row.ids) >= max_new:
-                    row.finish_reason = "length"
-                text = row.live_text
-                if text is not None:
-                    if text.push(token, last=row.finish_reason is not None):
-                        row.finish_reason = "stop"
-                    if on_text:
-                        delta = text.delta(final=row.finish_reason is not None)
-                        if delta:
-                            on_text(i, delta)
-        return kept
 
 
 def _flush_store(store_ref) -> None:
