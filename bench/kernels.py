@@ -226,6 +226,16 @@ def cases():
                         torch=lambda qt=qt, kc=kc, vc=vc: F.scaled_dot_product_attention(
                             qt, kc, vc, is_causal=True, scale=scale, enable_gqa=True),
                         compile=None, flops=2 * 2 * s * s * d * hq / 2, baseline="SDPA"))
+    # A short chunk after a long cached prefix (a KV hit: 48 new tokens after 1984 reused), keys split
+    # across programs (the default) against one key range per query block.
+    kc, vc = rnd(1, hkv, 2048, d), rnd(1, hkv, 2048, d)
+    qq = rnd(1, 48, hq, d)
+    zeros = torch.zeros(1, device=DEV, dtype=torch.int32)
+    start, qlen = torch.full((1,), 1984, device=DEV, dtype=torch.int32), torch.full((1,), 48, device=DEV, dtype=torch.int32)
+    out.append(dict(name="prefill_attention 48 after 1984",
+                    triton=lambda: attention.prefill_attention(qq, kc, vc, zeros, start, qlen, scale),
+                    torch=lambda: attention.prefill_attention(qq, kc, vc, zeros, start, qlen, scale, num_splits=1),
+                    compile=None, bytes=2 * 2032 * hkv * d * 2, baseline="one key range"))
     # Sampling: batch 64 over a 128256 vocabulary.
     bsz, vocab = 64, 128256
     logits = rnd(bsz, vocab, dtype=torch.float32) * 4

@@ -111,13 +111,16 @@ def _cache_with_lengths(lengths, hkv, capacity, head_dim, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("hq,hkv,head_dim", [(4, 4, 64), (8, 2, 48), (8, 1, 96), (2, 2, 128)])
-def test_prefill_attention(dtype, hq, hkv, head_dim):
-    starts, q_lens, seq = [0, 13, 3], [37, 9, 1], 37
-    k_cache, v_cache = _cache_with_lengths([50, 50, 50], hkv, 72, head_dim, dtype)
+@pytest.mark.parametrize("splits", [None, 1, 3])
+def test_prefill_attention(dtype, hq, hkv, head_dim, splits):
+    """Rows of several lengths after cached prefixes of several lengths (one longer than a key split,
+    one of none), padded queries; the keys in one range or split in 3 and merged."""
+    starts, q_lens, seq = [0, 130, 3], [37, 9, 1], 37
+    k_cache, v_cache = _cache_with_lengths([50, 150, 50], hkv, 160, head_dim, dtype)
     q = randn(3, seq, hq, head_dim, dtype=dtype, seed=5)
     args = (torch.tensor([1, 3, 0], device=DEVICE), torch.tensor(starts, device=DEVICE),
             torch.tensor(q_lens, device=DEVICE), head_dim ** -0.5)
-    out = attention.prefill_attention(q, k_cache, v_cache, *args)
+    out = attention.prefill_attention(q, k_cache, v_cache, *args, num_splits=splits)
     ref = attention.prefill_attention_ref(q, k_cache, v_cache, *args)
     torch.testing.assert_close(out, ref, **TOL[dtype])
 
@@ -149,7 +152,9 @@ def test_attention_with_a_sliding_window(dtype, window):
     args = (torch.tensor([1, 3, 0], device=DEVICE), torch.tensor(starts, device=DEVICE),
             torch.tensor(q_lens, device=DEVICE), head_dim ** -0.5)
     ref = attention.prefill_attention_ref(q, k_cache, v_cache, *args, window)
-    torch.testing.assert_close(attention.prefill_attention(q, k_cache, v_cache, *args, window), ref, **TOL[dtype])
+    for splits in (1, 3):
+        torch.testing.assert_close(attention.prefill_attention(q, k_cache, v_cache, *args, window, num_splits=splits),
+                                   ref, **TOL[dtype])
     # Query 40 of row 0 over keys 40 - window + 1 .. 40 alone (moved to the start of a spare slot).
     lo = 40 - window + 1
     k_only, v_only = k_cache.clone(), v_cache.clone()

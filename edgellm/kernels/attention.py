@@ -24,13 +24,22 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, slots_ptr, starts_ptr, qlens_ptr,
                     s_qb, s_qs, s_qh, s_ob, s_os, s_oh, c_slot, c_head, c_pos,
-                    scale_log2, group, head_dim, window,
+                    scale_log2, group, head_dim, window, part_out_ptr, part_lse_ptr, seq, n_heads,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PRECISION: tl.constexpr, WINDOWED: tl.constexpr):
+                    PRECISION: tl.constexpr, WINDOWED: tl.constexpr, SPLITS: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    m_block = tl.program_id(2)
+    m_block = tl.program_id(2) // SPLITS
+    split = tl.program_id(2) % SPLITS
     q_len = tl.load(qlens_ptr + b)
+    if SPLITS > 1 and m_block * BLOCK_M >= q_len:  # padding queries: one split says 0, the rest nothing
+        m_offs = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        d = tl.arange(0, BLOCK_D)
+        part_row = ((b * seq + m_offs).to(tl.int64) * n_heads + h) * SPLITS + split
+        tl.store(part_lse_ptr + part_row, tl.zeros([BLOCK_M], tl.float32) + tl.where(split == 0, 0.0, float("-inf")),
+                 mask=m_offs < seq)
+        tl.store(part_out_ptr + part_row[:, None] * head_dim + d[None, :], tl.zeros([BLOCK_M, BLOCK_D], tl.float32),
+                 mask=(m_offs < seq)[:, None] & (d < head_dim)[None, :])
     if m_block * BLOCK_M < q_len:
         start = tl.load(starts_ptr + b)
         slot = tl.load(slots_ptr + b).to(tl.int64)
@@ -49,7 +58,12 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, slots_ptr, starts_ptr, qlens
         key_start = 0
         if WINDOWED:  # query p sees keys p - window + 1 .. p: start at the block's first query's window
             key_start = tl.maximum(start + m_block * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
-        for n0 in range(key_start, key_end, BLOCK_N):
+        key_stop = key_end
+        if SPLITS > 1:  # this program's share of the key blocks (split-K over a long context)
+            per_split = tl.cdiv(tl.cdiv(key_end - key_start, BLOCK_N), SPLITS) * BLOCK_N
+            key_start = key_start + split * per_split
+            key_stop = tl.minimum(key_start + per_split, key_end)
+        for n0 in range(key_start, key_stop, BLOCK_N):
             n_offs = n0 + tl.arange(0, BLOCK_N)
             key_ok = n_offs < key_end
             k = tl.load(kc_ptr + kv_base + n_offs[None, :] * c_pos + d[:, None],
@@ -70,9 +84,19 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, slots_ptr, starts_ptr, qlens
                         mask=key_ok[:, None] & d_ok[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
-        out = acc / l_i[:, None]
-        tl.store(out_ptr + b.to(tl.int64) * s_ob + m_offs[:, None] * s_os + h * s_oh + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        if SPLITS == 1:
+            out = acc / l_i[:, None]
+            tl.store(out_ptr + b.to(tl.int64) * s_ob + m_offs[:, None] * s_os + h * s_oh + d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        else:  # a partial result and its log2-sum-exp, merged by _decode_merge_kernel
+            seen = l_i > 0
+            part = tl.where(row_ok[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
+            lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+            lse = tl.where(row_ok, lse, tl.where(split == 0, 0.0, float("-inf")))  # padding: 0 from split 0
+            part_row = ((b * seq + m_offs).to(tl.int64) * n_heads + h) * SPLITS + split
+            tl.store(part_lse_ptr + part_row, lse, mask=m_offs < seq)
+            tl.store(part_out_ptr + part_row[:, None] * head_dim + d[None, :], part,
+                     mask=(m_offs < seq)[:, None] & d_ok[None, :])
 
 
 def no_window(window: int) -> int:
@@ -89,9 +113,11 @@ def _check_cache(q_heads, head_dim, k_cache, v_cache):
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                       starts: torch.Tensor, q_lens: torch.Tensor, scale: float, window: int = 0, *,
-                      tile: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                      tile: tuple[int, int, int, int] | None = None, num_splits: int | None = None) -> torch.Tensor:
     """window > 0: a sliding window (each query sees its last `window` keys, itself included).
-    tile = (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the default tiling (benchmarks)."""
+    tile = (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the default tiling (benchmarks);
+    num_splits the number of key ranges each query block is split into (default: enough programs to
+    fill the GPU, 1 when the query blocks alone do)."""
     batch, seq, heads, head_dim = q.shape
     _check_cache(heads, head_dim, k_cache, v_cache)
     if q.stride(-1) != 1:
@@ -103,13 +129,26 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         tile = (64, 64, 4, 2) if block_d <= 64 else (32, 64, 4, 2)
     block_m, block_n, warps, stages = tile
     block_m = min(block_m, pow2(seq, 16))
-    grid = (batch, heads, triton.cdiv(seq, block_m))
-    _prefill_kernel[grid](
+    q_blocks = triton.cdiv(seq, block_m)
+    # Few query blocks (a short chunk, perhaps after a long cached prefix) leave most SMs idle while
+    # each program walks every key: split the keys then, as decode does, and merge the parts.
+    splits = num_splits if num_splits is not None else _num_splits(q, batch * q_blocks, heads, k_cache.shape[2])
+    part_out = part_lse = out
+    if splits > 1:
+        part_out = torch.empty(batch * seq * heads * splits, head_dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(batch * seq * heads * splits, dtype=torch.float32, device=q.device)
+    _prefill_kernel[(batch, heads, q_blocks * splits)](
         q, k_cache, v_cache, out, slots, starts, q_lens, q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        scale * _LOG2E, heads // k_cache.shape[1], head_dim, window,
+        scale * _LOG2E, heads // k_cache.shape[1], head_dim, window, part_out, part_lse, seq, heads,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), WINDOWED=window > 0,
-        num_warps=warps, num_stages=stages)
+        SPLITS=splits, num_warps=warps, num_stages=stages)
+    if splits > 1:
+        rows = out.view(batch * seq, heads, head_dim)
+        t, lora_args, constants = fused_shrink_args(None, batch * seq, heads * head_dim, heads, block_d, rows)
+        _decode_merge_kernel[(batch * seq, heads)](part_out, part_lse, rows, rows.stride(0), rows.stride(1), heads,
+                                                   splits, head_dim, *lora_args, BLOCK_S=pow2(splits),
+                                                   BLOCK_D=block_d, HAS_LORA=False, **constants, PDL=False)
     return out
 
 
