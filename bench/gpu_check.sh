@@ -2,19 +2,19 @@
 # The device script: GPU tests (kernels vs their references on CUDA, end-to-end generation vs
 # transformers, CUDA-graph decode vs eager, no reference op in the hot path), then the kernel and
 # decode benchmarks; short tables last.
-# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|kernels|decode|lora|kv|threads|vision|vocab|families|quant|host ...]
+# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|kernels|decode|lora|kv|threads|vision|vocab|families|quant|host|persistent ...]
 # (no argument: all of them). Results go to $OUT (the device tool's folder) or bench/results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-bench/results}"
 mkdir -p "$out"
-parts="${*:-tests kernels decode lora kv threads vision vocab families quant host}"
+parts="${*:-tests kernels decode lora kv threads vision vocab families quant host persistent}"
 status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 if [[ " $parts " == *" tests "* ]]; then
-  python3 -m pytest -q -rP -p no:cacheprovider tests/test_kernels_triton.py tests/test_kernels_tree.py tests/test_kernels_vision.py tests/test_gpu.py tests/test_gpu_vision.py tests/test_gpu_vocab.py tests/test_gpu_families.py tests/test_gpu_quant.py > "$out/gpu_pytest.log" 2>&1
+  python3 -m pytest -q -rP -p no:cacheprovider tests/test_kernels_triton.py tests/test_kernels_tree.py tests/test_kernels_vision.py tests/test_gpu.py tests/test_gpu_vision.py tests/test_gpu_vocab.py tests/test_gpu_families.py tests/test_gpu_quant.py tests/test_megakernel.py tests/test_kv_reuse.py::test_store_restores_blocks_exactly_from_mixed_tiers > "$out/gpu_pytest.log" 2>&1
   status=$?
   grep -E "passed|failed|error" "$out/gpu_pytest.log" | tail -3
   grep -E "^memory plan" "$out/gpu_pytest.log"  # test_memory_plan_bounds_what_the_engine_uses
@@ -46,6 +46,9 @@ if [[ " $parts " == *" quant "* ]]; then
 fi
 if [[ " $parts " == *" host "* ]]; then
   python3 bench/host_loop.py --json "$out/host_loop.json" 2> "$out/host_loop.stderr" || { status=1; tail -30 "$out/host_loop.stderr"; }
+fi
+if [[ " $parts " == *" persistent "* ]]; then
+  python3 bench/persistent.py --json "$out/persistent.json" 2> "$out/persistent.stderr" || { status=1; tail -30 "$out/persistent.stderr"; }
 fi
 if [[ " $parts " == *" threads "* ]]; then
   python3 bench/threads.py --json "$out/threads.json" 2> "$out/threads.stderr" || { status=1; tail -30 "$out/threads.stderr"; }

@@ -239,6 +239,45 @@ def test_keys_name_prefixes():
     assert other.keys(list(range(10)), "")[0] != a[0]
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_store_restores_blocks_exactly_from_mixed_tiers(device):
+    """The device pool and the host tier at the level of the store: a prompt larger than the pool
+    (saved one block at a time), then LRU moves that leave its blocks alternating between the tiers,
+    so a restore copies non-adjacent positions from each. The restored slot equals what was saved."""
+    from edgellm.engine.kv_cache import LinearKVCache
+    from edgellm.engine.kv_store import KVReuseStats, TieredKVStore
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    cache = LinearKVCache(num_layers=2, max_batch_size=2, num_kv_heads=2, capacity=64, head_dim=4,
+                          dtype=torch.float32, device=torch.device(device))
+    block = 2 * 2 * 2 * 4 * 4 * 4  # layers x K/V x kv_heads x tokens x head_dim x bytes
+    store = TieredKVStore(cache, KVReuseSettings(gpu_bytes=3 * block, host_bytes=16 * block, block_tokens=4), "m")
+    a, b = list(range(100, 125)), list(range(200, 205))  # six whole blocks and one
+    cache.data.normal_()
+    saved_a = cache.data[:, :, 0, :, :24].clone()
+
+    def restore(tokens):
+        stats = KVReuseStats()
+        cache.data[:, :, 1].zero_()
+        reused = store.restore(1, tokens, "", stats)
+        return reused, stats
+
+    store.save(0, a, "", KVReuseStats())  # blocks 3, 4, 5 stay on the device, 0, 1, 2 move to the host
+    reused, stats = restore(a)
+    assert (reused, stats.hits_host, stats.hits_gpu) == (24, 3, 3)
+    assert torch.equal(cache.data[:, :, 1, :, :24], saved_a)  # blocks 0-2 now on the device, 3-5 on the host
+    restore(a[:5])  # block 0 becomes the most recently used
+    cache.data[:, :, 0].normal_()
+    store.save(0, b, "", KVReuseStats())  # evicts block 1 to the host
+    saved_b = cache.data[:, :, 0, :, :4].clone()
+    reused, stats = restore(a)  # device: blocks 0 and 2; host: 1, 3, 4, 5
+    assert (reused, stats.hits_gpu, stats.hits_host) == (24, 2, 4)
+    assert torch.equal(cache.data[:, :, 1, :, :24], saved_a)
+    reused, stats = restore(b)
+    assert reused == 4 and torch.equal(cache.data[:, :, 1, :, :4], saved_b)
+
+
 @pytest.mark.parametrize("settings", [dict(gpu_bytes=-1), dict(block_tokens=0), dict(gpu_bytes=0),
                                       dict(host_bytes=1.5)])
 def test_bad_settings_are_rejected(tiny_models, settings):

@@ -13,6 +13,7 @@ from ..kernels.lora import used_slots
 from ..progress import progress
 from .graphs import DecodeBuffers, any_adapter, graph_batch_sizes
 from .model import forward_logits
+from .persistent import persistent_logits
 from .modes import inference_call
 
 
@@ -29,8 +30,12 @@ class DecodeSteps:
                                                        self._lora_capacity())
         return self._decode_buffers[size]
 
+    def _persistent(self, size: int, uses_lora: bool) -> bool:
+        """This step runs the persistent kernel (engine/persistent.py) rather than the chain."""
+        return self.persistent is not None and size == 1 and not uses_lora
+
     def _graph_key(self, size: int, uses_lora: bool):
-        return (size, _lora_key(uses_lora), "decode")
+        return (size, _lora_key(uses_lora), "persistent" if self._persistent(size, uses_lora) else "decode")
 
     def _decode_body(self, buf: DecodeBuffers, uses_lora: bool) -> None:
         """One decode step on `buf`, device work only: what a graph captures."""
@@ -40,8 +45,12 @@ class DecodeSteps:
         # a CPU value copied in would be illegal while a graph is captured)
         starts = lengths[buf.slot_index]
         embeds = torch.nn.functional.embedding(buf.tokens, self.weights.embed)[:, None]
-        logits = forward_logits(self.weights, self.config, self.kv_cache, self.rope, embeds,
-                                buf.slots, starts, buf.q_lens, lora=self._lora_batch(buf.lora, buf.lora_used, uses_lora))
+        if self._persistent(buf.size, uses_lora):
+            logits = persistent_logits(self.persistent, self.weights, self.config, self.rope, embeds, buf.slots, starts,
+                                       ops)
+        else:
+            logits = forward_logits(self.weights, self.config, self.kv_cache, self.rope, embeds, buf.slots, starts,
+                                    buf.q_lens, lora=self._lora_batch(buf.lora, buf.lora_used, uses_lora))
         lengths[buf.slot_index] = starts + 1
         buf.offsets += 1
         buf.tokens.copy_(self.full_ids(ops.sample(logits, buf.temperature, buf.top_k, buf.top_p, buf.seeds,

@@ -31,6 +31,7 @@ import torch
 from ..errors import ConfigurationError
 from .kv_cache import LinearKVCache
 from .kv_disk import DiskTier
+from .kv_pool import DeviceBlockPool
 
 DEFAULT_BLOCK_TOKENS = 64
 TIERS = ("gpu", "host", "disk")
@@ -96,7 +97,7 @@ class KVReuseStats:
 
 
 class _MemoryTier:
-    """Blocks in LRU order under a byte budget."""
+    """The host tier: blocks (pinned tensors) in LRU order under a byte budget."""
 
     def __init__(self, budget: int):
         self.budget = budget
@@ -164,7 +165,9 @@ class TieredKVStore:
         self.layout = [layers, 2, kv_heads, self.block_tokens, head_dim]
         self.device = cache.data.device
         self.identity = identity
-        self.gpu = _MemoryTier(settings.gpu_bytes) if settings.gpu_bytes else None
+        pool = DeviceBlockPool(settings.gpu_bytes, self.layout, cache.data.dtype, self.device) \
+            if settings.gpu_bytes else None
+        self.gpu = pool if pool is not None and pool.capacity else None  # a budget below one block: no tier
         self.host = _MemoryTier(settings.host_bytes) if settings.host_bytes else None
         self.disk = DiskTier(settings.disk_dir, {"model": identity, "dtype": str(cache.data.dtype),
                                                  "layout": self.layout}) if settings.disk_dir else None
@@ -217,9 +220,53 @@ class TieredKVStore:
         out.record_stream(torch.cuda.current_stream(self.device))
         return out
 
+    def _slot_blocks(self, slot: int, blocks: int) -> torch.Tensor:
+        """The first `blocks` blocks of cache slot `slot` as [blocks, layers, 2, kv_heads, tokens, head_dim] (a view)."""
+        return self._slot_view(slot, 0, blocks).unflatten(3, (blocks, self.block_tokens)).permute(3, 0, 1, 2, 4, 5)
+
+    def _indices(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, pin_memory=self._cuda).to(self.device, non_blocking=True)
+
+    def _place(self, key: bytes) -> int:
+        """A place in the device pool for a new block; the block evicted from it moves down a tier."""
+        index, evicted = self.gpu.allocate(key)
+        if evicted is not None:  # a copy: the place is overwritten next, while the side stream reads
+            self._demote_from_gpu(evicted[0], self.gpu.data[evicted[1]].clone())
+        return index
+
     def _put_gpu(self, key: bytes, block: torch.Tensor) -> None:
-        for old_key, old, _ in self.gpu.put(key, block):
-            self._demote_from_gpu(old_key, old)
+        self.gpu.data[self._place(key)].copy_(block)
+
+    def _to_host_from_pool(self, index: int):
+        host, ready = self._to_host(self.gpu.data[index])
+        self.gpu.reading(index, ready)
+        return host, ready
+
+    def _host_to_device(self, entries: list) -> torch.Tensor:
+        """[blocks, *layout] on the device from pinned host (block, ready event) pairs: one DMA each, queued
+        together on the side stream, which the compute stream then waits for."""
+        staging = torch.empty(len(entries), *self.layout, dtype=self.cache.data.dtype, device=self.device)
+        if not self._cuda:
+            for i, (block, _) in enumerate(entries):
+                staging[i].copy_(block)
+            return staging
+        compute = torch.cuda.current_stream(self.device)
+        self._side.wait_stream(compute)
+        with torch.cuda.stream(self._side):
+            for i, (block, ready) in enumerate(entries):
+                if ready is not None:
+                    self._side.wait_event(ready)
+                staging[i].copy_(block, non_blocking=True)
+        compute.wait_stream(self._side)
+        return staging
+
+    def _copy_blocks(self, destination: torch.Tensor, positions: list[int], blocks: torch.Tensor) -> None:
+        """destination[positions] = blocks (destination's first dimension indexes blocks)."""
+        first = positions[0]
+        if positions == list(range(first, first + len(positions))):
+            destination[first:first + len(positions)].copy_(blocks)
+        else:
+            destination.index_copy_(0, self._indices(positions), blocks)
 
     def _demote_from_gpu(self, key: bytes, block: torch.Tensor) -> None:
         if self.host is not None:
@@ -231,20 +278,6 @@ class TieredKVStore:
         for old_key, old, old_ready in self.host.put(key, block, ready):
             if self.disk is not None and not self.disk.has(old_key):
                 self.disk.write(old_key, old, old_ready)
-
-    def _fetch(self, key: bytes):
-        """(device block, tier name) for a block saved in a memory tier, promoted to the top one; None if absent."""
-        if self.gpu is not None:
-            entry = self.gpu.get(key)
-            if entry is not None:
-                return entry[0], "gpu"
-        if self.host is not None and key in self.host:
-            host, ready = self.host.take(key) if self.gpu is not None else self.host.get(key)
-            block = self._to_device(host, ready)
-            if self.gpu is not None:
-                self._put_gpu(key, block)
-            return block, "host"
-        return None
 
     def _from_disk(self, key: bytes, host: torch.Tensor) -> torch.Tensor:
         """A block read from disk, on the device and promoted to the top memory tier. It is read into
@@ -271,17 +304,31 @@ class TieredKVStore:
         stats.lookups += 1
         stats.blocks_looked_up += usable
         keys = self.keys(tokens[:usable * self.block_tokens], adapter)
-        blocks = []
+        gpu_positions, places, host_positions, host_keys = [], [], [], []
         for key in keys:  # the memory tiers first
-            found = self._fetch(key)
-            if found is None:
+            place = self.gpu.get(key) if self.gpu is not None else None
+            if place is not None:
+                gpu_positions.append(len(gpu_positions) + len(host_positions))
+                places.append(place)
+            elif self.host is not None and key in self.host:
+                host_positions.append(len(gpu_positions) + len(host_positions))
+                host_keys.append(key)
+            else:
                 break
-            block, tier = found
-            blocks.append(block)
-            setattr(stats, f"hits_{tier}", getattr(stats, f"hits_{tier}") + 1)
-        reused = len(blocks)
-        if blocks:  # one copy into the slot (a copy per block cost ~15 us of host time each)
-            self._slot_view(slot, 0, reused).copy_(torch.cat(blocks, dim=3) if reused > 1 else blocks[0])
+        reused = len(gpu_positions) + len(host_positions)
+        stats.hits_gpu += len(gpu_positions)
+        stats.hits_host += len(host_positions)
+        if reused:
+            destination = self._slot_blocks(slot, reused)
+            if places:  # one gather from the pool (before any promotion below can evict)
+                self._copy_blocks(destination, gpu_positions, self.gpu.data.index_select(0, self._indices(places)))
+            if host_keys:
+                entries = [self.host.take(k) if self.gpu is not None else self.host.get(k) for k in host_keys]
+                staging = self._host_to_device(entries)
+                self._copy_blocks(destination, host_positions, staging)
+                if self.gpu is not None:  # promoted to the device tier
+                    for key, block in zip(host_keys, staging):
+                        self._put_gpu(key, block)
         if self.disk is not None and reused < len(keys):  # then the run of blocks that follows on disk
             for key, host in zip(keys[reused:], self.disk.read_prefix(keys[reused:])):
                 self._slot_view(slot, reused).copy_(self._from_disk(key, host))
@@ -292,25 +339,37 @@ class TieredKVStore:
 
     def save(self, slot: int, tokens: list[int], adapter: str, stats: KVReuseStats) -> None:
         """Saves the whole blocks of `tokens` (whose KV cache slot `slot` holds) that are not saved yet."""
-        for index, key in enumerate(self.keys(tokens, adapter)):
-            if self._saved(key):
-                if self.gpu is not None:
-                    self.gpu.get(key)  # recently used
-                continue
+        keys = self.keys(tokens, adapter)
+        new = []
+        for index, key in enumerate(keys):
+            if not self._saved(key):
+                new.append(index)
+            elif self.gpu is not None:
+                self.gpu.get(key)  # recently used
+        stats.stored_blocks += len(new)
+        if not new:
+            return
+        if self.gpu is not None and len(new) <= self.gpu.capacity:
+            # One gather into the pool. The new places evict none of each other: they are the most
+            # recently used and fit.
+            places = [self._place(keys[i]) for i in new]
+            blocks = self._slot_blocks(slot, len(keys))
+            self.gpu.data.index_copy_(0, self._indices(places), blocks.index_select(0, self._indices(new)))
+            if self.disk is not None:
+                for index, place in zip(new, places):
+                    self.disk.write(keys[index], *self._to_host_from_pool(place))
+            return
+        for index in new:
             # A copy of the slot's block first (on the compute stream): the slot may be overwritten by
             # the next request while the side stream still copies to the host.
-            block = self._slot_view(slot, index).clone()
-            stats.stored_blocks += 1
-            if self.gpu is not None:
+            key, block = keys[index], self._slot_view(slot, index).clone()
+            if self.gpu is not None:  # a pool smaller than this prompt's new blocks: one at a time
                 self._put_gpu(key, block)
-                if self.disk is not None:
-                    self.disk.write(key, *self._to_host(block))
-            else:
-                host, ready = self._to_host(block)
-                if self.host is not None:
-                    self._put_host(key, host, ready)
-                if self.disk is not None:
-                    self.disk.write(key, host, ready)
+            host, ready = self._to_host(block) if self.gpu is None or self.disk is not None else (None, None)
+            if self.gpu is None and self.host is not None:
+                self._put_host(key, host, ready)
+            if self.disk is not None:
+                self.disk.write(key, host, ready)
 
     def flush(self) -> None:
         """Wait for pending disk writes (at exit, or before another process needs the files)."""

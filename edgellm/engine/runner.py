@@ -38,6 +38,7 @@ from .memory import check_fits, engine_memory_plan, free_bytes
 from .modes import inference_call, outside_inference_mode
 from .decode_steps import DecodeSteps, _lora_key
 from .longrope import LongRopeSteps
+from .persistent import plan_for
 from .verify import TreeSteps
 from .model import LoraBatch, RopeTables, forward_logits
 from .vocab_map import load_vocab_map
@@ -146,6 +147,8 @@ class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
             local = ops.rope_cos_sin_cache(rope_inv_freq(cfg.rotary_dim, cfg.rope_local_theta, None).to(self.device),
                                            cfg.max_kv_cache_capacity)
         self.rope = RopeTables(*self.rope_cos_sin, offsets, cfg.mrope_section, local)
+        # Batch-1 decode steps through the persistent kernel where it runs this model (engine/persistent.py).
+        self.persistent = plan_for(cfg, self.weights, self.kv_cache.data, self.rope, self.longrope_original is not None)
         self._decode_buffers: dict[int, DecodeBuffers] = {}
         self._prefill_buffers: dict[tuple[int, int], PrefillBuffers] = {}
         self._prefill_storage: PrefillStorage | None = None

@@ -1,0 +1,110 @@
+"""The persistent decode kernel (kernels/megakernel.py) against its reference, the kernel chain
+(model.forward_logits): teacher-forced decode steps from two KV caches, logits and cache contents
+compared at every step. CPU: the interpreter, one program. GPU: one program per SM, so the
+stages' counters and waits are exercised too."""
+
+import pytest
+import torch
+
+from edgellm.engine.kv_cache import LinearKVCache
+from edgellm.errors import ConfigurationError
+from edgellm.engine.model import forward_logits
+from edgellm.engine.persistent import persistent_logits
+from edgellm.engine.runner import LLMEngineRunner
+from edgellm.kernels import megakernel, ops
+
+from conftest import build_model, write_tokenizer
+
+
+def _teacher_forced(model_dir, device, dtype, steps, programs=None, seed=0):
+    runner = LLMEngineRunner(model_dir, device=device, dtype=dtype, max_batch_size=2, cuda_graphs=False,
+                             max_kv_cache_capacity=steps + 8)
+    cfg, weights, rope = runner.config, runner.weights, runner.rope
+    assert megakernel.supports(cfg, weights, runner.dtype) is None
+    chain_cache = runner.kv_cache
+    data = chain_cache.data
+    mega_cache = LinearKVCache(num_layers=data.shape[0], max_batch_size=2, num_kv_heads=data.shape[3],
+                               capacity=data.shape[4], head_dim=data.shape[5], dtype=data.dtype, device=data.device)
+    plan = megakernel.make_plan(cfg, weights, mega_cache.data, programs=programs)
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, cfg.vocab_size, (steps,), generator=generator)
+    slot = 1  # not slot 0: the slot offset is part of what is checked
+    slots = torch.tensor([slot], dtype=torch.int32, device=runner.device)
+    q_lens = torch.ones(1, dtype=torch.int32, device=runner.device)
+    worst = 0.0
+    for step, token in enumerate(tokens.tolist()):
+        embeds = weights.embed[token][None, None]
+        starts = torch.tensor([step], dtype=torch.int32, device=runner.device)
+        want = forward_logits(weights, cfg, chain_cache, rope, embeds, slots, starts, q_lens)
+        got = persistent_logits(plan, weights, cfg, rope, embeds, slots, starts, ops)
+        scale = want.abs().max().item()
+        worst = max(worst, (got - want).abs().max().item() / scale)
+        assert torch.allclose(got, want, atol=2e-2 * scale, rtol=0), f"step {step}: logits differ"
+        assert got.argmax().item() == want.argmax().item() or (want.topk(2).values.diff().abs() < 1e-2 * scale).item()
+    written = data[:, :, slot, :, :steps].float()
+    assert torch.allclose(mega_cache.data[:, :, slot, :, :steps].float(), written, atol=2e-2 * written.abs().max().item())
+    assert plan.flag.item() == 0, "a stage wait gave up"
+    assert plan.counters.tolist() == megakernel.expected_counts(plan)  # one arrival per tile, no more
+    return worst
+
+
+def test_persistent_decode_matches_the_chain_in_the_interpreter(tmp_path):
+    build_model("llama", tmp_path, num_key_value_heads=2)
+    write_tokenizer(tmp_path)
+    _teacher_forced(tmp_path, "cpu", "float16", steps=6)
+
+
+def test_runtime_answers_the_same_through_either_mode(tmp_path, monkeypatch):
+    """EDGELLM_DECODE forces the mode: batch-1 requests through the persistent step (eager on the CPU)
+    generate what the chain generates; a batch of two rows takes the chain in either mode."""
+    from edgellm import LLMGenerationRequest, LLMInferenceRuntime
+
+    build_model("llama", tmp_path, num_key_value_heads=2)
+    write_tokenizer(tmp_path)
+    request = LLMGenerationRequest(requests=[{"input_ids": [1, 7, 9, 11, 13]}], max_generate_length=8, temperature=0)
+    pair = LLMGenerationRequest(requests=[{"input_ids": [1, 7, 9]}, {"input_ids": [1, 5]}], max_generate_length=3,
+                                temperature=0)
+    answers = {}
+    for mode in ("chain", "persistent"):
+        monkeypatch.setenv("EDGELLM_DECODE", mode)
+        runtime = LLMInferenceRuntime(tmp_path, device="cpu", dtype="float16")
+        assert (runtime.runner.persistent is not None) == (mode == "persistent")
+        answers[mode] = (runtime.handle_request(request).output_ids, runtime.handle_request(pair).output_ids)
+    assert answers["persistent"] == answers["chain"]
+    monkeypatch.setenv("EDGELLM_DECODE", "persistent")
+    with pytest.raises(ConfigurationError, match="dtype"):
+        LLMInferenceRuntime(tmp_path, device="cpu", dtype="float32")
+    monkeypatch.setenv("EDGELLM_DECODE", "fastest")
+    with pytest.raises(ConfigurationError, match="EDGELLM_DECODE"):
+        LLMInferenceRuntime(tmp_path, device="cpu", dtype="float16")
+
+
+def test_unsupported_models_are_named():
+    class Config:
+        norm, mlp, activation, positions, qk_norm, embed_scale = "layer", "plain", "gelu", "learned", True, 2.0
+        rotary_dim, head_dim, mrope_section, num_decoder_layers = 4, 8, None, 1
+
+        def layer_window(self, layer):
+            return 4
+
+    class Layer:
+        qkv = o_proj = gate_up = down = torch.zeros(2, 2, dtype=torch.float16)
+        qkv_bias = o_bias = attn_out_norm = mlp_out_norm = None
+
+    class Weights:
+        layers = [Layer()]
+
+    why = megakernel.supports(Config(), Weights(), torch.float16)
+    for name in ("norm", "mlp", "positions", "qk_norm", "embed_scale", "sliding windows", "rotary"):
+        assert name in why
+    assert "dtype" in megakernel.supports(Config(), Weights(), torch.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_persistent_decode_matches_the_chain_on_gpu(tmp_path, dtype):
+    """A 4-layer GQA model, 150 steps (three key blocks), every SM a program."""
+    build_model("llama", tmp_path, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                num_attention_heads=8, num_key_value_heads=2, initializer_range=0.05)
+    write_tokenizer(tmp_path)
+    _teacher_forced(tmp_path, "cuda", dtype, steps=150)
