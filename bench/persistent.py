@@ -97,9 +97,12 @@ def one_shape(shape: str, args, bandwidth: float) -> dict:
         variant = megakernel.make_plan(runner.config, runner.weights, runner.kv_cache.data,
                                        programs=per_sm * sms)._replace(warps=warps)
         us = kernel_us(runner, variant)
+        compiled = megakernel.last_launch.get("kernel")
+        regs, spills = getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None)
         valid = not variant.flag.item() and variant.counters.tolist() == megakernel.expected_counts(variant)
-        sweep.append(dict(programs=per_sm * sms, warps=warps, us=us if valid else None, **variant.constants))
-        log(f"  layers kernel, {per_sm * sms} programs x {warps} warps: {us:.1f} us" +
+        sweep.append(dict(programs=per_sm * sms, warps=warps, us=us if valid else None, registers=regs, spills=spills,
+                          **variant.constants))
+        log(f"  layers kernel, {per_sm * sms} programs x {warps} warps: {us:.1f} us ({regs} registers, {spills} spills)" +
             ("" if valid else " (INVALID: a wait gave up; programs not all resident?)"))
     out["layers_kernel"] = sweep
     return out

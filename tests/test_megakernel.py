@@ -16,7 +16,7 @@ from edgellm.kernels import megakernel, ops
 from conftest import build_model, write_tokenizer
 
 
-def _teacher_forced(model_dir, device, dtype, steps, programs=None, seed=0):
+def _teacher_forced(model_dir, device, dtype, steps, programs=None, tile_programs=None, seed=0):
     runner = LLMEngineRunner(model_dir, device=device, dtype=dtype, max_batch_size=2, cuda_graphs=False,
                              max_kv_cache_capacity=steps + 8)
     cfg, weights, rope = runner.config, runner.weights, runner.rope
@@ -25,7 +25,7 @@ def _teacher_forced(model_dir, device, dtype, steps, programs=None, seed=0):
     data = chain_cache.data
     mega_cache = LinearKVCache(num_layers=data.shape[0], max_batch_size=2, num_kv_heads=data.shape[3],
                                capacity=data.shape[4], head_dim=data.shape[5], dtype=data.dtype, device=data.device)
-    plan = megakernel.make_plan(cfg, weights, mega_cache.data, programs=programs)
+    plan = megakernel.make_plan(cfg, weights, mega_cache.data, programs=programs, tile_programs=tile_programs)
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg.vocab_size, (steps,), generator=generator)
     slot = 1  # not slot 0: the slot offset is part of what is checked
@@ -48,12 +48,17 @@ def _teacher_forced(model_dir, device, dtype, steps, programs=None, seed=0):
     return worst
 
 
-def test_persistent_decode_matches_the_chain_in_the_interpreter(tmp_path):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs where there is no GPU (conftest)")
+@pytest.mark.parametrize("tile_programs", [None, 64])
+def test_persistent_decode_matches_the_chain_in_the_interpreter(tmp_path, tile_programs):
+    """One program; tile_programs=64 cuts every stage into many tiles and each head's keys into slices
+    (merged by the last slice), as on a GPU."""
     build_model("llama", tmp_path, num_key_value_heads=2)
     write_tokenizer(tmp_path)
-    _teacher_forced(tmp_path, "cpu", "float16", steps=6)
+    _teacher_forced(tmp_path, "cpu", "float16", steps=20, tile_programs=tile_programs)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs where there is no GPU (conftest)")
 def test_runtime_answers_the_same_through_either_mode(tmp_path, monkeypatch):
     """EDGELLM_DECODE forces the mode: batch-1 requests through the persistent step (eager on the CPU)
     generate what the chain generates; a batch of two rows takes the chain in either mode."""

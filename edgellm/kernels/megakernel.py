@@ -37,8 +37,9 @@ import torch
 
 from ._triton import pow2, tl, triton
 
-STAGES = 5
+STAGES = 5  # per layer; then one merge counter per query head
 COLUMNS = tl.constexpr(7)  # address-table columns: input norm, qkv, o, post-attention norm, gate_up, down, the layer's KV
+last_launch: dict = {}  # the compiled kernel of the latest launch (benchmarks read its registers)
 SPIN_LIMIT = 1 << 21  # polls per program and launch (each ~0.5 us)
 
 
@@ -74,41 +75,60 @@ def _arrive(counter_ptr):
 
 
 @triton.jit
-def _rstd(x_ptr, eps, H: tl.constexpr, HB: tl.constexpr):
-    cols = tl.arange(0, HB)
-    x = tl.load(x_ptr + cols, mask=cols < H, other=0.0, cache_modifier=".cg").to(tl.float32)
-    return 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / H + eps)
+def _w_chunk(w_ptr, rows, rows_ok, k0, K: tl.constexpr, BK: tl.constexpr):
+    """Columns k0 .. k0 + BK of rows `rows` of the row-major [*, K] matrix at w_ptr (zeros past K)."""
+    k = k0 + tl.arange(0, BK)
+    return tl.load(w_ptr + rows[:, None] * K + k[None, :], mask=rows_ok[:, None] & (k < K)[None, :], other=0.0)
 
 
 @triton.jit
-def _gemv(w_ptr, rows, rows_ok, x_ptr, rstd, g_ptr, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+def _gemv(w_ptr, rows, rows_ok, w, x_ptr, g_ptr, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
           NORM: tl.constexpr):
-    """float32 [BN]: rows `rows` of the row-major [*, K] matrix at w_ptr times x (x = RMSNorm(x) * g
-    with NORM, rounded to x's dtype as the chain's norm kernel rounds it)."""
-    acc = tl.zeros([BN], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        k = k0 + tl.arange(0, BK)
-        k_ok = k < K
-        x = tl.load(x_ptr + k, mask=k_ok, other=0.0, cache_modifier=".cg")
+    """(W[rows] @ x as float32 [BN], sum of x^2) for the row-major [*, K] matrix at w_ptr; `w` is its
+    first chunk (_w_chunk at 0), which the caller loads before it waits for x. Each iteration loads
+    the next chunk before it multiplies this one, so two chunks are in flight (Triton pipelines only
+    loads that feed tl.dot; these feed FMAs). With NORM, x is scaled by the RMSNorm weight g here and
+    the caller applies 1/rms(x) (from the sum of squares) to the result: norm and GEMV in one pass."""
+    acc = tl.zeros([BN, BK], dtype=tl.float32)
+    ss = tl.zeros([BK], dtype=tl.float32)
+    k = tl.arange(0, BK)
+    x = tl.load(x_ptr + k, mask=k < K, other=0.0, cache_modifier=".cg").to(tl.float32)
+    for k0 in range(BK, K + BK, BK):  # the last iteration's prefetch lies past K: masked, no traffic
+        w_next = _w_chunk(w_ptr, rows, rows_ok, k0, K, BK)
+        x_next = tl.load(x_ptr + k0 + k, mask=k0 + k < K, other=0.0, cache_modifier=".cg").to(tl.float32)
         if NORM:
-            x = (x.to(tl.float32) * rstd).to(x.dtype) * tl.load(g_ptr + k, mask=k_ok, other=0.0)
-        w = tl.load(w_ptr + rows[:, None] * K + k[None, :], mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-    return acc
+            ss += x * x
+            x = x * tl.load(g_ptr + k0 - BK + k, mask=k0 - BK + k < K, other=0.0).to(tl.float32)
+        acc += w.to(tl.float32) * x[None, :]
+        w = w_next
+        x = x_next
+    return tl.sum(acc, axis=1), tl.sum(ss, axis=0)
 
 
 @triton.jit
-def _qkv_tile(t, res_ptr, rstd, g_ptr, w_ptr, q_ptr, cache_ptr, kv_base, c_kv, c_head, pos, cos_ptr, sin_ptr,
+def _qkv_rows(t, HD: tl.constexpr, PAIRS: tl.constexpr):
+    """Tile t's rows of the fused qkv matrix: rows j and HD / 2 + j of one head for PAIRS frequencies
+    j, interleaved, so one GEMV covers both halves that RoPE mixes."""
+    SUB: tl.constexpr = HD // 2 // PAIRS
+    r = tl.arange(0, 2 * PAIRS)
+    return (t // SUB) * HD + (r % 2) * (HD // 2) + (t % SUB) * PAIRS + r // 2
+
+
+@triton.jit
+def _qkv_tile(t, w, x_ptr, g_ptr, w_ptr, eps, q_ptr, kv_ptr, c_kv, c_head, pos, cos_ptr, sin_ptr,
               H: tl.constexpr, NQ: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, PAIRS: tl.constexpr,
               BK: tl.constexpr):
+    """The qkv GEMV of tile t's rows (w: their first chunk), rotated; q to its buffer, k and v into
+    the cache at `pos`."""
     HALF: tl.constexpr = HD // 2
     SUB: tl.constexpr = HALF // PAIRS
     head = t // SUB
-    j = (t % SUB) * PAIRS + tl.arange(0, PAIRS)  # this tile's frequencies: rows j and HALF + j of the head
-    ok = j < HALF
-    dtype = res_ptr.dtype.element_ty
-    a = _gemv(w_ptr, head * HD + j, ok, res_ptr, rstd, g_ptr, H, PAIRS, BK, True).to(dtype).to(tl.float32)
-    b = _gemv(w_ptr, head * HD + HALF + j, ok, res_ptr, rstd, g_ptr, H, PAIRS, BK, True).to(dtype).to(tl.float32)
+    rows = _qkv_rows(t, HD, PAIRS)
+    acc, ss = _gemv(w_ptr, rows, rows >= 0, w, x_ptr, g_ptr, H, 2 * PAIRS, BK, True)
+    dtype = q_ptr.dtype.element_ty
+    rstd = 1.0 / tl.sqrt(ss / H + eps)
+    a, b = tl.split(tl.reshape((acc * rstd).to(dtype).to(tl.float32), [PAIRS, 2]))
+    j = (t % SUB) * PAIRS + tl.arange(0, PAIRS)
     if head < NQ + NKV:  # q and k heads rotate
         cos = tl.load(cos_ptr + pos * HALF + j)
         sin = tl.load(sin_ptr + pos * HALF + j)
@@ -118,53 +138,78 @@ def _qkv_tile(t, res_ptr, rstd, g_ptr, w_ptr, q_ptr, cache_ptr, kv_base, c_kv, c
         tl.store(q_ptr + head * HD + HALF + j, b.to(dtype))
     else:
         kv = head - NQ  # keys, then values
-        which = kv // NKV
-        dst = cache_ptr + kv_base + which * c_kv + (kv % NKV) * c_head + pos * HD
+        dst = kv_ptr + (kv // NKV) * c_kv + (kv % NKV) * c_head + pos * HD
         tl.store(dst + j, a.to(dtype))
         tl.store(dst + HALF + j, b.to(dtype))
 
 
 @triton.jit
-def _attention_tile(h, q_ptr, attn_ptr, cache_ptr, kv_base, c_kv, c_head, pos, scale_log2,
-                    NQ: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attention_tile(tile, q_ptr, part_ptr, lse_ptr, heads_done_ptr, attn_ptr, kv_ptr, c_kv, c_head, pos, scale_log2,
+                    NQ: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, SPLITS: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """One query head over one of SPLITS slices of the row's keys (online softmax, float32): the
+    slice's output and log2-sum-exp to `part_ptr`/`lse_ptr`. The last slice of a head to finish (an
+    acq_rel counter per head) merges the head's slices into `attn_ptr`. Returns 1 if it merged."""
+    h = tile // SPLITS
+    split = tile % SPLITS
     d = tl.arange(0, HD)
     dtype = attn_ptr.dtype.element_ty
+    length = pos + 1
+    chunk = tl.cdiv(tl.cdiv(length, SPLITS), 16) * 16
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, length)
     q = tl.load(q_ptr + h * HD + d, cache_modifier=".cg").to(tl.float32)
-    base = cache_ptr + kv_base + (h // (NQ // NKV)) * c_head
+    base = kv_ptr + (h // (NQ // NKV)) * c_head
     m_i = -float("inf")
     l_i = 0.0
     acc = tl.zeros([HD], dtype=tl.float32)
-    for n0 in range(0, pos + 1, BLOCK_N):
+    for n0 in tl.range(lo, hi, BLOCK_N, num_stages=2):
         n = n0 + tl.arange(0, BLOCK_N)
-        ok = n <= pos
+        ok = n < hi
         k = tl.load(base + n[:, None] * HD + d[None, :], mask=ok[:, None], other=0.0, cache_modifier=".cg")
+        v = tl.load(base + c_kv + n[:, None] * HD + d[None, :], mask=ok[:, None], other=0.0, cache_modifier=".cg")
         s = tl.where(ok, tl.sum(k.to(tl.float32) * q[None, :], axis=1) * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         p = tl.exp2(s - m_new)
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=0)
-        v = tl.load(base + c_kv + n[:, None] * HD + d[None, :], mask=ok[:, None], other=0.0, cache_modifier=".cg")
         acc = acc * alpha + tl.sum(p.to(dtype).to(tl.float32)[:, None] * v.to(tl.float32), axis=0)
         m_i = m_new
-    tl.store(attn_ptr + h * HD + d, (acc / l_i).to(dtype))
+    row = h * SPLITS + split
+    tl.store(part_ptr + row * HD + d, acc / tl.maximum(l_i, 1e-30))
+    tl.store(lse_ptr + row, tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf")))
+    tl.debug_barrier()
+    merged = 0
+    if tl.atomic_add(heads_done_ptr + h, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+        sp = h * SPLITS + tl.arange(0, SPLITS)
+        lse = tl.load(lse_ptr + sp, cache_modifier=".cg")
+        weight = tl.exp2(lse - tl.max(lse, axis=0))
+        parts = tl.load(part_ptr + sp[:, None] * HD + d[None, :], cache_modifier=".cg")
+        out = tl.sum(parts * weight[:, None], axis=0) / tl.sum(weight, axis=0)
+        tl.store(attn_ptr + h * HD + d, out.to(dtype))
+        merged = 1
+    return merged
 
 
 @triton.jit
-def _decode_layers_kernel(hidden_ptr, res_ptr, q_ptr, attn_ptr, h_ptr, table_ptr, cos_ptr, sin_ptr,
-                          slots_ptr, starts_ptr, counters_ptr, flag_ptr, n_layers, eps, scale_log2,
+def _decode_layers_kernel(hidden_ptr, res_ptr, q_ptr, attn_ptr, h_ptr, part_ptr, lse_ptr, table_ptr, cos_ptr,
+                          sin_ptr, slots_ptr, starts_ptr, counters_ptr, flag_ptr, n_layers, eps, scale_log2,
                           c_kv, c_slot, c_head,
-                          H: tl.constexpr, HB: tl.constexpr, NQ: tl.constexpr, NKV: tl.constexpr,
-                          HD: tl.constexpr, I: tl.constexpr, PAIRS: tl.constexpr, BN_O: tl.constexpr,
-                          BI: tl.constexpr, BN_D: tl.constexpr, BK: tl.constexpr, BLOCK_N: tl.constexpr,
-                          INTERPRET: tl.constexpr, LIMIT: tl.constexpr):
+                          H: tl.constexpr, NQ: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, I: tl.constexpr,
+                          PAIRS: tl.constexpr, SPLITS: tl.constexpr, BN_O: tl.constexpr, BI: tl.constexpr,
+                          BN_D: tl.constexpr, BK_A: tl.constexpr, BK_O: tl.constexpr, BK_G: tl.constexpr,
+                          BK_D: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
+                          LIMIT: tl.constexpr):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     dtype = res_ptr.dtype.element_ty
     TILES_A: tl.constexpr = (NQ + 2 * NKV) * (HD // 2 // PAIRS)
+    TILES_B: tl.constexpr = NQ * SPLITS
     TILES_C: tl.constexpr = (H + BN_O - 1) // BN_O
     TILES_D: tl.constexpr = (I + BI - 1) // BI
     TILES_E: tl.constexpr = (H + BN_D - 1) // BN_D
     QD: tl.constexpr = NQ * HD
+    STAGE_COUNT: tl.constexpr = 5 + NQ  # counters per layer: the stages', then each head's merge
     slot = tl.load(slots_ptr).to(tl.int64)
     pos = tl.load(starts_ptr).to(tl.int64)
     budget = LIMIT
@@ -176,59 +221,77 @@ def _decode_layers_kernel(hidden_ptr, res_ptr, q_ptr, attn_ptr, h_ptr, table_ptr
         g_post = tl.load(row + 3).to(tl.pointer_type(dtype))
         w_gu = tl.load(row + 4).to(tl.pointer_type(dtype))
         w_down = tl.load(row + 5).to(tl.pointer_type(dtype))
-        cache_ptr = tl.load(row + 6).to(tl.pointer_type(dtype))  # this layer's [2, slots, kv_heads, capacity, HD]
-        count = counters_ptr + layer * 5
-        kv_base = slot * c_slot
+        kv_ptr = tl.load(row + 6).to(tl.pointer_type(dtype)) + slot * c_slot  # [2, kv_heads, capacity, HD]
+        count = counters_ptr + layer * STAGE_COUNT
         src = res_ptr  # layer 0 reads the embedding as its residual
         if layer == 0:
             src = hidden_ptr
+        # Each stage: a program loads its first tile's first weight chunk, then waits for the stage
+        # before (so the wait overlaps that load), then runs its tiles.
         # A: norm, qkv, RoPE, KV append
         if pid < TILES_A:
+            rows = _qkv_rows(pid, HD, PAIRS)
+            w = _w_chunk(w_qkv, rows, rows >= 0, 0, H, BK_A)
             if layer > 0:
-                budget = _wait(count - 1, TILES_E, flag_ptr, budget, INTERPRET)
-            rstd = _rstd(src, eps, H, HB)
+                budget = _wait(count - STAGE_COUNT + 4, TILES_E, flag_ptr, budget, INTERPRET)
             for t in range(pid, TILES_A, programs):
-                _qkv_tile(t, src, rstd, g_in, w_qkv, q_ptr, cache_ptr, kv_base, c_kv, c_head, pos, cos_ptr,
-                          sin_ptr, H, NQ, NKV, HD, PAIRS, BK)
+                if t != pid:
+                    rows = _qkv_rows(t, HD, PAIRS)
+                    w = _w_chunk(w_qkv, rows, rows >= 0, 0, H, BK_A)
+                _qkv_tile(t, w, src, g_in, w_qkv, eps, q_ptr, kv_ptr, c_kv, c_head, pos, cos_ptr, sin_ptr,
+                          H, NQ, NKV, HD, PAIRS, BK_A)
                 _arrive(count)
-        # B: attention, one query head per tile
-        if pid < NQ:
+        # B: attention, one query head and key slice per tile; the last slice of a head merges it
+        if pid < TILES_B:
             budget = _wait(count, TILES_A, flag_ptr, budget, INTERPRET)
-            for h in range(pid, NQ, programs):
-                _attention_tile(h, q_ptr, attn_ptr, cache_ptr, kv_base, c_kv, c_head, pos, scale_log2,
-                                NQ, NKV, HD, BLOCK_N)
-                _arrive(count + 1)
+            for t in range(pid, TILES_B, programs):
+                if _attention_tile(t, q_ptr, part_ptr, lse_ptr, count + 5, attn_ptr, kv_ptr, c_kv, c_head, pos,
+                                   scale_log2, NQ, NKV, HD, SPLITS, BLOCK_N):
+                    _arrive(count + 1)
         # C: o projection + residual
         if pid < TILES_C:
+            rows = pid * BN_O + tl.arange(0, BN_O)
+            w = _w_chunk(w_o, rows, rows < H, 0, QD, BK_O)
             budget = _wait(count + 1, NQ, flag_ptr, budget, INTERPRET)
             for t in range(pid, TILES_C, programs):
                 rows = t * BN_O + tl.arange(0, BN_O)
                 ok = rows < H
-                o = _gemv(w_o, rows, ok, attn_ptr, 0.0, w_o, QD, BN_O, BK, False).to(dtype)
+                if t != pid:
+                    w = _w_chunk(w_o, rows, ok, 0, QD, BK_O)
                 r = tl.load(src + rows, mask=ok, other=0.0, cache_modifier=".cg")
-                tl.store(res_ptr + rows, o + r, mask=ok)
+                o, _ = _gemv(w_o, rows, ok, w, attn_ptr, w_o, QD, BN_O, BK_O, False)
+                tl.store(res_ptr + rows, o.to(dtype) + r, mask=ok)
                 _arrive(count + 2)
-        # D: norm, gate and up, SiLU(gate) * up
+        # D: norm, gate and up (interleaved rows), SiLU(gate) * up
         if pid < TILES_D:
+            r = tl.arange(0, 2 * BI)
+            idx2 = pid * BI + r // 2
+            w = _w_chunk(w_gu, (r % 2) * I + idx2, idx2 < I, 0, H, BK_G)
             budget = _wait(count + 2, TILES_C, flag_ptr, budget, INTERPRET)
-            rstd = _rstd(res_ptr, eps, H, HB)
             for t in range(pid, TILES_D, programs):
-                idx = t * BI + tl.arange(0, BI)
-                ok = idx < I
-                gate = _gemv(w_gu, idx, ok, res_ptr, rstd, g_post, H, BI, BK, True).to(dtype)
-                up = _gemv(w_gu, I + idx, ok, res_ptr, rstd, g_post, H, BI, BK, True).to(dtype)
+                idx2 = t * BI + r // 2
+                if t != pid:
+                    w = _w_chunk(w_gu, (r % 2) * I + idx2, idx2 < I, 0, H, BK_G)
+                acc, ss = _gemv(w_gu, (r % 2) * I + idx2, idx2 < I, w, res_ptr, g_post, H, 2 * BI, BK_G, True)
+                rstd = 1.0 / tl.sqrt(ss / H + eps)
+                gate, up = tl.split(tl.reshape((acc * rstd).to(dtype), [BI, 2]))
                 g32 = gate.to(tl.float32)
-                tl.store(h_ptr + idx, (g32 / (1.0 + tl.exp(-g32))).to(dtype) * up, mask=ok)
+                idx = t * BI + tl.arange(0, BI)
+                tl.store(h_ptr + idx, (g32 / (1.0 + tl.exp(-g32))).to(dtype) * up, mask=idx < I)
                 _arrive(count + 3)
         # E: down projection + residual
         if pid < TILES_E:
+            rows = pid * BN_D + tl.arange(0, BN_D)
+            w = _w_chunk(w_down, rows, rows < H, 0, I, BK_D)
             budget = _wait(count + 3, TILES_D, flag_ptr, budget, INTERPRET)
             for t in range(pid, TILES_E, programs):
                 rows = t * BN_D + tl.arange(0, BN_D)
                 ok = rows < H
-                down = _gemv(w_down, rows, ok, h_ptr, 0.0, w_down, I, BN_D, BK, False).to(dtype)
+                if t != pid:
+                    w = _w_chunk(w_down, rows, ok, 0, I, BK_D)
                 r = tl.load(res_ptr + rows, mask=ok, other=0.0, cache_modifier=".cg")
-                tl.store(res_ptr + rows, down + r, mask=ok)
+                down, _ = _gemv(w_down, rows, ok, w, h_ptr, w_down, I, BN_D, BK_D, False)
+                tl.store(res_ptr + rows, down.to(dtype) + r, mask=ok)
                 _arrive(count + 4)
 
 
@@ -241,7 +304,9 @@ class Plan(NamedTuple):
     q: torch.Tensor
     attn: torch.Tensor
     h: torch.Tensor
-    counters: torch.Tensor   # [layers * STAGES] int32
+    parts: torch.Tensor      # [NQ * SPLITS, HD] float32: attention slices
+    lse: torch.Tensor        # [NQ * SPLITS] float32
+    counters: torch.Tensor   # [layers * (STAGES + NQ)] int32, zeroed before each launch
     flag: torch.Tensor       # [1] int32: a wait gave up
     programs: int
     constants: dict
@@ -249,15 +314,27 @@ class Plan(NamedTuple):
     warps: int = 8
 
 
+CHUNK = 8192  # weight elements per pipelined load of a tile (16 KB in fp16)
+
+
+def _k_block(rows: int, k: int) -> int:
+    return max(16, min(pow2(k), CHUNK // rows))
+
+
 def _tile_sizes(hidden: int, heads: int, kv_heads: int, head_dim: int, inter: int, programs: int) -> dict:
-    """Tiles per stage close to the number of programs, each a power of two in size."""
+    """Tiles per stage close to (at most) the number of programs, each a power of two in size."""
     half = head_dim // 2
     pairs = half
     while pairs > 1 and (heads + 2 * kv_heads) * (half // pairs) * 2 <= programs:
         pairs //= 2
+    splits = 1
+    while heads * splits * 2 <= programs and splits < 16:
+        splits *= 2
     rows = pow2(triton.cdiv(hidden, programs))
-    return dict(PAIRS=pairs, BN_O=rows, BN_D=rows, BI=pow2(triton.cdiv(inter, programs)),
-                BK=max(64, min(1024, 8192 // rows)), BLOCK_N=64)
+    block_i = pow2(triton.cdiv(inter, programs))
+    return dict(PAIRS=pairs, SPLITS=splits, BN_O=rows, BI=block_i, BN_D=rows,
+                BK_A=_k_block(2 * pairs, hidden), BK_O=_k_block(rows, heads * head_dim),
+                BK_G=_k_block(2 * block_i, hidden), BK_D=_k_block(rows, inter), BLOCK_N=64)
 
 
 def supports(cfg, weights, dtype: torch.dtype) -> str | None:
@@ -280,9 +357,10 @@ def supports(cfg, weights, dtype: torch.dtype) -> str | None:
     return ", ".join(missing) if missing else None
 
 
-def make_plan(cfg, weights, cache: torch.Tensor, programs: int | None = None) -> Plan:
+def make_plan(cfg, weights, cache: torch.Tensor, programs: int | None = None, tile_programs: int | None = None) -> Plan:
     """The plan of one engine's weights and KV cache (the runner's cache.data) for `programs` programs
-    (default: one per SM; one under the interpreter)."""
+    (default: one per SM; one under the interpreter). tile_programs: cut the stages into tiles as for
+    that many programs (tests: many small tiles and attention slices, run by one interpreted program)."""
     device, dtype = cache.device, cache.dtype
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if programs is None:
@@ -292,20 +370,23 @@ def make_plan(cfg, weights, cache: torch.Tensor, programs: int | None = None) ->
     table = torch.tensor([[w.data_ptr() for w in row] + [cache[i].data_ptr()] for i, row in enumerate(keep)],
                          dtype=torch.int64, device=device)
     hidden, inter = cfg.hidden_size, weights.layers[0].down.shape[1]
-    empty = lambda n: torch.zeros(n, dtype=dtype, device=device)  # noqa: E731
-    constants = dict(H=hidden, HB=pow2(hidden), NQ=cfg.num_attention_heads, NKV=cfg.num_kv_heads,
-                     HD=cfg.head_dim, I=inter,
-                     **_tile_sizes(hidden, cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_dim, inter, programs))
+    empty = lambda n, kind=dtype: torch.zeros(n, dtype=kind, device=device)  # noqa: E731
+    sizes = _tile_sizes(hidden, cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_dim, inter,
+                        tile_programs or programs)
+    constants = dict(H=hidden, NQ=cfg.num_attention_heads, NKV=cfg.num_kv_heads, HD=cfg.head_dim, I=inter, **sizes)
+    slices = cfg.num_attention_heads * sizes["SPLITS"]
     return Plan(table, keep, empty(hidden), empty(cfg.q_size), empty(cfg.q_size), empty(inter),
-                torch.zeros(len(keep) * STAGES, dtype=torch.int32, device=device),
-                torch.zeros(1, dtype=torch.int32, device=device), programs, constants, cache)
+                empty((slices, cfg.head_dim), torch.float32), empty(slices, torch.float32),
+                empty(len(keep) * (STAGES + cfg.num_attention_heads), torch.int32), empty(1, torch.int32),
+                programs, constants, cache)
 
 
 def expected_counts(plan: Plan) -> list[int]:
-    """What plan.counters hold after a complete launch: each stage's tile count, layer after layer."""
+    """What plan.counters hold after a complete launch: per layer each stage's arrivals (one per tile;
+    attention: one per head, by the slice that merged it), then each head's slices."""
     c = plan.constants
     per_layer = [(c["NQ"] + 2 * c["NKV"]) * (c["HD"] // 2 // c["PAIRS"]), c["NQ"], triton.cdiv(c["H"], c["BN_O"]),
-                 triton.cdiv(c["I"], c["BI"]), triton.cdiv(c["H"], c["BN_D"])]
+                 triton.cdiv(c["I"], c["BI"]), triton.cdiv(c["H"], c["BN_D"])] + [c["SPLITS"]] * c["NQ"]
     return per_layer * plan.cache.shape[0]
 
 
@@ -318,8 +399,8 @@ def persistent_decode(plan: Plan, hidden: torch.Tensor, cos: torch.Tensor, sin: 
     plan.counters.zero_()
     _, c_kv, c_slot, c_head = plan.cache.stride()[:4]
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    _decode_layers_kernel[(plan.programs,)](
-        hidden, plan.residual, plan.q, plan.attn, plan.h, plan.table, cos, sin, slots, starts,
+    last_launch["kernel"] = _decode_layers_kernel[(plan.programs,)](
+        hidden, plan.residual, plan.q, plan.attn, plan.h, plan.parts, plan.lse, plan.table, cos, sin, slots, starts,
         plan.counters, plan.flag, layers, eps, scale * 1.4426950408889634, c_kv, c_slot, c_head,
         **plan.constants, INTERPRET=interpret, LIMIT=SPIN_LIMIT, num_warps=plan.warps)
     return plan.residual
