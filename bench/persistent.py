@@ -76,6 +76,43 @@ def kernel_us(runner, plan, steps: int = 200) -> float:
     return begin.elapsed_time(end) / steps * 1e3
 
 
+STAGE_NAMES = ("A qkv", "B attention", "C o", "D gate_up", "E down")
+
+
+def stage_profile(runner, plan) -> list[dict]:
+    """Per stage, averaged over layers 1..: latency (the stage's last tile done minus the previous
+    stage's), lag (a program leaving its wait minus the moment the previous stage was done: the
+    barrier's cost), work (a program's tiles, mean and max over programs)."""
+    layers = runner.config.num_decoder_layers
+    prof = torch.zeros(plan.programs, layers, 5, 3, dtype=torch.int64, device="cuda")
+    hidden = runner.weights.embed[5].clone()
+    slots = torch.zeros(1, dtype=torch.int32, device="cuda")
+    starts = torch.full((1,), 128, dtype=torch.int32, device="cuda")
+    for _ in range(3):
+        megakernel.persistent_decode(plan, hidden, runner.rope.cos, runner.rope.sin, slots, starts,
+                                     runner.config.rms_norm_eps, runner.config.attention_scale, profile=prof)
+    t = prof.cpu().double() / 1e3  # us
+    used = t[..., 2] > 0  # [programs, layers, stages]: the program had tiles there
+    rows = []
+    for stage in range(5):
+        lat, lag, work, worst = [], [], [], []
+        for layer in range(1, layers):
+            prev_layer, prev_stage = (layer, stage - 1) if stage else (layer - 1, 4)
+            ready = t[:, prev_layer, prev_stage, 2][used[:, prev_layer, prev_stage]].max()
+            mine = used[:, layer, stage]
+            lat.append(t[:, layer, stage, 2][mine].max() - ready)
+            lag.append((t[:, layer, stage, 1][mine] - ready).mean())
+            spans = t[:, layer, stage, 2][mine] - t[:, layer, stage, 1][mine]
+            work.append(spans.mean())
+            worst.append(spans.max())
+        mean = lambda v: float(sum(v) / len(v))  # noqa: E731
+        rows.append(dict(stage=STAGE_NAMES[stage], latency_us=mean(lat), lag_us=mean(lag), work_us=mean(work),
+                         work_max_us=mean(worst)))
+        log(f"    {STAGE_NAMES[stage]:12s} latency {rows[-1]['latency_us']:6.2f} us  barrier lag "
+            f"{rows[-1]['lag_us']:6.2f}  work mean {rows[-1]['work_us']:6.2f} max {rows[-1]['work_max_us']:6.2f}")
+    return rows
+
+
 def one_shape(shape: str, args, bandwidth: float) -> dict:
     model_dir = benchmark.random_model_dir(shape, args.cache_dir)
     runner = benchmark.make_runner(model_dir, batches=[1], isl=args.isl, osl=args.osl, ttft_lens=[])
@@ -93,18 +130,26 @@ def one_shape(shape: str, args, bandwidth: float) -> dict:
     runner.persistent = plan
     sweep = []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for per_sm, warps in ((1, 8), (1, 4), (2, 4), (2, 8)):
+    for per_sm, warps, wide in ((1, 8, True), (1, 8, False), (2, 4, True), (2, 4, False)):
         variant = megakernel.make_plan(runner.config, runner.weights, runner.kv_cache.data,
                                        programs=per_sm * sms)._replace(warps=warps)
+        variant.constants["WIDE"] = wide
         us = kernel_us(runner, variant)
         compiled = megakernel.last_launch.get("kernel")
         regs, spills = getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None)
         valid = not variant.flag.item() and variant.counters.tolist() == megakernel.expected_counts(variant)
         sweep.append(dict(programs=per_sm * sms, warps=warps, us=us if valid else None, registers=regs, spills=spills,
                           **variant.constants))
-        log(f"  layers kernel, {per_sm * sms} programs x {warps} warps: {us:.1f} us ({regs} registers, {spills} spills)" +
+        log(f"  layers kernel, {per_sm * sms} programs x {warps} warps{'' if wide else ', reduce each chunk'}: "
+            f"{us:.1f} us ({regs} registers, {spills} spills)" +
             ("" if valid else " (INVALID: a wait gave up; programs not all resident?)"))
     out["layers_kernel"] = sweep
+    best = min((v for v in sweep if v["us"] is not None), key=lambda v: v["us"])
+    log(f"  stage profile of the best ({best['programs']} programs x {best['warps']} warps, WIDE={best['WIDE']}):")
+    variant = megakernel.make_plan(runner.config, runner.weights, runner.kv_cache.data,
+                                   programs=best["programs"])._replace(warps=best["warps"])
+    variant.constants["WIDE"] = best["WIDE"]
+    out["stage_profile"] = stage_profile(runner, variant)
     return out
 
 

@@ -69,6 +69,15 @@ def _wait(counter_ptr, target, flag_ptr, budget, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _mark(prof_ptr, pid, layer, n_layers, stage: tl.constexpr, slot: tl.constexpr, PROFILE: tl.constexpr):
+    """PROFILE: the global timer (ns) at prof[pid, layer, stage, slot]; slot 0 before the stage's wait,
+    1 after it, 2 after the program's last tile of the stage (bench/persistent.py --profile reads them)."""
+    if PROFILE:
+        now = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+        tl.store(prof_ptr + ((pid * n_layers + layer) * 5 + stage) * 3 + slot, now)
+
+
+@triton.jit
 def _arrive(counter_ptr):
     tl.debug_barrier()  # every thread's stores of the tile are issued before the release
     tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
@@ -83,13 +92,17 @@ def _w_chunk(w_ptr, rows, rows_ok, k0, K: tl.constexpr, BK: tl.constexpr):
 
 @triton.jit
 def _gemv(w_ptr, rows, rows_ok, w, x_ptr, g_ptr, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-          NORM: tl.constexpr):
+          NORM: tl.constexpr, WIDE: tl.constexpr):
     """(W[rows] @ x as float32 [BN], sum of x^2) for the row-major [*, K] matrix at w_ptr; `w` is its
     first chunk (_w_chunk at 0), which the caller loads before it waits for x. Each iteration loads
     the next chunk before it multiplies this one, so two chunks are in flight (Triton pipelines only
     loads that feed tl.dot; these feed FMAs). With NORM, x is scaled by the RMSNorm weight g here and
-    the caller applies 1/rms(x) (from the sum of squares) to the result: norm and GEMV in one pass."""
-    acc = tl.zeros([BN, BK], dtype=tl.float32)
+    the caller applies 1/rms(x) (from the sum of squares) to the result: norm and GEMV in one pass.
+    WIDE: accumulate [BN, BK] and reduce once at the end (fewer shuffles, more registers)."""
+    if WIDE:
+        acc = tl.zeros([BN, BK], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BN], dtype=tl.float32)
     ss = tl.zeros([BK], dtype=tl.float32)
     k = tl.arange(0, BK)
     x = tl.load(x_ptr + k, mask=k < K, other=0.0, cache_modifier=".cg").to(tl.float32)
@@ -99,10 +112,17 @@ def _gemv(w_ptr, rows, rows_ok, w, x_ptr, g_ptr, K: tl.constexpr, BN: tl.constex
         if NORM:
             ss += x * x
             x = x * tl.load(g_ptr + k0 - BK + k, mask=k0 - BK + k < K, other=0.0).to(tl.float32)
-        acc += w.to(tl.float32) * x[None, :]
+        if WIDE:
+            acc += w.to(tl.float32) * x[None, :]
+        else:
+            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
         w = w_next
         x = x_next
-    return tl.sum(acc, axis=1), tl.sum(ss, axis=0)
+    if WIDE:
+        out = tl.sum(acc, axis=1)
+    else:
+        out = acc
+    return out, tl.sum(ss, axis=0)
 
 
 @triton.jit
@@ -117,14 +137,14 @@ def _qkv_rows(t, HD: tl.constexpr, PAIRS: tl.constexpr):
 @triton.jit
 def _qkv_tile(t, w, x_ptr, g_ptr, w_ptr, eps, q_ptr, kv_ptr, c_kv, c_head, pos, cos_ptr, sin_ptr,
               H: tl.constexpr, NQ: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, PAIRS: tl.constexpr,
-              BK: tl.constexpr):
+              BK: tl.constexpr, WIDE: tl.constexpr):
     """The qkv GEMV of tile t's rows (w: their first chunk), rotated; q to its buffer, k and v into
     the cache at `pos`."""
     HALF: tl.constexpr = HD // 2
     SUB: tl.constexpr = HALF // PAIRS
     head = t // SUB
     rows = _qkv_rows(t, HD, PAIRS)
-    acc, ss = _gemv(w_ptr, rows, rows >= 0, w, x_ptr, g_ptr, H, 2 * PAIRS, BK, True)
+    acc, ss = _gemv(w_ptr, rows, rows >= 0, w, x_ptr, g_ptr, H, 2 * PAIRS, BK, True, WIDE)
     dtype = q_ptr.dtype.element_ty
     rstd = 1.0 / tl.sqrt(ss / H + eps)
     a, b = tl.split(tl.reshape((acc * rstd).to(dtype).to(tl.float32), [PAIRS, 2]))
@@ -198,8 +218,8 @@ def _decode_layers_kernel(hidden_ptr, res_ptr, q_ptr, attn_ptr, h_ptr, part_ptr,
                           H: tl.constexpr, NQ: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, I: tl.constexpr,
                           PAIRS: tl.constexpr, SPLITS: tl.constexpr, BN_O: tl.constexpr, BI: tl.constexpr,
                           BN_D: tl.constexpr, BK_A: tl.constexpr, BK_O: tl.constexpr, BK_G: tl.constexpr,
-                          BK_D: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
-                          LIMIT: tl.constexpr):
+                          BK_D: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr, INTERPRET: tl.constexpr,
+                          LIMIT: tl.constexpr, PROFILE: tl.constexpr, prof_ptr):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     dtype = res_ptr.dtype.element_ty
@@ -232,67 +252,82 @@ def _decode_layers_kernel(hidden_ptr, res_ptr, q_ptr, attn_ptr, h_ptr, part_ptr,
         if pid < TILES_A:
             rows = _qkv_rows(pid, HD, PAIRS)
             w = _w_chunk(w_qkv, rows, rows >= 0, 0, H, BK_A)
+            _mark(prof_ptr, pid, layer, n_layers, 0, 0, PROFILE)
             if layer > 0:
                 budget = _wait(count - STAGE_COUNT + 4, TILES_E, flag_ptr, budget, INTERPRET)
+            _mark(prof_ptr, pid, layer, n_layers, 0, 1, PROFILE)
             for t in range(pid, TILES_A, programs):
                 if t != pid:
                     rows = _qkv_rows(t, HD, PAIRS)
                     w = _w_chunk(w_qkv, rows, rows >= 0, 0, H, BK_A)
                 _qkv_tile(t, w, src, g_in, w_qkv, eps, q_ptr, kv_ptr, c_kv, c_head, pos, cos_ptr, sin_ptr,
-                          H, NQ, NKV, HD, PAIRS, BK_A)
+                          H, NQ, NKV, HD, PAIRS, BK_A, WIDE)
                 _arrive(count)
+            _mark(prof_ptr, pid, layer, n_layers, 0, 2, PROFILE)
         # B: attention, one query head and key slice per tile; the last slice of a head merges it
         if pid < TILES_B:
+            _mark(prof_ptr, pid, layer, n_layers, 1, 0, PROFILE)
             budget = _wait(count, TILES_A, flag_ptr, budget, INTERPRET)
+            _mark(prof_ptr, pid, layer, n_layers, 1, 1, PROFILE)
             for t in range(pid, TILES_B, programs):
                 if _attention_tile(t, q_ptr, part_ptr, lse_ptr, count + 5, attn_ptr, kv_ptr, c_kv, c_head, pos,
                                    scale_log2, NQ, NKV, HD, SPLITS, BLOCK_N):
                     _arrive(count + 1)
+            _mark(prof_ptr, pid, layer, n_layers, 1, 2, PROFILE)
         # C: o projection + residual
         if pid < TILES_C:
             rows = pid * BN_O + tl.arange(0, BN_O)
             w = _w_chunk(w_o, rows, rows < H, 0, QD, BK_O)
+            _mark(prof_ptr, pid, layer, n_layers, 2, 0, PROFILE)
             budget = _wait(count + 1, NQ, flag_ptr, budget, INTERPRET)
+            _mark(prof_ptr, pid, layer, n_layers, 2, 1, PROFILE)
             for t in range(pid, TILES_C, programs):
                 rows = t * BN_O + tl.arange(0, BN_O)
                 ok = rows < H
                 if t != pid:
                     w = _w_chunk(w_o, rows, ok, 0, QD, BK_O)
                 r = tl.load(src + rows, mask=ok, other=0.0, cache_modifier=".cg")
-                o, _ = _gemv(w_o, rows, ok, w, attn_ptr, w_o, QD, BN_O, BK_O, False)
+                o, _ = _gemv(w_o, rows, ok, w, attn_ptr, w_o, QD, BN_O, BK_O, False, WIDE)
                 tl.store(res_ptr + rows, o.to(dtype) + r, mask=ok)
                 _arrive(count + 2)
+            _mark(prof_ptr, pid, layer, n_layers, 2, 2, PROFILE)
         # D: norm, gate and up (interleaved rows), SiLU(gate) * up
         if pid < TILES_D:
             r = tl.arange(0, 2 * BI)
             idx2 = pid * BI + r // 2
             w = _w_chunk(w_gu, (r % 2) * I + idx2, idx2 < I, 0, H, BK_G)
+            _mark(prof_ptr, pid, layer, n_layers, 3, 0, PROFILE)
             budget = _wait(count + 2, TILES_C, flag_ptr, budget, INTERPRET)
+            _mark(prof_ptr, pid, layer, n_layers, 3, 1, PROFILE)
             for t in range(pid, TILES_D, programs):
                 idx2 = t * BI + r // 2
                 if t != pid:
                     w = _w_chunk(w_gu, (r % 2) * I + idx2, idx2 < I, 0, H, BK_G)
-                acc, ss = _gemv(w_gu, (r % 2) * I + idx2, idx2 < I, w, res_ptr, g_post, H, 2 * BI, BK_G, True)
+                acc, ss = _gemv(w_gu, (r % 2) * I + idx2, idx2 < I, w, res_ptr, g_post, H, 2 * BI, BK_G, True, WIDE)
                 rstd = 1.0 / tl.sqrt(ss / H + eps)
                 gate, up = tl.split(tl.reshape((acc * rstd).to(dtype), [BI, 2]))
                 g32 = gate.to(tl.float32)
                 idx = t * BI + tl.arange(0, BI)
                 tl.store(h_ptr + idx, (g32 / (1.0 + tl.exp(-g32))).to(dtype) * up, mask=idx < I)
                 _arrive(count + 3)
+            _mark(prof_ptr, pid, layer, n_layers, 3, 2, PROFILE)
         # E: down projection + residual
         if pid < TILES_E:
             rows = pid * BN_D + tl.arange(0, BN_D)
             w = _w_chunk(w_down, rows, rows < H, 0, I, BK_D)
+            _mark(prof_ptr, pid, layer, n_layers, 4, 0, PROFILE)
             budget = _wait(count + 3, TILES_D, flag_ptr, budget, INTERPRET)
+            _mark(prof_ptr, pid, layer, n_layers, 4, 1, PROFILE)
             for t in range(pid, TILES_E, programs):
                 rows = t * BN_D + tl.arange(0, BN_D)
                 ok = rows < H
                 if t != pid:
                     w = _w_chunk(w_down, rows, ok, 0, I, BK_D)
                 r = tl.load(res_ptr + rows, mask=ok, other=0.0, cache_modifier=".cg")
-                down, _ = _gemv(w_down, rows, ok, w, h_ptr, w_down, I, BN_D, BK_D, False)
+                down, _ = _gemv(w_down, rows, ok, w, h_ptr, w_down, I, BN_D, BK_D, False, WIDE)
                 tl.store(res_ptr + rows, down.to(dtype) + r, mask=ok)
                 _arrive(count + 4)
+            _mark(prof_ptr, pid, layer, n_layers, 4, 2, PROFILE)
 
 
 class Plan(NamedTuple):
@@ -334,7 +369,7 @@ def _tile_sizes(hidden: int, heads: int, kv_heads: int, head_dim: int, inter: in
     block_i = pow2(triton.cdiv(inter, programs))
     return dict(PAIRS=pairs, SPLITS=splits, BN_O=rows, BI=block_i, BN_D=rows,
                 BK_A=_k_block(2 * pairs, hidden), BK_O=_k_block(rows, heads * head_dim),
-                BK_G=_k_block(2 * block_i, hidden), BK_D=_k_block(rows, inter), BLOCK_N=64)
+                BK_G=_k_block(2 * block_i, hidden), BK_D=_k_block(rows, inter), BLOCK_N=64, WIDE=True)
 
 
 def supports(cfg, weights, dtype: torch.dtype) -> str | None:
@@ -391,10 +426,12 @@ def expected_counts(plan: Plan) -> list[int]:
 
 
 def persistent_decode(plan: Plan, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
-                      starts: torch.Tensor, eps: float, scale: float) -> torch.Tensor:
+                      starts: torch.Tensor, eps: float, scale: float, profile: torch.Tensor | None = None) -> torch.Tensor:
     """Runs every layer for one row: hidden [H] (the embedding), its cache slot slots[0] and position
     starts[0]; appends the row's keys and values to plan.cache and returns the residual after the
-    last layer ([H], plan.residual: the final norm's input)."""
+    last layer ([H], plan.residual: the final norm's input). profile: an int64 tensor [programs, layers,
+    5, 3] that gets each program's global-timer marks per stage (before its wait, after it, after its
+    last tile), for bench/persistent.py --profile."""
     layers = plan.cache.shape[0]
     plan.counters.zero_()
     _, c_kv, c_slot, c_head = plan.cache.stride()[:4]
@@ -402,5 +439,6 @@ def persistent_decode(plan: Plan, hidden: torch.Tensor, cos: torch.Tensor, sin: 
     last_launch["kernel"] = _decode_layers_kernel[(plan.programs,)](
         hidden, plan.residual, plan.q, plan.attn, plan.h, plan.parts, plan.lse, plan.table, cos, sin, slots, starts,
         plan.counters, plan.flag, layers, eps, scale * 1.4426950408889634, c_kv, c_slot, c_head,
-        **plan.constants, INTERPRET=interpret, LIMIT=SPIN_LIMIT, num_warps=plan.warps)
+        **plan.constants, INTERPRET=interpret, LIMIT=SPIN_LIMIT, PROFILE=profile is not None,
+        prof_ptr=plan.flag if profile is None else profile, num_warps=plan.warps)
     return plan.residual
