@@ -49,7 +49,7 @@ def teacher_forced(runner, steps: int) -> float:
             want = forward_logits(weights, cfg, caches[0], rope, embeds, slots, starts, q_lens)
             got = persistent_logits(plan, weights, cfg, rope, embeds, slots, starts, ops)
             worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
-    if plan.flag.item() or plan.counters.tolist() != megakernel.expected_counts(plan):
+    if plan.flag.item() or megakernel.stage_counts(plan) != megakernel.expected_counts(plan):
         raise RuntimeError("the persistent kernel's stage counters are wrong (or a wait gave up)")
     return worst
 
@@ -130,17 +130,17 @@ def one_shape(shape: str, args, bandwidth: float) -> dict:
     runner.persistent = plan
     sweep = []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for per_sm, warps, wide in ((1, 8, True), (1, 8, False), (2, 4, True), (2, 4, False)):
+    for per_sm, warps, wide in ((1, 8, 1), (1, 8, 2), (2, 4, 1), (2, 4, 2), (1, 4, 2)):
         variant = megakernel.make_plan(runner.config, runner.weights, runner.kv_cache.data,
                                        programs=per_sm * sms)._replace(warps=warps)
         variant.constants["WIDE"] = wide
         us = kernel_us(runner, variant)
         compiled = megakernel.last_launch.get("kernel")
         regs, spills = getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None)
-        valid = not variant.flag.item() and variant.counters.tolist() == megakernel.expected_counts(variant)
+        valid = not variant.flag.item() and megakernel.stage_counts(variant) == megakernel.expected_counts(variant)
         sweep.append(dict(programs=per_sm * sms, warps=warps, us=us if valid else None, registers=regs, spills=spills,
                           **variant.constants))
-        log(f"  layers kernel, {per_sm * sms} programs x {warps} warps{'' if wide else ', reduce each chunk'}: "
+        log(f"  layers kernel, {per_sm * sms} programs x {warps} warps, {('', 'CUDA cores', 'tensor cores')[wide]}: "
             f"{us:.1f} us ({regs} registers, {spills} spills)" +
             ("" if valid else " (INVALID: a wait gave up; programs not all resident?)"))
     out["layers_kernel"] = sweep

@@ -16,7 +16,7 @@ from edgellm.kernels import megakernel, ops
 from conftest import build_model, write_tokenizer
 
 
-def _teacher_forced(model_dir, device, dtype, steps, programs=None, tile_programs=None, seed=0):
+def _teacher_forced(model_dir, device, dtype, steps, programs=None, tile_programs=None, min_keys=None, seed=0):
     runner = LLMEngineRunner(model_dir, device=device, dtype=dtype, max_batch_size=2, cuda_graphs=False,
                              max_kv_cache_capacity=steps + 8)
     cfg, weights, rope = runner.config, runner.weights, runner.rope
@@ -26,6 +26,8 @@ def _teacher_forced(model_dir, device, dtype, steps, programs=None, tile_program
     mega_cache = LinearKVCache(num_layers=data.shape[0], max_batch_size=2, num_kv_heads=data.shape[3],
                                capacity=data.shape[4], head_dim=data.shape[5], dtype=data.dtype, device=data.device)
     plan = megakernel.make_plan(cfg, weights, mega_cache.data, programs=programs, tile_programs=tile_programs)
+    if min_keys is not None:  # slices of fewer keys: a short context is cut up and merged too
+        plan.constants["MIN_KEYS"] = min_keys
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg.vocab_size, (steps,), generator=generator)
     slot = 1  # not slot 0: the slot offset is part of what is checked
@@ -40,22 +42,24 @@ def _teacher_forced(model_dir, device, dtype, steps, programs=None, tile_program
         scale = want.abs().max().item()
         worst = max(worst, (got - want).abs().max().item() / scale)
         assert torch.allclose(got, want, atol=2e-2 * scale, rtol=0), f"step {step}: logits differ"
-        assert got.argmax().item() == want.argmax().item() or (want.topk(2).values.diff().abs() < 1e-2 * scale).item()
+        gap = want.topk(2).values.diff().abs().item()  # the argmax may differ only where the chain's top two
+        assert got.argmax().item() == want.argmax().item() or gap <= 2 * (got - want).abs().max().item()  # are that close
     written = data[:, :, slot, :, :steps].float()
     assert torch.allclose(mega_cache.data[:, :, slot, :, :steps].float(), written, atol=2e-2 * written.abs().max().item())
     assert plan.flag.item() == 0, "a stage wait gave up"
-    assert plan.counters.tolist() == megakernel.expected_counts(plan)  # one arrival per tile, no more
+    assert megakernel.stage_counts(plan) == megakernel.expected_counts(plan)  # one arrival per tile, no more
     return worst
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs where there is no GPU (conftest)")
 @pytest.mark.parametrize("tile_programs", [None, 64])
 def test_persistent_decode_matches_the_chain_in_the_interpreter(tmp_path, tile_programs):
-    """One program; tile_programs=64 cuts every stage into many tiles and each head's keys into slices
-    (merged by the last slice), as on a GPU."""
+    """One program; tile_programs=64 cuts every stage into many tiles and (slices of 16 keys) each
+    head's keys into slices merged by the last slice, as on a GPU."""
     build_model("llama", tmp_path, num_key_value_heads=2)
     write_tokenizer(tmp_path)
-    _teacher_forced(tmp_path, "cpu", "float16", steps=20, tile_programs=tile_programs)
+    _teacher_forced(tmp_path, "cpu", "float16", steps=20, tile_programs=tile_programs,
+                    min_keys=16 if tile_programs else None)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs where there is no GPU (conftest)")
@@ -106,10 +110,11 @@ def test_unsupported_models_are_named():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_persistent_decode_matches_the_chain_on_gpu(tmp_path, dtype):
-    """A 4-layer GQA model, 150 steps (three key blocks), every SM a program."""
+@pytest.mark.parametrize("dtype,min_keys", [("float16", None), ("bfloat16", None), ("float16", 16)])
+def test_persistent_decode_matches_the_chain_on_gpu(tmp_path, dtype, min_keys):
+    """A 4-layer GQA model, 150 steps (three key blocks), every SM a program; min_keys=16: every head's
+    keys in up to SPLITS slices, merged."""
     build_model("llama", tmp_path, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                 num_attention_heads=8, num_key_value_heads=2, initializer_range=0.05)
     write_tokenizer(tmp_path)
-    _teacher_forced(tmp_path, "cuda", dtype, steps=150)
+    _teacher_forced(tmp_path, "cuda", dtype, steps=150, min_keys=min_keys)

@@ -91,14 +91,11 @@ def _w_chunk(w_ptr, rows, rows_ok, k0, K: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _gemv(w_ptr, rows, rows_ok, w, x_ptr, g_ptr, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-          NORM: tl.constexpr, WIDE: tl.constexpr):
-    """(W[rows] @ x as float32 [BN], sum of x^2) for the row-major [*, K] matrix at w_ptr; `w` is its
-    first chunk (_w_chunk at 0), which the caller loads before it waits for x. Each iteration loads
-    the next chunk before it multiplies this one, so two chunks are in flight (Triton pipelines only
-    loads that feed tl.dot; these feed FMAs). With NORM, x is scaled by the RMSNorm weight g here and
-    the caller applies 1/rms(x) (from the sum of squares) to the result: norm and GEMV in one pass.
-    WIDE: accumulate [BN, BK] and reduce once at the end (fewer shuffles, more registers)."""
+def _gemv_fma(w_ptr, rows, rows_ok, w, x_ptr, g_ptr, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+              NORM: tl.constexpr, WIDE: tl.constexpr):
+    """On the CUDA cores. `w` is the first chunk (_w_chunk at 0), which the caller loads before it waits
+    for x; each iteration loads the next chunk before it multiplies this one, so two chunks are in
+    flight (in registers). WIDE: accumulate [BN, BK] and reduce once at the end."""
     if WIDE:
         acc = tl.zeros([BN, BK], dtype=tl.float32)
     else:
@@ -123,6 +120,40 @@ def _gemv(w_ptr, rows, rows_ok, w, x_ptr, g_ptr, K: tl.constexpr, BN: tl.constex
     else:
         out = acc
     return out, tl.sum(ss, axis=0)
+
+
+@triton.jit
+def _gemv_dot(w_ptr, rows, rows_ok, x_ptr, g_ptr, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+              NORM: tl.constexpr, STAGES: tl.constexpr):
+    """On the tensor cores, x padded to 16 rows: Triton pipelines loads that feed tl.dot through shared
+    memory (STAGES chunks in flight without holding them in registers)."""
+    ss = tl.zeros([BK], dtype=tl.float32)
+    k = tl.arange(0, BK)
+    pad = tl.arange(0, 16)
+    acc = tl.zeros([16, BN], dtype=tl.float32)
+    for k0 in tl.range(0, K, BK, num_stages=STAGES):
+        kk = k0 + k
+        x = tl.load(x_ptr + kk, mask=kk < K, other=0.0, cache_modifier=".cg").to(tl.float32)
+        if NORM:
+            ss += x * x
+            x = x * tl.load(g_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+        wt = tl.load(w_ptr + rows[:, None] * K + kk[None, :], mask=rows_ok[:, None] & (kk < K)[None, :], other=0.0)
+        acc = tl.dot(tl.where(pad[:, None] == 0, x[None, :], 0.0).to(wt.dtype), tl.trans(wt), acc)
+    return tl.sum(tl.where(pad[:, None] == 0, acc, 0.0), axis=0), tl.sum(ss, axis=0)
+
+
+@triton.jit
+def _gemv(w_ptr, rows, rows_ok, w, x_ptr, g_ptr, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+          NORM: tl.constexpr, WIDE: tl.constexpr):
+    """(W[rows] @ x as float32 [BN], sum of x^2) for the row-major [*, K] matrix at w_ptr. With NORM, x
+    is scaled by the RMSNorm weight g here and the caller applies 1/rms(x) (from the sum of squares)
+    to the result: norm and GEMV in one pass over x, no round trip for the statistics first.
+    WIDE: 0/1 the CUDA-core loop (_gemv_fma, per-chunk or final reduction), 2 the tensor cores."""
+    if WIDE == 2:
+        out, ss = _gemv_dot(w_ptr, rows, rows_ok, x_ptr, g_ptr, K, BN, BK, NORM, 4)
+    else:
+        out, ss = _gemv_fma(w_ptr, rows, rows_ok, w, x_ptr, g_ptr, K, BN, BK, NORM, WIDE)
+    return out, ss
 
 
 @triton.jit
@@ -164,51 +195,80 @@ def _qkv_tile(t, w, x_ptr, g_ptr, w_ptr, eps, q_ptr, kv_ptr, c_kv, c_head, pos, 
 
 
 @triton.jit
-def _attention_tile(tile, q_ptr, part_ptr, lse_ptr, heads_done_ptr, attn_ptr, kv_ptr, c_kv, c_head, pos, scale_log2,
-                    NQ: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, SPLITS: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
-    """One query head over one of SPLITS slices of the row's keys (online softmax, float32): the
-    slice's output and log2-sum-exp to `part_ptr`/`lse_ptr`. The last slice of a head to finish (an
-    acq_rel counter per head) merges the head's slices into `attn_ptr`. Returns 1 if it merged."""
-    h = tile // SPLITS
-    split = tile % SPLITS
-    d = tl.arange(0, HD)
-    dtype = attn_ptr.dtype.element_ty
+def _slice(tile, pos, SPLITS: tl.constexpr, MIN_KEYS: tl.constexpr):
+    """(head, slice, slices in use, first key, end key) of attention tile `tile`: a head's keys are cut
+    into at most SPLITS slices of at least MIN_KEYS (a short context is one slice: no merge)."""
     length = pos + 1
-    chunk = tl.cdiv(tl.cdiv(length, SPLITS), 16) * 16
+    used = tl.minimum(tl.cdiv(length, MIN_KEYS), SPLITS)
+    chunk = tl.cdiv(tl.cdiv(length, used), 16) * 16
+    split = tile % SPLITS
     lo = split * chunk
-    hi = tl.minimum(lo + chunk, length)
-    q = tl.load(q_ptr + h * HD + d, cache_modifier=".cg").to(tl.float32)
-    base = kv_ptr + (h // (NQ // NKV)) * c_head
-    m_i = -float("inf")
-    l_i = 0.0
-    acc = tl.zeros([HD], dtype=tl.float32)
-    for n0 in tl.range(lo, hi, BLOCK_N, num_stages=2):
-        n = n0 + tl.arange(0, BLOCK_N)
-        ok = n < hi
-        k = tl.load(base + n[:, None] * HD + d[None, :], mask=ok[:, None], other=0.0, cache_modifier=".cg")
-        v = tl.load(base + c_kv + n[:, None] * HD + d[None, :], mask=ok[:, None], other=0.0, cache_modifier=".cg")
-        s = tl.where(ok, tl.sum(k.to(tl.float32) * q[None, :], axis=1) * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        p = tl.exp2(s - m_new)
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha + tl.sum(p.to(dtype).to(tl.float32)[:, None] * v.to(tl.float32), axis=0)
-        m_i = m_new
-    row = h * SPLITS + split
-    tl.store(part_ptr + row * HD + d, acc / tl.maximum(l_i, 1e-30))
-    tl.store(lse_ptr + row, tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf")))
-    tl.debug_barrier()
-    merged = 0
-    if tl.atomic_add(heads_done_ptr + h, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
-        sp = h * SPLITS + tl.arange(0, SPLITS)
-        lse = tl.load(lse_ptr + sp, cache_modifier=".cg")
-        weight = tl.exp2(lse - tl.max(lse, axis=0))
-        parts = tl.load(part_ptr + sp[:, None] * HD + d[None, :], cache_modifier=".cg")
-        out = tl.sum(parts * weight[:, None], axis=0) / tl.sum(weight, axis=0)
-        tl.store(attn_ptr + h * HD + d, out.to(dtype))
-        merged = 1
-    return merged
+    return tile // SPLITS, split, used, lo, tl.minimum(lo + chunk, length)
+
+
+@triton.jit
+def _kv_block(base, c_kv, n, hi, HD: tl.constexpr):
+    d = tl.arange(0, HD)
+    ok = (n < hi)[:, None]
+    k = tl.load(base + n[:, None] * HD + d[None, :], mask=ok, other=0.0, cache_modifier=".cg")
+    v = tl.load(base + c_kv + n[:, None] * HD + d[None, :], mask=ok, other=0.0, cache_modifier=".cg")
+    return k, v
+
+
+@triton.jit
+def _attention_tile(tile, k, v, q_ptr, part_ptr, lse_ptr, heads_done_ptr, attn_ptr, kv_ptr, c_kv, c_head, pos,
+                    scale_log2, NQ: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, SPLITS: tl.constexpr,
+                    MIN_KEYS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One query head over one slice of the row's keys (online softmax, float32). k, v: the slice's
+    first block, loaded before the wait for stage A (the key and value at `pos`, which stage A just
+    wrote, are read again here). One slice writes the head's output; several write their output and
+    log2-sum-exp to part_ptr/lse_ptr, and the last to finish (an acq_rel counter per head) merges
+    them. Returns 1 if this tile completed the head."""
+    h, split, used, lo, hi = _slice(tile, pos, SPLITS, MIN_KEYS)
+    dtype = attn_ptr.dtype.element_ty
+    done = 0
+    if split < used:
+        d = tl.arange(0, HD)
+        base = kv_ptr + (h // (NQ // NKV)) * c_head
+        q = tl.load(q_ptr + h * HD + d, cache_modifier=".cg").to(tl.float32)
+        k_pos = tl.load(base + pos * HD + d, cache_modifier=".cg")
+        v_pos = tl.load(base + c_kv + pos * HD + d, cache_modifier=".cg")
+        m_i = -float("inf")
+        l_i = 0.0
+        acc = tl.zeros([HD], dtype=tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):  # the next block is loaded before this one is used
+            n = n0 + tl.arange(0, BLOCK_N)
+            k_next, v_next = _kv_block(base, c_kv, n + BLOCK_N, hi, HD)
+            at_pos = (n == pos)[:, None]
+            k = tl.where(at_pos, k_pos[None, :], k)
+            v = tl.where(at_pos, v_pos[None, :], v)
+            s = tl.where(n < hi, tl.sum(k.to(tl.float32) * q[None, :], axis=1) * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            p = tl.exp2(s - m_new)
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p.to(dtype).to(tl.float32)[:, None] * v.to(tl.float32), axis=0)
+            m_i = m_new
+            k = k_next
+            v = v_next
+        if used == 1:
+            tl.store(attn_ptr + h * HD + d, (acc / l_i).to(dtype))
+            done = 1
+        else:
+            row = h * SPLITS + split
+            tl.store(part_ptr + row * HD + d, acc / l_i)
+            tl.store(lse_ptr + row, m_i + tl.log2(l_i))
+            tl.debug_barrier()
+            if tl.atomic_add(heads_done_ptr + h, 1, sem="acq_rel", scope="gpu") == used - 1:
+                sp = tl.arange(0, SPLITS)
+                lse = tl.load(lse_ptr + h * SPLITS + sp, mask=sp < used, other=float("-inf"), cache_modifier=".cg")
+                weight = tl.exp2(lse - tl.max(lse, axis=0))
+                parts = tl.load(part_ptr + (h * SPLITS + sp)[:, None] * HD + d[None, :], mask=(sp < used)[:, None],
+                                other=0.0, cache_modifier=".cg")
+                out = tl.sum(parts * weight[:, None], axis=0) / tl.sum(weight, axis=0)
+                tl.store(attn_ptr + h * HD + d, out.to(dtype))
+                done = 1
+    return done
 
 
 @triton.jit
@@ -218,7 +278,8 @@ def _decode_layers_kernel(hidden_ptr, res_ptr, q_ptr, attn_ptr, h_ptr, part_ptr,
                           H: tl.constexpr, NQ: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, I: tl.constexpr,
                           PAIRS: tl.constexpr, SPLITS: tl.constexpr, BN_O: tl.constexpr, BI: tl.constexpr,
                           BN_D: tl.constexpr, BK_A: tl.constexpr, BK_O: tl.constexpr, BK_G: tl.constexpr,
-                          BK_D: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr, INTERPRET: tl.constexpr,
+                          BK_D: tl.constexpr, BLOCK_N: tl.constexpr, MIN_KEYS: tl.constexpr, WIDE: tl.constexpr,
+                          INTERPRET: tl.constexpr,
                           LIMIT: tl.constexpr, PROFILE: tl.constexpr, prof_ptr):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -266,12 +327,17 @@ def _decode_layers_kernel(hidden_ptr, res_ptr, q_ptr, attn_ptr, h_ptr, part_ptr,
             _mark(prof_ptr, pid, layer, n_layers, 0, 2, PROFILE)
         # B: attention, one query head and key slice per tile; the last slice of a head merges it
         if pid < TILES_B:
+            h, _, _, lo, hi = _slice(pid, pos, SPLITS, MIN_KEYS)
+            k, v = _kv_block(kv_ptr + (h // (NQ // NKV)) * c_head, c_kv, lo + tl.arange(0, BLOCK_N), hi, HD)
             _mark(prof_ptr, pid, layer, n_layers, 1, 0, PROFILE)
             budget = _wait(count, TILES_A, flag_ptr, budget, INTERPRET)
             _mark(prof_ptr, pid, layer, n_layers, 1, 1, PROFILE)
             for t in range(pid, TILES_B, programs):
-                if _attention_tile(t, q_ptr, part_ptr, lse_ptr, count + 5, attn_ptr, kv_ptr, c_kv, c_head, pos,
-                                   scale_log2, NQ, NKV, HD, SPLITS, BLOCK_N):
+                if t != pid:
+                    h, _, _, lo, hi = _slice(t, pos, SPLITS, MIN_KEYS)
+                    k, v = _kv_block(kv_ptr + (h // (NQ // NKV)) * c_head, c_kv, lo + tl.arange(0, BLOCK_N), hi, HD)
+                if _attention_tile(t, k, v, q_ptr, part_ptr, lse_ptr, count + 5, attn_ptr, kv_ptr, c_kv, c_head, pos,
+                                   scale_log2, NQ, NKV, HD, SPLITS, MIN_KEYS, BLOCK_N):
                     _arrive(count + 1)
             _mark(prof_ptr, pid, layer, n_layers, 1, 2, PROFILE)
         # C: o projection + residual
@@ -369,7 +435,8 @@ def _tile_sizes(hidden: int, heads: int, kv_heads: int, head_dim: int, inter: in
     block_i = pow2(triton.cdiv(inter, programs))
     return dict(PAIRS=pairs, SPLITS=splits, BN_O=rows, BI=block_i, BN_D=rows,
                 BK_A=_k_block(2 * pairs, hidden), BK_O=_k_block(rows, heads * head_dim),
-                BK_G=_k_block(2 * block_i, hidden), BK_D=_k_block(rows, inter), BLOCK_N=64, WIDE=True)
+                BK_G=_k_block(2 * block_i, hidden), BK_D=_k_block(rows, inter), BLOCK_N=64,
+                MIN_KEYS=128, WIDE=1)
 
 
 def supports(cfg, weights, dtype: torch.dtype) -> str | None:
@@ -417,12 +484,17 @@ def make_plan(cfg, weights, cache: torch.Tensor, programs: int | None = None, ti
 
 
 def expected_counts(plan: Plan) -> list[int]:
-    """What plan.counters hold after a complete launch: per layer each stage's arrivals (one per tile;
-    attention: one per head, by the slice that merged it), then each head's slices."""
+    """What each layer's five stage counters (plan.counters.view(layers, -1)[:, :5]) hold after a complete
+    launch: one arrival per tile; attention: one per head, by the tile that completed it."""
     c = plan.constants
     per_layer = [(c["NQ"] + 2 * c["NKV"]) * (c["HD"] // 2 // c["PAIRS"]), c["NQ"], triton.cdiv(c["H"], c["BN_O"]),
-                 triton.cdiv(c["I"], c["BI"]), triton.cdiv(c["H"], c["BN_D"])] + [c["SPLITS"]] * c["NQ"]
-    return per_layer * plan.cache.shape[0]
+                 triton.cdiv(c["I"], c["BI"]), triton.cdiv(c["H"], c["BN_D"])]
+    return [per_layer] * plan.cache.shape[0]
+
+
+def stage_counts(plan: Plan) -> list[list[int]]:
+    """The five stage counters of each layer after the latest launch (compare with expected_counts)."""
+    return plan.counters.view(plan.cache.shape[0], -1)[:, :STAGES].tolist()
 
 
 def persistent_decode(plan: Plan, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
