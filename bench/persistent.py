@@ -130,24 +130,26 @@ def one_shape(shape: str, args, bandwidth: float) -> dict:
     runner.persistent = plan
     sweep = []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for per_sm, warps, wide in ((1, 8, 1), (1, 8, 2), (2, 4, 1), (2, 4, 2), (1, 4, 2)):
+    for per_sm, warps, wide, chunk in ((1, 8, 1, 8192), (1, 8, 1, 4096), (1, 8, 1, 16384), (1, 4, 1, 4096),
+                                       (2, 4, 1, 4096)):
         variant = megakernel.make_plan(runner.config, runner.weights, runner.kv_cache.data,
-                                       programs=per_sm * sms)._replace(warps=warps)
+                                       programs=per_sm * sms, chunk=chunk)._replace(warps=warps)
         variant.constants["WIDE"] = wide
         us = kernel_us(runner, variant)
         compiled = megakernel.last_launch.get("kernel")
         regs, spills = getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None)
         valid = not variant.flag.item() and megakernel.stage_counts(variant) == megakernel.expected_counts(variant)
-        sweep.append(dict(programs=per_sm * sms, warps=warps, us=us if valid else None, registers=regs, spills=spills,
-                          **variant.constants))
-        log(f"  layers kernel, {per_sm * sms} programs x {warps} warps, {('', 'CUDA cores', 'tensor cores')[wide]}: "
+        sweep.append(dict(programs=per_sm * sms, warps=warps, chunk=chunk, us=us if valid else None, registers=regs,
+                          spills=spills, **variant.constants))
+        log(f"  layers kernel, {per_sm * sms} programs x {warps} warps, {('', 'CUDA cores', 'tensor cores')[wide]}, "
+            f"chunk {chunk}: "
             f"{us:.1f} us ({regs} registers, {spills} spills)" +
             ("" if valid else " (INVALID: a wait gave up; programs not all resident?)"))
     out["layers_kernel"] = sweep
     best = min((v for v in sweep if v["us"] is not None), key=lambda v: v["us"])
-    log(f"  stage profile of the best ({best['programs']} programs x {best['warps']} warps, WIDE={best['WIDE']}):")
-    variant = megakernel.make_plan(runner.config, runner.weights, runner.kv_cache.data,
-                                   programs=best["programs"])._replace(warps=best["warps"])
+    log(f"  stage profile of the best ({best['programs']} programs x {best['warps']} warps, chunk {best['chunk']}):")
+    variant = megakernel.make_plan(runner.config, runner.weights, runner.kv_cache.data, programs=best["programs"],
+                                   chunk=best["chunk"])._replace(warps=best["warps"])
     variant.constants["WIDE"] = best["WIDE"]
     out["stage_profile"] = stage_profile(runner, variant)
     return out

@@ -415,14 +415,18 @@ class Plan(NamedTuple):
     warps: int = 8
 
 
-CHUNK = 8192  # weight elements per pipelined load of a tile (16 KB in fp16)
+# A head's keys are cut into slices only past this many keys: merging slices costs a counter round
+# trip and a reload (H100, bench/persistent.py: 6.7 us for the stage with 2 slices of 65 keys).
+MIN_KEYS = 512
+CHUNK = 8192  # weight elements per load of a tile (16 KB in fp16); two in flight per program
 
 
-def _k_block(rows: int, k: int) -> int:
-    return max(16, min(pow2(k), CHUNK // rows))
+def _k_block(rows: int, k: int, chunk: int) -> int:
+    return max(16, min(pow2(k), chunk // rows))
 
 
-def _tile_sizes(hidden: int, heads: int, kv_heads: int, head_dim: int, inter: int, programs: int) -> dict:
+def _tile_sizes(hidden: int, heads: int, kv_heads: int, head_dim: int, inter: int, programs: int,
+                chunk: int = CHUNK) -> dict:
     """Tiles per stage close to (at most) the number of programs, each a power of two in size."""
     half = head_dim // 2
     pairs = half
@@ -434,9 +438,9 @@ def _tile_sizes(hidden: int, heads: int, kv_heads: int, head_dim: int, inter: in
     rows = pow2(triton.cdiv(hidden, programs))
     block_i = pow2(triton.cdiv(inter, programs))
     return dict(PAIRS=pairs, SPLITS=splits, BN_O=rows, BI=block_i, BN_D=rows,
-                BK_A=_k_block(2 * pairs, hidden), BK_O=_k_block(rows, heads * head_dim),
-                BK_G=_k_block(2 * block_i, hidden), BK_D=_k_block(rows, inter), BLOCK_N=64,
-                MIN_KEYS=128, WIDE=1)
+                BK_A=_k_block(2 * pairs, hidden, chunk), BK_O=_k_block(rows, heads * head_dim, chunk),
+                BK_G=_k_block(2 * block_i, hidden, chunk), BK_D=_k_block(rows, inter, chunk), BLOCK_N=64,
+                MIN_KEYS=MIN_KEYS, WIDE=1)
 
 
 def supports(cfg, weights, dtype: torch.dtype) -> str | None:
@@ -459,7 +463,8 @@ def supports(cfg, weights, dtype: torch.dtype) -> str | None:
     return ", ".join(missing) if missing else None
 
 
-def make_plan(cfg, weights, cache: torch.Tensor, programs: int | None = None, tile_programs: int | None = None) -> Plan:
+def make_plan(cfg, weights, cache: torch.Tensor, programs: int | None = None, tile_programs: int | None = None,
+              chunk: int = CHUNK) -> Plan:
     """The plan of one engine's weights and KV cache (the runner's cache.data) for `programs` programs
     (default: one per SM; one under the interpreter). tile_programs: cut the stages into tiles as for
     that many programs (tests: many small tiles and attention slices, run by one interpreted program)."""
@@ -474,7 +479,7 @@ def make_plan(cfg, weights, cache: torch.Tensor, programs: int | None = None, ti
     hidden, inter = cfg.hidden_size, weights.layers[0].down.shape[1]
     empty = lambda n, kind=dtype: torch.zeros(n, dtype=kind, device=device)  # noqa: E731
     sizes = _tile_sizes(hidden, cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_dim, inter,
-                        tile_programs or programs)
+                        tile_programs or programs, chunk)
     constants = dict(H=hidden, NQ=cfg.num_attention_heads, NKV=cfg.num_kv_heads, HD=cfg.head_dim, I=inter, **sizes)
     slices = cfg.num_attention_heads * sizes["SPLITS"]
     return Plan(table, keep, empty(hidden), empty(cfg.q_size), empty(cfg.q_size), empty(inter),
