@@ -168,6 +168,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench/persistent.py needs a CUDA GPU", file=sys.stderr)
         return 2
+    os.environ["EDGELLM_DECODE"] = "persistent"  # a plan for every shape (the automatic mode skips large layers)
     bandwidth = benchmark.copy_bandwidth()
     results = [one_shape(shape, args, bandwidth) for shape in args.shapes]
     meta = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name(),
