@@ -415,9 +415,11 @@ class Plan(NamedTuple):
     warps: int = 8
 
 
-# A head's keys are cut into slices only past this many keys: merging slices costs a counter round
-# trip and a reload (H100, bench/persistent.py: 6.7 us for the stage with 2 slices of 65 keys).
-MIN_KEYS = 512
+# Keys per attention slice, at least. Each slice is one program's; its first block is loaded before
+# the wait for stage A. H100 (bench/persistent.py, 135M shape, 129 keys): one slice of 129 keys per
+# head 6.9 us for the stage (three dependent block loads), two slices of 65 keys 6.7 us, slices of 32
+# keys (one block each, then the merge) 6.0 us.
+MIN_KEYS = 32
 CHUNK = 8192  # weight elements per load of a tile (16 KB in fp16); two in flight per program
 
 
