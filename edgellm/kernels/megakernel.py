@@ -272,6 +272,33 @@ def _attention_tile(tile, k, v, q_ptr, part_ptr, lse_ptr, heads_done_ptr, attn_p
 
 
 @triton.jit
+def _residual_stage(pid, programs, w_ptr, x_ptr, res_in, res_ptr, wait_ptr, target, arrive_ptr, flag_ptr, budget,
+                    prof_ptr, layer, n_layers, STAGE: tl.constexpr, K: tl.constexpr, H: tl.constexpr,
+                    BN: tl.constexpr, BK: tl.constexpr, WIDE: tl.constexpr, INTERPRET: tl.constexpr,
+                    PROFILE: tl.constexpr):
+    """Stages C and E: a projection's rows plus the residual, res[rows] = W[rows] @ x + res_in[rows],
+    BN rows a tile, after the stage before has `target` arrivals. Returns the wait budget left."""
+    TILES: tl.constexpr = (H + BN - 1) // BN
+    if pid < TILES:
+        rows = pid * BN + tl.arange(0, BN)
+        w = _w_chunk(w_ptr, rows, rows < H, 0, K, BK)
+        _mark(prof_ptr, pid, layer, n_layers, STAGE, 0, PROFILE)
+        budget = _wait(wait_ptr, target, flag_ptr, budget, INTERPRET)
+        _mark(prof_ptr, pid, layer, n_layers, STAGE, 1, PROFILE)
+        for t in range(pid, TILES, programs):
+            rows = t * BN + tl.arange(0, BN)
+            ok = rows < H
+            if t != pid:
+                w = _w_chunk(w_ptr, rows, ok, 0, K, BK)
+            r = tl.load(res_in + rows, mask=ok, other=0.0, cache_modifier=".cg")
+            out, _ = _gemv(w_ptr, rows, ok, w, x_ptr, w_ptr, K, BN, BK, False, WIDE)
+            tl.store(res_ptr + rows, out.to(res_ptr.dtype.element_ty) + r, mask=ok)
+            _arrive(arrive_ptr)
+        _mark(prof_ptr, pid, layer, n_layers, STAGE, 2, PROFILE)
+    return budget
+
+
+@triton.jit
 def _decode_layers_kernel(hidden_ptr, res_ptr, q_ptr, attn_ptr, h_ptr, part_ptr, lse_ptr, table_ptr, cos_ptr,
                           sin_ptr, slots_ptr, starts_ptr, counters_ptr, flag_ptr, n_layers, eps, scale_log2,
                           c_kv, c_slot, c_head,
@@ -341,22 +368,8 @@ def _decode_layers_kernel(hidden_ptr, res_ptr, q_ptr, attn_ptr, h_ptr, part_ptr,
                     _arrive(count + 1)
             _mark(prof_ptr, pid, layer, n_layers, 1, 2, PROFILE)
         # C: o projection + residual
-        if pid < TILES_C:
-            rows = pid * BN_O + tl.arange(0, BN_O)
-            w = _w_chunk(w_o, rows, rows < H, 0, QD, BK_O)
-            _mark(prof_ptr, pid, layer, n_layers, 2, 0, PROFILE)
-            budget = _wait(count + 1, NQ, flag_ptr, budget, INTERPRET)
-            _mark(prof_ptr, pid, layer, n_layers, 2, 1, PROFILE)
-            for t in range(pid, TILES_C, programs):
-                rows = t * BN_O + tl.arange(0, BN_O)
-                ok = rows < H
-                if t != pid:
-                    w = _w_chunk(w_o, rows, ok, 0, QD, BK_O)
-                r = tl.load(src + rows, mask=ok, other=0.0, cache_modifier=".cg")
-                o, _ = _gemv(w_o, rows, ok, w, attn_ptr, w_o, QD, BN_O, BK_O, False, WIDE)
-                tl.store(res_ptr + rows, o.to(dtype) + r, mask=ok)
-                _arrive(count + 2)
-            _mark(prof_ptr, pid, layer, n_layers, 2, 2, PROFILE)
+        budget = _residual_stage(pid, programs, w_o, attn_ptr, src, res_ptr, count + 1, NQ, count + 2, flag_ptr, budget,
+                                 prof_ptr, layer, n_layers, 2, QD, H, BN_O, BK_O, WIDE, INTERPRET, PROFILE)
         # D: norm, gate and up (interleaved rows), SiLU(gate) * up
         if pid < TILES_D:
             r = tl.arange(0, 2 * BI)
@@ -378,22 +391,8 @@ def _decode_layers_kernel(hidden_ptr, res_ptr, q_ptr, attn_ptr, h_ptr, part_ptr,
                 _arrive(count + 3)
             _mark(prof_ptr, pid, layer, n_layers, 3, 2, PROFILE)
         # E: down projection + residual
-        if pid < TILES_E:
-            rows = pid * BN_D + tl.arange(0, BN_D)
-            w = _w_chunk(w_down, rows, rows < H, 0, I, BK_D)
-            _mark(prof_ptr, pid, layer, n_layers, 4, 0, PROFILE)
-            budget = _wait(count + 3, TILES_D, flag_ptr, budget, INTERPRET)
-            _mark(prof_ptr, pid, layer, n_layers, 4, 1, PROFILE)
-            for t in range(pid, TILES_E, programs):
-                rows = t * BN_D + tl.arange(0, BN_D)
-                ok = rows < H
-                if t != pid:
-                    w = _w_chunk(w_down, rows, ok, 0, I, BK_D)
-                r = tl.load(res_ptr + rows, mask=ok, other=0.0, cache_modifier=".cg")
-                down, _ = _gemv(w_down, rows, ok, w, h_ptr, w_down, I, BN_D, BK_D, False, WIDE)
-                tl.store(res_ptr + rows, down.to(dtype) + r, mask=ok)
-                _arrive(count + 4)
-            _mark(prof_ptr, pid, layer, n_layers, 4, 2, PROFILE)
+        budget = _residual_stage(pid, programs, w_down, h_ptr, res_ptr, res_ptr, count + 3, TILES_D, count + 4, flag_ptr,
+                                 budget, prof_ptr, layer, n_layers, 4, I, H, BN_D, BK_D, WIDE, INTERPRET, PROFILE)
 
 
 class Plan(NamedTuple):
