@@ -118,3 +118,38 @@ def test_persistent_decode_matches_the_chain_on_gpu(tmp_path, dtype, min_keys):
                 num_attention_heads=8, num_key_value_heads=2, initializer_range=0.05)
     write_tokenizer(tmp_path)
     _teacher_forced(tmp_path, "cuda", dtype, steps=150, min_keys=min_keys)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_persistent_graphs_replay_eager_mix_batch_sizes_and_hold_memory(tmp_path, monkeypatch):
+    """Through the runtime (automatic mode: the persistent step for batch-1 rows of this small model):
+    graph replay gives the eager answers; 200 requests of 1..16 rows (over 1000 decode steps, batch
+    sizes changing between requests and as rows finish) neither hang nor grow the memory held."""
+    import random
+
+    from edgellm import LLMGenerationRequest, LLMInferenceRuntime
+
+    monkeypatch.delenv("EDGELLM_DECODE", raising=False)
+    build_model("llama", tmp_path, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                num_attention_heads=8, num_key_value_heads=2, initializer_range=0.05)
+    write_tokenizer(tmp_path)
+    one = LLMGenerationRequest(requests=[{"input_ids": [1, 7, 9, 11, 13]}], max_generate_length=24, temperature=0)
+    graphed = LLMInferenceRuntime(tmp_path, device="cuda", dtype="float16", max_batch_size=16)
+    eager = LLMInferenceRuntime(tmp_path, device="cuda", dtype="float16", cuda_graphs=False)
+    assert graphed.runner.persistent is not None
+    assert graphed.handle_request(one).output_ids == eager.handle_request(one).output_ids
+    assert any(key[-1] == "persistent" for key in graphed.runner.graphs.graphs)
+    del eager
+    rng = random.Random(0)
+    steps, reserved = 0, []
+    for i in range(200):
+        rows = rng.randint(1, 16)
+        request = LLMGenerationRequest(requests=[{"input_ids": [1] + [rng.randint(3, 90) for _ in range(rng.randint(2, 9))]}
+                                                 for _ in range(rows)],
+                                       max_generate_length=rng.randint(2, 10), temperature=0)
+        response = graphed.handle_request(request)
+        steps += max(len(ids) for ids in response.output_ids)
+        if i >= 50:
+            reserved.append(torch.cuda.memory_reserved())
+    assert steps >= 1000
+    assert max(reserved) == min(reserved), "memory held grew while requests ran"
