@@ -146,7 +146,7 @@ def test_persistent_graphs_replay_eager_mix_batch_sizes_and_hold_memory(tmp_path
         rows = rng.randint(1, 16)
         request = LLMGenerationRequest(requests=[{"input_ids": [1] + [rng.randint(3, 90) for _ in range(rng.randint(2, 9))]}
                                                  for _ in range(rows)],
-                                       max_generate_length=rng.randint(2, 10), temperature=0)
+                                       max_generate_length=rng.randint(4, 10), temperature=0)
         response = graphed.handle_request(request)
         steps += max(len(ids) for ids in response.output_ids)
         if i >= 50:
