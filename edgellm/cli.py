@@ -318,15 +318,33 @@ def cmd_quantize(args) -> int:
 def cmd_bench(args) -> int:
     from . import benchmark
 
+    if args.plot_from:  # plot saved results: no GPU work
+        if not args.plot:
+            raise EdgeLLMError("--from plots saved results: give --plot OUT.png too")
+        from .bench_plot import load_results, plot_decode
+
+        drawn = plot_decode(load_results(args.plot_from), args.plot)
+        print(f"wrote {args.plot}: " + "; ".join(f"{m}: {', '.join(s)}" for m, s in drawn.items()))
+        return 0
     model = args.shape or args.model_dir
     if model is None:
         raise EdgeLLMError("give --shape (" + ", ".join(benchmark.SHAPES) + ") or --model-dir")
+    if args.plot:  # fail before the GPU work, not after it
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise EdgeLLMError("--plot needs matplotlib: pip install 'edgellm[plot]' (or matplotlib)")
     result = benchmark.run(model, batches=args.batch, isl=args.isl, osl=args.osl, ttft_lens=args.ttft,
                            iterations=args.iterations, dtype=args.dtype, cuda_graphs=not args.no_cuda_graphs,
                            cache_dir=args.cache_dir)
     benchmark.print_table(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+    if args.plot:
+        from .bench_plot import plot_decode
+
+        plot_decode([result], args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -415,6 +433,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly")
     p.add_argument("--cache-dir", default="/tmp/edgellm-bench", help="where random-weight models are written")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--plot", default=None, metavar="OUT.png",
+                   help="draw decode tokens/s per batch size against the bandwidth floor: the kernel chain, the "
+                        "persistent step and (from bench/decode.py results) the torch.compile baseline; "
+                        "needs matplotlib (the 'plot' extra)")
+    p.add_argument("--from", dest="plot_from", nargs="+", default=None, metavar="JSON",
+                   help="with --plot: plot these saved results (edgellm bench --json or bench/decode.py --json) "
+                        "instead of running the benchmark")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("reduce-vocab", help="build a reduced-vocabulary map (vocab_map.safetensors) from a corpus",

@@ -33,9 +33,10 @@ def requested_mode() -> str | None:
     return mode
 
 
-def plan_for(cfg, weights, cache: torch.Tensor, rope: RopeTables, longrope: bool):
-    """The megakernel's plan for this engine, or None where the chain must run (with why, when forced)."""
-    mode = requested_mode()
+def plan_for(cfg, weights, cache: torch.Tensor, rope: RopeTables, longrope: bool, mode: str | None = None):
+    """The megakernel's plan for this engine, or None where the chain must run (with why, when forced).
+    mode: "chain", "persistent" or None (automatic); default EDGELLM_DECODE."""
+    mode = mode or requested_mode()
     if mode == "chain" or (mode is None and cache.device.type != "cuda"):
         return None
     why = megakernel.supports(cfg, weights, cache.dtype)
