@@ -62,6 +62,30 @@ def test_persistent_decode_matches_the_chain_in_the_interpreter(tmp_path, tile_p
                     min_keys=16 if tile_programs else None)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_persistent_decode_matches_its_torch_twin(tmp_path, device):
+    """persistent_decode against persistent_decode_ref, step by step from two caches: the residual
+    after the last layer and every key and value written (interpreter on the CPU, every SM on a GPU)."""
+    if (device == "cuda") != torch.cuda.is_available():
+        pytest.skip("the interpreter runs where there is no GPU, the native kernel where there is one")
+    build_model("llama", tmp_path, num_key_value_heads=2)
+    write_tokenizer(tmp_path)
+    runner = LLMEngineRunner(tmp_path, device=device, dtype="float16", max_batch_size=2, cuda_graphs=False,
+                             max_kv_cache_capacity=40)
+    cfg, weights, rope = runner.config, runner.weights, runner.rope
+    caches = [torch.zeros_like(runner.kv_cache.data) for _ in range(2)]
+    plans = [megakernel.make_plan(cfg, weights, cache, tile_programs=64) for cache in caches]
+    slots = torch.tensor([1], dtype=torch.int32, device=device)
+    for step, token in enumerate([5, 17, 3, 44, 9, 60, 21, 8, 33, 70, 12, 2]):
+        hidden = weights.embed[token]
+        starts = torch.tensor([step], dtype=torch.int32, device=device)
+        args = (rope.cos, rope.sin, slots, starts, cfg.rms_norm_eps, cfg.attention_scale)
+        got = megakernel.persistent_decode(plans[0], hidden, *args).float()
+        want = megakernel.persistent_decode_ref(plans[1], hidden, *args).float()
+        assert torch.allclose(got, want, atol=2e-2 * want.abs().max().item(), rtol=0), f"step {step}"
+    assert torch.allclose(caches[0].float(), caches[1].float(), atol=2e-2 * caches[1].abs().max().item())
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs where there is no GPU (conftest)")
 def test_runtime_answers_the_same_through_either_mode(tmp_path, monkeypatch):
     """EDGELLM_DECODE forces the mode: batch-1 requests through the persistent step (eager on the CPU)

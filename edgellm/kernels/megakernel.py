@@ -24,63 +24,26 @@ each projection, the residual sums, SiLU). The sums run in another order, so res
 rounding, not bit for bit. Under the interpreter the programs run one after another, so the
 interpreter runs one program (which then never waits).
 
-The reference twin is the chain itself: persistent_decode_ref below is forward_logits' layer loop
-(through the dispatched ops) for the same row.
+persistent_decode_ref is the same step in torch, op by op with the same roundings; the tests also
+compare the whole step with the kernel chain (model.forward_logits).
 """
 
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
 
 import torch
 
-from ._triton import pow2, tl, triton
+from ._triton import tl, triton
+from .grid_sync import arrive, mark, wait_count
+from .megakernel_plan import STAGES, Plan, expected_counts, make_plan, stage_counts, supports
 
-STAGES = 5  # per layer; then one merge counter per query head
+__all__ = ["STAGES", "Plan", "expected_counts", "make_plan", "persistent_decode", "persistent_decode_ref",
+           "stage_counts", "supports"]
+
 COLUMNS = tl.constexpr(7)  # address-table columns: input norm, qkv, o, post-attention norm, gate_up, down, the layer's KV
 last_launch: dict = {}  # the compiled kernel of the latest launch (benchmarks read its registers)
 SPIN_LIMIT = 1 << 21  # polls per program and launch (each ~0.5 us)
-
-
-@triton.jit
-def _load_acquire(ptr, INTERPRET: tl.constexpr):
-    if INTERPRET:
-        seen = tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
-    else:  # every thread polls (one L2 line): each thread's later loads are then ordered after it
-        seen = tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr],
-                                         dtype=tl.int32, is_pure=False, pack=1)
-    return seen
-
-
-@triton.jit
-def _wait(counter_ptr, target, flag_ptr, budget, INTERPRET: tl.constexpr):
-    """Spins until counter >= target; returns the program's remaining budget of polls. A program whose
-    budget runs out (a bug, or programs that are not all resident) raises the flag and stops waiting,
-    so a broken launch ends in about a second instead of hanging the GPU."""
-    seen = _load_acquire(counter_ptr, INTERPRET)
-    while (seen < target) & (budget > 0):
-        seen = _load_acquire(counter_ptr, INTERPRET)
-        budget -= 1
-    if seen < target:
-        tl.atomic_xchg(flag_ptr, 1)
-    tl.debug_barrier()
-    return budget
-
-
-@triton.jit
-def _mark(prof_ptr, pid, layer, n_layers, stage: tl.constexpr, slot: tl.constexpr, PROFILE: tl.constexpr):
-    """PROFILE: the global timer (ns) at prof[pid, layer, stage, slot]; slot 0 before the stage's wait,
-    1 after it, 2 after the program's last tile of the stage (bench/persistent.py --profile reads them)."""
-    if PROFILE:
-        now = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
-        tl.store(prof_ptr + ((pid * n_layers + layer) * 5 + stage) * 3 + slot, now)
-
-
-@triton.jit
-def _arrive(counter_ptr):
-    tl.debug_barrier()  # every thread's stores of the tile are issued before the release
-    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
 
 
 @triton.jit
@@ -124,14 +87,14 @@ def _gemv_fma(w_ptr, rows, rows_ok, w, x_ptr, g_ptr, K: tl.constexpr, BN: tl.con
 
 @triton.jit
 def _gemv_dot(w_ptr, rows, rows_ok, x_ptr, g_ptr, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-              NORM: tl.constexpr, STAGES: tl.constexpr):
+              NORM: tl.constexpr, NUM_STAGES: tl.constexpr):
     """On the tensor cores, x padded to 16 rows: Triton pipelines loads that feed tl.dot through shared
-    memory (STAGES chunks in flight without holding them in registers)."""
+    memory (NUM_STAGES chunks in flight without holding them in registers)."""
     ss = tl.zeros([BK], dtype=tl.float32)
     k = tl.arange(0, BK)
     pad = tl.arange(0, 16)
     acc = tl.zeros([16, BN], dtype=tl.float32)
-    for k0 in tl.range(0, K, BK, num_stages=STAGES):
+    for k0 in tl.range(0, K, BK, num_stages=NUM_STAGES):
         kk = k0 + k
         x = tl.load(x_ptr + kk, mask=kk < K, other=0.0, cache_modifier=".cg").to(tl.float32)
         if NORM:
@@ -282,9 +245,9 @@ def _residual_stage(pid, programs, w_ptr, x_ptr, res_in, res_ptr, wait_ptr, targ
     if pid < TILES:
         rows = pid * BN + tl.arange(0, BN)
         w = _w_chunk(w_ptr, rows, rows < H, 0, K, BK)
-        _mark(prof_ptr, pid, layer, n_layers, STAGE, 0, PROFILE)
-        budget = _wait(wait_ptr, target, flag_ptr, budget, INTERPRET)
-        _mark(prof_ptr, pid, layer, n_layers, STAGE, 1, PROFILE)
+        mark(prof_ptr, pid, layer, n_layers, STAGE, 0, PROFILE)
+        budget = wait_count(wait_ptr, target, flag_ptr, budget, INTERPRET)
+        mark(prof_ptr, pid, layer, n_layers, STAGE, 1, PROFILE)
         for t in range(pid, TILES, programs):
             rows = t * BN + tl.arange(0, BN)
             ok = rows < H
@@ -293,8 +256,8 @@ def _residual_stage(pid, programs, w_ptr, x_ptr, res_in, res_ptr, wait_ptr, targ
             r = tl.load(res_in + rows, mask=ok, other=0.0, cache_modifier=".cg")
             out, _ = _gemv(w_ptr, rows, ok, w, x_ptr, w_ptr, K, BN, BK, False, WIDE)
             tl.store(res_ptr + rows, out.to(res_ptr.dtype.element_ty) + r, mask=ok)
-            _arrive(arrive_ptr)
-        _mark(prof_ptr, pid, layer, n_layers, STAGE, 2, PROFILE)
+            arrive(arrive_ptr)
+        mark(prof_ptr, pid, layer, n_layers, STAGE, 2, PROFILE)
     return budget
 
 
@@ -340,33 +303,33 @@ def _decode_layers_kernel(hidden_ptr, res_ptr, q_ptr, attn_ptr, h_ptr, part_ptr,
         if pid < TILES_A:
             rows = _qkv_rows(pid, HD, PAIRS)
             w = _w_chunk(w_qkv, rows, rows >= 0, 0, H, BK_A)
-            _mark(prof_ptr, pid, layer, n_layers, 0, 0, PROFILE)
+            mark(prof_ptr, pid, layer, n_layers, 0, 0, PROFILE)
             if layer > 0:
-                budget = _wait(count - STAGE_COUNT + 4, TILES_E, flag_ptr, budget, INTERPRET)
-            _mark(prof_ptr, pid, layer, n_layers, 0, 1, PROFILE)
+                budget = wait_count(count - STAGE_COUNT + 4, TILES_E, flag_ptr, budget, INTERPRET)
+            mark(prof_ptr, pid, layer, n_layers, 0, 1, PROFILE)
             for t in range(pid, TILES_A, programs):
                 if t != pid:
                     rows = _qkv_rows(t, HD, PAIRS)
                     w = _w_chunk(w_qkv, rows, rows >= 0, 0, H, BK_A)
                 _qkv_tile(t, w, src, g_in, w_qkv, eps, q_ptr, kv_ptr, c_kv, c_head, pos, cos_ptr, sin_ptr,
                           H, NQ, NKV, HD, PAIRS, BK_A, WIDE)
-                _arrive(count)
-            _mark(prof_ptr, pid, layer, n_layers, 0, 2, PROFILE)
+                arrive(count)
+            mark(prof_ptr, pid, layer, n_layers, 0, 2, PROFILE)
         # B: attention, one query head and key slice per tile; the last slice of a head merges it
         if pid < TILES_B:
             h, _, _, lo, hi = _slice(pid, pos, SPLITS, MIN_KEYS)
             k, v = _kv_block(kv_ptr + (h // (NQ // NKV)) * c_head, c_kv, lo + tl.arange(0, BLOCK_N), hi, HD)
-            _mark(prof_ptr, pid, layer, n_layers, 1, 0, PROFILE)
-            budget = _wait(count, TILES_A, flag_ptr, budget, INTERPRET)
-            _mark(prof_ptr, pid, layer, n_layers, 1, 1, PROFILE)
+            mark(prof_ptr, pid, layer, n_layers, 1, 0, PROFILE)
+            budget = wait_count(count, TILES_A, flag_ptr, budget, INTERPRET)
+            mark(prof_ptr, pid, layer, n_layers, 1, 1, PROFILE)
             for t in range(pid, TILES_B, programs):
                 if t != pid:
                     h, _, _, lo, hi = _slice(t, pos, SPLITS, MIN_KEYS)
                     k, v = _kv_block(kv_ptr + (h // (NQ // NKV)) * c_head, c_kv, lo + tl.arange(0, BLOCK_N), hi, HD)
                 if _attention_tile(t, k, v, q_ptr, part_ptr, lse_ptr, count + 5, attn_ptr, kv_ptr, c_kv, c_head, pos,
                                    scale_log2, NQ, NKV, HD, SPLITS, MIN_KEYS, BLOCK_N):
-                    _arrive(count + 1)
-            _mark(prof_ptr, pid, layer, n_layers, 1, 2, PROFILE)
+                    arrive(count + 1)
+            mark(prof_ptr, pid, layer, n_layers, 1, 2, PROFILE)
         # C: o projection + residual
         budget = _residual_stage(pid, programs, w_o, attn_ptr, src, res_ptr, count + 1, NQ, count + 2, flag_ptr, budget,
                                  prof_ptr, layer, n_layers, 2, QD, H, BN_O, BK_O, WIDE, INTERPRET, PROFILE)
@@ -375,9 +338,9 @@ def _decode_layers_kernel(hidden_ptr, res_ptr, q_ptr, attn_ptr, h_ptr, part_ptr,
             r = tl.arange(0, 2 * BI)
             idx2 = pid * BI + r // 2
             w = _w_chunk(w_gu, (r % 2) * I + idx2, idx2 < I, 0, H, BK_G)
-            _mark(prof_ptr, pid, layer, n_layers, 3, 0, PROFILE)
-            budget = _wait(count + 2, TILES_C, flag_ptr, budget, INTERPRET)
-            _mark(prof_ptr, pid, layer, n_layers, 3, 1, PROFILE)
+            mark(prof_ptr, pid, layer, n_layers, 3, 0, PROFILE)
+            budget = wait_count(count + 2, TILES_C, flag_ptr, budget, INTERPRET)
+            mark(prof_ptr, pid, layer, n_layers, 3, 1, PROFILE)
             for t in range(pid, TILES_D, programs):
                 idx2 = t * BI + r // 2
                 if t != pid:
@@ -388,119 +351,11 @@ def _decode_layers_kernel(hidden_ptr, res_ptr, q_ptr, attn_ptr, h_ptr, part_ptr,
                 g32 = gate.to(tl.float32)
                 idx = t * BI + tl.arange(0, BI)
                 tl.store(h_ptr + idx, (g32 / (1.0 + tl.exp(-g32))).to(dtype) * up, mask=idx < I)
-                _arrive(count + 3)
-            _mark(prof_ptr, pid, layer, n_layers, 3, 2, PROFILE)
+                arrive(count + 3)
+            mark(prof_ptr, pid, layer, n_layers, 3, 2, PROFILE)
         # E: down projection + residual
         budget = _residual_stage(pid, programs, w_down, h_ptr, res_ptr, res_ptr, count + 3, TILES_D, count + 4, flag_ptr,
                                  budget, prof_ptr, layer, n_layers, 4, I, H, BN_D, BK_D, WIDE, INTERPRET, PROFILE)
-
-
-class Plan(NamedTuple):
-    """What one model's persistent step needs besides the step's inputs: the weight-address table,
-    scratch buffers (reused every step), tile sizes and the number of programs."""
-    table: torch.Tensor      # [layers, COLUMNS] int64 data pointers
-    keep: tuple              # the tensors whose pointers the table holds (kept alive)
-    residual: torch.Tensor   # [H] the residual stream; after a step: the last layer's output + residual
-    q: torch.Tensor
-    attn: torch.Tensor
-    h: torch.Tensor
-    parts: torch.Tensor      # [NQ * SPLITS, HD] float32: attention slices
-    lse: torch.Tensor        # [NQ * SPLITS] float32
-    counters: torch.Tensor   # [layers * (STAGES + NQ)] int32, zeroed before each launch
-    flag: torch.Tensor       # [1] int32: a wait gave up
-    programs: int
-    constants: dict
-    cache: torch.Tensor      # the KV cache [layers, 2, slots, kv_heads, capacity, head_dim] the table points into
-    warps: int = 8
-
-
-# Keys per attention slice, at least. Each slice is one program's; its first block is loaded before
-# the wait for stage A. H100 (bench/persistent.py, 135M shape, 129 keys): one slice of 129 keys per
-# head 6.9 us for the stage (three dependent block loads), two slices of 65 keys 6.7 us, slices of 32
-# keys (one block each, then the merge) 6.0 us.
-MIN_KEYS = 32
-CHUNK = 8192  # weight elements per load of a tile (16 KB in fp16); two in flight per program
-
-
-def _k_block(rows: int, k: int, chunk: int) -> int:
-    return max(16, min(pow2(k), chunk // rows))
-
-
-def _tile_sizes(hidden: int, heads: int, kv_heads: int, head_dim: int, inter: int, programs: int,
-                chunk: int = CHUNK) -> dict:
-    """Tiles per stage close to (at most) the number of programs, each a power of two in size."""
-    half = head_dim // 2
-    pairs = half
-    while pairs > 1 and (heads + 2 * kv_heads) * (half // pairs) * 2 <= programs:
-        pairs //= 2
-    splits = 1
-    while heads * splits * 2 <= programs and splits < 16:
-        splits *= 2
-    rows = pow2(triton.cdiv(hidden, programs))
-    block_i = pow2(triton.cdiv(inter, programs))
-    return dict(PAIRS=pairs, SPLITS=splits, BN_O=rows, BI=block_i, BN_D=rows,
-                BK_A=_k_block(2 * pairs, hidden, chunk), BK_O=_k_block(rows, heads * head_dim, chunk),
-                BK_G=_k_block(2 * block_i, hidden, chunk), BK_D=_k_block(rows, inter, chunk), BLOCK_N=64,
-                MIN_KEYS=MIN_KEYS, WIDE=1)
-
-
-def supports(cfg, weights, dtype: torch.dtype) -> str | None:
-    """None if the persistent step can run this model, else why not."""
-    if dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {dtype} (float16/bfloat16 only)"
-    checks = {"norm": cfg.norm == "rms", "mlp": cfg.mlp == "gated" and cfg.activation == "silu",
-              "positions": cfg.positions == "rope", "qk_norm": not cfg.qk_norm, "embed_scale": cfg.embed_scale == 1.0,
-              "sliding windows": not any(cfg.layer_window(i) for i in range(cfg.num_decoder_layers)),
-              "rotary": cfg.rotary_dim == cfg.head_dim and cfg.mrope_section is None,
-              "head_dim": cfg.head_dim >= 8 and cfg.head_dim & (cfg.head_dim - 1) == 0}
-    missing = [name for name, ok in checks.items() if not ok]
-    lw = weights.layers[0]
-    if lw.qkv_bias is not None or lw.o_bias is not None or lw.attn_out_norm is not None \
-            or lw.mlp_out_norm is not None:
-        missing.append("biases or sandwich norms")
-    if any(not isinstance(w, torch.Tensor) or w.dtype != dtype or not w.is_contiguous()
-           for layer in weights.layers for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)):
-        missing.append("plain contiguous weights (not quantized)")
-    return ", ".join(missing) if missing else None
-
-
-def make_plan(cfg, weights, cache: torch.Tensor, programs: int | None = None, tile_programs: int | None = None,
-              chunk: int = CHUNK) -> Plan:
-    """The plan of one engine's weights and KV cache (the runner's cache.data) for `programs` programs
-    (default: one per SM; one under the interpreter). tile_programs: cut the stages into tiles as for
-    that many programs (tests: many small tiles and attention slices, run by one interpreted program)."""
-    device, dtype = cache.device, cache.dtype
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if programs is None:
-        programs = 1 if interpret or device.type != "cuda" else \
-            torch.cuda.get_device_properties(device).multi_processor_count
-    keep = tuple((lw.input_norm, lw.qkv, lw.o_proj, lw.post_norm, lw.gate_up, lw.down) for lw in weights.layers)
-    table = torch.tensor([[w.data_ptr() for w in row] + [cache[i].data_ptr()] for i, row in enumerate(keep)],
-                         dtype=torch.int64, device=device)
-    hidden, inter = cfg.hidden_size, weights.layers[0].down.shape[1]
-    empty = lambda n, kind=dtype: torch.zeros(n, dtype=kind, device=device)  # noqa: E731
-    sizes = _tile_sizes(hidden, cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_dim, inter,
-                        tile_programs or programs, chunk)
-    constants = dict(H=hidden, NQ=cfg.num_attention_heads, NKV=cfg.num_kv_heads, HD=cfg.head_dim, I=inter, **sizes)
-    slices = cfg.num_attention_heads * sizes["SPLITS"]
-    return Plan(table, keep, empty(hidden), empty(cfg.q_size), empty(cfg.q_size), empty(inter),
-                empty((slices, cfg.head_dim), torch.float32), empty(slices, torch.float32),
-                empty(len(keep) * (STAGES + cfg.num_attention_heads), torch.int32), empty(1, torch.int32),
-                programs, constants, cache)
-
-
-def expected_counts(plan: Plan) -> list[int]:
-    """What each layer's five stage counters (plan.counters.view(layers, -1)[:, :5]) hold after a complete
-    launch: one arrival per tile; attention: one per head, by the tile that completed it."""
-    c = plan.constants
-    per_layer = [(c["NQ"] + 2 * c["NKV"]) * (c["HD"] // 2 // c["PAIRS"]), c["NQ"], triton.cdiv(c["H"], c["BN_O"]),
-                 triton.cdiv(c["I"], c["BI"]), triton.cdiv(c["H"], c["BN_D"])]
-    return [per_layer] * plan.cache.shape[0]
-
-
-def stage_counts(plan: Plan) -> list[list[int]]:
-    """The five stage counters of each layer after the latest launch (compare with expected_counts)."""
-    return plan.counters.view(plan.cache.shape[0], -1)[:, :STAGES].tolist()
 
 
 def persistent_decode(plan: Plan, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
@@ -520,3 +375,41 @@ def persistent_decode(plan: Plan, hidden: torch.Tensor, cos: torch.Tensor, sin: 
         **plan.constants, INTERPRET=interpret, LIMIT=SPIN_LIMIT, PROFILE=profile is not None,
         prof_ptr=plan.flag if profile is None else profile, num_warps=plan.warps)
     return plan.residual
+
+
+def persistent_decode_ref(plan: Plan, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                          starts: torch.Tensor, eps: float, scale: float, profile=None) -> torch.Tensor:
+    """persistent_decode in torch: the same layers, roundings to the model dtype where the kernel
+    rounds, float32 sums; writes plan.cache and returns the residual after the last layer."""
+    c = plan.constants
+    nq, nkv, hd, inter = c["NQ"], c["NKV"], c["HD"], c["I"]
+    slot, pos = int(slots[0]), int(starts[0])
+    dtype = hidden.dtype
+    half = hd // 2
+
+    def norm_linear(x, g, w):  # RMSNorm(x) * g @ w^T, the statistics in float32
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean() + eps)
+        return (w.float() @ (x32 * g.float())) * rstd
+
+    def rotate(x):  # [heads, hd], HF rotate-half RoPE at `pos`
+        x1, x2 = x[:, :half].float(), x[:, half:].float()
+        cs, sn = cos[pos].float(), sin[pos].float()
+        return torch.cat((x1 * cs - x2 * sn, x2 * cs + x1 * sn), dim=-1).to(dtype)
+
+    res = hidden.clone()
+    for layer, (g_in, w_qkv, w_o, g_post, w_gu, w_down) in enumerate(plan.keep):
+        qkv = norm_linear(res, g_in, w_qkv).to(dtype)
+        q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd])
+        q, k = rotate(q.view(nq, hd)), rotate(k.view(nkv, hd))
+        plan.cache[layer, 0, slot, :, pos] = k
+        plan.cache[layer, 1, slot, :, pos] = v.view(nkv, hd)
+        keys = plan.cache[layer, 0, slot, :, :pos + 1].float().repeat_interleave(nq // nkv, dim=0)
+        values = plan.cache[layer, 1, slot, :, :pos + 1].float().repeat_interleave(nq // nkv, dim=0)
+        p = torch.softmax((keys @ q.float()[:, :, None])[..., 0] * scale, dim=-1)
+        attn = (p.to(dtype).float()[:, None, :] @ values)[:, 0].to(dtype).reshape(-1)
+        res = (w_o.float() @ attn.float()).to(dtype) + res
+        gate, up = norm_linear(res, g_post, w_gu).to(dtype).split([inter, inter])
+        h = torch.nn.functional.silu(gate.float()).to(dtype) * up
+        res = (w_down.float() @ h.float()).to(dtype) + res
+    return res
