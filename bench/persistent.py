@@ -130,19 +130,16 @@ def one_shape(shape: str, args, bandwidth: float) -> dict:
     runner.persistent = plan
     sweep = []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for per_sm, warps, wide, chunk in ((1, 8, 1, 8192), (1, 8, 1, 4096), (1, 8, 1, 16384), (1, 4, 1, 4096),
-                                       (2, 4, 1, 4096)):
+    for per_sm, warps, chunk in ((1, 8, 8192), (1, 8, 4096), (1, 8, 16384), (1, 4, 4096), (2, 4, 4096)):
         variant = megakernel.make_plan(runner.config, runner.weights, runner.kv_cache.data,
                                        programs=per_sm * sms, chunk=chunk)._replace(warps=warps)
-        variant.constants["WIDE"] = wide
         us = kernel_us(runner, variant)
         compiled = megakernel.last_launch.get("kernel")
         regs, spills = getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None)
         valid = not variant.flag.item() and megakernel.stage_counts(variant) == megakernel.expected_counts(variant)
         sweep.append(dict(programs=per_sm * sms, warps=warps, chunk=chunk, us=us if valid else None, registers=regs,
                           spills=spills, **variant.constants))
-        log(f"  layers kernel, {per_sm * sms} programs x {warps} warps, {('', 'CUDA cores', 'tensor cores')[wide]}, "
-            f"chunk {chunk}: "
+        log(f"  layers kernel, {per_sm * sms} programs x {warps} warps, chunk {chunk}: "
             f"{us:.1f} us ({regs} registers, {spills} spills)" +
             ("" if valid else " (INVALID: a wait gave up; programs not all resident?)"))
     out["layers_kernel"] = sweep
@@ -150,7 +147,6 @@ def one_shape(shape: str, args, bandwidth: float) -> dict:
     log(f"  stage profile of the best ({best['programs']} programs x {best['warps']} warps, chunk {best['chunk']}):")
     variant = megakernel.make_plan(runner.config, runner.weights, runner.kv_cache.data, programs=best["programs"],
                                    chunk=best["chunk"])._replace(warps=best["warps"])
-    variant.constants["WIDE"] = best["WIDE"]
     out["stage_profile"] = stage_profile(runner, variant)
     return out
 

@@ -209,17 +209,6 @@ class TieredKVStore:
             ready.record(self._side)
         return host, ready
 
-    def _to_device(self, block: torch.Tensor, ready) -> torch.Tensor:
-        if not self._cuda:
-            return block.clone()
-        with torch.cuda.stream(self._side):
-            if ready is not None:
-                self._side.wait_event(ready)
-            out = block.to(self.device, non_blocking=True)
-        torch.cuda.current_stream(self.device).wait_stream(self._side)
-        out.record_stream(torch.cuda.current_stream(self.device))
-        return out
-
     def _slot_blocks(self, slot: int, blocks: int) -> torch.Tensor:
         """The first `blocks` blocks of cache slot `slot` as [blocks, layers, 2, kv_heads, tokens, head_dim] (a view)."""
         return self._slot_view(slot, 0, blocks).unflatten(3, (blocks, self.block_tokens)).permute(3, 0, 1, 2, 4, 5)

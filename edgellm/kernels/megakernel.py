@@ -54,15 +54,17 @@ def _w_chunk(w_ptr, rows, rows_ok, k0, K: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _gemv_fma(w_ptr, rows, rows_ok, w, x_ptr, g_ptr, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-              NORM: tl.constexpr, WIDE: tl.constexpr):
-    """On the CUDA cores. `w` is the first chunk (_w_chunk at 0), which the caller loads before it waits
-    for x; each iteration loads the next chunk before it multiplies this one, so two chunks are in
-    flight (in registers). WIDE: accumulate [BN, BK] and reduce once at the end."""
-    if WIDE:
-        acc = tl.zeros([BN, BK], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BN], dtype=tl.float32)
+def _gemv(w_ptr, rows, rows_ok, w, x_ptr, g_ptr, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+          NORM: tl.constexpr):
+    """(W[rows] @ x as float32 [BN], sum of x^2) for the row-major [*, K] matrix at w_ptr, on the CUDA
+    cores. `w` is the first chunk (_w_chunk at 0), which the caller loads before it waits for x; each
+    iteration loads the next chunk before it multiplies this one, so two chunks are in flight (in
+    registers: Triton pipelines only loads that feed tl.dot). Products accumulate in [BN, BK], reduced
+    once at the end. With NORM, x is scaled by the RMSNorm weight g here and the caller applies
+    1/rms(x) (from the sum of squares) to the result: norm and GEMV in one pass over x.
+    Measured slower on the H100 (bench/RESULTS.md) and removed: reducing each chunk, and tl.dot with
+    x padded to 16 rows."""
+    acc = tl.zeros([BN, BK], dtype=tl.float32)
     ss = tl.zeros([BK], dtype=tl.float32)
     k = tl.arange(0, BK)
     x = tl.load(x_ptr + k, mask=k < K, other=0.0, cache_modifier=".cg").to(tl.float32)
@@ -72,51 +74,10 @@ def _gemv_fma(w_ptr, rows, rows_ok, w, x_ptr, g_ptr, K: tl.constexpr, BN: tl.con
         if NORM:
             ss += x * x
             x = x * tl.load(g_ptr + k0 - BK + k, mask=k0 - BK + k < K, other=0.0).to(tl.float32)
-        if WIDE:
-            acc += w.to(tl.float32) * x[None, :]
-        else:
-            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        acc += w.to(tl.float32) * x[None, :]
         w = w_next
         x = x_next
-    if WIDE:
-        out = tl.sum(acc, axis=1)
-    else:
-        out = acc
-    return out, tl.sum(ss, axis=0)
-
-
-@triton.jit
-def _gemv_dot(w_ptr, rows, rows_ok, x_ptr, g_ptr, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-              NORM: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """On the tensor cores, x padded to 16 rows: Triton pipelines loads that feed tl.dot through shared
-    memory (NUM_STAGES chunks in flight without holding them in registers)."""
-    ss = tl.zeros([BK], dtype=tl.float32)
-    k = tl.arange(0, BK)
-    pad = tl.arange(0, 16)
-    acc = tl.zeros([16, BN], dtype=tl.float32)
-    for k0 in tl.range(0, K, BK, num_stages=NUM_STAGES):
-        kk = k0 + k
-        x = tl.load(x_ptr + kk, mask=kk < K, other=0.0, cache_modifier=".cg").to(tl.float32)
-        if NORM:
-            ss += x * x
-            x = x * tl.load(g_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-        wt = tl.load(w_ptr + rows[:, None] * K + kk[None, :], mask=rows_ok[:, None] & (kk < K)[None, :], other=0.0)
-        acc = tl.dot(tl.where(pad[:, None] == 0, x[None, :], 0.0).to(wt.dtype), tl.trans(wt), acc)
-    return tl.sum(tl.where(pad[:, None] == 0, acc, 0.0), axis=0), tl.sum(ss, axis=0)
-
-
-@triton.jit
-def _gemv(w_ptr, rows, rows_ok, w, x_ptr, g_ptr, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-          NORM: tl.constexpr, WIDE: tl.constexpr):
-    """(W[rows] @ x as float32 [BN], sum of x^2) for the row-major [*, K] matrix at w_ptr. With NORM, x
-    is scaled by the RMSNorm weight g here and the caller applies 1/rms(x) (from the sum of squares)
-    to the result: norm and GEMV in one pass over x, no round trip for the statistics first.
-    WIDE: 0/1 the CUDA-core loop (_gemv_fma, per-chunk or final reduction), 2 the tensor cores."""
-    if WIDE == 2:
-        out, ss = _gemv_dot(w_ptr, rows, rows_ok, x_ptr, g_ptr, K, BN, BK, NORM, 4)
-    else:
-        out, ss = _gemv_fma(w_ptr, rows, rows_ok, w, x_ptr, g_ptr, K, BN, BK, NORM, WIDE)
-    return out, ss
+    return tl.sum(acc, axis=1), tl.sum(ss, axis=0)
 
 
 @triton.jit
@@ -131,14 +92,14 @@ def _qkv_rows(t, HD: tl.constexpr, PAIRS: tl.constexpr):
 @triton.jit
 def _qkv_tile(t, w, x_ptr, g_ptr, w_ptr, eps, q_ptr, kv_ptr, c_kv, c_head, pos, cos_ptr, sin_ptr,
               H: tl.constexpr, NQ: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, PAIRS: tl.constexpr,
-              BK: tl.constexpr, WIDE: tl.constexpr):
+              BK: tl.constexpr):
     """The qkv GEMV of tile t's rows (w: their first chunk), rotated; q to its buffer, k and v into
     the cache at `pos`."""
     HALF: tl.constexpr = HD // 2
     SUB: tl.constexpr = HALF // PAIRS
     head = t // SUB
     rows = _qkv_rows(t, HD, PAIRS)
-    acc, ss = _gemv(w_ptr, rows, rows >= 0, w, x_ptr, g_ptr, H, 2 * PAIRS, BK, True, WIDE)
+    acc, ss = _gemv(w_ptr, rows, rows >= 0, w, x_ptr, g_ptr, H, 2 * PAIRS, BK, True)
     dtype = q_ptr.dtype.element_ty
     rstd = 1.0 / tl.sqrt(ss / H + eps)
     a, b = tl.split(tl.reshape((acc * rstd).to(dtype).to(tl.float32), [PAIRS, 2]))
@@ -237,7 +198,7 @@ def _attention_tile(tile, k, v, q_ptr, part_ptr, lse_ptr, heads_done_ptr, attn_p
 @triton.jit
 def _residual_stage(pid, programs, w_ptr, x_ptr, res_in, res_ptr, wait_ptr, target, arrive_ptr, flag_ptr, budget,
                     prof_ptr, layer, n_layers, STAGE: tl.constexpr, K: tl.constexpr, H: tl.constexpr,
-                    BN: tl.constexpr, BK: tl.constexpr, WIDE: tl.constexpr, INTERPRET: tl.constexpr,
+                    BN: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr,
                     PROFILE: tl.constexpr):
     """Stages C and E: a projection's rows plus the residual, res[rows] = W[rows] @ x + res_in[rows],
     BN rows a tile, after the stage before has `target` arrivals. Returns the wait budget left."""
@@ -254,7 +215,7 @@ def _residual_stage(pid, programs, w_ptr, x_ptr, res_in, res_ptr, wait_ptr, targ
             if t != pid:
                 w = _w_chunk(w_ptr, rows, ok, 0, K, BK)
             r = tl.load(res_in + rows, mask=ok, other=0.0, cache_modifier=".cg")
-            out, _ = _gemv(w_ptr, rows, ok, w, x_ptr, w_ptr, K, BN, BK, False, WIDE)
+            out, _ = _gemv(w_ptr, rows, ok, w, x_ptr, w_ptr, K, BN, BK, False)
             tl.store(res_ptr + rows, out.to(res_ptr.dtype.element_ty) + r, mask=ok)
             arrive(arrive_ptr)
         mark(prof_ptr, pid, layer, n_layers, STAGE, 2, PROFILE)
@@ -268,7 +229,7 @@ def _decode_layers_kernel(hidden_ptr, res_ptr, q_ptr, attn_ptr, h_ptr, part_ptr,
                           H: tl.constexpr, NQ: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, I: tl.constexpr,
                           PAIRS: tl.constexpr, SPLITS: tl.constexpr, BN_O: tl.constexpr, BI: tl.constexpr,
                           BN_D: tl.constexpr, BK_A: tl.constexpr, BK_O: tl.constexpr, BK_G: tl.constexpr,
-                          BK_D: tl.constexpr, BLOCK_N: tl.constexpr, MIN_KEYS: tl.constexpr, WIDE: tl.constexpr,
+                          BK_D: tl.constexpr, BLOCK_N: tl.constexpr, MIN_KEYS: tl.constexpr,
                           INTERPRET: tl.constexpr,
                           LIMIT: tl.constexpr, PROFILE: tl.constexpr, prof_ptr):
     pid = tl.program_id(0)
@@ -312,7 +273,7 @@ def _decode_layers_kernel(hidden_ptr, res_ptr, q_ptr, attn_ptr, h_ptr, part_ptr,
                     rows = _qkv_rows(t, HD, PAIRS)
                     w = _w_chunk(w_qkv, rows, rows >= 0, 0, H, BK_A)
                 _qkv_tile(t, w, src, g_in, w_qkv, eps, q_ptr, kv_ptr, c_kv, c_head, pos, cos_ptr, sin_ptr,
-                          H, NQ, NKV, HD, PAIRS, BK_A, WIDE)
+                          H, NQ, NKV, HD, PAIRS, BK_A)
                 arrive(count)
             mark(prof_ptr, pid, layer, n_layers, 0, 2, PROFILE)
         # B: attention, one query head and key slice per tile; the last slice of a head merges it
@@ -332,7 +293,7 @@ def _decode_layers_kernel(hidden_ptr, res_ptr, q_ptr, attn_ptr, h_ptr, part_ptr,
             mark(prof_ptr, pid, layer, n_layers, 1, 2, PROFILE)
         # C: o projection + residual
         budget = _residual_stage(pid, programs, w_o, attn_ptr, src, res_ptr, count + 1, NQ, count + 2, flag_ptr, budget,
-                                 prof_ptr, layer, n_layers, 2, QD, H, BN_O, BK_O, WIDE, INTERPRET, PROFILE)
+                                 prof_ptr, layer, n_layers, 2, QD, H, BN_O, BK_O, INTERPRET, PROFILE)
         # D: norm, gate and up (interleaved rows), SiLU(gate) * up
         if pid < TILES_D:
             r = tl.arange(0, 2 * BI)
@@ -345,7 +306,7 @@ def _decode_layers_kernel(hidden_ptr, res_ptr, q_ptr, attn_ptr, h_ptr, part_ptr,
                 idx2 = t * BI + r // 2
                 if t != pid:
                     w = _w_chunk(w_gu, (r % 2) * I + idx2, idx2 < I, 0, H, BK_G)
-                acc, ss = _gemv(w_gu, (r % 2) * I + idx2, idx2 < I, w, res_ptr, g_post, H, 2 * BI, BK_G, True, WIDE)
+                acc, ss = _gemv(w_gu, (r % 2) * I + idx2, idx2 < I, w, res_ptr, g_post, H, 2 * BI, BK_G, True)
                 rstd = 1.0 / tl.sqrt(ss / H + eps)
                 gate, up = tl.split(tl.reshape((acc * rstd).to(dtype), [BI, 2]))
                 g32 = gate.to(tl.float32)
@@ -355,7 +316,7 @@ def _decode_layers_kernel(hidden_ptr, res_ptr, q_ptr, attn_ptr, h_ptr, part_ptr,
             mark(prof_ptr, pid, layer, n_layers, 3, 2, PROFILE)
         # E: down projection + residual
         budget = _residual_stage(pid, programs, w_down, h_ptr, res_ptr, res_ptr, count + 3, TILES_D, count + 4, flag_ptr,
-                                 budget, prof_ptr, layer, n_layers, 4, I, H, BN_D, BK_D, WIDE, INTERPRET, PROFILE)
+                                 budget, prof_ptr, layer, n_layers, 4, I, H, BN_D, BK_D, INTERPRET, PROFILE)
 
 
 def persistent_decode(plan: Plan, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,

@@ -60,7 +60,7 @@ def _tile_sizes(hidden: int, heads: int, kv_heads: int, head_dim: int, inter: in
     return dict(PAIRS=pairs, SPLITS=splits, BN_O=rows, BI=block_i, BN_D=rows,
                 BK_A=_k_block(2 * pairs, hidden, chunk), BK_O=_k_block(rows, heads * head_dim, chunk),
                 BK_G=_k_block(2 * block_i, hidden, chunk), BK_D=_k_block(rows, inter, chunk), BLOCK_N=64,
-                MIN_KEYS=MIN_KEYS, WIDE=1)
+                MIN_KEYS=MIN_KEYS)
 
 
 def supports(cfg, weights, dtype: torch.dtype) -> str | None:
