@@ -11,6 +11,7 @@ promoted from pinned host memory is one plain DMA into its place.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 import torch
@@ -18,11 +19,7 @@ import torch
 
 class DeviceBlockPool:
     def __init__(self, budget: int, layout: list[int], dtype: torch.dtype, device: torch.device):
-        element = torch.empty(0, dtype=dtype).element_size()
-        block_bytes = element
-        for size in layout:
-            block_bytes *= size
-        self.capacity = budget // block_bytes
+        self.capacity = budget // (math.prod(layout) * torch.empty(0, dtype=dtype).element_size())
         self.data = torch.empty(self.capacity, *layout, dtype=dtype, device=device)
         self.where: OrderedDict[bytes, int] = OrderedDict()  # key -> index in `data`, oldest use first
         self._free = list(range(self.capacity - 1, -1, -1))
@@ -30,9 +27,6 @@ class DeviceBlockPool:
 
     def __contains__(self, key: bytes) -> bool:
         return key in self.where
-
-    def __len__(self) -> int:
-        return len(self.where)
 
     def get(self, key: bytes) -> int | None:
         """The block's index (now the most recently used), or None."""

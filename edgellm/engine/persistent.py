@@ -7,7 +7,7 @@ megakernel.supports() the model (float16/bfloat16 llama-family layers, plain wei
 device and its layers are small (AUTO_LAYER_BYTES), for batches of one row without LoRA; else the
 chain. Why small layers only: measured on the H100 (bench/persistent.py, RESULTS.md), the persistent
 step beats the chain where a step is latency-bound (SmolLM2-135M shape, 7 MB per layer: 1.05-1.15x)
-and loses where it streams large matrices (Llama-3.2-1B shape, 121 MB per layer: 0.73-0.78x, its
+and loses where it streams large matrices (Llama-3.2-1B shape, 121 MB per layer: 0.69-0.78x, its
 GEMV tiles reaching 55-70% of the bandwidth that the chain's many small programs reach).
 """
 

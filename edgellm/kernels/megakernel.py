@@ -33,8 +33,6 @@ compare the whole step with the kernel chain (model.forward_logits).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ._triton import tl, triton
@@ -328,15 +326,14 @@ def persistent_decode(plan: Plan, hidden: torch.Tensor, cos: torch.Tensor, sin: 
     starts[0]; appends the row's keys and values to plan.cache and returns the residual after the
     last layer ([H], plan.residual: the final norm's input). profile: an int64 tensor [programs, layers,
     5, 3] that gets each program's global-timer marks per stage (before its wait, after it, after its
-    last tile), for bench/persistent.py --profile."""
+    last tile), for bench/persistent.py's stage profile."""
     layers = plan.cache.shape[0]
     plan.counters.zero_()
     _, c_kv, c_slot, c_head = plan.cache.stride()[:4]
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     last_launch["kernel"] = _decode_layers_kernel[(plan.programs,)](
         hidden, plan.residual, plan.q, plan.attn, plan.h, plan.parts, plan.lse, plan.table, cos, sin, slots, starts,
         plan.counters, plan.flag, layers, eps, scale * 1.4426950408889634, c_kv, c_slot, c_head,
-        **plan.constants, INTERPRET=interpret, LIMIT=SPIN_LIMIT, PROFILE=profile is not None,
+        **plan.constants, LIMIT=SPIN_LIMIT, PROFILE=profile is not None,
         prof_ptr=plan.flag if profile is None else profile, num_warps=plan.warps)
     return plan.residual
 

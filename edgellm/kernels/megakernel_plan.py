@@ -100,7 +100,8 @@ def make_plan(cfg, weights, cache: torch.Tensor, programs: int | None = None, ti
     empty = lambda n, kind=dtype: torch.zeros(n, dtype=kind, device=device)  # noqa: E731
     sizes = _tile_sizes(hidden, cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_dim, inter,
                         tile_programs or programs, chunk)
-    constants = dict(H=hidden, NQ=cfg.num_attention_heads, NKV=cfg.num_kv_heads, HD=cfg.head_dim, I=inter, **sizes)
+    constants = dict(H=hidden, NQ=cfg.num_attention_heads, NKV=cfg.num_kv_heads, HD=cfg.head_dim, I=inter, **sizes,
+                     INTERPRET=interpret)  # the interpreter's waits use its atomics, not inline PTX
     slices = cfg.num_attention_heads * sizes["SPLITS"]
     return Plan(table, keep, empty(hidden), empty(cfg.q_size), empty(cfg.q_size), empty(inter),
                 empty((slices, cfg.head_dim), torch.float32), empty(slices, torch.float32),
@@ -108,7 +109,7 @@ def make_plan(cfg, weights, cache: torch.Tensor, programs: int | None = None, ti
                 programs, constants, cache)
 
 
-def expected_counts(plan: Plan) -> list[int]:
+def expected_counts(plan: Plan) -> list[list[int]]:
     """What each layer's five stage counters (plan.counters.view(layers, -1)[:, :5]) hold after a complete
     launch: one arrival per tile; attention: one per head, by the tile that completed it."""
     c = plan.constants
