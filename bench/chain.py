@@ -1,7 +1,9 @@
 """The launch cost between decode kernels: a chain of one decode step's linear layers (qkv, o,
 gate_up, down per layer, each layer's weights distinct, every kernel reading the previous one's
 output), replayed from a CUDA graph, with cuBLAS, with the Triton GEMV, and with the Triton GEMV under
-programmatic dependent launch (PDL, kernels/_triton.py). Floor = weight bytes / copy bandwidth.
+programmatic dependent launch (PDL, kernels/_triton.py): releasing the next kernel after the loads
+(today) or right after the wait (EDGELLM_PDL=early), with and without each GEMV prefetching its weight
+rows towards L2 before it waits (EDGELLM_GEMV_PREFETCH). Floor = weight bytes / copy bandwidth.
 
 Run on a CUDA GPU:  python bench/chain.py [--json bench/results/chain.json]
 """
@@ -22,10 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edgellm.benchmark import SHAPES, copy_bandwidth  # noqa: E402
 from edgellm.kernels import gemv  # noqa: E402
 
-VARIANTS = {  # name: (kernels, EDGELLM_PDL)
-    "cublas": ("cublas", "0"),
-    "triton": ("triton", "0"),
-    "triton pdl": ("triton", "1"),
+VARIANTS = {  # name: (kernels, EDGELLM_PDL, EDGELLM_GEMV_PREFETCH: bytes of each weight row before the wait)
+    "cublas": ("cublas", "0", "0"),
+    "triton": ("triton", "0", "0"),
+    "triton pdl": ("triton", "1", "0"),
+    "pdl prefetch 4K": ("triton", "1", "4096"),
+    "pdl early": ("triton", "early", "0"),
+    "early prefetch 1K": ("triton", "early", "1024"),
+    "early prefetch 4K": ("triton", "early", "4096"),
+    "early prefetch 16K": ("triton", "early", "16384"),
 }
 
 
@@ -90,8 +97,8 @@ def main() -> int:
         for rows in args.rows:
             x = torch.randn(rows, shape["hidden_size"], device="cuda", dtype=torch.float16)
             reference = None
-            for variant, (kind, pdl) in VARIANTS.items():
-                os.environ["EDGELLM_PDL"] = pdl
+            for variant, (kind, pdl, prefetch) in VARIANTS.items():
+                os.environ["EDGELLM_PDL"], os.environ["EDGELLM_GEMV_PREFETCH"] = pdl, prefetch
                 try:
                     out = chain(kind, weights, x)
                     us = time_graph(lambda w=weights: chain(kind, w, x))

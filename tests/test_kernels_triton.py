@@ -246,6 +246,46 @@ def test_gemv(dtype, m, n, k, bias):
                                    **tol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", [(1, 40, 96), (3, 34, 70), (16, 64, 256)])
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+def test_gemv_fused_norm_glu_residual(dtype, m, n, k, quant):
+    """The decode step's neighbours fused into the GEMV (RMSNorm in front; SiLU/GELU * up or the
+    residual add behind) against the same ops run separately, on the CUDA cores (one row) and on the
+    tensor-core tile."""
+    from edgellm.kernels import gemv
+    from edgellm.quant import quantize
+
+    if quant == "int4" and k % 32:
+        pytest.skip("int4 GEMV tiles are whole blocks of 32 columns")
+    x, nw = randn(m, k, dtype=dtype), 1 + 0.1 * randn(k, dtype=dtype, seed=5)
+    w, w2 = randn(2 * n, k, seed=1) / k ** 0.5, randn(n, k, seed=2) / k ** 0.5  # outputs of order 1
+    if quant:
+        w, w2 = quantize(w, quant, dtype=dtype), quantize(w2, quant, dtype=dtype)
+    else:
+        w, w2 = w.to(dtype), w2.to(dtype)
+    bias, residual = randn(n, dtype=dtype, seed=3), randn(m, n, dtype=dtype, seed=4)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    normed = rms_norm.rms_norm_ref(x, nw, 1e-5)
+    expected_glu = silu_mul.silu_mul_ref(gemv.gemv_ref(normed, w))
+    expected_res = gemv.gemv_ref(x, w2, bias) + residual
+    for row_fma in ([True, False] if m == 1 else [False]):
+        tiles = [None, (8, 64, 4, 2)] if quant != "int4" else [None]
+        for tile in tiles:
+            out = gemv.gemv(x, w, norm=(nw, 1e-5), glu="silu", tile=tile, row_fma=row_fma)
+            assert out.shape == (m, n)
+            torch.testing.assert_close(out, expected_glu, **tol)
+            torch.testing.assert_close(gemv.gemv(x, w2, bias, residual=residual, tile=tile, row_fma=row_fma),
+                                       expected_res, **tol)
+    gelu = gemv.gemv(x[None], w, glu="gelu_tanh")
+    torch.testing.assert_close(gelu, silu_mul.silu_mul_ref(gemv.gemv_ref(x[None], w), activation="gelu_tanh"), **tol)
+    torch.testing.assert_close(gemv.gemv_ref(x, w, norm=(nw, 1e-5), glu="silu"), expected_glu)
+    with pytest.raises(ValueError, match="residual"):
+        gemv.gemv(x, w2, residual=residual[:, :-1])
+    with pytest.raises(ValueError, match="glu"):
+        gemv.gemv(x, randn(2 * n - 1, k, dtype=dtype), glu="silu")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("hq,hkv,head_dim,rotary_dim,seq", [(4, 2, 64, 64, 5), (8, 1, 96, 64, 1), (6, 2, 48, 48, 4)])
 def test_rope_kv_append(dtype, hq, hkv, head_dim, rotary_dim, seq):

@@ -88,7 +88,9 @@ def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, key
                      values: torch.Tensor, rope: RopeTables,
                      slots: torch.Tensor, starts: torch.Tensor,
                      q_lens: torch.Tensor, ends: torch.Tensor, ops, lora: LoraBatch | None,
-                     layer: int, tree: "TokenTree | None", positions: torch.Tensor | None) -> torch.Tensor:
+                     layer: int, tree: "TokenTree | None", positions: torch.Tensor | None,
+                     residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention and the o projection (plus `residual`, when given: the fused decode path's add)."""
     batch, seq, _ = qkv.shape
     q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
     q = q.reshape(batch, seq, cfg.num_attention_heads, cfg.head_dim)
@@ -120,7 +122,10 @@ def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, key
         out = ops.prefill_attention(q, keys, values, slots, starts, q_lens, scale, window)
     else:
         out = ops.tree_attention(q, keys, values, slots, starts, q_lens, tree.bits, scale, window)
-    return _project(out.reshape(batch, seq, cfg.q_size), lw.o_proj, lw.o_bias, lora, layer, "o", ops, t)
+    out = out.reshape(batch, seq, cfg.q_size)
+    if residual is not None:  # (no LoRA on this path: _fusable)
+        return _linear(out, lw.o_proj, lw.o_bias, ops, residual=residual)
+    return _project(out, lw.o_proj, lw.o_bias, lora, layer, "o", ops, t)
 
 
 def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCache,
@@ -150,6 +155,9 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     if weights.positions is not None:  # learned absolute positions (GPT-2), added to the embedding
         pos = tree.positions if tree is not None else starts[:, None] + torch.arange(seq, device=hidden.device)
         hidden = hidden + weights.positions[pos.long().clamp(max=weights.positions.shape[0] - 1)]
+    if _fusable(weights, cfg, lora, hidden, ops):
+        return _forward_fused(weights, cfg, cache, rope, hidden, slots, starts, q_lens, ends, ops, tree, positions,
+                              every_token)
     residual = None
     x = hidden
     tokens = batch * seq
@@ -182,6 +190,62 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     return _linear(final[:, 0], weights.lm_head, None, ops).float()
 
 
+def _fusable(weights: ModelWeights, cfg: EngineConfig, lora: LoraBatch | None, hidden: torch.Tensor, ops) -> bool:
+    """Whether the step can take the fused decode path (_forward_fused): decode-sized rows on the GPU,
+    RMSNorm and a gated MLP, no sandwich norms, no LoRA, no calibration hook; EDGELLM_FUSED_GEMV=0
+    turns it off (A/B runs)."""
+    import os
+
+    if lora is not None or cfg.norm != "rms" or cfg.mlp != "gated" or getattr(ops, "observe_linear", None) \
+            or os.environ.get("EDGELLM_FUSED_GEMV", "1") == "0" or not _decode_sized(hidden.reshape(-1, hidden.shape[-1])):
+        return False
+    return all(lw.attn_out_norm is None and lw.mlp_out_norm is None and
+               all(gemv.supports(w) for w in (lw.qkv, lw.o_proj, lw.gate_up, lw.down)) for lw in weights.layers) \
+        and gemv.supports(weights.lm_head)
+
+
+# Rows up to which the RMSNorm goes into the GEMV that reads it (EDGELLM_FUSED_NORM_ROWS overrides):
+# each GEMV program then makes a pass over x for the row's statistics, cheap for one row, but at 16
+# rows it reads x twice per program and lost (H100, Llama-3.2-1B shape batch 16, bench/RESULTS.md).
+FUSED_NORM_ROWS = 1
+
+
+def _forward_fused(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCache, rope: RopeTables,
+                   hidden: torch.Tensor, slots, starts, q_lens, ends, ops, tree, positions, every_token: bool):
+    """forward_logits at decode sizes with the residual adds in the epilogues of the o and down
+    projections, SiLU * up in the gate/up projection's, and (one row) each RMSNorm inside the GEMV
+    that reads its output: per layer qkv, RoPE + KV append, attention, o, gate/up, down (four launches
+    fewer than the chain of separate ops; each fused op computes what the separate ones would). h is
+    the residual stream (the sum that add_rms_norm would have written)."""
+    import os
+
+    from ..kernels._triton import early_release
+
+    rows = hidden.shape[0] * hidden.shape[1]
+    fuse_norm = rows <= int(os.environ.get("EDGELLM_FUSED_NORM_ROWS", FUSED_NORM_ROWS))
+    eps = cfg.rms_norm_eps
+
+    def project(x, weight, bias, norm_weight, **epilogue):
+        if fuse_norm:
+            return ops.gemv(x, weight, bias, norm=(norm_weight, eps), **epilogue)
+        return ops.gemv(ops.rms_norm(x, norm_weight, eps), weight, bias, **epilogue)
+
+    h = hidden
+    with early_release(rows == 1):
+        for index, lw in enumerate(weights.layers):
+            qkv = project(h, lw.qkv, lw.qkv_bias, lw.input_norm)
+            keys, values = cache.layer(index)
+            h = _attention_block(lw, cfg, qkv, keys, values, rope, slots, starts, q_lens, ends, ops, None, index, tree,
+                                 positions, residual=h)
+            x = project(h, lw.gate_up, lw.gate_up_bias, lw.post_norm, glu=cfg.activation)
+            h = ops.gemv(x, lw.down, lw.down_bias, residual=h)
+        if not every_token:
+            last = (q_lens.long() - 1).clamp(min=0)
+            h = h[torch.arange(h.shape[0], device=h.device), last][:, None]
+        logits = project(h, weights.lm_head, None, weights.final_norm).float()
+    return logits if every_token else logits[:, 0]
+
+
 def _norm(ops, cfg: EngineConfig, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
           bias: torch.Tensor | None, lora_a=None, pre: torch.Tensor | None = None):
     """((norm(x + residual), x + residual), LoRA shrink partials or None); residual None: x alone.
@@ -201,7 +265,8 @@ def _norm(ops, cfg: EngineConfig, x: torch.Tensor, residual: torch.Tensor | None
     return _fused(ops.add_rms_norm, x, residual, weight, eps, lora_a=lora_a, pre_weight=pre)
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ops) -> torch.Tensor:
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ops,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
     # At decode sizes (a few rows) on the GPU, the Triton skinny GEMM: it streams the LM head faster
     # than cuBLAS (bench/RESULTS.md: 1B shape 177 us vs 194 us), matches it on the layer matrices, and,
     # launched with PDL like its neighbours, overlaps their launch and drain (bench/RESULTS.md: SmolLM2
@@ -210,8 +275,9 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, op
     if observe is not None:
         observe(x, weight)
     if _decode_sized(x, weight):
-        return ops.gemv(x, weight, bias)
-    return F.linear(x, _dense(weight, x.dtype, ops), bias)
+        return ops.gemv(x, weight, bias, residual=residual)
+    y = F.linear(x, _dense(weight, x.dtype, ops), bias)
+    return y if residual is None else y + residual
 
 
 def _dense(weight, dtype: torch.dtype, ops) -> torch.Tensor:

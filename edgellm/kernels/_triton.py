@@ -2,6 +2,9 @@
 decorator below returns the function as it is), the kernels are never launched, and every op runs
 its torch reference."""
 
+import contextlib
+import threading
+
 import torch
 
 try:
@@ -46,29 +49,64 @@ except ImportError:  # triton without grid dependency control: PDL stays off
 _pdl_devices: dict = {}
 
 
-def use_pdl(tensor: torch.Tensor) -> bool:
-    """Launch with PDL: a CUDA tensor on compute capability >= 9.0, a triton with the GDC
-    instructions, not the interpreter, and EDGELLM_PDL not set to 0."""
+_pdl_state = threading.local()
+
+
+@contextlib.contextmanager
+def early_release(enabled: bool = True):
+    """Within this block, kernels launched with PDL release the next kernel right after their wait
+    instead of after their loads (use_pdl mode 2). The decode step of one row asks for it: there its
+    short kernels' launches then hide behind the kernel before (H100, bench/RESULTS.md: SmolLM2-135M
+    shape 1640 -> 1822 tok/s); with 16 rows the early-placed waiting programs cost the running GEMV
+    more than they save (Llama-3.2-1B shape 9750 -> 8616)."""
+    previous = getattr(_pdl_state, "early", False)
+    _pdl_state.early = enabled
+    try:
+        yield
+    finally:
+        _pdl_state.early = previous
+
+
+def use_pdl(tensor: torch.Tensor) -> int:
+    """How to launch with PDL: 0 not at all (a CPU tensor, compute capability < 9.0, a triton without
+    the GDC instructions, the interpreter, or EDGELLM_PDL=0); 1 the next kernel may be scheduled once
+    this one's loads are done (pdl_release); 2 once its wait is over (pdl_wait), so the next kernel's
+    launch and its weight prefetch (gemv.py) overlap this kernel's whole body: inside early_release(),
+    or always with EDGELLM_PDL=early (EDGELLM_PDL=late: never)."""
     import os
 
-    if not (tensor.is_cuda and _HAS_GDC) or os.environ.get("EDGELLM_PDL", "1") == "0" \
-            or os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return False
+    setting = os.environ.get("EDGELLM_PDL", "1")
+    if not (tensor.is_cuda and _HAS_GDC) or setting == "0" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return 0
     index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
     if index not in _pdl_devices:
         _pdl_devices[index] = torch.cuda.get_device_capability(index)[0] >= 9
-    return _pdl_devices[index]
+    if not _pdl_devices[index]:
+        return 0
+    early = setting == "early" or (setting != "late" and getattr(_pdl_state, "early", False))
+    return 2 if early else 1
 
 
 @triton.jit
 def pdl_wait(PDL: tl.constexpr):
-    """First statement of a PDL kernel: wait until the previous kernel has finished."""
+    """First statement of a PDL kernel (after loads that do not depend on the kernel before, such as
+    weight prefetches): wait until the previous kernel has finished."""
     if PDL:
         gdc_wait()
+    if PDL == 2:
+        gdc_launch_dependents()
 
 
 @triton.jit
 def pdl_release(PDL: tl.constexpr):
     """After a PDL kernel's last loads: the next kernel may be scheduled (it waits in pdl_wait)."""
-    if PDL:
+    if PDL == 1:
         gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_l2(ptrs, mask):
+    """Asks L2 to fetch the lines at ptrs (where mask) without waiting for them: a kernel's weights,
+    before it waits for the kernel before (its weights do not depend on it). Compiled GPU only."""
+    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+                              "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)

@@ -277,12 +277,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, part_out, part_lse, slots, lengths, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), scale * _LOG2E, group, head_dim, heads, splits,
         no_window(window), BLOCK_G=pow2(group, 16), BLOCK_N=64, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), PDL=pdl, num_warps=4,
-        launch_pdl=pdl)
+        launch_pdl=pdl > 0)
     out = torch.empty(batch, heads, head_dim, dtype=q.dtype, device=q.device)
     t, lora_args, constants = fused_shrink_args(lora_a, batch, heads * head_dim, heads, block_d, out)
     _decode_merge_kernel[(batch, heads)](part_out, part_lse, out, out.stride(0), out.stride(1), heads, splits,
                                          head_dim, *lora_args, BLOCK_S=pow2(splits), BLOCK_D=block_d,
-                                         HAS_LORA=lora_a is not None, **constants, PDL=pdl, launch_pdl=pdl)
+                                         HAS_LORA=lora_a is not None, **constants, PDL=pdl, launch_pdl=pdl > 0)
     return out if lora_a is None else (out, t)
 
 

@@ -14,7 +14,9 @@ faster than the tensor-core tile, for fp16 a few percent: bench/RESULTS.md).
 
 import torch
 
-from ._triton import dot_precision, pdl_release, pdl_wait, pow2, tl, triton, use_pdl
+from ._triton import dot_precision, pdl_release, pdl_wait, pow2, prefetch_l2, tl, triton, use_pdl
+from .rms_norm import rms_norm_ref
+from .silu_mul import GATE_ACTIVATIONS, gate_activation, silu_mul_ref
 from .lora import _segment_ends, check_expand_operands, delta_constants, extended_b, lora_delta, lora_expand_ref, lora_t
 
 MAX_ROWS = 16  # rows of x one launch handles (padded to 16 for tl.dot)
@@ -84,8 +86,9 @@ def _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, NB: tl.
 
 
 @triton.jit
-def _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, group, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr):
+def _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, group, nw_ptr, rstd, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr,
+               NORM: tl.constexpr):
     """x @ W^T over int4 tiles that each lie in one group (BLOCK_K <= group) on the tensor cores: the
     low and the high nibbles (less the zero: small integers, exact in fp16 / bf16) in two dots, the
     group's scale on their [rows, features] result."""
@@ -95,9 +98,10 @@ def _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, grou
         zm = _zero_f32(z)[:, :, None]
         lo -= zm  # small integers, exact in fp16 / bf16
         hi -= zm
-        x_lo = tl.load(x_base[:, :, None] + cols[None], mask=m_ok[:, None, None] & (cols < k)[None], other=0.0)
-        x_hi = tl.load(x_base[:, :, None] + cols[None] + 16, mask=m_ok[:, None, None] & (cols + 16 < k)[None],
-                       other=0.0)
+        x_lo = _x_in(x_base[:, :, None] + cols[None], m_ok[:, None, None] & (cols < k)[None], nw_ptr + cols[None],
+                     (cols < k)[None], rstd[:, None, None], NORM)
+        x_hi = _x_in(x_base[:, :, None] + cols[None] + 16, m_ok[:, None, None] & (cols + 16 < k)[None],
+                     nw_ptr + cols[None] + 16, (cols + 16 < k)[None], rstd[:, None, None], NORM)
         dtype = x_lo.dtype
         d = tl.dot(tl.reshape(x_lo, [BLOCK_M, BLOCK_K // 2]),
                    tl.trans(tl.reshape(lo.to(dtype), [BLOCK_N, BLOCK_K // 2])), input_precision=PRECISION)
@@ -109,18 +113,44 @@ def _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, grou
 
 
 @triton.jit
-def _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, group, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, QUANT: tl.constexpr):
+def _x_in(ptrs, mask, nw_ptrs, nw_mask, rstd, NORM: tl.constexpr):
+    """Loads x; NORM: RMSNorm-ed as kernels/rms_norm.py rounds it (normalised in float32, cast to x's
+    dtype, times the norm weight), so a GEMV with the norm in front reads what the norm kernel would
+    have written."""
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if NORM:
+        x = (x.to(tl.float32) * rstd).to(x.dtype) * tl.load(nw_ptrs, mask=nw_mask, other=0.0)
+    return x
+
+
+@triton.jit
+def _rstd(x_base, m_ok, k, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) of each row of x [BLOCK_M], in float32: a pass over x (from L2: the
+    kernel before just wrote it) before the K loop."""
+    cols = tl.arange(0, BLOCK_K)
+    sq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, k, BLOCK_K):
+        kk = k0 + cols
+        x = tl.load(x_base + kk[None, :], mask=m_ok[:, None] & (kk < k)[None, :], other=0.0).to(tl.float32)
+        sq += x * x
+    return 1.0 / tl.sqrt(tl.sum(sq, axis=1) / k + eps)
+
+
+@triton.jit
+def _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, group, nw_ptr, rstd, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, QUANT: tl.constexpr, NORM: tl.constexpr):
     """x[0] . W[rows_n] on the CUDA cores, [BLOCK_N] float32, less the per-channel scales (int8 / fp8
     apply them after). Products accumulate elementwise in the tile (int4: per block of 32 columns, to
-    take the block's scale), reduced over K once at the end."""
+    take the block's scale), reduced over K once at the end. NORM: x is RMS-normalised on the way in
+    (_x_in)."""
     if QUANT == 2:  # int4: blocks of 32 columns, each in one group: per block and row, the codes
         # less the zero dotted with x, times the scale
         acc = tl.zeros([BLOCK_N, BLOCK_K // 32], dtype=tl.float32)
         for b0 in tl.range(0, (k + 1) // 2, BLOCK_K // 2, num_stages=NUM_STAGES):
             lo, hi, s, z, cols = _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, BLOCK_K // 32)
-            x_lo = tl.load(x_ptr + cols, mask=cols < k, other=0.0).to(tl.float32)[None]
-            x_hi = tl.load(x_ptr + cols + 16, mask=cols + 16 < k, other=0.0).to(tl.float32)[None]
+            x_lo = _x_in(x_ptr + cols, cols < k, nw_ptr + cols, cols < k, rstd, NORM).to(tl.float32)[None]
+            x_hi = _x_in(x_ptr + cols + 16, cols + 16 < k, nw_ptr + cols + 16, cols + 16 < k, rstd,
+                         NORM).to(tl.float32)[None]
             zm = _zero_f32(z)[:, :, None]
             acc += tl.sum((lo - zm) * x_lo + (hi - zm) * x_hi, axis=2) * s
         return tl.sum(acc, axis=1)
@@ -131,7 +161,7 @@ def _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, group, BLOCK
             zm = _zero_f32(tl.load(zp_ptr + rows_n, mask=n_ok, other=0.0))[:, None]
         for k0 in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
             kk = k0 + cols
-            x = tl.load(x_ptr + kk, mask=kk < k, other=0.0).to(tl.float32)[None, :]
+            x = _x_in(x_ptr + kk, kk < k, nw_ptr + kk, kk < k, rstd, NORM).to(tl.float32)[None, :]
             if QUANT == 1:
                 q = tl.load(w_base + kk[None, :], mask=n_ok[:, None] & (kk < k)[None, :], other=0).to(tl.int32)
                 acc += (_codes_f32(q) - zm) * x
@@ -157,16 +187,26 @@ def _weight_tile(w_base, kk, k, n_ok, dtype: tl.constexpr, QUANT: tl.constexpr):
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                  t_ptr, lb_ptr, idx_ptr, used_ptr, scale_ptr, n_splits, end0, end1, s_bs,
-                 sc_ptr, zp_ptr, s_sn, group,
+                 sc_ptr, zp_ptr, s_sn, group, nw_ptr, eps, r_ptr, s_rm,
                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NUM_STAGES: tl.constexpr, PDL: tl.constexpr, HAS_LORA: tl.constexpr, GROUPS: tl.constexpr, RANK: tl.constexpr,
                  SPLITS: tl.constexpr, BLOCK_GR: tl.constexpr, LORA_PRECISION: tl.constexpr, UNROLL: tl.constexpr,
-                 ONE_ROW: tl.constexpr, QUANT: tl.constexpr, ROW_FMA: tl.constexpr):
-    rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+                 ONE_ROW: tl.constexpr, QUANT: tl.constexpr, ROW_FMA: tl.constexpr, PREFETCH: tl.constexpr,
+                 LINE: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr):
+    j = tl.arange(0, BLOCK_N)
+    if GLU:  # the tile's rows pair each output feature's gate row with its up row (n rows further)
+        rows_n = tl.program_id(0) * (BLOCK_N // 2) + j // 2  # the output feature of each tile row
+        w_rows = rows_n + (j % 2) * n
+    else:
+        rows_n = tl.program_id(0) * BLOCK_N + j
+        w_rows = rows_n
     rows_m = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_K)
     n_ok = rows_n < n
     m_ok = rows_m < m
+    if PREFETCH > 0:  # the first PREFETCH lines of each weight row towards L2 while the kernel before runs
+        lines = tl.arange(0, PREFETCH) * LINE
+        prefetch_l2(w_ptr + w_rows.to(tl.int64)[:, None] * s_wn + lines[None, :], n_ok[:, None] & (lines < k)[None, :])
     if HAS_LORA:
         # The LoRA expand as an epilogue (kernels/lora.py). The adapter loads (index, used slots, B of
         # the batch's first adapter, the only one at batch 1, its scale) are issued before the wait,
@@ -191,29 +231,33 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                               mask=live[:, None] & (c < GROUPS * RANK)[None, :], other=0.0)
         else:
             t_parts = lora_t(t_ptr, rows_m, m_ok & (adapter >= 0), m, n_splits, SPLITS, GROUPS * RANK, BLOCK_GR)
-    w_base = w_ptr + rows_n.to(tl.int64)[:, None] * s_wn
+    w_base = w_ptr + w_rows.to(tl.int64)[:, None] * s_wn
     x_base = x_ptr + rows_m[:, None] * s_xm
+    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if NORM:
+        rstd = _rstd(x_base, m_ok, k, eps, BLOCK_M, BLOCK_K)
     if ROW_FMA:  # BLOCK_M is 1
-        acc = _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, group, BLOCK_N, BLOCK_K, NUM_STAGES,
-                        QUANT)[None, :]
+        acc = _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, w_rows, s_sn, k, group, nw_ptr, tl.sum(rstd, axis=0),
+                        BLOCK_N, BLOCK_K, NUM_STAGES, QUANT, NORM)[None, :]
     elif QUANT == 2:
-        acc = _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, group, BLOCK_M, BLOCK_N, BLOCK_K,
-                         NUM_STAGES, PRECISION)
+        acc = _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, w_rows, s_sn, k, group, nw_ptr, rstd, BLOCK_M,
+                         BLOCK_N, BLOCK_K, NUM_STAGES, PRECISION, NORM)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if QUANT == 1:  # int8 codes less the row's zero: integers in -255..255, exact in fp16 and bf16
-            zero = tl.load(zp_ptr + rows_n, mask=n_ok, other=0.0).to(x_ptr.dtype.element_ty)[:, None]
+            zero = tl.load(zp_ptr + w_rows, mask=n_ok, other=0.0).to(x_ptr.dtype.element_ty)[:, None]
         for k0 in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
             kk = k0 + cols
-            x = tl.load(x_base + kk[None, :], mask=m_ok[:, None] & (kk < k)[None, :], other=0.0)
+            x = _x_in(x_base + kk[None, :], m_ok[:, None] & (kk < k)[None, :], nw_ptr + kk[None, :], (kk < k)[None, :],
+                      rstd[:, None], NORM)
             w = _weight_tile(w_base, kk, k, n_ok, x_ptr.dtype.element_ty, QUANT)
             if QUANT == 1:
                 w -= zero
             acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
     if QUANT == 1 or QUANT == 3:  # per-output-channel scales, once
-        acc *= tl.load(sc_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc *= tl.load(sc_ptr + w_rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + w_rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_LORA:
         t = tl.sum(t_parts, axis=0).to(lb_ptr.dtype.element_ty)  # rounded as the unfused lora_A output would be
         if ONE_ROW:  # one dot product per output feature, no tensor-core tile of 15 padding rows
@@ -226,8 +270,39 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                 acc = lora_delta(acc, t, lb_ptr, b_offs, b_mask, scale_ptr, used_ptr, adapter, s_bs, 1, UNROLL,
                                  LORA_PRECISION)
     pdl_release(PDL)
-    y = y_ptr + rows_m[:, None] * s_ym + rows_n[None, :]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    out = acc.to(y_ptr.dtype.element_ty)  # rounded as the unfused projection's output
+    out_cols = rows_n
+    out_ok = n_ok
+    if GLU:  # act(gate) * up as kernels/silu_mul.py computes it, one output per pair of tile rows
+        gate, up = tl.split(tl.reshape(out, [BLOCK_M, BLOCK_N // 2, 2]))
+        out = gate_activation(gate, GLU == 2) * up
+        out_cols = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        out_ok = out_cols < n
+    mask = m_ok[:, None] & out_ok[None, :]
+    if RESIDUAL:  # the residual stream's add, as the next norm kernel would do it
+        out += tl.load(r_ptr + rows_m[:, None] * s_rm + out_cols[None, :], mask=mask, other=0.0)
+    tl.store(y_ptr + rows_m[:, None] * s_ym + out_cols[None, :], out, mask=mask)
+
+
+# Weight prefetch before the wait (H100, bench/RESULTS.md): the first 4 KB of each row of a small matrix
+# (SmolLM2-135M shape's 0.6-3.5 MB: batch 1 1822 -> 1902 tok/s) towards L2; large ones lose by it
+# (Llama-3.2-1B shape's 8-67 MB: 897 -> 842), their prefetches competing with the kernel before.
+PREFETCH_ROW_BYTES = 4096
+PREFETCH_MAX_MATRIX = 4 << 20
+
+
+def _prefetch_lines(pdl: int, quant: str | None, n: int, k: int, element: int) -> int:
+    """128-byte lines of each weight row to prefetch before the wait (EDGELLM_GEMV_PREFETCH: bytes per
+    row, 0: none, overriding the default): only under PDL (without it the kernel before has finished
+    at launch anyway) and for full-precision weights."""
+    import os
+
+    setting = os.environ.get("EDGELLM_GEMV_PREFETCH")
+    wanted = int(setting) if setting is not None else \
+        PREFETCH_ROW_BYTES if n * k * element <= PREFETCH_MAX_MATRIX else 0
+    if not pdl or quant is not None or wanted <= 0:
+        return 0
+    return min(pow2(wanted // 128), pow2(triton.cdiv(k * element, 128)))
 
 
 def supports(weight) -> bool:
@@ -235,27 +310,52 @@ def supports(weight) -> bool:
     return getattr(weight, "kind", None) != "int4" or weight.group % 32 == 0
 
 
+def _check_fusions(x, weight, lora, norm, glu, residual, lead, n) -> None:
+    if lora is not None and (norm is not None or glu is not None or residual is not None):
+        raise ValueError("gemv: the LoRA epilogue does not combine with norm, glu or residual")
+    if glu is not None:
+        if glu not in GATE_ACTIVATIONS:
+            raise ValueError(f"gemv: unknown glu activation {glu!r}; supported: {', '.join(GATE_ACTIVATIONS)}")
+        if weight.shape[0] % 2:
+            raise ValueError(f"gemv: glu needs gate rows then up rows, got {weight.shape[0]} rows")
+        if residual is not None:
+            raise ValueError("gemv: glu and residual do not combine")
+    if norm is not None and norm[0].shape != (x.shape[-1],):
+        raise ValueError(f"gemv: norm weight {tuple(norm[0].shape)} does not match x {tuple(x.shape)}")
+    if residual is not None and (tuple(residual.shape) != (*lead, n) or residual.dtype != x.dtype):
+        raise ValueError(f"gemv: residual {tuple(residual.shape)} {residual.dtype} must be {(*lead, n)} {x.dtype}")
+
+
 def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None,
-         lora=None, row_fma: bool | None = None) -> torch.Tensor:
+         lora=None, row_fma: bool | None = None, norm=None, glu: str | None = None,
+         residual: torch.Tensor | None = None) -> torch.Tensor:
     """x: [..., K] with at most MAX_ROWS rows in all; weight: [N, K], a tensor or a QuantizedWeight;
     bias: [N] or None -> [..., N]. lora: None, or (t, b_stack, index, used, scale, segments) as
     lora_expand takes them: adds each row's adapter delta in the epilogue. row_fma: one row of x on
-    the CUDA cores (default: when x has one row)."""
+    the CUDA cores (default: when x has one row).
+
+    Fused neighbours of a decode step (each saves a launch, computed as the separate kernel would):
+    norm=(norm_weight, eps): x goes through rms_norm first; glu="silu" | "gelu_tanh": weight holds
+    gate rows then up rows and the result is silu_mul's, [..., N / 2]; residual ([..., N]): added to
+    the result (the residual stream's add of add_rms_norm)."""
     *lead, k = x.shape
     quant = getattr(weight, "kind", None)  # a QuantizedWeight (edgellm/quant)
-    n = weight.shape[0]
+    n = weight.shape[0] // (2 if glu is not None else 1)
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     data = weight.data if quant else weight
     if m > MAX_ROWS or weight.shape[1] != k or data.stride(-1) != 1:
         raise ValueError(f"gemv: x {tuple(x.shape)} (at most {MAX_ROWS} rows) does not fit weight {tuple(weight.shape)}")
+    _check_fusions(x, weight, lora, norm, glu, residual, lead, n)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
+    r2 = residual.reshape(-1, n).contiguous() if residual is not None else x2
     if row_fma is None:
         row_fma = m == 1
     if row_fma and m != 1:
         raise ValueError(f"gemv: row_fma takes one row of x, got {m}")
-    block_n, block_k, warps, stages = tile or (_row_tile(quant, n, k) if row_fma else _tile(quant, n))
+    rows_w = weight.shape[0]  # the tiles were chosen for the weight's rows (glu: twice the outputs)
+    block_n, block_k, warps, stages = tile or (_row_tile(quant, rows_w, k) if row_fma else _tile(quant, rows_w))
     block_k = min(block_k, pow2(k, 32 if quant == "int4" else 16))  # int4 tiles are whole blocks of 32
     if quant == "int4":
         if not supports(weight):
@@ -268,6 +368,7 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
     zeros = weight.zeros if quant in ("int4", "int8") else scales
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     pdl = use_pdl(x)
+    prefetch = _prefetch_lines(pdl, quant, rows_w, k, data.element_size())
     if lora is None:
         lora_args = (y, y, y, y, y, 0, 0, 0, 0)
         constants = dict(HAS_LORA=False, GROUPS=1, RANK=16, SPLITS=1, BLOCK_GR=16, LORA_PRECISION="ieee", UNROLL=1,
@@ -280,22 +381,36 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
         lora_args = (t, b_stack, index, used, scale, t.shape[0], *_segment_ends(list(segments)), b_stack.stride(0))
         constants = {**delta_constants(t, b_stack, segments), "HAS_LORA": True, "ONE_ROW": m == 1}
         constants["LORA_PRECISION"] = constants.pop("PRECISION")
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
+    if glu is not None:
+        block_n = max(block_n, 2)  # a tile holds pairs of rows (gate, up)
+    _gemv_kernel[(triton.cdiv(n, block_n // 2 if glu is not None else block_n),)](
         x2, data, bias if bias is not None else y, y, m, n, k, x2.stride(0), data.stride(0), y.stride(0),
         *lora_args, scales, zeros, scales.stride(0) if scales.dim() == 2 else 1, weight.group if quant == "int4" else 1,
+        norm[0] if norm is not None else x2, norm[1] if norm is not None else 0.0, r2, r2.stride(0),
         HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), BLOCK_M=1 if row_fma else 16, BLOCK_N=block_n,
         BLOCK_K=block_k, NUM_STAGES=stages, PDL=pdl, **constants, QUANT=QUANT_CODES[quant], ROW_FMA=row_fma,
-        num_warps=warps, launch_pdl=pdl)
+        PREFETCH=prefetch, LINE=128 // data.element_size(), NORM=norm is not None,
+        GLU=0 if glu is None else 1 + GATE_ACTIVATIONS.index(glu), RESIDUAL=residual is not None, num_warps=warps, launch_pdl=pdl > 0)
     return y.reshape(*lead, n)
 
 
 def gemv_ref(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None,
-             lora=None) -> torch.Tensor:
+             lora=None, row_fma: bool | None = None, norm=None, glu: str | None = None,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight^T (+ bias) in x's dtype: torch's linear (cuBLAS on the GPU), over the dequantized
-    weight when it is packed; plus lora_expand_ref."""
+    weight when it is packed; plus lora_expand_ref. The fused neighbours as their own references:
+    rms_norm_ref before, silu_mul_ref (glu) or the residual add after."""
+    *lead, _ = x.shape
+    _check_fusions(x, weight, lora, norm, glu, residual, lead, weight.shape[0] // (2 if glu is not None else 1))
     if getattr(weight, "kind", None):
         from ..quant.formats import dequantize
 
         weight = dequantize(weight, x.dtype)
+    if norm is not None:
+        x = rms_norm_ref(x, norm[0], norm[1])
     y = torch.nn.functional.linear(x, weight, bias)
-    return y if lora is None else lora_expand_ref(y, *lora)
+    if lora is not None:
+        y = lora_expand_ref(y, *lora)
+    if glu is not None:
+        y = silu_mul_ref(y, activation=glu)
+    return y if residual is None else y + residual

@@ -236,7 +236,7 @@ def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, index: torch.Tensor, use
     _lora_shrink_kernel[(triton.cdiv(m, BLOCK_M), splits, triton.cdiv(gr, block_r))](
         x2, a_stack, index, used, t, m, k, gr, x2.stride(0), a_stack.stride(0), a_stack.stride(1), t.stride(0),
         t.stride(1), PRECISION=dot_precision(x.dtype), BLOCK_M=BLOCK_M, BLOCK_R=block_r,
-        BLOCK_K=block_k, UNROLL=UNROLL, PDL=pdl, num_warps=4, launch_pdl=pdl)
+        BLOCK_K=block_k, UNROLL=UNROLL, PDL=pdl, num_warps=4, launch_pdl=pdl > 0)
     return t
 
 
@@ -273,7 +273,7 @@ def lora_expand(y: torch.Tensor, t: torch.Tensor, b_stack: torch.Tensor, index: 
     _lora_expand_kernel[(triton.cdiv(m, BLOCK_M), triton.cdiv(n, block_n))](
         y2, t, b_stack, index, used, scale, m, n, t.shape[0], *_segment_ends(list(segments)), y2.stride(0),
         b_stack.stride(0), **delta_constants(t, b_stack, segments), BLOCK_M=BLOCK_M, BLOCK_N=block_n, PDL=pdl,
-        num_warps=4, launch_pdl=pdl)
+        num_warps=4, launch_pdl=pdl > 0)
     return y
 
 

@@ -86,7 +86,7 @@ def _launch(x, residual, weight, eps, num_warps=None, lora_a=None, pre_weight=No
     _rms_norm_kernel[(rows, splits)](x, res, weight, weight if pre_weight is None else pre_weight, out, res_out, n,
                                      eps, *lora_args, HAS_RESIDUAL=residual is not None, BLOCK=block,
                                      HAS_LORA=lora_a is not None, CHUNK=chunk, **constants, PDL=pdl,
-                                     HAS_PRE=pre_weight is not None, num_warps=warps, launch_pdl=pdl)
+                                     HAS_PRE=pre_weight is not None, num_warps=warps, launch_pdl=pdl > 0)
     return out, res_out, t
 
 

@@ -105,7 +105,7 @@ def rope_kv_append(q, k, v, cos, sin, k_cache, v_cache, slots, starts, lengths, 
         BLOCK_HQ=pow2(hq), BLOCK_HK=pow2(hk), HALF=pow2(half), BLOCK_REST=pow2(rest) if rest else 0,
         BLOCK_D=pow2(head_dim), PDL=pdl, POSITIONS=0 if positions is None else positions.dim() - 1,
         offsets_ptr=starts if offsets is None else offsets, sec_t=sec_t, sec_th=sec_th, OFFSETS=offsets is not None,
-        num_warps=4, launch_pdl=pdl)
+        num_warps=4, launch_pdl=pdl > 0)
     return q_out
 
 

@@ -160,7 +160,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         top_k.to(dev, torch.int32).contiguous(), top_p.to(dev, torch.float32).contiguous(),
         seeds.to(dev, torch.int64).contiguous(), offsets.to(dev, torch.int64).contiguous(), out, group,
         BLOCK=block or (_BLOCK if logits.is_cuda else 128), MAX_BISECT=_MAX_BISECT,
-        PDL=pdl, num_warps=num_warps or (32 if logits.is_cuda else 4), launch_pdl=pdl)
+        PDL=pdl, num_warps=num_warps or (32 if logits.is_cuda else 4), launch_pdl=pdl > 0)
     return out
 
 

@@ -18,6 +18,18 @@ GATE_ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 @triton.jit
+def gate_activation(gate, GELU: tl.constexpr):
+    """SiLU (or tanh-approximated GELU) of the gate in float32, rounded to the gate's dtype (as
+    transformers rounds it before the product with up)."""
+    g32 = gate.to(tl.float32)
+    if GELU:
+        act = 0.5 * g32 * (1.0 + _tanh(0.7978845608028654 * (g32 + 0.044715 * g32 * g32 * g32)))
+    else:
+        act = g32 / (1.0 + tl.exp(-g32))
+    return act.to(gate.dtype)
+
+
+@triton.jit
 def _silu_mul_kernel(gu_ptr, out_ptr, n_ffn, a_ptr, idx_ptr, t_ptr, gr, s_as, s_ar, s_tsplit, s_tm,
                      BLOCK: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
                      GELU: tl.constexpr):
@@ -30,12 +42,7 @@ def _silu_mul_kernel(gu_ptr, out_ptr, n_ffn, a_ptr, idx_ptr, t_ptr, gr, s_as, s_
     pdl_wait(PDL)
     gate = tl.load(gu_ptr + row * 2 * n_ffn + cols, mask=mask, other=0.0)
     up = tl.load(gu_ptr + row * 2 * n_ffn + n_ffn + cols, mask=mask, other=0.0)
-    g32 = gate.to(tl.float32)
-    if GELU:
-        act = (0.5 * g32 * (1.0 + _tanh(0.7978845608028654 * (g32 + 0.044715 * g32 * g32 * g32)))).to(gate.dtype)
-    else:
-        act = (g32 / (1.0 + tl.exp(-g32))).to(gate.dtype)
-    y = act * up
+    y = gate_activation(gate, GELU) * up
     if HAS_LORA:
         shrink_finish(a_tile, y, cols, mask, a_ptr, adapter, gr, s_as, s_ar,
                       t_ptr + tl.program_id(1) * s_tsplit + row * s_tm, BLOCK_R)
@@ -61,7 +68,7 @@ def silu_mul(gate_up: torch.Tensor, *, activation: str = "silu", lora_a=None):
     pdl = use_pdl(gate_up)
     _silu_mul_kernel[(rows, blocks)](gate_up, out, n_ffn, *lora_args, BLOCK=_BLOCK, HAS_LORA=lora_a is not None,
                                      **constants, PDL=pdl, GELU=activation == "gelu_tanh", num_warps=4,
-                                     launch_pdl=pdl)
+                                     launch_pdl=pdl > 0)
     return out if lora_a is None else (out, t)
 
 

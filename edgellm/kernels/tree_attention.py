@@ -85,12 +85,12 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         q, k_cache, v_cache, bits, part_out, part_lse, slots, starts, n_nodes, q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), scale * _LOG2E, group, head_dim, heads, splits, t,
         no_window(window), BLOCK_Q=pow2(t * group, 16), BLOCK_N=64, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), PDL=pdl, num_warps=4,
-        launch_pdl=pdl)
+        launch_pdl=pdl > 0)
     out = torch.empty(batch, t, heads, head_dim, dtype=q.dtype, device=q.device)
     _decode_merge_kernel[(batch * t, heads)](  # the tree's nodes are the merge's rows
         part_out, part_lse, out, heads * head_dim, head_dim, heads, splits, head_dim,
         out, out, out, 0, 0, 0, 0, 0, BLOCK_S=pow2(splits), BLOCK_D=block_d, HAS_LORA=False, BLOCK_R=16, PDL=pdl,
-        launch_pdl=pdl)
+        launch_pdl=pdl > 0)
     return out
 
 
