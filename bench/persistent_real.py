@@ -1,6 +1,7 @@
-"""The persistent decode step on the real default model (SmolLM2-135M-Instruct) against the chain:
-greedy answers to 6 chat prompts x 48 tokens compared token by token, then batch-1 decode tokens/s of
-each mode (256 tokens, end-of-sequence ignored, median of 3), in one run.
+"""The decode modes on the real default model (SmolLM2-135M-Instruct): the chain with its fused GEMVs
+(the default), the chain of separate ops (EDGELLM_FUSED_GEMV=0) and the persistent step: greedy
+answers to 6 chat prompts x 48 tokens compared token by token with the unfused chain's, then batch-1
+decode tokens/s of each mode (256 tokens, end-of-sequence ignored, median of 3), in one run.
 
 Run on a CUDA GPU with the default model available:  python bench/persistent_real.py [--json out.json]
 """
@@ -34,8 +35,9 @@ def main() -> int:
     args = parser.parse_args()
     model = default_model_dir()
     out = {}
-    for mode in ("chain", "persistent"):
-        os.environ["EDGELLM_DECODE"] = mode
+    modes = {"chain": ("chain", "1"), "unfused": ("chain", "0"), "persistent": ("persistent", "1")}
+    for name, (mode, fused) in modes.items():
+        os.environ["EDGELLM_DECODE"], os.environ["EDGELLM_FUSED_GEMV"] = mode, fused
         runtime = LLMInferenceRuntime(model, device="cuda")
         assert (runtime.runner.persistent is not None) == (mode == "persistent")
         answers = [runtime.handle_request(LLMGenerationRequest(requests=[{"messages": [{"role": "user", "content": p}]}],
@@ -46,21 +48,26 @@ def main() -> int:
                                      max_generate_length=args.speed_tokens, temperature=0.0)
         runtime.handle_request(speed)
         rates = [runtime.handle_request(speed).timings.decode_tokens_per_s for _ in range(3)]
-        out[mode] = dict(answers=answers, tokens_per_s=statistics.median(rates))
-        log(f"{mode}: {out[mode]['tokens_per_s']:.0f} tok/s")
+        out[name] = dict(answers=answers, tokens_per_s=statistics.median(rates))
+        log(f"{name}: {out[name]['tokens_per_s']:.0f} tok/s")
         del runtime
         torch.cuda.empty_cache()
-    same = [a == b for a, b in zip(out["chain"]["answers"], out["persistent"]["answers"])]
-    first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-                  for a, b in zip(out["chain"]["answers"], out["persistent"]["answers"])]
-    result = dict(device=torch.cuda.get_device_name(), commit=os.environ.get("EDGELLM_COMMIT", "unknown"),
-                  identical=same, first_difference=first_diff, **{m: out[m] for m in out})
+    reference = out["unfused"]["answers"]
+    result = dict(device=torch.cuda.get_device_name(), commit=os.environ.get("EDGELLM_COMMIT", "unknown"), **out)
+    for name in ("chain", "persistent"):
+        result[name]["identical_to_unfused"] = [a == b for a, b in zip(out[name]["answers"], reference)]
+        result[name]["first_difference"] = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+                                            for a, b in zip(out[name]["answers"], reference)]
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     print(f"\n{result['device']}  commit {result['commit']}  default model, batch 1")
-    print(f"greedy answers identical (6 prompts x {args.tokens} tokens): {sum(same)}/6  first differing token: {first_diff}")
-    print(f"decode tok/s: chain {out['chain']['tokens_per_s']:.0f}  persistent {out['persistent']['tokens_per_s']:.0f}  "
-          f"({out['persistent']['tokens_per_s'] / out['chain']['tokens_per_s']:.2f}x)")
+    for name in ("chain", "persistent"):
+        same = result[name]["identical_to_unfused"]
+        print(f"{name}: greedy answers identical to the unfused chain's (6 prompts x {args.tokens} tokens): "
+              f"{sum(same)}/6  first differing token: {result[name]['first_difference']}")
+    base = out["unfused"]["tokens_per_s"]
+    print("decode tok/s: " + "  ".join(f"{name} {out[name]['tokens_per_s']:.0f} ({out[name]['tokens_per_s'] / base:.2f}x)"
+                                       for name in modes))
     return 0
 
 

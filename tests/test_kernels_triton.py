@@ -286,6 +286,40 @@ def test_gemv_fused_norm_glu_residual(dtype, m, n, k, quant):
         gemv.gemv(x, randn(2 * n - 1, k, dtype=dtype), glu="silu")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,seq,hq,hkv,head_dim", [(1, 1, 4, 2, 16), (3, 1, 4, 1, 32), (2, 3, 6, 2, 16)])
+def test_gemv_fused_rope_append(dtype, batch, seq, hq, hkv, head_dim):
+    """The qkv projection with RMSNorm in front and RoPE + the KV append behind (gemv rope_append)
+    against rope_kv_append_ref over the separate projection, from two equal caches; row 1 of the
+    3-token chunk is padded (its last token writes no key or value)."""
+    from edgellm.kernels import gemv
+
+    k, capacity = 40, 12
+    x, nw = randn(batch, seq, k, dtype=dtype), 1 + 0.1 * randn(k, dtype=dtype, seed=5)
+    w = (randn((hq + 2 * hkv) * head_dim, k, seed=1) / k ** 0.5).to(dtype)
+    cos, sin = rope.rope_cos_sin_cache_ref(rope.rope_inv_freq(head_dim, 10000.0).to(DEVICE), capacity)
+    caches = [randn(4, hkv, capacity, head_dim, dtype=dtype, seed=s) for s in (6, 7)]
+    mine, ref = [c.clone() for c in caches], [c.clone() for c in caches]
+    slots = torch.tensor([2, 0, 3][:batch], dtype=torch.int32, device=DEVICE)
+    starts = torch.tensor([0, 5, capacity - seq][:batch], dtype=torch.int32, device=DEVICE)
+    lengths = torch.tensor([seq, max(seq - 1, 1), seq][:batch], dtype=torch.int32, device=DEVICE)
+    spec = gemv.RopeAppend(cos, sin, *mine, slots, starts, lengths, hq)
+    q = gemv.gemv(x, w, norm=(nw, 1e-5), rope_append=spec)
+    q_ref = gemv.gemv_ref(x, w, norm=(nw, 1e-5), rope_append=spec._replace(k_cache=ref[0], v_cache=ref[1]))
+    assert q.shape == (batch, seq, hq * head_dim)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(q, q_ref, **tol)
+    torch.testing.assert_close(mine[0], ref[0], **tol)
+    torch.testing.assert_close(mine[1], ref[1], **tol)
+    if batch * seq == 1:  # the tensor-core tile for one row too
+        again = [c.clone() for c in caches]
+        torch.testing.assert_close(gemv.gemv(x, w, norm=(nw, 1e-5), row_fma=False,
+                                             rope_append=spec._replace(k_cache=again[0], v_cache=again[1])), q_ref, **tol)
+        torch.testing.assert_close(again[0], ref[0], **tol)
+    with pytest.raises(ValueError, match="rope_append"):
+        gemv.gemv(x, w[:-head_dim], rope_append=spec)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("hq,hkv,head_dim,rotary_dim,seq", [(4, 2, 64, 64, 5), (8, 1, 96, 64, 1), (6, 2, 48, 48, 4)])
 def test_rope_kv_append(dtype, hq, hkv, head_dim, rotary_dim, seq):

@@ -110,6 +110,8 @@ def test_runtime_answers_the_same_through_either_mode(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGELLM_DECODE", "fastest")
     with pytest.raises(ConfigurationError, match="EDGELLM_DECODE"):
         LLMInferenceRuntime(tmp_path, device="cpu", dtype="float16")
+    monkeypatch.delenv("EDGELLM_DECODE")
+    assert LLMInferenceRuntime(tmp_path, device="cpu", dtype="float16").runner.persistent is None  # default: chain
 
 
 def test_unsupported_models_are_named():
@@ -146,14 +148,15 @@ def test_persistent_decode_matches_the_chain_on_gpu(tmp_path, dtype, min_keys):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_persistent_graphs_replay_eager_mix_batch_sizes_and_hold_memory(tmp_path, monkeypatch):
-    """Through the runtime (automatic mode: the persistent step for batch-1 rows of this small model):
-    graph replay gives the eager answers; 200 requests of 1..16 rows (over 1000 decode steps, batch
-    sizes changing between requests and as rows finish) neither hang nor grow the memory held."""
+    """Through the runtime (EDGELLM_DECODE=persistent: the persistent step for batch-1 rows, the chain
+    for the others): graph replay gives the eager answers; 200 requests of 1..16 rows (over 1000
+    decode steps, batch sizes changing between requests and as rows finish) neither hang nor grow the
+    memory held."""
     import random
 
     from edgellm import LLMGenerationRequest, LLMInferenceRuntime
 
-    monkeypatch.delenv("EDGELLM_DECODE", raising=False)
+    monkeypatch.setenv("EDGELLM_DECODE", "persistent")
     build_model("llama", tmp_path, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                 num_attention_heads=8, num_key_value_heads=2, initializer_range=0.05)
     write_tokenizer(tmp_path)

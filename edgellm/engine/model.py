@@ -89,9 +89,15 @@ def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, key
                      slots: torch.Tensor, starts: torch.Tensor,
                      q_lens: torch.Tensor, ends: torch.Tensor, ops, lora: LoraBatch | None,
                      layer: int, tree: "TokenTree | None", positions: torch.Tensor | None,
-                     residual: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention and the o projection (plus `residual`, when given: the fused decode path's add)."""
+                     residual: torch.Tensor | None = None, rotated: bool = False) -> torch.Tensor:
+    """Attention and the o projection (plus `residual`, when given: the fused decode path's add).
+    rotated: `qkv` holds the rotated queries only, their keys and values already in the cache (the
+    qkv GEMV's rope_append epilogue)."""
     batch, seq, _ = qkv.shape
+    window = cfg.layer_window(layer)
+    if rotated:
+        q = qkv.reshape(batch, seq, cfg.num_attention_heads, cfg.head_dim)
+        return _attend(lw, cfg, q, keys, values, slots, starts, q_lens, ends, ops, lora, layer, tree, window, residual)
     q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
     q = q.reshape(batch, seq, cfg.num_attention_heads, cfg.head_dim)
     k = k.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
@@ -104,7 +110,6 @@ def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, key
     # Multimodal RoPE: a prompt's (t, h, w) positions [B, S, 3] are absolute; later 1-D positions are
     # shifted by each slot's offset (rope.offsets, None for text models).
     three = positions is not None and positions.dim() == 3
-    window = cfg.layer_window(layer)
     if cfg.positions == "learned":  # no rotation: positions went into the embedding
         ops.kv_append(keys, values, k, v, slots, starts, q_lens)
         q = q.contiguous()
@@ -112,6 +117,14 @@ def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, key
         cos, sin = rope.local if window and rope.local is not None else (rope.cos, rope.sin)
         q = ops.rope_kv_append(q, k, v, cos, sin, keys, values, slots, starts, q_lens, positions,
                                offsets=None if three else rope.offsets, sections=rope.sections if three else None)
+    return _attend(lw, cfg, q, keys, values, slots, starts, q_lens, ends, ops, lora, layer, tree, window, residual)
+
+
+def _attend(lw: LayerWeights, cfg: EngineConfig, q: torch.Tensor, keys, values, slots, starts, q_lens, ends, ops,
+            lora: LoraBatch | None, layer: int, tree: "TokenTree | None", window: int,
+            residual: torch.Tensor | None) -> torch.Tensor:
+    """Attention of the rotated queries q [B, S, heads, head_dim] over the cache, then the o projection."""
+    batch, seq = q.shape[:2]
     scale = cfg.attention_scale
     t = None
     if seq == 1:
@@ -210,6 +223,18 @@ def _fusable(weights: ModelWeights, cfg: EngineConfig, lora: LoraBatch | None, h
 FUSED_NORM_ROWS = 1
 
 
+def _rope_fusable(cfg: EngineConfig, rope: RopeTables, layer: int, tree, positions) -> bool:
+    """Whether the qkv GEMV can finish with RoPE and the KV append (gemv.RopeAppend): rotary positions
+    over the whole head at the cache positions, from the model's one table (no q/k norms between the
+    projection and the rotation, no trees, explicit or multimodal positions, per-layer tables);
+    EDGELLM_FUSED_ROPE=0 keeps rope_kv_append a kernel of its own (A/B runs)."""
+    import os
+
+    return os.environ.get("EDGELLM_FUSED_ROPE", "1") != "0" and cfg.positions != "learned" and not cfg.qk_norm and tree is None and positions is None \
+        and rope.offsets is None and 2 * rope.cos.shape[-1] == cfg.head_dim \
+        and not (cfg.layer_window(layer) and rope.local is not None)
+
+
 def _forward_fused(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCache, rope: RopeTables,
                    hidden: torch.Tensor, slots, starts, q_lens, ends, ops, tree, positions, every_token: bool):
     """forward_logits at decode sizes with the residual adds in the epilogues of the o and down
@@ -233,10 +258,13 @@ def _forward_fused(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     h = hidden
     with early_release(rows == 1):
         for index, lw in enumerate(weights.layers):
-            qkv = project(h, lw.qkv, lw.qkv_bias, lw.input_norm)
             keys, values = cache.layer(index)
+            rotate = _rope_fusable(cfg, rope, index, tree, positions)
+            spec = gemv.RopeAppend(rope.cos, rope.sin, keys, values, slots, starts, q_lens, cfg.num_attention_heads) \
+                if rotate else None
+            qkv = project(h, lw.qkv, lw.qkv_bias, lw.input_norm, rope_append=spec)
             h = _attention_block(lw, cfg, qkv, keys, values, rope, slots, starts, q_lens, ends, ops, None, index, tree,
-                                 positions, residual=h)
+                                 positions, residual=h, rotated=rotate)
             x = project(h, lw.gate_up, lw.gate_up_bias, lw.post_norm, glu=cfg.activation)
             h = ops.gemv(x, lw.down, lw.down_bias, residual=h)
         if not every_token:

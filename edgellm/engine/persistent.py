@@ -2,13 +2,13 @@
 
 Graph mode (DESIGN's graph key): "persistent" runs a batch-1 decode step's layers in one launch,
 then the final norm, the LM head and sampling as in the chain; "chain" is the kernel-per-op path of
-model.forward_logits. EDGELLM_DECODE=chain|persistent forces one. The default is persistent where
-megakernel.supports() the model (float16/bfloat16 llama-family layers, plain weights) on a CUDA
-device and its layers are small (AUTO_LAYER_BYTES), for batches of one row without LoRA; else the
-chain. Why small layers only: measured on the H100 (bench/persistent.py, RESULTS.md), the persistent
-step beats the chain where a step is latency-bound (SmolLM2-135M shape, 7 MB per layer: 1.05-1.15x)
-and loses where it streams large matrices (Llama-3.2-1B shape, 121 MB per layer: 0.69-0.78x, its
-GEMV tiles reaching 55-70% of the bandwidth that the chain's many small programs reach).
+model.forward_logits. EDGELLM_DECODE=chain|persistent forces one. The default is the chain: measured
+on the H100 (RESULTS.md), the persistent step beat the chain of separate ops where a step is
+latency-bound (SmolLM2-135M shape: 1630 against 1414 tok/s) but not the chain with the norms,
+SiLU * up and residual adds fused into its GEMVs (1904 against 1622); and it loses where it streams
+large matrices (Llama-3.2-1B shape, 121 MB per layer: 0.69-0.78x, its GEMV tiles reaching 55-70% of
+the bandwidth that the chain's many small programs reach). It stays as a mode for A/B runs and as the
+base of the work on a one-launch step.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from ..kernels import megakernel
 from .model import RopeTables, _linear
 
 MODES = ("chain", "persistent")
-AUTO_LAYER_BYTES = 32 << 20  # automatic mode: the persistent step for layers up to this many weight bytes
 
 
 def requested_mode() -> str | None:
@@ -34,10 +33,10 @@ def requested_mode() -> str | None:
 
 
 def plan_for(cfg, weights, cache: torch.Tensor, rope: RopeTables, longrope: bool, mode: str | None = None):
-    """The megakernel's plan for this engine, or None where the chain must run (with why, when forced).
-    mode: "chain", "persistent" or None (automatic); default EDGELLM_DECODE."""
+    """The megakernel's plan for this engine when the persistent mode is asked for (mode, default
+    EDGELLM_DECODE), else None: the chain. A forced mode that cannot run raises, saying why."""
     mode = mode or requested_mode()
-    if mode == "chain" or (mode is None and cache.device.type != "cuda"):
+    if mode != "persistent":
         return None
     why = megakernel.supports(cfg, weights, cache.dtype)
     if why is None and cache.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
@@ -47,9 +46,6 @@ def plan_for(cfg, weights, cache: torch.Tensor, rope: RopeTables, longrope: bool
     if why is not None:
         if mode == "persistent":
             raise ConfigurationError(f"EDGELLM_DECODE=persistent cannot run this model: {why}")
-        return None
-    layer = weights.layers[0]
-    if mode is None and sum(w.nbytes for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)) > AUTO_LAYER_BYTES:
         return None
     return megakernel.make_plan(cfg, weights, cache)
 

@@ -12,10 +12,13 @@ layout, and small BLOCK_N, so even a narrow matrix gets a few programs per SM (f
 faster than the tensor-core tile, for fp16 a few percent: bench/RESULTS.md).
 """
 
+from typing import NamedTuple
+
 import torch
 
 from ._triton import dot_precision, pdl_release, pdl_wait, pow2, prefetch_l2, tl, triton, use_pdl
 from .rms_norm import rms_norm_ref
+from .rope_append import rope_kv_append_ref
 from .silu_mul import GATE_ACTIVATIONS, gate_activation, silu_mul_ref
 from .lora import _segment_ends, check_expand_operands, delta_constants, extended_b, lora_delta, lora_expand_ref, lora_t
 
@@ -188,15 +191,21 @@ def _weight_tile(w_base, kk, k, n_ok, dtype: tl.constexpr, QUANT: tl.constexpr):
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                  t_ptr, lb_ptr, idx_ptr, used_ptr, scale_ptr, n_splits, end0, end1, s_bs,
                  sc_ptr, zp_ptr, s_sn, group, nw_ptr, eps, r_ptr, s_rm,
+                 cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr, starts_ptr, lens_ptr, seq_len, n_pos, half, n_q, n_kv,
+                 c_slot, c_head, c_pos,
                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NUM_STAGES: tl.constexpr, PDL: tl.constexpr, HAS_LORA: tl.constexpr, GROUPS: tl.constexpr, RANK: tl.constexpr,
                  SPLITS: tl.constexpr, BLOCK_GR: tl.constexpr, LORA_PRECISION: tl.constexpr, UNROLL: tl.constexpr,
                  ONE_ROW: tl.constexpr, QUANT: tl.constexpr, ROW_FMA: tl.constexpr, PREFETCH: tl.constexpr,
-                 LINE: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr):
+                 LINE: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
+                 ROPE: tl.constexpr):
     j = tl.arange(0, BLOCK_N)
     if GLU:  # the tile's rows pair each output feature's gate row with its up row (n rows further)
         rows_n = tl.program_id(0) * (BLOCK_N // 2) + j // 2  # the output feature of each tile row
         w_rows = rows_n + (j % 2) * n
+    elif ROPE:  # the tile's rows pair each feature d < half of a head with its rotation partner d + half
+        rows_n = tl.program_id(0) * (BLOCK_N // 2) + j // 2  # the pair of each tile row
+        w_rows = (rows_n // half) * (2 * half) + rows_n % half + (j % 2) * half
     else:
         rows_n = tl.program_id(0) * BLOCK_N + j
         w_rows = rows_n
@@ -278,10 +287,56 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
         out = gate_activation(gate, GLU == 2) * up
         out_cols = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         out_ok = out_cols < n
-    mask = m_ok[:, None] & out_ok[None, :]
-    if RESIDUAL:  # the residual stream's add, as the next norm kernel would do it
-        out += tl.load(r_ptr + rows_m[:, None] * s_rm + out_cols[None, :], mask=mask, other=0.0)
-    tl.store(y_ptr + rows_m[:, None] * s_ym + out_cols[None, :], out, mask=mask)
+    if ROPE:
+        _rope_append_epilogue(out, rows_m, m_ok, y_ptr, s_ym, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr, starts_ptr,
+                              lens_ptr, seq_len, n_pos, half, n_q, n_kv, n, c_slot, c_head, c_pos, BLOCK_M, BLOCK_N)
+    else:
+        mask = m_ok[:, None] & out_ok[None, :]
+        if RESIDUAL:  # the residual stream's add, as the next norm kernel would do it
+            out += tl.load(r_ptr + rows_m[:, None] * s_rm + out_cols[None, :], mask=mask, other=0.0)
+        tl.store(y_ptr + rows_m[:, None] * s_ym + out_cols[None, :], out, mask=mask)
+
+
+@triton.jit
+def _rope_append_epilogue(out, rows_m, m_ok, q_ptr, s_qm, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr, starts_ptr,
+                          lens_ptr, seq_len, n_pos, half, n_q, n_kv, n_pairs, c_slot, c_head, c_pos,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The qkv projection's tile [BLOCK_M tokens, BLOCK_N // 2 pairs (d, d + half) of one head's features]
+    as kernels/rope_append.py handles it: query and key pairs rotated at the token's position (fp32,
+    rounded), queries stored to q, keys and values appended to the cache at the row's slot (tokens
+    past the row's length write nothing)."""
+    x1, x2 = tl.split(tl.reshape(out, [BLOCK_M, BLOCK_N // 2, 2]))
+    pair = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    head = pair // half  # over the query, key and value heads in turn
+    d = pair % half
+    pair_ok = pair < n_pairs
+    b = rows_m // seq_len
+    s = rows_m % seq_len
+    start = tl.load(starts_ptr + b, mask=m_ok, other=0)
+    pos = tl.maximum(tl.minimum(start + s, n_pos - 1), 0)
+    at = pos.to(tl.int64)[:, None] * half + d[None, :]
+    cos = tl.load(cos_ptr + at, mask=m_ok[:, None] & pair_ok[None, :], other=1.0)
+    sin = tl.load(sin_ptr + at, mask=m_ok[:, None] & pair_ok[None, :], other=0.0)
+    a, c = x1.to(tl.float32), x2.to(tl.float32)
+    rotated = (head < n_q + n_kv)[None, :]
+    y1 = tl.where(rotated, a * cos - c * sin, a).to(out.dtype)
+    y2 = tl.where(rotated, c * cos + a * sin, c).to(out.dtype)
+    is_q = (head < n_q)[None, :] & pair_ok[None, :] & m_ok[:, None]
+    q_at = q_ptr + rows_m[:, None] * s_qm + (head * 2 * half + d)[None, :]
+    tl.store(q_at, y1, mask=is_q)
+    tl.store(q_at + half, y2, mask=is_q)
+    is_v = head >= n_q + n_kv
+    kv_head = tl.where(is_v, head - n_q - n_kv, head - n_q)
+    live = m_ok & (s < tl.load(lens_ptr + b, mask=m_ok, other=0))
+    slot = tl.load(slots_ptr + b, mask=m_ok, other=0).to(tl.int64)
+    dst = (slot * c_slot + (start + s).to(tl.int64) * c_pos)[:, None] + (kv_head.to(tl.int64) * c_head + d)[None, :]
+    keep = live[:, None] & pair_ok[None, :] & (head >= n_q)[None, :]
+    is_k = keep & ~is_v[None, :]
+    tl.store(kc_ptr + dst, y1.to(kc_ptr.dtype.element_ty), mask=is_k)
+    tl.store(kc_ptr + dst + half, y2.to(kc_ptr.dtype.element_ty), mask=is_k)
+    keep_v = keep & is_v[None, :]
+    tl.store(vc_ptr + dst, y1.to(vc_ptr.dtype.element_ty), mask=keep_v)
+    tl.store(vc_ptr + dst + half, y2.to(vc_ptr.dtype.element_ty), mask=keep_v)
 
 
 # Weight prefetch before the wait (H100, bench/RESULTS.md): the first 4 KB of each row of a small matrix
@@ -310,9 +365,34 @@ def supports(weight) -> bool:
     return getattr(weight, "kind", None) != "int4" or weight.group % 32 == 0
 
 
-def _check_fusions(x, weight, lora, norm, glu, residual, lead, n) -> None:
-    if lora is not None and (norm is not None or glu is not None or residual is not None):
-        raise ValueError("gemv: the LoRA epilogue does not combine with norm, glu or residual")
+class RopeAppend(NamedTuple):
+    """What gemv(..., rope_append=) needs to finish a qkv projection as kernels/rope_append.py does:
+    rotary tables [positions, head_dim / 2] (the whole head rotates), the layer's key and value caches
+    [slots, kv_heads, capacity, head_dim], each row's cache slot, start position and token count [B]."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slots: torch.Tensor
+    starts: torch.Tensor
+    lengths: torch.Tensor
+    q_heads: int
+
+
+def _check_fusions(x, weight, lora, norm, glu, residual, lead, n, rope_append=None) -> None:
+    if lora is not None and (norm is not None or glu is not None or residual is not None or rope_append is not None):
+        raise ValueError("gemv: the LoRA epilogue does not combine with norm, glu, residual or rope_append")
+    if rope_append is not None:
+        r = rope_append
+        head_dim = r.k_cache.shape[-1]
+        kv_heads = r.k_cache.shape[1]
+        if glu is not None or residual is not None:
+            raise ValueError("gemv: rope_append does not combine with glu or residual")
+        if x.dim() != 3 or r.slots.shape != (x.shape[0],) or r.v_cache.shape != r.k_cache.shape \
+                or 2 * r.cos.shape[-1] != head_dim or weight.shape[0] != (r.q_heads + 2 * kv_heads) * head_dim:
+            raise ValueError(f"gemv: rope_append needs x [B, S, K], per-row slots, a rotary dim equal to the head "
+                             f"dim and q/k/v rows of weight; got x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
+                             f"cache {tuple(r.k_cache.shape)}, rotary dim {2 * r.cos.shape[-1]}")
     if glu is not None:
         if glu not in GATE_ACTIVATIONS:
             raise ValueError(f"gemv: unknown glu activation {glu!r}; supported: {', '.join(GATE_ACTIVATIONS)}")
@@ -328,7 +408,7 @@ def _check_fusions(x, weight, lora, norm, glu, residual, lead, n) -> None:
 
 def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None,
          lora=None, row_fma: bool | None = None, norm=None, glu: str | None = None,
-         residual: torch.Tensor | None = None) -> torch.Tensor:
+         residual: torch.Tensor | None = None, rope_append: RopeAppend | None = None) -> torch.Tensor:
     """x: [..., K] with at most MAX_ROWS rows in all; weight: [N, K], a tensor or a QuantizedWeight;
     bias: [N] or None -> [..., N]. lora: None, or (t, b_stack, index, used, scale, segments) as
     lora_expand takes them: adds each row's adapter delta in the epilogue. row_fma: one row of x on
@@ -337,16 +417,19 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
     Fused neighbours of a decode step (each saves a launch, computed as the separate kernel would):
     norm=(norm_weight, eps): x goes through rms_norm first; glu="silu" | "gelu_tanh": weight holds
     gate rows then up rows and the result is silu_mul's, [..., N / 2]; residual ([..., N]): added to
-    the result (the residual stream's add of add_rms_norm)."""
+    the result (the residual stream's add of add_rms_norm); rope_append (RopeAppend; x [B, S, K], weight
+    the qkv projection): rope_kv_append's work, returning the rotated queries [B, S, q_heads * head_dim]
+    and appending the keys and values to the cache."""
     *lead, k = x.shape
     quant = getattr(weight, "kind", None)  # a QuantizedWeight (edgellm/quant)
-    n = weight.shape[0] // (2 if glu is not None else 1)
+    pairs = glu is not None or rope_append is not None  # tiles of row pairs: n counts pairs
+    n = weight.shape[0] // (2 if pairs else 1)
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     data = weight.data if quant else weight
     if m > MAX_ROWS or weight.shape[1] != k or data.stride(-1) != 1:
         raise ValueError(f"gemv: x {tuple(x.shape)} (at most {MAX_ROWS} rows) does not fit weight {tuple(weight.shape)}")
-    _check_fusions(x, weight, lora, norm, glu, residual, lead, n)
+    _check_fusions(x, weight, lora, norm, glu, residual, lead, n, rope_append)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     r2 = residual.reshape(-1, n).contiguous() if residual is not None else x2
@@ -366,7 +449,15 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
         data = data.view(torch.uint8)  # decoded from its bits in the kernel (_weight_tile)
     scales = weight.scales if quant else data
     zeros = weight.zeros if quant in ("int4", "int8") else scales
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    out_n = rope_append.q_heads * rope_append.k_cache.shape[-1] if rope_append is not None else n
+    y = torch.empty(m, out_n, dtype=x.dtype, device=x.device)
+    if rope_append is not None:
+        r = rope_append
+        rope_args = (r.cos.contiguous(), r.sin.contiguous(), r.k_cache, r.v_cache, r.slots, r.starts, r.lengths,
+                     x.shape[1], r.cos.shape[0], r.cos.shape[-1], r.q_heads, r.k_cache.shape[1], *r.k_cache.stride()[:3])
+        assert r.k_cache.stride() == r.v_cache.stride() and r.k_cache.stride(-1) == 1
+    else:
+        rope_args = (y, y, y, y, y, y, y, 1, 1, 1, 0, 0, 0, 0, 0)
     pdl = use_pdl(x)
     prefetch = _prefetch_lines(pdl, quant, rows_w, k, data.element_size())
     if lora is None:
@@ -381,27 +472,29 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
         lora_args = (t, b_stack, index, used, scale, t.shape[0], *_segment_ends(list(segments)), b_stack.stride(0))
         constants = {**delta_constants(t, b_stack, segments), "HAS_LORA": True, "ONE_ROW": m == 1}
         constants["LORA_PRECISION"] = constants.pop("PRECISION")
-    if glu is not None:
-        block_n = max(block_n, 2)  # a tile holds pairs of rows (gate, up)
-    _gemv_kernel[(triton.cdiv(n, block_n // 2 if glu is not None else block_n),)](
+    if pairs:
+        block_n = max(block_n, 2)  # a tile holds pairs of rows (gate and up; a rotation's two features)
+    _gemv_kernel[(triton.cdiv(n, block_n // 2 if pairs else block_n),)](
         x2, data, bias if bias is not None else y, y, m, n, k, x2.stride(0), data.stride(0), y.stride(0),
         *lora_args, scales, zeros, scales.stride(0) if scales.dim() == 2 else 1, weight.group if quant == "int4" else 1,
-        norm[0] if norm is not None else x2, norm[1] if norm is not None else 0.0, r2, r2.stride(0),
+        norm[0] if norm is not None else x2, norm[1] if norm is not None else 0.0, r2, r2.stride(0), *rope_args,
         HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), BLOCK_M=1 if row_fma else 16, BLOCK_N=block_n,
         BLOCK_K=block_k, NUM_STAGES=stages, PDL=pdl, **constants, QUANT=QUANT_CODES[quant], ROW_FMA=row_fma,
         PREFETCH=prefetch, LINE=128 // data.element_size(), NORM=norm is not None,
-        GLU=0 if glu is None else 1 + GATE_ACTIVATIONS.index(glu), RESIDUAL=residual is not None, num_warps=warps, launch_pdl=pdl > 0)
-    return y.reshape(*lead, n)
+        GLU=0 if glu is None else 1 + GATE_ACTIVATIONS.index(glu), RESIDUAL=residual is not None,
+        ROPE=rope_append is not None, num_warps=warps, launch_pdl=pdl > 0)
+    return y.reshape(*lead, out_n)
 
 
 def gemv_ref(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None,
              lora=None, row_fma: bool | None = None, norm=None, glu: str | None = None,
-             residual: torch.Tensor | None = None) -> torch.Tensor:
+             residual: torch.Tensor | None = None, rope_append: RopeAppend | None = None) -> torch.Tensor:
     """x @ weight^T (+ bias) in x's dtype: torch's linear (cuBLAS on the GPU), over the dequantized
     weight when it is packed; plus lora_expand_ref. The fused neighbours as their own references:
-    rms_norm_ref before, silu_mul_ref (glu) or the residual add after."""
+    rms_norm_ref before, silu_mul_ref (glu), the residual add or rope_kv_append_ref after."""
     *lead, _ = x.shape
-    _check_fusions(x, weight, lora, norm, glu, residual, lead, weight.shape[0] // (2 if glu is not None else 1))
+    pairs = glu is not None or rope_append is not None
+    _check_fusions(x, weight, lora, norm, glu, residual, lead, weight.shape[0] // (2 if pairs else 1), rope_append)
     if getattr(weight, "kind", None):
         from ..quant.formats import dequantize
 
@@ -413,4 +506,13 @@ def gemv_ref(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=
         y = lora_expand_ref(y, *lora)
     if glu is not None:
         y = silu_mul_ref(y, activation=glu)
+    if rope_append is not None:
+        r = rope_append
+        batch, seq, _ = y.shape
+        head_dim, kv_heads = r.k_cache.shape[-1], r.k_cache.shape[1]
+        q, k, v = y.split([r.q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        q = rope_kv_append_ref(q.reshape(batch, seq, r.q_heads, head_dim), k.reshape(batch, seq, kv_heads, head_dim),
+                               v.reshape(batch, seq, kv_heads, head_dim), r.cos, r.sin, r.k_cache, r.v_cache, r.slots,
+                               r.starts, r.lengths)
+        return q.reshape(batch, seq, -1)
     return y if residual is None else y + residual
