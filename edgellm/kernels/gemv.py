@@ -242,6 +242,9 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
             t_parts = lora_t(t_ptr, rows_m, m_ok & (adapter >= 0), m, n_splits, SPLITS, GROUPS * RANK, BLOCK_GR)
     w_base = w_ptr + w_rows.to(tl.int64)[:, None] * s_wn
     x_base = x_ptr + rows_m[:, None] * s_xm
+    if ROPE:
+        cos, sin, slot, cache_pos, live = _rope_operands(rows_m, m_ok, cos_ptr, sin_ptr, slots_ptr, starts_ptr, lens_ptr,
+                                                         seq_len, n_pos, half, n, BLOCK_N)
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
     if NORM:
         rstd = _rstd(x_base, m_ok, k, eps, BLOCK_M, BLOCK_K)
@@ -288,8 +291,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
         out_cols = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         out_ok = out_cols < n
     if ROPE:
-        _rope_append_epilogue(out, rows_m, m_ok, y_ptr, s_ym, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr, starts_ptr,
-                              lens_ptr, seq_len, n_pos, half, n_q, n_kv, n, c_slot, c_head, c_pos, BLOCK_M, BLOCK_N)
+        _rope_append_epilogue(out, rows_m, m_ok, y_ptr, s_ym, cos, sin, slot, cache_pos, live, kc_ptr, vc_ptr, half,
+                              n_q, n_kv, n, c_slot, c_head, c_pos, BLOCK_M, BLOCK_N)
     else:
         mask = m_ok[:, None] & out_ok[None, :]
         if RESIDUAL:  # the residual stream's add, as the next norm kernel would do it
@@ -298,9 +301,28 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
 
 
 @triton.jit
-def _rope_append_epilogue(out, rows_m, m_ok, q_ptr, s_qm, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr, starts_ptr,
-                          lens_ptr, seq_len, n_pos, half, n_q, n_kv, n_pairs, c_slot, c_head, c_pos,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _rope_operands(rows_m, m_ok, cos_ptr, sin_ptr, slots_ptr, starts_ptr, lens_ptr, seq_len, n_pos, half, n_pairs,
+                   BLOCK_N: tl.constexpr):
+    """What the rope_append epilogue needs besides the tile, loaded before the K loop so that these
+    dependent loads (the row's start, then its cos/sin) overlap the weight stream: cos and sin of each
+    token's position and pair [BLOCK_M, BLOCK_N // 2], each token's cache offset, whether it writes."""
+    pair = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    b = rows_m // seq_len
+    s = rows_m % seq_len
+    start = tl.load(starts_ptr + b, mask=m_ok, other=0)
+    pos = tl.maximum(tl.minimum(start + s, n_pos - 1), 0)
+    at = pos.to(tl.int64)[:, None] * half + (pair % half)[None, :]
+    ok = m_ok[:, None] & (pair < n_pairs)[None, :]
+    cos = tl.load(cos_ptr + at, mask=ok, other=1.0)
+    sin = tl.load(sin_ptr + at, mask=ok, other=0.0)
+    live = m_ok & (s < tl.load(lens_ptr + b, mask=m_ok, other=0))
+    slot = tl.load(slots_ptr + b, mask=m_ok, other=0).to(tl.int64)
+    return cos, sin, slot, (start + s).to(tl.int64), live
+
+
+@triton.jit
+def _rope_append_epilogue(out, rows_m, m_ok, q_ptr, s_qm, cos, sin, slot, cache_pos, live, kc_ptr, vc_ptr, half,
+                          n_q, n_kv, n_pairs, c_slot, c_head, c_pos, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The qkv projection's tile [BLOCK_M tokens, BLOCK_N // 2 pairs (d, d + half) of one head's features]
     as kernels/rope_append.py handles it: query and key pairs rotated at the token's position (fp32,
     rounded), queries stored to q, keys and values appended to the cache at the row's slot (tokens
@@ -310,13 +332,6 @@ def _rope_append_epilogue(out, rows_m, m_ok, q_ptr, s_qm, cos_ptr, sin_ptr, kc_p
     head = pair // half  # over the query, key and value heads in turn
     d = pair % half
     pair_ok = pair < n_pairs
-    b = rows_m // seq_len
-    s = rows_m % seq_len
-    start = tl.load(starts_ptr + b, mask=m_ok, other=0)
-    pos = tl.maximum(tl.minimum(start + s, n_pos - 1), 0)
-    at = pos.to(tl.int64)[:, None] * half + d[None, :]
-    cos = tl.load(cos_ptr + at, mask=m_ok[:, None] & pair_ok[None, :], other=1.0)
-    sin = tl.load(sin_ptr + at, mask=m_ok[:, None] & pair_ok[None, :], other=0.0)
     a, c = x1.to(tl.float32), x2.to(tl.float32)
     rotated = (head < n_q + n_kv)[None, :]
     y1 = tl.where(rotated, a * cos - c * sin, a).to(out.dtype)
@@ -327,9 +342,7 @@ def _rope_append_epilogue(out, rows_m, m_ok, q_ptr, s_qm, cos_ptr, sin_ptr, kc_p
     tl.store(q_at + half, y2, mask=is_q)
     is_v = head >= n_q + n_kv
     kv_head = tl.where(is_v, head - n_q - n_kv, head - n_q)
-    live = m_ok & (s < tl.load(lens_ptr + b, mask=m_ok, other=0))
-    slot = tl.load(slots_ptr + b, mask=m_ok, other=0).to(tl.int64)
-    dst = (slot * c_slot + (start + s).to(tl.int64) * c_pos)[:, None] + (kv_head.to(tl.int64) * c_head + d)[None, :]
+    dst = (slot * c_slot + cache_pos * c_pos)[:, None] + (kv_head.to(tl.int64) * c_head + d)[None, :]
     keep = live[:, None] & pair_ok[None, :] & (head >= n_q)[None, :]
     is_k = keep & ~is_v[None, :]
     tl.store(kc_ptr + dst, y1.to(kc_ptr.dtype.element_ty), mask=is_k)
