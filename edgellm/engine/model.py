@@ -223,14 +223,25 @@ def _fusable(weights: ModelWeights, cfg: EngineConfig, lora: LoraBatch | None, h
 FUSED_NORM_ROWS = 1
 
 
-def _rope_fusable(cfg: EngineConfig, rope: RopeTables, layer: int, tree, positions) -> bool:
-    """Whether the qkv GEMV can finish with RoPE and the KV append (gemv.RopeAppend): rotary positions
+# A single row's qkv GEMV of at most this many weight bytes keeps rope_kv_append as a kernel of its own:
+# H100 (bench/RESULTS.md), SmolLM2-135M shape (1.1 MB) batch 1 1895 -> 1792 tok/s with the epilogue,
+# while batch 16 (19065 -> 19894) and the Llama-3.2-1B shape (12.6 MB; 893 -> 908) gain by it.
+ROPE_EPILOGUE_MIN_BYTES = 4 << 20
+
+
+def _rope_fusable(cfg: EngineConfig, rope: RopeTables, layer: int, tree, positions, rows: int = 1,
+                  qkv_bytes: int = ROPE_EPILOGUE_MIN_BYTES + 1) -> bool:
+    """Whether the qkv GEMV finishes with RoPE and the KV append (gemv.RopeAppend): rotary positions
     over the whole head at the cache positions, from the model's one table (no q/k norms between the
-    projection and the rotation, no trees, explicit or multimodal positions, per-layer tables);
-    EDGELLM_FUSED_ROPE=0 keeps rope_kv_append a kernel of its own (A/B runs)."""
+    projection and the rotation, no trees, explicit or multimodal positions, per-layer tables), and
+    where it measured faster (ROPE_EPILOGUE_MIN_BYTES); EDGELLM_FUSED_ROPE=0 / =1 turns it off / on
+    wherever it can run (A/B runs)."""
     import os
 
-    return os.environ.get("EDGELLM_FUSED_ROPE", "1") != "0" and cfg.positions != "learned" and not cfg.qk_norm and tree is None and positions is None \
+    setting = os.environ.get("EDGELLM_FUSED_ROPE")
+    if setting == "0" or (setting is None and rows == 1 and qkv_bytes <= ROPE_EPILOGUE_MIN_BYTES):
+        return False
+    return cfg.positions != "learned" and not cfg.qk_norm and tree is None and positions is None \
         and rope.offsets is None and 2 * rope.cos.shape[-1] == cfg.head_dim \
         and not (cfg.layer_window(layer) and rope.local is not None)
 
@@ -259,7 +270,7 @@ def _forward_fused(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     with early_release(rows == 1):
         for index, lw in enumerate(weights.layers):
             keys, values = cache.layer(index)
-            rotate = _rope_fusable(cfg, rope, index, tree, positions)
+            rotate = _rope_fusable(cfg, rope, index, tree, positions, rows, lw.qkv.nbytes)
             spec = gemv.RopeAppend(rope.cos, rope.sin, keys, values, slots, starts, q_lens, cfg.num_attention_heads) \
                 if rotate else None
             qkv = project(h, lw.qkv, lw.qkv_bias, lw.input_norm, rope_append=spec)
