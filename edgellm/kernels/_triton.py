@@ -2,7 +2,6 @@
 decorator below returns the function as it is), the kernels are never launched, and every op runs
 its torch reference."""
 
-import contextlib
 import threading
 
 import torch
@@ -52,19 +51,15 @@ _pdl_devices: dict = {}
 _pdl_state = threading.local()
 
 
-@contextlib.contextmanager
 def early_release(enabled: bool = True):
     """Within this block, kernels launched with PDL release the next kernel right after their wait
     instead of after their loads (use_pdl mode 2). The decode step of one row asks for it: there its
     short kernels' launches then hide behind the kernel before (H100, bench/RESULTS.md: SmolLM2-135M
     shape 1640 -> 1822 tok/s); with 16 rows the early-placed waiting programs cost the running GEMV
     more than they save (Llama-3.2-1B shape 9750 -> 8616)."""
-    previous = getattr(_pdl_state, "early", False)
-    _pdl_state.early = enabled
-    try:
-        yield
-    finally:
-        _pdl_state.early = previous
+    from .dispatch import thread_flag
+
+    return thread_flag(_pdl_state, "early", enabled)
 
 
 def use_pdl(tensor: torch.Tensor) -> int:

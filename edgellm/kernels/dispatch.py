@@ -27,30 +27,29 @@ def _forced_reference() -> bool:
 
 
 @contextlib.contextmanager
-def use_reference(enabled: bool = True):
-    """Within this block every op runs its torch reference, whatever the device."""
-    previous = _forced_reference()
-    _state.force_reference = enabled
+def thread_flag(state: threading.local, name: str, enabled: bool):
+    """Sets state.<name> for the calling thread within the block, restoring what it was after."""
+    previous = getattr(state, name, False)
+    setattr(state, name, enabled)
     try:
         yield
     finally:
-        _state.force_reference = previous
+        setattr(state, name, previous)
+
+
+def use_reference(enabled: bool = True):
+    """Within this block every op runs its torch reference, whatever the device."""
+    return thread_flag(_state, "force_reference", enabled)
 
 
 def _reference_forbidden() -> bool:
     return getattr(_state, "forbid_reference_on_cuda", False) or os.environ.get("EDGELLM_FORBID_REF_ON_CUDA") == "1"
 
 
-@contextlib.contextmanager
 def forbid_reference_on_cuda(enabled: bool = True):
     """Debug switch: within this block (or with EDGELLM_FORBID_REF_ON_CUDA=1) a reference op called
     on a CUDA tensor raises, proving the GPU hot path is all Triton."""
-    previous = getattr(_state, "forbid_reference_on_cuda", False)
-    _state.forbid_reference_on_cuda = enabled
-    try:
-        yield
-    finally:
-        _state.forbid_reference_on_cuda = previous
+    return thread_flag(_state, "forbid_reference_on_cuda", enabled)
 
 
 class ReferenceOnCudaError(RuntimeError):
