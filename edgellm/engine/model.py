@@ -9,6 +9,7 @@ at positions starts[b] ... of cache slot slots[b]. Every hot-path op goes throug
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from ..kernels import gemv
 from ..kernels import ops as dispatched_ops
+from ..kernels._triton import early_release
 from ..quant.formats import QuantizedWeight
 from .config import EngineConfig
 from .kv_cache import LinearKVCache
@@ -207,8 +209,6 @@ def _fusable(weights: ModelWeights, cfg: EngineConfig, lora: LoraBatch | None, h
     """Whether the step can take the fused decode path (_forward_fused): decode-sized rows on the GPU,
     RMSNorm and a gated MLP, no sandwich norms, no LoRA, no calibration hook; EDGELLM_FUSED_GEMV=0
     turns it off (A/B runs)."""
-    import os
-
     if lora is not None or cfg.norm != "rms" or cfg.mlp != "gated" or getattr(ops, "observe_linear", None) \
             or os.environ.get("EDGELLM_FUSED_GEMV", "1") == "0" or not _decode_sized(hidden.reshape(-1, hidden.shape[-1])):
         return False
@@ -236,8 +236,6 @@ def _rope_fusable(cfg: EngineConfig, rope: RopeTables, layer: int, tree, positio
     projection and the rotation, no trees, explicit or multimodal positions, per-layer tables), and
     where it measured faster (ROPE_EPILOGUE_MIN_BYTES); EDGELLM_FUSED_ROPE=0 / =1 turns it off / on
     wherever it can run (A/B runs)."""
-    import os
-
     setting = os.environ.get("EDGELLM_FUSED_ROPE")
     if setting == "0" or (setting is None and rows == 1 and qkv_bytes <= ROPE_EPILOGUE_MIN_BYTES):
         return False
@@ -250,13 +248,10 @@ def _forward_fused(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
                    hidden: torch.Tensor, slots, starts, q_lens, ends, ops, tree, positions, every_token: bool):
     """forward_logits at decode sizes with the residual adds in the epilogues of the o and down
     projections, SiLU * up in the gate/up projection's, and (one row) each RMSNorm inside the GEMV
-    that reads its output: per layer qkv, RoPE + KV append, attention, o, gate/up, down (four launches
-    fewer than the chain of separate ops; each fused op computes what the separate ones would). h is
-    the residual stream (the sum that add_rms_norm would have written)."""
-    import os
-
-    from ..kernels._triton import early_release
-
+    that reads its output, and (_rope_fusable) RoPE + the KV append in the qkv projection: per layer
+    at least qkv, attention, o, gate/up, down (up to four launches fewer than the chain of separate
+    ops; each fused op computes what the separate ones would). h is the residual stream (the sum that
+    add_rms_norm would have written)."""
     rows = hidden.shape[0] * hidden.shape[1]
     fuse_norm = rows <= int(os.environ.get("EDGELLM_FUSED_NORM_ROWS", FUSED_NORM_ROWS))
     eps = cfg.rms_norm_eps

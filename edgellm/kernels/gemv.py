@@ -12,10 +12,9 @@ layout, and small BLOCK_N, so even a narrow matrix gets a few programs per SM (f
 faster than the tensor-core tile, for fp16 a few percent: bench/RESULTS.md).
 """
 
-from typing import NamedTuple
-
 import torch
 
+from .gemv_fusions import RopeAppend, check_fusions, load_x, rope_append_epilogue, rope_operands, row_rstd
 from ._triton import dot_precision, pdl_release, pdl_wait, pow2, prefetch_l2, tl, triton, use_pdl
 from .rms_norm import rms_norm_ref
 from .rope_append import rope_kv_append_ref
@@ -101,9 +100,9 @@ def _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, grou
         zm = _zero_f32(z)[:, :, None]
         lo -= zm  # small integers, exact in fp16 / bf16
         hi -= zm
-        x_lo = _x_in(x_base[:, :, None] + cols[None], m_ok[:, None, None] & (cols < k)[None], nw_ptr + cols[None],
+        x_lo = load_x(x_base[:, :, None] + cols[None], m_ok[:, None, None] & (cols < k)[None], nw_ptr + cols[None],
                      (cols < k)[None], rstd[:, None, None], NORM)
-        x_hi = _x_in(x_base[:, :, None] + cols[None] + 16, m_ok[:, None, None] & (cols + 16 < k)[None],
+        x_hi = load_x(x_base[:, :, None] + cols[None] + 16, m_ok[:, None, None] & (cols + 16 < k)[None],
                      nw_ptr + cols[None] + 16, (cols + 16 < k)[None], rstd[:, None, None], NORM)
         dtype = x_lo.dtype
         d = tl.dot(tl.reshape(x_lo, [BLOCK_M, BLOCK_K // 2]),
@@ -116,43 +115,19 @@ def _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, grou
 
 
 @triton.jit
-def _x_in(ptrs, mask, nw_ptrs, nw_mask, rstd, NORM: tl.constexpr):
-    """Loads x; NORM: RMSNorm-ed as kernels/rms_norm.py rounds it (normalised in float32, cast to x's
-    dtype, times the norm weight), so a GEMV with the norm in front reads what the norm kernel would
-    have written."""
-    x = tl.load(ptrs, mask=mask, other=0.0)
-    if NORM:
-        x = (x.to(tl.float32) * rstd).to(x.dtype) * tl.load(nw_ptrs, mask=nw_mask, other=0.0)
-    return x
-
-
-@triton.jit
-def _rstd(x_base, m_ok, k, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """1 / sqrt(mean(x^2) + eps) of each row of x [BLOCK_M], in float32: a pass over x (from L2: the
-    kernel before just wrote it) before the K loop."""
-    cols = tl.arange(0, BLOCK_K)
-    sq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, k, BLOCK_K):
-        kk = k0 + cols
-        x = tl.load(x_base + kk[None, :], mask=m_ok[:, None] & (kk < k)[None, :], other=0.0).to(tl.float32)
-        sq += x * x
-    return 1.0 / tl.sqrt(tl.sum(sq, axis=1) / k + eps)
-
-
-@triton.jit
 def _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, group, nw_ptr, rstd, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, QUANT: tl.constexpr, NORM: tl.constexpr):
     """x[0] . W[rows_n] on the CUDA cores, [BLOCK_N] float32, less the per-channel scales (int8 / fp8
     apply them after). Products accumulate elementwise in the tile (int4: per block of 32 columns, to
     take the block's scale), reduced over K once at the end. NORM: x is RMS-normalised on the way in
-    (_x_in)."""
+    (load_x)."""
     if QUANT == 2:  # int4: blocks of 32 columns, each in one group: per block and row, the codes
         # less the zero dotted with x, times the scale
         acc = tl.zeros([BLOCK_N, BLOCK_K // 32], dtype=tl.float32)
         for b0 in tl.range(0, (k + 1) // 2, BLOCK_K // 2, num_stages=NUM_STAGES):
             lo, hi, s, z, cols = _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, BLOCK_K // 32)
-            x_lo = _x_in(x_ptr + cols, cols < k, nw_ptr + cols, cols < k, rstd, NORM).to(tl.float32)[None]
-            x_hi = _x_in(x_ptr + cols + 16, cols + 16 < k, nw_ptr + cols + 16, cols + 16 < k, rstd,
+            x_lo = load_x(x_ptr + cols, cols < k, nw_ptr + cols, cols < k, rstd, NORM).to(tl.float32)[None]
+            x_hi = load_x(x_ptr + cols + 16, cols + 16 < k, nw_ptr + cols + 16, cols + 16 < k, rstd,
                          NORM).to(tl.float32)[None]
             zm = _zero_f32(z)[:, :, None]
             acc += tl.sum((lo - zm) * x_lo + (hi - zm) * x_hi, axis=2) * s
@@ -164,7 +139,7 @@ def _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, group, nw_pt
             zm = _zero_f32(tl.load(zp_ptr + rows_n, mask=n_ok, other=0.0))[:, None]
         for k0 in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
             kk = k0 + cols
-            x = _x_in(x_ptr + kk, kk < k, nw_ptr + kk, kk < k, rstd, NORM).to(tl.float32)[None, :]
+            x = load_x(x_ptr + kk, kk < k, nw_ptr + kk, kk < k, rstd, NORM).to(tl.float32)[None, :]
             if QUANT == 1:
                 q = tl.load(w_base + kk[None, :], mask=n_ok[:, None] & (kk < k)[None, :], other=0).to(tl.int32)
                 acc += (_codes_f32(q) - zm) * x
@@ -243,11 +218,11 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
     w_base = w_ptr + w_rows.to(tl.int64)[:, None] * s_wn
     x_base = x_ptr + rows_m[:, None] * s_xm
     if ROPE:
-        cos, sin, slot, cache_pos, live = _rope_operands(rows_m, m_ok, cos_ptr, sin_ptr, slots_ptr, starts_ptr, lens_ptr,
+        cos, sin, slot, cache_pos, live = rope_operands(rows_m, m_ok, cos_ptr, sin_ptr, slots_ptr, starts_ptr, lens_ptr,
                                                          seq_len, n_pos, half, n, BLOCK_N)
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
     if NORM:
-        rstd = _rstd(x_base, m_ok, k, eps, BLOCK_M, BLOCK_K)
+        rstd = row_rstd(x_base, m_ok, k, eps, BLOCK_M, BLOCK_K)
     if ROW_FMA:  # BLOCK_M is 1
         acc = _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, w_rows, s_sn, k, group, nw_ptr, tl.sum(rstd, axis=0),
                         BLOCK_N, BLOCK_K, NUM_STAGES, QUANT, NORM)[None, :]
@@ -260,7 +235,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
             zero = tl.load(zp_ptr + w_rows, mask=n_ok, other=0.0).to(x_ptr.dtype.element_ty)[:, None]
         for k0 in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
             kk = k0 + cols
-            x = _x_in(x_base + kk[None, :], m_ok[:, None] & (kk < k)[None, :], nw_ptr + kk[None, :], (kk < k)[None, :],
+            x = load_x(x_base + kk[None, :], m_ok[:, None] & (kk < k)[None, :], nw_ptr + kk[None, :], (kk < k)[None, :],
                       rstd[:, None], NORM)
             w = _weight_tile(w_base, kk, k, n_ok, x_ptr.dtype.element_ty, QUANT)
             if QUANT == 1:
@@ -291,65 +266,13 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
         out_cols = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         out_ok = out_cols < n
     if ROPE:
-        _rope_append_epilogue(out, rows_m, m_ok, y_ptr, s_ym, cos, sin, slot, cache_pos, live, kc_ptr, vc_ptr, half,
+        rope_append_epilogue(out, rows_m, m_ok, y_ptr, s_ym, cos, sin, slot, cache_pos, live, kc_ptr, vc_ptr, half,
                               n_q, n_kv, n, c_slot, c_head, c_pos, BLOCK_M, BLOCK_N)
     else:
         mask = m_ok[:, None] & out_ok[None, :]
         if RESIDUAL:  # the residual stream's add, as the next norm kernel would do it
             out += tl.load(r_ptr + rows_m[:, None] * s_rm + out_cols[None, :], mask=mask, other=0.0)
         tl.store(y_ptr + rows_m[:, None] * s_ym + out_cols[None, :], out, mask=mask)
-
-
-@triton.jit
-def _rope_operands(rows_m, m_ok, cos_ptr, sin_ptr, slots_ptr, starts_ptr, lens_ptr, seq_len, n_pos, half, n_pairs,
-                   BLOCK_N: tl.constexpr):
-    """What the rope_append epilogue needs besides the tile, loaded before the K loop so that these
-    dependent loads (the row's start, then its cos/sin) overlap the weight stream: cos and sin of each
-    token's position and pair [BLOCK_M, BLOCK_N // 2], each token's cache offset, whether it writes."""
-    pair = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-    b = rows_m // seq_len
-    s = rows_m % seq_len
-    start = tl.load(starts_ptr + b, mask=m_ok, other=0)
-    pos = tl.maximum(tl.minimum(start + s, n_pos - 1), 0)
-    at = pos.to(tl.int64)[:, None] * half + (pair % half)[None, :]
-    ok = m_ok[:, None] & (pair < n_pairs)[None, :]
-    cos = tl.load(cos_ptr + at, mask=ok, other=1.0)
-    sin = tl.load(sin_ptr + at, mask=ok, other=0.0)
-    live = m_ok & (s < tl.load(lens_ptr + b, mask=m_ok, other=0))
-    slot = tl.load(slots_ptr + b, mask=m_ok, other=0).to(tl.int64)
-    return cos, sin, slot, (start + s).to(tl.int64), live
-
-
-@triton.jit
-def _rope_append_epilogue(out, rows_m, m_ok, q_ptr, s_qm, cos, sin, slot, cache_pos, live, kc_ptr, vc_ptr, half,
-                          n_q, n_kv, n_pairs, c_slot, c_head, c_pos, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The qkv projection's tile [BLOCK_M tokens, BLOCK_N // 2 pairs (d, d + half) of one head's features]
-    as kernels/rope_append.py handles it: query and key pairs rotated at the token's position (fp32,
-    rounded), queries stored to q, keys and values appended to the cache at the row's slot (tokens
-    past the row's length write nothing)."""
-    x1, x2 = tl.split(tl.reshape(out, [BLOCK_M, BLOCK_N // 2, 2]))
-    pair = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-    head = pair // half  # over the query, key and value heads in turn
-    d = pair % half
-    pair_ok = pair < n_pairs
-    a, c = x1.to(tl.float32), x2.to(tl.float32)
-    rotated = (head < n_q + n_kv)[None, :]
-    y1 = tl.where(rotated, a * cos - c * sin, a).to(out.dtype)
-    y2 = tl.where(rotated, c * cos + a * sin, c).to(out.dtype)
-    is_q = (head < n_q)[None, :] & pair_ok[None, :] & m_ok[:, None]
-    q_at = q_ptr + rows_m[:, None] * s_qm + (head * 2 * half + d)[None, :]
-    tl.store(q_at, y1, mask=is_q)
-    tl.store(q_at + half, y2, mask=is_q)
-    is_v = head >= n_q + n_kv
-    kv_head = tl.where(is_v, head - n_q - n_kv, head - n_q)
-    dst = (slot * c_slot + cache_pos * c_pos)[:, None] + (kv_head.to(tl.int64) * c_head + d)[None, :]
-    keep = live[:, None] & pair_ok[None, :] & (head >= n_q)[None, :]
-    is_k = keep & ~is_v[None, :]
-    tl.store(kc_ptr + dst, y1.to(kc_ptr.dtype.element_ty), mask=is_k)
-    tl.store(kc_ptr + dst + half, y2.to(kc_ptr.dtype.element_ty), mask=is_k)
-    keep_v = keep & is_v[None, :]
-    tl.store(vc_ptr + dst, y1.to(vc_ptr.dtype.element_ty), mask=keep_v)
-    tl.store(vc_ptr + dst + half, y2.to(vc_ptr.dtype.element_ty), mask=keep_v)
 
 
 # Weight prefetch before the wait (H100, bench/RESULTS.md): the first 4 KB of each row of a small matrix
@@ -378,47 +301,6 @@ def supports(weight) -> bool:
     return getattr(weight, "kind", None) != "int4" or weight.group % 32 == 0
 
 
-class RopeAppend(NamedTuple):
-    """What gemv(..., rope_append=) needs to finish a qkv projection as kernels/rope_append.py does:
-    rotary tables [positions, head_dim / 2] (the whole head rotates), the layer's key and value caches
-    [slots, kv_heads, capacity, head_dim], each row's cache slot, start position and token count [B]."""
-    cos: torch.Tensor
-    sin: torch.Tensor
-    k_cache: torch.Tensor
-    v_cache: torch.Tensor
-    slots: torch.Tensor
-    starts: torch.Tensor
-    lengths: torch.Tensor
-    q_heads: int
-
-
-def _check_fusions(x, weight, lora, norm, glu, residual, lead, n, rope_append=None) -> None:
-    if lora is not None and (norm is not None or glu is not None or residual is not None or rope_append is not None):
-        raise ValueError("gemv: the LoRA epilogue does not combine with norm, glu, residual or rope_append")
-    if rope_append is not None:
-        r = rope_append
-        head_dim = r.k_cache.shape[-1]
-        kv_heads = r.k_cache.shape[1]
-        if glu is not None or residual is not None:
-            raise ValueError("gemv: rope_append does not combine with glu or residual")
-        if x.dim() != 3 or r.slots.shape != (x.shape[0],) or r.v_cache.shape != r.k_cache.shape \
-                or 2 * r.cos.shape[-1] != head_dim or weight.shape[0] != (r.q_heads + 2 * kv_heads) * head_dim:
-            raise ValueError(f"gemv: rope_append needs x [B, S, K], per-row slots, a rotary dim equal to the head "
-                             f"dim and q/k/v rows of weight; got x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
-                             f"cache {tuple(r.k_cache.shape)}, rotary dim {2 * r.cos.shape[-1]}")
-    if glu is not None:
-        if glu not in GATE_ACTIVATIONS:
-            raise ValueError(f"gemv: unknown glu activation {glu!r}; supported: {', '.join(GATE_ACTIVATIONS)}")
-        if weight.shape[0] % 2:
-            raise ValueError(f"gemv: glu needs gate rows then up rows, got {weight.shape[0]} rows")
-        if residual is not None:
-            raise ValueError("gemv: glu and residual do not combine")
-    if norm is not None and norm[0].shape != (x.shape[-1],):
-        raise ValueError(f"gemv: norm weight {tuple(norm[0].shape)} does not match x {tuple(x.shape)}")
-    if residual is not None and (tuple(residual.shape) != (*lead, n) or residual.dtype != x.dtype):
-        raise ValueError(f"gemv: residual {tuple(residual.shape)} {residual.dtype} must be {(*lead, n)} {x.dtype}")
-
-
 def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None,
          lora=None, row_fma: bool | None = None, norm=None, glu: str | None = None,
          residual: torch.Tensor | None = None, rope_append: RopeAppend | None = None) -> torch.Tensor:
@@ -442,7 +324,7 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
     data = weight.data if quant else weight
     if m > MAX_ROWS or weight.shape[1] != k or data.stride(-1) != 1:
         raise ValueError(f"gemv: x {tuple(x.shape)} (at most {MAX_ROWS} rows) does not fit weight {tuple(weight.shape)}")
-    _check_fusions(x, weight, lora, norm, glu, residual, lead, n, rope_append)
+    check_fusions(x, weight, lora, norm, glu, residual, lead, n, rope_append)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     r2 = residual.reshape(-1, n).contiguous() if residual is not None else x2
@@ -507,7 +389,7 @@ def gemv_ref(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=
     rms_norm_ref before, silu_mul_ref (glu), the residual add or rope_kv_append_ref after."""
     *lead, _ = x.shape
     pairs = glu is not None or rope_append is not None
-    _check_fusions(x, weight, lora, norm, glu, residual, lead, weight.shape[0] // (2 if pairs else 1), rope_append)
+    check_fusions(x, weight, lora, norm, glu, residual, lead, weight.shape[0] // (2 if pairs else 1), rope_append)
     if getattr(weight, "kind", None):
         from ..quant.formats import dequantize
 
