@@ -5,7 +5,7 @@ then the final norm, the LM head and sampling as in the chain; "chain" is the ke
 model.forward_logits. EDGELLM_DECODE=chain|persistent forces one. The default is the chain: measured
 on the H100 (RESULTS.md), the persistent step beat the chain of separate ops where a step is
 latency-bound (SmolLM2-135M shape: 1630 against 1414 tok/s) but not the chain with the norms,
-SiLU * up and residual adds fused into its GEMVs (1904 against 1622); and it loses where it streams
+SiLU * up and residual adds fused into its GEMVs (1901 against 1624); and it loses where it streams
 large matrices (Llama-3.2-1B shape, 121 MB per layer: 0.69-0.78x, its GEMV tiles reaching 55-70% of
 the bandwidth that the chain's many small programs reach). It stays as a mode for A/B runs and as the
 base of the work on a one-launch step.
