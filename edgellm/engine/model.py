@@ -229,8 +229,8 @@ FUSED_NORM_ROWS = 1
 ROPE_EPILOGUE_MIN_BYTES = 4 << 20
 
 
-def _rope_fusable(cfg: EngineConfig, rope: RopeTables, layer: int, tree, positions, rows: int = 1,
-                  qkv_bytes: int = ROPE_EPILOGUE_MIN_BYTES + 1) -> bool:
+def _rope_fusable(cfg: EngineConfig, rope: RopeTables, layer: int, tree, positions, rows: int,
+                  qkv_bytes: int) -> bool:
     """Whether the qkv GEMV finishes with RoPE and the KV append (gemv.RopeAppend): rotary positions
     over the whole head at the cache positions, from the model's one table (no q/k norms between the
     projection and the rotation, no trees, explicit or multimodal positions, per-layer tables), and

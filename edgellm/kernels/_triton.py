@@ -6,6 +6,8 @@ import threading
 
 import torch
 
+from .dispatch import thread_flag
+
 try:
     import triton
     import triton.language as tl
@@ -34,8 +36,9 @@ def dot_precision(dtype: torch.dtype) -> str:
 # Programmatic dependent launch (Hopper and later). A decode step is hundreds of short dependent
 # kernels, each paying a launch and a drain. A kernel launched with launch_pdl=True may be scheduled
 # as soon as every program of the kernel before it has called gdc_launch_dependents(), which ours do
-# once their loads are done, just before their final stores; it then blocks in gdc_wait(), at its
-# very start, until that kernel has finished and its writes are visible. So nothing is read or
+# once their loads are done, just before their final stores (or, in early_release mode, right after
+# their own wait); it then blocks in gdc_wait(), before any load that depends on the kernel before,
+# until that kernel has finished and its writes are visible. So nothing is read or
 # written early, and the next launch overlaps the previous kernel's tail (bench/chain.py measured a
 # 30-layer GEMV chain 8% faster). Kernels launched without it (torch's, cuBLAS) wait as usual.
 try:
@@ -57,8 +60,6 @@ def early_release(enabled: bool = True):
     short kernels' launches then hide behind the kernel before (H100, bench/RESULTS.md: SmolLM2-135M
     shape 1640 -> 1822 tok/s); with 16 rows the early-placed waiting programs cost the running GEMV
     more than they save (Llama-3.2-1B shape 9750 -> 8616)."""
-    from .dispatch import thread_flag
-
     return thread_flag(_pdl_state, "early", enabled)
 
 

@@ -14,8 +14,8 @@ faster than the tensor-core tile, for fp16 a few percent: bench/RESULTS.md).
 
 import torch
 
-from .gemv_fusions import RopeAppend, check_fusions, load_x, rope_append_epilogue, rope_operands, row_rstd
 from ._triton import dot_precision, pdl_release, pdl_wait, pow2, prefetch_l2, tl, triton, use_pdl
+from .gemv_fusions import RopeAppend, check_fusions, load_x, rope_append_epilogue, rope_operands, row_rstd
 from .rms_norm import rms_norm_ref
 from .rope_append import rope_kv_append_ref
 from .silu_mul import GATE_ACTIVATIONS, gate_activation, silu_mul_ref
