@@ -45,7 +45,7 @@ def layer_weights(shape: dict, layers: int):
     return [dict(qkv=w(qkv, h), o=w(h, shape["num_attention_heads"] * d), gate_up=w(2 * i, h), down=w(h, i)) for _ in range(layers)]
 
 
-def chain(kind: str, weights, x: torch.Tensor):
+def chain(kind: str, weights, x: torch.Tensor, tile=None):
     h = x.shape[-1]
     for lw in weights:
         q_size = lw["o"].shape[1]
@@ -54,8 +54,9 @@ def chain(kind: str, weights, x: torch.Tensor):
             qkv = F.linear(x, lw["qkv"])
             x = F.linear(F.linear(F.linear(qkv[:, :q_size], lw["o"])[:, :h], lw["gate_up"])[:, :i], lw["down"])
         else:
-            qkv = gemv.gemv(x, lw["qkv"])
-            x = gemv.gemv(gemv.gemv(gemv.gemv(qkv[:, :q_size], lw["o"]), lw["gate_up"])[:, :i], lw["down"])
+            qkv = gemv.gemv(x, lw["qkv"], tile=tile)
+            x = gemv.gemv(gemv.gemv(gemv.gemv(qkv[:, :q_size], lw["o"], tile=tile), lw["gate_up"], tile=tile)[:, :i],
+                          lw["down"], tile=tile)
     return x
 
 
@@ -85,6 +86,9 @@ def main() -> int:
     parser.add_argument("--shapes", nargs="+", default=["smollm2-135m", "llama-3.2-1b"])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--json", default=None)
+    parser.add_argument("--tiles", nargs="*", default=[], metavar="N,K,WARPS,STAGES",
+                        help="multi-row tiles to sweep (rows > 1), each under PDL with release after the loads")
+    parser.add_argument("--variants", nargs="*", default=None, help="the named variants to run (default: all)")
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
@@ -97,11 +101,14 @@ def main() -> int:
         for rows in args.rows:
             x = torch.randn(rows, shape["hidden_size"], device="cuda", dtype=torch.float16)
             reference = None
-            for variant, (kind, pdl, prefetch) in VARIANTS.items():
+            runs = [(name, spec, None) for name, spec in VARIANTS.items() if args.variants is None or name in args.variants]
+            if rows > 1:
+                runs += [(f"tile {t}", ("triton", "1", "0"), tuple(int(v) for v in t.split(","))) for t in args.tiles]
+            for variant, (kind, pdl, prefetch), tile in runs:
                 os.environ["EDGELLM_PDL"], os.environ["EDGELLM_GEMV_PREFETCH"] = pdl, prefetch
                 try:
-                    out = chain(kind, weights, x)
-                    us = time_graph(lambda w=weights: chain(kind, w, x))
+                    out = chain(kind, weights, x, tile)
+                    us = time_graph(lambda w=weights: chain(kind, w, x, tile))
                     error = None
                 except Exception as exc:  # noqa: BLE001 - report the variant as failed, go on
                     us, out, error = None, None, f"{type(exc).__name__}: {str(exc)[:200]}"

@@ -8,8 +8,10 @@ Run on a CUDA GPU:  python bench/profile_ttft.py [--shape llama-3.2-1b] [--lengt
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -26,6 +28,37 @@ from edgellm.kernels import ops  # noqa: E402
 def timed(fn, repeats: int = 20) -> float:
     """Median milliseconds of fn(), the GPU synchronised around each call."""
     return statistics.median(sync_time(fn) for _ in range(repeats)) * 1e3
+
+
+def timeline(fn, label: str, gaps: int = 6) -> None:
+    """One call of fn under the profiler, as a timeline: when the first and last kernels ran relative
+    to the call's start and end (the host time before the GPU starts and after it stops), the host
+    calls on the way (top-level ops and CUDA API calls over 15 us), and the GPU's largest idle gaps."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with torch.profiler.record_function("timeline_call"):
+            fn()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = [e for e in json.load(open(f.name))["traceEvents"] if e.get("ph") == "X"]
+    call = next(e for e in events if e["name"] == "timeline_call" and e.get("cat") == "user_annotation")
+    t0, t1 = call["ts"], call["ts"] + call["dur"]
+    gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    gpu = [e for e in gpu if t0 <= e["ts"] <= t1 + 50]
+    busy = sum(e["dur"] for e in gpu)
+    print(f"timeline {label}: call {t1 - t0:.0f} us; GPU from +{gpu[0]['ts'] - t0:.0f} to "
+          f"+{gpu[-1]['ts'] + gpu[-1]['dur'] - t0:.0f} us ({len(gpu)} ops, {busy:.0f} us busy); "
+          f"host after the GPU: {t1 - gpu[-1]['ts'] - gpu[-1]['dur']:.0f} us")
+    host = sorted((e for e in events if e.get("cat") in ("cpu_op", "cuda_runtime", "user_annotation")
+                   and t0 <= e["ts"] <= t1 and e is not call and e["dur"] >= 15), key=lambda e: e["ts"])
+    for e in host[:40]:
+        print(f"  host +{e['ts'] - t0:7.0f} us {e['dur']:7.0f} us  {e['name'][:70]}")
+    holes = sorted(((b["ts"] - a["ts"] - a["dur"], a["ts"] - t0, b["name"][:50]) for a, b in zip(gpu, gpu[1:])),
+                   reverse=True)[:gaps]
+    for hole, at, name in holes:
+        print(f"  GPU idle {hole:6.1f} us at +{at:.0f} us before {name}")
 
 
 def profile_hit(args) -> int:
@@ -46,6 +79,8 @@ def profile_hit(args) -> int:
     hit = timed(lambda: runtime.handle_request(request(prefix + fresh(48))))
     cold = timed(lambda: runtime.handle_request(request(fresh(48))))
     response = runtime.handle_request(request(prefix + fresh(48)))
+    timeline(lambda: runtime.handle_request(request(prefix + fresh(48))), "device hit")
+    timeline(lambda: runtime.handle_request(request(fresh(48))), "48 cold")
     print(f"device hit {hit:.3f} ms, 48 cold (with saving) {cold:.3f} ms; last hit: {response.kv_reuse}")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -67,6 +102,7 @@ def main() -> int:
     parser.add_argument("--trace", type=Path, help="write a chrome trace of one request here")
     parser.add_argument("--hit", action="store_true",
                         help="profile device-tier KV hits instead: a saved 1984-token prefix + 48 new tokens")
+    parser.add_argument("--timeline-only", action="store_true", help="skip the profiler tables (timelines only)")
     args = parser.parse_args()
     if args.hit:
         return profile_hit(args)
@@ -94,6 +130,9 @@ def main() -> int:
         print(f"TTFT parts, {args.shape}, prompt {length} (ms, median of 20):")
         for name, ms in phases.items():
             print(f"  {name:32s} {ms:7.3f}")
+        timeline(lambda: runtime.handle_request(request), f"prompt {length}")
+        if args.timeline_only:
+            continue
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
