@@ -219,7 +219,9 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, part_out_ptr, part_lse_ptr, slot
                              BLOCK_G, BLOCK_N, BLOCK_D, PRECISION, False)
     row = (b * n_heads + heads).to(tl.int64) * n_splits + split
     pdl_release(PDL)
-    tl.store(part_out_ptr + row[:, None] * head_dim + d[None, :], out, mask=g_ok[:, None] & d_ok[None, :])
+    # A split past the row's keys (the split count follows the cache's capacity, the keys the row's
+    # length) writes only its -inf log-sum-exp: the merge reads no part whose lse is -inf.
+    tl.store(part_out_ptr + row[:, None] * head_dim + d[None, :], out, mask=(g_ok & (g * 0 + lo < hi))[:, None] & d_ok[None, :])
     tl.store(part_lse_ptr + row, lse, mask=g_ok)
 
 
@@ -239,8 +241,10 @@ def _decode_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, s_ob, s_oh, n_head
     row = (b * n_heads + h).to(tl.int64) * n_splits + s
     lse = tl.load(part_lse_ptr + row, mask=s < n_splits, other=float("-inf"))
     weight = tl.exp2(lse - tl.max(lse, axis=0))
+    # Parts without keys (lse -inf: weight 0) are not read: a runtime sized for long prompts splits
+    # into up to 64 parts, of which a short context fills a few.
     part = tl.load(part_out_ptr + row[:, None] * head_dim + d[None, :],
-                   mask=(s[:, None] < n_splits) & (d[None, :] < head_dim), other=0.0)
+                   mask=(s[:, None] < n_splits) & (lse > float("-inf"))[:, None] & (d[None, :] < head_dim), other=0.0)
     out = (tl.sum(part * weight[:, None], axis=0) / tl.sum(weight, axis=0)).to(out_ptr.dtype.element_ty)
     if HAS_LORA:
         shrink_finish(a_tile, out, h * head_dim + d, d < head_dim, a_ptr, adapter, gr, s_as, s_ar,
