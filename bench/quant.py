@@ -73,7 +73,7 @@ def kernel_rows(bandwidth, kinds=KINDS, tiles=TILES, row_tiles=ROW_TILES, batche
             for kind in kinds:
                 qw = w if kind is None else quantize(w, kind)
                 nbytes = qw.nbytes if kind else w.numel() * 2
-                candidates = [(t, False) for t in tiles or [gemv._tile(kind, n)]]
+                candidates = [(t, False) for t in tiles or [gemv._tile(kind, n, k)]]
                 if m == 1:
                     candidates += [(t, True) for t in row_tiles or [gemv._row_tile(kind, n, k)]]
                 for tile, row_fma in candidates:
@@ -119,7 +119,7 @@ def main() -> int:
             best[key] = r
     for r in out.get("kernel", []):
         kind = None if r["kind"] == "fp16" else r["kind"]
-        default = gemv._row_tile(kind, r["n"], r["k"]) if r["row_fma"] else gemv._tile(kind, r["n"])
+        default = gemv._row_tile(kind, r["n"], r["k"]) if r["row_fma"] else gemv._tile(kind, r["n"], r["k"])
         if tuple(r["tile"]) in (tuple(best[(r["n"], r["k"], r["m"], r["kind"], r["row_fma"])]["tile"]), tuple(default)):
             print(f"gemv {r['n']:6d}x{r['k']:<5d} m{r['m']:<2d} {r['kind']:5s} {'fma ' if r['row_fma'] else 'dot '}"
                   f"tile {str(tuple(r['tile'])):18s} {r['us']:7.1f} us  floor {r['floor_us']:6.1f}  {r['pct']:3.0f}%"

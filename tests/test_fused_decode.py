@@ -22,11 +22,12 @@ def _chain_logits(monkeypatch, *args, **kwargs):
         monkeypatch.delenv("EDGELLM_FUSED_GEMV")
 
 
-@pytest.mark.parametrize("family,norm_rows", [("llama", "16"), ("llama", "1"), ("qwen3", "16")])
+@pytest.mark.parametrize("family,norm_rows", [("llama", "16"), ("llama", "1"), ("qwen3", "16"), ("qwen3", "1")])
 def test_fused_decode_matches_the_chain(tmp_path, monkeypatch, family, norm_rows):
     """A prefill chunk of 3 tokens on two rows (one padded), then 6 decode steps of both rows, each
     through both paths from caches that start equal; qwen3 adds q/k norms and an explicit head_dim.
-    norm_rows: the RMSNorm inside the GEMVs for every chunk (16), or as its own kernel (1)."""
+    norm_rows: the RMSNorm inside the GEMVs for every chunk (16: each GEMV reads x for its statistics),
+    or (1) for chunks of over one row from the sums of squares that the o and down GEMVs leave."""
     monkeypatch.setenv("EDGELLM_FUSED_NORM_ROWS", norm_rows)
     build_model(family, tmp_path)
     runner = LLMEngineRunner(tmp_path, device=DEVICE, dtype="float16", max_batch_size=2, cuda_graphs=False,

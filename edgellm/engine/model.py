@@ -91,15 +91,17 @@ def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, key
                      slots: torch.Tensor, starts: torch.Tensor,
                      q_lens: torch.Tensor, ends: torch.Tensor, ops, lora: LoraBatch | None,
                      layer: int, tree: "TokenTree | None", positions: torch.Tensor | None,
-                     residual: torch.Tensor | None = None, rotated: bool = False) -> torch.Tensor:
-    """Attention and the o projection (plus `residual`, when given: the fused decode path's add).
-    rotated: `qkv` holds the rotated queries only, their keys and values already in the cache (the
-    qkv GEMV's rope_append epilogue)."""
+                     residual: torch.Tensor | None = None, rotated: bool = False,
+                     sumsq_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention and the o projection (plus `residual`, when given: the fused decode path's add, and
+    with sumsq_out the sums of squares of its rows, gemv's). rotated: `qkv` holds the rotated queries
+    only, their keys and values already in the cache (the qkv GEMV's rope_append epilogue)."""
     batch, seq, _ = qkv.shape
     window = cfg.layer_window(layer)
     if rotated:
         q = qkv.reshape(batch, seq, cfg.num_attention_heads, cfg.head_dim)
-        return _attend(lw, cfg, q, keys, values, slots, starts, q_lens, ends, ops, lora, layer, tree, window, residual)
+        return _attend(lw, cfg, q, keys, values, slots, starts, q_lens, ends, ops, lora, layer, tree, window, residual,
+                       sumsq_out)
     q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
     q = q.reshape(batch, seq, cfg.num_attention_heads, cfg.head_dim)
     k = k.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
@@ -119,12 +121,13 @@ def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, key
         cos, sin = rope.local if window and rope.local is not None else (rope.cos, rope.sin)
         q = ops.rope_kv_append(q, k, v, cos, sin, keys, values, slots, starts, q_lens, positions,
                                offsets=None if three else rope.offsets, sections=rope.sections if three else None)
-    return _attend(lw, cfg, q, keys, values, slots, starts, q_lens, ends, ops, lora, layer, tree, window, residual)
+    return _attend(lw, cfg, q, keys, values, slots, starts, q_lens, ends, ops, lora, layer, tree, window, residual,
+                   sumsq_out)
 
 
 def _attend(lw: LayerWeights, cfg: EngineConfig, q: torch.Tensor, keys, values, slots, starts, q_lens, ends, ops,
             lora: LoraBatch | None, layer: int, tree: "TokenTree | None", window: int,
-            residual: torch.Tensor | None) -> torch.Tensor:
+            residual: torch.Tensor | None, sumsq_out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of the rotated queries q [B, S, heads, head_dim] over the cache, then the o projection."""
     batch, seq = q.shape[:2]
     scale = cfg.attention_scale
@@ -139,7 +142,7 @@ def _attend(lw: LayerWeights, cfg: EngineConfig, q: torch.Tensor, keys, values, 
         out = ops.tree_attention(q, keys, values, slots, starts, q_lens, tree.bits, scale, window)
     out = out.reshape(batch, seq, cfg.q_size)
     if residual is not None:  # (no LoRA on this path: _fusable)
-        return _linear(out, lw.o_proj, lw.o_bias, ops, residual=residual)
+        return _linear(out, lw.o_proj, lw.o_bias, ops, residual=residual, sumsq_out=sumsq_out)
     return _project(out, lw.o_proj, lw.o_bias, lora, layer, "o", ops, t)
 
 
@@ -247,19 +250,28 @@ def _rope_fusable(cfg: EngineConfig, rope: RopeTables, layer: int, tree, positio
 def _forward_fused(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCache, rope: RopeTables,
                    hidden: torch.Tensor, slots, starts, q_lens, ends, ops, tree, positions, every_token: bool):
     """forward_logits at decode sizes with the residual adds in the epilogues of the o and down
-    projections, SiLU * up in the gate/up projection's, and (one row) each RMSNorm inside the GEMV
-    that reads its output, and (_rope_fusable) RoPE + the KV append in the qkv projection: per layer
-    at least qkv, attention, o, gate/up, down (up to four launches fewer than the chain of separate
-    ops; each fused op computes what the separate ones would). h is the residual stream (the sum that
-    add_rms_norm would have written)."""
+    projections, SiLU * up in the gate/up projection's, each RMSNorm inside the GEMV that reads its
+    output, and (_rope_fusable) RoPE + the KV append in the qkv projection: per layer qkv, attention,
+    o, gate/up, down (up to five launches fewer than the chain of separate ops; each fused op computes
+    what the separate ones would). h is the residual stream (the sum that add_rms_norm would have
+    written). The norm's statistics: at one row each GEMV reads its row of x for them (row_rstd); over
+    more rows the o and down GEMVs add up their output rows' sums of squares as they store them
+    (sumsq_out, one zeroed vector per norm), so the next GEMV's programs read one number per row
+    instead of a pass over x each (which lost: FUSED_NORM_ROWS); the first layer's input norm and the
+    final norm stay kernels of their own there."""
     rows = hidden.shape[0] * hidden.shape[1]
     fuse_norm = rows <= int(os.environ.get("EDGELLM_FUSED_NORM_ROWS", FUSED_NORM_ROWS))
     eps = cfg.rms_norm_eps
+    n_layers = len(weights.layers)
+    sums = None if fuse_norm else torch.zeros(2 * n_layers, rows, dtype=torch.float32, device=hidden.device)
 
-    def project(x, weight, bias, norm_weight, **epilogue):
-        if fuse_norm:
-            return ops.gemv(x, weight, bias, norm=(norm_weight, eps), **epilogue)
+    def project(x, weight, bias, norm_weight, sumsq=None, **epilogue):
+        if fuse_norm or sumsq is not None:
+            return ops.gemv(x, weight, bias, norm=(norm_weight, eps), norm_sumsq=sumsq, **epilogue)
         return ops.gemv(ops.rms_norm(x, norm_weight, eps), weight, bias, **epilogue)
+
+    def sumsq(i):  # the sums of squares of the residual stream after its i-th update (o, down, o, ...)
+        return sums[i] if sums is not None and 0 <= i < 2 * n_layers - 1 else None
 
     h = hidden
     with early_release(rows == 1):
@@ -268,11 +280,11 @@ def _forward_fused(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
             rotate = _rope_fusable(cfg, rope, index, tree, positions, rows, lw.qkv.nbytes)
             spec = gemv.RopeAppend(rope.cos, rope.sin, keys, values, slots, starts, q_lens, cfg.num_attention_heads) \
                 if rotate else None
-            qkv = project(h, lw.qkv, lw.qkv_bias, lw.input_norm, rope_append=spec)
+            qkv = project(h, lw.qkv, lw.qkv_bias, lw.input_norm, sumsq(2 * index - 1), rope_append=spec)
             h = _attention_block(lw, cfg, qkv, keys, values, rope, slots, starts, q_lens, ends, ops, None, index, tree,
-                                 positions, residual=h, rotated=rotate)
-            x = project(h, lw.gate_up, lw.gate_up_bias, lw.post_norm, glu=cfg.activation)
-            h = ops.gemv(x, lw.down, lw.down_bias, residual=h)
+                                 positions, residual=h, rotated=rotate, sumsq_out=sumsq(2 * index))
+            x = project(h, lw.gate_up, lw.gate_up_bias, lw.post_norm, sumsq(2 * index), glu=cfg.activation)
+            h = ops.gemv(x, lw.down, lw.down_bias, residual=h, sumsq_out=sumsq(2 * index + 1))
         if not every_token:
             last = (q_lens.long() - 1).clamp(min=0)
             h = h[torch.arange(h.shape[0], device=h.device), last][:, None]
@@ -300,7 +312,7 @@ def _norm(ops, cfg: EngineConfig, x: torch.Tensor, residual: torch.Tensor | None
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ops,
-            residual: torch.Tensor | None = None) -> torch.Tensor:
+            residual: torch.Tensor | None = None, sumsq_out: torch.Tensor | None = None) -> torch.Tensor:
     # At decode sizes (a few rows) on the GPU, the Triton skinny GEMM: it streams the LM head faster
     # than cuBLAS (bench/RESULTS.md: 1B shape 177 us vs 194 us), matches it on the layer matrices, and,
     # launched with PDL like its neighbours, overlaps their launch and drain (bench/RESULTS.md: SmolLM2
@@ -309,9 +321,12 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, op
     if observe is not None:
         observe(x, weight)
     if _decode_sized(x, weight):
-        return ops.gemv(x, weight, bias, residual=residual)
+        return ops.gemv(x, weight, bias, residual=residual, sumsq_out=sumsq_out)
     y = F.linear(x, _dense(weight, x.dtype, ops), bias)
-    return y if residual is None else y + residual
+    y = y if residual is None else y + residual
+    if sumsq_out is not None:
+        sumsq_out += y.reshape(-1, y.shape[-1]).float().square().sum(-1)
+    return y
 
 
 def _dense(weight, dtype: torch.dtype, ops) -> torch.Tensor:

@@ -15,24 +15,29 @@ faster than the tensor-core tile, for fp16 a few percent: bench/RESULTS.md).
 import torch
 
 from ._triton import dot_precision, pdl_release, pdl_wait, pow2, prefetch_l2, tl, triton, use_pdl
-from .gemv_fusions import RopeAppend, check_fusions, load_x, rope_append_epilogue, rope_operands, row_rstd
+from .gemv_fusions import RopeAppend, check_fusions, check_sums, load_x, rope_append_epilogue, rope_operands, row_rstd
 from .rms_norm import rms_norm_ref
 from .rope_append import rope_kv_append_ref
 from .silu_mul import GATE_ACTIVATIONS, gate_activation, silu_mul_ref
 from .lora import _segment_ends, check_expand_operands, delta_constants, extended_b, lora_delta, lora_expand_ref, lora_t
 
 MAX_ROWS = 16  # rows of x one launch handles (padded to 16 for tl.dot)
-# (BLOCK_N, BLOCK_K, num_warps, num_stages): chosen from the H100 sweep in bench/RESULTS.md
+# (BLOCK_N, BLOCK_K, num_warps, num_stages): chosen from H100 sweeps in bench/RESULTS.md. The layer
+# matrices of a 2-16-row step (bench/chain.py --tiles, a step's GEMVs under PDL) want narrow 2-warp
+# tiles, five stages deep: more programs per SM, each with 64 KB in flight (Llama-3.2-1B shape, 16 rows:
+# 924 -> 842 us a step; 4 rows 933 -> 818); an LM head (not swept that way; told apart by its shape:
+# a vocabulary of over 16x the hidden size, where a layer's gate/up has at most ~11x) keeps the wide tile.
 DEFAULT_TILE = (32, 256, 4, 4)
+LAYER_TILE = (16, 256, 2, 5)
 # Packed formats (bench/quant.py sweep, H100): wide matrices like (64, 256), narrow ones (N < 8192,
 # few programs) like (32, 512); int4 has no good tile yet (RESULTS.md, issue 17).
 QUANT_TILES = {"int8": (32, 512, 4, 4), "int4": (64, 128, 4, 4), "fp8": (32, 512, 4, 4)}
 WIDE_QUANT_TILE = (64, 256, 4, 4)
 
 
-def _tile(quant: str | None, n: int):
+def _tile(quant: str | None, n: int, k: int):
     if quant is None:
-        return DEFAULT_TILE
+        return LAYER_TILE if n <= 16 * k else DEFAULT_TILE
     return WIDE_QUANT_TILE if quant in ("int8", "fp8") and n >= 8192 else QUANT_TILES[quant]
 
 
@@ -165,7 +170,7 @@ def _weight_tile(w_base, kk, k, n_ok, dtype: tl.constexpr, QUANT: tl.constexpr):
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                  t_ptr, lb_ptr, idx_ptr, used_ptr, scale_ptr, n_splits, end0, end1, s_bs,
-                 sc_ptr, zp_ptr, s_sn, group, nw_ptr, eps, r_ptr, s_rm,
+                 sc_ptr, zp_ptr, s_sn, group, nw_ptr, eps, r_ptr, s_rm, nsq_ptr, sq_ptr,
                  cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr, starts_ptr, lens_ptr, seq_len, n_pos, half, n_q, n_kv,
                  c_slot, c_head, c_pos,
                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -173,7 +178,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                  SPLITS: tl.constexpr, BLOCK_GR: tl.constexpr, LORA_PRECISION: tl.constexpr, UNROLL: tl.constexpr,
                  ONE_ROW: tl.constexpr, QUANT: tl.constexpr, ROW_FMA: tl.constexpr, PREFETCH: tl.constexpr,
                  LINE: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                 ROPE: tl.constexpr):
+                 ROPE: tl.constexpr, SUMSQ: tl.constexpr):
     j = tl.arange(0, BLOCK_N)
     if GLU:  # the tile's rows pair each output feature's gate row with its up row (n rows further)
         rows_n = tl.program_id(0) * (BLOCK_N // 2) + j // 2  # the output feature of each tile row
@@ -221,8 +226,10 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
         cos, sin, slot, cache_pos, live = rope_operands(rows_m, m_ok, cos_ptr, sin_ptr, slots_ptr, starts_ptr, lens_ptr,
                                                          seq_len, n_pos, half, n, BLOCK_N)
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if NORM:
+    if NORM == 1:
         rstd = row_rstd(x_base, m_ok, k, eps, BLOCK_M, BLOCK_K)
+    elif NORM == 2:  # the rows' sums of squares, added up by the GEMV that wrote x (SUMSQ)
+        rstd = 1.0 / tl.sqrt(tl.load(nsq_ptr + rows_m, mask=m_ok, other=0.0) / k + eps)
     if ROW_FMA:  # BLOCK_M is 1
         acc = _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, w_rows, s_sn, k, group, nw_ptr, tl.sum(rstd, axis=0),
                         BLOCK_N, BLOCK_K, NUM_STAGES, QUANT, NORM)[None, :]
@@ -273,6 +280,9 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
         if RESIDUAL:  # the residual stream's add, as the next norm kernel would do it
             out += tl.load(r_ptr + rows_m[:, None] * s_rm + out_cols[None, :], mask=mask, other=0.0)
         tl.store(y_ptr + rows_m[:, None] * s_ym + out_cols[None, :], out, mask=mask)
+        if SUMSQ:  # this tile's part of each output row's sum of squares, for the next GEMV's RMSNorm
+            f = tl.where(mask, out.to(tl.float32), 0.0)
+            tl.atomic_add(sq_ptr + rows_m, tl.sum(f * f, axis=1), mask=m_ok, sem="relaxed")
 
 
 # Weight prefetch before the wait (H100, bench/RESULTS.md): the first 4 KB of each row of a small matrix
@@ -303,7 +313,8 @@ def supports(weight) -> bool:
 
 def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None,
          lora=None, row_fma: bool | None = None, norm=None, glu: str | None = None,
-         residual: torch.Tensor | None = None, rope_append: RopeAppend | None = None) -> torch.Tensor:
+         residual: torch.Tensor | None = None, rope_append: RopeAppend | None = None,
+         norm_sumsq: torch.Tensor | None = None, sumsq_out: torch.Tensor | None = None) -> torch.Tensor:
     """x: [..., K] with at most MAX_ROWS rows in all; weight: [N, K], a tensor or a QuantizedWeight;
     bias: [N] or None -> [..., N]. lora: None, or (t, b_stack, index, used, scale, segments) as
     lora_expand takes them: adds each row's adapter delta in the epilogue. row_fma: one row of x on
@@ -314,7 +325,12 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
     gate rows then up rows and the result is silu_mul's, [..., N / 2]; residual ([..., N]): added to
     the result (the residual stream's add of add_rms_norm); rope_append (RopeAppend; x [B, S, K], weight
     the qkv projection): rope_kv_append's work, returning the rotated queries [B, S, q_heads * head_dim]
-    and appending the keys and values to the cache."""
+    and appending the keys and values to the cache.
+
+    Sums of squares, so that a norm over several rows needs no pass of its own over x: sumsq_out
+    ([rows] float32, zeroed by the caller) gets each output row's sum of squares added (of the result
+    as stored, the residual included); norm_sumsq ([rows] float32, with norm=): x's rows' sums of
+    squares, as an earlier GEMV's sumsq_out left them, which the norm then uses instead of reading x."""
     *lead, k = x.shape
     quant = getattr(weight, "kind", None)  # a QuantizedWeight (edgellm/quant)
     pairs = glu is not None or rope_append is not None  # tiles of row pairs: n counts pairs
@@ -325,6 +341,7 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
     if m > MAX_ROWS or weight.shape[1] != k or data.stride(-1) != 1:
         raise ValueError(f"gemv: x {tuple(x.shape)} (at most {MAX_ROWS} rows) does not fit weight {tuple(weight.shape)}")
     check_fusions(x, weight, lora, norm, glu, residual, lead, n, rope_append)
+    check_sums(m, norm, norm_sumsq, sumsq_out, rope_append)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     r2 = residual.reshape(-1, n).contiguous() if residual is not None else x2
@@ -333,7 +350,7 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
     if row_fma and m != 1:
         raise ValueError(f"gemv: row_fma takes one row of x, got {m}")
     rows_w = weight.shape[0]  # the tiles were chosen for the weight's rows (glu: twice the outputs)
-    block_n, block_k, warps, stages = tile or (_row_tile(quant, rows_w, k) if row_fma else _tile(quant, rows_w))
+    block_n, block_k, warps, stages = tile or (_row_tile(quant, rows_w, k) if row_fma else _tile(quant, rows_w, k))
     block_k = min(block_k, pow2(k, 32 if quant == "int4" else 16))  # int4 tiles are whole blocks of 32
     if quant == "int4":
         if not supports(weight):
@@ -372,24 +389,28 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
     _gemv_kernel[(triton.cdiv(n, block_n // 2 if pairs else block_n),)](
         x2, data, bias if bias is not None else y, y, m, n, k, x2.stride(0), data.stride(0), y.stride(0),
         *lora_args, scales, zeros, scales.stride(0) if scales.dim() == 2 else 1, weight.group if quant == "int4" else 1,
-        norm[0] if norm is not None else x2, norm[1] if norm is not None else 0.0, r2, r2.stride(0), *rope_args,
+        norm[0] if norm is not None else x2, norm[1] if norm is not None else 0.0, r2, r2.stride(0),
+        norm_sumsq if norm_sumsq is not None else y, sumsq_out if sumsq_out is not None else y, *rope_args,
         HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), BLOCK_M=1 if row_fma else 16, BLOCK_N=block_n,
         BLOCK_K=block_k, NUM_STAGES=stages, PDL=pdl, **constants, QUANT=QUANT_CODES[quant], ROW_FMA=row_fma,
-        PREFETCH=prefetch, LINE=128 // data.element_size(), NORM=norm is not None,
+        PREFETCH=prefetch, LINE=128 // data.element_size(), NORM=0 if norm is None else 1 if norm_sumsq is None else 2,
         GLU=0 if glu is None else 1 + GATE_ACTIVATIONS.index(glu), RESIDUAL=residual is not None,
-        ROPE=rope_append is not None, num_warps=warps, launch_pdl=pdl > 0)
+        ROPE=rope_append is not None, SUMSQ=sumsq_out is not None, num_warps=warps, launch_pdl=pdl > 0)
     return y.reshape(*lead, out_n)
 
 
 def gemv_ref(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None,
              lora=None, row_fma: bool | None = None, norm=None, glu: str | None = None,
-             residual: torch.Tensor | None = None, rope_append: RopeAppend | None = None) -> torch.Tensor:
+             residual: torch.Tensor | None = None, rope_append: RopeAppend | None = None,
+             norm_sumsq: torch.Tensor | None = None, sumsq_out: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight^T (+ bias) in x's dtype: torch's linear (cuBLAS on the GPU), over the dequantized
     weight when it is packed; plus lora_expand_ref. The fused neighbours as their own references:
-    rms_norm_ref before, silu_mul_ref (glu), the residual add or rope_kv_append_ref after."""
+    rms_norm_ref before (from x itself: norm_sumsq only says what x's sums of squares are), silu_mul_ref
+    (glu), the residual add or rope_kv_append_ref after; sumsq_out gets the result's sums of squares."""
     *lead, _ = x.shape
     pairs = glu is not None or rope_append is not None
     check_fusions(x, weight, lora, norm, glu, residual, lead, weight.shape[0] // (2 if pairs else 1), rope_append)
+    check_sums(x.reshape(-1, x.shape[-1]).shape[0], norm, norm_sumsq, sumsq_out, rope_append)
     if getattr(weight, "kind", None):
         from ..quant.formats import dequantize
 
@@ -410,4 +431,7 @@ def gemv_ref(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=
                                v.reshape(batch, seq, kv_heads, head_dim), r.cos, r.sin, r.k_cache, r.v_cache, r.slots,
                                r.starts, r.lengths)
         return q.reshape(batch, seq, -1)
-    return y if residual is None else y + residual
+    y = y if residual is None else y + residual
+    if sumsq_out is not None:
+        sumsq_out += y.reshape(-1, y.shape[-1]).float().square().sum(-1)
+    return y

@@ -128,3 +128,15 @@ def check_fusions(x, weight, lora, norm, glu, residual, lead, n, rope_append=Non
         raise ValueError(f"gemv: norm weight {tuple(norm[0].shape)} does not match x {tuple(x.shape)}")
     if residual is not None and (tuple(residual.shape) != (*lead, n) or residual.dtype != x.dtype):
         raise ValueError(f"gemv: residual {tuple(residual.shape)} {residual.dtype} must be {(*lead, n)} {x.dtype}")
+
+
+def check_sums(rows: int, norm, norm_sumsq, sumsq_out, rope_append) -> None:
+    """gemv's norm_sumsq / sumsq_out: [rows] float32 vectors; norm_sumsq only with a norm, sumsq_out not
+    with the rope epilogue (which stores queries and cache entries, not a row of the stream)."""
+    for name, t in (("norm_sumsq", norm_sumsq), ("sumsq_out", sumsq_out)):
+        if t is not None and (t.shape != (rows,) or t.dtype != torch.float32 or not t.is_contiguous()):
+            raise ValueError(f"gemv: {name} must be a contiguous float32 [{rows}], got {tuple(t.shape)} {t.dtype}")
+    if norm_sumsq is not None and norm is None:
+        raise ValueError("gemv: norm_sumsq is the norm's input statistics; it needs norm=")
+    if sumsq_out is not None and rope_append is not None:
+        raise ValueError("gemv: sumsq_out does not combine with rope_append")
