@@ -126,7 +126,9 @@ def main() -> int:
     parser.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES), help="decode rows' shape")
     parser.add_argument("--ttft-shape", default="llama-3.2-1b", choices=sorted(SHAPES))
     parser.add_argument("--new", type=int, default=2000, help="tokens generated per decode request")
-    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--iterations", type=int, default=3, help="decode requests per row (median)")
+    parser.add_argument("--ttft-iterations", type=int, default=15,
+                        help="requests per TTFT row (median): a KV hit's TTFT moved +-25%% between medians of 3")
     parser.add_argument("--skip", nargs="*", default=[], choices=["decode", "ttft"])
     parser.add_argument("--cache-dir", default="/tmp/edgellm-bench")
     parser.add_argument("--json", type=Path)
@@ -141,7 +143,7 @@ def main() -> int:
         torch.cuda.empty_cache()
     if "ttft" not in args.skip:
         log(f"TTFT, {args.ttft_shape}, batch 1")
-        result["ttft"] = ttft_rows(args.ttft_shape, args.cache_dir, args.iterations)
+        result["ttft"] = ttft_rows(args.ttft_shape, args.cache_dir, args.ttft_iterations)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     if "decode" in result:
