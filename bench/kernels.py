@@ -256,7 +256,28 @@ def cases():
                                 triton=lambda args=args, blk=blk, warps=warps: sampling.sample(
                                     *args, block=blk, num_warps=warps),
                                 torch=lambda: None, compile=None, bytes=logits.numel() * 4, baseline="-"))
-    return out + lora_cases(rnd) + tree_cases(rnd) + vision_cases(rnd) + vocab_cases()
+    return out + lora_cases(rnd) + tree_cases(rnd) + vision_cases(rnd) + vocab_cases() + kv_block_cases(rnd)
+
+
+def kv_block_cases(rnd):
+    """A device-tier KV hit's copy (engine/kv_store.py): 31 saved blocks of 64 tokens of the Llama-3.2-1B
+    shape from the pool into a cache slot, against torch's gather and copy into the slot's view (the
+    store's previous way)."""
+    from edgellm.kernels import kv_blocks
+
+    layers, hkv, d, tokens, n = 16, 8, 64, 64, 31
+    pool = rnd(64, layers, 2, hkv, tokens, d)
+    cache = rnd(layers, 2, 2, hkv, 2080, d)
+    places = torch.randperm(64, device=DEV)[:n]
+    positions = torch.arange(n, device=DEV)
+
+    def torch_copy():
+        view = cache[:, :, 1, :, :n * tokens].unflatten(3, (n, tokens)).permute(3, 0, 1, 2, 4, 5)
+        view.copy_(pool.index_select(0, places))
+
+    return [dict(name=f"kv_blocks to slot {n} x 64 tokens", triton=lambda: kv_blocks.blocks_to_slot(
+        pool, cache, 1, places, positions), torch=torch_copy, compile=None, bytes=2 * pool[0].numel() * 2 * n,
+        baseline="torch gather + copy")]
 
 
 def vocab_cases():

@@ -521,3 +521,33 @@ def test_decode_attention_with_fused_lora_shrink(dtype, head_dim):
     torch.testing.assert_close(out, out_ref, **TOL[dtype])
     assert t.shape[0] == hq
     _check_fused_shrink(t, t_ref, index, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tokens,head_dim", [(4, 16), (8, 48)])
+def test_kv_blocks_to_and_from_a_slot(dtype, tokens, head_dim):
+    """Saved blocks into a cache slot at scattered block positions (and out again into other places)
+    against the references, on caches that start equal; the slot's other positions and the other
+    slots stay as they were."""
+    from edgellm.kernels import kv_blocks
+
+    layers, slots, heads, capacity = 2, 3, 2, 6 * tokens
+    pool = randn(5, layers, 2, heads, tokens, head_dim, dtype=dtype, seed=1)
+    cache = randn(layers, 2, slots, heads, capacity, head_dim, dtype=dtype, seed=2)
+    places = torch.tensor([3, 0, 4], device=DEVICE)
+    positions = torch.tensor([0, 2, 5], device=DEVICE)
+    mine, ref = cache.clone(), cache.clone()
+    kv_blocks.blocks_to_slot(pool, mine, 1, places, positions)
+    kv_blocks.blocks_to_slot_ref(pool, ref, 1, places, positions)
+    assert torch.equal(mine, ref)
+    assert torch.equal(mine[:, :, 1, :, 2 * tokens:3 * tokens], pool[0])
+    assert torch.equal(mine[:, :, 1, :, tokens:2 * tokens], cache[:, :, 1, :, tokens:2 * tokens])
+    assert torch.equal(mine[:, :, [0, 2]], cache[:, :, [0, 2]])
+    out, out_ref = pool.clone(), pool.clone()
+    kv_blocks.blocks_from_slot(out, cache, 2, places, positions)
+    kv_blocks.blocks_from_slot_ref(out_ref, cache, 2, places, positions)
+    assert torch.equal(out, out_ref)
+    assert torch.equal(out[4], cache[:, :, 2, :, 5 * tokens:6 * tokens])
+    assert torch.equal(out[1], pool[1])
+    with pytest.raises(ValueError, match="kv_blocks"):
+        kv_blocks.blocks_to_slot(pool[:, :, :, :1], mine, 1, places, positions)

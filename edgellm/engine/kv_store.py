@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigurationError
+from ..kernels import ops
 from .kv_cache import LinearKVCache
 from .kv_disk import DiskTier
 from .kv_pool import DeviceBlockPool
@@ -209,12 +210,10 @@ class TieredKVStore:
             ready.record(self._side)
         return host, ready
 
-    def _slot_blocks(self, slot: int, blocks: int) -> torch.Tensor:
-        """The first `blocks` blocks of cache slot `slot` as [blocks, layers, 2, kv_heads, tokens, head_dim] (a view)."""
-        return self._slot_view(slot, 0, blocks).unflatten(3, (blocks, self.block_tokens)).permute(3, 0, 1, 2, 4, 5)
-
-    def _indices(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, pin_memory=self._cuda).to(self.device, non_blocking=True)
+    def _indices(self, *lists: list[int]) -> list[torch.Tensor]:
+        """Each list as an int64 tensor on the device, all in one copy from pinned memory."""
+        joined = torch.tensor([v for values in lists for v in values], dtype=torch.long, pin_memory=self._cuda)
+        return list(joined.to(self.device, non_blocking=True).split([len(values) for values in lists]))
 
     def _place(self, key: bytes) -> int:
         """A place in the device pool for a new block; the block evicted from it moves down a tier."""
@@ -248,14 +247,6 @@ class TieredKVStore:
                 staging[i].copy_(block, non_blocking=True)
         compute.wait_stream(self._side)
         return staging
-
-    def _copy_blocks(self, destination: torch.Tensor, positions: list[int], blocks: torch.Tensor) -> None:
-        """destination[positions] = blocks (destination's first dimension indexes blocks)."""
-        first = positions[0]
-        if positions == list(range(first, first + len(positions))):
-            destination[first:first + len(positions)].copy_(blocks)
-        else:
-            destination.index_copy_(0, self._indices(positions), blocks)
 
     def _demote_from_gpu(self, key: bytes, block: torch.Tensor) -> None:
         if self.host is not None:
@@ -308,13 +299,15 @@ class TieredKVStore:
         stats.hits_gpu += len(gpu_positions)
         stats.hits_host += len(host_positions)
         if reused:
-            destination = self._slot_blocks(slot, reused)
-            if places:  # one gather from the pool (before any promotion below can evict)
-                self._copy_blocks(destination, gpu_positions, self.gpu.data.index_select(0, self._indices(places)))
+            # Blocks go straight from the pool (or the staging buffer of host blocks) into the slot, one
+            # pass each (kernels/kv_blocks.py); the pool's first, before any promotion below can evict.
+            if places:
+                ops.blocks_to_slot(self.gpu.data, self.cache.data, slot, *self._indices(places, gpu_positions))
             if host_keys:
                 entries = [self.host.take(k) if self.gpu is not None else self.host.get(k) for k in host_keys]
                 staging = self._host_to_device(entries)
-                self._copy_blocks(destination, host_positions, staging)
+                ops.blocks_to_slot(staging, self.cache.data, slot,
+                                   *self._indices(list(range(len(host_keys))), host_positions))
                 if self.gpu is not None:  # promoted to the device tier
                     for key, block in zip(host_keys, staging):
                         self._put_gpu(key, block)
@@ -339,11 +332,10 @@ class TieredKVStore:
         if not new:
             return
         if self.gpu is not None and len(new) <= self.gpu.capacity:
-            # One gather into the pool. The new places evict none of each other: they are the most
-            # recently used and fit.
+            # One pass from the slot into the pool. The new places evict none of each other: they are
+            # the most recently used and fit.
             places = [self._place(keys[i]) for i in new]
-            blocks = self._slot_blocks(slot, len(keys))
-            self.gpu.data.index_copy_(0, self._indices(places), blocks.index_select(0, self._indices(new)))
+            ops.blocks_from_slot(self.gpu.data, self.cache.data, slot, *self._indices(places, new))
             if self.disk is not None:
                 for index, place in zip(new, places):
                     self.disk.write(keys[index], *self._to_host_from_pool(place))

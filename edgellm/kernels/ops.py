@@ -8,7 +8,7 @@ from . import attention, gemv as _gemv, kv_append as _kv_append, lora, rope, rop
 from . import rms_norm as _rms_norm, silu_mul as _silu_mul, vocab_remap as _vocab_remap
 from . import kv_compact as _kv_compact, tree_accept, tree_attention as _tree_attention, tree_step
 from . import activation as _activation, layer_norm as _layer_norm, segment_attention as _segment_attention
-from . import dequantize as _dequantize
+from . import dequantize as _dequantize, kv_blocks
 from ._triton import HAS_TRITON
 from .dispatch import KernelOp
 
@@ -41,11 +41,13 @@ add_layer_norm = _op("add_layer_norm", _layer_norm)
 activation = _op("activation", _activation)
 segment_attention = _op("segment_attention", _segment_attention)
 dequantize = _op("dequantize", _dequantize)
+blocks_to_slot = _op("blocks_to_slot", kv_blocks)
+blocks_from_slot = _op("blocks_from_slot", kv_blocks)
 
 ALL_OPS = (rms_norm, add_rms_norm, rope_cos_sin_cache, apply_rope, kv_append, prefill_attention,
            decode_attention, silu_mul, sample, vocab_remap, gemv, rope_kv_append, lora_shrink, lora_expand,
            accept_tree, kv_compact, tree_attention, tree_inputs, tree_commit, layer_norm, add_layer_norm, activation,
-           segment_attention, dequantize)
+           segment_attention, dequantize, blocks_to_slot, blocks_from_slot)
 
 
 def reference_ops():
