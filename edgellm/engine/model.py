@@ -263,7 +263,8 @@ def _forward_fused(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     fuse_norm = rows <= int(os.environ.get("EDGELLM_FUSED_NORM_ROWS", FUSED_NORM_ROWS))
     eps = cfg.rms_norm_eps
     n_layers = len(weights.layers)
-    sums = None if fuse_norm else torch.zeros(2 * n_layers, rows, dtype=torch.float32, device=hidden.device)
+    # (the last down GEMV's sums would feed the final norm, which stays a kernel of its own: no row for them)
+    sums = None if fuse_norm else torch.zeros(2 * n_layers - 1, rows, dtype=torch.float32, device=hidden.device)
 
     def project(x, weight, bias, norm_weight, sumsq=None, **epilogue):
         if fuse_norm or sumsq is not None:
@@ -271,7 +272,7 @@ def _forward_fused(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
         return ops.gemv(ops.rms_norm(x, norm_weight, eps), weight, bias, **epilogue)
 
     def sumsq(i):  # the sums of squares of the residual stream after its i-th update (o, down, o, ...)
-        return sums[i] if sums is not None and 0 <= i < 2 * n_layers - 1 else None
+        return sums[i] if sums is not None and 0 <= i < len(sums) else None
 
     h = hidden
     with early_release(rows == 1):
