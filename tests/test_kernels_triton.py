@@ -301,6 +301,48 @@ def test_gemv_fused_norm_glu_residual(dtype, m, n, k, quant):
         gemv.gemv(x, randn(2 * n - 1, k, dtype=dtype), glu="silu")
 
 
+@pytest.mark.parametrize("aim", [0, 16])
+def test_gemv_wide_rows_split_k(aim):
+    """A short prompt's rows (17..128, padded to 64 here) through the GEMV with its fusions, K whole
+    (aim 0) or split in parts that meet through the counters (kernels/split_k.py; aim 16 programs over 3
+    tiles: 4 parts), against the separate reference ops; the counters are back at zero afterwards."""
+    from edgellm.kernels import gemv, split_k
+    from edgellm.quant import quantize
+
+    dtype, m, n, k = torch.float16, 40, 48, 512
+    tile = (16, 32, 4, 2, aim)
+    assert split_k.split_count(3, k, 32, 16) == 4 and split_k.split_count(3, k, 32, 0) == 1
+    x, nw = randn(m, k, dtype=dtype), 1 + 0.1 * randn(k, dtype=dtype, seed=5)
+    w, w2 = (randn(2 * n, k, seed=1) / k ** 0.5).to(dtype), (randn(n, k, seed=2) / k ** 0.5).to(dtype)
+    bias, residual = randn(n, dtype=dtype, seed=3), randn(m, n, dtype=dtype, seed=4)
+    tol = dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(gemv.gemv(x, w2, bias, tile=tile), gemv.gemv_ref(x, w2, bias), **tol)
+    sums = torch.zeros(m, dtype=torch.float32, device=DEVICE)
+    out = gemv.gemv(x, w2, bias, residual=residual, sumsq_out=sums, tile=tile)
+    torch.testing.assert_close(out, gemv.gemv_ref(x, w2, bias) + residual, **tol)
+    torch.testing.assert_close(sums, out.float().square().sum(-1), rtol=1e-4, atol=1e-3)
+    glu = gemv.gemv(x, w, norm=(nw, 1e-5), norm_sumsq=x.float().square().sum(-1), glu="silu", tile=tile)
+    torch.testing.assert_close(glu, silu_mul.silu_mul_ref(gemv.gemv_ref(rms_norm.rms_norm_ref(x, nw, 1e-5), w)), **tol)
+    # RoPE + the KV append behind: 2 rows of 20 tokens, row 1 padded after 13
+    hq, hkv, head_dim, capacity = 2, 1, 16, 32
+    wq = (randn((hq + 2 * hkv) * head_dim, k, seed=6) / k ** 0.5).to(dtype)
+    cos, sin = rope.rope_cos_sin_cache_ref(rope.rope_inv_freq(head_dim, 10000.0).to(DEVICE), capacity)
+    caches = [randn(3, hkv, capacity, head_dim, dtype=dtype, seed=s) for s in (7, 8)]
+    mine, ref = [c.clone() for c in caches], [c.clone() for c in caches]
+    slots, starts, lengths = (torch.tensor(v, dtype=torch.int32, device=DEVICE) for v in ([2, 0], [0, 9], [20, 13]))
+    spec = gemv.RopeAppend(cos, sin, *mine, slots, starts, lengths, hq)
+    q = gemv.gemv(x.reshape(2, 20, k), wq, rope_append=spec, tile=tile)
+    q_ref = gemv.gemv_ref(x.reshape(2, 20, k), wq, rope_append=spec._replace(k_cache=ref[0], v_cache=ref[1]))
+    torch.testing.assert_close(q, q_ref, **tol)
+    torch.testing.assert_close(mine[0], ref[0], **tol)
+    torch.testing.assert_close(mine[1], ref[1], **tol)
+    assert not split_k.counters(x.device).any()
+    with pytest.raises(ValueError, match="at most 128 rows"):
+        gemv.gemv(randn(129, k, dtype=dtype), w2)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        gemv.gemv(x, quantize(w2.float(), "int8", dtype=dtype))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch,seq,hq,hkv,head_dim", [(1, 1, 4, 2, 16), (3, 1, 4, 1, 32), (2, 3, 6, 2, 16)])
 def test_gemv_fused_rope_append(dtype, batch, seq, hq, hkv, head_dim):

@@ -64,7 +64,7 @@ def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, l
     if t is None:
         t = ops.lora_shrink(x, a_stack, lora.index, lora.used)
     spec = (t, b_stack, lora.index, lora.used, lora.stacks.scale, lora.stacks.segments[group])
-    if _decode_sized(x, weight):
+    if _decode_sized(x, weight, spec):
         return ops.gemv(x, weight, bias, lora=spec)
     return ops.lora_expand(F.linear(x, _dense(weight, x.dtype, ops), bias), *spec)
 
@@ -213,11 +213,12 @@ def _fusable(weights: ModelWeights, cfg: EngineConfig, lora: LoraBatch | None, h
     RMSNorm and a gated MLP, no sandwich norms, no LoRA, no calibration hook; EDGELLM_FUSED_GEMV=0
     turns it off (A/B runs)."""
     if lora is not None or cfg.norm != "rms" or cfg.mlp != "gated" or getattr(ops, "observe_linear", None) \
-            or os.environ.get("EDGELLM_FUSED_GEMV", "1") == "0" or not _decode_sized(hidden.reshape(-1, hidden.shape[-1])):
+            or os.environ.get("EDGELLM_FUSED_GEMV", "1") == "0":
         return False
+    x = hidden.reshape(-1, hidden.shape[-1])
     return all(lw.attn_out_norm is None and lw.mlp_out_norm is None and
-               all(gemv.supports(w) for w in (lw.qkv, lw.o_proj, lw.gate_up, lw.down)) for lw in weights.layers) \
-        and gemv.supports(weights.lm_head)
+               all(_decode_sized(x, w) for w in (lw.qkv, lw.o_proj, lw.gate_up, lw.down)) for lw in weights.layers) \
+        and _decode_sized(x, weights.lm_head)
 
 
 # Rows up to which the RMSNorm goes into the GEMV that reads it (EDGELLM_FUSED_NORM_ROWS overrides):
@@ -336,7 +337,8 @@ def _dense(weight, dtype: torch.dtype, ops) -> torch.Tensor:
     return ops.dequantize(weight, dtype) if isinstance(weight, QuantizedWeight) else weight
 
 
-def _decode_sized(x: torch.Tensor, weight=None) -> bool:
-    """A few rows on the GPU: the GEMV's work (unless the weight is packed in a way it does not read)."""
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.numel() <= gemv.MAX_ROWS * x.shape[-1] \
-        and (weight is None or gemv.supports(weight))
+def _decode_sized(x: torch.Tensor, weight, lora=None) -> bool:
+    """Few enough rows on the GPU for the GEMV (gemv.max_rows: a decode step's, or a short prompt's
+    with full-precision weights and no LoRA), unless the weight is packed in a way it does not read."""
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) \
+        and x.numel() <= gemv.max_rows(weight, lora) * x.shape[-1] and gemv.supports(weight)
