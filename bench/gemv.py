@@ -1,6 +1,7 @@
 """Decode-time linear layers: the Triton skinny GEMM (edgellm/kernels/gemv.py) against cuBLAS
-(F.linear) on the weight shapes of Llama-3.2-1B and SmolLM2-135M, at 1, 4 and 16 rows, with a sweep
-of tiles. Timed "streamed" (bench/kernels.py): distinct weights, more than L2 holds, back to back
+(F.linear) on the weight shapes of Llama-3.2-1B and SmolLM2-135M, at 1, 4 and 16 rows (or a short
+prompt's 17-128: --rows 48 128), with a sweep of tiles (--tiles N,K,WARPS,STAGES[,PROGRAMS], the last
+being the programs that split-K aims for over 16 rows, 0: no split), each printed with --verbose. Timed "streamed" (bench/kernels.py): distinct weights, more than L2 holds, back to back
 from a CUDA graph, as in a decode step. Floor = weight bytes / copy bandwidth.
 
 Run on a CUDA GPU:  python bench/gemv.py --json bench/results/gemv.json
@@ -39,10 +40,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--tiles", nargs="*", default=None, metavar="N,K,WARPS,STAGES[,PROGRAMS]")
+    parser.add_argument("--only", nargs="*", default=None, help="shapes whose name contains one of these")
+    parser.add_argument("--verbose", action="store_true", help="every tile's time")
     args = parser.parse_args()
+    tiles = [tuple(int(v) for v in t.split(",")) for t in args.tiles] if args.tiles else TILES
     bandwidth = copy_bandwidth()
     results = []
     for name, (n, k) in SHAPES.items():
+        if args.only and not any(part in name for part in args.only):
+            continue
         nbytes = n * k * 2
         for m in args.rows:
             def fresh(i, tile=None, cublas=False, m=m, n=n, k=k):
@@ -52,7 +59,7 @@ def main() -> int:
 
             cublas = streamed_us(lambda i: fresh(i, cublas=True), nbytes)
             row = dict(shape=name, n=n, k=k, rows=m, floor_us=nbytes / bandwidth * 1e6, cublas_us=cublas, tiles={})
-            for tile in TILES:
+            for tile in tiles:
                 try:
                     row["tiles"][str(tile)] = streamed_us(lambda i, tile=tile: fresh(i, tile=tile), nbytes)
                 except Exception as exc:  # noqa: BLE001 - a tile that does not compile is skipped
@@ -62,8 +69,11 @@ def main() -> int:
             results.append(row)
             print(f"{name:<14s} m={m:<3d} floor {row['floor_us']:7.1f} us  cuBLAS {cublas:7.1f} us "
                   f"({100 * row['floor_us'] / cublas:3.0f}%)  triton best {best[0]:7.1f} us "
-                  f"({100 * row['floor_us'] / best[0]:3.0f}%) {best[1]}  default {row['tiles'][str(gemv.DEFAULT_TILE)]:7.1f}",
+                  f"({100 * row['floor_us'] / best[0]:3.0f}%) {best[1]}"
+                  + (f"  default {row['tiles'][str(gemv.DEFAULT_TILE)]:7.1f}" if str(gemv.DEFAULT_TILE) in row["tiles"] else ""),
                   flush=True)
+            if args.verbose:
+                print("    " + "  ".join(f"{tile} {us:.1f}" for tile, us in row["tiles"].items()), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(copy_TBps=bandwidth / 1e12, results=results),
                                               indent=2))

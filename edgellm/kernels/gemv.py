@@ -12,6 +12,8 @@ layout, and small BLOCK_N, so even a narrow matrix gets a few programs per SM (f
 faster than the tensor-core tile, for fp16 a few percent: bench/RESULTS.md).
 """
 
+import os
+
 import torch
 
 from ._triton import dot_precision, pdl_release, pdl_wait, pow2, prefetch_l2, tl, triton, use_pdl
@@ -20,7 +22,7 @@ from .gemv_fusions import RopeAppend, check_fusions, check_sums, load_x, rope_ap
 from .rms_norm import rms_norm_ref
 from .rope_append import rope_kv_append_ref
 from .silu_mul import GATE_ACTIVATIONS, gate_activation, silu_mul_ref
-from .split_k import counters, split_count, split_k_total
+from .split_k import counters, split_count, split_k_total, split_sums
 from .lora import _segment_ends, check_expand_operands, delta_constants, extended_b, lora_delta, lora_expand_ref, lora_t
 
 MAX_ROWS = 16  # rows of x one launch handles (padded to 16 for tl.dot) ...
@@ -188,7 +190,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                  SPLITS: tl.constexpr, BLOCK_GR: tl.constexpr, LORA_PRECISION: tl.constexpr, UNROLL: tl.constexpr,
                  ONE_ROW: tl.constexpr, QUANT: tl.constexpr, ROW_FMA: tl.constexpr, PREFETCH: tl.constexpr,
                  LINE: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                 ROPE: tl.constexpr, SUMSQ: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr):
+                 ROPE: tl.constexpr, SUMSQ: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
+                 ATOMIC_SPLIT: tl.constexpr):
     j = tl.arange(0, BLOCK_N)
     if GLU:  # the tile's rows pair each output feature's gate row with its up row (n rows further)
         rows_n = tl.program_id(0) * (BLOCK_N // 2) + j // 2  # the output feature of each tile row
@@ -250,8 +253,13 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if QUANT == 1:  # int8 codes less the row's zero: integers in -255..255, exact in fp16 and bf16
             zero = tl.load(zp_ptr + w_rows, mask=n_ok, other=0.0).to(x_ptr.dtype.element_ty)[:, None]
-        k_lo = tl.program_id(1) * k_split  # this program's part of K (SPLIT > 1: a multiple of BLOCK_K)
-        for k0 in tl.range(k_lo, tl.minimum(k, k_lo + k_split), BLOCK_K, num_stages=NUM_STAGES):
+        if SPLIT > 1:  # this program's part of K (a multiple of BLOCK_K long)
+            k_lo = tl.program_id(1) * k_split
+            k_end = tl.minimum(k, k_lo + k_split)
+        else:
+            k_lo = 0
+            k_end = k
+        for k0 in tl.range(k_lo, k_end, BLOCK_K, num_stages=NUM_STAGES):
             kk = k0 + cols
             x = load_x(x_base + kk[None, :], m_ok[:, None] & (kk < k)[None, :], nw_ptr + kk[None, :], (kk < k)[None, :],
                       rstd[:, None], NORM)
@@ -260,7 +268,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                 w -= zero
             acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
     if SPLIT > 1:  # the parts of K meet; the program completing the tile runs the epilogue alone
-        acc, m_ok = split_k_total(acc, ws_ptr, cnt_ptr, m_ok, BLOCK_M, BLOCK_N, SPLIT, INTERPRET)
+        acc, m_ok = split_k_total(acc, ws_ptr, cnt_ptr, m_ok, BLOCK_M, BLOCK_N, SPLIT, INTERPRET, ATOMIC_SPLIT)
         if ROPE:
             live = live & m_ok
     if QUANT == 1 or QUANT == 3:  # per-output-channel scales, once
@@ -415,11 +423,13 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
     if split > 1:
         k_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
         split = triton.cdiv(k, k_split)  # (every part holds some of K)
-        split_args = (torch.empty(split, tiles, block_m, block_n, dtype=torch.float32, device=x.device),
-                      counters(x.device), k_split)
+        atomic = os.environ.get("EDGELLM_SPLIT_FIXUP") == "atomic"
+        ws = split_sums(x.device, tiles * block_m * block_n) if atomic else \
+            torch.empty(split, tiles, block_m, block_n, dtype=torch.float32, device=x.device)
+        split_args = (ws, counters(x.device), k_split)
         prefetch = 0  # (the parts would fetch the same first lines)
     else:
-        split_args = (y, y, k)
+        split_args, atomic = (y, y, k), False
     _gemv_kernel[(tiles, split)](
         x2, data, bias if bias is not None else y, y, m, n, k, x2.stride(0), data.stride(0), y.stride(0),
         *lora_args, scales, zeros, scales.stride(0) if scales.dim() == 2 else 1, weight.group if quant == "int4" else 1,
@@ -430,7 +440,7 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
         BLOCK_K=block_k, NUM_STAGES=stages, PDL=pdl, **constants, QUANT=QUANT_CODES[quant], ROW_FMA=row_fma,
         PREFETCH=prefetch, LINE=128 // data.element_size(), NORM=0 if norm is None else 1 if norm_sumsq is None else 2,
         GLU=0 if glu is None else 1 + GATE_ACTIVATIONS.index(glu), RESIDUAL=residual is not None,
-        ROPE=rope_append is not None, SUMSQ=sumsq_out is not None, SPLIT=split, INTERPRET=interpreter_on(),
+        ROPE=rope_append is not None, SUMSQ=sumsq_out is not None, SPLIT=split, INTERPRET=interpreter_on(), ATOMIC_SPLIT=atomic,
         num_warps=warps, launch_pdl=pdl > 0)
     return y.reshape(*lead, out_n)
 

@@ -35,6 +35,17 @@ def counters(device: torch.device) -> torch.Tensor:
     return buf
 
 
+def split_sums(device: torch.device, size: int) -> torch.Tensor:
+    """EDGELLM_SPLIT_FIXUP=atomic (an A/B variant): a zeroed float32 buffer per device and stream that
+    the parts add into, left zeroed again by the programs that read the sums."""
+    key = ("sums", device.type, device.index, torch.cuda.current_stream(device).cuda_stream
+           if device.type == "cuda" else None)
+    buf = _counters.get(key)
+    if buf is None or buf.numel() < size:
+        buf = _counters[key] = torch.zeros(max(size, 1 << 22), dtype=torch.float32, device=device)
+    return buf
+
+
 def split_count(tiles: int, k: int, block_k: int, programs: int, min_k_steps: int = 4) -> int:
     """How many parts to cut K into so that about `programs` programs run (a power of two), each part
     still at least min_k_steps K tiles long (shorter ones spend more on the meeting than they stream)."""
@@ -48,7 +59,7 @@ def split_count(tiles: int, k: int, block_k: int, programs: int, min_k_steps: in
 
 @triton.jit
 def split_k_total(acc, ws_ptr, cnt_ptr, m_ok, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                  INTERPRET: tl.constexpr):
+                  INTERPRET: tl.constexpr, ATOMIC: tl.constexpr = False):
     """This program's partial tile acc [BLOCK_M, BLOCK_N] (float32, K part program_id(1) of SPLIT) ->
     (the whole sum, rows it should store): the sum and m_ok in the program that completes the tile, zeros
     and no rows in the others. ws: [SPLIT, tiles, BLOCK_M, BLOCK_N] float32; cnt: the counters."""
@@ -57,14 +68,21 @@ def split_k_total(acc, ws_ptr, cnt_ptr, m_ok, BLOCK_M: tl.constexpr, BLOCK_N: tl
     at = ws_ptr + tile * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N \
         + tl.arange(0, BLOCK_N)[None, :]
     stride = tl.num_programs(0) * (BLOCK_M * BLOCK_N)
-    tl.store(at + part * stride, acc, mask=m_ok[:, None])
+    if ATOMIC:
+        tl.atomic_add(at, acc, mask=m_ok[:, None], sem="relaxed", scope="gpu")
+    else:
+        tl.store(at + part * stride, acc, mask=m_ok[:, None])
     tl.debug_barrier()  # every thread's part of the tile is stored before the release
     arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
     rows = tl.arange(0, BLOCK_M)
     last = rows * 0 + arrived == SPLIT - 1  # (as a vector: the interpreter takes no scalar in a load's mask)
     _load_acquire(cnt_ptr + tile, INTERPRET)  # each thread's loads below come after the other parts' stores
     total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for s in tl.static_range(SPLIT):
+    if ATOMIC:
+        done = (m_ok & last)[:, None]
+        total = tl.load(at, mask=done, other=0.0, cache_modifier=".cg")
+        tl.store(at, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), mask=done)
+    for s in tl.static_range(0 if ATOMIC else SPLIT):
         other = tl.load(at + s * stride, mask=(m_ok & last & (rows * 0 + part != s))[:, None], other=0.0,
                         cache_modifier=".cg")
         total += tl.where(part == s, acc, other)
