@@ -73,7 +73,7 @@ def main() -> int:
                   + (f"  default {row['tiles'][str(gemv.DEFAULT_TILE)]:7.1f}" if str(gemv.DEFAULT_TILE) in row["tiles"] else ""),
                   flush=True)
             if args.verbose:
-                print("    " + "  ".join(f"{tile} {us:.1f}" for tile, us in row["tiles"].items()), flush=True)
+                print("    " + "  ".join(f"{tile} {us:.1f}" for tile, us in row["tiles"].items() if us), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(copy_TBps=bandwidth / 1e12, results=results),
                                               indent=2))
