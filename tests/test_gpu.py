@@ -93,7 +93,7 @@ def test_graph_replay_gives_the_eager_tokens(tiny_models, sampling):
     assert with_graphs == without
     # 3 rows ran padded to the size-4 graph, then 2 rows on the size-2 graph; the eager runner has none.
     assert sorted(k[0] for k in graphed.graphs.graphs if k[-1] == "decode") == [2, 4]
-    assert [k[:2] for k in graphed.graphs.graphs if k[-1] == "prefill"] == [(3, 128)]  # 11 tokens -> bucket 128
+    assert [k[:2] for k in graphed.graphs.graphs if k[-1] == "prefill"] == [(3, 16)]  # 11 tokens -> bucket 16
     assert not eager.graphs.graphs
 
 

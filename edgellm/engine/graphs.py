@@ -6,8 +6,8 @@ sampled tokens go, ready for the next step), the rows' cache slots, sampling par
 offsets (advanced inside the step, so each replay draws fresh numbers). Rows beyond the live ones are
 padding: they point at the cache's scratch slot and are greedy.
 
-Prefill chunks get graphs too, keyed by (rows, chunk length rounded up to a multiple of
-PREFILL_BUCKET, LoRA configuration, "prefill"): a prefill launches a few hundred kernels, and from
+Prefill chunks get graphs too, keyed by (rows, chunk length rounded up to one of
+SHORT_PREFILL_BUCKETS or a multiple of PREFILL_BUCKET, LoRA configuration, "prefill"): a prefill launches a few hundred kernels, and from
 Python each launch costs more than the GPU work of a short prompt.
 
 Graphs are keyed by (batch size, LoRA configuration, mode), share one memory pool, and are captured
@@ -94,9 +94,16 @@ def any_adapter(lora_slots: list[int]) -> bool:
 
 
 PREFILL_BUCKET = 128  # prefill graphs exist for chunk lengths 128, 256, ... (padding at most 127 tokens)
+# ... and, below that, for these: a short prompt's prefill reads every weight once whatever its length,
+# but its padding rows still cost (a 16-token prompt padded to 128 ran the GEMMs of 128 rows).
+SHORT_PREFILL_BUCKETS = (16, 32, 64)
 
 
 def prefill_bucket(tokens: int) -> int:
+    """The chunk length a prefill of `tokens` tokens is padded to (its graph's key)."""
+    for bucket in SHORT_PREFILL_BUCKETS:
+        if tokens <= bucket:
+            return bucket
     return -(-tokens // PREFILL_BUCKET) * PREFILL_BUCKET
 
 

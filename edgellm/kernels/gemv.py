@@ -12,17 +12,13 @@ layout, and small BLOCK_N, so even a narrow matrix gets a few programs per SM (f
 faster than the tensor-core tile, for fp16 a few percent: bench/RESULTS.md).
 """
 
-import os
-
 import torch
 
 from ._triton import dot_precision, pdl_release, pdl_wait, pow2, prefetch_l2, tl, triton, use_pdl
-from .dispatch import interpreter_on
 from .gemv_fusions import RopeAppend, check_fusions, check_sums, load_x, rope_append_epilogue, rope_operands, row_rstd
 from .rms_norm import rms_norm_ref
 from .rope_append import rope_kv_append_ref
 from .silu_mul import GATE_ACTIVATIONS, gate_activation, silu_mul_ref
-from .split_k import counters, split_count, split_k_total, split_sums
 from .lora import _segment_ends, check_expand_operands, delta_constants, extended_b, lora_delta, lora_expand_ref, lora_t
 
 MAX_ROWS = 16  # rows of x one launch handles (padded to 16 for tl.dot) ...
@@ -34,11 +30,13 @@ WIDE_MAX_ROWS = 128  # ... or, full-precision weights without LoRA, this many (a
 # a vocabulary of over 16x the hidden size, where a layer's gate/up has at most ~11x) keeps the wide tile.
 DEFAULT_TILE = (32, 256, 4, 4)
 LAYER_TILE = (16, 256, 2, 5)
-# Over 16 rows (up to WIDE_MAX_ROWS, padded to a power of two): every program reads all rows of x for
-# its K range, so x's reads from L2 weigh rows / BLOCK_N times the weights': wider tiles, and K split
-# (kernels/split_k.py) until about WIDE_PROGRAMS programs run where the matrix has fewer tiles.
-WIDE_TILE = (64, 64, 4, 4)
-WIDE_PROGRAMS = 264
+# Over 16 rows (up to WIDE_MAX_ROWS, padded to a power of two) every program reads all rows of x, so
+# x's reads from L2 weigh rows / BLOCK_N times the weights': wider tiles (bench/gemv.py --rows 48 128,
+# H100, bench/RESULTS.md): a wide matrix (a gate/up's 16384 rows) on 128-feature 8-warp tiles, a narrow
+# one on 32-feature tiles with K tiles as long as shared memory holds for the rows. (Split-K, to give a
+# narrow matrix more programs, lost in both forms tried: partial sums met through counters, or added
+# up atomically.)
+WIDE_TILE, NARROW_WIDE_TILE = (128, 128, 8, 3), (32, 256, 4, 4)
 # Packed formats (bench/quant.py sweep, H100): wide matrices like (64, 256), narrow ones (N < 8192,
 # few programs) like (32, 512); int4 has no good tile yet (RESULTS.md, issue 17).
 QUANT_TILES = {"int8": (32, 512, 4, 4), "int4": (64, 128, 4, 4), "fp8": (32, 512, 4, 4)}
@@ -47,7 +45,9 @@ WIDE_QUANT_TILE = (64, 256, 4, 4)
 
 def _tile(quant: str | None, n: int, k: int, m: int = 1):
     if m > MAX_ROWS:
-        return WIDE_TILE
+        if n >= 8192:
+            return WIDE_TILE
+        return NARROW_WIDE_TILE if m <= 64 else (32, 128, 4, 4)
     if quant is None:
         return LAYER_TILE if n <= 16 * k else DEFAULT_TILE
     return WIDE_QUANT_TILE if quant in ("int8", "fp8") and n >= 8192 else QUANT_TILES[quant]
@@ -184,14 +184,13 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                  t_ptr, lb_ptr, idx_ptr, used_ptr, scale_ptr, n_splits, end0, end1, s_bs,
                  sc_ptr, zp_ptr, s_sn, group, nw_ptr, eps, r_ptr, s_rm, nsq_ptr, sq_ptr,
                  cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr, starts_ptr, lens_ptr, seq_len, n_pos, half, n_q, n_kv,
-                 c_slot, c_head, c_pos, ws_ptr, cnt_ptr, k_split,
+                 c_slot, c_head, c_pos,
                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NUM_STAGES: tl.constexpr, PDL: tl.constexpr, HAS_LORA: tl.constexpr, GROUPS: tl.constexpr, RANK: tl.constexpr,
                  SPLITS: tl.constexpr, BLOCK_GR: tl.constexpr, LORA_PRECISION: tl.constexpr, UNROLL: tl.constexpr,
                  ONE_ROW: tl.constexpr, QUANT: tl.constexpr, ROW_FMA: tl.constexpr, PREFETCH: tl.constexpr,
                  LINE: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                 ROPE: tl.constexpr, SUMSQ: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
-                 ATOMIC_SPLIT: tl.constexpr):
+                 ROPE: tl.constexpr, SUMSQ: tl.constexpr):
     j = tl.arange(0, BLOCK_N)
     if GLU:  # the tile's rows pair each output feature's gate row with its up row (n rows further)
         rows_n = tl.program_id(0) * (BLOCK_N // 2) + j // 2  # the output feature of each tile row
@@ -253,13 +252,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if QUANT == 1:  # int8 codes less the row's zero: integers in -255..255, exact in fp16 and bf16
             zero = tl.load(zp_ptr + w_rows, mask=n_ok, other=0.0).to(x_ptr.dtype.element_ty)[:, None]
-        if SPLIT > 1:  # this program's part of K (a multiple of BLOCK_K long)
-            k_lo = tl.program_id(1) * k_split
-            k_end = tl.minimum(k, k_lo + k_split)
-        else:
-            k_lo = 0
-            k_end = k
-        for k0 in tl.range(k_lo, k_end, BLOCK_K, num_stages=NUM_STAGES):
+        for k0 in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
             kk = k0 + cols
             x = load_x(x_base + kk[None, :], m_ok[:, None] & (kk < k)[None, :], nw_ptr + kk[None, :], (kk < k)[None, :],
                       rstd[:, None], NORM)
@@ -267,10 +260,6 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
             if QUANT == 1:
                 w -= zero
             acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
-    if SPLIT > 1:  # the parts of K meet; the program completing the tile runs the epilogue alone
-        acc, m_ok = split_k_total(acc, ws_ptr, cnt_ptr, m_ok, BLOCK_M, BLOCK_N, SPLIT, INTERPRET, ATOMIC_SPLIT)
-        if ROPE:
-            live = live & m_ok
     if QUANT == 1 or QUANT == 3:  # per-output-channel scales, once
         acc *= tl.load(sc_ptr + w_rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
@@ -335,20 +324,24 @@ def supports(weight) -> bool:
 
 
 def max_rows(weight, lora=None) -> int:
-    """The rows of x one gemv launch takes for this weight: WIDE_MAX_ROWS for full-precision weights
-    without LoRA, MAX_ROWS otherwise (the packed formats' and the LoRA epilogue's tiles are 16 rows)."""
-    return WIDE_MAX_ROWS if getattr(weight, "kind", None) is None and lora is None else MAX_ROWS
+    """The rows of x one gemv launch takes for this weight: WIDE_MAX_ROWS (EDGELLM_GEMV_ROWS lowers it,
+    for A/B runs against cuBLAS) for full-precision weights without LoRA, MAX_ROWS otherwise (the packed
+    formats' and the LoRA epilogue's tiles are 16 rows)."""
+    import os
+
+    if getattr(weight, "kind", None) is not None or lora is not None:
+        return MAX_ROWS
+    return max(MAX_ROWS, min(WIDE_MAX_ROWS, int(os.environ.get("EDGELLM_GEMV_ROWS", WIDE_MAX_ROWS))))
 
 
 def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None,
          lora=None, row_fma: bool | None = None, norm=None, glu: str | None = None,
          residual: torch.Tensor | None = None, rope_append: RopeAppend | None = None,
          norm_sumsq: torch.Tensor | None = None, sumsq_out: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [..., K] with at most max_rows(weight, lora) rows in all; weight: [N, K], a tensor or a QuantizedWeight;
-    bias: [N] or None -> [..., N]. lora: None, or (t, b_stack, index, used, scale, segments) as
+    """x: [..., K] with at most max_rows(weight, lora) rows in all; weight: [N, K], a tensor or a
+    QuantizedWeight; bias: [N] or None -> [..., N]. lora: None, or (t, b_stack, index, used, scale, segments) as
     lora_expand takes them: adds each row's adapter delta in the epilogue. row_fma: one row of x on
-    the CUDA cores (default: when x has one row). tile: (BLOCK_N, BLOCK_K, warps, stages), plus, over
-    16 rows, the programs that split-K aims for (WIDE_PROGRAMS; 0: no split).
+    the CUDA cores (default: when x has one row). tile: (BLOCK_N, BLOCK_K, warps, stages).
 
     Fused neighbours of a decode step (each saves a launch, computed as the separate kernel would):
     norm=(norm_weight, eps): x goes through rms_norm first; glu="silu" | "gelu_tanh": weight holds
@@ -381,7 +374,7 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
     if row_fma and m != 1:
         raise ValueError(f"gemv: row_fma takes one row of x, got {m}")
     rows_w = weight.shape[0]  # the tiles were chosen for the weight's rows (glu: twice the outputs)
-    block_n, block_k, warps, stages, *aim = tile or (_row_tile(quant, rows_w, k) if row_fma else _tile(quant, rows_w, k, m))
+    block_n, block_k, warps, stages = tile or (_row_tile(quant, rows_w, k) if row_fma else _tile(quant, rows_w, k, m))
     block_k = min(block_k, pow2(k, 32 if quant == "int4" else 16))  # int4 tiles are whole blocks of 32
     if quant == "int4":
         if not supports(weight):
@@ -417,31 +410,16 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
         constants["LORA_PRECISION"] = constants.pop("PRECISION")
     if pairs:
         block_n = max(block_n, 2)  # a tile holds pairs of rows (gate and up; a rotation's two features)
-    block_m = 1 if row_fma else pow2(m, 16)
-    tiles = triton.cdiv(n, block_n // 2 if pairs else block_n)
-    split = split_count(tiles, k, block_k, (aim[0] if aim else WIDE_PROGRAMS)) if m > MAX_ROWS else 1
-    if split > 1:
-        k_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
-        split = triton.cdiv(k, k_split)  # (every part holds some of K)
-        atomic = os.environ.get("EDGELLM_SPLIT_FIXUP") == "atomic"
-        ws = split_sums(x.device, tiles * block_m * block_n) if atomic else \
-            torch.empty(split, tiles, block_m, block_n, dtype=torch.float32, device=x.device)
-        split_args = (ws, counters(x.device), k_split)
-        prefetch = 0  # (the parts would fetch the same first lines)
-    else:
-        split_args, atomic = (y, y, k), False
-    _gemv_kernel[(tiles, split)](
+    _gemv_kernel[(triton.cdiv(n, block_n // 2 if pairs else block_n),)](
         x2, data, bias if bias is not None else y, y, m, n, k, x2.stride(0), data.stride(0), y.stride(0),
         *lora_args, scales, zeros, scales.stride(0) if scales.dim() == 2 else 1, weight.group if quant == "int4" else 1,
         norm[0] if norm is not None else x2, norm[1] if norm is not None else 0.0, r2, r2.stride(0),
         norm_sumsq if norm_sumsq is not None else y, sumsq_out if sumsq_out is not None else y, *rope_args,
-        *split_args,
-        HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, NUM_STAGES=stages, PDL=pdl, **constants, QUANT=QUANT_CODES[quant], ROW_FMA=row_fma,
+        HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), BLOCK_M=1 if row_fma else pow2(m, 16),
+        BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=stages, PDL=pdl, **constants, QUANT=QUANT_CODES[quant], ROW_FMA=row_fma,
         PREFETCH=prefetch, LINE=128 // data.element_size(), NORM=0 if norm is None else 1 if norm_sumsq is None else 2,
         GLU=0 if glu is None else 1 + GATE_ACTIVATIONS.index(glu), RESIDUAL=residual is not None,
-        ROPE=rope_append is not None, SUMSQ=sumsq_out is not None, SPLIT=split, INTERPRET=interpreter_on(), ATOMIC_SPLIT=atomic,
-        num_warps=warps, launch_pdl=pdl > 0)
+        ROPE=rope_append is not None, SUMSQ=sumsq_out is not None, num_warps=warps, launch_pdl=pdl > 0)
     return y.reshape(*lead, out_n)
 
 
