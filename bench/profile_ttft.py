@@ -147,7 +147,7 @@ def main() -> int:
                 "  sample + tolist": timed(lambda: ops.sample(runner.prefill_step(runner.embed(device_ids), [length]),
                                                               *params).tolist()),
             }
-            key = (1, prefill_bucket(length), "", "prefill")
+            key = (1, prefill_bucket(length), "", "few keys" if length <= 256 else "", "prefill")
             phases["  prefill graph replay alone"] = timed(lambda: runner.graphs.get(key).replay())
         print(f"TTFT parts, {args.shape}, prompt {length} (ms, median of 20):")
         for name, ms in phases.items():

@@ -123,6 +123,14 @@ def test_prefill_attention(dtype, hq, hkv, head_dim, splits):
     out = attention.prefill_attention(q, k_cache, v_cache, *args, num_splits=splits)
     ref = attention.prefill_attention_ref(q, k_cache, v_cache, *args)
     torch.testing.assert_close(out, ref, **TOL[dtype])
+    if splits is None:  # 16-query blocks, some all padding (zeros from the kernel: its output starts empty,
+        # here likely on the NaNs just freed); and the split sized by the keys the rows see
+        del out
+        torch.full((3 * seq * hq * head_dim,), float("nan"), dtype=dtype, device=DEVICE)
+        out = attention.prefill_attention(q, k_cache, v_cache, *args, tile=(16, 16, 4, 2), num_splits=1)
+        torch.testing.assert_close(out, ref, **TOL[dtype])
+        torch.testing.assert_close(attention.prefill_attention(q, k_cache, v_cache, *args, max_keys=139), ref,
+                                   **TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -299,44 +307,6 @@ def test_gemv_fused_norm_glu_residual(dtype, m, n, k, quant):
         gemv.gemv(x, w2, residual=residual[:, :-1])
     with pytest.raises(ValueError, match="glu"):
         gemv.gemv(x, randn(2 * n - 1, k, dtype=dtype), glu="silu")
-
-
-@pytest.mark.parametrize("tile", [None, (16, 32, 4, 2)])
-def test_gemv_wide_rows(tile):
-    """A short prompt's rows (17..128; 40 here, padded to 64) through the GEMV with its fusions, against
-    the separate reference ops; the row limit of packed weights and of full-precision ones."""
-    from edgellm.kernels import gemv
-    from edgellm.quant import quantize
-
-    dtype, m, n, k = torch.float16, 40, 48, 512
-    x, nw = randn(m, k, dtype=dtype), 1 + 0.1 * randn(k, dtype=dtype, seed=5)
-    w, w2 = (randn(2 * n, k, seed=1) / k ** 0.5).to(dtype), (randn(n, k, seed=2) / k ** 0.5).to(dtype)
-    bias, residual = randn(n, dtype=dtype, seed=3), randn(m, n, dtype=dtype, seed=4)
-    tol = dict(rtol=2e-2, atol=5e-2)
-    torch.testing.assert_close(gemv.gemv(x, w2, bias, tile=tile), gemv.gemv_ref(x, w2, bias), **tol)
-    sums = torch.zeros(m, dtype=torch.float32, device=DEVICE)
-    out = gemv.gemv(x, w2, bias, residual=residual, sumsq_out=sums, tile=tile)
-    torch.testing.assert_close(out, gemv.gemv_ref(x, w2, bias) + residual, **tol)
-    torch.testing.assert_close(sums, out.float().square().sum(-1), rtol=1e-4, atol=1e-3)
-    glu = gemv.gemv(x, w, norm=(nw, 1e-5), norm_sumsq=x.float().square().sum(-1), glu="silu", tile=tile)
-    torch.testing.assert_close(glu, silu_mul.silu_mul_ref(gemv.gemv_ref(rms_norm.rms_norm_ref(x, nw, 1e-5), w)), **tol)
-    # RoPE + the KV append behind: 2 rows of 20 tokens, row 1 padded after 13
-    hq, hkv, head_dim, capacity = 2, 1, 16, 32
-    wq = (randn((hq + 2 * hkv) * head_dim, k, seed=6) / k ** 0.5).to(dtype)
-    cos, sin = rope.rope_cos_sin_cache_ref(rope.rope_inv_freq(head_dim, 10000.0).to(DEVICE), capacity)
-    caches = [randn(3, hkv, capacity, head_dim, dtype=dtype, seed=s) for s in (7, 8)]
-    mine, ref = [c.clone() for c in caches], [c.clone() for c in caches]
-    slots, starts, lengths = (torch.tensor(v, dtype=torch.int32, device=DEVICE) for v in ([2, 0], [0, 9], [20, 13]))
-    spec = gemv.RopeAppend(cos, sin, *mine, slots, starts, lengths, hq)
-    q = gemv.gemv(x.reshape(2, 20, k), wq, rope_append=spec, tile=tile)
-    q_ref = gemv.gemv_ref(x.reshape(2, 20, k), wq, rope_append=spec._replace(k_cache=ref[0], v_cache=ref[1]))
-    torch.testing.assert_close(q, q_ref, **tol)
-    torch.testing.assert_close(mine[0], ref[0], **tol)
-    torch.testing.assert_close(mine[1], ref[1], **tol)
-    with pytest.raises(ValueError, match="at most 128 rows"):
-        gemv.gemv(randn(129, k, dtype=dtype), w2)
-    with pytest.raises(ValueError, match="at most 16 rows"):
-        gemv.gemv(x, quantize(w2.float(), "int8", dtype=dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -64,7 +64,7 @@ def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, l
     if t is None:
         t = ops.lora_shrink(x, a_stack, lora.index, lora.used)
     spec = (t, b_stack, lora.index, lora.used, lora.stacks.scale, lora.stacks.segments[group])
-    if _decode_sized(x, weight, spec):
+    if _decode_sized(x, weight):
         return ops.gemv(x, weight, bias, lora=spec)
     return ops.lora_expand(F.linear(x, _dense(weight, x.dtype, ops), bias), *spec)
 
@@ -92,16 +92,17 @@ def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, key
                      q_lens: torch.Tensor, ends: torch.Tensor, ops, lora: LoraBatch | None,
                      layer: int, tree: "TokenTree | None", positions: torch.Tensor | None,
                      residual: torch.Tensor | None = None, rotated: bool = False,
-                     sumsq_out: torch.Tensor | None = None) -> torch.Tensor:
+                     sumsq_out: torch.Tensor | None = None, max_keys: int | None = None) -> torch.Tensor:
     """Attention and the o projection (plus `residual`, when given: the fused decode path's add, and
     with sumsq_out the sums of squares of its rows, gemv's). rotated: `qkv` holds the rotated queries
-    only, their keys and values already in the cache (the qkv GEMV's rope_append epilogue)."""
+    only, their keys and values already in the cache (the qkv GEMV's rope_append epilogue). max_keys:
+    forward_logits'."""
     batch, seq, _ = qkv.shape
     window = cfg.layer_window(layer)
     if rotated:
         q = qkv.reshape(batch, seq, cfg.num_attention_heads, cfg.head_dim)
         return _attend(lw, cfg, q, keys, values, slots, starts, q_lens, ends, ops, lora, layer, tree, window, residual,
-                       sumsq_out)
+                       sumsq_out, max_keys)
     q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
     q = q.reshape(batch, seq, cfg.num_attention_heads, cfg.head_dim)
     k = k.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
@@ -122,12 +123,13 @@ def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, key
         q = ops.rope_kv_append(q, k, v, cos, sin, keys, values, slots, starts, q_lens, positions,
                                offsets=None if three else rope.offsets, sections=rope.sections if three else None)
     return _attend(lw, cfg, q, keys, values, slots, starts, q_lens, ends, ops, lora, layer, tree, window, residual,
-                   sumsq_out)
+                   sumsq_out, max_keys)
 
 
 def _attend(lw: LayerWeights, cfg: EngineConfig, q: torch.Tensor, keys, values, slots, starts, q_lens, ends, ops,
             lora: LoraBatch | None, layer: int, tree: "TokenTree | None", window: int,
-            residual: torch.Tensor | None, sumsq_out: torch.Tensor | None = None) -> torch.Tensor:
+            residual: torch.Tensor | None, sumsq_out: torch.Tensor | None = None,
+            max_keys: int | None = None) -> torch.Tensor:
     """Attention of the rotated queries q [B, S, heads, head_dim] over the cache, then the o projection."""
     batch, seq = q.shape[:2]
     scale = cfg.attention_scale
@@ -137,7 +139,7 @@ def _attend(lw: LayerWeights, cfg: EngineConfig, q: torch.Tensor, keys, values, 
                         lora_a=_shrink_operand(lora, layer, "o", batch))
         out = out[:, None]
     elif tree is None:
-        out = ops.prefill_attention(q, keys, values, slots, starts, q_lens, scale, window)
+        out = ops.prefill_attention(q, keys, values, slots, starts, q_lens, scale, window, max_keys=max_keys)
     else:
         out = ops.tree_attention(q, keys, values, slots, starts, q_lens, tree.bits, scale, window)
     out = out.reshape(batch, seq, cfg.q_size)
@@ -150,12 +152,15 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
                    rope: RopeTables | tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor, slots: torch.Tensor,
                    starts: torch.Tensor, q_lens: torch.Tensor, kernels=None,
                    lora: LoraBatch | None = None, tree: TokenTree | None = None,
-                   every_token: bool = False, positions: torch.Tensor | None = None) -> torch.Tensor:
+                   every_token: bool = False, positions: torch.Tensor | None = None,
+                   max_keys: int | None = None) -> torch.Tensor:
     """hidden: input embeddings [B, S, H]; slots/starts/q_lens: [B] int tensors on the device.
     `rope`: RopeTables, or (cos, sin). `kernels`: where the ops come from (default: the dispatched
     `edgellm.kernels.ops`). `lora`: per-row LoRA adapters (None: the base model for every row).
     `tree`: the chunk is a token tree (speculative verification), S > 1. `positions`: [B, S, 3]
     multimodal RoPE positions of the chunk's tokens (default: starts[b] + i, shifted by rope.offsets).
+    `max_keys`: at most how many keys any row sees after this chunk (starts + q_lens), where the caller
+    knows it: prefill attention then splits its keys only as far as they go (kernels/attention.py).
 
     Appends the chunk's keys/values to the cache (lengths are the caller's to update) and returns
     the logits of each row's last real token, [B, vocab], float32; every_token: of every token of
@@ -175,7 +180,7 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
         hidden = hidden + weights.positions[pos.long().clamp(max=weights.positions.shape[0] - 1)]
     if _fusable(weights, cfg, lora, hidden, ops):
         return _forward_fused(weights, cfg, cache, rope, hidden, slots, starts, q_lens, ends, ops, tree, positions,
-                              every_token)
+                              every_token, max_keys)
     residual = None
     x = hidden
     tokens = batch * seq
@@ -186,7 +191,7 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
         qkv = _project(x, lw.qkv, lw.qkv_bias, lora, index, "qkv", ops, t)
         keys, values = cache.layer(index)
         attn = _attention_block(lw, cfg, qkv, keys, values, rope, slots, starts, q_lens, ends, ops, lora, index, tree,
-                                positions)
+                                positions, max_keys=max_keys)
         (x, residual), t = _norm(ops, cfg, attn, residual, lw.post_norm, lw.post_norm_bias,
                                  _shrink_operand(lora, index, "gate_up", tokens), pre=lw.attn_out_norm)
         if cfg.mlp == "plain":  # fc, activation, proj, with biases (GPT-2; no LoRA)
@@ -213,12 +218,11 @@ def _fusable(weights: ModelWeights, cfg: EngineConfig, lora: LoraBatch | None, h
     RMSNorm and a gated MLP, no sandwich norms, no LoRA, no calibration hook; EDGELLM_FUSED_GEMV=0
     turns it off (A/B runs)."""
     if lora is not None or cfg.norm != "rms" or cfg.mlp != "gated" or getattr(ops, "observe_linear", None) \
-            or os.environ.get("EDGELLM_FUSED_GEMV", "1") == "0":
+            or os.environ.get("EDGELLM_FUSED_GEMV", "1") == "0" or not _decode_sized(hidden.reshape(-1, hidden.shape[-1])):
         return False
-    x = hidden.reshape(-1, hidden.shape[-1])
     return all(lw.attn_out_norm is None and lw.mlp_out_norm is None and
-               all(_decode_sized(x, w) for w in (lw.qkv, lw.o_proj, lw.gate_up, lw.down)) for lw in weights.layers) \
-        and _decode_sized(x, weights.lm_head)
+               all(gemv.supports(w) for w in (lw.qkv, lw.o_proj, lw.gate_up, lw.down)) for lw in weights.layers) \
+        and gemv.supports(weights.lm_head)
 
 
 # Rows up to which the RMSNorm goes into the GEMV that reads it (EDGELLM_FUSED_NORM_ROWS overrides):
@@ -249,7 +253,8 @@ def _rope_fusable(cfg: EngineConfig, rope: RopeTables, layer: int, tree, positio
 
 
 def _forward_fused(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCache, rope: RopeTables,
-                   hidden: torch.Tensor, slots, starts, q_lens, ends, ops, tree, positions, every_token: bool):
+                   hidden: torch.Tensor, slots, starts, q_lens, ends, ops, tree, positions, every_token: bool,
+                   max_keys: int | None = None):
     """forward_logits at decode sizes with the residual adds in the epilogues of the o and down
     projections, SiLU * up in the gate/up projection's, each RMSNorm inside the GEMV that reads its
     output, and (_rope_fusable) RoPE + the KV append in the qkv projection: per layer qkv, attention,
@@ -284,7 +289,7 @@ def _forward_fused(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
                 if rotate else None
             qkv = project(h, lw.qkv, lw.qkv_bias, lw.input_norm, sumsq(2 * index - 1), rope_append=spec)
             h = _attention_block(lw, cfg, qkv, keys, values, rope, slots, starts, q_lens, ends, ops, None, index, tree,
-                                 positions, residual=h, rotated=rotate, sumsq_out=sumsq(2 * index))
+                                 positions, residual=h, rotated=rotate, sumsq_out=sumsq(2 * index), max_keys=max_keys)
             x = project(h, lw.gate_up, lw.gate_up_bias, lw.post_norm, sumsq(2 * index), glu=cfg.activation)
             h = ops.gemv(x, lw.down, lw.down_bias, residual=h, sumsq_out=sumsq(2 * index + 1))
         if not every_token:
@@ -337,8 +342,7 @@ def _dense(weight, dtype: torch.dtype, ops) -> torch.Tensor:
     return ops.dequantize(weight, dtype) if isinstance(weight, QuantizedWeight) else weight
 
 
-def _decode_sized(x: torch.Tensor, weight, lora=None) -> bool:
-    """Few enough rows on the GPU for the GEMV (gemv.max_rows: a decode step's, or a short prompt's
-    with full-precision weights and no LoRA), unless the weight is packed in a way it does not read."""
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) \
-        and x.numel() <= gemv.max_rows(weight, lora) * x.shape[-1] and gemv.supports(weight)
+def _decode_sized(x: torch.Tensor, weight=None) -> bool:
+    """A few rows on the GPU: the GEMV's work (unless the weight is packed in a way it does not read)."""
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.numel() <= gemv.MAX_ROWS * x.shape[-1] \
+        and (weight is None or gemv.supports(weight))

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..kernels import ops, rope_inv_freq
+from ..kernels.attention import PREFILL_SPLIT_MIN_KEYS
 from ..kernels.lora import UNROLL, used_slots
 from ..kernels.tree_mask import MAX_TREE
 from ..errors import ConfigurationError, InvalidRequestError, LoraError
@@ -394,8 +395,9 @@ class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
             # Row b contributes its new tokens [begin, begin + chunk) (none once it has ended), placed
             # after its cached prefix; its logits come from the chunk that holds its last token.
             ints = device_ints[chunk_ints[i]:chunk_ints[i] + size]
+            max_keys = max(c + begin + min(max(n - begin, 0), chunk) for c, n in zip(cached, new))
             part = self._prefill_chunk(embeds[:, begin:begin + chunk], ints, uses_lora,
-                                       None if positions is None else positions[:, begin:begin + chunk])
+                                       None if positions is None else positions[:, begin:begin + chunk], max_keys)
             logits = part if logits is None else torch.where(per_row[4 + i].bool()[:, None], part, logits)
         self.kv_cache.lengths[slot_dev.long()] = lengths_dev
         return logits
@@ -436,16 +438,20 @@ class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
         self.kv_cache.lengths[slot_ids.long()] = starts + 1
         return logits
 
-    def _prefill_chunk(self, embeds, ints, uses_lora: bool, positions=None) -> torch.Tensor:
+    def _prefill_chunk(self, embeds, ints, uses_lora: bool, positions=None, max_keys: int | None = None) -> torch.Tensor:
         """One prefill chunk (ints: PrefillBuffers.ints' layout, on the device): replayed from a graph
-        of its (rows, length bucket, LoRA on/off) where graphs are on."""
+        of its (rows, length bucket, LoRA on/off, keys) where graphs are on. max_keys: the most keys a
+        row sees after the chunk; a chunk whose rows see few (a short prompt, nothing cached) takes
+        attention without split-K (kernels/attention.py PREFILL_SPLIT_MIN_KEYS), so each bucket has a
+        graph for those and one for the rest."""
         rows, width, hidden = embeds.shape
+        few_keys = max_keys is not None and max_keys <= PREFILL_SPLIT_MIN_KEYS
         if not self.graphs.enabled:
             slots, starts, q_lens, lora_index = ints[:4 * rows].view(4, rows).unbind(0)
             return forward_logits(self.weights, self.config, self.kv_cache, self.rope, embeds, slots,
                                   starts, q_lens, lora=self._lora_batch(lora_index, ints[4 * rows:], uses_lora),
-                                  positions=positions)
-        key = (rows, prefill_bucket(width), _lora_key(uses_lora), "prefill")
+                                  positions=positions, max_keys=max_keys)
+        key = (rows, prefill_bucket(width), _lora_key(uses_lora), "few keys" if few_keys else "", "prefill")
         buf = self._prefill_buffers.get(key[:2])
         if buf is None:
             if self._prefill_storage is None:
@@ -463,16 +469,17 @@ class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
             buf.q_lens.fill_(1)
             buf.lora.fill_(-1)
             buf.lora_used.zero_()
-            self.graphs.capture(key, lambda: self._prefill_body(buf, uses_lora))
+            self.graphs.capture(key, lambda: self._prefill_body(buf, uses_lora,
+                                                                PREFILL_SPLIT_MIN_KEYS if few_keys else None))
         buf.load(embeds, ints, positions)
         self.graphs.get(key).replay()
         return buf.logits.clone()  # the next prefill replay overwrites buf.logits
 
-    def _prefill_body(self, buf: PrefillBuffers, uses_lora: bool) -> None:
+    def _prefill_body(self, buf: PrefillBuffers, uses_lora: bool, max_keys: int | None) -> None:
         buf.logits.copy_(forward_logits(self.weights, self.config, self.kv_cache, self.rope, buf.embeds,
                                         buf.slots, buf.starts, buf.q_lens,
                                         lora=self._lora_batch(buf.lora, buf.lora_used, uses_lora),
-                                        positions=buf.positions))
+                                        positions=buf.positions, max_keys=max_keys))
 
 
 def _int_list(values) -> list[int]:

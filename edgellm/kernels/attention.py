@@ -32,6 +32,12 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, slots_ptr, starts_ptr, qlens
     m_block = tl.program_id(2) // SPLITS
     split = tl.program_id(2) % SPLITS
     q_len = tl.load(qlens_ptr + b)
+    if SPLITS == 1 and m_block * BLOCK_M >= q_len:  # a block of padding queries: zeros
+        m_offs = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        d = tl.arange(0, BLOCK_D)
+        tl.store(out_ptr + b.to(tl.int64) * s_ob + m_offs[:, None] * s_os + h * s_oh + d[None, :],
+                 tl.zeros([BLOCK_M, BLOCK_D], out_ptr.dtype.element_ty),
+                 mask=(m_offs < seq)[:, None] & (d < head_dim)[None, :])
     if SPLITS > 1 and m_block * BLOCK_M >= q_len:  # padding queries: one split says 0, the rest nothing
         m_offs = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
         d = tl.arange(0, BLOCK_D)
@@ -84,10 +90,10 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, slots_ptr, starts_ptr, qlens
                         mask=key_ok[:, None] & d_ok[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
-        if SPLITS == 1:
-            out = acc / l_i[:, None]
+        if SPLITS == 1:  # (padding queries: zeros)
+            out = tl.where(row_ok[:, None], acc / tl.where(row_ok, l_i, 1.0)[:, None], 0.0)
             tl.store(out_ptr + b.to(tl.int64) * s_ob + m_offs[:, None] * s_os + h * s_oh + d[None, :],
-                     out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+                     out.to(out_ptr.dtype.element_ty), mask=(m_offs < seq)[:, None] & d_ok[None, :])
         else:  # a partial result and its log2-sum-exp, merged by _decode_merge_kernel
             seen = l_i > 0
             part = tl.where(row_ok[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
@@ -111,18 +117,28 @@ def _check_cache(q_heads, head_dim, k_cache, v_cache):
         raise ValueError(f"attention: {q_heads} query heads of dim {head_dim} do not fit cache {tuple(k_cache.shape)}")
 
 
+# A chunk whose rows see at most this many keys (a short prompt's prefill, nothing cached before it)
+# walks them in one program per query block: split-K's merge kernel costs more than it saves there
+# (H100, bench/RESULTS.md: a 48-token prompt's attention 4.3 + 2.4 us a layer split 9-30 ways by the
+# cache's capacity).
+PREFILL_SPLIT_MIN_KEYS = 256
+
+
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                       starts: torch.Tensor, q_lens: torch.Tensor, scale: float, window: int = 0, *,
-                      tile: tuple[int, int, int, int] | None = None, num_splits: int | None = None) -> torch.Tensor:
+                      tile: tuple[int, int, int, int] | None = None, num_splits: int | None = None,
+                      max_keys: int | None = None) -> torch.Tensor:
     """window > 0: a sliding window (each query sees its last `window` keys, itself included).
     tile = (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the default tiling (benchmarks);
     num_splits the number of key ranges each query block is split into (default: enough programs to
-    fill the GPU, 1 when the query blocks alone do)."""
+    fill the GPU, 1 when the query blocks alone do or when no row sees over PREFILL_SPLIT_MIN_KEYS keys).
+    max_keys: at most how many keys a row sees (starts + q_lens), if the caller knows (default: the
+    cache's capacity); it only sizes the split."""
     batch, seq, heads, head_dim = q.shape
     _check_cache(heads, head_dim, k_cache, v_cache)
     if q.stride(-1) != 1:
         q = q.contiguous()
-    out = torch.zeros(batch, seq, heads, head_dim, dtype=q.dtype, device=q.device)
+    out = torch.empty(batch, seq, heads, head_dim, dtype=q.dtype, device=q.device)  # (the kernels zero the padding)
     block_d = pow2(head_dim, 16)
     if tile is None:
         # Measured on an H100 (bench/RESULTS.md): 64x64, 4 warps, 2 stages beat the larger tiles tried.
@@ -132,7 +148,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     q_blocks = triton.cdiv(seq, block_m)
     # Few query blocks (a short chunk, perhaps after a long cached prefix) leave most SMs idle while
     # each program walks every key: split the keys then, as decode does, and merge the parts.
-    splits = num_splits if num_splits is not None else _num_splits(q, batch * q_blocks, heads, k_cache.shape[2])
+    keys = k_cache.shape[2] if max_keys is None else min(max_keys, k_cache.shape[2])
+    splits = num_splits if num_splits is not None else \
+        1 if keys <= PREFILL_SPLIT_MIN_KEYS else _num_splits(q, batch * q_blocks, heads, keys)
     part_out = part_lse = out
     if splits > 1:
         part_out = torch.empty(batch * seq * heads * splits, head_dim, dtype=torch.float32, device=q.device)
@@ -316,8 +334,10 @@ def _row_attention(q, keys, values, first_position: int, scale: float, tree: tor
 
 def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           slots: torch.Tensor, starts: torch.Tensor, q_lens: torch.Tensor,
-                          scale: float, window: int = 0, tree_bits: torch.Tensor | None = None) -> torch.Tensor:
+                          scale: float, window: int = 0, tree_bits: torch.Tensor | None = None, *,
+                          max_keys: int | None = None) -> torch.Tensor:
     """q: [B, S, Hq, D], right-padded; row b has q_lens[b] real queries at positions starts[b]...
+    (max_keys: the kernel's split-sizing hint; no effect here)
 
     Row b's query i attends to keys 0 .. starts[b] + i of cache slot slots[b] (its keys for this
     chunk must already be appended); window > 0: only to its last `window` of them. With tree_bits

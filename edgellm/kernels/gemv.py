@@ -21,8 +21,7 @@ from .rope_append import rope_kv_append_ref
 from .silu_mul import GATE_ACTIVATIONS, gate_activation, silu_mul_ref
 from .lora import _segment_ends, check_expand_operands, delta_constants, extended_b, lora_delta, lora_expand_ref, lora_t
 
-MAX_ROWS = 16  # rows of x one launch handles (padded to 16 for tl.dot) ...
-WIDE_MAX_ROWS = 128  # ... or, full-precision weights without LoRA, this many (a short prompt's prefill)
+MAX_ROWS = 16  # rows of x one launch handles (padded to 16 for tl.dot)
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): chosen from H100 sweeps in bench/RESULTS.md. The layer
 # matrices of a 2-16-row step (bench/chain.py --tiles, a step's GEMVs under PDL) want narrow 2-warp
 # tiles, five stages deep: more programs per SM, each with 64 KB in flight (Llama-3.2-1B shape, 16 rows:
@@ -30,24 +29,13 @@ WIDE_MAX_ROWS = 128  # ... or, full-precision weights without LoRA, this many (a
 # a vocabulary of over 16x the hidden size, where a layer's gate/up has at most ~11x) keeps the wide tile.
 DEFAULT_TILE = (32, 256, 4, 4)
 LAYER_TILE = (16, 256, 2, 5)
-# Over 16 rows (up to WIDE_MAX_ROWS, padded to a power of two) every program reads all rows of x, so
-# x's reads from L2 weigh rows / BLOCK_N times the weights': wider tiles (bench/gemv.py --rows 48 128,
-# H100, bench/RESULTS.md): a wide matrix (a gate/up's 16384 rows) on 128-feature 8-warp tiles, a narrow
-# one on 32-feature tiles with K tiles as long as shared memory holds for the rows. (Split-K, to give a
-# narrow matrix more programs, lost in both forms tried: partial sums met through counters, or added
-# up atomically.)
-WIDE_TILE, NARROW_WIDE_TILE = (128, 128, 8, 3), (32, 256, 4, 4)
 # Packed formats (bench/quant.py sweep, H100): wide matrices like (64, 256), narrow ones (N < 8192,
 # few programs) like (32, 512); int4 has no good tile yet (RESULTS.md, issue 17).
 QUANT_TILES = {"int8": (32, 512, 4, 4), "int4": (64, 128, 4, 4), "fp8": (32, 512, 4, 4)}
 WIDE_QUANT_TILE = (64, 256, 4, 4)
 
 
-def _tile(quant: str | None, n: int, k: int, m: int = 1):
-    if m > MAX_ROWS:
-        if n >= 8192:
-            return WIDE_TILE
-        return NARROW_WIDE_TILE if m <= 64 else (32, 128, 4, 4)
+def _tile(quant: str | None, n: int, k: int):
     if quant is None:
         return LAYER_TILE if n <= 16 * k else DEFAULT_TILE
     return WIDE_QUANT_TILE if quant in ("int8", "fp8") and n >= 8192 else QUANT_TILES[quant]
@@ -323,25 +311,14 @@ def supports(weight) -> bool:
     return getattr(weight, "kind", None) != "int4" or weight.group % 32 == 0
 
 
-def max_rows(weight, lora=None) -> int:
-    """The rows of x one gemv launch takes for this weight: WIDE_MAX_ROWS (EDGELLM_GEMV_ROWS lowers it,
-    for A/B runs against cuBLAS) for full-precision weights without LoRA, MAX_ROWS otherwise (the packed
-    formats' and the LoRA epilogue's tiles are 16 rows)."""
-    import os
-
-    if getattr(weight, "kind", None) is not None or lora is not None:
-        return MAX_ROWS
-    return max(MAX_ROWS, min(WIDE_MAX_ROWS, int(os.environ.get("EDGELLM_GEMV_ROWS", WIDE_MAX_ROWS))))
-
-
 def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None,
          lora=None, row_fma: bool | None = None, norm=None, glu: str | None = None,
          residual: torch.Tensor | None = None, rope_append: RopeAppend | None = None,
          norm_sumsq: torch.Tensor | None = None, sumsq_out: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [..., K] with at most max_rows(weight, lora) rows in all; weight: [N, K], a tensor or a
-    QuantizedWeight; bias: [N] or None -> [..., N]. lora: None, or (t, b_stack, index, used, scale, segments) as
+    """x: [..., K] with at most MAX_ROWS rows in all; weight: [N, K], a tensor or a QuantizedWeight;
+    bias: [N] or None -> [..., N]. lora: None, or (t, b_stack, index, used, scale, segments) as
     lora_expand takes them: adds each row's adapter delta in the epilogue. row_fma: one row of x on
-    the CUDA cores (default: when x has one row). tile: (BLOCK_N, BLOCK_K, warps, stages).
+    the CUDA cores (default: when x has one row).
 
     Fused neighbours of a decode step (each saves a launch, computed as the separate kernel would):
     norm=(norm_weight, eps): x goes through rms_norm first; glu="silu" | "gelu_tanh": weight holds
@@ -361,9 +338,8 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     data = weight.data if quant else weight
-    limit = max_rows(weight, lora)
-    if m > limit or weight.shape[1] != k or data.stride(-1) != 1:
-        raise ValueError(f"gemv: x {tuple(x.shape)} (at most {limit} rows) does not fit weight {tuple(weight.shape)}")
+    if m > MAX_ROWS or weight.shape[1] != k or data.stride(-1) != 1:
+        raise ValueError(f"gemv: x {tuple(x.shape)} (at most {MAX_ROWS} rows) does not fit weight {tuple(weight.shape)}")
     check_fusions(x, weight, lora, norm, glu, residual, lead, n, rope_append)
     check_sums(m, norm, norm_sumsq, sumsq_out, rope_append)
     if x2.stride(-1) != 1:
@@ -374,7 +350,7 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
     if row_fma and m != 1:
         raise ValueError(f"gemv: row_fma takes one row of x, got {m}")
     rows_w = weight.shape[0]  # the tiles were chosen for the weight's rows (glu: twice the outputs)
-    block_n, block_k, warps, stages = tile or (_row_tile(quant, rows_w, k) if row_fma else _tile(quant, rows_w, k, m))
+    block_n, block_k, warps, stages = tile or (_row_tile(quant, rows_w, k) if row_fma else _tile(quant, rows_w, k))
     block_k = min(block_k, pow2(k, 32 if quant == "int4" else 16))  # int4 tiles are whole blocks of 32
     if quant == "int4":
         if not supports(weight):
@@ -415,8 +391,8 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
         *lora_args, scales, zeros, scales.stride(0) if scales.dim() == 2 else 1, weight.group if quant == "int4" else 1,
         norm[0] if norm is not None else x2, norm[1] if norm is not None else 0.0, r2, r2.stride(0),
         norm_sumsq if norm_sumsq is not None else y, sumsq_out if sumsq_out is not None else y, *rope_args,
-        HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), BLOCK_M=1 if row_fma else pow2(m, 16),
-        BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=stages, PDL=pdl, **constants, QUANT=QUANT_CODES[quant], ROW_FMA=row_fma,
+        HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), BLOCK_M=1 if row_fma else 16, BLOCK_N=block_n,
+        BLOCK_K=block_k, NUM_STAGES=stages, PDL=pdl, **constants, QUANT=QUANT_CODES[quant], ROW_FMA=row_fma,
         PREFETCH=prefetch, LINE=128 // data.element_size(), NORM=0 if norm is None else 1 if norm_sumsq is None else 2,
         GLU=0 if glu is None else 1 + GATE_ACTIVATIONS.index(glu), RESIDUAL=residual is not None,
         ROPE=rope_append is not None, SUMSQ=sumsq_out is not None, num_warps=warps, launch_pdl=pdl > 0)
