@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from array import array
+import struct
 from collections import OrderedDict
 from pathlib import Path
 
@@ -183,10 +183,17 @@ class TieredKVStore:
         return hashlib.sha256(text.encode()).digest()
 
     def keys(self, tokens: list[int], adapter: str) -> list[bytes]:
-        """The keys of the whole blocks of `tokens`: a hash chain, so key i names tokens[:(i+1)*T]."""
+        """The keys of the whole blocks of `tokens`: a hash chain, so key i names tokens[:(i+1)*T]
+        (each block's tokens as little-endian int64s after its parent's key). The tokens are packed
+        in one struct.pack call: per block array() conversions took half of a 2048-token prompt's
+        ~80 us of hashing, time that a KV hit spends before its prefill can start."""
         keys, key, size = [], self.root(adapter), self.block_tokens
-        for start in range(0, len(tokens) - size + 1, size):
-            key = hashlib.sha256(key + array("q", tokens[start:start + size]).tobytes()).digest()[:20]
+        whole = len(tokens) // size * size
+        packed = memoryview(struct.pack(f"<{whole}q", *tokens[:whole]))
+        for start in range(0, 8 * whole, 8 * size):
+            chained = hashlib.sha256(key)
+            chained.update(packed[start:start + 8 * size])
+            key = chained.digest()[:20]
             keys.append(key)
         return keys
 
