@@ -2,7 +2,7 @@
 # The device script: GPU tests (kernels vs their references on CUDA, end-to-end generation vs
 # transformers, CUDA-graph decode vs eager, no reference op in the hot path), then the kernel and
 # decode benchmarks; short tables last.
-# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|kernels|decode|lora|kv|threads|vision|vocab|families|quant|host|persistent ...]
+# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|tests1|tests2|kernels|decode|lora|kv|threads|vision|vocab|families|quant|host|persistent ...]
 # (no argument: all of them). Results go to $OUT (the device tool's folder) or bench/results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,8 +13,17 @@ parts="${*:-tests kernels decode lora kv threads vision vocab families quant hos
 status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-if [[ " $parts " == *" tests "* ]]; then
-  python3 -m pytest -q -rP -p no:cacheprovider tests/test_kernels_triton.py tests/test_kernels_tree.py tests/test_kernels_vision.py tests/test_gpu.py tests/test_gpu_vision.py tests/test_gpu_vocab.py tests/test_gpu_families.py tests/test_gpu_quant.py tests/test_megakernel.py tests/test_kv_reuse.py::test_store_restores_blocks_exactly_from_mixed_tiers > "$out/gpu_pytest.log" 2>&1
+# The GPU tests in two halves (tests1, tests2: each well inside the device tool's 10-minute call on a fresh
+# machine, where the whole ran past it once), or all at once (tests).
+tests1="tests/test_kernels_triton.py tests/test_kernels_tree.py tests/test_kernels_vision.py"
+tests2="tests/test_gpu.py tests/test_gpu_vision.py tests/test_gpu_vocab.py tests/test_gpu_families.py tests/test_gpu_quant.py tests/test_megakernel.py tests/test_kv_reuse.py::test_store_restores_blocks_exactly_from_mixed_tiers"
+selected=""
+[[ " $parts " == *" tests "* ]] && selected="$tests1 $tests2"
+[[ " $parts " == *" tests1 "* ]] && selected="$selected $tests1"
+[[ " $parts " == *" tests2 "* ]] && selected="$selected $tests2"
+if [[ -n "$selected" ]]; then
+  # shellcheck disable=SC2086
+  python3 -m pytest -q -rP -p no:cacheprovider $selected > "$out/gpu_pytest.log" 2>&1
   status=$?
   grep -E "passed|failed|error" "$out/gpu_pytest.log" | tail -3
   grep -E "^memory plan" "$out/gpu_pytest.log"  # test_memory_plan_bounds_what_the_engine_uses
