@@ -6,9 +6,10 @@ sampled tokens go, ready for the next step), the rows' cache slots, sampling par
 offsets (advanced inside the step, so each replay draws fresh numbers). Rows beyond the live ones are
 padding: they point at the cache's scratch slot and are greedy.
 
-Prefill chunks get graphs too, keyed by (rows, chunk length rounded up to one of
-SHORT_PREFILL_BUCKETS or a multiple of PREFILL_BUCKET, LoRA configuration, "prefill"): a prefill launches a few hundred kernels, and from
-Python each launch costs more than the GPU work of a short prompt.
+Prefill chunks get graphs too, keyed by (rows, chunk length rounded up to one of SHORT_PREFILL_BUCKETS
+or a multiple of PREFILL_BUCKET, LoRA configuration, "few keys" or "" (runner._prefill_chunk), "prefill"):
+a prefill launches a few hundred kernels, and from Python each launch costs more than the GPU work of a
+short prompt.
 
 Graphs are keyed by (batch size, LoRA configuration, mode), share one memory pool, and are captured
 after an eager warm-up on a side stream (which also compiles every Triton kernel).

@@ -438,19 +438,21 @@ class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
         self.kv_cache.lengths[slot_ids.long()] = starts + 1
         return logits
 
-    def _prefill_chunk(self, embeds, ints, uses_lora: bool, positions=None, max_keys: int | None = None) -> torch.Tensor:
+    def _prefill_chunk(self, embeds, ints, uses_lora: bool, positions=None, max_keys: int | None = None
+                       ) -> torch.Tensor:
         """One prefill chunk (ints: PrefillBuffers.ints' layout, on the device): replayed from a graph
         of its (rows, length bucket, LoRA on/off, keys) where graphs are on. max_keys: the most keys a
         row sees after the chunk; a chunk whose rows see few (a short prompt, nothing cached) takes
         attention without split-K (kernels/attention.py PREFILL_SPLIT_MIN_KEYS), so each bucket has a
-        graph for those and one for the rest."""
+        graph for those and one for the rest (split by the cache's capacity; eager runs the same)."""
         rows, width, hidden = embeds.shape
         few_keys = max_keys is not None and max_keys <= PREFILL_SPLIT_MIN_KEYS
+        span = PREFILL_SPLIT_MIN_KEYS if few_keys else None
         if not self.graphs.enabled:
             slots, starts, q_lens, lora_index = ints[:4 * rows].view(4, rows).unbind(0)
             return forward_logits(self.weights, self.config, self.kv_cache, self.rope, embeds, slots,
                                   starts, q_lens, lora=self._lora_batch(lora_index, ints[4 * rows:], uses_lora),
-                                  positions=positions, max_keys=max_keys)
+                                  positions=positions, max_keys=span)
         key = (rows, prefill_bucket(width), _lora_key(uses_lora), "few keys" if few_keys else "", "prefill")
         buf = self._prefill_buffers.get(key[:2])
         if buf is None:
@@ -469,8 +471,7 @@ class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
             buf.q_lens.fill_(1)
             buf.lora.fill_(-1)
             buf.lora_used.zero_()
-            self.graphs.capture(key, lambda: self._prefill_body(buf, uses_lora,
-                                                                PREFILL_SPLIT_MIN_KEYS if few_keys else None))
+            self.graphs.capture(key, lambda: self._prefill_body(buf, uses_lora, span))
         buf.load(embeds, ints, positions)
         self.graphs.get(key).replay()
         return buf.logits.clone()  # the next prefill replay overwrites buf.logits
