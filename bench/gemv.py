@@ -1,8 +1,8 @@
 """Decode-time linear layers: the Triton skinny GEMM (edgellm/kernels/gemv.py) against cuBLAS
-(F.linear) on the weight shapes of Llama-3.2-1B and SmolLM2-135M, at 1, 4 and 16 rows (or a short
-prompt's 17-128: --rows 48 128), with a sweep of tiles (--tiles N,K,WARPS,STAGES[,PROGRAMS], the last
-being the programs that split-K aims for over 16 rows, 0: no split), each printed with --verbose. Timed "streamed" (bench/kernels.py): distinct weights, more than L2 holds, back to back
-from a CUDA graph, as in a decode step. Floor = weight bytes / copy bandwidth.
+(F.linear) on the weight shapes of Llama-3.2-1B and SmolLM2-135M, at 1, 4 and 16 rows (--rows; the GEMV
+takes up to gemv.MAX_ROWS), with a sweep of tiles (--tiles N,K,WARPS,STAGES; every tile's time with
+--verbose; --only picks shapes by name). Timed "streamed" (bench/kernels.py): distinct weights, more than
+L2 holds, back to back from a CUDA graph, as in a decode step. Floor = weight bytes / copy bandwidth.
 
 Run on a CUDA GPU:  python bench/gemv.py --json bench/results/gemv.json
 """
@@ -40,7 +40,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--tiles", nargs="*", default=None, metavar="N,K,WARPS,STAGES[,PROGRAMS]")
+    parser.add_argument("--tiles", nargs="*", default=None, metavar="N,K,WARPS,STAGES")
     parser.add_argument("--only", nargs="*", default=None, help="shapes whose name contains one of these")
     parser.add_argument("--verbose", action="store_true", help="every tile's time")
     args = parser.parse_args()
