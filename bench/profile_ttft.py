@@ -21,9 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgellm import LLMGenerationRequest, LLMInferenceRuntime  # noqa: E402
 from edgellm.benchmark import SHAPES, random_model_dir, sync_time  # noqa: E402
-from edgellm.engine.graphs import prefill_bucket  # noqa: E402
+from edgellm.engine.graphs import prefill_key  # noqa: E402
 from edgellm.engine.kv_store import KVReuseSettings  # noqa: E402
-from edgellm.kernels.attention import PREFILL_SPLIT_MIN_KEYS  # noqa: E402
 from edgellm.kernels import ops  # noqa: E402
 
 
@@ -148,7 +147,7 @@ def main() -> int:
                 "  sample + tolist": timed(lambda: ops.sample(runner.prefill_step(runner.embed(device_ids), [length]),
                                                               *params).tolist()),
             }
-            key = (1, prefill_bucket(length), "", "few keys" if length <= PREFILL_SPLIT_MIN_KEYS else "", "prefill")
+            key = prefill_key(1, length, "", length)
             phases["  prefill graph replay alone"] = timed(lambda: runner.graphs.get(key).replay())
         print(f"TTFT parts, {args.shape}, prompt {length} (ms, median of 20):")
         for name, ms in phases.items():

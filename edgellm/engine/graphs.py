@@ -7,7 +7,7 @@ offsets (advanced inside the step, so each replay draws fresh numbers). Rows bey
 padding: they point at the cache's scratch slot and are greedy.
 
 Prefill chunks get graphs too, keyed by (rows, chunk length rounded up to one of SHORT_PREFILL_BUCKETS
-or a multiple of PREFILL_BUCKET, LoRA configuration, "few keys" or "" (runner._prefill_chunk), "prefill"):
+or a multiple of PREFILL_BUCKET, LoRA configuration, "few keys" or "" (prefill_key), "prefill"):
 a prefill launches a few hundred kernels, and from Python each launch costs more than the GPU work of a
 short prompt.
 
@@ -20,6 +20,8 @@ from __future__ import annotations
 from typing import Callable, Hashable
 
 import torch
+
+from ..kernels.attention import PREFILL_SPLIT_MIN_KEYS
 
 
 class DecodeBuffers:
@@ -98,6 +100,14 @@ PREFILL_BUCKET = 128  # prefill graphs exist for chunk lengths 128, 256, ... (pa
 # ... and, below that, for these: a short prompt's prefill reads every weight once whatever its length,
 # but its padding rows still cost (a 16-token prompt padded to 128 ran the GEMMs of 128 rows).
 SHORT_PREFILL_BUCKETS = (16, 32, 64)
+
+
+def prefill_key(rows: int, tokens: int, lora_key, max_keys: int | None) -> tuple:
+    """The graph key of a prefill chunk of `rows` x `tokens` whose rows see at most max_keys keys
+    (None: unknown): "few keys" where its attention runs unsplit (kernels/attention.py
+    PREFILL_SPLIT_MIN_KEYS), else "" (split by the cache's capacity)."""
+    few = max_keys is not None and max_keys <= PREFILL_SPLIT_MIN_KEYS
+    return (rows, prefill_bucket(tokens), lora_key, "few keys" if few else "", "prefill")
 
 
 def prefill_bucket(tokens: int) -> int:

@@ -32,7 +32,7 @@ from ..quant.formats import QUANT_KINDS, QuantizedWeight
 from .config import EngineConfig
 from .devices import resolve_device, resolve_dtype
 from .graphs import (DecodeBuffers, PrefillBuffers, PrefillStorage, StepGraphs, TreeBuffers, any_adapter,
-                     prefill_bucket)
+                     prefill_bucket, prefill_key)
 from .kv_cache import LinearKVCache
 from .lora import DEFAULT_MAX_LORAS, LoraStacks, read_adapter
 from .memory import check_fits, engine_memory_plan, free_bytes
@@ -446,14 +446,13 @@ class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
         attention without split-K (kernels/attention.py PREFILL_SPLIT_MIN_KEYS), so each bucket has a
         graph for those and one for the rest (split by the cache's capacity; eager runs the same)."""
         rows, width, hidden = embeds.shape
-        few_keys = max_keys is not None and max_keys <= PREFILL_SPLIT_MIN_KEYS
-        span = PREFILL_SPLIT_MIN_KEYS if few_keys else None
+        key = prefill_key(rows, width, _lora_key(uses_lora), max_keys)
+        span = PREFILL_SPLIT_MIN_KEYS if key[3] else None
         if not self.graphs.enabled:
             slots, starts, q_lens, lora_index = ints[:4 * rows].view(4, rows).unbind(0)
             return forward_logits(self.weights, self.config, self.kv_cache, self.rope, embeds, slots,
                                   starts, q_lens, lora=self._lora_batch(lora_index, ints[4 * rows:], uses_lora),
                                   positions=positions, max_keys=span)
-        key = (rows, prefill_bucket(width), _lora_key(uses_lora), "few keys" if few_keys else "", "prefill")
         buf = self._prefill_buffers.get(key[:2])
         if buf is None:
             if self._prefill_storage is None:

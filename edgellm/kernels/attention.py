@@ -32,20 +32,19 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, slots_ptr, starts_ptr, qlens
     m_block = tl.program_id(2) // SPLITS
     split = tl.program_id(2) % SPLITS
     q_len = tl.load(qlens_ptr + b)
-    if SPLITS == 1 and m_block * BLOCK_M >= q_len:  # a block of padding queries: zeros
+    if m_block * BLOCK_M >= q_len:  # a block of padding queries: zeros (split: one split says 0, the rest nothing)
         m_offs = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
         d = tl.arange(0, BLOCK_D)
-        tl.store(out_ptr + b.to(tl.int64) * s_ob + m_offs[:, None] * s_os + h * s_oh + d[None, :],
-                 tl.zeros([BLOCK_M, BLOCK_D], out_ptr.dtype.element_ty),
-                 mask=(m_offs < seq)[:, None] & (d < head_dim)[None, :])
-    if SPLITS > 1 and m_block * BLOCK_M >= q_len:  # padding queries: one split says 0, the rest nothing
-        m_offs = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-        d = tl.arange(0, BLOCK_D)
-        part_row = ((b * seq + m_offs).to(tl.int64) * n_heads + h) * SPLITS + split
-        tl.store(part_lse_ptr + part_row, tl.zeros([BLOCK_M], tl.float32) + tl.where(split == 0, 0.0, float("-inf")),
-                 mask=m_offs < seq)
-        tl.store(part_out_ptr + part_row[:, None] * head_dim + d[None, :], tl.zeros([BLOCK_M, BLOCK_D], tl.float32),
-                 mask=(m_offs < seq)[:, None] & (d < head_dim)[None, :])
+        ok = (m_offs < seq)[:, None] & (d < head_dim)[None, :]
+        if SPLITS == 1:
+            tl.store(out_ptr + b.to(tl.int64) * s_ob + m_offs[:, None] * s_os + h * s_oh + d[None, :],
+                     tl.zeros([BLOCK_M, BLOCK_D], out_ptr.dtype.element_ty), mask=ok)
+        else:
+            part_row = ((b * seq + m_offs).to(tl.int64) * n_heads + h) * SPLITS + split
+            tl.store(part_lse_ptr + part_row,
+                     tl.zeros([BLOCK_M], tl.float32) + tl.where(split == 0, 0.0, float("-inf")), mask=m_offs < seq)
+            tl.store(part_out_ptr + part_row[:, None] * head_dim + d[None, :], tl.zeros([BLOCK_M, BLOCK_D], tl.float32),
+                     mask=ok)
     if m_block * BLOCK_M < q_len:
         start = tl.load(starts_ptr + b)
         slot = tl.load(slots_ptr + b).to(tl.int64)
