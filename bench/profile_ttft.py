@@ -54,12 +54,60 @@ def timeline(fn, label: str, gaps: int = 6) -> None:
           f"host after the GPU: {t1 - gpu[-1]['ts'] - gpu[-1]['dur']:.0f} us")
     host = sorted((e for e in events if e.get("cat") in ("cpu_op", "cuda_runtime", "user_annotation")
                    and t0 <= e["ts"] <= t1 and e is not call and e["dur"] >= 15), key=lambda e: e["ts"])
-    for e in host[:40]:
+    for e in host[:70]:
         print(f"  host +{e['ts'] - t0:7.0f} us {e['dur']:7.0f} us  {e['name'][:70]}")
     holes = sorted(((b["ts"] - a["ts"] - a["dur"], a["ts"] - t0, b["name"][:50]) for a, b in zip(gpu, gpu[1:])),
                    reverse=True)[:gaps]
     for hole, at, name in holes:
         print(f"  GPU idle {hole:6.1f} us at +{at:.0f} us before {name}")
+
+
+def host_marks(runtime, request, repeats: int = 20) -> dict[str, tuple[float, float]]:
+    """Where handle_request's host time goes, no profiler attached: each named step's entry and exit,
+    median milliseconds after the call's start, over `repeats` calls (the GPU idle before each). The
+    graph launch is the first CUDAGraph.replay; advance_rows runs once the first token is on the host."""
+    import edgellm.runtime as runtime_module
+    from edgellm.engine.kv_store import TieredKVStore
+    from edgellm.engine.runner import LLMEngineRunner
+    steps = [(runtime_module.LLMInferenceRuntime, "_prepare"), (TieredKVStore, "keys"), (TieredKVStore, "restore"),
+             (TieredKVStore, "_indices"), (ops, "blocks_to_slot"), (LLMEngineRunner, "prefill_tokens"),
+             (LLMEngineRunner, "_prefill_chunk"), (torch.cuda.CUDAGraph, "replay"), (ops, "sample"),
+             (TieredKVStore, "save"), (runtime_module, "advance_rows")]
+    marks: dict[str, list[float]] = {}
+    originals = {(owner, name): getattr(owner, name) for owner, name in steps}
+
+    def wrapped(label, fn):
+        def call(*a, **k):
+            entered = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                marks.setdefault(label, [entered, time.perf_counter()])
+        return call
+
+    rows: dict[str, list[tuple[float, float]]] = {}
+    for (owner, name), fn in originals.items():
+        setattr(owner, name, wrapped(name, fn))
+    try:
+        for _ in range(repeats):
+            marks.clear()
+            torch.cuda.synchronize()
+            began = time.perf_counter()
+            runtime.handle_request(request)
+            marks["handle_request"] = [began, time.perf_counter()]
+            for label, (a, b) in marks.items():
+                rows.setdefault(label, []).append(((a - began) * 1e3, (b - began) * 1e3))
+    finally:
+        for (owner, name), fn in originals.items():
+            setattr(owner, name, fn)
+    return {label: (statistics.median(a for a, _ in v), statistics.median(b for _, b in v))
+            for label, v in sorted(rows.items(), key=lambda kv: statistics.median(a for a, _ in kv[1]))}
+
+
+def print_marks(title: str, marks: dict[str, tuple[float, float]]) -> None:
+    print(f"host steps of {title} (ms after the call's start, median; first call of each):")
+    for label, (a, b) in marks.items():
+        print(f"  {label:20s} {a:7.3f} -> {b:7.3f}  ({b - a:6.3f})")
 
 
 def profile_hit(args) -> int:
@@ -79,6 +127,8 @@ def profile_hit(args) -> int:
         runtime.handle_request(request(prefix + fresh(48)))
     hit = timed(lambda: runtime.handle_request(request(prefix + fresh(48))))
     cold = timed(lambda: runtime.handle_request(request(fresh(48))))
+    for name, ids in (("device hit", prefix + fresh(48)), ("48 cold", fresh(48))):
+        print_marks(name, host_marks(runtime, request(ids)))
     response = runtime.handle_request(request(prefix + fresh(48)))
     timeline(lambda: runtime.handle_request(request(prefix + fresh(48))), "device hit")
     timeline(lambda: runtime.handle_request(request(fresh(48))), "48 cold")
@@ -86,7 +136,7 @@ def profile_hit(args) -> int:
     # The restore's parts, host time (no sync inside) and with its GPU work, median of 20 each.
     store, tokens = runtime.kv_store, prefix + fresh(48)
     fingerprint = runtime.runner.prefix_fingerprint("", len(tokens))
-    usable = tokens[:(len(tokens) - 1) // store.block_tokens * store.block_tokens]
+    keys = store.keys(tokens, fingerprint)
     stats = type(response.kv_reuse)()
 
     def host_ms(fn):
@@ -98,10 +148,10 @@ def profile_hit(args) -> int:
             times.append((time.perf_counter() - began) * 1e3)
         return statistics.median(times)
 
-    parts = {"keys (hash chain)": host_ms(lambda: store.keys(usable, fingerprint)),
-             "restore, host": host_ms(lambda: store.restore(0, tokens, fingerprint, stats)),
-             "restore, with its GPU work": timed(lambda: store.restore(0, tokens, fingerprint, stats)),
-             "save (nothing new), host": host_ms(lambda: store.save(0, tokens, fingerprint, stats))}
+    parts = {"keys (hash chain)": host_ms(lambda: store.keys(tokens, fingerprint)),
+             "restore, host": host_ms(lambda: store.restore(0, len(tokens), keys, stats)),
+             "restore, with its GPU work": timed(lambda: store.restore(0, len(tokens), keys, stats)),
+             "save (nothing new), host": host_ms(lambda: store.save(0, keys, stats))}
     for name, ms in parts.items():
         print(f"  {name:32s} {ms:7.3f} ms")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
@@ -136,22 +186,20 @@ def main() -> int:
         ids = torch.randint(10, vocab, (length,), generator=torch.Generator().manual_seed(length)).tolist()
         request = LLMGenerationRequest(requests=[{"input_ids": ids}], max_generate_length=1, temperature=0.0)
         runtime.handle_request(request)  # warm-up: graphs captured
-        device_ids = torch.tensor([ids], device="cuda")
         params = runtime._sampling_tensors(runtime._prepare(request)[3], 1)[:5]
         with torch.inference_mode():
             phases = {
                 "handle_request": timed(lambda: runtime.handle_request(request)),
                 "  _prepare (validate, ids)": timed(lambda: runtime._prepare(request)),
-                "  embed": timed(lambda: runner.embed(device_ids)),
-                "  prefill_step": timed(lambda: runner.prefill_step(runner.embed(device_ids), [length])),
-                "  sample + tolist": timed(lambda: ops.sample(runner.prefill_step(runner.embed(device_ids), [length]),
-                                                              *params).tolist()),
+                "  prefill_tokens": timed(lambda: runner.prefill_tokens([ids])),
+                "  + sample + tolist": timed(lambda: ops.sample(runner.prefill_tokens([ids]), *params).tolist()),
             }
-            key = prefill_key(1, length, "", length)
+            key = prefill_key(1, length, "", length, from_ids=True)
             phases["  prefill graph replay alone"] = timed(lambda: runner.graphs.get(key).replay())
         print(f"TTFT parts, {args.shape}, prompt {length} (ms, median of 20):")
         for name, ms in phases.items():
             print(f"  {name:32s} {ms:7.3f}")
+        print_marks(f"prompt {length}", host_marks(runtime, request))
         timeline(lambda: runtime.handle_request(request), f"prompt {length}")
         if args.timeline_only:
             continue

@@ -364,35 +364,43 @@ class LLMInferenceRuntime:
         timings = GenerationTimings()
 
         t0 = time.perf_counter()
-        fingerprints = [runner.prefix_fingerprint(a, len(p)) for a, p in zip(adapters, prompts)]
         # Slot i serves item i. With KV reuse on, each slot first gets the longest saved prefix of its
-        # prompt, and only the rest is prefilled.
-        # Image tokens are keyed by their image's digest (multimodal.py).
-        keys = [im.key_ids if im is not None else p for p, im in zip(prompts, images)]
-        cached = [self.kv_store.restore(i, k, fingerprints[i], reuse) if reuse is not None else 0
-                  for i, k in enumerate(keys)]
+        # prompt, and only the rest is prefilled. Image tokens are keyed by their image's digest
+        # (multimodal.py). Each prompt's block keys are hashed once, for the restore and the save.
+        block_keys = cached = None
         if reuse is not None:
+            block_keys = [self.kv_store.keys(im.key_ids if im is not None else p,
+                                             runner.prefix_fingerprint(a, len(p)))
+                          for p, im, a in zip(prompts, images, adapters)]
+            cached = [self.kv_store.restore(i, len(p), k, reuse) for i, (p, k) in enumerate(zip(prompts, block_keys))]
             reuse.restore_ms += (time.perf_counter() - t0) * 1e3
-        width = max(len(p) - c for p, c in zip(prompts, cached))
-        ids = self._device_tensor([p[c:] + [0] * (width - len(p) + c) for p, c in zip(prompts, cached)], torch.int64)
-        temperature, top_k, top_p, seeds, offsets, slots = self._sampling_tensors(sampling, batch)
-        embeds = runner.embed(ids)
-        positions = offsets_mm = None
-        if any(im is not None for im in images):
+        if all(im is None for im in images):
+            # Text: the ids go to the GPU with the step's other integers, embedded inside the prefill graph.
+            logits = runner.prefill_tokens(prompts, lora=adapters, cached_lengths=cached)
+        else:
+            cached = cached or [0] * batch
+            width = max(len(p) - c for p, c in zip(prompts, cached))
+            ids = self._device_tensor([p[c:] + [0] * (width - len(p) + c) for p, c in zip(prompts, cached)],
+                                      torch.int64)
+            embeds = runner.embed(ids)
+            positions = offsets_mm = None
             timings.vision_ms = self.vision.write_embeddings(embeds, images, cached)
             if self.config.mrope_section is not None:
                 positions, offsets_mm = prefill_positions(prompts, images, cached, ids.shape[1])
-        logits = runner.prefill_step(embeds, [len(p) for p in prompts], lora=adapters, cached_lengths=cached,
-                                     positions=positions, position_offsets=offsets_mm)  # slot i serves item i
-        if reuse is not None:
-            self._account_prefill(reuse, sum(len(p) - c for p, c in zip(prompts, cached)), t0)
-            t_save = time.perf_counter()
-            for i, k in enumerate(keys):
-                self.kv_store.save(i, k, fingerprints[i], reuse)
-            reuse.save_ms += (time.perf_counter() - t_save) * 1e3
+            logits = runner.prefill_step(embeds, [len(p) for p in prompts], lora=adapters, cached_lengths=cached,
+                                         positions=positions, position_offsets=offsets_mm)
+        # Queued behind the prefill, so the host work here runs while the GPU prefills.
+        temperature, top_k, top_p, seeds, offsets, slots = self._sampling_tensors(sampling, batch)
         tokens = runner.full_ids(ops.sample(logits, temperature, top_k, top_p, seeds, offsets))
+        if reuse is not None:
+            t_save = time.perf_counter()
+            for i, k in enumerate(block_keys):
+                self.kv_store.save(i, k, reuse)
+            reuse.save_ms += (time.perf_counter() - t_save) * 1e3
         active = list(range(batch))
         first = tokens.tolist()
+        if reuse is not None:
+            self._account_prefill(reuse, sum(len(p) - c for p, c in zip(prompts, cached)), t0)
         advance_rows(rows, active, [[t] for t in first], self.eos_token_ids, max_new, on_text)
         if spec is not None:
             spec.start(first)
@@ -439,9 +447,9 @@ class LLMInferenceRuntime:
 
     def _account_prefill(self, reuse: KVReuseStats, prefilled: int, started: float) -> None:
         """Estimate the prefill time the reused tokens saved, at the rate measured on prompts that
-        reused nothing (an exponential average), and update that rate."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        reused nothing (an exponential average), and update that rate. Called once the first tokens
+        are on the host (no synchronisation of its own: that would keep the saving's host work from
+        overlapping the prefill)."""
         elapsed_ms = (time.perf_counter() - started) * 1e3
         if reuse.reused_tokens == 0 and prefilled > 0:
             rate = elapsed_ms / prefilled

@@ -35,6 +35,28 @@ def test_chunked_prefill_gives_the_unchunked_logits_and_cache(tiny_models):
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_prefill_from_token_ids_matches_prefill_from_embeddings(tiny_models):
+    """prefill_tokens (ids in, embedded inside the step) gives prefill_step's logits and cache, chunked
+    and with cached prefixes (the KV-reuse path: only the tokens after each row's prefix run)."""
+    model_dir, _ = tiny_models["llama"]
+    ids, lengths = _padded(PROMPTS)
+    reference = LLMEngineRunner(model_dir, device="cpu", dtype="float32")
+    expected = reference.prefill_step(reference.embed(ids), lengths)
+    runner = LLMEngineRunner(model_dir, device="cpu", dtype="float32", prefill_chunk_size=3)
+    torch.testing.assert_close(runner.prefill_tokens(PROMPTS), expected, rtol=1e-5, atol=1e-5)
+    assert runner.kv_cache.lengths[:3].tolist() == lengths
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(runner.kv_cache.data[:, :, b, :, :n], reference.kv_cache.data[:, :, b, :, :n],
+                                   rtol=1e-5, atol=1e-5)
+    # The slots hold the prompts: prefilling only their tails after a cached prefix gives the same logits.
+    again = runner.prefill_tokens(PROMPTS, cached_lengths=[7, 1, 4])
+    torch.testing.assert_close(again, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(InvalidRequestError, match="token ids"):
+        runner.prefill_tokens([[1, 2, runner.config.vocab_size]])
+    with pytest.raises(InvalidRequestError, match="cached lengths"):
+        runner.prefill_tokens([[1, 2, 3]], cached_lengths=[3])
+
+
 def test_chunked_prefill_generation_matches_transformers(tiny_models):
     model_dir, hf_model = tiny_models["qwen2"]
     runtime = LLMInferenceRuntime(model_dir, device="cpu", dtype="float32", prefill_chunk_size=4)

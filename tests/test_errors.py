@@ -44,6 +44,8 @@ BAD_REQUESTS = {
     "beyond kv capacity": (req([{"input_ids": [1] * 10}], max_generate_length=30), "at most 22"),
     "id outside vocab": (req([{"input_ids": [1, 96]}]), r"outside the vocabulary \[0, 96\)"),
     "negative id": (req([{"input_ids": [-1]}]), "outside the vocabulary"),
+    "float id": (req([{"input_ids": [1, 2.0]}]), "non-empty list of ints"),
+    "bool id": (req([{"input_ids": [1, True]}]), "non-empty list of ints"),
     "bad stop": (req(stop=[""]), "stop must be"),
     "unknown lora": (req(lora_weights_name="medical"), "unknown LoRA adapter 'medical'"),
     "bad seed": (req(seed="x"), "seed must be an integer"),

@@ -97,6 +97,28 @@ def test_graph_replay_gives_the_eager_tokens(tiny_models, sampling):
     assert not eager.graphs.graphs
 
 
+def test_prefill_from_ids_graph_matches_eager_and_embeddings(tiny_models):
+    """The prefill graphs that start from token ids (the runtime's text path) against the eager runner
+    and against prefill_step's graphs from embeddings: buckets 16 and 32, cached prefixes, a second
+    replay with other inputs (the graph reads its inputs, nothing of the capture stays)."""
+    model_dir, _ = tiny_models["llama"]
+    graphed = LLMEngineRunner(model_dir, device="cuda", dtype="float32")
+    eager = LLMEngineRunner(model_dir, device="cuda", dtype="float32", cuda_graphs=False)
+    longer = [p + p[1:] + [3] * 8 for p in PROMPTS]  # 20-29 tokens: the 32 bucket
+    for prompts in (PROMPTS, longer, PROMPTS):
+        got, want = graphed.prefill_tokens(prompts), eager.prefill_tokens(prompts)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        ids = torch.zeros(3, max(map(len, prompts)), dtype=torch.int64, device="cuda")
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.tensor(p)
+        torch.testing.assert_close(graphed.prefill_step(graphed.embed(ids), [len(p) for p in prompts]), want,
+                                   rtol=1e-4, atol=1e-4)
+        tails = graphed.prefill_tokens(prompts, cached_lengths=[5, 1, 6])
+        torch.testing.assert_close(tails, want, rtol=1e-4, atol=1e-4)
+    kinds = {k[1:5] for k in graphed.graphs.graphs if k[-1] == "prefill"}
+    assert {(16, "", "few keys", "ids"), (32, "", "few keys", "ids"), (16, "", "few keys", "embeds")} <= kinds
+
+
 def test_rows_leaving_the_batch_do_not_change_the_others(tiny_models):
     model_dir, _ = tiny_models["qwen3"]
     _, full = _decode_runs(model_dir, GREEDY)

@@ -260,16 +260,16 @@ def test_store_restores_blocks_exactly_from_mixed_tiers(device):
     def restore(tokens):
         stats = KVReuseStats()
         cache.data[:, :, 1].zero_()
-        reused = store.restore(1, tokens, "", stats)
+        reused = store.restore(1, len(tokens), store.keys(tokens, ""), stats)
         return reused, stats
 
-    store.save(0, a, "", KVReuseStats())  # blocks 3, 4, 5 stay on the device, 0, 1, 2 move to the host
+    store.save(0, store.keys(a, ""), KVReuseStats())  # blocks 3, 4, 5 stay on the device, 0, 1, 2 move to the host
     reused, stats = restore(a)
     assert (reused, stats.hits_host, stats.hits_gpu) == (24, 3, 3)
     assert torch.equal(cache.data[:, :, 1, :, :24], saved_a)  # blocks 0-2 now on the device, 3-5 on the host
     restore(a[:5])  # block 0 becomes the most recently used
     cache.data[:, :, 0].normal_()
-    store.save(0, b, "", KVReuseStats())  # evicts block 1 to the host
+    store.save(0, store.keys(b, ""), KVReuseStats())  # evicts block 1 to the host
     saved_b = cache.data[:, :, 0, :, :4].clone()
     reused, stats = restore(a)  # device: blocks 0 and 2; host: 1, 3, 4, 5
     assert (reused, stats.hits_gpu, stats.hits_host) == (24, 2, 4)

@@ -7,7 +7,8 @@ offsets (advanced inside the step, so each replay draws fresh numbers). Rows bey
 padding: they point at the cache's scratch slot and are greedy.
 
 Prefill chunks get graphs too, keyed by (rows, chunk length rounded up to one of SHORT_PREFILL_BUCKETS
-or a multiple of PREFILL_BUCKET, LoRA configuration, "few keys" or "" (prefill_key), "prefill"):
+or a multiple of PREFILL_BUCKET, LoRA configuration, "few keys" or "", "ids" or "embeds" (prefill_key),
+"prefill"):
 a prefill launches a few hundred kernels, and from Python each launch costs more than the GPU work of a
 short prompt.
 
@@ -102,12 +103,14 @@ PREFILL_BUCKET = 128  # prefill graphs exist for chunk lengths 128, 256, ... (pa
 SHORT_PREFILL_BUCKETS = (16, 32, 64)
 
 
-def prefill_key(rows: int, tokens: int, lora_key, max_keys: int | None) -> tuple:
+def prefill_key(rows: int, tokens: int, lora_key, max_keys: int | None, from_ids: bool = False) -> tuple:
     """The graph key of a prefill chunk of `rows` x `tokens` whose rows see at most max_keys keys
     (None: unknown): "few keys" where its attention runs unsplit (kernels/attention.py
-    PREFILL_SPLIT_MIN_KEYS), else "" (split by the cache's capacity)."""
+    PREFILL_SPLIT_MIN_KEYS), else "" (split by the cache's capacity); "ids" where the step starts from
+    token ids (the embedding gather inside the graph), else "embeds"."""
     few = max_keys is not None and max_keys <= PREFILL_SPLIT_MIN_KEYS
-    return (rows, prefill_bucket(tokens), lora_key, "few keys" if few else "", "prefill")
+    return (rows, prefill_bucket(tokens), lora_key, "few keys" if few else "", "ids" if from_ids else "embeds",
+            "prefill")
 
 
 def prefill_bucket(tokens: int) -> int:
@@ -138,15 +141,25 @@ class PrefillBuffers:
                  device: torch.device, lora_slots: int = 0, positions: bool = False):
         self.embeds = storage.embeds[:rows * length * storage.hidden].view(rows, length, storage.hidden)
         self.logits = storage.logits[:rows * storage.vocab].view(rows, storage.vocab)  # written by the graph
-        # The per-row integers in one tensor, so that one copy loads them all (load's `ints`).
-        self.ints = torch.zeros(PrefillBuffers.int_count(rows, lora_slots), dtype=torch.int32, device=device)
+        # The per-row integers in one tensor, so that one copy loads them all (load's `ints`), followed
+        # by the chunk's token ids for the graphs that start from ids (their `inputs`, also one copy).
+        count = PrefillBuffers.int_count(rows, lora_slots)
+        self.inputs = torch.zeros(count + rows * length, dtype=torch.int32, device=device)
+        self.ints, self.ids = self.inputs[:count], self.inputs[count:].view(rows, length)
         self.slots, self.starts, self.q_lens, self.lora = self.ints[:4 * rows].view(4, rows).unbind(0)
         self.lora_used = self.ints[4 * rows:]
-        self.slots.fill_(scratch_slot)
-        self.q_lens.fill_(1)
-        self.lora.fill_(-1)
+        self.scratch_slot = scratch_slot
+        self.reset()
         # Multimodal RoPE engines: each token's (t, h, w) rotary position.
         self.positions = torch.zeros(rows, length, 3, dtype=torch.int32, device=device) if positions else None
+
+    def reset(self) -> None:
+        """Every row on the scratch slot with one token, no adapter (the state graphs are captured in:
+        no request's cache is touched)."""
+        self.inputs.zero_()
+        self.slots.fill_(self.scratch_slot)
+        self.q_lens.fill_(1)
+        self.lora.fill_(-1)
 
     @staticmethod
     def int_count(rows: int, lora_slots: int) -> int:

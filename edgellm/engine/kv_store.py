@@ -284,13 +284,15 @@ class TieredKVStore:
             or (self.disk is not None and self.disk.has(key))
 
     # ---- what the runtime calls
-    def restore(self, slot: int, tokens: list[int], adapter: str, stats: KVReuseStats) -> int:
-        """Copies the longest saved prefix of `tokens` into cache slot `slot` (whole blocks, leaving at
-        least one token to prefill, whose logits the caller needs); returns its length in tokens."""
-        usable = (len(tokens) - 1) // self.block_tokens
+    def restore(self, slot: int, length: int, keys: list[bytes], stats: KVReuseStats) -> int:
+        """Copies the longest saved prefix of a prompt of `length` tokens whose block keys are `keys`
+        (self.keys: the caller hashes the prompt once for restore and save) into cache slot `slot`
+        (whole blocks, leaving at least one token to prefill, whose logits the caller needs); returns
+        its length in tokens."""
+        usable = (length - 1) // self.block_tokens
         stats.lookups += 1
         stats.blocks_looked_up += usable
-        keys = self.keys(tokens[:usable * self.block_tokens], adapter)
+        keys = keys[:usable]
         gpu_positions, places, host_positions, host_keys = [], [], [], []
         for key in keys:  # the memory tiers first
             place = self.gpu.get(key) if self.gpu is not None else None
@@ -326,9 +328,9 @@ class TieredKVStore:
         stats.reused_tokens += reused * self.block_tokens
         return reused * self.block_tokens
 
-    def save(self, slot: int, tokens: list[int], adapter: str, stats: KVReuseStats) -> None:
-        """Saves the whole blocks of `tokens` (whose KV cache slot `slot` holds) that are not saved yet."""
-        keys = self.keys(tokens, adapter)
+    def save(self, slot: int, keys: list[bytes], stats: KVReuseStats) -> None:
+        """Saves the whole blocks of a prompt whose KV cache slot `slot` holds, named by their keys
+        (self.keys), that are not saved yet."""
         new = []
         for index, key in enumerate(keys):
             if not self._saved(key):

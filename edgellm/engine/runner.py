@@ -25,7 +25,7 @@ import torch
 
 from ..kernels import ops, rope_inv_freq
 from ..kernels.attention import PREFILL_SPLIT_MIN_KEYS
-from ..kernels.lora import UNROLL, used_slots
+from ..kernels.lora import UNROLL, used_slot_list, used_slots
 from ..kernels.tree_mask import MAX_TREE
 from ..errors import ConfigurationError, InvalidRequestError, LoraError
 from ..quant.formats import QUANT_KINDS, QuantizedWeight
@@ -334,17 +334,43 @@ class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
         long_rope (LongRoPE engines): rotate every token with the long factors, as for a prompt past the
         original context (see switch_to_long_rope); the max_input_length limit does not apply then.
         """
-        cfg = self.config
         batch, seq, hidden = inputs_embeds.shape
+        if hidden != self.config.hidden_size:
+            raise InvalidRequestError(f"inputs_embeds must be [B, S, {self.config.hidden_size}]")
+        return self._prefill(inputs_embeds.to(self.dtype), None, batch, seq, _int_list(context_lengths), slots, lora,
+                             cached_lengths, positions, position_offsets, long_rope)
+
+    @inference_call
+    def prefill_tokens(self, prompts: list[list[int]], slots=None, lora=None, cached_lengths=None, *,
+                       long_rope: bool = False) -> torch.Tensor:
+        """prefill_step for text prompts given as token ids (whole prompts; with cached_lengths, the
+        tokens after each row's cached prefix are prefilled). The embedding gather runs inside the
+        prefill graph and the ids travel with the step's other integers in one copy: a short prompt's
+        TTFT is otherwise a good part host work before the GPU starts (issue 18)."""
+        batch = len(prompts)
+        lengths = [len(p) for p in prompts]
+        cached = [0] * batch if cached_lengths is None else _int_list(cached_lengths)
+        if len(cached) != batch:
+            raise InvalidRequestError("cached_lengths must have one entry per prompt")
+        new = [p[c:] for p, c in zip(prompts, cached)]
+        vocab = self.weights.embed.shape[0]
+        if any(t < 0 or t >= vocab for row in new for t in (min(row, default=0), max(row, default=0))):
+            raise InvalidRequestError(f"token ids must be in [0, {vocab})")
+        return self._prefill(None, new, batch, max(map(len, new), default=0), lengths, slots, lora, cached,
+                             None, None, long_rope)
+
+    def _prefill(self, embeds, tokens, batch: int, seq: int, lengths: list[int], slots, lora, cached_lengths,
+                 positions, position_offsets, long_rope: bool) -> torch.Tensor:
+        """prefill_step / prefill_tokens: `embeds` [B, S, hidden] in the engine dtype, or `tokens` (each
+        row's new token ids, S the longest)."""
+        cfg = self.config
         # The per-row checks and arithmetic on Python ints: each op on a small CPU tensor costs a few
         # microseconds, and a short prompt's whole prefill on the GPU takes about a millisecond.
-        lengths = _int_list(context_lengths)
         cached = [0] * batch if cached_lengths is None else _int_list(cached_lengths)
         if batch > cfg.max_supported_batch_size:
             raise InvalidRequestError(f"batch of {batch} exceeds max_batch_size {cfg.max_supported_batch_size}")
-        if hidden != cfg.hidden_size or len(lengths) != batch or len(cached) != batch:
-            raise InvalidRequestError(f"inputs_embeds must be [B, S, {cfg.hidden_size}] with B context lengths"
-                                      " (and B cached lengths)")
+        if batch < 1 or len(lengths) != batch or len(cached) != batch:
+            raise InvalidRequestError("a prefill needs B >= 1 rows with B context lengths (and B cached lengths)")
         if long_rope and self.longrope_original is None:
             raise InvalidRequestError("long_rope is for LongRoPE models only")
         limit = cfg.max_kv_cache_capacity if long_rope else cfg.max_supported_input_length
@@ -354,21 +380,20 @@ class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
         if min(cached) < 0 or min(new) < 1 or max(new) > seq:
             raise InvalidRequestError(f"cached lengths must leave each row 1 to {seq} (inputs_embeds' length) "
                                       "tokens to prefill")
-        slot_ids = self._slots(slots, batch, on_device=False).tolist()
+        slot_ids = list(range(batch)) if slots is None else self._slots(slots, batch, on_device=False).tolist()
         lora_rows = self._lora_rows(lora, batch)
         uses_lora = any_adapter(lora_rows)
-        positions, offsets_host = self._prompt_positions(positions, position_offsets, batch, seq)
-        offsets = offsets_host.tolist()
+        positions, offsets = self._prompt_positions(positions, position_offsets, batch, seq)
         if self.longrope_original is not None:  # prompts past the original context: the all-long half
             offsets = [cfg.max_kv_cache_capacity if (n > self.longrope_original or long_rope) else 0 for n in lengths]
-        embeds = inputs_embeds.to(self.dtype)
         chunk = self.prefill_chunk_size
         begins = list(range(0, max(new), chunk))
         # Every integer of the step in one host-to-device copy (each copy from pageable memory costs
         # ~10-20 us of host time): per row its slot, cached length, final length, RoPE offset; per
         # chunk whether the row's last token is in it; then per chunk the graph buffers' `ints`
-        # (slots, starts, token counts, LoRA slots, the LoRA used-slot list), loaded with one copy.
-        used = used_slots(lora_rows, self._lora_capacity(), "cpu").tolist()
+        # (slots, starts, token counts, LoRA slots, the LoRA used-slot list) and, given token ids,
+        # the chunk's ids right-padded to its graph's length, loaded with one copy.
+        used = used_slot_list(lora_rows, self._lora_capacity())
         packed = slot_ids + cached + lengths + offsets
         for begin in begins:
             packed += [int(begin < n <= begin + chunk) for n in new]
@@ -377,6 +402,11 @@ class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
             chunk_ints.append(len(packed))
             packed += slot_ids + [c + begin for c in cached] + [min(max(n - begin, 0), chunk) for n in new] \
                 + lora_rows + used
+            if tokens is not None:
+                width = prefill_bucket(min(chunk, seq - begin))
+                for row in tokens:
+                    part = row[begin:begin + width]
+                    packed += part + [0] * (width - len(part))
         device_ints = torch.tensor(packed, dtype=torch.int32, pin_memory=self.device.type == "cuda").to(
             self.device, non_blocking=True)
         per_row = device_ints[:(4 + len(begins)) * batch].view(-1, batch)
@@ -394,20 +424,25 @@ class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
         for i, begin in enumerate(begins):
             # Row b contributes its new tokens [begin, begin + chunk) (none once it has ended), placed
             # after its cached prefix; its logits come from the chunk that holds its last token.
-            ints = device_ints[chunk_ints[i]:chunk_ints[i] + size]
+            width = min(chunk, seq - begin)
+            if tokens is None:
+                inputs, part_embeds = device_ints[chunk_ints[i]:chunk_ints[i] + size], embeds[:, begin:begin + chunk]
+            else:
+                ids = batch * prefill_bucket(width)
+                inputs, part_embeds = device_ints[chunk_ints[i]:chunk_ints[i] + size + ids], None
             max_keys = max(c + begin + min(max(n - begin, 0), chunk) for c, n in zip(cached, new))
-            part = self._prefill_chunk(embeds[:, begin:begin + chunk], ints, uses_lora,
+            part = self._prefill_chunk(part_embeds, inputs, uses_lora, batch, width,
                                        None if positions is None else positions[:, begin:begin + chunk], max_keys)
             logits = part if logits is None else torch.where(per_row[4 + i].bool()[:, None], part, logits)
         self.kv_cache.lengths[slot_dev.long()] = lengths_dev
         return logits
 
     def _prompt_positions(self, positions, offsets, batch: int, seq: int):
-        """prefill_step's positions (checked, or None) and per-row offsets (host int64, zeros by default)."""
+        """prefill_step's positions (checked, or None) and per-row offsets (a list, zeros by default)."""
         if self.rope.sections is None:
             if positions is not None or offsets is not None:
                 raise InvalidRequestError("positions / position_offsets are for multimodal-RoPE models only")
-            return None, torch.zeros(batch, dtype=torch.int64)
+            return None, [0] * batch
         if positions is not None:
             positions = torch.as_tensor(positions)
             if positions.shape != (batch, seq, 3):
@@ -419,7 +454,7 @@ class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
             torch.as_tensor(offsets, dtype=torch.int64).cpu()
         if offsets.shape != (batch,):
             raise InvalidRequestError(f"position_offsets must have {batch} entries")
-        return positions, offsets
+        return positions, offsets.tolist()
 
     @inference_call
     def decode_step(self, inputs_embeds: torch.Tensor, slots=None, lora=None) -> torch.Tensor:
@@ -438,18 +473,24 @@ class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
         self.kv_cache.lengths[slot_ids.long()] = starts + 1
         return logits
 
-    def _prefill_chunk(self, embeds, ints, uses_lora: bool, positions=None, max_keys: int | None = None
-                       ) -> torch.Tensor:
-        """One prefill chunk (ints: PrefillBuffers.ints' layout, on the device): replayed from a graph
-        of its (rows, length bucket, LoRA on/off, keys) where graphs are on. max_keys: the most keys a
-        row sees after the chunk; a chunk whose rows see few (a short prompt, nothing cached) takes
-        attention without split-K (kernels/attention.py PREFILL_SPLIT_MIN_KEYS), so each bucket has a
-        graph for those and one for the rest (split by the cache's capacity; eager runs the same)."""
-        rows, width, hidden = embeds.shape
-        key = prefill_key(rows, width, _lora_key(uses_lora), max_keys)
+    def _prefill_chunk(self, embeds, inputs, uses_lora: bool, rows: int, width: int, positions=None,
+                       max_keys: int | None = None) -> torch.Tensor:
+        """One prefill chunk of `rows` x `width` tokens: `embeds` [rows, width, hidden], with `inputs`
+        PrefillBuffers.ints' layout on the device; or embeds None and `inputs` the ints followed by the
+        chunk's token ids ([rows, bucket], PrefillBuffers.inputs), embedded inside the step. Replayed
+        from a graph of its (rows, length bucket, LoRA on/off, keys, ids or embeddings) where graphs are
+        on. max_keys: the most keys a row sees after the chunk; a chunk whose rows see few (a short
+        prompt, nothing cached) takes attention without split-K (kernels/attention.py
+        PREFILL_SPLIT_MIN_KEYS), so each bucket has a graph for those and one for the rest (split by
+        the cache's capacity; eager runs the same)."""
+        from_ids = embeds is None
+        key = prefill_key(rows, width, _lora_key(uses_lora), max_keys, from_ids)
         span = PREFILL_SPLIT_MIN_KEYS if key[3] else None
         if not self.graphs.enabled:
+            ints = inputs[:PrefillBuffers.int_count(rows, self._lora_capacity())]
             slots, starts, q_lens, lora_index = ints[:4 * rows].view(4, rows).unbind(0)
+            if from_ids:
+                embeds = self.embed(inputs[ints.numel():].view(rows, -1)[:, :width])
             return forward_logits(self.weights, self.config, self.kv_cache, self.rope, embeds, slots,
                                   starts, q_lens, lora=self._lora_batch(lora_index, ints[4 * rows:], uses_lora),
                                   positions=positions, max_keys=span)
@@ -458,25 +499,26 @@ class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
             if self._prefill_storage is None:
                 cfg = self.config
                 widest = prefill_bucket(min(self.prefill_chunk_size, cfg.max_supported_input_length))
-                self._prefill_storage = PrefillStorage(cfg.max_supported_batch_size, widest, hidden,
-                                                       self.weights.lm_head.shape[0], self.dtype, self.device)
+                self._prefill_storage = PrefillStorage(cfg.max_supported_batch_size, widest,
+                                                       self.config.hidden_size, self.weights.lm_head.shape[0],
+                                                       self.dtype, self.device)
             buf = PrefillBuffers(rows, key[1], self._prefill_storage, self.kv_cache.scratch_slot, self.device,
                                  self._lora_capacity(), positions=self.rope.sections is not None)
             self._prefill_buffers[key[:2]] = buf
         if self.graphs.get(key) is None:
             # Warm-up and capture with every row on the scratch slot: no request's cache is touched.
-            buf.slots.fill_(self.kv_cache.scratch_slot)
-            buf.starts.zero_()
-            buf.q_lens.fill_(1)
-            buf.lora.fill_(-1)
-            buf.lora_used.zero_()
-            self.graphs.capture(key, lambda: self._prefill_body(buf, uses_lora, span))
-        buf.load(embeds, ints, positions)
+            buf.reset()
+            self.graphs.capture(key, lambda: self._prefill_body(buf, uses_lora, span, from_ids))
+        if from_ids:
+            buf.inputs.copy_(inputs)
+        else:
+            buf.load(embeds, inputs, positions)
         self.graphs.get(key).replay()
         return buf.logits.clone()  # the next prefill replay overwrites buf.logits
 
-    def _prefill_body(self, buf: PrefillBuffers, uses_lora: bool, max_keys: int | None) -> None:
-        buf.logits.copy_(forward_logits(self.weights, self.config, self.kv_cache, self.rope, buf.embeds,
+    def _prefill_body(self, buf: PrefillBuffers, uses_lora: bool, max_keys: int | None, from_ids: bool) -> None:
+        embeds = self.embed(buf.ids) if from_ids else buf.embeds
+        buf.logits.copy_(forward_logits(self.weights, self.config, self.kv_cache, self.rope, embeds,
                                         buf.slots, buf.starts, buf.q_lens,
                                         lora=self._lora_batch(buf.lora, buf.lora_used, uses_lora),
                                         positions=buf.positions, max_keys=max_keys))

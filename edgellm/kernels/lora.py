@@ -209,12 +209,16 @@ def _rows(x: torch.Tensor, index: torch.Tensor, what: str) -> torch.Tensor:
     return x2
 
 
-def used_slots(slots, capacity: int, device) -> torch.Tensor:
-    """The `used` argument of the LoRA ops for a batch whose tokens use adapter `slots` (-1: none):
-    [1 + max(capacity, UNROLL)] int32, the number of distinct slots, then the slots."""
+def used_slot_list(slots, capacity: int) -> list[int]:
+    """The `used` argument of the LoRA ops for a batch whose tokens use adapter `slots` (-1: none), as
+    a list of 1 + max(capacity, UNROLL) ints: the number of distinct slots, then the slots."""
     distinct = sorted({int(s) for s in slots if s >= 0})
-    return torch.tensor([len(distinct)] + distinct + [0] * (max(capacity, UNROLL) - len(distinct)), dtype=torch.int32,
-                        device=device)
+    return [len(distinct)] + distinct + [0] * (max(capacity, UNROLL) - len(distinct))
+
+
+def used_slots(slots, capacity: int, device) -> torch.Tensor:
+    """used_slot_list as an int32 tensor on `device`."""
+    return torch.tensor(used_slot_list(slots, capacity), dtype=torch.int32, device=device)
 
 
 def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, index: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
