@@ -270,13 +270,15 @@ def kv_block_cases(rnd):
     cache = rnd(layers, 2, 2, hkv, 2080, d)
     places = torch.randperm(64, device=DEV)[:n]
     positions = torch.arange(n, device=DEV)
+    table = torch.tensor(kv_blocks.block_table([(p, i, 1) for i, p in enumerate(places.tolist())]),
+                         dtype=torch.int32, device=DEV)
 
     def torch_copy():
         view = cache[:, :, 1, :, :n * tokens].unflatten(3, (n, tokens)).permute(3, 0, 1, 2, 4, 5)
         view.copy_(pool.index_select(0, places))
 
     return [dict(name=f"kv_blocks to slot {n} x 64 tokens", triton=lambda: kv_blocks.blocks_to_slot(
-        pool, cache, 1, places, positions), torch=torch_copy, compile=None, bytes=2 * pool[0].numel() * 2 * n,
+        pool, cache, table), torch=torch_copy, compile=None, bytes=2 * pool[0].numel() * 2 * n,
         baseline="torch gather + copy")]
 
 

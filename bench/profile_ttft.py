@@ -70,7 +70,7 @@ def host_marks(runtime, request, repeats: int = 20) -> dict[str, tuple[float, fl
     from edgellm.engine.kv_store import TieredKVStore
     from edgellm.engine.runner import LLMEngineRunner
     steps = [(runtime_module.LLMInferenceRuntime, "_prepare"), (TieredKVStore, "keys"), (TieredKVStore, "restore"),
-             (TieredKVStore, "_indices"), (ops, "blocks_to_slot"), (LLMEngineRunner, "prefill_tokens"),
+             (TieredKVStore, "take_pending"), (LLMEngineRunner, "prefill_tokens"),
              (LLMEngineRunner, "_prefill_chunk"), (torch.cuda.CUDAGraph, "replay"), (ops, "sample"),
              (TieredKVStore, "save"), (runtime_module, "advance_rows")]
     marks: dict[str, list[float]] = {}

@@ -55,6 +55,8 @@ def test_prefill_from_token_ids_matches_prefill_from_embeddings(tiny_models):
         runner.prefill_tokens([[1, 2, runner.config.vocab_size]])
     with pytest.raises(InvalidRequestError, match="cached lengths"):
         runner.prefill_tokens([[1, 2, 3]], cached_lengths=[3])
+    with pytest.raises(InvalidRequestError, match="block pool"):
+        runner.prefill_tokens([[1, 2, 3]], pool_blocks=[(0, 0, 0)])
 
 
 def test_chunked_prefill_generation_matches_transformers(tiny_models):

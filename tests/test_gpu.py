@@ -207,6 +207,37 @@ def test_kv_reuse_through_every_tier_on_gpu(tiny_models, tmp_path):
     assert again.kv_reuse.hits_disk == 4 and again.output_ids == expected[tuple(a)]
 
 
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_device_tier_hits_copied_inside_the_prefill_graph(tiny_models, chunk):
+    """Device-tier KV hits leave their blocks to the prefill graph (runner.attach_block_pool): a batch
+    of three prompts sharing a 40-token prefix, each row's blocks into its own slot, then the same
+    with other tails and rows in another order; chunked (16-token chunks: the table rides the first
+    only) or not. Every answer equals the no-reuse run's, under graphs, and the hits were device hits."""
+    from edgellm import KVReuseSettings
+
+    model_dir, _ = tiny_models["llama"]
+    system = [1] + [(7 * i) % 90 + 5 for i in range(39)]
+    batches = [[system + [11, 23, 35], system[:24] + [12, 44], system + [12, 44, 56, 3]],
+               [system[:33] + [60, 61], system + [9] * 6, system + [11, 23, 35, 36]]]
+    plain = LLMInferenceRuntime(model_dir, device="cuda", dtype="float32", max_batch_size=3,
+                                prefill_chunk_size=chunk)
+    reuse = LLMInferenceRuntime(model_dir, device="cuda", dtype="float32", max_batch_size=3, prefill_chunk_size=chunk,
+                                kv_reuse=KVReuseSettings(gpu_bytes=1 << 20, block_tokens=8))
+    assert reuse.runner.block_pool is not None
+
+    def run(runtime, prompts):
+        return runtime.handle_request(LLMGenerationRequest(requests=[{"input_ids": p} for p in prompts],
+                                                           max_generate_length=6, temperature=0))
+
+    with forbid_reference_on_cuda():
+        run(reuse, [system + [2]])  # saves the prefix's five blocks
+        for prompts in batches:
+            got = run(reuse, prompts)
+            assert got.output_ids == run(plain, prompts).output_ids
+            assert got.kv_reuse.hits_gpu == got.kv_reuse.reused_blocks > 0 and got.kv_reuse.hits_host == 0
+    assert any(k[-1] == "prefill" and k[4] == "ids" for k in reuse.runner.graphs.graphs)
+
+
 # ---- reliability: threads, inference mode, memory limits (issue 12) ----
 
 def _random_adapters(model_dir, root):

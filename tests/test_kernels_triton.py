@@ -111,16 +111,17 @@ def _cache_with_lengths(lengths, hkv, capacity, head_dim, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("hq,hkv,head_dim", [(4, 4, 64), (8, 2, 48), (8, 1, 96), (2, 2, 128)])
-@pytest.mark.parametrize("splits", [None, 1, 3])
-def test_prefill_attention(dtype, hq, hkv, head_dim, splits):
+@pytest.mark.parametrize("splits,pack", [(None, None), (1, None), (3, None), (1, True), (3, True)])
+def test_prefill_attention(dtype, hq, hkv, head_dim, splits, pack):
     """Rows of several lengths after cached prefixes of several lengths (one longer than a key split,
-    one of none), padded queries; the keys in one range or split in 3 and merged."""
+    one of none), padded queries; the keys in one range or split in 3 and merged; each program's rows
+    one query head's or (pack) every head's of a KV group."""
     starts, q_lens, seq = [0, 130, 3], [37, 9, 1], 37
     k_cache, v_cache = _cache_with_lengths([50, 150, 50], hkv, 160, head_dim, dtype)
     q = randn(3, seq, hq, head_dim, dtype=dtype, seed=5)
     args = (torch.tensor([1, 3, 0], device=DEVICE), torch.tensor(starts, device=DEVICE),
             torch.tensor(q_lens, device=DEVICE), head_dim ** -0.5)
-    out = attention.prefill_attention(q, k_cache, v_cache, *args, num_splits=splits)
+    out = attention.prefill_attention(q, k_cache, v_cache, *args, num_splits=splits, pack=pack)
     ref = attention.prefill_attention_ref(q, k_cache, v_cache, *args)
     torch.testing.assert_close(out, ref, **TOL[dtype])
     if splits is None:  # 16-query blocks, some all padding (zeros from the kernel: its output starts empty,
@@ -162,9 +163,9 @@ def test_attention_with_a_sliding_window(dtype, window):
     args = (torch.tensor([1, 3, 0], device=DEVICE), torch.tensor(starts, device=DEVICE),
             torch.tensor(q_lens, device=DEVICE), head_dim ** -0.5)
     ref = attention.prefill_attention_ref(q, k_cache, v_cache, *args, window)
-    for splits in (1, 3):
-        torch.testing.assert_close(attention.prefill_attention(q, k_cache, v_cache, *args, window, num_splits=splits),
-                                   ref, **TOL[dtype])
+    for splits, pack in ((1, False), (3, False), (3, True)):
+        torch.testing.assert_close(attention.prefill_attention(q, k_cache, v_cache, *args, window, num_splits=splits,
+                                                               pack=pack), ref, **TOL[dtype])
     # Query 40 of row 0 over keys 40 - window + 1 .. 40 alone (moved to the start of a spare slot).
     lo = 40 - window + 1
     k_only, v_only = k_cache.clone(), v_cache.clone()
@@ -533,29 +534,37 @@ def test_decode_attention_with_fused_lora_shrink(dtype, head_dim):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("tokens,head_dim", [(4, 16), (8, 48)])
-def test_kv_blocks_to_and_from_a_slot(dtype, tokens, head_dim):
-    """Saved blocks into a cache slot at scattered block positions (and out again into other places)
-    against the references, on caches that start equal; the slot's other positions and the other
-    slots stay as they were."""
+def test_kv_blocks_to_and_from_slots(dtype, tokens, head_dim):
+    """Saved blocks into cache slots at scattered block positions (and out again into other places)
+    against the references, on caches that start equal; the slots' other positions and the other
+    slots stay as they were. The table has room for more entries than its count (as in the prefill
+    graph, where a stale tail is left from earlier steps): those are not copied."""
     from edgellm.kernels import kv_blocks
 
     layers, slots, heads, capacity = 2, 3, 2, 6 * tokens
     pool = randn(5, layers, 2, heads, tokens, head_dim, dtype=dtype, seed=1)
     cache = randn(layers, 2, slots, heads, capacity, head_dim, dtype=dtype, seed=2)
-    places = torch.tensor([3, 0, 4], device=DEVICE)
-    positions = torch.tensor([0, 2, 5], device=DEVICE)
+    entries = [(3, 0, 1), (0, 2, 1), (4, 5, 1), (1, 1, 2)]
+    stale = [(2, 4, 0)] * 20  # 24 entries of room: more than one SPLIT of programs
+    table = torch.tensor(kv_blocks.block_table(entries + stale), dtype=torch.int32, device=DEVICE)
+    table[0] = len(entries)
     mine, ref = cache.clone(), cache.clone()
-    kv_blocks.blocks_to_slot(pool, mine, 1, places, positions)
-    kv_blocks.blocks_to_slot_ref(pool, ref, 1, places, positions)
+    kv_blocks.blocks_to_slot(pool, mine, table)
+    kv_blocks.blocks_to_slot_ref(pool, ref, table)
     assert torch.equal(mine, ref)
     assert torch.equal(mine[:, :, 1, :, 2 * tokens:3 * tokens], pool[0])
+    assert torch.equal(mine[:, :, 2, :, tokens:2 * tokens], pool[1])
     assert torch.equal(mine[:, :, 1, :, tokens:2 * tokens], cache[:, :, 1, :, tokens:2 * tokens])
-    assert torch.equal(mine[:, :, [0, 2]], cache[:, :, [0, 2]])
+    assert torch.equal(mine[:, :, 0], cache[:, :, 0])  # the stale entries' slot
     out, out_ref = pool.clone(), pool.clone()
-    kv_blocks.blocks_from_slot(out, cache, 2, places, positions)
-    kv_blocks.blocks_from_slot_ref(out_ref, cache, 2, places, positions)
+    back = torch.tensor(kv_blocks.block_table([(4, 5, 2), (2, 0, 0)]), dtype=torch.int32, device=DEVICE)
+    kv_blocks.blocks_from_slot(out, cache, back)
+    kv_blocks.blocks_from_slot_ref(out_ref, cache, back)
     assert torch.equal(out, out_ref)
     assert torch.equal(out[4], cache[:, :, 2, :, 5 * tokens:6 * tokens])
+    assert torch.equal(out[2], cache[:, :, 0, :, :tokens])
     assert torch.equal(out[1], pool[1])
     with pytest.raises(ValueError, match="kv_blocks"):
-        kv_blocks.blocks_to_slot(pool[:, :, :, :1], mine, 1, places, positions)
+        kv_blocks.blocks_to_slot(pool[:, :, :, :1], mine, table)
+    with pytest.raises(ValueError, match="block table"):
+        kv_blocks.blocks_to_slot(pool, mine, table.long())

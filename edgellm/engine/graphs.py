@@ -138,14 +138,17 @@ class PrefillBuffers:
     """Static inputs and outputs of one prefill chunk of `rows` x `length` tokens (right-padded)."""
 
     def __init__(self, rows: int, length: int, storage: PrefillStorage, scratch_slot: int,
-                 device: torch.device, lora_slots: int = 0, positions: bool = False):
+                 device: torch.device, lora_slots: int = 0, positions: bool = False, block_room: int = 0):
         self.embeds = storage.embeds[:rows * length * storage.hidden].view(rows, length, storage.hidden)
         self.logits = storage.logits[:rows * storage.vocab].view(rows, storage.vocab)  # written by the graph
         # The per-row integers in one tensor, so that one copy loads them all (load's `ints`), followed
-        # by the chunk's token ids for the graphs that start from ids (their `inputs`, also one copy).
+        # for the graphs that start from ids by the chunk's token ids and a block table of up to
+        # block_room entries (kernels/kv_blocks.py: a KV hit's pool blocks) (their `inputs`, one copy).
         count = PrefillBuffers.int_count(rows, lora_slots)
-        self.inputs = torch.zeros(count + rows * length, dtype=torch.int32, device=device)
-        self.ints, self.ids = self.inputs[:count], self.inputs[count:].view(rows, length)
+        self.rows = rows
+        self.inputs = torch.zeros(count + rows * length + 1 + 3 * block_room, dtype=torch.int32, device=device)
+        self.ints, self.ids = self.inputs[:count], self.inputs[count:count + rows * length].view(rows, length)
+        self.blocks = self.inputs[count + rows * length:]
         self.slots, self.starts, self.q_lens, self.lora = self.ints[:4 * rows].view(4, rows).unbind(0)
         self.lora_used = self.ints[4 * rows:]
         self.scratch_slot = scratch_slot
@@ -154,8 +157,8 @@ class PrefillBuffers:
         self.positions = torch.zeros(rows, length, 3, dtype=torch.int32, device=device) if positions else None
 
     def reset(self) -> None:
-        """Every row on the scratch slot with one token, no adapter (the state graphs are captured in:
-        no request's cache is touched)."""
+        """Every row on the scratch slot with one token, no adapter, no block to copy (the state graphs
+        are captured in: no request's cache is touched)."""
         self.inputs.zero_()
         self.slots.fill_(self.scratch_slot)
         self.q_lens.fill_(1)

@@ -14,7 +14,10 @@ blocks go to the top memory tier and are written through to disk, so another pro
 Device <-> host copies run on a side CUDA stream.
 
 The runner's linear KV cache layout never changes: `restore` copies the saved blocks into a
-slot's first positions and the caller prefills only the rest (DESIGN.md).
+slot's first positions and the caller prefills only the rest (DESIGN.md). With defer=True the device
+tier's blocks are left to the caller (take_pending), whose prefill step copies them inside its own
+CUDA graph (runner.attach_block_pool): a KV hit then pays no copy launch of its own before its first
+token (issue 18).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 
 from ..errors import ConfigurationError
 from ..kernels import ops
+from ..kernels.kv_blocks import block_table
 from .kv_cache import LinearKVCache
 from .kv_disk import DiskTier
 from .kv_pool import DeviceBlockPool
@@ -174,13 +178,19 @@ class TieredKVStore:
                                                  "layout": self.layout}) if settings.disk_dir else None
         self._cuda = self.device.type == "cuda"
         self._side = torch.cuda.Stream(self.device) if self._cuda else None
+        self._pending: list[tuple[int, int, int]] = []  # restore(defer=True)'s device blocks, not copied yet
+        self._roots: dict[str, bytes] = {}  # root(): block 0's parent key per adapter fingerprint
 
     # ---- keys
     def root(self, adapter: str) -> bytes:
-        """Block 0's parent key for this engine and LoRA adapter fingerprint ("" = the base model)."""
-        text = json.dumps({"model": self.identity, "dtype": str(self.cache.data.dtype), "adapter": adapter,
-                           "block_tokens": self.block_tokens, "layout": self.layout}, sort_keys=True)
-        return hashlib.sha256(text.encode()).digest()
+        """Block 0's parent key for this engine and LoRA adapter fingerprint ("" = the base model);
+        remembered per fingerprint (every request asks, and the JSON and hash cost ~10-20 us)."""
+        root = self._roots.get(adapter)
+        if root is None:
+            text = json.dumps({"model": self.identity, "dtype": str(self.cache.data.dtype), "adapter": adapter,
+                               "block_tokens": self.block_tokens, "layout": self.layout}, sort_keys=True)
+            root = self._roots[adapter] = hashlib.sha256(text.encode()).digest()
+        return root
 
     def keys(self, tokens: list[int], adapter: str) -> list[bytes]:
         """The keys of the whole blocks of `tokens`: a hash chain, so key i names tokens[:(i+1)*T]
@@ -217,13 +227,28 @@ class TieredKVStore:
             ready.record(self._side)
         return host, ready
 
-    def _indices(self, *lists: list[int]) -> list[torch.Tensor]:
-        """Each list as an int64 tensor on the device, all in one copy from pinned memory."""
-        joined = torch.tensor([v for values in lists for v in values], dtype=torch.long, pin_memory=self._cuda)
-        return list(joined.to(self.device, non_blocking=True).split([len(values) for values in lists]))
+    def _table(self, entries: list) -> torch.Tensor:
+        """A block table (kernels/kv_blocks.py) of (place, position, slot) entries on the device, in one
+        copy from pinned memory."""
+        return torch.tensor(block_table(entries), dtype=torch.int32, pin_memory=self._cuda).to(
+            self.device, non_blocking=True)
+
+    def take_pending(self) -> list:
+        """The device-tier blocks that restore(defer=True) left to copy, as (place, position, slot)
+        entries: the caller's prefill step copies them into their slots before its attention (one
+        launch and one host copy fewer on a KV hit's path to its first token)."""
+        pending, self._pending = self._pending, []
+        return pending
+
+    def flush_pending(self) -> None:
+        """Copy the deferred blocks now (before a pool place is reused, or for a caller that cannot)."""
+        pending = self.take_pending()
+        if pending:
+            ops.blocks_to_slot(self.gpu.data, self.cache.data, self._table(pending))
 
     def _place(self, key: bytes) -> int:
         """A place in the device pool for a new block; the block evicted from it moves down a tier."""
+        self.flush_pending()  # a deferred copy may still have to read the place given out here
         index, evicted = self.gpu.allocate(key)
         if evicted is not None:  # a copy: the place is overwritten next, while the side stream reads
             self._demote_from_gpu(evicted[0], self.gpu.data[evicted[1]].clone())
@@ -284,11 +309,11 @@ class TieredKVStore:
             or (self.disk is not None and self.disk.has(key))
 
     # ---- what the runtime calls
-    def restore(self, slot: int, length: int, keys: list[bytes], stats: KVReuseStats) -> int:
+    def restore(self, slot: int, length: int, keys: list[bytes], stats: KVReuseStats, defer: bool = False) -> int:
         """Copies the longest saved prefix of a prompt of `length` tokens whose block keys are `keys`
         (self.keys: the caller hashes the prompt once for restore and save) into cache slot `slot`
         (whole blocks, leaving at least one token to prefill, whose logits the caller needs); returns
-        its length in tokens."""
+        its length in tokens. defer: leave the device tier's blocks to the caller (take_pending)."""
         usable = (length - 1) // self.block_tokens
         stats.lookups += 1
         stats.blocks_looked_up += usable
@@ -310,13 +335,14 @@ class TieredKVStore:
         if reused:
             # Blocks go straight from the pool (or the staging buffer of host blocks) into the slot, one
             # pass each (kernels/kv_blocks.py); the pool's first, before any promotion below can evict.
-            if places:
-                ops.blocks_to_slot(self.gpu.data, self.cache.data, slot, *self._indices(places, gpu_positions))
+            self._pending += [(place, position, slot) for place, position in zip(places, gpu_positions)]
+            if not defer:
+                self.flush_pending()
             if host_keys:
                 entries = [self.host.take(k) if self.gpu is not None else self.host.get(k) for k in host_keys]
                 staging = self._host_to_device(entries)
-                ops.blocks_to_slot(staging, self.cache.data, slot,
-                                   *self._indices(list(range(len(host_keys))), host_positions))
+                ops.blocks_to_slot(staging, self.cache.data,
+                                   self._table([(i, p, slot) for i, p in enumerate(host_positions)]))
                 if self.gpu is not None:  # promoted to the device tier
                     for key, block in zip(host_keys, staging):
                         self._put_gpu(key, block)
@@ -344,7 +370,8 @@ class TieredKVStore:
             # One pass from the slot into the pool. The new places evict none of each other: they are
             # the most recently used and fit.
             places = [self._place(keys[i]) for i in new]
-            ops.blocks_from_slot(self.gpu.data, self.cache.data, slot, *self._indices(places, new))
+            ops.blocks_from_slot(self.gpu.data, self.cache.data,
+                                 self._table([(place, i, slot) for place, i in zip(places, new)]))
             if self.disk is not None:
                 for index, place in zip(new, places):
                     self.disk.write(keys[index], *self._to_host_from_pool(place))

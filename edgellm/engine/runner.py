@@ -25,6 +25,7 @@ import torch
 
 from ..kernels import ops, rope_inv_freq
 from ..kernels.attention import PREFILL_SPLIT_MIN_KEYS
+from ..kernels.kv_blocks import block_table
 from ..kernels.lora import UNROLL, used_slot_list, used_slots
 from ..kernels.tree_mask import MAX_TREE
 from ..errors import ConfigurationError, InvalidRequestError, LoraError
@@ -153,6 +154,7 @@ class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
         self._decode_buffers: dict[int, DecodeBuffers] = {}
         self._prefill_buffers: dict[tuple[int, int], PrefillBuffers] = {}
         self._prefill_storage: PrefillStorage | None = None
+        self.block_pool: torch.Tensor | None = None  # the KV store's device pool (attach_block_pool)
         self._trees: dict[tuple[int, int], TreeBuffers] = {}  # verify steps' buffers, by (size, tree nodes)
         self._active: DecodeBuffers | None = None
         self._host_tokens: list[torch.Tensor] | None = None  # decode_launch's pinned pair, used in turn
@@ -162,6 +164,28 @@ class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
         self._active_lora = ""  # the adapter rows use when a call names none ("" = the base model)
         for name, adapter in adapters.items():
             self.lora.add(name, adapter)
+
+    def attach_block_pool(self, pool: torch.Tensor) -> None:
+        """The KV store's device pool of saved blocks ([places, layers, 2, kv_heads, tokens, head_dim],
+        engine/kv_pool.py): prefill_tokens then copies a KV hit's pool blocks into their slots inside
+        its own step (pool_blocks). Prefill graphs captured before are dropped: they lack that copy."""
+        data = self.kv_cache.data
+        layers, two, _, heads, _, head_dim = data.shape
+        if pool.dim() != 6 or tuple(pool.shape[1:4]) != (layers, two, heads) or pool.shape[5] != head_dim \
+                or pool.dtype != data.dtype or pool.device != data.device:
+            raise ConfigurationError(f"block pool {tuple(pool.shape)} {pool.dtype} does not hold blocks of this "
+                                     f"engine's KV cache {tuple(data.shape)} {data.dtype}")
+        self.block_pool = pool
+        self._prefill_buffers.clear()
+        for key in [k for k in self.graphs.graphs if k[-1] == "prefill"]:
+            del self.graphs.graphs[key]
+
+    def _block_room(self, rows: int) -> int:
+        """Entries of the block table a prefill of `rows` rows carries: every whole block of each row's
+        longest prompt (0 without a pool)."""
+        if self.block_pool is None:
+            return 0
+        return rows * (self.config.max_supported_input_length // self.block_pool.shape[4])
 
     def prefix_fingerprint(self, adapter: str, prompt_length: int) -> str:
         """What, besides the tokens, a saved prefix's KV depends on: the adapter, and for LongRoPE
@@ -342,12 +366,24 @@ class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
 
     @inference_call
     def prefill_tokens(self, prompts: list[list[int]], slots=None, lora=None, cached_lengths=None, *,
-                       long_rope: bool = False) -> torch.Tensor:
+                       pool_blocks=(), long_rope: bool = False) -> torch.Tensor:
         """prefill_step for text prompts given as token ids (whole prompts; with cached_lengths, the
         tokens after each row's cached prefix are prefilled). The embedding gather runs inside the
         prefill graph and the ids travel with the step's other integers in one copy: a short prompt's
-        TTFT is otherwise a good part host work before the GPU starts (issue 18)."""
+        TTFT is otherwise a good part host work before the GPU starts (issue 18).
+        pool_blocks: (place, position, slot) entries (kernels/kv_blocks.py) of the attached block pool
+        to copy into the slots first: a cached prefix that the KV store left to this step."""
         batch = len(prompts)
+        pool_blocks = list(pool_blocks)
+        if pool_blocks:
+            if self.block_pool is None:
+                raise InvalidRequestError("pool_blocks needs a block pool (attach_block_pool)")
+            places = self.block_pool.shape[0]
+            if len(pool_blocks) > self._block_room(batch) or \
+                    any(not (0 <= p < places and 0 <= b and 0 <= s < self.config.max_supported_batch_size)
+                        for p, b, s in pool_blocks):
+                raise InvalidRequestError(f"pool_blocks: at most {self._block_room(batch)} (place, position, slot) "
+                                          f"entries, places in [0, {places})")
         lengths = [len(p) for p in prompts]
         cached = [0] * batch if cached_lengths is None else _int_list(cached_lengths)
         if len(cached) != batch:
@@ -357,12 +393,12 @@ class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
         if any(t < 0 or t >= vocab for row in new for t in (min(row, default=0), max(row, default=0))):
             raise InvalidRequestError(f"token ids must be in [0, {vocab})")
         return self._prefill(None, new, batch, max(map(len, new), default=0), lengths, slots, lora, cached,
-                             None, None, long_rope)
+                             None, None, long_rope, pool_blocks)
 
     def _prefill(self, embeds, tokens, batch: int, seq: int, lengths: list[int], slots, lora, cached_lengths,
-                 positions, position_offsets, long_rope: bool) -> torch.Tensor:
+                 positions, position_offsets, long_rope: bool, pool_blocks=()) -> torch.Tensor:
         """prefill_step / prefill_tokens: `embeds` [B, S, hidden] in the engine dtype, or `tokens` (each
-        row's new token ids, S the longest)."""
+        row's new token ids, S the longest) and pool_blocks."""
         cfg = self.config
         # The per-row checks and arithmetic on Python ints: each op on a small CPU tensor costs a few
         # microseconds, and a short prompt's whole prefill on the GPU takes about a millisecond.
@@ -392,7 +428,8 @@ class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
         # ~10-20 us of host time): per row its slot, cached length, final length, RoPE offset; per
         # chunk whether the row's last token is in it; then per chunk the graph buffers' `ints`
         # (slots, starts, token counts, LoRA slots, the LoRA used-slot list) and, given token ids,
-        # the chunk's ids right-padded to its graph's length, loaded with one copy.
+        # the chunk's ids right-padded to its graph's length and, with a block pool, a block table
+        # (the first chunk's copies pool_blocks), loaded with one copy.
         used = used_slot_list(lora_rows, self._lora_capacity())
         packed = slot_ids + cached + lengths + offsets
         for begin in begins:
@@ -407,6 +444,8 @@ class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
                 for row in tokens:
                     part = row[begin:begin + width]
                     packed += part + [0] * (width - len(part))
+                if self.block_pool is not None:
+                    packed += block_table(pool_blocks if begin == 0 else ())
         device_ints = torch.tensor(packed, dtype=torch.int32, pin_memory=self.device.type == "cuda").to(
             self.device, non_blocking=True)
         per_row = device_ints[:(4 + len(begins)) * batch].view(-1, batch)
@@ -420,16 +459,13 @@ class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
             else:
                 positions = positions.to(self.device, torch.int32)
         logits = None
-        size = PrefillBuffers.int_count(batch, self._lora_capacity())
         for i, begin in enumerate(begins):
             # Row b contributes its new tokens [begin, begin + chunk) (none once it has ended), placed
             # after its cached prefix; its logits come from the chunk that holds its last token.
             width = min(chunk, seq - begin)
-            if tokens is None:
-                inputs, part_embeds = device_ints[chunk_ints[i]:chunk_ints[i] + size], embeds[:, begin:begin + chunk]
-            else:
-                ids = batch * prefill_bucket(width)
-                inputs, part_embeds = device_ints[chunk_ints[i]:chunk_ints[i] + size + ids], None
+            end = chunk_ints[i + 1] if i + 1 < len(begins) else len(packed)
+            inputs = device_ints[chunk_ints[i]:end]
+            part_embeds = None if tokens is not None else embeds[:, begin:begin + chunk]
             max_keys = max(c + begin + min(max(n - begin, 0), chunk) for c, n in zip(cached, new))
             part = self._prefill_chunk(part_embeds, inputs, uses_lora, batch, width,
                                        None if positions is None else positions[:, begin:begin + chunk], max_keys)
@@ -487,12 +523,15 @@ class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
         key = prefill_key(rows, width, _lora_key(uses_lora), max_keys, from_ids)
         span = PREFILL_SPLIT_MIN_KEYS if key[3] else None
         if not self.graphs.enabled:
-            ints = inputs[:PrefillBuffers.int_count(rows, self._lora_capacity())]
-            slots, starts, q_lens, lora_index = ints[:4 * rows].view(4, rows).unbind(0)
+            count = PrefillBuffers.int_count(rows, self._lora_capacity())
+            slots, starts, q_lens, lora_index = inputs[:4 * rows].view(4, rows).unbind(0)
             if from_ids:
-                embeds = self.embed(inputs[ints.numel():].view(rows, -1)[:, :width])
+                ids_end = count + rows * key[1]
+                if self.block_pool is not None:
+                    ops.blocks_to_slot(self.block_pool, self.kv_cache.data, inputs[ids_end:])
+                embeds = self.embed(inputs[count:ids_end].view(rows, -1)[:, :width])
             return forward_logits(self.weights, self.config, self.kv_cache, self.rope, embeds, slots,
-                                  starts, q_lens, lora=self._lora_batch(lora_index, ints[4 * rows:], uses_lora),
+                                  starts, q_lens, lora=self._lora_batch(lora_index, inputs[4 * rows:count], uses_lora),
                                   positions=positions, max_keys=span)
         buf = self._prefill_buffers.get(key[:2])
         if buf is None:
@@ -503,20 +542,23 @@ class LLMEngineRunner(DecodeSteps, TreeSteps, LongRopeSteps):
                                                        self.config.hidden_size, self.weights.lm_head.shape[0],
                                                        self.dtype, self.device)
             buf = PrefillBuffers(rows, key[1], self._prefill_storage, self.kv_cache.scratch_slot, self.device,
-                                 self._lora_capacity(), positions=self.rope.sections is not None)
+                                 self._lora_capacity(), positions=self.rope.sections is not None,
+                                 block_room=self._block_room(rows))
             self._prefill_buffers[key[:2]] = buf
         if self.graphs.get(key) is None:
             # Warm-up and capture with every row on the scratch slot: no request's cache is touched.
             buf.reset()
             self.graphs.capture(key, lambda: self._prefill_body(buf, uses_lora, span, from_ids))
         if from_ids:
-            buf.inputs.copy_(inputs)
+            buf.inputs[:inputs.numel()].copy_(inputs)
         else:
             buf.load(embeds, inputs, positions)
         self.graphs.get(key).replay()
         return buf.logits.clone()  # the next prefill replay overwrites buf.logits
 
     def _prefill_body(self, buf: PrefillBuffers, uses_lora: bool, max_keys: int | None, from_ids: bool) -> None:
+        if from_ids and self.block_pool is not None:  # a KV hit's pool blocks into their slots (count 0: none)
+            ops.blocks_to_slot(self.block_pool, self.kv_cache.data, buf.blocks, self._block_room(buf.rows))
         embeds = self.embed(buf.ids) if from_ids else buf.embeds
         buf.logits.copy_(forward_logits(self.weights, self.config, self.kv_cache, self.rope, embeds,
                                         buf.slots, buf.starts, buf.q_lens,

@@ -26,43 +26,47 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, slots_ptr, starts_ptr, qlens
                     s_qb, s_qs, s_qh, s_ob, s_os, s_oh, c_slot, c_head, c_pos,
                     scale_log2, group, head_dim, window, part_out_ptr, part_lse_ptr, seq, n_heads,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PRECISION: tl.constexpr, WINDOWED: tl.constexpr, SPLITS: tl.constexpr):
+                    PRECISION: tl.constexpr, WINDOWED: tl.constexpr, SPLITS: tl.constexpr, PACK: tl.constexpr):
+    # Rows of a program: BLOCK_M // PACK queries x PACK query heads of one KV group (PACK = 1: one
+    # head, program axis 1 the query head; PACK = the group: axis 1 the KV head, each key block
+    # loaded once for the whole group, as decode does).
     b = tl.program_id(0)
-    h = tl.program_id(1)
+    unit = tl.program_id(1)
     m_block = tl.program_id(2) // SPLITS
     split = tl.program_id(2) % SPLITS
+    QUERIES: tl.constexpr = BLOCK_M // PACK
+    r = tl.arange(0, BLOCK_M)
+    m_offs = m_block * QUERIES + r // PACK
+    h_row = unit * PACK + r % PACK
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
     q_len = tl.load(qlens_ptr + b)
-    if m_block * BLOCK_M >= q_len:  # a block of padding queries: zeros (split: one split says 0, the rest nothing)
-        m_offs = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-        d = tl.arange(0, BLOCK_D)
-        ok = (m_offs < seq)[:, None] & (d < head_dim)[None, :]
+    if m_block * QUERIES >= q_len:  # a block of padding queries: zeros (split: one split says 0, the rest nothing)
+        ok = (m_offs < seq)[:, None] & d_ok[None, :]
         if SPLITS == 1:
-            tl.store(out_ptr + b.to(tl.int64) * s_ob + m_offs[:, None] * s_os + h * s_oh + d[None, :],
+            tl.store(out_ptr + b.to(tl.int64) * s_ob + m_offs[:, None] * s_os + h_row[:, None] * s_oh + d[None, :],
                      tl.zeros([BLOCK_M, BLOCK_D], out_ptr.dtype.element_ty), mask=ok)
         else:
-            part_row = ((b * seq + m_offs).to(tl.int64) * n_heads + h) * SPLITS + split
+            part_row = ((b * seq + m_offs).to(tl.int64) * n_heads + h_row) * SPLITS + split
             tl.store(part_lse_ptr + part_row,
                      tl.zeros([BLOCK_M], tl.float32) + tl.where(split == 0, 0.0, float("-inf")), mask=m_offs < seq)
             tl.store(part_out_ptr + part_row[:, None] * head_dim + d[None, :], tl.zeros([BLOCK_M, BLOCK_D], tl.float32),
                      mask=ok)
-    if m_block * BLOCK_M < q_len:
+    if m_block * QUERIES < q_len:
         start = tl.load(starts_ptr + b)
         slot = tl.load(slots_ptr + b).to(tl.int64)
-        m_offs = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-        d = tl.arange(0, BLOCK_D)
-        d_ok = d < head_dim
         row_ok = m_offs < q_len
-        q = tl.load(q_ptr + b.to(tl.int64) * s_qb + m_offs[:, None] * s_qs + h * s_qh + d[None, :],
+        q = tl.load(q_ptr + b.to(tl.int64) * s_qb + m_offs[:, None] * s_qs + h_row[:, None] * s_qh + d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         q_pos = start + m_offs
-        kv_base = slot * c_slot + (h // group).to(tl.int64) * c_head
+        kv_base = slot * c_slot + ((unit * PACK) // group).to(tl.int64) * c_head
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        key_end = start + tl.minimum((m_block + 1) * BLOCK_M, q_len)
+        key_end = start + tl.minimum((m_block + 1) * QUERIES, q_len)
         key_start = 0
         if WINDOWED:  # query p sees keys p - window + 1 .. p: start at the block's first query's window
-            key_start = tl.maximum(start + m_block * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+            key_start = tl.maximum(start + m_block * QUERIES - window + 1, 0) // BLOCK_N * BLOCK_N
         key_stop = key_end
         if SPLITS > 1:  # this program's share of the key blocks (split-K over a long context)
             per_split = tl.cdiv(tl.cdiv(key_end - key_start, BLOCK_N), SPLITS) * BLOCK_N
@@ -80,7 +84,8 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, slots_ptr, starts_ptr, qlens
             qk = tl.where(allowed, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, axis=1))
             shift = m_new
-            if WINDOWED:  # a later query of the block may see no key of an early block yet: keep it at 0
+            if WINDOWED or PACK > 1:  # a row may see no key of this block yet (a window's start; a
+                # packed block's rows of later queries reach further): keep it at 0
                 shift = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(qk - shift[:, None])
             alpha = tl.exp2(m_i - shift)
@@ -91,14 +96,14 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, slots_ptr, starts_ptr, qlens
             m_i = m_new
         if SPLITS == 1:  # (padding queries: zeros)
             out = tl.where(row_ok[:, None], acc / tl.where(row_ok, l_i, 1.0)[:, None], 0.0)
-            tl.store(out_ptr + b.to(tl.int64) * s_ob + m_offs[:, None] * s_os + h * s_oh + d[None, :],
+            tl.store(out_ptr + b.to(tl.int64) * s_ob + m_offs[:, None] * s_os + h_row[:, None] * s_oh + d[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=(m_offs < seq)[:, None] & d_ok[None, :])
         else:  # a partial result and its log2-sum-exp, merged by _decode_merge_kernel
             seen = l_i > 0
             part = tl.where(row_ok[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
             lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
             lse = tl.where(row_ok, lse, tl.where(split == 0, 0.0, float("-inf")))  # padding: 0 from split 0
-            part_row = ((b * seq + m_offs).to(tl.int64) * n_heads + h) * SPLITS + split
+            part_row = ((b * seq + m_offs).to(tl.int64) * n_heads + h_row) * SPLITS + split
             tl.store(part_lse_ptr + part_row, lse, mask=m_offs < seq)
             tl.store(part_out_ptr + part_row[:, None] * head_dim + d[None, :], part,
                      mask=(m_offs < seq)[:, None] & d_ok[None, :])
@@ -126,40 +131,46 @@ PREFILL_SPLIT_MIN_KEYS = 256
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                       starts: torch.Tensor, q_lens: torch.Tensor, scale: float, window: int = 0, *,
                       tile: tuple[int, int, int, int] | None = None, num_splits: int | None = None,
-                      max_keys: int | None = None) -> torch.Tensor:
+                      max_keys: int | None = None, pack: bool | None = None) -> torch.Tensor:
     """window > 0: a sliding window (each query sees its last `window` keys, itself included).
     tile = (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the default tiling (benchmarks);
     num_splits the number of key ranges each query block is split into (default: enough programs to
     fill the GPU, 1 when the query blocks alone do or when no row sees over PREFILL_SPLIT_MIN_KEYS keys).
     max_keys: at most how many keys a row sees (starts + q_lens), if the caller knows (default: the
-    cache's capacity); it only sizes the split."""
+    cache's capacity); it only sizes the split. pack: a program's rows are queries x every query head
+    of a KV group (BLOCK_M // group queries), each key block loaded once per group; default: where
+    the keys are split (a short chunk after a long cached prefix)."""
     batch, seq, heads, head_dim = q.shape
     _check_cache(heads, head_dim, k_cache, v_cache)
     if q.stride(-1) != 1:
         q = q.contiguous()
     out = torch.empty(batch, seq, heads, head_dim, dtype=q.dtype, device=q.device)  # (the kernels zero the padding)
     block_d = pow2(head_dim, 16)
+    group = heads // k_cache.shape[1]
+    keys = k_cache.shape[2] if max_keys is None else min(max_keys, k_cache.shape[2])
+    if pack is None:
+        pack = num_splits != 1 and keys > PREFILL_SPLIT_MIN_KEYS
+    pack_rows = group if pack and group > 1 and group & (group - 1) == 0 else 1
     if tile is None:
         # Measured on an H100 (bench/RESULTS.md): 64x64, 4 warps, 2 stages beat the larger tiles tried.
         tile = (64, 64, 4, 2) if block_d <= 64 else (32, 64, 4, 2)
     block_m, block_n, warps, stages = tile
-    block_m = min(block_m, pow2(seq, 16))
-    q_blocks = triton.cdiv(seq, block_m)
+    block_m = max(min(block_m, pow2(seq * pack_rows, 16)), pack_rows)
+    q_blocks = triton.cdiv(seq, block_m // pack_rows)
     # Few query blocks (a short chunk, perhaps after a long cached prefix) leave most SMs idle while
     # each program walks every key: split the keys then, as decode does, and merge the parts.
-    keys = k_cache.shape[2] if max_keys is None else min(max_keys, k_cache.shape[2])
     splits = num_splits if num_splits is not None else \
-        1 if keys <= PREFILL_SPLIT_MIN_KEYS else _num_splits(q, batch * q_blocks, heads, keys)
+        1 if keys <= PREFILL_SPLIT_MIN_KEYS else _num_splits(q, batch * q_blocks, heads // pack_rows, keys)
     part_out = part_lse = out
     if splits > 1:
         part_out = torch.empty(batch * seq * heads * splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(batch * seq * heads * splits, dtype=torch.float32, device=q.device)
-    _prefill_kernel[(batch, heads, q_blocks * splits)](
+    _prefill_kernel[(batch, heads // pack_rows, q_blocks * splits)](
         q, k_cache, v_cache, out, slots, starts, q_lens, q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        scale * _LOG2E, heads // k_cache.shape[1], head_dim, window, part_out, part_lse, seq, heads,
+        scale * _LOG2E, group, head_dim, window, part_out, part_lse, seq, heads,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), WINDOWED=window > 0,
-        SPLITS=splits, num_warps=warps, num_stages=stages)
+        SPLITS=splits, PACK=pack_rows, num_warps=warps, num_stages=stages)
     if splits > 1:
         rows = out.view(batch * seq, heads, head_dim)
         t, lora_args, constants = fused_shrink_args(None, batch * seq, heads * head_dim, heads, block_d, rows)

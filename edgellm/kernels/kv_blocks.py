@@ -1,4 +1,4 @@
-"""Saved KV blocks in and out of a cache slot in one pass (engine/kv_store.py's device tier).
+"""Saved KV blocks in and out of cache slots in one pass (engine/kv_store.py's device tier).
 
 A saved block holds block_tokens positions of every layer, K and V, and KV head, contiguous:
 [layers, 2, kv_heads, tokens, head_dim] (engine/kv_pool.py). In the cache slot the same positions lie
@@ -8,40 +8,60 @@ from the pool, then a copy into the slot's permuted view, 0.12 ms for 31 blocks 
 shape on the H100, the copy at 1.4 TB/s); this kernel copies each run once, the block's place looked
 up in the kernel.
 
-Kernel: one program per (block, layer x K/V x head): its run of tokens x head_dim, BLOCK_T tokens at a time.
+Which blocks go where is a *block table* on the device, int32: [n, then n triples (place in the pool,
+block position in the slot, slot)] (block_table builds one). The count is read on the device, so a
+table of up to max_blocks entries can be filled after the launch was recorded: the prefill graph
+copies a KV hit's blocks itself, the table loaded with the step's other integers (engine/runner.py),
+which spares the hit a launch and a copy of its own from the host (issue 18).
+
+Kernel: a grid of (layer x K/V x head, SPLIT); program (run, s) copies the run of table entries s,
+s + SPLIT, ..., BLOCK_T tokens at a time. Entries past n cost nothing but the empty programs.
 """
 
 import torch
 
 from ._triton import pow2, tl, triton
 
+SPLIT = 16  # programs per (layer, K/V, head): enough for a whole prompt's blocks in one wave
+
+
+def block_table(entries) -> list[int]:
+    """A block table as a list: entries are (place, position, slot) triples."""
+    table = [len(entries)]
+    for entry in entries:
+        table += entry
+    return table
+
 
 @triton.jit
-def _blocks_kernel(pool_ptr, cache_ptr, places_ptr, positions_ptr, slot, tokens, head_dim, n_heads,
+def _blocks_kernel(pool_ptr, cache_ptr, table_ptr, tokens, head_dim, n_heads,
                    s_block, s_plane_pool, s_plane_cache, s_slot, s_head, s_pos,
-                   TO_SLOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    i = tl.program_id(0)
-    run = tl.program_id(1)  # layer x K/V x head
+                   TO_SLOT: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    run = tl.program_id(0)  # layer x K/V x head
     plane = run // n_heads
     head = run % n_heads
-    place = tl.load(places_ptr + i).to(tl.int64)
-    first = tl.load(positions_ptr + i).to(tl.int64) * tokens  # the block's first position in the slot
-    pool_run = pool_ptr + place * s_block + plane.to(tl.int64) * s_plane_pool + head.to(tl.int64) * tokens * head_dim
-    cache_run = cache_ptr + plane.to(tl.int64) * s_plane_cache + slot * s_slot + head.to(tl.int64) * s_head
+    n = tl.load(table_ptr)
     t = tl.arange(0, BLOCK_T)
     d = tl.arange(0, BLOCK_D)
-    for t0 in range(0, tokens, BLOCK_T):
-        rows = t0 + t
-        ok = (rows < tokens)[:, None] & (d < head_dim)[None, :]
-        at_pool = pool_run + rows[:, None] * head_dim + d[None, :]
-        at_cache = cache_run + (first + rows)[:, None] * s_pos + d[None, :]
-        if TO_SLOT:
-            tl.store(at_cache, tl.load(at_pool, mask=ok), mask=ok)
-        else:
-            tl.store(at_pool, tl.load(at_cache, mask=ok), mask=ok)
+    for i in range(tl.program_id(1), n, SPLIT):
+        place = tl.load(table_ptr + 1 + 3 * i).to(tl.int64)
+        first = tl.load(table_ptr + 2 + 3 * i).to(tl.int64) * tokens  # the block's first position in the slot
+        slot = tl.load(table_ptr + 3 + 3 * i).to(tl.int64)
+        pool_run = pool_ptr + place * s_block + plane.to(tl.int64) * s_plane_pool \
+            + head.to(tl.int64) * tokens * head_dim
+        cache_run = cache_ptr + plane.to(tl.int64) * s_plane_cache + slot * s_slot + head.to(tl.int64) * s_head
+        for t0 in range(0, tokens, BLOCK_T):
+            rows = t0 + t
+            ok = (rows < tokens)[:, None] & (d < head_dim)[None, :]
+            at_pool = pool_run + rows[:, None] * head_dim + d[None, :]
+            at_cache = cache_run + (first + rows)[:, None] * s_pos + d[None, :]
+            if TO_SLOT:
+                tl.store(at_cache, tl.load(at_pool, mask=ok), mask=ok)
+            else:
+                tl.store(at_pool, tl.load(at_cache, mask=ok), mask=ok)
 
 
-def _check(pool: torch.Tensor, cache: torch.Tensor, places: torch.Tensor, positions: torch.Tensor) -> None:
+def _check(pool: torch.Tensor, cache: torch.Tensor, table: torch.Tensor, max_blocks: int) -> None:
     layers, two, _, heads, _, head_dim = cache.shape
     if pool.dim() != 6 or tuple(pool.shape[1:4]) != (layers, two, heads) or pool.shape[5] != head_dim \
             or not pool.is_contiguous() or pool.dtype != cache.dtype:
@@ -49,51 +69,58 @@ def _check(pool: torch.Tensor, cache: torch.Tensor, places: torch.Tensor, positi
                          f"{tuple(cache.shape)} {cache.dtype}")
     if cache.stride(-1) != 1 or cache.stride(0) != 2 * cache.stride(1):
         raise ValueError("kv_blocks: the cache must be LinearKVCache.data (contiguous planes)")
-    if places.shape != positions.shape or places.dim() != 1:
-        raise ValueError(f"kv_blocks: places {tuple(places.shape)} and positions {tuple(positions.shape)} must be "
-                         "one index each per block")
+    if table.dim() != 1 or table.dtype != torch.int32 or table.numel() < 1 + 3 * max_blocks:
+        raise ValueError(f"kv_blocks: the block table must be int32 [1 + 3 x {max_blocks}], got "
+                         f"{table.dtype} {tuple(table.shape)}")
 
 
-def _launch(pool, cache, slot, places, positions, to_slot: bool) -> None:
-    _check(pool, cache, places, positions)
+def _launch(pool, cache, table, max_blocks: int | None, to_slot: bool) -> None:
+    max_blocks = (table.numel() - 1) // 3 if max_blocks is None else max_blocks
+    _check(pool, cache, table, max_blocks)
     layers, two, _, heads, _, head_dim = cache.shape
     tokens = pool.shape[4]
-    if places.numel() == 0:
+    if max_blocks == 0:
         return
-    _blocks_kernel[(places.numel(), layers * two * heads)](
-        pool, cache, places, positions, slot, tokens, head_dim, heads, pool.stride(0), pool.stride(2),
-        cache.stride(1), cache.stride(2), cache.stride(3), cache.stride(4), TO_SLOT=to_slot,
+    split = min(SPLIT, max_blocks)
+    _blocks_kernel[(layers * two * heads, split)](
+        pool, cache, table, tokens, head_dim, heads, pool.stride(0), pool.stride(2),
+        cache.stride(1), cache.stride(2), cache.stride(3), cache.stride(4), TO_SLOT=to_slot, SPLIT=split,
         BLOCK_T=min(pow2(tokens), max(1, 4096 // pow2(head_dim))), BLOCK_D=pow2(head_dim), num_warps=4)
 
 
-def blocks_to_slot(pool: torch.Tensor, cache: torch.Tensor, slot: int, places: torch.Tensor,
-                   positions: torch.Tensor) -> None:
+def blocks_to_slot(pool: torch.Tensor, cache: torch.Tensor, table: torch.Tensor,
+                   max_blocks: int | None = None) -> None:
     """pool: saved blocks [n, layers, 2, kv_heads, tokens, head_dim]; cache: LinearKVCache.data
-    [layers, 2, slots, kv_heads, capacity, head_dim]. Block places[i] of the pool goes to block
-    positions[i] of slot `slot` (cache positions positions[i] * tokens ...). places / positions:
-    int tensors on the pool's device."""
-    _launch(pool, cache, slot, places, positions, True)
+    [layers, 2, slots, kv_heads, capacity, head_dim]; table: a block table on the pool's device (its
+    count at most max_blocks, default: as many as it has room for). Pool block `place` goes to block
+    `position` (cache positions position * tokens ...) of slot `slot`, for each entry."""
+    _launch(pool, cache, table, max_blocks, True)
 
 
-def blocks_from_slot(pool: torch.Tensor, cache: torch.Tensor, slot: int, places: torch.Tensor,
-                     positions: torch.Tensor) -> None:
-    """The other way: block positions[i] of slot `slot` goes to block places[i] of the pool."""
-    _launch(pool, cache, slot, places, positions, False)
+def blocks_from_slot(pool: torch.Tensor, cache: torch.Tensor, table: torch.Tensor,
+                     max_blocks: int | None = None) -> None:
+    """The other way: block `position` of slot `slot` goes to pool block `place`, for each entry."""
+    _launch(pool, cache, table, max_blocks, False)
+
+
+def _entries(table: torch.Tensor) -> list[list[int]]:
+    values = table.tolist()
+    return [values[1 + 3 * i:4 + 3 * i] for i in range(values[0])]
 
 
 def _slot_block(cache: torch.Tensor, slot: int, position: int, tokens: int) -> torch.Tensor:
     return cache[:, :, slot, :, position * tokens:(position + 1) * tokens]
 
 
-def blocks_to_slot_ref(pool: torch.Tensor, cache: torch.Tensor, slot: int, places: torch.Tensor,
-                       positions: torch.Tensor) -> None:
-    _check(pool, cache, places, positions)
-    for place, position in zip(places.tolist(), positions.tolist()):
+def blocks_to_slot_ref(pool: torch.Tensor, cache: torch.Tensor, table: torch.Tensor,
+                       max_blocks: int | None = None) -> None:
+    _check(pool, cache, table, (table.numel() - 1) // 3 if max_blocks is None else max_blocks)
+    for place, position, slot in _entries(table):
         _slot_block(cache, slot, position, pool.shape[4]).copy_(pool[place])
 
 
-def blocks_from_slot_ref(pool: torch.Tensor, cache: torch.Tensor, slot: int, places: torch.Tensor,
-                         positions: torch.Tensor) -> None:
-    _check(pool, cache, places, positions)
-    for place, position in zip(places.tolist(), positions.tolist()):
+def blocks_from_slot_ref(pool: torch.Tensor, cache: torch.Tensor, table: torch.Tensor,
+                         max_blocks: int | None = None) -> None:
+    _check(pool, cache, table, (table.numel() - 1) // 3 if max_blocks is None else max_blocks)
+    for place, position, slot in _entries(table):
         pool[place].copy_(_slot_block(cache, slot, position, pool.shape[4]))
