@@ -1,0 +1,257 @@
+"""Prefill of LLMEngineRunner (a mixin: the state is the runner's): prefill_step (input embeddings,
+the seeds' API) and prefill_tokens (token ids: the runtime's text path, its embedding gather inside
+the graph), chunked, each chunk replayed from a CUDA graph per (rows, length bucket, LoRA on/off,
+keys, ids or embeddings) with every integer of the step in one host-to-device copy; a KV hit's
+device-tier blocks copied inside that graph (attach_block_pool)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigurationError, InvalidRequestError
+from ..kernels import ops
+from ..kernels.attention import PREFILL_SPLIT_MIN_KEYS
+from ..kernels.kv_blocks import block_table
+from ..kernels.lora import used_slot_list
+from .decode_steps import _lora_key
+from .graphs import PrefillBuffers, PrefillStorage, any_adapter, prefill_bucket, prefill_key
+from .model import forward_logits
+from .modes import inference_call
+
+
+class PrefillSteps:
+    def attach_block_pool(self, pool: torch.Tensor) -> None:
+        """The KV store's device pool of saved blocks ([places, layers, 2, kv_heads, tokens, head_dim],
+        engine/kv_pool.py): prefill_tokens then copies a KV hit's pool blocks into their slots inside
+        its own step (pool_blocks). Prefill graphs captured before are dropped: they lack that copy."""
+        data = self.kv_cache.data
+        layers, two, _, heads, _, head_dim = data.shape
+        if pool.dim() != 6 or tuple(pool.shape[1:4]) != (layers, two, heads) or pool.shape[5] != head_dim \
+                or pool.dtype != data.dtype or pool.device != data.device:
+            raise ConfigurationError(f"block pool {tuple(pool.shape)} {pool.dtype} does not hold blocks of this "
+                                     f"engine's KV cache {tuple(data.shape)} {data.dtype}")
+        self.block_pool = pool
+        self._prefill_buffers.clear()
+        for key in [k for k in self.graphs.graphs if k[-1] == "prefill"]:
+            del self.graphs.graphs[key]
+
+    def _block_room(self, rows: int) -> int:
+        """Entries of the block table a prefill of `rows` rows carries: every whole block of each row's
+        longest prompt (0 without a pool)."""
+        if self.block_pool is None:
+            return 0
+        return rows * (self.config.max_supported_input_length // self.block_pool.shape[4])
+
+    @inference_call
+    def prefill_step(self, inputs_embeds: torch.Tensor, context_lengths, slots=None, lora=None,
+                     cached_lengths=None, positions=None, position_offsets=None, *,
+                     long_rope: bool = False) -> torch.Tensor:
+        """Start new sequences: fills the given slots' (default 0..B-1) KV cache with the prompt and
+        returns the last prompt token's logits, [B, vocab] float32.
+
+        inputs_embeds: [B, S, hidden], right-padded; context_lengths: [B] (list or tensor);
+        lora: one adapter name per row ("" = none), or None for the active adapter on every row.
+        cached_lengths: [B] positions of each slot that already hold the prompt's first tokens (a
+        reused prefix, e.g. copied in by the KV store; default 0). inputs_embeds then holds only the
+        rest of each prompt, context_lengths - cached_lengths tokens, which is prefilled after them.
+        positions / position_offsets (multimodal RoPE engines only): [B, S, 3] (t, h, w) rotary positions
+        of inputs_embeds' tokens, and [B] how far each row's later positions run behind its cache
+        positions (kernels/rope_append.py); default: text, t = h = w = the cache position, offset 0.
+        long_rope (LongRoPE engines): rotate every token with the long factors, as for a prompt past the
+        original context (see switch_to_long_rope); the max_input_length limit does not apply then.
+        """
+        batch, seq, hidden = inputs_embeds.shape
+        if hidden != self.config.hidden_size:
+            raise InvalidRequestError(f"inputs_embeds must be [B, S, {self.config.hidden_size}]")
+        return self._prefill(inputs_embeds.to(self.dtype), None, batch, seq, _int_list(context_lengths), slots, lora,
+                             cached_lengths, positions, position_offsets, long_rope)
+
+    @inference_call
+    def prefill_tokens(self, prompts: list[list[int]], slots=None, lora=None, cached_lengths=None, *,
+                       pool_blocks=(), long_rope: bool = False) -> torch.Tensor:
+        """prefill_step for text prompts given as token ids (whole prompts; with cached_lengths, the
+        tokens after each row's cached prefix are prefilled). The embedding gather runs inside the
+        prefill graph and the ids travel with the step's other integers in one copy: a short prompt's
+        TTFT is otherwise a good part host work before the GPU starts (issue 18).
+        pool_blocks: (place, position, slot) entries (kernels/kv_blocks.py) of the attached block pool
+        to copy into the slots first: a cached prefix that the KV store left to this step."""
+        batch = len(prompts)
+        pool_blocks = list(pool_blocks)
+        if pool_blocks:
+            if self.block_pool is None:
+                raise InvalidRequestError("pool_blocks needs a block pool (attach_block_pool)")
+            places = self.block_pool.shape[0]
+            if len(pool_blocks) > self._block_room(batch) or \
+                    any(not (0 <= p < places and 0 <= b and 0 <= s < self.config.max_supported_batch_size)
+                        for p, b, s in pool_blocks):
+                raise InvalidRequestError(f"pool_blocks: at most {self._block_room(batch)} (place, position, slot) "
+                                          f"entries, places in [0, {places})")
+        lengths = [len(p) for p in prompts]
+        cached = [0] * batch if cached_lengths is None else _int_list(cached_lengths)
+        if len(cached) != batch:
+            raise InvalidRequestError("cached_lengths must have one entry per prompt")
+        new = [p[c:] for p, c in zip(prompts, cached)]
+        vocab = self.weights.embed.shape[0]
+        low = min((min(row) for row in new if row), default=0)
+        if low < 0 or max((max(row) for row in new if row), default=0) >= vocab:
+            raise InvalidRequestError(f"token ids must be in [0, {vocab})")
+        return self._prefill(None, new, batch, max(map(len, new), default=0), lengths, slots, lora, cached,
+                             None, None, long_rope, pool_blocks)
+
+    def _prefill(self, embeds, tokens, batch: int, seq: int, lengths: list[int], slots, lora, cached_lengths,
+                 positions, position_offsets, long_rope: bool, pool_blocks=()) -> torch.Tensor:
+        """prefill_step / prefill_tokens: `embeds` [B, S, hidden] in the engine dtype, or `tokens` (each
+        row's new token ids, S the longest) and pool_blocks."""
+        cfg = self.config
+        # The per-row checks and arithmetic on Python ints: each op on a small CPU tensor costs a few
+        # microseconds, and a short prompt's whole prefill on the GPU takes about a millisecond.
+        cached = [0] * batch if cached_lengths is None else _int_list(cached_lengths)
+        if batch > cfg.max_supported_batch_size:
+            raise InvalidRequestError(f"batch of {batch} exceeds max_batch_size {cfg.max_supported_batch_size}")
+        if batch < 1 or len(lengths) != batch or len(cached) != batch:
+            raise InvalidRequestError("a prefill needs B >= 1 rows with B context lengths (and B cached lengths)")
+        if long_rope and self.longrope_original is None:
+            raise InvalidRequestError("long_rope is for LongRoPE models only")
+        limit = cfg.max_kv_cache_capacity if long_rope else cfg.max_supported_input_length
+        if min(lengths) < 1 or max(lengths) > limit:
+            raise InvalidRequestError(f"context lengths must be in [1, {limit}]")
+        new = [n - c for n, c in zip(lengths, cached)]  # tokens each row prefills now
+        if min(cached) < 0 or min(new) < 1 or max(new) > seq:
+            raise InvalidRequestError(f"cached lengths must leave each row 1 to {seq} (inputs_embeds' length) "
+                                      "tokens to prefill")
+        slot_ids = list(range(batch)) if slots is None else self._slots(slots, batch, on_device=False).tolist()
+        lora_rows = self._lora_rows(lora, batch)
+        uses_lora = any_adapter(lora_rows)
+        positions, offsets = self._prompt_positions(positions, position_offsets, batch, seq)
+        if self.longrope_original is not None:  # prompts past the original context: the all-long half
+            offsets = [cfg.max_kv_cache_capacity if (n > self.longrope_original or long_rope) else 0 for n in lengths]
+        chunk = self.prefill_chunk_size
+        begins = list(range(0, max(new), chunk))
+        # Every integer of the step in one host-to-device copy (each copy from pageable memory costs
+        # ~10-20 us of host time): per row its slot, cached length, final length, RoPE offset; per
+        # chunk whether the row's last token is in it; then per chunk the graph buffers' `ints`
+        # (slots, starts, token counts, LoRA slots, the LoRA used-slot list) and, given token ids,
+        # the chunk's ids right-padded to its graph's length and, with a block pool, a block table
+        # (the first chunk's copies pool_blocks), loaded with one copy.
+        used = used_slot_list(lora_rows, self._lora_capacity())
+        packed = slot_ids + cached + lengths + offsets
+        for begin in begins:
+            packed += [int(begin < n <= begin + chunk) for n in new]
+        chunk_ints = []
+        for begin in begins:
+            chunk_ints.append(len(packed))
+            packed += slot_ids + [c + begin for c in cached] + [min(max(n - begin, 0), chunk) for n in new] \
+                + lora_rows + used
+            if tokens is not None:
+                width = prefill_bucket(min(chunk, seq - begin))
+                for row in tokens:
+                    part = row[begin:begin + width]
+                    packed += part + [0] * (width - len(part))
+                if self.block_pool is not None:
+                    packed += block_table(pool_blocks if begin == 0 else ())
+        device_ints = torch.tensor(packed, dtype=torch.int32, pin_memory=self.device.type == "cuda").to(
+            self.device, non_blocking=True)
+        per_row = device_ints[:(4 + len(begins)) * batch].view(-1, batch)
+        slot_dev, cached_dev, lengths_dev = per_row[0], per_row[1], per_row[2]
+        if self.rope.offsets is not None:
+            self.rope.offsets[slot_dev.long()] = per_row[3]
+        if self.rope.sections is not None:
+            if positions is None:  # text: t = h = w = the cache position
+                positions = (cached_dev[:, None] + torch.arange(seq, dtype=torch.int32, device=self.device))[..., None]
+                positions = positions.expand(batch, seq, 3)
+            else:
+                positions = positions.to(self.device, torch.int32)
+        logits = None
+        for i, begin in enumerate(begins):
+            # Row b contributes its new tokens [begin, begin + chunk) (none once it has ended), placed
+            # after its cached prefix; its logits come from the chunk that holds its last token.
+            width = min(chunk, seq - begin)
+            end = chunk_ints[i + 1] if i + 1 < len(begins) else len(packed)
+            inputs = device_ints[chunk_ints[i]:end]
+            part_embeds = None if tokens is not None else embeds[:, begin:begin + chunk]
+            max_keys = max(c + begin + min(max(n - begin, 0), chunk) for c, n in zip(cached, new))
+            part = self._prefill_chunk(part_embeds, inputs, uses_lora, batch, width,
+                                       None if positions is None else positions[:, begin:begin + chunk], max_keys)
+            logits = part if logits is None else torch.where(per_row[4 + i].bool()[:, None], part, logits)
+        self.kv_cache.lengths[slot_dev.long()] = lengths_dev
+        return logits
+
+    def _prompt_positions(self, positions, offsets, batch: int, seq: int):
+        """prefill_step's positions (checked, or None) and per-row offsets (a list, zeros by default)."""
+        if self.rope.sections is None:
+            if positions is not None or offsets is not None:
+                raise InvalidRequestError("positions / position_offsets are for multimodal-RoPE models only")
+            return None, [0] * batch
+        if positions is not None:
+            positions = torch.as_tensor(positions)
+            if positions.shape != (batch, seq, 3):
+                raise InvalidRequestError(f"positions must be [{batch}, {seq}, 3] (t, h, w per token)")
+            if positions.device.type == "cpu" and positions.numel() and \
+                    (positions.min() < 0 or positions.max() >= self.config.max_kv_cache_capacity):
+                raise InvalidRequestError(f"positions must be in [0, {self.config.max_kv_cache_capacity})")
+        offsets = torch.zeros(batch, dtype=torch.int64) if offsets is None else \
+            torch.as_tensor(offsets, dtype=torch.int64).cpu()
+        if offsets.shape != (batch,):
+            raise InvalidRequestError(f"position_offsets must have {batch} entries")
+        return positions, offsets.tolist()
+
+    def _prefill_chunk(self, embeds, inputs, uses_lora: bool, rows: int, width: int, positions=None,
+                       max_keys: int | None = None) -> torch.Tensor:
+        """One prefill chunk of `rows` x `width` tokens: `embeds` [rows, width, hidden], with `inputs`
+        PrefillBuffers.ints' layout on the device; or embeds None and `inputs` the ints followed by the
+        chunk's token ids ([rows, bucket], PrefillBuffers.inputs), embedded inside the step. Replayed
+        from a graph of its (rows, length bucket, LoRA on/off, keys, ids or embeddings) where graphs are
+        on. max_keys: the most keys a row sees after the chunk; a chunk whose rows see few (a short
+        prompt, nothing cached) takes attention without split-K (kernels/attention.py
+        PREFILL_SPLIT_MIN_KEYS), so each bucket has a graph for those and one for the rest (split by
+        the cache's capacity; eager runs the same)."""
+        from_ids = embeds is None
+        key = prefill_key(rows, width, _lora_key(uses_lora), max_keys, from_ids)
+        span = PREFILL_SPLIT_MIN_KEYS if key[3] else None
+        if not self.graphs.enabled:
+            count = PrefillBuffers.int_count(rows, self._lora_capacity())
+            slots, starts, q_lens, lora_index = inputs[:4 * rows].view(4, rows).unbind(0)
+            if from_ids:
+                ids_end = count + rows * key[1]
+                if self.block_pool is not None:
+                    ops.blocks_to_slot(self.block_pool, self.kv_cache.data, inputs[ids_end:])
+                embeds = self.embed(inputs[count:ids_end].view(rows, -1)[:, :width])
+            return forward_logits(self.weights, self.config, self.kv_cache, self.rope, embeds, slots,
+                                  starts, q_lens, lora=self._lora_batch(lora_index, inputs[4 * rows:count], uses_lora),
+                                  positions=positions, max_keys=span)
+        buf = self._prefill_buffers.get(key[:2])
+        if buf is None:
+            if self._prefill_storage is None:
+                cfg = self.config
+                widest = prefill_bucket(min(self.prefill_chunk_size, cfg.max_supported_input_length))
+                self._prefill_storage = PrefillStorage(cfg.max_supported_batch_size, widest,
+                                                       self.config.hidden_size, self.weights.lm_head.shape[0],
+                                                       self.dtype, self.device)
+            buf = PrefillBuffers(rows, key[1], self._prefill_storage, self.kv_cache.scratch_slot, self.device,
+                                 self._lora_capacity(), positions=self.rope.sections is not None,
+                                 block_room=self._block_room(rows))
+            self._prefill_buffers[key[:2]] = buf
+        if self.graphs.get(key) is None:
+            # Warm-up and capture with every row on the scratch slot: no request's cache is touched.
+            buf.reset()
+            self.graphs.capture(key, lambda: self._prefill_body(buf, uses_lora, span, from_ids))
+        if from_ids:
+            buf.inputs[:inputs.numel()].copy_(inputs)
+        else:
+            buf.load(embeds, inputs, positions)
+        self.graphs.get(key).replay()
+        return buf.logits.clone()  # the next prefill replay overwrites buf.logits
+
+    def _prefill_body(self, buf: PrefillBuffers, uses_lora: bool, max_keys: int | None, from_ids: bool) -> None:
+        if from_ids and self.block_pool is not None:  # a KV hit's pool blocks into their slots (count 0: none)
+            ops.blocks_to_slot(self.block_pool, self.kv_cache.data, buf.blocks, self._block_room(buf.rows))
+        embeds = self.embed(buf.ids) if from_ids else buf.embeds
+        buf.logits.copy_(forward_logits(self.weights, self.config, self.kv_cache, self.rope, embeds,
+                                        buf.slots, buf.starts, buf.q_lens,
+                                        lora=self._lora_batch(buf.lora, buf.lora_used, uses_lora),
+                                        positions=buf.positions, max_keys=max_keys))
+
+
+def _int_list(values) -> list[int]:
+    """A list, tuple or tensor of integers as a list of Python ints."""
+    return values.tolist() if isinstance(values, torch.Tensor) else [int(v) for v in values]
