@@ -61,7 +61,10 @@ def _blocks_kernel(pool_ptr, cache_ptr, table_ptr, tokens, head_dim, n_heads,
                 tl.store(at_pool, tl.load(at_cache, mask=ok), mask=ok)
 
 
-def _check(pool: torch.Tensor, cache: torch.Tensor, table: torch.Tensor, max_blocks: int) -> None:
+def _check(pool: torch.Tensor, cache: torch.Tensor, table: torch.Tensor, max_blocks: int | None) -> int:
+    """The table's entry room (max_blocks, default: as many as it has room for), once the arguments
+    are checked."""
+    max_blocks = (table.numel() - 1) // 3 if max_blocks is None else max_blocks
     layers, two, _, heads, _, head_dim = cache.shape
     if pool.dim() != 6 or tuple(pool.shape[1:4]) != (layers, two, heads) or pool.shape[5] != head_dim \
             or not pool.is_contiguous() or pool.dtype != cache.dtype:
@@ -72,11 +75,11 @@ def _check(pool: torch.Tensor, cache: torch.Tensor, table: torch.Tensor, max_blo
     if table.dim() != 1 or table.dtype != torch.int32 or table.numel() < 1 + 3 * max_blocks:
         raise ValueError(f"kv_blocks: the block table must be int32 [1 + 3 x {max_blocks}], got "
                          f"{table.dtype} {tuple(table.shape)}")
+    return max_blocks
 
 
 def _launch(pool, cache, table, max_blocks: int | None, to_slot: bool) -> None:
-    max_blocks = (table.numel() - 1) // 3 if max_blocks is None else max_blocks
-    _check(pool, cache, table, max_blocks)
+    max_blocks = _check(pool, cache, table, max_blocks)
     layers, two, _, heads, _, head_dim = cache.shape
     tokens = pool.shape[4]
     if max_blocks == 0:
@@ -114,13 +117,13 @@ def _slot_block(cache: torch.Tensor, slot: int, position: int, tokens: int) -> t
 
 def blocks_to_slot_ref(pool: torch.Tensor, cache: torch.Tensor, table: torch.Tensor,
                        max_blocks: int | None = None) -> None:
-    _check(pool, cache, table, (table.numel() - 1) // 3 if max_blocks is None else max_blocks)
+    _check(pool, cache, table, max_blocks)
     for place, position, slot in _entries(table):
         _slot_block(cache, slot, position, pool.shape[4]).copy_(pool[place])
 
 
 def blocks_from_slot_ref(pool: torch.Tensor, cache: torch.Tensor, table: torch.Tensor,
                          max_blocks: int | None = None) -> None:
-    _check(pool, cache, table, (table.numel() - 1) // 3 if max_blocks is None else max_blocks)
+    _check(pool, cache, table, max_blocks)
     for place, position, slot in _entries(table):
         pool[place].copy_(_slot_block(cache, slot, position, pool.shape[4]))
