@@ -16,7 +16,7 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 # The GPU tests in two halves (tests1, tests2: each well inside the device tool's 10-minute call on a fresh
 # machine, where the whole ran past it once), or all at once (tests).
 tests1="tests/test_kernels_triton.py tests/test_kernels_tree.py tests/test_kernels_vision.py"
-tests2="tests/test_gpu.py tests/test_gpu_vision.py tests/test_gpu_vocab.py tests/test_gpu_families.py tests/test_gpu_quant.py tests/test_megakernel.py tests/test_kv_reuse.py::test_store_restores_blocks_exactly_from_mixed_tiers"
+tests2="tests/test_gpu.py tests/test_gpu_vision.py tests/test_gpu_vocab.py tests/test_gpu_families.py tests/test_gpu_quant.py tests/test_megakernel.py tests/test_kv_reuse.py::test_store_restores_blocks_exactly_from_mixed_tiers tests/test_kv_reuse.py::test_host_tier_alone_defers_its_blocks_and_evicts_to_disk"
 selected=""
 [[ " $parts " == *" tests "* ]] && selected="$tests1 $tests2"
 [[ " $parts " == *" tests1 "* ]] && selected="$selected $tests1"

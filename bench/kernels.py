@@ -277,9 +277,22 @@ def kv_block_cases(rnd):
         view = cache[:, :, 1, :, :n * tokens].unflatten(3, (n, tokens)).permute(3, 0, 1, 2, 4, 5)
         view.copy_(pool.index_select(0, places))
 
+    # The host tier: the same blocks read by the kernel from pinned host memory across PCIe, against a
+    # DMA of them into a device buffer and torch's copy into the slot (its floor is PCIe's, not HBM's).
+    host = pool[:n].cpu().pin_memory()
+    host_table = torch.tensor(kv_blocks.block_table([(i, i, 1) for i in range(n)]), dtype=torch.int32, device=DEV)
+    staging = torch.empty_like(pool[:n])
+
+    def torch_host_copy():
+        staging.copy_(host, non_blocking=True)
+        cache[:, :, 1, :, :n * tokens].unflatten(3, (n, tokens)).permute(3, 0, 1, 2, 4, 5).copy_(staging)
+
     return [dict(name=f"kv_blocks to slot {n} x 64 tokens", triton=lambda: kv_blocks.blocks_to_slot(
         pool, cache, table), torch=torch_copy, compile=None, bytes=2 * pool[0].numel() * 2 * n,
-        baseline="torch gather + copy")]
+        baseline="torch gather + copy"),
+        dict(name=f"kv_blocks to slot {n} x 64 tokens from pinned host", triton=lambda: kv_blocks.blocks_to_slot(
+            host, cache, host_table), torch=torch_host_copy, compile=None, bytes=pool[0].numel() * 2 * n,
+            baseline="DMA + torch copy")]
 
 
 def vocab_cases():

@@ -128,8 +128,10 @@ class LLMInferenceRuntime:
                                     "or the tokenizer): generation could never end; rebuild the map with them")
         self.kv_store = None if kv_reuse is None else \
             TieredKVStore(self.runner.kv_cache, kv_reuse, model_identity(self.model_dir, self.config.quantization))
-        if self.kv_store is not None and self.kv_store.gpu is not None:  # hits copied inside the prefill step
-            self.runner.attach_block_pool(self.kv_store.gpu.data)
+        if self.kv_store is not None:  # a KV hit's memory-tier blocks are copied inside the prefill step
+            gpu, host = self.kv_store.gpu, self.kv_store.host
+            self.runner.attach_block_pools(gpu.data if gpu is not None else None,
+                                           host.data if host is not None else None)
         self._kv_totals = KVReuseStats()
         self._row_tensors: dict[tuple, tuple] = {}  # _sampling_tensors' reusable part, by (batch, settings)
         self._prefill_ms_per_token: float | None = None  # measured on prompts prefilled whole (saving estimates)
@@ -369,21 +371,22 @@ class LLMInferenceRuntime:
         # Slot i serves item i. With KV reuse on, each slot first gets the longest saved prefix of its
         # prompt, and only the rest is prefilled. Image tokens are keyed by their image's digest
         # (multimodal.py). Each prompt's block keys are hashed once, for the restore and the save.
-        # Text prompts leave the device tier's blocks to the prefill step, which copies them itself.
+        # Text prompts leave the memory tiers' blocks to the prefill step, which copies them itself.
         text = all(im is None for im in images)
         block_keys = cached = None
-        pool_blocks = []
+        pool_blocks = host_blocks = ()
         if reuse is not None:
             block_keys = [self.kv_store.keys(im.key_ids if im is not None else p,
                                              runner.prefix_fingerprint(a, len(p)))
                           for p, im, a in zip(prompts, images, adapters)]
             cached = [self.kv_store.restore(i, len(p), k, reuse, defer=text)
                       for i, (p, k) in enumerate(zip(prompts, block_keys))]
-            pool_blocks = self.kv_store.take_pending()
+            pool_blocks, host_blocks = self.kv_store.take_pending()
             reuse.restore_ms += (time.perf_counter() - t0) * 1e3
         if text:
             # The ids go to the GPU with the step's other integers, embedded inside the prefill graph.
-            logits = runner.prefill_tokens(prompts, lora=adapters, cached_lengths=cached, pool_blocks=pool_blocks)
+            logits = runner.prefill_tokens(prompts, lora=adapters, cached_lengths=cached, pool_blocks=pool_blocks,
+                                           host_blocks=host_blocks)
         else:
             cached = cached or [0] * batch
             width = max(len(p) - c for p, c in zip(prompts, cached))

@@ -57,6 +57,20 @@ def test_prefill_from_token_ids_matches_prefill_from_embeddings(tiny_models):
         runner.prefill_tokens([[1, 2, 3]], cached_lengths=[3])
     with pytest.raises(InvalidRequestError, match="block pool"):
         runner.prefill_tokens([[1, 2, 3]], pool_blocks=[(0, 0, 0)])
+    # A cached prefix whose blocks come from the attached pools inside the step: slot 2's first two
+    # 2-token blocks saved, one in the device pool and one in the host pool, the slot wiped, then
+    # prefilled from position 4 after the step copies them back (rows' tables padded to their room).
+    data = runner.kv_cache.data
+    blocks = data[:, :, 2, :, :4].unflatten(3, (2, 2)).permute(3, 0, 1, 2, 4, 5).contiguous()
+    device_pool, host_pool = torch.zeros(3, *blocks.shape[1:]), torch.zeros(4, *blocks.shape[1:])
+    device_pool[1], host_pool[3] = blocks[0], blocks[1]
+    runner.attach_block_pools(device_pool, host_pool)
+    data[:, :, 2].zero_()
+    logits = runner.prefill_tokens([PROMPTS[2]], slots=[2], cached_lengths=[4], pool_blocks=[(1, 0, 2)],
+                                   host_blocks=[(3, 1, 2)])
+    torch.testing.assert_close(logits, expected[2:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(InvalidRequestError, match="host_blocks"):
+        runner.prefill_tokens([[1, 2, 3]], host_blocks=[(4, 0, 0)])
 
 
 def test_chunked_prefill_generation_matches_transformers(tiny_models):

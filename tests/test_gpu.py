@@ -207,12 +207,15 @@ def test_kv_reuse_through_every_tier_on_gpu(tiny_models, tmp_path):
     assert again.kv_reuse.hits_disk == 4 and again.output_ids == expected[tuple(a)]
 
 
+@pytest.mark.parametrize("tier", ["gpu", "host"])
 @pytest.mark.parametrize("chunk", [None, 16])
-def test_device_tier_hits_copied_inside_the_prefill_graph(tiny_models, chunk):
-    """Device-tier KV hits leave their blocks to the prefill graph (runner.attach_block_pool): a batch
-    of three prompts sharing a 40-token prefix, each row's blocks into its own slot, then the same
-    with other tails and rows in another order; chunked (16-token chunks: the table rides the first
-    only) or not. Every answer equals the no-reuse run's, under graphs, and the hits were device hits."""
+def test_memory_tier_hits_copied_inside_the_prefill_graph(tiny_models, chunk, tier):
+    """Device-tier (or host-tier) KV hits leave their blocks to the prefill graph
+    (runner.attach_block_pools; the host tier's read from pinned memory layer by layer on a side
+    stream): a batch of three prompts sharing a 40-token prefix, each row's blocks into its own slot,
+    then the same with other tails and rows in another order; chunked (16-token chunks: the table
+    rides the first only) or not. Every answer equals the no-reuse run's, under graphs, and the hits
+    were hits of that tier."""
     from edgellm import KVReuseSettings
 
     model_dir, _ = tiny_models["llama"]
@@ -221,9 +224,11 @@ def test_device_tier_hits_copied_inside_the_prefill_graph(tiny_models, chunk):
                [system[:33] + [60, 61], system + [9] * 6, system + [11, 23, 35, 36]]]
     plain = LLMInferenceRuntime(model_dir, device="cuda", dtype="float32", max_batch_size=3,
                                 prefill_chunk_size=chunk)
+    settings = KVReuseSettings(gpu_bytes=1 << 20, block_tokens=8) if tier == "gpu" else \
+        KVReuseSettings(gpu_bytes=0, host_bytes=1 << 20, block_tokens=8)
     reuse = LLMInferenceRuntime(model_dir, device="cuda", dtype="float32", max_batch_size=3, prefill_chunk_size=chunk,
-                                kv_reuse=KVReuseSettings(gpu_bytes=1 << 20, block_tokens=8))
-    assert reuse.runner.block_pool is not None
+                                kv_reuse=settings)
+    assert (reuse.runner.block_pool if tier == "gpu" else reuse.runner.host_block_pool) is not None
 
     def run(runtime, prompts):
         return runtime.handle_request(LLMGenerationRequest(requests=[{"input_ids": p} for p in prompts],
@@ -234,7 +239,8 @@ def test_device_tier_hits_copied_inside_the_prefill_graph(tiny_models, chunk):
         for prompts in batches:
             got = run(reuse, prompts)
             assert got.output_ids == run(plain, prompts).output_ids
-            assert got.kv_reuse.hits_gpu == got.kv_reuse.reused_blocks > 0 and got.kv_reuse.hits_host == 0
+            hits = got.kv_reuse.hits_gpu if tier == "gpu" else got.kv_reuse.hits_host
+            assert hits == got.kv_reuse.reused_blocks > 0
     assert any(k[-1] == "prefill" and k[4] == "ids" for k in reuse.runner.graphs.graphs)
 
 

@@ -556,6 +556,10 @@ def test_kv_blocks_to_and_from_slots(dtype, tokens, head_dim):
     assert torch.equal(mine[:, :, 2, :, tokens:2 * tokens], pool[1])
     assert torch.equal(mine[:, :, 1, :, tokens:2 * tokens], cache[:, :, 1, :, tokens:2 * tokens])
     assert torch.equal(mine[:, :, 0], cache[:, :, 0])  # the stale entries' slot
+    per_layer = cache.clone()  # a layer at a time, fewer programs (the host tier's copy beside the layers)
+    for layer in range(layers):
+        kv_blocks.blocks_to_slot(pool, per_layer, table, layer=layer, split=3)
+    assert torch.equal(per_layer, ref)
     out, out_ref = pool.clone(), pool.clone()
     back = torch.tensor(kv_blocks.block_table([(4, 5, 2), (2, 0, 0)]), dtype=torch.int32, device=DEVICE)
     kv_blocks.blocks_from_slot(out, cache, back)

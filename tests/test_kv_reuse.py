@@ -91,11 +91,13 @@ def test_reuse_in_a_batch_and_per_adapter(tiny_models, lora_adapters, cold):
     assert other.kv_reuse.reused_blocks == 0  # the base model's KV is not the adapter's
 
 
-@pytest.mark.parametrize("host", [False, True])
+@pytest.mark.parametrize("host", [False, True, "only"])
 def test_alternating_prompts_with_a_gpu_tier_of_one_prompt(tiny_models, cold, host):
-    """Seed 003's offload demo: A, B, A, B with room for one prompt on the device."""
+    """Seed 003's offload demo: A, B, A, B with room for one prompt on the device (or, "only", no
+    device tier: every hit is read from the host tier)."""
     one_prompt = 4 * block_bytes(cold)
-    settings = KVReuseSettings(gpu_bytes=one_prompt, host_bytes=one_prompt * 4 if host else 0, block_tokens=BLOCK)
+    settings = KVReuseSettings(gpu_bytes=0 if host == "only" else one_prompt,
+                               host_bytes=one_prompt * 4 if host else 0, block_tokens=BLOCK)
     runtime = LLMInferenceRuntime(tiny_models["llama"][0], device="cpu", kv_reuse=settings)
     outputs = [run(runtime, [p]) for p in (PROMPT_A, PROMPT_B, PROMPT_A, PROMPT_B)]
     reused = sum(r.kv_reuse.reused_blocks for r in outputs)
@@ -266,7 +268,12 @@ def test_store_restores_blocks_exactly_from_mixed_tiers(device):
     store.save(0, store.keys(a, ""), KVReuseStats())  # blocks 3, 4, 5 stay on the device, 0, 1, 2 move to the host
     reused, stats = restore(a)
     assert (reused, stats.hits_host, stats.hits_gpu) == (24, 3, 3)
-    assert torch.equal(cache.data[:, :, 1, :, :24], saved_a)  # blocks 0-2 now on the device, 3-5 on the host
+    assert torch.equal(cache.data[:, :, 1, :, :24], saved_a)
+    promoted = KVReuseStats()
+    store.save(1, store.keys(a, ""), promoted)  # promotes blocks 0-2 from slot 1: 3-5 move to the host
+    keys_a = store.keys(a, "")
+    assert promoted.stored_blocks == 0 and len(store.gpu.where) == 3 and len(store.host.where) == 3
+    assert all(k in store.gpu for k in keys_a[:3]) and all(k in store.host for k in keys_a[3:])
     restore(a[:5])  # block 0 becomes the most recently used
     cache.data[:, :, 0].normal_()
     store.save(0, store.keys(b, ""), KVReuseStats())  # evicts block 1 to the host
@@ -276,6 +283,46 @@ def test_store_restores_blocks_exactly_from_mixed_tiers(device):
     assert torch.equal(cache.data[:, :, 1, :, :24], saved_a)
     reused, stats = restore(b)
     assert reused == 4 and torch.equal(cache.data[:, :, 1, :, :4], saved_b)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_host_tier_alone_defers_its_blocks_and_evicts_to_disk(device, tmp_path):
+    """The host tier without a device tier: a deferred restore leaves its host blocks to the caller
+    (take_pending; here copied the way the prefill step does), and blocks evicted from the host
+    tier's places reach the disk tier intact although those places are written again at once."""
+    from edgellm.engine.kv_cache import LinearKVCache
+    from edgellm.engine.kv_store import KVReuseStats, TieredKVStore
+    from edgellm.kernels import ops
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    cache = LinearKVCache(num_layers=2, max_batch_size=2, num_kv_heads=2, capacity=64, head_dim=4,
+                          dtype=torch.float32, device=torch.device(device))
+    block = 2 * 2 * 2 * 4 * 4 * 4
+    store = TieredKVStore(cache, KVReuseSettings(gpu_bytes=0, host_bytes=3 * block, disk_dir=tmp_path, block_tokens=4),
+                          "m")
+    assert store.gpu is None and store.host.data.is_pinned() == (device == "cuda")
+    c, d = list(range(300, 313)), list(range(400, 413))  # three whole blocks each, and one token
+    cache.data.normal_()
+    saved_c = cache.data[:, :, 0, :, :12].clone()
+    stats = KVReuseStats()
+    store.save(0, store.keys(c, ""), stats)
+    assert stats.stored_blocks == 3
+    cache.data[:, :, 1].zero_()
+    hits = KVReuseStats()
+    assert store.restore(1, len(c), store.keys(c, ""), hits, defer=True) == 12 and hits.hits_host == 3
+    assert not cache.data[:, :, 1].any()  # deferred: nothing copied yet
+    pool_blocks, host_blocks = store.take_pending()
+    assert pool_blocks == [] and [(p, s) for _, p, s in host_blocks] == [(0, 1), (1, 1), (2, 1)]
+    ops.blocks_to_slot(store.host.data, cache.data, store._table(host_blocks))
+    assert torch.equal(cache.data[:, :, 1, :, :12], saved_c)
+    cache.data[:, :, 0].normal_()
+    store.save(0, store.keys(d, ""), KVReuseStats())  # c's three places now hold d's blocks
+    store.flush()
+    cache.data[:, :, 1].zero_()
+    again = KVReuseStats()
+    assert store.restore(1, len(c), store.keys(c, ""), again) == 12 and again.hits_disk == 3
+    assert torch.equal(cache.data[:, :, 1, :, :12], saved_c)
 
 
 @pytest.mark.parametrize("settings", [dict(gpu_bytes=-1), dict(block_tokens=0), dict(gpu_bytes=0),

@@ -138,17 +138,19 @@ class PrefillBuffers:
     """Static inputs and outputs of one prefill chunk of `rows` x `length` tokens (right-padded)."""
 
     def __init__(self, rows: int, length: int, storage: PrefillStorage, scratch_slot: int,
-                 device: torch.device, lora_slots: int = 0, positions: bool = False, block_room: int = 0):
+                 device: torch.device, lora_slots: int = 0, positions: bool = False, block_rooms=()):
         self.embeds = storage.embeds[:rows * length * storage.hidden].view(rows, length, storage.hidden)
         self.logits = storage.logits[:rows * storage.vocab].view(rows, storage.vocab)  # written by the graph
         # The per-row integers in one tensor, so that one copy loads them all (load's `ints`), followed
-        # for the graphs that start from ids by the chunk's token ids and a block table of up to
-        # block_room entries (kernels/kv_blocks.py: a KV hit's pool blocks) (their `inputs`, one copy).
+        # for the graphs that start from ids by the chunk's token ids and a block table per attached
+        # block pool of up to block_rooms entries each (kernels/kv_blocks.py: a KV hit's saved blocks)
+        # (their `inputs`, one copy).
         count = PrefillBuffers.int_count(rows, lora_slots)
         self.rows = rows
-        self.inputs = torch.zeros(count + rows * length + 1 + 3 * block_room, dtype=torch.int32, device=device)
+        tables = [1 + 3 * room for room in block_rooms]
+        self.inputs = torch.zeros(count + rows * length + sum(tables), dtype=torch.int32, device=device)
         self.ints, self.ids = self.inputs[:count], self.inputs[count:count + rows * length].view(rows, length)
-        self.blocks = self.inputs[count + rows * length:]
+        self.blocks = self.inputs[count + rows * length:].split(tables)
         self.slots, self.starts, self.q_lens, self.lora = self.ints[:4 * rows].view(4, rows).unbind(0)
         self.lora_used = self.ints[4 * rows:]
         self.scratch_slot = scratch_slot

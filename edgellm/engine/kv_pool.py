@@ -1,4 +1,5 @@
-"""The KV store's device tier: saved blocks in one preallocated buffer, least-recently-used over keys.
+"""The KV store's memory tiers: saved blocks in one preallocated buffer, least-recently-used over keys,
+on the device (the "gpu" tier) or in pinned host memory (the "host" tier).
 
 Why one buffer instead of a tensor per block: a prompt that reuses n saved blocks is then one gather
 (index_select) and one copy into the cache slot. With a tensor per block the same hit was a cat of
@@ -6,7 +7,10 @@ n tensors and a copy: on the H100, 31 blocks cost 324 us of host time that way a
 gather (issue 18, TTFT of a reused prefix).
 
 Layout [capacity, layers, 2, kv_heads, block_tokens, head_dim]: each block is contiguous, so a block
-promoted from pinned host memory is one plain DMA into its place.
+demoted to the host is one plain DMA into its place. The host tier is one buffer for the same reason
+the device tier is, and one more: a pinned buffer that lives as long as the store can be read by the
+prefill step's CUDA graph itself (kernels/kv_blocks.py reads it across PCIe, layer by layer, while the
+earlier layers compute), which per-block tensors made and freed per request could not.
 """
 
 from __future__ import annotations
@@ -17,16 +21,27 @@ from collections import OrderedDict
 import torch
 
 
-class DeviceBlockPool:
-    def __init__(self, budget: int, layout: list[int], dtype: torch.dtype, device: torch.device):
+class BlockPool:
+    """`budget` bytes of blocks on `device`; pinned: in pinned host memory (device "cpu"), for a CUDA
+    engine's host tier."""
+
+    def __init__(self, budget: int, layout: list[int], dtype: torch.dtype, device: torch.device,
+                 pinned: bool = False):
         self.capacity = budget // (math.prod(layout) * torch.empty(0, dtype=dtype).element_size())
-        self.data = torch.empty(self.capacity, *layout, dtype=dtype, device=device)
+        self.data = torch.empty(self.capacity, *layout, dtype=dtype, device=device, pin_memory=pinned)
         self.where: OrderedDict[bytes, int] = OrderedDict()  # key -> index in `data`, oldest use first
         self._free = list(range(self.capacity - 1, -1, -1))
         self._reading: dict[int, torch.cuda.Event] = {}  # index -> a side-stream copy still reading it
 
     def __contains__(self, key: bytes) -> bool:
         return key in self.where
+
+    def take(self, key: bytes) -> int | None:
+        """Forget a block (it moved to another tier); its place is free for the next allocate."""
+        index = self.where.pop(key, None)
+        if index is not None:
+            self._free.append(index)
+        return index
 
     def get(self, key: bytes) -> int | None:
         """The block's index (now the most recently used), or None."""

@@ -7,17 +7,20 @@ prefix, and the longest saved prefix of any prompt (a system prompt, earlier tur
 found by walking its keys until the first miss.
 
 Tiers (each optional, `KVReuseSettings`): "gpu" (the engine's device; byte budget), "host" (pinned
-RAM; byte budget) and "disk" (kv_disk.py; persistent, shared across processes). Within a memory
-tier eviction is least-recently-used, and an evicted block moves down to the next enabled tier
-instead of being dropped. A hit in a lower tier promotes the block to the top enabled one. New
+RAM; byte budget, allocated up front) and "disk" (kv_disk.py; persistent, shared across processes).
+Within a memory tier eviction is least-recently-used, and an evicted block moves down to the next
+enabled tier instead of being dropped. A hit in a lower tier promotes the block to the top enabled
+one (a host hit when the prompt is saved, from the slot it was copied into; a disk hit at once). New
 blocks go to the top memory tier and are written through to disk, so another process finds them.
-Device <-> host copies run on a side CUDA stream.
+Device -> host copies run on a side CUDA stream; host -> device copies are reads of the pinned host
+tier by the block-copy kernel (kernels/kv_blocks.py), no staging buffer between.
 
 The runner's linear KV cache layout never changes: `restore` copies the saved blocks into a
-slot's first positions and the caller prefills only the rest (DESIGN.md). With defer=True the device
-tier's blocks are left to the caller (take_pending), whose prefill step copies them inside its own
-CUDA graph (runner.attach_block_pool): a KV hit then pays no copy launch of its own before its first
-token (issue 18).
+slot's first positions and the caller prefills only the rest (DESIGN.md). With defer=True the memory
+tiers' blocks are left to the caller (take_pending), whose prefill step copies them inside its own
+CUDA graph (runner.attach_block_pools): a device hit then pays no copy launch of its own before its
+first token, and a host hit's PCIe reads run layer by layer beside the prefill's earlier layers
+instead of before them (issue 18).
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import dataclasses
 import hashlib
 import json
 import struct
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -36,7 +38,7 @@ from ..kernels import ops
 from ..kernels.kv_blocks import block_table
 from .kv_cache import LinearKVCache
 from .kv_disk import DiskTier
-from .kv_pool import DeviceBlockPool
+from .kv_pool import BlockPool
 
 DEFAULT_BLOCK_TOKENS = 64
 TIERS = ("gpu", "host", "disk")
@@ -101,45 +103,6 @@ class KVReuseStats:
                 f"{self.reused_tokens}, new blocks {self.stored_blocks}, prefill saved ~{self.prefill_ms_saved:.1f} ms")
 
 
-class _MemoryTier:
-    """The host tier: blocks (pinned tensors) in LRU order under a byte budget."""
-
-    def __init__(self, budget: int):
-        self.budget = budget
-        self.blocks: OrderedDict[bytes, tuple[torch.Tensor, object]] = OrderedDict()  # key -> (block, ready event)
-        self.used = 0
-
-    def __contains__(self, key: bytes) -> bool:
-        return key in self.blocks
-
-    def take(self, key: bytes):
-        """Removes and returns (block, ready) or None."""
-        entry = self.blocks.pop(key, None)
-        if entry is not None:
-            self.used -= entry[0].nbytes
-        return entry
-
-    def get(self, key: bytes):
-        entry = self.blocks.get(key)
-        if entry is not None:
-            self.blocks.move_to_end(key)
-        return entry
-
-    def put(self, key: bytes, block: torch.Tensor, ready=None) -> list[tuple[bytes, torch.Tensor, object]]:
-        """Adds a block (most recently used); returns the blocks evicted to make room (a block larger
-        than the whole budget is itself returned, not kept)."""
-        if block.nbytes > self.budget:
-            return [(key, block, ready)]
-        self.blocks[key] = (block, ready)
-        self.used += block.nbytes
-        evicted = []
-        while self.used > self.budget:
-            old_key, (old, old_ready) = self.blocks.popitem(last=False)
-            self.used -= old.nbytes
-            evicted.append((old_key, old, old_ready))
-        return evicted
-
-
 def model_identity(model_dir: Path, quantization: str | None = None) -> str:
     """A digest that names a model's weights across processes: config.json, and each safetensors
     file's size and first and last MiB (reading whole multi-GB files would cost seconds), and the
@@ -170,15 +133,21 @@ class TieredKVStore:
         self.layout = [layers, 2, kv_heads, self.block_tokens, head_dim]
         self.device = cache.data.device
         self.identity = identity
-        pool = DeviceBlockPool(settings.gpu_bytes, self.layout, cache.data.dtype, self.device) \
-            if settings.gpu_bytes else None
-        self.gpu = pool if pool is not None and pool.capacity else None  # a budget below one block: no tier
-        self.host = _MemoryTier(settings.host_bytes) if settings.host_bytes else None
-        self.disk = DiskTier(settings.disk_dir, {"model": identity, "dtype": str(cache.data.dtype),
-                                                 "layout": self.layout}) if settings.disk_dir else None
         self._cuda = self.device.type == "cuda"
+        dtype = cache.data.dtype
+        gpu = BlockPool(settings.gpu_bytes, self.layout, dtype, self.device) if settings.gpu_bytes else None
+        host = BlockPool(settings.host_bytes, self.layout, dtype, torch.device("cpu"), pinned=self._cuda) \
+            if settings.host_bytes else None
+        self.gpu = gpu if gpu is not None and gpu.capacity else None  # a budget below one block: no tier
+        self.host = host if host is not None and host.capacity else None
+        self.disk = DiskTier(settings.disk_dir, {"model": identity, "dtype": str(dtype),
+                                                 "layout": self.layout}) if settings.disk_dir else None
         self._side = torch.cuda.Stream(self.device) if self._cuda else None
-        self._pending: list[tuple[int, int, int]] = []  # restore(defer=True)'s device blocks, not copied yet
+        # restore(defer=True)'s blocks not copied yet: (place, position, slot) of the gpu and host tiers
+        self._pending: list[tuple[int, int, int]] = []
+        self._pending_host: list[tuple[int, int, int]] = []
+        self._host_ready: dict[int, object] = {}  # host place -> the event of the side-stream copy writing it
+        self._host_written = None  # the latest such event the compute stream has not waited for yet
         self._roots: dict[str, bytes] = {}  # root(): block 0's parent key per adapter fingerprint
 
     # ---- keys
@@ -214,8 +183,8 @@ class TieredKVStore:
         return self.cache.data[:, :, slot, :, start:start + blocks * self.block_tokens, :]
 
     def _to_host(self, block: torch.Tensor):
-        """(host copy, ready event) of a device block nothing else writes: on the side stream, after
-        the work queued so far."""
+        """(host copy, ready event) of a device block nothing else writes, for the disk tier's writer:
+        on the side stream, after the work queued so far."""
         if not self._cuda:
             return block.clone(), None
         host = torch.empty(block.shape, dtype=block.dtype, pin_memory=True)
@@ -233,18 +202,22 @@ class TieredKVStore:
         return torch.tensor(block_table(entries), dtype=torch.int32, pin_memory=self._cuda).to(
             self.device, non_blocking=True)
 
-    def take_pending(self) -> list:
-        """The device-tier blocks that restore(defer=True) left to copy, as (place, position, slot)
-        entries: the caller's prefill step copies them into their slots before its attention (one
-        launch and one host copy fewer on a KV hit's path to its first token)."""
+    def take_pending(self) -> tuple[list, list]:
+        """The blocks that restore(defer=True) left to copy, as (place, position, slot) entries of the
+        gpu tier and of the host tier: the caller's prefill step copies them into their slots before
+        its attention (runner.prefill_tokens' pool_blocks and host_blocks)."""
         pending, self._pending = self._pending, []
-        return pending
+        pending_host, self._pending_host = self._pending_host, []
+        return pending, pending_host
 
     def flush_pending(self) -> None:
-        """Copy the deferred blocks now (before a pool place is reused, or for a caller that cannot)."""
-        pending = self.take_pending()
+        """Copy the deferred blocks now (before a place of either pool is reused, or for a caller that
+        cannot)."""
+        pending, pending_host = self.take_pending()
         if pending:
             ops.blocks_to_slot(self.gpu.data, self.cache.data, self._table(pending))
+        if pending_host:
+            ops.blocks_to_slot(self.host.data, self.cache.data, self._table(pending_host))
 
     def _place(self, key: bytes) -> int:
         """A place in the device pool for a new block; the block evicted from it moves down a tier."""
@@ -262,90 +235,79 @@ class TieredKVStore:
         self.gpu.reading(index, ready)
         return host, ready
 
-    def _host_to_device(self, entries: list) -> torch.Tensor:
-        """[blocks, *layout] on the device from pinned host (block, ready event) pairs: one DMA each, queued
-        together on the side stream, which the compute stream then waits for."""
-        staging = torch.empty(len(entries), *self.layout, dtype=self.cache.data.dtype, device=self.device)
-        if not self._cuda:
-            for i, (block, _) in enumerate(entries):
-                staging[i].copy_(block)
-            return staging
-        compute = torch.cuda.current_stream(self.device)
-        self._side.wait_stream(compute)
-        with torch.cuda.stream(self._side):
-            for i, (block, ready) in enumerate(entries):
-                if ready is not None:
-                    self._side.wait_event(ready)
-                staging[i].copy_(block, non_blocking=True)
-        compute.wait_stream(self._side)
-        return staging
-
     def _demote_from_gpu(self, key: bytes, block: torch.Tensor) -> None:
         if self.host is not None:
-            self._put_host(key, *self._to_host(block))
+            self._put_host(key, block)
         elif self.disk is not None and not self.disk.has(key):
             self.disk.write(key, *self._to_host(block))
 
-    def _put_host(self, key: bytes, block: torch.Tensor, ready) -> None:
-        for old_key, old, old_ready in self.host.put(key, block, ready):
-            if self.disk is not None and not self.disk.has(old_key):
-                self.disk.write(old_key, old, old_ready)
+    def _put_host(self, key: bytes, block: torch.Tensor) -> None:
+        """A block on the engine's device that nothing else writes into a host-tier place (most
+        recently used), on the side stream after the work queued so far: after every queued read of
+        that place by a prefill. The block evicted from the place moves down to disk."""
+        self.flush_pending()  # a deferred copy may still have to read the place given out here
+        index, evicted = self.host.allocate(key)
+        if evicted is not None and self.disk is not None and not self.disk.has(evicted[0]):
+            ready = self._host_ready.get(evicted[1])
+            if ready is not None:
+                ready.synchronize()  # written long ago, as the least recently used block
+            self.disk.write(evicted[0], self.host.data[evicted[1]].clone(), None)
+        place = self.host.data[index]
+        if not self._cuda:
+            place.copy_(block)
+            return
+        self._side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._side):
+            place.copy_(block, non_blocking=True)
+            block.record_stream(self._side)
+            ready = torch.cuda.Event()
+            ready.record(self._side)
+        self._host_ready[index] = self._host_written = ready
 
     def _from_disk(self, key: bytes, host: torch.Tensor) -> torch.Tensor:
         """A block read from disk, on the device and promoted to the top memory tier. It is read into
         pageable memory and copied from there: pinning fresh buffers costs more than it saves (on the
         H100 the first disk hits of a process took 85-150 ms instead of 23 with pinned reads)."""
-        if self.gpu is None and self.host is not None and self._cuda:
-            host = host.pin_memory()  # the host tier keeps pinned blocks
         block = host.to(self.device) if self._cuda else host.clone()
         if self.gpu is not None:
             self._put_gpu(key, block)
         elif self.host is not None:
-            self._put_host(key, host, None)
+            self._put_host(key, block)
         return block
-
-    def _saved(self, key: bytes) -> bool:
-        return (self.gpu is not None and key in self.gpu) or (self.host is not None and key in self.host) \
-            or (self.disk is not None and self.disk.has(key))
 
     # ---- what the runtime calls
     def restore(self, slot: int, length: int, keys: list[bytes], stats: KVReuseStats, defer: bool = False) -> int:
         """Copies the longest saved prefix of a prompt of `length` tokens whose block keys are `keys`
         (self.keys: the caller hashes the prompt once for restore and save) into cache slot `slot`
         (whole blocks, leaving at least one token to prefill, whose logits the caller needs); returns
-        its length in tokens. defer: leave the device tier's blocks to the caller (take_pending)."""
+        its length in tokens. defer: leave the memory tiers' blocks to the caller (take_pending).
+        Host hits stay in the host tier until `save`, which promotes them from the slot."""
         usable = (length - 1) // self.block_tokens
         stats.lookups += 1
         stats.blocks_looked_up += usable
         keys = keys[:usable]
-        gpu_positions, places, host_positions, host_keys = [], [], [], []
-        for key in keys:  # the memory tiers first
+        gpu_entries, host_entries = [], []
+        for position, key in enumerate(keys):  # the memory tiers first
             place = self.gpu.get(key) if self.gpu is not None else None
             if place is not None:
-                gpu_positions.append(len(gpu_positions) + len(host_positions))
-                places.append(place)
-            elif self.host is not None and key in self.host:
-                host_positions.append(len(gpu_positions) + len(host_positions))
-                host_keys.append(key)
-            else:
+                gpu_entries.append((place, position, slot))
+                continue
+            place = self.host.get(key) if self.host is not None else None
+            if place is None:
                 break
-        reused = len(gpu_positions) + len(host_positions)
-        stats.hits_gpu += len(gpu_positions)
-        stats.hits_host += len(host_positions)
-        if reused:
-            # Blocks go straight from the pool (or the staging buffer of host blocks) into the slot, one
-            # pass each (kernels/kv_blocks.py); the pool's first, before any promotion below can evict.
-            self._pending += [(place, position, slot) for place, position in zip(places, gpu_positions)]
-            if not defer:
-                self.flush_pending()
-            if host_keys:
-                entries = [self.host.take(k) if self.gpu is not None else self.host.get(k) for k in host_keys]
-                staging = self._host_to_device(entries)
-                ops.blocks_to_slot(staging, self.cache.data,
-                                   self._table([(i, p, slot) for i, p in enumerate(host_positions)]))
-                if self.gpu is not None:  # promoted to the device tier
-                    for key, block in zip(host_keys, staging):
-                        self._put_gpu(key, block)
+            host_entries.append((place, position, slot))
+        reused = len(gpu_entries) + len(host_entries)
+        stats.hits_gpu += len(gpu_entries)
+        stats.hits_host += len(host_entries)
+        if host_entries and self._host_written is not None:  # no read of a host place before its copy is done
+            torch.cuda.current_stream(self.device).wait_event(self._host_written)
+            self._host_written = None
+        # Blocks go straight from either pool into the slot, one pass per pool (kernels/kv_blocks.py),
+        # before any disk hit below can evict a place.
+        self._pending += gpu_entries
+        self._pending_host += host_entries
+        if not defer:
+            self.flush_pending()
         if self.disk is not None and reused < len(keys):  # then the run of blocks that follows on disk
             for key, host in zip(keys[reused:], self.disk.read_prefix(keys[reused:])):
                 self._slot_view(slot, reused).copy_(self._from_disk(key, host))
@@ -356,22 +318,30 @@ class TieredKVStore:
 
     def save(self, slot: int, keys: list[bytes], stats: KVReuseStats) -> None:
         """Saves the whole blocks of a prompt whose KV cache slot `slot` holds, named by their keys
-        (self.keys), that are not saved yet."""
-        new = []
+        (self.keys), that are not saved yet, and promotes its host-tier blocks to the gpu tier."""
+        new, promoted = [], []
         for index, key in enumerate(keys):
-            if not self._saved(key):
+            if self.gpu is not None and self.gpu.get(key) is not None:  # now the most recently used
+                continue
+            if self.host is not None and self.host.get(key) is not None:
+                if self.gpu is not None:
+                    promoted.append(index)
+                continue
+            if self.disk is None or not self.disk.has(key):
                 new.append(index)
-            elif self.gpu is not None:
-                self.gpu.get(key)  # recently used
         stats.stored_blocks += len(new)
-        if not new:
+        moved = new + promoted
+        if not moved:
             return
-        if self.gpu is not None and len(new) <= self.gpu.capacity:
+        if self.gpu is not None and len(moved) <= self.gpu.capacity:
             # One pass from the slot into the pool. The new places evict none of each other: they are
-            # the most recently used and fit.
-            places = [self._place(keys[i]) for i in new]
+            # the most recently used and fit. A promoted block's host place is free from now on: any
+            # later copy into it queues after this prompt's prefill, which read it.
+            for index in promoted:
+                self.host.take(keys[index])
+            places = [self._place(keys[i]) for i in moved]
             ops.blocks_from_slot(self.gpu.data, self.cache.data,
-                                 self._table([(place, i, slot) for place, i in zip(places, new)]))
+                                 self._table([(place, i, slot) for place, i in zip(places, moved)]))
             if self.disk is not None:
                 for index, place in zip(new, places):
                     self.disk.write(keys[index], *self._to_host_from_pool(place))
@@ -380,13 +350,12 @@ class TieredKVStore:
             # A copy of the slot's block first (on the compute stream): the slot may be overwritten by
             # the next request while the side stream still copies to the host.
             key, block = keys[index], self._slot_view(slot, index).clone()
-            if self.gpu is not None:  # a pool smaller than this prompt's new blocks: one at a time
+            if self.gpu is not None:  # a pool smaller than this prompt's blocks: one at a time, the new only
                 self._put_gpu(key, block)
-            host, ready = self._to_host(block) if self.gpu is None or self.disk is not None else (None, None)
-            if self.gpu is None and self.host is not None:
-                self._put_host(key, host, ready)
+            elif self.host is not None:
+                self._put_host(key, block)
             if self.disk is not None:
-                self.disk.write(key, host, ready)
+                self.disk.write(key, *self._to_host(block))
 
     def flush(self) -> None:
         """Wait for pending disk writes (at exit, or before another process needs the files)."""

@@ -153,7 +153,7 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
                    starts: torch.Tensor, q_lens: torch.Tensor, kernels=None,
                    lora: LoraBatch | None = None, tree: TokenTree | None = None,
                    every_token: bool = False, positions: torch.Tensor | None = None,
-                   max_keys: int | None = None) -> torch.Tensor:
+                   max_keys: int | None = None, before_attention=None) -> torch.Tensor:
     """hidden: input embeddings [B, S, H]; slots/starts/q_lens: [B] int tensors on the device.
     `rope`: RopeTables, or (cos, sin). `kernels`: where the ops come from (default: the dispatched
     `edgellm.kernels.ops`). `lora`: per-row LoRA adapters (None: the base model for every row).
@@ -161,6 +161,8 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     multimodal RoPE positions of the chunk's tokens (default: starts[b] + i, shifted by rope.offsets).
     `max_keys`: at most how many keys any row sees after this chunk (starts + q_lens), where the caller
     knows it: prefill attention then splits its keys only as far as they go (kernels/attention.py).
+    `before_attention(layer)`: called before each layer's attention reads its cache (a KV hit's host
+    blocks copied on a side stream: the layer waits for its own, engine/prefill_steps.py).
 
     Appends the chunk's keys/values to the cache (lengths are the caller's to update) and returns
     the logits of each row's last real token, [B, vocab], float32; every_token: of every token of
@@ -180,7 +182,7 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
         hidden = hidden + weights.positions[pos.long().clamp(max=weights.positions.shape[0] - 1)]
     if _fusable(weights, cfg, lora, hidden, ops):
         return _forward_fused(weights, cfg, cache, rope, hidden, slots, starts, q_lens, ends, ops, tree, positions,
-                              every_token, max_keys)
+                              every_token, max_keys, before_attention)
     residual = None
     x = hidden
     tokens = batch * seq
@@ -190,6 +192,8 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
                                  _shrink_operand(lora, index, "qkv", tokens), pre=pending)
         qkv = _project(x, lw.qkv, lw.qkv_bias, lora, index, "qkv", ops, t)
         keys, values = cache.layer(index)
+        if before_attention is not None:
+            before_attention(index)
         attn = _attention_block(lw, cfg, qkv, keys, values, rope, slots, starts, q_lens, ends, ops, lora, index, tree,
                                 positions, max_keys=max_keys)
         (x, residual), t = _norm(ops, cfg, attn, residual, lw.post_norm, lw.post_norm_bias,
@@ -254,7 +258,7 @@ def _rope_fusable(cfg: EngineConfig, rope: RopeTables, layer: int, tree, positio
 
 def _forward_fused(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCache, rope: RopeTables,
                    hidden: torch.Tensor, slots, starts, q_lens, ends, ops, tree, positions, every_token: bool,
-                   max_keys: int | None = None):
+                   max_keys: int | None = None, before_attention=None):
     """forward_logits at decode sizes with the residual adds in the epilogues of the o and down
     projections, SiLU * up in the gate/up projection's, each RMSNorm inside the GEMV that reads its
     output, and (_rope_fusable) RoPE + the KV append in the qkv projection: per layer qkv, attention,
@@ -288,6 +292,8 @@ def _forward_fused(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
             spec = gemv.RopeAppend(rope.cos, rope.sin, keys, values, slots, starts, q_lens, cfg.num_attention_heads) \
                 if rotate else None
             qkv = project(h, lw.qkv, lw.qkv_bias, lw.input_norm, sumsq(2 * index - 1), rope_append=spec)
+            if before_attention is not None:
+                before_attention(index)
             h = _attention_block(lw, cfg, qkv, keys, values, rope, slots, starts, q_lens, ends, ops, None, index, tree,
                                  positions, residual=h, rotated=rotate, sumsq_out=sumsq(2 * index), max_keys=max_keys)
             x = project(h, lw.gate_up, lw.gate_up_bias, lw.post_norm, sumsq(2 * index), glu=cfg.activation)

@@ -2,7 +2,8 @@
 the seeds' API) and prefill_tokens (token ids: the runtime's text path, its embedding gather inside
 the graph), chunked, each chunk replayed from a CUDA graph per (rows, length bucket, LoRA on/off,
 keys, ids or embeddings) with every integer of the step in one host-to-device copy; a KV hit's
-device-tier blocks copied inside that graph (attach_block_pool)."""
+saved blocks copied inside that graph (attach_block_pools): the device tier's before the first layer,
+the host tier's layer by layer on a side stream, each layer's attention waiting for its own."""
 
 from __future__ import annotations
 
@@ -19,28 +20,72 @@ from .model import forward_logits
 from .modes import inference_call
 
 
+# Programs per (layer, K/V, head) of a host-tier block copy are chosen so that the copy has about this
+# many in all: enough reads in flight to keep PCIe busy, few enough to leave the SMs to the layers it
+# runs beside (measured on the H100: a 1984-token prefix's 66 MB beside 16 layers' GEMMs of 48 tokens
+# cost 1.41 ms with 64 programs a layer, 1.85 with 128, 2.06 with 256; the layers alone 1.11).
+HOST_COPY_PROGRAMS = 64
+
+
 class PrefillSteps:
-    def attach_block_pool(self, pool: torch.Tensor) -> None:
-        """The KV store's device pool of saved blocks ([places, layers, 2, kv_heads, tokens, head_dim],
-        engine/kv_pool.py): prefill_tokens then copies a KV hit's pool blocks into their slots inside
-        its own step (pool_blocks). Prefill graphs captured before are dropped: they lack that copy."""
+    def attach_block_pools(self, device: torch.Tensor | None = None, host: torch.Tensor | None = None) -> None:
+        """The KV store's pools of saved blocks ([places, layers, 2, kv_heads, tokens, head_dim],
+        engine/kv_pool.py): `device` on the engine's device, `host` in pinned host memory (on a CUDA
+        engine). prefill_tokens then copies a KV hit's blocks into their slots inside its own step
+        (pool_blocks, host_blocks). Prefill graphs captured before are dropped: they lack those copies."""
         data = self.kv_cache.data
         layers, two, _, heads, _, head_dim = data.shape
-        if pool.dim() != 6 or tuple(pool.shape[1:4]) != (layers, two, heads) or pool.shape[5] != head_dim \
-                or pool.dtype != data.dtype or pool.device != data.device:
-            raise ConfigurationError(f"block pool {tuple(pool.shape)} {pool.dtype} does not hold blocks of this "
-                                     f"engine's KV cache {tuple(data.shape)} {data.dtype}")
-        self.block_pool = pool
+        for name, pool, where in (("device", device, data.device), ("host", host, torch.device("cpu"))):
+            if pool is None:
+                continue
+            if pool.dim() != 6 or tuple(pool.shape[1:4]) != (layers, two, heads) or pool.shape[5] != head_dim \
+                    or pool.dtype != data.dtype or pool.device != where:
+                raise ConfigurationError(f"{name} block pool {tuple(pool.shape)} {pool.dtype} on {pool.device} does "
+                                         f"not hold blocks of this engine's KV cache {tuple(data.shape)} {data.dtype}")
+            if name == "host" and data.is_cuda and not pool.is_pinned():
+                raise ConfigurationError("the host block pool must be pinned memory: the prefill step reads it")
+        self.block_pool, self.host_block_pool = device, host
         self._prefill_buffers.clear()
         for key in [k for k in self.graphs.graphs if k[-1] == "prefill"]:
             del self.graphs.graphs[key]
 
-    def _block_room(self, rows: int) -> int:
-        """Entries of the block table a prefill of `rows` rows carries: every whole block of each row's
-        longest prompt (0 without a pool)."""
-        if self.block_pool is None:
+    def _block_room(self, rows: int, pool: torch.Tensor | None) -> int:
+        """Entries of a block table of `pool` that a prefill of `rows` rows carries: every whole block
+        of each row's longest prompt (0 without the pool)."""
+        if pool is None:
             return 0
-        return rows * (self.config.max_supported_input_length // self.block_pool.shape[4])
+        return rows * (self.config.max_supported_input_length // pool.shape[4])
+
+    def _check_blocks(self, entries: list, pool: torch.Tensor | None, name: str, rows: int) -> None:
+        if not entries:
+            return
+        if pool is None:
+            raise InvalidRequestError(f"{name} needs a block pool (attach_block_pools)")
+        places, room = pool.shape[0], self._block_room(rows, pool)
+        if len(entries) > room or any(not (0 <= p < places and 0 <= b and 0 <= s < self.config.max_supported_batch_size)
+                                      for p, b, s in entries):
+            raise InvalidRequestError(f"{name}: at most {room} (place, position, slot) entries, places in [0, {places})")
+
+    def _host_block_copies(self, table: torch.Tensor, rows: int):
+        """Queues the host pool's blocks of `table` into their slots on a side stream, one layer after
+        the other (kernels/kv_blocks.py reads the pinned pool across PCIe), and returns
+        (before_attention(layer): the current stream waits for that layer's copy; join(): it waits for
+        all). Captured in a prefill graph, the copies run beside the layers before them."""
+        main = torch.cuda.current_stream(self.device)
+        if self._host_copy_stream is None:
+            self._host_copy_stream = torch.cuda.Stream(self.device)
+        side = self._host_copy_stream
+        side.wait_stream(main)
+        data = self.kv_cache.data
+        split = max(1, HOST_COPY_PROGRAMS // (data.shape[1] * data.shape[3]))
+        done = []
+        with torch.cuda.stream(side):
+            for layer in range(data.shape[0]):
+                ops.blocks_to_slot(self.host_block_pool, data, table, self._block_room(rows, self.host_block_pool),
+                                   layer=layer, split=split)
+                done.append(torch.cuda.Event())
+                done[-1].record(side)
+        return (lambda layer: main.wait_event(done[layer])), (lambda: main.wait_stream(side))
 
     @inference_call
     def prefill_step(self, inputs_embeds: torch.Tensor, context_lengths, slots=None, lora=None,
@@ -68,24 +113,18 @@ class PrefillSteps:
 
     @inference_call
     def prefill_tokens(self, prompts: list[list[int]], slots=None, lora=None, cached_lengths=None, *,
-                       pool_blocks=(), long_rope: bool = False) -> torch.Tensor:
+                       pool_blocks=(), host_blocks=(), long_rope: bool = False) -> torch.Tensor:
         """prefill_step for text prompts given as token ids (whole prompts; with cached_lengths, the
         tokens after each row's cached prefix are prefilled). The embedding gather runs inside the
         prefill graph and the ids travel with the step's other integers in one copy: a short prompt's
         TTFT is otherwise a good part host work before the GPU starts (issue 18).
-        pool_blocks: (place, position, slot) entries (kernels/kv_blocks.py) of the attached block pool
-        to copy into the slots first: a cached prefix that the KV store left to this step."""
+        pool_blocks / host_blocks: (place, position, slot) entries (kernels/kv_blocks.py) of the attached
+        device / host block pool to copy into the slots: a cached prefix that the KV store left to
+        this step (the host pool's are copied layer by layer beside the prefill's earlier layers)."""
         batch = len(prompts)
-        pool_blocks = list(pool_blocks)
-        if pool_blocks:
-            if self.block_pool is None:
-                raise InvalidRequestError("pool_blocks needs a block pool (attach_block_pool)")
-            places = self.block_pool.shape[0]
-            if len(pool_blocks) > self._block_room(batch) or \
-                    any(not (0 <= p < places and 0 <= b and 0 <= s < self.config.max_supported_batch_size)
-                        for p, b, s in pool_blocks):
-                raise InvalidRequestError(f"pool_blocks: at most {self._block_room(batch)} (place, position, slot) "
-                                          f"entries, places in [0, {places})")
+        pool_blocks, host_blocks = list(pool_blocks), list(host_blocks)
+        self._check_blocks(pool_blocks, self.block_pool, "pool_blocks", batch)
+        self._check_blocks(host_blocks, self.host_block_pool, "host_blocks", batch)
         lengths = [len(p) for p in prompts]
         cached = [0] * batch if cached_lengths is None else _int_list(cached_lengths)
         if len(cached) != batch:
@@ -96,12 +135,12 @@ class PrefillSteps:
         if low < 0 or max((max(row) for row in new if row), default=0) >= vocab:
             raise InvalidRequestError(f"token ids must be in [0, {vocab})")
         return self._prefill(None, new, batch, max(map(len, new), default=0), lengths, slots, lora, cached,
-                             None, None, long_rope, pool_blocks)
+                             None, None, long_rope, (pool_blocks, host_blocks))
 
     def _prefill(self, embeds, tokens, batch: int, seq: int, lengths: list[int], slots, lora, cached_lengths,
-                 positions, position_offsets, long_rope: bool, pool_blocks=()) -> torch.Tensor:
+                 positions, position_offsets, long_rope: bool, blocks=((), ())) -> torch.Tensor:
         """prefill_step / prefill_tokens: `embeds` [B, S, hidden] in the engine dtype, or `tokens` (each
-        row's new token ids, S the longest) and pool_blocks."""
+        row's new token ids, S the longest) and `blocks` (pool_blocks, host_blocks)."""
         cfg = self.config
         # The per-row checks and arithmetic on Python ints: each op on a small CPU tensor costs a few
         # microseconds, and a short prompt's whole prefill on the GPU takes about a millisecond.
@@ -131,8 +170,8 @@ class PrefillSteps:
         # ~10-20 us of host time): per row its slot, cached length, final length, RoPE offset; per
         # chunk whether the row's last token is in it; then per chunk the graph buffers' `ints`
         # (slots, starts, token counts, LoRA slots, the LoRA used-slot list) and, given token ids,
-        # the chunk's ids right-padded to its graph's length and, with a block pool, a block table
-        # (the first chunk's copies pool_blocks), loaded with one copy.
+        # the chunk's ids right-padded to its graph's length and a block table per attached pool (the
+        # first chunk's copy the blocks), loaded with one copy.
         used = used_slot_list(lora_rows, self._lora_capacity())
         packed = slot_ids + cached + lengths + offsets
         for begin in begins:
@@ -147,8 +186,10 @@ class PrefillSteps:
                 for row in tokens:
                     part = row[begin:begin + width]
                     packed += part + [0] * (width - len(part))
-                if self.block_pool is not None:
-                    packed += block_table(pool_blocks if begin == 0 else ())
+                for pool, entries in zip((self.block_pool, self.host_block_pool), blocks):
+                    if pool is not None:  # padded to the table's room: the tables lie one after the other
+                        entries = entries if begin == 0 else ()
+                        packed += block_table(entries) + [0] * (3 * (self._block_room(batch, pool) - len(entries)))
         device_ints = torch.tensor(packed, dtype=torch.int32, pin_memory=self.device.type == "cuda").to(
             self.device, non_blocking=True)
         per_row = device_ints[:(4 + len(begins)) * batch].view(-1, batch)
@@ -213,9 +254,12 @@ class PrefillSteps:
             slots, starts, q_lens, lora_index = inputs[:4 * rows].view(4, rows).unbind(0)
             if from_ids:
                 ids_end = count + rows * key[1]
-                if self.block_pool is not None:
-                    ops.blocks_to_slot(self.block_pool, self.kv_cache.data, inputs[ids_end:])
-                embeds = self.embed(inputs[count:ids_end].view(rows, -1)[:, :width])
+                for pool in (self.block_pool, self.host_block_pool):
+                    if pool is not None:
+                        room = self._block_room(rows, pool)
+                        ops.blocks_to_slot(pool, self.kv_cache.data, inputs[ids_end:ids_end + 1 + 3 * room], room)
+                        ids_end += 1 + 3 * room
+                embeds = self.embed(inputs[count:count + rows * key[1]].view(rows, -1)[:, :width])
             return forward_logits(self.weights, self.config, self.kv_cache, self.rope, embeds, slots,
                                   starts, q_lens, lora=self._lora_batch(lora_index, inputs[4 * rows:count], uses_lora),
                                   positions=positions, max_keys=span)
@@ -229,7 +273,8 @@ class PrefillSteps:
                                                        self.dtype, self.device)
             buf = PrefillBuffers(rows, key[1], self._prefill_storage, self.kv_cache.scratch_slot, self.device,
                                  self._lora_capacity(), positions=self.rope.sections is not None,
-                                 block_room=self._block_room(rows))
+                                 block_rooms=[self._block_room(rows, pool)
+                                              for pool in (self.block_pool, self.host_block_pool) if pool is not None])
             self._prefill_buffers[key[:2]] = buf
         if self.graphs.get(key) is None:
             # Warm-up and capture with every row on the scratch slot: no request's cache is touched.
@@ -243,13 +288,20 @@ class PrefillSteps:
         return buf.logits.clone()  # the next prefill replay overwrites buf.logits
 
     def _prefill_body(self, buf: PrefillBuffers, uses_lora: bool, max_keys: int | None, from_ids: bool) -> None:
-        if from_ids and self.block_pool is not None:  # a KV hit's pool blocks into their slots (count 0: none)
-            ops.blocks_to_slot(self.block_pool, self.kv_cache.data, buf.blocks, self._block_room(buf.rows))
+        tables = list(buf.blocks)
+        before_attention = join = None
+        if from_ids and self.block_pool is not None:  # a KV hit's device blocks into their slots (count 0: none)
+            ops.blocks_to_slot(self.block_pool, self.kv_cache.data, tables.pop(0), self._block_room(buf.rows,
+                                                                                                    self.block_pool))
+        if from_ids and self.host_block_pool is not None:  # its host blocks, beside the layers before theirs
+            before_attention, join = self._host_block_copies(tables.pop(0), buf.rows)
         embeds = self.embed(buf.ids) if from_ids else buf.embeds
         buf.logits.copy_(forward_logits(self.weights, self.config, self.kv_cache, self.rope, embeds,
                                         buf.slots, buf.starts, buf.q_lens,
                                         lora=self._lora_batch(buf.lora, buf.lora_used, uses_lora),
-                                        positions=buf.positions, max_keys=max_keys))
+                                        positions=buf.positions, max_keys=max_keys, before_attention=before_attention))
+        if join is not None:
+            join()
 
 
 def _int_list(values) -> list[int]:

@@ -152,7 +152,10 @@ class LLMEngineRunner(PrefillSteps, DecodeSteps, TreeSteps, LongRopeSteps):
         self._decode_buffers: dict[int, DecodeBuffers] = {}
         self._prefill_buffers: dict[tuple[int, int], PrefillBuffers] = {}
         self._prefill_storage: PrefillStorage | None = None
-        self.block_pool: torch.Tensor | None = None  # the KV store's device pool (attach_block_pool)
+        # The KV store's pools of saved blocks (attach_block_pools), and the stream that copies host blocks
+        self.block_pool: torch.Tensor | None = None
+        self.host_block_pool: torch.Tensor | None = None
+        self._host_copy_stream = None
         self._trees: dict[tuple[int, int], TreeBuffers] = {}  # verify steps' buffers, by (size, tree nodes)
         self._active: DecodeBuffers | None = None
         self._host_tokens: list[torch.Tensor] | None = None  # decode_launch's pinned pair, used in turn

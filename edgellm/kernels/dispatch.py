@@ -66,12 +66,15 @@ def _first_tensor(args, kwargs) -> torch.Tensor:
 
 
 class KernelOp:
-    """A callable op: `reference` always exists; `triton` (the launcher) once the kernel is written."""
+    """A callable op: `reference` always exists; `triton` (the launcher) once the kernel is written.
+    decider: the positional argument whose device picks the path (default: the first tensor); the
+    KV block copies name the cache, since their pool may be pinned host memory that the kernel reads."""
 
-    def __init__(self, name: str, reference, triton=None):
+    def __init__(self, name: str, reference, triton=None, decider: int = 0):
         self.name = name
         self.reference = reference
         self.triton = triton
+        self.decider = decider
         self.__doc__ = reference.__doc__
 
     def uses_triton(self, tensor: torch.Tensor) -> bool:
@@ -81,7 +84,7 @@ class KernelOp:
         return tensor.is_cuda or (interpreter_on() and tensor.dtype != torch.bfloat16)
 
     def __call__(self, *args, **kwargs):
-        tensor = _first_tensor(args, kwargs)
+        tensor = _first_tensor(args[self.decider:] or args, kwargs)
         if self.uses_triton(tensor):
             return self.triton(*args, **kwargs)
         if tensor.is_cuda and _reference_forbidden() and not _forced_reference():

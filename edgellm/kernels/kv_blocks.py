@@ -34,11 +34,11 @@ def block_table(entries) -> list[int]:
 
 
 @triton.jit
-def _blocks_kernel(pool_ptr, cache_ptr, table_ptr, tokens, head_dim, n_heads,
+def _blocks_kernel(pool_ptr, cache_ptr, table_ptr, tokens, head_dim, n_heads, first_plane,
                    s_block, s_plane_pool, s_plane_cache, s_slot, s_head, s_pos,
                    TO_SLOT: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    run = tl.program_id(0)  # layer x K/V x head
-    plane = run // n_heads
+    run = tl.program_id(0)  # layer x K/V x head (of the layers copied)
+    plane = first_plane + run // n_heads
     head = run % n_heads
     n = tl.load(table_ptr)
     t = tl.arange(0, BLOCK_T)
@@ -78,26 +78,32 @@ def _check(pool: torch.Tensor, cache: torch.Tensor, table: torch.Tensor, max_blo
     return max_blocks
 
 
-def _launch(pool, cache, table, max_blocks: int | None, to_slot: bool) -> None:
+def _launch(pool, cache, table, max_blocks: int | None, to_slot: bool, layer: int | None = None,
+            split: int = SPLIT) -> None:
     max_blocks = _check(pool, cache, table, max_blocks)
     layers, two, _, heads, _, head_dim = cache.shape
     tokens = pool.shape[4]
+    if layer is not None and not 0 <= layer < layers:
+        raise ValueError(f"kv_blocks: layer {layer} is not one of the cache's {layers}")
     if max_blocks == 0:
         return
-    split = min(SPLIT, max_blocks)
-    _blocks_kernel[(layers * two * heads, split)](
-        pool, cache, table, tokens, head_dim, heads, pool.stride(0), pool.stride(2),
+    split = max(1, min(split, max_blocks))
+    _blocks_kernel[((layers if layer is None else 1) * two * heads, split)](
+        pool, cache, table, tokens, head_dim, heads, 0 if layer is None else two * layer, pool.stride(0), pool.stride(2),
         cache.stride(1), cache.stride(2), cache.stride(3), cache.stride(4), TO_SLOT=to_slot, SPLIT=split,
         BLOCK_T=min(pow2(tokens), max(1, 4096 // pow2(head_dim))), BLOCK_D=pow2(head_dim), num_warps=4)
 
 
 def blocks_to_slot(pool: torch.Tensor, cache: torch.Tensor, table: torch.Tensor,
-                   max_blocks: int | None = None) -> None:
+                   max_blocks: int | None = None, layer: int | None = None, split: int = SPLIT) -> None:
     """pool: saved blocks [n, layers, 2, kv_heads, tokens, head_dim]; cache: LinearKVCache.data
-    [layers, 2, slots, kv_heads, capacity, head_dim]; table: a block table on the pool's device (its
+    [layers, 2, slots, kv_heads, capacity, head_dim]; table: a block table on the cache's device (its
     count at most max_blocks, default: as many as it has room for). Pool block `place` goes to block
-    `position` (cache positions position * tokens ...) of slot `slot`, for each entry."""
-    _launch(pool, cache, table, max_blocks, True)
+    `position` (cache positions position * tokens ...) of slot `slot`, for each entry.
+    layer: copy that layer only (default: all). split: programs per (layer, K/V, head).
+    The pool may be pinned host memory (the KV store's host tier): the kernel then reads it across
+    PCIe itself, so a copy inside a CUDA graph needs no DMA of its own (engine/prefill_steps.py)."""
+    _launch(pool, cache, table, max_blocks, True, layer, split)
 
 
 def blocks_from_slot(pool: torch.Tensor, cache: torch.Tensor, table: torch.Tensor,
@@ -116,10 +122,11 @@ def _slot_block(cache: torch.Tensor, slot: int, position: int, tokens: int) -> t
 
 
 def blocks_to_slot_ref(pool: torch.Tensor, cache: torch.Tensor, table: torch.Tensor,
-                       max_blocks: int | None = None) -> None:
+                       max_blocks: int | None = None, layer: int | None = None, split: int = SPLIT) -> None:
     _check(pool, cache, table, max_blocks)
+    layers = slice(None) if layer is None else slice(layer, layer + 1)
     for place, position, slot in _entries(table):
-        _slot_block(cache, slot, position, pool.shape[4]).copy_(pool[place])
+        _slot_block(cache, slot, position, pool.shape[4])[layers].copy_(pool[place, layers].to(cache.device))
 
 
 def blocks_from_slot_ref(pool: torch.Tensor, cache: torch.Tensor, table: torch.Tensor,

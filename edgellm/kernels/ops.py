@@ -13,8 +13,8 @@ from ._triton import HAS_TRITON
 from .dispatch import KernelOp
 
 
-def _op(name: str, module) -> KernelOp:
-    return KernelOp(name, getattr(module, name + "_ref"), getattr(module, name) if HAS_TRITON else None)
+def _op(name: str, module, decider: int = 0) -> KernelOp:
+    return KernelOp(name, getattr(module, name + "_ref"), getattr(module, name) if HAS_TRITON else None, decider)
 
 
 rms_norm = _op("rms_norm", _rms_norm)
@@ -41,8 +41,8 @@ add_layer_norm = _op("add_layer_norm", _layer_norm)
 activation = _op("activation", _activation)
 segment_attention = _op("segment_attention", _segment_attention)
 dequantize = _op("dequantize", _dequantize)
-blocks_to_slot = _op("blocks_to_slot", kv_blocks)
-blocks_from_slot = _op("blocks_from_slot", kv_blocks)
+blocks_to_slot = _op("blocks_to_slot", kv_blocks, decider=1)  # the cache: the pool may be pinned host memory
+blocks_from_slot = _op("blocks_from_slot", kv_blocks, decider=1)
 
 ALL_OPS = (rms_norm, add_rms_norm, rope_cos_sin_cache, apply_rope, kv_append, prefill_attention,
            decode_attention, silu_mul, sample, vocab_remap, gemv, rope_kv_append, lora_shrink, lora_expand,
