@@ -84,8 +84,8 @@ def decode_rows(runtime, new: int, iterations: int) -> list[dict]:
 
 
 def ttft_rows(shape: str, cache_dir: str, iterations: int) -> list[dict]:
-    """Cold prompts on a runtime without KV reuse; then a 1984-token saved prefix + 48 new tokens on
-    runtimes that keep saved blocks on the device, and on the host only."""
+    """Cold prompts on a runtime without KV reuse; then, on runtimes that keep saved blocks on the
+    device, and on the host only: 48 new tokens (a miss) and a 1984-token saved prefix + 48 new tokens."""
     generator = torch.Generator().manual_seed(3)
     vocab = SHAPES[shape]["vocab_size"]
     rows = []
@@ -109,6 +109,10 @@ def ttft_rows(shape: str, cache_dir: str, iterations: int) -> list[dict]:
     for tier, settings in (("device", KVReuseSettings(gpu_bytes=1 << 30)),
                            ("host", KVReuseSettings(gpu_bytes=0, host_bytes=1 << 30))):
         runtime = make_runtime(shape, cache_dir, max_new=1, kv_reuse=settings)
+        # What KV reuse costs a prompt it cannot help: 48 new tokens (no whole block to save) on this runtime.
+        misses = [ttft(runtime, fresh(48)) for _ in range(iterations + 2)][2:]
+        rows.append(dict(case=f"{tier}-tier miss 48", ms=statistics.median(misses)))
+        log(f"  TTFT {rows[-1]['case']:24s} {rows[-1]['ms']:7.2f} ms")
         prefix = fresh(1984)
         for _ in range(2):
             ttft(runtime, prefix + fresh(48))  # saves the prefix's blocks; warm-up of the hit's graphs

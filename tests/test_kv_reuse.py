@@ -239,6 +239,15 @@ def test_keys_name_prefixes():
     assert store.keys(list(range(10)), "adapter")[0] != a[0]
     other = TieredKVStore(cache, Settings(gpu_bytes=1 << 20, block_tokens=4), "model-y")
     assert other.keys(list(range(10)), "")[0] != a[0]
+    # Chains of recent prompts are remembered and extended: the same keys as a store that hashes all.
+    history = list(range(30, 50))  # five blocks
+    for prompt, adapter in ((history, ""), (history + [1, 2, 3, 4, 5], ""), (history[:9] + [7] * 8, ""),
+                            (history[:6] + [0] + history[7:], ""), (history + [1], "adapter"), (history[:3], ""),
+                            (tuple(history[:12]), "")):
+        new = TieredKVStore(cache, Settings(gpu_bytes=1 << 20, block_tokens=4), "model-x")
+        assert store.keys(prompt, adapter) == new.keys(list(prompt), adapter)
+        assert len(prompt) < 4 or store._recent[0][1] == list(prompt[:len(prompt) // 4 * 4]) \
+            or len(store._known_keys(list(prompt), len(prompt) // 4 * 4, adapter)) == len(prompt) // 4
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
