@@ -7,7 +7,8 @@ offsets (advanced inside the step, so each replay draws fresh numbers). Rows bey
 padding: they point at the cache's scratch slot and are greedy.
 
 Prefill chunks get graphs too, keyed by (rows, chunk length rounded up to one of SHORT_PREFILL_BUCKETS
-or a multiple of PREFILL_BUCKET, LoRA configuration, "few keys" or "", "ids" or "embeds" (prefill_key),
+or a multiple of PREFILL_BUCKET, LoRA configuration, "few keys" or "", "ids" / "ids + host blocks" /
+"embeds" (prefill_key),
 "prefill"):
 a prefill launches a few hundred kernels, and from Python each launch costs more than the GPU work of a
 short prompt.
@@ -103,14 +104,17 @@ PREFILL_BUCKET = 128  # prefill graphs exist for chunk lengths 128, 256, ... (pa
 SHORT_PREFILL_BUCKETS = (16, 32, 64)
 
 
-def prefill_key(rows: int, tokens: int, lora_key, max_keys: int | None, from_ids: bool = False) -> tuple:
+def prefill_key(rows: int, tokens: int, lora_key, max_keys: int | None, from_ids: bool = False,
+                host_blocks: bool = False) -> tuple:
     """The graph key of a prefill chunk of `rows` x `tokens` whose rows see at most max_keys keys
     (None: unknown): "few keys" where its attention runs unsplit (kernels/attention.py
     PREFILL_SPLIT_MIN_KEYS), else "" (split by the cache's capacity); "ids" where the step starts from
-    token ids (the embedding gather inside the graph), else "embeds"."""
+    token ids (the embedding gather inside the graph), "ids + host blocks" where it also copies
+    host-tier KV blocks (a side stream of per-layer copies that other steps need not carry), else
+    "embeds"."""
     few = max_keys is not None and max_keys <= PREFILL_SPLIT_MIN_KEYS
-    return (rows, prefill_bucket(tokens), lora_key, "few keys" if few else "", "ids" if from_ids else "embeds",
-            "prefill")
+    source = ("ids + host blocks" if host_blocks else "ids") if from_ids else "embeds"
+    return (rows, prefill_bucket(tokens), lora_key, "few keys" if few else "", source, "prefill")
 
 
 def prefill_bucket(tokens: int) -> int:

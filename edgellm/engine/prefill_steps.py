@@ -212,7 +212,8 @@ class PrefillSteps:
             part_embeds = None if tokens is not None else embeds[:, begin:begin + chunk]
             max_keys = max(c + begin + min(max(n - begin, 0), chunk) for c, n in zip(cached, new))
             part = self._prefill_chunk(part_embeds, inputs, uses_lora, batch, width,
-                                       None if positions is None else positions[:, begin:begin + chunk], max_keys)
+                                       None if positions is None else positions[:, begin:begin + chunk], max_keys,
+                                       host_blocks=bool(blocks[1]) and begin == 0)
             logits = part if logits is None else torch.where(per_row[4 + i].bool()[:, None], part, logits)
         self.kv_cache.lengths[slot_dev.long()] = lengths_dev
         return logits
@@ -237,7 +238,7 @@ class PrefillSteps:
         return positions, offsets.tolist()
 
     def _prefill_chunk(self, embeds, inputs, uses_lora: bool, rows: int, width: int, positions=None,
-                       max_keys: int | None = None) -> torch.Tensor:
+                       max_keys: int | None = None, host_blocks: bool = False) -> torch.Tensor:
         """One prefill chunk of `rows` x `width` tokens: `embeds` [rows, width, hidden], with `inputs`
         PrefillBuffers.ints' layout on the device; or embeds None and `inputs` the ints followed by the
         chunk's token ids ([rows, bucket], PrefillBuffers.inputs), embedded inside the step. Replayed
@@ -245,9 +246,10 @@ class PrefillSteps:
         on. max_keys: the most keys a row sees after the chunk; a chunk whose rows see few (a short
         prompt, nothing cached) takes attention without split-K (kernels/attention.py
         PREFILL_SPLIT_MIN_KEYS), so each bucket has a graph for those and one for the rest (split by
-        the cache's capacity; eager runs the same)."""
+        the cache's capacity; eager runs the same). host_blocks: the chunk's table of host-tier blocks
+        is not empty (graphs that copy them are kept apart: the other steps skip the copy stream)."""
         from_ids = embeds is None
-        key = prefill_key(rows, width, _lora_key(uses_lora), max_keys, from_ids)
+        key = prefill_key(rows, width, _lora_key(uses_lora), max_keys, from_ids, host_blocks)
         span = PREFILL_SPLIT_MIN_KEYS if key[3] else None
         if not self.graphs.enabled:
             count = PrefillBuffers.int_count(rows, self._lora_capacity())
@@ -279,7 +281,7 @@ class PrefillSteps:
         if self.graphs.get(key) is None:
             # Warm-up and capture with every row on the scratch slot: no request's cache is touched.
             buf.reset()
-            self.graphs.capture(key, lambda: self._prefill_body(buf, uses_lora, span, from_ids))
+            self.graphs.capture(key, lambda: self._prefill_body(buf, uses_lora, span, from_ids, host_blocks))
         if from_ids:
             buf.inputs[:inputs.numel()].copy_(inputs)
         else:
@@ -287,13 +289,14 @@ class PrefillSteps:
         self.graphs.get(key).replay()
         return buf.logits.clone()  # the next prefill replay overwrites buf.logits
 
-    def _prefill_body(self, buf: PrefillBuffers, uses_lora: bool, max_keys: int | None, from_ids: bool) -> None:
+    def _prefill_body(self, buf: PrefillBuffers, uses_lora: bool, max_keys: int | None, from_ids: bool,
+                      host_blocks: bool) -> None:
         tables = list(buf.blocks)
         before_attention = join = None
         if from_ids and self.block_pool is not None:  # a KV hit's device blocks into their slots (count 0: none)
             ops.blocks_to_slot(self.block_pool, self.kv_cache.data, tables.pop(0), self._block_room(buf.rows,
                                                                                                     self.block_pool))
-        if from_ids and self.host_block_pool is not None:  # its host blocks, beside the layers before theirs
+        if from_ids and host_blocks:  # its host blocks, beside the layers before theirs
             before_attention, join = self._host_block_copies(tables.pop(0), buf.rows)
         embeds = self.embed(buf.ids) if from_ids else buf.embeds
         buf.logits.copy_(forward_logits(self.weights, self.config, self.kv_cache, self.rope, embeds,
