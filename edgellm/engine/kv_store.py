@@ -220,19 +220,24 @@ class TieredKVStore:
         start = block_index * self.block_tokens
         return self.cache.data[:, :, slot, :, start:start + blocks * self.block_tokens, :]
 
-    def _to_host(self, block: torch.Tensor):
-        """(host copy, ready event) of a device block nothing else writes, for the disk tier's writer:
-        on the side stream, after the work queued so far."""
+    def _side_copy(self, host: torch.Tensor, block: torch.Tensor):
+        """Copies a device block nothing else writes into pinned `host` on the side stream, after the
+        work queued so far; returns the copy's event (None without CUDA: copied at once)."""
         if not self._cuda:
-            return block.clone(), None
-        host = torch.empty(block.shape, dtype=block.dtype, pin_memory=True)
+            host.copy_(block)
+            return None
         self._side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._side):
             host.copy_(block, non_blocking=True)
             block.record_stream(self._side)
             ready = torch.cuda.Event()
             ready.record(self._side)
-        return host, ready
+        return ready
+
+    def _to_host(self, block: torch.Tensor):
+        """(host copy, ready event) of a device block nothing else writes, for the disk tier's writer."""
+        host = torch.empty(block.shape, dtype=block.dtype, pin_memory=self._cuda)
+        return host, self._side_copy(host, block)
 
     def _table(self, entries: list) -> torch.Tensor:
         """A block table (kernels/kv_blocks.py) of (place, position, slot) entries on the device, in one
@@ -290,17 +295,9 @@ class TieredKVStore:
             if ready is not None:
                 ready.synchronize()  # written long ago, as the least recently used block
             self.disk.write(evicted[0], self.host.data[evicted[1]].clone(), None)
-        place = self.host.data[index]
-        if not self._cuda:
-            place.copy_(block)
-            return
-        self._side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._side):
-            place.copy_(block, non_blocking=True)
-            block.record_stream(self._side)
-            ready = torch.cuda.Event()
-            ready.record(self._side)
-        self._host_ready[index] = self._host_written = ready
+        ready = self._side_copy(self.host.data[index], block)
+        if ready is not None:
+            self._host_ready[index] = self._host_written = ready
 
     def _from_disk(self, key: bytes, host: torch.Tensor) -> torch.Tensor:
         """A block read from disk, on the device and promoted to the top memory tier. It is read into
