@@ -129,9 +129,7 @@ class LLMInferenceRuntime:
         self.kv_store = None if kv_reuse is None else \
             TieredKVStore(self.runner.kv_cache, kv_reuse, model_identity(self.model_dir, self.config.quantization))
         if self.kv_store is not None:  # a KV hit's memory-tier blocks are copied inside the prefill step
-            gpu, host = self.kv_store.gpu, self.kv_store.host
-            self.runner.attach_block_pools(gpu.data if gpu is not None else None,
-                                           host.data if host is not None else None)
+            self.runner.attach_block_pools(*self.kv_store.pools())
         self._kv_totals = KVReuseStats()
         self._row_tensors: dict[tuple, tuple] = {}  # _sampling_tensors' reusable part, by (batch, settings)
         self._prefill_ms_per_token: float | None = None  # measured on prompts prefilled whole (saving estimates)

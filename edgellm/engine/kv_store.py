@@ -154,6 +154,11 @@ class TieredKVStore:
         # keys(): (adapter fingerprint, whole-block tokens, their keys) of the last few prompts hashed
         self._recent: deque[tuple[str, list[int], list[bytes]]] = deque(maxlen=RECENT_PROMPTS)
 
+    def pools(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The gpu and host tiers' block buffers (None for a tier that is off), for
+        runner.attach_block_pools."""
+        return tuple(tier.data if tier is not None else None for tier in (self.gpu, self.host))
+
     # ---- keys
     def root(self, adapter: str) -> bytes:
         """Block 0's parent key for this engine and LoRA adapter fingerprint ("" = the base model);
