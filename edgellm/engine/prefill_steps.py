@@ -66,7 +66,7 @@ class PrefillSteps:
                                       for p, b, s in entries):
             raise InvalidRequestError(f"{name}: at most {room} (place, position, slot) entries, places in [0, {places})")
 
-    def _host_block_copies(self, table: torch.Tensor, rows: int):
+    def _host_block_copies(self, table: torch.Tensor):
         """Queues the host pool's blocks of `table` into their slots on a side stream, one layer after
         the other (kernels/kv_blocks.py reads the pinned pool across PCIe), and returns
         (before_attention(layer): the current stream waits for that layer's copy; join(): it waits for
@@ -81,8 +81,7 @@ class PrefillSteps:
         done = []
         with torch.cuda.stream(side):
             for layer in range(data.shape[0]):
-                ops.blocks_to_slot(self.host_block_pool, data, table, self._block_room(rows, self.host_block_pool),
-                                   layer=layer, split=split)
+                ops.blocks_to_slot(self.host_block_pool, data, table, layer=layer, split=split)
                 done.append(torch.cuda.Event())
                 done[-1].record(side)
         return (lambda layer: main.wait_event(done[layer])), (lambda: main.wait_stream(side))
@@ -258,9 +257,9 @@ class PrefillSteps:
                 ids_end = count + rows * key[1]
                 for pool in (self.block_pool, self.host_block_pool):
                     if pool is not None:
-                        room = self._block_room(rows, pool)
-                        ops.blocks_to_slot(pool, self.kv_cache.data, inputs[ids_end:ids_end + 1 + 3 * room], room)
-                        ids_end += 1 + 3 * room
+                        size = 1 + 3 * self._block_room(rows, pool)  # the table's room, as in PrefillBuffers
+                        ops.blocks_to_slot(pool, self.kv_cache.data, inputs[ids_end:ids_end + size])
+                        ids_end += size
                 embeds = self.embed(inputs[count:count + rows * key[1]].view(rows, -1)[:, :width])
             return forward_logits(self.weights, self.config, self.kv_cache, self.rope, embeds, slots,
                                   starts, q_lens, lora=self._lora_batch(lora_index, inputs[4 * rows:count], uses_lora),
@@ -294,10 +293,9 @@ class PrefillSteps:
         tables = list(buf.blocks)
         before_attention = join = None
         if from_ids and self.block_pool is not None:  # a KV hit's device blocks into their slots (count 0: none)
-            ops.blocks_to_slot(self.block_pool, self.kv_cache.data, tables.pop(0), self._block_room(buf.rows,
-                                                                                                    self.block_pool))
+            ops.blocks_to_slot(self.block_pool, self.kv_cache.data, tables.pop(0))
         if from_ids and host_blocks:  # its host blocks, beside the layers before theirs
-            before_attention, join = self._host_block_copies(tables.pop(0), buf.rows)
+            before_attention, join = self._host_block_copies(tables.pop(0))
         embeds = self.embed(buf.ids) if from_ids else buf.embeds
         buf.logits.copy_(forward_logits(self.weights, self.config, self.kv_cache, self.rope, embeds,
                                         buf.slots, buf.starts, buf.q_lens,

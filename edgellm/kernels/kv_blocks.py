@@ -1,4 +1,4 @@
-"""Saved KV blocks in and out of cache slots in one pass (engine/kv_store.py's device tier).
+"""Saved KV blocks in and out of cache slots in one pass (engine/kv_store.py's memory tiers).
 
 A saved block holds block_tokens positions of every layer, K and V, and KV head, contiguous:
 [layers, 2, kv_heads, tokens, head_dim] (engine/kv_pool.py). In the cache slot the same positions lie
@@ -10,9 +10,10 @@ up in the kernel.
 
 Which blocks go where is a *block table* on the device, int32: [n, then n triples (place in the pool,
 block position in the slot, slot)] (block_table builds one). The count is read on the device, so a
-table of up to max_blocks entries can be filled after the launch was recorded: the prefill graph
-copies a KV hit's blocks itself, the table loaded with the step's other integers (engine/runner.py),
-which spares the hit a launch and a copy of its own from the host (issue 18).
+table with room for more entries than it holds (its size) can be filled after the launch was
+recorded: the prefill graph copies a KV hit's blocks itself, the table loaded with the step's other
+integers (engine/prefill_steps.py), which spares the hit a launch and a copy of its own from the
+host (issue 18).
 
 Kernel: a grid of (layer x K/V x head, SPLIT); program (run, s) copies the run of table entries s,
 s + SPLIT, ..., BLOCK_T tokens at a time. Entries past n cost nothing but the empty programs.
@@ -61,10 +62,8 @@ def _blocks_kernel(pool_ptr, cache_ptr, table_ptr, tokens, head_dim, n_heads, fi
                 tl.store(at_pool, tl.load(at_cache, mask=ok), mask=ok)
 
 
-def _check(pool: torch.Tensor, cache: torch.Tensor, table: torch.Tensor, max_blocks: int | None) -> int:
-    """The table's entry room (max_blocks, default: as many as it has room for), once the arguments
-    are checked."""
-    max_blocks = (table.numel() - 1) // 3 if max_blocks is None else max_blocks
+def _check(pool: torch.Tensor, cache: torch.Tensor, table: torch.Tensor) -> int:
+    """The table's entry room (as many entries as its size holds), once the arguments are checked."""
     layers, two, _, heads, _, head_dim = cache.shape
     if pool.dim() != 6 or tuple(pool.shape[1:4]) != (layers, two, heads) or pool.shape[5] != head_dim \
             or not pool.is_contiguous() or pool.dtype != cache.dtype:
@@ -72,15 +71,14 @@ def _check(pool: torch.Tensor, cache: torch.Tensor, table: torch.Tensor, max_blo
                          f"{tuple(cache.shape)} {cache.dtype}")
     if cache.stride(-1) != 1 or cache.stride(0) != 2 * cache.stride(1):
         raise ValueError("kv_blocks: the cache must be LinearKVCache.data (contiguous planes)")
-    if table.dim() != 1 or table.dtype != torch.int32 or table.numel() < 1 + 3 * max_blocks:
-        raise ValueError(f"kv_blocks: the block table must be int32 [1 + 3 x {max_blocks}], got "
+    if table.dim() != 1 or table.dtype != torch.int32 or table.numel() < 1:
+        raise ValueError(f"kv_blocks: the block table must be int32 [1 + 3 x entries], got "
                          f"{table.dtype} {tuple(table.shape)}")
-    return max_blocks
+    return (table.numel() - 1) // 3
 
 
-def _launch(pool, cache, table, max_blocks: int | None, to_slot: bool, layer: int | None = None,
-            split: int = SPLIT) -> None:
-    max_blocks = _check(pool, cache, table, max_blocks)
+def _launch(pool, cache, table, to_slot: bool, layer: int | None = None, split: int = SPLIT) -> None:
+    max_blocks = _check(pool, cache, table)
     layers, two, _, heads, _, head_dim = cache.shape
     tokens = pool.shape[4]
     if layer is not None and not 0 <= layer < layers:
@@ -94,22 +92,21 @@ def _launch(pool, cache, table, max_blocks: int | None, to_slot: bool, layer: in
         BLOCK_T=min(pow2(tokens), max(1, 4096 // pow2(head_dim))), BLOCK_D=pow2(head_dim), num_warps=4)
 
 
-def blocks_to_slot(pool: torch.Tensor, cache: torch.Tensor, table: torch.Tensor,
-                   max_blocks: int | None = None, layer: int | None = None, split: int = SPLIT) -> None:
+def blocks_to_slot(pool: torch.Tensor, cache: torch.Tensor, table: torch.Tensor, layer: int | None = None,
+                   split: int = SPLIT) -> None:
     """pool: saved blocks [n, layers, 2, kv_heads, tokens, head_dim]; cache: LinearKVCache.data
     [layers, 2, slots, kv_heads, capacity, head_dim]; table: a block table on the cache's device (its
-    count at most max_blocks, default: as many as it has room for). Pool block `place` goes to block
+    count at most the entries its size holds). Pool block `place` goes to block
     `position` (cache positions position * tokens ...) of slot `slot`, for each entry.
     layer: copy that layer only (default: all). split: programs per (layer, K/V, head).
     The pool may be pinned host memory (the KV store's host tier): the kernel then reads it across
     PCIe itself, so a copy inside a CUDA graph needs no DMA of its own (engine/prefill_steps.py)."""
-    _launch(pool, cache, table, max_blocks, True, layer, split)
+    _launch(pool, cache, table, True, layer, split)
 
 
-def blocks_from_slot(pool: torch.Tensor, cache: torch.Tensor, table: torch.Tensor,
-                     max_blocks: int | None = None) -> None:
+def blocks_from_slot(pool: torch.Tensor, cache: torch.Tensor, table: torch.Tensor) -> None:
     """The other way: block `position` of slot `slot` goes to pool block `place`, for each entry."""
-    _launch(pool, cache, table, max_blocks, False)
+    _launch(pool, cache, table, False)
 
 
 def _entries(table: torch.Tensor) -> list[list[int]]:
@@ -121,16 +118,15 @@ def _slot_block(cache: torch.Tensor, slot: int, position: int, tokens: int) -> t
     return cache[:, :, slot, :, position * tokens:(position + 1) * tokens]
 
 
-def blocks_to_slot_ref(pool: torch.Tensor, cache: torch.Tensor, table: torch.Tensor,
-                       max_blocks: int | None = None, layer: int | None = None, split: int = SPLIT) -> None:
-    _check(pool, cache, table, max_blocks)
+def blocks_to_slot_ref(pool: torch.Tensor, cache: torch.Tensor, table: torch.Tensor, layer: int | None = None,
+                       split: int = SPLIT) -> None:
+    _check(pool, cache, table)
     layers = slice(None) if layer is None else slice(layer, layer + 1)
     for place, position, slot in _entries(table):
         _slot_block(cache, slot, position, pool.shape[4])[layers].copy_(pool[place, layers].to(cache.device))
 
 
-def blocks_from_slot_ref(pool: torch.Tensor, cache: torch.Tensor, table: torch.Tensor,
-                         max_blocks: int | None = None) -> None:
-    _check(pool, cache, table, max_blocks)
+def blocks_from_slot_ref(pool: torch.Tensor, cache: torch.Tensor, table: torch.Tensor) -> None:
+    _check(pool, cache, table)
     for place, position, slot in _entries(table):
         pool[place].copy_(_slot_block(cache, slot, position, pool.shape[4]))
