@@ -51,8 +51,10 @@ def test_prefill_from_token_ids_matches_prefill_from_embeddings(tiny_models):
     # The slots hold the prompts: prefilling only their tails after a cached prefix gives the same logits.
     again = runner.prefill_tokens(PROMPTS, cached_lengths=[7, 1, 4])
     torch.testing.assert_close(again, expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(InvalidRequestError, match="token ids"):
-        runner.prefill_tokens([[1, 2, runner.config.vocab_size]])
+    for bad in (runner.config.vocab_size, -1, 2 ** 40, 3.0, None):  # past the vocabulary, past int32, not ints
+        with pytest.raises(InvalidRequestError, match="token ids"):
+            runner.prefill_tokens([PROMPTS[0], [1, 2, bad]])
+    torch.testing.assert_close(runner.prefill_tokens(PROMPTS), expected, rtol=1e-5, atol=1e-5)  # still usable
     with pytest.raises(InvalidRequestError, match="cached lengths"):
         runner.prefill_tokens([[1, 2, 3]], cached_lengths=[3])
     with pytest.raises(InvalidRequestError, match="block pool"):

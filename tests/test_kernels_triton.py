@@ -110,7 +110,8 @@ def _cache_with_lengths(lengths, hkv, capacity, head_dim, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("hq,hkv,head_dim", [(4, 4, 64), (8, 2, 48), (8, 1, 96), (2, 2, 128)])
+@pytest.mark.parametrize("hq,hkv,head_dim", [(4, 4, 64), (8, 2, 48), (8, 1, 96), (2, 2, 128), (8, 1, 64),
+                                            (8, 2, 128)])
 @pytest.mark.parametrize("splits,pack", [(None, None), (1, None), (3, None), (1, True), (3, True)])
 def test_prefill_attention(dtype, hq, hkv, head_dim, splits, pack):
     """Rows of several lengths after cached prefixes of several lengths (one longer than a key split,
@@ -130,8 +131,29 @@ def test_prefill_attention(dtype, hq, hkv, head_dim, splits, pack):
         torch.full((3 * seq * hq * head_dim,), float("nan"), dtype=dtype, device=DEVICE)
         out = attention.prefill_attention(q, k_cache, v_cache, *args, tile=(16, 16, 4, 2), num_splits=1)
         torch.testing.assert_close(out, ref, **TOL[dtype])
+        # Query blocks taller than key blocks (two or three masked key blocks on the diagonal, a
+        # cached prefix of 130 ending inside one) and shorter ones (a key block past the diagonal).
+        for tile in ((32, 16, 4, 2), (16, 32, 4, 2)):
+            torch.testing.assert_close(attention.prefill_attention(q, k_cache, v_cache, *args, tile=tile, num_splits=1),
+                                       ref, **TOL[dtype])
         torch.testing.assert_close(attention.prefill_attention(q, k_cache, v_cache, *args, max_keys=139), ref,
                                    **TOL[dtype])
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="a long chunk's default tiles (over 1024 queries): too slow interpreted")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv,head_dim", [(8, 2, 64), (16, 2, 128), (6, 2, 96)])
+def test_prefill_attention_long_chunks_default_tiles(dtype, hq, hkv, head_dim):
+    """Chunks of over LONG_PREFILL_QUERIES queries take the 128-row packed tiles: one from position 0,
+    one after a 301-token prefix, one padded row; GQA 4 and 8, and a group of 3 (no packing)."""
+    starts, q_lens, seq = [0, 301, 0], [1100, 1037, 0], 1100
+    assert seq > attention.LONG_PREFILL_QUERIES
+    k_cache, v_cache = _cache_with_lengths([1400] * 3, hkv, 1400, head_dim, dtype)
+    q = randn(3, seq, hq, head_dim, dtype=dtype, seed=5)
+    args = (torch.tensor([1, 3, 0], device=DEVICE), torch.tensor(starts, device=DEVICE),
+            torch.tensor(q_lens, device=DEVICE), head_dim ** -0.5)
+    torch.testing.assert_close(attention.prefill_attention(q, k_cache, v_cache, *args),
+                               attention.prefill_attention_ref(q, k_cache, v_cache, *args), **TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -3,7 +3,11 @@
 Prefill kernel: flash attention, one program per (row, query head, block of queries), online
 softmax in float32 over key blocks up to the causal limit, keys/values read straight from the row's
 cache slot (so a chunk may follow an earlier prefix: chunked prefill and prefix reuse need nothing
-else). head_dim that is not a power of two (48, 96, ...) is padded to the next one with masks.
+else). The key blocks wholly before a query block's first query run without masks, the diagonal's
+blocks masked; the softmax scale rides exp2's argument (one FMA an element); the last query blocks
+(the longest under the causal mask) start first; long chunks take 128-row tiles whose rows pack a
+KV group's query heads, so each K/V tile is loaded once per group (issue 19, bench/RESULTS.md).
+head_dim that is not a power of two (48, 96, ...) is padded to the next one with masks.
 Speculative token trees have their own split-K kernel (tree_attention.py); the reference here
 takes their masks too.
 
@@ -22,6 +26,47 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _prefill_range(acc, m_i, l_i, q, kc_ptr, vc_ptr, kv_base, c_pos, d, d_ok, lo, hi, key_end, q_pos, scale_log2,
+                   window, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
+                   WINDOWED: tl.constexpr, EMPTY_ROWS: tl.constexpr):
+    """Online softmax of the rows `q` over key blocks lo, lo + BLOCK_N, ... < hi. MASKED: blocks on
+    or past the diagonal (or under a window), masked per query; otherwise every row sees every key
+    of every block (blocks wholly before the block's first query), so no mask is built. EMPTY_ROWS:
+    a row may see no key of a masked block yet (a window's start, a packed block's later queries, a
+    split's share past a row's position): its running max stays -inf and its shift 0. Scores stay
+    unscaled; the scale (with log2(e)) is folded into exp2's argument, one FMA an element."""
+    for n0 in range(lo, hi, BLOCK_N):
+        n_offs = n0 + tl.arange(0, BLOCK_N)
+        if MASKED:
+            key_ok = n_offs < key_end
+            k = tl.load(kc_ptr + kv_base + n_offs[None, :] * c_pos + d[:, None],
+                        mask=key_ok[None, :] & d_ok[:, None], other=0.0)
+        else:
+            k = tl.load(kc_ptr + kv_base + n_offs[None, :] * c_pos + d[:, None], mask=d_ok[:, None], other=0.0)
+        qk = tl.dot(q, k, input_precision=PRECISION)
+        if MASKED:
+            allowed = key_ok[None, :] & (n_offs[None, :] <= q_pos[:, None])
+            if WINDOWED:
+                allowed = allowed & (n_offs[None, :] > q_pos[:, None] - window)
+            qk = tl.where(allowed, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * scale_log2)
+        shift = m_new
+        if MASKED and EMPTY_ROWS:
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(qk * scale_log2 - shift[:, None])
+        alpha = tl.exp2(m_i - shift)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if MASKED:
+            v = tl.load(vc_ptr + kv_base + n_offs[:, None] * c_pos + d[None, :],
+                        mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        else:
+            v = tl.load(vc_ptr + kv_base + n_offs[:, None] * c_pos + d[None, :], mask=d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, slots_ptr, starts_ptr, qlens_ptr,
                     s_qb, s_qs, s_qh, s_ob, s_os, s_oh, c_slot, c_head, c_pos,
                     scale_log2, group, head_dim, window, part_out_ptr, part_lse_ptr, seq, n_heads,
@@ -29,10 +74,11 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, slots_ptr, starts_ptr, qlens
                     PRECISION: tl.constexpr, WINDOWED: tl.constexpr, SPLITS: tl.constexpr, PACK: tl.constexpr):
     # Rows of a program: BLOCK_M // PACK queries x PACK query heads of one KV group (PACK = 1: one
     # head, program axis 1 the query head; PACK = the group: axis 1 the KV head, each key block
-    # loaded once for the whole group, as decode does).
+    # loaded once for the whole group, as decode does). Query blocks run last block first: under the
+    # causal mask the last blocks walk the most keys, and starting them first keeps the tail short.
     b = tl.program_id(0)
     unit = tl.program_id(1)
-    m_block = tl.program_id(2) // SPLITS
+    m_block = tl.num_programs(2) // SPLITS - 1 - tl.program_id(2) // SPLITS
     split = tl.program_id(2) % SPLITS
     QUERIES: tl.constexpr = BLOCK_M // PACK
     r = tl.arange(0, BLOCK_M)
@@ -63,37 +109,27 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, slots_ptr, starts_ptr, qlens
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        first_query = start + m_block * QUERIES
         key_end = start + tl.minimum((m_block + 1) * QUERIES, q_len)
         key_start = 0
         if WINDOWED:  # query p sees keys p - window + 1 .. p: start at the block's first query's window
-            key_start = tl.maximum(start + m_block * QUERIES - window + 1, 0) // BLOCK_N * BLOCK_N
+            key_start = tl.maximum(first_query - window + 1, 0) // BLOCK_N * BLOCK_N
         key_stop = key_end
         if SPLITS > 1:  # this program's share of the key blocks (split-K over a long context)
             per_split = tl.cdiv(tl.cdiv(key_end - key_start, BLOCK_N), SPLITS) * BLOCK_N
             key_start = key_start + split * per_split
             key_stop = tl.minimum(key_start + per_split, key_end)
-        for n0 in range(key_start, key_stop, BLOCK_N):
-            n_offs = n0 + tl.arange(0, BLOCK_N)
-            key_ok = n_offs < key_end
-            k = tl.load(kc_ptr + kv_base + n_offs[None, :] * c_pos + d[:, None],
-                        mask=key_ok[None, :] & d_ok[:, None], other=0.0)
-            qk = tl.dot(q, k, input_precision=PRECISION) * scale_log2
-            allowed = key_ok[None, :] & (n_offs[None, :] <= q_pos[:, None])
-            if WINDOWED:
-                allowed = allowed & (n_offs[None, :] > q_pos[:, None] - window)
-            qk = tl.where(allowed, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            shift = m_new
-            if WINDOWED or PACK > 1:  # a row may see no key of this block yet (a window's start; a
-                # packed block's rows of later queries reach further): keep it at 0
-                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(qk - shift[:, None])
-            alpha = tl.exp2(m_i - shift)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(vc_ptr + kv_base + n_offs[:, None] * c_pos + d[None, :],
-                        mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+        # Key blocks wholly at or before the block's first query are seen by all its rows: no mask
+        # (a window's lower edge moves with each query, so windowed rows take the masked loop only).
+        diagonal = key_start
+        if not WINDOWED:
+            diagonal = tl.maximum(tl.minimum((first_query + 1) // BLOCK_N * BLOCK_N, key_stop), key_start)
+        acc, m_i, l_i = _prefill_range(acc, m_i, l_i, q, kc_ptr, vc_ptr, kv_base, c_pos, d, d_ok, key_start, diagonal,
+                                       key_end, q_pos, scale_log2, window, BLOCK_N, PRECISION, False, WINDOWED,
+                                       False)
+        acc, m_i, l_i = _prefill_range(acc, m_i, l_i, q, kc_ptr, vc_ptr, kv_base, c_pos, d, d_ok, diagonal, key_stop,
+                                       key_end, q_pos, scale_log2, window, BLOCK_N, PRECISION, True, WINDOWED,
+                                       WINDOWED or PACK > 1 or SPLITS > 1)
         if SPLITS == 1:  # (padding queries: zeros)
             out = tl.where(row_ok[:, None], acc / tl.where(row_ok, l_i, 1.0)[:, None], 0.0)
             tl.store(out_ptr + b.to(tl.int64) * s_ob + m_offs[:, None] * s_os + h_row[:, None] * s_oh + d[None, :],
@@ -128,6 +164,17 @@ def _check_cache(q_heads, head_dim, k_cache, v_cache):
 PREFILL_SPLIT_MIN_KEYS = 256
 
 
+# Chunks of more queries than this take 128-row tiles, their rows packing a KV group's query heads.
+LONG_PREFILL_QUERIES = 1024
+
+
+def _prefill_tile(block_d: int, long_chunk: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps, stages) from H100 sweeps (bench/prefill_attention.py, bench/RESULTS.md,
+    issue 19): 64 x 64 tiles with 4 warps up to 1024 queries, 128 x 64 with 8 warps (two warpgroups
+    of 64 rows) past it; four stages of K/V in flight for head_dim 64, three for 128 (shared memory)."""
+    return (128 if long_chunk else 64, 64, 8 if long_chunk else 4, 4 if block_d <= 64 else 3)
+
+
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                       starts: torch.Tensor, q_lens: torch.Tensor, scale: float, window: int = 0, *,
                       tile: tuple[int, int, int, int] | None = None, num_splits: int | None = None,
@@ -139,7 +186,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     max_keys: at most how many keys a row sees (starts + q_lens), if the caller knows (default: the
     cache's capacity); it only sizes the split. pack: a program's rows are queries x every query head
     of a KV group (BLOCK_M // group queries), each key block loaded once per group; default: where
-    the keys are split (a short chunk after a long cached prefix)."""
+    the keys are split (a short chunk after a long cached prefix) and for chunks of over
+    LONG_PREFILL_QUERIES queries."""
     batch, seq, heads, head_dim = q.shape
     _check_cache(heads, head_dim, k_cache, v_cache)
     if q.stride(-1) != 1:
@@ -148,12 +196,12 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     block_d = pow2(head_dim, 16)
     group = heads // k_cache.shape[1]
     keys = k_cache.shape[2] if max_keys is None else min(max_keys, k_cache.shape[2])
+    long_chunk = seq > LONG_PREFILL_QUERIES
     if pack is None:
-        pack = num_splits != 1 and keys > PREFILL_SPLIT_MIN_KEYS
+        pack = long_chunk or (num_splits != 1 and keys > PREFILL_SPLIT_MIN_KEYS)
     pack_rows = group if pack and group > 1 and group & (group - 1) == 0 else 1
     if tile is None:
-        # Measured on an H100 (bench/RESULTS.md): 64x64, 4 warps, 2 stages beat the larger tiles tried.
-        tile = (64, 64, 4, 2) if block_d <= 64 else (32, 64, 4, 2)
+        tile = _prefill_tile(block_d, long_chunk)
     block_m, block_n, warps, stages = tile
     block_m = max(min(block_m, pow2(seq * pack_rows, 16)), pack_rows)
     q_blocks = triton.cdiv(seq, block_m // pack_rows)
