@@ -206,9 +206,13 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     block_m = max(min(block_m, pow2(seq * pack_rows, 16)), pack_rows)
     q_blocks = triton.cdiv(seq, block_m // pack_rows)
     # Few query blocks (a short chunk, perhaps after a long cached prefix) leave most SMs idle while
-    # each program walks every key: split the keys then, as decode does, and merge the parts.
+    # each program walks every key: split the keys then, as decode does, and merge the parts. Not
+    # once the query blocks alone fill the SMs (a 512-token prompt split in two with its merge took
+    # 23.7 us on the H100 against 9.1 unsplit: bench/RESULTS.md, issue 19).
+    programs = batch * q_blocks * (heads // pack_rows)
     splits = num_splits if num_splits is not None else \
-        1 if keys <= PREFILL_SPLIT_MIN_KEYS else _num_splits(q, batch * q_blocks, heads // pack_rows, keys)
+        1 if keys <= PREFILL_SPLIT_MIN_KEYS or programs >= _sm_count(q) else \
+        _num_splits(q, batch * q_blocks, heads // pack_rows, keys)
     part_out = part_lse = out
     if splits > 1:
         part_out = torch.empty(batch * seq * heads * splits, head_dim, dtype=torch.float32, device=q.device)
@@ -329,10 +333,13 @@ def _decode_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, s_ob, s_oh, n_head
     tl.store(out_ptr + b.to(tl.int64) * s_ob + h * s_oh + d, out, mask=d < head_dim)
 
 
+def _sm_count(q: torch.Tensor) -> int:
+    return torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+
+
 def _num_splits(q: torch.Tensor, batch: int, kv_heads: int, capacity: int) -> int:
     """Enough programs to fill the GPU (about two per SM), never more splits than key blocks."""
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-    return max(1, min(triton.cdiv(2 * sms, batch * kv_heads), triton.cdiv(capacity, 64), 64))
+    return max(1, min(triton.cdiv(2 * _sm_count(q), batch * kv_heads), triton.cdiv(capacity, 64), 64))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
