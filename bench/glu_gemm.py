@@ -21,7 +21,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.prefill_attention import graph_us  # noqa: E402
+from bench.kernels import graph_us  # noqa: E402
 from edgellm.kernels.silu_mul import gate_activation, silu_mul  # noqa: E402
 
 

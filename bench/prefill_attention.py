@@ -1,12 +1,12 @@
-"""Prefill attention against torch SDPA (each of its flash, cuDNN and memory-efficient backends that takes the
-shape; the fastest is the baseline) at several prompt
-lengths, with a sweep of the Triton kernel's tiles: (BLOCK_M, BLOCK_N, warps, stages) and whether a
-program's rows pack every query head of a KV group (each K/V tile loaded once per group).
+"""Prefill attention against torch SDPA (each of its flash, cuDNN and memory-efficient backends that
+takes the shape; the fastest is the baseline) at several prompt lengths, with a sweep of the Triton
+kernel's tiles: (BLOCK_M, BLOCK_N, warps, stages) and whether a program's rows pack every query head
+of a KV group (each K/V tile loaded once per group).
 
 Llama-3.2-1B attention shape by default (32 query heads, 8 KV heads, head_dim 64), batch 1, causal,
 fp16; the K/V in edgellm's cache layout [slot, kv_head, position, head_dim] (SDPA reads the same
 tensors as [batch, kv_head, position, head_dim]). Time: triton.testing.do_bench over a CUDA graph of
-`--calls` calls, per call; TFLOP/s counts the causal half (2 * 2 * s^2 / 2 * d * heads).
+`--calls` calls (bench/kernels.py's graph_us), per call; TFLOP/s counts the causal half (2 * 2 * s^2 / 2 * d * heads).
 For an A/B against an older tree, copy this script into a `git archive` of it and run both.
 
 Run on a CUDA GPU:  python bench/prefill_attention.py [--lengths 512 1024 4096 8192] [--sweep] [--json out.json]
@@ -25,23 +25,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.kernels import graph_us  # noqa: E402
 from edgellm.kernels import attention  # noqa: E402
-
-
-def graph_us(fn, calls: int) -> float:
-    import triton.testing
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median") * 1e3 / calls
 
 
 def sdpa_backends(qt, k, v, scale):
@@ -91,7 +76,7 @@ def main() -> int:
         flops = 2 * 2 * s * s * d * hq / 2
         backends = sdpa_backends(qt, k, v, scale)
         want = next(iter(backends.values()))().transpose(1, 2).float()
-        timings = {name: graph_us(fn, args.calls) for name, fn in backends.items()}
+        timings = {name: us for name, fn in backends.items() if (us := graph_us(fn, args.calls)) is not None}
         print(f"s={s:<5d} SDPA " + ", ".join(f"{name} {us:.1f} us ({flops / us / 1e6:.0f} TFLOP/s)"
                                              for name, us in timings.items()), flush=True)
         sdpa_name = min(timings, key=timings.get)  # the baseline: the fastest backend
@@ -114,6 +99,8 @@ def main() -> int:
                 try:
                     e = (fn().float() - want).abs().max().item()
                     us = graph_us(fn, args.calls)
+                    if us is None:
+                        raise RuntimeError("CUDA graph capture failed")
                 except Exception as exc:  # noqa: BLE001 - a tile that does not fit is reported, the sweep goes on
                     print(f"  {tile} pack={pack} FAILED {type(exc).__name__}: {str(exc)[:120]}", flush=True)
                     continue
