@@ -213,8 +213,9 @@ def cases():
                     compile=None, bytes=2 * kc.numel() * 2, baseline="SDPA",
                     fresh=lambda i: (lambda kc=rnd(b, hkv, ctx, d), vc=rnd(b, hkv, ctx, d), q=rnd(b, hq, d):
                                      attention.decode_attention(q, kc, vc, slots, lens, scale))))
-    # Prefill attention: one 4096-token prompt (and a 1024 one), causal.
-    for s in (1024, 4096):
+    # Prefill attention: one prompt of 512 to 8192 tokens, causal (SDPA as torch picks its backend;
+    # bench/prefill_attention.py times each backend).
+    for s in (512, 1024, 4096, 8192):
         kc, vc = rnd(1, hkv, s, d), rnd(1, hkv, s, d)
         qq = rnd(1, s, hq, d)
         zeros = torch.zeros(1, device=DEV, dtype=torch.int32)
