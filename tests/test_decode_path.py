@@ -35,6 +35,37 @@ def test_chunked_prefill_gives_the_unchunked_logits_and_cache(tiny_models):
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_prefill_runs_the_last_layer_on_each_rows_last_token_only(tiny_models, family):
+    """forward_logits' default (the last layer past its KV append on each row's last token alone) gives
+    the logits of every_token's full last layer at those tokens and the same cache; logits=False (a
+    chunk where no row ends) fills the cache alike and returns None."""
+    from edgellm.engine.model import forward_logits
+
+    model_dir, _ = tiny_models[family]
+    ids, lengths = _padded(PROMPTS)
+    runner = LLMEngineRunner(model_dir, device="cpu", dtype="float32")
+    embeds = runner.embed(ids)
+    slots = torch.arange(3, dtype=torch.int32)
+    starts = torch.zeros(3, dtype=torch.int32)
+    q_lens = torch.tensor(lengths, dtype=torch.int32)
+
+    def run(**kw):
+        runner.kv_cache.data.zero_()
+        out = forward_logits(runner.weights, runner.config, runner.kv_cache, runner.rope, embeds, slots, starts,
+                             q_lens, **kw)
+        return out, runner.kv_cache.data.clone()
+
+    full, full_cache = run(every_token=True)
+    last, last_cache = run()
+    none, none_cache = run(logits=False)
+    assert full.shape[:2] == (3, ids.shape[1]) and last.shape == (3, runner.config.vocab_size) and none is None
+    torch.testing.assert_close(last, full[torch.arange(3), q_lens.long() - 1], rtol=1e-5, atol=1e-5)
+    for cache in (last_cache, none_cache):
+        for b, n in enumerate(lengths):  # (past each row's length: its padding's throw-away keys)
+            torch.testing.assert_close(cache[:, :, b, :, :n], full_cache[:, :, b, :, :n], rtol=0, atol=0)
+
+
 def test_prefill_from_token_ids_matches_prefill_from_embeddings(tiny_models):
     """prefill_tokens (ids in, embedded inside the step) gives prefill_step's logits and cache, chunked
     and with cached prefixes (the KV-reuse path: only the tokens after each row's prefix run)."""

@@ -140,6 +140,28 @@ def test_prefill_attention(dtype, hq, hkv, head_dim, splits, pack):
                                    **TOL[dtype])
 
 
+@pytest.mark.skipif(attention.TensorDescriptor is None, reason="needs triton >= 3.4 (TMA descriptors)")
+@pytest.mark.parametrize("hq,hkv,head_dim", [(4, 4, 64), (8, 2, 48), (8, 1, 96)])
+@pytest.mark.parametrize("splits,pack", [(1, None), (3, True)])
+def test_prefill_attention_tma(hq, hkv, head_dim, splits, pack):
+    """K/V tiles through TMA descriptors over the whole cache: a tile past a row's keys holds the next
+    head's or slot's values (NaN here past each slot's keys), which the masked blocks must keep out;
+    head_dim 48 and 96 are zero-filled to the tile's 64 and 128."""
+    dtype = torch.float16
+    starts, q_lens, seq = [0, 130, 3], [37, 9, 1], 37
+    k_cache, v_cache = _cache_with_lengths([50, 150, 50], hkv, 160, head_dim, dtype)
+    for slot, keys in ((1, 37), (3, 139), (0, 4), (2, 0)):
+        k_cache[slot, :, keys:] = v_cache[slot, :, keys:] = float("nan")
+    q = randn(3, seq, hq, head_dim, dtype=dtype, seed=5)
+    args = (torch.tensor([1, 3, 0], device=DEVICE), torch.tensor(starts, device=DEVICE),
+            torch.tensor(q_lens, device=DEVICE), head_dim ** -0.5)
+    out = attention.prefill_attention(q, k_cache, v_cache, *args, tile=(32, 16, 4, 2), num_splits=splits, pack=pack,
+                                      tma=True)
+    torch.testing.assert_close(out, attention.prefill_attention_ref(q, k_cache, v_cache, *args), **TOL[dtype])
+    with pytest.raises(ValueError, match="contiguous"):
+        attention.prefill_attention(q, k_cache[:, :, :100], v_cache[:, :, :100], *args, tma=True)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="a long chunk's default tiles (over 1024 queries): too slow interpreted")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("hq,hkv,head_dim", [(8, 2, 64), (16, 2, 128), (6, 2, 96)])

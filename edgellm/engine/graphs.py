@@ -105,16 +105,17 @@ SHORT_PREFILL_BUCKETS = (16, 32, 64)
 
 
 def prefill_key(rows: int, tokens: int, lora_key, max_keys: int | None, from_ids: bool = False,
-                host_blocks: bool = False) -> tuple:
+                host_blocks: bool = False, logits: bool = True) -> tuple:
     """The graph key of a prefill chunk of `rows` x `tokens` whose rows see at most max_keys keys
     (None: unknown): "few keys" where its attention runs unsplit (kernels/attention.py
     PREFILL_SPLIT_MIN_KEYS), else "" (split by the cache's capacity); "ids" where the step starts from
     token ids (the embedding gather inside the graph), "ids + host blocks" where it also copies
     host-tier KV blocks (a side stream of per-layer copies that other steps need not carry), else
-    "embeds"."""
+    "embeds"; "no logits" where no row ends in the chunk (its last layer stops at the KV append)."""
     few = max_keys is not None and max_keys <= PREFILL_SPLIT_MIN_KEYS
     source = ("ids + host blocks" if host_blocks else "ids") if from_ids else "embeds"
-    return (rows, prefill_bucket(tokens), lora_key, "few keys" if few else "", source, "prefill")
+    return (rows, prefill_bucket(tokens), lora_key, "few keys" if few else "", source, "" if logits else "no logits",
+            "prefill")
 
 
 def prefill_bucket(tokens: int) -> int:

@@ -92,11 +92,14 @@ def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, key
                      q_lens: torch.Tensor, ends: torch.Tensor, ops, lora: LoraBatch | None,
                      layer: int, tree: "TokenTree | None", positions: torch.Tensor | None,
                      residual: torch.Tensor | None = None, rotated: bool = False,
-                     sumsq_out: torch.Tensor | None = None, max_keys: int | None = None) -> torch.Tensor:
+                     sumsq_out: torch.Tensor | None = None, max_keys: int | None = None,
+                     last: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Attention and the o projection (plus `residual`, when given: the fused decode path's add, and
     with sumsq_out the sums of squares of its rows, gemv's). rotated: `qkv` holds the rotated queries
     only, their keys and values already in the cache (the qkv GEMV's rope_append epilogue). max_keys:
-    forward_logits'."""
+    forward_logits'. last: (rows, token index per row): every token's keys and values go into the
+    cache, then only these queries attend (one a row, [B, 1] out); last=(): the keys and values only
+    (returns None)."""
     batch, seq, _ = qkv.shape
     window = cfg.layer_window(layer)
     if rotated:
@@ -122,6 +125,10 @@ def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, key
         cos, sin = rope.local if window and rope.local is not None else (rope.cos, rope.sin)
         q = ops.rope_kv_append(q, k, v, cos, sin, keys, values, slots, starts, q_lens, positions,
                                offsets=None if three else rope.offsets, sections=rope.sections if three else None)
+    if last is not None:
+        if not last:
+            return None
+        q = q[last][:, None]
     return _attend(lw, cfg, q, keys, values, slots, starts, q_lens, ends, ops, lora, layer, tree, window, residual,
                    sumsq_out, max_keys)
 
@@ -153,7 +160,7 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
                    starts: torch.Tensor, q_lens: torch.Tensor, kernels=None,
                    lora: LoraBatch | None = None, tree: TokenTree | None = None,
                    every_token: bool = False, positions: torch.Tensor | None = None,
-                   max_keys: int | None = None, before_attention=None) -> torch.Tensor:
+                   max_keys: int | None = None, before_attention=None, logits: bool = True) -> torch.Tensor | None:
     """hidden: input embeddings [B, S, H]; slots/starts/q_lens: [B] int tensors on the device.
     `rope`: RopeTables, or (cos, sin). `kernels`: where the ops come from (default: the dispatched
     `edgellm.kernels.ops`). `lora`: per-row LoRA adapters (None: the base model for every row).
@@ -164,6 +171,13 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     `before_attention(layer)`: called before each layer's attention reads its cache (a KV hit's host
     blocks copied on a side stream: the layer waits for its own, engine/prefill_steps.py).
 
+    Only each row's last token reaches the logits: past its keys/values the last layer runs on that
+    token alone (attention as one decode query, o projection and MLP on one row a row), unless every
+    token's logits are asked for, the chunk is a tree, or the ops observe every projection (GPTQ's
+    calibration). A 16-layer model's prefill skips a sixteenth of its matmuls (issue 19). logits=False:
+    a chunk that holds no row's last token (a long prompt's earlier chunks): the last layer stops at
+    its keys and values, no LM head, returns None.
+
     Appends the chunk's keys/values to the cache (lengths are the caller's to update) and returns
     the logits of each row's last real token, [B, vocab], float32; every_token: of every token of
     the chunk, [B, S, vocab].
@@ -172,6 +186,8 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     if not isinstance(rope, RopeTables):
         rope = RopeTables(*rope)
     batch, seq, _ = hidden.shape
+    last_only = not every_token and tree is None and seq > 1 and not getattr(ops, "observe_linear", None)
+    row_lora = lora
     if lora is not None and seq > 1:  # the LoRA kernels take one adapter index per token
         lora = lora._replace(index=lora.index.repeat_interleave(seq))
     ends = starts + q_lens  # each row's cache length after this chunk (computed once, not per layer)
@@ -187,6 +203,8 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     x = hidden
     tokens = batch * seq
     pending = None  # the previous layer's MLP-output norm (sandwich norms), fused into the next norm
+    last = (q_lens.long() - 1).clamp(min=0)
+    rows = torch.arange(batch, device=hidden.device)
     for index, lw in enumerate(weights.layers):
         (x, residual), t = _norm(ops, cfg, x, residual, lw.input_norm, lw.input_norm_bias,
                                  _shrink_operand(lora, index, "qkv", tokens), pre=pending)
@@ -194,8 +212,16 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
         keys, values = cache.layer(index)
         if before_attention is not None:
             before_attention(index)
-        attn = _attention_block(lw, cfg, qkv, keys, values, rope, slots, starts, q_lens, ends, ops, lora, index, tree,
-                                positions, max_keys=max_keys)
+        if not logits and index == len(weights.layers) - 1:  # only the cache is wanted from this chunk
+            return _attention_block(lw, cfg, qkv, keys, values, rope, slots, starts, q_lens, ends, ops, lora, index,
+                                    tree, positions, last=())
+        if last_only and index == len(weights.layers) - 1:  # from here on, each row's last token
+            attn = _attention_block(lw, cfg, qkv, keys, values, rope, slots, starts, q_lens, ends, ops, row_lora,
+                                    index, tree, positions, max_keys=max_keys, last=(rows, last))
+            residual, lora, tokens = residual[rows, last][:, None], row_lora, batch
+        else:
+            attn = _attention_block(lw, cfg, qkv, keys, values, rope, slots, starts, q_lens, ends, ops, lora, index,
+                                    tree, positions, max_keys=max_keys)
         (x, residual), t = _norm(ops, cfg, attn, residual, lw.post_norm, lw.post_norm_bias,
                                  _shrink_operand(lora, index, "gate_up", tokens), pre=lw.attn_out_norm)
         if cfg.mlp == "plain":  # fc, activation, proj, with biases (GPT-2; no LoRA)
@@ -210,10 +236,9 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     if every_token:
         (final, _), _ = _norm(ops, cfg, x, residual, weights.final_norm, weights.final_norm_bias, pre=pending)
         return _linear(final, weights.lm_head, None, ops).float()
-    last = (q_lens.long() - 1).clamp(min=0)
-    rows = torch.arange(batch, device=hidden.device)
-    x_last, res_last = x[rows, last][:, None], residual[rows, last][:, None]
-    (final, _), _ = _norm(ops, cfg, x_last, res_last, weights.final_norm, weights.final_norm_bias, pre=pending)
+    if not last_only:
+        x, residual = x[rows, last][:, None], residual[rows, last][:, None]
+    (final, _), _ = _norm(ops, cfg, x, residual, weights.final_norm, weights.final_norm_bias, pre=pending)
     return _linear(final[:, 0], weights.lm_head, None, ops).float()
 
 

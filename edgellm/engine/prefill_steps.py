@@ -213,10 +213,12 @@ class PrefillSteps:
             inputs = device_ints[chunk_ints[i]:end]
             part_embeds = None if tokens is not None else embeds[:, begin:begin + chunk]
             max_keys = max(c + begin + min(max(n - begin, 0), chunk) for c, n in zip(cached, new))
+            ends_here = any(begin < n <= begin + chunk for n in new)  # else no logits: the cache is all it leaves
             part = self._prefill_chunk(part_embeds, inputs, uses_lora, batch, width,
                                        None if positions is None else positions[:, begin:begin + chunk], max_keys,
-                                       host_blocks=bool(blocks[1]) and begin == 0)
-            logits = part if logits is None else torch.where(per_row[4 + i].bool()[:, None], part, logits)
+                                       host_blocks=bool(blocks[1]) and begin == 0, logits=ends_here)
+            if part is not None:
+                logits = part if logits is None else torch.where(per_row[4 + i].bool()[:, None], part, logits)
         self.kv_cache.lengths[slot_dev.long()] = lengths_dev
         return logits
 
@@ -240,7 +242,7 @@ class PrefillSteps:
         return positions, offsets.tolist()
 
     def _prefill_chunk(self, embeds, inputs, uses_lora: bool, rows: int, width: int, positions=None,
-                       max_keys: int | None = None, host_blocks: bool = False) -> torch.Tensor:
+                       max_keys: int | None = None, host_blocks: bool = False, logits: bool = True) -> torch.Tensor | None:
         """One prefill chunk of `rows` x `width` tokens: `embeds` [rows, width, hidden], with `inputs`
         PrefillBuffers.ints' layout on the device; or embeds None and `inputs` the ints followed by the
         chunk's token ids ([rows, bucket], PrefillBuffers.inputs), embedded inside the step. Replayed
@@ -249,9 +251,10 @@ class PrefillSteps:
         prompt, nothing cached) takes attention without split-K (kernels/attention.py
         PREFILL_SPLIT_MIN_KEYS), so each bucket has a graph for those and one for the rest (split by
         the cache's capacity; eager runs the same). host_blocks: the chunk's table of host-tier blocks
-        is not empty (graphs that copy them are kept apart: the other steps skip the copy stream)."""
+        is not empty (graphs that copy them are kept apart: the other steps skip the copy stream).
+        logits=False: no row ends in this chunk; it only fills the cache (returns None)."""
         from_ids = embeds is None
-        key = prefill_key(rows, width, _lora_key(uses_lora), max_keys, from_ids, host_blocks)
+        key = prefill_key(rows, width, _lora_key(uses_lora), max_keys, from_ids, host_blocks, logits)
         span = PREFILL_SPLIT_MIN_KEYS if key[3] else None
         if not self.graphs.enabled:
             count = PrefillBuffers.int_count(rows, self._lora_capacity())
@@ -266,7 +269,7 @@ class PrefillSteps:
                 embeds = self.embed(inputs[count:count + rows * key[1]].view(rows, -1)[:, :width])
             return forward_logits(self.weights, self.config, self.kv_cache, self.rope, embeds, slots,
                                   starts, q_lens, lora=self._lora_batch(lora_index, inputs[4 * rows:count], uses_lora),
-                                  positions=positions, max_keys=span)
+                                  positions=positions, max_keys=span, logits=logits)
         buf = self._prefill_buffers.get(key[:2])
         if buf is None:
             if self._prefill_storage is None:
@@ -283,16 +286,16 @@ class PrefillSteps:
         if self.graphs.get(key) is None:
             # Warm-up and capture with every row on the scratch slot: no request's cache is touched.
             buf.reset()
-            self.graphs.capture(key, lambda: self._prefill_body(buf, uses_lora, span, from_ids, host_blocks))
+            self.graphs.capture(key, lambda: self._prefill_body(buf, uses_lora, span, from_ids, host_blocks, logits))
         if from_ids:
             buf.inputs[:inputs.numel()].copy_(inputs)
         else:
             buf.load(embeds, inputs, positions)
         self.graphs.get(key).replay()
-        return buf.logits.clone()  # the next prefill replay overwrites buf.logits
+        return buf.logits.clone() if logits else None  # the next prefill replay overwrites buf.logits
 
     def _prefill_body(self, buf: PrefillBuffers, uses_lora: bool, max_keys: int | None, from_ids: bool,
-                      host_blocks: bool) -> None:
+                      host_blocks: bool, logits: bool = True) -> None:
         tables = list(buf.blocks)
         before_attention = join = None
         if from_ids and self.block_pool is not None:  # a KV hit's device blocks into their slots (count 0: none)
@@ -300,10 +303,12 @@ class PrefillSteps:
         if from_ids and host_blocks:  # its host blocks, beside the layers before theirs
             before_attention, join = self._host_block_copies(tables.pop(0))
         embeds = self.embed(buf.ids) if from_ids else buf.embeds
-        buf.logits.copy_(forward_logits(self.weights, self.config, self.kv_cache, self.rope, embeds,
-                                        buf.slots, buf.starts, buf.q_lens,
-                                        lora=self._lora_batch(buf.lora, buf.lora_used, uses_lora),
-                                        positions=buf.positions, max_keys=max_keys, before_attention=before_attention))
+        out = forward_logits(self.weights, self.config, self.kv_cache, self.rope, embeds, buf.slots, buf.starts,
+                             buf.q_lens, lora=self._lora_batch(buf.lora, buf.lora_used, uses_lora),
+                             positions=buf.positions, max_keys=max_keys, before_attention=before_attention,
+                             logits=logits)
+        if out is not None:
+            buf.logits.copy_(out)
         if join is not None:
             join()
 

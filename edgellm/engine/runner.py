@@ -44,7 +44,9 @@ from .model import LoraBatch, RopeTables, forward_logits
 from .vocab_map import load_vocab_map
 from .weights import load_weights
 
-DEFAULT_PREFILL_CHUNK = 2048  # prompts longer than this are prefilled chunk by chunk
+# Prompts longer than this are prefilled chunk by chunk. 2048 measured fastest on the H100 for 1024- to
+# 8192-token prompts of the Llama-3.2-1B shape against 1024 and 4096 (bench/prefill_chunks.py, issue 19).
+DEFAULT_PREFILL_CHUNK = 2048
 
 class LLMEngineRunner(PrefillSteps, DecodeSteps, TreeSteps, LongRopeSteps):
     @outside_inference_mode

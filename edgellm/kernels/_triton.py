@@ -22,6 +22,11 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
                                    next_power_of_2=lambda n: 1 << max(0, (int(n) - 1).bit_length()))
     tl = types.SimpleNamespace(constexpr=object)
 
+try:  # host-side TMA descriptors (triton >= 3.4): K/V tiles of the prefill attention on Hopper
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: the kernels load through pointers
+    TensorDescriptor = None
+
 
 def pow2(n: int, minimum: int = 1) -> int:
     """The smallest power of two >= max(n, minimum): Triton block sizes must be powers of two."""

@@ -19,7 +19,7 @@ so the launch needs no host synchronisation (CUDA-graph safe).
 
 import torch
 
-from ._triton import dot_precision, pdl_release, pdl_wait, pow2, tl, triton, use_pdl
+from ._triton import TensorDescriptor, dot_precision, pdl_release, pdl_wait, pow2, tl, triton, use_pdl
 from .lora import fused_shrink_args, lora_shrink_ref, shrink_finish, shrink_tile
 
 _LOG2E = 1.4426950408889634
@@ -28,17 +28,22 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _prefill_range(acc, m_i, l_i, q, kc_ptr, vc_ptr, kv_base, c_pos, d, d_ok, lo, hi, key_end, q_pos, scale_log2,
                    window, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
-                   WINDOWED: tl.constexpr, EMPTY_ROWS: tl.constexpr):
+                   WINDOWED: tl.constexpr, EMPTY_ROWS: tl.constexpr, TMA: tl.constexpr):
     """Online softmax of the rows `q` over key blocks lo, lo + BLOCK_N, ... < hi. MASKED: blocks on
     or past the diagonal (or under a window), masked per query; otherwise every row sees every key
     of every block (blocks wholly before the block's first query), so no mask is built. EMPTY_ROWS:
     a row may see no key of a masked block yet (a window's start, a packed block's later queries, a
     split's share past a row's position): its running max stays -inf and its shift 0. Scores stay
-    unscaled; the scale (with log2(e)) is folded into exp2's argument, one FMA an element."""
+    unscaled; the scale (with log2(e)) is folded into exp2's argument, one FMA an element.
+    TMA: kc_ptr/vc_ptr are tensor descriptors over the cache as [positions, head_dim] rows and
+    kv_base the first row of this slot's KV head."""
     for n0 in range(lo, hi, BLOCK_N):
         n_offs = n0 + tl.arange(0, BLOCK_N)
         if MASKED:
             key_ok = n_offs < key_end
+        if TMA:
+            k = kc_ptr.load([kv_base + n0, 0]).T
+        elif MASKED:
             k = tl.load(kc_ptr + kv_base + n_offs[None, :] * c_pos + d[:, None],
                         mask=key_ok[None, :] & d_ok[:, None], other=0.0)
         else:
@@ -56,7 +61,11 @@ def _prefill_range(acc, m_i, l_i, q, kc_ptr, vc_ptr, kv_base, c_pos, d, d_ok, lo
         p = tl.exp2(qk * scale_log2 - shift[:, None])
         alpha = tl.exp2(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if MASKED:
+        if TMA:
+            v = vc_ptr.load([kv_base + n0, 0])
+            if MASKED:  # rows past key_end are another head's (or zero): keep them out of p @ v
+                v = tl.where(key_ok[:, None], v, 0.0)
+        elif MASKED:
             v = tl.load(vc_ptr + kv_base + n_offs[:, None] * c_pos + d[None, :],
                         mask=key_ok[:, None] & d_ok[None, :], other=0.0)
         else:
@@ -71,7 +80,8 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, slots_ptr, starts_ptr, qlens
                     s_qb, s_qs, s_qh, s_ob, s_os, s_oh, c_slot, c_head, c_pos,
                     scale_log2, group, head_dim, window, part_out_ptr, part_lse_ptr, seq, n_heads,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PRECISION: tl.constexpr, WINDOWED: tl.constexpr, SPLITS: tl.constexpr, PACK: tl.constexpr):
+                    PRECISION: tl.constexpr, WINDOWED: tl.constexpr, SPLITS: tl.constexpr, PACK: tl.constexpr,
+                    TMA: tl.constexpr):
     # Rows of a program: BLOCK_M // PACK queries x PACK query heads of one KV group (PACK = 1: one
     # head, program axis 1 the query head; PACK = the group: axis 1 the KV head, each key block
     # loaded once for the whole group, as decode does). Query blocks run last block first: under the
@@ -106,6 +116,8 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, slots_ptr, starts_ptr, qlens
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         q_pos = start + m_offs
         kv_base = slot * c_slot + ((unit * PACK) // group).to(tl.int64) * c_head
+        if TMA:  # the descriptors' row of this slot's KV head
+            kv_base = (kv_base // c_pos).to(tl.int32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -126,10 +138,10 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, slots_ptr, starts_ptr, qlens
             diagonal = tl.maximum(tl.minimum((first_query + 1) // BLOCK_N * BLOCK_N, key_stop), key_start)
         acc, m_i, l_i = _prefill_range(acc, m_i, l_i, q, kc_ptr, vc_ptr, kv_base, c_pos, d, d_ok, key_start, diagonal,
                                        key_end, q_pos, scale_log2, window, BLOCK_N, PRECISION, False, WINDOWED,
-                                       False)
+                                       False, TMA)
         acc, m_i, l_i = _prefill_range(acc, m_i, l_i, q, kc_ptr, vc_ptr, kv_base, c_pos, d, d_ok, diagonal, key_stop,
                                        key_end, q_pos, scale_log2, window, BLOCK_N, PRECISION, True, WINDOWED,
-                                       WINDOWED or PACK > 1 or SPLITS > 1)
+                                       WINDOWED or PACK > 1 or SPLITS > 1, TMA)
         if SPLITS == 1:  # (padding queries: zeros)
             out = tl.where(row_ok[:, None], acc / tl.where(row_ok, l_i, 1.0)[:, None], 0.0)
             tl.store(out_ptr + b.to(tl.int64) * s_ob + m_offs[:, None] * s_os + h_row[:, None] * s_oh + d[None, :],
@@ -175,10 +187,20 @@ def _prefill_tile(block_d: int, long_chunk: bool) -> tuple[int, int, int, int]:
     return (128 if long_chunk else 64, 64, 8 if long_chunk else 4, 4 if block_d <= 64 else 3)
 
 
+def _tma_descriptors(k_cache, v_cache, block_n: int, block_d: int):
+    """Host-side TMA descriptors over the caches as [slots x kv_heads x capacity, head_dim] rows
+    (tiles of BLOCK_N positions x BLOCK_D, zero-filled past head_dim)."""
+    if TensorDescriptor is None:
+        raise ValueError("prefill_attention(tma=True) needs triton >= 3.4 (triton.tools.tensor_descriptor)")
+    if not k_cache.is_contiguous():
+        raise ValueError("prefill_attention(tma=True) needs a contiguous cache")
+    return tuple(TensorDescriptor.from_tensor(c.view(-1, c.shape[-1]), [block_n, block_d]) for c in (k_cache, v_cache))
+
+
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                       starts: torch.Tensor, q_lens: torch.Tensor, scale: float, window: int = 0, *,
                       tile: tuple[int, int, int, int] | None = None, num_splits: int | None = None,
-                      max_keys: int | None = None, pack: bool | None = None) -> torch.Tensor:
+                      max_keys: int | None = None, pack: bool | None = None, tma: bool = False) -> torch.Tensor:
     """window > 0: a sliding window (each query sees its last `window` keys, itself included).
     tile = (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the default tiling (benchmarks);
     num_splits the number of key ranges each query block is split into (default: enough programs to
@@ -187,7 +209,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     cache's capacity); it only sizes the split. pack: a program's rows are queries x every query head
     of a KV group (BLOCK_M // group queries), each key block loaded once per group; default: where
     the keys are split (a short chunk after a long cached prefix) and for chunks of over
-    LONG_PREFILL_QUERIES queries."""
+    LONG_PREFILL_QUERIES queries. tma: K/V tiles through TMA descriptors instead of pointer loads (a
+    contiguous cache on a GPU of compute capability 9+, or the interpreter); off by default: on the
+    H100 with Triton 3.6 it measured 1-3% slower than the pointer loads (bench/RESULTS.md, issue 19)."""
     batch, seq, heads, head_dim = q.shape
     _check_cache(heads, head_dim, k_cache, v_cache)
     if q.stride(-1) != 1:
@@ -217,12 +241,15 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if splits > 1:
         part_out = torch.empty(batch * seq * heads * splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(batch * seq * heads * splits, dtype=torch.float32, device=q.device)
+    kc, vc = k_cache, v_cache
+    if tma:
+        kc, vc = _tma_descriptors(k_cache, v_cache, block_n, block_d)
     _prefill_kernel[(batch, heads // pack_rows, q_blocks * splits)](
-        q, k_cache, v_cache, out, slots, starts, q_lens, q.stride(0), q.stride(1), q.stride(2),
+        q, kc, vc, out, slots, starts, q_lens, q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         scale * _LOG2E, group, head_dim, window, part_out, part_lse, seq, heads,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), WINDOWED=window > 0,
-        SPLITS=splits, PACK=pack_rows, num_warps=warps, num_stages=stages)
+        SPLITS=splits, PACK=pack_rows, TMA=tma, num_warps=warps, num_stages=stages)
     if splits > 1:
         rows = out.view(batch * seq, heads, head_dim)
         t, lora_args, constants = fused_shrink_args(None, batch * seq, heads * head_dim, heads, block_d, rows)
