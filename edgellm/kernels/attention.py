@@ -42,7 +42,7 @@ def _prefill_range(acc, m_i, l_i, q, kc_ptr, vc_ptr, kv_base, c_pos, d, d_ok, lo
         if MASKED:
             key_ok = n_offs < key_end
         if TMA:
-            k = kc_ptr.load([kv_base + n0, 0]).T
+            k = kc_ptr.load([(kv_base + n0).to(tl.int32), 0]).T
         elif MASKED:
             k = tl.load(kc_ptr + kv_base + n_offs[None, :] * c_pos + d[:, None],
                         mask=key_ok[None, :] & d_ok[:, None], other=0.0)
@@ -62,7 +62,7 @@ def _prefill_range(acc, m_i, l_i, q, kc_ptr, vc_ptr, kv_base, c_pos, d, d_ok, lo
         alpha = tl.exp2(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if TMA:
-            v = vc_ptr.load([kv_base + n0, 0])
+            v = vc_ptr.load([(kv_base + n0).to(tl.int32), 0])
             if MASKED:  # rows past key_end are another head's (or zero): keep them out of p @ v
                 v = tl.where(key_ok[:, None], v, 0.0)
         elif MASKED:
