@@ -203,8 +203,9 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     x = hidden
     tokens = batch * seq
     pending = None  # the previous layer's MLP-output norm (sandwich norms), fused into the next norm
-    last = (q_lens.long() - 1).clamp(min=0)
-    rows = torch.arange(batch, device=hidden.device)
+    if not every_token:  # each row's last token: the one whose logits are returned
+        last = (q_lens.long() - 1).clamp(min=0)
+        rows = torch.arange(batch, device=hidden.device)
     for index, lw in enumerate(weights.layers):
         (x, residual), t = _norm(ops, cfg, x, residual, lw.input_norm, lw.input_norm_bias,
                                  _shrink_operand(lora, index, "qkv", tokens), pre=pending)

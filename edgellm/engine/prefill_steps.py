@@ -173,8 +173,9 @@ class PrefillSteps:
         # a 4096-token prompt took ~0.3 ms of host time before the GPU started; issue 19.)
         used = used_slot_list(lora_rows, self._lora_capacity())
         packed = array("i", slot_ids + cached + lengths + offsets)
-        for begin in begins:
-            packed.extend([int(begin < n <= begin + chunk) for n in new])
+        ends = [[int(begin < n <= begin + chunk) for n in new] for begin in begins]  # rows whose last token is in it
+        for flags in ends:
+            packed.extend(flags)
         chunk_ints = []
         for begin in begins:
             chunk_ints.append(len(packed))
@@ -213,10 +214,10 @@ class PrefillSteps:
             inputs = device_ints[chunk_ints[i]:end]
             part_embeds = None if tokens is not None else embeds[:, begin:begin + chunk]
             max_keys = max(c + begin + min(max(n - begin, 0), chunk) for c, n in zip(cached, new))
-            ends_here = any(begin < n <= begin + chunk for n in new)  # else no logits: the cache is all it leaves
             part = self._prefill_chunk(part_embeds, inputs, uses_lora, batch, width,
                                        None if positions is None else positions[:, begin:begin + chunk], max_keys,
-                                       host_blocks=bool(blocks[1]) and begin == 0, logits=ends_here)
+                                       host_blocks=bool(blocks[1]) and begin == 0,
+                                       logits=any(ends[i]))  # (no row ends here: the cache is all it leaves)
             if part is not None:
                 logits = part if logits is None else torch.where(per_row[4 + i].bool()[:, None], part, logits)
         self.kv_cache.lengths[slot_dev.long()] = lengths_dev
