@@ -43,11 +43,11 @@ def _prefill_range(acc, m_i, l_i, q, kc_ptr, vc_ptr, kv_base, c_pos, d, d_ok, lo
             key_ok = n_offs < key_end
         if TMA:
             k = kc_ptr.load([(kv_base + n0).to(tl.int32), 0]).T
-        elif MASKED:
-            k = tl.load(kc_ptr + kv_base + n_offs[None, :] * c_pos + d[:, None],
-                        mask=key_ok[None, :] & d_ok[:, None], other=0.0)
         else:
-            k = tl.load(kc_ptr + kv_base + n_offs[None, :] * c_pos + d[:, None], mask=d_ok[:, None], other=0.0)
+            k_mask = d_ok[:, None]
+            if MASKED:
+                k_mask = k_mask & key_ok[None, :]
+            k = tl.load(kc_ptr + kv_base + n_offs[None, :] * c_pos + d[:, None], mask=k_mask, other=0.0)
         qk = tl.dot(q, k, input_precision=PRECISION)
         if MASKED:
             allowed = key_ok[None, :] & (n_offs[None, :] <= q_pos[:, None])
@@ -65,11 +65,11 @@ def _prefill_range(acc, m_i, l_i, q, kc_ptr, vc_ptr, kv_base, c_pos, d, d_ok, lo
             v = vc_ptr.load([(kv_base + n0).to(tl.int32), 0])
             if MASKED:  # rows past key_end are another head's (or zero): keep them out of p @ v
                 v = tl.where(key_ok[:, None], v, 0.0)
-        elif MASKED:
-            v = tl.load(vc_ptr + kv_base + n_offs[:, None] * c_pos + d[None, :],
-                        mask=key_ok[:, None] & d_ok[None, :], other=0.0)
         else:
-            v = tl.load(vc_ptr + kv_base + n_offs[:, None] * c_pos + d[None, :], mask=d_ok[None, :], other=0.0)
+            v_mask = d_ok[None, :]
+            if MASKED:
+                v_mask = v_mask & key_ok[:, None]
+            v = tl.load(vc_ptr + kv_base + n_offs[:, None] * c_pos + d[None, :], mask=v_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
