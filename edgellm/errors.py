@@ -56,3 +56,13 @@ class VocabMapError(ModelLoadError, ValueError):
 
 class CorpusError(EdgeLLMError, ValueError):
     """A corpus for `edgellm reduce-vocab` cannot be read: missing file, bad JSON line, no samples."""
+
+
+class ExportError(EdgeLLMError, ValueError):
+    """A model cannot be exported (`edgellm export`): an output directory in the way, an unsupported
+    dtype, the onnx packages missing, or torch.onnx failing on the model."""
+
+
+class BackendError(ConfigurationError):
+    """An engine backend cannot run: its package is missing (onnxruntime, tensorrt), the device it
+    needs is not there, or its engine was exported or built for other limits than the runner's."""

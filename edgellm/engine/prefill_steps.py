@@ -141,20 +141,10 @@ class PrefillSteps:
         cfg = self.config
         # The per-row checks and arithmetic on Python ints: each op on a small CPU tensor costs a few
         # microseconds, and a short prompt's whole prefill on the GPU takes about a millisecond.
-        cached = [0] * batch if cached_lengths is None else _int_list(cached_lengths)
-        if batch > cfg.max_supported_batch_size:
-            raise InvalidRequestError(f"batch of {batch} exceeds max_batch_size {cfg.max_supported_batch_size}")
-        if batch < 1 or len(lengths) != batch or len(cached) != batch:
-            raise InvalidRequestError("a prefill needs B >= 1 rows with B context lengths (and B cached lengths)")
         if long_rope and self.longrope_original is None:
             raise InvalidRequestError("long_rope is for LongRoPE models only")
         limit = cfg.max_kv_cache_capacity if long_rope else cfg.max_supported_input_length
-        if min(lengths) < 1 or max(lengths) > limit:
-            raise InvalidRequestError(f"context lengths must be in [1, {limit}]")
-        new = [n - c for n, c in zip(lengths, cached)]  # tokens each row prefills now
-        if min(cached) < 0 or min(new) < 1 or max(new) > seq:
-            raise InvalidRequestError(f"cached lengths must leave each row 1 to {seq} (inputs_embeds' length) "
-                                      "tokens to prefill")
+        cached, new = prefill_rows(cfg, batch, seq, lengths, cached_lengths, limit)
         slot_ids = list(range(batch)) if slots is None else self._slots(slots, batch, on_device=False).tolist()
         lora_rows = self._lora_rows(lora, batch)
         uses_lora = any_adapter(lora_rows)
@@ -312,6 +302,24 @@ class PrefillSteps:
             buf.logits.copy_(out)
         if join is not None:
             join()
+
+
+def prefill_rows(cfg, batch: int, seq: int, lengths: list[int], cached_lengths, limit: int):
+    """A prefill's rows checked (InvalidRequestError): B rows within max_batch_size, context lengths
+    in [1, limit], cached lengths that leave each row 1 to `seq` new tokens. Returns (cached, new):
+    per row its cached length and the tokens it prefills now."""
+    cached = [0] * batch if cached_lengths is None else _int_list(cached_lengths)
+    if batch > cfg.max_supported_batch_size:
+        raise InvalidRequestError(f"batch of {batch} exceeds max_batch_size {cfg.max_supported_batch_size}")
+    if batch < 1 or len(lengths) != batch or len(cached) != batch:
+        raise InvalidRequestError("a prefill needs B >= 1 rows with B context lengths (and B cached lengths)")
+    if min(lengths) < 1 or max(lengths) > limit:
+        raise InvalidRequestError(f"context lengths must be in [1, {limit}]")
+    new = [n - c for n, c in zip(lengths, cached)]
+    if min(cached) < 0 or min(new) < 1 or max(new) > seq:
+        raise InvalidRequestError(f"cached lengths must leave each row 1 to {seq} (inputs_embeds' length) "
+                                  "tokens to prefill")
+    return cached, new
 
 
 def _int_list(values) -> list[int]:

@@ -29,6 +29,7 @@ from ..kernels.tree_mask import MAX_TREE
 from ..errors import ConfigurationError, InvalidRequestError, LoraError
 from ..quant.formats import QUANT_KINDS, QuantizedWeight
 from .config import EngineConfig
+from .backends import check_backend
 from .devices import resolve_device, resolve_dtype
 from .graphs import DecodeBuffers, PrefillBuffers, PrefillStorage, StepGraphs, TreeBuffers, any_adapter
 from .kv_cache import LinearKVCache
@@ -49,8 +50,17 @@ from .weights import load_weights
 DEFAULT_PREFILL_CHUNK = 2048
 
 class LLMEngineRunner(PrefillSteps, DecodeSteps, TreeSteps, LongRopeSteps):
+    def __new__(cls, *args, backend: str = "triton", **kwargs):
+        """backend "triton" (the default): this class, the engine's own forward. "onnxruntime" or
+        "tensorrt": an ExportedEngineRunner (engine/backends/runner.py) over the directory `edgellm
+        export` wrote, with the same prefill_step / decode_step interface."""
+        if check_backend(backend) != "triton" and cls is LLMEngineRunner:
+            from .backends.runner import ExportedEngineRunner
+            cls = ExportedEngineRunner
+        return super().__new__(cls)
+
     @outside_inference_mode
-    def __init__(self, model_dir: str | Path, *, device: str | torch.device | None = None,
+    def __init__(self, model_dir: str | Path, *, backend: str = "triton", device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, max_batch_size: int | None = None,
                  max_input_length: int | None = None, max_kv_cache_capacity: int | None = None,
                  cuda_graphs: bool = True, prefill_chunk_size: int | None = None,
@@ -58,7 +68,8 @@ class LLMEngineRunner(PrefillSteps, DecodeSteps, TreeSteps, LongRopeSteps):
                  max_verify_tokens: int = 0, extra_device_bytes: dict[str, int] | None = None,
                  vocab_map: str | Path | None = None, quantization: str | None = None,
                  quantize_lm_head: bool = False):
-        """cuda_graphs: replay decode steps from CUDA graphs (on CUDA; eager elsewhere or when False).
+        """backend: "triton" here (see __new__ for the others).
+        cuda_graphs: replay decode steps from CUDA graphs (on CUDA; eager elsewhere or when False).
         prefill_chunk_size: prompts longer than this are prefilled in chunks of it (default 2048).
         lora_weights: {name: adapter} loaded at start; an adapter is a PEFT directory, a bare
         .safetensors path, or {"path": ..., "alpha": ..., "rank": ...} (see add_lora_weights).
