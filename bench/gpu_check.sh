@@ -2,14 +2,14 @@
 # The device script: GPU tests (kernels vs their references on CUDA, end-to-end generation vs
 # transformers, CUDA-graph decode vs eager, no reference op in the hot path), then the kernel and
 # decode benchmarks; short tables last.
-# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|tests1|tests2|kernels|decode|lora|kv|threads|vision|vocab|families|quant|host|persistent ...]
+# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|tests1|tests2|kernels|decode|lora|kv|threads|vision|vocab|families|quant|host|persistent|backends ...]
 # (no argument: all of them). Results go to $OUT (the device tool's folder) or bench/results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-bench/results}"
 mkdir -p "$out"
-parts="${*:-tests kernels decode lora kv threads vision vocab families quant host persistent}"
+parts="${*:-tests kernels decode lora kv threads vision vocab families quant host persistent backends}"
 status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
@@ -58,6 +58,18 @@ if [[ " $parts " == *" host "* ]]; then
 fi
 if [[ " $parts " == *" persistent "* ]]; then
   python3 bench/persistent.py --json "$out/persistent.json" 2> "$out/persistent.stderr" || { status=1; tail -30 "$out/persistent.stderr"; }
+fi
+if [[ " $parts " == *" backends "* ]]; then
+  # ONNX export and the exported backends (onnxruntime; TensorRT where it imports), then the side-by-side
+  # table at fp16 (onnxruntime on the CPU without onnxruntime-gpu, from a float32 export) and fp32.
+  python3 -m pytest -q -rs -p no:cacheprovider tests/test_export.py tests/test_tensorrt_backend.py > "$out/backends_pytest.log" 2>&1 \
+    || { status=1; grep -E "^(FAILED|ERROR)" "$out/backends_pytest.log" | head; }
+  grep -E "passed|failed|SKIPPED" "$out/backends_pytest.log" | tail -6
+  for dtype in float16 float32; do
+    python3 -m edgellm.cli bench --backend triton onnxruntime tensorrt transformers --shape smollm2-135m \
+      --dtype $dtype --isl 128 --osl 64 --json "$out/backends_$dtype.json" 2> "$out/backends_$dtype.stderr" \
+      || { status=1; tail -30 "$out/backends_$dtype.stderr"; }
+  done
 fi
 if [[ " $parts " == *" threads "* ]]; then
   python3 bench/threads.py --json "$out/threads.json" 2> "$out/threads.stderr" || { status=1; tail -30 "$out/threads.stderr"; }

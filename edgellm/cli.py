@@ -327,6 +327,8 @@ def cmd_bench(args) -> int:
         print(f"wrote {args.plot}: " + "; ".join(f"{m}: {', '.join(s)}" for m, s in drawn.items()))
         return 0
     model = args.shape or args.model_dir
+    if args.backend:
+        return _bench_backends(args, model)
     if model is None:
         raise EdgeLLMError("give --shape (" + ", ".join(benchmark.SHAPES) + ") or --model-dir")
     if args.plot:  # fail before the GPU work, not after it
@@ -334,8 +336,9 @@ def cmd_bench(args) -> int:
 
         if importlib.util.find_spec("matplotlib") is None:
             raise EdgeLLMError("--plot needs matplotlib: pip install 'edgellm[plot]' (or matplotlib)")
-    result = benchmark.run(model, batches=args.batch, isl=args.isl, osl=args.osl, ttft_lens=args.ttft,
-                           iterations=args.iterations, dtype=args.dtype, cuda_graphs=not args.no_cuda_graphs,
+    result = benchmark.run(model, batches=args.batch or [1, 4, 16, 64], isl=args.isl, osl=args.osl or 256,
+                           ttft_lens=args.ttft, iterations=args.iterations, dtype=args.dtype or "float16",
+                           cuda_graphs=not args.no_cuda_graphs,
                            cache_dir=args.cache_dir)
     benchmark.print_table(result)
     if args.json:
@@ -345,6 +348,32 @@ def cmd_bench(args) -> int:
 
         plot_decode([result], args.plot)
         print(f"wrote {args.plot}")
+    return 0
+
+
+def _bench_backends(args, model) -> int:
+    from . import backend_bench
+    from .models import resolve_model_dir
+
+    if args.batch and len(args.batch) > 1:
+        raise EdgeLLMError("--backend compares backends at one batch size: give one --batch")
+    model = model if args.shape else str(resolve_model_dir(model))
+    result = backend_bench.compare(model, args.backend, batch=(args.batch or [1])[0], isl=args.isl,
+                                   osl=args.osl or 64, iterations=args.iterations, device=args.device,
+                                   dtype=args.dtype, cache_dir=args.cache_dir)
+    backend_bench.print_table(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_onnx
+
+    target = export_onnx(args.model_dir, args.output, dtype=args.dtype, max_batch_size=args.max_batch_size,
+                         max_input_length=args.max_input_length, max_kv_cache_capacity=args.max_kv_cache_capacity,
+                         overwrite=args.overwrite)
+    print(f"wrote an ONNX decoder to {target}; run it with LLMEngineRunner({str(target)!r}, backend='onnxruntime')")
     return 0
 
 
@@ -418,6 +447,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="where GPTQ runs the model (default: cuda if available, else cpu)")
     p.set_defaults(func=cmd_quantize)
 
+    p = sub.add_parser("export", help="export a model as an ONNX decoder graph (onnxruntime / TensorRT backends)",
+                       description="Write an ONNX graph of the decoder (input embeddings, context lengths and the "
+                                   "KV cache in; last-token logits and the updated cache out) with its embedding "
+                                   "table, tokenizer, config and an I/O description (edgellm_engine.json). The "
+                                   "base model only (no LoRA). Model types: llama, mistral, qwen2, qwen3.")
+    p.add_argument("model_dir", nargs="?", default=None, help="model directory or hub id (default: the embedded model)")
+    p.add_argument("--output", "-o", required=True, help="an empty or new directory")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="the graph's weights and activations (default float32; logits are float32 always)")
+    p.add_argument("--max-batch-size", type=int, default=None, help="engine limit (default 4)")
+    p.add_argument("--max-input-length", type=int, default=None, help="engine limit (default 1024)")
+    p.add_argument("--max-kv-cache-capacity", type=int, default=None, help="engine limit (default 2048)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("bench", help="decode tokens/s and time to first token on the GPU",
                        description="Benchmark decode (tokens/s, ms per step, %% of the bandwidth floor) and TTFT "
                                    "on a CUDA GPU, for a model directory or a named random-weight shape.")
@@ -425,11 +469,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "gemma3-1b, gpt2-xl, phi4-mini")
     p.add_argument("--model-dir", "-m", default=None, help="a model directory instead of a named shape")
     p.add_argument("--isl", type=int, default=128, help="prompt length of the decode runs (default 128)")
-    p.add_argument("--osl", type=int, default=256, help="decode steps per run (default 256)")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64], help="batch sizes (default 1 4 16 64)")
+    p.add_argument("--osl", type=int, default=None, help="decode steps per run (default 256; 64 with --backend)")
+    p.add_argument("--batch", type=int, nargs="+", default=None,
+                   help="batch sizes (default 1 4 16 64; one size with --backend, default 1)")
     p.add_argument("--ttft", type=int, nargs="*", default=[128, 1024, 4096], help="prompt lengths for TTFT")
     p.add_argument("--iterations", type=int, default=3, help="timed runs per figure, median (default 3)")
-    p.add_argument("--dtype", default="float16")
+    p.add_argument("--dtype", default=None, help="default float16 (with --backend: float16 on CUDA, float32 on CPU)")
+    p.add_argument("--backend", nargs="+", default=None, choices=("triton", "onnxruntime", "tensorrt", "transformers"),
+                   help="compare these engines on the same greedy generation instead (prefill ms, decode ms/step, "
+                        "tokens/s, tokens equal to triton's); any device; the model defaults to the embedded one")
+    p.add_argument("--device", default=None, help="with --backend: cpu or cuda (default: cuda when available)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly")
     p.add_argument("--cache-dir", default="/tmp/edgellm-bench", help="where random-weight models are written")
     p.add_argument("--json", default=None, help="also write the results here")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 import sys
 import time
@@ -29,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import ExportError, UnsupportedModelError
+from ..errors import ConfigurationError, ExportError, UnsupportedModelError
 from ..engine.backends.export_format import (EMBEDDING_FILE, ENGINE_JSON, FORMAT_VERSION, ONNX_DTYPES, ONNX_FILE,
                                              DYNAMIC_AXES, io_spec)
 from ..engine.config import EngineConfig
@@ -97,9 +98,10 @@ def export_onnx(model_dir: str | Path | None, output_dir: str | Path, *, dtype: 
     output = Path(output_dir)
     if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not overwrite)):
         raise ExportError(f"{output} exists and is not an empty directory (pass overwrite=True / --overwrite)")
-    dtype = resolve_dtype(dtype, torch.device("cpu"))
-    if dtype not in ONNX_DTYPES:
-        raise ExportError(f"export dtype must be float32, float16 or bfloat16, got {dtype}")
+    try:
+        dtype = resolve_dtype(dtype, torch.device("cpu"))
+    except ConfigurationError as exc:
+        raise ExportError(f"export dtype must be float32, float16 or bfloat16, got {dtype!r}") from exc
     cfg = EngineConfig.from_model_dir(model_dir, max_batch_size=max_batch_size, max_input_length=max_input_length,
                                       max_kv_cache_capacity=max_kv_cache_capacity)
     check_exportable(cfg)
@@ -113,7 +115,7 @@ def export_onnx(model_dir: str | Path | None, output_dir: str | Path, *, dtype: 
         f"{OPSET}); a large model takes minutes")
     # The exporter reports its stages on stdout and warns about its own internals: both go to stderr
     # (or nowhere), so stdout stays the caller's.
-    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(), _quiet("torch.onnx"):
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
@@ -147,6 +149,18 @@ def export_onnx(model_dir: str | Path | None, output_dir: str | Path, *, dtype: 
     (output / ENGINE_JSON).write_text(json.dumps(description, indent=1) + "\n")
     say(f"edgellm export: done in {time.perf_counter() - started:.1f} s -> {output}")
     return output
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    """The logger's warnings off for a while (torch.onnx logs every optional op library it skips)."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _onnx_modules():
