@@ -4,6 +4,7 @@ the errors of bad exports and backends."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import sys
@@ -140,12 +141,9 @@ def test_backend_errors_are_clear_and_leave_the_runner_usable(exports, tmp_path,
         LLMEngineRunner(out, backend="onnxruntime", device="cpu", dtype="float16")
     with pytest.raises(ConfigurationError, match="max_lora_rank is not supported by the onnxruntime backend"):
         LLMEngineRunner(out, backend="onnxruntime", device="cpu", max_lora_rank=8)
-    if "tensorrt" not in sys.modules:
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            with pytest.raises(BackendError, match="needs TensorRT's Python package"):
-                LLMEngineRunner(out, backend="tensorrt", device="cpu")
+    if importlib.util.find_spec("tensorrt") is None:  # here: the tensorrt backend names what is missing
+        with pytest.raises(BackendError, match="needs TensorRT's Python package"):
+            LLMEngineRunner(out, backend="tensorrt", device="cpu")
     with monkeypatch.context() as patch:  # onnxruntime not installed: the import fails
         patch.setitem(sys.modules, "onnxruntime", None)
         with pytest.raises(BackendError, match="needs the onnxruntime package"):

@@ -93,18 +93,20 @@ class ExportedEngineRunner(LLMEngineRunner):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.embedding(input_ids.to(self.device), self.embedding)
 
-    def _bindings(self, embeds, past, context, slots, keys: int):
-        """The step's inputs and outputs by graph name: the runner's own tensors, nothing copied."""
+    def _bindings(self, embeds, ints: torch.Tensor, keys: int):
+        """The step's inputs and outputs by graph name: the runner's own tensors, nothing copied.
+        ints: [3, rows] int32, the rows' past lengths, context lengths and slots."""
         rows = embeds.shape[0]
-        inputs = dict(inputs_embeds=embeds, past_lengths=past, context_lengths=context, slots=slots,
+        inputs = dict(inputs_embeds=embeds, past_lengths=ints[0], context_lengths=ints[1], slots=ints[2],
                       kv_positions=self.kv_positions[:keys])
         outputs = dict(logits=self.logits[:rows])
         for layer in range(self.config.num_decoder_layers):
             inputs[f"past_key_values.{layer}"] = outputs[f"present_key_values.{layer}"] = self.kv_cache.data[layer]
         return inputs, outputs
 
-    def _int32(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int32, device=self.device)
+    def _int32(self, *rows: list[int]) -> torch.Tensor:
+        """Lists of ints as one int32 tensor on the device (one host-to-device copy), [len(rows), n]."""
+        return torch.tensor(rows, dtype=torch.int32, device=self.device)
 
     @staticmethod
     def _base_model_only(lora, rows: int) -> None:
@@ -129,8 +131,7 @@ class ExportedEngineRunner(LLMEngineRunner):
         self._base_model_only(lora, batch)
         slot_ids = list(range(batch)) if slots is None else self._slots(slots, batch, on_device=False).tolist()
         embeds = inputs_embeds.to(self.device, self.dtype).contiguous()
-        self.engine.run(*self._bindings(embeds, self._int32(cached), self._int32(lengths), self._int32(slot_ids),
-                                        max(lengths)))
+        self.engine.run(*self._bindings(embeds, self._int32(cached, lengths, slot_ids), max(lengths)))
         self._set_lengths(slot_ids, lengths)
         return self.logits[:batch]
 
@@ -171,8 +172,7 @@ class ExportedEngineRunner(LLMEngineRunner):
         if self.cuda_graphs:
             self._decode_graphed(embeds, past, context, slot_ids)
         else:
-            self.engine.run(*self._bindings(embeds, self._int32(past), self._int32(context), self._int32(slot_ids),
-                                            max(context)), decode=True)
+            self.engine.run(*self._bindings(embeds, self._int32(past, context, slot_ids), max(context)), decode=True)
         self._set_lengths(slot_ids, context)
         return self.logits[:batch]
 
@@ -181,23 +181,22 @@ class ExportedEngineRunner(LLMEngineRunner):
         attended (masked), so one capture serves every step."""
         batch = embeds.shape[0]
         if batch not in self._graphs:
-            static = (torch.zeros_like(embeds), self._int32(past), self._int32(context), self._int32(slot_ids))
+            static = (torch.zeros_like(embeds), self._int32(past, context, slot_ids))
             bindings = self._bindings(*static, self.config.max_kv_cache_capacity)
             self.engine.run(*bindings, decode=True)  # once before capture (TensorRT sets itself up on a first run)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self.engine.run(*bindings, decode=True)
             self._graphs[batch] = (graph, static)
-        graph, static = self._graphs[batch]
-        static[0].copy_(embeds)
-        for buffer, values in zip(static[1:], (past, context, slot_ids)):
-            buffer.copy_(torch.tensor(values, dtype=torch.int32), non_blocking=True)
+        graph, (static_embeds, static_ints) = self._graphs[batch]
+        static_embeds.copy_(embeds)
+        static_ints.copy_(torch.tensor([past, context, slot_ids], dtype=torch.int32), non_blocking=True)
         graph.replay()
 
     def _set_lengths(self, slot_ids: list[int], lengths: list[int]) -> None:
         for slot, n in zip(slot_ids, lengths):
             self._lengths[slot] = n
-        self.kv_cache.lengths[torch.tensor(slot_ids, device=self.device)] = self._int32(lengths)
+        self.kv_cache.lengths[torch.tensor(slot_ids, device=self.device)] = self._int32(lengths)[0]
 
     def get_rope_cos_sin_cache(self):
         raise ConfigurationError(f"the {self.backend} backend computes RoPE inside its graph (no table)")
