@@ -1,7 +1,7 @@
 """The TensorRT backend: an engine built from an export's model.onnx, run on the runner's tensors.
 
 NOT RUN YET: no TensorRT builder could be installed where this project is developed or on its GPU
-machine, so this file has never executed; its test (tests/test_backends.py) skips where `tensorrt`
+machine, so this file has never executed; its test (tests/test_tensorrt_backend.py) skips where `tensorrt`
 does not import. It follows TensorRT 10's Python API:
 
 - build: the ONNX parser reads model.onnx (its external weights beside it); two optimization
