@@ -9,7 +9,6 @@ import math
 import shutil
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from edgellm import KVReuseSettings, LLMGenerationRequest, LLMInferenceRuntime, SpeculativeConfig
