@@ -47,9 +47,14 @@ class OnnxRuntimeEngine:
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendError("this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu), so it "
                                    "cannot run on CUDA tensors; use device='cpu'")
+            # use_tf32 off: a float32 export computes in float32, as torch's matmuls and the triton
+            # engine's dots do by default (the CUDA provider's default, TF32, moved logits by ~4e-3).
             providers = [("CUDAExecutionProvider", {
-                "device_id": device.index or 0,
+                "device_id": device.index or 0, "use_tf32": "0",
                 "user_compute_stream": str(torch.cuda.current_stream(device).cuda_stream)})]
+            # Its kernels' creation-time warnings (ScatterND's note on duplicate indices: the graph's
+            # duplicates, padding rows, write equal values) go to the process-wide logger; errors only.
+            ort.set_default_logger_severity(3)
         else:
             providers = ["CPUExecutionProvider"]
         path = Path(export_dir) / description["onnx"]
