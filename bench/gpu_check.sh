@@ -61,7 +61,8 @@ if [[ " $parts " == *" persistent "* ]]; then
 fi
 if [[ " $parts " == *" backends "* ]]; then
   # ONNX export and the exported backends (onnxruntime; TensorRT where it imports), then the side-by-side
-  # table at fp16 (onnxruntime on the CPU without onnxruntime-gpu, from a float32 export) and fp32.
+  # table at fp16 (onnxruntime on the CPU without onnxruntime-gpu, from a float32 export) and fp32. For the CUDA
+  # execution provider, carry onnxruntime-gpu and put it first on PYTHONPATH (bench/RESULTS.md, 2026-12-06, says how).
   python3 -m pytest -q -rs -p no:cacheprovider tests/test_export.py tests/test_tensorrt_backend.py > "$out/backends_pytest.log" 2>&1 \
     || { status=1; grep -E "^(FAILED|ERROR)" "$out/backends_pytest.log" | head; }
   grep -E "passed|failed|SKIPPED" "$out/backends_pytest.log" | tail -6
