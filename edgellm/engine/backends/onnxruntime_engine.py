@@ -6,7 +6,8 @@ data_ptr(), shape and element type): nothing is copied into or out of onnxruntim
 input of each layer and its updated ("present") output are bound to the same memory, so the graph's
 ScatterND updates the runner's cache in place (onnxruntime skips ScatterND's copy of its input when
 input and output are one buffer). On CPU tensors the CPU execution provider runs; on CUDA tensors
-the CUDA one, on torch's current stream, where onnxruntime-gpu is installed.
+the CUDA one where onnxruntime-gpu is installed, on the torch stream that was current when the
+engine was opened (onnxruntime takes one stream per session).
 """
 
 from __future__ import annotations
