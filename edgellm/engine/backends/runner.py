@@ -131,8 +131,9 @@ class ExportedEngineRunner(LLMEngineRunner):
         self._base_model_only(lora, batch)
         slot_ids = list(range(batch)) if slots is None else self._slots(slots, batch, on_device=False).tolist()
         embeds = inputs_embeds.to(self.device, self.dtype).contiguous()
-        self.engine.run(*self._bindings(embeds, self._int32(cached, lengths, slot_ids), max(lengths)))
-        self._set_lengths(slot_ids, lengths)
+        ints = self._int32(cached, lengths, slot_ids)
+        self.engine.run(*self._bindings(embeds, ints, max(lengths)))
+        self._set_lengths(slot_ids, lengths, ints)
         return self.logits[:batch]
 
     @inference_call
@@ -170,15 +171,16 @@ class ExportedEngineRunner(LLMEngineRunner):
         context = [n + 1 for n in past]
         embeds = inputs_embeds.to(self.device, self.dtype).contiguous()
         if self.cuda_graphs:
-            self._decode_graphed(embeds, past, context, slot_ids)
+            ints = self._decode_graphed(embeds, past, context, slot_ids)
         else:
-            self.engine.run(*self._bindings(embeds, self._int32(past, context, slot_ids), max(context)), decode=True)
-        self._set_lengths(slot_ids, context)
+            ints = self._int32(past, context, slot_ids)
+            self.engine.run(*self._bindings(embeds, ints, max(context)), decode=True)
+        self._set_lengths(slot_ids, context, ints)
         return self.logits[:batch]
 
-    def _decode_graphed(self, embeds, past, context, slot_ids) -> None:
+    def _decode_graphed(self, embeds, past, context, slot_ids) -> torch.Tensor:
         """TensorRT decode from a CUDA graph per batch size: static inputs, every capacity position
-        attended (masked), so one capture serves every step."""
+        attended (masked), so one capture serves every step. Returns the step's int32 [3, b] tensor."""
         batch = embeds.shape[0]
         if batch not in self._graphs:
             static = (torch.zeros_like(embeds), self._int32(past, context, slot_ids))
@@ -192,11 +194,14 @@ class ExportedEngineRunner(LLMEngineRunner):
         static_embeds.copy_(embeds)
         static_ints.copy_(torch.tensor([past, context, slot_ids], dtype=torch.int32), non_blocking=True)
         graph.replay()
+        return static_ints
 
-    def _set_lengths(self, slot_ids: list[int], lengths: list[int]) -> None:
+    def _set_lengths(self, slot_ids: list[int], lengths: list[int], ints: torch.Tensor) -> None:
+        """The rows' new lengths in the host mirror and in the cache's device lengths (from the step's
+        own int32 tensor: row 1 lengths, row 2 slots; no further copy to the device)."""
         for slot, n in zip(slot_ids, lengths):
             self._lengths[slot] = n
-        self.kv_cache.lengths[torch.tensor(slot_ids, device=self.device)] = self._int32(lengths)[0]
+        self.kv_cache.lengths[ints[2].long()] = ints[1]
 
     def get_rope_cos_sin_cache(self):
         raise ConfigurationError(f"the {self.backend} backend computes RoPE inside its graph (no table)")
