@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -95,18 +96,45 @@ def default_model_gguf(progress: Callable[[str], None] | None = None) -> Path:
     return extracted
 
 
+@contextmanager
+def _one_process_at_a_time(name: str):
+    """An exclusive lock on a file in the cache: two processes on a fresh cache (two `edgellm`
+    commands, or test workers) must not download and convert the same files over each other."""
+    path = cache_dir() / f".{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock (one process at a time is then the user's to keep)
+        yield
+        return
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def default_model_dir(progress: Callable[[str], None] | None = None) -> Path:
-    """The HF directory of the embedded default model, converting it on first use."""
+    """The HF directory of the embedded default model, converting it on first use (one process
+    converts; another that asks meanwhile waits for it and then uses its result)."""
     progress = progress or _stderr
     target = cache_dir() / "models" / DEFAULT_MODEL_NAME
     marker = target / ".edgellm-converted"
-    if marker.is_file() and marker.read_text().strip() == _FORMAT_VERSION:
-        return target
-    from .gguf_import import convert_gguf
 
-    progress(f"edgellm: preparing the default model {DEFAULT_MODEL_NAME} (one time) in {target}")
-    convert_gguf(default_model_gguf(progress), target, progress)
-    marker.write_text(_FORMAT_VERSION)
+    def ready() -> bool:
+        return marker.is_file() and marker.read_text().strip() == _FORMAT_VERSION
+
+    if ready():
+        return target
+    with _one_process_at_a_time(DEFAULT_MODEL_NAME):
+        if ready():  # another process converted it while this one waited
+            return target
+        from .gguf_import import convert_gguf
+
+        progress(f"edgellm: preparing the default model {DEFAULT_MODEL_NAME} (one time) in {target}")
+        convert_gguf(default_model_gguf(progress), target, progress)
+        marker.write_text(_FORMAT_VERSION)
     progress("edgellm: default model ready")
     return target
 

@@ -86,3 +86,25 @@ def test_cli_generate_names_paris(default_model_dir):
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
+
+
+def test_two_processes_on_a_fresh_cache_convert_the_default_model_once(default_model_dir, tmp_path):
+    """Two commands (or test workers) started together on an empty cache: one converts, the other waits
+    for it; neither reads a half-written directory or deletes the other's."""
+    import shutil
+
+    from edgellm.models import default_model_gguf
+
+    gguf = default_model_gguf()
+    (tmp_path / "downloads").mkdir()
+    shutil.copy(gguf, tmp_path / "downloads" / gguf.name)  # no download: the GGUF is already here
+    code = ("import json; from edgellm.models import default_model_dir; d = default_model_dir(); "
+            "print(json.loads((d / 'config.json').read_text())['model_type'])")
+    env = {**os.environ, "EDGELLM_CACHE": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
+    assert [out.strip() for out, _ in results] == ["llama", "llama"]
+    assert sum("preparing the default model" in err for _, err in results) == 1  # converted once
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["SmolLM2-135M-Instruct"]  # no leftover temp dirs
