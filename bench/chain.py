@@ -2,8 +2,9 @@
 gate_up, down per layer, each layer's weights distinct, every kernel reading the previous one's
 output), replayed from a CUDA graph, with cuBLAS, with the Triton GEMV, and with the Triton GEMV under
 programmatic dependent launch (PDL, kernels/_triton.py): releasing the next kernel after the loads
-(today) or right after the wait (EDGELLM_PDL=early), with and without each GEMV prefetching its weight
-rows towards L2 before it waits (EDGELLM_GEMV_PREFETCH). Floor = weight bytes / copy bandwidth.
+(today) or right after the wait (pdl "early"), with and without each GEMV prefetching its weight
+rows towards L2 before it waits (gemv_prefetch): the kernels' RunSettings (kernels/dispatch.py), which
+EDGELLM_PDL and EDGELLM_GEMV_PREFETCH set for a runner. Floor = weight bytes / copy bandwidth.
 
 Run on a CUDA GPU:  python bench/chain.py [--json bench/results/chain.json]
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -23,16 +23,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgellm.benchmark import SHAPES, copy_bandwidth  # noqa: E402
 from edgellm.kernels import gemv  # noqa: E402
+from edgellm.kernels.dispatch import run_with  # noqa: E402
 
-VARIANTS = {  # name: (kernels, EDGELLM_PDL, EDGELLM_GEMV_PREFETCH: bytes of each weight row before the wait)
-    "cublas": ("cublas", "0", "0"),
-    "triton": ("triton", "0", "0"),
-    "triton pdl": ("triton", "1", "0"),
-    "pdl prefetch 4K": ("triton", "1", "4096"),
-    "pdl early": ("triton", "early", "0"),
-    "early prefetch 1K": ("triton", "early", "1024"),
-    "early prefetch 4K": ("triton", "early", "4096"),
-    "early prefetch 16K": ("triton", "early", "16384"),
+VARIANTS = {  # name: (kernels, RunSettings.pdl, RunSettings.gemv_prefetch: bytes of each weight row before the wait)
+    "cublas": ("cublas", "off", 0),
+    "triton": ("triton", "off", 0),
+    "triton pdl": ("triton", "on", 0),
+    "pdl prefetch 4K": ("triton", "on", 4096),
+    "pdl early": ("triton", "early", 0),
+    "early prefetch 1K": ("triton", "early", 1024),
+    "early prefetch 4K": ("triton", "early", 4096),
+    "early prefetch 16K": ("triton", "early", 16384),
 }
 
 
@@ -103,12 +104,12 @@ def main() -> int:
             reference = None
             runs = [(name, spec, None) for name, spec in VARIANTS.items() if args.variants is None or name in args.variants]
             if rows > 1:
-                runs += [(f"tile {t}", ("triton", "1", "0"), tuple(int(v) for v in t.split(","))) for t in args.tiles]
+                runs += [(f"tile {t}", ("triton", "on", 0), tuple(int(v) for v in t.split(","))) for t in args.tiles]
             for variant, (kind, pdl, prefetch), tile in runs:
-                os.environ["EDGELLM_PDL"], os.environ["EDGELLM_GEMV_PREFETCH"] = pdl, prefetch
                 try:
-                    out = chain(kind, weights, x, tile)
-                    us = time_graph(lambda w=weights: chain(kind, w, x, tile))
+                    with run_with(pdl=pdl, gemv_prefetch=prefetch):
+                        out = chain(kind, weights, x, tile)
+                        us = time_graph(lambda w=weights: chain(kind, w, x, tile))
                     error = None
                 except Exception as exc:  # noqa: BLE001 - report the variant as failed, go on
                     us, out, error = None, None, f"{type(exc).__name__}: {str(exc)[:200]}"

@@ -1,5 +1,5 @@
 """A long prompt's gate/up projection with SiLU(gate) * up in its epilogue (one Triton GEMM, two
-accumulators sharing each x tile) against cuBLAS's GEMM followed by the silu_mul kernel, and a plain
+accumulators sharing each x tile) against cuBLAS's GEMM followed by the glu kernel, and a plain
 Triton GEMM against cuBLAS (how close Triton's tiles come on their own). Llama-3.2-1B shape: x
 [M, 2048] @ W_gate_up^T [2048, 2 x 8192], fp16. Time: do_bench over a CUDA graph of 10 calls.
 
@@ -22,7 +22,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.kernels import graph_us  # noqa: E402
-from edgellm.kernels.silu_mul import gate_activation, silu_mul  # noqa: E402
+from edgellm.kernels.glu import gate_activation, glu as glu_op  # noqa: E402
 
 
 @triton.jit
@@ -59,7 +59,7 @@ def _gemm_kernel(x_ptr, w_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym, BLOCK_M: tl.con
         x_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
     out = acc.to(y_ptr.dtype.element_ty)
-    if GLU:  # rounded as the GEMM's output would be, then silu_mul's arithmetic
+    if GLU:  # rounded as the GEMM's output would be, then glu's arithmetic
         out = gate_activation(out, False) * acc_u.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + rows[:, None] * s_ym + cols[None, :], out, mask=row_ok[:, None] & col_ok[None, :])
 
@@ -95,10 +95,10 @@ def main() -> int:
     for m in args.rows:
         x = torch.randn(m, args.hidden, device=dev, dtype=torch.float16)
         flops = 2 * m * args.hidden * 2 * args.ffn
-        want = silu_mul(F.linear(x, w))
+        want = glu_op(F.linear(x, w))
         cublas = graph_us(lambda: F.linear(x, w), 10)
-        unfused = graph_us(lambda: silu_mul(F.linear(x, w)), 10)
-        print(f"m={m}: cuBLAS gate_up {cublas:.1f} us ({flops / cublas / 1e6:.0f} TFLOP/s); + silu_mul {unfused:.1f} us",
+        unfused = graph_us(lambda: glu_op(F.linear(x, w)), 10)
+        print(f"m={m}: cuBLAS gate_up {cublas:.1f} us ({flops / cublas / 1e6:.0f} TFLOP/s); + glu {unfused:.1f} us",
               flush=True)
         for glu in (False, True):
             rows = []
@@ -117,7 +117,7 @@ def main() -> int:
             base = unfused if glu else cublas
             for r in rows[:args.top]:
                 print(f"  {'GLU  ' if glu else 'plain'} (bm, bn, bk, group, warps, stages)={r['cfg']}  {r['us']:7.1f} us  "
-                      f"{flops / r['us'] / 1e6:4.0f} TFLOP/s  {base / r['us']:4.2f}x {'cuBLAS + silu_mul' if glu else 'cuBLAS'}"
+                      f"{flops / r['us'] / 1e6:4.0f} TFLOP/s  {base / r['us']:4.2f}x {'cuBLAS + glu' if glu else 'cuBLAS'}"
                       f"  max err {r['err']:.2g}", flush=True)
             results += rows
         results.append(dict(rows=m, cublas_us=cublas, cublas_silu_us=unfused))

@@ -2,33 +2,32 @@
 # The device script: GPU tests (kernels vs their references on CUDA, end-to-end generation vs
 # transformers, CUDA-graph decode vs eager, no reference op in the hot path), then the kernel and
 # decode benchmarks; short tables last.
-# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|tests1|tests2|kernels|decode|lora|kv|threads|vision|vocab|families|quant|host|persistent|backends ...]
+# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|tests1|tests2|kernels|decode|lora|kv|threads|vision|vocab|families|quant|host|backends ...]
 # (no argument: all of them). Results go to $OUT (the device tool's folder) or bench/results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-bench/results}"
 mkdir -p "$out"
-parts="${*:-tests kernels decode lora kv threads vision vocab families quant host persistent backends}"
+parts="${*:-tests kernels decode lora kv threads vision vocab families quant host backends}"
 status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-# The GPU tests in two halves (tests1, tests2: each well inside the device tool's 10-minute call on a fresh
-# machine, where the whole ran past it once), or all at once (tests).
-tests1="tests/test_kernels_triton.py tests/test_kernels_tree.py tests/test_kernels_vision.py"
-tests2="tests/test_gpu.py tests/test_gpu_vision.py tests/test_gpu_vocab.py tests/test_gpu_families.py tests/test_gpu_quant.py tests/test_megakernel.py tests/test_kv_reuse.py::test_store_restores_blocks_exactly_from_mixed_tiers tests/test_kv_reuse.py::test_host_tier_alone_defers_its_blocks_and_evicts_to_disk"
-selected=""
-[[ " $parts " == *" tests "* ]] && selected="$tests1 $tests2"
-[[ " $parts " == *" tests1 "* ]] && selected="$selected $tests1"
-[[ " $parts " == *" tests2 "* ]] && selected="$selected $tests2"
-if [[ -n "$selected" ]]; then
-  # shellcheck disable=SC2086
-  python3 -m pytest -q -rP -p no:cacheprovider $selected > "$out/gpu_pytest.log" 2>&1
-  status=$?
-  grep -E "passed|failed|error" "$out/gpu_pytest.log" | tail -3
-  grep -E "^memory plan" "$out/gpu_pytest.log"  # test_memory_plan_bounds_what_the_engine_uses
-  [ $status -ne 0 ] && grep -E "^(FAILED|ERROR)" "$out/gpu_pytest.log" | head -20
-fi
+# The GPU tests in two halves, selected by directory and marker (each inside the device tool's
+# 10-minute call on a fresh machine): tests1, every kernel test (tests/kernels: on a GPU each runs the
+# compiled kernels on CUDA tensors); tests2, every other test marked gpu (pyproject.toml's markers).
+# "tests": both, one after the other.
+[[ " $parts " == *" tests "* ]] && parts="$parts tests1 tests2"
+for half in tests1 tests2; do
+  [[ " $parts " == *" $half "* ]] || continue
+  if [[ $half == tests1 ]]; then selection=(tests/kernels); else selection=(-m gpu --ignore=tests/kernels tests); fi
+  python3 -m pytest -q -rP -p no:cacheprovider "${selection[@]}" > "$out/gpu_pytest_$half.log" 2>&1
+  result=$?
+  [ $result -ne 0 ] && status=$result
+  echo "$half: $(grep -E "passed|failed|error" "$out/gpu_pytest_$half.log" | tail -1)"
+  grep -E "^memory plan" "$out/gpu_pytest_$half.log"  # test_memory_plan_bounds_what_the_engine_uses
+  [ $result -ne 0 ] && grep -E "^(FAILED|ERROR)" "$out/gpu_pytest_$half.log" | head -20
+done
 if [[ " $parts " == *" kernels "* ]]; then
   python3 bench/kernels.py --json "$out/kernels.json" 2> "$out/kernels.stderr"
 fi
@@ -56,14 +55,11 @@ fi
 if [[ " $parts " == *" host "* ]]; then
   python3 bench/host_loop.py --json "$out/host_loop.json" 2> "$out/host_loop.stderr" || { status=1; tail -30 "$out/host_loop.stderr"; }
 fi
-if [[ " $parts " == *" persistent "* ]]; then
-  python3 bench/persistent.py --json "$out/persistent.json" 2> "$out/persistent.stderr" || { status=1; tail -30 "$out/persistent.stderr"; }
-fi
 if [[ " $parts " == *" backends "* ]]; then
   # ONNX export and the exported backends (onnxruntime; TensorRT where it imports), then the side-by-side
   # table at fp16 (onnxruntime on the CPU without onnxruntime-gpu, from a float32 export) and fp32. For the CUDA
   # execution provider, carry onnxruntime-gpu and put it first on PYTHONPATH (bench/RESULTS.md, 2026-12-06, says how).
-  python3 -m pytest -q -rs -p no:cacheprovider tests/test_export.py tests/test_tensorrt_backend.py > "$out/backends_pytest.log" 2>&1 \
+  python3 -m pytest -q -rs -p no:cacheprovider tests/export > "$out/backends_pytest.log" 2>&1 \
     || { status=1; grep -E "^(FAILED|ERROR)" "$out/backends_pytest.log" | head; }
   grep -E "passed|failed|SKIPPED" "$out/backends_pytest.log" | tail -6
   for dtype in float16 float32; do

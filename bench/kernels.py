@@ -33,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgellm.benchmark import copy_bandwidth  # noqa: E402
-from edgellm.kernels import attention, gemv, kv_append, lora, rms_norm, rope, rope_append, sampling, silu_mul  # noqa: E402
+from edgellm.kernels import attention, gemv, kv_append, lora, rms_norm, rope, rope_append, sampling, glu  # noqa: E402
 
 ANCHORS = Path(__file__).resolve().parents[2] / "shared" / "anchors" / "h100-2026-11-22.json"
 DEV = "cuda"
@@ -128,10 +128,10 @@ def cases():
                         fresh=lambda i, rows=rows, w=w: (lambda x=rnd(rows, hidden), r=rnd(rows, hidden):
                                                          rms_norm.add_rms_norm(x, r, w, 1e-5))))
         gu = rnd(rows, 2 * ffn)
-        out.append(dict(name=f"silu_mul {tag}", triton=lambda gu=gu: silu_mul.silu_mul(gu),
-                        torch=lambda gu=gu: silu_mul.silu_mul_ref(gu), compile=silu_mul.silu_mul_ref,
+        out.append(dict(name=f"glu {tag}", triton=lambda gu=gu: glu.glu(gu),
+                        torch=lambda gu=gu: glu.glu_ref(gu), compile=glu.glu_ref,
                         compile_args=(gu,), bytes=3 * rows * ffn * 2,
-                        fresh=lambda i, rows=rows: (lambda gu=rnd(rows, 2 * ffn): silu_mul.silu_mul(gu))))
+                        fresh=lambda i, rows=rows: (lambda gu=rnd(rows, 2 * ffn): glu.glu(gu))))
     cos, sin = rope.rope_cos_sin_cache_ref(rope.rope_inv_freq(d, 5e5).to(DEV), 8192)
     for tag, (b, s) in (("decode b16", (16, 1)), ("prefill 4096", (1, 4096))):
         q, k = rnd(b, s, hq, d), rnd(b, s, hkv, d)
@@ -469,9 +469,9 @@ def lora_cases(rnd):
                         lora.lora_shrink(rms_norm.add_rms_norm(x, r, w, 1e-5)[0], a, i, u),
                         compile=None, bytes=4 * x.numel() * 2 + a_bytes(a_qkv), baseline="unfused"))
         gu = rnd(b, 2 * ffn)
-        out.append(dict(name=f"silu_mul+down shrink {tag}",
-                        triton=lambda gu=gu, a=a_down, i=index, u=used: silu_mul.silu_mul(gu, lora_a=(a, i, u)),
-                        torch=lambda gu=gu, a=a_down, i=index, u=used: lora.lora_shrink(silu_mul.silu_mul(gu), a, i, u),
+        out.append(dict(name=f"glu+down shrink {tag}",
+                        triton=lambda gu=gu, a=a_down, i=index, u=used: glu.glu(gu, lora_a=(a, i, u)),
+                        torch=lambda gu=gu, a=a_down, i=index, u=used: lora.lora_shrink(glu.glu(gu), a, i, u),
                         compile=None, bytes=3 * b * ffn * 2 + a_bytes(a_down), baseline="unfused"))
         ctx = 1024
         kc, vc, q = rnd(b, hkv, ctx, d), rnd(b, hkv, ctx, d), rnd(b, hq, d)

@@ -6,8 +6,7 @@ of a KV group (each K/V tile loaded once per group).
 Llama-3.2-1B attention shape by default (32 query heads, 8 KV heads, head_dim 64), batch 1, causal,
 fp16; the K/V in edgellm's cache layout [slot, kv_head, position, head_dim] (SDPA reads the same
 tensors as [batch, kv_head, position, head_dim]). Time: triton.testing.do_bench over a CUDA graph of
-`--calls` calls (bench/kernels.py's graph_us), per call; the sweep also tries K/V through TMA
-descriptors (--tma 0 1); TFLOP/s counts the causal half (2 * 2 * s^2 / 2 * d * heads).
+`--calls` calls (bench/kernels.py's graph_us), per call; TFLOP/s counts the causal half (2 * 2 * s^2 / 2 * d * heads).
 For an A/B against an older tree, copy this script into a `git archive` of it and run both.
 
 Run on a CUDA GPU:  python bench/prefill_attention.py [--lengths 512 1024 4096 8192] [--sweep] [--json out.json]
@@ -59,7 +58,6 @@ def main() -> int:
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--pack", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--tma", type=int, nargs="+", default=[0, 1], help="K/V through TMA descriptors (0/1)")
     parser.add_argument("--top", type=int, default=6)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -92,24 +90,24 @@ def main() -> int:
               f"max err {err:.2g})", flush=True)
         sweep = []
         if args.sweep:
-            for bm, bn, warps, stages, pack, tma in itertools.product(args.block_m, args.block_n, args.warps,
-                                                                       args.stages, args.pack, args.tma):
+            for bm, bn, warps, stages, pack in itertools.product(args.block_m, args.block_n, args.warps,
+                                                                  args.stages, args.pack):
                 tile = (bm, bn, warps, stages)
-                def fn(tile=tile, pack=pack, tma=tma):
+                def fn(tile=tile, pack=pack):
                     return attention.prefill_attention(q, k, v, zeros, zeros, qlen, scale, tile=tile, num_splits=1,
-                                                       pack=bool(pack), tma=bool(tma))
+                                                       pack=bool(pack))
                 try:
                     e = (fn().float() - want).abs().max().item()
                     us = graph_us(fn, args.calls)
                     if us is None:
                         raise RuntimeError("CUDA graph capture failed")
                 except Exception as exc:  # noqa: BLE001 - a tile that does not fit is reported, the sweep goes on
-                    print(f"  {tile} pack={pack} tma={tma} FAILED {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+                    print(f"  {tile} pack={pack} FAILED {type(exc).__name__}: {str(exc)[:120]}", flush=True)
                     continue
-                sweep.append(dict(tile=tile, pack=pack, tma=tma, us=us, err=e))
+                sweep.append(dict(tile=tile, pack=pack, us=us, err=e))
             sweep.sort(key=lambda r: r["us"])
             for r in sweep[:args.top]:
-                print(f"  tile {r['tile']} pack={r['pack']} tma={r['tma']}  {r['us']:8.1f} us  {flops / r['us'] / 1e6:5.0f} TFLOP/s  "
+                print(f"  tile {r['tile']} pack={r['pack']}  {r['us']:8.1f} us  {flops / r['us'] / 1e6:5.0f} TFLOP/s  "
                       f"{sdpa_us / r['us']:4.2f}x SDPA  max err {r['err']:.2g}", flush=True)
         row["sweep"] = sweep
         results.append(row)

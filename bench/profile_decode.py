@@ -44,14 +44,15 @@ def main() -> int:
         runner.decode_sample_step()
     torch.cuda.synchronize()
     graph_ms = (time.perf_counter() - t0) / args.steps * 1e3
-    buf = runner._active
+    steps = runner._decode  # the decode steps (engine/decode_steps.py): their body, eager
+    buf = steps.running("profile")
     with torch.inference_mode():  # (the runner's buffers are inference tensors)
         for _ in range(3):
-            runner._decode_body(buf, buf.uses_lora)
+            steps.step_body(buf, buf.uses_lora)
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
-                runner._decode_body(buf, buf.uses_lora)
+                steps.step_body(buf, buf.uses_lora)
             torch.cuda.synchronize()
     events = prof.key_averages()
     total_us = sum(e.device_time_total for e in events) / args.steps

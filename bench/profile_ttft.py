@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgellm import LLMGenerationRequest, LLMInferenceRuntime  # noqa: E402
 from edgellm.benchmark import SHAPES, random_model_dir, sync_time  # noqa: E402
-from edgellm.engine.graphs import prefill_key  # noqa: E402
+from edgellm.engine.graphs import PrefillKey  # noqa: E402
 from edgellm.engine.kv_store import KVReuseSettings  # noqa: E402
 from edgellm.kernels import ops  # noqa: E402
 
@@ -68,10 +68,11 @@ def host_marks(runtime, request, repeats: int = 20) -> dict[str, tuple[float, fl
     graph launch is the first CUDAGraph.replay; advance_rows runs once the first token is on the host."""
     import edgellm.runtime as runtime_module
     from edgellm.engine.kv_store import TieredKVStore
+    from edgellm.engine.prefill_steps import PrefillSteps
     from edgellm.engine.runner import LLMEngineRunner
     steps = [(runtime_module.LLMInferenceRuntime, "_prepare"), (TieredKVStore, "keys"), (TieredKVStore, "restore"),
              (TieredKVStore, "take_pending"), (LLMEngineRunner, "prefill_tokens"),
-             (LLMEngineRunner, "_prefill_chunk"), (torch.cuda.CUDAGraph, "replay"), (ops, "sample"),
+             (PrefillSteps, "_prefill_chunk"), (torch.cuda.CUDAGraph, "replay"), (ops, "sample"),
              (TieredKVStore, "save"), (runtime_module, "advance_rows")]
     marks: dict[str, list[float]] = {}
     originals = {(owner, name): getattr(owner, name) for owner, name in steps}
@@ -193,10 +194,10 @@ def main() -> int:
                 "handle_request": timed(lambda: runtime.handle_request(request)),
                 "  _prepare (validate, ids)": timed(lambda: runtime._prepare(request)),
                 "  prefill_tokens": timed(lambda: runner.prefill_tokens([ids])),
-                "  + sample + tolist": timed(lambda: ops.sample(runner.prefill_tokens([ids]), *params).tolist()),
+                "  + sample + tolist": timed(lambda: runner.sample(runner.prefill_tokens([ids]), *params).tolist()),
             }
             if length <= runner.prefill_chunk_size:  # one chunk, one graph
-                key = prefill_key(1, length, "", length, from_ids=True)
+                key = PrefillKey.of(1, length, False, length, from_ids=True)
                 phases["  prefill graph replay alone"] = timed(lambda: runner.graphs.get(key).replay())
         print(f"TTFT parts, {args.shape}, prompt {length} (ms, median of 20):")
         for name, ms in phases.items():

@@ -1,9 +1,10 @@
-"""`edgellm bench --plot out.png`: decode tokens/s per batch size against the bandwidth floor, the
-kernel chain against the persistent step (batch 1) and the torch.compile baseline where a result
-has it (bench/decode.py's JSON). matplotlib is an optional extra (`pip install 'edgellm[plot]'`).
+"""`edgellm bench --plot out.png`: decode tokens/s per batch size against the bandwidth floor and the
+torch.compile baseline where a result has it (bench/decode.py's JSON). matplotlib is an optional
+extra (`pip install 'edgellm[plot]'`).
 
-Takes the results of `edgellm bench` (one dict per model: decode rows with batch, mode, tokens_per_s,
-floor_ms) or of bench/decode.py (meta + results, each with "edgellm" and "torch_compile_reference").
+Takes the results of `edgellm bench` (one dict per model: decode rows with batch, tokens_per_s,
+floor_ms; rows of older results may name a mode, drawn as series of their own) or of bench/decode.py
+(meta + results, each with "edgellm" and "torch_compile_reference").
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def load_results(paths) -> list[dict]:
     return results
 
 
-STYLES = {"chain": dict(marker="o"), "persistent": dict(marker="*", markersize=12, linestyle="none"),
+STYLES = {"chain": dict(marker="o"),
           "torch.compile reference": dict(marker="s", linestyle="--"),
           "bandwidth floor": dict(color="gray", linestyle=":")}
 

@@ -275,19 +275,11 @@ def run(model: str, *, batches=(1, 4, 16, 64), isl: int = 128, osl: int = 256, t
     bandwidth = copy_bandwidth(runner.device)
     result = dict(model=model, dtype=dtype, cuda_graphs=cuda_graphs, copy_TBps=bandwidth / 1e12,
                   weight_gb=weight_bytes(runner) / 1e9, decode=[], ttft=[])
-    # Every batch through the kernel chain, then batch 1 through the persistent step where it runs
-    # (engine/persistent.py), whichever the runner would pick on its own.
-    default, persistent = runner.persistent, _persistent_plan(runner)
-    runner.persistent = None
-    modes = [("chain", batch) for batch in batches] + ([("persistent", 1)] if persistent is not None and 1 in batches
-                                                       else [])
-    for mode, batch in modes:
-        runner.persistent = persistent if mode == "persistent" else None
-        row = dict(mode=mode, **bench_decode(runner, batch, isl, osl, iterations, bandwidth))
-        log(f"  decode b{batch} {mode}: {row['tokens_per_s']:.0f} tok/s, {row['ms_per_step']:.3f} ms/step "
+    for batch in batches:
+        row = bench_decode(runner, batch, isl, osl, iterations, bandwidth)
+        log(f"  decode b{batch}: {row['tokens_per_s']:.0f} tok/s, {row['ms_per_step']:.3f} ms/step "
             f"({row['pct_of_floor']:.0f}% of floor)")
         result["decode"].append(row)
-    runner.persistent = default
     for length in ttft_lens:
         row = bench_ttft(runner, length, iterations)
         log(f"  TTFT {length}: {row['ttft_ms']:.2f} ms")
@@ -296,25 +288,11 @@ def run(model: str, *, batches=(1, 4, 16, 64), isl: int = 128, osl: int = 256, t
     return result
 
 
-def _persistent_plan(runner):
-    """The runner's persistent plan, or one made for this benchmark where the step can run; else None."""
-    from .engine.persistent import plan_for
-    from .errors import ConfigurationError
-
-    if runner.persistent is not None:
-        return runner.persistent
-    try:
-        return plan_for(runner.config, runner.weights, runner.kv_cache.data, runner.rope,
-                        runner.longrope_original is not None, mode="persistent")
-    except ConfigurationError:
-        return None
-
-
 def print_table(result: dict, label: str = "edgellm") -> None:
     print(f"{label}  {result['model']}  {result['dtype']}  copy {result['copy_TBps']:.2f} TB/s  "
           f"weights {result['weight_gb']:.2f} GB")
-    print(f"{'batch':>5s} {'mode':>10s} {'tok/s':>9s} {'ms/step':>8s} {'floor ms':>8s} {'% floor':>7s} {'peak GB':>7s}")
+    print(f"{'batch':>5s} {'tok/s':>9s} {'ms/step':>8s} {'floor ms':>8s} {'% floor':>7s} {'peak GB':>7s}")
     for r in result["decode"]:
-        print(f"{r['batch']:5d} {r.get('mode', 'chain'):>10s} {r['tokens_per_s']:9.0f} {r['ms_per_step']:8.3f} "
+        print(f"{r['batch']:5d} {r['tokens_per_s']:9.0f} {r['ms_per_step']:8.3f} "
               f"{r['floor_ms']:8.3f} {r['pct_of_floor']:6.0f}% {r['peak_gpu_mem_gb']:7.2f}")
     print("TTFT " + "  ".join(f"{r['prompt_len']}: {r['ttft_ms']:.2f} ms" for r in result["ttft"]))

@@ -425,8 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default="/tmp/edgellm-bench", help="where random-weight models are written")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--plot", default=None, metavar="OUT.png",
-                   help="draw decode tokens/s per batch size against the bandwidth floor: the kernel chain, the "
-                        "persistent step and (from bench/decode.py results) the torch.compile baseline; "
+                   help="draw decode tokens/s per batch size against the bandwidth floor and (from bench/decode.py "
+                        "results) the torch.compile baseline; "
                         "needs matplotlib (the 'plot' extra)")
     p.add_argument("--from", dest="plot_from", nargs="+", default=None, metavar="JSON",
                    help="with --plot: plot these saved results (edgellm bench --json or bench/decode.py --json) "

@@ -4,12 +4,13 @@ graph capture up front, reduce-vocab's generation): tqdm on stderr, shown only w
 
 from __future__ import annotations
 
-import os
 import sys
+
+from .engine.switches import progress_quiet
 
 
 def progress_enabled() -> bool:
-    return os.environ.get("EDGELLM_QUIET", "0") != "1" and sys.stderr.isatty()
+    return not progress_quiet() and sys.stderr.isatty()
 
 
 def progress(iterable=None, *, total: int | None = None, desc: str = "", unit: str = "it"):

@@ -20,7 +20,6 @@ import collections
 import contextlib
 import dataclasses
 import logging
-import os
 import random
 import threading
 import time
@@ -30,7 +29,6 @@ from typing import Callable
 
 import torch
 
-from .kernels import ops
 from .engine.kv_store import KVReuseSettings, KVReuseStats, TieredKVStore, model_identity
 from .engine.devices import resolve_device, resolve_dtype
 from .engine.runner import LLMEngineRunner
@@ -52,8 +50,6 @@ from .vision.graphs import GRAPH_MAX_PATCHES
 TextCallback = Callable[[int, str], None]
 
 _SEED_STRIDE = 0x632BE5AB  # spreads the per-item seeds of one request apart
-# EDGELLM_RUN_AHEAD=0 reads each decode step's tokens before queueing the next (for A/B runs).
-RUN_AHEAD = os.environ.get("EDGELLM_RUN_AHEAD", "1") != "0"
 
 log = logging.getLogger("edgellm")
 
@@ -360,9 +356,9 @@ class LLMInferenceRuntime:
                   spec: Speculation | None, images: list[ImagePrompt | None]):
         runner, device = self.runner, self.device
         batch = len(prompts)
-        live = bool(stops or on_text)
-        rows = [GenerationRow(len(p), RowText(self.tokenizer.decode, stops, on_text is not None) if live else None)
-                for p in prompts]
+        text_each_step = bool(stops or on_text)  # stop strings or streaming: detokenize as tokens come
+        rows = [GenerationRow(len(p), RowText(self.tokenizer.decode, stops, on_text is not None) if text_each_step
+                              else None) for p in prompts]
         timings = GenerationTimings()
 
         t0 = time.perf_counter()
@@ -399,7 +395,7 @@ class LLMInferenceRuntime:
                                          positions=positions, position_offsets=offsets_mm)
         # Queued behind the prefill, so the host work here runs while the GPU prefills.
         temperature, top_k, top_p, seeds, offsets, slots = self._sampling_tensors(sampling, batch)
-        tokens = runner.full_ids(ops.sample(logits, temperature, top_k, top_p, seeds, offsets))
+        tokens = runner.sample(logits, temperature, top_k, top_p, seeds, offsets)
         if reuse is not None:
             t_save = time.perf_counter()
             for i, k in enumerate(block_keys):
@@ -419,7 +415,7 @@ class LLMInferenceRuntime:
         # Steps run one ahead where nothing on the host decides the next step's input: step n + 1 is
         # queued before step n's tokens are read, so the host's work (stop strings, streaming) hides
         # behind the GPU's. A row that finishes at step n has step n + 1 computed and dropped.
-        ahead = spec is None and runner.longrope_original is None and RUN_AHEAD
+        ahead = spec is None and not runner.needs_rows_each_step and runner.switches.run_ahead
         in_flight: collections.deque = collections.deque()  # (the rows of a queued step, its tokens)
         try:  # an exception from on_text, or a KeyboardInterrupt, must not leave the batch running
             if active:
@@ -428,9 +424,9 @@ class LLMInferenceRuntime:
                                     seeds[keep], offsets[keep], lora=[adapters[i] for i in active])
             while active:
                 if not ahead:
-                    if runner.longrope_original is not None:
-                        runner.cross_original_context(active, [prompts[i] for i in active],
-                                                      [rows[i].ids for i in active], [adapters[i] for i in active])
+                    if runner.needs_rows_each_step:
+                        runner.prepare_decode_rows(active, [prompts[i] for i in active], [rows[i].ids for i in active],
+                                                   [adapters[i] for i in active])
                     stepped, new_tokens = active, self._decode_step(active, rows, max_new, spec)
                 else:
                     while len(in_flight) < 2:
@@ -474,11 +470,9 @@ class LLMInferenceRuntime:
         trees = None
         if spec is not None:
             began = time.perf_counter()
-            budgets = [max_new - len(rows[i].ids) for i in active]
-            if runner.longrope_original is not None:  # trees stop short of the switch (runner.py)
-                budgets = [min(b, runner.drafts_before_long_rope_switch(rows[i].prompt_len,
-                                                                        rows[i].prompt_len + len(rows[i].ids)))
-                           for i, b in zip(active, budgets)]
+            budgets = [min(max_new - len(rows[i].ids),
+                           runner.max_tree_drafts(rows[i].prompt_len, rows[i].prompt_len + len(rows[i].ids)))
+                       for i in active]
             trees = spec.propose(active, budgets)
             spec.stats.propose_ms += (time.perf_counter() - began) * 1e3
         if trees is None:

@@ -3,7 +3,7 @@ that does not grow with the output: incremental detokenization, stop strings sea
 text only, and the deltas a streaming callback receives.
 
 Decoding the whole id list after every token (what a simple loop does) costs O(length) per token:
-2000 tokens with a stop string ran 22% slower than without one on the H100 (issue 18). Here each
+2000 tokens with a stop string ran 22% slower than without one on the H100. Here each
 token decodes a window of a few ids instead: the ids since the last point where the text was stable
 (no incomplete UTF-8 character at its end), the way streaming servers detokenize.
 """

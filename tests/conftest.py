@@ -1,5 +1,8 @@
 """Shared fixtures: tiny random models of each supported family, built with transformers and saved
-as HF directories, and a tiny word-level tokenizer with a chat template."""
+as HF directories, and a tiny word-level tokenizer with a chat template. Tests live beside what they
+test (tests/engine/test_kv_store.py for edgellm/engine/kv_store.py); helpers several of them use are
+modules here (kernel_cases.py, family_models.py, vlm_models.py). Marker `gpu`: the test needs a CUDA GPU
+(skipped without one; bench/gpu_check.sh runs them); `slow`: over ~30 s on a 2-core CPU."""
 
 from __future__ import annotations
 
@@ -14,6 +17,22 @@ import torch
 # set before edgellm.kernels is imported, since triton.jit reads it when the kernels are defined.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Three prompts (11, 3 and 7 tokens) of the tiny models' vocabulary.
+TINY_PROMPTS = [[1, 17, 33, 8, 61, 40, 9, 22, 5, 71, 12], [1, 50, 6], [1, 90, 14, 27, 3, 88, 44]]
+# A test taking `device` from these runs on the CPU (the interpreter there in CI) and, marked gpu, on CUDA.
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu need a CUDA GPU: skipped where torch sees none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marker gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
 
 VOCAB = 96
 SPECIALS = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
@@ -137,3 +156,12 @@ def lora_adapters(tiny_models, tmp_path_factory):
         "b": (root / "b", build_lora_adapter(model_dir, root / "b", seed=2, rank=8, alpha=4.0,
                                              targets=["q_proj", "v_proj", "down_proj"], rslora=True)),
     }
+
+
+def random_adapters(model_dir, root):
+    """Two random adapters of a tiny model (edgellm.benchmark's): "a" rank 4 on every projection, "b"
+    rank 8 on q, v and down: name -> PEFT directory."""
+    from edgellm.benchmark import random_lora_dir
+
+    return {"a": random_lora_dir(model_dir, root / "a", rank=4, alpha=8.0, seed=1),
+            "b": random_lora_dir(model_dir, root / "b", rank=8, alpha=8.0, seed=2, targets=("q", "v", "down"))}

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from edgellm.cli import main
 
 
@@ -100,6 +102,7 @@ def test_run_reuses_kv_saved_on_disk_by_an_earlier_run(llama_dir, tmp_path):
     assert outputs[0]["responses"][0]["output_ids"] == outputs[1]["responses"][0]["output_ids"]
 
 
+@pytest.mark.slow
 def test_generate_with_speculation_prints_the_same_answer_and_its_statistics(llama_dir, capsys):
     base = ["generate", "w5 w6 w7 w5 w6 w7 w5 w6", "-m", str(llama_dir), "-n", "12", "--raw", "--device", "cpu"]
     assert main(base) == 0

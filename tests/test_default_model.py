@@ -28,7 +28,7 @@ def test_chat_prompts_match_transformers(runtime, default_model_dir):
     hf_tok = AutoTokenizer.from_pretrained(default_model_dir)
     hf_model = LlamaForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
     # The torch reference ops, as a CPU user runs it: the interpreted Triton kernels are checked on the
-    # tiny models (test_generation_vs_transformers) and would take minutes on a 135M model here.
+    # tiny models (tests/engine/families/test_llama.py) and would take minutes on a 135M model here.
     with use_reference():
         response = runtime.handle_request(LLMGenerationRequest(
             requests=[{"messages": m} for m in CHATS], max_generate_length=24, temperature=0))
@@ -45,6 +45,7 @@ def test_chat_prompts_match_transformers(runtime, default_model_dir):
     assert "Paris" in response.output_texts[0]
 
 
+@pytest.mark.slow
 def test_conversion_matches_transformers_gguf_loader(default_model_dir):
     """Our GGUF import gives the weights transformers' own GGUF loader gives (q/k order included)."""
     from safetensors.torch import load_file

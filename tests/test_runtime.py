@@ -100,15 +100,15 @@ def test_running_one_step_ahead_changes_no_answer(runtime, monkeypatch):
     """Steps queued one ahead of the host (rows that finish drop a computed token) give the same
     rows as reading every step before the next: rows leaving at different steps (a stop string, an
     EOS id, the length), sampled with seeds, streamed."""
-    import edgellm.runtime as module
+    import dataclasses
 
     items = [{"prompt": "w5 w6 w7"}, {"prompt": "w10 w11"}, {"input_ids": [1, 7, 3]}, {"input_ids": [1, 20, 21, 22]}]
     base = greedy(runtime, items, n=12)
     stop = base.output_texts[0].split()[3]
     eos = base.output_ids[2][4]
 
-    def run(ahead):
-        monkeypatch.setattr(module, "RUN_AHEAD", ahead)
+    def run(ahead):  # (Switches.run_ahead: EDGELLM_RUN_AHEAD when the runner is built)
+        monkeypatch.setattr(runtime.runner, "switches", dataclasses.replace(runtime.runner.switches, run_ahead=ahead))
         runtime.eos_token_ids = frozenset({eos})
         pieces = {i: [] for i in range(len(items))}
         try:

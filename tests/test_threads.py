@@ -1,6 +1,6 @@
 """Several threads on one runtime: each request gets exactly the answer it gets alone; calls take
 turns in arrival order; a request cut short (an exception from its streaming callback, a
-KeyboardInterrupt) leaves the runtime as it was. test_gpu.py runs the same checks under CUDA graphs."""
+KeyboardInterrupt) leaves the runtime as it was. On a GPU the same checks run under CUDA graphs (marker gpu, below)."""
 
 import threading
 import time
@@ -11,7 +11,10 @@ import torch
 from edgellm import KVReuseSettings, LLMGenerationRequest, LLMInferenceRuntime
 from edgellm.errors import ReentrantRequestError
 from edgellm.fifo_lock import FifoLock
+from edgellm.engine.graphs import DecodeKey, PrefillKey
 from edgellm.kernels import use_reference
+
+from conftest import random_adapters
 
 THREADS, PER_THREAD = 8, 3
 PROMPTS = [[1, 17, 33, 8, 61, 40, 9, 22, 5], [1, 50, 6], [1, 90, 14, 27, 3, 88, 44], [1, 17, 33, 8, 61, 12],
@@ -243,3 +246,23 @@ def test_exclusive_holds_other_threads_requests_until_it_ends(runtime):
         assert not got
     waiter.join()
     assert got[0][0] == alone[0] and got[0][1] >= 200  # it waited for the whole exclusive block
+
+
+# ---- on a CUDA GPU ----
+
+@pytest.mark.gpu
+def test_threads_on_gpu_get_the_answers_of_one_by_one(tiny_models, tmp_path):
+    """tests/test_threads.py's 8 threads x 3 requests under CUDA graphs, with LoRA adapters loaded and
+    removed meanwhile and KV reuse through a device tier and a disk directory (whose writer thread
+    runs while graphs are captured)."""
+    from edgellm import KVReuseSettings
+
+    model_dir, _ = tiny_models["llama"]
+    adapters = random_adapters(model_dir, tmp_path)
+    runtime = LLMInferenceRuntime(model_dir, device="cuda", max_batch_size=3, lora_weights=adapters,
+                                  kv_reuse=KVReuseSettings(gpu_bytes=1 << 16, disk_dir=tmp_path / "kv", block_tokens=4))
+    check_threads_match_one_by_one(runtime, mixed_requests(), lora_side_calls(runtime, adapters["a"]))
+    assert {type(k) for k in runtime.runner.graphs.graphs} == {DecodeKey, PrefillKey}
+    for interrupt in (RuntimeError("client went away"), KeyboardInterrupt()):
+        check_interrupted_request_leaves_runtime_usable(runtime, interrupt, adapter="b")
+    runtime.close()

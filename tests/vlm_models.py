@@ -1,7 +1,7 @@
 """Tiny random vision-language models (Qwen2-VL, Qwen2.5-VL, InternVL) built with transformers and
 saved as HF directories, with a word-level tokenizer that knows the image tokens and a Qwen-style chat
 template that writes one placeholder per image part (Qwen: <|vision_start|><|image_pad|><|vision_end|>,
-InternVL: <IMG_CONTEXT>). Used by the CPU tests and the GPU tests (tests/test_gpu_vision.py)."""
+InternVL: <IMG_CONTEXT>). Used by the CPU tests and the GPU tests (tests/vision/test_vision_gpu.py)."""
 
 from __future__ import annotations
 

@@ -6,24 +6,64 @@ sampled tokens go, ready for the next step), the rows' cache slots, sampling par
 offsets (advanced inside the step, so each replay draws fresh numbers). Rows beyond the live ones are
 padding: they point at the cache's scratch slot and are greedy.
 
-Prefill chunks get graphs too, keyed by (rows, chunk length rounded up to one of SHORT_PREFILL_BUCKETS
-or a multiple of PREFILL_BUCKET, LoRA configuration, "few keys" or "", "ids" / "ids + host blocks" /
-"embeds" (prefill_key),
-"prefill"):
-a prefill launches a few hundred kernels, and from Python each launch costs more than the GPU work of a
-short prompt.
+Prefill chunks get graphs too (PrefillKey): a prefill launches a few hundred kernels, and from
+Python each launch costs more than the GPU work of a short prompt.
 
-Graphs are keyed by (batch size, LoRA configuration, mode), share one memory pool, and are captured
-after an eager warm-up on a side stream (which also compiles every Triton kernel).
+Graphs are keyed by what changes their kernels or the memory they bind (DecodeKey, VerifyKey,
+PrefillKey), share one memory pool, and are captured after an eager warm-up on a side stream (which
+also compiles every Triton kernel). Whether any row uses a LoRA adapter is part of every key: the
+adapters live in fixed stacks and rows pick theirs by a slot index in a static buffer, so one graph
+serves every mix of adapters; only whether the LoRA kernels run at all changes the graph.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Hashable
 
 import torch
 
 from ..kernels.attention import PREFILL_SPLIT_MIN_KEYS
+from .adapters import any_adapter
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeKey:
+    """A decode step of `size` rows (the padded batch size)."""
+    size: int
+    lora: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyKey:
+    """A speculative verify step of `size` rows, each a token tree of up to `nodes` nodes (engine/verify.py)."""
+    size: int
+    nodes: int
+    lora: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillKey:
+    """A prefill chunk of `rows` x `length` tokens (length: the chunk's bucket, prefill_bucket).
+    few_keys: no row sees over PREFILL_SPLIT_MIN_KEYS keys after the chunk, so its attention runs unsplit
+    (kernels/attention.py; else split by the cache's capacity). source: "ids" where the step starts from
+    token ids (the embedding gather inside the graph), "ids + host blocks" where it also copies host-tier
+    KV blocks (a side stream of per-layer copies that other steps need not carry), else "embeds".
+    logits False: no row ends in the chunk (its last layer stops at the KV append)."""
+    rows: int
+    length: int
+    lora: bool
+    few_keys: bool
+    source: str
+    logits: bool
+
+    @classmethod
+    def of(cls, rows: int, tokens: int, lora: bool, max_keys: int | None, from_ids: bool = False,
+           host_blocks: bool = False, logits: bool = True) -> "PrefillKey":
+        """The key of a chunk of `rows` x `tokens` whose rows see at most max_keys keys (None: unknown)."""
+        source = ("ids + host blocks" if host_blocks else "ids") if from_ids else "embeds"
+        return cls(rows, prefill_bucket(tokens), lora, max_keys is not None and max_keys <= PREFILL_SPLIT_MIN_KEYS,
+                   source, logits)
 
 
 class DecodeBuffers:
@@ -32,7 +72,7 @@ class DecodeBuffers:
     def __init__(self, size: int, scratch_slot: int, device: torch.device, lora_slots: int = 0):
         self.size = size
         self.scratch_slot = scratch_slot
-        self.live = 0  # rows 0 .. live-1 are real; the rest are padding
+        self.live_rows = 0  # rows 0 .. live_rows-1 are real; the rest are padding
         self.tokens = torch.zeros(size, dtype=torch.int64, device=device)
         self.slots = torch.full((size,), scratch_slot, dtype=torch.int32, device=device)
         self.slot_index = self.slots.long()
@@ -73,7 +113,7 @@ class DecodeBuffers:
             self.top_k[n:].fill_(1)
             self.lora[n:].fill_(-1)
         self.slot_index.copy_(self.slots)
-        self.live = n
+        self.live_rows = n
 
 
 class TreeBuffers:
@@ -93,29 +133,10 @@ class TreeBuffers:
         self.logits: torch.Tensor | None = None  # the last step's [size, nodes, vocab] float32 logits
 
 
-def any_adapter(lora_slots: list[int]) -> bool:
-    """Whether any row of these LoRA slots (-1: none) uses an adapter."""
-    return max(lora_slots, default=-1) >= 0
-
-
 PREFILL_BUCKET = 128  # prefill graphs exist for chunk lengths 128, 256, ... (padding at most 127 tokens)
 # ... and, below that, for these: a short prompt's prefill reads every weight once whatever its length,
 # but its padding rows still cost (a 16-token prompt padded to 128 ran the GEMMs of 128 rows).
 SHORT_PREFILL_BUCKETS = (16, 32, 64)
-
-
-def prefill_key(rows: int, tokens: int, lora_key, max_keys: int | None, from_ids: bool = False,
-                host_blocks: bool = False, logits: bool = True) -> tuple:
-    """The graph key of a prefill chunk of `rows` x `tokens` whose rows see at most max_keys keys
-    (None: unknown): "few keys" where its attention runs unsplit (kernels/attention.py
-    PREFILL_SPLIT_MIN_KEYS), else "" (split by the cache's capacity); "ids" where the step starts from
-    token ids (the embedding gather inside the graph), "ids + host blocks" where it also copies
-    host-tier KV blocks (a side stream of per-layer copies that other steps need not carry), else
-    "embeds"; "no logits" where no row ends in the chunk (its last layer stops at the KV append)."""
-    few = max_keys is not None and max_keys <= PREFILL_SPLIT_MIN_KEYS
-    source = ("ids + host blocks" if host_blocks else "ids") if from_ids else "embeds"
-    return (rows, prefill_bucket(tokens), lora_key, "few keys" if few else "", source, "" if logits else "no logits",
-            "prefill")
 
 
 def prefill_bucket(tokens: int) -> int:

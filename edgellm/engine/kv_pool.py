@@ -4,7 +4,7 @@ on the device (the "gpu" tier) or in pinned host memory (the "host" tier).
 Why one buffer instead of a tensor per block: a prompt that reuses n saved blocks is then one gather
 (index_select) and one copy into the cache slot. With a tensor per block the same hit was a cat of
 n tensors and a copy: on the H100, 31 blocks cost 324 us of host time that way against 54 us for the
-gather (issue 18, TTFT of a reused prefix).
+gather.
 
 Layout [capacity, layers, 2, kv_heads, block_tokens, head_dim]: each block is contiguous, so a block
 demoted to the host is one plain DMA into its place. The host tier is one buffer for the same reason

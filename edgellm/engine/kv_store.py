@@ -20,7 +20,7 @@ slot's first positions and the caller prefills only the rest (DESIGN.md). With d
 tiers' blocks are left to the caller (take_pending), whose prefill step copies them inside its own
 CUDA graph (runner.attach_block_pools): a device hit then pays no copy launch of its own before its
 first token, and a host hit's PCIe reads run layer by layer beside the prefill's earlier layers
-instead of before them (issue 18).
+instead of before them.
 """
 
 from __future__ import annotations

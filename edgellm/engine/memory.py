@@ -7,7 +7,7 @@ cannot fit fail here, before the weights load, with a ConfigurationError that na
 the limit to lower, instead of an allocator error halfway through loading or during a capture.
 
 The activation estimates are upper bounds of what the decoder forward (engine/model.py) holds at
-once; tests/test_gpu.py checks them against the allocator's measured peak.
+once; tests/engine/test_memory.py (on a GPU) checks them against the allocator's measured peak.
 """
 
 from __future__ import annotations
@@ -82,10 +82,10 @@ def engine_memory_plan(cfg: EngineConfig, dtype: torch.dtype, *, prefill_chunk: 
                         for m in GROUPS.values())
         lora = cfg.num_decoder_layers * max_loras * per_layer * el
     # One prefill chunk: `batch` rows of up to `width` tokens. What the forward holds at its peak per
-    # token (residual, normed input, qkv, attention output, o output, gate_up, SiLU*mul, down output),
+    # token (residual, normed input, qkv, attention output, o output, gate_up, act(gate) * up, down output),
     # the chunk's input embeddings (static, with graphs), and the last tokens' logits (dtype, float32).
     # With graphs, twice the activations: the graph pool keeps one set, and the eager warm-up before
-    # a capture takes another from torch's ordinary cache (measured: tests/test_gpu.py).
+    # a capture takes another from torch's ordinary cache (measured: tests/engine/test_memory.py).
     width = min(prefill_chunk, cfg.max_supported_input_length)
     if graphs:
         width = prefill_bucket(width)

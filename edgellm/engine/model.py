@@ -9,7 +9,6 @@ at positions starts[b] ... of cache slot slots[b]. Every hot-path op goes throug
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -22,7 +21,10 @@ from ..quant.formats import QuantizedWeight
 from .config import EngineConfig
 from .kv_cache import LinearKVCache
 from .lora import LoraStacks
+from .switches import Switches
 from .weights import LayerWeights, ModelWeights
+
+DEFAULT_SWITCHES = Switches()
 
 
 class TokenTree(NamedTuple):
@@ -160,7 +162,8 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
                    starts: torch.Tensor, q_lens: torch.Tensor, kernels=None,
                    lora: LoraBatch | None = None, tree: TokenTree | None = None,
                    every_token: bool = False, positions: torch.Tensor | None = None,
-                   max_keys: int | None = None, before_attention=None, logits: bool = True) -> torch.Tensor | None:
+                   max_keys: int | None = None, before_attention=None, logits: bool = True,
+                   switches: Switches = DEFAULT_SWITCHES) -> torch.Tensor | None:
     """hidden: input embeddings [B, S, H]; slots/starts/q_lens: [B] int tensors on the device.
     `rope`: RopeTables, or (cos, sin). `kernels`: where the ops come from (default: the dispatched
     `edgellm.kernels.ops`). `lora`: per-row LoRA adapters (None: the base model for every row).
@@ -169,12 +172,13 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     `max_keys`: at most how many keys any row sees after this chunk (starts + q_lens), where the caller
     knows it: prefill attention then splits its keys only as far as they go (kernels/attention.py).
     `before_attention(layer)`: called before each layer's attention reads its cache (a KV hit's host
-    blocks copied on a side stream: the layer waits for its own, engine/prefill_steps.py).
+    blocks copied on a side stream: the layer waits for its own, engine/prefill_steps.py). `switches`:
+    the fusion choices (engine/switches.py; the runner's, default the measured ones).
 
     Only each row's last token reaches the logits: past its keys/values the last layer runs on that
     token alone (attention as one decode query, o projection and MLP on one row a row), unless every
     token's logits are asked for, the chunk is a tree, or the ops observe every projection (GPTQ's
-    calibration). A 16-layer model's prefill skips a sixteenth of its matmuls (issue 19). logits=False:
+    calibration). A 16-layer model's prefill skips a sixteenth of its matmuls. logits=False:
     a chunk that holds no row's last token (a long prompt's earlier chunks): the last layer stops at
     its keys and values, no LM head, returns None.
 
@@ -196,9 +200,9 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     if weights.positions is not None:  # learned absolute positions (GPT-2), added to the embedding
         pos = tree.positions if tree is not None else starts[:, None] + torch.arange(seq, device=hidden.device)
         hidden = hidden + weights.positions[pos.long().clamp(max=weights.positions.shape[0] - 1)]
-    if _fusable(weights, cfg, lora, hidden, ops):
+    if _fusable(weights, cfg, lora, hidden, ops, switches):
         return _forward_fused(weights, cfg, cache, rope, hidden, slots, starts, q_lens, ends, ops, tree, positions,
-                              every_token, max_keys, before_attention)
+                              every_token, max_keys, before_attention, switches)
     residual = None
     x = hidden
     tokens = batch * seq
@@ -230,7 +234,7 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
             x = _linear(x, lw.down, lw.down_bias, ops)
             continue
         gate_up = _project(x, lw.gate_up, None, lora, index, "gate_up", ops, t)
-        x, t = _fused(ops.silu_mul, gate_up, activation=cfg.activation,
+        x, t = _fused(ops.glu, gate_up, activation=cfg.activation,
                       lora_a=_shrink_operand(lora, index, "down", tokens))
         x = _project(x, lw.down, None, lora, index, "down", ops, t)
         pending = lw.mlp_out_norm
@@ -243,39 +247,32 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     return _linear(final[:, 0], weights.lm_head, None, ops).float()
 
 
-def _fusable(weights: ModelWeights, cfg: EngineConfig, lora: LoraBatch | None, hidden: torch.Tensor, ops) -> bool:
+def _fusable(weights: ModelWeights, cfg: EngineConfig, lora: LoraBatch | None, hidden: torch.Tensor, ops,
+             switches: Switches = DEFAULT_SWITCHES) -> bool:
     """Whether the step can take the fused decode path (_forward_fused): decode-sized rows on the GPU,
-    RMSNorm and a gated MLP, no sandwich norms, no LoRA, no calibration hook; EDGELLM_FUSED_GEMV=0
-    turns it off (A/B runs)."""
+    RMSNorm and a gated MLP, no sandwich norms, no LoRA, no calibration hook, switches.fused_gemv."""
     if lora is not None or cfg.norm != "rms" or cfg.mlp != "gated" or getattr(ops, "observe_linear", None) \
-            or os.environ.get("EDGELLM_FUSED_GEMV", "1") == "0" or not _decode_sized(hidden.reshape(-1, hidden.shape[-1])):
+            or not switches.fused_gemv or not _decode_sized(hidden.reshape(-1, hidden.shape[-1])):
         return False
     return all(lw.attn_out_norm is None and lw.mlp_out_norm is None and
                all(gemv.supports(w) for w in (lw.qkv, lw.o_proj, lw.gate_up, lw.down)) for lw in weights.layers) \
         and gemv.supports(weights.lm_head)
 
 
-# Rows up to which the RMSNorm goes into the GEMV that reads it (EDGELLM_FUSED_NORM_ROWS overrides):
-# each GEMV program then makes a pass over x for the row's statistics, cheap for one row, but at 16
-# rows it reads x twice per program and lost (H100, Llama-3.2-1B shape batch 16, bench/RESULTS.md).
-FUSED_NORM_ROWS = 1
-
-
 # A single row's qkv GEMV of at most this many weight bytes keeps rope_kv_append as a kernel of its own:
-# H100 (bench/RESULTS.md), SmolLM2-135M shape (1.1 MB) batch 1 1895 -> 1792 tok/s with the epilogue,
+# H100, SmolLM2-135M shape (1.1 MB) batch 1 1895 -> 1792 tok/s with the epilogue,
 # while batch 16 (19065 -> 19894) and the Llama-3.2-1B shape (12.6 MB; 893 -> 908) gain by it.
 ROPE_EPILOGUE_MIN_BYTES = 4 << 20
 
 
 def _rope_fusable(cfg: EngineConfig, rope: RopeTables, layer: int, tree, positions, rows: int,
-                  qkv_bytes: int) -> bool:
+                  qkv_bytes: int, setting: bool | None = None) -> bool:
     """Whether the qkv GEMV finishes with RoPE and the KV append (gemv.RopeAppend): rotary positions
     over the whole head at the cache positions, from the model's one table (no q/k norms between the
     projection and the rotation, no trees, explicit or multimodal positions, per-layer tables), and
-    where it measured faster (ROPE_EPILOGUE_MIN_BYTES); EDGELLM_FUSED_ROPE=0 / =1 turns it off / on
-    wherever it can run (A/B runs)."""
-    setting = os.environ.get("EDGELLM_FUSED_ROPE")
-    if setting == "0" or (setting is None and rows == 1 and qkv_bytes <= ROPE_EPILOGUE_MIN_BYTES):
+    where it measured faster (ROPE_EPILOGUE_MIN_BYTES); setting (Switches.fused_rope) False / True:
+    never / wherever it can run."""
+    if setting is False or (setting is None and rows == 1 and qkv_bytes <= ROPE_EPILOGUE_MIN_BYTES):
         return False
     return cfg.positions != "learned" and not cfg.qk_norm and tree is None and positions is None \
         and rope.offsets is None and 2 * rope.cos.shape[-1] == cfg.head_dim \
@@ -284,7 +281,7 @@ def _rope_fusable(cfg: EngineConfig, rope: RopeTables, layer: int, tree, positio
 
 def _forward_fused(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCache, rope: RopeTables,
                    hidden: torch.Tensor, slots, starts, q_lens, ends, ops, tree, positions, every_token: bool,
-                   max_keys: int | None = None, before_attention=None):
+                   max_keys: int | None = None, before_attention=None, switches: Switches = DEFAULT_SWITCHES):
     """forward_logits at decode sizes with the residual adds in the epilogues of the o and down
     projections, SiLU * up in the gate/up projection's, each RMSNorm inside the GEMV that reads its
     output, and (_rope_fusable) RoPE + the KV append in the qkv projection: per layer qkv, attention,
@@ -293,10 +290,10 @@ def _forward_fused(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     written). The norm's statistics: at one row each GEMV reads its row of x for them (row_rstd); over
     more rows the o and down GEMVs add up their output rows' sums of squares as they store them
     (sumsq_out, one zeroed vector per norm), so the next GEMV's programs read one number per row
-    instead of a pass over x each (which lost: FUSED_NORM_ROWS); the first layer's input norm and the
-    final norm stay kernels of their own there."""
+    instead of a pass over x each (which lost: Switches.fused_norm_rows); the first layer's input norm
+    and the final norm stay kernels of their own there."""
     rows = hidden.shape[0] * hidden.shape[1]
-    fuse_norm = rows <= int(os.environ.get("EDGELLM_FUSED_NORM_ROWS", FUSED_NORM_ROWS))
+    fuse_norm = rows <= switches.fused_norm_rows
     eps = cfg.rms_norm_eps
     n_layers = len(weights.layers)
     # (the last down GEMV's sums would feed the final norm, which stays a kernel of its own: no row for them)
@@ -314,7 +311,7 @@ def _forward_fused(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     with early_release(rows == 1):
         for index, lw in enumerate(weights.layers):
             keys, values = cache.layer(index)
-            rotate = _rope_fusable(cfg, rope, index, tree, positions, rows, lw.qkv.nbytes)
+            rotate = _rope_fusable(cfg, rope, index, tree, positions, rows, lw.qkv.nbytes, switches.fused_rope)
             spec = gemv.RopeAppend(rope.cos, rope.sin, keys, values, slots, starts, q_lens, cfg.num_attention_heads) \
                 if rotate else None
             qkv = project(h, lw.qkv, lw.qkv_bias, lw.input_norm, sumsq(2 * index - 1), rope_append=spec)
@@ -353,9 +350,9 @@ def _norm(ops, cfg: EngineConfig, x: torch.Tensor, residual: torch.Tensor | None
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ops,
             residual: torch.Tensor | None = None, sumsq_out: torch.Tensor | None = None) -> torch.Tensor:
     # At decode sizes (a few rows) on the GPU, the Triton skinny GEMM: it streams the LM head faster
-    # than cuBLAS (bench/RESULTS.md: 1B shape 177 us vs 194 us), matches it on the layer matrices, and,
-    # launched with PDL like its neighbours, overlaps their launch and drain (bench/RESULTS.md: SmolLM2
-    # shape batch 1 1194 vs 1087 tok/s with cuBLAS and no PDL; Llama-3.2-1B shape even). Else cuBLAS.
+    # than cuBLAS (H100, 1B shape: 177 us vs 194 us), matches it on the layer matrices, and, launched
+    # with PDL like its neighbours, overlaps their launch and drain (SmolLM2 shape batch 1 1194 vs 1087
+    # tok/s with cuBLAS and no PDL; Llama-3.2-1B shape even). Else cuBLAS.
     observe = getattr(ops, "observe_linear", None)  # calibration (quant/gptq.py) sees each linear's input
     if observe is not None:
         observe(x, weight)

@@ -1,9 +1,10 @@
-"""Prefill of LLMEngineRunner (a mixin: the state is the runner's): prefill_step (input embeddings,
-the seeds' API) and prefill_tokens (token ids: the runtime's text path, its embedding gather inside
-the graph), chunked, each chunk replayed from a CUDA graph per (rows, length bucket, LoRA on/off,
-keys, ids or embeddings) with every integer of the step in one host-to-device copy; a KV hit's
-saved blocks copied inside that graph (attach_block_pools): the device tier's before the first layer,
-the host tier's layer by layer on a side stream, each layer's attention waiting for its own."""
+"""Prefill steps of one engine: prefill_step (input embeddings, the seeds' API) and prefill_tokens
+(token ids: the runtime's text path, its embedding gather inside the graph), chunked, each chunk
+replayed from a CUDA graph per PrefillKey with every integer of the step in one host-to-device copy;
+a KV hit's saved blocks copied inside that graph (attach_block_pools): the device tier's before the
+first layer, the host tier's layer by layer on a side stream, each layer's attention waiting for its own.
+PrefillSteps receives the engine's state, adapters and graph registry; it owns the prefill buffers,
+the block pools it was given and the host-copy stream."""
 
 from __future__ import annotations
 
@@ -16,10 +17,9 @@ from ..kernels import ops
 from ..kernels.attention import PREFILL_SPLIT_MIN_KEYS
 from ..kernels.kv_blocks import block_table
 from ..kernels.lora import used_slot_list
-from .decode_steps import _lora_key
-from .graphs import PrefillBuffers, PrefillStorage, any_adapter, prefill_bucket, prefill_key
-from .model import forward_logits
-from .modes import inference_call
+from .adapters import Adapters, any_adapter
+from .graphs import PrefillBuffers, PrefillKey, PrefillStorage, StepGraphs, prefill_bucket
+from .state import EngineState
 
 
 # Programs per (layer, K/V, head) of a host-tier block copy are chosen so that the copy has about this
@@ -30,12 +30,21 @@ HOST_COPY_PROGRAMS = 64
 
 
 class PrefillSteps:
+    def __init__(self, state: EngineState, adapters: Adapters, graphs: StepGraphs, chunk_size: int):
+        self.state, self.adapters, self.graphs, self.chunk_size = state, adapters, graphs, chunk_size
+        self.buffers: dict[tuple[int, int], PrefillBuffers] = {}  # by (rows, length bucket)
+        self.storage: PrefillStorage | None = None
+        # The KV store's pools of saved blocks (attach_block_pools), and the stream that copies host blocks
+        self.block_pool: torch.Tensor | None = None
+        self.host_block_pool: torch.Tensor | None = None
+        self._host_copy_stream = None
+
     def attach_block_pools(self, device: torch.Tensor | None = None, host: torch.Tensor | None = None) -> None:
         """The KV store's pools of saved blocks ([places, layers, 2, kv_heads, tokens, head_dim],
         engine/kv_pool.py): `device` on the engine's device, `host` in pinned host memory (on a CUDA
         engine). prefill_tokens then copies a KV hit's blocks into their slots inside its own step
         (pool_blocks, host_blocks). Prefill graphs captured before are dropped: they lack those copies."""
-        data = self.kv_cache.data
+        data = self.state.kv_cache.data
         layers, two, _, heads, _, head_dim = data.shape
         for name, pool, where in (("device", device, data.device), ("host", host, torch.device("cpu"))):
             if pool is None:
@@ -47,8 +56,8 @@ class PrefillSteps:
             if name == "host" and data.is_cuda and not pool.is_pinned():
                 raise ConfigurationError("the host block pool must be pinned memory: the prefill step reads it")
         self.block_pool, self.host_block_pool = device, host
-        self._prefill_buffers.clear()
-        for key in [k for k in self.graphs.graphs if k[-1] == "prefill"]:
+        self.buffers.clear()
+        for key in [k for k in self.graphs.graphs if isinstance(k, PrefillKey)]:
             del self.graphs.graphs[key]
 
     def _block_room(self, rows: int, pool: torch.Tensor | None) -> int:
@@ -56,7 +65,7 @@ class PrefillSteps:
         of each row's longest prompt (0 without the pool)."""
         if pool is None:
             return 0
-        return rows * (self.config.max_supported_input_length // pool.shape[4])
+        return rows * (self.state.config.max_supported_input_length // pool.shape[4])
 
     def _check_blocks(self, entries: list, pool: torch.Tensor | None, name: str, rows: int) -> None:
         if not entries:
@@ -64,7 +73,7 @@ class PrefillSteps:
         if pool is None:
             raise InvalidRequestError(f"{name} needs a block pool (attach_block_pools)")
         places, room = pool.shape[0], self._block_room(rows, pool)
-        if len(entries) > room or any(not (0 <= p < places and 0 <= b and 0 <= s < self.config.max_supported_batch_size)
+        if len(entries) > room or any(not (0 <= p < places and 0 <= b and 0 <= s < self.state.config.max_supported_batch_size)
                                       for p, b, s in entries):
             raise InvalidRequestError(f"{name}: at most {room} (place, position, slot) entries, places in [0, {places})")
 
@@ -73,12 +82,12 @@ class PrefillSteps:
         the other (kernels/kv_blocks.py reads the pinned pool across PCIe), and returns
         (before_attention(layer): the current stream waits for that layer's copy; join(): it waits for
         all). Captured in a prefill graph, the copies run beside the layers before them."""
-        main = torch.cuda.current_stream(self.device)
+        main = torch.cuda.current_stream(self.state.device)
         if self._host_copy_stream is None:
-            self._host_copy_stream = torch.cuda.Stream(self.device)
+            self._host_copy_stream = torch.cuda.Stream(self.state.device)
         side = self._host_copy_stream
         side.wait_stream(main)
-        data = self.kv_cache.data
+        data = self.state.kv_cache.data
         split = max(1, HOST_COPY_PROGRAMS // (data.shape[1] * data.shape[3]))
         done = []
         with torch.cuda.stream(side):
@@ -88,7 +97,6 @@ class PrefillSteps:
                 done[-1].record(side)
         return (lambda layer: main.wait_event(done[layer])), (lambda: main.wait_stream(side))
 
-    @inference_call
     def prefill_step(self, inputs_embeds: torch.Tensor, context_lengths, slots=None, lora=None,
                      cached_lengths=None, positions=None, position_offsets=None, *,
                      long_rope: bool = False) -> torch.Tensor:
@@ -104,21 +112,20 @@ class PrefillSteps:
         of inputs_embeds' tokens, and [B] how far each row's later positions run behind its cache
         positions (kernels/rope_append.py); default: text, t = h = w = the cache position, offset 0.
         long_rope (LongRoPE engines): rotate every token with the long factors, as for a prompt past the
-        original context (see switch_to_long_rope); the max_input_length limit does not apply then.
+        original context (the runner's prepare_decode_rows); the max_input_length limit does not apply then.
         """
         batch, seq, hidden = inputs_embeds.shape
-        if hidden != self.config.hidden_size:
-            raise InvalidRequestError(f"inputs_embeds must be [B, S, {self.config.hidden_size}]")
-        return self._prefill(inputs_embeds.to(self.dtype), None, batch, seq, _int_list(context_lengths), slots, lora,
-                             cached_lengths, positions, position_offsets, long_rope)
+        if hidden != self.state.config.hidden_size:
+            raise InvalidRequestError(f"inputs_embeds must be [B, S, {self.state.config.hidden_size}]")
+        return self._prefill(inputs_embeds.to(self.state.dtype), None, batch, seq, _int_list(context_lengths), slots,
+                             lora, cached_lengths, positions, position_offsets, long_rope)
 
-    @inference_call
     def prefill_tokens(self, prompts: list[list[int]], slots=None, lora=None, cached_lengths=None, *,
                        pool_blocks=(), host_blocks=(), long_rope: bool = False) -> torch.Tensor:
         """prefill_step for text prompts given as token ids (whole prompts; with cached_lengths, the
         tokens after each row's cached prefix are prefilled). The embedding gather runs inside the
         prefill graph and the ids travel with the step's other integers in one copy: a short prompt's
-        TTFT is otherwise a good part host work before the GPU starts (issue 18).
+        TTFT is otherwise a good part host work before the GPU starts.
         pool_blocks / host_blocks: (place, position, slot) entries (kernels/kv_blocks.py) of the attached
         device / host block pool to copy into the slots: a cached prefix that the KV store left to
         this step (the host pool's are copied layer by layer beside the prefill's earlier layers)."""
@@ -130,7 +137,7 @@ class PrefillSteps:
         cached = [0] * batch if cached_lengths is None else _int_list(cached_lengths)
         if len(cached) != batch:
             raise InvalidRequestError("cached_lengths must have one entry per prompt")
-        new = _id_arrays([p[c:] for p, c in zip(prompts, cached)], self.weights.embed.shape[0])
+        new = _id_arrays([p[c:] for p, c in zip(prompts, cached)], self.state.weights.embed.shape[0])
         return self._prefill(None, new, batch, max(map(len, new), default=0), lengths, slots, lora, cached,
                              None, None, long_rope, (pool_blocks, host_blocks))
 
@@ -138,20 +145,21 @@ class PrefillSteps:
                  positions, position_offsets, long_rope: bool, blocks=((), ())) -> torch.Tensor:
         """prefill_step / prefill_tokens: `embeds` [B, S, hidden] in the engine dtype, or `tokens` (each
         row's new token ids, S the longest) and `blocks` (pool_blocks, host_blocks)."""
-        cfg = self.config
+        cfg = self.state.config
         # The per-row checks and arithmetic on Python ints: each op on a small CPU tensor costs a few
         # microseconds, and a short prompt's whole prefill on the GPU takes about a millisecond.
-        if long_rope and self.longrope_original is None:
+        if long_rope and self.state.longrope_original is None:
             raise InvalidRequestError("long_rope is for LongRoPE models only")
         limit = cfg.max_kv_cache_capacity if long_rope else cfg.max_supported_input_length
         cached, new = prefill_rows(cfg, batch, seq, lengths, cached_lengths, limit)
-        slot_ids = list(range(batch)) if slots is None else self._slots(slots, batch, on_device=False).tolist()
-        lora_rows = self._lora_rows(lora, batch)
+        slot_ids = list(range(batch)) if slots is None else self.state.slots(slots, batch, on_device=False).tolist()
+        lora_rows = self.adapters.rows(lora, batch)
         uses_lora = any_adapter(lora_rows)
         positions, offsets = self._prompt_positions(positions, position_offsets, batch, seq)
-        if self.longrope_original is not None:  # prompts past the original context: the all-long half
-            offsets = [cfg.max_kv_cache_capacity if (n > self.longrope_original or long_rope) else 0 for n in lengths]
-        chunk = self.prefill_chunk_size
+        original = self.state.longrope_original
+        if original is not None:  # prompts past the original context: the all-long half
+            offsets = [cfg.max_kv_cache_capacity if (n > original or long_rope) else 0 for n in lengths]
+        chunk = self.chunk_size
         begins = list(range(0, max(new), chunk))
         # Every integer of the step in one host-to-device copy (each copy from pageable memory costs
         # ~10-20 us of host time): per row its slot, cached length, final length, RoPE offset; per
@@ -160,8 +168,8 @@ class PrefillSteps:
         # the chunk's ids right-padded to its graph's length and a block table per attached pool (the
         # first chunk's copy the blocks), loaded with one copy.
         # (An int32 array: the token ids are copied in as memory, not converted int by int, which for
-        # a 4096-token prompt took ~0.3 ms of host time before the GPU started; issue 19.)
-        used = used_slot_list(lora_rows, self._lora_capacity())
+        # a 4096-token prompt took ~0.3 ms of host time before the GPU started.)
+        used = used_slot_list(lora_rows, self.adapters.capacity)
         packed = array("i", slot_ids + cached + lengths + offsets)
         ends = [[int(begin < n <= begin + chunk) for n in new] for begin in begins]  # rows whose last token is in it
         for flags in ends:
@@ -183,18 +191,18 @@ class PrefillSteps:
                         packed.extend(block_table(entries))
                         packed.extend(_zeros(3 * (self._block_room(batch, pool) - len(entries))))
         device_ints = torch.frombuffer(packed, dtype=torch.int32)
-        if self.device.type == "cuda":
-            device_ints = device_ints.pin_memory().to(self.device, non_blocking=True)
+        if self.state.device.type == "cuda":
+            device_ints = device_ints.pin_memory().to(self.state.device, non_blocking=True)
         per_row = device_ints[:(4 + len(begins)) * batch].view(-1, batch)
         slot_dev, cached_dev, lengths_dev = per_row[0], per_row[1], per_row[2]
-        if self.rope.offsets is not None:
-            self.rope.offsets[slot_dev.long()] = per_row[3]
-        if self.rope.sections is not None:
+        if self.state.rope.offsets is not None:
+            self.state.rope.offsets[slot_dev.long()] = per_row[3]
+        if self.state.rope.sections is not None:
             if positions is None:  # text: t = h = w = the cache position
-                positions = (cached_dev[:, None] + torch.arange(seq, dtype=torch.int32, device=self.device))[..., None]
-                positions = positions.expand(batch, seq, 3)
+                steps = torch.arange(seq, dtype=torch.int32, device=self.state.device)
+                positions = (cached_dev[:, None] + steps)[..., None].expand(batch, seq, 3)
             else:
-                positions = positions.to(self.device, torch.int32)
+                positions = positions.to(self.state.device, torch.int32)
         logits = None
         for i, begin in enumerate(begins):
             # Row b contributes its new tokens [begin, begin + chunk) (none once it has ended), placed
@@ -210,12 +218,12 @@ class PrefillSteps:
                                        logits=any(ends[i]))  # (no row ends here: the cache is all it leaves)
             if part is not None:
                 logits = part if logits is None else torch.where(per_row[4 + i].bool()[:, None], part, logits)
-        self.kv_cache.lengths[slot_dev.long()] = lengths_dev
+        self.state.kv_cache.lengths[slot_dev.long()] = lengths_dev
         return logits
 
     def _prompt_positions(self, positions, offsets, batch: int, seq: int):
         """prefill_step's positions (checked, or None) and per-row offsets (a list, zeros by default)."""
-        if self.rope.sections is None:
+        if self.state.rope.sections is None:
             if positions is not None or offsets is not None:
                 raise InvalidRequestError("positions / position_offsets are for multimodal-RoPE models only")
             return None, [0] * batch
@@ -224,8 +232,8 @@ class PrefillSteps:
             if positions.shape != (batch, seq, 3):
                 raise InvalidRequestError(f"positions must be [{batch}, {seq}, 3] (t, h, w per token)")
             if positions.device.type == "cpu" and positions.numel() and \
-                    (positions.min() < 0 or positions.max() >= self.config.max_kv_cache_capacity):
-                raise InvalidRequestError(f"positions must be in [0, {self.config.max_kv_cache_capacity})")
+                    (positions.min() < 0 or positions.max() >= self.state.config.max_kv_cache_capacity):
+                raise InvalidRequestError(f"positions must be in [0, {self.state.config.max_kv_cache_capacity})")
         offsets = torch.zeros(batch, dtype=torch.int64) if offsets is None else \
             torch.as_tensor(offsets, dtype=torch.int64).cpu()
         if offsets.shape != (batch,):
@@ -237,43 +245,41 @@ class PrefillSteps:
         """One prefill chunk of `rows` x `width` tokens: `embeds` [rows, width, hidden], with `inputs`
         PrefillBuffers.ints' layout on the device; or embeds None and `inputs` the ints followed by the
         chunk's token ids ([rows, bucket], PrefillBuffers.inputs), embedded inside the step. Replayed
-        from a graph of its (rows, length bucket, LoRA on/off, keys, ids or embeddings) where graphs are
-        on. max_keys: the most keys a row sees after the chunk; a chunk whose rows see few (a short
+        from a graph of its PrefillKey where graphs are on. max_keys: the most keys a row sees after the chunk; a chunk whose rows see few (a short
         prompt, nothing cached) takes attention without split-K (kernels/attention.py
         PREFILL_SPLIT_MIN_KEYS), so each bucket has a graph for those and one for the rest (split by
         the cache's capacity; eager runs the same). host_blocks: the chunk's table of host-tier blocks
         is not empty (graphs that copy them are kept apart: the other steps skip the copy stream).
         logits=False: no row ends in this chunk; it only fills the cache (returns None)."""
         from_ids = embeds is None
-        key = prefill_key(rows, width, _lora_key(uses_lora), max_keys, from_ids, host_blocks, logits)
-        span = PREFILL_SPLIT_MIN_KEYS if key[3] else None
+        key = PrefillKey.of(rows, width, uses_lora, max_keys, from_ids, host_blocks, logits)
+        span = PREFILL_SPLIT_MIN_KEYS if key.few_keys else None
         if not self.graphs.enabled:
-            count = PrefillBuffers.int_count(rows, self._lora_capacity())
+            count = PrefillBuffers.int_count(rows, self.adapters.capacity)
             slots, starts, q_lens, lora_index = inputs[:4 * rows].view(4, rows).unbind(0)
             if from_ids:
-                ids_end = count + rows * key[1]
+                ids_end = count + rows * key.length
                 for pool in (self.block_pool, self.host_block_pool):
                     if pool is not None:
                         size = 1 + 3 * self._block_room(rows, pool)  # the table's room, as in PrefillBuffers
-                        ops.blocks_to_slot(pool, self.kv_cache.data, inputs[ids_end:ids_end + size])
+                        ops.blocks_to_slot(pool, self.state.kv_cache.data, inputs[ids_end:ids_end + size])
                         ids_end += size
-                embeds = self.embed(inputs[count:count + rows * key[1]].view(rows, -1)[:, :width])
-            return forward_logits(self.weights, self.config, self.kv_cache, self.rope, embeds, slots,
-                                  starts, q_lens, lora=self._lora_batch(lora_index, inputs[4 * rows:count], uses_lora),
-                                  positions=positions, max_keys=span, logits=logits)
-        buf = self._prefill_buffers.get(key[:2])
+                embeds = self.state.embed(inputs[count:count + rows * key.length].view(rows, -1)[:, :width])
+            lora = self.adapters.batch(lora_index, inputs[4 * rows:count], uses_lora)
+            return self.state.forward(embeds, slots, starts, q_lens, lora=lora, positions=positions, max_keys=span,
+                                      logits=logits)
+        buf = self.buffers.get((rows, key.length))
         if buf is None:
-            if self._prefill_storage is None:
-                cfg = self.config
-                widest = prefill_bucket(min(self.prefill_chunk_size, cfg.max_supported_input_length))
-                self._prefill_storage = PrefillStorage(cfg.max_supported_batch_size, widest,
-                                                       self.config.hidden_size, self.weights.lm_head.shape[0],
-                                                       self.dtype, self.device)
-            buf = PrefillBuffers(rows, key[1], self._prefill_storage, self.kv_cache.scratch_slot, self.device,
-                                 self._lora_capacity(), positions=self.rope.sections is not None,
+            if self.storage is None:
+                cfg = self.state.config
+                widest = prefill_bucket(min(self.chunk_size, cfg.max_supported_input_length))
+                self.storage = PrefillStorage(cfg.max_supported_batch_size, widest, cfg.hidden_size,
+                                              self.state.weights.lm_head.shape[0], self.state.dtype, self.state.device)
+            buf = PrefillBuffers(rows, key.length, self.storage, self.state.kv_cache.scratch_slot, self.state.device,
+                                 self.adapters.capacity, positions=self.state.rope.sections is not None,
                                  block_rooms=[self._block_room(rows, pool)
                                               for pool in (self.block_pool, self.host_block_pool) if pool is not None])
-            self._prefill_buffers[key[:2]] = buf
+            self.buffers[rows, key.length] = buf
         if self.graphs.get(key) is None:
             # Warm-up and capture with every row on the scratch slot: no request's cache is touched.
             buf.reset()
@@ -290,14 +296,13 @@ class PrefillSteps:
         tables = list(buf.blocks)
         before_attention = join = None
         if from_ids and self.block_pool is not None:  # a KV hit's device blocks into their slots (count 0: none)
-            ops.blocks_to_slot(self.block_pool, self.kv_cache.data, tables.pop(0))
+            ops.blocks_to_slot(self.block_pool, self.state.kv_cache.data, tables.pop(0))
         if from_ids and host_blocks:  # its host blocks, beside the layers before theirs
             before_attention, join = self._host_block_copies(tables.pop(0))
-        embeds = self.embed(buf.ids) if from_ids else buf.embeds
-        out = forward_logits(self.weights, self.config, self.kv_cache, self.rope, embeds, buf.slots, buf.starts,
-                             buf.q_lens, lora=self._lora_batch(buf.lora, buf.lora_used, uses_lora),
-                             positions=buf.positions, max_keys=max_keys, before_attention=before_attention,
-                             logits=logits)
+        embeds = self.state.embed(buf.ids) if from_ids else buf.embeds
+        out = self.state.forward(embeds, buf.slots, buf.starts, buf.q_lens,
+                                 lora=self.adapters.batch(buf.lora, buf.lora_used, uses_lora), positions=buf.positions,
+                                 max_keys=max_keys, before_attention=before_attention, logits=logits)
         if out is not None:
             buf.logits.copy_(out)
         if join is not None:

@@ -1,13 +1,21 @@
-"""LLMEngineRunner: owns one model's weights, KV cache and RoPE cache; runs prefill and decode steps.
+"""LLMEngineRunner: one model's engine, as in the seeds' engine runner: input embeddings (or token ids)
+in, logits or sampled tokens out, rows in KV-cache *slots*; it knows nothing of text or requests.
 
-Mirrors the seeds' engine runner: the runtime hands it input embeddings and gets logits back;
-it knows nothing of text or requests. Rows of a batch live in KV-cache *slots*; a decode step runs
-any subset of slots, so rows that finish can leave the batch without moving anyone's cache.
-
-Prefill (prefill_step, and prefill_tokens for token ids) lives in prefill_steps.py. The fast decode
-path is `start_decode(...)` then `decode_sample_step()` per token: embedding, all layers, LM head and
-sampling run from static buffers with no host synchronisation, replayed from a CUDA graph per padded
-batch size (decode_steps.py, graphs.py); `decode_step` is the seeds' eager embeddings-in, logits-out step.
+The path of a step through the code, in the order a request meets it:
+  runner.py          builds the engine (checks the limits against free memory: memory.py), then each
+                     public method hands its work to one step object below;
+  state.py           EngineState: config, weights (weights.py), KV cache (kv_cache.py), RoPE tables
+                     (longrope.py for LongRoPE), the settings (switches.py) and forward()/sample();
+  adapters.py        the LoRA adapters (stacks: lora.py), each row's adapter slot;
+  prefill_steps.py   prefill_step / prefill_tokens: a prompt into its slot, chunk by chunk, replayed
+                     from CUDA graphs (graphs.py) over static buffers;
+  decode_steps.py    start_decode, then decode_sample_step / decode_launch per token: embedding, all
+                     layers, LM head and sampling in one graph per padded batch size; decode_step is the
+                     seeds' eager step;
+  verify.py          speculative token trees through the model in one step (verify_sample_trees);
+  model.py           forward_logits: the one decoder forward every step runs, each op from kernels/.
+With backend="onnxruntime" or "tensorrt", prefill_step / prefill_tokens / decode_step run the graph
+`edgellm export` wrote (backends/exported_steps.py) instead, and the Triton-only methods refuse.
 
 Inference mode: the public methods run in torch's inference mode whatever the caller's mode (the
 buffers they make on first use are then inference tensors, which only inference mode may update),
@@ -23,42 +31,35 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigurationError, LoraError
 from ..kernels import ops, rope_inv_freq
-from ..kernels.lora import UNROLL, used_slots
 from ..kernels.tree_mask import MAX_TREE
-from ..errors import ConfigurationError, InvalidRequestError, LoraError
 from ..quant.formats import QUANT_KINDS, QuantizedWeight
-from .config import EngineConfig
+from .adapters import Adapters, lora_limits, read_adapter_spec
 from .backends import check_backend
-from .devices import resolve_device, resolve_dtype
-from .graphs import DecodeBuffers, PrefillBuffers, PrefillStorage, StepGraphs, TreeBuffers, any_adapter
-from .kv_cache import LinearKVCache
-from .lora import DEFAULT_MAX_LORAS, LoraStacks, read_adapter
-from .memory import check_fits, engine_memory_plan, free_bytes
-from .modes import inference_call, outside_inference_mode
+from .config import EngineConfig
 from .decode_steps import DecodeSteps
-from .longrope import LongRopeSteps
-from .persistent import plan_for
+from .devices import resolve_device, resolve_dtype
+from .graphs import StepGraphs
+from .kv_cache import LinearKVCache
+from .longrope import NO_DRAFT_LIMIT, LongRope, longrope_original, longrope_tables
+from .lora import DEFAULT_MAX_LORAS, LoraStacks
+from .memory import check_fits, engine_memory_plan, free_bytes
+from .model import RopeTables
+from .modes import inference_call, outside_inference_mode
 from .prefill_steps import PrefillSteps
+from .state import EngineState
+from .switches import Switches
 from .verify import TreeSteps
-from .model import LoraBatch, RopeTables, forward_logits
 from .vocab_map import load_vocab_map
 from .weights import load_weights
 
 # Prompts longer than this are prefilled chunk by chunk. 2048 measured fastest on the H100 for 1024- to
-# 8192-token prompts of the Llama-3.2-1B shape against 1024 and 4096 (bench/prefill_chunks.py, issue 19).
+# 8192-token prompts of the Llama-3.2-1B shape against 1024 and 4096 (bench/prefill_chunks.py).
 DEFAULT_PREFILL_CHUNK = 2048
 
-class LLMEngineRunner(PrefillSteps, DecodeSteps, TreeSteps, LongRopeSteps):
-    def __new__(cls, *args, backend: str = "triton", **kwargs):
-        """backend "triton" (the default): this class, the engine's own forward. "onnxruntime" or
-        "tensorrt": an ExportedEngineRunner (engine/backends/runner.py) over the directory `edgellm
-        export` wrote, with the same prefill_step / decode_step interface."""
-        if check_backend(backend) != "triton" and cls is LLMEngineRunner:
-            from .backends.runner import ExportedEngineRunner
-            cls = ExportedEngineRunner
-        return super().__new__(cls)
 
+class LLMEngineRunner:
     @outside_inference_mode
     def __init__(self, model_dir: str | Path, *, backend: str = "triton", device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, max_batch_size: int | None = None,
@@ -67,8 +68,10 @@ class LLMEngineRunner(PrefillSteps, DecodeSteps, TreeSteps, LongRopeSteps):
                  lora_weights: dict | None = None, max_lora_rank: int | None = None, max_loras: int | None = None,
                  max_verify_tokens: int = 0, extra_device_bytes: dict[str, int] | None = None,
                  vocab_map: str | Path | None = None, quantization: str | None = None,
-                 quantize_lm_head: bool = False):
-        """backend: "triton" here (see __new__ for the others).
+                 quantize_lm_head: bool = False, switches: Switches | None = None):
+        """backend: "triton" (the default), the engine's own forward; "onnxruntime" or "tensorrt": the
+        directory `edgellm export` wrote, run by that engine (backends/exported_steps.py: the same
+        prefill_step / prefill_tokens / decode_step; the other arguments below are Triton-only).
         cuda_graphs: replay decode steps from CUDA graphs (on CUDA; eager elsewhere or when False).
         prefill_chunk_size: prompts longer than this are prefilled in chunks of it (default 2048).
         lora_weights: {name: adapter} loaded at start; an adapter is a PEFT directory, a bare
@@ -85,18 +88,30 @@ class LLMEngineRunner(PrefillSteps, DecodeSteps, TreeSteps, LongRopeSteps):
         quantization: None, "int8" (per output channel), "int4" (groups of 128, asymmetric) or "fp8"
         (E4M3, per output channel): the layers' linear weights are quantized at load (round to nearest,
         edgellm/quant) and decode reads them packed (kernels/gemv.py). The embedding stays in the
-        compute dtype; quantize_lm_head packs the LM head too.
+        compute dtype; quantize_lm_head packs the LM head too. switches: the A/B settings
+        (engine/switches.py; default: read from the environment, once, here).
 
         Before anything is allocated, the bytes these limits need (engine/memory.py) are checked
         against the device's free memory (host memory on the CPU): ConfigurationError if they do not fit."""
+        self.backend = check_backend(backend)
         self.model_dir = Path(model_dir)
+        self.switches = Switches.from_environment() if switches is None else switches
+        if self.backend != "triton":
+            from .backends.exported_steps import ExportedSteps
+            steps = ExportedSteps(self.model_dir, backend, device=device, dtype=dtype, max_batch_size=max_batch_size,
+                                  max_input_length=max_input_length, max_kv_cache_capacity=max_kv_cache_capacity,
+                                  cuda_graphs=cuda_graphs, lora_weights=lora_weights, max_lora_rank=max_lora_rank,
+                                  max_loras=max_loras, max_verify_tokens=max_verify_tokens, vocab_map=vocab_map,
+                                  quantization=quantization, quantize_lm_head=quantize_lm_head)
+            self._use_exported(steps)
+            return
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.config = EngineConfig.from_model_dir(
             self.model_dir, max_batch_size=max_batch_size, max_input_length=max_input_length,
             max_kv_cache_capacity=max_kv_cache_capacity)
-        adapters = {name: self._read_adapter(name, spec) for name, spec in (lora_weights or {}).items()}
-        max_lora_rank = self._lora_limits(adapters, max_lora_rank, max_loras)
+        adapters = {name: read_adapter_spec(self.config, name, spec) for name, spec in (lora_weights or {}).items()}
+        max_lora_rank = lora_limits(adapters, max_lora_rank, max_loras)
         if quantization is not None and quantization not in QUANT_KINDS:
             raise ConfigurationError(f"unsupported quantization {quantization!r}; supported: {', '.join(QUANT_KINDS)}")
         stored = self.config.quant_method  # a checkpoint already quantized (AWQ / GPTQ / edgellm): as stored
@@ -126,9 +141,10 @@ class LLMEngineRunner(PrefillSteps, DecodeSteps, TreeSteps, LongRopeSteps):
                                      f"window ({shortest}): a token tree must fit in every layer's window")
         self.max_verify_tokens = max_verify_tokens
         self.graphs = StepGraphs(self.device, enabled=cuda_graphs)
+        max_loras = max_loras or DEFAULT_MAX_LORAS
         self.memory_plan = engine_memory_plan(
             cfg, self.dtype, prefill_chunk=chunk, graphs=self.graphs.enabled, cuda=self.device.type == "cuda",
-            max_lora_rank=max_lora_rank, max_loras=(max_loras or DEFAULT_MAX_LORAS) if max_lora_rank else 0,
+            max_lora_rank=max_lora_rank, max_loras=max_loras if max_lora_rank else 0,
             max_verify_tokens=max_verify_tokens, extra=extra_device_bytes)
         check_fits(self.memory_plan, self.device, free_bytes(self.device))
         self.weights = load_weights(self.model_dir, cfg, dtype=self.dtype, device=self.device)
@@ -142,53 +158,48 @@ class LLMEngineRunner(PrefillSteps, DecodeSteps, TreeSteps, LongRopeSteps):
             num_layers=cfg.num_decoder_layers, max_batch_size=cfg.max_supported_batch_size,
             num_kv_heads=cfg.num_kv_heads, capacity=cfg.max_kv_cache_capacity, head_dim=cfg.head_dim,
             dtype=self.dtype, device=self.device)
-        # LongRoPE: the original context length (see _longrope_tables); None for other RoPE kinds.
-        self.longrope_original = int(cfg.rope_scaling["original_max_position_embeddings"]) \
-            if (cfg.rope_scaling or {}).get("rope_type") == "longrope" else None
-        if self.longrope_original is not None:
-            self.rope_cos_sin = self._longrope_tables()
+        original = longrope_original(cfg)
+        self.longrope = LongRope(original) if original is not None else None
+        self.rope = self._rope_tables(cfg, original)
+        self.rope_cos_sin = (self.rope.cos, self.rope.sin)
+        self.state = EngineState(cfg, self.device, self.dtype, self.weights, self.kv_cache, self.rope, self.switches,
+                                 self.vocab_map, original)
+        self.lora = LoraStacks(cfg, max_lora_rank, max_loras, self.dtype, self.device) if max_lora_rank else None
+        self.adapters = Adapters(cfg, self.lora, self.device)
+        for name, adapter in adapters.items():
+            self.lora.add(name, adapter)
+        self._prefill = PrefillSteps(self.state, self.adapters, self.graphs, chunk)
+        self._verify = TreeSteps(self.state, self.adapters, self.graphs, max_verify_tokens)
+        self._decode = DecodeSteps(self.state, self.adapters, self.graphs, self._verify)
+
+    def _rope_tables(self, cfg: EngineConfig, original: int | None) -> RopeTables:
+        """cos / sin (LongRoPE's two-half table where `original` is its original context), per-slot
+        offsets where the kernels read them, Gemma 3's local-layer table."""
+        if original is not None:
+            cos, sin = longrope_tables(cfg, original, self.device)
         else:
-            inv_freq = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling).to(self.device)
-            self.rope_cos_sin = ops.rope_cos_sin_cache(inv_freq, cfg.max_kv_cache_capacity)
+            cos, sin = ops.rope_cos_sin_cache(rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
+                                              .to(self.device), cfg.max_kv_cache_capacity)
         # Per-slot position offsets, read by the step kernels on the device (so graphs see them):
         # multimodal RoPE's decode positions run `offset` behind the cache positions; LongRoPE rows
         # whose prompt outgrew the original context read the second half of the table.
         offsets = torch.zeros(cfg.max_supported_batch_size + 1, dtype=torch.int32, device=self.device) \
-            if cfg.mrope_section or self.longrope_original is not None else None
+            if cfg.mrope_section or original is not None else None
         local = None  # the sliding-window layers' own RoPE base (Gemma 3)
         if cfg.rope_local_theta is not None:
             local = ops.rope_cos_sin_cache(rope_inv_freq(cfg.rotary_dim, cfg.rope_local_theta, None).to(self.device),
                                            cfg.max_kv_cache_capacity)
-        self.rope = RopeTables(*self.rope_cos_sin, offsets, cfg.mrope_section, local)
-        # Batch-1 decode steps through the persistent kernel where it runs this model (engine/persistent.py).
-        self.persistent = plan_for(cfg, self.weights, self.kv_cache.data, self.rope, self.longrope_original is not None)
-        self._decode_buffers: dict[int, DecodeBuffers] = {}
-        self._prefill_buffers: dict[tuple[int, int], PrefillBuffers] = {}
-        self._prefill_storage: PrefillStorage | None = None
-        # The KV store's pools of saved blocks (attach_block_pools), and the stream that copies host blocks
-        self.block_pool: torch.Tensor | None = None
-        self.host_block_pool: torch.Tensor | None = None
-        self._host_copy_stream = None
-        self._trees: dict[tuple[int, int], TreeBuffers] = {}  # verify steps' buffers, by (size, tree nodes)
-        self._active: DecodeBuffers | None = None
-        self._host_tokens: list[torch.Tensor] | None = None  # decode_launch's pinned pair, used in turn
-        self._host_turn = 0
-        self.lora = LoraStacks(cfg, max_lora_rank, max_loras or DEFAULT_MAX_LORAS, self.dtype, self.device) \
-            if max_lora_rank else None
-        self._active_lora = ""  # the adapter rows use when a call names none ("" = the base model)
-        for name, adapter in adapters.items():
-            self.lora.add(name, adapter)
+        return RopeTables(cos, sin, offsets, cfg.mrope_section, local)
 
-    def prefix_fingerprint(self, adapter: str, prompt_length: int) -> str:
-        """What, besides the tokens, a saved prefix's KV depends on: the adapter, and for LongRoPE
-        whether the prompt outgrew the original context (its keys were rotated with the long factors)."""
-        long = self.longrope_original is not None and prompt_length > self.longrope_original
-        return self.lora_fingerprint(adapter) + ("|longrope" if long else "")
-
-    def full_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids sampled from (or picked out of) this engine's logits, as full-vocabulary ids
-        (int64): the identity without a reduced vocabulary."""
-        return ids if self.vocab_map is None else ops.vocab_remap(ids, self.vocab_map)
+    def _use_exported(self, steps) -> None:
+        """The runner over an exported graph: its steps serve prefill and decode; what they lack refuses."""
+        self.config, self.device, self.dtype, self.kv_cache = steps.config, steps.device, steps.dtype, steps.kv_cache
+        self.engine, self.logits = steps.engine, steps.logits
+        self.vocab_map, self.longrope, self.lora, self.max_verify_tokens = None, None, None, 0
+        self.prefill_chunk_size = self.config.max_supported_input_length  # one graph call per prefill
+        self.adapters = Adapters(self.config, None, self.device)
+        self.state = self._prefill = self._decode = steps
+        self._verify = steps  # (no verify steps: its attributes refuse, naming the runner's method)
 
     # Accessors named after the seeds' API.
     def get_engine_config(self) -> EngineConfig:
@@ -198,153 +209,204 @@ class LLMEngineRunner(PrefillSteps, DecodeSteps, TreeSteps, LongRopeSteps):
         return self.kv_cache
 
     def get_rope_cos_sin_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.backend != "triton":
+            raise ConfigurationError(f"the {self.backend} backend computes RoPE inside its graph (no table)")
         return self.rope_cos_sin
 
-    # ---- LoRA adapters (engine/lora.py): any mix of them, or none, in one batch ----
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [...] -> input embeddings [..., hidden] in the engine dtype."""
+        return self.state.embed(input_ids)
 
-    def _read_adapter(self, name, spec):
-        if self.config.mlp != "gated":
-            raise LoraError("LoRA adapters are supported for models with a gated MLP (llama, mistral, qwen2, qwen3, "
-                            f"phi3, gemma3_text); this model is {self.config.model_type}")
-        if not isinstance(name, str) or not name:
-            raise LoraError(f"a LoRA adapter name must be a non-empty string, got {name!r}")
-        if isinstance(spec, dict):
-            unknown = set(spec) - {"path", "rank", "alpha"}
-            if "path" not in spec or unknown:
-                raise LoraError(f"LoRA adapter {name!r}: give a path, or a dict with 'path' and optional "
-                                "'rank' / 'alpha'")
-            return read_adapter(spec["path"], self.config, rank=spec.get("rank"), alpha=spec.get("alpha"))
-        if not isinstance(spec, (str, Path)):
-            raise LoraError(f"LoRA adapter {name!r}: expected a path, got {type(spec).__name__}")
-        return read_adapter(spec, self.config)
+    def full_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids sampled from (or picked out of) this engine's logits, as full-vocabulary ids
+        (int64): the identity without a reduced vocabulary."""
+        return self.state.full_ids(ids)
 
-    @staticmethod
-    def _lora_limits(adapters: dict, max_lora_rank, max_loras) -> int:
-        for value, what in ((max_lora_rank, "max_lora_rank"), (max_loras, "max_loras")):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise ConfigurationError(f"{what} must be a non-negative integer, got {value!r}")
-        if max_loras is not None and max_loras < max(1, len(adapters)):
-            raise ConfigurationError(f"max_loras={max_loras} cannot hold the {len(adapters)} adapters given")
-        rank = max((a.rank for a in adapters.values()), default=0) if max_lora_rank is None else max_lora_rank
-        too_big = [n for n, a in adapters.items() if a.rank > rank]
-        if too_big:
-            raise LoraError(f"LoRA adapter {too_big[0]!r} has rank {adapters[too_big[0]].rank}, above "
-                            f"max_lora_rank {rank}")
-        return rank
+    @inference_call
+    def sample(self, logits: torch.Tensor, temperature, top_k, top_p, seeds, offsets) -> torch.Tensor:
+        """Tokens drawn from `logits` ([n, vocab], e.g. a prefill's) with per-row settings (all [n] on the
+        device; kernels/sampling.py: the draw is keyed by seed and RNG offset), as full-vocabulary ids."""
+        return self.state.sample(logits, temperature, top_k, top_p, seeds, offsets)
 
-    def _lora_stacks(self) -> LoraStacks:
-        if self.lora is None:
-            raise LoraError("this engine was built without LoRA support: pass max_lora_rank=N (or lora_weights) "
-                            "when building it")
-        return self.lora
+    def prefix_fingerprint(self, adapter: str, prompt_length: int) -> str:
+        """What, besides the tokens, a saved prefix's KV depends on: the adapter, and for LongRoPE
+        whether the prompt outgrew the original context (its keys were rotated with the long factors)."""
+        long = self.longrope is not None and prompt_length > self.longrope.original
+        return self.adapters.fingerprint(adapter) + ("|longrope" if long else "")
+
+    # ---- prefill (prefill_steps.py) ----
+
+    @inference_call
+    def prefill_step(self, inputs_embeds: torch.Tensor, context_lengths, slots=None, lora=None,
+                     cached_lengths=None, positions=None, position_offsets=None, *,
+                     long_rope: bool = False) -> torch.Tensor:
+        """Start new sequences: fill slots `slots` (default 0..B-1) with the prompts' KV and return each
+        prompt's last-token logits, [B, vocab] float32 (PrefillSteps.prefill_step has every argument)."""
+        return self._prefill.prefill_step(inputs_embeds, context_lengths, slots, lora, cached_lengths, positions,
+                                          position_offsets, long_rope=long_rope)
+
+    @inference_call
+    def prefill_tokens(self, prompts: list[list[int]], slots=None, lora=None, cached_lengths=None, *,
+                       pool_blocks=(), host_blocks=(), long_rope: bool = False) -> torch.Tensor:
+        """prefill_step for prompts given as token ids, the embedding gather inside the step (the
+        runtime's text path; pool_blocks / host_blocks: a KV hit's saved blocks to copy in first)."""
+        return self._prefill.prefill_tokens(prompts, slots, lora, cached_lengths, pool_blocks=pool_blocks,
+                                            host_blocks=host_blocks, long_rope=long_rope)
+
+    def attach_block_pools(self, device: torch.Tensor | None = None, host: torch.Tensor | None = None) -> None:
+        """The KV store's pools of saved blocks (engine/kv_pool.py), read inside prefill_tokens' steps."""
+        self._prefill.attach_block_pools(device, host)
+
+    @property
+    def block_pool(self) -> torch.Tensor | None:
+        return self._prefill.block_pool
+
+    @property
+    def host_block_pool(self) -> torch.Tensor | None:
+        return self._prefill.host_block_pool
+
+    # ---- decode (decode_steps.py) ----
+
+    @inference_call
+    def decode_step(self, inputs_embeds: torch.Tensor, slots=None, lora=None) -> torch.Tensor:
+        """Append one token per row: inputs_embeds [b, 1, hidden] for cache slots `slots` (default
+        0..b-1), adapters `lora` as in prefill_step. Returns the new logits, [b, vocab] float32."""
+        return self._decode.decode_step(inputs_embeds, slots, lora)
+
+    @inference_call
+    def capture_decode_graphs(self, batch_sizes=None, lora: bool = False) -> list[int]:
+        """Capture decode graphs up front for these batch sizes (default: every padded size up to
+        max_batch_size; lora=True: those of batches with adapters). Returns the padded sizes."""
+        return self._decode.capture_decode_graphs(batch_sizes, lora)
+
+    @inference_call
+    def start_decode(self, tokens, slots, temperature, top_k, top_p, seeds, offsets, lora=None) -> None:
+        """Set the rows of the next decode steps: per row its last token, KV-cache slot, temperature,
+        top_k, top_p, seed and the RNG offset used last ([n] each); lora: one adapter name per row or None."""
+        self._decode.start_decode(tokens, slots, temperature, top_k, top_p, seeds, offsets, lora)
+
+    @inference_call
+    def restart_decode_rows(self, tokens, lengths=None) -> None:
+        """Point the running rows at new input tokens (and, if given, set their cache lengths)."""
+        self._decode.restart_decode_rows(tokens, lengths)
+
+    @inference_call
+    def keep_decode_rows(self, keep) -> None:
+        """Continue decoding only rows `keep` (indices into the current rows, in order)."""
+        self._decode.keep_decode_rows(keep)
+
+    @inference_call
+    def end_decode(self) -> None:
+        """The decode batch is done: its rows stop holding their adapters (see remove_lora_weights)."""
+        self._decode.end_decode()
+
+    @inference_call
+    def decode_sample_step(self) -> torch.Tensor:
+        """One decode step of the running rows: their sampled tokens, [n] int64 on the device (a view of
+        a static buffer, overwritten by the next step)."""
+        return self._decode.decode_sample_step()
+
+    @inference_call
+    def decode_launch(self):
+        """decode_sample_step without waiting: returns a PendingTokens whose wait() gives the tokens."""
+        return self._decode.decode_launch()
+
+    @inference_call
+    def decode_logits(self) -> torch.Tensor:
+        """The last decode_sample_step's logits of the live rows, [n, vocab] float32."""
+        return self._decode.decode_logits()
+
+    # ---- speculative verification (verify.py) ----
+
+    @inference_call
+    def tree_decode_step(self, inputs_embeds: torch.Tensor, tree_mask: torch.Tensor, slots=None,
+                         lora=None) -> torch.Tensor:
+        """A token tree per row after the rows' cached tokens: every node's logits, [B, T, vocab]
+        (follow with commit_tree_path to keep a path)."""
+        return self._verify.tree_decode_step(inputs_embeds, tree_mask, slots, lora)
+
+    @inference_call
+    def commit_tree_path(self, path, accepted, slots=None) -> None:
+        """Keep path[b, :accepted[b] + 1] of the last tree_decode_step in each row's cache."""
+        self._verify.commit_tree_path(path, accepted, slots)
+
+    @inference_call
+    def verify_sample_step(self, tokens, parents, n_nodes) -> tuple[torch.Tensor, torch.Tensor]:
+        """One speculative step of the running rows: a tree per row (tokens, parents [n, T], n_nodes [n]);
+        returns (new tokens [n, T'], accepted drafts [n])."""
+        return self._verify.verify_sample_step(self._decode.running("verify_sample_step"), tokens, parents, n_nodes)
+
+    @inference_call
+    def verify_sample_trees(self, trees: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+        """verify_sample_step for trees as (tokens, parents) lists: [n, T' + 1], the accepted count last."""
+        return self._verify.verify_sample_trees(self._decode.running("verify_sample_step"), trees)
+
+    # ---- what a decode loop asks between steps ----
+
+    @property
+    def needs_rows_each_step(self) -> bool:
+        """Whether a decode loop must hand prepare_decode_rows each step's rows before the step (and so
+        read every step's tokens first): LongRoPE engines, whose rows' caches may need recomputing."""
+        return self.longrope is not None
+
+    def prepare_decode_rows(self, slots: list[int], prompts: list[list[int]], generated: list[list[int]],
+                            adapters: list[str]) -> None:
+        """Before a decode step, with each running row's slot, prompt, tokens generated so far and adapter:
+        the rows whose next step passes LongRoPE's original context get their cache recomputed with the
+        long factors (a prefill with long_rope=True, in place, while the batch runs on)."""
+        if self.longrope is None:
+            return
+        crossing = [i for i, (p, g) in enumerate(zip(prompts, generated))
+                    if self.longrope.crosses_original_context(len(p), len(p) + len(g))]
+        if not crossing:
+            return
+        token_ids = [prompts[i] + generated[i][:-1] for i in crossing]
+        lengths = [len(ids) for ids in token_ids]
+        ids = torch.zeros(len(token_ids), max(lengths), dtype=torch.int64)
+        for row, seq in enumerate(token_ids):
+            ids[row, :len(seq)] = torch.tensor(seq)
+        self.prefill_step(self.embed(ids), lengths, slots=torch.tensor([slots[i] for i in crossing], dtype=torch.int32),
+                          lora=[adapters[i] for i in crossing], long_rope=True)
+
+    def max_tree_drafts(self, prompt_length: int, length: int) -> int:
+        """How many drafts a row's next token tree may hold (sequence of `length` tokens, its last not
+        yet cached): trees stop short of a LongRoPE switch; otherwise no limit."""
+        return NO_DRAFT_LIMIT if self.longrope is None else self.longrope.max_drafts(prompt_length, length)
+
+    # ---- LoRA adapters (adapters.py): any mix of them, or none, in one batch ----
 
     @inference_call
     def add_lora_weights(self, name: str, path, *, rank: int | None = None, alpha: float | None = None) -> None:
         """Load an adapter under `name`: a PEFT directory, or a bare .safetensors file with its `alpha`
         (rank from the tensors; a given `rank` must agree). Checked in full before anything is written."""
-        stacks = self._lora_stacks()
-        if isinstance(name, str) and name in stacks.slots:
-            raise LoraError(f"a LoRA adapter named {name!r} is already loaded; remove it first")
-        adapter = self._read_adapter(name, {"path": path, "rank": rank, "alpha": alpha})
-        stacks.add(name, adapter)
+        self.adapters.add(name, path, rank, alpha)
 
     @inference_call
     def remove_lora_weights(self, name: str) -> None:
-        slot = self.lora_slot(name)
+        slot = self.adapters.slot(name)
         if slot < 0:
             raise LoraError("remove_lora_weights needs an adapter name ('' is the base model)")
-        if self._active is not None and slot in self._active.lora_host[:self._active.live]:
+        if self._decode.holds_adapter(slot):
             raise LoraError(f"LoRA adapter {name!r} is in use by the running decode batch (end_decode() first)")
-        self.lora.remove(name)
-        if self._active_lora == name:
-            self._active_lora = ""
+        self.adapters.remove(name)
 
     @inference_call
     def switch_lora_weights(self, name: str) -> bool:
         """Make `name` the adapter used when a call names none ("" = the base model). The KV cache and
         the model weights are untouched."""
-        self.lora_slot(name)  # raises for an unknown name
-        self._active_lora = name
+        self.adapters.switch(name)
         return True
 
     def get_available_lora_weights(self) -> list[str]:
-        return sorted(self.lora.slots) if self.lora is not None else []
+        return self.adapters.names()
 
     def get_active_lora_weights_name(self) -> str:
-        return self._active_lora
+        return self.adapters.active
 
     def lora_slot(self, name: str | None) -> int:
         """The stack slot of adapter `name` (None: the active adapter; "": -1, the base model)."""
-        name = self._active_lora if name is None else name
-        if not isinstance(name, str):
-            raise LoraError(f"a LoRA adapter name must be a string, got {name!r}")
-        if name == "":
-            return -1
-        if self.lora is None or name not in self.lora.slots:
-            available = ", ".join(self.get_available_lora_weights()) or "none loaded"
-            raise LoraError(f"unknown LoRA adapter {name!r} (available: {available}; '' is the base model)")
-        return self.lora.slots[name]
+        return self.adapters.slot(name)
 
     def lora_fingerprint(self, name: str | None) -> str:
-        """What names adapter `name`'s weights ("" for the base model): its name and a digest of its
-        content, so a saved KV prefix is never reused under another adapter of the same name."""
-        slot = self.lora_slot(name)
-        if slot < 0:
-            return ""
-        name = self._active_lora if name is None else name
-        return f"{name}:{self.lora.fingerprints[name]}"
-
-    def _lora_rows(self, lora, batch: int) -> list[int]:
-        """Per-row adapter slots from `lora`: None (the active adapter for every row) or one name per row."""
-        if lora is None or isinstance(lora, str):
-            return [self.lora_slot(lora)] * batch
-        names = list(lora)
-        if len(names) != batch:
-            raise InvalidRequestError(f"lora: {len(names)} adapter names for {batch} rows")
-        return [self.lora_slot(n) for n in names]
-
-    def _lora_tensors(self, lora_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row slots and the used-slot list (kernels/lora.py) as device tensors."""
-        return (torch.tensor(lora_rows, dtype=torch.int32, device=self.device),
-                used_slots(lora_rows, self._lora_capacity(), self.device))
-
-    def _lora_capacity(self) -> int:
-        """Entries of a used-slot list (kernels/lora.py used_slots) for this engine."""
-        return max(self.lora.max_loras if self.lora is not None else 0, UNROLL)
-
-    def _lora_batch(self, index: torch.Tensor, used: torch.Tensor, uses_lora: bool) -> LoraBatch | None:
-        return LoraBatch(self.lora, index, used) if uses_lora else None
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token ids [...] -> input embeddings [..., hidden] in the engine dtype."""
-        return torch.nn.functional.embedding(input_ids.to(self.device), self.weights.embed)
-
-    def _slots(self, slots, batch: int, on_device: bool = True) -> torch.Tensor:
-        """The rows' cache slots (default 0..batch-1), int32, checked when they come from the host;
-        on the device, or (on_device=False) on the host (device tensors are brought back: rare)."""
-        if slots is None:
-            return torch.arange(batch, dtype=torch.int32, device=self.device if on_device else "cpu")
-        slots = torch.as_tensor(slots, dtype=torch.int32)
-        if slots.device.type == "cpu":  # the host-side check is free here (device tensors are the caller's)
-            if slots.shape != (batch,) or slots.unique().numel() != batch or slots.min() < 0 \
-                    or slots.max() >= self.config.max_supported_batch_size:
-                raise InvalidRequestError(f"slots must be {batch} distinct values in "
-                                          f"[0, {self.config.max_supported_batch_size})")
-        return slots.to(self.device if on_device else "cpu")
-
-    @inference_call
-    def decode_step(self, inputs_embeds: torch.Tensor, slots=None, lora=None) -> torch.Tensor:
-        """Append one token per row: inputs_embeds [b, 1, hidden] for cache slots `slots`
-        (default 0..b-1), adapters `lora` as in prefill_step. Returns the new logits, [b, vocab] float32."""
-        if inputs_embeds.dim() == 2:
-            inputs_embeds = inputs_embeds[:, None]
-        batch = inputs_embeds.shape[0]
-        slot_ids = self._slots(slots, batch)
-        lora_rows = self._lora_rows(lora, batch)
-        lora_batch = self._lora_batch(*self._lora_tensors(lora_rows), any_adapter(lora_rows))
-        starts = self.kv_cache.lengths[slot_ids.long()]
-        q_lens = torch.ones(batch, dtype=torch.int32, device=self.device)
-        logits = forward_logits(self.weights, self.config, self.kv_cache, self.rope,
-                                inputs_embeds.to(self.dtype), slot_ids, starts, q_lens, lora=lora_batch)
-        self.kv_cache.lengths[slot_ids.long()] = starts + 1
-        return logits
+        """What names adapter `name`'s weights ("" for the base model): its name and a content digest."""
+        return self.adapters.fingerprint(name)

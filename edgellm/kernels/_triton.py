@@ -2,11 +2,9 @@
 decorator below returns the function as it is), the kernels are never launched, and every op runs
 its torch reference."""
 
-import threading
-
 import torch
 
-from .dispatch import thread_flag
+from .dispatch import interpreter_on, run_settings, run_with
 
 try:
     import triton
@@ -21,12 +19,6 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
                                    cdiv=lambda a, b: -(-a // b),
                                    next_power_of_2=lambda n: 1 << max(0, (int(n) - 1).bit_length()))
     tl = types.SimpleNamespace(constexpr=object)
-
-try:  # host-side TMA descriptors (triton >= 3.4): K/V tiles of the prefill attention on Hopper
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - older triton: the kernels load through pointers
-    TensorDescriptor = None
-
 
 def pow2(n: int, minimum: int = 1) -> int:
     """The smallest power of two >= max(n, minimum): Triton block sizes must be powers of two."""
@@ -45,7 +37,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 # their own wait); it then blocks in gdc_wait(), before any load that depends on the kernel before,
 # until that kernel has finished and its writes are visible. So nothing is read or
 # written early, and the next launch overlaps the previous kernel's tail (bench/chain.py measured a
-# 30-layer GEMV chain 8% faster). Kernels launched without it (torch's, cuBLAS) wait as usual.
+# 30-layer GEMV chain 8% faster on the H100). Kernels launched without it (torch's, cuBLAS) wait as usual.
 try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
     _HAS_GDC = True
@@ -56,35 +48,30 @@ except ImportError:  # triton without grid dependency control: PDL stays off
 _pdl_devices: dict = {}
 
 
-_pdl_state = threading.local()
-
-
 def early_release(enabled: bool = True):
     """Within this block, kernels launched with PDL release the next kernel right after their wait
     instead of after their loads (use_pdl mode 2). The decode step of one row asks for it: there its
-    short kernels' launches then hide behind the kernel before (H100, bench/RESULTS.md: SmolLM2-135M
-    shape 1640 -> 1822 tok/s); with 16 rows the early-placed waiting programs cost the running GEMV
-    more than they save (Llama-3.2-1B shape 9750 -> 8616)."""
-    return thread_flag(_pdl_state, "early", enabled)
+    short kernels' launches then hide behind the kernel before (H100: SmolLM2-135M shape 1640 -> 1822
+    tok/s); with 16 rows the early-placed waiting programs cost the running GEMV more than they save
+    (Llama-3.2-1B shape 9750 -> 8616)."""
+    return run_with(early_release=enabled)
 
 
 def use_pdl(tensor: torch.Tensor) -> int:
     """How to launch with PDL: 0 not at all (a CPU tensor, compute capability < 9.0, a triton without
-    the GDC instructions, the interpreter, or EDGELLM_PDL=0); 1 the next kernel may be scheduled once
-    this one's loads are done (pdl_release); 2 once its wait is over (pdl_wait), so the next kernel's
-    launch and its weight prefetch (gemv.py) overlap this kernel's whole body: inside early_release(),
-    or always with EDGELLM_PDL=early (EDGELLM_PDL=late: never)."""
-    import os
-
-    setting = os.environ.get("EDGELLM_PDL", "1")
-    if not (tensor.is_cuda and _HAS_GDC) or setting == "0" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+    the GDC instructions, the interpreter, or RunSettings.pdl "off"); 1 the next kernel may be scheduled
+    once this one's loads are done (pdl_release); 2 once its wait is over (pdl_wait), so the next
+    kernel's launch and its weight prefetch (gemv.py) overlap this kernel's whole body: inside
+    early_release(), or always with pdl "early" ("late": never)."""
+    settings = run_settings()
+    if not (tensor.is_cuda and _HAS_GDC) or settings.pdl == "off" or interpreter_on():
         return 0
     index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
     if index not in _pdl_devices:
         _pdl_devices[index] = torch.cuda.get_device_capability(index)[0] >= 9
     if not _pdl_devices[index]:
         return 0
-    early = setting == "early" or (setting != "late" and getattr(_pdl_state, "early", False))
+    early = settings.pdl == "early" or (settings.pdl != "late" and settings.early_release)
     return 2 if early else 1
 
 

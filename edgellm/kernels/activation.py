@@ -1,6 +1,6 @@
 """The vision encoders' MLP activations, elementwise: "gelu" (exact, erf), "gelu_tanh" (tanh
 approximation), "quick_gelu" (x * sigmoid(1.702 x), CLIP's and Qwen2-VL's ViT). Computed in float32,
-stored in the input dtype. (The decoder's SwiGLU is silu_mul.py.)"""
+stored in the input dtype. (The decoder's SwiGLU is glu.py.)"""
 
 import torch
 import torch.nn.functional as F

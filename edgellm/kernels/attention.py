@@ -6,7 +6,7 @@ cache slot (so a chunk may follow an earlier prefix: chunked prefill and prefix 
 else). The key blocks wholly before a query block's first query run without masks, the diagonal's
 blocks masked; the softmax scale rides exp2's argument (one FMA an element); the last query blocks
 (the longest under the causal mask) start first; long chunks take 128-row tiles whose rows pack a
-KV group's query heads, so each K/V tile is loaded once per group (issue 19, bench/RESULTS.md).
+KV group's query heads, so each K/V tile is loaded once per group.
 head_dim that is not a power of two (48, 96, ...) is padded to the next one with masks.
 Speculative token trees have their own split-K kernel (tree_attention.py); the reference here
 takes their masks too.
@@ -19,35 +19,55 @@ so the launch needs no host synchronisation (CUDA-graph safe).
 
 import torch
 
-from ._triton import TensorDescriptor, dot_precision, pdl_release, pdl_wait, pow2, tl, triton, use_pdl
+from ._triton import dot_precision, pdl_release, pdl_wait, pow2, tl, triton, use_pdl
 from .lora import fused_shrink_args, lora_shrink_ref, shrink_finish, shrink_tile
 
 _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def online_softmax_start(ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The running (acc, max, sum) of an online softmax over ROWS query rows, before any key."""
+    return (tl.zeros([ROWS, BLOCK_D], dtype=tl.float32), tl.full([ROWS], float("-inf"), dtype=tl.float32),
+            tl.zeros([ROWS], dtype=tl.float32))
+
+
+@triton.jit
+def online_softmax_step(acc, m_i, l_i, qk, v_ptrs, v_mask, PRECISION: tl.constexpr, EMPTY_ROWS: tl.constexpr):
+    """One key block of an online softmax in base 2: qk [M, N] the block's scores already scaled by
+    scale * log2(e) (-inf where a row may not see a key), the block's values loaded from v_ptrs [N, D]
+    (v_mask), folded into the running (acc [M, D], max m_i [M], sum l_i [M]). EMPTY_ROWS: a row may
+    have seen no key yet (its max stays -inf and its shift 0). Returns the new (acc, m_i, l_i)."""
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    shift = m_new
+    if EMPTY_ROWS:
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(qk - shift[:, None])
+    alpha = tl.exp2(m_i - shift)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _prefill_range(acc, m_i, l_i, q, kc_ptr, vc_ptr, kv_base, c_pos, d, d_ok, lo, hi, key_end, q_pos, scale_log2,
                    window, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
-                   WINDOWED: tl.constexpr, EMPTY_ROWS: tl.constexpr, TMA: tl.constexpr):
+                   WINDOWED: tl.constexpr, EMPTY_ROWS: tl.constexpr):
     """Online softmax of the rows `q` over key blocks lo, lo + BLOCK_N, ... < hi. MASKED: blocks on
     or past the diagonal (or under a window), masked per query; otherwise every row sees every key
     of every block (blocks wholly before the block's first query), so no mask is built. EMPTY_ROWS:
     a row may see no key of a masked block yet (a window's start, a packed block's later queries, a
     split's share past a row's position): its running max stays -inf and its shift 0. Scores stay
-    unscaled; the scale (with log2(e)) is folded into exp2's argument, one FMA an element.
-    TMA: kc_ptr/vc_ptr are tensor descriptors over the cache as [positions, head_dim] rows and
-    kv_base the first row of this slot's KV head."""
+    unscaled; the scale (with log2(e)) is folded into exp2's argument, one FMA an element."""
     for n0 in range(lo, hi, BLOCK_N):
         n_offs = n0 + tl.arange(0, BLOCK_N)
         if MASKED:
             key_ok = n_offs < key_end
-        if TMA:
-            k = kc_ptr.load([(kv_base + n0).to(tl.int32), 0]).T
-        else:
-            k_mask = d_ok[:, None]
-            if MASKED:
-                k_mask = k_mask & key_ok[None, :]
-            k = tl.load(kc_ptr + kv_base + n_offs[None, :] * c_pos + d[:, None], mask=k_mask, other=0.0)
+        k_mask = d_ok[:, None]
+        if MASKED:
+            k_mask = k_mask & key_ok[None, :]
+        k = tl.load(kc_ptr + kv_base + n_offs[None, :] * c_pos + d[:, None], mask=k_mask, other=0.0)
         qk = tl.dot(q, k, input_precision=PRECISION)
         if MASKED:
             allowed = key_ok[None, :] & (n_offs[None, :] <= q_pos[:, None])
@@ -61,15 +81,10 @@ def _prefill_range(acc, m_i, l_i, q, kc_ptr, vc_ptr, kv_base, c_pos, d, d_ok, lo
         p = tl.exp2(qk * scale_log2 - shift[:, None])
         alpha = tl.exp2(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if TMA:
-            v = vc_ptr.load([(kv_base + n0).to(tl.int32), 0])
-            if MASKED:  # rows past key_end are another head's (or zero): keep them out of p @ v
-                v = tl.where(key_ok[:, None], v, 0.0)
-        else:
-            v_mask = d_ok[None, :]
-            if MASKED:
-                v_mask = v_mask & key_ok[:, None]
-            v = tl.load(vc_ptr + kv_base + n_offs[:, None] * c_pos + d[None, :], mask=v_mask, other=0.0)
+        v_mask = d_ok[None, :]
+        if MASKED:
+            v_mask = v_mask & key_ok[:, None]
+        v = tl.load(vc_ptr + kv_base + n_offs[:, None] * c_pos + d[None, :], mask=v_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -80,8 +95,7 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, slots_ptr, starts_ptr, qlens
                     s_qb, s_qs, s_qh, s_ob, s_os, s_oh, c_slot, c_head, c_pos,
                     scale_log2, group, head_dim, window, part_out_ptr, part_lse_ptr, seq, n_heads,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PRECISION: tl.constexpr, WINDOWED: tl.constexpr, SPLITS: tl.constexpr, PACK: tl.constexpr,
-                    TMA: tl.constexpr):
+                    PRECISION: tl.constexpr, WINDOWED: tl.constexpr, SPLITS: tl.constexpr, PACK: tl.constexpr):
     # Rows of a program: BLOCK_M // PACK queries x PACK query heads of one KV group (PACK = 1: one
     # head, program axis 1 the query head; PACK = the group: axis 1 the KV head, each key block
     # loaded once for the whole group, as decode does). Query blocks run last block first: under the
@@ -116,11 +130,7 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, slots_ptr, starts_ptr, qlens
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         q_pos = start + m_offs
         kv_base = slot * c_slot + ((unit * PACK) // group).to(tl.int64) * c_head
-        if TMA:  # the descriptors' row of this slot's KV head
-            kv_base = (kv_base // c_pos).to(tl.int32)
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        acc, m_i, l_i = online_softmax_start(BLOCK_M, BLOCK_D)
         first_query = start + m_block * QUERIES
         key_end = start + tl.minimum((m_block + 1) * QUERIES, q_len)
         key_start = 0
@@ -138,10 +148,10 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, slots_ptr, starts_ptr, qlens
             diagonal = tl.maximum(tl.minimum((first_query + 1) // BLOCK_N * BLOCK_N, key_stop), key_start)
         acc, m_i, l_i = _prefill_range(acc, m_i, l_i, q, kc_ptr, vc_ptr, kv_base, c_pos, d, d_ok, key_start, diagonal,
                                        key_end, q_pos, scale_log2, window, BLOCK_N, PRECISION, False, WINDOWED,
-                                       False, TMA)
+                                       False)
         acc, m_i, l_i = _prefill_range(acc, m_i, l_i, q, kc_ptr, vc_ptr, kv_base, c_pos, d, d_ok, diagonal, key_stop,
                                        key_end, q_pos, scale_log2, window, BLOCK_N, PRECISION, True, WINDOWED,
-                                       WINDOWED or PACK > 1 or SPLITS > 1, TMA)
+                                       WINDOWED or PACK > 1 or SPLITS > 1)
         if SPLITS == 1:  # (padding queries: zeros)
             out = tl.where(row_ok[:, None], acc / tl.where(row_ok, l_i, 1.0)[:, None], 0.0)
             tl.store(out_ptr + b.to(tl.int64) * s_ob + m_offs[:, None] * s_os + h_row[:, None] * s_oh + d[None, :],
@@ -171,7 +181,7 @@ def _check_cache(q_heads, head_dim, k_cache, v_cache):
 
 # A chunk whose rows see at most this many keys (a short prompt's prefill, nothing cached before it)
 # walks them in one program per query block: split-K's merge kernel costs more than it saves there
-# (H100, bench/RESULTS.md: a 48-token prompt's attention 4.3 + 2.4 us a layer split 9-30 ways by the
+# (H100: a 48-token prompt's attention 4.3 + 2.4 us a layer split 9-30 ways by the
 # cache's capacity).
 PREFILL_SPLIT_MIN_KEYS = 256
 
@@ -181,26 +191,16 @@ LONG_PREFILL_QUERIES = 1024
 
 
 def _prefill_tile(block_d: int, long_chunk: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, warps, stages) from H100 sweeps (bench/prefill_attention.py, bench/RESULTS.md,
-    issue 19): 64 x 64 tiles with 4 warps up to 1024 queries, 128 x 64 with 8 warps (two warpgroups
+    """(BLOCK_M, BLOCK_N, warps, stages) from H100 sweeps (bench/prefill_attention.py): 64 x 64 tiles
+    with 4 warps up to 1024 queries, 128 x 64 with 8 warps (two warpgroups
     of 64 rows) past it; four stages of K/V in flight for head_dim 64, three for 128 (shared memory)."""
     return (128 if long_chunk else 64, 64, 8 if long_chunk else 4, 4 if block_d <= 64 else 3)
-
-
-def _tma_descriptors(k_cache, v_cache, block_n: int, block_d: int):
-    """Host-side TMA descriptors over the caches as [slots x kv_heads x capacity, head_dim] rows
-    (tiles of BLOCK_N positions x BLOCK_D, zero-filled past head_dim)."""
-    if TensorDescriptor is None:
-        raise ValueError("prefill_attention(tma=True) needs triton >= 3.4 (triton.tools.tensor_descriptor)")
-    if not k_cache.is_contiguous():
-        raise ValueError("prefill_attention(tma=True) needs a contiguous cache")
-    return tuple(TensorDescriptor.from_tensor(c.view(-1, c.shape[-1]), [block_n, block_d]) for c in (k_cache, v_cache))
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                       starts: torch.Tensor, q_lens: torch.Tensor, scale: float, window: int = 0, *,
                       tile: tuple[int, int, int, int] | None = None, num_splits: int | None = None,
-                      max_keys: int | None = None, pack: bool | None = None, tma: bool = False) -> torch.Tensor:
+                      max_keys: int | None = None, pack: bool | None = None) -> torch.Tensor:
     """window > 0: a sliding window (each query sees its last `window` keys, itself included).
     tile = (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the default tiling (benchmarks);
     num_splits the number of key ranges each query block is split into (default: enough programs to
@@ -209,9 +209,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     cache's capacity); it only sizes the split. pack: a program's rows are queries x every query head
     of a KV group (BLOCK_M // group queries), each key block loaded once per group; default: where
     the keys are split (a short chunk after a long cached prefix) and for chunks of over
-    LONG_PREFILL_QUERIES queries. tma: K/V tiles through TMA descriptors instead of pointer loads (a
-    contiguous cache on a GPU of compute capability 9+, or the interpreter); off by default: on the
-    H100 with Triton 3.6 it measured 1-3% slower than the pointer loads (bench/RESULTS.md, issue 19)."""
+    LONG_PREFILL_QUERIES queries."""
     batch, seq, heads, head_dim = q.shape
     _check_cache(heads, head_dim, k_cache, v_cache)
     if q.stride(-1) != 1:
@@ -232,7 +230,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     # Few query blocks (a short chunk, perhaps after a long cached prefix) leave most SMs idle while
     # each program walks every key: split the keys then, as decode does, and merge the parts. Not
     # once the query blocks alone fill the SMs (a 512-token prompt split in two with its merge took
-    # 23.7 us on the H100 against 9.1 unsplit: bench/RESULTS.md, issue 19).
+    # 23.7 us on the H100 against 9.1 unsplit).
     programs = batch * q_blocks * (heads // pack_rows)
     splits = num_splits if num_splits is not None else \
         1 if keys <= PREFILL_SPLIT_MIN_KEYS or programs >= _sm_count(q) else \
@@ -241,15 +239,12 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if splits > 1:
         part_out = torch.empty(batch * seq * heads * splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(batch * seq * heads * splits, dtype=torch.float32, device=q.device)
-    kc, vc = k_cache, v_cache
-    if tma:
-        kc, vc = _tma_descriptors(k_cache, v_cache, block_n, block_d)
     _prefill_kernel[(batch, heads // pack_rows, q_blocks * splits)](
-        q, kc, vc, out, slots, starts, q_lens, q.stride(0), q.stride(1), q.stride(2),
+        q, k_cache, v_cache, out, slots, starts, q_lens, q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         scale * _LOG2E, group, head_dim, window, part_out, part_lse, seq, heads,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), WINDOWED=window > 0,
-        SPLITS=splits, PACK=pack_rows, TMA=tma, num_warps=warps, num_stages=stages)
+        SPLITS=splits, PACK=pack_rows, num_warps=warps, num_stages=stages)
     if splits > 1:
         rows = out.view(batch * seq, heads, head_dim)
         t, lora_args, constants = fused_shrink_args(None, batch * seq, heads * head_dim, heads, block_d, rows)
@@ -268,9 +263,7 @@ def _attend_split(q, k_ptr, v_ptr, c_pos, d, d_ok, lo, hi, scale_log2, start, bi
     TREE (tree_attention.py): keys from `start` on are a token tree, row r sees key start + j only
     where bit j of bits[r] is set, and context keys from context_lo[r] on (its sliding window), so a
     row may see no key of a block."""
-    m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
+    acc, m_i, l_i = online_softmax_start(BLOCK_Q, BLOCK_D)
     for n0 in range(lo, hi, BLOCK_N):
         n_offs = n0 + tl.arange(0, BLOCK_N)
         key_ok = n_offs < hi
@@ -281,18 +274,10 @@ def _attend_split(q, k_ptr, v_ptr, c_pos, d, d_ok, lo, hi, scale_log2, start, bi
             seen = (bits[:, None] >> tl.minimum(tl.maximum(rel, 0), 63).to(tl.int64)[None, :]) & 1
             context = (rel[None, :] < 0) & (n_offs[None, :] >= context_lo[:, None])
             qk = tl.where(key_ok[None, :] & (context | ((rel[None, :] >= 0) & (seen != 0))), qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet stays at 0
         else:
             qk = tl.where(key_ok[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            shift = m_new
-        p = tl.exp2(qk - shift[:, None])
-        alpha = tl.exp2(m_i - shift)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + n_offs[:, None] * c_pos + d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, qk, v_ptr + n_offs[:, None] * c_pos + d[None, :],
+                                            key_ok[:, None] & d_ok[None, :], PRECISION, TREE)
     has_keys = l_i > 0
     out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))

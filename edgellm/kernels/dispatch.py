@@ -12,44 +12,53 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from typing import NamedTuple
 
 import torch
 
+
+class RunSettings(NamedTuple):
+    """How ops run in this thread. The engine sets them around a step (engine/switches.py: its
+    settings, read once); tests and benchmarks set them around a block (run_with)."""
+    force_reference: bool = False           # every op runs its torch reference (use_reference)
+    forbid_reference_on_cuda: bool = False  # a reference op on a CUDA tensor raises (forbid_reference_on_cuda)
+    pdl: str = "on"                         # programmatic dependent launch: on, off, early, late (_triton.use_pdl)
+    early_release: bool = False             # a one-row decode step: PDL kernels release the next one early
+    gemv_prefetch: int | None = None        # bytes of each weight row a GEMV prefetches (None: by size, gemv.py)
+
+
 _state = threading.local()
+_DEFAULT = RunSettings()
+
+
+def run_settings() -> RunSettings:
+    return getattr(_state, "settings", _DEFAULT)
+
+
+@contextlib.contextmanager
+def run_with(**changes):
+    """Within this block, this thread's RunSettings with `changes`; restored after."""
+    previous = run_settings()
+    _state.settings = previous._replace(**changes)
+    try:
+        yield
+    finally:
+        _state.settings = previous
 
 
 def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _forced_reference() -> bool:
-    return getattr(_state, "force_reference", False)
-
-
-@contextlib.contextmanager
-def thread_flag(state: threading.local, name: str, enabled: bool):
-    """Sets state.<name> for the calling thread within the block, restoring what it was after."""
-    previous = getattr(state, name, False)
-    setattr(state, name, enabled)
-    try:
-        yield
-    finally:
-        setattr(state, name, previous)
-
-
 def use_reference(enabled: bool = True):
     """Within this block every op runs its torch reference, whatever the device."""
-    return thread_flag(_state, "force_reference", enabled)
-
-
-def _reference_forbidden() -> bool:
-    return getattr(_state, "forbid_reference_on_cuda", False) or os.environ.get("EDGELLM_FORBID_REF_ON_CUDA") == "1"
+    return run_with(force_reference=enabled)
 
 
 def forbid_reference_on_cuda(enabled: bool = True):
-    """Debug switch: within this block (or with EDGELLM_FORBID_REF_ON_CUDA=1) a reference op called
-    on a CUDA tensor raises, proving the GPU hot path is all Triton."""
-    return thread_flag(_state, "forbid_reference_on_cuda", enabled)
+    """Debug switch: within this block (or, in a runner's steps, with EDGELLM_FORBID_REF_ON_CUDA=1) a
+    reference op called on a CUDA tensor raises, proving the GPU hot path is all Triton."""
+    return run_with(forbid_reference_on_cuda=enabled)
 
 
 class ReferenceOnCudaError(RuntimeError):
@@ -78,7 +87,7 @@ class KernelOp:
         self.__doc__ = reference.__doc__
 
     def uses_triton(self, tensor: torch.Tensor) -> bool:
-        if self.triton is None or _forced_reference():
+        if self.triton is None or run_settings().force_reference:
             return False
         # The interpreter computes with numpy, which has no bfloat16: such CPU tensors take the reference.
         return tensor.is_cuda or (interpreter_on() and tensor.dtype != torch.bfloat16)
@@ -87,7 +96,8 @@ class KernelOp:
         tensor = _first_tensor(args[self.decider:] or args, kwargs)
         if self.uses_triton(tensor):
             return self.triton(*args, **kwargs)
-        if tensor.is_cuda and _reference_forbidden() and not _forced_reference():
+        settings = run_settings()
+        if tensor.is_cuda and settings.forbid_reference_on_cuda and not settings.force_reference:
             raise ReferenceOnCudaError(f"reference op {self.name!r} ran on a CUDA tensor")
         return self.reference(*args, **kwargs)
 

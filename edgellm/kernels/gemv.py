@@ -9,20 +9,21 @@ flight: each program owns BLOCK_N output features and walks K in BLOCK_K steps, 
 (padded to 16) rows of x on the tensor cores. One row of x (batch-1 decode, the latency case) goes
 to the CUDA cores instead (_row_gemv): no padding rows, no operand shuffles into the tensor-core
 layout, and small BLOCK_N, so even a narrow matrix gets a few programs per SM (for packed weights 2-3x
-faster than the tensor-core tile, for fp16 a few percent: bench/RESULTS.md).
+faster than the tensor-core tile, for fp16 a few percent, on the H100).
 """
 
 import torch
 
+from .dispatch import run_settings
 from ._triton import dot_precision, pdl_release, pdl_wait, pow2, prefetch_l2, tl, triton, use_pdl
 from .gemv_fusions import RopeAppend, check_fusions, check_sums, load_x, rope_append_epilogue, rope_operands, row_rstd
 from .rms_norm import rms_norm_ref
 from .rope_append import rope_kv_append_ref
-from .silu_mul import GATE_ACTIVATIONS, gate_activation, silu_mul_ref
+from .glu import GATE_ACTIVATIONS, gate_activation, glu_ref
 from .lora import _segment_ends, check_expand_operands, delta_constants, extended_b, lora_delta, lora_expand_ref, lora_t
 
 MAX_ROWS = 16  # rows of x one launch handles (padded to 16 for tl.dot)
-# (BLOCK_N, BLOCK_K, num_warps, num_stages): chosen from H100 sweeps in bench/RESULTS.md. The layer
+# (BLOCK_N, BLOCK_K, num_warps, num_stages): chosen from H100 sweeps (bench/gemv.py). The layer
 # matrices of a 2-16-row step (bench/chain.py --tiles, a step's GEMVs under PDL) want narrow 2-warp
 # tiles, five stages deep: more programs per SM, each with 64 KB in flight (Llama-3.2-1B shape, 16 rows:
 # 924 -> 842 us a step; 4 rows 933 -> 818); an LM head (not swept that way; told apart by its shape:
@@ -30,7 +31,7 @@ MAX_ROWS = 16  # rows of x one launch handles (padded to 16 for tl.dot)
 DEFAULT_TILE = (32, 256, 4, 4)
 LAYER_TILE = (16, 256, 2, 5)
 # Packed formats (bench/quant.py sweep, H100): wide matrices like (64, 256), narrow ones (N < 8192,
-# few programs) like (32, 512); int4 has no good tile yet (RESULTS.md, issue 17).
+# few programs) like (32, 512); int4 has no good tile yet (none swept reaches fp16's speed).
 QUANT_TILES = {"int8": (32, 512, 4, 4), "int4": (64, 128, 4, 4), "fp8": (32, 512, 4, 4)}
 WIDE_QUANT_TILE = (64, 256, 4, 4)
 
@@ -42,7 +43,7 @@ def _tile(quant: str | None, n: int, k: int):
 
 
 def _row_tile(quant: str | None, n: int, k: int):
-    """(BLOCK_N, BLOCK_K, warps, stages) for one row (H100 sweep, RESULTS.md): narrow matrices get
+    """(BLOCK_N, BLOCK_K, warps, stages) for one row (H100 sweep, bench/gemv.py): narrow matrices get
     4-row programs (about 4 per SM on a 1B-class layer), long rows long K tiles; packed formats
     prefer 2-warp programs, wide packed matrices more rows a program."""
     block_k = 1024 if k >= 8192 else 512
@@ -267,7 +268,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
     out = acc.to(y_ptr.dtype.element_ty)  # rounded as the unfused projection's output
     out_cols = rows_n
     out_ok = n_ok
-    if GLU:  # act(gate) * up as kernels/silu_mul.py computes it, one output per pair of tile rows
+    if GLU:  # act(gate) * up as kernels/glu.py computes it, one output per pair of tile rows
         gate, up = tl.split(tl.reshape(out, [BLOCK_M, BLOCK_N // 2, 2]))
         out = gate_activation(gate, GLU == 2) * up
         out_cols = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
@@ -285,21 +286,19 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
             tl.atomic_add(sq_ptr + rows_m, tl.sum(f * f, axis=1), mask=m_ok, sem="relaxed")
 
 
-# Weight prefetch before the wait (H100, bench/RESULTS.md): the first 4 KB of each row of a small matrix
-# (SmolLM2-135M shape's 0.6-3.5 MB: batch 1 1822 -> 1902 tok/s) towards L2; large ones lose by it
-# (Llama-3.2-1B shape's 8-67 MB: 897 -> 842), their prefetches competing with the kernel before.
+# Weight prefetch before the wait (H100): the first 4 KB of each row of a small matrix (SmolLM2-135M
+# shape's 0.6-3.5 MB: batch 1 1822 -> 1902 tok/s) towards L2; large ones lose by it (Llama-3.2-1B
+# shape's 8-67 MB: 897 -> 842), their prefetches competing with the kernel before.
 PREFETCH_ROW_BYTES = 4096
 PREFETCH_MAX_MATRIX = 4 << 20
 
 
 def _prefetch_lines(pdl: int, quant: str | None, n: int, k: int, element: int) -> int:
-    """128-byte lines of each weight row to prefetch before the wait (EDGELLM_GEMV_PREFETCH: bytes per
-    row, 0: none, overriding the default): only under PDL (without it the kernel before has finished
-    at launch anyway) and for full-precision weights."""
-    import os
-
-    setting = os.environ.get("EDGELLM_GEMV_PREFETCH")
-    wanted = int(setting) if setting is not None else \
+    """128-byte lines of each weight row to prefetch before the wait (RunSettings.gemv_prefetch: bytes
+    per row, 0: none, overriding the default): only under PDL (without it the kernel before has
+    finished at launch anyway) and for full-precision weights."""
+    setting = run_settings().gemv_prefetch
+    wanted = setting if setting is not None else \
         PREFETCH_ROW_BYTES if n * k * element <= PREFETCH_MAX_MATRIX else 0
     if not pdl or quant is not None or wanted <= 0:
         return 0
@@ -322,7 +321,7 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
 
     Fused neighbours of a decode step (each saves a launch, computed as the separate kernel would):
     norm=(norm_weight, eps): x goes through rms_norm first; glu="silu" | "gelu_tanh": weight holds
-    gate rows then up rows and the result is silu_mul's, [..., N / 2]; residual ([..., N]): added to
+    gate rows then up rows and the result is glu's, [..., N / 2]; residual ([..., N]): added to
     the result (the residual stream's add of add_rms_norm); rope_append (RopeAppend; x [B, S, K], weight
     the qkv projection): rope_kv_append's work, returning the rotated queries [B, S, q_heads * head_dim]
     and appending the keys and values to the cache.
@@ -405,7 +404,7 @@ def gemv_ref(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=
              norm_sumsq: torch.Tensor | None = None, sumsq_out: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight^T (+ bias) in x's dtype: torch's linear (cuBLAS on the GPU), over the dequantized
     weight when it is packed; plus lora_expand_ref. The fused neighbours as their own references:
-    rms_norm_ref before (from x itself: norm_sumsq only says what x's sums of squares are), silu_mul_ref
+    rms_norm_ref before (from x itself: norm_sumsq only says what x's sums of squares are), glu_ref
     (glu), the residual add or rope_kv_append_ref after; sumsq_out gets the result's sums of squares."""
     *lead, _ = x.shape
     pairs = glu is not None or rope_append is not None
@@ -421,7 +420,7 @@ def gemv_ref(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=
     if lora is not None:
         y = lora_expand_ref(y, *lora)
     if glu is not None:
-        y = silu_mul_ref(y, activation=glu)
+        y = glu_ref(y, activation=glu)
     if rope_append is not None:
         r = rope_append
         batch, seq, _ = y.shape

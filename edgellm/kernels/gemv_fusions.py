@@ -3,14 +3,14 @@ rope_append=): the RMSNorm of x on the way in, and RoPE + the KV append of a qkv
 out, each computing what its separate kernel (rms_norm.py, rope_append.py) computes; plus the checks of
 what the launcher was asked to fuse. (SiLU * up and the residual add are a line each, in the kernel.)
 No op of its own, so no `_ref` here: the fused GEMV's reference is gemv.gemv_ref, which runs rms_norm_ref,
-silu_mul_ref and rope_kv_append_ref around the plain projection."""
+glu_ref and rope_kv_append_ref around the plain projection."""
 
 from typing import NamedTuple
 
 import torch
 
 from ._triton import tl, triton
-from .silu_mul import GATE_ACTIVATIONS
+from .glu import GATE_ACTIVATIONS
 
 
 @triton.jit

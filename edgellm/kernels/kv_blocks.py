@@ -13,7 +13,7 @@ block position in the slot, slot)] (block_table builds one). The count is read o
 table with room for more entries than it holds (its size) can be filled after the launch was
 recorded: the prefill graph copies a KV hit's blocks itself, the table loaded with the step's other
 integers (engine/prefill_steps.py), which spares the hit a launch and a copy of its own from the
-host (issue 18).
+host.
 
 Kernel: a grid of (layer x K/V x head, SPLIT); program (run, s) copies the run of table entries s,
 s + SPLIT, ..., BLOCK_T tokens at a time. Entries past n cost nothing but the empty programs.

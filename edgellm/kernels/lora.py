@@ -23,7 +23,7 @@ g*R + r holds B[n, r] for the output features n of segment g and zero elsewhere,
 spans segments still needs one load and one dot per adapter.
 
 Decode-sized batches (at most 16 rows) launch neither kernel. The shrink is computed by the kernel
-that produces its input (the RMSNorms, the decode-attention merge, SiLU*mul: `shrink_tile` and
+that produces its input (the RMSNorms, the decode-attention merge, act(gate) * up: `shrink_tile` and
 `shrink_finish`), each of whose programs holds one row's chunk of K and writes that chunk's partial
 sum; the expand is the base projection's GEMV epilogue (gemv.py). Both issue their adapter loads
 before they wait for the kernel before them, and the GEMV its t load before its K loop. So LoRA

@@ -22,7 +22,7 @@ import torch
 from ._triton import pdl_release, pdl_wait, tl, triton, use_pdl
 
 _MASK32 = 0xFFFFFFFF
-_BLOCK = 8192  # large tiles and 32 warps: each pass is latency-bound (H100 sweep, bench/RESULTS.md)
+_BLOCK = 8192  # large tiles and 32 warps: each pass is latency-bound (H100 sweep of tiles and warps)
 _MAX_BISECT = 64  # float32 bisection ends well before this; it only bounds a pathological row
 
 
@@ -47,6 +47,44 @@ def _count_mass_above(row_ptr, vocab, inv_t, row_max, threshold, BLOCK: tl.const
         count += keep.to(tl.int32)
         mass += tl.where(keep, tl.exp(s - row_max), 0.0)
     return tl.sum(count, axis=0), tl.sum(mass, axis=0)
+
+
+@triton.jit
+def _highest_threshold(row_ptr, vocab, inv_t, s_max, lo, count_lo, goal, BY_MASS: tl.constexpr,
+                       MAX_BISECT: tl.constexpr, BLOCK: tl.constexpr):
+    """The highest threshold in [lo, s_max] whose kept values (the scaled values >= it) still reach
+    `goal`, bisecting [lo, hi) with lo reaching it and hi not: a count of values (top-k; done once lo
+    keeps exactly `goal`) or, BY_MASS, their probability mass (top-p; done once lo keeps at most one
+    value more than hi). count_lo: how many values lo keeps. Each step is one pass over the row."""
+    hi = s_max + tl.abs(s_max) * 1e-6 + 1e-30
+    count_hi = count_lo * 0  # int32 flags and counters: loop-carried values need fixed types
+    if BY_MASS:
+        done = (count_lo <= 1).to(tl.int32)
+    else:
+        done = (count_lo == goal).to(tl.int32)
+    steps = count_lo * 0
+    while (done == 0) & (steps < MAX_BISECT):
+        mid = lo + (hi - lo) * 0.5
+        if (mid <= lo) | (mid >= hi):
+            done = done * 0 + 1
+        else:
+            count, mass = _count_mass_above(row_ptr, vocab, inv_t, s_max, mid, BLOCK)
+            if BY_MASS:
+                reached = mass >= goal
+            else:
+                reached = count >= goal
+            if reached:
+                lo = mid
+                count_lo = count
+            else:
+                hi = mid
+                count_hi = count
+            if BY_MASS:
+                done = (count_lo - count_hi <= 1).to(tl.int32)
+            else:
+                done = (count_lo == goal).to(tl.int32)
+        steps += 1
+    return lo
 
 
 @triton.jit
@@ -79,49 +117,14 @@ def _sample_kernel(logits_ptr, stride_row, vocab, temp_ptr, topk_ptr, topp_ptr, 
         s_max = row_max * inv_t
         s_min = tl.min(low, axis=0) * inv_t
         threshold = s_min
-        # Top-k: the k-th largest value, bisecting [lo, hi) with count(>= lo) >= k > count(>= hi).
+        # Top-k: the k-th largest value (the highest threshold that keeps k values).
         if (top_k > 0) & (top_k < vocab):
-            lo = s_min
-            hi = s_max + tl.abs(s_max) * 1e-6 + 1e-30
-            k_done = top_k * 0  # int32 flags and counters: loop-carried values need fixed types
-            k_steps = top_k * 0
-            while (k_done == 0) & (k_steps < MAX_BISECT):
-                mid = lo + (hi - lo) * 0.5
-                if (mid <= lo) | (mid >= hi):
-                    k_done = k_done * 0 + 1
-                else:
-                    count, _ = _count_mass_above(row_ptr, vocab, inv_t, s_max, mid, BLOCK)
-                    if count >= top_k:
-                        lo = mid
-                        k_done = (count == top_k).to(tl.int32)
-                    else:
-                        hi = mid
-                k_steps += 1
-            threshold = lo
+            threshold = _highest_threshold(row_ptr, vocab, inv_t, s_max, s_min, vocab, top_k, False, MAX_BISECT, BLOCK)
         # Top-p over the top-k set: the largest value whose mass-from-the-top reaches top_p.
         if top_p < 1.0:
             count_lo, mass_lo = _count_mass_above(row_ptr, vocab, inv_t, s_max, threshold, BLOCK)
-            target = top_p * mass_lo
-            lo = threshold
-            hi = s_max + tl.abs(s_max) * 1e-6 + 1e-30
-            count_hi = count_lo * 0
-            p_done = (count_lo <= 1).to(tl.int32)
-            p_steps = count_lo * 0
-            while (p_done == 0) & (p_steps < MAX_BISECT):
-                mid = lo + (hi - lo) * 0.5
-                if (mid <= lo) | (mid >= hi):
-                    p_done = p_done * 0 + 1
-                else:
-                    count, mass = _count_mass_above(row_ptr, vocab, inv_t, s_max, mid, BLOCK)
-                    if mass >= target:
-                        lo = mid
-                        count_lo = count
-                    else:
-                        hi = mid
-                        count_hi = count
-                    p_done = (count_lo - count_hi <= 1).to(tl.int32)
-                p_steps += 1
-            threshold = lo
+            threshold = _highest_threshold(row_ptr, vocab, inv_t, s_max, threshold, count_lo, top_p * mass_lo, True,
+                                           MAX_BISECT, BLOCK)
         # Draw: inverse CDF over the kept values in vocabulary order.
         _, total = _count_mass_above(row_ptr, vocab, inv_t, s_max, threshold, BLOCK)
         seed = tl.load(seed_ptr + settings).to(tl.int64) & 0xFFFFFFFF

@@ -14,6 +14,7 @@ bounds, once per image set.
 import torch
 
 from ._triton import dot_precision, pow2, tl, triton
+from .attention import online_softmax_start, online_softmax_step
 
 _LOG2E = 1.4426950408889634
 
@@ -35,9 +36,7 @@ def _segment_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bounds_ptr, n_tokens
     d_ok = d < head_dim
     r64 = rows.to(tl.int64)
     q = tl.load(q_ptr + r64[:, None] * s_qn + h * s_qh + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc, m_i, l_i = online_softmax_start(BLOCK_M, BLOCK_D)
     for n0 in range(lo, hi, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         key_ok = keys < hi
@@ -46,16 +45,9 @@ def _segment_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bounds_ptr, n_tokens
                     other=0.0)
         qk = tl.dot(q, k, input_precision=PRECISION) * scale_log2
         allowed = (keys[None, :] >= lo_row[:, None]) & (keys[None, :] < hi_row[:, None])
-        qk = tl.where(allowed, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key in this block yet
-        p = tl.exp2(qk - shift[:, None])
-        alpha = tl.exp2(m_i - shift)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + k64[:, None] * s_vn + h * s_vh + d[None, :], mask=key_ok[:, None] & d_ok[None, :],
-                    other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        qk = tl.where(allowed, qk, float("-inf"))  # (a row may see no key of this block yet)
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, qk, v_ptr + k64[:, None] * s_vn + h * s_vh + d[None, :],
+                                            key_ok[:, None] & d_ok[None, :], PRECISION, True)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + r64[:, None] * s_on + h * s_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])

@@ -2,7 +2,7 @@
 (kernels/gemv.py) reads best: rows are output features, K runs along memory.
 
   int8  data uint8 [N, K], scales and zeros [N]: w = (q - z) * s (asymmetric, per output channel:
-        on the default model +1.18% perplexity symmetric, -1.4% asymmetric, bench/RESULTS.md)
+        on the default model +1.18% perplexity symmetric, -1.4% asymmetric)
   int4  data uint8 [N, 16 ceil(K / 32)], two codes a byte in blocks of 32 columns: byte j of a block
         holds its column j (low nibble) and column 16 + j (high), so the low nibbles of 16 bytes
         meet 16 consecutive entries of x, as do the high ones (the GEMV loads x as it lies);

@@ -15,7 +15,7 @@ quantize_engine() applies it to a loaded engine.
 Before GPTQ, each group's range is searched (searched_groups): clipping a group's outliers when
 that lowers its H-weighted rounding error.
 
-On the default model (bench/RESULTS.md): perplexity +25.3% against rounding's +65% (target: half of
+On the default model: perplexity +25.3% against rounding's +65% (target: half of
 it, +32.5%); GPTQ in column order, as first built, was +113%; act order with rounding's groups
 +36.5%, with searched groups +35.5%, and the calibration text at 3.1k tokens instead of 1.3k +25.3%.
 """
@@ -159,7 +159,7 @@ def quantize_projection(projection: str, weight: torch.Tensor, hessian: torch.Te
     attention on each window's first token (an attention sink), so that token's value vector is in
     nearly every attention output, while H counts it once in hundreds of tokens: GPTQ moved the value
     projection's error onto it and raised perplexity (+68% against rounding's +65% with the rest
-    GPTQ'd, bench/RESULTS.md; H weighting that token up recovered only part of it)."""
+    GPTQ'd; H weighting that token up recovered only part of it)."""
     if projection == "v":
         return quantize(weight, "int4", group=group)
     return gptq_int4(weight, hessian, group=group, dtype=weight.dtype)

@@ -1,5 +1,5 @@
-"""How much quantization costs: perplexity of an engine on a text (teacher-forced, the default model's
-tests and RESULTS use tests/data/eval_prose.txt)."""
+"""How much quantization costs: perplexity of an engine on a text (teacher-forced; the default model's
+tests and benchmarks use tests/data/eval_prose.txt)."""
 
 from __future__ import annotations
 

@@ -63,6 +63,6 @@ def run_blocks(cfg: VisionConfig, blocks: list[Block], x: torch.Tensor,
         x = F.linear(attn.reshape(n, width), b.proj, b.proj_bias)
         h, residual = norm(cfg, x, residual, b.norm2, b.norm2_bias)
         up = F.linear(h, b.fc1, b.fc1_bias)
-        x = F.linear(ops.silu_mul(up) if cfg.activation == "silu" else ops.activation(up, cfg.activation),
+        x = F.linear(ops.glu(up) if cfg.activation == "silu" else ops.activation(up, cfg.activation),
                      b.fc2, b.fc2_bias)
     return x, residual

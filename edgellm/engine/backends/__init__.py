@@ -2,7 +2,7 @@
 
 "triton" is the engine's own forward (engine/model.py: Triton kernels and cuBLAS, CUDA graphs) and
 the reference. "onnxruntime" and "tensorrt" run the graph `edgellm export` wrote (export/), through
-ExportedEngineRunner (runner.py here): the same prefill_step / decode_step interface, the runner's
+ExportedSteps (exported_steps.py here): the same prefill_step / decode_step interface, the runner's
 own KV cache, logits and input tensors bound to the engine by data pointer, so a step copies nothing
 between torch and the engine (the KV cache is updated in place).
 """

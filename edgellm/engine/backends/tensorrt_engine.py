@@ -1,7 +1,7 @@
 """The TensorRT backend: an engine built from an export's model.onnx, run on the runner's tensors.
 
 NOT RUN YET: no TensorRT builder could be installed where this project is developed or on its GPU
-machine, so this file has never executed; its test (tests/test_tensorrt_backend.py) skips where `tensorrt`
+machine, so this file has never executed; its test (tests/export/test_tensorrt_backend.py) skips where `tensorrt`
 does not import. It follows TensorRT 10's Python API:
 
 - build: the ONNX parser reads model.onnx (its external weights beside it); two optimization
@@ -17,11 +17,14 @@ does not import. It follows TensorRT 10's Python API:
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
 from ...errors import BackendError
+
+log = logging.getLogger("edgellm")
 
 
 def _tensorrt():
@@ -73,11 +76,8 @@ class TensorRTEngine:
         return shapes
 
     def _build(self, onnx_path: Path) -> bytes:
-        import sys
-
         trt = self.trt
-        print(f"edgellm: building a TensorRT engine from {onnx_path} for {self.limits} (once; cached beside it)",
-              file=sys.stderr)
+        log.warning("building a TensorRT engine from %s for %s (once; cached beside it)", onnx_path, self.limits)
         builder = trt.Builder(self.logger)
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
         network = builder.create_network(flags)

@@ -1,0 +1,87 @@
+"""The engine's A/B switches, read once: every choice below has a default that measured best on the
+H100, and an environment variable that overrides it for A/B runs. `Switches.from_environment()` reads
+and checks them all when a runner is built (`runner.switches`); the runner hands them to what it runs
+(forward_logits' fusion choices; the kernels' RunSettings around each step), so nothing in a forward,
+a kernel launcher or the decode loop reads os.environ. The README's table lists them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from ..errors import ConfigurationError
+
+PDL_MODES = {"1": "on", "0": "off", "early": "early", "late": "late"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Switches:
+    # EDGELLM_FUSED_GEMV=0: decode-sized steps run the chain of separate ops instead of the fused GEMVs.
+    fused_gemv: bool = True
+    # EDGELLM_FUSED_ROPE=0 | 1: RoPE + the KV append never / wherever it can run in the qkv GEMV's
+    # epilogue; None: where it measured faster (engine/model.py ROPE_EPILOGUE_MIN_BYTES).
+    fused_rope: bool | None = None
+    # EDGELLM_FUSED_NORM_ROWS: rows up to which each GEMV computes its RMSNorm's statistics itself (a pass
+    # over x a program: cheap for one row; at 16 rows it read x twice per program and lost, Llama-3.2-1B
+    # shape batch 16); above it the o and down GEMVs leave the sums of squares for the next GEMV.
+    fused_norm_rows: int = 1
+    # EDGELLM_GEMV_PREFETCH=<bytes per row>: what each decode GEMV prefetches of its weight rows before
+    # it waits (0: none); None: 4 KB of matrices up to 4 MB (kernels/gemv.py).
+    gemv_prefetch: int | None = None
+    # EDGELLM_PDL=0 | early | late: programmatic dependent launch off / every kernel releasing the next
+    # right after its wait / only after its loads; "on": early in one-row decode steps, late elsewhere.
+    pdl: str = "on"
+    # EDGELLM_RUN_AHEAD=0: the runtime reads each decode step's tokens before queueing the next.
+    run_ahead: bool = True
+    # EDGELLM_FORBID_REF_ON_CUDA=1: a reference op on a CUDA tensor inside a step raises.
+    forbid_reference_on_cuda: bool = False
+
+    @classmethod
+    def from_environment(cls, environ=None) -> "Switches":
+        """The switches the environment sets (ConfigurationError for a value it cannot take)."""
+        env = os.environ if environ is None else environ
+
+        def flag(name: str, default: bool) -> bool:
+            value = env.get(name)
+            if value is None:
+                return default
+            if value not in ("0", "1"):
+                raise ConfigurationError(f"{name} must be 0 or 1, got {value!r}")
+            return value == "1"
+
+        def count(name: str, default):
+            value = env.get(name)
+            if value is None:
+                return default
+            if not value.isdigit():
+                raise ConfigurationError(f"{name} must be a non-negative integer, got {value!r}")
+            return int(value)
+
+        pdl = env.get("EDGELLM_PDL", "1")
+        if pdl not in PDL_MODES:
+            raise ConfigurationError(f"EDGELLM_PDL must be one of {', '.join(PDL_MODES)}, got {pdl!r}")
+        rope = env.get("EDGELLM_FUSED_ROPE")
+        return cls(fused_gemv=flag("EDGELLM_FUSED_GEMV", True),
+                   fused_rope=None if rope is None else flag("EDGELLM_FUSED_ROPE", True),
+                   fused_norm_rows=count("EDGELLM_FUSED_NORM_ROWS", cls.fused_norm_rows),
+                   gemv_prefetch=count("EDGELLM_GEMV_PREFETCH", None), pdl=PDL_MODES[pdl],
+                   run_ahead=flag("EDGELLM_RUN_AHEAD", True),
+                   forbid_reference_on_cuda=flag("EDGELLM_FORBID_REF_ON_CUDA", False))
+
+    def run_settings(self) -> dict:
+        """The kernels' RunSettings (kernels/dispatch.py) these switches change from the defaults: what
+        a step runs under (an empty dict where none is changed; a debug block's own settings stay)."""
+        changes = {}
+        if self.pdl != "on":
+            changes["pdl"] = self.pdl
+        if self.gemv_prefetch is not None:
+            changes["gemv_prefetch"] = self.gemv_prefetch
+        if self.forbid_reference_on_cuda:
+            changes["forbid_reference_on_cuda"] = True
+        return changes
+
+
+def progress_quiet() -> bool:
+    """EDGELLM_QUIET=1: no progress bars, even on a terminal (read when a bar starts, not per step)."""
+    return os.environ.get("EDGELLM_QUIET", "0") == "1"
