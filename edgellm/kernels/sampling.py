@@ -76,13 +76,13 @@ def _highest_threshold(row_ptr, vocab, inv_t, s_max, lo, count_lo, goal, BY_MASS
             if reached:
                 lo = mid
                 count_lo = count
+                if not BY_MASS:  # (here, where lo moves: top-k ran 3% slower with the test after the branches)
+                    done = (count == goal).to(tl.int32)
             else:
                 hi = mid
                 count_hi = count
             if BY_MASS:
                 done = (count_lo - count_hi <= 1).to(tl.int32)
-            else:
-                done = (count_lo == goal).to(tl.int32)
         steps += 1
     return lo
 
