@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import edgellm.runtime as runtime_module  # noqa: E402
 from edgellm import LLMGenerationRequest, LLMInferenceRuntime  # noqa: E402
-from edgellm.benchmark import SHAPES, log, random_model_dir, write_synthetic_tokenizer  # noqa: E402
+from bench.common import write_synthetic_tokenizer  # noqa: E402
+from edgellm.benchmark import SHAPES, log, random_model_dir  # noqa: E402
 from edgellm.engine.kv_store import KVReuseSettings  # noqa: E402
 
 NEVER = "<never occurs>"

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from bench.common import decode_parser  # noqa: E402
 from edgellm import benchmark  # noqa: E402
 from edgellm.kernels import gemv  # noqa: E402
 from edgellm.quant import quantize  # noqa: E402
@@ -90,7 +91,7 @@ def kernel_rows(bandwidth, kinds=KINDS, tiles=TILES, row_tiles=ROW_TILES, batche
 
 
 def main() -> int:
-    parser = benchmark.decode_parser(__doc__.splitlines()[0])
+    parser = decode_parser(__doc__.splitlines()[0])
     parser.add_argument("--skip", nargs="*", default=[], choices=["decode", "kernel"])
     parser.add_argument("--kinds", nargs="+", default=["fp16", *KINDS[1:]], help="fp16 and / or quantizations")
     parser.add_argument("--sweep", default="all", choices=["all", "row", "none"],

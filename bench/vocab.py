@@ -20,6 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import decode_parser  # noqa: E402
 from edgellm import benchmark  # noqa: E402
 from edgellm.engine.vocab_map import save_vocab_map  # noqa: E402
 from edgellm.kernels import ops  # noqa: E402
@@ -41,7 +42,7 @@ def sampling_us(vocab: int, batch: int, top: bool, bandwidth: float) -> tuple[fl
 
 
 def main() -> int:
-    parser = benchmark.decode_parser(__doc__.splitlines()[0])
+    parser = decode_parser(__doc__.splitlines()[0])
     args = parser.parse_args()
     model_dir = benchmark.random_model_dir(args.shape, "/tmp/edgellm-bench")
     config = json.loads((model_dir / "config.json").read_text())

@@ -10,7 +10,6 @@ to its length) over the measured device copy bandwidth.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -96,31 +95,6 @@ def random_model_dir(shape: str, root: str | Path) -> Path:
     return model_dir
 
 
-def write_synthetic_tokenizer(model_dir: str | Path, vocab_size: int, seed: int = 0) -> None:
-    """A byte-level BPE tokenizer.json of exactly `vocab_size` tokens in `model_dir` (kept if one is
-    there): the 256 byte symbols, then random words, most with a leading space. Random-weight models
-    then write text of a plausible shape, for benchmarks of the text path (detokenization, stop
-    strings, streaming)."""
-    import random
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    from .tokenizer import _byte_level_alphabet
-
-    path = Path(model_dir) / "tokenizer.json"
-    if path.is_file():
-        return
-    rng = random.Random(seed)
-    vocab = {symbol: i for i, symbol in enumerate(_byte_level_alphabet())}
-    while len(vocab) < vocab_size:
-        word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(1, 9)))
-        vocab.setdefault(("\u0120" if rng.random() < 0.7 else "") + word, len(vocab))
-    tokenizer = Tokenizer(models.BPE(vocab, []))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.save(str(path))
-
-
 def random_lora_dir(model_dir: str | Path, adapter_dir: str | Path, *, rank: int, alpha: float, seed: int = 0,
                     targets=("q", "k", "v", "o", "gate", "up", "down")) -> Path:
     """A random LoRA adapter for the model in `model_dir`, in PEFT's layout (adapter_config.json and
@@ -193,13 +167,11 @@ def _random_prompts(runner, batch: int, length: int, seed: int = 0) -> torch.Ten
 def prefill(runner, ids: torch.Tensor, lora=None) -> torch.Tensor:
     """Prefill `ids` and sample each row's first token greedily: what TTFT measures. lora: one
     adapter name per row, or None (the runner's active adapter)."""
-    from .kernels import ops
-
     batch = ids.shape[0]
     logits = runner.prefill_step(runner.embed(ids), [ids.shape[1]] * batch, lora=lora)
     zeros = torch.zeros(batch, device=runner.device)
-    return runner.full_ids(ops.sample(logits, zeros, torch.ones(batch, dtype=torch.int32, device=runner.device),
-                                      torch.ones(batch, device=runner.device), zeros.long(), zeros.long()))
+    return runner.sample(logits, zeros, torch.ones(batch, dtype=torch.int32, device=runner.device),
+                         torch.ones(batch, device=runner.device), zeros.long(), zeros.long())
 
 
 def bench_decode(runner, batch: int, isl: int, osl: int, iterations: int, bandwidth: float, lora=None) -> dict:
@@ -233,18 +205,6 @@ def bench_ttft(runner, prompt_len: int, iterations: int) -> dict:
     prefill(runner, ids)  # warm-up: kernel compilation, cuBLAS heuristics
     times = [sync_time(lambda: prefill(runner, ids)) for _ in range(max(3, iterations))]
     return dict(prompt_len=prompt_len, ttft_ms=statistics.median(times) * 1e3)
-
-
-def decode_parser(description: str) -> argparse.ArgumentParser:
-    """The options the bench/ scripts that decode a named shape share (--json, --shape, --batch,
-    --osl, --iterations)."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--osl", type=int, default=128)
-    parser.add_argument("--iterations", type=int, default=3)
-    return parser
 
 
 def make_runner(model_dir: str | Path, *, batches, isl: int, osl: int, ttft_lens, dtype: str = "float16",

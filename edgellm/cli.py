@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from .backend_bench import BACKEND_CHOICES
 from .cli_writers import add_writer_parsers
 from .errors import EdgeLLMError
 
@@ -417,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttft", type=int, nargs="*", default=[128, 1024, 4096], help="prompt lengths for TTFT")
     p.add_argument("--iterations", type=int, default=3, help="timed runs per figure, median (default 3)")
     p.add_argument("--dtype", default=None, help="default float16 (with --backend: float16 on CUDA, float32 on CPU)")
-    p.add_argument("--backend", nargs="+", default=None, choices=("triton", "onnxruntime", "tensorrt", "transformers"),
+    p.add_argument("--backend", nargs="+", default=None, choices=BACKEND_CHOICES,
                    help="compare these engines on the same greedy generation instead (prefill ms, decode ms/step, "
                         "tokens/s, tokens equal to triton's); any device; the model defaults to the embedded one")
     p.add_argument("--device", default=None, help="with --backend: cpu or cuda (default: cuda when available)")

@@ -1,9 +1,18 @@
 """LLMInferenceRuntime: requests in, responses out.
 
-Owns the tokenizer and one LLMEngineRunner. For each request: validate everything (no model work
-before the request is known to be good), tokenize, prefill all items together, sample, then decode
-the batch step by step; each row stops on its own (EOS id, stop string, max length) and leaves the
-batch, and the rest go on.
+Owns the tokenizer and one LLMEngineRunner. The path of a request through the code, in order:
+  requests.py        LLMGenerationRequest checked (validate_request), its sampling settings and stops;
+  runtime.py         handle_request takes the engine's turn (fifo_lock.py), then _prepare: each item's
+                     prompt ids (tokenizer.py: chat template or plain text; multimodal.py and vision/ place
+                     an item's images), limits and adapter checked before any model work;
+  engine/kv_store.py with KV reuse, each prompt's longest saved prefix found (its blocks copied by the step);
+  engine/runner.py   prefill_tokens (or prefill_step with image embeddings), sample for the first tokens,
+                     then start_decode and decode_launch / decode_sample_step per token (or, with
+                     speculation, speculative/ proposes and verify_sample_trees checks); its docstring
+                     follows a step on from there, through engine/ to kernels/;
+  streaming.py       advance_rows: each row's new tokens, finish reasons, incremental text, stop strings
+                     and streamed deltas; finished rows leave the batch (keep_decode_rows);
+  requests.py        LLMGenerationResponse with texts, ids, finish reasons and timings.
 
 Threads: every public method may be called from several threads. Whatever touches the engine (a
 request, adding/removing/switching LoRA adapters, flushing the KV store) runs in a turn of one

@@ -43,7 +43,6 @@ from .kv_pool import BlockPool
 
 DEFAULT_BLOCK_TOKENS = 64
 RECENT_PROMPTS = 4  # prompts whose block keys keys() remembers
-TIERS = ("gpu", "host", "disk")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,7 @@ in, logits or sampled tokens out, rows in KV-cache *slots*; it knows nothing of 
 
 The path of a step through the code, in the order a request meets it:
   runner.py          builds the engine (checks the limits against free memory: memory.py), then each
-                     public method hands its work to one step object below;
+                     public method hands its work to one step object below (the `_run_by` table);
   state.py           EngineState: config, weights (weights.py), KV cache (kv_cache.py), RoPE tables
                      (longrope.py for LongRoPE), the settings (switches.py) and forward()/sample();
   adapters.py        the LoRA adapters (stacks: lora.py), each row's adapter slot;
@@ -27,6 +27,7 @@ A runner is driven by one thread at a time; LLMInferenceRuntime serializes its c
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import torch
@@ -57,6 +58,18 @@ from .weights import load_weights
 # Prompts longer than this are prefilled chunk by chunk. 2048 measured fastest on the H100 for 1024- to
 # 8192-token prompts of the Llama-3.2-1B shape against 1024 and 4096 (bench/prefill_chunks.py).
 DEFAULT_PREFILL_CHUNK = 2048
+
+
+def _run_by(part: str, method):
+    """A public method of the runner that its step object `part` runs (the attribute holding it): the
+    name, signature and docstring of `method`, that step class's, called in inference mode (modes.py).
+    Over an exported graph `part` is its ExportedSteps, which runs the method or refuses it by name."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        return getattr(getattr(self, part), name)(*args, **kwargs)
+    return inference_call(call)
 
 
 class LLMEngineRunner:
@@ -234,28 +247,22 @@ class LLMEngineRunner:
         long = self.longrope is not None and prompt_length > self.longrope.original
         return self.adapters.fingerprint(adapter) + ("|longrope" if long else "")
 
-    # ---- prefill (prefill_steps.py) ----
+    # ---- the step objects' methods: each file holds the code and the full docstring ----
 
-    @inference_call
-    def prefill_step(self, inputs_embeds: torch.Tensor, context_lengths, slots=None, lora=None,
-                     cached_lengths=None, positions=None, position_offsets=None, *,
-                     long_rope: bool = False) -> torch.Tensor:
-        """Start new sequences: fill slots `slots` (default 0..B-1) with the prompts' KV and return each
-        prompt's last-token logits, [B, vocab] float32 (PrefillSteps.prefill_step has every argument)."""
-        return self._prefill.prefill_step(inputs_embeds, context_lengths, slots, lora, cached_lengths, positions,
-                                          position_offsets, long_rope=long_rope)
-
-    @inference_call
-    def prefill_tokens(self, prompts: list[list[int]], slots=None, lora=None, cached_lengths=None, *,
-                       pool_blocks=(), host_blocks=(), long_rope: bool = False) -> torch.Tensor:
-        """prefill_step for prompts given as token ids, the embedding gather inside the step (the
-        runtime's text path; pool_blocks / host_blocks: a KV hit's saved blocks to copy in first)."""
-        return self._prefill.prefill_tokens(prompts, slots, lora, cached_lengths, pool_blocks=pool_blocks,
-                                            host_blocks=host_blocks, long_rope=long_rope)
-
-    def attach_block_pools(self, device: torch.Tensor | None = None, host: torch.Tensor | None = None) -> None:
-        """The KV store's pools of saved blocks (engine/kv_pool.py), read inside prefill_tokens' steps."""
-        self._prefill.attach_block_pools(device, host)
+    prefill_step = _run_by("_prefill", PrefillSteps.prefill_step)
+    prefill_tokens = _run_by("_prefill", PrefillSteps.prefill_tokens)
+    attach_block_pools = _run_by("_prefill", PrefillSteps.attach_block_pools)
+    decode_step = _run_by("_decode", DecodeSteps.decode_step)
+    capture_decode_graphs = _run_by("_decode", DecodeSteps.capture_decode_graphs)
+    start_decode = _run_by("_decode", DecodeSteps.start_decode)
+    restart_decode_rows = _run_by("_decode", DecodeSteps.restart_decode_rows)
+    keep_decode_rows = _run_by("_decode", DecodeSteps.keep_decode_rows)
+    end_decode = _run_by("_decode", DecodeSteps.end_decode)
+    decode_sample_step = _run_by("_decode", DecodeSteps.decode_sample_step)
+    decode_launch = _run_by("_decode", DecodeSteps.decode_launch)
+    decode_logits = _run_by("_decode", DecodeSteps.decode_logits)
+    tree_decode_step = _run_by("_verify", TreeSteps.tree_decode_step)
+    commit_tree_path = _run_by("_verify", TreeSteps.commit_tree_path)
 
     @property
     def block_pool(self) -> torch.Tensor | None:
@@ -264,71 +271,6 @@ class LLMEngineRunner:
     @property
     def host_block_pool(self) -> torch.Tensor | None:
         return self._prefill.host_block_pool
-
-    # ---- decode (decode_steps.py) ----
-
-    @inference_call
-    def decode_step(self, inputs_embeds: torch.Tensor, slots=None, lora=None) -> torch.Tensor:
-        """Append one token per row: inputs_embeds [b, 1, hidden] for cache slots `slots` (default
-        0..b-1), adapters `lora` as in prefill_step. Returns the new logits, [b, vocab] float32."""
-        return self._decode.decode_step(inputs_embeds, slots, lora)
-
-    @inference_call
-    def capture_decode_graphs(self, batch_sizes=None, lora: bool = False) -> list[int]:
-        """Capture decode graphs up front for these batch sizes (default: every padded size up to
-        max_batch_size; lora=True: those of batches with adapters). Returns the padded sizes."""
-        return self._decode.capture_decode_graphs(batch_sizes, lora)
-
-    @inference_call
-    def start_decode(self, tokens, slots, temperature, top_k, top_p, seeds, offsets, lora=None) -> None:
-        """Set the rows of the next decode steps: per row its last token, KV-cache slot, temperature,
-        top_k, top_p, seed and the RNG offset used last ([n] each); lora: one adapter name per row or None."""
-        self._decode.start_decode(tokens, slots, temperature, top_k, top_p, seeds, offsets, lora)
-
-    @inference_call
-    def restart_decode_rows(self, tokens, lengths=None) -> None:
-        """Point the running rows at new input tokens (and, if given, set their cache lengths)."""
-        self._decode.restart_decode_rows(tokens, lengths)
-
-    @inference_call
-    def keep_decode_rows(self, keep) -> None:
-        """Continue decoding only rows `keep` (indices into the current rows, in order)."""
-        self._decode.keep_decode_rows(keep)
-
-    @inference_call
-    def end_decode(self) -> None:
-        """The decode batch is done: its rows stop holding their adapters (see remove_lora_weights)."""
-        self._decode.end_decode()
-
-    @inference_call
-    def decode_sample_step(self) -> torch.Tensor:
-        """One decode step of the running rows: their sampled tokens, [n] int64 on the device (a view of
-        a static buffer, overwritten by the next step)."""
-        return self._decode.decode_sample_step()
-
-    @inference_call
-    def decode_launch(self):
-        """decode_sample_step without waiting: returns a PendingTokens whose wait() gives the tokens."""
-        return self._decode.decode_launch()
-
-    @inference_call
-    def decode_logits(self) -> torch.Tensor:
-        """The last decode_sample_step's logits of the live rows, [n, vocab] float32."""
-        return self._decode.decode_logits()
-
-    # ---- speculative verification (verify.py) ----
-
-    @inference_call
-    def tree_decode_step(self, inputs_embeds: torch.Tensor, tree_mask: torch.Tensor, slots=None,
-                         lora=None) -> torch.Tensor:
-        """A token tree per row after the rows' cached tokens: every node's logits, [B, T, vocab]
-        (follow with commit_tree_path to keep a path)."""
-        return self._verify.tree_decode_step(inputs_embeds, tree_mask, slots, lora)
-
-    @inference_call
-    def commit_tree_path(self, path, accepted, slots=None) -> None:
-        """Keep path[b, :accepted[b] + 1] of the last tree_decode_step in each row's cache."""
-        self._verify.commit_tree_path(path, accepted, slots)
 
     @inference_call
     def verify_sample_step(self, tokens, parents, n_nodes) -> tuple[torch.Tensor, torch.Tensor]:
@@ -406,7 +348,3 @@ class LLMEngineRunner:
     def lora_slot(self, name: str | None) -> int:
         """The stack slot of adapter `name` (None: the active adapter; "": -1, the base model)."""
         return self.adapters.slot(name)
-
-    def lora_fingerprint(self, name: str | None) -> str:
-        """What names adapter `name`'s weights ("" for the base model): its name and a content digest."""
-        return self.adapters.fingerprint(name)

@@ -9,8 +9,7 @@ scales and zeros fixed from the weights beforehand (static groups).
 
 calibrate() runs the full-precision engine once over the calibration tokens and accumulates H for
 every layer linear weight (through the forward's observe_linear hook); quantize_projection() is the
-policy `edgellm quantize --method gptq` applies to each projection (quant/export.py);
-quantize_engine() applies it to a loaded engine.
+policy `edgellm quantize --method gptq` applies to each projection (quant/export.py).
 
 Before GPTQ, each group's range is searched (searched_groups): clipping a group's outliers when
 that lowers its H-weighted rounding error.
@@ -174,18 +173,3 @@ def quantize_layer_weight(field: str, weight: torch.Tensor, hessian: torch.Tenso
     sizes = (config.q_size, config.kv_size, weight.shape[0] - config.q_size - config.kv_size)
     return stack_rows([quantize_projection(name, rows, hessian, group=group)
                        for name, rows in zip("qkv", weight.split(sizes))])
-
-
-def quantize_engine(runner, ids: list[int], *, window: int = 512, group: int = GROUP_SIZE, progress=None) -> None:
-    """Replace each layer linear weight of a full-precision engine by its activation-aware int4
-    version (quantize_layer_weight, calibrated on `ids`); the engine's config then says int4."""
-    from ..engine.weights import LINEAR_FIELDS
-
-    hessians = calibrate(runner, ids, window=window)
-    layers = runner.weights.layers
-    for layer in (progress(layers, desc="GPTQ int4", unit="layer") if progress else layers):
-        for field in LINEAR_FIELDS:
-            weight = getattr(layer, field)
-            setattr(layer, field, quantize_layer_weight(field, weight, hessians[id(weight)], runner.config,
-                                                        group=group))
-    runner.config = dataclasses.replace(runner.config, quantization="int4")

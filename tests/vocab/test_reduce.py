@@ -15,7 +15,7 @@ from edgellm.vocab import reduce_vocab
 from edgellm.vocab.corpus import read_corpus
 from edgellm.vocab.select import choose, rank_frequency, rank_input_aware, required_ids
 
-DATA = Path(__file__).parent / "data" / "vocab"
+DATA = Path(__file__).parents[1] / "data" / "vocab"
 CORPUS = DATA / "vocab_corpus.jsonl"
 
 
