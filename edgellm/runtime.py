@@ -14,12 +14,10 @@ Owns the tokenizer and one LLMEngineRunner. The path of a request through the co
                      and streamed deltas; finished rows leave the batch (keep_decode_rows);
   requests.py        LLMGenerationResponse with texts, ids, finish reasons and timings.
 
-Threads: every public method may be called from several threads. Whatever touches the engine (a
-request, adding/removing/switching LoRA adapters, flushing the KV store) runs in a turn of one
-FifoLock, first come first served, so each request gets exactly the answer it would get alone; the
-getters read snapshots and never wait. A request's whole run (validation to detokenisation) is one
-turn, streaming callbacks included. In-flight batching (callers sharing one running batch) will
-replace the lock behind `_engine_turn`, the one door every engine call goes through.
+Threads: whatever touches the engine (a request, adding/removing/switching LoRA adapters, flushing
+the KV store) runs in a turn of one FifoLock, first come first served, so each request gets exactly
+the answer it would get alone (a request's whole run, streaming callbacks included, is one turn);
+the getters read snapshots and never wait. `_engine_turn` is the one door every engine call takes.
 """
 
 from __future__ import annotations
@@ -193,7 +191,6 @@ class LLMInferenceRuntime:
         if not isinstance(reduced_vocab_dir, (str, Path)) or reduced_vocab_dir is True:
             raise ConfigurationError(f"reduced_vocab_dir must be a directory, None or False, got {reduced_vocab_dir!r}")
         return Path(reduced_vocab_dir)
-
 
     # ------------------------------------------------------------------ LoRA adapters (the runner's)
     def add_lora_weights(self, name: str, path, *, rank: int | None = None, alpha: float | None = None) -> None:
