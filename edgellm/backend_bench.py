@@ -1,10 +1,10 @@
 """`edgellm bench --backend ...`: the same greedy generation on several engines, side by side (seed 004's
-"PyTorch vs TensorRT" table; here triton vs onnxruntime vs transformers, and TensorRT where it imports).
+"PyTorch vs TensorRT" table; here triton vs onnxruntime vs transformers).
 
 Each backend prefills the same random ISL-token prompts (a batch of them), takes the greedy token,
 then runs OSL decode steps; the table gives prefill time, decode time per step, tokens/s, and how many
 leading tokens of every row equal the triton backend's. triton runs its fast path (decode graphs on
-CUDA, sampling on the device); onnxruntime and TensorRT run the exported graph through
+CUDA, sampling on the device); onnxruntime runs the exported graph through
 LLMEngineRunner(backend=...) with decode_step and an argmax; transformers runs the HF model with its
 own KV cache. onnxruntime runs on the GPU only where onnxruntime-gpu is installed, else on the CPU
 (its row says which), from a float32 export on the CPU.
@@ -23,7 +23,7 @@ from .benchmark import SHAPES, log, prefill, random_model_dir
 from .engine.devices import resolve_device, resolve_dtype
 from .errors import EdgeLLMError
 
-BACKEND_CHOICES = ("triton", "onnxruntime", "tensorrt", "transformers")
+BACKEND_CHOICES = ("triton", "onnxruntime", "transformers")
 
 
 def _timed(device: torch.device, fn):
@@ -142,10 +142,8 @@ def compare(model: str, backends, *, batch: int = 1, isl: int = 128, osl: int = 
                 steps = _transformers(model_dir, ids, osl, device, dtype)
             else:
                 run_on, run_dtype = device, dtype
-                if backend == "onnxruntime" and not _ort_cuda() and device.type == "cuda":
+                if not _ort_cuda() and device.type == "cuda":
                     run_on, run_dtype = torch.device("cpu"), torch.float32  # no onnxruntime-gpu here
-                if backend == "tensorrt" and importlib.util.find_spec("tensorrt") is None:
-                    raise RuntimeError("tensorrt does not import here (not installed)")
                 export_dir = export_for_bench(model_dir, Path(cache_dir), run_dtype, limits)
                 row.update(device=str(run_on), dtype=str(run_dtype).replace("torch.", ""))
                 steps = _exported(backend, export_dir, ids, osl, run_on, limits)

@@ -64,5 +64,5 @@ class ExportError(EdgeLLMError, ValueError):
 
 
 class BackendError(ConfigurationError):
-    """An engine backend cannot run: its package is missing (onnxruntime, tensorrt), the device it
+    """An engine backend cannot run: its package is missing (onnxruntime), the device it
     needs is not there, or its engine was exported or built for other limits than the runner's."""

@@ -2,7 +2,8 @@
 as HF directories, and a tiny word-level tokenizer with a chat template. Tests live beside what they
 test (tests/engine/test_kv_store.py for edgellm/engine/kv_store.py); helpers several of them use are
 modules here (kernel_cases.py, family_models.py, vlm_models.py). Marker `gpu`: the test needs a CUDA GPU
-(skipped without one; bench/gpu_check.sh runs them); `slow`: over ~30 s on a 2-core CPU."""
+(skipped without one; bench/gpu_check.sh runs them); `slow`: over ~30 s on a 2-core CPU; `reference_ops`:
+host logic, run on the ops' torch references (below)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,22 @@ if not torch.cuda.is_available():
 TINY_PROMPTS = [[1, 17, 33, 8, 61, 40, 9, 22, 5, 71, 12], [1, 50, 6], [1, 90, 14, 27, 3, 88, 44]]
 # A test taking `device` from these runs on the CPU (the interpreter there in CI) and, marked gpu, on CUDA.
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(autouse=True)
+def _reference_ops_for_host_logic(request):
+    """Marker `reference_ops`: the test's subject is host logic (requests, errors, the CLI, bookkeeping),
+    so its ops (in the test's thread) run their torch references instead of the Triton interpreter,
+    which costs about 0.5 s a decode step of a tiny model. The engine passes the same arguments to
+    either (kernels/dispatch.py); tests/kernels and the tests left unmarked (transformers comparisons of
+    each family, quantized formats, adapters, speculation, vision) run the kernels themselves."""
+    if request.node.get_closest_marker("reference_ops") is None:
+        yield
+        return
+    from edgellm.kernels.dispatch import use_reference
+
+    with use_reference():
+        yield
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,6 +6,8 @@ import pytest
 
 from edgellm.cli import main
 
+pytestmark = pytest.mark.reference_ops  # host logic (conftest.py)
+
 
 def test_run_json_batches(llama_dir, tmp_path, capsys):
     spec = {"max_generate_length": 6, "temperature": 0, "batch_size": 2,

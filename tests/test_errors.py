@@ -10,6 +10,8 @@ from edgellm import LLMGenerationRequest, LLMInferenceRuntime
 from edgellm.errors import (ConfigurationError, EdgeLLMError, InvalidRequestError, ModelLoadError,
                             TokenizerError, UnsupportedModelError)
 
+pytestmark = pytest.mark.reference_ops  # host logic (conftest.py)
+
 GOOD = LLMGenerationRequest(requests=[{"input_ids": [1, 4, 8, 15]}, {"messages": [{"role": "user", "content": "w9"}]}],
                             max_generate_length=10, temperature=0)
 USER = [{"role": "user", "content": "w1 w2"}]

@@ -4,6 +4,8 @@ import pytest
 
 from edgellm import GenerationItem, LLMGenerationRequest, LLMInferenceRuntime
 
+pytestmark = pytest.mark.reference_ops  # host logic (conftest.py)
+
 
 @pytest.fixture(scope="module")
 def runtime(llama_dir):

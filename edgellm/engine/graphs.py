@@ -204,7 +204,12 @@ class PrefillBuffers:
         if width < self.embeds.shape[1]:
             self.embeds[:, width:].zero_()
         self.ints.copy_(ints)
+        self.load_positions(positions)
+
+    def load_positions(self, positions: torch.Tensor | None) -> None:
+        """Multimodal RoPE engines: the chunk's [rows, width, 3] positions, zeros after them."""
         if self.positions is not None:
+            width = positions.shape[1]
             self.positions[:, :width].copy_(positions)
             self.positions[:, width:].zero_()
 

@@ -254,60 +254,62 @@ class PrefillSteps:
         from_ids = embeds is None
         key = PrefillKey.of(rows, width, uses_lora, max_keys, from_ids, host_blocks, logits)
         span = PREFILL_SPLIT_MIN_KEYS if key.few_keys else None
-        if not self.graphs.enabled:
-            count = PrefillBuffers.int_count(rows, self.adapters.capacity)
-            slots, starts, q_lens, lora_index = inputs[:4 * rows].view(4, rows).unbind(0)
-            if from_ids:
-                ids_end = count + rows * key.length
-                for pool in (self.block_pool, self.host_block_pool):
-                    if pool is not None:
-                        size = 1 + 3 * self._block_room(rows, pool)  # the table's room, as in PrefillBuffers
-                        ops.blocks_to_slot(pool, self.state.kv_cache.data, inputs[ids_end:ids_end + size])
-                        ids_end += size
-                embeds = self.state.embed(inputs[count:count + rows * key.length].view(rows, -1)[:, :width])
-            lora = self.adapters.batch(lora_index, inputs[4 * rows:count], uses_lora)
-            return self.state.forward(embeds, slots, starts, q_lens, lora=lora, positions=positions, max_keys=span,
-                                      logits=logits)
-        buf = self.buffers.get((rows, key.length))
+        buf = self._buffers(rows, key.length)
+        graph = self.graphs.get(key)
+        if graph is None and self.graphs.enabled:
+            # Warm-up and capture with every row on the scratch slot: no request's cache is touched.
+            buf.reset()
+            graph = self.graphs.capture(key, lambda: self._prefill_body(buf, uses_lora, span, from_ids, host_blocks,
+                                                                        logits))
+        if from_ids:
+            buf.inputs[:inputs.numel()].copy_(inputs)
+            buf.load_positions(positions)
+        else:
+            buf.load(embeds, inputs, positions)
+        if graph is not None:
+            graph.replay()
+        else:  # eager: the chunk's own width, no padding computed
+            self._prefill_body(buf, uses_lora, span, from_ids, host_blocks, logits, width)
+        return buf.logits.clone() if logits else None  # the next prefill overwrites buf.logits
+
+    def _buffers(self, rows: int, length: int) -> PrefillBuffers:
+        buf = self.buffers.get((rows, length))
         if buf is None:
             if self.storage is None:
                 cfg = self.state.config
                 widest = prefill_bucket(min(self.chunk_size, cfg.max_supported_input_length))
                 self.storage = PrefillStorage(cfg.max_supported_batch_size, widest, cfg.hidden_size,
                                               self.state.weights.lm_head.shape[0], self.state.dtype, self.state.device)
-            buf = PrefillBuffers(rows, key.length, self.storage, self.state.kv_cache.scratch_slot, self.state.device,
+            buf = PrefillBuffers(rows, length, self.storage, self.state.kv_cache.scratch_slot, self.state.device,
                                  self.adapters.capacity, positions=self.state.rope.sections is not None,
                                  block_rooms=[self._block_room(rows, pool)
                                               for pool in (self.block_pool, self.host_block_pool) if pool is not None])
-            self.buffers[rows, key.length] = buf
-        if self.graphs.get(key) is None:
-            # Warm-up and capture with every row on the scratch slot: no request's cache is touched.
-            buf.reset()
-            self.graphs.capture(key, lambda: self._prefill_body(buf, uses_lora, span, from_ids, host_blocks, logits))
-        if from_ids:
-            buf.inputs[:inputs.numel()].copy_(inputs)
-        else:
-            buf.load(embeds, inputs, positions)
-        self.graphs.get(key).replay()
-        return buf.logits.clone() if logits else None  # the next prefill replay overwrites buf.logits
+            self.buffers[rows, length] = buf
+        return buf
 
     def _prefill_body(self, buf: PrefillBuffers, uses_lora: bool, max_keys: int | None, from_ids: bool,
-                      host_blocks: bool, logits: bool = True) -> None:
+                      host_blocks: bool, logits: bool = True, width: int | None = None) -> None:
+        """One chunk on `buf`, device work only (what a graph captures); width: the tokens of each row
+        computed (None: the buffers' whole length, as a graph must)."""
         tables = list(buf.blocks)
+        data = self.state.kv_cache.data
         before_attention = join = None
         if from_ids and self.block_pool is not None:  # a KV hit's device blocks into their slots (count 0: none)
-            ops.blocks_to_slot(self.block_pool, self.state.kv_cache.data, tables.pop(0))
-        if from_ids and host_blocks:  # its host blocks, beside the layers before theirs
-            before_attention, join = self._host_block_copies(tables.pop(0))
-        embeds = self.state.embed(buf.ids) if from_ids else buf.embeds
+            ops.blocks_to_slot(self.block_pool, data, tables.pop(0))
+        if from_ids and host_blocks:  # its host blocks, beside the layers before theirs (on CUDA)
+            if data.is_cuda:
+                before_attention, join = self._host_block_copies(tables.pop(0))
+            else:
+                ops.blocks_to_slot(self.host_block_pool, data, tables.pop(0))
+        embeds = self.state.embed(buf.ids[:, :width]) if from_ids else buf.embeds[:, :width]
+        positions = None if buf.positions is None else buf.positions[:, :width]
         out = self.state.forward(embeds, buf.slots, buf.starts, buf.q_lens,
-                                 lora=self.adapters.batch(buf.lora, buf.lora_used, uses_lora), positions=buf.positions,
+                                 lora=self.adapters.batch(buf.lora, buf.lora_used, uses_lora), positions=positions,
                                  max_keys=max_keys, before_attention=before_attention, logits=logits)
         if out is not None:
             buf.logits.copy_(out)
         if join is not None:
             join()
-
 
 def prefill_rows(cfg, batch: int, seq: int, lengths: list[int], cached_lengths, limit: int):
     """A prefill's rows checked (InvalidRequestError): B rows within max_batch_size, context lengths

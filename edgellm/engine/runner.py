@@ -14,7 +14,7 @@ The path of a step through the code, in the order a request meets it:
                      seeds' eager step;
   verify.py          speculative token trees through the model in one step (verify_sample_trees);
   model.py           forward_logits: the one decoder forward every step runs, each op from kernels/.
-With backend="onnxruntime" or "tensorrt", prefill_step / prefill_tokens / decode_step run the graph
+With backend="onnxruntime", prefill_step / prefill_tokens / decode_step run the graph
 `edgellm export` wrote (backends/exported_steps.py) instead, and the Triton-only methods refuse.
 
 Inference mode: the public methods run in torch's inference mode whatever the caller's mode (the
@@ -82,8 +82,8 @@ class LLMEngineRunner:
                  max_verify_tokens: int = 0, extra_device_bytes: dict[str, int] | None = None,
                  vocab_map: str | Path | None = None, quantization: str | None = None,
                  quantize_lm_head: bool = False, switches: Switches | None = None):
-        """backend: "triton" (the default), the engine's own forward; "onnxruntime" or "tensorrt": the
-        directory `edgellm export` wrote, run by that engine (backends/exported_steps.py: the same
+        """backend: "triton" (the default), the engine's own forward; "onnxruntime": the
+        directory `edgellm export` wrote, run by onnxruntime (backends/exported_steps.py: the same
         prefill_step / prefill_tokens / decode_step; the other arguments below are Triton-only).
         cuda_graphs: replay decode steps from CUDA graphs (on CUDA; eager elsewhere or when False).
         prefill_chunk_size: prompts longer than this are prefilled in chunks of it (default 2048).

@@ -106,6 +106,7 @@ def test_prefill_from_token_ids_matches_prefill_from_embeddings(tiny_models):
         runner.prefill_tokens([[1, 2, 3]], host_blocks=[(4, 0, 0)])
 
 
+@pytest.mark.reference_ops
 def test_chunked_prefill_generation_matches_transformers(tiny_models):
     model_dir, hf_model = tiny_models["qwen2"]
     runtime = LLMInferenceRuntime(model_dir, device="cpu", dtype="float32", prefill_chunk_size=4)
@@ -150,6 +151,7 @@ PARAMS = (torch.tensor([0.0, 0.9, 1.3]), torch.tensor([1, 20, 0], dtype=torch.in
           torch.tensor([1.0, 0.8, 0.95]), torch.tensor([3, 11, 12345], dtype=torch.int64))
 
 
+@pytest.mark.reference_ops
 @pytest.mark.parametrize("keep", [None, [0, 2], [1]])
 def test_decode_sample_step_matches_the_eager_steps(tiny_models, keep):
     model_dir, _ = tiny_models["llama"]
@@ -162,6 +164,7 @@ def test_decode_sample_step_matches_the_eager_steps(tiny_models, keep):
     assert runner.decode_logits().shape == (len(got[-1]), runner.config.vocab_size)
 
 
+@pytest.mark.reference_ops
 def test_decode_path_bad_calls(tiny_models):
     model_dir, _ = tiny_models["llama"]
     runner = LLMEngineRunner(model_dir, device="cpu", dtype="float32", max_batch_size=2)
@@ -182,6 +185,7 @@ def test_decode_path_bad_calls(tiny_models):
         runner.keep_decode_rows([2])
 
 
+@pytest.mark.reference_ops
 def test_restart_decode_rows_rewinds_like_a_new_start(tiny_models):
     """Greedy rows decoded a few steps, then pointed back at other tokens and shorter cache lengths,
     continue exactly as a fresh start_decode from there would."""
@@ -237,6 +241,7 @@ def test_graph_replay_gives_the_eager_tokens(tiny_models, sampling):
     assert not eager.graphs.graphs
 
 
+@pytest.mark.reference_ops
 @pytest.mark.gpu
 def test_rows_leaving_the_batch_do_not_change_the_others(tiny_models):
     model_dir, _ = tiny_models["qwen3"]

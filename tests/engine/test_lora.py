@@ -41,6 +41,7 @@ def test_one_adapter_matches_peft_merged_model(runtime, lora_adapters, tiny_mode
     assert response.output_ids != base.output_ids  # the adapter really changes the output
 
 
+@pytest.mark.reference_ops
 def test_switching_and_disabling_keep_the_engine_intact(runtime, lora_adapters, tiny_models):
     weights_before = [t.clone() for t in (runtime.runner.weights.layers[0].qkv, runtime.runner.weights.embed)]
     assert runtime.get_available_lora_weights() == ["a", "b"]
@@ -70,6 +71,7 @@ def test_rows_of_one_batch_use_different_adapters(runtime, lora_adapters, tiny_m
     assert mixed.output_ids == [response.output_ids[0], response.output_ids[1]]
 
 
+@pytest.mark.reference_ops
 def test_bare_safetensors_file_with_alpha(tiny_models, lora_adapters, tmp_path):
     path_a = lora_adapters["a"][0]
     bare = tmp_path / "a.safetensors"
@@ -120,6 +122,7 @@ BAD_ADAPTERS = {
 }
 
 
+@pytest.mark.reference_ops
 @pytest.mark.parametrize("case", list(BAD_ADAPTERS))
 def test_bad_adapter_files_load_nothing(runtime, lora_adapters, tmp_path, case):
     make, message = BAD_ADAPTERS[case]
@@ -130,6 +133,7 @@ def test_bad_adapter_files_load_nothing(runtime, lora_adapters, tmp_path, case):
     assert quick(runtime, "a") == before
 
 
+@pytest.mark.reference_ops
 def test_bad_lora_use_is_a_clear_error(runtime, tiny_models, lora_adapters):
     before = quick(runtime, "b")
     with pytest.raises(InvalidRequestError, match="unknown LoRA adapter 'medical'"):

@@ -82,6 +82,7 @@ def test_counter_uniforms_are_uniform_and_deterministic():
     assert chi2 < CHI2_9999[8]
 
 
+@pytest.mark.reference_ops
 @pytest.mark.slow
 def test_seeded_generation_repeats_and_seeds_differ(llama_dir):
     runtime = LLMInferenceRuntime(llama_dir, device="cpu")
@@ -128,7 +129,7 @@ def test_sampling_distribution(temperature, top_k, top_p):
 
     logits = randn(1, 12, seed=3) * 1.5
     expected = hf_distribution(logits.cpu(), temperature, top_k, top_p)[0]
-    n = 20000 if DEVICE == "cuda" else 500  # the interpreter runs one row at a time
+    n = 20000 if DEVICE == "cuda" else 250  # the interpreter runs one row at a time (~0.07 s each)
     rows = logits.expand(n, -1).contiguous()
     tokens = sampling.sample(rows, *_sampling_params(n, temperature, top_k, top_p),
                              torch.full((n,), 99, device=DEVICE), torch.arange(n, device=DEVICE))

@@ -74,6 +74,7 @@ def test_lora_on_a_quantized_base(tiny_models, lora_adapters):
     assert_rows_match_transformers(response, reference, PROMPTS, 12)
 
 
+@pytest.mark.reference_ops
 def test_the_memory_plan_counts_packed_bytes(tiny_models):
     runtime = LLMInferenceRuntime(tiny_models["llama"][0], device="cpu", cuda_graphs=False, quantization="int4")
     cfg = runtime.config
@@ -85,6 +86,7 @@ def test_the_memory_plan_counts_packed_bytes(tiny_models):
     assert held < linear * 4 / 4  # packed int4 plus group scales and zeros: under a quarter of float32
 
 
+@pytest.mark.reference_ops
 def test_bad_quantization_settings(tiny_models):
     model_dir = tiny_models["llama"][0]
     with pytest.raises(ConfigurationError, match="unsupported quantization 'int3'.*int8, int4, fp8"):
@@ -93,6 +95,7 @@ def test_bad_quantization_settings(tiny_models):
         LLMInferenceRuntime(model_dir, device="cpu", quantize_lm_head=True)
 
 
+@pytest.mark.reference_ops
 @pytest.mark.parametrize("kind", ["int8", "int4", "fp8"])
 def test_edgellm_quantize_writes_a_directory_that_loads_quantized(tiny_models, tmp_path, capsys, kind):
     """`edgellm quantize` then a plain load: transformers' tokens over the same quantized weights (int4 in
@@ -118,6 +121,7 @@ def test_edgellm_quantize_writes_a_directory_that_loads_quantized(tiny_models, t
     assert "exists and is not empty" in capsys.readouterr().err
 
 
+@pytest.mark.reference_ops
 def test_edgellm_quantize_int4_runs_gptq(tiny_models, tmp_path, capsys):
     """int4's default method: GPTQ calibrated on a text (act order, static groups from a search
     over shrunk ranges; the value projection rounded to nearest), written in the same

@@ -118,6 +118,7 @@ def test_batch_of_image_and_text_items_and_system_image(vlm):
     assert response.output_ids[1] == hf_greedy(model, ids1, [], runtime)
 
 
+@pytest.mark.reference_ops
 def test_prompt_item_with_images(vlm):
     _, model, runtime = vlm
     image = random_image(64, 64, seed=5)
@@ -127,6 +128,7 @@ def test_prompt_item_with_images(vlm):
     assert response.output_ids[0] == hf_greedy(model, placed.ids, [image], runtime)
 
 
+@pytest.mark.reference_ops
 def test_different_images_give_different_answers_and_the_same_image_reuses(vlm, tmp_path):
     model_dir, _, _ = vlm
     runtime = LLMInferenceRuntime(model_dir, device="cpu", cuda_graphs=False,
@@ -145,6 +147,7 @@ def test_different_images_give_different_answers_and_the_same_image_reuses(vlm, 
     assert run(fresh, [{"messages": [user(image_part(b), text_part("w30 w31"))]}]).output_ids == first_b.output_ids
 
 
+@pytest.mark.reference_ops
 def test_bad_image_inputs_leave_runtime_usable(vlm, tmp_path, tiny_models):
     _, _, runtime = vlm
     good = [{"messages": [user(image_part(random_image(60, 60, seed=8)), text_part("w1"))]}]
@@ -182,6 +185,7 @@ def _prompt(runtime, messages):
     return placed.ids, placed
 
 
+@pytest.mark.reference_ops
 def test_cli_generate_and_chat_take_images(vlm, tmp_path, capsys, monkeypatch):
     from edgellm.cli import main
 
@@ -200,6 +204,7 @@ def test_cli_generate_and_chat_take_images(vlm, tmp_path, capsys, monkeypatch):
     assert expected.strip() in out.out and "goes with your next message" in out.err
 
 
+@pytest.mark.reference_ops
 def test_speculative_decoding_with_images_is_token_identical(vlm):
     """n-gram verification steps run at the image prompt's shifted positions (the per-slot offsets)."""
     from edgellm import SpeculativeConfig

@@ -9,11 +9,12 @@ import torch
 
 from edgellm.engine.vocab_map import check_vocab_map, load_vocab_map, save_vocab_map
 from edgellm.errors import ConfigurationError, CorpusError, VocabMapError
-from edgellm.kernels import use_reference
 from edgellm.tokenizer import Tokenizer
 from edgellm.vocab import reduce_vocab
 from edgellm.vocab.corpus import read_corpus
 from edgellm.vocab.select import choose, rank_frequency, rank_input_aware, required_ids
+
+pytestmark = pytest.mark.reference_ops  # host logic (conftest.py)
 
 DATA = Path(__file__).parents[1] / "data" / "vocab"
 CORPUS = DATA / "vocab_corpus.jsonl"
@@ -148,9 +149,8 @@ def test_self_method_on_the_shipped_corpus(default_model_dir):
     tokens in it, and every token of the model's own answers covered."""
     tok = Tokenizer.from_dir(default_model_dir)
     kwargs = dict(max_samples=4, max_new_tokens=16, batch_size=4, device="cpu")
-    with use_reference():  # a CPU user's path (the interpreted kernels are checked on tiny models)
-        first = reduce_vocab(default_model_dir, CORPUS, 1000, "self", **kwargs)
-        again = reduce_vocab(default_model_dir, CORPUS, 1000, "self", **kwargs)
+    first = reduce_vocab(default_model_dir, CORPUS, 1000, "self", **kwargs)
+    again = reduce_vocab(default_model_dir, CORPUS, 1000, "self", **kwargs)
     assert torch.equal(first.vocab_map, again.vocab_map)
     assert set(required_ids(tok, [2], 49152)) <= set(first.vocab_map.tolist())
     assert first.info["method"] == "self" and first.info["tokens_covered_percent"] == 100.0

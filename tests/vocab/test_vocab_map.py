@@ -14,7 +14,6 @@ from edgellm import LLMGenerationRequest, LLMInferenceRuntime, SpeculativeConfig
 from edgellm.engine.kv_store import KVReuseSettings
 from edgellm.engine.vocab_map import save_vocab_map
 from edgellm.errors import ConfigurationError, VocabMapError
-from edgellm.kernels import use_reference
 from edgellm.vocab import reduce_vocab
 
 PROMPTS = ["w5 w6 w7", "w10 w11 w12 w13", "w20 w21 w20 w21 w20"]
@@ -54,18 +53,19 @@ def test_self_map_gives_the_full_vocabulary_tokens(tiny_models, tmp_path, family
     torch.testing.assert_close(ours, theirs[:, reduced.runner.vocab_map.long()], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.reference_ops
 def test_default_model_self_map(default_model_dir, tmp_path):
     prompts = ["What is the capital of France?", "Name three colours."]
     full = LLMInferenceRuntime(default_model_dir, device="cpu", cuda_graphs=False, max_batch_size=2)
-    with use_reference():  # a CPU user's path; the interpreted kernels are the tiny models' tests' business
-        path = self_map(default_model_dir, tmp_path, prompts, size=2048, new=12)
-        reduced = LLMInferenceRuntime(default_model_dir, device="cpu", cuda_graphs=False, max_batch_size=2,
-                                      reduced_vocab_dir=path)
-        expected = run(full, items(prompts), new=12)
-        got = run(reduced, items(prompts), new=12)
+    path = self_map(default_model_dir, tmp_path, prompts, size=2048, new=12)
+    reduced = LLMInferenceRuntime(default_model_dir, device="cpu", cuda_graphs=False, max_batch_size=2,
+                                  reduced_vocab_dir=path)
+    expected = run(full, items(prompts), new=12)
+    got = run(reduced, items(prompts), new=12)
     assert got.output_ids == expected.output_ids and got.output_texts == expected.output_texts
 
 
+@pytest.mark.reference_ops
 def test_a_map_without_the_argmax_still_gives_tokens_of_the_map(tiny_models, tmp_path):
     model_dir = tiny_models["llama"][0]
     full = LLMInferenceRuntime(model_dir, device="cpu", cuda_graphs=False)
@@ -79,6 +79,7 @@ def test_a_map_without_the_argmax_still_gives_tokens_of_the_map(tiny_models, tmp
     assert out.output_texts[0] == reduced.tokenizer.decode(out.output_ids[0])
 
 
+@pytest.mark.reference_ops
 def test_found_in_the_model_directory_and_switched_off(tiny_models, tmp_path):
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_models["llama"][0], model_dir)
@@ -90,6 +91,7 @@ def test_found_in_the_model_directory_and_switched_off(tiny_models, tmp_path):
         LLMInferenceRuntime(model_dir, device="cpu", cuda_graphs=False, reduced_vocab_dir=True)
 
 
+@pytest.mark.reference_ops
 def test_bad_maps_fail_at_load(tiny_models, tmp_path):
     model_dir = tiny_models["llama"][0]
     save_vocab_map(tmp_path / "no_eos", torch.tensor([0, 1, 3, 4]), {})
@@ -102,6 +104,7 @@ def test_bad_maps_fail_at_load(tiny_models, tmp_path):
         LLMInferenceRuntime(model_dir, device="cpu", cuda_graphs=False, reduced_vocab_dir=tmp_path / "missing")
 
 
+@pytest.mark.reference_ops
 @pytest.mark.slow
 def test_speculation_streaming_stops_and_reuse_with_a_reduced_vocabulary(tiny_models, tmp_path):
     model_dir = tiny_models["llama"][0]
@@ -126,6 +129,7 @@ def test_speculation_streaming_stops_and_reuse_with_a_reduced_vocabulary(tiny_mo
         assert words[2] not in stopped.output_texts[0]
 
 
+@pytest.mark.reference_ops
 def test_cli_info_and_generate_with_a_reduced_vocabulary(tiny_models, tmp_path, capsys):
     from edgellm.cli import main
 
@@ -141,6 +145,7 @@ def test_cli_info_and_generate_with_a_reduced_vocabulary(tiny_models, tmp_path, 
     assert reduced == capsys.readouterr().out
 
 
+@pytest.mark.reference_ops
 def test_lora_with_a_reduced_vocabulary(tiny_models, lora_adapters, tmp_path):
     """Adapters change the layers, never the LM head: with the adapter's own answers in the map, the
     reduced runtime gives the full runtime's tokens under the adapter."""

@@ -1,17 +1,17 @@
-"""ExportedSteps: the steps of LLMEngineRunner(export_dir, backend="onnxruntime" | "tensorrt").
+"""ExportedSteps: the steps of LLMEngineRunner(export_dir, backend="onnxruntime").
 
 The same prefill_step / prefill_tokens / decode_step as the triton backend's steps (embeddings in,
 last-token logits out, rows in KV-cache slots), with the graph `edgellm export` wrote as the engine.
 They own what the seeds' runner owns: the LinearKVCache (the graph's past/present key-value inputs
 and outputs, bound to the same memory), a logits buffer [max_batch, vocab] and the small per-step
-integer tensors; each step binds them to the engine by data pointer (backends/onnxruntime_engine.py,
-tensorrt_engine.py). The embedding lookup is theirs (embedding.safetensors of the export).
+integer tensors; each step binds them to the engine by data pointer (backends/onnxruntime_engine.py;
+another engine comes in through _open_engine and _run_decode, as bench/trials/tensorrt does). The
+embedding lookup is theirs (embedding.safetensors of the export).
 
 What the exported graph does not have is refused with ConfigurationError: up front, the arguments
 LoRA (the base model only), a reduced vocabulary, quantization and speculative verification; then
 any Triton-only runner method (the fast decode path start_decode / decode_sample_step, KV block
-pools, token trees...: drive decode_step instead). The TensorRT engine's decode steps replay CUDA
-graphs (one per batch size) around execute_async_v3.
+pools, token trees...: drive decode_step instead).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from ..devices import resolve_device, resolve_dtype
 from ..kv_cache import LinearKVCache
 from ..prefill_steps import _int_list, prefill_rows
 from ..state import check_slots
-from . import open_engine
 from .export_format import engine_matches_config, read_engine_json
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -75,14 +74,18 @@ class ExportedSteps:
             num_layers=cfg.num_decoder_layers, max_batch_size=cfg.max_supported_batch_size,
             num_kv_heads=cfg.num_kv_heads, capacity=cfg.max_kv_cache_capacity, head_dim=cfg.head_dim,
             dtype=self.dtype, device=self.device)
-        self.engine = open_engine(backend, self.model_dir, description, self.device, dict(
+        self.engine = self._open_engine(description, dict(
             max_batch_size=cfg.max_supported_batch_size, max_input_length=cfg.max_supported_input_length,
             max_kv_cache_capacity=cfg.max_kv_cache_capacity))
         self.logits = torch.zeros(cfg.max_supported_batch_size, cfg.vocab_size, dtype=torch.float32, device=self.device)
         self.kv_positions = torch.arange(cfg.max_kv_cache_capacity, dtype=torch.int32, device=self.device)
         self._lengths = [0] * (cfg.max_supported_batch_size + 1)  # host mirror of kv_cache.lengths
-        self._graphs: dict[int, tuple] = {}  # TensorRT decode: batch -> (graph, static inputs)
-        self.cuda_graphs = cuda_graphs and backend == "tensorrt" and self.device.type == "cuda"
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"  # (onnxruntime's steps run eagerly)
+
+    def _open_engine(self, description: dict, limits: dict):
+        """The engine that runs the graph: run(inputs, outputs, decode) on torch tensors bound by pointer."""
+        from .onnxruntime_engine import OnnxRuntimeEngine
+        return OnnxRuntimeEngine(self.model_dir, description, self.device)
 
     def __getattr__(self, name: str):
         """A runner method the exported graph does not have (called only for names not found above)."""
@@ -175,31 +178,15 @@ class ExportedSteps:
                                       f"{self.config.max_kv_cache_capacity})")
         context = [n + 1 for n in past]
         embeds = inputs_embeds.to(self.device, self.dtype).contiguous()
-        if self.cuda_graphs:
-            ints = self._decode_graphed(embeds, past, context, slot_ids)
-        else:
-            ints = self._int32(past, context, slot_ids)
-            self.engine.run(*self._bindings(embeds, ints, max(context)), decode=True)
+        ints = self._run_decode(embeds, past, context, slot_ids)
         self._set_lengths(slot_ids, context, ints)
         return self.logits[:batch]
 
-    def _decode_graphed(self, embeds, past, context, slot_ids) -> torch.Tensor:
-        """TensorRT decode from a CUDA graph per batch size: static inputs, every capacity position
-        attended (masked), so one capture serves every step. Returns the step's int32 [3, b] tensor."""
-        batch = embeds.shape[0]
-        if batch not in self._graphs:
-            static = (torch.zeros_like(embeds), self._int32(past, context, slot_ids))
-            bindings = self._bindings(*static, self.config.max_kv_cache_capacity)
-            self.engine.run(*bindings, decode=True)  # once before capture (TensorRT sets itself up on a first run)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.engine.run(*bindings, decode=True)
-            self._graphs[batch] = (graph, static)
-        graph, (static_embeds, static_ints) = self._graphs[batch]
-        static_embeds.copy_(embeds)
-        static_ints.copy_(torch.tensor([past, context, slot_ids], dtype=torch.int32), non_blocking=True)
-        graph.replay()
-        return static_ints
+    def _run_decode(self, embeds, past: list[int], context: list[int], slot_ids: list[int]) -> torch.Tensor:
+        """One decode call of the engine; returns the step's int32 [3, b] (past, context lengths, slots)."""
+        ints = self._int32(past, context, slot_ids)
+        self.engine.run(*self._bindings(embeds, ints, max(context)), decode=True)
+        return ints
 
     def _set_lengths(self, slot_ids: list[int], lengths: list[int], ints: torch.Tensor) -> None:
         """The rows' new lengths in the host mirror and in the cache's device lengths (from the step's

@@ -1,7 +1,7 @@
-"""The TensorRT backend: an engine built from an export's model.onnx, run on the runner's tensors.
+"""A TensorRT engine built from an export's model.onnx, run on the runner's tensors (a trial: README.md here).
 
-NOT RUN YET: no TensorRT builder could be installed where this project is developed or on its GPU
-machine, so this file has never executed; its test (tests/export/test_tensorrt_backend.py) skips where `tensorrt`
+NEVER RUN: no TensorRT builder could be installed where this project is developed or on its GPU
+machine, so this file has never executed; its test (test_tensorrt.py here) skips where `tensorrt`
 does not import. It follows TensorRT 10's Python API:
 
 - build: the ONNX parser reads model.onnx (its external weights beside it); two optimization
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ...errors import BackendError
+from edgellm.errors import BackendError
 
 log = logging.getLogger("edgellm")
 
@@ -31,7 +31,7 @@ def _tensorrt():
     try:
         import tensorrt
     except ImportError as exc:
-        raise BackendError(f"the tensorrt backend needs TensorRT's Python package ({exc}); install edgellm[tensorrt] "
+        raise BackendError(f"the tensorrt backend needs TensorRT's Python package ({exc}); install it "
                            "on a machine with the TensorRT libraries") from exc
     return tensorrt
 

@@ -1,28 +1,39 @@
-"""The TensorRT backend: build an engine from the export, bind the runner's buffers, compare with the
-triton path. Runs only where TensorRT's Python package imports and a CUDA GPU is present; neither
-was available where edgellm is developed and tested, so this test has never run (README says so)."""
+"""TensorRTSteps (a trial outside the package): build an engine from the export, bind the runner's
+buffers, compare with the triton path. Runs only where TensorRT's Python package imports and a CUDA
+GPU is present; neither was available where edgellm is developed and tested, so this test has never
+run. From the repository root: `python -m pytest bench/trials/tensorrt`. Not part of CI."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-tensorrt = pytest.importorskip("tensorrt", reason="TensorRT's Python package does not import here (not installed): "
-                                                  "the tensorrt backend cannot be built or run")
-pytestmark = pytest.mark.gpu  # (the tensorrt backend needs a CUDA GPU)
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parents[2] / "tests")]
 
+tensorrt = pytest.importorskip("tensorrt", reason="TensorRT's Python package does not import here (not installed)")
+if not torch.cuda.is_available():
+    pytest.skip("the TensorRT engine needs a CUDA GPU", allow_module_level=True)
+
+from conftest import build_model  # noqa: E402
 from edgellm import LLMEngineRunner  # noqa: E402
 from edgellm.export import export_onnx  # noqa: E402
+from steps import TensorRTSteps  # noqa: E402
 
 LIMITS = dict(max_batch_size=2, max_input_length=16, max_kv_cache_capacity=40)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_tensorrt_engine_matches_triton(tiny_models, tmp_path, family):
-    model_dir = tiny_models[family][0]
+def test_tensorrt_engine_matches_triton(tmp_path, family):
+    model_dir = tmp_path / family
+    model_dir.mkdir()
+    build_model(family, model_dir)
     export_onnx(model_dir, tmp_path / "onnx", dtype="float16", progress=lambda _: None, **LIMITS)
     triton = LLMEngineRunner(model_dir, device="cuda", dtype="float16", **LIMITS)
-    trt = LLMEngineRunner(tmp_path / "onnx", backend="tensorrt", device="cuda")
+    trt = TensorRTSteps(tmp_path / "onnx", device="cuda")
     prompts, slots = [[1, 5, 7, 9, 11, 13], [1, 20, 21]], [1, 0]
     cache_ptr = trt.kv_cache.data.data_ptr()
     with torch.inference_mode():
