@@ -35,6 +35,7 @@ def _reference_ops_for_host_logic(request):
     if request.node.get_closest_marker("reference_ops") is None:
         yield
         return
+    assert request.node.get_closest_marker("gpu") is None, "a gpu test runs the kernels, not reference_ops"
     from edgellm.kernels.dispatch import use_reference
 
     with use_reference():

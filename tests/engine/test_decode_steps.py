@@ -241,7 +241,6 @@ def test_graph_replay_gives_the_eager_tokens(tiny_models, sampling):
     assert not eager.graphs.graphs
 
 
-@pytest.mark.reference_ops
 @pytest.mark.gpu
 def test_rows_leaving_the_batch_do_not_change_the_others(tiny_models):
     model_dir, _ = tiny_models["qwen3"]
