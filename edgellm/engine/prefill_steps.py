@@ -311,6 +311,7 @@ class PrefillSteps:
         if join is not None:
             join()
 
+
 def prefill_rows(cfg, batch: int, seq: int, lengths: list[int], cached_lengths, limit: int):
     """A prefill's rows checked (InvalidRequestError): B rows within max_batch_size, context lengths
     in [1, limit], cached lengths that leave each row 1 to `seq` new tokens. Returns (cached, new):
