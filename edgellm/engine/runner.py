@@ -113,7 +113,7 @@ class LLMEngineRunner:
             from .backends.exported_steps import ExportedSteps
             steps = ExportedSteps(self.model_dir, backend, device=device, dtype=dtype, max_batch_size=max_batch_size,
                                   max_input_length=max_input_length, max_kv_cache_capacity=max_kv_cache_capacity,
-                                  cuda_graphs=cuda_graphs, lora_weights=lora_weights, max_lora_rank=max_lora_rank,
+                                  lora_weights=lora_weights, max_lora_rank=max_lora_rank,
                                   max_loras=max_loras, max_verify_tokens=max_verify_tokens, vocab_map=vocab_map,
                                   quantization=quantization, quantize_lm_head=quantize_lm_head)
             self._use_exported(steps)

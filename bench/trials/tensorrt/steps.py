@@ -11,8 +11,9 @@ from tensorrt_engine import TensorRTEngine
 
 
 class TensorRTSteps(ExportedSteps):
-    def __init__(self, export_dir, **kwargs):
+    def __init__(self, export_dir, *, cuda_graphs: bool = True, **kwargs):
         super().__init__(export_dir, "tensorrt", **kwargs)
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[int, tuple] = {}  # batch -> (graph, static inputs)
 
     def _open_engine(self, description: dict, limits: dict):

@@ -38,7 +38,7 @@ _UNSUPPORTED_ARGS = (("lora_weights", None), ("max_lora_rank", None), ("vocab_ma
 class ExportedSteps:
     def __init__(self, model_dir: str | Path, backend: str, *, device=None, dtype=None,
                  max_batch_size: int | None = None, max_input_length: int | None = None,
-                 max_kv_cache_capacity: int | None = None, cuda_graphs: bool = True, **triton_only):
+                 max_kv_cache_capacity: int | None = None, **triton_only):
         """model_dir: a directory `edgellm export` wrote. The limits default to the export's (its
         edgellm_engine.json) and may not exceed them; dtype defaults to the export's and must match it."""
         for name, off in _UNSUPPORTED_ARGS:
@@ -80,7 +80,6 @@ class ExportedSteps:
         self.logits = torch.zeros(cfg.max_supported_batch_size, cfg.vocab_size, dtype=torch.float32, device=self.device)
         self.kv_positions = torch.arange(cfg.max_kv_cache_capacity, dtype=torch.int32, device=self.device)
         self._lengths = [0] * (cfg.max_supported_batch_size + 1)  # host mirror of kv_cache.lengths
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"  # (onnxruntime's steps run eagerly)
 
     def _open_engine(self, description: dict, limits: dict):
         """The engine that runs the graph: run(inputs, outputs, decode) on torch tensors bound by pointer."""
