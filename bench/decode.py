@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgellm import benchmark  # noqa: E402
-from edgellm.benchmark import log, sync_time  # noqa: E402
+from edgellm.benchmark import log, timed  # noqa: E402
 from edgellm.engine.model import forward_logits  # noqa: E402
 from edgellm.engine.runner import LLMEngineRunner  # noqa: E402
 from edgellm.engine.weights import LayerWeights, ModelWeights  # noqa: E402
@@ -48,15 +48,15 @@ def hf_figures(model_dir: Path, batches, isl: int, osl: int, ttft_lens, bandwidt
     for batch in batches:
         ids = torch.randint(10, vocab, (batch, isl), device="cuda")
         generate(ids, 2)  # warm-up
-        t_one = statistics.median(sync_time(lambda: generate(ids, 1)) for _ in range(2))
-        t_all = sync_time(lambda: generate(ids, osl))
+        t_one = statistics.median(timed(lambda: generate(ids, 1))[0] for _ in range(2))
+        t_all = timed(lambda: generate(ids, osl))[0]
         ms = (t_all - t_one) / (osl - 1) * 1e3
         out["decode"].append(dict(batch=batch, tokens_per_s=batch / ms * 1e3, ms_per_step=ms))
         log(f"  transformers decode b{batch}: {batch / ms * 1e3:.0f} tok/s")
     for length in ttft_lens:
         ids = torch.randint(10, vocab, (1, length), device="cuda")
         generate(ids, 1)
-        ms = statistics.median(sync_time(lambda: generate(ids, 1)) for _ in range(3)) * 1e3
+        ms = statistics.median(timed(lambda: generate(ids, 1))[0] for _ in range(3)) * 1e3
         out["ttft"].append(dict(prompt_len=length, ttft_ms=ms))
         log(f"  transformers TTFT {length}: {ms:.1f} ms")
     out["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -136,8 +136,8 @@ def compiled_figures(runner: LLMEngineRunner, batches, isl: int, osl: int, ttft_
 
         try:
             run(3)  # compile + warm-up + graph capture
-            t_one = statistics.median(sync_time(lambda: run(1)) for _ in range(2))
-            t_all = sync_time(lambda: run(osl))
+            t_one = statistics.median(timed(lambda: run(1))[0] for _ in range(2))
+            t_all = timed(lambda: run(osl))[0]
         except Exception as exc:  # noqa: BLE001 - a baseline that cannot compile is reported as missing
             log(f"  compiled reference b{batch} failed: {type(exc).__name__}: {str(exc)[:300]}")
             out["decode"].append(dict(batch=batch, tokens_per_s=None, ms_per_step=None, error=type(exc).__name__))
@@ -154,7 +154,7 @@ def compiled_figures(runner: LLMEngineRunner, batches, isl: int, osl: int, ttft_
 
         try:
             first_token()
-            ms = statistics.median(sync_time(first_token) for _ in range(3)) * 1e3
+            ms = statistics.median(timed(first_token)[0] for _ in range(3)) * 1e3
         except Exception as exc:  # noqa: BLE001
             log(f"  compiled reference TTFT {length} failed: {type(exc).__name__}")
             ms = None

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgellm import LLMGenerationRequest, LLMInferenceRuntime  # noqa: E402
-from edgellm.benchmark import SHAPES, random_model_dir, sync_time  # noqa: E402
+from edgellm.benchmark import SHAPES, random_model_dir, timed as once_timed  # noqa: E402
 from edgellm.engine.graphs import PrefillKey  # noqa: E402
 from edgellm.engine.kv_store import KVReuseSettings  # noqa: E402
 from edgellm.kernels import ops  # noqa: E402
@@ -28,7 +28,7 @@ from edgellm.kernels import ops  # noqa: E402
 
 def timed(fn, repeats: int = 20) -> float:
     """Median milliseconds of fn(), the GPU synchronised around each call."""
-    return statistics.median(sync_time(fn) for _ in range(repeats)) * 1e3
+    return statistics.median(once_timed(fn)[0] for _ in range(repeats)) * 1e3
 
 
 def timeline(fn, label: str, gaps: int = 6) -> None:

@@ -14,27 +14,15 @@ from __future__ import annotations
 
 import importlib.util
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from .benchmark import SHAPES, log, prefill, random_model_dir
+from .benchmark import SHAPES, log, prefill, random_model_dir, timed
 from .engine.devices import resolve_device, resolve_dtype
 from .errors import EdgeLLMError
 
 BACKEND_CHOICES = ("triton", "onnxruntime", "transformers")
-
-
-def _timed(device: torch.device, fn):
-    """(seconds, fn's result), the device synchronised before and after."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start, out
 
 
 def _triton(model_dir, ids, osl, device, dtype, limits):
@@ -156,8 +144,8 @@ def compare(model: str, backends, *, batch: int = 1, isl: int = 128, osl: int = 
         run_device = torch.device(row["device"])
         prefill_s, decode_s = [], []
         for it in range(iterations + 1):  # the first run warms up (compilation, graph capture)
-            seconds, first = _timed(run_device, generate)
-            step_seconds, rest = _timed(run_device, decode)
+            seconds, first = timed(generate, run_device)
+            step_seconds, rest = timed(decode, run_device)
             finish()
             if it:
                 prefill_s.append(seconds)

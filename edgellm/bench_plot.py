@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, read_json
 
 
 def decode_series(result: dict) -> tuple[str, dict[str, list[tuple[int, float]]]]:
@@ -34,14 +34,9 @@ def decode_series(result: dict) -> tuple[str, dict[str, list[tuple[int, float]]]
 
 def load_results(paths) -> list[dict]:
     """Model results from JSON files of either format."""
-    import json
-
     results = []
     for path in paths:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigurationError(f"cannot read benchmark results from {path}: {exc}") from exc
+        data = read_json(path, ConfigurationError, " (benchmark results)")
         entries = data["results"] if isinstance(data, dict) and "results" in data else [data]
         if not all(isinstance(e, dict) and ("decode" in e or "edgellm" in e) for e in entries):
             raise ConfigurationError(f"{path} holds no decode results (edgellm bench --json or bench/decode.py --json)")

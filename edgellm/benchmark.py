@@ -150,13 +150,16 @@ def kv_bytes_read(runner, context: float) -> float:
     return sum(per_layer_token * min(context, cfg.layer_window(i) or context) for i in range(cfg.num_decoder_layers))
 
 
-def sync_time(fn) -> float:
-    """Seconds `fn` takes, the GPU synchronised before and after."""
-    torch.cuda.synchronize()
+def timed(fn, device="cuda"):
+    """(seconds, fn's result), a CUDA device synchronised before and after."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
+    out = fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, out
 
 
 def _random_prompts(runner, batch: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -190,7 +193,7 @@ def bench_decode(runner, batch: int, isl: int, osl: int, iterations: int, bandwi
             for _ in range(osl):
                 runner.decode_sample_step()
 
-        elapsed = sync_time(steps)
+        elapsed, _ = timed(steps)
         if it:
             step_times.append(elapsed / osl)
     ms = statistics.median(step_times) * 1e3
@@ -203,7 +206,7 @@ def bench_decode(runner, batch: int, isl: int, osl: int, iterations: int, bandwi
 def bench_ttft(runner, prompt_len: int, iterations: int) -> dict:
     ids = _random_prompts(runner, 1, prompt_len, seed=1)
     prefill(runner, ids)  # warm-up: kernel compilation, cuBLAS heuristics
-    times = [sync_time(lambda: prefill(runner, ids)) for _ in range(max(3, iterations))]
+    times = [timed(lambda: prefill(runner, ids))[0] for _ in range(max(3, iterations))]
     return dict(prompt_len=prompt_len, ttft_ms=statistics.median(times) * 1e3)
 
 

@@ -10,6 +10,18 @@ class EdgeLLMError(Exception):
     """Base class of every error edgellm raises on purpose."""
 
 
+def read_json(path, error: type[EdgeLLMError], what: str = ""):
+    """The JSON document at `path`; a missing, unreadable or malformed file raises `error` naming it
+    (and `what` it is needed for)."""
+    import json
+    from pathlib import Path
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise error(f"cannot read {path}{what}: {exc}") from exc
+
+
 class InvalidRequestError(EdgeLLMError, ValueError):
     """A generation request (or one of its items) is malformed or exceeds the engine's limits."""
 

@@ -18,7 +18,7 @@ import jinja2.ext
 import jinja2.sandbox
 from tokenizers import Tokenizer as _HFTokenizer
 
-from .errors import TokenizerError
+from .errors import TokenizerError, read_json
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -81,13 +81,8 @@ class Tokenizer:
             tok = _HFTokenizer.from_file(str(path))
         except Exception as exc:
             raise TokenizerError(f"cannot read {path}: {exc}") from exc
-        config = {}
         config_path = model_dir / "tokenizer_config.json"
-        if config_path.is_file():
-            try:
-                config = json.loads(config_path.read_text())
-            except (OSError, ValueError) as exc:
-                raise TokenizerError(f"cannot read {config_path}: {exc}") from exc
+        config = read_json(config_path, TokenizerError) if config_path.is_file() else {}
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: take the default one
             named = {t.get("name"): t.get("template") for t in template}

@@ -18,6 +18,10 @@ import torch
 # set before edgellm.kernels is imported, since triton.jit reads it when the kernels are defined.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import interpreter_patching
+
+    interpreter_patching.install()
 
 # Three prompts (11, 3 and 7 tokens) of the tiny models' vocabulary.
 TINY_PROMPTS = [[1, 17, 33, 8, 61, 40, 9, 22, 5, 71, 12], [1, 50, 6], [1, 90, 14, 27, 3, 88, 44]]

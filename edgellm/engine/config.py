@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
-from ..errors import ConfigurationError, ModelLoadError, UnsupportedModelError
+from ..errors import ConfigurationError, ModelLoadError, UnsupportedModelError, read_json
 from ..kernels.rope import SUPPORTED_ROPE_TYPES
 from ..quant.checkpoints import checkpoint_quantization
 from .families import family
@@ -96,12 +95,8 @@ class EngineConfig:
         if not path.is_file():
             raise ModelLoadError(f"{model_dir} has no config.json: expected a Hugging Face model directory "
                                  "(config.json, *.safetensors, tokenizer.json)")
-        try:
-            hf = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"cannot read {path}: {exc}") from exc
-        return cls.from_hf_dict(hf, max_batch_size=max_batch_size, max_input_length=max_input_length,
-                                max_kv_cache_capacity=max_kv_cache_capacity)
+        return cls.from_hf_dict(read_json(path, ModelLoadError), max_batch_size=max_batch_size,
+                                max_input_length=max_input_length, max_kv_cache_capacity=max_kv_cache_capacity)
 
     @classmethod
     def from_hf_dict(cls, hf: dict, *, max_batch_size: int | None = None,

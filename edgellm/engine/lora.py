@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import re
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..errors import LoraError
+from ..errors import LoraError, read_json
 from .config import EngineConfig
 
 GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
@@ -67,10 +66,7 @@ def _peft_config(directory: Path) -> tuple[int, float, bool]:
     path = directory / "adapter_config.json"
     if not path.is_file():
         raise LoraError(f"{directory} has no adapter_config.json (expected a PEFT LoRA adapter directory)")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise LoraError(f"cannot read {path}: {exc}") from exc
+    config = read_json(path, LoraError)
     if not isinstance(config, dict):
         raise LoraError(f"{path} is not a JSON object")
     if config.get("peft_type", "LORA") != "LORA":

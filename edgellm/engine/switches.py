@@ -42,7 +42,7 @@ class Switches:
         """The switches the environment sets (ConfigurationError for a value it cannot take)."""
         env = os.environ if environ is None else environ
 
-        def flag(name: str, default: bool) -> bool:
+        def flag(name: str, default: bool | None) -> bool | None:
             value = env.get(name)
             if value is None:
                 return default
@@ -61,9 +61,7 @@ class Switches:
         pdl = env.get("EDGELLM_PDL", "1")
         if pdl not in PDL_MODES:
             raise ConfigurationError(f"EDGELLM_PDL must be one of {', '.join(PDL_MODES)}, got {pdl!r}")
-        rope = env.get("EDGELLM_FUSED_ROPE")
-        return cls(fused_gemv=flag("EDGELLM_FUSED_GEMV", True),
-                   fused_rope=None if rope is None else flag("EDGELLM_FUSED_ROPE", True),
+        return cls(fused_gemv=flag("EDGELLM_FUSED_GEMV", True), fused_rope=flag("EDGELLM_FUSED_ROPE", None),
                    fused_norm_rows=count("EDGELLM_FUSED_NORM_ROWS", cls.fused_norm_rows),
                    gemv_prefetch=count("EDGELLM_GEMV_PREFETCH", None), pdl=PDL_MODES[pdl],
                    run_ahead=flag("EDGELLM_RUN_AHEAD", True),
@@ -72,14 +70,8 @@ class Switches:
     def run_settings(self) -> dict:
         """The kernels' RunSettings (kernels/dispatch.py) these switches change from the defaults: what
         a step runs under (an empty dict where none is changed; a debug block's own settings stay)."""
-        changes = {}
-        if self.pdl != "on":
-            changes["pdl"] = self.pdl
-        if self.gemv_prefetch is not None:
-            changes["gemv_prefetch"] = self.gemv_prefetch
-        if self.forbid_reference_on_cuda:
-            changes["forbid_reference_on_cuda"] = True
-        return changes
+        names = ("pdl", "gemv_prefetch", "forbid_reference_on_cuda")
+        return {name: getattr(self, name) for name in names if getattr(self, name) != getattr(Switches, name)}
 
 
 def progress_quiet() -> bool:

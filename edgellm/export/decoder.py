@@ -34,6 +34,8 @@ from torch import nn
 
 from ..engine.config import EngineConfig
 from ..engine.weights import LayerWeights, ModelWeights
+from ..kernels.rms_norm import rms_norm_ref
+from ..kernels.rope import rotate_pairs
 
 
 class _Layer(nn.Module):
@@ -53,17 +55,6 @@ class ExportDecoder(nn.Module):
         self.register_buffer("final_norm", weights.final_norm.detach().clone())
         self.register_buffer("lm_head", weights.lm_head.detach().clone())
         self.register_buffer("inv_freq", inv_freq.float().clone())  # RoPE's angles are computed in the graph
-
-    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps)
-        return xf.to(x.dtype) * weight
-
-    @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = cos.shape[-1]
-        x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
 
     def forward(self, inputs_embeds, past_lengths, context_lengths, slots, kv_positions, *past_key_values):
         cfg = self.cfg
@@ -90,7 +81,7 @@ class ExportDecoder(nn.Module):
                  torch.arange(kv_heads)[None, None, :, None], positions[None, :, None, :])
         hidden, presents = inputs_embeds, []
         for i, layer in enumerate(self.layers):
-            x = self._rms(hidden, layer.input_norm)
+            x = rms_norm_ref(hidden, layer.input_norm, cfg.rms_norm_eps)
             qkv = x @ layer.qkv.t()
             if layer.qkv_bias is not None:
                 qkv = qkv + layer.qkv_bias
@@ -98,8 +89,8 @@ class ExportDecoder(nn.Module):
             q, k, v = q.reshape(rows, seq, heads, dim), k.reshape(rows, seq, kv_heads, dim), \
                 v.reshape(rows, seq, kv_heads, dim)
             if layer.q_norm is not None:
-                q, k = self._rms(q, layer.q_norm), self._rms(k, layer.k_norm)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+                q, k = rms_norm_ref(q, layer.q_norm, cfg.rms_norm_eps), rms_norm_ref(k, layer.k_norm, cfg.rms_norm_eps)
+            q, k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
             new = torch.stack((k, v)).permute(0, 1, 3, 2, 4)                         # [2, rows, kv_heads, seq, dim]
             cache = past_key_values[i].index_put(where, new)
             presents.append(cache)
@@ -111,8 +102,8 @@ class ExportDecoder(nn.Module):
             out = (probs @ v_rows[:, :, None]).to(hidden.dtype)                     # [rows, kv_heads, group, seq, dim]
             out = out.permute(0, 3, 1, 2, 4).reshape(rows, seq, heads * dim) @ layer.o_proj.t()
             hidden = hidden + (out + layer.o_bias if layer.o_bias is not None else out)
-            gate, up = (self._rms(hidden, layer.post_norm) @ layer.gate_up.t()).chunk(2, dim=-1)
+            gate, up = (rms_norm_ref(hidden, layer.post_norm, cfg.rms_norm_eps) @ layer.gate_up.t()).chunk(2, dim=-1)
             hidden = hidden + (nn.functional.silu(gate) * up) @ layer.down.t()
         last = hidden[torch.arange(rows), real - 1]
-        logits = (self._rms(last, self.final_norm) @ self.lm_head.t()).float()
+        logits = (rms_norm_ref(last, self.final_norm, cfg.rms_norm_eps) @ self.lm_head.t()).float()
         return (logits, *presents)

@@ -153,7 +153,7 @@ def rope_cos_sin_cache_ref(inv_freq: torch.Tensor, max_positions: int):
     return angles.cos(), angles.sin()
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = cos.shape[-1]
     x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
@@ -164,4 +164,4 @@ def apply_rope_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
     """q: [B, S, Hq, D], k: [B, S, Hkv, D], positions: [B, S] int -> rotated (q, k), same shapes."""
     c = cos[positions.long()][:, :, None, :]
     s = sin[positions.long()][:, :, None, :]
-    return _rotate(q, c.to(q.dtype), s.to(q.dtype)), _rotate(k, c.to(k.dtype), s.to(k.dtype))
+    return rotate_pairs(q, c.to(q.dtype), s.to(q.dtype)), rotate_pairs(k, c.to(k.dtype), s.to(k.dtype))

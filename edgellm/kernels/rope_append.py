@@ -22,7 +22,7 @@ import torch
 
 from ._triton import pdl_release, pdl_wait, pow2, tl, triton, use_pdl
 from .kv_append import kv_append_ref
-from .rope import _rotate, _rotate_heads, apply_rope_ref
+from .rope import rotate_pairs, _rotate_heads, apply_rope_ref
 
 
 @triton.jit
@@ -122,7 +122,7 @@ def rope_kv_append_ref(q, k, v, cos, sin, k_cache, v_cache, slots, starts, lengt
         per_freq = positions.long()[..., which].clamp(0, cos.shape[0] - 1)  # [B, S, half]
         freq = torch.arange(cos.shape[-1], device=q.device)
         c, s = cos[per_freq, freq][:, :, None, :], sin[per_freq, freq][:, :, None, :]
-        q_rot, k_rot = _rotate(q, c.to(q.dtype), s.to(q.dtype)), _rotate(k, c.to(k.dtype), s.to(k.dtype))
+        q_rot, k_rot = rotate_pairs(q, c.to(q.dtype), s.to(q.dtype)), rotate_pairs(k, c.to(k.dtype), s.to(k.dtype))
         kv_append_ref(k_cache, v_cache, k_rot, v, slots, starts, lengths)
         return q_rot
     if positions is None:

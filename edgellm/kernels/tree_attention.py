@@ -61,10 +61,11 @@ def _tree_split_kernel(q_ptr, kc_ptr, vc_ptr, bits_ptr, part_out_ptr, part_lse_p
 
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                    starts: torch.Tensor, n_nodes: torch.Tensor, bits: torch.Tensor, scale: float,
-                   window: int = 0) -> torch.Tensor:
+                   window: int = 0, num_splits: int | None = None) -> torch.Tensor:
     """q: [B, T, Hq, D]; bits: [B, T] int64 (tree_mask.py). window > 0: a sliding window, each node's
     measured from the position it would take once accepted (the row's length plus its depth); it
-    must exceed T, so that a node always sees all its ancestors. Returns [B, T, Hq, D] in q's dtype."""
+    must exceed T, so that a node always sees all its ancestors. num_splits: key ranges per row and
+    KV head (default as decode_attention's). Returns [B, T, Hq, D] in q's dtype."""
     batch, t, heads, head_dim = q.shape
     _check_cache(heads, head_dim, k_cache, v_cache)
     if bits.shape != (batch, t) or t > 64:
@@ -76,7 +77,7 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     bits = bits.contiguous()
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
-    splits = _num_splits(q, batch, kv_heads, min(k_cache.shape[2], window or k_cache.shape[2]))
+    splits = num_splits or _num_splits(q, batch, kv_heads, min(k_cache.shape[2], window or k_cache.shape[2]))
     part_out = torch.empty(batch * t * heads * splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch * t * heads * splits, dtype=torch.float32, device=q.device)
     block_d = pow2(head_dim, 16)
@@ -96,6 +97,7 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 
 def tree_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                        starts: torch.Tensor, n_nodes: torch.Tensor, bits: torch.Tensor, scale: float,
-                       window: int = 0) -> torch.Tensor:
-    """prefill_attention_ref with the tree's masks; nodes past n_nodes[b] give 0."""
+                       window: int = 0, num_splits: int | None = None) -> torch.Tensor:
+    """prefill_attention_ref with the tree's masks; nodes past n_nodes[b] give 0 (num_splits: the
+    kernel's knob, no effect here)."""
     return prefill_attention_ref(q, k_cache, v_cache, slots, starts, n_nodes, scale, window, tree_bits=bits)

@@ -4,10 +4,9 @@ language model, and the image preprocessing (preprocessor_config.json), read onc
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
-from ..errors import ModelLoadError, UnsupportedModelError
+from ..errors import ModelLoadError, UnsupportedModelError, read_json
 from .internvl_preprocess import InternVLImageSettings
 from .qwen_preprocess import QwenImageSettings
 
@@ -82,10 +81,7 @@ class VisionConfig:
 def vision_config_of(model_dir: str | Path) -> VisionConfig | None:
     """The vision config of a VLM directory; None for a text-only model."""
     model_dir = Path(model_dir)
-    try:
-        hf = json.loads((model_dir / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read {model_dir / 'config.json'}: {exc}") from exc
+    hf = read_json(model_dir / "config.json", ModelLoadError)
     family = hf.get("model_type")
     if family not in FAMILIES:
         if "vision_config" in hf:
@@ -93,10 +89,7 @@ def vision_config_of(model_dir: str | Path) -> VisionConfig | None:
                                         f"{', '.join(FAMILIES)}")
         return None
     pre_path = model_dir / "preprocessor_config.json"
-    try:
-        pre = json.loads(pre_path.read_text()) if pre_path.is_file() else {}
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read {pre_path}: {exc}") from exc
+    pre = read_json(pre_path, ModelLoadError) if pre_path.is_file() else {}
     try:
         return _internvl(hf, pre, model_dir) if family == "internvl" else _qwen(hf, family, pre)
     except (KeyError, TypeError, ValueError) as exc:
@@ -184,10 +177,7 @@ def _activation(name: str) -> str:
 def _added_token(model_dir: Path, content: str) -> int:
     """The id of one of the tokenizer's added tokens (InternVL's <img> / </img>)."""
     path = model_dir / "tokenizer.json"
-    try:
-        added = json.loads(path.read_text()).get("added_tokens", [])
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read {path} (an InternVL model needs its {content} token): {exc}") from exc
+    added = read_json(path, ModelLoadError, f" (an InternVL model needs its {content} token)").get("added_tokens", [])
     for token in added:
         if token.get("content") == content:
             return int(token["id"])

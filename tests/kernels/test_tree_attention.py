@@ -19,7 +19,7 @@ def test_tree_attention(dtype, hq, hkv, head_dim, t):
     v_cache = randn(4, hkv, 200, head_dim, dtype=dtype, seed=1)
     q = randn(3, t, hq, head_dim, dtype=dtype, seed=2)
     args = (torch.tensor([1, 3, 0], device=DEVICE), torch.tensor([0, 21, 170], device=DEVICE), nodes)
-    out = tree_attention.tree_attention(q, k_cache, v_cache, *args, bits, head_dim ** -0.5)
+    out = tree_attention.tree_attention(q, k_cache, v_cache, *args, bits, head_dim ** -0.5, num_splits=3)
     ref = tree_attention.tree_attention_ref(q, k_cache, v_cache, *args, bits, head_dim ** -0.5)
     for b in range(3):
         n = int(nodes[b])
@@ -43,7 +43,7 @@ def test_tree_attention_with_a_sliding_window(dtype):
     k_cache, v_cache = randn(4, hkv, 120, head_dim, dtype=dtype), randn(4, hkv, 120, head_dim, dtype=dtype, seed=1)
     q = randn(3, t, hq, head_dim, dtype=dtype, seed=2)
     args = (torch.tensor([1, 3, 0], device=DEVICE), torch.tensor([0, 21, 100], device=DEVICE), nodes)
-    out = tree_attention.tree_attention(q, k_cache, v_cache, *args, bits, head_dim ** -0.5, window)
+    out = tree_attention.tree_attention(q, k_cache, v_cache, *args, bits, head_dim ** -0.5, window, num_splits=2)
     ref = tree_attention.tree_attention_ref(q, k_cache, v_cache, *args, bits, head_dim ** -0.5, window)
     for b in range(3):
         n = int(nodes[b])

@@ -4,12 +4,11 @@ exported backends here): file names, edgellm_engine.json's format, and the graph
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 
-from ...errors import ModelLoadError
+from ...errors import ModelLoadError, read_json
 from ..config import EngineConfig
 
 FORMAT_VERSION = 1
@@ -40,10 +39,7 @@ def read_engine_json(export_dir: Path) -> dict:
     if not path.is_file():
         raise ModelLoadError(f"{export_dir} is not an edgellm export (no {ENGINE_JSON}): run "
                              f"`edgellm export MODEL --output {export_dir}` first")
-    try:
-        description = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
+    description = read_json(path, ModelLoadError)
     if description.get("format") != FORMAT_VERSION:
         raise ModelLoadError(f"{path} is format {description.get('format')!r}; this edgellm reads format "
                              f"{FORMAT_VERSION}: export the model again")
