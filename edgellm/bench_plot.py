@@ -1,6 +1,6 @@
 """`edgellm bench --plot out.png`: decode tokens/s per batch size against the bandwidth floor and the
 torch.compile baseline where a result has it (bench/decode.py's JSON). matplotlib is an optional
-extra (`pip install 'edgellm[plot]'`).
+extra (`pip install matplotlib`).
 
 Takes the results of `edgellm bench` (one dict per model: decode rows with batch, tokens_per_s,
 floor_ms; rows of older results may name a mode, drawn as series of their own) or of bench/decode.py
@@ -57,7 +57,7 @@ def plot_decode(results: list[dict], path: str | Path) -> dict[str, list[str]]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise ConfigurationError("--plot needs matplotlib: pip install 'edgellm[plot]' (or matplotlib)") from exc
+        raise ConfigurationError("--plot needs matplotlib: pip install matplotlib (the plot extra)") from exc
     if not results:
         raise ConfigurationError("nothing to plot: no decode results")
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)

@@ -8,13 +8,12 @@ import sys
 from pathlib import Path
 
 from .backend_bench import BACKEND_CHOICES
-from .cli_writers import add_writer_parsers
+from .cli_writers import add_model_dir_argument, add_writer_parsers
 from .errors import EdgeLLMError
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-dir", "-m", default=None,
-                   help="Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)")
+    add_model_dir_argument(p)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float32 on CPU, "
                                                   "float16 on CUDA)")
@@ -152,7 +151,20 @@ def accepted_spans(tokenizer, ids: list[int], flags: list[bool], text: str, colo
     return "".join(out) + text[start:]
 
 
+def _read_text(value: str, what: str) -> str:
+    """A command-line text, or stdin's when it is "-"."""
+    text = sys.stdin.read() if value == "-" else value
+    if not text.strip():
+        raise EdgeLLMError(f"the {what} is empty")
+    return text
+
+
+def _print_json(response, **extra) -> None:
+    print(json.dumps({**extra, **response.to_dict()}, ensure_ascii=False))
+
+
 def cmd_generate(args) -> int:
+    args.prompt = _read_text(args.prompt, "prompt")  # before the model loads
     runtime = _runtime(args)
     images = args.image or []
     if args.raw:
@@ -164,9 +176,11 @@ def cmd_generate(args) -> int:
     def stream(_, delta):
         print(delta, end="", flush=True)
 
-    streaming = args.stream and not args.show_accepted
+    streaming = args.stream and not args.show_accepted and not args.json
     response = runtime.handle_request(_request(args, [item]), on_text=stream if streaming else None)
-    if streaming:
+    if args.json:
+        _print_json(response)
+    elif streaming:
         print()
     elif args.show_accepted and response.speculative is not None and runtime.tokenizer is not None:
         print(accepted_spans(runtime.tokenizer, response.output_ids[0], response.speculative.accepted_flags[0],
@@ -200,29 +214,35 @@ def cmd_chat(args) -> int:
         if line.strip() in ("/exit", "/quit"):
             return 0
         if line.strip() == "/reset":
-            messages = messages[:1] if args.system else []
+            messages, images = (messages[:1] if args.system else []), []
+            print("[conversation cleared]", file=sys.stderr)
             continue
         if line.strip().startswith("/image"):
             path = line.strip()[len("/image"):].strip()
-            if path:
-                images.append(path)
-                print(f"[image {path} goes with your next message]", file=sys.stderr)
-            else:
+            if not path:
                 print("usage: /image PATH", file=sys.stderr)
+            elif not Path(path).expanduser().is_file():
+                print(f"[no image file {path}]", file=sys.stderr)
+            else:
+                images.append(str(Path(path).expanduser()))
+                print(f"[image {path} goes with your next message]", file=sys.stderr)
             continue
         if not line.strip():
             continue
         messages.append({"role": "user", "content": _content(line, images)})
         try:
-            response = runtime.handle_request(_request(args, [{"messages": list(messages)}]),
-                                              on_text=lambda _, delta: print(delta, end="", flush=True))
+            stream = None if args.json else lambda _, delta: print(delta, end="", flush=True)
+            response = runtime.handle_request(_request(args, [{"messages": list(messages)}]), on_text=stream)
         except EdgeLLMError as exc:
             messages.pop()
             images = []
             print(f"error: {exc}", file=sys.stderr)
             continue
         images = []
-        print()
+        if args.json:
+            _print_json(response)
+        else:
+            print()
         if args.timings:
             _print_timings(response)
         messages.append({"role": "assistant", "content": response.output_texts[0]})
@@ -233,51 +253,78 @@ _RUN_SETTINGS = ("max_generate_length", "temperature", "top_k", "top_p", "seed",
 
 
 def run_batch_file(runtime, spec: dict) -> dict:
-    """Execute the JSON batch format of `edgellm run` (see README); returns the output document."""
-    from .requests import LLMGenerationRequest
+    """Execute the JSON batch format of `edgellm run` (see README); returns the output document. An
+    item may set its own _RUN_SETTINGS over the file's; consecutive items with the same settings run
+    as one request of up to batch_size items. A request that fails is retried item by item, so
+    one bad item fails alone; errors name the item's index in the file."""
+    from .progress import progress
 
     if not isinstance(spec, dict) or not isinstance(spec.get("requests"), list):
         raise EdgeLLMError('input JSON must be an object with a "requests" list')
-    settings = {k: spec[k] for k in _RUN_SETTINGS if k in spec}
+    defaults = {k: spec[k] for k in _RUN_SETTINGS if k in spec}
     batch_size = spec.get("batch_size") or runtime.config.max_supported_batch_size
-    items, responses, batches = spec["requests"], [], []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        try:
-            response = runtime.handle_request(LLMGenerationRequest(requests=chunk, **settings))
-        except EdgeLLMError as exc:
-            responses += [{"request_index": start + i, "error": str(exc)} for i in range(len(chunk))]
-            batches.append({"first_request": start, "size": len(chunk), "error": str(exc)})
-            continue
-        for i in range(len(chunk)):
-            responses.append({"request_index": start + i, "output_text": response.output_texts[i],
-                              "output_ids": response.output_ids[i], "finish_reason": response.finish_reasons[i],
-                              "prompt_length": response.prompt_lengths[i]})
-        document = response.to_dict()
-        batches.append({"first_request": start, "size": len(chunk), **document["timings"],
-                        **{key: document[key] for key in ("kv_reuse", "speculative") if key in document}})
-    return {"responses": responses, "batches": batches}
+    groups: list[tuple[int, dict, list]] = []  # (index of the first item, settings, items)
+    for index, item in enumerate(spec["requests"]):
+        own = {k: item[k] for k in _RUN_SETTINGS if k in item} if isinstance(item, dict) else {}
+        item = {k: v for k, v in item.items() if k not in own} if own else item
+        settings = {**defaults, **own}
+        if groups and groups[-1][1] == settings and len(groups[-1][2]) < batch_size:
+            groups[-1][2].append(item)
+        else:
+            groups.append((index, settings, [item]))
+    responses, batches = [], []
+    for start, settings, chunk in progress(groups, desc="edgellm run", unit="batch"):
+        responses += _run_group(runtime, start, settings, chunk, batches)
+    return {"responses": sorted(responses, key=lambda r: r["request_index"]), "batches": batches}
+
+
+def _run_group(runtime, start: int, settings: dict, chunk: list, batches: list) -> list[dict]:
+    """The responses of items start .. of one request (its batch document appended to `batches`)."""
+    import re
+
+    from .requests import LLMGenerationRequest
+
+    try:
+        response = runtime.handle_request(LLMGenerationRequest(requests=chunk, **settings))
+    except EdgeLLMError as exc:
+        if len(chunk) > 1:  # find the item(s) at fault
+            return [r for i, item in enumerate(chunk)
+                    for r in _run_group(runtime, start + i, settings, [item], batches)]
+        error = re.sub(r"request item \d+", f"request {start}", str(exc))
+        batches.append({"first_request": start, "size": 1, "error": error})
+        return [{"request_index": start, "error": error}]
+    document = response.to_dict()
+    batches.append({"first_request": start, "size": len(chunk), **document["timings"],
+                    **{key: document[key] for key in ("kv_reuse", "speculative") if key in document}})
+    return [{"request_index": start + i, "output_text": response.output_texts[i], "output_ids": response.output_ids[i],
+             "finish_reason": response.finish_reasons[i], "prompt_length": response.prompt_lengths[i]}
+            for i in range(len(chunk))]
 
 
 def cmd_run(args) -> int:
     try:
-        spec = json.loads(Path(args.input).read_text())
+        spec = json.loads(sys.stdin.read() if args.input == "-" else Path(args.input).read_text())
     except (OSError, ValueError) as exc:
         print(f"error: cannot read {args.input}: {exc}", file=sys.stderr)
         return 2
     runtime = _runtime(args)
     result = run_batch_file(runtime, spec)
     runtime.close()  # pending KV-store disk writes
-    Path(args.output).write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    document = json.dumps(result, indent=2, ensure_ascii=False) + "\n"
+    if args.output == "-":
+        sys.stdout.write(document)
+    else:
+        Path(args.output).write_text(document)
     failed = sum("error" in r for r in result["responses"])
-    print(f"wrote {len(result['responses'])} responses to {args.output}" + (f" ({failed} failed)" if failed else ""),
-          file=sys.stderr)
+    print(f"wrote {len(result['responses'])} responses to {'stdout' if args.output == '-' else args.output}"
+          + (f" ({failed} failed)" if failed else ""), file=sys.stderr)
     return 1 if failed else 0
 
 
 def cmd_info(args) -> int:
     import dataclasses
 
+    from .engine.backends.export_format import is_export
     from .engine.config import EngineConfig
     from .engine.devices import resolve_device, resolve_dtype
     from .engine.memory import gib
@@ -286,6 +333,8 @@ def cmd_info(args) -> int:
     from .models import resolve_model_dir
 
     model_dir = resolve_model_dir(args.model_dir)
+    if is_export(model_dir):
+        return _export_info(model_dir)
     config = EngineConfig.from_model_dir(model_dir, max_batch_size=args.max_batch_size,
                                          max_input_length=args.max_input_length,
                                          max_kv_cache_capacity=args.max_kv_cache_capacity)
@@ -295,7 +344,11 @@ def cmd_info(args) -> int:
         config = dataclasses.replace(config, reduced_vocab_size=reduced.numel())
     if args.quantize_lm_head and not args.quantization:
         raise EdgeLLMError("--quantize-lm-head needs --quantization")
-    config = dataclasses.replace(config, quantization=args.quantization, quantize_lm_head=args.quantize_lm_head)
+    stored = config.quantization  # a checkpoint written quantized (edgellm quantize, AWQ, GPTQ) loads as stored
+    if stored and args.quantization not in (None, stored):
+        raise EdgeLLMError(f"this checkpoint is already {stored}; it cannot be loaded as {args.quantization}")
+    config = dataclasses.replace(config, quantization=args.quantization or stored,
+                                 quantize_lm_head=args.quantize_lm_head)
     print(f"model directory              {model_dir}")
     if where is not None:
         print(f"reduced vocabulary map       {map_path(where)}")
@@ -304,6 +357,22 @@ def cmd_info(args) -> int:
     print(f"weights on the device        {nbytes:,} bytes = {gib(nbytes)} ({str(dtype).removeprefix('torch.')}"
           f"{', ' + config.quantization + ' linear weights' if config.quantization else ''})")
     print(config.describe())
+    return 0
+
+
+def _export_info(export_dir: Path) -> int:
+    """`edgellm info` on a directory `edgellm export` wrote: the graph's engine, not a checkpoint."""
+    from .engine.backends.export_format import ONNX_FILE, read_engine_json
+
+    described = read_engine_json(export_dir)
+    graph = sum(f.stat().st_size for f in export_dir.glob(ONNX_FILE + "*"))
+    print(f"export directory             {export_dir} (an ONNX graph from `edgellm export`, run by onnxruntime)")
+    print(f"source model                 {described.get('source', '?')}")
+    print(f"graph                        {graph:,} bytes, {described['dtype']}, opset {described['opset']}")
+    for name, value in described["limits"].items():
+        print(f"{name:28s} {value}")
+    print(f"run it with                  edgellm generate -m {export_dir} \"PROMPT\"  (base model only: no LoRA, "
+          "KV reuse, speculation or reduced vocabulary)")
     return 0
 
 
@@ -327,7 +396,7 @@ def cmd_bench(args) -> int:
         import importlib.util
 
         if importlib.util.find_spec("matplotlib") is None:
-            raise EdgeLLMError("--plot needs matplotlib: pip install 'edgellm[plot]' (or matplotlib)")
+            raise EdgeLLMError("--plot needs matplotlib: pip install matplotlib (the plot extra)")
     result = benchmark.run(model, batches=args.batch or [1, 4, 16, 64], isl=args.isl, osl=args.osl or 256,
                            ttft_lens=args.ttft, iterations=args.iterations, dtype=args.dtype or "float16",
                            cuda_graphs=not args.no_cuda_graphs,
@@ -360,16 +429,24 @@ def _bench_backends(args, model) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("--quiet", "-q", action="store_true", help="no progress output (as EDGELLM_QUIET=1)")
     parser = argparse.ArgumentParser(prog="edgellm", description="Run LLMs with edgellm's Triton-kernel runtime.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"edgellm {__version__}")
+    parser.add_argument("--quiet", "-q", action="store_true", dest="quiet_before", help="no progress output")
+    sub = _QuietSubparsers(parser.add_subparsers(dest="command", required=True), quiet)
 
     p = sub.add_parser("generate", help="answer one prompt (chat template applied) and print it")
-    p.add_argument("prompt")
+    p.add_argument("prompt", help='the prompt ("-": read it from stdin)')
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat template")
     p.add_argument("--image", action="append", default=None, metavar="PATH",
                    help="an image for a vision-language model, placed before the prompt (repeatable)")
-    p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                   help="print tokens as they are produced (default; --no-stream prints the answer when done)")
+    p.add_argument("--json", action="store_true", help="print the response as one JSON object instead")
     p.add_argument("--timings", action="store_true", help="print prefill/decode timings to stderr")
     p.add_argument("--show-accepted", action="store_true",
                    help="with speculative decoding: colour the tokens that came from accepted drafts (on a "
@@ -380,19 +457,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="interactive multi-turn chat, streaming the answers")
     p.add_argument("--system", default=None, help="system message")
-    p.add_argument("--timings", action="store_true")
+    p.add_argument("--timings", action="store_true", help="print each answer's prefill/decode timings to stderr")
+    p.add_argument("--json", action="store_true", help="print each answer as one JSON line instead of streaming it")
     _add_model_options(p)
     _add_sampling_options(p, temperature_default=None)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("run", help="run a JSON batch of requests (format: README)")
-    p.add_argument("--input", "-i", required=True)
-    p.add_argument("--output", "-o", required=True)
+    p.add_argument("--input", "-i", required=True, help='the batch file ("-": stdin)')
+    p.add_argument("--output", "-o", required=True, help='where the responses go ("-": stdout)')
     _add_model_options(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("info", help="print a model's engine configuration")
-    p.add_argument("model_dir", nargs="?", default=None, help="model directory (default: the embedded model)")
+    add_model_dir_argument(p, positional=True)
     p.add_argument("--max-batch-size", type=int, default=None)
     p.add_argument("--max-input-length", type=int, default=None)
     p.add_argument("--max-kv-cache-capacity", type=int, default=None)
@@ -406,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_writer_parsers(sub)  # quantize, export, reduce-vocab (cli_writers.py)
 
     p = sub.add_parser("bench", help="decode tokens/s and time to first token on the GPU",
-                       description="Benchmark decode (tokens/s, ms per step, %% of the bandwidth floor) and TTFT "
+                       description="Benchmark decode (tokens/s, ms per step, % of the bandwidth floor) and TTFT "
                                    "on a CUDA GPU, for a model directory or a named random-weight shape.")
     p.add_argument("--shape", default=None, help="random fp16 weights of a named shape: llama-3.2-1b, smollm2-135m, "
                                                  "gemma3-1b, gpt2-xl, phi4-mini")
@@ -436,8 +514,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _QuietSubparsers:
+    """The subcommands' parsers, each taking --quiet / -q too (after the command, where users type it)."""
+
+    def __init__(self, subparsers, quiet: argparse.ArgumentParser):
+        self._subparsers, self._quiet = subparsers, quiet
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        return self._subparsers.add_parser(name, parents=[self._quiet], **kwargs)
+
+
 def main(argv=None) -> int:
+    import os
+
     args = build_parser().parse_args(argv)
+    given = getattr(args, "model_dir_given", None)
+    if given is not None:  # MODEL_DIR and --model-dir are the same option
+        if args.model_dir not in (None, given):
+            print(f"error: two model directories given ({given} and --model-dir {args.model_dir})", file=sys.stderr)
+            return 2
+        args.model_dir = given
+    if args.quiet or args.quiet_before:
+        os.environ["EDGELLM_QUIET"] = "1"
     try:
         return args.func(args)
     except EdgeLLMError as exc:

@@ -5,6 +5,15 @@ from __future__ import annotations
 
 import json
 
+MODEL_DIR_HELP = "model directory (default: the embedded SmolLM2-135M-Instruct)"
+
+
+def add_model_dir_argument(p, positional: bool = False) -> None:
+    """--model-dir / -m, as every command takes it; positional: a bare MODEL_DIR too (info, quantize, export)."""
+    p.add_argument("--model-dir", "-m", default=None, help=MODEL_DIR_HELP)
+    if positional:
+        p.add_argument("model_dir_given", nargs="?", default=None, metavar="MODEL_DIR", help="the same as --model-dir")
+
 
 def cmd_quantize(args) -> int:
     from .models import resolve_model_dir
@@ -22,7 +31,8 @@ def cmd_export(args) -> int:
     target = export_onnx(args.model_dir, args.output, dtype=args.dtype, max_batch_size=args.max_batch_size,
                          max_input_length=args.max_input_length, max_kv_cache_capacity=args.max_kv_cache_capacity,
                          overwrite=args.overwrite)
-    print(f"wrote an ONNX decoder to {target}; run it with LLMEngineRunner({str(target)!r}, backend='onnxruntime')")
+    print(f"wrote an ONNX decoder to {target}; run it with `edgellm generate -m {target} PROMPT` or "
+          f"LLMEngineRunner({str(target)!r}, backend='onnxruntime')")
     return 0
 
 
@@ -30,7 +40,7 @@ def cmd_reduce_vocab(args) -> int:
     from .vocab import reduce_vocab
     from .vocab.reduce import stderr_progress
 
-    result = reduce_vocab(args.model, args.corpus, args.size, args.method, output=args.output,
+    result = reduce_vocab(args.model_dir, args.corpus, args.size, args.method, output=args.output,
                           max_samples=args.max_samples, tolerance=args.tolerance, max_new_tokens=args.max_new_tokens,
                           batch_size=args.batch_size, device=args.device, progress=stderr_progress)
     print(json.dumps(result.info, indent=1))
@@ -43,8 +53,8 @@ def add_writer_parsers(sub) -> None:
                        description="Quantize a full-precision model's layer weights and write a model directory "
                                    "that later loads already quantized: int8 and fp8 round to nearest; int4 by "
                                    "default runs GPTQ calibrated on a short prose text shipped with edgellm "
-                                   "(+36% perplexity against round to nearest's +65% on the default model).")
-    p.add_argument("model_dir", nargs="?", default=None, help="model directory or hub id (default: the embedded model)")
+                                   "(+28% perplexity against round to nearest's +65% on the default model).")
+    add_model_dir_argument(p, positional=True)
     p.add_argument("--to", required=True, choices=("int8", "int4", "fp8"))
     p.add_argument("--output", "-o", required=True, help="an empty or new directory")
     p.add_argument("--group-size", type=int, default=128, help="int4 group along the input (multiple of 32; default 128)")
@@ -54,12 +64,12 @@ def add_writer_parsers(sub) -> None:
     p.add_argument("--device", default=None, help="where GPTQ runs the model (default: cuda if available, else cpu)")
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("export", help="export a model as an ONNX decoder graph (onnxruntime / TensorRT backends)",
+    p = sub.add_parser("export", help="export a model as an ONNX decoder graph (run by the onnxruntime backend)",
                        description="Write an ONNX graph of the decoder (input embeddings, context lengths and the "
                                    "KV cache in; last-token logits and the updated cache out) with its embedding "
                                    "table, tokenizer, config and an I/O description (edgellm_engine.json). The "
                                    "base model only (no LoRA). Model types: llama, mistral, qwen2, qwen3.")
-    p.add_argument("model_dir", nargs="?", default=None, help="model directory or hub id (default: the embedded model)")
+    add_model_dir_argument(p, positional=True)
     p.add_argument("--output", "-o", required=True, help="an empty or new directory")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="the graph's weights and activations (default float32; logits are float32 always)")
@@ -74,7 +84,7 @@ def add_writer_parsers(sub) -> None:
                                    "those only (a smaller LM head). Special, chat-template and byte tokens are "
                                    "always kept. Corpus: .txt (a sample per line), .jsonl (text, messages, or "
                                    "prompt + response) or a directory of them.")
-    p.add_argument("--model", "-m", default=None, help="model directory (default: the embedded model)")
+    p.add_argument("--model-dir", "--model", "-m", default=None, help=MODEL_DIR_HELP)
     p.add_argument("--corpus", required=True)
     p.add_argument("--size", type=int, required=True, help="ids in the reduced vocabulary")
     p.add_argument("--method", default="input_aware", choices=["frequency", "input_aware", "self"],

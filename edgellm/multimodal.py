@@ -47,13 +47,16 @@ def image_sources(item) -> list:
     return sources
 
 
-def template_messages(messages: list[dict]) -> list[dict]:
+def template_messages(messages: list[dict], text_only: bool = False) -> list[dict]:
     """Messages as the chat template sees them: image parts reduced to {"type": "image"} (the
-    template writes a placeholder; the pixels are not its business)."""
+    template writes a placeholder; the pixels are not its business). text_only (a text model, whose
+    template expects string contents): a list of text parts becomes their texts joined by newlines."""
     out = []
     for message in messages:
         content = message["content"]
-        if isinstance(content, list):
+        if isinstance(content, list) and text_only:
+            content = "\n".join(part["text"] for part in content)
+        elif isinstance(content, list):
             content = [{"type": "image"} if part.get("type") == "image" else part for part in content]
         out.append({**message, "content": content})
     return out

@@ -36,6 +36,7 @@ from typing import Callable
 
 import torch
 
+from .engine.backends.export_format import is_export
 from .engine.kv_store import KVReuseSettings, KVReuseStats, TieredKVStore, model_identity
 from .engine.devices import resolve_device, resolve_dtype
 from .engine.runner import LLMEngineRunner
@@ -57,6 +58,9 @@ from .vision.graphs import GRAPH_MAX_PATCHES
 TextCallback = Callable[[int, str], None]
 
 _SEED_STRIDE = 0x632BE5AB  # spreads the per-item seeds of one request apart
+# A KV hit's own prefill gives a per-token rate for the saving's estimate only past this many tokens
+# (fewer are mostly the step's fixed cost).
+_OWN_RATE_MIN_TOKENS = 16
 
 log = logging.getLogger("edgellm")
 
@@ -70,7 +74,9 @@ class LLMInferenceRuntime:
                  kv_reuse: KVReuseSettings | None = None, speculative: SpeculativeConfig | None = None,
                  reduced_vocab_dir: str | Path | bool | None = None, quantization: str | None = None,
                  quantize_lm_head: bool = False):
-        """model_dir=None runs the embedded default model (SmolLM2-135M-Instruct). cuda_graphs,
+        """model_dir=None runs the embedded default model (SmolLM2-135M-Instruct); a directory `edgellm
+        export` wrote runs its graph on onnxruntime (the base model only: no LoRA, KV reuse, speculation,
+        reduced vocabulary or quantization). cuda_graphs,
         prefill_chunk_size, lora_weights ({name: adapter path}), max_lora_rank and max_loras are the
         engine settings of LLMEngineRunner. kv_reuse: save prompts' KV in blocks and reuse the longest
         saved prefix of later prompts (engine/kv_store.py; tiers and budgets in KVReuseSettings);
@@ -94,6 +100,9 @@ class LLMInferenceRuntime:
         self._request_running = False
         self._stats_lock = threading.Lock()  # kv_reuse_stats reads totals a request's end may be adding to
         self.model_dir = resolve_model_dir(model_dir)
+        exported = is_export(self.model_dir)  # an `edgellm export` directory: its graph runs on onnxruntime
+        if exported and kv_reuse is not None:
+            raise ConfigurationError("KV reuse needs the triton backend; this is an exported graph (onnxruntime)")
         # The KV store's device tier is allocated beside the engine: the runner's up-front memory
         # check counts it.
         reuse_device = {"KV reuse device tier (KVReuseSettings.gpu_bytes)": kv_reuse.gpu_bytes} \
@@ -104,7 +113,8 @@ class LLMInferenceRuntime:
             reuse_device["vision encoder weights"] = vision.parameter_count * element
             if cuda_graphs and resolve_device(device).type == "cuda":
                 reuse_device["vision encoder graphs' pool"] = vision.graph_bytes(GRAPH_MAX_PATCHES, element)
-        self.runner = LLMEngineRunner(self.model_dir, device=device, dtype=dtype, max_batch_size=max_batch_size,
+        self.runner = LLMEngineRunner(self.model_dir, backend="onnxruntime" if exported else "triton",
+                                      device=device, dtype=dtype, max_batch_size=max_batch_size,
                                       max_input_length=max_input_length,
                                       max_kv_cache_capacity=max_kv_cache_capacity, cuda_graphs=cuda_graphs,
                                       prefill_chunk_size=prefill_chunk_size, lora_weights=lora_weights,
@@ -236,9 +246,12 @@ class LLMInferenceRuntime:
                 raise InvalidRequestError(f"request item {index}: token ids {bad[:5]} are outside the "
                                           f"vocabulary [0, {vocab})")
             return ids
+        if self.vision is None and image_sources(item):  # before a text model's template sees image parts
+            raise InvalidRequestError(f"request item {index}: this model ({self.model_dir.name}) is text-only "
+                                      "and takes no images")
         tokenizer = self._require_tokenizer()
         if item.messages is not None:
-            ids = tokenizer.encode_chat(template_messages(item.messages))
+            ids = tokenizer.encode_chat(template_messages(item.messages, text_only=self.vision is None))
         else:
             ids = tokenizer.encode(item.prompt)
         if not ids:
@@ -277,10 +290,7 @@ class LLMInferenceRuntime:
 
     def _place_images(self, item: GenerationItem, ids: list[int], index: int) -> ImagePrompt | None:
         """The item's images loaded, preprocessed and placed in its prompt (None: an item without images)."""
-        if self.vision is None:
-            if image_sources(item):
-                raise InvalidRequestError(f"request item {index}: this model ({self.model_dir.name}) is text-only "
-                                          "and takes no images")
+        if self.vision is None:  # (_prompt_ids refused images already)
             return None
         return self.vision.place_item(item, ids, index, mrope=self.config.mrope_section is not None)
 
@@ -457,16 +467,21 @@ class LLMInferenceRuntime:
 
     def _account_prefill(self, reuse: KVReuseStats, prefilled: int, started: float) -> None:
         """Estimate the prefill time the reused tokens saved, at the rate measured on prompts that
-        reused nothing (an exponential average), and update that rate. Called once the first tokens
-        are on the host (no synchronisation of its own: that would keep the saving's host work from
+        reused nothing (an exponential average), and update that rate. Before any such prompt (a
+        process whose first request hits the disk tier), at this request's own rate over the tokens it
+        prefilled, where it prefilled enough of them for a rate. Called once the first tokens are on
+        the host (no synchronisation of its own: that would keep the saving's host work from
         overlapping the prefill)."""
         elapsed_ms = (time.perf_counter() - started) * 1e3
         if reuse.reused_tokens == 0 and prefilled > 0:
             rate = elapsed_ms / prefilled
             self._prefill_ms_per_token = rate if self._prefill_ms_per_token is None else \
                 0.5 * (self._prefill_ms_per_token + rate)
-        if self._prefill_ms_per_token is not None:
-            reuse.prefill_ms_saved += reuse.reused_tokens * self._prefill_ms_per_token
+        rate = self._prefill_ms_per_token
+        if rate is None and prefilled >= _OWN_RATE_MIN_TOKENS:
+            rate = max(elapsed_ms - reuse.restore_ms, 0.0) / prefilled
+        if rate is not None:
+            reuse.prefill_ms_saved += reuse.reused_tokens * rate
 
     def _decode_step(self, active: list[int], rows: list[GenerationRow], max_new: int,
                      spec: Speculation | None) -> list[list[int]]:

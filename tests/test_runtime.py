@@ -126,3 +126,24 @@ def test_running_one_step_ahead_changes_no_answer(runtime, monkeypatch):
     assert ahead.output_ids == stepwise.output_ids and ahead.output_texts == stepwise.output_texts
     assert ahead.finish_reasons == stepwise.finish_reasons
     assert len({len(ids) for ids in ahead.output_ids}) > 1  # the rows left the batch at different steps
+
+
+def test_a_disk_hit_in_a_fresh_runtime_estimates_the_prefill_it_saved(llama_dir, tmp_path):
+    """Before a runtime has prefilled any prompt whole it has no per-token rate of its own: a hit then
+    estimates the saving at its own prefill's rate where it prefilled 16 tokens or more, and says it
+    is not measured where it prefilled fewer."""
+    from edgellm import KVReuseSettings
+
+    settings = KVReuseSettings(gpu_bytes=0, disk_dir=str(tmp_path / "kv"), block_tokens=4)
+    prefix = [1] + list(range(10, 17))  # two blocks
+    first = LLMInferenceRuntime(llama_dir, device="cpu", kv_reuse=settings)
+    greedy(first, [{"input_ids": prefix + list(range(20, 40))}], n=1)
+    first.close()
+    long_rest = greedy(LLMInferenceRuntime(llama_dir, device="cpu", kv_reuse=settings),
+                       [{"input_ids": prefix + list(range(40, 60))}], n=1).kv_reuse
+    assert long_rest.hits_disk == 2 and long_rest.reused_tokens == 8 and long_rest.prefill_ms_saved > 0
+    assert "prefill saved ~" in long_rest.log_line()
+    short_rest = greedy(LLMInferenceRuntime(llama_dir, device="cpu", kv_reuse=settings),
+                        [{"input_ids": prefix + [60]}], n=1).kv_reuse
+    assert short_rest.reused_tokens == 8 and short_rest.prefill_ms_saved == 0
+    assert "prefill saved not measured yet" in short_rest.log_line()

@@ -79,7 +79,7 @@ class KVReuseStats:
     hits_disk: int = 0
     reused_tokens: int = 0      # prompt tokens not prefilled
     stored_blocks: int = 0      # new blocks saved
-    prefill_ms_saved: float = 0.0  # estimate: reused tokens x this runtime's measured prefill time per token
+    prefill_ms_saved: float = 0.0  # estimate: reused tokens x a measured prefill time per token (runtime.py)
     restore_ms: float = 0.0     # host time spent finding and copying in saved blocks
     save_ms: float = 0.0        # host time spent saving new blocks (disk writes run in the background)
 
@@ -99,9 +99,11 @@ class KVReuseStats:
         return {**dataclasses.asdict(self), "reused_blocks": self.reused_blocks, "hit_rate": self.hit_rate}
 
     def log_line(self) -> str:
+        saved = f"~{self.prefill_ms_saved:.1f} ms" if self.prefill_ms_saved or not self.reused_tokens else \
+            "not measured yet (no prefill rate in this process)"
         return (f"KV reuse: reused blocks {self.reused_blocks} of {self.blocks_looked_up} (gpu {self.hits_gpu}, "
                 f"host {self.hits_host}, disk {self.hits_disk}), cache hit rate {self.hit_rate:.2f}, reused tokens "
-                f"{self.reused_tokens}, new blocks {self.stored_blocks}, prefill saved ~{self.prefill_ms_saved:.1f} ms")
+                f"{self.reused_tokens}, new blocks {self.stored_blocks}, prefill saved {saved}")
 
 
 def model_identity(model_dir: Path, quantization: str | None = None) -> str:

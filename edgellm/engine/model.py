@@ -19,6 +19,7 @@ from ..kernels import ops as dispatched_ops
 from ..kernels._triton import early_release
 from ..quant.formats import QuantizedWeight
 from .config import EngineConfig
+from .cpu_linear import cpu_linear
 from .kv_cache import LinearKVCache
 from .lora import LoraStacks
 from .switches import Switches
@@ -68,7 +69,7 @@ def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, l
     spec = (t, b_stack, lora.index, lora.used, lora.stacks.scale, lora.stacks.segments[group])
     if _decode_sized(x, weight):
         return ops.gemv(x, weight, bias, lora=spec)
-    return ops.lora_expand(F.linear(x, _dense(weight, x.dtype, ops), bias), *spec)
+    return ops.lora_expand(_matmul(x, weight, bias, ops), *spec)
 
 
 def _fused(op, *args, lora_a=None, **kwargs):
@@ -358,16 +359,23 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, op
         observe(x, weight)
     if _decode_sized(x, weight):
         return ops.gemv(x, weight, bias, residual=residual, sumsq_out=sumsq_out)
-    y = F.linear(x, _dense(weight, x.dtype, ops), bias)
+    y = _matmul(x, weight, bias, ops)
     y = y if residual is None else y + residual
     if sumsq_out is not None:
         sumsq_out += y.reshape(-1, y.shape[-1]).float().square().sum(-1)
     return y
 
 
+def _matmul(x: torch.Tensor, weight, bias: torch.Tensor | None, ops) -> torch.Tensor:
+    """x @ weight^T (+ bias) where the GEMV does not run: cuBLAS on the GPU (a packed weight dequantized
+    per call: prefill's many tokens share it), engine/cpu_linear.py on the CPU."""
+    if not x.is_cuda:
+        return cpu_linear(x, weight, bias, ops.dequantize)
+    return F.linear(x, _dense(weight, x.dtype, ops), bias)
+
+
 def _dense(weight, dtype: torch.dtype, ops) -> torch.Tensor:
-    """A packed weight dequantized for cuBLAS (prefill: many tokens share one dequantization); a
-    plain tensor as it is."""
+    """A packed weight dequantized for cuBLAS; a plain tensor as it is."""
     return ops.dequantize(weight, dtype) if isinstance(weight, QuantizedWeight) else weight
 
 

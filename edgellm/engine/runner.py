@@ -32,12 +32,13 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigurationError, LoraError
+from ..errors import ConfigurationError, LoraError, ModelLoadError
 from ..kernels import ops, rope_inv_freq
 from ..kernels.tree_mask import MAX_TREE
 from ..quant.formats import QUANT_KINDS, QuantizedWeight
 from .adapters import Adapters, lora_limits, read_adapter_spec
 from .backends import check_backend
+from .backends.export_format import is_export
 from .config import EngineConfig
 from .decode_steps import DecodeSteps
 from .devices import resolve_device, resolve_dtype
@@ -118,6 +119,9 @@ class LLMEngineRunner:
                                   quantization=quantization, quantize_lm_head=quantize_lm_head)
             self._use_exported(steps)
             return
+        if is_export(self.model_dir):
+            raise ModelLoadError(f"{self.model_dir} is an `edgellm export` (an ONNX graph, no checkpoint): open it "
+                                 "with backend='onnxruntime'")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.config = EngineConfig.from_model_dir(

@@ -169,7 +169,8 @@ def _onnx_modules():
 
     missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
     if missing:
-        raise ExportError(f"export needs the {' and '.join(missing)} package(s); install edgellm[onnx]")
+        raise ExportError(f"export needs the {' and '.join(missing)} package(s); install the onnx extra "
+                          "(pip install -e \".[onnx]\" in a checkout)")
     import onnx
     return onnx
 

@@ -445,11 +445,14 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     attends to keys 0 .. lengths[b] - 1 of slot slots[b] (window > 0: the last `window` of them).
     Returns [B, Hq, D] in q's dtype.
 
-    Written over the whole cache capacity with a length mask (no per-row host loop), so that it has
-    static shapes and needs no host sync: torch.compile can capture it (the compiled baseline).
+    Written over the cache with a length mask (no per-row host loop): on CUDA over its whole capacity,
+    so that it has static shapes and needs no host sync (torch.compile captures it: the compiled
+    baseline); on the CPU, where reading the lengths costs nothing, over the longest row's keys only.
     num_splits is the kernel's tuning knob (ignored); with lora_a also lora_shrink_ref of the output
     rows (as [B, Hq * D])."""
     batch, heads, head_dim = q.shape
+    if not q.is_cuda:
+        k_cache, v_cache = (c[:, :, :int(lengths.max())] for c in (k_cache, v_cache))
     keys, values = k_cache[slots.long()].float(), v_cache[slots.long()].float()  # [B, Hkv, L, D]
     kv_heads, capacity = keys.shape[1], keys.shape[2]
     grouped = q.float().reshape(batch, kv_heads, heads // kv_heads, head_dim)
@@ -459,3 +462,4 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     probs = scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(dim=-1)
     out = torch.einsum("bhgl,bhld->bhgd", probs, values).reshape(batch, heads, head_dim).to(q.dtype)
     return out if lora_a is None else (out, lora_shrink_ref(out.reshape(batch, -1), *lora_a))
+

@@ -221,11 +221,13 @@ def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Ten
     if group > 1:
         temperature, top_k, top_p, seeds = (x.repeat_interleave(group) for x in (temperature, top_k, top_p, seeds))
     greedy_tokens = logits.argmax(-1)
+    greedy = (temperature <= 0) | (top_k == 1)
+    if not logits.is_cuda and bool(greedy.all()):  # (a free check on the CPU) no distribution to draw from
+        return greedy_tokens
     probs = filtered_probs_ref(logits, temperature, top_k, top_p)
     cdf = probs.cumsum(-1)
     target = uniform_from_counter(seeds, offsets) * cdf[:, -1]
     drawn = (cdf <= target[:, None]).sum(-1).clamp(max=logits.shape[-1] - 1)
     # Float rounding at the very top of the cdf could land on a zero-probability tail token.
     drawn = torch.where(probs.gather(-1, drawn[:, None])[:, 0] > 0, drawn, probs.argmax(-1))
-    greedy = (temperature <= 0) | (top_k == 1)
     return torch.where(greedy, greedy_tokens, drawn)

@@ -162,8 +162,8 @@ def test_backend_errors_are_clear_and_leave_the_runner_usable(exports, tmp_path,
         ort.prefill_tokens([list(range(1, 30))])
     with pytest.raises(LoraError, match="base model only"):
         ort.prefill_tokens(prompt, lora=["style"])
-    with pytest.raises(ConfigurationError, match="start_decode is a triton-backend feature"):
-        ort.start_decode(None, None, None, None, None, None, None)
+    with pytest.raises(ConfigurationError, match="attach_block_pools is a triton-backend feature"):
+        ort.attach_block_pools(None, None)
     torch.testing.assert_close(ort.prefill_tokens(prompt), first)  # same answer after the errors
 
 
@@ -189,6 +189,33 @@ def _ort_cuda() -> bool:
     import onnxruntime
 
     return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def test_an_export_runs_in_the_runtime_and_from_the_command_line(exports, capsys):
+    """LLMInferenceRuntime and `edgellm generate -m EXPORT` run the graph on onnxruntime: the same
+    tokens as the checkpoint's triton path, sampled ones too (same seed, same draws); `info` says what it
+    is; the triton backend and KV reuse refuse an export with what to do instead."""
+    from edgellm import KVReuseSettings, LLMGenerationRequest, LLMInferenceRuntime
+    from edgellm.cli import main
+
+    model_dir, out = exports["qwen3"]
+    request = LLMGenerationRequest(requests=[{"input_ids": [1, 5, 7, 9]}, {"prompt": "w3 w4"}],
+                                   max_generate_length=8, temperature=0.8, top_k=20, seed=3)
+    exported = LLMInferenceRuntime(out, device="cpu", **LIMITS)
+    assert exported.runner.backend == "onnxruntime"
+    got = exported.handle_request(request)
+    want = LLMInferenceRuntime(model_dir, device="cpu", **LIMITS).handle_request(request)
+    assert got.output_ids == want.output_ids and got.finish_reasons == want.finish_reasons
+    assert main(["generate", "w3 w4", "-m", str(out), "-n", "5", "--raw", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip() == LLMInferenceRuntime(model_dir, device="cpu", **LIMITS).handle_request(
+        LLMGenerationRequest(requests=[{"prompt": "w3 w4"}], max_generate_length=5, temperature=0)).output_texts[0]
+    assert main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "an ONNX graph from `edgellm export`" in info and "max_kv_cache_capacity        48" in info
+    with pytest.raises(ModelLoadError, match="backend='onnxruntime'"):
+        LLMEngineRunner(out, device="cpu")
+    with pytest.raises(ConfigurationError, match="KV reuse needs the triton backend"):
+        LLMInferenceRuntime(out, device="cpu", kv_reuse=KVReuseSettings())
 
 
 @pytest.mark.gpu

@@ -33,6 +33,11 @@ def io_spec(cfg: EngineConfig, dtype: torch.dtype) -> dict:
     return dict(inputs=inputs, outputs=outputs)
 
 
+def is_export(model_dir: str | Path) -> bool:
+    """Whether `model_dir` is a directory `edgellm export` wrote (run by an exported backend)."""
+    return (Path(model_dir) / ENGINE_JSON).is_file()
+
+
 def read_engine_json(export_dir: Path) -> dict:
     """edgellm_engine.json of an export directory (ModelLoadError-family errors when missing or bad)."""
     path = Path(export_dir) / ENGINE_JSON

@@ -8,10 +8,13 @@ integer tensors; each step binds them to the engine by data pointer (backends/on
 another engine comes in through _open_engine and _run_decode, as bench/trials/tensorrt does). The
 embedding lookup is theirs (embedding.safetensors of the export).
 
+The decode loop LLMInferenceRuntime drives (start_decode, decode_sample_step / decode_launch,
+keep_decode_rows, end_decode, sample) runs here eagerly: a step is decode_step on the rows' last
+tokens, then the sampling kernel, with the triton backend's per-row settings and RNG offsets.
+
 What the exported graph does not have is refused with ConfigurationError: up front, the arguments
 LoRA (the base model only), a reduced vocabulary, quantization and speculative verification; then
-any Triton-only runner method (the fast decode path start_decode / decode_sample_step, KV block
-pools, token trees...: drive decode_step instead).
+any other Triton-only runner method (KV block pools, token trees, graph capture...).
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import torch
 from safetensors.torch import load_file
 
 from ...errors import BackendError, ConfigurationError, InvalidRequestError, LoraError, ModelLoadError
+from ...kernels import ops
 from ..config import EngineConfig
+from ..decode_steps import PendingTokens
 from ..devices import resolve_device, resolve_dtype
 from ..kv_cache import LinearKVCache
 from ..prefill_steps import _int_list, prefill_rows
@@ -80,6 +85,7 @@ class ExportedSteps:
         self.logits = torch.zeros(cfg.max_supported_batch_size, cfg.vocab_size, dtype=torch.float32, device=self.device)
         self.kv_positions = torch.arange(cfg.max_kv_cache_capacity, dtype=torch.int32, device=self.device)
         self._lengths = [0] * (cfg.max_supported_batch_size + 1)  # host mirror of kv_cache.lengths
+        self._rows: dict | None = None  # the running decode batch (start_decode): per-row device tensors
 
     def _open_engine(self, description: dict, limits: dict):
         """The engine that runs the graph: run(inputs, outputs, decode) on torch tensors bound by pointer."""
@@ -92,7 +98,7 @@ class ExportedSteps:
             raise AttributeError(name)
         backend = self.__dict__.get("backend", "exported")
         raise ConfigurationError(f"{name} is a triton-backend feature; the {backend} backend runs prefill_step, "
-                                 "prefill_tokens and decode_step")
+                                 "prefill_tokens, decode_step and the decode loop (start_decode .. end_decode)")
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.embedding(input_ids.to(self.device), self.embedding)
@@ -193,3 +199,49 @@ class ExportedSteps:
         for slot, n in zip(slot_ids, lengths):
             self._lengths[slot] = n
         self.kv_cache.lengths[ints[2].long()] = ints[1]
+
+    def sample(self, logits: torch.Tensor, temperature, top_k, top_p, seeds, offsets, group: int = 1) -> torch.Tensor:
+        """Tokens drawn from `logits` as the triton backend draws them (kernels/sampling.py)."""
+        return ops.sample(logits, temperature, top_k, top_p, seeds, offsets, group=group)
+
+    def start_decode(self, tokens, slots, temperature, top_k, top_p, seeds, offsets, lora=None) -> None:
+        """As DecodeSteps.start_decode (base model only)."""
+        as_t = lambda x, dtype: torch.as_tensor(x, dtype=dtype).to(self.device)  # noqa: E731
+        rows = dict(tokens=as_t(tokens, torch.int64), slots=as_t(slots, torch.int32),
+                    temperature=as_t(temperature, torch.float32), top_k=as_t(top_k, torch.int32),
+                    top_p=as_t(top_p, torch.float32), seeds=as_t(seeds, torch.int64),
+                    offsets=as_t(offsets, torch.int64))
+        n = rows["slots"].shape[0]
+        if not 1 <= n <= self.config.max_supported_batch_size or any(v.shape != (n,) for v in rows.values()):
+            raise InvalidRequestError(f"start_decode: 1..{self.config.max_supported_batch_size} rows, every "
+                                      "per-row argument with one entry per row")
+        self._base_model_only(lora, n)
+        self._rows = rows
+
+    def _running(self, caller: str) -> dict:
+        if self._rows is None:
+            raise RuntimeError(f"{caller} before start_decode")
+        return self._rows
+
+    def decode_sample_step(self) -> torch.Tensor:
+        """One eager decode step of the running rows: their sampled tokens, [n] int64 on the device."""
+        rows = self._running("decode_sample_step")
+        logits = self.decode_step(self.embed(rows["tokens"][:, None]), rows["slots"])
+        rows["offsets"] += 1
+        rows["tokens"] = self.sample(logits, rows["temperature"], rows["top_k"], rows["top_p"], rows["seeds"],
+                                     rows["offsets"])
+        return rows["tokens"]
+
+    def decode_launch(self) -> PendingTokens:
+        """decode_sample_step, its tokens already on the host (the step is eager)."""
+        return PendingTokens(self.decode_sample_step().cpu(), None)
+
+    def keep_decode_rows(self, keep) -> None:
+        index = torch.as_tensor(list(keep), dtype=torch.int64, device=self.device)
+        self._rows = {name: values[index] for name, values in self._running("keep_decode_rows").items()}
+
+    def end_decode(self) -> None:
+        self._rows = None
+
+    def holds_adapter(self, slot: int) -> bool:
+        return False  # (no adapters)

@@ -27,8 +27,8 @@ def _onnxruntime():
     try:
         import onnxruntime
     except ImportError as exc:
-        raise BackendError(f"the onnxruntime backend needs the onnxruntime package ({exc}); install "
-                           "edgellm[onnx] (or onnxruntime-gpu for CUDA tensors)") from exc
+        raise BackendError(f"the onnxruntime backend needs the onnxruntime package ({exc}); install the onnx "
+                           "extra: pip install -e \".[onnx]\" in a checkout (onnxruntime-gpu for CUDA tensors)") from exc
     return onnxruntime
 
 
