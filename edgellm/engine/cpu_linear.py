@@ -4,9 +4,8 @@ weight dequantized once and kept.
 Why: a CPU has no kernel that reads packed weights, and dequantizing each one at every step made int8
 decode 4x slower than float32 (bench/RESULTS.md); a packed weight on the CPU is therefore dequantized
 on first use and kept beside its packed form (the memory of the compute dtype, the speed of float32).
-numpy's BLAS (OpenBLAS) runs a lone float32 GEMV faster than torch's linear (MKL) on a 2-core AVX2
-EPYC (34.6 against 63.1 ms for a decode step's matrices of the SmolLM2-135M shape), but between
-torch's ops its thread pool and torch's contend for the cores: 2.3 tok/s against 11.6 (bench/RESULTS.md)."""
+Not numpy's BLAS, though alone it runs the GEMVs faster: between torch's ops the two thread pools
+contend for the cores (bench/RESULTS.md, 2026-12-07)."""
 
 from __future__ import annotations
 

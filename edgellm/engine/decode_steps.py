@@ -114,20 +114,10 @@ class DecodeSteps:
         token (input of the next step), its KV-cache slot, sampling temperature / top_k / top_p, seed,
         and the RNG offset used last (each step advances it by one before drawing). lora: one
         adapter name per row ("" = none), or None for the active adapter on every row."""
-        device = self.state.device
-        as_t = lambda x, dtype: torch.as_tensor(x, dtype=dtype).to(device)  # noqa: E731
-        rows = dict(tokens=as_t(tokens, torch.int64), slots=as_t(slots, torch.int32),
-                    temperature=as_t(temperature, torch.float32), top_k=as_t(top_k, torch.int32),
-                    top_p=as_t(top_p, torch.float32), seeds=as_t(seeds, torch.int64),
-                    offsets=as_t(offsets, torch.int64))
-        n = rows["slots"].shape[0]
-        most = self.state.config.max_supported_batch_size
-        if not 1 <= n <= most:
-            raise InvalidRequestError(f"decode batch of {n} rows is outside 1..{most}")
-        if any(v.shape != (n,) for v in rows.values()):
-            raise InvalidRequestError("start_decode: every per-row argument must have one entry per row")
-        lora_rows = self.adapters.rows(lora, n)
-        rows["lora"] = torch.tensor(lora_rows, dtype=torch.int32, device=device)
+        rows = decode_rows(self.state.device, self.state.config.max_supported_batch_size, tokens, slots, temperature,
+                           top_k, top_p, seeds, offsets)
+        lora_rows = self.adapters.rows(lora, rows["slots"].shape[0])
+        rows["lora"] = torch.tensor(lora_rows, dtype=torch.int32, device=self.state.device)
         self._load_rows(rows, lora_rows)
 
     def restart_decode_rows(self, tokens, lengths=None) -> None:
@@ -203,6 +193,20 @@ class DecodeSteps:
         if buf is None or buf.logits is None:
             raise RuntimeError("no decode step has run")
         return buf.logits[:buf.live_rows]
+
+
+def decode_rows(device, most: int, tokens, slots, temperature, top_k, top_p, seeds, offsets) -> dict:
+    """start_decode's per-row arguments as device tensors by name, checked: 1..most rows, one entry each."""
+    as_t = lambda x, dtype: torch.as_tensor(x, dtype=dtype).to(device)  # noqa: E731
+    rows = dict(tokens=as_t(tokens, torch.int64), slots=as_t(slots, torch.int32),
+                temperature=as_t(temperature, torch.float32), top_k=as_t(top_k, torch.int32),
+                top_p=as_t(top_p, torch.float32), seeds=as_t(seeds, torch.int64), offsets=as_t(offsets, torch.int64))
+    n = rows["slots"].shape[0]
+    if not 1 <= n <= most:
+        raise InvalidRequestError(f"decode batch of {n} rows is outside 1..{most}")
+    if any(v.shape != (n,) for v in rows.values()):
+        raise InvalidRequestError("start_decode: every per-row argument must have one entry per row")
+    return rows
 
 
 class PendingTokens:

@@ -371,12 +371,7 @@ def _matmul(x: torch.Tensor, weight, bias: torch.Tensor | None, ops) -> torch.Te
     per call: prefill's many tokens share it), engine/cpu_linear.py on the CPU."""
     if not x.is_cuda:
         return cpu_linear(x, weight, bias, ops.dequantize)
-    return F.linear(x, _dense(weight, x.dtype, ops), bias)
-
-
-def _dense(weight, dtype: torch.dtype, ops) -> torch.Tensor:
-    """A packed weight dequantized for cuBLAS; a plain tensor as it is."""
-    return ops.dequantize(weight, dtype) if isinstance(weight, QuantizedWeight) else weight
+    return F.linear(x, ops.dequantize(weight, x.dtype) if isinstance(weight, QuantizedWeight) else weight, bias)
 
 
 def _decode_sized(x: torch.Tensor, weight=None) -> bool:

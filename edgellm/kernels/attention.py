@@ -462,4 +462,3 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     probs = scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(dim=-1)
     out = torch.einsum("bhgl,bhld->bhgd", probs, values).reshape(batch, heads, head_dim).to(q.dtype)
     return out if lora_a is None else (out, lora_shrink_ref(out.reshape(batch, -1), *lora_a))
-

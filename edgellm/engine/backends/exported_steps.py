@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from ...errors import BackendError, ConfigurationError, InvalidRequestError, LoraError, ModelLoadError
 from ...kernels import ops
 from ..config import EngineConfig
-from ..decode_steps import PendingTokens
+from ..decode_steps import PendingTokens, decode_rows
 from ..devices import resolve_device, resolve_dtype
 from ..kv_cache import LinearKVCache
 from ..prefill_steps import _int_list, prefill_rows
@@ -206,16 +206,9 @@ class ExportedSteps:
 
     def start_decode(self, tokens, slots, temperature, top_k, top_p, seeds, offsets, lora=None) -> None:
         """As DecodeSteps.start_decode (base model only)."""
-        as_t = lambda x, dtype: torch.as_tensor(x, dtype=dtype).to(self.device)  # noqa: E731
-        rows = dict(tokens=as_t(tokens, torch.int64), slots=as_t(slots, torch.int32),
-                    temperature=as_t(temperature, torch.float32), top_k=as_t(top_k, torch.int32),
-                    top_p=as_t(top_p, torch.float32), seeds=as_t(seeds, torch.int64),
-                    offsets=as_t(offsets, torch.int64))
-        n = rows["slots"].shape[0]
-        if not 1 <= n <= self.config.max_supported_batch_size or any(v.shape != (n,) for v in rows.values()):
-            raise InvalidRequestError(f"start_decode: 1..{self.config.max_supported_batch_size} rows, every "
-                                      "per-row argument with one entry per row")
-        self._base_model_only(lora, n)
+        rows = decode_rows(self.device, self.config.max_supported_batch_size, tokens, slots, temperature, top_k,
+                           top_p, seeds, offsets)
+        self._base_model_only(lora, rows["slots"].shape[0])
         self._rows = rows
 
     def _running(self, caller: str) -> dict:
