@@ -81,7 +81,7 @@ def test_tokenizer_conversion_matches_transformers_gguf_tokenizer(default_model_
 
 
 def test_cli_generate_names_paris(default_model_dir):
-    # As a user runs it on a CPU machine: without the Triton interpreter (torch reference ops).
+    # As a user runs it on a CPU machine: without the Triton interpreter (engine/cpu_forward.py).
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-m", "edgellm.cli", "generate", "What is the capital of France?"],
                             capture_output=True, text=True, timeout=300, env=env)

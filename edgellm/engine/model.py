@@ -5,6 +5,7 @@ sandwich norms, GeGLU, embedding and attention scales, per-layer sliding windows
 One function serves prefill and decode: a right-padded chunk of `q_lens[b]` tokens per row, placed
 at positions starts[b] ... of cache slot slots[b]. Every hot-path op goes through `edgellm.kernels.ops`
 (which picks Triton or the torch reference); the matmuls are cuBLAS, or the Triton GEMV at decode sizes.
+On the CPU, where the references would run, engine/cpu_forward.py runs the same forward in numpy.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..kernels import gemv
 from ..kernels import ops as dispatched_ops
 from ..kernels._triton import early_release
 from ..quant.formats import QuantizedWeight
+from . import cpu_forward
 from .config import EngineConfig
 from .cpu_linear import cpu_linear
 from .kv_cache import LinearKVCache
@@ -201,6 +203,9 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     if weights.positions is not None:  # learned absolute positions (GPT-2), added to the embedding
         pos = tree.positions if tree is not None else starts[:, None] + torch.arange(seq, device=hidden.device)
         hidden = hidden + weights.positions[pos.long().clamp(max=weights.positions.shape[0] - 1)]
+    if switches.cpu_blas and ops is dispatched_ops and cpu_forward.takes(cfg, rope, hidden, cache, lora, tree, positions):
+        return cpu_forward.forward_logits(weights, cfg, cache, rope, hidden, slots, starts, q_lens, ops.dequantize,
+                                          every_token, logits, before_attention)
     if _fusable(weights, cfg, lora, hidden, ops, switches):
         return _forward_fused(weights, cfg, cache, rope, hidden, slots, starts, q_lens, ends, ops, tree, positions,
                               every_token, max_keys, before_attention, switches)

@@ -13,6 +13,7 @@ import torch
 from ..errors import InvalidRequestError
 from ..kernels import ops
 from ..kernels.dispatch import run_with
+from . import cpu_forward
 from .config import EngineConfig
 from .kv_cache import LinearKVCache
 from .model import RopeTables, forward_logits
@@ -47,7 +48,9 @@ class EngineState:
 
     def sample(self, logits: torch.Tensor, temperature, top_k, top_p, seeds, offsets, group: int = 1) -> torch.Tensor:
         """Sampled tokens (kernels/sampling.py), as full-vocabulary ids."""
-        with self.running():
+        threads = cpu_forward.one_torch_thread() if self.device.type == "cpu" and self.switches.cpu_blas \
+            else contextlib.nullcontext()
+        with self.running(), threads:
             return self.full_ids(ops.sample(logits, temperature, top_k, top_p, seeds, offsets, group=group))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,9 @@ class Switches:
     run_ahead: bool = True
     # EDGELLM_FORBID_REF_ON_CUDA=1: a reference op on a CUDA tensor inside a step raises.
     forbid_reference_on_cuda: bool = False
+    # EDGELLM_CPU_BLAS=0: on the CPU the forward runs the torch references instead of numpy's
+    # (engine/cpu_forward.py, about twice as fast on the default model).
+    cpu_blas: bool = True
 
     @classmethod
     def from_environment(cls, environ=None) -> "Switches":
@@ -65,7 +68,8 @@ class Switches:
                    fused_norm_rows=count("EDGELLM_FUSED_NORM_ROWS", cls.fused_norm_rows),
                    gemv_prefetch=count("EDGELLM_GEMV_PREFETCH", None), pdl=PDL_MODES[pdl],
                    run_ahead=flag("EDGELLM_RUN_AHEAD", True),
-                   forbid_reference_on_cuda=flag("EDGELLM_FORBID_REF_ON_CUDA", False))
+                   forbid_reference_on_cuda=flag("EDGELLM_FORBID_REF_ON_CUDA", False),
+                   cpu_blas=flag("EDGELLM_CPU_BLAS", True))
 
     def run_settings(self) -> dict:
         """The kernels' RunSettings (kernels/dispatch.py) these switches change from the defaults: what
