@@ -2,7 +2,8 @@
 down, then the LM head; float32, one row), by who runs them: torch's linear (MKL), numpy's BLAS
 (OpenBLAS) over the weights as stored [out, in] and stored [in, out] (engine/cpu_forward.py stores the
 wide ones so), and onnxruntime's MatMul (MLAS) where it is installed. Rounds interleave the runners;
-medians. The floor: the weights' bytes over the copy bandwidth of a large tensor.
+medians. Beside them, a copy of as many bytes between two preallocated tensors (each byte read once and
+written once: a floor's neighbourhood, not the floor).
 
 Run:  python bench/cpu_gemv.py [--rounds 15] [--json out.json]
 """
@@ -44,6 +45,8 @@ def onnxruntime_step(weights: list[np.ndarray], inputs: dict):
     onnx.save(model, str(path), save_as_external_data=True)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # (its idle threads would take the
+    # cores from the runner after it in a round)
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed = {f"x{n}": x for n, x in inputs.items()}
     return lambda: session.run(None, feed)
@@ -68,8 +71,8 @@ def main() -> None:
     ort = onnxruntime_step(weights, inputs)
     if ort is not None:
         runs["onnxruntime MatMul"] = ort
-    big = torch.empty(sum(w.size for w in weights), dtype=torch.float32)
-    runs["copy of the weights' bytes"] = lambda: big.clone()
+    source, target = (torch.ones(sum(w.size for w in weights)) for _ in range(2))
+    runs["copy of the weights' bytes"] = lambda: target.copy_(source)
     for fn in runs.values():
         fn()
     times = {name: [] for name in runs}
