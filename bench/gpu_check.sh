@@ -2,7 +2,7 @@
 # The device script: GPU tests (kernels vs their references on CUDA, end-to-end generation vs
 # transformers, CUDA-graph decode vs eager, no reference op in the hot path), then the kernel and
 # decode benchmarks; short tables last.
-# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|tests1|tests2|kernels|decode|lora|kv|threads|vision|vocab|families|quant|host|backends ...]
+# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|tests1|tests2|kernels|decode|lora|kv|threads|serving|vision|vocab|families|quant|host|backends ...]
 # (no argument: all of them). Results go to $OUT (the device tool's folder) or bench/results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -67,6 +67,9 @@ if [[ " $parts " == *" backends "* ]]; then
       --dtype $dtype --isl 128 --osl 64 --json "$out/backends_$dtype.json" 2> "$out/backends_$dtype.stderr" \
       || { status=1; tail -30 "$out/backends_$dtype.stderr"; }
   done
+fi
+if [[ " $parts " == *" serving "* ]]; then
+  python3 bench/serving.py --json "$out/serving.json" 2> "$out/serving.stderr" || { status=1; tail -30 "$out/serving.stderr"; }
 fi
 if [[ " $parts " == *" threads "* ]]; then
   python3 bench/threads.py --json "$out/threads.json" 2> "$out/threads.stderr" || { status=1; tail -30 "$out/threads.stderr"; }

@@ -61,6 +61,15 @@ class ReentrantRequestError(EdgeLLMError, RuntimeError):
     its streaming callback): that request holds the engine until it returns."""
 
 
+class QueueFullError(EdgeLLMError, RuntimeError):
+    """A request was submitted while max_queued sequences already wait for a KV slot (the server's 429):
+    try again later, or raise LLMInferenceRuntime's max_queued."""
+
+
+class RequestCancelledError(EdgeLLMError, RuntimeError):
+    """The result of a request that was cancelled (RequestHandle.cancel) before it finished."""
+
+
 class VocabMapError(ModelLoadError, ValueError):
     """A reduced-vocabulary map (vocab_map.safetensors) is unusable: ids out of range, duplicated or
     unsorted, required tokens (EOS) missing, or made for another vocabulary size."""

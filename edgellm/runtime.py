@@ -1,23 +1,27 @@
 """LLMInferenceRuntime: requests in, responses out.
 
-Owns the tokenizer and one LLMEngineRunner. The path of a request through the code, in order:
+Owns the tokenizer, one LLMEngineRunner and the engine loop. The path of a request through the code, in order:
   requests.py        LLMGenerationRequest checked (validate_request), its sampling settings and stops;
-  runtime.py         handle_request takes the engine's turn (fifo_lock.py), then _prepare: each item's
-                     prompt ids (tokenizer.py: chat template or plain text; multimodal.py and vision/ place
-                     an item's images), limits and adapter checked before any model work;
-  engine/kv_store.py with KV reuse, each prompt's longest saved prefix found (its blocks copied by the step);
-  engine/runner.py   prefill_tokens (or prefill_step with image embeddings), sample for the first tokens,
-                     then start_decode and decode_launch / decode_sample_step per token (or, with
-                     speculation, speculative/ proposes and verify_sample_trees checks); its docstring
-                     follows a step on from there, through engine/ to kernels/;
+  runtime.py         submit (handle_request: submit, stream, result) runs _prepare: each item's prompt ids
+                     (tokenizer.py: chat template or plain text), limits and adapter checked before any
+                     model work; each item becomes a Sequence (serving/sequence.py) with its own seed;
+  serving/           the scheduler (scheduler.py) queues the sequences and admits them into free KV
+                     slots; the engine loop's thread (engine_loop.py) prefills their prompts in chunks
+                     beside the running rows' decode steps, samples their first tokens and adds them to
+                     the runner's decode batch (add_decode_rows), then per step decode_sample_step;
+  engine/runner.py   prefill_tokens, sample, add_decode_rows / decode_sample_step / keep_decode_rows;
+                     its docstring follows a step on from there, through engine/ to kernels/;
   streaming.py       advance_rows: each row's new tokens, finish reasons, incremental text, stop strings
-                     and streamed deltas; finished rows leave the batch (keep_decode_rows);
+                     and streamed deltas (queued to the caller's thread: RequestHandle.stream);
   requests.py        LLMGenerationResponse with texts, ids, finish reasons and timings.
+Runtimes with KV reuse, speculation or a vision model do not run on the loop yet: their requests take
+turns on the engine (_generate, one request at a time: engine/kv_store.py restores each prompt's longest
+saved prefix, multimodal.py and vision/ place images, speculative/ proposes and verify_sample_trees checks).
 
-Threads: whatever touches the engine (a request, adding/removing/switching LoRA adapters, flushing
-the KV store) runs in a turn of one FifoLock, first come first served, so each request gets exactly
-the answer it would get alone (a request's whole run, streaming callbacks included, is one turn);
-the getters read snapshots and never wait. `_engine_turn` is the one door every engine call takes.
+Threads: whatever touches the engine (the loop while it has work, a request on the lock-taking path,
+adding/removing/switching LoRA adapters, flushing the KV store) runs in a turn of one FifoLock, first
+come first served; the getters read snapshots and never wait. `_engine_turn` is the one door every
+engine call takes.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ from .errors import (ConfigurationError, InvalidRequestError, LoraError, Reentra
 from .fifo_lock import FifoLock
 from .models import generation_config, resolve_model_dir, stop_token_ids
 from .multimodal import ImagePrompt, ImagePrompts, image_sources, prefill_positions, template_messages
+from .serving.engine_loop import EngineLoop, RequestHandle, respond
+from .serving.sequence import Sequence
 from .requests import (GenerationItem, GenerationTimings, LLMGenerationRequest, LLMGenerationResponse,
                        SamplingSettings, sampling_settings, stop_strings, validate_request)
 from .speculative import Speculation, SpeculativeConfig, make_proposer
@@ -73,7 +79,8 @@ class LLMInferenceRuntime:
                  max_lora_rank: int | None = None, max_loras: int | None = None,
                  kv_reuse: KVReuseSettings | None = None, speculative: SpeculativeConfig | None = None,
                  reduced_vocab_dir: str | Path | bool | None = None, quantization: str | None = None,
-                 quantize_lm_head: bool = False):
+                 quantize_lm_head: bool = False, max_queued: int | None = None,
+                 prefill_budget: int | None = None):
         """model_dir=None runs the embedded default model (SmolLM2-135M-Instruct); a directory `edgellm
         export` wrote runs its graph on onnxruntime (the base model only: no LoRA, KV reuse, speculation,
         reduced vocabulary or quantization). cuda_graphs,
@@ -85,7 +92,14 @@ class LLMInferenceRuntime:
         reduced_vocab_dir: a directory with vocab_map.safetensors (`edgellm reduce-vocab`): logits and
         sampling cover only those tokens; None (the default) uses the model directory's
         vocab_map.safetensors when there is one; False never reduces. quantization ("int8", "int4",
-        "fp8") and quantize_lm_head: weight-only quantization at load (LLMEngineRunner)."""
+        "fp8") and quantize_lm_head: weight-only quantization at load (LLMEngineRunner). max_queued: how
+        many sequences (request items) may wait for a KV slot before submit() refuses more with
+        QueueFullError (default: no bound). prefill_budget: prompt tokens prefilled per iteration of the
+        engine loop beside the running rows' decode step (default 512; serving/engine_loop.py)."""
+        if max_queued is not None and (not isinstance(max_queued, int) or max_queued < 1):
+            raise ConfigurationError(f"max_queued must be a positive integer or None, got {max_queued!r}")
+        if prefill_budget is not None and (not isinstance(prefill_budget, int) or prefill_budget < 1):
+            raise ConfigurationError(f"prefill_budget must be a positive integer or None, got {prefill_budget!r}")
         if kv_reuse is not None:
             if not isinstance(kv_reuse, KVReuseSettings):
                 raise ConfigurationError(f"kv_reuse must be a KVReuseSettings or None, got {type(kv_reuse).__name__}")
@@ -149,6 +163,8 @@ class LLMInferenceRuntime:
         self._proposer = make_proposer(speculative, self.runner) if speculative is not None else None
         if self.kv_store is not None:  # pending disk writes finish before the process exits
             atexit.register(_flush_store, weakref.ref(self.kv_store))
+        self._loop = EngineLoop(self.runner, self._engine_turn, max_queued=max_queued,
+                                prefill_budget=prefill_budget)
 
     def close(self) -> None:
         """Finish pending work that outlives a request (the KV store's disk writes). The runtime stays usable."""
@@ -304,10 +320,56 @@ class LLMInferenceRuntime:
         return name
 
     # ------------------------------------------------------------------ generation
+    @property
+    def batches_requests(self) -> bool:
+        """Whether requests run on the engine loop, batched with each other's (continuous batching).
+        Not yet with KV reuse, speculation or a vision model: their requests take turns on the engine."""
+        return self.kv_store is None and self._proposer is None and self.vision is None
+
+    def submit(self, request: LLMGenerationRequest, *, priority: int = 0) -> RequestHandle:
+        """Queue `request` on the engine loop and return at once: its items join the running batch as
+        KV slots free up (lower `priority` values first, then arrival order), each with its own
+        sampling settings, seed, stops, limits and adapter. The handle streams (`handle.stream()`:
+        (item, text delta) pairs), waits (`handle.result()`: the LLMGenerationResponse handle_request
+        returns), reports (`handle.done()`) and cancels (`handle.cancel()`). Bad requests raise here,
+        before any model work; QueueFullError where max_queued sequences already wait."""
+        if not self.batches_requests:
+            raise ConfigurationError("submit() runs requests on the engine loop, which does not yet serve runtimes "
+                                     "with KV reuse, speculative decoding or a vision model: use handle_request")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
+        prompts, _, _, sampling, stops, adapters = self._prepare(request)
+        seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
+        decode = self.tokenizer.decode if self.tokenizer is not None else None
+        sequences = [Sequence(prompt=ids, temperature=sampling.temperature, top_k=sampling.top_k,
+                              top_p=sampling.top_p, seed=(seed + i * _SEED_STRIDE) & 0xFFFFFFFF,
+                              max_new=request.max_generate_length, adapter=adapter,
+                              row=GenerationRow(len(ids), RowText(decode, stops, True) if decode else None),
+                              eos_token_ids=self.eos_token_ids, priority=priority)
+                     for i, (ids, adapter) in enumerate(zip(prompts, adapters))]
+        handle = RequestHandle(sequences, self._loop.wake, respond)
+        self._loop.submit(handle)
+        return handle
+
     def handle_request(self, request: LLMGenerationRequest, *,
                        on_text: TextCallback | None = None) -> LLMGenerationResponse:
-        """Generate for every item of `request`. `on_text(i, delta)` streams item i's text.
-        Safe from several threads: requests take turns on the engine in arrival order."""
+        """Generate for every item of `request`. `on_text(i, delta)` streams item i's text (called on
+        this thread). Safe from several threads: their requests share the running batch (submit);
+        with KV reuse, speculation or a vision model they take turns on the engine in arrival order."""
+        if self.batches_requests:
+            if self._loop.on_loop_thread:
+                raise ReentrantRequestError("handle_request was called on the engine loop's thread")
+            if on_text is not None:
+                self._require_tokenizer()
+            handle = self.submit(request)
+            try:
+                for item, delta in handle.stream():
+                    if on_text is not None:
+                        on_text(item, delta)
+            except BaseException:
+                handle.cancel()
+                raise
+            return handle.result()
         started = time.perf_counter()
         with self._engine_turn(request=True):
             queued_ms = (time.perf_counter() - started) * 1e3

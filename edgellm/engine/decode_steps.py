@@ -1,7 +1,8 @@
 """Decode steps of one engine. The fast path: the running batch's rows in static buffers (graphs.py
 DecodeBuffers), sampling inside the step, one CUDA graph per DecodeKey (padded batch size, LoRA on/off).
-start_decode sets the rows; decode_sample_step advances them all by one token; keep_decode_rows drops
-finished rows; restart_decode_rows points the same rows elsewhere. decode_step is the seeds' eager
+start_decode sets the rows; decode_sample_step advances them all by one token; add_decode_rows lets rows
+join (sequences admitted while others decode), keep_decode_rows drops finished rows; restart_decode_rows
+points the same rows elsewhere. decode_step is the seeds' eager
 embeddings-in, logits-out step. DecodeSteps receives the engine's state, adapters, graph registry and
 verify steps (whose graphs it captures with each batch size's); it owns the decode buffers."""
 
@@ -120,6 +121,22 @@ class DecodeSteps:
         rows["lora"] = torch.tensor(lora_rows, dtype=torch.int32, device=self.state.device)
         self._load_rows(rows, lora_rows)
 
+    def add_decode_rows(self, tokens, slots, temperature, top_k, top_p, seeds, offsets, lora=None) -> None:
+        """Rows joining the running decode batch, after its live rows (start_decode's arguments, for the
+        new rows; start_decode itself where no batch runs). The rows already running go on as they were;
+        the batch moves to the smallest padded size that holds them all. A slot that is already running,
+        or more rows than max_batch_size in all, is an InvalidRequestError."""
+        if self.active is None:
+            return self.start_decode(tokens, slots, temperature, top_k, top_p, seeds, offsets, lora)
+        buf, state = self.active, self.state
+        new = decode_rows(state.device, state.config.max_supported_batch_size, tokens, slots, temperature, top_k,
+                          top_p, seeds, offsets)
+        new_lora = self.adapters.rows(lora, new["slots"].shape[0])
+        new["lora"] = torch.tensor(new_lora, dtype=torch.int32, device=state.device)
+        rows = joined_rows(buf.rows(torch.arange(buf.live_rows, device=state.device)), new,
+                           state.config.max_supported_batch_size)
+        self._load_rows(rows, buf.lora_host[:buf.live_rows] + new_lora)
+
     def restart_decode_rows(self, tokens, lengths=None) -> None:
         """Point the running decode batch's rows (start_decode's: same slots and settings) at new
         input tokens ([n], a list or a device tensor) and, if given, set their slots' cache lengths
@@ -206,6 +223,19 @@ def decode_rows(device, most: int, tokens, slots, temperature, top_k, top_p, see
         raise InvalidRequestError(f"decode batch of {n} rows is outside 1..{most}")
     if any(v.shape != (n,) for v in rows.values()):
         raise InvalidRequestError("start_decode: every per-row argument must have one entry per row")
+    return rows
+
+
+def joined_rows(running: dict, new: dict, most: int) -> dict:
+    """The running rows' per-row tensors (by name) followed by the new rows', checked: at most `most`
+    rows and no slot twice (a row that joined a slot already running would read and write its cache)."""
+    rows = {name: torch.cat([running[name], new[name]]) for name in running}
+    count = rows["slots"].shape[0]
+    if count > most:
+        raise InvalidRequestError(f"add_decode_rows: {running['slots'].shape[0]} running rows + "
+                                  f"{new['slots'].shape[0]} new ones exceed max_batch_size {most}")
+    if rows["slots"].unique().numel() != count:
+        raise InvalidRequestError("add_decode_rows: a new row's slot is already running (or given twice)")
     return rows
 
 

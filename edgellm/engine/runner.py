@@ -10,7 +10,8 @@ The path of a step through the code, in the order a request meets it:
   prefill_steps.py   prefill_step / prefill_tokens: a prompt into its slot, chunk by chunk, replayed
                      from CUDA graphs (graphs.py) over static buffers;
   decode_steps.py    start_decode, then decode_sample_step / decode_launch per token: embedding, all
-                     layers, LM head and sampling in one graph per padded batch size; decode_step is the
+                     layers, LM head and sampling in one graph per padded batch size; rows join
+                     (add_decode_rows) and leave (keep_decode_rows) between steps; decode_step is the
                      seeds' eager step;
   verify.py          speculative token trees through the model in one step (verify_sample_trees);
   model.py           forward_logits: the one decoder forward every step runs, each op from kernels/.
@@ -259,6 +260,7 @@ class LLMEngineRunner:
     decode_step = _run_by("_decode", DecodeSteps.decode_step)
     capture_decode_graphs = _run_by("_decode", DecodeSteps.capture_decode_graphs)
     start_decode = _run_by("_decode", DecodeSteps.start_decode)
+    add_decode_rows = _run_by("_decode", DecodeSteps.add_decode_rows)
     restart_decode_rows = _run_by("_decode", DecodeSteps.restart_decode_rows)
     keep_decode_rows = _run_by("_decode", DecodeSteps.keep_decode_rows)
     end_decode = _run_by("_decode", DecodeSteps.end_decode)

@@ -212,6 +212,52 @@ def test_restart_decode_rows_rewinds_like_a_new_start(tiny_models):
         runner.restart_decode_rows([1], None)
 
 
+def _alone(runner, prompt, params, steps):
+    """One prompt's first sampled token and its next `steps` tokens, alone in slot 0."""
+    temperature, top_k, top_p, seed = params
+    logits = runner.prefill_step(runner.embed(torch.tensor([prompt])), [len(prompt)])
+    first = ops.sample(logits, *(torch.tensor([x]) for x in params), torch.zeros(1, dtype=torch.int64))
+    runner.start_decode(first, [0], [temperature], [top_k], [top_p], [seed], [0])
+    tokens = [first.item()] + [runner.decode_sample_step().item() for _ in range(steps)]
+    runner.end_decode()
+    return tokens
+
+
+@pytest.mark.reference_ops
+def test_rows_joining_the_batch_decode_as_they_would_alone(tiny_models):
+    """A row decodes 3 steps alone; two prompts are then prefilled into other slots while it waits and
+    join it (add_decode_rows, one greedy and one sampled); 5 more steps. Every row's tokens equal its
+    run alone, and the running row's RNG offsets and slot are untouched by the joining."""
+    model_dir, _ = tiny_models["llama"]
+    settings = [(0.9, 20, 0.8, 11), (0.0, 1, 1.0, 0), (1.3, 0, 0.95, 12345)]
+    alone = [_alone(LLMEngineRunner(model_dir, device="cpu", dtype="float32"), p, s, 8)
+             for p, s in zip(TINY_PROMPTS, settings)]
+    runner = LLMEngineRunner(model_dir, device="cpu", dtype="float32", max_batch_size=3)
+    prompt, (temperature, top_k, top_p, seed) = TINY_PROMPTS[0], settings[0]
+    logits = runner.prefill_step(runner.embed(torch.tensor([prompt])), [len(prompt)], slots=[2])
+    token = ops.sample(logits, *(torch.tensor([x]) for x in settings[0]), torch.zeros(1, dtype=torch.int64))
+    runner.start_decode(token, [2], [temperature], [top_k], [top_p], [seed], [0])
+    got = [[token.item()] + [runner.decode_sample_step().item() for _ in range(3)], [], []]
+    ids, lengths = _padded(TINY_PROMPTS[1:])
+    logits = runner.prefill_step(runner.embed(ids), lengths, slots=[0, 1])
+    params = [torch.tensor(column) for column in zip(*settings[1:])]
+    tokens = ops.sample(logits, *params, torch.zeros(2, dtype=torch.int64))
+    runner.add_decode_rows(tokens, [0, 1], *params, [0, 0])
+    got[1], got[2] = [tokens[0].item()], [tokens[1].item()]
+    for _ in range(5):
+        for row, token in zip(got, runner.decode_sample_step().tolist()):
+            row.append(token)
+    assert got[0] == alone[0][:9] and got[1] == alone[1][:6] and got[2] == alone[2][:6]
+    runner.keep_decode_rows([0, 1])  # slots 2 and 0 go on
+    with pytest.raises(InvalidRequestError, match="already running"):
+        runner.add_decode_rows([1], [2], [0.0], [1], [1.0], [0], [0])
+    with pytest.raises(InvalidRequestError, match="exceed max_batch_size 3"):
+        runner.add_decode_rows([1, 1], [1, 0], [0.0] * 2, [1] * 2, [1.0] * 2, [0] * 2, [0] * 2)
+    runner.end_decode()
+    runner.add_decode_rows([1], [1], [0.0], [1], [1.0], [0], [0])  # no batch running: a start
+    assert runner.decode_sample_step().shape == (1,)
+
+
 # ---- on a CUDA GPU ----
 
 def _decode_runs(model_dir, params, keep=None, **runner_kw):

@@ -9,7 +9,7 @@ another engine comes in through _open_engine and _run_decode, as bench/trials/te
 embedding lookup is theirs (embedding.safetensors of the export).
 
 The decode loop LLMInferenceRuntime drives (start_decode, decode_sample_step / decode_launch,
-keep_decode_rows, end_decode, sample) runs here eagerly: a step is decode_step on the rows' last
+add_decode_rows, keep_decode_rows, end_decode, sample) runs here eagerly: a step is decode_step on the rows' last
 tokens, then the sampling kernel, with the triton backend's per-row settings and RNG offsets.
 
 What the exported graph does not have is refused with ConfigurationError: up front, the arguments
@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from ...errors import BackendError, ConfigurationError, InvalidRequestError, LoraError, ModelLoadError
 from ...kernels import ops
 from ..config import EngineConfig
-from ..decode_steps import PendingTokens, decode_rows
+from ..decode_steps import PendingTokens, decode_rows, joined_rows
 from ..devices import resolve_device, resolve_dtype
 from ..kv_cache import LinearKVCache
 from ..prefill_steps import _int_list, prefill_rows
@@ -228,6 +228,15 @@ class ExportedSteps:
     def decode_launch(self) -> PendingTokens:
         """decode_sample_step, its tokens already on the host (the step is eager)."""
         return PendingTokens(self.decode_sample_step().cpu(), None)
+
+    def add_decode_rows(self, tokens, slots, temperature, top_k, top_p, seeds, offsets, lora=None) -> None:
+        """As DecodeSteps.add_decode_rows (base model only)."""
+        if self._rows is None:
+            return self.start_decode(tokens, slots, temperature, top_k, top_p, seeds, offsets, lora)
+        most = self.config.max_supported_batch_size
+        new = decode_rows(self.device, most, tokens, slots, temperature, top_k, top_p, seeds, offsets)
+        self._base_model_only(lora, new["slots"].shape[0])
+        self._rows = joined_rows(self._rows, new, most)
 
     def keep_decode_rows(self, keep) -> None:
         index = torch.as_tensor(list(keep), dtype=torch.int64, device=self.device)

@@ -1,0 +1,310 @@
+"""EngineLoop: the one thread that drives the runner for submitted requests (continuous batching).
+
+An iteration, while any sequence waits or runs:
+  1. retire the cancelled sequences (their slots freed, their rows out of the decode batch);
+  2. admit waiting sequences into free KV slots (scheduler.py);
+  3. prefill: up to `prefill_budget` prompt tokens of the admitted sequences still prefilling, in one
+     runner.prefill_tokens call (a long prompt goes over several iterations: the chunk after its cached
+     part); a sequence whose prompt is complete samples its first token and joins the decode batch
+     (runner.add_decode_rows) with its own sampling settings, seed, adapter and RNG offset 0;
+  4. one decode step of the batch (runner.decode_launch; while nothing waits or prefills, the next step
+     is queued before this one's tokens are read): each row's token goes to its sequence
+     (streaming.advance_rows: EOS, max tokens, stop strings, text deltas);
+  5. finished rows leave the batch (runner.keep_decode_rows); their handles complete.
+Running rows thus keep producing a token per iteration while a long prompt prefills beside them, and a
+row's tokens depend only on its own prompt, settings and seed, never on its batch-mates (each row's
+RNG is its seed and offset; each kernel computes each row alone).
+
+The loop holds the runtime's engine turn (runtime.py) for as long as it has work, so LoRA changes and
+`exclusive()` blocks wait for it to go idle. Streaming deltas are queued for the caller's thread
+(RequestHandle.stream); no caller code runs on the loop's thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from typing import Callable, Iterator
+
+import torch
+
+from ..errors import RequestCancelledError
+from ..kernels.dispatch import run_settings, run_with
+from ..requests import GenerationTimings, LLMGenerationResponse
+from ..streaming import advance_rows
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+log = logging.getLogger("edgellm")
+
+# Prompt tokens prefilled per iteration, beside the running rows' decode step.
+DEFAULT_PREFILL_BUDGET = 512
+
+
+class RequestHandle:
+    """A submitted request (LLMInferenceRuntime.submit): stream(), result(), done(), cancel()."""
+
+    def __init__(self, sequences: list[Sequence], wake: Callable[[], None],
+                 respond: Callable[["RequestHandle"], object]):
+        self.sequences = sequences
+        self.submitted = time.perf_counter()
+        self._wake, self._respond = wake, respond
+        self._deltas: queue.Queue = queue.Queue()  # (item, text) pieces, then None once every item is done
+        self._finished = threading.Event()
+        self._error: BaseException | None = None
+        self._response = None
+        self._left = len(sequences)
+        for item, seq in enumerate(sequences):
+            seq.on_text = (lambda item: lambda text: self._deltas.put((item, text)))(item)
+
+    def stream(self) -> Iterator[tuple[int, str]]:
+        """(item index, text delta) pairs as the items generate, until all are done (then the error,
+        if the request failed). Texts joined per item equal result()'s output_texts."""
+        while True:
+            piece = self._deltas.get()
+            if piece is None:
+                break
+            yield piece
+        if self._error is not None:
+            raise self._error
+
+    def result(self, timeout: float | None = None):
+        """The LLMGenerationResponse, once every item is done (TimeoutError after `timeout` seconds);
+        RequestCancelledError after cancel(); the engine's error if the request failed."""
+        if not self._finished.wait(timeout):
+            raise TimeoutError(f"the request did not finish within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._response
+
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    def cancel(self) -> None:
+        """Stop generating: each item's slot is freed at the next step boundary; result() then raises
+        RequestCancelledError. No effect once the request is done."""
+        if self.done():
+            return
+        for seq in self.sequences:
+            seq.cancelled = True
+        self._wake()
+
+    # ---- called by the loop
+    def _sequence_done(self) -> None:
+        self._left -= 1
+        if self._left == 0:
+            if any(seq.cancelled and seq.row.finish_reason is None for seq in self.sequences):
+                self._fail(RequestCancelledError("the request was cancelled"))
+                return
+            try:
+                self._response = self._respond(self)
+            except Exception as exc:  # noqa: BLE001 (handed to the caller's thread)
+                self._fail(exc)
+                return
+            self._deltas.put(None)
+            self._finished.set()
+
+    def _fail(self, error: BaseException) -> None:
+        if self._finished.is_set():
+            return
+        self._error = error
+        self._deltas.put(None)
+        self._finished.set()
+
+
+def respond(handle: RequestHandle):
+    """A finished handle's LLMGenerationResponse (on the loop's thread): its items' texts, ids, finish
+    reasons and timings (queue: submitted -> first item admitted; prefill: -> the last item's first
+    token; decode: -> the last item's finish)."""
+    sequences = handle.sequences
+    for seq in sequences:
+        seq.row.text = seq.row.live_text.text if seq.row.live_text is not None else ""
+    admitted = min(seq.admitted for seq in sequences)
+    first = max(seq.first_token for seq in sequences)
+    finished = max(seq.finished or time.perf_counter() for seq in sequences)
+    timings = GenerationTimings(queue_ms=(admitted - handle.submitted) * 1e3, prefill_ms=(first - admitted) * 1e3,
+                                decode_ms=(finished - first) * 1e3,
+                                decode_tokens=sum(max(len(seq.row.ids) - 1, 0) for seq in sequences),
+                                total_ms=(finished - handle.submitted) * 1e3)
+    return LLMGenerationResponse(
+        output_texts=[seq.row.text for seq in sequences], output_ids=[seq.row.ids for seq in sequences],
+        finish_reasons=[seq.row.finish_reason for seq in sequences],
+        prompt_lengths=[seq.row.prompt_len for seq in sequences], timings=timings)
+
+
+class EngineLoop:
+    def __init__(self, runner, engine_turn, *, max_queued: int | None = None,
+                 prefill_budget: int | None = None):
+        """engine_turn(): the runtime's context manager that holds the engine (held while busy)."""
+        self.runner = runner
+        self._engine_turn = engine_turn
+        self.prefill_budget = prefill_budget or DEFAULT_PREFILL_BUDGET
+        self.scheduler = Scheduler(runner.config.max_supported_batch_size, max_queued)
+        self.batch: list[Sequence] = []  # the runner's decode rows, in its order
+        self._in_flight: collections.deque = collections.deque()  # (the rows of a queued step, its PendingTokens)
+        self._handles: dict[Sequence, RequestHandle] = {}
+        self._work = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._settings = run_settings()
+
+    def submit(self, handle: RequestHandle) -> None:
+        """Queue a handle's sequences (QueueFullError past max_queued) and wake the loop. The loop's
+        steps run under the kernels' RunSettings of the thread that submitted last (kernels/dispatch.py:
+        they are per thread, so a caller's use_reference() block reaches the loop this way)."""
+        with self._work:
+            self.scheduler.add(handle.sequences)
+            self._settings = run_settings()
+            for seq in handle.sequences:
+                self._handles[seq] = handle
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="edgellm-engine-loop", daemon=True)
+                self._thread.start()
+            self._work.notify()
+
+    def wake(self) -> None:
+        with self._work:
+            self._work.notify()
+
+    @property
+    def on_loop_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def _run(self) -> None:
+        while True:
+            with self._work:
+                while self.scheduler.idle:
+                    self._work.wait()
+            with self._engine_turn(), torch.inference_mode():
+                while True:
+                    try:
+                        with run_with(**self._settings._asdict()):
+                            self._iteration()
+                    except Exception as exc:  # noqa: BLE001 (every request in flight gets it)
+                        log.exception("engine loop iteration failed")
+                        self._fail_all(exc)
+                    with self._work:
+                        if self.scheduler.idle:
+                            break
+
+    def _iteration(self) -> None:
+        with self._work:
+            for seq in self.scheduler.drop_cancelled_waiting():
+                self._finish(seq)
+            self._retire([seq for seq in self.scheduler.running if seq.cancelled])
+            self.scheduler.admit()
+            chunks = self.scheduler.prefill_chunks(self.prefill_budget)
+        if chunks:
+            self._prefill(chunks)
+        if self.batch:
+            self._decode()
+        with self._work:
+            self._retire([seq for seq in self.scheduler.running if seq.done and not seq.prefilling])
+
+    def _prefill(self, chunks: list[tuple[Sequence, int]]) -> None:
+        runner = self.runner
+        logits = runner.prefill_tokens([seq.prompt[:seq.prefilled + take] for seq, take in chunks],
+                                       slots=[seq.slot for seq, _ in chunks], lora=[seq.adapter for seq, _ in chunks],
+                                       cached_lengths=[seq.prefilled for seq, _ in chunks])
+        for seq, take in chunks:
+            seq.prefilled += take
+        ready = [i for i, (seq, _) in enumerate(chunks) if not seq.prefilling]
+        if not ready:
+            return
+        joining = [chunks[i][0] for i in ready]
+        device = logits.device
+        settings = [torch.tensor(values, dtype=dtype, device=device) for values, dtype in
+                    zip(self._row_settings(joining), (torch.float32, torch.int32, torch.float32, torch.int64,
+                                                      torch.int64))]
+        first = runner.sample(logits[torch.tensor(ready, device=device)], *settings).tolist()
+        now = time.perf_counter()
+        for seq, token in zip(joining, first):
+            seq.first_token = now
+            self._advance(seq, [token])
+        running = [(seq, token) for seq, token in zip(joining, first) if not seq.done]
+        if running:
+            self._drain()
+            seqs = [seq for seq, _ in running]
+            settings = self._row_settings(seqs)
+            runner.add_decode_rows([token for _, token in running], [seq.slot for seq in seqs], *settings,
+                                   lora=[seq.adapter for seq in seqs])
+            self.batch.extend(seqs)
+
+    def _row_settings(self, seqs: list[Sequence]):
+        """(temperature, top_k, top_p, seeds, offsets) of these rows, offsets at 0 (the first token's)."""
+        return ([s.temperature for s in seqs], [s.top_k for s in seqs], [s.top_p for s in seqs],
+                [s.seed for s in seqs], [0] * len(seqs))
+
+    def _decode(self) -> None:
+        """One step's tokens to the batch's sequences. Running ahead (Switches.run_ahead, as the lock-taking
+        path does): while no sequence waits, prefills or has finished, the next step is queued before this
+        one's tokens are read, so the host's work per token hides behind the device's step."""
+        runner = self.runner
+        if runner.needs_rows_each_step:  # LongRoPE: rows about to pass the original context are recomputed
+            runner.prepare_decode_rows([s.slot for s in self.batch], [s.prompt for s in self.batch],
+                                       [s.row.ids for s in self.batch], [s.adapter for s in self.batch])
+        steady = self._may_run_ahead() and not any(seq.done for seq in self.batch)
+        with self._work:
+            steady = steady and not self.scheduler.waiting and not any(s.prefilling for s in self.scheduler.running)
+        while len(self._in_flight) < (2 if steady else 1):
+            self._in_flight.append((list(self.batch), runner.decode_launch()))
+        self._take(*self._in_flight.popleft())
+
+    def _may_run_ahead(self) -> bool:
+        return self.runner.switches.run_ahead and not self.runner.needs_rows_each_step
+
+    def _take(self, rows: list[Sequence], pending) -> None:
+        """A launched step's tokens to its rows (a row that finished since computed one more, dropped)."""
+        for seq, token in zip(rows, pending.wait()):
+            if not seq.done:
+                seq.offset += 1
+                self._advance(seq, [token])
+
+    def _drain(self) -> None:
+        """Read every step still in flight: before the batch's rows change."""
+        while self._in_flight:
+            self._take(*self._in_flight.popleft())
+
+    def _advance(self, seq: Sequence, tokens: list[int]) -> None:
+        advance_rows([seq.row], [0], [tokens], seq.eos_token_ids, seq.max_new,
+                     (lambda _, text: seq.on_text(text)) if seq.on_text is not None else None)
+
+    def _retire(self, finished: list[Sequence]) -> None:
+        """Called holding self._work: the finished sequences leave the batch and give their slots back."""
+        if not finished:
+            return
+        gone = set(finished)
+        keep = [i for i, seq in enumerate(self.batch) if seq not in gone]
+        if len(keep) != len(self.batch):
+            self._drain()
+            if keep:
+                self.runner.keep_decode_rows(keep)
+            else:
+                self.runner.end_decode()
+            self.batch = [self.batch[i] for i in keep]
+        for seq in finished:
+            self.scheduler.retire(seq)
+            self._finish(seq)
+
+    def _finish(self, seq: Sequence) -> None:
+        handle = self._handles.pop(seq, None)
+        if handle is not None:
+            handle._sequence_done()
+
+    def _fail_all(self, error: BaseException) -> None:
+        """An iteration raised: every request in flight fails with it, the engine's batch is dropped."""
+        with self._work:
+            self._in_flight.clear()
+            self.runner.end_decode()
+            self.batch = []
+            for seq in list(self.scheduler.running):
+                self.scheduler.retire(seq)
+            for _, _, seq in self.scheduler.waiting:
+                seq.cancelled = True
+            self.scheduler.drop_cancelled_waiting()
+            handles = set(self._handles.values())
+            self._handles.clear()
+        for handle in handles:
+            handle._fail(error)

@@ -1,0 +1,84 @@
+"""Scheduler: the waiting and running sequences and the KV slots they hold.
+
+Admission is by free slot: each slot of the linear cache holds one sequence's whole prompt and output
+(its length is checked against the capacity when the request is submitted), so a sequence that gets a
+slot can always finish in it, and nothing is preempted. Waiting sequences are admitted lowest priority
+value first, then in arrival order (first come, first served); the items of one request arrive
+together. The waiting queue is bounded (max_queued): past it, add() raises QueueFullError at once.
+
+Prefill: each iteration takes up to `budget` prompt tokens from the admitted sequences still prefilling,
+the least prompt left first (a long prompt is prefilled over several iterations, between the running
+rows' decode steps, and a short one that arrives meanwhile is not kept waiting behind it). Pure bookkeeping on the host: the engine loop asks, the runner computes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+
+from ..errors import QueueFullError
+from .sequence import Sequence
+
+
+class Scheduler:
+    def __init__(self, slots: int, max_queued: int | None = None):
+        self.free: list[int] = list(range(slots))  # a heap: the lowest free slot first
+        self.waiting: list[tuple[int, int, Sequence]] = []  # a heap of (priority, arrival number, sequence)
+        self.running: list[Sequence] = []  # admitted, in admission order: prefilling or decoding
+        self.max_queued = max_queued
+
+    def add(self, sequences: list[Sequence]) -> None:
+        """Queue one request's sequences (all of them, or none: QueueFullError)."""
+        if self.max_queued is not None and len(self.waiting) + len(sequences) > self.max_queued:
+            raise QueueFullError(f"{len(self.waiting)} sequences are waiting for a KV slot (max_queued "
+                                 f"{self.max_queued}); {len(sequences)} more do not fit: retry later")
+        for seq in sequences:
+            heapq.heappush(self.waiting, (seq.priority, seq.number, seq))
+
+    def admit(self) -> list[Sequence]:
+        """Give free slots to the first waiting sequences; returns the ones admitted now."""
+        admitted = []
+        while self.free and self.waiting:
+            seq = heapq.heappop(self.waiting)[2]
+            if seq.cancelled:
+                continue
+            seq.slot, seq.admitted = heapq.heappop(self.free), time.perf_counter()
+            self.running.append(seq)
+            admitted.append(seq)
+        return admitted
+
+    def prefill_chunks(self, budget: int) -> list[tuple[Sequence, int]]:
+        """(sequence, tokens to prefill now) for the prefilling sequences, at most `budget` (>= 1) tokens
+        in all: the least prompt left first (then admission order), so that a short prompt arriving
+        while a long one prefills starts decoding at once; the long one takes the rest of each budget."""
+        chunks = []
+        waiting = [seq for seq in self.running if seq.prefilling and not seq.cancelled]
+        for seq in sorted(waiting, key=lambda seq: len(seq.prompt) - seq.prefilled):
+            if budget <= 0:
+                break
+            take = min(len(seq.prompt) - seq.prefilled, budget)
+            chunks.append((seq, take))
+            budget -= take
+        return chunks
+
+    def decoding(self) -> list[Sequence]:
+        """The running sequences past their prefill, not finished (the decode batch's rows)."""
+        return [seq for seq in self.running if not seq.prefilling and not seq.done]
+
+    def retire(self, seq: Sequence) -> None:
+        """A finished or cancelled running sequence gives its slot back."""
+        self.running.remove(seq)
+        heapq.heappush(self.free, seq.slot)
+        seq.finished = time.perf_counter()
+
+    def drop_cancelled_waiting(self) -> list[Sequence]:
+        """Remove cancelled sequences from the waiting queue; returns them."""
+        dropped = [entry[2] for entry in self.waiting if entry[2].cancelled]
+        if dropped:
+            self.waiting = [entry for entry in self.waiting if not entry[2].cancelled]
+            heapq.heapify(self.waiting)
+        return dropped
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running

@@ -1,0 +1,52 @@
+"""Sequence: one generated row of a request, from its arrival to its finish. Everything that may differ
+between the rows of one running batch lives here: prompt, sampling settings and RNG offset, limits,
+adapter, stop ids and strings (the latter in its GenerationRow's text), the KV slot it holds and how much of its prompt is
+in that slot's cache, and its timings."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from typing import Callable
+
+from ..streaming import GenerationRow
+
+_arrivals = itertools.count()  # ties in arrival time keep submission order
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    prompt: list[int]
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    max_new: int
+    adapter: str  # "" = the base model
+    row: GenerationRow  # the generated ids, finish reason and live text (streaming.py)
+    eos_token_ids: frozenset[int] = frozenset()  # ids that end the row (reason "stop")
+    priority: int = 0  # lower first, as vLLM's; then arrival order
+    on_text: Callable[[str], None] | None = None  # this row's streamed text deltas
+    number: int = dataclasses.field(default_factory=lambda: next(_arrivals))
+    arrived: float = dataclasses.field(default_factory=time.perf_counter)
+    slot: int | None = None  # the KV slot, once admitted
+    prefilled: int = 0  # prompt tokens already in the slot's cache
+    offset: int = 0  # the RNG offset used last (each sampled token advances it by one)
+    cancelled: bool = False
+    admitted: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.row.finish_reason is not None or self.cancelled
+
+    @property
+    def prefilling(self) -> bool:
+        """Admitted, with prompt tokens still to prefill (no token sampled yet)."""
+        return self.slot is not None and self.prefilled < len(self.prompt)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
