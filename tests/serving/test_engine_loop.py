@@ -176,3 +176,31 @@ def test_bad_submissions_fail_before_any_work(tiny_models, runtime):
         with pytest.raises(QueueFullError, match="max_queued 2"):
             bounded.submit(request)
         assert [_answer(h.result(timeout=300)) for h in [first] + waiting] == [_answer(first.result())] * 3
+
+
+def test_no_memory_growth_over_2000_requests(runtime):
+    """2000 short requests, 8 at a time: after the first 200, what Python holds grows by under 256 KiB,
+    and the loop keeps no handle, row or step of a finished request."""
+    import gc
+    import tracemalloc
+
+    request = LLMGenerationRequest(requests=[{"input_ids": [1, 50, 6]}], max_generate_length=2, temperature=0)
+
+    def burst(count):
+        for _ in range(count // 8):
+            handles = [runtime.submit(request) for _ in range(8)]
+            for handle in handles:
+                handle.result(timeout=60)
+
+    with use_reference():
+        burst(200)
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        burst(1800)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+    loop = runtime._loop
+    assert grown < 256 << 10, f"{grown} bytes more after 1800 requests"
+    assert not loop._handles and not loop.batch and not loop._in_flight and loop.scheduler.idle
