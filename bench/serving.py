@@ -5,7 +5,7 @@ the runner's static batch of the same size decoding in the same run.
 
 Requests: prompts of 128-1024 random tokens, 64-256 new tokens each (greedy, no stop ids: each runs its
 full length), drawn with a fixed seed. Per client count: aggregate output tokens/s, TTFT p50/p99
-(submit -> first streamed text) and inter-token latency p50/p99 (between a row's streamed deltas).
+(submit -> the first token on the host) and inter-token latency p50/p99 (between a row's tokens).
 
 Run on a CUDA GPU:  python bench/serving.py [--shape llama-3.2-1b] [--clients 1 4 16 64] [--requests 64]
                     [--json bench/results/serving.json]
@@ -54,19 +54,13 @@ def closed_loop(runtime, jobs: list[LLMGenerationRequest], clients: int, seriali
             try:
                 if serialized:
                     lock.acquire()
-                began = time.perf_counter()
                 handle = runtime.submit(job)
-                last = None
-                for _, _ in handle.stream():
-                    now = time.perf_counter()
-                    if last is None:
-                        ttft.append((now - began) * 1e3)
-                    else:
-                        itl.append((now - last) * 1e3)
-                    last = now
                 response = handle.result()
+                times = handle.sequences[0].token_times  # when each token reached the row (engine loop)
                 with lock_jobs:
                     tokens[0] += sum(len(ids) for ids in response.output_ids)
+                    ttft.append((times[0] - handle.submitted) * 1e3)
+                    itl.extend((b - a) * 1e3 for a, b in zip(times, times[1:]))
             except Exception as exc:  # noqa: BLE001 - reported in the result
                 errors.append(repr(exc))
             finally:
@@ -92,15 +86,17 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--requests", type=int, default=64, help="requests per client count")
     parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--prefill-budget", type=int, default=None, help="runtime's prefill_budget (default 512)")
     parser.add_argument("--cache-dir", default="/tmp/edgellm-bench-models")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     model_dir = random_model_dir(args.shape, args.cache_dir)
     runtime = LLMInferenceRuntime(model_dir, device="cuda", dtype="float16", max_batch_size=args.max_batch,
-                                  max_input_length=1024, max_kv_cache_capacity=1024 + 256)
+                                  max_input_length=1024, max_kv_cache_capacity=1024 + 256,
+                                  prefill_budget=args.prefill_budget)
     vocab = runtime.config.vocab_size
     runtime.eos_token_ids = frozenset()  # every request runs its full length (submit reads them per request)
-    runtime.handle_request(workload(1, vocab, seed=99)[0])  # warm-up: graphs captured, kernels compiled
+    closed_loop(runtime, workload(32, vocab, seed=99), 16, False)  # warm-up: graphs captured, kernels compiled
     rows = []
     for clients in args.clients:
         jobs = workload(args.requests, vocab, seed=clients)
@@ -109,14 +105,16 @@ def main() -> None:
             print(json.dumps(rows[-1]), file=sys.stderr)
     with runtime.exclusive() as runner:
         static = bench_decode(runner, args.max_batch, 512, 128, 3, copy_bandwidth())
-    print(f"serving  {args.shape}  static batch {args.max_batch}: {static['tokens_per_s']:.0f} tok/s")
+    print(f"serving  {args.shape}  prefill budget {runtime._loop.prefill_budget}  static batch {args.max_batch}: "
+          f"{static['tokens_per_s']:.0f} tok/s")
     print("clients path        tok/s   TTFT p50/p99 ms   ITL p50/p99 ms  errors")
     for row in rows:
         print(f"{row['clients']:7d} {'serialized' if row['serialized'] else 'loop':10s} {row['tokens_per_s']:7.0f} "
               f"{row['ttft_p50_ms']:8.1f}/{row['ttft_p99_ms']:<8.1f} {row['itl_p50_ms']:7.2f}/{row['itl_p99_ms']:<7.2f} "
               f"{len(row['errors'])}")
     if args.json:
-        args.json.write_text(json.dumps(dict(shape=args.shape, static=static, rows=rows), indent=2) + "\n")
+        args.json.write_text(json.dumps(dict(shape=args.shape, prefill_budget=runtime._loop.prefill_budget,
+                                             static=static, rows=rows), indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ Owns the tokenizer, one LLMEngineRunner and the engine loop. The path of a reque
   streaming.py       advance_rows: each row's new tokens, finish reasons, incremental text, stop strings
                      and streamed deltas (queued to the caller's thread: RequestHandle.stream);
   requests.py        LLMGenerationResponse with texts, ids, finish reasons and timings.
-Runtimes with KV reuse, speculation or a vision model do not run on the loop yet: their requests take
-turns on the engine (_generate, one request at a time: engine/kv_store.py restores each prompt's longest
-saved prefix, multimodal.py and vision/ place images, speculative/ proposes and verify_sample_trees checks).
+With KV reuse the loop restores each admitted prompt's longest saved prefix (engine/kv_store.py) and
+saves its new blocks once prefilled. Runtimes with speculation or a vision model do not run on the loop
+yet: their requests take turns on the engine (_generate, one request at a time: multimodal.py and
+vision/ place images, speculative/ proposes and verify_sample_trees checks).
 
 Threads: whatever touches the engine (the loop while it has work, a request on the lock-taking path,
 adding/removing/switching LoRA adapters, flushing the KV store) runs in a turn of one FifoLock, first
@@ -49,7 +50,7 @@ from .errors import (ConfigurationError, InvalidRequestError, LoraError, Reentra
 from .fifo_lock import FifoLock
 from .models import generation_config, resolve_model_dir, stop_token_ids
 from .multimodal import ImagePrompt, ImagePrompts, image_sources, prefill_positions, template_messages
-from .serving.engine_loop import EngineLoop, RequestHandle, respond
+from .serving.engine_loop import OWN_RATE_MIN_TOKENS, EngineLoop, RequestHandle, respond
 from .serving.sequence import Sequence
 from .requests import (GenerationItem, GenerationTimings, LLMGenerationRequest, LLMGenerationResponse,
                        SamplingSettings, sampling_settings, stop_strings, validate_request)
@@ -64,9 +65,6 @@ from .vision.graphs import GRAPH_MAX_PATCHES
 TextCallback = Callable[[int, str], None]
 
 _SEED_STRIDE = 0x632BE5AB  # spreads the per-item seeds of one request apart
-# A KV hit's own prefill gives a per-token rate for the saving's estimate only past this many tokens
-# (fewer are mostly the step's fixed cost).
-_OWN_RATE_MIN_TOKENS = 16
 
 log = logging.getLogger("edgellm")
 
@@ -164,7 +162,7 @@ class LLMInferenceRuntime:
         if self.kv_store is not None:  # pending disk writes finish before the process exits
             atexit.register(_flush_store, weakref.ref(self.kv_store))
         self._loop = EngineLoop(self.runner, self._engine_turn, max_queued=max_queued,
-                                prefill_budget=prefill_budget)
+                                prefill_budget=prefill_budget, kv_store=self.kv_store)
 
     def close(self) -> None:
         """Finish pending work that outlives a request (the KV store's disk writes). The runtime stays usable."""
@@ -199,8 +197,9 @@ class LLMInferenceRuntime:
 
     @contextlib.contextmanager
     def exclusive(self):
-        """Hold the engine for a block of your own: other threads' requests wait until it ends. For
-        driving `runtime.runner` directly while other threads use the runtime."""
+        """Hold the engine for a block of your own: other threads' requests wait until it ends (the
+        engine loop finishes what it runs first). For driving `runtime.runner` directly while other
+        threads use the runtime; a handle_request inside the block runs there, one request alone."""
         with self._engine_turn():
             yield self.runner
 
@@ -323,8 +322,8 @@ class LLMInferenceRuntime:
     @property
     def batches_requests(self) -> bool:
         """Whether requests run on the engine loop, batched with each other's (continuous batching).
-        Not yet with KV reuse, speculation or a vision model: their requests take turns on the engine."""
-        return self.kv_store is None and self._proposer is None and self.vision is None
+        Not yet with speculation or a vision model: their requests take turns on the engine."""
+        return self._proposer is None and self.vision is None
 
     def submit(self, request: LLMGenerationRequest, *, priority: int = 0) -> RequestHandle:
         """Queue `request` on the engine loop and return at once: its items join the running batch as
@@ -335,7 +334,10 @@ class LLMInferenceRuntime:
         before any model work; QueueFullError where max_queued sequences already wait."""
         if not self.batches_requests:
             raise ConfigurationError("submit() runs requests on the engine loop, which does not yet serve runtimes "
-                                     "with KV reuse, speculative decoding or a vision model: use handle_request")
+                                     "with speculative decoding or a vision model: use handle_request")
+        if self._engine_lock.owned:
+            raise ReentrantRequestError("submit() inside runtime.exclusive(): the engine loop cannot run until the "
+                                        "block ends; call handle_request there (it runs in the block)")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
         prompts, _, _, sampling, stops, adapters = self._prepare(request)
@@ -345,20 +347,34 @@ class LLMInferenceRuntime:
                               top_p=sampling.top_p, seed=(seed + i * _SEED_STRIDE) & 0xFFFFFFFF,
                               max_new=request.max_generate_length, adapter=adapter,
                               row=GenerationRow(len(ids), RowText(decode, stops, True) if decode else None),
-                              eos_token_ids=self.eos_token_ids, priority=priority)
+                              eos_token_ids=self.eos_token_ids, priority=priority,
+                              reuse=KVReuseStats() if self.kv_store is not None else None)
                      for i, (ids, adapter) in enumerate(zip(prompts, adapters))]
-        handle = RequestHandle(sequences, self._loop.wake, respond)
+        handle = RequestHandle(sequences, self._loop.wake, self._respond)
         self._loop.submit(handle)
         return handle
+
+    def _respond(self, handle: RequestHandle) -> LLMGenerationResponse:
+        """A finished handle's response (on the loop's thread), its KV reuse added to the runtime's."""
+        response = respond(handle)
+        if response.kv_reuse is not None:
+            self._log_reuse(response.kv_reuse)
+        return response
+
+    def _log_reuse(self, reuse: KVReuseStats) -> None:
+        with self._stats_lock:
+            self._kv_totals.add(reuse)
+            hit_rate = self._kv_totals.hit_rate
+        log.info("%s (this request); cumulative hit rate %.2f", reuse.log_line(), hit_rate)
 
     def handle_request(self, request: LLMGenerationRequest, *,
                        on_text: TextCallback | None = None) -> LLMGenerationResponse:
         """Generate for every item of `request`. `on_text(i, delta)` streams item i's text (called on
         this thread). Safe from several threads: their requests share the running batch (submit);
         with KV reuse, speculation or a vision model they take turns on the engine in arrival order."""
-        if self.batches_requests:
-            if self._loop.on_loop_thread:
-                raise ReentrantRequestError("handle_request was called on the engine loop's thread")
+        if self._loop.on_loop_thread:
+            raise ReentrantRequestError("handle_request was called on the engine loop's thread")
+        if self.batches_requests and not self._engine_lock.owned:  # (inside exclusive(): run in the block)
             if on_text is not None:
                 self._require_tokenizer()
             handle = self.submit(request)
@@ -385,10 +401,7 @@ class LLMInferenceRuntime:
         timings.queue_ms = queued_ms
         timings.total_ms = (time.perf_counter() - started) * 1e3
         if reuse is not None:
-            with self._stats_lock:
-                self._kv_totals.add(reuse)
-                hit_rate = self._kv_totals.hit_rate
-            log.info("%s (this request); cumulative hit rate %.2f", reuse.log_line(), hit_rate)
+            self._log_reuse(reuse)
         if spec is not None:  # tokens a finished row dropped have no flag
             spec.stats.accepted_flags = [flags[:len(row.ids)] for flags, row in zip(spec.stats.accepted_flags, rows)]
         return LLMGenerationResponse(
@@ -540,7 +553,7 @@ class LLMInferenceRuntime:
             self._prefill_ms_per_token = rate if self._prefill_ms_per_token is None else \
                 0.5 * (self._prefill_ms_per_token + rate)
         rate = self._prefill_ms_per_token
-        if rate is None and prefilled >= _OWN_RATE_MIN_TOKENS:
+        if rate is None and prefilled >= OWN_RATE_MIN_TOKENS:
             rate = max(elapsed_ms - reuse.restore_ms, 0.0) / prefilled
         if rate is not None:
             reuse.prefill_ms_saved += reuse.reused_tokens * rate

@@ -115,18 +115,39 @@ def test_eight_threads_get_the_answers_of_one_by_one(runtime, lora_adapters):
     assert runtime.kv_reuse_stats().reused_tokens > 0  # the threaded run reused the prefixes saved alone
 
 
-def test_nested_request_from_a_streaming_callback_is_refused(runtime):
+def test_a_request_from_a_streaming_callback_joins_the_batch(runtime):
+    """The callback runs on the caller's thread, not the engine loop's: a request made from it runs
+    beside the one streaming (with KV reuse on here) and gets its answer alone."""
     request = LLMGenerationRequest(requests=[{"input_ids": PROMPTS[1]}], max_generate_length=3, temperature=0)
-    before = runtime.handle_request(request).output_ids
-    seen = []
+    with use_reference():
+        before = runtime.handle_request(request).output_ids
+        seen = []
+
+        def nested(i, delta):
+            seen.append((runtime.handle_request(request).output_ids, runtime.get_available_lora_weights()))
+
+        assert runtime.handle_request(request, on_text=nested).output_ids == before
+    assert seen and all(ids == before and names == ["a", "b"] for ids, names in seen)
+
+
+def test_a_nested_request_on_the_lock_taking_path_is_refused(tiny_models):
+    """With speculative decoding (not on the engine loop yet) a request holds the engine for its whole
+    run: one made from its streaming callback raises instead of waiting for itself."""
+    from edgellm import SpeculativeConfig
+
+    runtime = LLMInferenceRuntime(tiny_models["llama"][0], device="cpu", max_batch_size=1,
+                                  speculative=SpeculativeConfig(method="ngram"))
+    request = LLMGenerationRequest(requests=[{"input_ids": PROMPTS[1]}], max_generate_length=3, temperature=0)
+    refused = []
 
     def nested(i, delta):
         with pytest.raises(ReentrantRequestError, match="streaming callback"):
             runtime.handle_request(request)
-        seen.append(runtime.get_available_lora_weights())  # read-only calls are fine from a callback
+        refused.append(i)
 
-    assert runtime.handle_request(request, on_text=nested).output_ids == before
-    assert seen and seen[0] == ["a", "b"]
+    with use_reference():
+        runtime.handle_request(request, on_text=nested)
+    assert refused
 
 
 @pytest.mark.parametrize("interrupt", [RuntimeError("client went away"), KeyboardInterrupt()])

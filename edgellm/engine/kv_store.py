@@ -262,7 +262,10 @@ class TieredKVStore:
     def flush_pending(self) -> None:
         """Copy the deferred blocks now (before a place of either pool is reused, or for a caller that
         cannot)."""
-        pending, pending_host = self.take_pending()
+        self.copy_blocks(*self.take_pending())
+
+    def copy_blocks(self, pending: list, pending_host: list) -> None:
+        """Copy take_pending's entries into their slots now (a caller whose prefill step cannot take them)."""
         if pending:
             ops.blocks_to_slot(self.gpu.data, self.cache.data, self._table(pending))
         if pending_host:

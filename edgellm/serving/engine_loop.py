@@ -2,10 +2,12 @@
 
 An iteration, while any sequence waits or runs:
   1. retire the cancelled sequences (their slots freed, their rows out of the decode batch);
-  2. admit waiting sequences into free KV slots (scheduler.py);
+  2. admit waiting sequences into free KV slots (scheduler.py); with KV reuse, copy each one's longest
+     saved prefix into its slot (engine/kv_store.py), which it then does not prefill;
   3. prefill: up to `prefill_budget` prompt tokens of the admitted sequences still prefilling, in one
      runner.prefill_tokens call (a long prompt goes over several iterations: the chunk after its cached
-     part); a sequence whose prompt is complete samples its first token and joins the decode batch
+     part); a sequence whose prompt is complete (its new blocks saved, with KV reuse) samples its first
+     token and joins the decode batch
      (runner.add_decode_rows) with its own sampling settings, seed, adapter and RNG offset 0;
   4. one decode step of the batch (runner.decode_launch; while nothing waits or prefills, the next step
      is queued before this one's tokens are read): each row's token goes to its sequence
@@ -31,6 +33,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..engine.kv_store import KVReuseStats
 from ..errors import RequestCancelledError
 from ..kernels.dispatch import run_settings, run_with
 from ..requests import GenerationTimings, LLMGenerationResponse
@@ -42,6 +45,9 @@ log = logging.getLogger("edgellm")
 
 # Prompt tokens prefilled per iteration, beside the running rows' decode step.
 DEFAULT_PREFILL_BUDGET = 512
+# A KV hit's own prefill gives a per-token rate for the saving's estimate only past this many tokens
+# (fewer are mostly the step's fixed cost).
+OWN_RATE_MIN_TOKENS = 16
 
 
 class RequestHandle:
@@ -129,17 +135,25 @@ def respond(handle: RequestHandle):
                                 decode_ms=(finished - first) * 1e3,
                                 decode_tokens=sum(max(len(seq.row.ids) - 1, 0) for seq in sequences),
                                 total_ms=(finished - handle.submitted) * 1e3)
+    reuse = None
+    if sequences[0].reuse is not None:
+        reuse = KVReuseStats()
+        for seq in sequences:
+            reuse.add(seq.reuse)
     return LLMGenerationResponse(
         output_texts=[seq.row.text for seq in sequences], output_ids=[seq.row.ids for seq in sequences],
         finish_reasons=[seq.row.finish_reason for seq in sequences],
-        prompt_lengths=[seq.row.prompt_len for seq in sequences], timings=timings)
+        prompt_lengths=[seq.row.prompt_len for seq in sequences], timings=timings, kv_reuse=reuse)
 
 
 class EngineLoop:
     def __init__(self, runner, engine_turn, *, max_queued: int | None = None,
-                 prefill_budget: int | None = None):
-        """engine_turn(): the runtime's context manager that holds the engine (held while busy)."""
+                 prefill_budget: int | None = None, kv_store=None):
+        """engine_turn(): the runtime's context manager that holds the engine (held while busy).
+        kv_store: the runtime's TieredKVStore (KV reuse), or None."""
         self.runner = runner
+        self.kv_store = kv_store
+        self.prefill_ms_per_token: float | None = None  # measured on prompts that reused nothing
         self._engine_turn = engine_turn
         self.prefill_budget = prefill_budget or DEFAULT_PREFILL_BUDGET
         self.scheduler = Scheduler(runner.config.max_supported_batch_size, max_queued)
@@ -194,26 +208,52 @@ class EngineLoop:
             for seq in self.scheduler.drop_cancelled_waiting():
                 self._finish(seq)
             self._retire([seq for seq in self.scheduler.running if seq.cancelled])
-            self.scheduler.admit()
+            admitted = self.scheduler.admit()
+        if self.kv_store is not None:
+            for seq in admitted:
+                self._restore(seq)
+        with self._work:
             chunks = self.scheduler.prefill_chunks(self.prefill_budget)
+        blocks = ((), ())
+        if self.kv_store is not None:  # the memory tiers' hits: copied inside the prefill step, when it takes
+            # every sequence they belong to (else now)
+            pending = self.kv_store.take_pending()
+            if {slot for entries in pending for _, _, slot in entries} <= {seq.slot for seq, _ in chunks}:
+                blocks = pending
+            else:
+                self.kv_store.copy_blocks(*pending)
         if chunks:
-            self._prefill(chunks)
+            self._prefill(chunks, blocks)
         if self.batch:
             self._decode()
         with self._work:
             self._retire([seq for seq in self.scheduler.running if seq.done and not seq.prefilling])
 
-    def _prefill(self, chunks: list[tuple[Sequence, int]]) -> None:
+    def _restore(self, seq: Sequence) -> None:
+        """KV reuse: the admitted sequence's longest saved prefix copied into its slot (not prefilled)."""
+        began = time.perf_counter()
+        seq.block_keys = self.kv_store.keys(seq.prompt, self.runner.prefix_fingerprint(seq.adapter, len(seq.prompt)))
+        seq.prefilled = self.kv_store.restore(seq.slot, len(seq.prompt), seq.block_keys, seq.reuse, defer=True)
+        seq.reuse.restore_ms += (time.perf_counter() - began) * 1e3
+
+    def _prefill(self, chunks: list[tuple[Sequence, int]], blocks=((), ())) -> None:
         runner = self.runner
+        began = time.perf_counter()
         logits = runner.prefill_tokens([seq.prompt[:seq.prefilled + take] for seq, take in chunks],
                                        slots=[seq.slot for seq, _ in chunks], lora=[seq.adapter for seq, _ in chunks],
-                                       cached_lengths=[seq.prefilled for seq, _ in chunks])
+                                       cached_lengths=[seq.prefilled for seq, _ in chunks], pool_blocks=blocks[0],
+                                       host_blocks=blocks[1])
+        share = (time.perf_counter() - began) * 1e3 / sum(take for _, take in chunks)
         for seq, take in chunks:
             seq.prefilled += take
+            seq.prefill_ms += share * take
         ready = [i for i, (seq, _) in enumerate(chunks) if not seq.prefilling]
         if not ready:
             return
         joining = [chunks[i][0] for i in ready]
+        if self.kv_store is not None:
+            for seq in joining:
+                self._save(seq)
         device = logits.device
         settings = [torch.tensor(values, dtype=dtype, device=device) for values, dtype in
                     zip(self._row_settings(joining), (torch.float32, torch.int32, torch.float32, torch.int64,
@@ -231,6 +271,24 @@ class EngineLoop:
             runner.add_decode_rows([token for _, token in running], [seq.slot for seq in seqs], *settings,
                                    lora=[seq.adapter for seq in seqs])
             self.batch.extend(seqs)
+
+    def _save(self, seq: Sequence) -> None:
+        """KV reuse, once a prompt is in its slot: its new whole blocks saved, and the prefill its reused
+        tokens saved estimated at the rate measured on prompts that reused nothing (an exponential
+        average); before any such prompt, at this prompt's own rate where it prefilled enough tokens."""
+        began = time.perf_counter()
+        self.kv_store.save(seq.slot, seq.block_keys, seq.reuse)
+        seq.reuse.save_ms += (time.perf_counter() - began) * 1e3
+        prefilled = len(seq.prompt) - seq.reuse.reused_tokens
+        if seq.reuse.reused_tokens == 0 and prefilled > 0:
+            rate = seq.prefill_ms / prefilled
+            known = self.prefill_ms_per_token
+            self.prefill_ms_per_token = rate if known is None else 0.5 * (known + rate)
+        rate = self.prefill_ms_per_token
+        if rate is None and prefilled >= OWN_RATE_MIN_TOKENS:
+            rate = seq.prefill_ms / prefilled
+        if rate is not None:
+            seq.reuse.prefill_ms_saved += seq.reuse.reused_tokens * rate
 
     def _row_settings(self, seqs: list[Sequence]):
         """(temperature, top_k, top_p, seeds, offsets) of these rows, offsets at 0 (the first token's)."""
@@ -268,6 +326,7 @@ class EngineLoop:
             self._take(*self._in_flight.popleft())
 
     def _advance(self, seq: Sequence, tokens: list[int]) -> None:
+        seq.token_times.append(time.perf_counter())
         advance_rows([seq.row], [0], [tokens], seq.eos_token_ids, seq.max_new,
                      (lambda _, text: seq.on_text(text)) if seq.on_text is not None else None)
 

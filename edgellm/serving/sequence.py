@@ -10,6 +10,7 @@ import itertools
 import time
 from typing import Callable
 
+from ..engine.kv_store import KVReuseStats
 from ..streaming import GenerationRow
 
 _arrivals = itertools.count()  # ties in arrival time keep submission order
@@ -34,9 +35,13 @@ class Sequence:
     prefilled: int = 0  # prompt tokens already in the slot's cache
     offset: int = 0  # the RNG offset used last (each sampled token advances it by one)
     cancelled: bool = False
+    reuse: KVReuseStats | None = None  # with KV reuse: this row's lookups, hits and saves (engine/kv_store.py)
+    block_keys: list[bytes] | None = None  # its prompt's block keys, hashed once for the restore and the save
+    prefill_ms: float = 0.0  # its share of the prefill calls' host time (the saving's estimate)
     admitted: float | None = None
     first_token: float | None = None
     finished: float | None = None
+    token_times: list[float] = dataclasses.field(default_factory=list)  # when each token reached the row
 
     @property
     def done(self) -> bool:
