@@ -16,7 +16,7 @@ Owns the tokenizer, one LLMEngineRunner and the engine loop. The path of a reque
   requests.py        LLMGenerationResponse with texts, ids, finish reasons and timings.
 With KV reuse the loop restores each admitted prompt's longest saved prefix (engine/kv_store.py) and
 saves its new blocks once prefilled. Runtimes with speculation or a vision model do not run on the loop
-yet: their requests take turns on the engine (_generate, one request at a time: multimodal.py and
+yet: their requests take turns on the engine (serving/turns.py, one request at a time: multimodal.py and
 vision/ place images, speculative/ proposes and verify_sample_trees checks).
 
 Threads: whatever touches the engine (the loop while it has work, a request on the lock-taking path,
@@ -28,7 +28,6 @@ engine call takes.
 from __future__ import annotations
 
 import atexit
-import collections
 import contextlib
 import dataclasses
 import logging
@@ -37,7 +36,6 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -49,22 +47,20 @@ from .errors import (ConfigurationError, InvalidRequestError, LoraError, Reentra
                      VocabMapError)
 from .fifo_lock import FifoLock
 from .models import generation_config, resolve_model_dir, stop_token_ids
-from .multimodal import ImagePrompt, ImagePrompts, image_sources, prefill_positions, template_messages
-from .serving.engine_loop import OWN_RATE_MIN_TOKENS, EngineLoop, RequestHandle, respond
+from .multimodal import ImagePrompt, ImagePrompts, image_sources, template_messages
+from .serving.engine_loop import EngineLoop, RequestHandle, respond
+from .serving.turns import SEED_STRIDE, TextCallback, TurnTaking
 from .serving.sequence import Sequence
-from .requests import (GenerationItem, GenerationTimings, LLMGenerationRequest, LLMGenerationResponse,
-                       SamplingSettings, sampling_settings, stop_strings, validate_request)
-from .speculative import Speculation, SpeculativeConfig, make_proposer
-from .streaming import GenerationRow, RowText, advance_rows
+from .requests import (GenerationItem, LLMGenerationRequest, LLMGenerationResponse, sampling_settings,
+                       stop_strings, validate_request)
+from .speculative import SpeculativeConfig, make_proposer
+from .streaming import GenerationRow, RowText
 from .tokenizer import Tokenizer
 from .engine.vocab_map import MAP_FILE
 from .vision import VisionEncoder, vision_config_of
 from .vision.graphs import GRAPH_MAX_PATCHES
 
-# Called as on_text(item_index, text_delta) while generating, for streaming output.
-TextCallback = Callable[[int, str], None]
 
-_SEED_STRIDE = 0x632BE5AB  # spreads the per-item seeds of one request apart
 
 log = logging.getLogger("edgellm")
 
@@ -156,11 +152,10 @@ class LLMInferenceRuntime:
         if self.kv_store is not None:  # a KV hit's memory-tier blocks are copied inside the prefill step
             self.runner.attach_block_pools(*self.kv_store.pools())
         self._kv_totals = KVReuseStats()
-        self._row_tensors: dict[tuple, tuple] = {}  # _sampling_tensors' reusable part, by (batch, settings)
-        self._prefill_ms_per_token: float | None = None  # measured on prompts prefilled whole (saving estimates)
         self._proposer = make_proposer(speculative, self.runner) if speculative is not None else None
         if self.kv_store is not None:  # pending disk writes finish before the process exits
             atexit.register(_flush_store, weakref.ref(self.kv_store))
+        self._turns = TurnTaking(self)
         self._loop = EngineLoop(self.runner, self._engine_turn, max_queued=max_queued,
                                 prefill_budget=prefill_budget, kv_store=self.kv_store)
 
@@ -344,7 +339,7 @@ class LLMInferenceRuntime:
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
         decode = self.tokenizer.decode if self.tokenizer is not None else None
         sequences = [Sequence(prompt=ids, temperature=sampling.temperature, top_k=sampling.top_k,
-                              top_p=sampling.top_p, seed=(seed + i * _SEED_STRIDE) & 0xFFFFFFFF,
+                              top_p=sampling.top_p, seed=(seed + i * SEED_STRIDE) & 0xFFFFFFFF,
                               max_new=request.max_generate_length, adapter=adapter,
                               row=GenerationRow(len(ids), RowText(decode, stops, True) if decode else None),
                               eos_token_ids=self.eos_token_ids, priority=priority,
@@ -393,9 +388,9 @@ class LLMInferenceRuntime:
             if on_text is not None:
                 self._require_tokenizer()
             reuse = KVReuseStats() if self.kv_store is not None else None
-            spec = self._speculation(request, prompts)
+            spec = self._turns.speculation(request, prompts)
             with torch.inference_mode():
-                rows, timings = self._generate(prompts, adapters, sampling, stops, request.max_generate_length,
+                rows, timings = self._turns.generate(prompts, adapters, sampling, stops, request.max_generate_length,
                                                on_text, reuse, spec, images)
         timings.image_preprocess_ms = preprocess_ms
         timings.queue_ms = queued_ms
@@ -408,180 +403,6 @@ class LLMInferenceRuntime:
             output_texts=[row.text for row in rows], output_ids=[row.ids for row in rows],
             finish_reasons=[row.finish_reason for row in rows], prompt_lengths=[row.prompt_len for row in rows],
             timings=timings, kv_reuse=reuse, speculative=spec.stats if spec is not None else None)
-
-    def _speculation(self, request: LLMGenerationRequest, prompts: list[list[int]]) -> Speculation | None:
-        """This request's speculation, unless the runtime has none or the request turns it off."""
-        if self._proposer is None or request.speculative is False:
-            return None
-        config = self.speculative
-        return Speculation(self._proposer, prompts, config.max_verify_tokens - 1, config.adaptive)
-
-    def _sampling_tensors(self, sampling: SamplingSettings, batch: int):
-        """(temperature, top_k, top_p, seeds, offsets, slots) of a batch's rows on the device. All but
-        the seeds depend only on the batch size and the settings: they are made once and reused (each
-        small tensor made costs the host ~10-30 us, a fair part of a short prompt's TTFT)."""
-        key = (batch, sampling.temperature, sampling.top_k, sampling.top_p)
-        fixed = self._row_tensors.get(key)
-        if fixed is None:
-            if len(self._row_tensors) >= 64:
-                self._row_tensors.clear()
-            device = self.device
-            fixed = self._row_tensors[key] = (
-                torch.full((batch,), sampling.temperature, dtype=torch.float32, device=device),
-                torch.full((batch,), sampling.top_k, dtype=torch.int32, device=device),
-                torch.full((batch,), sampling.top_p, dtype=torch.float32, device=device),
-                torch.zeros(batch, dtype=torch.int64, device=device),  # RNG offsets: none used yet
-                torch.arange(batch, dtype=torch.int32, device=device))  # slot i serves item i
-        seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
-        seeds = self._device_tensor([(seed + i * _SEED_STRIDE) & 0xFFFFFFFF for i in range(batch)], torch.int64)
-        temperature, top_k, top_p, offsets, slots = fixed
-        return temperature, top_k, top_p, seeds, offsets, slots
-
-    def _device_tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
-        """A list (of lists) as a tensor on the device, copied from pinned memory without waiting."""
-        cuda = self.device.type == "cuda"
-        return torch.tensor(values, dtype=dtype, pin_memory=cuda).to(self.device, non_blocking=cuda)
-
-    def _generate(self, prompts: list[list[int]], adapters: list[str], sampling: SamplingSettings,
-                  stops: list[str], max_new: int, on_text: TextCallback | None, reuse: KVReuseStats | None,
-                  spec: Speculation | None, images: list[ImagePrompt | None]):
-        runner, device = self.runner, self.device
-        batch = len(prompts)
-        text_each_step = bool(stops or on_text)  # stop strings or streaming: detokenize as tokens come
-        rows = [GenerationRow(len(p), RowText(self.tokenizer.decode, stops, on_text is not None) if text_each_step
-                              else None) for p in prompts]
-        timings = GenerationTimings()
-
-        t0 = time.perf_counter()
-        # Slot i serves item i. With KV reuse on, each slot first gets the longest saved prefix of its
-        # prompt, and only the rest is prefilled. Image tokens are keyed by their image's digest
-        # (multimodal.py). Each prompt's block keys are hashed once, for the restore and the save.
-        # Text prompts leave the memory tiers' blocks to the prefill step, which copies them itself.
-        text = all(im is None for im in images)
-        block_keys = cached = None
-        pool_blocks = host_blocks = ()
-        if reuse is not None:
-            block_keys = [self.kv_store.keys(im.key_ids if im is not None else p,
-                                             runner.prefix_fingerprint(a, len(p)))
-                          for p, im, a in zip(prompts, images, adapters)]
-            cached = [self.kv_store.restore(i, len(p), k, reuse, defer=text)
-                      for i, (p, k) in enumerate(zip(prompts, block_keys))]
-            pool_blocks, host_blocks = self.kv_store.take_pending()
-            reuse.restore_ms += (time.perf_counter() - t0) * 1e3
-        if text:
-            # The ids go to the GPU with the step's other integers, embedded inside the prefill graph.
-            logits = runner.prefill_tokens(prompts, lora=adapters, cached_lengths=cached, pool_blocks=pool_blocks,
-                                           host_blocks=host_blocks)
-        else:
-            cached = cached or [0] * batch
-            width = max(len(p) - c for p, c in zip(prompts, cached))
-            ids = self._device_tensor([p[c:] + [0] * (width - len(p) + c) for p, c in zip(prompts, cached)],
-                                      torch.int64)
-            embeds = runner.embed(ids)
-            positions = offsets_mm = None
-            timings.vision_ms = self.vision.write_embeddings(embeds, images, cached)
-            if self.config.mrope_section is not None:
-                positions, offsets_mm = prefill_positions(prompts, images, cached, ids.shape[1])
-            logits = runner.prefill_step(embeds, [len(p) for p in prompts], lora=adapters, cached_lengths=cached,
-                                         positions=positions, position_offsets=offsets_mm)
-        # Queued behind the prefill, so the host work here runs while the GPU prefills.
-        temperature, top_k, top_p, seeds, offsets, slots = self._sampling_tensors(sampling, batch)
-        tokens = runner.sample(logits, temperature, top_k, top_p, seeds, offsets)
-        if reuse is not None:
-            t_save = time.perf_counter()
-            for i, k in enumerate(block_keys):
-                self.kv_store.save(i, k, reuse)
-            reuse.save_ms += (time.perf_counter() - t_save) * 1e3
-        active = list(range(batch))
-        first = tokens.tolist()
-        if reuse is not None:
-            self._account_prefill(reuse, sum(len(p) - c for p, c in zip(prompts, cached)), t0)
-        advance_rows(rows, active, [[t] for t in first], self.eos_token_ids, max_new, on_text)
-        if spec is not None:
-            spec.start(first)
-        timings.prefill_ms = (time.perf_counter() - t0) * 1e3 - timings.vision_ms
-
-        t1 = time.perf_counter()
-        active = [i for i in active if rows[i].finish_reason is None]
-        # Steps run one ahead where nothing on the host decides the next step's input: step n + 1 is
-        # queued before step n's tokens are read, so the host's work (stop strings, streaming) hides
-        # behind the GPU's. A row that finishes at step n has step n + 1 computed and dropped.
-        ahead = spec is None and not runner.needs_rows_each_step and runner.switches.run_ahead
-        in_flight: collections.deque = collections.deque()  # (the rows of a queued step, its tokens)
-        try:  # an exception from on_text, or a KeyboardInterrupt, must not leave the batch running
-            if active:
-                keep = torch.tensor(active, device=device)
-                runner.start_decode(tokens[keep], slots[keep], temperature[keep], top_k[keep], top_p[keep],
-                                    seeds[keep], offsets[keep], lora=[adapters[i] for i in active])
-            while active:
-                if not ahead:
-                    if runner.needs_rows_each_step:
-                        runner.prepare_decode_rows(active, [prompts[i] for i in active], [rows[i].ids for i in active],
-                                                   [adapters[i] for i in active])
-                    stepped, new_tokens = active, self._decode_step(active, rows, max_new, spec)
-                else:
-                    while len(in_flight) < 2:
-                        in_flight.append((active, runner.decode_launch()))
-                    stepped, pending = in_flight.popleft()
-                    new_tokens = [[t] for t in pending.wait()]
-                timings.decode_tokens += advance_rows(rows, stepped, new_tokens, self.eos_token_ids, max_new, on_text)
-                still = [i for i in active if rows[i].finish_reason is None]
-                if still and len(still) != len(active):  # rows that finished leave the batch
-                    runner.keep_decode_rows([active.index(i) for i in still])
-                active = still
-        finally:
-            runner.end_decode()
-        timings.decode_ms = (time.perf_counter() - t1) * 1e3
-
-        for row in rows:
-            if row.live_text is not None:
-                row.text = row.live_text.text
-            elif self.tokenizer is not None:
-                row.text = self.tokenizer.decode(row.ids)
-        return rows, timings
-
-    def _account_prefill(self, reuse: KVReuseStats, prefilled: int, started: float) -> None:
-        """Estimate the prefill time the reused tokens saved, at the rate measured on prompts that
-        reused nothing (an exponential average), and update that rate. Before any such prompt (a
-        process whose first request hits the disk tier), at this request's own rate over the tokens it
-        prefilled, where it prefilled enough of them for a rate. Called once the first tokens are on
-        the host (no synchronisation of its own: that would keep the saving's host work from
-        overlapping the prefill)."""
-        elapsed_ms = (time.perf_counter() - started) * 1e3
-        if reuse.reused_tokens == 0 and prefilled > 0:
-            rate = elapsed_ms / prefilled
-            self._prefill_ms_per_token = rate if self._prefill_ms_per_token is None else \
-                0.5 * (self._prefill_ms_per_token + rate)
-        rate = self._prefill_ms_per_token
-        if rate is None and prefilled >= OWN_RATE_MIN_TOKENS:
-            rate = max(elapsed_ms - reuse.restore_ms, 0.0) / prefilled
-        if rate is not None:
-            reuse.prefill_ms_saved += reuse.reused_tokens * rate
-
-    def _decode_step(self, active: list[int], rows: list[GenerationRow], max_new: int,
-                     spec: Speculation | None) -> list[list[int]]:
-        """One decode step of the running batch: each active row's new tokens (one, or with
-        speculation the accepted drafts plus one)."""
-        runner = self.runner
-        trees = None
-        if spec is not None:
-            began = time.perf_counter()
-            budgets = [min(max_new - len(rows[i].ids),
-                           runner.max_tree_drafts(rows[i].prompt_len, rows[i].prompt_len + len(rows[i].ids)))
-                       for i in active]
-            trees = spec.propose(active, budgets)
-            spec.stats.propose_ms += (time.perf_counter() - began) * 1e3
-        if trees is None:
-            new_tokens = [[t] for t in runner.decode_sample_step().tolist()]
-            if spec is not None:
-                spec.record(active, new_tokens)
-            return new_tokens
-        host = runner.verify_sample_trees([(t.tokens, t.parents) if t is not None else ([0], [-1])
-                                           for t in trees]).tolist()  # one copy to the host
-        accepted = [row[-1] for row in host]
-        new_tokens = [row[:n + 1] for row, n in zip(host, accepted)]
-        spec.record(active, new_tokens, trees, accepted)
-        return new_tokens
 
 
 def _flush_store(store_ref) -> None:

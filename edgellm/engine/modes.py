@@ -1,10 +1,13 @@
-"""torch inference mode at the runner's public methods (engine/runner.py's module docstring says why)."""
+"""How the runner's work runs: torch inference mode at its public methods (engine/runner.py's module
+docstring says why), and the kernels' per-thread settings carried from one thread to another."""
 
 from __future__ import annotations
 
 import functools
 
 import torch
+
+from ..kernels.dispatch import RunSettings, run_settings, run_with
 
 
 def inference_call(method):
@@ -29,3 +32,14 @@ def outside_inference_mode(method):
         with torch.inference_mode(False):
             return method(*args, **kwargs)
     return call
+
+
+def caller_kernel_settings() -> RunSettings:
+    """The calling thread's kernel settings (kernels/dispatch.py: use_reference() and the like hold per
+    thread), for a thread that runs the engine on its behalf (serving/engine_loop.py)."""
+    return run_settings()
+
+
+def kernel_settings(settings: RunSettings):
+    """A block whose kernels run under `settings` (caller_kernel_settings of another thread)."""
+    return run_with(**settings._asdict())

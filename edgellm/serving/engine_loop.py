@@ -35,7 +35,7 @@ import torch
 
 from ..engine.kv_store import KVReuseStats
 from ..errors import RequestCancelledError
-from ..kernels.dispatch import run_settings, run_with
+from ..engine.modes import caller_kernel_settings, kernel_settings
 from ..requests import GenerationTimings, LLMGenerationResponse
 from ..streaming import advance_rows
 from .scheduler import Scheduler
@@ -162,7 +162,7 @@ class EngineLoop:
         self._handles: dict[Sequence, RequestHandle] = {}
         self._work = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._settings = run_settings()
+        self._settings = caller_kernel_settings()
 
     def submit(self, handle: RequestHandle) -> None:
         """Queue a handle's sequences (QueueFullError past max_queued) and wake the loop. The loop's
@@ -170,7 +170,7 @@ class EngineLoop:
         they are per thread, so a caller's use_reference() block reaches the loop this way)."""
         with self._work:
             self.scheduler.add(handle.sequences)
-            self._settings = run_settings()
+            self._settings = caller_kernel_settings()
             for seq in handle.sequences:
                 self._handles[seq] = handle
             if self._thread is None or not self._thread.is_alive():
@@ -194,7 +194,7 @@ class EngineLoop:
             with self._engine_turn(), torch.inference_mode():
                 while True:
                     try:
-                        with run_with(**self._settings._asdict()):
+                        with kernel_settings(self._settings):
                             self._iteration()
                     except Exception as exc:  # noqa: BLE001 (every request in flight gets it)
                         log.exception("engine loop iteration failed")
