@@ -453,7 +453,7 @@ class _QuietSubparsers:
 
 
 def main(argv=None) -> int:
-    import os
+    from .engine.switches import set_progress_quiet
 
     args = build_parser().parse_args(argv)
     given = getattr(args, "model_dir_given", None)
@@ -463,7 +463,7 @@ def main(argv=None) -> int:
             return 2
         args.model_dir = given
     if args.quiet or args.quiet_before:
-        os.environ["EDGELLM_QUIET"] = "1"
+        set_progress_quiet()
     try:
         return args.func(args)
     except EdgeLLMError as exc:

@@ -81,3 +81,8 @@ class Switches:
 def progress_quiet() -> bool:
     """EDGELLM_QUIET=1: no progress bars, even on a terminal (read when a bar starts, not per step)."""
     return os.environ.get("EDGELLM_QUIET", "0") == "1"
+
+
+def set_progress_quiet() -> None:
+    """The CLI's -q: EDGELLM_QUIET=1 for this process (and the processes it starts)."""
+    os.environ["EDGELLM_QUIET"] = "1"
