@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 from typing import Any
 
 from .engine.kv_store import KVReuseStats
@@ -174,6 +175,15 @@ def normalize_item(item, index: int) -> GenerationItem:
                 (set(map(type, ids)) != {int} and not all(_is_int(t) for t in ids)):
             raise InvalidRequestError(f"{where}: input_ids must be a non-empty list of ints")
     return item
+
+
+_SEED_STRIDE = 0x632BE5AB  # spreads the per-item seeds of one request apart
+
+
+def item_seeds(sampling: SamplingSettings, count: int) -> list[int]:
+    """The seeds of a request's `count` items: its seed (a random one where it sets none), spread apart."""
+    seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
+    return [(seed + i * _SEED_STRIDE) & 0xFFFFFFFF for i in range(count)]
 
 
 def sampling_settings(request: LLMGenerationRequest, defaults: dict) -> SamplingSettings:

@@ -31,7 +31,6 @@ import atexit
 import contextlib
 import dataclasses
 import logging
-import random
 import threading
 import time
 import weakref
@@ -49,18 +48,16 @@ from .fifo_lock import FifoLock
 from .models import generation_config, resolve_model_dir, stop_token_ids
 from .multimodal import ImagePrompt, ImagePrompts, image_sources, template_messages
 from .serving.engine_loop import EngineLoop, RequestHandle, respond
-from .serving.turns import SEED_STRIDE, TextCallback, TurnTaking
+from .serving.turns import TextCallback, TurnTaking
 from .serving.sequence import Sequence
-from .requests import (GenerationItem, LLMGenerationRequest, LLMGenerationResponse, sampling_settings,
-                       stop_strings, validate_request)
+from .requests import (GenerationItem, LLMGenerationRequest, LLMGenerationResponse, item_seeds,
+                       sampling_settings, stop_strings, validate_request)
 from .speculative import SpeculativeConfig, make_proposer
 from .streaming import GenerationRow, RowText
 from .tokenizer import Tokenizer
 from .engine.vocab_map import MAP_FILE
 from .vision import VisionEncoder, vision_config_of
 from .vision.graphs import GRAPH_MAX_PATCHES
-
-
 
 log = logging.getLogger("edgellm")
 
@@ -336,15 +333,14 @@ class LLMInferenceRuntime:
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
         prompts, _, _, sampling, stops, adapters = self._prepare(request)
-        seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
         decode = self.tokenizer.decode if self.tokenizer is not None else None
         sequences = [Sequence(prompt=ids, temperature=sampling.temperature, top_k=sampling.top_k,
-                              top_p=sampling.top_p, seed=(seed + i * SEED_STRIDE) & 0xFFFFFFFF,
+                              top_p=sampling.top_p, seed=seed,
                               max_new=request.max_generate_length, adapter=adapter,
                               row=GenerationRow(len(ids), RowText(decode, stops, True) if decode else None),
                               eos_token_ids=self.eos_token_ids, priority=priority,
                               reuse=KVReuseStats() if self.kv_store is not None else None)
-                     for i, (ids, adapter) in enumerate(zip(prompts, adapters))]
+                     for ids, adapter, seed in zip(prompts, adapters, item_seeds(sampling, len(prompts)))]
         handle = RequestHandle(sequences, self._loop.wake, self._respond)
         self._loop.submit(handle)
         return handle

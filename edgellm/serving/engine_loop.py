@@ -45,9 +45,29 @@ log = logging.getLogger("edgellm")
 
 # Prompt tokens prefilled per iteration, beside the running rows' decode step.
 DEFAULT_PREFILL_BUDGET = 512
-# A KV hit's own prefill gives a per-token rate for the saving's estimate only past this many tokens
-# (fewer are mostly the step's fixed cost).
-OWN_RATE_MIN_TOKENS = 16
+
+
+class PrefillRate:
+    """What a KV hit's reused tokens saved: an estimate at the prefill time per token measured on
+    prompts that reused nothing (an exponential average); before any such prompt (a process whose
+    first request hits the disk tier), at the hit's own rate over the tokens it prefilled, where it
+    prefilled OWN_RATE_MIN_TOKENS or more (fewer are mostly the step's fixed cost)."""
+    OWN_RATE_MIN_TOKENS = 16
+
+    def __init__(self):
+        self.ms_per_token: float | None = None
+
+    def account(self, reuse: KVReuseStats, prefilled: int, prefill_ms: float, own_ms: float) -> None:
+        """One prompt's prefill (`prefilled` tokens in `prefill_ms`; `own_ms` of it its own prefill's,
+        for the fallback rate): the rate updated where it reused nothing, the saving added to `reuse`."""
+        if reuse.reused_tokens == 0 and prefilled > 0:
+            rate = prefill_ms / prefilled
+            self.ms_per_token = rate if self.ms_per_token is None else 0.5 * (self.ms_per_token + rate)
+        rate = self.ms_per_token
+        if rate is None and prefilled >= self.OWN_RATE_MIN_TOKENS:
+            rate = own_ms / prefilled
+        if rate is not None:
+            reuse.prefill_ms_saved += reuse.reused_tokens * rate
 
 
 class RequestHandle:
@@ -153,7 +173,7 @@ class EngineLoop:
         kv_store: the runtime's TieredKVStore (KV reuse), or None."""
         self.runner = runner
         self.kv_store = kv_store
-        self.prefill_ms_per_token: float | None = None  # measured on prompts that reused nothing
+        self.prefill_rate = PrefillRate()  # the KV-reuse saving's estimate
         self._engine_turn = engine_turn
         self.prefill_budget = prefill_budget or DEFAULT_PREFILL_BUDGET
         self.scheduler = Scheduler(runner.config.max_supported_batch_size, max_queued)
@@ -274,21 +294,11 @@ class EngineLoop:
 
     def _save(self, seq: Sequence) -> None:
         """KV reuse, once a prompt is in its slot: its new whole blocks saved, and the prefill its reused
-        tokens saved estimated at the rate measured on prompts that reused nothing (an exponential
-        average); before any such prompt, at this prompt's own rate where it prefilled enough tokens."""
+        tokens saved estimated (PrefillRate)."""
         began = time.perf_counter()
         self.kv_store.save(seq.slot, seq.block_keys, seq.reuse)
         seq.reuse.save_ms += (time.perf_counter() - began) * 1e3
-        prefilled = len(seq.prompt) - seq.reuse.reused_tokens
-        if seq.reuse.reused_tokens == 0 and prefilled > 0:
-            rate = seq.prefill_ms / prefilled
-            known = self.prefill_ms_per_token
-            self.prefill_ms_per_token = rate if known is None else 0.5 * (known + rate)
-        rate = self.prefill_ms_per_token
-        if rate is None and prefilled >= OWN_RATE_MIN_TOKENS:
-            rate = seq.prefill_ms / prefilled
-        if rate is not None:
-            seq.reuse.prefill_ms_saved += seq.reuse.reused_tokens * rate
+        self.prefill_rate.account(seq.reuse, len(seq.prompt) - seq.reuse.reused_tokens, seq.prefill_ms, seq.prefill_ms)
 
     def _row_settings(self, seqs: list[Sequence]):
         """(temperature, top_k, top_p, seeds, offsets) of these rows, offsets at 0 (the first token's)."""

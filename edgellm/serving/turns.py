@@ -8,7 +8,6 @@ trees (speculative/) and verify_sample_trees checks them."""
 from __future__ import annotations
 
 import collections
-import random
 import time
 from typing import Callable
 
@@ -16,12 +15,11 @@ import torch
 
 from ..engine.kv_store import KVReuseStats
 from ..multimodal import ImagePrompt, prefill_positions
-from ..requests import GenerationTimings, LLMGenerationRequest, SamplingSettings
+from ..requests import GenerationTimings, LLMGenerationRequest, SamplingSettings, item_seeds
 from ..speculative import Speculation
 from ..streaming import GenerationRow, RowText, advance_rows
-from .engine_loop import OWN_RATE_MIN_TOKENS
+from .engine_loop import PrefillRate
 
-SEED_STRIDE = 0x632BE5AB  # spreads the per-item seeds of one request apart
 # Called as on_text(item_index, text_delta) while generating, for streaming output.
 TextCallback = Callable[[int, str], None]
 
@@ -30,7 +28,7 @@ class TurnTaking:
     def __init__(self, runtime):
         self.rt = runtime
         self._row_tensors: dict[tuple, tuple] = {}  # sampling_tensors' reusable part, by (batch, settings)
-        self.prefill_ms_per_token: float | None = None  # measured on prompts prefilled whole (saving estimates)
+        self.prefill_rate = PrefillRate()  # the KV-reuse saving's estimate
 
     def speculation(self, request: LLMGenerationRequest, prompts: list[list[int]]) -> Speculation | None:
         """This request's speculation, unless the runtime has none or the request turns it off."""
@@ -55,8 +53,7 @@ class TurnTaking:
                 torch.full((batch,), sampling.top_p, dtype=torch.float32, device=device),
                 torch.zeros(batch, dtype=torch.int64, device=device),  # RNG offsets: none used yet
                 torch.arange(batch, dtype=torch.int32, device=device))  # slot i serves item i
-        seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
-        seeds = self.device_tensor([(seed + i * SEED_STRIDE) & 0xFFFFFFFF for i in range(batch)], torch.int64)
+        seeds = self.device_tensor(item_seeds(sampling, batch), torch.int64)
         temperature, top_k, top_p, offsets, slots = fixed
         return temperature, top_k, top_p, seeds, offsets, slots
 
@@ -164,22 +161,11 @@ class TurnTaking:
         return rows, timings
 
     def account_prefill(self, reuse: KVReuseStats, prefilled: int, started: float) -> None:
-        """Estimate the prefill time the reused tokens saved, at the rate measured on prompts that
-        reused nothing (an exponential average), and update that rate. Before any such prompt (a
-        process whose first request hits the disk tier), at this request's own rate over the tokens it
-        prefilled, where it prefilled enough of them for a rate. Called once the first tokens are on
-        the host (no synchronisation of its own: that would keep the saving's host work from
-        overlapping the prefill)."""
+        """The prefill the reused tokens saved (PrefillRate). Called once the first tokens are on the
+        host (no synchronisation of its own: that would keep the saving's host work from overlapping
+        the prefill)."""
         elapsed_ms = (time.perf_counter() - started) * 1e3
-        if reuse.reused_tokens == 0 and prefilled > 0:
-            rate = elapsed_ms / prefilled
-            self.prefill_ms_per_token = rate if self.prefill_ms_per_token is None else \
-                0.5 * (self.prefill_ms_per_token + rate)
-        rate = self.prefill_ms_per_token
-        if rate is None and prefilled >= OWN_RATE_MIN_TOKENS:
-            rate = max(elapsed_ms - reuse.restore_ms, 0.0) / prefilled
-        if rate is not None:
-            reuse.prefill_ms_saved += reuse.reused_tokens * rate
+        self.prefill_rate.account(reuse, prefilled, elapsed_ms, max(elapsed_ms - reuse.restore_ms, 0.0))
 
     def decode_step(self, active: list[int], rows: list[GenerationRow], max_new: int,
                      spec: Speculation | None) -> list[list[int]]:
