@@ -69,7 +69,7 @@ if [[ " $parts " == *" backends "* ]]; then
   done
 fi
 if [[ " $parts " == *" serving "* ]]; then
-  python3 bench/serving.py --json "$out/serving.json" 2> "$out/serving.stderr" || { status=1; tail -30 "$out/serving.stderr"; }
+  python3 bench/serving.py --prefill-budget 512 256 128 --separate-prefill --json "$out/serving.json" 2> "$out/serving.stderr" || { status=1; tail -30 "$out/serving.stderr"; }
 fi
 if [[ " $parts " == *" threads "* ]]; then
   python3 bench/threads.py --json "$out/threads.json" 2> "$out/threads.stderr" || { status=1; tail -30 "$out/threads.stderr"; }

@@ -195,6 +195,22 @@ class LLMInferenceRuntime:
         with self._engine_turn():
             yield self.runner
 
+    def capture_graphs(self, lora: bool = False) -> int:
+        """Capture up front the CUDA graphs the engine loop replays: decode steps of every padded batch
+        size, and mixed steps (a decode step with a prompt chunk of up to prefill_budget tokens, every
+        length bucket) beside each; lora=True: those of batches with adapters too. A missing graph is
+        captured on first use instead, while the running rows wait (with the Triton compiles of a new
+        shape, up to a second). Returns how many graphs the engine holds (0 without CUDA graphs)."""
+        if self.runner.backend != "triton":
+            return 0
+        with self._engine_turn():
+            runner = self.runner
+            for uses in (False, True) if lora else (False,):
+                runner.capture_decode_graphs(lora=uses)
+                if runner.takes_mixed_steps:
+                    runner.capture_mixed_graphs(self._loop.prefill_budget, lora=uses)
+            return len(runner.graphs.graphs) if runner.graphs.enabled else 0
+
     # ------------------------------------------------------------------ setup helpers
     def _eos_ids(self) -> frozenset[int]:
         return stop_token_ids(self.config.eos_token_ids, self.generation_defaults, self.tokenizer)

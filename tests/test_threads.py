@@ -11,7 +11,7 @@ import torch
 from edgellm import KVReuseSettings, LLMGenerationRequest, LLMInferenceRuntime
 from edgellm.errors import ReentrantRequestError
 from edgellm.fifo_lock import FifoLock
-from edgellm.engine.graphs import DecodeKey, PrefillKey
+from edgellm.engine.graphs import DecodeKey, MixedKey, PrefillKey
 from edgellm.kernels import use_reference
 
 from conftest import random_adapters
@@ -283,7 +283,7 @@ def test_threads_on_gpu_get_the_answers_of_one_by_one(tiny_models, tmp_path):
     runtime = LLMInferenceRuntime(model_dir, device="cuda", max_batch_size=3, lora_weights=adapters,
                                   kv_reuse=KVReuseSettings(gpu_bytes=1 << 16, disk_dir=tmp_path / "kv", block_tokens=4))
     check_threads_match_one_by_one(runtime, mixed_requests(), lora_side_calls(runtime, adapters["a"]))
-    assert {type(k) for k in runtime.runner.graphs.graphs} == {DecodeKey, PrefillKey}
+    assert {type(k) for k in runtime.runner.graphs.graphs} == {DecodeKey, PrefillKey, MixedKey}
     for interrupt in (RuntimeError("client went away"), KeyboardInterrupt()):
         check_interrupted_request_leaves_runtime_usable(runtime, interrupt, adapter="b")
     runtime.close()

@@ -8,12 +8,15 @@ verify steps (whose graphs it captures with each batch size's); it owns the deco
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..errors import InvalidRequestError
-from ..kernels.lora import used_slots
+from ..kernels.lora import used_slot_list
 from ..progress import progress
 from .adapters import Adapters, any_adapter
+from .devices import to_device
 from .graphs import DecodeBuffers, DecodeKey, StepGraphs, graph_batch_sizes
 from .state import EngineState
 from .verify import TreeSteps
@@ -118,8 +121,8 @@ class DecodeSteps:
         rows = decode_rows(self.state.device, self.state.config.max_supported_batch_size, tokens, slots, temperature,
                            top_k, top_p, seeds, offsets)
         lora_rows = self.adapters.rows(lora, rows["slots"].shape[0])
-        rows["lora"] = torch.tensor(lora_rows, dtype=torch.int32, device=self.state.device)
-        self._load_rows(rows, lora_rows)
+        rows["lora"] = to_device(lora_rows, torch.int32, self.state.device)
+        self._load_rows(rows, lora_rows, host_slots(slots))
 
     def add_decode_rows(self, tokens, slots, temperature, top_k, top_p, seeds, offsets, lora=None) -> None:
         """Rows joining the running decode batch, after its live rows (start_decode's arguments, for the
@@ -132,10 +135,12 @@ class DecodeSteps:
         new = decode_rows(state.device, state.config.max_supported_batch_size, tokens, slots, temperature, top_k,
                           top_p, seeds, offsets)
         new_lora = self.adapters.rows(lora, new["slots"].shape[0])
-        new["lora"] = torch.tensor(new_lora, dtype=torch.int32, device=state.device)
+        new["lora"] = to_device(new_lora, torch.int32, state.device)
+        known, added = buf.slots_host, host_slots(slots)
+        slots_host = None if known is None or added is None else known[:buf.live_rows] + added
         rows = joined_rows(buf.rows(torch.arange(buf.live_rows, device=state.device)), new,
-                           state.config.max_supported_batch_size)
-        self._load_rows(rows, buf.lora_host[:buf.live_rows] + new_lora)
+                           state.config.max_supported_batch_size, slots_host)
+        self._load_rows(rows, buf.lora_host[:buf.live_rows] + new_lora, slots_host)
 
     def restart_decode_rows(self, tokens, lengths=None) -> None:
         """Point the running decode batch's rows (start_decode's: same slots and settings) at new
@@ -159,17 +164,37 @@ class DecodeSteps:
         if any(not 0 <= i < buf.live_rows for i in keep):
             raise InvalidRequestError(f"keep_decode_rows: indices must be in [0, {buf.live_rows})")
         lora_rows = [buf.lora_host[i] for i in keep]
-        self._load_rows(buf.rows(torch.as_tensor(keep, dtype=torch.int64, device=self.state.device)), lora_rows)
+        known = buf.slots_host
+        self._load_rows(buf.rows(to_device(keep, torch.int64, self.state.device)), lora_rows,
+                        None if known is None else [known[i] for i in keep])
 
-    def _load_rows(self, rows: dict, lora_rows: list[int]) -> None:
+    def _load_rows(self, rows: dict, lora_rows: list[int], slots: list[int] | None) -> None:
         size = self._padded_size(rows["slots"].shape[0])
         self.active = None
         self._ensure_graph(size, any_adapter(lora_rows))
         buf = self._buffers(size)
         buf.load(**rows)
-        buf.lora_used.copy_(used_slots(lora_rows, self.adapters.capacity, self.state.device))
-        buf.lora_host = lora_rows
+        buf.lora_used.copy_(to_device(used_slot_list(lora_rows, self.adapters.capacity), torch.int32,
+                                      self.state.device))
+        buf.lora_host, buf.slots_host = lora_rows, slots
         self.active = buf
+
+    @contextlib.contextmanager
+    def rows_set_aside(self, buf: DecodeBuffers):
+        """While the block runs, `buf` holds only padding rows (a graph that reads these buffers is
+        being captured: its warm-up must not advance a live row); its live rows are put back after."""
+        live, device = buf.live_rows, self.state.device
+        saved = buf.rows(torch.arange(live, device=device))
+        lora_used, lora_host, slots_host = buf.lora_used.clone(), buf.lora_host, buf.slots_host
+        empty = torch.empty(0, dtype=torch.int64, device=device)
+        buf.load(**{name: empty for name in saved})
+        buf.lora_used.zero_()
+        try:
+            yield
+        finally:
+            buf.load(**saved)
+            buf.lora_used.copy_(lora_used)
+            buf.lora_host, buf.slots_host = lora_host, slots_host
 
     def end_decode(self) -> None:
         """The decode batch is done: its rows stop holding their adapters (see remove_lora_weights)."""
@@ -191,11 +216,15 @@ class DecodeSteps:
         pinned host memory, and returns at once. The caller may queue the next step (which reads
         these tokens on the device) before reading these with .wait(): the host's work on step n
         then overlaps the GPU's on step n + 1. At most two may be pending at a time."""
-        tokens = self.decode_sample_step()
+        return self.pending(self.decode_sample_step())
+
+    def pending(self, tokens: torch.Tensor) -> "PendingTokens":
+        """A launched step's tokens (a device tensor of at most twice max_batch_size: engine/mixed_steps.py
+        adds its chunk rows' first tokens), copied to pinned host memory behind the step: its PendingTokens."""
         if self.state.device.type != "cuda":
             return PendingTokens(tokens.clone(), None)
         if self._host_tokens is None:
-            most = self.state.config.max_supported_batch_size
+            most = 2 * self.state.config.max_supported_batch_size
             self._host_tokens = [torch.empty(most, dtype=torch.int64, pin_memory=True) for _ in range(2)]
         host = self._host_tokens[self._host_turn][:tokens.shape[0]]
         self._host_turn ^= 1
@@ -214,7 +243,7 @@ class DecodeSteps:
 
 def decode_rows(device, most: int, tokens, slots, temperature, top_k, top_p, seeds, offsets) -> dict:
     """start_decode's per-row arguments as device tensors by name, checked: 1..most rows, one entry each."""
-    as_t = lambda x, dtype: torch.as_tensor(x, dtype=dtype).to(device)  # noqa: E731
+    as_t = lambda x, dtype: to_device(x, dtype, device)  # noqa: E731
     rows = dict(tokens=as_t(tokens, torch.int64), slots=as_t(slots, torch.int32),
                 temperature=as_t(temperature, torch.float32), top_k=as_t(top_k, torch.int32),
                 top_p=as_t(top_p, torch.float32), seeds=as_t(seeds, torch.int64), offsets=as_t(offsets, torch.int64))
@@ -226,17 +255,26 @@ def decode_rows(device, most: int, tokens, slots, temperature, top_k, top_p, see
     return rows
 
 
-def joined_rows(running: dict, new: dict, most: int) -> dict:
+def joined_rows(running: dict, new: dict, most: int, slots_host: list[int] | None = None) -> dict:
     """The running rows' per-row tensors (by name) followed by the new rows', checked: at most `most`
-    rows and no slot twice (a row that joined a slot already running would read and write its cache)."""
-    rows = {name: torch.cat([running[name], new[name]]) for name in running}
-    count = rows["slots"].shape[0]
+    rows and no slot twice (a row that joined a slot already running would read and write its cache;
+    checked on `slots_host`, the joined rows' slots, where the host knows them, else on the device)."""
+    count = running["slots"].shape[0] + new["slots"].shape[0]
     if count > most:
         raise InvalidRequestError(f"add_decode_rows: {running['slots'].shape[0]} running rows + "
                                   f"{new['slots'].shape[0]} new ones exceed max_batch_size {most}")
-    if rows["slots"].unique().numel() != count:
+    rows = {name: torch.cat([running[name], new[name]]) for name in running}
+    distinct = len(set(slots_host)) if slots_host is not None else rows["slots"].unique().numel()
+    if distinct != count:
         raise InvalidRequestError("add_decode_rows: a new row's slot is already running (or given twice)")
     return rows
+
+
+def host_slots(slots) -> list[int] | None:
+    """Slots given as a list or a host tensor, as ints (None for a device tensor: not read back)."""
+    if isinstance(slots, torch.Tensor):
+        return slots.tolist() if slots.device.type == "cpu" else None
+    return [int(s) for s in slots]
 
 
 class PendingTokens:

@@ -32,3 +32,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if isinstance(dtype, str) and dtype.lower() in _DTYPES:
         return _DTYPES[dtype.lower()]
     raise ConfigurationError(f"unsupported dtype {dtype!r}; use float32, float16 or bfloat16")
+
+
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`values` (a list, a host tensor or a device tensor) as a `dtype` tensor on `device`, without
+    waiting for the device: a host value goes through pinned memory in a non-blocking copy (a copy from
+    pageable memory would wait for every step queued before it, and with them the run-ahead)."""
+    tensor = torch.as_tensor(values, dtype=dtype)
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

@@ -19,6 +19,7 @@ serves every mix of adapters; only whether the LoRA kernels run at all changes t
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable, Hashable
 
 import torch
@@ -66,6 +67,17 @@ class PrefillKey:
                    source, logits)
 
 
+@dataclasses.dataclass(frozen=True)
+class MixedKey:
+    """A mixed step (engine/mixed_steps.py): the decode batch of `size` rows (padded) and a prompt
+    chunk of `rows` x `length` tokens (length: prefill_bucket). (Its attention always splits by the
+    cache's capacity: no few-keys variant, half the graphs to capture up front.)"""
+    size: int
+    rows: int
+    length: int
+    lora: bool
+
+
 class DecodeBuffers:
     """The device tensors one decode step of `size` rows reads and writes."""
 
@@ -85,6 +97,7 @@ class DecodeBuffers:
         self.lora = torch.full((size,), -1, dtype=torch.int32, device=device)  # LoRA slot per row, -1: none
         self.lora_used = torch.zeros(1 + lora_slots, dtype=torch.int32, device=device)  # kernels/lora.py used_slots
         self.lora_host: list[int] = []  # the live rows' LoRA slots, known on the host
+        self.slots_host: list[int] | None = []  # their cache slots, where the host knows them (None: not)
         self.logits: torch.Tensor | None = None  # the last step's [size, vocab] float32 logits
 
     @property
@@ -214,6 +227,44 @@ class PrefillBuffers:
             self.positions[:, width:].zero_()
 
 
+class MixedBuffers:
+    """The static inputs and outputs of a mixed step's prompt chunk, `rows` x `length` tokens: per row
+    its first token's sampling settings (seed, temperature, top_p, top_k), cache slot, start, token
+    count and LoRA slot, then the step's LoRA used-slot list (decode rows' and chunk rows' adapters)
+    and the chunk's token ids, all in one int32 tensor that the host loads with one copy (seeds are
+    pairs of int32, the floats their bits). `first`: each row's sampled first token; `tokens`: the decode
+    rows' next tokens followed by `first`, read back in one copy."""
+
+    def __init__(self, rows: int, length: int, decode_size: int, scratch_slot: int, device: torch.device,
+                 lora_slots: int = 0):
+        self.rows, self.length = rows, length
+        count = MixedBuffers.int_count(rows, lora_slots)
+        self.inputs = torch.zeros(count + rows * length, dtype=torch.int32, device=device)
+        self.seeds = self.inputs[:2 * rows].view(torch.int64)
+        self.temperature, self.top_p = self.inputs[2 * rows:4 * rows].view(torch.float32).view(2, rows).unbind(0)
+        self.top_k, self.slots, self.starts, self.q_lens, self.lora = self.inputs[4 * rows:9 * rows].view(5, rows).unbind(0)
+        self.lora_used = self.inputs[9 * rows:count]
+        self.ids = self.inputs[count:].view(rows, length)
+        self.first_offsets = torch.zeros(rows, dtype=torch.int64, device=device)  # a first token's RNG offset: 0
+        self.tokens = torch.zeros(decode_size + rows, dtype=torch.int64, device=device)
+        self.scratch_slot = scratch_slot
+        self.reset()
+
+    @staticmethod
+    def int_count(rows: int, lora_slots: int) -> int:
+        """The integers before the token ids: 9 per row (a seed is two), then the LoRA used-slot list."""
+        return 9 * rows + 1 + lora_slots
+
+    def reset(self) -> None:
+        """Every row on the scratch slot with one greedy token and no adapter (the state graphs are
+        captured in: no request's cache is touched)."""
+        self.inputs.zero_()
+        self.slots.fill_(self.scratch_slot)
+        self.q_lens.fill_(1)
+        self.top_k.fill_(1)
+        self.lora.fill_(-1)
+
+
 class StepGraphs:
     """CUDA graphs of decode steps and prefill chunks, looked up by key; all share one memory pool."""
 
@@ -224,6 +275,7 @@ class StepGraphs:
         # One warm-up stream for every capture: each new stream would get (and keep for the process's
         # life) its own 32 MiB cuBLAS workspace, 32 MiB per captured graph (measured on the H100).
         self._side: torch.cuda.Stream | None = None
+        self.capture_seconds = 0.0  # host time spent capturing (a step waits that long for a missing graph)
 
     def get(self, key: Hashable):
         return self.graphs.get(key) if self.enabled else None
@@ -234,6 +286,7 @@ class StepGraphs:
         The capture restricts only this thread ("thread_local"): other threads may use CUDA meanwhile
         (the KV store's disk writer waits on events; callers' own threads run their own work), which
         the default "global" mode would turn into a failed capture."""
+        began = time.perf_counter()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
             self._side = torch.cuda.Stream()
@@ -247,6 +300,7 @@ class StepGraphs:
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             step()
         self.graphs[key] = graph
+        self.capture_seconds += time.perf_counter() - began
         return graph
 
 

@@ -98,19 +98,19 @@ def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, key
                      layer: int, tree: "TokenTree | None", positions: torch.Tensor | None,
                      residual: torch.Tensor | None = None, rotated: bool = False,
                      sumsq_out: torch.Tensor | None = None, max_keys: int | None = None,
-                     last: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                     last: tuple[torch.Tensor, torch.Tensor] | None = None, project: bool = True) -> torch.Tensor:
     """Attention and the o projection (plus `residual`, when given: the fused decode path's add, and
     with sumsq_out the sums of squares of its rows, gemv's). rotated: `qkv` holds the rotated queries
     only, their keys and values already in the cache (the qkv GEMV's rope_append epilogue). max_keys:
     forward_logits'. last: (rows, token index per row): every token's keys and values go into the
     cache, then only these queries attend (one a row, [B, 1] out); last=(): the keys and values only
-    (returns None)."""
+    (returns None). project=False: the attention's output [B, S, q_size], before the o projection."""
     batch, seq, _ = qkv.shape
     window = cfg.layer_window(layer)
     if rotated:
         q = qkv.reshape(batch, seq, cfg.num_attention_heads, cfg.head_dim)
         return _attend(lw, cfg, q, keys, values, slots, starts, q_lens, ends, ops, lora, layer, tree, window, residual,
-                       sumsq_out, max_keys)
+                       sumsq_out, max_keys, project)
     q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
     q = q.reshape(batch, seq, cfg.num_attention_heads, cfg.head_dim)
     k = k.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
@@ -135,14 +135,15 @@ def _attention_block(lw: LayerWeights, cfg: EngineConfig, qkv: torch.Tensor, key
             return None
         q = q[last][:, None]
     return _attend(lw, cfg, q, keys, values, slots, starts, q_lens, ends, ops, lora, layer, tree, window, residual,
-                   sumsq_out, max_keys)
+                   sumsq_out, max_keys, project)
 
 
 def _attend(lw: LayerWeights, cfg: EngineConfig, q: torch.Tensor, keys, values, slots, starts, q_lens, ends, ops,
             lora: LoraBatch | None, layer: int, tree: "TokenTree | None", window: int,
             residual: torch.Tensor | None, sumsq_out: torch.Tensor | None = None,
-            max_keys: int | None = None) -> torch.Tensor:
-    """Attention of the rotated queries q [B, S, heads, head_dim] over the cache, then the o projection."""
+            max_keys: int | None = None, project: bool = True) -> torch.Tensor:
+    """Attention of the rotated queries q [B, S, heads, head_dim] over the cache, then (project) the o
+    projection."""
     batch, seq = q.shape[:2]
     scale = cfg.attention_scale
     t = None
@@ -155,6 +156,8 @@ def _attend(lw: LayerWeights, cfg: EngineConfig, q: torch.Tensor, keys, values, 
     else:
         out = ops.tree_attention(q, keys, values, slots, starts, q_lens, tree.bits, scale, window)
     out = out.reshape(batch, seq, cfg.q_size)
+    if not project:
+        return out
     if residual is not None:  # (no LoRA on this path: _fusable)
         return _linear(out, lw.o_proj, lw.o_bias, ops, residual=residual, sumsq_out=sumsq_out)
     return _project(out, lw.o_proj, lw.o_bias, lora, layer, "o", ops, t)
@@ -198,11 +201,7 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     if lora is not None and seq > 1:  # the LoRA kernels take one adapter index per token
         lora = lora._replace(index=lora.index.repeat_interleave(seq))
     ends = starts + q_lens  # each row's cache length after this chunk (computed once, not per layer)
-    if cfg.embed_scale != 1.0:  # rounded to the activations' dtype first, as transformers does
-        hidden = hidden * float(torch.tensor(cfg.embed_scale, dtype=hidden.dtype))
-    if weights.positions is not None:  # learned absolute positions (GPT-2), added to the embedding
-        pos = tree.positions if tree is not None else starts[:, None] + torch.arange(seq, device=hidden.device)
-        hidden = hidden + weights.positions[pos.long().clamp(max=weights.positions.shape[0] - 1)]
+    hidden = _scaled_inputs(weights, cfg, hidden, starts, tree)
     if switches.cpu_blas and ops is dispatched_ops and cpu_forward.takes(cfg, rope, hidden, cache, lora, tree, positions):
         return cpu_forward.forward_logits(weights, cfg, cache, rope, hidden, slots, starts, q_lens, ops.dequantize,
                                           every_token, logits, before_attention)
@@ -217,9 +216,7 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
         last = (q_lens.long() - 1).clamp(min=0)
         rows = torch.arange(batch, device=hidden.device)
     for index, lw in enumerate(weights.layers):
-        (x, residual), t = _norm(ops, cfg, x, residual, lw.input_norm, lw.input_norm_bias,
-                                 _shrink_operand(lora, index, "qkv", tokens), pre=pending)
-        qkv = _project(x, lw.qkv, lw.qkv_bias, lora, index, "qkv", ops, t)
+        qkv, residual = _qkv_block(lw, cfg, x, residual, pending, lora, index, tokens, ops)
         keys, values = cache.layer(index)
         if before_attention is not None:
             before_attention(index)
@@ -233,16 +230,7 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
         else:
             attn = _attention_block(lw, cfg, qkv, keys, values, rope, slots, starts, q_lens, ends, ops, lora, index,
                                     tree, positions, max_keys=max_keys)
-        (x, residual), t = _norm(ops, cfg, attn, residual, lw.post_norm, lw.post_norm_bias,
-                                 _shrink_operand(lora, index, "gate_up", tokens), pre=lw.attn_out_norm)
-        if cfg.mlp == "plain":  # fc, activation, proj, with biases (GPT-2; no LoRA)
-            x = ops.activation(_linear(x, lw.gate_up, lw.gate_up_bias, ops), cfg.activation)
-            x = _linear(x, lw.down, lw.down_bias, ops)
-            continue
-        gate_up = _project(x, lw.gate_up, None, lora, index, "gate_up", ops, t)
-        x, t = _fused(ops.glu, gate_up, activation=cfg.activation,
-                      lora_a=_shrink_operand(lora, index, "down", tokens))
-        x = _project(x, lw.down, None, lora, index, "down", ops, t)
+        x, residual = _mlp_block(lw, cfg, attn, residual, lora, index, tokens, ops)
         pending = lw.mlp_out_norm
     if every_token:
         (final, _), _ = _norm(ops, cfg, x, residual, weights.final_norm, weights.final_norm_bias, pre=pending)
@@ -251,6 +239,88 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
         x, residual = x[rows, last][:, None], residual[rows, last][:, None]
     (final, _), _ = _norm(ops, cfg, x, residual, weights.final_norm, weights.final_norm_bias, pre=pending)
     return _linear(final[:, 0], weights.lm_head, None, ops).float()
+
+
+def _scaled_inputs(weights: ModelWeights, cfg: EngineConfig, hidden: torch.Tensor, starts: torch.Tensor,
+                   tree: TokenTree | None = None) -> torch.Tensor:
+    """The input embeddings [B, S, H] scaled (embed_scale) and, with learned positions, plus those of
+    each token (the rows' chunks placed at `starts`)."""
+    if cfg.embed_scale != 1.0:  # rounded to the activations' dtype first, as transformers does
+        hidden = hidden * float(torch.tensor(cfg.embed_scale, dtype=hidden.dtype))
+    if weights.positions is not None:  # learned absolute positions (GPT-2), added to the embedding
+        pos = tree.positions if tree is not None else starts[:, None] + torch.arange(hidden.shape[1],
+                                                                                     device=hidden.device)
+        hidden = hidden + weights.positions[pos.long().clamp(max=weights.positions.shape[0] - 1)]
+    return hidden
+
+
+def _qkv_block(lw: LayerWeights, cfg: EngineConfig, x, residual, pending, lora: LoraBatch | None, index: int,
+               tokens: int, ops):
+    """A layer's input norm (after the residual add) and qkv projection: (qkv, residual)."""
+    (x, residual), t = _norm(ops, cfg, x, residual, lw.input_norm, lw.input_norm_bias,
+                             _shrink_operand(lora, index, "qkv", tokens), pre=pending)
+    return _project(x, lw.qkv, lw.qkv_bias, lora, index, "qkv", ops, t), residual
+
+
+def _mlp_block(lw: LayerWeights, cfg: EngineConfig, attn, residual, lora: LoraBatch | None, index: int,
+               tokens: int, ops):
+    """A layer's post-attention norm (after the residual add) and MLP: (the MLP's output, residual)."""
+    (x, residual), t = _norm(ops, cfg, attn, residual, lw.post_norm, lw.post_norm_bias,
+                             _shrink_operand(lora, index, "gate_up", tokens), pre=lw.attn_out_norm)
+    if cfg.mlp == "plain":  # fc, activation, proj, with biases (GPT-2; no LoRA)
+        x = ops.activation(_linear(x, lw.gate_up, lw.gate_up_bias, ops), cfg.activation)
+        return _linear(x, lw.down, lw.down_bias, ops), residual
+    gate_up = _project(x, lw.gate_up, None, lora, index, "gate_up", ops, t)
+    x, t = _fused(ops.glu, gate_up, activation=cfg.activation, lora_a=_shrink_operand(lora, index, "down", tokens))
+    return _project(x, lw.down, None, lora, index, "down", ops, t), residual
+
+
+class Part(NamedTuple):
+    """One attention group of a mixed step (forward_mixed): input embeddings [B, S, H] of chunks of
+    q_lens[b] tokens placed at starts[b] of cache slot slots[b] (all [B] int on the device), and
+    forward_logits' max_keys for them."""
+    hidden: torch.Tensor
+    slots: torch.Tensor
+    starts: torch.Tensor
+    q_lens: torch.Tensor
+    max_keys: int | None = None
+
+
+def forward_mixed(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCache, rope: RopeTables,
+                  parts: list[Part], lora: LoraBatch | None = None, kernels=None) -> torch.Tensor:
+    """One step over several attention groups: the running rows' decode tokens ([B, 1]) beside a prompt
+    chunk ([B', S]) (engine/mixed_steps.py). Every token-wise op (norms, projections, MLP) runs once
+    over all the parts' tokens, so the chunk's tokens share the decode step's weight reads; attention
+    runs per part (decode attention for one-token rows, prefill attention for chunks). lora: each
+    token's adapter (index: one entry per token, the parts' tokens in order). Appends every token's
+    keys and values to the cache (lengths are the caller's to update) and returns the logits of each
+    row's last token, the parts' rows in order, [rows, vocab] float32. No trees, explicit positions or
+    per-slot RoPE offsets (the engines with those take separate steps)."""
+    ops = kernels or dispatched_ops
+    hidden = [_scaled_inputs(weights, cfg, part.hidden, part.starts) for part in parts]
+    shapes = [tuple(h.shape[:2]) for h in hidden]
+    sizes = [rows * seq for rows, seq in shapes]
+    ends = [part.starts + part.q_lens for part in parts]
+    x = torch.cat([h.reshape(-1, h.shape[-1]) for h in hidden])[None]
+    tokens, residual, pending = x.shape[1], None, None
+    for index, lw in enumerate(weights.layers):
+        qkv, residual = _qkv_block(lw, cfg, x, residual, pending, lora, index, tokens, ops)
+        keys, values = cache.layer(index)
+        out = [_attention_block(lw, cfg, piece.view(rows, seq, -1), keys, values, rope, part.slots, part.starts,
+                                part.q_lens, end, ops, None, index, None, None, max_keys=part.max_keys,
+                                project=False).reshape(rows * seq, -1)
+               for part, piece, (rows, seq), end in zip(parts, qkv[0].split(sizes), shapes, ends)]
+        attn = _project(torch.cat(out)[None], lw.o_proj, lw.o_bias, lora, index, "o", ops)
+        x, residual = _mlp_block(lw, cfg, attn, residual, lora, index, tokens, ops)
+        pending = lw.mlp_out_norm
+    last, begin = [], 0
+    for part, (rows, seq) in zip(parts, shapes):  # each row's last token, as flat token indices
+        last.append(begin + torch.arange(rows, device=x.device) * seq + part.q_lens.long() - 1)
+        begin += rows * seq
+    last = torch.cat(last)
+    (final, _), _ = _norm(ops, cfg, x[:, last], residual[:, last], weights.final_norm, weights.final_norm_bias,
+                          pre=pending)
+    return _linear(final[0], weights.lm_head, None, ops).float()
 
 
 def _fusable(weights: ModelWeights, cfg: EngineConfig, lora: LoraBatch | None, hidden: torch.Tensor, ops,

@@ -13,6 +13,8 @@ The path of a step through the code, in the order a request meets it:
                      layers, LM head and sampling in one graph per padded batch size; rows join
                      (add_decode_rows) and leave (keep_decode_rows) between steps; decode_step is the
                      seeds' eager step;
+  mixed_steps.py     mixed_launch: a decode step and a chunk of waiting prompts in one forward (the
+                     continuous-batching loop's prefill while rows decode);
   verify.py          speculative token trees through the model in one step (verify_sample_trees);
   model.py           forward_logits: the one decoder forward every step runs, each op from kernels/.
 With backend="onnxruntime", prefill_step / prefill_tokens / decode_step run the graph
@@ -48,6 +50,7 @@ from .kv_cache import LinearKVCache
 from .longrope import NO_DRAFT_LIMIT, LongRope, longrope_original, longrope_tables
 from .lora import DEFAULT_MAX_LORAS, LoraStacks
 from .memory import check_fits, engine_memory_plan, free_bytes
+from .mixed_steps import MixedSteps
 from .model import RopeTables
 from .modes import inference_call, outside_inference_mode
 from .prefill_steps import PrefillSteps
@@ -189,6 +192,7 @@ class LLMEngineRunner:
         self._prefill = PrefillSteps(self.state, self.adapters, self.graphs, chunk)
         self._verify = TreeSteps(self.state, self.adapters, self.graphs, max_verify_tokens)
         self._decode = DecodeSteps(self.state, self.adapters, self.graphs, self._verify)
+        self._mixed = MixedSteps(self.state, self.adapters, self.graphs, self._decode, chunk)
 
     def _rope_tables(self, cfg: EngineConfig, original: int | None) -> RopeTables:
         """cos / sin (LongRoPE's two-half table where `original` is its original context), per-slot
@@ -216,7 +220,7 @@ class LLMEngineRunner:
         self.vocab_map, self.longrope, self.lora, self.max_verify_tokens = None, None, None, 0
         self.prefill_chunk_size = self.config.max_supported_input_length  # one graph call per prefill
         self.adapters = Adapters(self.config, None, self.device)
-        self.state = self._prefill = self._decode = steps
+        self.state = self._prefill = self._decode = self._mixed = steps
         self._verify = steps  # (no verify steps: its attributes refuse, naming the runner's method)
 
     # Accessors named after the seeds' API.
@@ -267,6 +271,8 @@ class LLMEngineRunner:
     decode_sample_step = _run_by("_decode", DecodeSteps.decode_sample_step)
     decode_launch = _run_by("_decode", DecodeSteps.decode_launch)
     decode_logits = _run_by("_decode", DecodeSteps.decode_logits)
+    mixed_launch = _run_by("_mixed", MixedSteps.mixed_launch)
+    capture_mixed_graphs = _run_by("_mixed", MixedSteps.capture_graphs)
     tree_decode_step = _run_by("_verify", TreeSteps.tree_decode_step)
     commit_tree_path = _run_by("_verify", TreeSteps.commit_tree_path)
 
@@ -290,6 +296,12 @@ class LLMEngineRunner:
         return self._verify.verify_sample_trees(self._decode.running("verify_sample_step"), trees)
 
     # ---- what a decode loop asks between steps ----
+
+    @property
+    def takes_mixed_steps(self) -> bool:
+        """Whether mixed_launch runs here (engine/mixed_steps.py): the Triton backend, no per-slot RoPE
+        offsets (LongRoPE, multimodal RoPE), and Switches.mixed_steps."""
+        return self.backend == "triton" and self.switches.mixed_steps and self._mixed.available
 
     @property
     def needs_rows_each_step(self) -> bool:

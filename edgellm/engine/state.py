@@ -16,7 +16,7 @@ from ..kernels.dispatch import run_with
 from . import cpu_forward
 from .config import EngineConfig
 from .kv_cache import LinearKVCache
-from .model import RopeTables, forward_logits
+from .model import RopeTables, forward_logits, forward_mixed
 from .switches import Switches
 from .weights import ModelWeights
 
@@ -45,6 +45,11 @@ class EngineState:
         with self.running():
             return forward_logits(self.weights, self.config, self.kv_cache, self.rope, embeds, slots, starts, q_lens,
                                   switches=self.switches, **options)
+
+    def forward_mixed(self, parts, lora=None):
+        """model.forward_mixed over this engine's weights, cache and RoPE tables (engine/mixed_steps.py)."""
+        with self.running():
+            return forward_mixed(self.weights, self.config, self.kv_cache, self.rope, parts, lora)
 
     def sample(self, logits: torch.Tensor, temperature, top_k, top_p, seeds, offsets, group: int = 1) -> torch.Tensor:
         """Sampled tokens (kernels/sampling.py), as full-vocabulary ids."""

@@ -4,18 +4,21 @@ An iteration, while any sequence waits or runs:
   1. retire the cancelled sequences (their slots freed, their rows out of the decode batch);
   2. admit waiting sequences into free KV slots (scheduler.py); with KV reuse, copy each one's longest
      saved prefix into its slot (engine/kv_store.py), which it then does not prefill;
-  3. prefill: up to `prefill_budget` prompt tokens of the admitted sequences still prefilling, in one
-     runner.prefill_tokens call (a long prompt goes over several iterations: the chunk after its cached
-     part); a sequence whose prompt is complete (its new blocks saved, with KV reuse) samples its first
-     token and joins the decode batch
-     (runner.add_decode_rows) with its own sampling settings, seed, adapter and RNG offset 0;
-  4. one decode step of the batch (runner.decode_launch; while nothing waits or prefills, the next step
-     is queued before this one's tokens are read): each row's token goes to its sequence
-     (streaming.advance_rows: EOS, max tokens, stop strings, text deltas);
+  3. launch one step: while rows decode, a mixed step (engine/mixed_steps.py) that runs their decode
+     step and a chunk of the admitted prompts (up to `prefill_budget` tokens) in one forward, or their
+     plain decode step where no prompt waits; with no row decoding, a prefill of up to the runner's
+     prefill chunk of prompt tokens (runner.prefill_tokens), whose finished prompts join at once;
+  4. read the step before it (run-ahead: the step just launched runs on the GPU meanwhile): each
+     row's token goes to its sequence (streaming.advance_rows: EOS, max tokens, stop strings, text
+     deltas); a chunk row whose prompt that step completed has its first token (its settings, seed,
+     RNG offset 0), saves its new blocks (KV reuse) and joins the decode batch (runner.add_decode_rows);
   5. finished rows leave the batch (runner.keep_decode_rows); their handles complete.
-Running rows thus keep producing a token per iteration while a long prompt prefills beside them, and a
-row's tokens depend only on its own prompt, settings and seed, never on its batch-mates (each row's
-RNG is its seed and offset; each kernel computes each row alone).
+The batch's rows change between launches without waiting for the step in flight: every change is
+queued on the device behind it. Running rows thus keep producing a token per step while long prompts
+prefill beside them, and a row's tokens depend only on its own prompt, settings and seed, never on its
+batch-mates (each row's RNG is its seed and offset; each kernel computes each row alone). Engines
+without mixed steps (LongRoPE, multimodal RoPE, the exported backends, EDGELLM_MIXED_STEPS=0)
+prefill in steps of their own between the decode steps.
 
 The loop holds the runtime's engine turn (runtime.py) for as long as it has work, so LoRA changes and
 `exclusive()` blocks wait for it to go idle. Streaming deltas are queued for the caller's thread
@@ -25,6 +28,7 @@ The loop holds the runtime's engine turn (runtime.py) for as long as it has work
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import queue
 import threading
@@ -33,6 +37,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..engine.graphs import prefill_bucket
 from ..engine.kv_store import KVReuseStats
 from ..errors import RequestCancelledError
 from ..engine.modes import caller_kernel_settings, kernel_settings
@@ -43,8 +48,19 @@ from .sequence import Sequence
 
 log = logging.getLogger("edgellm")
 
-# Prompt tokens prefilled per iteration, beside the running rows' decode step.
+# Prompt tokens a mixed step takes beside the running rows' decode step.
 DEFAULT_PREFILL_BUDGET = 512
+
+
+@dataclasses.dataclass
+class Launched:
+    """A step queued on the device and not yet read: the decode rows it advances (in the batch's order
+    then), its PendingTokens, and the prompt chunk it prefilled ((sequence, tokens, whether the chunk
+    ends the prompt) per chunk row; their first tokens come first in the step's tokens)."""
+    rows: list[Sequence]
+    pending: object
+    chunks: list[tuple[Sequence, int, bool]] = dataclasses.field(default_factory=list)
+    began: float = 0.0
 
 
 class PrefillRate:
@@ -178,7 +194,8 @@ class EngineLoop:
         self.prefill_budget = prefill_budget or DEFAULT_PREFILL_BUDGET
         self.scheduler = Scheduler(runner.config.max_supported_batch_size, max_queued)
         self.batch: list[Sequence] = []  # the runner's decode rows, in its order
-        self._in_flight: collections.deque = collections.deque()  # (the rows of a queued step, its PendingTokens)
+        self._in_flight: collections.deque = collections.deque()  # Launched steps not yet read, oldest first
+        self.step_counts: collections.Counter = collections.Counter()  # steps run, by kind: decode, mixed, prefill
         self._handles: dict[Sequence, RequestHandle] = {}
         self._work = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -221,6 +238,7 @@ class EngineLoop:
                         self._fail_all(exc)
                     with self._work:
                         if self.scheduler.idle:
+                            self._in_flight.clear()  # (steps of finished rows only: nothing to read)
                             break
 
     def _iteration(self) -> None:
@@ -232,22 +250,40 @@ class EngineLoop:
         if self.kv_store is not None:
             for seq in admitted:
                 self._restore(seq)
-        with self._work:
-            chunks = self.scheduler.prefill_chunks(self.prefill_budget)
-        blocks = ((), ())
-        if self.kv_store is not None:  # the memory tiers' hits: copied inside the prefill step, when it takes
-            # every sequence they belong to (else now)
-            pending = self.kv_store.take_pending()
-            if {slot for entries in pending for _, _, slot in entries} <= {seq.slot for seq, _ in chunks}:
-                blocks = pending
-            else:
-                self.kv_store.copy_blocks(*pending)
-        if chunks:
-            self._prefill(chunks, blocks)
-        if self.batch:
-            self._decode()
+        mixed = bool(self.batch) and self.runner.takes_mixed_steps
+        budget = min(self.prefill_budget, self.runner.prefill_chunk_size) if mixed or self.batch else \
+            max(self.prefill_budget, self.runner.prefill_chunk_size)  # (nothing decodes: no one waits on it)
+        with self._work:  # (LongRoPE: a prompt's rotation depends on its whole length, so it goes in one call)
+            chunks = self.scheduler.prefill_chunks(budget, prefill_bucket, whole=self.runner.needs_rows_each_step)
+        launched = False
+        if mixed and chunks:
+            chunks = chunks[:1]  # one row a mixed step: the shapes runtime.capture_graphs() captures
+            if self.kv_store is not None:  # the memory tiers' hits, copied before the step (queued first)
+                self.kv_store.copy_blocks(*self.kv_store.take_pending())
+            self._launch_mixed(chunks)
+            launched = True
+        else:
+            if chunks:
+                self._prefill(chunks, self._blocks_for(chunks))
+            if self.batch:
+                self._launch_decode()
+                launched = True
+        ahead = 1 if launched and self._may_run_ahead() else 0
+        while len(self._in_flight) > ahead:
+            self._take(self._in_flight.popleft())
         with self._work:
             self._retire([seq for seq in self.scheduler.running if seq.done and not seq.prefilling])
+
+    def _blocks_for(self, chunks) -> tuple:
+        """KV reuse: the memory tiers' pending hits, for the prefill step to copy when it takes every
+        sequence they belong to (else copied now)."""
+        if self.kv_store is None:
+            return (), ()
+        pending = self.kv_store.take_pending()
+        if {slot for entries in pending for _, _, slot in entries} <= {seq.slot for seq, _ in chunks}:
+            return pending
+        self.kv_store.copy_blocks(*pending)
+        return (), ()
 
     def _restore(self, seq: Sequence) -> None:
         """KV reuse: the admitted sequence's longest saved prefix copied into its slot (not prefilled)."""
@@ -257,6 +293,8 @@ class EngineLoop:
         seq.reuse.restore_ms += (time.perf_counter() - began) * 1e3
 
     def _prefill(self, chunks: list[tuple[Sequence, int]], blocks=((), ())) -> None:
+        """A prefill step of its own (no mixed step): its finished prompts sample their first tokens
+        and join the decode batch now."""
         runner = self.runner
         began = time.perf_counter()
         logits = runner.prefill_tokens([seq.prompt[:seq.prefilled + take] for seq, take in chunks],
@@ -264,6 +302,7 @@ class EngineLoop:
                                        cached_lengths=[seq.prefilled for seq, _ in chunks], pool_blocks=blocks[0],
                                        host_blocks=blocks[1])
         share = (time.perf_counter() - began) * 1e3 / sum(take for _, take in chunks)
+        self.step_counts["prefill"] += 1
         for seq, take in chunks:
             seq.prefilled += take
             seq.prefill_ms += share * take
@@ -271,25 +310,39 @@ class EngineLoop:
         if not ready:
             return
         joining = [chunks[i][0] for i in ready]
-        if self.kv_store is not None:
-            for seq in joining:
-                self._save(seq)
         device = logits.device
         settings = [torch.tensor(values, dtype=dtype, device=device) for values, dtype in
                     zip(self._row_settings(joining), (torch.float32, torch.int32, torch.float32, torch.int64,
                                                       torch.int64))]
-        first = runner.sample(logits[torch.tensor(ready, device=device)], *settings).tolist()
+        self._join(joining, runner.sample(logits[torch.tensor(ready, device=device)], *settings).tolist())
+
+    def _launch_mixed(self, chunks: list[tuple[Sequence, int]]) -> None:
+        seqs = [seq for seq, _ in chunks]
+        temperature, top_k, top_p, seeds, _ = self._row_settings(seqs)
+        began = time.perf_counter()
+        pending = self.runner.mixed_launch([seq.prompt[:seq.prefilled + take] for seq, take in chunks],
+                                           [seq.slot for seq in seqs], [seq.prefilled for seq in seqs],
+                                           [seq.adapter for seq in seqs], temperature, top_k, top_p, seeds)
+        for seq, take in chunks:
+            seq.prefilled += take
+        self.step_counts["mixed"] += 1
+        self._in_flight.append(Launched(list(self.batch), pending,
+                                        [(seq, take, not seq.prefilling) for seq, take in chunks], began))
+
+    def _join(self, seqs: list[Sequence], first: list[int]) -> None:
+        """Sequences whose prompt is in their slot: KV reuse saves its new blocks; each gets its first
+        token, and those not finished by it join the decode batch (RNG offset 0: the first token's)."""
         now = time.perf_counter()
-        for seq, token in zip(joining, first):
+        for seq, token in zip(seqs, first):
+            if self.kv_store is not None:
+                self._save(seq)
             seq.first_token = now
             self._advance(seq, [token])
-        running = [(seq, token) for seq, token in zip(joining, first) if not seq.done]
+        running = [(seq, token) for seq, token in zip(seqs, first) if not seq.done]
         if running:
-            self._drain()
             seqs = [seq for seq, _ in running]
-            settings = self._row_settings(seqs)
-            runner.add_decode_rows([token for _, token in running], [seq.slot for seq in seqs], *settings,
-                                   lora=[seq.adapter for seq in seqs])
+            self.runner.add_decode_rows([token for _, token in running], [seq.slot for seq in seqs],
+                                        *self._row_settings(seqs), lora=[seq.adapter for seq in seqs])
             self.batch.extend(seqs)
 
     def _save(self, seq: Sequence) -> None:
@@ -305,35 +358,39 @@ class EngineLoop:
         return ([s.temperature for s in seqs], [s.top_k for s in seqs], [s.top_p for s in seqs],
                 [s.seed for s in seqs], [0] * len(seqs))
 
-    def _decode(self) -> None:
-        """One step's tokens to the batch's sequences. Running ahead (Switches.run_ahead, as the lock-taking
-        path does): while no sequence waits, prefills or has finished, the next step is queued before this
-        one's tokens are read, so the host's work per token hides behind the device's step."""
+    def _launch_decode(self) -> None:
         runner = self.runner
         if runner.needs_rows_each_step:  # LongRoPE: rows about to pass the original context are recomputed
             runner.prepare_decode_rows([s.slot for s in self.batch], [s.prompt for s in self.batch],
                                        [s.row.ids for s in self.batch], [s.adapter for s in self.batch])
-        steady = self._may_run_ahead() and not any(seq.done for seq in self.batch)
-        with self._work:
-            steady = steady and not self.scheduler.waiting and not any(s.prefilling for s in self.scheduler.running)
-        while len(self._in_flight) < (2 if steady else 1):
-            self._in_flight.append((list(self.batch), runner.decode_launch()))
-        self._take(*self._in_flight.popleft())
+        self.step_counts["decode"] += 1
+        self._in_flight.append(Launched(list(self.batch), runner.decode_launch()))
 
     def _may_run_ahead(self) -> bool:
+        """Whether a step is read only after the next is queued (Switches.run_ahead, as the lock-taking
+        path does; not where each step's rows must be known first: LongRoPE), so the host's work on one
+        step hides behind the device's on the next."""
         return self.runner.switches.run_ahead and not self.runner.needs_rows_each_step
 
-    def _take(self, rows: list[Sequence], pending) -> None:
-        """A launched step's tokens to its rows (a row that finished since computed one more, dropped)."""
-        for seq, token in zip(rows, pending.wait()):
+    def _take(self, step: Launched) -> None:
+        """A launched step's tokens to its rows (a row that finished since computed one more, dropped);
+        its chunk rows whose prompt it completed get their first tokens and join the batch."""
+        tokens = step.pending.wait()
+        first, decoded = tokens[:len(step.chunks)], tokens[len(step.chunks):]
+        for seq, token in zip(step.rows, decoded):
             if not seq.done:
                 seq.offset += 1
                 self._advance(seq, [token])
-
-    def _drain(self) -> None:
-        """Read every step still in flight: before the batch's rows change."""
-        while self._in_flight:
-            self._take(*self._in_flight.popleft())
+        if not step.chunks:
+            return
+        share = (time.perf_counter() - step.began) * 1e3 / sum(take for _, take, _ in step.chunks)
+        joining, tokens = [], []
+        for (seq, take, ends), token in zip(step.chunks, first):
+            seq.prefill_ms += share * take
+            if ends and not seq.cancelled and seq.finished is None:
+                joining.append(seq)
+                tokens.append(token)
+        self._join(joining, tokens)
 
     def _advance(self, seq: Sequence, tokens: list[int]) -> None:
         seq.token_times.append(time.perf_counter())
@@ -346,8 +403,7 @@ class EngineLoop:
             return
         gone = set(finished)
         keep = [i for i, seq in enumerate(self.batch) if seq not in gone]
-        if len(keep) != len(self.batch):
-            self._drain()
+        if len(keep) != len(self.batch):  # (queued behind the step in flight, which computes their token too)
             if keep:
                 self.runner.keep_decode_rows(keep)
             else:

@@ -6,15 +6,17 @@ slot can always finish in it, and nothing is preempted. Waiting sequences are ad
 value first, then in arrival order (first come, first served); the items of one request arrive
 together. The waiting queue is bounded (max_queued): past it, add() raises QueueFullError at once.
 
-Prefill: each iteration takes up to `budget` prompt tokens from the admitted sequences still prefilling,
-the least prompt left first (a long prompt is prefilled over several iterations, between the running
-rows' decode steps, and a short one that arrives meanwhile is not kept waiting behind it). Pure bookkeeping on the host: the engine loop asks, the runner computes.
+Prefill: each iteration takes a chunk of at most `budget` prompt tokens (counted as its step computes
+them: rows padded alike) from the admitted sequences still prefilling, the least prompt left first (a
+long prompt is prefilled over several iterations, beside the running rows' decode steps, and a short
+one that arrives meanwhile is not kept waiting behind it). Pure bookkeeping on the host: the engine loop asks, the runner computes.
 """
 
 from __future__ import annotations
 
 import heapq
 import time
+from typing import Callable
 
 from ..errors import QueueFullError
 from .sequence import Sequence
@@ -47,18 +49,25 @@ class Scheduler:
             admitted.append(seq)
         return admitted
 
-    def prefill_chunks(self, budget: int) -> list[tuple[Sequence, int]]:
-        """(sequence, tokens to prefill now) for the prefilling sequences, at most `budget` (>= 1) tokens
-        in all: the least prompt left first (then admission order), so that a short prompt arriving
-        while a long one prefills starts decoding at once; the long one takes the rest of each budget."""
-        chunks = []
+    def prefill_chunks(self, budget: int, pad: Callable[[int], int] | None = None,
+                       whole: bool = False) -> list[tuple[Sequence, int]]:
+        """(sequence, tokens to prefill now) for the prefilling sequences, the least prompt left first
+        (then admission order), so that a short prompt arriving while a long one prefills starts
+        decoding at once. The first takes up to `budget` (>= 1) tokens; the next ones join while the
+        chunk's rows, each computed at the padded length of the longest (pad(tokens): the length its
+        step pads a row of `tokens` to; default the tokens themselves), stay within `budget`, each
+        taking up to the first's. whole=True: each takes all its prompt left (the first whatever the
+        budget): for engines whose prompt must be prefilled in one call (LongRoPE)."""
+        pad = pad or (lambda tokens: tokens)
+        chunks, width = [], 0
         waiting = [seq for seq in self.running if seq.prefilling and not seq.cancelled]
         for seq in sorted(waiting, key=lambda seq: len(seq.prompt) - seq.prefilled):
-            if budget <= 0:
+            left = len(seq.prompt) - seq.prefilled
+            take = left if whole else min(left, budget if not chunks else width)
+            if chunks and (len(chunks) + 1) * max(width, pad(take)) > budget:
                 break
-            take = min(len(seq.prompt) - seq.prefilled, budget)
+            width = max(width, pad(take))
             chunks.append((seq, take))
-            budget -= take
         return chunks
 
     def decoding(self) -> list[Sequence]:

@@ -50,17 +50,21 @@ def _answer(response):
     return response.output_ids, response.output_texts, response.finish_reasons
 
 
-def test_threads_submitting_at_random_times_get_the_answers_of_one_by_one(runtime):
+def check_threads_at_random_times(runtime, settings=use_reference) -> None:
+    """_varied_requests from THREADS threads at random times, each thread in `settings()` (the kernels'
+    run settings its requests' steps take): every answer that of the same request alone, the requests
+    overlapping in the batch, prompts prefilled in mixed steps beside decoding rows, every slot back."""
     requests = _varied_requests()
-    with use_reference():
+    with settings():
         alone = [_answer(runtime.handle_request(r)) for r in requests]
     got, errors, spans = [None] * len(requests), [], [None] * len(requests)
     mine = [list(range(t, len(requests), THREADS)) for t in range(THREADS)]
+    mixed = runtime._loop.step_counts["mixed"]
 
     def worker(t):
         rng = random.Random(t)
         try:
-            with use_reference():
+            with settings():
                 handles = []
                 for n in mine[t]:
                     time.sleep(rng.uniform(0, 0.05))
@@ -80,8 +84,13 @@ def test_threads_submitting_at_random_times_get_the_answers_of_one_by_one(runtim
     assert got == alone
     overlapping = sum(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:])
     assert overlapping >= len(requests)  # they did share the batch
+    assert runtime._loop.step_counts["mixed"] - mixed >= len(requests) // 2
     assert runtime._loop.scheduler.idle and not runtime._loop.batch
-    assert sorted(runtime._loop.scheduler.free) == list(range(4))  # every slot given back
+    assert sorted(runtime._loop.scheduler.free) == list(range(runtime.config.max_supported_batch_size))
+
+
+def test_threads_submitting_at_random_times_get_the_answers_of_one_by_one(runtime):
+    check_threads_at_random_times(runtime)
 
 
 def test_the_thread_harness_with_adapters_loading_beside(runtime, lora_adapters):
@@ -91,21 +100,30 @@ def test_the_thread_harness_with_adapters_loading_beside(runtime, lora_adapters)
 
 
 def test_a_request_arriving_while_a_long_prompt_prefills(runtime):
-    """A 300-token prompt prefills 8 tokens an iteration; a short request submitted meanwhile joins,
-    decodes beside it and gets its answer alone; so does the long one."""
+    """While a row decodes, a 300-token prompt prefills 8 tokens a step beside it (mixed steps); a
+    short request submitted meanwhile joins, decodes beside them and gets its answer alone; so do the
+    long one and the row that was decoding."""
+    running = LLMGenerationRequest(requests=[{"input_ids": [1, 40, 12, 9]}], max_generate_length=90, temperature=0)
     long = LLMGenerationRequest(requests=[{"input_ids": [1] + [5 + (i * 7) % 80 for i in range(299)]}],
                                 max_generate_length=6, temperature=0)
     short = LLMGenerationRequest(requests=[{"input_ids": [1, 50, 6]}], max_generate_length=8, temperature=0.8,
                                  seed=3)
     with use_reference():
-        alone = [_answer(runtime.handle_request(r)) for r in (long, short)]
+        alone = [_answer(runtime.handle_request(r)) for r in (running, long, short)]
+        mixed = runtime._loop.step_counts["mixed"]
+        running_handle = runtime.submit(running)
+        while not running_handle.sequences[0].row.ids:
+            time.sleep(0.001)
         long_handle = runtime.submit(long)
-        while not runtime._loop.scheduler.running or runtime._loop.scheduler.running[0].prefilled == 0:
+        while long_handle.sequences[0].prefilled == 0:
             time.sleep(0.001)
         short_handle = runtime.submit(short)
         short_answer = _answer(short_handle.result(timeout=300))
-        assert not long_handle.done()  # the short one finished while the long prompt was still prefilling
-        assert [_answer(long_handle.result(timeout=300)), short_answer] == alone
+        assert long_handle.sequences[0].prefilled < 300  # the short one finished while the long prompt prefilled
+        assert not running_handle.done()
+        assert [_answer(running_handle.result(timeout=300)), _answer(long_handle.result(timeout=300)),
+                short_answer] == alone
+    assert runtime._loop.step_counts["mixed"] - mixed >= 300 // 8
 
 
 def test_a_full_cache_makes_requests_wait_and_a_cancelled_one_frees_its_slot(runtime):
@@ -204,3 +222,4 @@ def test_no_memory_growth_over_2000_requests(runtime):
     loop = runtime._loop
     assert grown < 256 << 10, f"{grown} bytes more after 1800 requests"
     assert not loop._handles and not loop.batch and not loop._in_flight and loop.scheduler.idle
+

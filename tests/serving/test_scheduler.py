@@ -52,16 +52,22 @@ def test_the_queue_is_bounded_per_request():
 
 
 def test_prefill_chunks_share_the_budget_least_prompt_left_first():
+    """The chunk's rows, each computed at the first's (padded) length, stay within the budget."""
     scheduler = Scheduler(slots=3)
     long, short, other = _seq(10), _seq(3), _seq(5)
     scheduler.add([long, short, other])
     scheduler.admit()
-    assert scheduler.prefill_chunks(7) == [(short, 3), (other, 4)]
-    short.prefilled, other.prefilled = 3, 4
-    assert scheduler.prefill_chunks(8) == [(other, 1), (long, 7)]
-    other.prefilled, long.prefilled = 5, 7
-    assert scheduler.prefill_chunks(8) == [(long, 3)]
+    assert scheduler.prefill_chunks(7) == [(short, 3), (other, 3)]  # 2 rows x 3 <= 7; a third would not fit
+    assert scheduler.prefill_chunks(9) == [(short, 3), (other, 3), (long, 3)]
+    short.prefilled, other.prefilled = 3, 3
+    assert scheduler.prefill_chunks(8) == [(other, 2), (long, 2)]
+    assert scheduler.prefill_chunks(8, pad=lambda tokens: 4) == [(other, 2), (long, 4)]  # rows padded to 4
+    assert scheduler.prefill_chunks(7, pad=lambda tokens: 4) == [(other, 2)]
+    other.prefilled = 5
+    assert scheduler.prefill_chunks(8) == [(long, 8)]
+    assert scheduler.prefill_chunks(2, whole=True) == [(long, 10)]  # (the first whatever the budget)
     long.prefilled = 10
+    assert scheduler.prefill_chunks(8) == []
     assert scheduler.decoding() == [long, short, other]
 
 
