@@ -1,9 +1,10 @@
-"""Several threads on one runtime (issue 12): the same requests one by one and from 8 threads at
-once. Requests take turns on the engine, so the threaded run should take about as long as the
-sequential one and give identical answers; what the turns cost shows as the difference, and each
-request's wait as its timings.queue_ms.
+"""Several threads on one runtime: the same requests one by one and from 8 threads at once. The
+threads' requests share the running batch (continuous batching, edgellm/serving/), so the threaded run
+should take a fraction of the sequential one's time; what waiting costs shows as each request's
+timings.queue_ms. Answers: how many equal the one-by-one answers (all, where the kernels compute each
+row as they do alone; on the GPU in float16 not yet: the batch-invariance issue).
 
-Run on a CUDA GPU:  python bench/threads.py --json bench/results/threads.json
+Run on a CUDA GPU:  python bench/threads.py [--max-batch 8] --json bench/results/threads.json
 """
 
 from __future__ import annotations
@@ -67,12 +68,14 @@ def main() -> None:
     parser.add_argument("--per-thread", type=int, default=3)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=8, help="the runtime's max_batch_size (1: turns)")
     parser.add_argument("--cache-dir", default=os.environ.get("EDGELLM_BENCH_CACHE", "/tmp/edgellm-bench"))
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
     model_dir = random_model_dir(args.shape, args.cache_dir)
-    runtime = LLMInferenceRuntime(model_dir, device="cuda", max_batch_size=1)
+    runtime = LLMInferenceRuntime(model_dir, device="cuda", max_batch_size=args.max_batch)
+    runtime.capture_graphs()
     runtime.eos_token_ids = frozenset()  # random weights: every request decodes all its tokens
     jobs = requests(args.threads * args.per_thread, args.prompt_len, args.new, runtime.config.vocab_size)
     for job in jobs[:3]:
@@ -90,8 +93,8 @@ def main() -> None:
                  mean_total_ms=statistics.mean(r.timings.total_ms for r in together),
                  mean_queue_ms=statistics.mean(queue), max_queue_ms=max(queue))]
     locks = dict(fifo_lock_us=lock_cost_us(FifoLock()), threading_lock_us=lock_cost_us(threading.Lock()))
-    print(f"\n{args.shape}, {len(jobs)} requests of {args.prompt_len} prompt + {args.new} new tokens, batch 1, "
-          f"graphs on; identical answers {same}/{len(jobs)}")
+    print(f"\n{args.shape}, {len(jobs)} requests of {args.prompt_len} prompt + {args.new} new tokens, max batch "
+          f"{args.max_batch}, graphs on; answers identical to one by one: {same}/{len(jobs)}")
     print(f"{'mode':>12} {'wall s':>8} {'tok/s':>8} {'mean total ms':>14} {'mean queue ms':>14} {'max queue ms':>13}")
     for r in rows:
         print(f"{r['mode']:>12} {r['wall_s']:8.3f} {r['tokens_per_s']:8.0f} {r['mean_total_ms']:14.2f} "
@@ -102,9 +105,7 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(dict(
             date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name(),
             commit=os.environ.get("EDGELLM_COMMIT", "unknown"), torch=torch.__version__, shape=args.shape,
-            requests=len(jobs), identical=same, rows=rows, **locks), indent=1))
-    if same != len(jobs):
-        sys.exit("threaded answers differ from the one-by-one answers")
+            max_batch=args.max_batch, requests=len(jobs), identical=same, rows=rows, **locks), indent=1))
 
 
 if __name__ == "__main__":

@@ -85,8 +85,8 @@ class LLMInferenceRuntime:
         vocab_map.safetensors when there is one; False never reduces. quantization ("int8", "int4",
         "fp8") and quantize_lm_head: weight-only quantization at load (LLMEngineRunner). max_queued: how
         many sequences (request items) may wait for a KV slot before submit() refuses more with
-        QueueFullError (default: no bound). prefill_budget: prompt tokens prefilled per iteration of the
-        engine loop beside the running rows' decode step (default 512; serving/engine_loop.py)."""
+        QueueFullError (default: no bound). prefill_budget: prompt tokens a step of the engine loop
+        prefills inside the running rows' decode step (default 384; serving/engine_loop.py)."""
         if max_queued is not None and (not isinstance(max_queued, int) or max_queued < 1):
             raise ConfigurationError(f"max_queued must be a positive integer or None, got {max_queued!r}")
         if prefill_budget is not None and (not isinstance(prefill_budget, int) or prefill_budget < 1):
