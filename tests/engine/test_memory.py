@@ -101,7 +101,7 @@ def test_kv_cache_larger_than_the_gpu_fails_up_front(tiny_models):
 @pytest.mark.gpu
 def test_memory_plan_bounds_what_the_engine_uses(tmp_path):
     """The SmolLM2-135M shape at max_batch_size 8, prompts up to 1024 tokens: after prefill graphs of
-    many shapes and every decode graph, the memory torch reserved for the engine stays within the
+    many shapes and every decode and mixed-step graph, the memory torch reserved for the engine stays within the
     plan the up-front check used (which is printed for bench/RESULTS.md)."""
     from edgellm.benchmark import random_model_dir
     from edgellm.engine.memory import gib
@@ -113,7 +113,7 @@ def test_memory_plan_bounds_what_the_engine_uses(tmp_path):
     torch.cuda.reset_peak_memory_stats()
     runtime = LLMInferenceRuntime(model_dir, device="cuda", max_batch_size=8, max_input_length=1024,
                                   max_kv_cache_capacity=2048)
-    runtime.runner.capture_decode_graphs()
+    runtime.capture_graphs()  # every decode graph and the engine loop's mixed steps (prompts chunked beside rows)
     generator = torch.Generator().manual_seed(0)
     reserved = []
     for rows, length in ((8, 1024), (1, 100), (3, 700), (8, 300), (5, 1000), (2, 129), (7, 513)):
