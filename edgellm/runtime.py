@@ -52,7 +52,7 @@ from .serving.turns import TextCallback, TurnTaking
 from .serving.sequence import Sequence
 from .requests import (GenerationItem, LLMGenerationRequest, LLMGenerationResponse, item_seeds,
                        sampling_settings, stop_strings, validate_request)
-from .speculative import SpeculativeConfig, make_proposer
+from .speculative import SpeculativeConfig, Speculation, make_proposer
 from .streaming import GenerationRow, RowText
 from .tokenizer import Tokenizer
 from .engine.vocab_map import MAP_FILE
@@ -329,9 +329,10 @@ class LLMInferenceRuntime:
     # ------------------------------------------------------------------ generation
     @property
     def batches_requests(self) -> bool:
-        """Whether requests run on the engine loop, batched with each other's (continuous batching).
-        Not yet with speculation or a vision model: their requests take turns on the engine."""
-        return self._proposer is None and self.vision is None
+        """Whether requests run on the engine loop, batched with each other's (continuous batching),
+        n-gram speculation per row included. Not yet with a draft model or a vision model: their
+        requests take turns on the engine."""
+        return self.vision is None and (self._proposer is None or self.speculative.method == "ngram")
 
     def submit(self, request: LLMGenerationRequest, *, priority: int = 0) -> RequestHandle:
         """Queue `request` on the engine loop and return at once: its items join the running batch as
@@ -342,21 +343,27 @@ class LLMInferenceRuntime:
         before any model work; QueueFullError where max_queued sequences already wait."""
         if not self.batches_requests:
             raise ConfigurationError("submit() runs requests on the engine loop, which does not yet serve runtimes "
-                                     "with speculative decoding or a vision model: use handle_request")
+                                     "with a draft model or a vision model: use handle_request")
         if self._engine_lock.owned:
             raise ReentrantRequestError("submit() inside runtime.exclusive(): the engine loop cannot run until the "
                                         "block ends; call handle_request there (it runs in the block)")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
         prompts, _, _, sampling, stops, adapters = self._prepare(request)
+        spec = None
+        if self._proposer is not None and request.speculative is not False:  # its own n-gram indexes
+            config = self.speculative
+            spec = Speculation(make_proposer(config, self.runner), prompts, config.max_verify_tokens - 1,
+                               config.adaptive)
+            spec.begin()
         decode = self.tokenizer.decode if self.tokenizer is not None else None
         sequences = [Sequence(prompt=ids, temperature=sampling.temperature, top_k=sampling.top_k,
                               top_p=sampling.top_p, seed=seed,
                               max_new=request.max_generate_length, adapter=adapter,
                               row=GenerationRow(len(ids), RowText(decode, stops, True) if decode else None),
                               eos_token_ids=self.eos_token_ids, priority=priority,
-                              reuse=KVReuseStats() if self.kv_store is not None else None)
-                     for ids, adapter, seed in zip(prompts, adapters, item_seeds(sampling, len(prompts)))]
+                              reuse=KVReuseStats() if self.kv_store is not None else None, spec=spec, spec_row=i)
+                     for i, (ids, adapter, seed) in enumerate(zip(prompts, adapters, item_seeds(sampling, len(prompts))))]
         handle = RequestHandle(sequences, self._loop.wake, self._respond)
         self._loop.submit(handle)
         return handle

@@ -131,12 +131,14 @@ def test_a_request_from_a_streaming_callback_joins_the_batch(runtime):
 
 
 def test_a_nested_request_on_the_lock_taking_path_is_refused(tiny_models):
-    """With speculative decoding (not on the engine loop yet) a request holds the engine for its whole
-    run: one made from its streaming callback raises instead of waiting for itself."""
+    """With a draft model's speculation (not on the engine loop yet) a request holds the engine for its
+    whole run: one made from its streaming callback raises instead of waiting for itself."""
     from edgellm import SpeculativeConfig
 
-    runtime = LLMInferenceRuntime(tiny_models["llama"][0], device="cpu", max_batch_size=1,
-                                  speculative=SpeculativeConfig(method="ngram"))
+    model_dir = tiny_models["llama"][0]
+    runtime = LLMInferenceRuntime(model_dir, device="cpu", max_batch_size=1, speculative=SpeculativeConfig(
+        method="draft", draft_model=model_dir, num_speculative_tokens=2, max_verify_tokens=4))
+    assert not runtime.batches_requests
     request = LLMGenerationRequest(requests=[{"input_ids": PROMPTS[1]}], max_generate_length=3, temperature=0)
     refused = []
 

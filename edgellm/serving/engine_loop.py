@@ -178,10 +178,15 @@ def respond(handle: RequestHandle):
         reuse = KVReuseStats()
         for seq in sequences:
             reuse.add(seq.reuse)
+    spec = sequences[0].spec
+    if spec is not None:  # tokens a finished row dropped have no flag
+        spec.stats.accepted_flags = [flags[:len(seq.row.ids)] for flags, seq in zip(spec.stats.accepted_flags,
+                                                                                     sequences)]
     return LLMGenerationResponse(
         output_texts=[seq.row.text for seq in sequences], output_ids=[seq.row.ids for seq in sequences],
         finish_reasons=[seq.row.finish_reason for seq in sequences],
-        prompt_lengths=[seq.row.prompt_len for seq in sequences], timings=timings, kv_reuse=reuse)
+        prompt_lengths=[seq.row.prompt_len for seq in sequences], timings=timings, kv_reuse=reuse,
+        speculative=spec.stats if spec is not None else None)
 
 
 class EngineLoop:
@@ -197,7 +202,7 @@ class EngineLoop:
         self.scheduler = Scheduler(runner.config.max_supported_batch_size, max_queued)
         self.batch: list[Sequence] = []  # the runner's decode rows, in its order
         self._in_flight: collections.deque = collections.deque()  # Launched steps not yet read, oldest first
-        self.step_counts: collections.Counter = collections.Counter()  # steps run, by kind: decode, mixed, prefill
+        self.step_counts: collections.Counter = collections.Counter()  # steps run by kind: decode, mixed, prefill, verify
         self._handles: dict[Sequence, RequestHandle] = {}
         self._work = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -258,6 +263,8 @@ class EngineLoop:
         with self._work:  # (LongRoPE: a prompt's rotation depends on its whole length, so it goes in one call)
             chunks = self.scheduler.prefill_chunks(budget, prefill_bucket, whole=self.runner.needs_rows_each_step)
         launched = False
+        # With speculation (n-gram) each step's drafts come from the tokens before it: no run-ahead.
+        speculating = any(seq.spec is not None for seq in self.batch)
         if mixed and chunks:
             chunks = chunks[:1]  # one row a mixed step: the shapes runtime.capture_graphs() captures
             if self.kv_store is not None:  # the memory tiers' hits, copied before the step (queued first)
@@ -267,10 +274,12 @@ class EngineLoop:
         else:
             if chunks:
                 self._prefill(chunks, self._blocks_for(chunks))
-            if self.batch:
+            if self.batch and speculating:
+                self._speculative_step()
+            elif self.batch:
                 self._launch_decode()
                 launched = True
-        ahead = 1 if launched and self._may_run_ahead() else 0
+        ahead = 1 if launched and self._may_run_ahead() and not speculating else 0
         while len(self._in_flight) > ahead:
             self._take(self._in_flight.popleft())
         with self._work:
@@ -318,6 +327,53 @@ class EngineLoop:
                                                       torch.int64))]
         self._join(joining, runner.sample(logits[torch.tensor(ready, device=device)], *settings).tolist())
 
+    def _speculative_step(self) -> None:
+        """A step of a batch with speculating rows: each such row's drafts (its request's proposer, up to
+        its tokens left and the tree limit) verified in one step for the whole batch (rows without a
+        tree take a bare root: their plain decode token), or a plain step where no row proposes."""
+        while self._in_flight:  # (the drafts follow from every token so far)
+            self._take(self._in_flight.popleft())
+        runner = self.runner
+        rows = list(self.batch)
+        if runner.needs_rows_each_step:
+            runner.prepare_decode_rows([s.slot for s in rows], [s.prompt for s in rows], [s.row.ids for s in rows],
+                                       [s.adapter for s in rows])
+        groups: dict = {}  # a request's Speculation -> its rows' batch indices
+        for i, seq in enumerate(rows):
+            if seq.spec is not None and not seq.done:
+                groups.setdefault(seq.spec, []).append(i)
+        trees, proposing = [None] * len(rows), set()
+        for spec, index in groups.items():
+            began = time.perf_counter()
+            budgets = [min(rows[i].max_new - len(rows[i].row.ids),
+                           runner.max_tree_drafts(len(rows[i].prompt), len(rows[i].prompt) + len(rows[i].row.ids)))
+                       for i in index]
+            got = spec.propose([rows[i].spec_row for i in index], budgets)
+            spec.stats.propose_ms += (time.perf_counter() - began) * 1e3
+            if got is not None:
+                proposing.add(spec)
+                for i, tree in zip(index, got):
+                    trees[i] = tree
+        if not proposing:
+            self.step_counts["decode"] += 1
+            self._take(Launched(rows, runner.decode_launch()))
+            return
+        self.step_counts["verify"] += 1
+        host = runner.verify_sample_trees([(t.tokens, t.parents) if t is not None else ([0], [-1])
+                                           for t in trees]).tolist()  # one copy to the host
+        accepted = [row[-1] for row in host]
+        tokens = [row[:n + 1] for row, n in zip(host, accepted)]
+        for spec, index in groups.items():
+            if spec in proposing:
+                spec.record([rows[i].spec_row for i in index], [tokens[i] for i in index],
+                            [trees[i] for i in index], [accepted[i] for i in index])
+            else:
+                spec.record([rows[i].spec_row for i in index], [tokens[i] for i in index])
+        for seq, new in zip(rows, tokens):
+            if not seq.done:
+                seq.offset += len(new)
+                self._advance(seq, new)
+
     def _launch_mixed(self, chunks: list[tuple[Sequence, int]]) -> None:
         seqs = [seq for seq, _ in chunks]
         temperature, top_k, top_p, seeds, _ = self._row_settings(seqs)
@@ -338,6 +394,8 @@ class EngineLoop:
         for seq, token in zip(seqs, first):
             if self.kv_store is not None:
                 self._save(seq)
+            if seq.spec is not None:
+                seq.spec.start_row(seq.spec_row, token)
             seq.first_token = now
             self._advance(seq, [token])
         running = [(seq, token) for seq, token in zip(seqs, first) if not seq.done]
@@ -379,10 +437,17 @@ class EngineLoop:
         its chunk rows whose prompt it completed get their first tokens and join the batch."""
         tokens = step.pending.wait()
         first, decoded = tokens[:len(step.chunks)], tokens[len(step.chunks):]
+        speculating: dict = {}  # a request's Speculation -> (rows, tokens) its proposer reads
         for seq, token in zip(step.rows, decoded):
             if not seq.done:
                 seq.offset += 1
+                if seq.spec is not None:
+                    entry = speculating.setdefault(seq.spec, ([], []))
+                    entry[0].append(seq.spec_row)
+                    entry[1].append([token])
                 self._advance(seq, [token])
+        for spec, (rows, new) in speculating.items():
+            spec.record(rows, new)
         if not step.chunks:
             return
         share = (time.perf_counter() - step.began) * 1e3 / sum(take for _, take, _ in step.chunks)
@@ -395,7 +460,7 @@ class EngineLoop:
         self._join(joining, tokens)
 
     def _advance(self, seq: Sequence, tokens: list[int]) -> None:
-        seq.token_times.append(time.perf_counter())
+        seq.token_times.extend([time.perf_counter()] * len(tokens))
         advance_rows([seq.row], [0], [tokens], seq.eos_token_ids, seq.max_new,
                      (lambda _, text: seq.on_text(text)) if seq.on_text is not None else None)
 

@@ -1,7 +1,7 @@
 """Sequence: one generated row of a request, from its arrival to its finish. Everything that may differ
 between the rows of one running batch lives here: prompt, sampling settings and RNG offset, limits,
-adapter, stop ids and strings (the latter in its GenerationRow's text), the KV slot it holds and how much of its prompt is
-in that slot's cache, and its timings."""
+adapter, stop ids and strings (the latter in its GenerationRow's text), its request's speculation, the KV
+slot it holds and how much of its prompt is in that slot's cache, and its timings."""
 
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ class Sequence:
     first_token: float | None = None
     finished: float | None = None
     token_times: list[float] = dataclasses.field(default_factory=list)  # when each token reached the row
+    spec: object | None = None  # with speculation: its request's Speculation (speculative/session.py) ...
+    spec_row: int = 0  # ... in which this sequence is row spec_row
 
     @property
     def done(self) -> bool:

@@ -92,7 +92,15 @@ class Speculation:
     def start(self, tokens: list[int]) -> None:
         """The proposer reads the prompts (a draft model prefills them: part of the request's prefill
         time) and the tokens sampled from the prefill, one per row (not a decode step's)."""
-        self.proposer.begin(self.prompts)
+        self.begin()
         for row, token in enumerate(tokens):
-            self.stats.accepted_flags[row].append(False)
-            self.proposer.extend(row, [token])
+            self.start_row(row, token)
+
+    def begin(self) -> None:
+        """The proposer reads the prompts (start's first half; the engine loop's rows then start one by one)."""
+        self.proposer.begin(self.prompts)
+
+    def start_row(self, row: int, token: int) -> None:
+        """Row `row`'s first token, sampled from its prefill (not a decode step's)."""
+        self.stats.accepted_flags[row].append(False)
+        self.proposer.extend(row, [token])

@@ -93,6 +93,26 @@ def test_threads_submitting_at_random_times_get_the_answers_of_one_by_one(runtim
     check_threads_at_random_times(runtime)
 
 
+def test_speculating_rows_share_the_batch_and_give_the_plain_answers(tiny_models, lora_adapters, runtime):
+    """n-gram speculation per row on the loop: the threads check holds with verify steps among the
+    steps (each request's own proposer, rows without drafts taking their plain token in the same step),
+    drafts are accepted, and every answer equals the runtime's without speculation (same seeds)."""
+    from edgellm import SpeculativeConfig
+
+    speculating = LLMInferenceRuntime(tiny_models["llama"][0], device="cpu", max_batch_size=4, prefill_budget=8,
+                                      lora_weights={"a": lora_adapters["a"][0], "b": lora_adapters["b"][0]},
+                                      speculative=SpeculativeConfig(method="ngram", max_verify_tokens=6))
+    assert speculating.batches_requests
+    check_threads_at_random_times(speculating)
+    assert speculating._loop.step_counts["verify"] > 0
+    with use_reference():
+        plain = [_answer(runtime.handle_request(r)) for r in _varied_requests()]
+        responses = [speculating.handle_request(r) for r in _varied_requests()]
+    assert [_answer(r) for r in responses] == plain
+    assert sum(r.speculative.accepted for r in responses) > 0
+    assert all(len(r.speculative.accepted_flags[0]) == len(r.output_ids[0]) for r in responses)
+
+
 def test_the_thread_harness_with_adapters_loading_beside(runtime, lora_adapters):
     """tests/test_threads.py's check on the loop: 8 threads of mixed requests (batches of 1-3 items,
     streamed ones among them) while another thread loads, switches and removes an adapter."""
@@ -144,6 +164,41 @@ def test_a_full_cache_makes_requests_wait_and_a_cancelled_one_frees_its_slot(run
     with pytest.raises(RequestCancelledError):
         handles[1].result()
     assert handles[1].done() and sorted(scheduler.free) == list(range(4))
+
+
+def test_a_failing_step_fails_the_requests_in_flight_and_leaves_the_loop_usable(tiny_models):
+    """A step that raises (here the engine's mixed step, made to fail once, as a lost device would):
+    every request in flight and waiting gets that error from result(), nothing is left in the batch or
+    the slots, and the next requests get their answers alone."""
+    runtime = LLMInferenceRuntime(tiny_models["llama"][0], device="cpu", max_batch_size=2, prefill_budget=4)
+    requests = [LLMGenerationRequest(requests=[{"input_ids": [1, 10 + n, 20 + n, 30 + n, 40 + n, 50 + n]}],
+                                     max_generate_length=40, temperature=0) for n in range(3)]
+    runner = runtime.runner
+    launch = runner.mixed_launch
+    failures = []
+
+    def fails_once(*args, **kwargs):
+        if not failures:
+            failures.append(RuntimeError("the device went away"))
+            raise failures[0]
+        return launch(*args, **kwargs)
+
+    with use_reference():
+        alone = [_answer(runtime.handle_request(r)) for r in requests]
+        runner.mixed_launch = fails_once
+        try:
+            first = runtime.submit(requests[0])
+            while not first.sequences[0].row.ids:  # decoding: the next prompt prefills in a mixed step
+                time.sleep(0.001)
+            handles = [first] + [runtime.submit(r) for r in requests[1:]]
+            for handle in handles:
+                with pytest.raises(RuntimeError, match="the device went away"):
+                    handle.result(timeout=300)
+        finally:
+            del runner.mixed_launch
+        loop = runtime._loop
+        assert loop.scheduler.idle and not loop.batch and sorted(loop.scheduler.free) == [0, 1]
+        assert [_answer(runtime.handle_request(r)) for r in requests] == alone
 
 
 def test_a_streaming_callback_may_make_a_request_of_its_own(runtime):
