@@ -154,7 +154,7 @@ class LLMInferenceRuntime:
             atexit.register(_flush_store, weakref.ref(self.kv_store))
         self._turns = TurnTaking(self)
         self._loop = EngineLoop(self.runner, self._engine_turn, max_queued=max_queued,
-                                prefill_budget=prefill_budget, kv_store=self.kv_store)
+                                prefill_budget=prefill_budget, kv_store=self.kv_store, vision=self.vision)
 
     def close(self) -> None:
         """Finish pending work that outlives a request (the KV store's disk writes). The runtime stays usable."""
@@ -330,9 +330,9 @@ class LLMInferenceRuntime:
     @property
     def batches_requests(self) -> bool:
         """Whether requests run on the engine loop, batched with each other's (continuous batching),
-        n-gram speculation per row included. Not yet with a draft model or a vision model: their
-        requests take turns on the engine."""
-        return self.vision is None and (self._proposer is None or self.speculative.method == "ngram")
+        n-gram speculation per row and images included. Not yet with a draft model: its requests take
+        turns on the engine."""
+        return self._proposer is None or self.speculative.method == "ngram"
 
     def submit(self, request: LLMGenerationRequest, *, priority: int = 0) -> RequestHandle:
         """Queue `request` on the engine loop and return at once: its items join the running batch as
@@ -343,13 +343,13 @@ class LLMInferenceRuntime:
         before any model work; QueueFullError where max_queued sequences already wait."""
         if not self.batches_requests:
             raise ConfigurationError("submit() runs requests on the engine loop, which does not yet serve runtimes "
-                                     "with a draft model or a vision model: use handle_request")
+                                     "with a draft model's speculation: use handle_request")
         if self._engine_lock.owned:
             raise ReentrantRequestError("submit() inside runtime.exclusive(): the engine loop cannot run until the "
                                         "block ends; call handle_request there (it runs in the block)")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
-        prompts, _, _, sampling, stops, adapters = self._prepare(request)
+        prompts, images, preprocess_ms, sampling, stops, adapters = self._prepare(request)
         spec = None
         if self._proposer is not None and request.speculative is not False:  # its own n-gram indexes
             config = self.speculative
@@ -362,9 +362,12 @@ class LLMInferenceRuntime:
                               max_new=request.max_generate_length, adapter=adapter,
                               row=GenerationRow(len(ids), RowText(decode, stops, True) if decode else None),
                               eos_token_ids=self.eos_token_ids, priority=priority,
-                              reuse=KVReuseStats() if self.kv_store is not None else None, spec=spec, spec_row=i)
-                     for i, (ids, adapter, seed) in enumerate(zip(prompts, adapters, item_seeds(sampling, len(prompts))))]
+                              reuse=KVReuseStats() if self.kv_store is not None else None, spec=spec, spec_row=i,
+                              image=image)
+                     for i, (ids, image, adapter, seed) in enumerate(zip(prompts, images, adapters,
+                                                                         item_seeds(sampling, len(prompts))))]
         handle = RequestHandle(sequences, self._loop.wake, self._respond)
+        handle.image_preprocess_ms = preprocess_ms
         self._loop.submit(handle)
         return handle
 

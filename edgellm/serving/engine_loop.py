@@ -37,9 +37,11 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..engine.devices import to_device
 from ..engine.graphs import prefill_bucket
 from ..engine.kv_store import KVReuseStats
 from ..errors import RequestCancelledError
+from ..multimodal import prefill_positions
 from ..engine.modes import caller_kernel_settings, kernel_settings
 from ..requests import GenerationTimings, LLMGenerationResponse
 from ..streaming import advance_rows
@@ -95,6 +97,7 @@ class RequestHandle:
                  respond: Callable[["RequestHandle"], object]):
         self.sequences = sequences
         self.submitted = time.perf_counter()
+        self.image_preprocess_ms = 0.0  # loading and preprocessing its images, before submit (runtime.py)
         self._wake, self._respond = wake, respond
         self._deltas: queue.Queue = queue.Queue()  # (item, text) pieces, then None once every item is done
         self._finished = threading.Event()
@@ -169,10 +172,12 @@ def respond(handle: RequestHandle):
     admitted = min(seq.admitted for seq in sequences)
     first = max(seq.first_token for seq in sequences)
     finished = max(seq.finished or time.perf_counter() for seq in sequences)
-    timings = GenerationTimings(queue_ms=(admitted - handle.submitted) * 1e3, prefill_ms=(first - admitted) * 1e3,
-                                decode_ms=(finished - first) * 1e3,
+    vision_ms = sum(seq.vision_ms for seq in sequences)
+    timings = GenerationTimings(queue_ms=(admitted - handle.submitted) * 1e3,
+                                prefill_ms=(first - admitted) * 1e3 - vision_ms, decode_ms=(finished - first) * 1e3,
                                 decode_tokens=sum(max(len(seq.row.ids) - 1, 0) for seq in sequences),
-                                total_ms=(finished - handle.submitted) * 1e3)
+                                total_ms=(finished - handle.submitted) * 1e3,
+                                image_preprocess_ms=handle.image_preprocess_ms, vision_ms=vision_ms)
     reuse = None
     if sequences[0].reuse is not None:
         reuse = KVReuseStats()
@@ -191,11 +196,13 @@ def respond(handle: RequestHandle):
 
 class EngineLoop:
     def __init__(self, runner, engine_turn, *, max_queued: int | None = None,
-                 prefill_budget: int | None = None, kv_store=None):
+                 prefill_budget: int | None = None, kv_store=None, vision=None):
         """engine_turn(): the runtime's context manager that holds the engine (held while busy).
-        kv_store: the runtime's TieredKVStore (KV reuse), or None."""
+        kv_store: the runtime's TieredKVStore (KV reuse), or None. vision: a vision model's ImagePrompts
+        (multimodal.py: its encoder keeps each image's output, keyed by its pixels), or None."""
         self.runner = runner
         self.kv_store = kv_store
+        self.vision = vision
         self.prefill_rate = PrefillRate()  # the KV-reuse saving's estimate
         self._engine_turn = engine_turn
         self.prefill_budget = prefill_budget or DEFAULT_PREFILL_BUDGET
@@ -262,6 +269,9 @@ class EngineLoop:
             max(self.prefill_budget, self.runner.prefill_chunk_size)  # (nothing decodes: no one waits on it)
         with self._work:  # (LongRoPE: a prompt's rotation depends on its whole length, so it goes in one call)
             chunks = self.scheduler.prefill_chunks(budget, prefill_bucket, whole=self.runner.needs_rows_each_step)
+            with_images = self.scheduler.image_prefills()
+        if with_images:
+            self._prefill_images(with_images)
         launched = False
         # With speculation (n-gram) each step's drafts come from the tokens before it: no run-ahead.
         speculating = any(seq.spec is not None for seq in self.batch)
@@ -299,8 +309,12 @@ class EngineLoop:
     def _restore(self, seq: Sequence) -> None:
         """KV reuse: the admitted sequence's longest saved prefix copied into its slot (not prefilled)."""
         began = time.perf_counter()
-        seq.block_keys = self.kv_store.keys(seq.prompt, self.runner.prefix_fingerprint(seq.adapter, len(seq.prompt)))
-        seq.prefilled = self.kv_store.restore(seq.slot, len(seq.prompt), seq.block_keys, seq.reuse, defer=True)
+        # (Image tokens are keyed by their image's digest; their rows' hits are copied now: their
+        # prefill runs from embeddings, without the block copies of prefill_tokens.)
+        keyed = seq.image.key_ids if seq.image is not None else seq.prompt
+        seq.block_keys = self.kv_store.keys(keyed, self.runner.prefix_fingerprint(seq.adapter, len(seq.prompt)))
+        seq.prefilled = self.kv_store.restore(seq.slot, len(seq.prompt), seq.block_keys, seq.reuse,
+                                              defer=seq.image is None)
         seq.reuse.restore_ms += (time.perf_counter() - began) * 1e3
 
     def _prefill(self, chunks: list[tuple[Sequence, int]], blocks=((), ())) -> None:
@@ -318,14 +332,43 @@ class EngineLoop:
             seq.prefilled += take
             seq.prefill_ms += share * take
         ready = [i for i, (seq, _) in enumerate(chunks) if not seq.prefilling]
-        if not ready:
-            return
-        joining = [chunks[i][0] for i in ready]
+        if ready:
+            self._sample_and_join([chunks[i][0] for i in ready], logits[to_device(ready, torch.int64, logits.device)])
+
+    def _prefill_images(self, seqs: list[Sequence]) -> None:
+        """Sequences with images, each prompt whole in one prefill step from embeddings: the token
+        embeddings with the images' encoder outputs written over their placeholder rows (an image seen
+        before comes from the encoder's cache; one inside a reused prefix is not encoded), and for
+        multimodal RoPE the (t, h, w) positions and each row's decode offset (multimodal.py)."""
+        runner = self.runner
+        began = time.perf_counter()
+        prompts, cached, images = [seq.prompt for seq in seqs], [seq.prefilled for seq in seqs], [seq.image for seq in seqs]
+        width = max(len(p) - c for p, c in zip(prompts, cached))
+        embeds = runner.embed(to_device([p[c:] + [0] * (width - len(p) + c) for p, c in zip(prompts, cached)],
+                                        torch.int64, runner.device))
+        vision_ms = self.vision.write_embeddings(embeds, images, cached)
+        positions = offsets = None
+        if runner.config.mrope_section is not None:
+            positions, offsets = prefill_positions(prompts, images, cached, width)
+        logits = runner.prefill_step(embeds, [len(p) for p in prompts], slots=[seq.slot for seq in seqs],
+                                     lora=[seq.adapter for seq in seqs], cached_lengths=cached, positions=positions,
+                                     position_offsets=offsets)
+        self.step_counts["prefill"] += 1
+        prefilled = sum(len(p) - c for p, c in zip(prompts, cached))
+        share = max((time.perf_counter() - began) * 1e3 - vision_ms, 0.0) / prefilled
+        for seq, c in zip(seqs, cached):
+            seq.prefill_ms += share * (len(seq.prompt) - c)
+            seq.vision_ms += vision_ms * (len(seq.prompt) - c) / prefilled
+            seq.prefilled = len(seq.prompt)
+        self._sample_and_join(seqs, logits)
+
+    def _sample_and_join(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Sequences whose prompt is in their slot, with their last prompt token's logits [n, vocab]:
+        their first tokens drawn (their settings, RNG offset 0), and they join (_join)."""
         device = logits.device
-        settings = [torch.tensor(values, dtype=dtype, device=device) for values, dtype in
-                    zip(self._row_settings(joining), (torch.float32, torch.int32, torch.float32, torch.int64,
-                                                      torch.int64))]
-        self._join(joining, runner.sample(logits[torch.tensor(ready, device=device)], *settings).tolist())
+        settings = [to_device(values, dtype, device) for values, dtype in
+                    zip(self._row_settings(seqs), (torch.float32, torch.int32, torch.float32, torch.int64, torch.int64))]
+        self._join(seqs, self.runner.sample(logits, *settings).tolist())
 
     def _speculative_step(self) -> None:
         """A step of a batch with speculating rows: each such row's drafts (its request's proposer, up to

@@ -60,7 +60,7 @@ class Scheduler:
         budget): for engines whose prompt must be prefilled in one call (LongRoPE)."""
         pad = pad or (lambda tokens: tokens)
         chunks, width = [], 0
-        waiting = [seq for seq in self.running if seq.prefilling and not seq.cancelled]
+        waiting = [seq for seq in self.running if seq.prefilling and not seq.cancelled and seq.image is None]
         for seq in sorted(waiting, key=lambda seq: len(seq.prompt) - seq.prefilled):
             left = len(seq.prompt) - seq.prefilled
             take = left if whole else min(left, budget if not chunks else width)
@@ -69,6 +69,10 @@ class Scheduler:
             width = max(width, pad(take))
             chunks.append((seq, take))
         return chunks
+
+    def image_prefills(self) -> list[Sequence]:
+        """The prefilling sequences with images (a vision model's items), each prefilled whole, apart."""
+        return [seq for seq in self.running if seq.prefilling and not seq.cancelled and seq.image is not None]
 
     def decoding(self) -> list[Sequence]:
         """The running sequences past their prefill, not finished (the decode batch's rows)."""

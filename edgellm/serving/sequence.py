@@ -44,6 +44,8 @@ class Sequence:
     token_times: list[float] = dataclasses.field(default_factory=list)  # when each token reached the row
     spec: object | None = None  # with speculation: its request's Speculation (speculative/session.py) ...
     spec_row: int = 0  # ... in which this sequence is row spec_row
+    image: object | None = None  # a vision model's item with images: its ImagePrompt (multimodal.py; prompt = its ids)
+    vision_ms: float = 0.0  # its share of the vision encoder's time
 
     @property
     def done(self) -> bool:

@@ -214,3 +214,33 @@ def test_speculative_decoding_with_images_is_token_identical(vlm):
                                speculative=SpeculativeConfig(method="ngram", max_verify_tokens=4, adaptive=False))
     items = [{"prompt": "w1 w2 w1 w2 w1 w2 w1", "images": [random_image(90, 60, seed=1)]}, {"prompt": "w5 w6 w5 w6"}]
     assert run(spec, items, new=12).output_ids == run(runtime, items, new=12).output_ids
+
+
+def test_image_and_text_requests_from_threads_share_the_batch(vlm):
+    """Vision requests on the engine loop: 4 threads at once, image items (one image asked about in
+    three turns, another once) beside text items, every answer that of the request alone; a
+    multi-turn chat about one image encodes it once (the encoder's output is kept by the image's
+    pixels)."""
+    import threading
+
+    model_dir, _, runtime = vlm
+    a, b = random_image(84, 84, seed=11), random_image(70, 90, seed=12)
+    turn = lambda image, words: [{"messages": [user(image_part(image), text_part(words))]}]  # noqa: E731
+    requests = [turn(a, "w30 w31"), [{"prompt": "w5 w6 w7"}], turn(a, "w32"), turn(b, "w33 w34"),
+                [{"prompt": "w8 w9"}, {"prompt": "w1 w2 w3 w4"}], turn(a, "w35 w36 w37")]
+    fresh = LLMInferenceRuntime(model_dir, device="cpu", cuda_graphs=False, max_batch_size=4)
+    alone = [run(fresh, items, new=6).output_ids for items in requests]
+    encoded = runtime.vision.encoder.encoded_images
+    got = [None] * len(requests)
+
+    def worker(t):
+        for n in range(t, len(requests), 4):
+            got[n] = run(runtime, requests[n], new=6).output_ids
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert got == alone
+    assert runtime.vision.encoder.encoded_images - encoded == 2  # a and b, once each
