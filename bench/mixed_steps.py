@@ -13,27 +13,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not bench/ (bench/kernels.py)
 
-from edgellm.benchmark import SHAPES, random_model_dir  # noqa: E402
+from edgellm.benchmark import SHAPES, random_model_dir, timed  # noqa: E402
 from edgellm.engine.runner import LLMEngineRunner  # noqa: E402
 
 ROWS = 16
 
 
 def per_call_ms(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    began = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - began) / reps * 1e3
+    fn()  # (a first call: any capture or compile outside the timing)
+    seconds, _ = timed(lambda: [fn() for _ in range(reps)])
+    return seconds / reps * 1e3
 
 
 def main() -> None:
