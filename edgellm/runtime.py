@@ -15,14 +15,14 @@ Owns the tokenizer, one LLMEngineRunner and the engine loop. The path of a reque
                      and streamed deltas (queued to the caller's thread: RequestHandle.stream);
   requests.py        LLMGenerationResponse with texts, ids, finish reasons and timings.
 With KV reuse the loop restores each admitted prompt's longest saved prefix (engine/kv_store.py) and
-saves its new blocks once prefilled. Runtimes with speculation or a vision model do not run on the loop
-yet: their requests take turns on the engine (serving/turns.py, one request at a time: multimodal.py and
-vision/ place images, speculative/ proposes and verify_sample_trees checks).
+saves its new blocks once prefilled; with speculation the runtime's proposer (speculative/) drafts for
+each row in its slot and verify_sample_trees checks the batch's trees; a vision model's items carry
+their images (multimodal.py, vision/), written over the prompt's embeddings when it is prefilled.
 
-Threads: whatever touches the engine (the loop while it has work, a request on the lock-taking path,
-adding/removing/switching LoRA adapters, flushing the KV store) runs in a turn of one FifoLock, first
-come first served; the getters read snapshots and never wait. `_engine_turn` is the one door every
-engine call takes.
+Threads: whatever touches the engine (the loop while it has work, adding/removing/switching LoRA
+adapters, flushing the KV store, exclusive() blocks, in which handle_request drives the loop on the
+caller's thread) runs in a turn of one FifoLock, first come first served; the getters read snapshots
+and never wait. `_engine_turn` is the one door every engine call takes.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -48,7 +49,6 @@ from .fifo_lock import FifoLock
 from .models import generation_config, resolve_model_dir, stop_token_ids
 from .multimodal import ImagePrompt, ImagePrompts, image_sources, template_messages
 from .serving.engine_loop import EngineLoop, RequestHandle, respond
-from .serving.turns import TextCallback, TurnTaking
 from .serving.sequence import Sequence
 from .requests import (GenerationItem, LLMGenerationRequest, LLMGenerationResponse, item_seeds,
                        sampling_settings, stop_strings, validate_request)
@@ -58,6 +58,9 @@ from .tokenizer import Tokenizer
 from .engine.vocab_map import MAP_FILE
 from .vision import VisionEncoder, vision_config_of
 from .vision.graphs import GRAPH_MAX_PATCHES
+
+# Called as on_text(item_index, text_delta) while generating, for streaming output.
+TextCallback = Callable[[int, str], None]
 
 log = logging.getLogger("edgellm")
 
@@ -102,7 +105,6 @@ class LLMInferenceRuntime:
             speculative.check()
         self.speculative = speculative
         self._engine_lock = FifoLock()
-        self._request_running = False
         self._stats_lock = threading.Lock()  # kv_reuse_stats reads totals a request's end may be adding to
         self.model_dir = resolve_model_dir(model_dir)
         exported = is_export(self.model_dir)  # an `edgellm export` directory: its graph runs on onnxruntime
@@ -152,7 +154,6 @@ class LLMInferenceRuntime:
         self._proposer = make_proposer(speculative, self.runner) if speculative is not None else None
         if self.kv_store is not None:  # pending disk writes finish before the process exits
             atexit.register(_flush_store, weakref.ref(self.kv_store))
-        self._turns = TurnTaking(self)
         self._loop = EngineLoop(self.runner, self._engine_turn, max_queued=max_queued,
                                 prefill_budget=prefill_budget, kv_store=self.kv_store, vision=self.vision)
 
@@ -169,29 +170,18 @@ class LLMInferenceRuntime:
 
     # ------------------------------------------------------------------ turns on the engine
     @contextlib.contextmanager
-    def _engine_turn(self, request: bool = False):
-        """Hold the lock every engine call holds (FIFO, re-entrant). request=True: a generation
-        request, which may not start inside another one (a streaming callback calling handle_request)."""
-        if request and self._engine_lock.owned and self._request_running:
-            raise ReentrantRequestError(
-                "handle_request was called while this thread is already running a request on this runtime "
-                "(from its streaming callback?): the engine is mid-request; return from the callback first, "
-                "or use a second runtime")
+    def _engine_turn(self):
+        """Hold the lock every engine call holds (FIFO, re-entrant): the engine loop while it has work,
+        LoRA changes, close() and exclusive() blocks."""
         with self._engine_lock:
-            if not request:
-                yield
-                return
-            self._request_running = True  # read only by the thread that holds the lock
-            try:
-                yield
-            finally:
-                self._request_running = False
+            yield
 
     @contextlib.contextmanager
     def exclusive(self):
         """Hold the engine for a block of your own: other threads' requests wait until it ends (the
         engine loop finishes what it runs first). For driving `runtime.runner` directly while other
-        threads use the runtime; a handle_request inside the block runs there, one request alone."""
+        threads use the runtime; a handle_request inside the block runs the loop's steps on this
+        thread until it is done (with the requests that arrive meanwhile beside it)."""
         with self._engine_turn():
             yield self.runner
 
@@ -327,13 +317,6 @@ class LLMInferenceRuntime:
         return name
 
     # ------------------------------------------------------------------ generation
-    @property
-    def batches_requests(self) -> bool:
-        """Whether requests run on the engine loop, batched with each other's (continuous batching),
-        n-gram speculation per row and images included. Not yet with a draft model: its requests take
-        turns on the engine."""
-        return self._proposer is None or self.speculative.method == "ngram"
-
     def submit(self, request: LLMGenerationRequest, *, priority: int = 0) -> RequestHandle:
         """Queue `request` on the engine loop and return at once: its items join the running batch as
         KV slots free up (lower `priority` values first, then arrival order), each with its own
@@ -341,21 +324,19 @@ class LLMInferenceRuntime:
         (item, text delta) pairs), waits (`handle.result()`: the LLMGenerationResponse handle_request
         returns), reports (`handle.done()`) and cancels (`handle.cancel()`). Bad requests raise here,
         before any model work; QueueFullError where max_queued sequences already wait."""
-        if not self.batches_requests:
-            raise ConfigurationError("submit() runs requests on the engine loop, which does not yet serve runtimes "
-                                     "with a draft model's speculation: use handle_request")
         if self._engine_lock.owned:
             raise ReentrantRequestError("submit() inside runtime.exclusive(): the engine loop cannot run until the "
                                         "block ends; call handle_request there (it runs in the block)")
+        return self._submit(request, priority)
+
+    def _submit(self, request: LLMGenerationRequest, priority: int) -> RequestHandle:
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
         prompts, images, preprocess_ms, sampling, stops, adapters = self._prepare(request)
         spec = None
-        if self._proposer is not None and request.speculative is not False:  # its own n-gram indexes
+        if self._proposer is not None and request.speculative is not False:  # (each row joins it in its slot)
             config = self.speculative
-            spec = Speculation(make_proposer(config, self.runner), prompts, config.max_verify_tokens - 1,
-                               config.adaptive)
-            spec.begin()
+            spec = Speculation(self._proposer, prompts, config.max_verify_tokens - 1, config.adaptive)
         decode = self.tokenizer.decode if self.tokenizer is not None else None
         sequences = [Sequence(prompt=ids, temperature=sampling.temperature, top_k=sampling.top_k,
                               top_p=sampling.top_p, seed=seed,
@@ -387,44 +368,23 @@ class LLMInferenceRuntime:
     def handle_request(self, request: LLMGenerationRequest, *,
                        on_text: TextCallback | None = None) -> LLMGenerationResponse:
         """Generate for every item of `request`. `on_text(i, delta)` streams item i's text (called on
-        this thread). Safe from several threads: their requests share the running batch (submit);
-        with KV reuse, speculation or a vision model they take turns on the engine in arrival order."""
+        this thread). Safe from several threads: their requests share the running batch (submit).
+        Inside `exclusive()` the engine loop's steps run on this thread until the request is done."""
         if self._loop.on_loop_thread:
             raise ReentrantRequestError("handle_request was called on the engine loop's thread")
-        if self.batches_requests and not self._engine_lock.owned:  # (inside exclusive(): run in the block)
-            if on_text is not None:
-                self._require_tokenizer()
-            handle = self.submit(request)
-            try:
-                for item, delta in handle.stream():
-                    if on_text is not None:
-                        on_text(item, delta)
-            except BaseException:
-                handle.cancel()
-                raise
-            return handle.result()
-        started = time.perf_counter()
-        with self._engine_turn(request=True):
-            queued_ms = (time.perf_counter() - started) * 1e3
-            prompts, images, preprocess_ms, sampling, stops, adapters = self._prepare(request)
-            if on_text is not None:
-                self._require_tokenizer()
-            reuse = KVReuseStats() if self.kv_store is not None else None
-            spec = self._turns.speculation(request, prompts)
-            with torch.inference_mode():
-                rows, timings = self._turns.generate(prompts, adapters, sampling, stops, request.max_generate_length,
-                                               on_text, reuse, spec, images)
-        timings.image_preprocess_ms = preprocess_ms
-        timings.queue_ms = queued_ms
-        timings.total_ms = (time.perf_counter() - started) * 1e3
-        if reuse is not None:
-            self._log_reuse(reuse)
-        if spec is not None:  # tokens a finished row dropped have no flag
-            spec.stats.accepted_flags = [flags[:len(row.ids)] for flags, row in zip(spec.stats.accepted_flags, rows)]
-        return LLMGenerationResponse(
-            output_texts=[row.text for row in rows], output_ids=[row.ids for row in rows],
-            finish_reasons=[row.finish_reason for row in rows], prompt_lengths=[row.prompt_len for row in rows],
-            timings=timings, kv_reuse=reuse, speculative=spec.stats if spec is not None else None)
+        if on_text is not None:
+            self._require_tokenizer()
+        inline = self._engine_lock.owned  # (inside exclusive(): the loop's thread waits for this block)
+        handle = self._submit(request, 0)
+        try:
+            pieces = self._loop.run_until(handle) if inline else handle.stream()
+            for item, delta in pieces:
+                if on_text is not None:
+                    on_text(item, delta)
+        except BaseException:
+            handle.cancel()
+            raise
+        return handle.result()
 
 
 def _flush_store(store_ref) -> None:

@@ -130,26 +130,23 @@ def test_a_request_from_a_streaming_callback_joins_the_batch(runtime):
     assert seen and all(ids == before and names == ["a", "b"] for ids, names in seen)
 
 
-def test_a_nested_request_on_the_lock_taking_path_is_refused(tiny_models):
-    """With a draft model's speculation (not on the engine loop yet) a request holds the engine for its
-    whole run: one made from its streaming callback raises instead of waiting for itself."""
+def test_a_nested_request_with_a_draft_model_joins_the_batch(tiny_models):
+    """With a draft model's speculation, on the engine loop too: a request made from another's
+    streaming callback joins the batch (the draft drafts for both rows, each in its slot) and both get
+    the answer they get alone."""
     from edgellm import SpeculativeConfig
 
     model_dir = tiny_models["llama"][0]
-    runtime = LLMInferenceRuntime(model_dir, device="cpu", max_batch_size=1, speculative=SpeculativeConfig(
+    runtime = LLMInferenceRuntime(model_dir, device="cpu", max_batch_size=2, speculative=SpeculativeConfig(
         method="draft", draft_model=model_dir, num_speculative_tokens=2, max_verify_tokens=4))
-    assert not runtime.batches_requests
-    request = LLMGenerationRequest(requests=[{"input_ids": PROMPTS[1]}], max_generate_length=3, temperature=0)
-    refused = []
-
-    def nested(i, delta):
-        with pytest.raises(ReentrantRequestError, match="streaming callback"):
-            runtime.handle_request(request)
-        refused.append(i)
-
+    outer = LLMGenerationRequest(requests=[{"input_ids": PROMPTS[0]}], max_generate_length=8, temperature=0)
+    inner = LLMGenerationRequest(requests=[{"input_ids": PROMPTS[1]}], max_generate_length=3, temperature=0)
+    nested = []
     with use_reference():
-        runtime.handle_request(request, on_text=nested)
-    assert refused
+        alone = [runtime.handle_request(r).output_ids for r in (outer, inner)]
+        got = runtime.handle_request(outer, on_text=lambda i, d: nested.append(runtime.handle_request(inner)))
+    assert got.output_ids == alone[0] and nested and all(r.output_ids == alone[1] for r in nested)
+    assert got.speculative.accepted > 0  # the model drafting for itself
 
 
 @pytest.mark.parametrize("interrupt", [RuntimeError("client went away"), KeyboardInterrupt()])

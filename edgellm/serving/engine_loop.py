@@ -118,6 +118,18 @@ class RequestHandle:
         if self._error is not None:
             raise self._error
 
+    def ready_pieces(self) -> Iterator[tuple[int, str]]:
+        """The (item, text delta) pairs queued so far, without waiting (EngineLoop.run_until)."""
+        while True:
+            try:
+                piece = self._deltas.get_nowait()
+            except queue.Empty:
+                return
+            if piece is None:
+                self._deltas.put(None)  # (stream() still ends on it)
+                return
+            yield piece
+
     def result(self, timeout: float | None = None):
         """The LLMGenerationResponse, once every item is done (TimeoutError after `timeout` seconds);
         RequestCancelledError after cancel(); the engine's error if the request failed."""
@@ -255,6 +267,23 @@ class EngineLoop:
                             self._in_flight.clear()  # (steps of finished rows only: nothing to read)
                             break
 
+    def run_until(self, handle: RequestHandle) -> Iterator[tuple[int, str]]:
+        """Drive the loop's iterations on the calling thread, which holds the engine turn (inside
+        runtime.exclusive(): the loop's own thread waits for it), until `handle` is done, yielding its
+        text deltas between iterations (where the caller's code may run: no iteration is half done)."""
+        while not handle.done():
+            with torch.inference_mode():
+                try:
+                    self._iteration()
+                except Exception as exc:  # noqa: BLE001 (every request in flight gets it)
+                    log.exception("engine loop iteration failed")
+                    self._fail_all(exc)
+            yield from handle.ready_pieces()
+        yield from handle.ready_pieces()
+        with self._work:
+            if self.scheduler.idle:
+                self._in_flight.clear()
+
     def _iteration(self) -> None:
         with self._work:
             for seq in self.scheduler.drop_cancelled_waiting():
@@ -273,8 +302,6 @@ class EngineLoop:
         if with_images:
             self._prefill_images(with_images)
         launched = False
-        # With speculation (n-gram) each step's drafts come from the tokens before it: no run-ahead.
-        speculating = any(seq.spec is not None for seq in self.batch)
         if mixed and chunks:
             chunks = chunks[:1]  # one row a mixed step: the shapes runtime.capture_graphs() captures
             if self.kv_store is not None:  # the memory tiers' hits, copied before the step (queued first)
@@ -284,12 +311,12 @@ class EngineLoop:
         else:
             if chunks:
                 self._prefill(chunks, self._blocks_for(chunks))
-            if self.batch and speculating:
+            if self.batch and self._speculating():
                 self._speculative_step()
             elif self.batch:
                 self._launch_decode()
                 launched = True
-        ahead = 1 if launched and self._may_run_ahead() and not speculating else 0
+        ahead = 1 if launched and self._may_run_ahead() and not self._speculating() else 0
         while len(self._in_flight) > ahead:
             self._take(self._in_flight.popleft())
         with self._work:
@@ -370,6 +397,11 @@ class EngineLoop:
                     zip(self._row_settings(seqs), (torch.float32, torch.int32, torch.float32, torch.int64, torch.int64))]
         self._join(seqs, self.runner.sample(logits, *settings).tolist())
 
+    def _speculating(self) -> bool:
+        """Some row of the batch speculates: its next drafts follow from every token so far, so its
+        steps are read before the next is launched (no run-ahead)."""
+        return any(seq.spec is not None for seq in self.batch)
+
     def _speculative_step(self) -> None:
         """A step of a batch with speculating rows: each such row's drafts (its request's proposer, up to
         its tokens left and the tree limit) verified in one step for the whole batch (rows without a
@@ -385,18 +417,28 @@ class EngineLoop:
         for i, seq in enumerate(rows):
             if seq.spec is not None and not seq.done:
                 groups.setdefault(seq.spec, []).append(i)
-        trees, proposing = [None] * len(rows), set()
+        # Each row's draft limit from its request's back-off, then one proposal per proposer (the
+        # runtime's one: a draft model proposes for every row in one batch of its own steps).
+        wanted: dict = {}  # proposer -> (batch indices, slots, limits)
         for spec, index in groups.items():
-            began = time.perf_counter()
-            budgets = [min(rows[i].max_new - len(rows[i].row.ids),
-                           runner.max_tree_drafts(len(rows[i].prompt), len(rows[i].prompt) + len(rows[i].row.ids)))
-                       for i in index]
-            got = spec.propose([rows[i].spec_row for i in index], budgets)
-            spec.stats.propose_ms += (time.perf_counter() - began) * 1e3
-            if got is not None:
-                proposing.add(spec)
-                for i, tree in zip(index, got):
+            for i in index:
+                seq = rows[i]
+                left = min(seq.max_new - len(seq.row.ids),
+                           runner.max_tree_drafts(len(seq.prompt), len(seq.prompt) + len(seq.row.ids)))
+                entry = wanted.setdefault(spec.proposer, ([], [], []))
+                entry[0].append(i)
+                entry[1].append(seq.slot)
+                entry[2].append(spec.limit(seq.spec_row, left))
+        trees = [None] * len(rows)
+        for proposer, (index, slots, limits) in wanted.items():
+            if any(limit > 0 for limit in limits):
+                began = time.perf_counter()
+                for i, tree in zip(index, proposer.propose(slots, limits)):
                     trees[i] = tree
+                share = (time.perf_counter() - began) * 1e3 / len(index)
+                for i in index:
+                    rows[i].spec.stats.propose_ms += share
+        proposing = {spec for spec, index in groups.items() if any(trees[i] is not None for i in index)}
         if not proposing:
             self.step_counts["decode"] += 1
             self._take(Launched(rows, runner.decode_launch()))
@@ -437,8 +479,8 @@ class EngineLoop:
         for seq, token in zip(seqs, first):
             if self.kv_store is not None:
                 self._save(seq)
-            if seq.spec is not None:
-                seq.spec.start_row(seq.spec_row, token)
+            if seq.spec is not None:  # (its proposer's row is its slot)
+                seq.spec.join(seq.spec_row, seq.slot, token)
             seq.first_token = now
             self._advance(seq, [token])
         running = [(seq, token) for seq, token in zip(seqs, first) if not seq.done]
@@ -470,9 +512,9 @@ class EngineLoop:
         self._in_flight.append(Launched(list(self.batch), runner.decode_launch()))
 
     def _may_run_ahead(self) -> bool:
-        """Whether a step is read only after the next is queued (Switches.run_ahead, as the lock-taking
-        path does; not where each step's rows must be known first: LongRoPE), so the host's work on one
-        step hides behind the device's on the next."""
+        """Whether a step is read only after the next is queued (Switches.run_ahead; not where each
+        step's rows must be known first: LongRoPE), so the host's work on one step hides behind the
+        device's on the next."""
         return self.runner.switches.run_ahead and not self.runner.needs_rows_each_step
 
     def _take(self, step: Launched) -> None:
@@ -520,6 +562,8 @@ class EngineLoop:
                 self.runner.end_decode()
             self.batch = [self.batch[i] for i in keep]
         for seq in finished:
+            if seq.spec is not None:
+                seq.spec.finish(seq.spec_row)
             self.scheduler.retire(seq)
             self._finish(seq)
 

@@ -37,9 +37,10 @@ class DraftModelProposer:
                     f"{getattr(cfg, name)!r}: a draft must share the model's tokenizer")
         self.k = config.num_speculative_tokens
         self.top_k = config.draft_top_k
-        self.valid: list[int] = []
-        self.pending: list[list[int]] = []
-        self.chains: list[list[int]] = []  # per row: the proposed chain's tokens whose K/V the draft holds
+        # Per row, by its slot (the draft's cache slot is the row's slot in the model's cache):
+        self.valid: dict[int, int] = {}
+        self.pending: dict[int, list[int]] = {}
+        self.chains: dict[int, list[int]] = {}  # the proposed chain's tokens whose K/V the draft holds
         self._decoding: list[int] | None = None  # the slots of the draft's started decode batch
 
     def _greedy_steps(self, tokens, slots: list[int], steps: int, lengths: list[int] | None = None) -> list[torch.Tensor]:
@@ -61,16 +62,29 @@ class DraftModelProposer:
         return best
 
     def begin(self, prompts: list[list[int]]) -> None:
-        runner = self.runner
-        runner.end_decode()
+        """Rows (slots) 0 .. n-1 start from these prompts, prefilled into the draft's cache together;
+        every other row is forgotten."""
+        self.runner.end_decode()
         self._decoding = None
+        self.valid, self.pending, self.chains = {}, {}, {}
+        self._prefill_rows(list(range(len(prompts))), prompts)
+
+    def begin_row(self, slot: int, prompt: list[int]) -> None:
+        """One row starts (the engine loop: a sequence that just joined, in its slot)."""
+        self._prefill_rows([slot], [prompt])
+
+    def end_row(self, slot: int) -> None:
+        for state in (self.valid, self.pending, self.chains):
+            state.pop(slot, None)
+
+    def _prefill_rows(self, slots: list[int], prompts: list[list[int]]) -> None:
+        runner = self.runner
         ids = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.int64)
         for i, prompt in enumerate(prompts):
             ids[i, :len(prompt)] = torch.tensor(prompt)
-        runner.prefill_step(runner.embed(ids.to(runner.device)), [len(p) for p in prompts])
-        self.valid = [len(p) for p in prompts]
-        self.pending = [[] for _ in prompts]
-        self.chains = [[] for _ in prompts]
+        runner.prefill_step(runner.embed(ids.to(runner.device)), [len(p) for p in prompts], slots=slots)
+        for slot, prompt in zip(slots, prompts):
+            self.valid[slot], self.pending[slot], self.chains[slot] = len(prompt), [], []
 
     def extend(self, row: int, tokens: list[int]) -> None:
         chain = self.chains[row]

@@ -59,16 +59,25 @@ class NgramIndex:
 
 
 class NgramProposer:
+    """Rows are named by a key (a request's row index, or on the engine loop the row's KV slot)."""
+
     def __init__(self, window: int, candidates: int, branches: int):
         self.window, self.candidates, self.branches = window, candidates, branches
-        self.rows: list[NgramIndex] = []
+        self.rows: dict[int, NgramIndex] = {}
 
     def begin(self, prompts: list[list[int]]) -> None:
-        self.rows = []
-        for prompt in prompts:
-            index = NgramIndex(self.window)
-            index.extend(prompt)
-            self.rows.append(index)
+        """Rows 0 .. n-1 start from these prompts; every other row is forgotten."""
+        self.rows = {}
+        for row, prompt in enumerate(prompts):
+            self.begin_row(row, prompt)
+
+    def begin_row(self, row: int, prompt: list[int]) -> None:
+        index = NgramIndex(self.window)
+        index.extend(prompt)
+        self.rows[row] = index
+
+    def end_row(self, row: int) -> None:
+        self.rows.pop(row, None)
 
     def extend(self, row: int, tokens: list[int]) -> None:
         self.rows[row].extend(tokens)

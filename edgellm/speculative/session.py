@@ -56,15 +56,24 @@ class Speculation:
         self.backoff = [RowBackoff(1, 256, 4, give_up=3) if self.costly else RowBackoff(2, 32, 2) for _ in prompts] \
             if adaptive else None
         self.stats = SpeculativeStats(accepted_flags=[[] for _ in prompts])
+        # The proposer's name for each row: the row's index, or (the engine loop, where one proposer
+        # serves every request) its KV slot, bound as it joins (join).
+        self.keys = list(range(len(prompts)))
+        self._joined: set[int] = set()
+
+    def limit(self, row: int, left: int) -> int:
+        """Drafts row `row` may propose this step (0: none): never more than it has tokens left to
+        generate minus the target's own one, none while its back-off waits (one call a step)."""
+        if self.backoff is not None and not self.backoff[row].allows():
+            return 0
+        return max(min(self._cap(row), left - 1), 0)
 
     def propose(self, rows: list[int], remaining: list[int]) -> list[DraftTree | None] | None:
-        """Trees for these rows (None where a row proposes nothing), or None if no row proposes.
-        A row never gets more drafts than it has tokens left to generate, minus the target's own one."""
-        limits = [min(self._cap(row), left - 1) if self.backoff is None or self.backoff[row].allows() else 0
-                  for row, left in zip(rows, remaining)]
+        """Trees for these rows (None where a row proposes nothing), or None if no row proposes."""
+        limits = [self.limit(row, left) for row, left in zip(rows, remaining)]
         if not any(limit > 0 for limit in limits):
             return None
-        trees = self.proposer.propose(rows, limits)
+        trees = self.proposer.propose([self.keys[row] for row in rows], limits)
         return trees if any(t is not None for t in trees) else None
 
     def _cap(self, row: int) -> int:
@@ -87,7 +96,7 @@ class Speculation:
                     self.backoff[row].update(kept)
             stats.tokens += len(tokens)
             stats.accepted_flags[row] += [True] * kept + [False] * (len(tokens) - kept)
-            self.proposer.extend(row, tokens)
+            self.proposer.extend(self.keys[row], tokens)
 
     def start(self, tokens: list[int]) -> None:
         """The proposer reads the prompts (a draft model prefills them: part of the request's prefill
@@ -97,10 +106,24 @@ class Speculation:
             self.start_row(row, token)
 
     def begin(self) -> None:
-        """The proposer reads the prompts (start's first half; the engine loop's rows then start one by one)."""
+        """The proposer reads the prompts, rows 0 .. n-1 (start's first half)."""
         self.proposer.begin(self.prompts)
 
     def start_row(self, row: int, token: int) -> None:
         """Row `row`'s first token, sampled from its prefill (not a decode step's)."""
         self.stats.accepted_flags[row].append(False)
-        self.proposer.extend(row, [token])
+        self.proposer.extend(self.keys[row], [token])
+
+    def join(self, row: int, key: int, token: int) -> None:
+        """The engine loop: row `row` starts in the shared proposer under `key` (its slot) from its
+        prompt and first token."""
+        self.keys[row] = key
+        self._joined.add(row)
+        self.proposer.begin_row(key, self.prompts[row])
+        self.start_row(row, token)
+
+    def finish(self, row: int) -> None:
+        """The engine loop: row `row` left the batch (or never joined it); the proposer forgets it."""
+        if row in self._joined:
+            self._joined.discard(row)
+            self.proposer.end_row(self.keys[row])
