@@ -156,6 +156,7 @@ class LLMInferenceRuntime:
             atexit.register(_flush_store, weakref.ref(self.kv_store))
         self._loop = EngineLoop(self.runner, self._engine_turn, max_queued=max_queued,
                                 prefill_budget=prefill_budget, kv_store=self.kv_store, vision=self.vision)
+        atexit.register(_stop_loop, weakref.ref(self._loop))  # (registered after the store's flush: runs first)
 
     def close(self) -> None:
         """Finish pending work that outlives a request (the KV store's disk writes). The runtime stays usable."""
@@ -385,6 +386,12 @@ class LLMInferenceRuntime:
             handle.cancel()
             raise
         return handle.result()
+
+
+def _stop_loop(loop_ref) -> None:
+    loop = loop_ref()
+    if loop is not None:
+        loop.stop()
 
 
 def _flush_store(store_ref) -> None:

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from edgellm import KVReuseSettings, LLMGenerationRequest, LLMInferenceRuntime
-from edgellm.errors import ReentrantRequestError
 from edgellm.fifo_lock import FifoLock
 from edgellm.engine.graphs import DecodeKey, MixedKey, PrefillKey
 from edgellm.kernels import use_reference

@@ -226,6 +226,7 @@ class EngineLoop:
         self._work = threading.Condition()
         self._thread: threading.Thread | None = None
         self._settings = caller_kernel_settings()
+        self._stopping = False
 
     def submit(self, handle: RequestHandle) -> None:
         """Queue a handle's sequences (QueueFullError past max_queued) and wake the loop. The loop's
@@ -249,10 +250,23 @@ class EngineLoop:
     def on_loop_thread(self) -> bool:
         return threading.current_thread() is self._thread
 
+    def stop(self, timeout: float = 10.0) -> None:
+        """At interpreter exit (runtime.py registers it): the loop's thread ends once it has no work
+        (waited for up to `timeout` s). A daemon thread still inside a torch call while the interpreter
+        tears down aborts the process ("terminate called without an active exception")."""
+        with self._work:
+            self._stopping = True
+            self._work.notify()
+        thread = self._thread
+        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+            thread.join(timeout)
+
     def _run(self) -> None:
         while True:
             with self._work:
                 while self.scheduler.idle:
+                    if self._stopping:
+                        return
                     self._work.wait()
             with self._engine_turn(), torch.inference_mode():
                 while True:
