@@ -284,11 +284,12 @@ class EngineLoop:
     def run_until(self, handle: RequestHandle) -> Iterator[tuple[int, str]]:
         """Drive the loop's iterations on the calling thread, which holds the engine turn (inside
         runtime.exclusive(): the loop's own thread waits for it), until `handle` is done, yielding its
-        text deltas between iterations (where the caller's code may run: no iteration is half done)."""
+        text deltas between iterations (where the caller's code may run: no iteration is half done).
+        Only its sequences are admitted: other threads' requests wait for the block to end."""
         while not handle.done():
             with torch.inference_mode():
                 try:
-                    self._iteration()
+                    self._iteration(only=set(handle.sequences))
                 except Exception as exc:  # noqa: BLE001 (every request in flight gets it)
                     log.exception("engine loop iteration failed")
                     self._fail_all(exc)
@@ -298,12 +299,12 @@ class EngineLoop:
             if self.scheduler.idle:
                 self._in_flight.clear()
 
-    def _iteration(self) -> None:
+    def _iteration(self, only: set | None = None) -> None:
         with self._work:
             for seq in self.scheduler.drop_cancelled_waiting():
                 self._finish(seq)
             self._retire([seq for seq in self.scheduler.running if seq.cancelled])
-            admitted = self.scheduler.admit()
+            admitted = self.scheduler.admit(only)
         if self.kv_store is not None:
             for seq in admitted:
                 self._restore(seq)

@@ -37,16 +37,23 @@ class Scheduler:
         for seq in sequences:
             heapq.heappush(self.waiting, (seq.priority, seq.number, seq))
 
-    def admit(self) -> list[Sequence]:
-        """Give free slots to the first waiting sequences; returns the ones admitted now."""
-        admitted = []
+    def admit(self, only: set | None = None) -> list[Sequence]:
+        """Give free slots to the first waiting sequences (only those in `only`, where given: the others
+        keep their places); returns the ones admitted now."""
+        admitted, passed = [], []
         while self.free and self.waiting:
-            seq = heapq.heappop(self.waiting)[2]
+            entry = heapq.heappop(self.waiting)
+            seq = entry[2]
             if seq.cancelled:
+                continue
+            if only is not None and seq not in only:
+                passed.append(entry)
                 continue
             seq.slot, seq.admitted = heapq.heappop(self.free), time.perf_counter()
             self.running.append(seq)
             admitted.append(seq)
+        for entry in passed:
+            heapq.heappush(self.waiting, entry)
         return admitted
 
     def prefill_chunks(self, budget: int, pad: Callable[[int], int] | None = None,

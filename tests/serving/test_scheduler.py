@@ -82,3 +82,12 @@ def test_cancelled_sequences_are_skipped_and_dropped():
     assert scheduler.prefill_chunks(8) == [] and scheduler.decoding() == []
     scheduler.retire(running)
     assert scheduler.admit() == [after]
+
+
+def test_admission_restricted_to_some_sequences_keeps_the_others_places():
+    scheduler = Scheduler(slots=2)
+    first, mine, last = _seq(), _seq(), _seq()
+    scheduler.add([first, mine, last])
+    assert scheduler.admit(only={mine}) == [mine]
+    assert scheduler.admit() == [first]  # (one slot left: the first in line)
+    assert [entry[2] for entry in scheduler.waiting] == [last]
