@@ -48,7 +48,8 @@ from .errors import (ConfigurationError, InvalidRequestError, LoraError, Reentra
 from .fifo_lock import FifoLock
 from .models import generation_config, resolve_model_dir, stop_token_ids
 from .multimodal import ImagePrompt, ImagePrompts, image_sources, template_messages
-from .serving.engine_loop import EngineLoop, RequestHandle, respond
+from .serving.engine_loop import EngineLoop
+from .serving.request_handle import RequestHandle, respond
 from .serving.sequence import Sequence
 from .requests import (GenerationItem, LLMGenerationRequest, LLMGenerationResponse, item_seeds,
                        sampling_settings, stop_strings, validate_request)

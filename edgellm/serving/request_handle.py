@@ -1,0 +1,131 @@
+"""RequestHandle: a submitted request as its caller sees it (LLMInferenceRuntime.submit): its text deltas
+queued for the caller's thread, its result, done and cancel; and respond(), the LLMGenerationResponse of a
+finished handle, built on the engine loop's thread from its sequences."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Callable, Iterator
+
+from ..engine.kv_store import KVReuseStats
+from ..errors import RequestCancelledError
+from ..requests import GenerationTimings, LLMGenerationResponse
+from .sequence import Sequence
+
+
+class RequestHandle:
+    """A submitted request (LLMInferenceRuntime.submit): stream(), result(), done(), cancel()."""
+
+    def __init__(self, sequences: list[Sequence], wake: Callable[[], None],
+                 respond: Callable[["RequestHandle"], object]):
+        self.sequences = sequences
+        self.submitted = time.perf_counter()
+        self.image_preprocess_ms = 0.0  # loading and preprocessing its images, before submit (runtime.py)
+        self._wake, self._respond = wake, respond
+        self._deltas: queue.Queue = queue.Queue()  # (item, text) pieces, then None once every item is done
+        self._finished = threading.Event()
+        self._error: BaseException | None = None
+        self._response = None
+        self._left = len(sequences)
+        for item, seq in enumerate(sequences):
+            seq.on_text = (lambda item: lambda text: self._deltas.put((item, text)))(item)
+
+    def stream(self) -> Iterator[tuple[int, str]]:
+        """(item index, text delta) pairs as the items generate, until all are done (then the error,
+        if the request failed). Texts joined per item equal result()'s output_texts."""
+        while True:
+            piece = self._deltas.get()
+            if piece is None:
+                break
+            yield piece
+        if self._error is not None:
+            raise self._error
+
+    def ready_pieces(self) -> Iterator[tuple[int, str]]:
+        """The (item, text delta) pairs queued so far, without waiting (EngineLoop.run_until)."""
+        while True:
+            try:
+                piece = self._deltas.get_nowait()
+            except queue.Empty:
+                return
+            if piece is None:
+                self._deltas.put(None)  # (stream() still ends on it)
+                return
+            yield piece
+
+    def result(self, timeout: float | None = None):
+        """The LLMGenerationResponse, once every item is done (TimeoutError after `timeout` seconds);
+        RequestCancelledError after cancel(); the engine's error if the request failed."""
+        if not self._finished.wait(timeout):
+            raise TimeoutError(f"the request did not finish within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._response
+
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    def cancel(self) -> None:
+        """Stop generating: each item's slot is freed at the next step boundary; result() then raises
+        RequestCancelledError. No effect once the request is done."""
+        if self.done():
+            return
+        for seq in self.sequences:
+            seq.cancelled = True
+        self._wake()
+
+    # ---- called by the loop
+    def _sequence_done(self) -> None:
+        self._left -= 1
+        if self._left == 0:
+            if any(seq.cancelled and seq.row.finish_reason is None for seq in self.sequences):
+                self._fail(RequestCancelledError("the request was cancelled"))
+                return
+            try:
+                self._response = self._respond(self)
+            except Exception as exc:  # noqa: BLE001 (handed to the caller's thread)
+                self._fail(exc)
+                return
+            self._deltas.put(None)
+            self._finished.set()
+
+    def _fail(self, error: BaseException) -> None:
+        if self._finished.is_set():
+            return
+        self._error = error
+        self._deltas.put(None)
+        self._finished.set()
+
+
+def respond(handle: RequestHandle):
+    """A finished handle's LLMGenerationResponse (on the loop's thread): its items' texts, ids, finish
+    reasons and timings (queue: submitted -> first item admitted; prefill: -> the last item's first
+    token; decode: -> the last item's finish)."""
+    sequences = handle.sequences
+    for seq in sequences:
+        seq.row.text = seq.row.live_text.text if seq.row.live_text is not None else ""
+    admitted = min(seq.admitted for seq in sequences)
+    first = max(seq.first_token for seq in sequences)
+    finished = max(seq.finished or time.perf_counter() for seq in sequences)
+    vision_ms = sum(seq.vision_ms for seq in sequences)
+    timings = GenerationTimings(queue_ms=(admitted - handle.submitted) * 1e3,
+                                prefill_ms=(first - admitted) * 1e3 - vision_ms, decode_ms=(finished - first) * 1e3,
+                                decode_tokens=sum(max(len(seq.row.ids) - 1, 0) for seq in sequences),
+                                total_ms=(finished - handle.submitted) * 1e3,
+                                image_preprocess_ms=handle.image_preprocess_ms, vision_ms=vision_ms)
+    reuse = None
+    if sequences[0].reuse is not None:
+        reuse = KVReuseStats()
+        for seq in sequences:
+            reuse.add(seq.reuse)
+    spec = sequences[0].spec
+    if spec is not None:  # tokens a finished row dropped have no flag
+        spec.stats.accepted_flags = [flags[:len(seq.row.ids)] for flags, seq in zip(spec.stats.accepted_flags,
+                                                                                     sequences)]
+    return LLMGenerationResponse(
+        output_texts=[seq.row.text for seq in sequences], output_ids=[seq.row.ids for seq in sequences],
+        finish_reasons=[seq.row.finish_reason for seq in sequences],
+        prompt_lengths=[seq.row.prompt_len for seq in sequences], timings=timings, kv_reuse=reuse,
+        speculative=spec.stats if spec is not None else None)
