@@ -183,7 +183,7 @@ class LLMInferenceRuntime:
         """Hold the engine for a block of your own: other threads' requests wait until it ends (the
         engine loop finishes what it runs first). For driving `runtime.runner` directly while other
         threads use the runtime; a handle_request inside the block runs the loop's steps on this
-        thread until it is done (with the requests that arrive meanwhile beside it)."""
+        thread until it is done (only its own items: the others keep waiting for the block's end)."""
         with self._engine_turn():
             yield self.runner
 

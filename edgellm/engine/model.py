@@ -277,13 +277,11 @@ def _mlp_block(lw: LayerWeights, cfg: EngineConfig, attn, residual, lora: LoraBa
 
 class Part(NamedTuple):
     """One attention group of a mixed step (forward_mixed): input embeddings [B, S, H] of chunks of
-    q_lens[b] tokens placed at starts[b] of cache slot slots[b] (all [B] int on the device), and
-    forward_logits' max_keys for them."""
+    q_lens[b] tokens placed at starts[b] of cache slot slots[b] (all [B] int on the device)."""
     hidden: torch.Tensor
     slots: torch.Tensor
     starts: torch.Tensor
     q_lens: torch.Tensor
-    max_keys: int | None = None
 
 
 def forward_mixed(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCache, rope: RopeTables,
@@ -307,8 +305,7 @@ def forward_mixed(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCache
         qkv, residual = _qkv_block(lw, cfg, x, residual, pending, lora, index, tokens, ops)
         keys, values = cache.layer(index)
         out = [_attention_block(lw, cfg, piece.view(rows, seq, -1), keys, values, rope, part.slots, part.starts,
-                                part.q_lens, end, ops, None, index, None, None, max_keys=part.max_keys,
-                                project=False).reshape(rows * seq, -1)
+                                part.q_lens, end, ops, None, index, None, None, project=False).reshape(rows * seq, -1)
                for part, piece, (rows, seq), end in zip(parts, qkv[0].split(sizes), shapes, ends)]
         attn = _project(torch.cat(out)[None], lw.o_proj, lw.o_bias, lora, index, "o", ops)
         x, residual = _mlp_block(lw, cfg, attn, residual, lora, index, tokens, ops)

@@ -152,16 +152,10 @@ class EngineLoop:
                     self._work.wait()
             with self._engine_turn(), torch.inference_mode():
                 while True:
-                    try:
-                        with kernel_settings(self._settings):
-                            self._iteration()
-                    except Exception as exc:  # noqa: BLE001 (every request in flight gets it)
-                        log.exception("engine loop iteration failed")
-                        self._fail_all(exc)
-                    with self._work:
-                        if self.scheduler.idle:
-                            self._in_flight.clear()  # (steps of finished rows only: nothing to read)
-                            break
+                    with kernel_settings(self._settings):
+                        self._guarded_iteration()
+                    if self._idle():
+                        break
 
     def run_until(self, handle: RequestHandle) -> Iterator[tuple[int, str]]:
         """Drive the loop's iterations on the calling thread, which holds the engine turn (inside
@@ -170,16 +164,27 @@ class EngineLoop:
         Only its sequences are admitted: other threads' requests wait for the block to end."""
         while not handle.done():
             with torch.inference_mode():
-                try:
-                    self._iteration(only=set(handle.sequences))
-                except Exception as exc:  # noqa: BLE001 (every request in flight gets it)
-                    log.exception("engine loop iteration failed")
-                    self._fail_all(exc)
+                self._guarded_iteration(only=set(handle.sequences))
             yield from handle.ready_pieces()
         yield from handle.ready_pieces()
+        self._idle()
+
+    def _guarded_iteration(self, only: set | None = None) -> None:
+        """One iteration; if it raises, every request in flight fails with the error (the loop goes on)."""
+        try:
+            self._iteration(only)
+        except Exception as exc:  # noqa: BLE001 (handed to every request in flight)
+            log.exception("engine loop iteration failed")
+            self._fail_all(exc)
+
+    def _idle(self) -> bool:
+        """Whether nothing waits or runs; then the steps still in flight are dropped (they belong to
+        finished rows only: nothing to read)."""
         with self._work:
             if self.scheduler.idle:
                 self._in_flight.clear()
+                return True
+            return False
 
     def _iteration(self, only: set | None = None) -> None:
         with self._work:
