@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .backend_bench import BACKEND_CHOICES
 from .cli_run import cmd_run
+from .cli_serve import add_serve_options, cmd_serve
 from .cli_writers import add_model_dir_argument, add_writer_parsers
 from .errors import EdgeLLMError
 
@@ -97,11 +98,11 @@ def _quantization_options(p) -> None:
     p.add_argument("--quantize-lm-head", action="store_true", help="pack the LM head too (with --quantization)")
 
 
-def _runtime(args):
+def _runtime(args, **extra):
     from .runtime import LLMInferenceRuntime
 
     adapters = _lora_weights(args.lora)
-    runtime = LLMInferenceRuntime(args.model_dir, device=args.device, dtype=args.dtype,
+    runtime = LLMInferenceRuntime(args.model_dir, device=args.device, dtype=args.dtype, **extra,
                                   max_batch_size=args.max_batch_size, max_input_length=args.max_input_length,
                                   max_kv_cache_capacity=args.max_kv_cache_capacity, lora_weights=adapters,
                                   max_lora_rank=args.max_lora_rank, kv_reuse=_kv_reuse(args),
@@ -396,6 +397,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, help='where the responses go ("-": stdout)')
     _add_model_options(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("serve", help="serve the model over HTTP (OpenAI and Anthropic APIs; the serve extra)",
+                       description="An OpenAI- and Anthropic-compatible HTTP server on the continuous-batching "
+                                   "engine loop: /v1/chat/completions, /v1/completions, /v1/models, /v1/messages, "
+                                   "/health, /metrics.")
+    add_serve_options(p)
+    _add_model_options(p)
+    p.set_defaults(func=lambda args: cmd_serve(args, _runtime))
 
     p = sub.add_parser("info", help="print a model's engine configuration")
     add_model_dir_argument(p, positional=True)

@@ -46,11 +46,12 @@ class LLMGenerationRequest:
     temperature / top_k / top_p left as None take the model's generation_config.json values, else
     1.0 / 50 / 1.0. Greedy decoding: temperature=0 or top_k=1. top_k=0 disables top-k.
     lora_weights_name: the LoRA adapter of every item that names none; None = the runtime's active
-    adapter (switch_lora_weights), "" = the base model.
+    adapter (switch_lora_weights), "" = the base model. max_generate_length=None: as many tokens as
+    the KV cache holds after each item's prompt.
     """
 
     requests: list[GenerationItem | dict]
-    max_generate_length: int = DEFAULT_MAX_GENERATE_LENGTH
+    max_generate_length: int | None = DEFAULT_MAX_GENERATE_LENGTH
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None
@@ -82,13 +83,16 @@ class LLMGenerationResponse:
     finish_reasons: list[str]       # "stop" (EOS id or stop string) or "length"
     prompt_lengths: list[int]
     timings: GenerationTimings
+    stop_sequences: list[str | None] = dataclasses.field(default_factory=list)  # the stop string that ended each item
+    token_times_ms: list[list[float]] = dataclasses.field(default_factory=list)  # per item: when each token came (ms after submission)
     kv_reuse: KVReuseStats | None = None  # saved-prefix reuse (engine/kv_store.py), when the runtime has it on
     speculative: SpeculativeStats | None = None  # speculative decoding (edgellm/speculative), when it ran
 
     def to_dict(self) -> dict:
         out = {
             "output_texts": self.output_texts, "output_ids": self.output_ids,
-            "finish_reasons": self.finish_reasons, "prompt_lengths": self.prompt_lengths,
+            "finish_reasons": self.finish_reasons, "stop_sequences": self.stop_sequences,
+            "prompt_lengths": self.prompt_lengths,
             "timings": {**dataclasses.asdict(self.timings), "decode_tokens_per_s": self.timings.decode_tokens_per_s},
         }
         if self.kv_reuse is not None:
@@ -226,8 +230,10 @@ def validate_request(request: LLMGenerationRequest, *, max_batch_size: int) -> l
     if len(request.requests) > max_batch_size:
         raise InvalidRequestError(f"{len(request.requests)} items exceed the engine's max_batch_size "
                                   f"{max_batch_size}; split the batch or build the runtime with a larger one")
-    if not _is_int(request.max_generate_length) or request.max_generate_length < 1:
-        raise InvalidRequestError(f"max_generate_length must be an integer >= 1, got {request.max_generate_length!r}")
+    if request.max_generate_length is not None and \
+            (not _is_int(request.max_generate_length) or request.max_generate_length < 1):
+        raise InvalidRequestError(f"max_generate_length must be an integer >= 1 or None (up to the KV cache's "
+                                  f"capacity), got {request.max_generate_length!r}")
     if request.lora_weights_name is not None and not isinstance(request.lora_weights_name, str):
         raise InvalidRequestError("lora_weights_name must be a string or None")
     if request.speculative not in (None, True, False):

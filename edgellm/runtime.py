@@ -165,6 +165,13 @@ class LLMInferenceRuntime:
             with self._engine_turn():
                 self.kv_store.flush()
 
+    def serving_stats(self) -> dict:
+        """A snapshot of the engine loop: sequences waiting for a KV slot, rows running (prefilling or
+        decoding), and the steps run so far by kind (decode, mixed, prefill, verify)."""
+        loop = self._loop
+        return {"waiting": len(loop.scheduler.waiting), "running": len(loop.scheduler.running),
+                "steps": dict(loop.step_counts)}
+
     def kv_reuse_stats(self) -> KVReuseStats:
         """KV reuse over this runtime's life (a copy); each response carries its own."""
         with self._stats_lock:
@@ -291,17 +298,19 @@ class LLMInferenceRuntime:
             images.append(placed)
         adapters = [self._adapter(item.lora_weights_name if item.lora_weights_name is not None
                                   else request.lora_weights_name, i) for i, item in enumerate(items)]
+        limits = []
         for i, ids in enumerate(prompts):
             if len(ids) > cfg.max_supported_input_length:
                 raise InvalidRequestError(f"request item {i}: prompt has {len(ids)} tokens, more than the "
                                           f"engine's max_input_length {cfg.max_supported_input_length}")
             room = cfg.max_kv_cache_capacity - len(ids)
-            if request.max_generate_length > room:
+            if room < 1 or (request.max_generate_length or 0) > room:
                 raise InvalidRequestError(
                     f"request item {i}: prompt of {len(ids)} tokens + max_generate_length "
-                    f"{request.max_generate_length} exceeds the KV cache capacity {cfg.max_kv_cache_capacity}; "
+                    f"{request.max_generate_length or 1} exceeds the KV cache capacity {cfg.max_kv_cache_capacity}; "
                     f"max_generate_length may be at most {room} for this prompt")
-        return prompts, images, preprocess_ms, sampling, stops, adapters
+            limits.append(request.max_generate_length or room)
+        return prompts, images, preprocess_ms, sampling, stops, adapters, limits
 
     def _place_images(self, item: GenerationItem, ids: list[int], index: int) -> ImagePrompt | None:
         """The item's images loaded, preprocessed and placed in its prompt (None: an item without images)."""
@@ -334,7 +343,7 @@ class LLMInferenceRuntime:
     def _submit(self, request: LLMGenerationRequest, priority: int) -> RequestHandle:
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
-        prompts, images, preprocess_ms, sampling, stops, adapters = self._prepare(request)
+        prompts, images, preprocess_ms, sampling, stops, adapters, limits = self._prepare(request)
         spec = None
         if self._proposer is not None and request.speculative is not False:  # (each row joins it in its slot)
             config = self.speculative
@@ -342,13 +351,13 @@ class LLMInferenceRuntime:
         decode = self.tokenizer.decode if self.tokenizer is not None else None
         sequences = [Sequence(prompt=ids, temperature=sampling.temperature, top_k=sampling.top_k,
                               top_p=sampling.top_p, seed=seed,
-                              max_new=request.max_generate_length, adapter=adapter,
+                              max_new=limit, adapter=adapter,
                               row=GenerationRow(len(ids), RowText(decode, stops, True) if decode else None),
                               eos_token_ids=self.eos_token_ids, priority=priority,
                               reuse=KVReuseStats() if self.kv_store is not None else None, spec=spec, spec_row=i,
                               image=image)
-                     for i, (ids, image, adapter, seed) in enumerate(zip(prompts, images, adapters,
-                                                                         item_seeds(sampling, len(prompts))))]
+                     for i, (ids, image, adapter, limit, seed) in enumerate(zip(
+                         prompts, images, adapters, limits, item_seeds(sampling, len(prompts))))]
         handle = RequestHandle(sequences, self._loop.wake, self._respond)
         handle.image_preprocess_ms = preprocess_ms
         self._loop.submit(handle)

@@ -49,11 +49,14 @@ class IncrementalDecoder:
         return text[len(known):]
 
 
-def first_stop(text: str, stops: Sequence[str], since: int) -> int | None:
-    """The index in `text` of the earliest stop string that ends at or after `since` (text before
-    `since` was searched already), or None."""
-    hits = [found for stop in stops if (found := text.find(stop, max(0, since - len(stop) + 1))) >= 0]
-    return min(hits) if hits else None
+def first_stop(text: str, stops: Sequence[str], since: int) -> tuple[int, str] | None:
+    """(index in `text`, stop string) of the earliest stop string that ends at or after `since` (text
+    before `since` was searched already), or None. Of stops found at one index, the first listed."""
+    hits = [(found, i) for i, stop in enumerate(stops) if (found := text.find(stop, max(0, since - len(stop) + 1))) >= 0]
+    if not hits:
+        return None
+    found, i = min(hits)
+    return found, stops[i]
 
 
 class TextStreamer:
@@ -85,6 +88,7 @@ class RowText:
         self._decoder = IncrementalDecoder(decode)
         self._stops = list(stops)
         self.text = ""
+        self.stop: str | None = None  # the stop string that ended the text, once one has
         self._streamer = TextStreamer(max((len(s) for s in stops), default=1) - 1) if stream else None
 
     def push(self, token: int, last: bool) -> bool:
@@ -97,10 +101,10 @@ class RowText:
             return False
         since = len(self.text)
         self.text += piece
-        cut = first_stop(self.text, self._stops, since) if self._stops else None
-        if cut is None:
+        hit = first_stop(self.text, self._stops, since) if self._stops else None
+        if hit is None:
             return False
-        self.text = self.text[:cut]
+        self.text, self.stop = self.text[:hit[0]], hit[1]
         return True
 
     def delta(self, final: bool) -> str:

@@ -60,11 +60,12 @@ def test_a_split_character_comes_out_when_complete(default_model_dir):
 
 
 def test_first_stop_searches_only_new_text_plus_the_overlap():
-    assert first_stop("abc END def", ["END"], since=0) == 4
+    assert first_stop("abc END def", ["END"], since=0) == (4, "END")
     assert first_stop("abc EN", ["END"], since=4) is None
-    assert first_stop("abc END", ["END"], since=6) == 4  # the stop straddles the old and the new text
+    assert first_stop("abc END", ["END"], since=6) == (4, "END")  # the stop straddles the old and the new text
     assert first_stop("END abc", ["END"], since=6) is None  # searched before
-    assert first_stop("x STOP y END", ["END", "STOP"], since=0) == 2  # the earliest of several
+    assert first_stop("x STOP y END", ["END", "STOP"], since=0) == (2, "STOP")  # the earliest of several
+    assert first_stop("x ENDING", ["ENDING", "END"], since=0) == (2, "ENDING")  # one index: the first listed
 
 
 @pytest.mark.parametrize("stop", ["wor", "ld!", "Hello world! S", "🎉 and", "never there"])
@@ -83,6 +84,7 @@ def test_row_text_matches_the_full_decode_cut_at_the_stop(default_model_dir, sto
     expected = full[:full.index(stop)] if stop in full else full
     assert row.text == expected and "".join(streamed) == expected
     assert (stopped_at is not None) == (stop in TEXT)
+    assert row.stop == (stop if stop in TEXT else None)
     if stopped_at is not None:  # it stopped at the first token whose text completes the stop string
         before = tokenizer.decode(ids[:stopped_at - 1])
         assert stop not in before

@@ -473,7 +473,7 @@ class EngineLoop:
     def _finish(self, seq: Sequence) -> None:
         handle = self._handles.pop(seq, None)
         if handle is not None:
-            handle._sequence_done()
+            handle._sequence_done(seq)
 
     def _fail_all(self, error: BaseException) -> None:
         """An iteration raised: every request in flight fails with it, the engine's batch is dropped."""

@@ -1,13 +1,15 @@
 """RequestHandle: a submitted request as its caller sees it (LLMInferenceRuntime.submit): its text deltas
-queued for the caller's thread, its result, done and cancel; and respond(), the LLMGenerationResponse of a
-finished handle, built on the engine loop's thread from its sequences."""
+queued for the caller's thread (or an asyncio task), its result, done and cancel; and respond(), the
+LLMGenerationResponse of a finished handle, built on the engine loop's thread from its sequences."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import queue
 import threading
 import time
-from typing import Callable, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 from ..engine.kv_store import KVReuseStats
 from ..errors import RequestCancelledError
@@ -15,8 +17,19 @@ from ..requests import GenerationTimings, LLMGenerationResponse
 from .sequence import Sequence
 
 
+@dataclasses.dataclass(frozen=True)
+class Delta:
+    """A piece of one item's output: its new text, and on the item's last piece its finish reason
+    ("stop" or "length") and the stop string that ended it (if one did)."""
+    item: int
+    text: str
+    finish_reason: str | None = None
+    stop_sequence: str | None = None
+
+
 class RequestHandle:
-    """A submitted request (LLMInferenceRuntime.submit): stream(), result(), done(), cancel()."""
+    """A submitted request (LLMInferenceRuntime.submit): stream() / deltas() / adeltas(), result() /
+    aresult(), done(), cancel()."""
 
     def __init__(self, sequences: list[Sequence], wake: Callable[[], None],
                  respond: Callable[["RequestHandle"], object]):
@@ -24,17 +37,25 @@ class RequestHandle:
         self.submitted = time.perf_counter()
         self.image_preprocess_ms = 0.0  # loading and preprocessing its images, before submit (runtime.py)
         self._wake, self._respond = wake, respond
-        self._deltas: queue.Queue = queue.Queue()  # (item, text) pieces, then None once every item is done
+        self._deltas: queue.Queue = queue.Queue()  # Deltas, then None once every item is done
+        self._notify: Callable[[], None] | None = None  # wakes an adeltas() consumer (from the loop's thread)
         self._finished = threading.Event()
         self._error: BaseException | None = None
         self._response = None
         self._left = len(sequences)
         for item, seq in enumerate(sequences):
-            seq.on_text = (lambda item: lambda text: self._deltas.put((item, text)))(item)
+            seq.on_text = (lambda item: lambda text: self._put(Delta(item, text)))(item)
 
     def stream(self) -> Iterator[tuple[int, str]]:
         """(item index, text delta) pairs as the items generate, until all are done (then the error,
         if the request failed). Texts joined per item equal result()'s output_texts."""
+        for delta in self.deltas():
+            if delta.text:
+                yield delta.item, delta.text
+
+    def deltas(self) -> Iterator[Delta]:
+        """stream()'s pieces as Deltas, each item's last one carrying its finish reason (a cancelled
+        item has none), until all are done (then the error, if the request failed)."""
         while True:
             piece = self._deltas.get()
             if piece is None:
@@ -43,17 +64,72 @@ class RequestHandle:
         if self._error is not None:
             raise self._error
 
-    def ready_pieces(self) -> Iterator[tuple[int, str]]:
-        """The (item, text delta) pairs queued so far, without waiting (EngineLoop.run_until)."""
+    @property
+    def prompt_lengths(self) -> list[int]:
+        """Each item's prompt length in tokens (known once submit() returns)."""
+        return [seq.row.prompt_len for seq in self.sequences]
+
+    async def adeltas(self) -> AsyncIterator[list[Delta]]:
+        """deltas() for asyncio, a list at a time (every Delta queued since the last list): awaits the
+        engine loop without holding a thread; a consumer slower than the engine gets fewer, longer lists."""
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        scheduled = [False]  # one wake-up in the asyncio loop's queue at a time, however many pieces come
+
+        def wake():
+            scheduled[0] = False
+            ready.set()
+
+        def notify():
+            if not scheduled[0]:
+                scheduled[0] = True
+                loop.call_soon_threadsafe(wake)
+
+        self._notify = notify
+        try:
+            while True:
+                ready.clear()  # (before draining: a piece queued after the drain sets it again)
+                pieces = list(self._ready())
+                ended = bool(pieces) and pieces[-1] is None
+                if ended:
+                    pieces.pop()
+                if pieces:
+                    yield pieces
+                if ended:
+                    if self._error is not None:
+                        raise self._error
+                    return
+                await ready.wait()
+        finally:
+            self._notify = None
+
+    async def aresult(self):
+        """result() for asyncio."""
+        async for _ in self.adeltas():
+            pass
+        return self.result()
+
+    def _ready(self) -> Iterator[Delta | None]:
         while True:
             try:
-                piece = self._deltas.get_nowait()
+                yield self._deltas.get_nowait()
             except queue.Empty:
                 return
+
+    def _put(self, piece: Delta | None) -> None:
+        self._deltas.put(piece)
+        notify = self._notify
+        if notify is not None:
+            notify()
+
+    def ready_pieces(self) -> Iterator[tuple[int, str]]:
+        """The (item, text delta) pairs queued so far, without waiting (EngineLoop.run_until)."""
+        for piece in self._ready():
             if piece is None:
                 self._deltas.put(None)  # (stream() still ends on it)
                 return
-            yield piece
+            if piece.text:
+                yield piece.item, piece.text
 
     def result(self, timeout: float | None = None):
         """The LLMGenerationResponse, once every item is done (TimeoutError after `timeout` seconds);
@@ -77,7 +153,11 @@ class RequestHandle:
         self._wake()
 
     # ---- called by the loop
-    def _sequence_done(self) -> None:
+    def _sequence_done(self, seq: Sequence) -> None:
+        if seq.row.finish_reason is not None:
+            text = seq.row.live_text
+            self._put(Delta(self.sequences.index(seq), "", seq.row.finish_reason,
+                            text.stop if text is not None else None))
         self._left -= 1
         if self._left == 0:
             if any(seq.cancelled and seq.row.finish_reason is None for seq in self.sequences):
@@ -88,15 +168,15 @@ class RequestHandle:
             except Exception as exc:  # noqa: BLE001 (handed to the caller's thread)
                 self._fail(exc)
                 return
-            self._deltas.put(None)
-            self._finished.set()
+            self._finished.set()  # (before the end of the stream: result() is ready when a stream ends)
+            self._put(None)
 
     def _fail(self, error: BaseException) -> None:
         if self._finished.is_set():
             return
         self._error = error
-        self._deltas.put(None)
         self._finished.set()
+        self._put(None)
 
 
 def respond(handle: RequestHandle):
@@ -128,4 +208,7 @@ def respond(handle: RequestHandle):
         output_texts=[seq.row.text for seq in sequences], output_ids=[seq.row.ids for seq in sequences],
         finish_reasons=[seq.row.finish_reason for seq in sequences],
         prompt_lengths=[seq.row.prompt_len for seq in sequences], timings=timings, kv_reuse=reuse,
-        speculative=spec.stats if spec is not None else None)
+        speculative=spec.stats if spec is not None else None,
+        stop_sequences=[seq.row.live_text.stop if seq.row.live_text is not None else None for seq in sequences],
+        token_times_ms=[[(t - handle.submitted) * 1e3 for t in seq.token_times[:len(seq.row.ids)]]
+                        for seq in sequences])

@@ -1,0 +1,331 @@
+"""The HTTP app: OpenAI (/v1/chat/completions, /v1/completions, /v1/models) and Anthropic (/v1/messages)
+endpoints on an LLMInferenceRuntime's submit(), plus /health, /metrics and run-time LoRA loading.
+
+Each generation request: its body read under a size cap and parsed (openai_api.py, anthropic_api.py),
+submitted from a worker thread (tokenization and image decoding stay off the event loop), then answered
+whole or as server-sent events from the handle's deltas (RequestHandle.adeltas: no thread waits on the
+engine). A client that goes away cancels its request, so its KV slot frees at the next engine step.
+Every error is answered in its API's shape (errors.py); the runtime stays usable after each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import time
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from . import anthropic_api, openai_api
+from .errors import ApiError, anthropic_body, from_edgellm, invalid, openai_body
+from .metrics import ServerMetrics
+from .params import Body
+
+log = logging.getLogger("edgellm.server")
+
+
+@dataclasses.dataclass
+class ServerSettings:
+    model_name: str | None = None        # the base model's id (default: its directory's name)
+    api_key: str | None = None           # required as "Authorization: Bearer KEY" or "x-api-key: KEY" on /v1/
+    allow_lora_loading: bool = False     # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
+    max_request_bytes: int = 32 << 20    # request bodies past this get 413 (images come as data: URIs)
+    retry_after_s: int = 1               # the Retry-After of a 429 (queue full)
+
+
+class ServerState:
+    """What the handlers share: the runtime (None while it loads), the phase (loading, ready, draining,
+    failed) and the generation requests in flight."""
+
+    def __init__(self, settings: ServerSettings, runtime=None):
+        self.settings = settings
+        self.runtime = None
+        self.phase = "loading"
+        self.error: str | None = None
+        self.in_flight = 0
+        if runtime is not None:
+            self.ready(runtime)
+
+    def ready(self, runtime) -> None:
+        self.runtime = runtime
+        if self.settings.model_name is None:
+            self.settings.model_name = runtime.model_dir.name
+        self.phase = "ready"
+
+    def models(self) -> dict[str, str]:
+        """Model id -> adapter name ("" = the base model), the base model first."""
+        names = {self.settings.model_name: ""}
+        for name in self.runtime.get_available_lora_weights():
+            if name:
+                names.setdefault(name, name)
+        return names
+
+    def serving_runtime(self):
+        if self.phase == "ready":
+            return self.runtime
+        if self.phase == "draining":
+            raise ApiError(503, "the server is shutting down and takes no new requests")
+        if self.phase == "failed":
+            raise ApiError(503, f"the model failed to load: {self.error}")
+        raise ApiError(503, "the model is still loading; retry when GET /health says ready",
+                       headers={"Retry-After": "5"})
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="edgellm", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = ServerMetrics(lambda: state.runtime)
+    app.state.edgellm = state
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next):
+        key = state.settings.api_key
+        if key is not None and request.url.path.startswith("/v1/") and not _authorized(request, key):
+            shape = anthropic_body if request.url.path == "/v1/messages" else openai_body
+            error = ApiError(401, "invalid or missing API key (Authorization: Bearer KEY or x-api-key: KEY)",
+                             code="invalid_api_key")
+            return _error(error, shape)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        stats = state.runtime.serving_stats() if state.runtime is not None else {"waiting": 0, "running": 0}
+        body = {"status": state.phase, "waiting": stats["waiting"], "running": stats["running"],
+                "in_flight_requests": state.in_flight}
+        if state.error:
+            body["error"] = state.error
+        return JSONResponse(body, status_code=200 if state.phase == "ready" else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models():
+        try:
+            runtime = state.serving_runtime()
+        except ApiError as exc:
+            return _error(exc, openai_body)
+        base = state.settings.model_name
+        capacity = runtime.config.max_kv_cache_capacity
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "edgellm", "root": base,
+                 "parent": None if not adapter else base, "max_model_len": capacity}
+                for name, adapter in state.models().items()]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await _generate(request, "chat", openai_api.parse_chat)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _generate(request, "completions", openai_api.parse_completion)
+
+    @app.post("/v1/messages")
+    async def messages(request: Request):
+        return await _generate(request, "messages", anthropic_api.parse_messages)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora(request: Request):
+        return await _lora(request, load=True)
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora(request: Request):
+        return await _lora(request, load=False)
+
+    async def _lora(request: Request, load: bool):
+        try:
+            runtime = state.serving_runtime()
+            if not state.settings.allow_lora_loading:
+                raise ApiError(404, "loading and unloading adapters is off; start the server with --allow-lora-loading")
+            body = Body(await _json(request, state.settings.max_request_bytes))
+            name = body.string("lora_name")
+            if not name:
+                raise invalid("lora_name is required", "lora_name")
+            if load:
+                path = body.string("lora_path")
+                if not path:
+                    raise invalid("lora_path is required", "lora_path")
+                body.unknown()
+                if name in state.models():
+                    raise invalid(f"a model or adapter named {name!r} is already loaded", "lora_name")
+                await asyncio.to_thread(runtime.add_lora_weights, name, path)
+                return Response(f"Success: LoRA adapter '{name}' added successfully.", media_type="text/plain")
+            body.raw("lora_int_id")  # (vLLM clients send it; names are what edgellm keys adapters by)
+            body.unknown()
+            if name not in state.models() or not state.models()[name]:
+                raise ApiError(404, f"no adapter named {name!r} is loaded", param="lora_name")
+            await asyncio.to_thread(runtime.remove_lora_weights, name)
+            return Response(f"Success: LoRA adapter '{name}' removed successfully.", media_type="text/plain")
+        except Exception as exc:  # noqa: BLE001 (every failure answered, none raised into the server)
+            return _error(from_edgellm(exc), openai_body)
+
+    async def _generate(request: Request, endpoint: str, parse: Callable):
+        arrived = time.perf_counter()
+        shape = anthropic_body if endpoint == "messages" else openai_body
+        try:
+            runtime = state.serving_runtime()
+            raw = await _json(request, state.settings.max_request_bytes)
+            job = parse(raw, runtime.generation_defaults, state.models())
+            handle = await asyncio.to_thread(runtime.submit, job.request)
+        except Exception as exc:  # noqa: BLE001
+            error = from_edgellm(exc, state.settings.retry_after_s)
+            metrics.requests.labels(endpoint, str(error.status)).inc()
+            return _error(error, shape)
+        queued_ms = (time.perf_counter() - arrived) * 1e3
+        _begin(state)
+        if job.stream:
+            events = _anthropic_events if endpoint == "messages" else _openai_events
+            stream = _finishing(events(job, handle, endpoint == "chat"), handle, endpoint, queued_ms)
+            return StreamingResponse(stream, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            response = await _result_unless_disconnected(request, handle)
+        except Exception as exc:  # noqa: BLE001
+            error = from_edgellm(exc)
+            metrics.requests.labels(endpoint, str(error.status)).inc()
+            return _error(error, shape)
+        finally:
+            _end(state)
+        metrics.requests.labels(endpoint, "200").inc()
+        metrics.finished(response, queued_ms)
+        build = {"chat": openai_api.chat_response, "completions": openai_api.completion_response,
+                 "messages": anthropic_api.message_response}[endpoint]
+        return JSONResponse(build(job, response))
+
+    async def _finishing(events, handle, endpoint: str, queued_ms: float):
+        """A stream's events, then its bookkeeping: metrics by how it ended; a stream the client left
+        (the server cancels the generator) cancels its request."""
+        status = "499"
+        try:
+            async for event in events:
+                yield event
+            status = "200"
+            metrics.finished(handle.result(), queued_ms)
+        except Exception as exc:  # noqa: BLE001 (the error goes to the client as the stream's last event)
+            error = from_edgellm(exc)
+            status = str(error.status)
+            yield _sse_error(error, endpoint)
+        finally:
+            handle.cancel()  # (no effect once done)
+            metrics.requests.labels(endpoint, status).inc()
+            _end(state)
+
+    return app
+
+
+def _authorized(request: Request, key: str) -> bool:
+    given = request.headers.get("x-api-key")
+    if given is None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip() if scheme.lower() == "bearer" else ""
+    return hmac.compare_digest(given.encode(), key.encode())
+
+
+def _begin(state: ServerState) -> None:
+    state.in_flight += 1
+
+
+def _end(state: ServerState) -> None:
+    state.in_flight -= 1
+
+
+def _error(error: ApiError, shape) -> JSONResponse:
+    status = 400 if error.status == 499 else error.status  # (nobody reads a cancelled request's answer)
+    return JSONResponse(shape(error), status_code=status, headers=error.headers)
+
+
+async def _json(request: Request, cap: int):
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > cap:
+        raise ApiError(413, f"the request body has {int(length)} bytes, more than this server's limit of {cap}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise ApiError(413, f"the request body is larger than this server's limit of {cap} bytes")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
+
+
+async def _result_unless_disconnected(request: Request, handle):
+    """The handle's response; if the client disconnects first, the request is cancelled."""
+    result = asyncio.ensure_future(handle.aresult())
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not result.done():
+        handle.cancel()
+        result.cancel()
+        raise ApiError(499, "the client disconnected")
+    return result.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _sse(data: dict, event: str | None = None) -> str:
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"event: {event}\ndata: {text}\n\n" if event else f"data: {text}\n\n"
+
+
+def _sse_error(error: ApiError, endpoint: str) -> str:
+    return _sse(anthropic_body(error), "error") if endpoint == "messages" else _sse(openai_body(error))
+
+
+async def _openai_events(job, handle, chat: bool):
+    """Chat: each choice's role chunk, its content deltas, its finish chunk; completions: text deltas
+    and finish chunks; then the usage chunk (stream_options.include_usage) and [DONE]."""
+    choices = len(handle.prompt_lengths)
+    if chat:
+        for i in range(choices):
+            yield _sse(openai_api.chat_chunk(job, i, {"role": "assistant", "content": ""}))
+    async for pieces in handle.adeltas():
+        for item, text, reason in _merged(pieces):
+            if text:
+                yield _sse(openai_api.chat_chunk(job, item, {"content": text}) if chat
+                           else openai_api.completion_chunk(job, item, text))
+            if reason is not None:
+                yield _sse(openai_api.chat_chunk(job, item, {}, reason) if chat
+                           else openai_api.completion_chunk(job, item, "", reason))
+    if job.include_usage:
+        yield _sse(openai_api.usage_chunk(job, handle.result(), chat))
+    yield "data: [DONE]\n\n"
+
+
+async def _anthropic_events(job, handle, _chat: bool):
+    yield _sse(anthropic_api.message_start(job, handle.prompt_lengths[0]), "message_start")
+    yield _sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+               "content_block_start")
+    yield _sse({"type": "ping"}, "ping")
+    async for pieces in handle.adeltas():
+        for _, text, _ in _merged(pieces):
+            if text:
+                yield _sse(anthropic_api.text_delta(text), "content_block_delta")
+    for event in anthropic_api.message_end(handle.result()):
+        yield _sse(event, event["type"])
+
+
+def _merged(pieces) -> list[tuple[int, str, str | None]]:
+    """Consecutive deltas of one item joined: (item, text, finish reason or None)."""
+    out: list[list] = []
+    for piece in pieces:
+        if out and out[-1][0] == piece.item and out[-1][2] is None:
+            out[-1][1] += piece.text
+            out[-1][2] = piece.finish_reason
+        else:
+            out.append([piece.item, piece.text, piece.finish_reason])
+    return [tuple(entry) for entry in out]

@@ -1,0 +1,190 @@
+"""The OpenAI API's requests and responses: /v1/chat/completions and /v1/completions bodies turned
+into an LLMGenerationRequest (a Job), and responses, stream chunks and usage written as OpenAI writes
+them. No I/O here: app.py runs the jobs."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+
+from ..requests import LLMGenerationRequest, LLMGenerationResponse
+from .errors import invalid
+from .params import Body, data_uri_bytes, model_adapter, refuse_later, sampling
+
+# Accepted and without effect on the output (OpenAI bookkeeping fields).
+_IGNORED = ("user", "store", "metadata", "service_tier", "parallel_tool_calls", "stream_options")
+_LATER = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "logit_bias")
+_MAX_N = 16
+
+
+@dataclasses.dataclass
+class Job:
+    """A parsed request: what runs (`request`, its items `n` per prompt) and how it is answered."""
+    request: LLMGenerationRequest
+    model: str
+    n: int
+    stream: bool
+    include_usage: bool
+    id: str
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+
+
+def _common(body: Body, defaults: dict, models: dict, later: tuple[str, ...]) -> dict:
+    """The fields chat and completions share, as keyword arguments of Job and LLMGenerationRequest."""
+    model, adapter = model_adapter(body.raw("model"), models)
+    n = body.integer("n", 1, low=1, high=_MAX_N)
+    stream = body.boolean("stream")
+    options = body.obj("stream_options")
+    if options and not stream:
+        raise invalid("stream_options is only allowed with stream: true", "stream_options")
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise invalid("stream_options.include_usage must be true or false", "stream_options")
+    refuse_later(body, _LATER + later)
+    settings = sampling(body, defaults)
+    stop = body.strings("stop", most=4)
+    return {"model": model, "adapter": adapter, "n": n, "stream": stream, "include_usage": include_usage,
+            "stop": stop, **settings}
+
+
+def _job(items: list[dict], fields: dict, max_tokens, prefix: str) -> Job:
+    n = fields["n"]
+    request = LLMGenerationRequest(
+        requests=[item for item in items for _ in range(n)], max_generate_length=max_tokens,
+        temperature=fields["temperature"], top_k=fields["top_k"], top_p=fields["top_p"], seed=fields["seed"],
+        stop=fields["stop"], lora_weights_name=fields["adapter"])
+    return Job(request, fields["model"], n, fields["stream"], fields["include_usage"], f"{prefix}-{uuid.uuid4().hex}")
+
+
+def parse_chat(raw, defaults: dict, models: dict) -> Job:
+    body = Body(raw, _IGNORED)
+    messages = body.raw("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("messages must be a non-empty list", "messages")
+    converted = [_message(m, i) for i, m in enumerate(messages)]
+    max_tokens = body.integer("max_completion_tokens", low=1)
+    legacy = body.integer("max_tokens", low=1)
+    for name in ("tools", "response_format", "functions"):
+        value = body.raw(name)
+        if value and not (name == "response_format" and value == {"type": "text"}):
+            raise invalid(f"{name} is not supported by this server yet", name)
+    choice = body.raw("tool_choice")
+    if choice not in (None, "none"):
+        raise invalid("tool_choice is not supported by this server yet", "tool_choice")
+    fields = _common(body, defaults, models, ("logprobs", "top_logprobs"))
+    body.unknown()
+    return _job([{"messages": converted}], fields, max_tokens or legacy, "chatcmpl")
+
+
+def _message(message, index: int) -> dict:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise invalid(f"{where} must be an object with role and content", "messages")
+    role, content = message.get("role"), message.get("content")
+    if role == "developer":  # (OpenAI's newer name for the system role)
+        role = "system"
+    if role not in ("system", "user", "assistant", "tool"):
+        raise invalid(f"{where}.role must be system, developer, user, assistant or tool, got {role!r}", "messages")
+    if message.get("tool_calls"):
+        raise invalid(f"{where}.tool_calls: tool calls are not supported by this server yet", "messages")
+    if isinstance(content, str):
+        return {"role": role, "content": content}
+    if content is None and role == "assistant":
+        return {"role": role, "content": ""}
+    if not isinstance(content, list) or not content:
+        raise invalid(f"{where}.content must be a string or a non-empty list of parts", "messages")
+    parts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            parts.append({"type": "image", "image": data_uri_bytes(url, f"{where}.content[{j}].image_url")})
+        else:
+            raise invalid(f"{where}.content[{j}] must be a text part or an image_url part", "messages")
+    if role != "user" and any(p["type"] == "image" for p in parts):
+        raise invalid(f"{where}: images go in user messages", "messages")
+    if all(p["type"] == "text" for p in parts):  # (a template may expect a string for these roles)
+        return {"role": role, "content": "".join(p["text"] for p in parts)}
+    return {"role": role, "content": parts}
+
+
+def parse_completion(raw, defaults: dict, models: dict) -> Job:
+    body = Body(raw, _IGNORED)
+    prompt = body.raw("prompt")
+    items = _prompts(prompt)
+    max_tokens = body.integer("max_tokens", 16, low=1)  # (OpenAI's default for this endpoint)
+    for name, neutral in (("echo", False), ("suffix", None), ("best_of", 1)):
+        value = body.raw(name)
+        if value is not None and value != neutral:
+            raise invalid(f"{name} is not supported by this server yet", name)
+    fields = _common(body, defaults, models, ("logprobs",))
+    body.unknown()
+    return _job(items, fields, max_tokens, "cmpl")
+
+
+def _prompts(prompt) -> list[dict]:
+    """`prompt`: a string, a list of strings, a list of token ids, or a list of such lists."""
+    def is_ids(value):
+        return isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+    if isinstance(prompt, str) and prompt:
+        return [{"prompt": prompt}]
+    if is_ids(prompt):
+        return [{"input_ids": prompt}]
+    if isinstance(prompt, list) and prompt:
+        items = []
+        for p in prompt:
+            if isinstance(p, str) and p:
+                items.append({"prompt": p})
+            elif is_ids(p):
+                items.append({"input_ids": p})
+            else:
+                raise invalid("prompt must be a non-empty string, a list of them, a list of token ids or a list of "
+                              "such lists", "prompt")
+        return items
+    raise invalid("prompt must be a non-empty string, a list of them, a list of token ids or a list of such lists",
+                  "prompt")
+
+
+# ---------------------------------------------------------------------------- responses
+def usage(job: Job, response: LLMGenerationResponse) -> dict:
+    """Prompt tokens once per prompt (the n choices of one prompt share it), completion tokens of every choice."""
+    prompt = sum(response.prompt_lengths[::job.n])
+    completion = sum(len(ids) for ids in response.output_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def chat_response(job: Job, response: LLMGenerationResponse) -> dict:
+    choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": reason}
+               for i, (text, reason) in enumerate(zip(response.output_texts, response.finish_reasons))]
+    return {"id": job.id, "object": "chat.completion", "created": job.created, "model": job.model,
+            "choices": choices, "usage": usage(job, response), "system_fingerprint": None}
+
+
+def completion_response(job: Job, response: LLMGenerationResponse) -> dict:
+    choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+               for i, (text, reason) in enumerate(zip(response.output_texts, response.finish_reasons))]
+    return {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
+            "choices": choices, "usage": usage(job, response), "system_fingerprint": None}
+
+
+def chat_chunk(job: Job, index: int, delta: dict, finish_reason: str | None = None) -> dict:
+    return {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": job.model,
+            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+            **({"usage": None} if job.include_usage else {})}
+
+
+def completion_chunk(job: Job, index: int, text: str, finish_reason: str | None = None) -> dict:
+    return {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
+            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+            **({"usage": None} if job.include_usage else {})}
+
+
+def usage_chunk(job: Job, response: LLMGenerationResponse, chat: bool) -> dict:
+    return {"id": job.id, "object": "chat.completion.chunk" if chat else "text_completion", "created": job.created,
+            "model": job.model, "choices": [], "usage": usage(job, response)}
