@@ -27,9 +27,11 @@ import time
 from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not bench/ (bench/kernels.py)
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # (after it: bench/serving_http.py by name)
 
 from edgellm import LLMGenerationRequest, LLMInferenceRuntime  # noqa: E402
 from edgellm.benchmark import bench_decode, copy_bandwidth, random_model_dir  # noqa: E402
+from serving_http import ensure_tokenizer, http_closed_loop, start_server, stop_server  # noqa: E402
 
 
 def workload(count: int, vocab: int, seed: int = 0) -> list[LLMGenerationRequest]:
@@ -108,10 +110,14 @@ def main() -> None:
                         help="runtime's prefill_budget (default 512); more values add rows at 16 clients")
     parser.add_argument("--separate-prefill", action="store_true",
                         help="add a 16-client row without mixed steps (prefill steps of their own)")
+    parser.add_argument("--http", action="store_true",
+                        help="also run the clients through `edgellm serve` (bench/serving_http.py) and compare")
     parser.add_argument("--cache-dir", default="/tmp/edgellm-bench-models")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     model_dir = random_model_dir(args.shape, args.cache_dir)
+    if args.http:
+        ensure_tokenizer(model_dir, json.loads((model_dir / "config.json").read_text())["vocab_size"])
     runtime = LLMInferenceRuntime(model_dir, device="cuda", dtype="float16", max_batch_size=args.max_batch,
                                   max_input_length=1024, max_kv_cache_capacity=1024 + 256,
                                   prefill_budget=args.prefill_budget[0])
@@ -161,8 +167,48 @@ def main() -> None:
               f"{row['ttft_p50_ms']:8.1f}/{row['ttft_p99_ms']:<8.1f} "
               f"{row['itl_p50_ms']:6.2f}/{row['itl_p99_ms']:<6.2f}/{row['itl_max_ms']:<7.2f} "
               f"{steps.get('mixed', 0):7d}/{steps.get('decode', 0)}/{steps.get('prefill', 0):<8d} {len(row['errors'])}")
+    http_rows = run_http(args, model_dir, runtime, rows) if args.http else []
     if args.json:
-        args.json.write_text(json.dumps(dict(shape=args.shape, static=static, rows=rows), indent=2) + "\n")
+        args.json.write_text(json.dumps(dict(shape=args.shape, static=static, rows=rows, http_rows=http_rows),
+                                        indent=2) + "\n")
+
+
+def run_http(args, model_dir, runtime, rows) -> list[dict]:
+    """The loop rows' client counts again through `edgellm serve` (the same workloads), beside them:
+    throughput as a share of the in-process row's, TTFT added at the median."""
+    runtime.close()
+    process, port = start_server(model_dir, max_batch=args.max_batch, max_input=1024, capacity=1024 + 256,
+                                 prefill_budget=args.prefill_budget[0])
+    vocab = runtime.config.vocab_size
+    try:
+        warm = workload(48, vocab, seed=99)
+        http_closed_loop(port, [_job(r) for r in warm], 16, percentile)
+        http_rows = []
+        for clients in args.clients:
+            count = max(64, args.requests_per_client * clients)
+            http_rows.append(http_closed_loop(port, [_job(r) for r in workload(count, vocab, seed=clients)], clients,
+                                              percentile))
+            print(json.dumps(http_rows[-1]), file=sys.stderr)
+    finally:
+        status = stop_server(process)
+    print(f"edgellm serve exited with status {status}")
+    print("clients  in-process tok/s  http tok/s  http/in-process  steady ratio  TTFT p50 in/http ms (added)  "
+          "ITL p50/p99 http ms  chunks/token  errors")
+    loop_rows = {row["clients"]: row for row in rows if not row["serialized"] and row["budget"] == rows[0]["budget"]
+                 and row["mixed"] == rows[0]["mixed"]}
+    for row in http_rows:
+        base = loop_rows[row["clients"]]
+        print(f"{row['clients']:7d} {base['tokens_per_s']:17.0f} {row['tokens_per_s']:11.0f} "
+              f"{row['tokens_per_s'] / base['tokens_per_s']:15.3f} "
+              f"{row['steady_tokens_per_s'] / max(base['steady_tokens_per_s'], 1e-9):13.3f}  "
+              f"{base['ttft_p50_ms']:8.2f} / {row['ttft_p50_ms']:<8.2f} ({row['ttft_p50_ms'] - base['ttft_p50_ms']:+.2f})"
+              f"     {row['itl_p50_ms']:6.2f}/{row['itl_p99_ms']:<6.2f}       {row['chunks_per_token']:.3f}  "
+              f"{len(row['errors'])}")
+    return http_rows
+
+
+def _job(request: LLMGenerationRequest) -> dict:
+    return {"input_ids": request.requests[0]["input_ids"], "max_tokens": request.max_generate_length}
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ class LLMGenerationRequest:
     stop: list[str] | str | None = None
     lora_weights_name: str | None = None
     speculative: bool | None = None  # False: decode this request without the runtime's speculation
+    ignore_eos: bool = False  # True: the stop token ids do not end the items (benchmarks; as vLLM's)
 
 
 @dataclasses.dataclass
@@ -236,6 +237,8 @@ def validate_request(request: LLMGenerationRequest, *, max_batch_size: int) -> l
                                   f"capacity), got {request.max_generate_length!r}")
     if request.lora_weights_name is not None and not isinstance(request.lora_weights_name, str):
         raise InvalidRequestError("lora_weights_name must be a string or None")
+    if request.ignore_eos not in (True, False):
+        raise InvalidRequestError(f"ignore_eos must be True or False, got {request.ignore_eos!r}")
     if request.speculative not in (None, True, False):
         raise InvalidRequestError(f"speculative must be True, False or None, got {request.speculative!r}")
     return [normalize_item(item, i) for i, item in enumerate(request.requests)]

@@ -353,7 +353,8 @@ class LLMInferenceRuntime:
                               top_p=sampling.top_p, seed=seed,
                               max_new=limit, adapter=adapter,
                               row=GenerationRow(len(ids), RowText(decode, stops, True) if decode else None),
-                              eos_token_ids=self.eos_token_ids, priority=priority,
+                              eos_token_ids=frozenset() if request.ignore_eos else self.eos_token_ids,
+                              priority=priority,
                               reuse=KVReuseStats() if self.kv_store is not None else None, spec=spec, spec_row=i,
                               image=image)
                      for i, (ids, image, adapter, limit, seed) in enumerate(zip(

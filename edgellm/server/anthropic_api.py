@@ -10,7 +10,7 @@ from .errors import invalid
 from .openai_api import Job
 from .params import Body, base64_bytes, model_adapter, sampling
 
-_IGNORED = ("metadata", "service_tier")
+_IGNORED = ("metadata", "service_tier", "cache_control")  # (bookkeeping: no effect on the output)
 _IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 
 

@@ -44,8 +44,9 @@ def _common(body: Body, defaults: dict, models: dict, later: tuple[str, ...]) ->
     refuse_later(body, _LATER + later)
     settings = sampling(body, defaults)
     stop = body.strings("stop", most=4)
+    ignore_eos = body.boolean("ignore_eos")  # (an extra, as vLLM's: the stop token ids do not end the answer)
     return {"model": model, "adapter": adapter, "n": n, "stream": stream, "include_usage": include_usage,
-            "stop": stop, **settings}
+            "stop": stop, "ignore_eos": ignore_eos, **settings}
 
 
 def _job(items: list[dict], fields: dict, max_tokens, prefix: str) -> Job:
@@ -53,7 +54,7 @@ def _job(items: list[dict], fields: dict, max_tokens, prefix: str) -> Job:
     request = LLMGenerationRequest(
         requests=[item for item in items for _ in range(n)], max_generate_length=max_tokens,
         temperature=fields["temperature"], top_k=fields["top_k"], top_p=fields["top_p"], seed=fields["seed"],
-        stop=fields["stop"], lora_weights_name=fields["adapter"])
+        stop=fields["stop"], lora_weights_name=fields["adapter"], ignore_eos=fields["ignore_eos"])
     return Job(request, fields["model"], n, fields["stream"], fields["include_usage"], f"{prefix}-{uuid.uuid4().hex}")
 
 

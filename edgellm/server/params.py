@@ -35,7 +35,8 @@ class Body:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise invalid(f"{name} must be a number, got {value!r}", name)
         if (low is not None and (value < low or (low_open and value == low))) or (high is not None and value > high):
-            bounds = f"{'(' if low_open else '['}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+            bounds = f"{'(' if low_open else '['}{low if low is not None else float('-inf'):g}, " \
+                     f"{high if high is not None else float('inf'):g}]"
             raise invalid(f"{name} must be in {bounds}, got {value!r}", name)
         return value
 

@@ -26,6 +26,11 @@ class _DrainingServer(uvicorn.Server):
             print(f"edgellm serve: draining {self._state.in_flight} request(s) in flight "
                   f"(up to {self.config.timeout_graceful_shutdown} s), then exiting", flush=True)
         super().handle_exit(sig, frame)
+        # uvicorn raises the signals it caught again once it has shut down, so the process would end by
+        # SIGTERM; a drained server exits 0 instead (a second Ctrl-C still forces the exit).
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
 
 
 def server(load: Callable[[], object], settings: ServerSettings, *, host: str = "127.0.0.1", port: int = 8000,

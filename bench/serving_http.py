@@ -1,0 +1,150 @@
+"""bench/serving.py --http: the same closed loop through `edgellm serve` (a process of its own on loopback,
+so the clients' Python does not share the server's interpreter), each client a thread with one keep-alive
+connection (the standard library's http.client) streaming /v1/completions: token ids as the prompt, greedy,
+ignore_eos (every request runs its full length, as the in-process rows). TTFT: the request sent -> its
+first streamed text, on the client; ITL: between streamed chunks; tokens: each stream's usage chunk."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ensure_tokenizer(model_dir: Path, vocab: int) -> None:
+    """A word-level tokenizer for a random-weights directory (token i is "t{i}"), so that the server
+    streams text: both paths then detokenize every token, as they do for a real model."""
+    if (model_dir / "tokenizer.json").is_file():
+        return
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+
+
+def start_server(model_dir, *, max_batch: int, max_input: int, capacity: int, prefill_budget: int | None, device: str = "cuda",
+                 timeout: float = 300) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    command = [sys.executable, "-m", "edgellm.cli", "serve", str(model_dir), "--port", str(port), "--device", device,
+               "--dtype", "float16" if device == "cuda" else "float32", "--max-batch-size", str(max_batch), "--max-input-length", str(max_input),
+               "--max-kv-cache-capacity", str(capacity), "--served-model-name", "bench", "--drain-timeout", "10"]
+    if prefill_budget:
+        command += ["--prefill-budget", str(prefill_budget)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            connection.request("GET", "/health")
+            if json.loads(connection.getresponse().read()).get("status") == "ready":
+                return process, port
+        except OSError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise RuntimeError(f"edgellm serve did not become ready:\n{process.stdout.read()}")
+
+
+def stop_server(process: subprocess.Popen) -> int:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    return process.returncode
+
+
+def stream_completion(connection: http.client.HTTPConnection, body: bytes) -> tuple[float, list[float], int]:
+    """(send time, arrival time of each streamed text chunk, completion tokens from the usage chunk)."""
+    sent = time.perf_counter()
+    connection.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status}: {response.read()[:300]!r}")
+    arrivals, tokens = [], 0
+    while True:
+        line = response.readline()
+        if not line:
+            break
+        if not line.startswith(b"data: "):
+            continue
+        payload = line[6:].strip()
+        if payload == b"[DONE]":
+            break
+        chunk = json.loads(payload)
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+        elif chunk["choices"] and chunk["choices"][0]["text"]:
+            arrivals.append(time.perf_counter())
+    response.read()
+    return sent, arrivals, tokens
+
+
+def http_closed_loop(port: int, jobs: list[dict], clients: int, percentile) -> dict:
+    """bench/serving.py's closed_loop over HTTP: each client sends its next job when the last one is done."""
+    queue = list(reversed(jobs))
+    lock = threading.Lock()
+    ttft, itl, tokens, errors, chunks = [], [], [0], [], []
+    last_taken = [None]
+
+    def client():
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        while True:
+            with lock:
+                if not queue:
+                    break
+                job = queue.pop()
+                if not queue:
+                    last_taken[0] = time.perf_counter()
+            body = json.dumps({"model": "bench", "prompt": job["input_ids"], "max_tokens": job["max_tokens"],
+                               "temperature": 0, "ignore_eos": True, "stream": True,
+                               "stream_options": {"include_usage": True}}).encode()
+            try:
+                sent, arrivals, count = stream_completion(connection, body)
+            except Exception as exc:  # noqa: BLE001 - reported in the result
+                errors.append(repr(exc))
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+                continue
+            with lock:
+                tokens[0] += count
+                chunks.append((arrivals, count))
+                if arrivals:
+                    ttft.append((arrivals[0] - sent) * 1e3)
+                    itl.extend((b - a) * 1e3 for a, b in zip(arrivals, arrivals[1:]))
+        connection.close()
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - began
+    steady_end = last_taken[0] or began + wall
+    # Tokens per chunk: a stream's tokens spread over its chunks (one token each unless the server joined some).
+    steady = sum(count / max(len(arrivals), 1) * sum(began <= t <= steady_end for t in arrivals)
+                 for arrivals, count in chunks)
+    return dict(clients=clients, http=True, requests=len(jobs), wall_s=wall, tokens=tokens[0],
+                tokens_per_s=tokens[0] / wall, steady_tokens_per_s=steady / max(steady_end - began, 1e-9),
+                ttft_p50_ms=percentile(ttft, 0.5), ttft_p99_ms=percentile(ttft, 0.99),
+                itl_p50_ms=percentile(itl, 0.5), itl_p99_ms=percentile(itl, 0.99), itl_max_ms=max(itl, default=0),
+                chunks_per_token=sum(len(a) for a, _ in chunks) / max(tokens[0], 1), errors=errors[:5])
