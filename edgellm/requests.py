@@ -12,6 +12,7 @@ import random
 from typing import Any
 
 from .engine.kv_store import KVReuseStats
+from .engine.logit_processing import LogitSettings
 from .speculative.config import SpeculativeStats
 from .errors import InvalidRequestError
 from .tokenizer import ROLES
@@ -60,6 +61,14 @@ class LLMGenerationRequest:
     lora_weights_name: str | None = None
     speculative: bool | None = None  # False: decode this request without the runtime's speculation
     ignore_eos: bool = False  # True: the stop token ids do not end the items (benchmarks; as vLLM's)
+    # Logit processing, applied on the device before each draw (vLLM's order: logit_bias, the repetition
+    # penalty over prompt and output tokens, frequency and presence penalties over output tokens, then
+    # min_p relative to the top token's probability at the item's temperature). Neutral by default.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
 
 
 @dataclasses.dataclass
@@ -209,6 +218,30 @@ def sampling_settings(request: LLMGenerationRequest, defaults: dict) -> Sampling
     if request.seed is not None and not _is_int(request.seed):
         raise InvalidRequestError(f"seed must be an integer or None, got {request.seed!r}")
     return SamplingSettings(float(temperature), int(top_k), float(top_p), request.seed)
+
+
+def logit_settings(request: LLMGenerationRequest, vocab: int) -> LogitSettings | None:
+    """The request's logit processing, checked (None: none asked for)."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not _is_number(getattr(request, name)):
+            raise InvalidRequestError(f"{name} must be a number, got {getattr(request, name)!r}")
+    if not _is_number(request.repetition_penalty) or request.repetition_penalty <= 0:
+        raise InvalidRequestError(f"repetition_penalty must be a number > 0 (1 disables it), got "
+                                  f"{request.repetition_penalty!r}")
+    if not _is_number(request.min_p) or not 0 <= request.min_p <= 1:
+        raise InvalidRequestError(f"min_p must be in [0, 1] (0 disables it), got {request.min_p!r}")
+    bias = request.logit_bias or {}
+    if not isinstance(bias, dict):
+        raise InvalidRequestError("logit_bias must be a dict of token id -> bias")
+    for token, value in bias.items():
+        if not _is_int(token) or not 0 <= token < vocab:
+            raise InvalidRequestError(f"logit_bias: token id {token!r} is outside the vocabulary [0, {vocab})")
+        if not _is_number(value):
+            raise InvalidRequestError(f"logit_bias: the bias of token {token} must be a number, got {value!r}")
+    settings = LogitSettings(float(request.presence_penalty), float(request.frequency_penalty),
+                             float(request.repetition_penalty), float(request.min_p),
+                             tuple(sorted((int(t), float(v)) for t, v in bias.items() if v)))
+    return None if settings.neutral else settings
 
 
 def stop_strings(request: LLMGenerationRequest) -> list[str]:

@@ -51,7 +51,7 @@ from .multimodal import ImagePrompt, ImagePrompts, image_sources, template_messa
 from .serving.engine_loop import EngineLoop
 from .serving.request_handle import RequestHandle, respond
 from .serving.sequence import Sequence
-from .requests import (GenerationItem, LLMGenerationRequest, LLMGenerationResponse, item_seeds,
+from .requests import (GenerationItem, LLMGenerationRequest, LLMGenerationResponse, item_seeds, logit_settings,
                        sampling_settings, stop_strings, validate_request)
 from .speculative import SpeculativeConfig, Speculation, make_proposer
 from .streaming import GenerationRow, RowText
@@ -284,6 +284,10 @@ class LLMInferenceRuntime:
         cfg = self.config
         items = validate_request(request, max_batch_size=cfg.max_supported_batch_size)
         sampling = sampling_settings(request, self.generation_defaults)
+        processing = logit_settings(request, self.config.vocab_size)
+        if processing is not None and self.runner.backend != "triton":
+            raise InvalidRequestError("presence/frequency/repetition penalties, logit_bias and min_p need the triton "
+                                      f"backend (this runtime runs {self.runner.backend})")
         stops = stop_strings(request)
         if stops:
             self._require_tokenizer()
@@ -310,7 +314,7 @@ class LLMInferenceRuntime:
                     f"{request.max_generate_length or 1} exceeds the KV cache capacity {cfg.max_kv_cache_capacity}; "
                     f"max_generate_length may be at most {room} for this prompt")
             limits.append(request.max_generate_length or room)
-        return prompts, images, preprocess_ms, sampling, stops, adapters, limits
+        return prompts, images, preprocess_ms, sampling, stops, adapters, limits, processing
 
     def _place_images(self, item: GenerationItem, ids: list[int], index: int) -> ImagePrompt | None:
         """The item's images loaded, preprocessed and placed in its prompt (None: an item without images)."""
@@ -343,7 +347,7 @@ class LLMInferenceRuntime:
     def _submit(self, request: LLMGenerationRequest, priority: int) -> RequestHandle:
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
-        prompts, images, preprocess_ms, sampling, stops, adapters, limits = self._prepare(request)
+        prompts, images, preprocess_ms, sampling, stops, adapters, limits, processing = self._prepare(request)
         spec = None
         if self._proposer is not None and request.speculative is not False:  # (each row joins it in its slot)
             config = self.speculative
@@ -356,7 +360,7 @@ class LLMInferenceRuntime:
                               eos_token_ids=frozenset() if request.ignore_eos else self.eos_token_ids,
                               priority=priority,
                               reuse=KVReuseStats() if self.kv_store is not None else None, spec=spec, spec_row=i,
-                              image=image)
+                              image=image, processing=processing)
                      for i, (ids, image, adapter, limit, seed) in enumerate(zip(
                          prompts, images, adapters, limits, item_seeds(sampling, len(prompts))))]
         handle = RequestHandle(sequences, self._loop.wake, self._respond)

@@ -65,8 +65,9 @@ class DecodeSteps:
                                                self.adapters.capacity)
         return self.buffers[size]
 
-    def step_body(self, buf: DecodeBuffers, uses_lora: bool) -> None:
-        """One decode step on `buf`, device work only: what a graph captures."""
+    def step_body(self, buf: DecodeBuffers, uses_lora: bool, processing: bool = False) -> None:
+        """One decode step on `buf`, device work only: what a graph captures (processing: with the
+        rows' logit processing, engine/logit_processing.py)."""
         state = self.state
         lengths = state.kv_cache.lengths
         scratch = state.kv_cache.scratch_slot
@@ -78,7 +79,8 @@ class DecodeSteps:
                                lora=self.adapters.batch(buf.lora, buf.lora_used, uses_lora))
         lengths[buf.slot_index] = starts + 1
         buf.offsets += 1
-        buf.tokens.copy_(state.sample(logits, buf.temperature, buf.top_k, buf.top_p, buf.seeds, buf.offsets))
+        buf.tokens.copy_(state.sample(logits, buf.temperature, buf.top_k, buf.top_p, buf.seeds, buf.offsets,
+                                      slots=buf.slots if processing else None, count=True))
         buf.logits = logits
 
     def capture_decode_graphs(self, batch_sizes=None, lora: bool = False) -> list[int]:
@@ -98,20 +100,23 @@ class DecodeSteps:
             sizes.append(size)
         return sorted(set(sizes))
 
-    def _ensure_graph(self, size: int, uses_lora: bool) -> None:
-        key = DecodeKey(size, uses_lora)
+    def _ensure_graph(self, size: int, uses_lora: bool, processing: bool = False) -> None:
+        key = DecodeKey(size, uses_lora, processing)
         if not self.graphs.enabled or self.graphs.get(key) is not None:
             return
         buf = self._buffers(size)
-        if buf is self.active:
-            raise RuntimeError("cannot capture a graph for the buffers of the running decode batch")
+        if buf is self.active:  # (processing turned on under a running batch: its rows wait meanwhile)
+            with self.rows_set_aside(buf):
+                self.graphs.capture(key, lambda: self.step_body(buf, uses_lora, processing))
+            return
         empty = torch.empty(0, dtype=torch.int64, device=self.state.device)
         buf.load(tokens=empty, slots=empty, temperature=empty, top_k=empty, top_p=empty, seeds=empty, offsets=empty,
                  lora=empty)
         buf.lora_used.zero_()
         # Warm-up and capture touch only the scratch slot: every row of `buf` is padding here.
-        self.graphs.capture(key, lambda: self.step_body(buf, uses_lora))
-        self.verify.capture_graphs(buf, uses_lora)
+        self.graphs.capture(key, lambda: self.step_body(buf, uses_lora, processing))
+        if not processing:  # (verify steps take no rows that process their logits: the engine loop's rule)
+            self.verify.capture_graphs(buf, uses_lora)
 
     def start_decode(self, tokens, slots, temperature, top_k, top_p, seeds, offsets, lora=None) -> None:
         """Set the rows of the next decode steps. Per row (all [n], device tensors or lists): the last
@@ -171,7 +176,7 @@ class DecodeSteps:
     def _load_rows(self, rows: dict, lora_rows: list[int], slots: list[int] | None) -> None:
         size = self._padded_size(rows["slots"].shape[0])
         self.active = None
-        self._ensure_graph(size, any_adapter(lora_rows))
+        self._ensure_graph(size, any_adapter(lora_rows), self.state.processing_active)
         buf = self._buffers(size)
         buf.load(**rows)
         buf.lora_used.copy_(to_device(used_slot_list(lora_rows, self.adapters.capacity), torch.int32,
@@ -204,11 +209,14 @@ class DecodeSteps:
         """One decode step of the rows set by start_decode: returns their sampled tokens, [n] int64 on
         the device (a view of the static buffer, overwritten by the next step)."""
         buf = self.running("decode_sample_step")
-        graph = self.graphs.get(DecodeKey(buf.size, buf.uses_lora))
+        processing = self.state.processing_active
+        key = DecodeKey(buf.size, buf.uses_lora, processing)
+        self._ensure_graph(key.size, key.lora, processing)
+        graph = self.graphs.get(key)
         if graph is not None:
             graph.replay()
         else:
-            self.step_body(buf, buf.uses_lora)
+            self.step_body(buf, buf.uses_lora, processing)
         return buf.tokens[:buf.live_rows]
 
     def decode_launch(self) -> "PendingTokens":

@@ -30,9 +30,11 @@ from .adapters import any_adapter
 
 @dataclasses.dataclass(frozen=True)
 class DecodeKey:
-    """A decode step of `size` rows (the padded batch size)."""
+    """A decode step of `size` rows (the padded batch size). processing: the step runs the logit
+    processing kernels (engine/logit_processing.py: some slot has penalties, bias or min_p)."""
     size: int
     lora: bool
+    processing: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +78,7 @@ class MixedKey:
     rows: int
     length: int
     lora: bool
+    processing: bool = False  # (DecodeKey's)
 
 
 class DecodeBuffers:

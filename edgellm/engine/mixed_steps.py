@@ -75,7 +75,7 @@ class MixedSteps:
         lora_rows = self.adapters.rows(lora, rows)
         uses_lora = any_adapter(dbuf.lora_host + lora_rows)
         ids = _id_arrays([p[c:] for p, c in zip(prompts, cached)], self.state.weights.embed.shape[0])
-        key = MixedKey(dbuf.size, rows, prefill_bucket(width), uses_lora)
+        key = MixedKey(dbuf.size, rows, prefill_bucket(width), uses_lora, self.state.processing_active)
         mbuf = self._buffers(rows, key.length, dbuf.size)
         graph = self._graph(key, dbuf, mbuf)
         # The chunk's integers in MixedBuffers.inputs' layout, one host-to-device copy.
@@ -93,7 +93,7 @@ class MixedSteps:
         if graph is not None:
             graph.replay()
         else:  # eager: the chunk's own width, no padding computed
-            self._body(dbuf, mbuf, uses_lora, width)
+            self._body(dbuf, mbuf, uses_lora, width, key.processing)
         return self.decode.pending(mbuf.tokens[:rows + dbuf.live_rows])
 
     def _buffers(self, rows: int, length: int, size: int) -> MixedBuffers:
@@ -111,7 +111,7 @@ class MixedSteps:
             # cache is touched, and the running rows are put back after.
             with self.decode.rows_set_aside(dbuf):
                 mbuf.reset()
-                graph = self.graphs.capture(key, lambda: self._body(dbuf, mbuf, key.lora))
+                graph = self.graphs.capture(key, lambda: self._body(dbuf, mbuf, key.lora, processing=key.processing))
         return graph
 
     def capture_graphs(self, budget: int, lora: bool = False) -> list[MixedKey]:
@@ -129,9 +129,12 @@ class MixedSteps:
             self._graph(key, self.decode._buffers(key.size), self._buffers(1, key.length, key.size))
         return keys
 
-    def _body(self, dbuf, mbuf: MixedBuffers, uses_lora: bool, width: int | None = None) -> None:
+    def _body(self, dbuf, mbuf: MixedBuffers, uses_lora: bool, width: int | None = None,
+              processing: bool = False) -> None:
         """One mixed step on `dbuf` and `mbuf`, device work only (what a graph captures); width: the chunk
-        tokens of each row computed (None: the buffers' whole length, as a graph must)."""
+        tokens of each row computed (None: the buffers' whole length, as a graph must); processing: with
+        the rows' logit processing (engine/logit_processing.py; the chunk rows' first tokens are counted
+        when they join, on the host: only the rows whose prompt ends in the chunk keep theirs)."""
         state = self.state
         lengths = state.kv_cache.lengths
         scratch = state.kv_cache.scratch_slot
@@ -148,8 +151,8 @@ class MixedSteps:
         size, rows = dbuf.size, mbuf.rows
         dbuf.offsets += 1
         dbuf.tokens.copy_(state.sample(logits[:size], dbuf.temperature, dbuf.top_k, dbuf.top_p, dbuf.seeds,
-                                       dbuf.offsets))
+                                       dbuf.offsets, slots=dbuf.slots if processing else None, count=True))
         dbuf.logits = logits[:size]
         mbuf.tokens[:rows].copy_(state.sample(logits[size:], mbuf.temperature, mbuf.top_k, mbuf.top_p, mbuf.seeds,
-                                              mbuf.first_offsets))
+                                              mbuf.first_offsets, slots=mbuf.slots if processing else None))
         mbuf.tokens[rows:].copy_(dbuf.tokens)

@@ -44,9 +44,10 @@ from .backends import check_backend
 from .backends.export_format import is_export
 from .config import EngineConfig
 from .decode_steps import DecodeSteps
-from .devices import resolve_device, resolve_dtype
+from .devices import resolve_device, resolve_dtype, to_device
 from .graphs import StepGraphs
 from .kv_cache import LinearKVCache
+from .logit_processing import LogitProcessing, LogitSettings
 from .longrope import NO_DRAFT_LIMIT, LongRope, longrope_original, longrope_tables
 from .lora import DEFAULT_MAX_LORAS, LoraStacks
 from .memory import check_fits, engine_memory_plan, free_bytes
@@ -245,10 +246,34 @@ class LLMEngineRunner:
         return self.state.full_ids(ids)
 
     @inference_call
-    def sample(self, logits: torch.Tensor, temperature, top_k, top_p, seeds, offsets) -> torch.Tensor:
+    def sample(self, logits: torch.Tensor, temperature, top_k, top_p, seeds, offsets, slots=None) -> torch.Tensor:
         """Tokens drawn from `logits` ([n, vocab], e.g. a prefill's) with per-row settings (all [n] on the
-        device; kernels/sampling.py: the draw is keyed by seed and RNG offset), as full-vocabulary ids."""
-        return self.state.sample(logits, temperature, top_k, top_p, seeds, offsets)
+        device; kernels/sampling.py: the draw is keyed by seed and RNG offset), as full-vocabulary ids.
+        slots: the rows' KV slots, whose logit processing (set_logit_processing) applies first."""
+        if slots is None or self.backend != "triton" or not self.state.processing_active:
+            return self.state.sample(logits, temperature, top_k, top_p, seeds, offsets)
+        return self.state.sample(logits, temperature, top_k, top_p, seeds, offsets,
+                                 slots=to_device(slots, torch.int32, self.device))
+
+    # ---- logit processing per slot (engine/logit_processing.py) ----
+
+    def set_logit_processing(self, slot: int, settings: LogitSettings, prompt: list[int], temperature: float) -> None:
+        """From now on (queued behind the steps in flight) the rows in `slot` have their logits processed
+        with `settings` before each draw (its first token's too), its output counts at zero and `prompt`'s
+        tokens seen; `temperature`: the row's (min_p's threshold)."""
+        if self.state.processing is None:
+            width = self.vocab_map.shape[0] if self.vocab_map is not None else self.config.vocab_size
+            self.state.processing = LogitProcessing(self.kv_cache.scratch_slot + 1, width, self.device, self.vocab_map)
+        self.state.processing.enable(slot, settings, prompt, temperature)
+
+    def clear_logit_processing(self, slot: int) -> None:
+        if self.state.processing is not None:
+            self.state.processing.disable(slot)
+
+    def count_output_token(self, slot: int, token: int) -> None:
+        """A processed slot's token sampled outside a decode step (its first): added to its counts."""
+        if self.state.processing is not None:
+            self.state.processing.count(slot, token)
 
     def prefix_fingerprint(self, adapter: str, prompt_length: int) -> str:
         """What, besides the tokens, a saved prefix's KV depends on: the adapter, and for LongRoPE

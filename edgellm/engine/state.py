@@ -16,6 +16,7 @@ from ..kernels.dispatch import run_with
 from . import cpu_forward
 from .config import EngineConfig
 from .kv_cache import LinearKVCache
+from .logit_processing import LogitProcessing
 from .model import RopeTables, forward_logits, forward_mixed
 from .switches import Switches
 from .weights import ModelWeights
@@ -32,6 +33,7 @@ class EngineState:
     switches: Switches
     vocab_map: torch.Tensor | None = None  # int32 [reduced]: logits column -> full token id
     longrope_original: int | None = None  # LongRoPE's original context length (engine/longrope.py)
+    processing: LogitProcessing | None = None  # per-slot penalties, bias and min_p (made by the runner)
 
     def __post_init__(self):
         self._run_changes = self.switches.run_settings()
@@ -51,12 +53,25 @@ class EngineState:
         with self.running():
             return forward_mixed(self.weights, self.config, self.kv_cache, self.rope, parts, lora)
 
-    def sample(self, logits: torch.Tensor, temperature, top_k, top_p, seeds, offsets, group: int = 1) -> torch.Tensor:
-        """Sampled tokens (kernels/sampling.py), as full-vocabulary ids."""
+    def sample(self, logits: torch.Tensor, temperature, top_k, top_p, seeds, offsets, group: int = 1,
+               slots: torch.Tensor | None = None, count: bool = False) -> torch.Tensor:
+        """Sampled tokens (kernels/sampling.py), as full-vocabulary ids. slots: the rows' KV slots, given
+        where the step processes logits (engine/logit_processing.py: in place, before the draw); count:
+        the draws are the rows' next output tokens (a decode step's), added to their slots' counts."""
         threads = cpu_forward.one_torch_thread() if self.device.type == "cpu" and self.switches.cpu_blas \
             else contextlib.nullcontext()
         with self.running(), threads:
-            return self.full_ids(ops.sample(logits, temperature, top_k, top_p, seeds, offsets, group=group))
+            if slots is not None:
+                self.processing.process(logits, slots)
+            columns = ops.sample(logits, temperature, top_k, top_p, seeds, offsets, group=group)
+            if slots is not None and count:
+                self.processing.count_sampled(columns, slots)
+            return self.full_ids(columns)
+
+    @property
+    def processing_active(self) -> bool:
+        """Some slot processes its logits now: steps launched now run the processing kernels."""
+        return self.processing is not None and self.processing.active
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids [...] -> input embeddings [..., hidden] in the engine dtype."""

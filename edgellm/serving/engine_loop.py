@@ -192,6 +192,9 @@ class EngineLoop:
                 self._finish(seq)
             self._retire([seq for seq in self.scheduler.running if seq.cancelled])
             admitted = self.scheduler.admit(only)
+        for seq in admitted:  # (before its prompt's first chunk: its first token is processed too)
+            if seq.processing is not None:
+                self.runner.set_logit_processing(seq.slot, seq.processing, seq.prompt, seq.temperature)
         if self.kv_store is not None:
             for seq in admitted:
                 self._restore(seq)
@@ -298,12 +301,14 @@ class EngineLoop:
         device = logits.device
         settings = [to_device(values, dtype, device) for values, dtype in
                     zip(self._row_settings(seqs), (torch.float32, torch.int32, torch.float32, torch.int64, torch.int64))]
-        self._join(seqs, self.runner.sample(logits, *settings).tolist())
+        self._join(seqs, self.runner.sample(logits, *settings, slots=[seq.slot for seq in seqs]).tolist())
 
     def _speculating(self) -> bool:
         """Some row of the batch speculates: its next drafts follow from every token so far, so its
-        steps are read before the next is launched (no run-ahead)."""
-        return any(seq.spec is not None for seq in self.batch)
+        steps are read before the next is launched (no run-ahead). Not while a row processes its
+        logits (penalties, bias, min_p): verify steps do not, so the batch takes plain steps then."""
+        return any(seq.spec is not None for seq in self.batch) and \
+            not any(seq.processing is not None for seq in self.batch)
 
     def _speculative_step(self) -> None:
         """A step of a batch with speculating rows: each such row's drafts (its request's proposer, up to
@@ -385,6 +390,8 @@ class EngineLoop:
             if seq.spec is not None:  # (its proposer's row is its slot)
                 seq.spec.join(seq.spec_row, seq.slot, token)
             seq.first_token = now
+            if seq.processing is not None:  # (a decode step counts its own tokens; the first comes from here)
+                self.runner.count_output_token(seq.slot, token)
             self._advance(seq, [token])
         running = [(seq, token) for seq, token in zip(seqs, first) if not seq.done]
         if running:
@@ -467,6 +474,8 @@ class EngineLoop:
         for seq in finished:
             if seq.spec is not None:
                 seq.spec.finish(seq.spec_row)
+            if seq.processing is not None:
+                self.runner.clear_logit_processing(seq.slot)
             self.scheduler.retire(seq)
             self._finish(seq)
 
@@ -482,6 +491,8 @@ class EngineLoop:
             self.runner.end_decode()
             self.batch = []
             for seq in list(self.scheduler.running):
+                if seq.processing is not None:
+                    self.runner.clear_logit_processing(seq.slot)
                 self.scheduler.retire(seq)
             for _, _, seq in self.scheduler.waiting:
                 seq.cancelled = True

@@ -46,6 +46,7 @@ class Sequence:
     spec_row: int = 0  # ... in which this sequence is row spec_row
     image: object | None = None  # a vision model's item with images: its ImagePrompt (multimodal.py; prompt = its ids)
     vision_ms: float = 0.0  # its share of the vision encoder's time
+    processing: object | None = None  # penalties, logit bias, min_p: its LogitSettings (engine/logit_processing.py)
 
     @property
     def done(self) -> bool:

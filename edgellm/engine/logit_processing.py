@@ -1,0 +1,101 @@
+"""Per-slot logit processing state (kernels/logit_processing.py): penalties, logit bias and min_p of the
+rows that ask for them, applied inside the sampling of every step (prefill, decode, mixed) on the device.
+
+Settings live by KV slot, not by batch row: a step passes its rows' slots, and a row joining or leaving
+the batch changes nothing here. enable() sets a slot's settings when its sequence is admitted (before
+its prompt's first chunk: the first token is processed too), disable() when it leaves; the steps' graphs
+carry the kernels only while some slot is enabled (`active`, part of the graph keys), so requests
+without these settings pay nothing. Token ids are logits columns: with a reduced vocabulary, ids outside
+it are dropped from the prompt's seen set and from logit_bias (they can never be sampled anyway).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..kernels import ops
+from .devices import to_device
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitSettings:
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (full-vocabulary token id, bias)
+
+    @property
+    def neutral(self) -> bool:
+        return self == LogitSettings()
+
+
+class LogitProcessing:
+    def __init__(self, slots: int, vocab: int, device: torch.device, vocab_map: torch.Tensor | None = None):
+        """slots: the KV cache's slots, the scratch slot included; vocab: the logits' width."""
+        self.vocab, self.device = vocab, device
+        self.counts = torch.zeros(slots, vocab, dtype=torch.int32, device=device)
+        self.seen = torch.zeros(slots, vocab, dtype=torch.uint8, device=device)
+        self.bias = torch.zeros(slots, vocab, dtype=torch.float32, device=device)
+        self.enabled = torch.zeros(slots, dtype=torch.int32, device=device)
+        self.scalars = {name: torch.zeros(slots, dtype=torch.float32, device=device)
+                        for name in ("presence", "frequency", "repetition", "min_p", "temperature")}
+        self.on: set[int] = set()  # the enabled slots, on the host
+        self._column = None if vocab_map is None else {int(full): i for i, full in enumerate(vocab_map.tolist())}
+
+    @property
+    def active(self) -> bool:
+        return bool(self.on)
+
+    def columns(self, ids) -> list[int]:
+        """Full-vocabulary ids as logits columns (ids outside a reduced vocabulary dropped)."""
+        if self._column is None:
+            return [i for i in ids if 0 <= i < self.vocab]
+        return [self._column[i] for i in ids if i in self._column]
+
+    def enable(self, slot: int, settings: LogitSettings, prompt: list[int], temperature: float) -> None:
+        """Slot `slot` processes its rows' logits with `settings` from now on (queued on the device: the
+        steps in flight are unaffected), its output counts at zero and `prompt` as the seen tokens."""
+        device = self.device
+        self.counts[slot].zero_()
+        self.seen[slot].zero_()
+        self.bias[slot].zero_()
+        if settings.repetition_penalty != 1.0:
+            seen = sorted(set(self.columns(prompt)))
+            if seen:
+                self.seen[slot, to_device(seen, torch.int64, device)] = 1
+        pairs = [(column, value) for (token, value) in settings.logit_bias for column in self.columns([token])]
+        if pairs:
+            self.bias[slot, to_device([c for c, _ in pairs], torch.int64, device)] = \
+                to_device([v for _, v in pairs], torch.float32, device)
+        values = {"presence": settings.presence_penalty, "frequency": settings.frequency_penalty,
+                  "repetition": settings.repetition_penalty, "min_p": settings.min_p, "temperature": temperature}
+        row = to_device([values[name] for name in self.scalars], torch.float32, device)
+        for i, tensor in enumerate(self.scalars.values()):
+            tensor[slot:slot + 1].copy_(row[i:i + 1])
+        self.enabled[slot:slot + 1].fill_(1)
+        self.on.add(slot)
+
+    def disable(self, slot: int) -> None:
+        if slot in self.on:
+            self.enabled[slot:slot + 1].zero_()
+            self.on.discard(slot)
+
+    def count(self, slot: int, token: int) -> None:
+        """A token the slot's row got outside a decode step (its first, sampled after its prefill)."""
+        if slot in self.on:
+            columns = self.columns([token])
+            if columns:
+                self.counts[slot, columns[0]] += 1
+
+    def process(self, logits: torch.Tensor, row_slots: torch.Tensor) -> torch.Tensor:
+        """In place on logits [rows, vocab] float32; row_slots [rows] int32 (device)."""
+        s = self.scalars
+        return ops.process_logits(logits, row_slots, self.enabled, self.counts, self.seen, self.bias, s["presence"],
+                                  s["frequency"], s["repetition"], s["min_p"], s["temperature"])
+
+    def count_sampled(self, columns: torch.Tensor, row_slots: torch.Tensor) -> None:
+        """Each row's sampled token (a logits column) added to its slot's counts, inside the step."""
+        ops.count_tokens(columns, row_slots, self.enabled, self.counts)

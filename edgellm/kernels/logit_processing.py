@@ -1,0 +1,119 @@
+"""Logit processing before sampling, per row from its KV slot's settings (vLLM's order and semantics):
+logit_bias added; the repetition penalty on tokens of the prompt or the output so far (a positive logit
+divided by it, a negative one multiplied); the frequency and presence penalties subtracted per output
+token (frequency x its count, presence once it occurred); then min_p: a token whose probability at the
+row's temperature is below min_p x the top token's is ruled out (its logit lowered to 200 temperatures
+under the row's best, where its probability is 0 in float32: no infinities reach the sampling kernel's
+bisection). Rows whose slot is not enabled are left as they are (padding rows sit on the scratch slot).
+
+Per-slot state ([slots, vocab] or [slots]): counts (int32, output tokens so far), seen (uint8: the
+prompt's tokens), bias (float32), and the scalars presence, frequency, repetition, min_p, temperature,
+enabled. count_tokens adds each row's sampled token to its slot's counts (inside the step, after the draw).
+"""
+
+import torch
+
+from ._triton import tl, triton
+
+_BLOCK = 4096
+_RULED_OUT = 200.0  # temperatures under the row's best logit: exp(-200) is 0 in float32
+
+
+@triton.jit
+def _process_kernel(logits_ptr, stride_row, vocab, row_slots_ptr, enabled_ptr, counts_ptr, seen_ptr, bias_ptr,
+                    presence_ptr, frequency_ptr, repetition_ptr, min_p_ptr, temperature_ptr, RULED_OUT: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    slot = tl.load(row_slots_ptr + row).to(tl.int64)
+    if tl.load(enabled_ptr + slot) != 0:
+        presence = tl.load(presence_ptr + slot)
+        frequency = tl.load(frequency_ptr + slot)
+        repetition = tl.load(repetition_ptr + slot)
+        min_p = tl.load(min_p_ptr + slot)
+        temperature = tl.load(temperature_ptr + slot)
+        row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+        state = slot * vocab
+        best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+        for start in range(0, vocab, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < vocab
+            x = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            x += tl.load(bias_ptr + state + offs, mask=mask, other=0.0)
+            count = tl.load(counts_ptr + state + offs, mask=mask, other=0)
+            seen = tl.load(seen_ptr + state + offs, mask=mask, other=0)
+            repeated = (seen != 0) | (count > 0)
+            x = tl.where(repeated, tl.where(x > 0, x / repetition, x * repetition), x)
+            x = x - frequency * count.to(tl.float32) - tl.where(count > 0, presence, 0.0)
+            tl.store(row_ptr + offs, x, mask=mask)
+            best = tl.maximum(best, tl.where(mask, x, float("-inf")))
+        if (min_p > 0) & (temperature > 0):
+            row_max = tl.max(best, axis=0)
+            cut = row_max + temperature * tl.log(min_p)
+            floor = row_max - RULED_OUT * temperature
+            for start in range(0, vocab, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                mask = offs < vocab
+                x = tl.load(row_ptr + offs, mask=mask, other=0.0)
+                tl.store(row_ptr + offs, tl.where(x < cut, tl.minimum(x, floor), x), mask=mask)
+
+
+@triton.jit
+def _count_kernel(tokens_ptr, row_slots_ptr, enabled_ptr, counts_ptr, vocab):
+    row = tl.program_id(0)
+    slot = tl.load(row_slots_ptr + row).to(tl.int64)
+    if tl.load(enabled_ptr + slot) != 0:
+        where = counts_ptr + slot * vocab + tl.load(tokens_ptr + row)
+        tl.store(where, tl.load(where) + 1)
+
+
+def process_logits(logits: torch.Tensor, row_slots: torch.Tensor, enabled: torch.Tensor, counts: torch.Tensor,
+                   seen: torch.Tensor, bias: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor,
+                   repetition: torch.Tensor, min_p: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """In place on logits [rows, vocab] float32 (contiguous rows); row_slots [rows] int32; returns logits."""
+    _check(logits, row_slots, counts)
+    rows, vocab = logits.shape
+    if rows:
+        _process_kernel[(rows,)](logits, logits.stride(0), vocab, row_slots, enabled, counts, seen, bias, presence,
+                                 frequency, repetition, min_p, temperature, RULED_OUT=_RULED_OUT,
+                                 BLOCK=_BLOCK if logits.is_cuda else 64, num_warps=8 if logits.is_cuda else 4)
+    return logits
+
+
+def count_tokens(tokens: torch.Tensor, row_slots: torch.Tensor, enabled: torch.Tensor, counts: torch.Tensor) -> None:
+    """counts[slot, token] += 1 for each row whose slot is enabled (tokens: logits columns, [rows] int64).
+    Rows have distinct slots, except padding rows on the scratch slot, which is never enabled."""
+    if tokens.shape[0]:
+        _count_kernel[(tokens.shape[0],)](tokens, row_slots, enabled, counts, counts.shape[1])
+
+
+def process_logits_ref(logits, row_slots, enabled, counts, seen, bias, presence, frequency, repetition, min_p,
+                       temperature):
+    _check(logits, row_slots, counts)
+    slots = row_slots.long()
+    on = enabled[slots] != 0
+    x = logits.float() + bias[slots]
+    count = counts[slots]
+    repeated = (seen[slots] != 0) | (count > 0)
+    rep = repetition[slots][:, None]
+    x = torch.where(repeated, torch.where(x > 0, x / rep, x * rep), x)
+    x = x - frequency[slots][:, None] * count.float() - torch.where(count > 0, presence[slots][:, None], 0.0)
+    temp, floor_p = temperature[slots][:, None], min_p[slots][:, None]
+    best = x.max(-1, keepdim=True).values
+    cut = best + temp * torch.log(floor_p.clamp_min(1e-45))
+    ruled_out = (floor_p > 0) & (temp > 0) & (x < cut)
+    x = torch.where(ruled_out, torch.minimum(x, best - _RULED_OUT * temp), x)
+    logits.copy_(torch.where(on[:, None], x, logits.float()).to(logits.dtype))
+    return logits
+
+
+def count_tokens_ref(tokens, row_slots, enabled, counts) -> None:
+    slots = row_slots.long()
+    on = enabled[slots] != 0
+    counts[slots[on], tokens[on]] += 1
+
+
+def _check(logits, row_slots, counts) -> None:
+    if logits.dim() != 2 or logits.stride(-1) != 1 or logits.dtype != torch.float32:
+        raise ValueError("process_logits: logits must be [rows, vocab] float32 with a contiguous last dim")
+    if row_slots.shape != (logits.shape[0],) or counts.shape[1] != logits.shape[1]:
+        raise ValueError("process_logits: one slot per logits row, and per-slot state as wide as the vocabulary")
