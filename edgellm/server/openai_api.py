@@ -10,12 +10,13 @@ import uuid
 
 from ..requests import LLMGenerationRequest, LLMGenerationResponse
 from .errors import invalid
-from .params import Body, data_uri_bytes, model_adapter, refuse_later, sampling
+from .params import Body, data_uri_bytes, model_adapter, processing, refuse_later, sampling
 
 # Accepted and without effect on the output (OpenAI bookkeeping fields).
 _IGNORED = ("user", "store", "metadata", "service_tier", "parallel_tool_calls", "stream_options")
-_LATER = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "logit_bias")
 _MAX_N = 16
+_REQUEST_FIELDS = ("temperature", "top_k", "top_p", "seed", "presence_penalty", "frequency_penalty",
+                   "repetition_penalty", "min_p", "logit_bias")  # (as LLMGenerationRequest names them)
 
 
 @dataclasses.dataclass
@@ -41,8 +42,8 @@ def _common(body: Body, defaults: dict, models: dict, later: tuple[str, ...]) ->
     include_usage = options.get("include_usage", False)
     if not isinstance(include_usage, bool):
         raise invalid("stream_options.include_usage must be true or false", "stream_options")
-    refuse_later(body, _LATER + later)
-    settings = sampling(body, defaults)
+    refuse_later(body, later)
+    settings = {**sampling(body, defaults), **processing(body)}
     stop = body.strings("stop", most=4)
     ignore_eos = body.boolean("ignore_eos")  # (an extra, as vLLM's: the stop token ids do not end the answer)
     return {"model": model, "adapter": adapter, "n": n, "stream": stream, "include_usage": include_usage,
@@ -53,8 +54,8 @@ def _job(items: list[dict], fields: dict, max_tokens, prefix: str) -> Job:
     n = fields["n"]
     request = LLMGenerationRequest(
         requests=[item for item in items for _ in range(n)], max_generate_length=max_tokens,
-        temperature=fields["temperature"], top_k=fields["top_k"], top_p=fields["top_p"], seed=fields["seed"],
-        stop=fields["stop"], lora_weights_name=fields["adapter"], ignore_eos=fields["ignore_eos"])
+        stop=fields["stop"], lora_weights_name=fields["adapter"], ignore_eos=fields["ignore_eos"],
+        **{name: fields[name] for name in _REQUEST_FIELDS})
     return Job(request, fields["model"], n, fields["stream"], fields["include_usage"], f"{prefix}-{uuid.uuid4().hex}")
 
 

@@ -94,8 +94,7 @@ class Body:
 
 
 # Parameters whose support is still to come, accepted at the value that changes nothing.
-_LATER = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "min_p": 0,
-          "logprobs": False, "top_logprobs": 0, "logit_bias": {}}
+_LATER = {"logprobs": False, "top_logprobs": 0}
 
 
 def refuse_later(body: Body, names: tuple[str, ...]) -> None:
@@ -103,6 +102,24 @@ def refuse_later(body: Body, names: tuple[str, ...]) -> None:
         value = body.raw(name)
         if value is not None and value != _LATER[name] and not (name == "logprobs" and value == 0):
             raise invalid(f"{name} is not supported by this server yet", name)
+
+
+def processing(body: Body) -> dict:
+    """OpenAI's presence_penalty, frequency_penalty ([-2, 2]) and logit_bias (token id strings -> [-100,
+    100]), and the extras repetition_penalty (> 0) and min_p ([0, 1]), as LLMGenerationRequest fields."""
+    bias = body.obj("logit_bias")
+    converted = {}
+    for key, value in bias.items():
+        token = int(key) if isinstance(key, str) and key.strip().lstrip("-").isdigit() else None
+        if token is None:
+            raise invalid(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not -100 <= value <= 100:
+            raise invalid(f"logit_bias values must be numbers in [-100, 100], got {value!r} for {key}", "logit_bias")
+        converted[token] = float(value)
+    return {"presence_penalty": body.number("presence_penalty", 0.0, low=-2, high=2),
+            "frequency_penalty": body.number("frequency_penalty", 0.0, low=-2, high=2),
+            "repetition_penalty": body.number("repetition_penalty", 1.0, low=0, low_open=True),
+            "min_p": body.number("min_p", 0.0, low=0, high=1), "logit_bias": converted or None}
 
 
 def sampling(body: Body, defaults: dict, *, temperature_high: float = 2.0) -> dict:

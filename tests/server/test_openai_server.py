@@ -161,3 +161,21 @@ def test_health_models_and_metrics(server, client):
                  "edgellm_time_to_first_token_seconds_bucket", "edgellm_inter_token_latency_seconds_bucket"):
         assert name in text, name
     assert 'edgellm_requests_total{endpoint="completions",status="200"}' in text
+
+
+def test_penalties_logit_bias_and_min_p_follow_handle_request(runtime, client):
+    model = client_model(client)
+    settings = dict(presence_penalty=0.8, frequency_penalty=0.5, logit_bias={12: 3.0, 40: -100.0})
+    extras = dict(repetition_penalty=1.4, min_p=0.1, top_k=0)
+    expected = _alone(runtime, {"messages": CHAT}, max_generate_length=10, temperature=0.8, seed=4,
+                      lora_weights_name="", **settings, **extras)
+    got = client.chat.completions.create(
+        model=model, messages=CHAT, max_tokens=10, temperature=0.8, seed=4, presence_penalty=0.8,
+        frequency_penalty=0.5, logit_bias={"12": 3.0, "40": -100.0}, extra_body=extras)
+    assert got.choices[0].message.content == expected.output_texts[0]
+    plain = _alone(runtime, {"messages": CHAT}, max_generate_length=10, temperature=0.8, seed=4, top_k=0,
+                   lora_weights_name="")
+    assert expected.output_ids != plain.output_ids  # (the settings change this answer)
+    forced = client.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0,
+                                       logit_bias={"33": 100}, extra_body={"ignore_eos": True})
+    assert forced.choices[0].text.replace(" ", "") == "w27" * 4  # (token 33 is the word w27)

@@ -59,6 +59,12 @@ def _still_serving(url, state):
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,%%"}}]}]},
      "messages", "base64"),
     ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
+    ({"messages": CHAT, "presence_penalty": 2.5}, "presence_penalty", "[-2, 2]"),
+    ({"messages": CHAT, "logit_bias": {"abc": 1}}, "logit_bias", "token ids"),
+    ({"messages": CHAT, "logit_bias": {"5": 101}}, "logit_bias", "[-100, 100]"),
+    ({"messages": CHAT, "logit_bias": {"5000": 1}}, "logit_bias", "outside the vocabulary"),
+    ({"messages": CHAT, "min_p": 2}, "min_p", "[0, 1]"),
+    ({"messages": CHAT, "logprobs": True}, "logprobs", "not supported"),
 ])
 def test_bad_parameters_are_400_naming_the_parameter(server, body, param, words):
     url, state = server
