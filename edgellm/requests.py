@@ -69,6 +69,10 @@ class LLMGenerationRequest:
     repetition_penalty: float = 1.0
     min_p: float = 0.0
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    # Token logprobs in the response (LLMGenerationResponse.logprobs): each generated token's log-probability
+    # under the model's raw logits (before penalties, bias and temperature) and this many most likely
+    # alternatives (0-20); None reports none.
+    logprobs: int | None = None
 
 
 @dataclasses.dataclass
@@ -86,6 +90,22 @@ class GenerationTimings:
         return self.decode_tokens / (self.decode_ms / 1e3) if self.decode_ms > 0 else 0.0
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the raw logits, and the most likely tokens' (id, logprob)."""
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(ids: list[int], rows: list[list[float]], count: int) -> list[TokenLogprob]:
+    """Steps' logprob rows (engine/logit_processing.py step_logprobs: the token's value, the top values,
+    their ids) as TokenLogprobs with `count` alternatives each."""
+    width = (len(rows[0]) - 1) // 2 if rows else 0
+    return [TokenLogprob(token, row[0], tuple((int(row[1 + width + i]), row[1 + i]) for i in range(count)))
+            for token, row in zip(ids, rows)]
+
+
 @dataclasses.dataclass
 class LLMGenerationResponse:
     output_texts: list[str]
@@ -95,6 +115,7 @@ class LLMGenerationResponse:
     timings: GenerationTimings
     stop_sequences: list[str | None] = dataclasses.field(default_factory=list)  # the stop string that ended each item
     token_times_ms: list[list[float]] = dataclasses.field(default_factory=list)  # per item: when each token came (ms after submission)
+    logprobs: list[list[TokenLogprob]] | None = None  # per item, per token (with LLMGenerationRequest.logprobs)
     kv_reuse: KVReuseStats | None = None  # saved-prefix reuse (engine/kv_store.py), when the runtime has it on
     speculative: SpeculativeStats | None = None  # speculative decoding (edgellm/speculative), when it ran
 
@@ -109,6 +130,8 @@ class LLMGenerationResponse:
             out["kv_reuse"] = self.kv_reuse.as_dict()
         if self.speculative is not None:
             out["speculative"] = self.speculative.as_dict()
+        if self.logprobs is not None:
+            out["logprobs"] = [[dataclasses.asdict(t) for t in item] for item in self.logprobs]
         return out
 
 
@@ -270,6 +293,8 @@ def validate_request(request: LLMGenerationRequest, *, max_batch_size: int) -> l
                                   f"capacity), got {request.max_generate_length!r}")
     if request.lora_weights_name is not None and not isinstance(request.lora_weights_name, str):
         raise InvalidRequestError("lora_weights_name must be a string or None")
+    if request.logprobs is not None and (not _is_int(request.logprobs) or not 0 <= request.logprobs <= 20):
+        raise InvalidRequestError(f"logprobs must be None or the alternatives per token, 0-20, got {request.logprobs!r}")
     if request.ignore_eos not in (True, False):
         raise InvalidRequestError(f"ignore_eos must be True or False, got {request.ignore_eos!r}")
     if request.speculative not in (None, True, False):

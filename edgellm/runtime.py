@@ -285,9 +285,9 @@ class LLMInferenceRuntime:
         items = validate_request(request, max_batch_size=cfg.max_supported_batch_size)
         sampling = sampling_settings(request, self.generation_defaults)
         processing = logit_settings(request, self.config.vocab_size)
-        if processing is not None and self.runner.backend != "triton":
-            raise InvalidRequestError("presence/frequency/repetition penalties, logit_bias and min_p need the triton "
-                                      f"backend (this runtime runs {self.runner.backend})")
+        if (processing is not None or request.logprobs is not None) and self.runner.backend != "triton":
+            raise InvalidRequestError("presence/frequency/repetition penalties, logit_bias, min_p and logprobs need "
+                                      f"the triton backend (this runtime runs {self.runner.backend})")
         stops = stop_strings(request)
         if stops:
             self._require_tokenizer()
@@ -360,7 +360,7 @@ class LLMInferenceRuntime:
                               eos_token_ids=frozenset() if request.ignore_eos else self.eos_token_ids,
                               priority=priority,
                               reuse=KVReuseStats() if self.kv_store is not None else None, spec=spec, spec_row=i,
-                              image=image, processing=processing)
+                              image=image, processing=processing, logprobs=request.logprobs)
                      for i, (ids, image, adapter, limit, seed) in enumerate(zip(
                          prompts, images, adapters, limits, item_seeds(sampling, len(prompts))))]
         handle = RequestHandle(sequences, self._loop.wake, self._respond)

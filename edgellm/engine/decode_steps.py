@@ -18,6 +18,7 @@ from ..progress import progress
 from .adapters import Adapters, any_adapter
 from .devices import to_device
 from .graphs import DecodeBuffers, DecodeKey, StepGraphs, graph_batch_sizes
+from .logit_processing import LOGPROB_WIDTH
 from .state import EngineState
 from .verify import TreeSteps
 
@@ -28,6 +29,7 @@ class DecodeSteps:
         self.buffers: dict[int, DecodeBuffers] = {}  # by padded batch size
         self.active: DecodeBuffers | None = None  # the running batch's
         self._host_tokens: list[torch.Tensor] | None = None  # decode_launch's pinned pair, used in turn
+        self._host_logprobs: list[torch.Tensor] | None = None  # (and their logprobs')
         self._host_turn = 0
 
     def decode_step(self, inputs_embeds: torch.Tensor, slots=None, lora=None) -> torch.Tensor:
@@ -80,7 +82,8 @@ class DecodeSteps:
         lengths[buf.slot_index] = starts + 1
         buf.offsets += 1
         buf.tokens.copy_(state.sample(logits, buf.temperature, buf.top_k, buf.top_p, buf.seeds, buf.offsets,
-                                      slots=buf.slots if processing else None, count=True))
+                                      slots=buf.slots if processing else None, count=True,
+                                      logprobs=buf.logprobs if processing else None))
         buf.logits = logits
 
     def capture_decode_graphs(self, batch_sizes=None, lora: bool = False) -> list[int]:
@@ -224,22 +227,31 @@ class DecodeSteps:
         pinned host memory, and returns at once. The caller may queue the next step (which reads
         these tokens on the device) before reading these with .wait(): the host's work on step n
         then overlaps the GPU's on step n + 1. At most two may be pending at a time."""
-        return self.pending(self.decode_sample_step())
+        tokens = self.decode_sample_step()
+        processing = self.state.processing_active  # (the step just launched wrote logprobs)
+        return self.pending(tokens, self.active.logprobs[:tokens.shape[0]] if processing else None)
 
-    def pending(self, tokens: torch.Tensor) -> "PendingTokens":
+    def pending(self, tokens: torch.Tensor, logprobs: torch.Tensor | None = None) -> "PendingTokens":
         """A launched step's tokens (a device tensor of at most twice max_batch_size: engine/mixed_steps.py
-        adds its chunk rows' first tokens), copied to pinned host memory behind the step: its PendingTokens."""
+        adds its chunk rows' first tokens), and its rows' logprobs where it wrote them ([rows,
+        LOGPROB_WIDTH]), copied to pinned host memory behind the step: its PendingTokens."""
         if self.state.device.type != "cuda":
-            return PendingTokens(tokens.clone(), None)
+            return PendingTokens(tokens.clone(), None, None if logprobs is None else logprobs.clone())
         if self._host_tokens is None:
             most = 2 * self.state.config.max_supported_batch_size
             self._host_tokens = [torch.empty(most, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+            self._host_logprobs = [torch.empty(most, LOGPROB_WIDTH, dtype=torch.float32, pin_memory=True)
+                                   for _ in range(2)]
         host = self._host_tokens[self._host_turn][:tokens.shape[0]]
-        self._host_turn ^= 1
         host.copy_(tokens, non_blocking=True)
+        host_logprobs = None
+        if logprobs is not None:
+            host_logprobs = self._host_logprobs[self._host_turn][:logprobs.shape[0]]
+            host_logprobs.copy_(logprobs, non_blocking=True)
+        self._host_turn ^= 1
         done = torch.cuda.Event()
         done.record()
-        return PendingTokens(host, done)
+        return PendingTokens(host, done, host_logprobs)
 
     def decode_logits(self) -> torch.Tensor:
         """The last decode_sample_step's logits of the live rows, [n, vocab] float32."""
@@ -286,13 +298,17 @@ def host_slots(slots) -> list[int] | None:
 
 
 class PendingTokens:
-    """A queued decode step's sampled tokens (decode_launch)."""
+    """A queued decode step's sampled tokens (decode_launch), and its rows' logprobs where it wrote them."""
 
-    def __init__(self, host: torch.Tensor, done):
-        self._host, self._done = host, done
+    def __init__(self, host: torch.Tensor, done, logprobs: torch.Tensor | None = None):
+        self._host, self._done, self._logprobs = host, done, logprobs
 
     def wait(self) -> list[int]:
         """The tokens, once the step and the copy have finished."""
         if self._done is not None:
             self._done.synchronize()
         return self._host.tolist()
+
+    def logprobs(self) -> list[list[float]] | None:
+        """After wait(): each row's logprobs (engine/logit_processing.py LOGPROB_WIDTH values), or None."""
+        return None if self._logprobs is None else self._logprobs.tolist()

@@ -26,6 +26,7 @@ import torch
 
 from ..kernels.attention import PREFILL_SPLIT_MIN_KEYS
 from .adapters import any_adapter
+from .logit_processing import LOGPROB_WIDTH
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +103,7 @@ class DecodeBuffers:
         self.lora_host: list[int] = []  # the live rows' LoRA slots, known on the host
         self.slots_host: list[int] | None = []  # their cache slots, where the host knows them (None: not)
         self.logits: torch.Tensor | None = None  # the last step's [size, vocab] float32 logits
+        self.logprobs = torch.zeros(size, LOGPROB_WIDTH, dtype=torch.float32, device=device)  # (processing steps)
 
     @property
     def uses_lora(self) -> bool:
@@ -250,6 +252,7 @@ class MixedBuffers:
         self.ids = self.inputs[count:].view(rows, length)
         self.first_offsets = torch.zeros(rows, dtype=torch.int64, device=device)  # a first token's RNG offset: 0
         self.tokens = torch.zeros(decode_size + rows, dtype=torch.int64, device=device)
+        self.logprobs = torch.zeros(decode_size + rows, LOGPROB_WIDTH, dtype=torch.float32, device=device)  # (as tokens)
         self.scratch_slot = scratch_slot
         self.reset()
 

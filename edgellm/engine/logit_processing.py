@@ -1,5 +1,7 @@
 """Per-slot logit processing state (kernels/logit_processing.py): penalties, logit bias and min_p of the
-rows that ask for them, applied inside the sampling of every step (prefill, decode, mixed) on the device.
+rows that ask for them, applied inside the sampling of every step (prefill, decode, mixed) on the device;
+and token logprobs (the sampled token's and the TOP_LOGPROBS best, from the raw logits' log-softmax),
+written by those steps beside their tokens while some slot asks for them.
 
 Settings live by KV slot, not by batch row: a step passes its rows' slots, and a row joining or leaving
 the batch changes nothing here. enable() sets a slot's settings when its sequence is admitted (before
@@ -17,6 +19,9 @@ import torch
 
 from ..kernels import ops
 from .devices import to_device
+
+TOP_LOGPROBS = 20  # the most alternatives a token's logprobs report (OpenAI's top_logprobs bound)
+LOGPROB_WIDTH = 1 + 2 * TOP_LOGPROBS  # a row of step logprobs: the sampled token's, the top values, their ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +48,16 @@ class LogitProcessing:
         self.scalars = {name: torch.zeros(slots, dtype=torch.float32, device=device)
                         for name in ("presence", "frequency", "repetition", "min_p", "temperature")}
         self.on: set[int] = set()  # the enabled slots, on the host
+        self.logprob_slots: set[int] = set()  # slots whose rows report token logprobs
         self._column = None if vocab_map is None else {int(full): i for i, full in enumerate(vocab_map.tolist())}
 
     @property
     def active(self) -> bool:
-        return bool(self.on)
+        """Steps launched now process logits and write logprobs (part of their graph keys)."""
+        return bool(self.on or self.logprob_slots)
+
+    def want_logprobs(self, slot: int, wanted: bool) -> None:
+        (self.logprob_slots.add if wanted else self.logprob_slots.discard)(slot)
 
     def columns(self, ids) -> list[int]:
         """Full-vocabulary ids as logits columns (ids outside a reduced vocabulary dropped)."""
@@ -99,3 +109,14 @@ class LogitProcessing:
     def count_sampled(self, columns: torch.Tensor, row_slots: torch.Tensor) -> None:
         """Each row's sampled token (a logits column) added to its slot's counts, inside the step."""
         ops.count_tokens(columns, row_slots, self.enabled, self.counts)
+
+
+def step_logprobs(raw: torch.Tensor, columns: torch.Tensor, full_ids, out: torch.Tensor) -> None:
+    """out [rows, LOGPROB_WIDTH] float32: each row's sampled token's log-probability under the raw logits,
+    then the TOP_LOGPROBS best log-probabilities and their full-vocabulary ids (exact in float32 below 2^24)."""
+    lse = torch.logsumexp(raw, dim=-1, keepdim=True)
+    top = torch.topk(raw, min(TOP_LOGPROBS, raw.shape[-1]), dim=-1)
+    k = top.values.shape[-1]
+    out[:, :1].copy_(raw.gather(-1, columns[:, None]) - lse)
+    out[:, 1:1 + k].copy_(top.values - lse)
+    out[:, 1 + TOP_LOGPROBS:1 + TOP_LOGPROBS + k].copy_(full_ids(top.indices).to(torch.float32))

@@ -94,7 +94,8 @@ class MixedSteps:
             graph.replay()
         else:  # eager: the chunk's own width, no padding computed
             self._body(dbuf, mbuf, uses_lora, width, key.processing)
-        return self.decode.pending(mbuf.tokens[:rows + dbuf.live_rows])
+        return self.decode.pending(mbuf.tokens[:rows + dbuf.live_rows],
+                                   mbuf.logprobs[:rows + dbuf.live_rows] if key.processing else None)
 
     def _buffers(self, rows: int, length: int, size: int) -> MixedBuffers:
         buf = self.buffers.get((rows, length, size))
@@ -151,8 +152,12 @@ class MixedSteps:
         size, rows = dbuf.size, mbuf.rows
         dbuf.offsets += 1
         dbuf.tokens.copy_(state.sample(logits[:size], dbuf.temperature, dbuf.top_k, dbuf.top_p, dbuf.seeds,
-                                       dbuf.offsets, slots=dbuf.slots if processing else None, count=True))
+                                       dbuf.offsets, slots=dbuf.slots if processing else None, count=True,
+                                       logprobs=dbuf.logprobs if processing else None))
         dbuf.logits = logits[:size]
         mbuf.tokens[:rows].copy_(state.sample(logits[size:], mbuf.temperature, mbuf.top_k, mbuf.top_p, mbuf.seeds,
-                                              mbuf.first_offsets, slots=mbuf.slots if processing else None))
+                                              mbuf.first_offsets, slots=mbuf.slots if processing else None,
+                                              logprobs=mbuf.logprobs[:rows] if processing else None))
         mbuf.tokens[rows:].copy_(dbuf.tokens)
+        if processing:
+            mbuf.logprobs[rows:].copy_(dbuf.logprobs)

@@ -47,7 +47,7 @@ from .decode_steps import DecodeSteps
 from .devices import resolve_device, resolve_dtype, to_device
 from .graphs import StepGraphs
 from .kv_cache import LinearKVCache
-from .logit_processing import LogitProcessing, LogitSettings
+from .logit_processing import LOGPROB_WIDTH, LogitProcessing, LogitSettings
 from .longrope import NO_DRAFT_LIMIT, LongRope, longrope_original, longrope_tables
 from .lora import DEFAULT_MAX_LORAS, LoraStacks
 from .memory import check_fits, engine_memory_plan, free_bytes
@@ -246,14 +246,21 @@ class LLMEngineRunner:
         return self.state.full_ids(ids)
 
     @inference_call
-    def sample(self, logits: torch.Tensor, temperature, top_k, top_p, seeds, offsets, slots=None) -> torch.Tensor:
+    def sample(self, logits: torch.Tensor, temperature, top_k, top_p, seeds, offsets, slots=None,
+               with_logprobs: bool = False):
         """Tokens drawn from `logits` ([n, vocab], e.g. a prefill's) with per-row settings (all [n] on the
         device; kernels/sampling.py: the draw is keyed by seed and RNG offset), as full-vocabulary ids.
-        slots: the rows' KV slots, whose logit processing (set_logit_processing) applies first."""
+        slots: the rows' KV slots, whose logit processing (set_logit_processing) applies first.
+        with_logprobs: returns (tokens, each row's logprobs as decode steps write them: LOGPROB_WIDTH values)."""
         if slots is None or self.backend != "triton" or not self.state.processing_active:
+            if with_logprobs:
+                raise ConfigurationError("sample(with_logprobs=True) needs slots that asked for logprobs")
             return self.state.sample(logits, temperature, top_k, top_p, seeds, offsets)
-        return self.state.sample(logits, temperature, top_k, top_p, seeds, offsets,
-                                 slots=to_device(slots, torch.int32, self.device))
+        out = torch.empty(logits.shape[0], LOGPROB_WIDTH, dtype=torch.float32, device=self.device) \
+            if with_logprobs else None
+        tokens = self.state.sample(logits, temperature, top_k, top_p, seeds, offsets,
+                                   slots=to_device(slots, torch.int32, self.device), logprobs=out)
+        return (tokens, out.tolist()) if with_logprobs else tokens
 
     # ---- logit processing per slot (engine/logit_processing.py) ----
 
@@ -261,10 +268,19 @@ class LLMEngineRunner:
         """From now on (queued behind the steps in flight) the rows in `slot` have their logits processed
         with `settings` before each draw (its first token's too), its output counts at zero and `prompt`'s
         tokens seen; `temperature`: the row's (min_p's threshold)."""
+        self._processing().enable(slot, settings, prompt, temperature)
+
+    def want_logprobs(self, slot: int, wanted: bool) -> None:
+        """Whether the row in `slot` reports token logprobs: steps write them (sample's with_logprobs, and
+        the PendingTokens of decode and mixed steps) while any slot wants them."""
+        if wanted or self.state.processing is not None:
+            self._processing().want_logprobs(slot, wanted)
+
+    def _processing(self) -> LogitProcessing:
         if self.state.processing is None:
             width = self.vocab_map.shape[0] if self.vocab_map is not None else self.config.vocab_size
             self.state.processing = LogitProcessing(self.kv_cache.scratch_slot + 1, width, self.device, self.vocab_map)
-        self.state.processing.enable(slot, settings, prompt, temperature)
+        return self.state.processing
 
     def clear_logit_processing(self, slot: int) -> None:
         if self.state.processing is not None:

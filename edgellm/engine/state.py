@@ -16,7 +16,7 @@ from ..kernels.dispatch import run_with
 from . import cpu_forward
 from .config import EngineConfig
 from .kv_cache import LinearKVCache
-from .logit_processing import LogitProcessing
+from .logit_processing import LogitProcessing, step_logprobs
 from .model import RopeTables, forward_logits, forward_mixed
 from .switches import Switches
 from .weights import ModelWeights
@@ -54,18 +54,23 @@ class EngineState:
             return forward_mixed(self.weights, self.config, self.kv_cache, self.rope, parts, lora)
 
     def sample(self, logits: torch.Tensor, temperature, top_k, top_p, seeds, offsets, group: int = 1,
-               slots: torch.Tensor | None = None, count: bool = False) -> torch.Tensor:
+               slots: torch.Tensor | None = None, count: bool = False,
+               logprobs: torch.Tensor | None = None) -> torch.Tensor:
         """Sampled tokens (kernels/sampling.py), as full-vocabulary ids. slots: the rows' KV slots, given
-        where the step processes logits (engine/logit_processing.py: in place, before the draw); count:
-        the draws are the rows' next output tokens (a decode step's), added to their slots' counts."""
+        where the step processes logits (engine/logit_processing.py, before the draw); count: the draws
+        are the rows' next output tokens (a decode step's), added to their slots' counts; logprobs: a
+        [rows, LOGPROB_WIDTH] buffer the draws' logprobs go to (from the logits before processing)."""
         threads = cpu_forward.one_torch_thread() if self.device.type == "cpu" and self.switches.cpu_blas \
             else contextlib.nullcontext()
         with self.running(), threads:
+            raw = logits
             if slots is not None:
-                self.processing.process(logits, slots)
+                logits = self.processing.process(logits.clone() if logprobs is not None else logits, slots)
             columns = ops.sample(logits, temperature, top_k, top_p, seeds, offsets, group=group)
             if slots is not None and count:
                 self.processing.count_sampled(columns, slots)
+            if logprobs is not None:
+                step_logprobs(raw, columns, self.full_ids, logprobs)
             return self.full_ids(columns)
 
     @property

@@ -179,8 +179,9 @@ def create_app(state: ServerState) -> FastAPI:
         queued_ms = (time.perf_counter() - arrived) * 1e3
         _begin(state)
         if job.stream:
-            events = _anthropic_events if endpoint == "messages" else _openai_events
-            stream = _finishing(events(job, handle, endpoint == "chat"), handle, endpoint, queued_ms)
+            events = _anthropic_events(job, handle) if endpoint == "messages" else \
+                _openai_events(job, handle, endpoint == "chat", _token_text(runtime))
+            stream = _finishing(events, handle, endpoint, queued_ms)
             return StreamingResponse(stream, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
@@ -193,9 +194,10 @@ def create_app(state: ServerState) -> FastAPI:
             _end(state)
         metrics.requests.labels(endpoint, "200").inc()
         metrics.finished(response, queued_ms)
-        build = {"chat": openai_api.chat_response, "completions": openai_api.completion_response,
-                 "messages": anthropic_api.message_response}[endpoint]
-        return JSONResponse(build(job, response))
+        if endpoint == "messages":
+            return JSONResponse(anthropic_api.message_response(job, response))
+        build = openai_api.chat_response if endpoint == "chat" else openai_api.completion_response
+        return JSONResponse(build(job, response, _token_text(runtime)))
 
     async def _finishing(events, handle, endpoint: str, queued_ms: float):
         """A stream's events, then its bookkeeping: metrics by how it ended; a stream the client left
@@ -286,18 +288,30 @@ def _sse_error(error: ApiError, endpoint: str) -> str:
     return _sse(anthropic_body(error), "error") if endpoint == "messages" else _sse(openai_body(error))
 
 
-async def _openai_events(job, handle, chat: bool):
+def _token_text(runtime) -> Callable[[int], str]:
+    tokenizer = runtime.tokenizer
+    return (lambda token: tokenizer.decode([token])) if tokenizer is not None else str
+
+
+async def _openai_events(job, handle, chat: bool, text_of):
     """Chat: each choice's role chunk, its content deltas, its finish chunk; completions: text deltas
-    and finish chunks; then the usage chunk (stream_options.include_usage) and [DONE]."""
+    and finish chunks; each with the logprobs of its tokens (where asked); then the usage chunk
+    (stream_options.include_usage) and [DONE]."""
     choices = len(handle.prompt_lengths)
+    offsets = [0] * choices  # (completions' text_offset)
     if chat:
         for i in range(choices):
             yield _sse(openai_api.chat_chunk(job, i, {"role": "assistant", "content": ""}))
     async for pieces in handle.adeltas():
-        for item, text, reason in _merged(pieces):
-            if text:
-                yield _sse(openai_api.chat_chunk(job, item, {"content": text}) if chat
-                           else openai_api.completion_chunk(job, item, text))
+        for item, text, reason, entries in _merged(pieces):
+            logprobs = None
+            if job.request.logprobs is not None and entries:
+                logprobs = openai_api.chat_logprobs(entries, text_of) if chat else \
+                    openai_api.completion_logprobs(entries, text_of, offsets[item])
+            offsets[item] += len(text)
+            if text or logprobs is not None:
+                yield _sse(openai_api.chat_chunk(job, item, {"content": text}, None, logprobs) if chat
+                           else openai_api.completion_chunk(job, item, text, None, logprobs))
             if reason is not None:
                 yield _sse(openai_api.chat_chunk(job, item, {}, reason) if chat
                            else openai_api.completion_chunk(job, item, "", reason))
@@ -306,26 +320,27 @@ async def _openai_events(job, handle, chat: bool):
     yield "data: [DONE]\n\n"
 
 
-async def _anthropic_events(job, handle, _chat: bool):
+async def _anthropic_events(job, handle):
     yield _sse(anthropic_api.message_start(job, handle.prompt_lengths[0]), "message_start")
     yield _sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
                "content_block_start")
     yield _sse({"type": "ping"}, "ping")
     async for pieces in handle.adeltas():
-        for _, text, _ in _merged(pieces):
+        for _, text, _, _ in _merged(pieces):
             if text:
                 yield _sse(anthropic_api.text_delta(text), "content_block_delta")
     for event in anthropic_api.message_end(handle.result()):
         yield _sse(event, event["type"])
 
 
-def _merged(pieces) -> list[tuple[int, str, str | None]]:
-    """Consecutive deltas of one item joined: (item, text, finish reason or None)."""
+def _merged(pieces) -> list[tuple[int, str, str | None, list]]:
+    """Consecutive deltas of one item joined: (item, text, finish reason or None, token logprobs)."""
     out: list[list] = []
     for piece in pieces:
         if out and out[-1][0] == piece.item and out[-1][2] is None:
             out[-1][1] += piece.text
             out[-1][2] = piece.finish_reason
+            out[-1][3].extend(piece.logprobs)
         else:
-            out.append([piece.item, piece.text, piece.finish_reason])
+            out.append([piece.item, piece.text, piece.finish_reason, list(piece.logprobs)])
     return [tuple(entry) for entry in out]

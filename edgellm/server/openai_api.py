@@ -10,13 +10,13 @@ import uuid
 
 from ..requests import LLMGenerationRequest, LLMGenerationResponse
 from .errors import invalid
-from .params import Body, data_uri_bytes, model_adapter, processing, refuse_later, sampling
+from .params import Body, data_uri_bytes, model_adapter, processing, sampling
 
 # Accepted and without effect on the output (OpenAI bookkeeping fields).
 _IGNORED = ("user", "store", "metadata", "service_tier", "parallel_tool_calls", "stream_options")
 _MAX_N = 16
 _REQUEST_FIELDS = ("temperature", "top_k", "top_p", "seed", "presence_penalty", "frequency_penalty",
-                   "repetition_penalty", "min_p", "logit_bias")  # (as LLMGenerationRequest names them)
+                   "repetition_penalty", "min_p", "logit_bias", "logprobs")  # (as LLMGenerationRequest names them)
 
 
 @dataclasses.dataclass
@@ -31,7 +31,7 @@ class Job:
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
 
-def _common(body: Body, defaults: dict, models: dict, later: tuple[str, ...]) -> dict:
+def _common(body: Body, defaults: dict, models: dict, logprobs: int | None) -> dict:
     """The fields chat and completions share, as keyword arguments of Job and LLMGenerationRequest."""
     model, adapter = model_adapter(body.raw("model"), models)
     n = body.integer("n", 1, low=1, high=_MAX_N)
@@ -42,8 +42,7 @@ def _common(body: Body, defaults: dict, models: dict, later: tuple[str, ...]) ->
     include_usage = options.get("include_usage", False)
     if not isinstance(include_usage, bool):
         raise invalid("stream_options.include_usage must be true or false", "stream_options")
-    refuse_later(body, later)
-    settings = {**sampling(body, defaults), **processing(body)}
+    settings = {**sampling(body, defaults), **processing(body), "logprobs": logprobs}
     stop = body.strings("stop", most=4)
     ignore_eos = body.boolean("ignore_eos")  # (an extra, as vLLM's: the stop token ids do not end the answer)
     return {"model": model, "adapter": adapter, "n": n, "stream": stream, "include_usage": include_usage,
@@ -74,7 +73,11 @@ def parse_chat(raw, defaults: dict, models: dict) -> Job:
     choice = body.raw("tool_choice")
     if choice not in (None, "none"):
         raise invalid("tool_choice is not supported by this server yet", "tool_choice")
-    fields = _common(body, defaults, models, ("logprobs", "top_logprobs"))
+    wanted = body.boolean("logprobs")
+    top = body.integer("top_logprobs", low=0, high=20)
+    if top is not None and not wanted:
+        raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
+    fields = _common(body, defaults, models, (top or 0) if wanted else None)
     body.unknown()
     return _job([{"messages": converted}], fields, max_tokens or legacy, "chatcmpl")
 
@@ -123,7 +126,7 @@ def parse_completion(raw, defaults: dict, models: dict) -> Job:
         value = body.raw(name)
         if value is not None and value != neutral:
             raise invalid(f"{name} is not supported by this server yet", name)
-    fields = _common(body, defaults, models, ("logprobs",))
+    fields = _common(body, defaults, models, body.integer("logprobs", low=0, high=5))
     body.unknown()
     return _job(items, fields, max_tokens, "cmpl")
 
@@ -160,30 +163,53 @@ def usage(job: Job, response: LLMGenerationResponse) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def chat_response(job: Job, response: LLMGenerationResponse) -> dict:
-    choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": reason}
+def chat_logprobs(entries, text_of) -> dict:
+    """OpenAI chat's choice.logprobs of TokenLogprobs; text_of(id): a token's text."""
+    def one(token: int, logprob: float) -> dict:
+        text = text_of(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, v) for t, v in e.top]} for e in entries]}
+
+
+def completion_logprobs(entries, text_of, offset: int = 0) -> dict:
+    """The completions endpoint's choice.logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+    texts = [text_of(e.token) for e in entries]
+    offsets = []
+    for text in texts:
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": texts, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{text_of(t): v for t, v in e.top} for e in entries], "text_offset": offsets}
+
+
+def chat_response(job: Job, response: LLMGenerationResponse, text_of=None) -> dict:
+    lps = response.logprobs
+    choices = [{"index": i, "message": {"role": "assistant", "content": text},
+                "logprobs": chat_logprobs(lps[i], text_of) if lps is not None else None, "finish_reason": reason}
                for i, (text, reason) in enumerate(zip(response.output_texts, response.finish_reasons))]
     return {"id": job.id, "object": "chat.completion", "created": job.created, "model": job.model,
             "choices": choices, "usage": usage(job, response), "system_fingerprint": None}
 
 
-def completion_response(job: Job, response: LLMGenerationResponse) -> dict:
-    choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+def completion_response(job: Job, response: LLMGenerationResponse, text_of=None) -> dict:
+    lps = response.logprobs
+    choices = [{"index": i, "text": text,
+                "logprobs": completion_logprobs(lps[i], text_of) if lps is not None else None, "finish_reason": reason}
                for i, (text, reason) in enumerate(zip(response.output_texts, response.finish_reasons))]
     return {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
             "choices": choices, "usage": usage(job, response), "system_fingerprint": None}
 
 
-def chat_chunk(job: Job, index: int, delta: dict, finish_reason: str | None = None) -> dict:
+def chat_chunk(job: Job, index: int, delta: dict, finish_reason: str | None = None, logprobs=None) -> dict:
     return {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": job.model,
-            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
             **({"usage": None} if job.include_usage else {})}
 
 
-def completion_chunk(job: Job, index: int, text: str, finish_reason: str | None = None) -> dict:
+def completion_chunk(job: Job, index: int, text: str, finish_reason: str | None = None, logprobs=None) -> dict:
     return {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
             **({"usage": None} if job.include_usage else {})}
 
 

@@ -93,17 +93,6 @@ class Body:
                           extra[0])
 
 
-# Parameters whose support is still to come, accepted at the value that changes nothing.
-_LATER = {"logprobs": False, "top_logprobs": 0}
-
-
-def refuse_later(body: Body, names: tuple[str, ...]) -> None:
-    for name in names:
-        value = body.raw(name)
-        if value is not None and value != _LATER[name] and not (name == "logprobs" and value == 0):
-            raise invalid(f"{name} is not supported by this server yet", name)
-
-
 def processing(body: Body) -> dict:
     """OpenAI's presence_penalty, frequency_penalty ([-2, 2]) and logit_bias (token id strings -> [-100,
     100]), and the extras repetition_penalty (> 0) and min_p ([0, 1]), as LLMGenerationRequest fields."""

@@ -195,6 +195,8 @@ class EngineLoop:
         for seq in admitted:  # (before its prompt's first chunk: its first token is processed too)
             if seq.processing is not None:
                 self.runner.set_logit_processing(seq.slot, seq.processing, seq.prompt, seq.temperature)
+            if seq.logprobs is not None:
+                self.runner.want_logprobs(seq.slot, True)
         if self.kv_store is not None:
             for seq in admitted:
                 self._restore(seq)
@@ -301,14 +303,18 @@ class EngineLoop:
         device = logits.device
         settings = [to_device(values, dtype, device) for values, dtype in
                     zip(self._row_settings(seqs), (torch.float32, torch.int32, torch.float32, torch.int64, torch.int64))]
-        self._join(seqs, self.runner.sample(logits, *settings, slots=[seq.slot for seq in seqs]).tolist())
+        wanted = any(seq.logprobs is not None for seq in seqs)
+        tokens, logprobs = self.runner.sample(logits, *settings, slots=[seq.slot for seq in seqs],
+                                              with_logprobs=wanted) if wanted else \
+            (self.runner.sample(logits, *settings, slots=[seq.slot for seq in seqs]), None)
+        self._join(seqs, tokens.tolist(), logprobs)
 
     def _speculating(self) -> bool:
         """Some row of the batch speculates: its next drafts follow from every token so far, so its
         steps are read before the next is launched (no run-ahead). Not while a row processes its
         logits (penalties, bias, min_p): verify steps do not, so the batch takes plain steps then."""
         return any(seq.spec is not None for seq in self.batch) and \
-            not any(seq.processing is not None for seq in self.batch)
+            not any(seq.processing is not None or seq.logprobs is not None for seq in self.batch)
 
     def _speculative_step(self) -> None:
         """A step of a batch with speculating rows: each such row's drafts (its request's proposer, up to
@@ -380,11 +386,14 @@ class EngineLoop:
         self._in_flight.append(Launched(list(self.batch), pending,
                                         [(seq, take, not seq.prefilling) for seq, take in chunks], began))
 
-    def _join(self, seqs: list[Sequence], first: list[int]) -> None:
+    def _join(self, seqs: list[Sequence], first: list[int], logprobs: list | None = None) -> None:
         """Sequences whose prompt is in their slot: KV reuse saves its new blocks; each gets its first
-        token, and those not finished by it join the decode batch (RNG offset 0: the first token's)."""
+        token (and its logprobs' row, where they were computed), and those not finished by it join the
+        decode batch (RNG offset 0: the first token's)."""
         now = time.perf_counter()
-        for seq, token in zip(seqs, first):
+        for i, (seq, token) in enumerate(zip(seqs, first)):
+            if seq.logprobs is not None and logprobs is not None and logprobs[i] is not None:
+                seq.token_logprobs.append(logprobs[i])
             if self.kv_store is not None:
                 self._save(seq)
             if seq.spec is not None:  # (its proposer's row is its slot)
@@ -432,10 +441,15 @@ class EngineLoop:
         its chunk rows whose prompt it completed get their first tokens and join the batch."""
         tokens = step.pending.wait()
         first, decoded = tokens[:len(step.chunks)], tokens[len(step.chunks):]
+        logprobs = step.pending.logprobs()  # (None unless some row asks for them)
+        first_logprobs, decoded_logprobs = (logprobs[:len(step.chunks)], logprobs[len(step.chunks):]) \
+            if logprobs is not None else (None, None)
         speculating: dict = {}  # a request's Speculation -> (rows, tokens) its proposer reads
-        for seq, token in zip(step.rows, decoded):
+        for i, (seq, token) in enumerate(zip(step.rows, decoded)):
             if not seq.done:
                 seq.offset += 1
+                if seq.logprobs is not None:
+                    seq.token_logprobs.append(decoded_logprobs[i])
                 if seq.spec is not None:
                     entry = speculating.setdefault(seq.spec, ([], []))
                     entry[0].append(seq.spec_row)
@@ -446,13 +460,14 @@ class EngineLoop:
         if not step.chunks:
             return
         share = (time.perf_counter() - step.began) * 1e3 / sum(take for _, take, _ in step.chunks)
-        joining, tokens = [], []
-        for (seq, take, ends), token in zip(step.chunks, first):
+        joining, tokens, rows = [], [], []
+        for i, ((seq, take, ends), token) in enumerate(zip(step.chunks, first)):
             seq.prefill_ms += share * take
             if ends and not seq.cancelled and seq.finished is None:
                 joining.append(seq)
                 tokens.append(token)
-        self._join(joining, tokens)
+                rows.append(first_logprobs[i] if first_logprobs is not None else None)
+        self._join(joining, tokens, rows)
 
     def _advance(self, seq: Sequence, tokens: list[int]) -> None:
         seq.token_times.extend([time.perf_counter()] * len(tokens))
@@ -474,10 +489,16 @@ class EngineLoop:
         for seq in finished:
             if seq.spec is not None:
                 seq.spec.finish(seq.spec_row)
-            if seq.processing is not None:
-                self.runner.clear_logit_processing(seq.slot)
+            self._release_processing(seq)
             self.scheduler.retire(seq)
             self._finish(seq)
+
+    def _release_processing(self, seq: Sequence) -> None:
+        """A leaving sequence's slot stops processing logits and writing logprobs."""
+        if seq.processing is not None:
+            self.runner.clear_logit_processing(seq.slot)
+        if seq.logprobs is not None:
+            self.runner.want_logprobs(seq.slot, False)
 
     def _finish(self, seq: Sequence) -> None:
         handle = self._handles.pop(seq, None)
@@ -491,8 +512,7 @@ class EngineLoop:
             self.runner.end_decode()
             self.batch = []
             for seq in list(self.scheduler.running):
-                if seq.processing is not None:
-                    self.runner.clear_logit_processing(seq.slot)
+                self._release_processing(seq)
                 self.scheduler.retire(seq)
             for _, _, seq in self.scheduler.waiting:
                 seq.cancelled = True

@@ -13,7 +13,7 @@ from typing import AsyncIterator, Callable, Iterator
 
 from ..engine.kv_store import KVReuseStats
 from ..errors import RequestCancelledError
-from ..requests import GenerationTimings, LLMGenerationResponse
+from ..requests import GenerationTimings, LLMGenerationResponse, token_logprobs
 from .sequence import Sequence
 
 
@@ -25,6 +25,7 @@ class Delta:
     text: str
     finish_reason: str | None = None
     stop_sequence: str | None = None
+    logprobs: tuple = ()  # with LLMGenerationRequest.logprobs: TokenLogprobs of the tokens since the last Delta
 
 
 class RequestHandle:
@@ -43,8 +44,9 @@ class RequestHandle:
         self._error: BaseException | None = None
         self._response = None
         self._left = len(sequences)
+        self._logprobs_sent = [0] * len(sequences)
         for item, seq in enumerate(sequences):
-            seq.on_text = (lambda item: lambda text: self._put(Delta(item, text)))(item)
+            seq.on_text = (lambda item: lambda text: self._put(Delta(item, text, logprobs=self._new_logprobs(item))))(item)
 
     def stream(self) -> Iterator[tuple[int, str]]:
         """(item index, text delta) pairs as the items generate, until all are done (then the error,
@@ -116,6 +118,15 @@ class RequestHandle:
             except queue.Empty:
                 return
 
+    def _new_logprobs(self, item: int) -> tuple:
+        """The item's token logprobs not handed out in a Delta yet (on the loop's thread)."""
+        seq = self.sequences[item]
+        if seq.logprobs is None:
+            return ()
+        sent, end = self._logprobs_sent[item], min(len(seq.row.ids), len(seq.token_logprobs))
+        self._logprobs_sent[item] = max(sent, end)
+        return tuple(token_logprobs(seq.row.ids[sent:end], seq.token_logprobs[sent:end], seq.logprobs))
+
     def _put(self, piece: Delta | None) -> None:
         self._deltas.put(piece)
         notify = self._notify
@@ -156,8 +167,9 @@ class RequestHandle:
     def _sequence_done(self, seq: Sequence) -> None:
         if seq.row.finish_reason is not None:
             text = seq.row.live_text
-            self._put(Delta(self.sequences.index(seq), "", seq.row.finish_reason,
-                            text.stop if text is not None else None))
+            item = self.sequences.index(seq)
+            self._put(Delta(item, "", seq.row.finish_reason, text.stop if text is not None else None,
+                            self._new_logprobs(item)))
         self._left -= 1
         if self._left == 0:
             if any(seq.cancelled and seq.row.finish_reason is None for seq in self.sequences):
@@ -211,4 +223,6 @@ def respond(handle: RequestHandle):
         speculative=spec.stats if spec is not None else None,
         stop_sequences=[seq.row.live_text.stop if seq.row.live_text is not None else None for seq in sequences],
         token_times_ms=[[(t - handle.submitted) * 1e3 for t in seq.token_times[:len(seq.row.ids)]]
-                        for seq in sequences])
+                        for seq in sequences],
+        logprobs=[token_logprobs(seq.row.ids, seq.token_logprobs[:len(seq.row.ids)], seq.logprobs)
+                  for seq in sequences] if sequences[0].logprobs is not None else None)

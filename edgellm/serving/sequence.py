@@ -47,6 +47,8 @@ class Sequence:
     image: object | None = None  # a vision model's item with images: its ImagePrompt (multimodal.py; prompt = its ids)
     vision_ms: float = 0.0  # its share of the vision encoder's time
     processing: object | None = None  # penalties, logit bias, min_p: its LogitSettings (engine/logit_processing.py)
+    logprobs: int | None = None  # token logprobs with this many alternatives each (None: none reported)
+    token_logprobs: list = dataclasses.field(default_factory=list)  # per token: a step's LOGPROB_WIDTH values
 
     @property
     def done(self) -> bool:

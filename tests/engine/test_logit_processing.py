@@ -127,3 +127,39 @@ def test_on_cuda_with_graphs_processed_rows_match_the_cpu(tiny_models, runtime):
                for i, s in enumerate(settings)]
     assert [h.result(120).output_ids[0] for h in handles] == expected
     assert any(isinstance(k, DecodeKey) and k.processing for k in cuda.runner.graphs.graphs)
+
+
+def test_logprobs_are_the_raw_logits_log_softmax(runtime, tiny_models):
+    """Each token's logprob and its top alternatives: transformers' log-softmax at that step (the raw
+    logits: penalties and temperature change the draw, not the reported logprobs), first token included."""
+    model = tiny_models["llama"][1]
+    for settings in (dict(temperature=0), dict(temperature=0, repetition_penalty=1.7, logit_bias={40: 2.0}),
+                     dict(temperature=1.1, top_k=0, seed=2)):
+        response = runtime.handle_request(LLMGenerationRequest(requests=[{"input_ids": PROMPT}], max_generate_length=8,
+                                                               ignore_eos=True, logprobs=4, **settings))
+        ids, logprobs = response.output_ids[0], response.logprobs[0]
+        assert [t.token for t in logprobs] == ids and all(len(t.top) == 4 for t in logprobs)
+        for n, entry in enumerate(logprobs):
+            with torch.no_grad():
+                expected = torch.log_softmax(model(torch.tensor([PROMPT + ids[:n]])).logits[0, -1].float(), -1)
+            assert entry.logprob == pytest.approx(float(expected[entry.token]), abs=1e-4)
+            top = expected.topk(4)
+            assert [t for t, _ in entry.top] == top.indices.tolist()
+            assert [v for _, v in entry.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+def test_logprobs_stream_with_their_tokens_beside_plain_rows(runtime):
+    alone = runtime.handle_request(LLMGenerationRequest(requests=[{"input_ids": PROMPT}], max_generate_length=9,
+                                                        ignore_eos=True, temperature=0, logprobs=2))
+    plain = runtime.submit(LLMGenerationRequest(requests=[{"input_ids": PROMPT}], max_generate_length=30,
+                                                ignore_eos=True, temperature=0))
+    handle = runtime.submit(LLMGenerationRequest(requests=[{"input_ids": PROMPT[:9]}, {"input_ids": PROMPT}],
+                                                 max_generate_length=9, ignore_eos=True, temperature=0, logprobs=2))
+    streamed = [[], []]
+    for delta in handle.deltas():
+        streamed[delta.item].extend(delta.logprobs)
+    response = handle.result()
+    assert plain.result(60).logprobs is None
+    assert streamed == response.logprobs and len(streamed[1]) == 9
+    assert [t.token for t in response.logprobs[1]] == [t.token for t in alone.logprobs[0]]
+    assert [t.logprob for t in response.logprobs[1]] == pytest.approx([t.logprob for t in alone.logprobs[0]], abs=1e-5)

@@ -179,3 +179,35 @@ def test_penalties_logit_bias_and_min_p_follow_handle_request(runtime, client):
     forced = client.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0,
                                        logit_bias={"33": 100}, extra_body={"ignore_eos": True})
     assert forced.choices[0].text.replace(" ", "") == "w27" * 4  # (token 33 is the word w27)
+
+
+def test_logprobs_in_chat_and_completions_streamed_or_not(runtime, client):
+    """choice.logprobs in OpenAI's shapes, each value the runtime's (itself transformers' log-softmax:
+    tests/engine/test_logit_processing.py), and the streamed chunks' logprobs joined equal to the whole."""
+    model = client_model(client)
+    expected = _alone(runtime, {"messages": CHAT}, max_generate_length=6, temperature=0, logprobs=3,
+                      lora_weights_name="")
+    text_of = lambda t: runtime.tokenizer.decode([t])  # noqa: E731
+    got = client.chat.completions.create(model=model, messages=CHAT, max_tokens=6, temperature=0, logprobs=True,
+                                         top_logprobs=3)
+    content = got.choices[0].logprobs.content
+    assert [c.token for c in content] == [text_of(t.token) for t in expected.logprobs[0]]
+    assert [c.logprob for c in content] == pytest.approx([t.logprob for t in expected.logprobs[0]], abs=1e-5)
+    assert [[a.token for a in c.top_logprobs] for c in content] == \
+        [[text_of(i) for i, _ in t.top] for t in expected.logprobs[0]]
+    assert content[0].bytes == list(content[0].token.encode())
+    streamed = [entry for chunk in client.chat.completions.create(
+        model=model, messages=CHAT, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3, stream=True)
+        if chunk.choices and chunk.choices[0].logprobs for entry in chunk.choices[0].logprobs.content]
+    assert [(c.token, c.logprob) for c in streamed] == [(c.token, c.logprob) for c in content]
+    plain = client.chat.completions.create(model=model, messages=CHAT, max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+    completion = client.completions.create(model=model, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2)
+    lp = completion.choices[0].logprobs
+    reference = _alone(runtime, {"prompt": PROMPT}, max_generate_length=5, temperature=0, logprobs=2,
+                       lora_weights_name="").logprobs[0]
+    assert lp.tokens == [text_of(t.token) for t in reference]
+    assert lp.token_logprobs == pytest.approx([t.logprob for t in reference], abs=1e-5)
+    assert [len(top) for top in lp.top_logprobs] == [2] * 5
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)

@@ -64,7 +64,8 @@ def _still_serving(url, state):
     ({"messages": CHAT, "logit_bias": {"5": 101}}, "logit_bias", "[-100, 100]"),
     ({"messages": CHAT, "logit_bias": {"5000": 1}}, "logit_bias", "outside the vocabulary"),
     ({"messages": CHAT, "min_p": 2}, "min_p", "[0, 1]"),
-    ({"messages": CHAT, "logprobs": True}, "logprobs", "not supported"),
+    ({"messages": CHAT, "top_logprobs": 3}, "top_logprobs", "logprobs: true"),
+    ({"messages": CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "[0, 20]"),
 ])
 def test_bad_parameters_are_400_naming_the_parameter(server, body, param, words):
     url, state = server
