@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgellm import LLMGenerationRequest
+from edgellm import LLMGenerationRequest, LLMInferenceRuntime
 
 pytestmark = pytest.mark.reference_ops  # the examples' subject is the API (conftest.py)
 
@@ -38,6 +38,8 @@ def substitutions(model: Path, vlm: Path, kv_dir: Path) -> dict[str, str]:
 
 def test_every_python_example_of_the_readme_runs(tiny_models, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
+    pytest.importorskip("openai")  # (the Serve section's client talks to a test server)
+    from http_server import running_server
     from conftest import random_adapters
     from vlm_models import build_vlm, random_image
 
@@ -57,11 +59,14 @@ def test_every_python_example_of_the_readme_runs(tiny_models, tmp_path, monkeypa
                  "request": LLMGenerationRequest(requests=[{"prompt": "w1 w2 w3"}], max_generate_length=4)}
     blocks = python_blocks()
     assert len(blocks) >= 8
-    for number, block in enumerate(blocks, 1):
-        for old, new in substitutions(model, tmp_path / "vlm", tmp_path / "kv").items():
-            block = block.replace(old, new)
-        try:
-            exec(compile(block, f"README.md python block {number}", "exec"), namespace)
-        except Exception as exc:
-            raise AssertionError(f"README python block {number} failed:\n{block}") from exc
+    with running_server(LLMInferenceRuntime(model, device="cpu", max_batch_size=2)) as (url, state):
+        served = {'"http://127.0.0.1:8000/v1"': repr(url + "/v1"),  # (the Serve section's client)
+                  '"SmolLM2-135M-Instruct"': repr(state.settings.model_name)}
+        for number, block in enumerate(blocks, 1):
+            for old, new in {**substitutions(model, tmp_path / "vlm", tmp_path / "kv"), **served}.items():
+                block = block.replace(old, new)
+            try:
+                exec(compile(block, f"README.md python block {number}", "exec"), namespace)
+            except Exception as exc:
+                raise AssertionError(f"README python block {number} failed:\n{block}") from exc
     assert namespace["response"].output_texts and (tmp_path / "model-onnx" / "model.onnx").is_file()
