@@ -363,6 +363,7 @@ class LLMInferenceRuntime:
                               image=image, processing=processing, logprobs=request.logprobs)
                      for i, (ids, image, adapter, limit, seed) in enumerate(zip(
                          prompts, images, adapters, limits, item_seeds(sampling, len(prompts))))]
+        _share_prompts(sequences)
         handle = RequestHandle(sequences, self._loop.wake, self._respond)
         handle.image_preprocess_ms = preprocess_ms
         self._loop.submit(handle)
@@ -401,6 +402,17 @@ class LLMInferenceRuntime:
             handle.cancel()
             raise
         return handle.result()
+
+
+def _share_prompts(sequences: list[Sequence]) -> None:
+    """Items of one request with the same prompt and adapter (n choices, text only) follow the first:
+    it prefills the prompt once for all of them (Sequence.leader)."""
+    first: dict = {}
+    for seq in sequences:
+        if seq.image is None and len(seq.prompt) > 1:
+            leader = first.setdefault((tuple(seq.prompt), seq.adapter), seq)
+            if leader is not seq:
+                seq.leader = leader
 
 
 def _stop_loop(loop_ref) -> None:

@@ -286,6 +286,12 @@ class LLMEngineRunner:
         if self.state.processing is not None:
             self.state.processing.disable(slot)
 
+    def copy_prompt(self, source: int, target: int, length: int) -> None:
+        """The first `length` positions of slot `source`'s KV cache copied into slot `target` (queued
+        behind the steps in flight: a prompt prefilled once serves the n choices of a request)."""
+        data = self.kv_cache.data
+        data[:, :, target, :, :length].copy_(data[:, :, source, :, :length])
+
     def count_output_token(self, slot: int, token: int) -> None:
         """A processed slot's token sampled outside a decode step (its first): added to its counts."""
         if self.state.processing is not None:

@@ -104,6 +104,7 @@ class EngineLoop:
         self.batch: list[Sequence] = []  # the runner's decode rows, in its order
         self._in_flight: collections.deque = collections.deque()  # Launched steps not yet read, oldest first
         self.step_counts: collections.Counter = collections.Counter()  # steps run by kind: decode, mixed, prefill, verify
+        self.shared_prompt_tokens = 0  # prompt tokens copied from a leader's slot instead of prefilled
         self._handles: dict[Sequence, RequestHandle] = {}
         self._work = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -199,7 +200,10 @@ class EngineLoop:
                 self.runner.want_logprobs(seq.slot, True)
         if self.kv_store is not None:
             for seq in admitted:
-                self._restore(seq)
+                if seq.leader is None:  # (a follower copies its leader's prompt instead)
+                    self._restore(seq)
+        with self._work:
+            self._copy_shared_prompts()
         with self._work:
             with_images = self.scheduler.image_prefills()
         if with_images:
@@ -229,6 +233,23 @@ class EngineLoop:
             self._take(self._in_flight.popleft())
         with self._work:
             self._retire([seq for seq in self.scheduler.running if seq.done and not seq.prefilling])
+
+    def _copy_shared_prompts(self) -> None:
+        """Followers (Sequence.leader: n choices of one prompt) whose leader has prefilled all but its
+        prompt's last token get that KV copied into their slot, and prefill only the last token (their
+        first token then comes from their own seed). A follower whose leader has left (finished or
+        cancelled: its slot may hold another prompt now) prefills on its own."""
+        for seq in self.scheduler.running:
+            leader = seq.leader
+            if leader is None or seq.prefilled or seq.cancelled:
+                continue
+            shared = len(seq.prompt) - 1
+            if leader.slot is None or leader.finished is not None or leader.cancelled or shared < 1:
+                seq.leader = None
+            elif leader.prefilled >= shared:
+                self.runner.copy_prompt(leader.slot, seq.slot, shared)
+                seq.prefilled = shared
+                self.shared_prompt_tokens += shared
 
     def _blocks_for(self, chunks) -> tuple:
         """KV reuse: the memory tiers' pending hits, for the prefill step to copy when it takes every

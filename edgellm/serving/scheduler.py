@@ -67,7 +67,8 @@ class Scheduler:
         budget): for engines whose prompt must be prefilled in one call (LongRoPE)."""
         pad = pad or (lambda tokens: tokens)
         chunks, width = [], 0
-        waiting = [seq for seq in self.running if seq.prefilling and not seq.cancelled and seq.image is None]
+        waiting = [seq for seq in self.running if seq.prefilling and not seq.cancelled and seq.image is None
+                   and (seq.leader is None or seq.prefilled > 0)]  # (a follower waits for its leader's copy)
         for seq in sorted(waiting, key=lambda seq: len(seq.prompt) - seq.prefilled):
             left = len(seq.prompt) - seq.prefilled
             take = left if whole else min(left, budget if not chunks else width)

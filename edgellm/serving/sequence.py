@@ -48,6 +48,8 @@ class Sequence:
     vision_ms: float = 0.0  # its share of the vision encoder's time
     processing: object | None = None  # penalties, logit bias, min_p: its LogitSettings (engine/logit_processing.py)
     logprobs: int | None = None  # token logprobs with this many alternatives each (None: none reported)
+    leader: "Sequence | None" = None  # an earlier item of its request with the same prompt and adapter, whose
+    # prompt's KV is copied into this one's slot (all but the last token) instead of prefilled again
     token_logprobs: list = dataclasses.field(default_factory=list)  # per token: a step's LOGPROB_WIDTH values
 
     @property

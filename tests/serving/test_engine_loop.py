@@ -277,3 +277,21 @@ def test_no_memory_growth_over_2000_requests(runtime):
     assert grown < 256 << 10, f"{grown} bytes more after 1800 requests"
     assert not loop._handles and not loop.batch and not loop._in_flight and loop.scheduler.idle
 
+
+
+def test_n_choices_of_one_prompt_prefill_it_once(runtime):
+    """Items of one request with the same prompt (an API's n): the first prefills it, the others copy its
+    KV and prefill only the last token; each choice equals the same item alone with its own seed."""
+    from edgellm.requests import SamplingSettings, item_seeds
+
+    prompt = " ".join(WORDS * 3)
+    settings = dict(temperature=1.1, top_k=0, seed=21, max_generate_length=9)
+    shared = runtime._loop.shared_prompt_tokens
+    response = runtime.handle_request(LLMGenerationRequest(requests=[{"prompt": prompt}] * 3, **settings))
+    length = response.prompt_lengths[0]
+    assert runtime._loop.shared_prompt_tokens - shared == 2 * (length - 1)
+    seeds = item_seeds(SamplingSettings(1.1, 0, 1.0, 21), 3)
+    alone = [runtime.handle_request(LLMGenerationRequest(requests=[{"prompt": prompt}], **{**settings, "seed": seed}))
+             for seed in seeds]
+    assert response.output_ids == [a.output_ids[0] for a in alone]
+    assert len({tuple(ids) for ids in response.output_ids}) > 1  # (three seeds, not one answer thrice)
