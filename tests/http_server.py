@@ -25,8 +25,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+_HELD = []  # the executor threads' use_reference() blocks, entered for good (a collected one would exit)
+
+
 def _reference_thread() -> None:
-    use_reference().__enter__()  # (for the life of the executor's thread)
+    block = use_reference()
+    block.__enter__()
+    _HELD.append(block)
 
 
 @contextlib.contextmanager
