@@ -125,7 +125,8 @@ def test_image_request_on_a_tiny_vision_model(tmp_path):
 
 def test_serve_command_is_ready_serves_and_drains_on_sigterm(llama_dir):
     port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # (Without TRITON_INTERPRET the CPU runs the ops' torch references: this test is about the process.)
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([sys.executable, "-m", "edgellm.cli", "serve", str(llama_dir), "--port", str(port),
                                 "--device", "cpu", "--max-batch-size", "2", "--served-model-name", "tiny"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -144,10 +145,16 @@ def test_serve_command_is_ready_serves_and_drains_on_sigterm(llama_dir):
         answer = client.chat.completions.create(model="tiny", max_tokens=4, messages=[{"role": "user",
                                                                                      "content": "w3 w4"}])
         assert answer.choices[0].message.content is not None and answer.model == "tiny"
-        process.send_signal(signal.SIGTERM)
+        body = {"model": "tiny", "prompt": "w3 w4", "max_tokens": 40, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            process.send_signal(signal.SIGTERM)  # (while the stream is in flight: it finishes first)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]" and '"finish_reason":"length"' in rest[-2]
         output, _ = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0, output
-    assert f"tiny ready at http://127.0.0.1:{port}/v1" in output and "draining" in output
+    assert f"tiny ready at http://127.0.0.1:{port}/v1" in output and "draining 1 request(s)" in output
