@@ -31,7 +31,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))  # (after it: bench/ser
 
 from edgellm import LLMGenerationRequest, LLMInferenceRuntime  # noqa: E402
 from edgellm.benchmark import bench_decode, copy_bandwidth, random_model_dir  # noqa: E402
-from serving_http import ensure_tokenizer, http_closed_loop, start_server, stop_server  # noqa: E402
+from serving_http import ensure_tokenizer, http_closed_loop, run_clients, start_server, stop_server  # noqa: E402
 
 
 def workload(count: int, vocab: int, seed: int = 0) -> list[LLMGenerationRequest]:
@@ -80,13 +80,7 @@ def closed_loop(runtime, jobs: list[LLMGenerationRequest], clients: int, seriali
 
     lock_jobs = threading.Lock()
     steps = dict(runtime._loop.step_counts)
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    began = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - began
+    began, wall = run_clients(client, clients)
     tokens = sum(len(times) for times in times_all)
     steady_end = last_taken[0] or began + wall
     steady = sum(began <= t <= steady_end for times in times_all for t in times)

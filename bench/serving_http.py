@@ -98,6 +98,17 @@ def stream_completion(connection: http.client.HTTPConnection, body: bytes) -> tu
     return sent, arrivals, tokens
 
 
+def run_clients(client, count: int) -> tuple[float, float]:
+    """`count` threads running client() until each returns: (start time, wall seconds)."""
+    threads = [threading.Thread(target=client) for _ in range(count)]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return began, time.perf_counter() - began
+
+
 def http_closed_loop(port: int, jobs: list[dict], clients: int, percentile) -> dict:
     """bench/serving.py's closed_loop over HTTP: each client sends its next job when the last one is done."""
     queue = list(reversed(jobs))
@@ -132,13 +143,7 @@ def http_closed_loop(port: int, jobs: list[dict], clients: int, percentile) -> d
                     itl.extend((b - a) * 1e3 for a, b in zip(arrivals, arrivals[1:]))
         connection.close()
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    began = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - began
+    began, wall = run_clients(client, clients)
     steady_end = last_taken[0] or began + wall
     # Tokens per chunk: a stream's tokens spread over its chunks (one token each unless the server joined some).
     steady = sum(count / max(len(arrivals), 1) * sum(began <= t <= steady_end for t in arrivals)

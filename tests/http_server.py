@@ -14,9 +14,9 @@ import time
 from edgellm.kernels.dispatch import use_reference
 
 try:  # the HTTP client the openai and anthropic packages bring (httpx2 in their newer releases)
-    import httpx2 as httpx
+    import httpx2 as httpx  # noqa: F401 (the tests import it from here)
 except ImportError:
-    import httpx
+    import httpx  # noqa: F401
 
 
 def free_port() -> int:

@@ -8,7 +8,7 @@ import uuid
 from ..requests import LLMGenerationRequest, LLMGenerationResponse
 from .errors import invalid
 from .openai_api import Job
-from .params import Body, base64_bytes, model_adapter, sampling
+from .params import Body, base64_bytes, message_of, model_adapter, sampling
 
 _IGNORED = ("metadata", "service_tier", "cache_control")  # (bookkeeping: no effect on the output)
 _IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
@@ -66,9 +66,7 @@ def _message(message, index: int) -> dict:
         else:
             raise invalid(f"{where}.content.{j}: text blocks (and image blocks in user messages) are supported",
                           "messages")
-    if all(p["type"] == "text" for p in parts):
-        return {"role": role, "content": "".join(p["text"] for p in parts)}
-    return {"role": role, "content": parts}
+    return message_of(role, parts)
 
 
 def _image(source, where: str) -> bytes:

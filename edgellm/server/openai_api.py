@@ -10,7 +10,7 @@ import uuid
 
 from ..requests import LLMGenerationRequest, LLMGenerationResponse
 from .errors import invalid
-from .params import Body, data_uri_bytes, model_adapter, processing, sampling
+from .params import Body, data_uri_bytes, message_of, model_adapter, processing, sampling
 
 # Accepted and without effect on the output (OpenAI bookkeeping fields).
 _IGNORED = ("user", "store", "metadata", "service_tier", "parallel_tool_calls", "stream_options")
@@ -112,9 +112,7 @@ def _message(message, index: int) -> dict:
             raise invalid(f"{where}.content[{j}] must be a text part or an image_url part", "messages")
     if role != "user" and any(p["type"] == "image" for p in parts):
         raise invalid(f"{where}: images go in user messages", "messages")
-    if all(p["type"] == "text" for p in parts):  # (a template may expect a string for these roles)
-        return {"role": role, "content": "".join(p["text"] for p in parts)}
-    return {"role": role, "content": parts}
+    return message_of(role, parts)
 
 
 def parse_completion(raw, defaults: dict, models: dict) -> Job:

@@ -122,6 +122,14 @@ def sampling(body: Body, defaults: dict, *, temperature_high: float = 2.0) -> di
             "seed": body.integer("seed", low=-(1 << 63), high=(1 << 64) - 1)}
 
 
+def message_of(role: str, parts: list[dict]) -> dict:
+    """A chat message for the runtime from its content parts: text-only parts joined into one string (a
+    chat template may expect a string for any role), else the text and image parts as they are."""
+    if all(p["type"] == "text" for p in parts):
+        return {"role": role, "content": "".join(p["text"] for p in parts)}
+    return {"role": role, "content": parts}
+
+
 def data_uri_bytes(url: str, where: str) -> bytes:
     """The bytes of a base64 `data:` URI. The server never fetches: any other URL is refused."""
     if not isinstance(url, str) or not url.startswith("data:"):
