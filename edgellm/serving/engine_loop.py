@@ -28,7 +28,6 @@ The loop holds the runtime's engine turn (runtime.py) for as long as it has work
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import threading
 import time
@@ -38,13 +37,15 @@ import torch
 
 from ..engine.devices import to_device
 from ..engine.graphs import prefill_bucket
-from ..engine.kv_store import KVReuseStats
 from ..multimodal import prefill_positions
 from ..engine.modes import caller_kernel_settings, kernel_settings
 from ..streaming import advance_rows
+from .launched import Launched
+from .prefill_rate import PrefillRate
 from .request_handle import RequestHandle
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .speculative_step import speculative_step
 
 log = logging.getLogger("edgellm")
 
@@ -52,40 +53,6 @@ log = logging.getLogger("edgellm")
 # 16 clients, bench/serving.py): 256 / 384 / 512 gave 79.8 / 81.1 / 83.6% of the static batch's decode
 # tok/s with inter-token p99 1.73 / 1.84 / 2.06x its median; 384 is the largest within 2x.
 DEFAULT_PREFILL_BUDGET = 384
-
-
-@dataclasses.dataclass
-class Launched:
-    """A step queued on the device and not yet read: the decode rows it advances (in the batch's order
-    then), its PendingTokens, and the prompt chunk it prefilled ((sequence, tokens, whether the chunk
-    ends the prompt) per chunk row; their first tokens come first in the step's tokens)."""
-    rows: list[Sequence]
-    pending: object
-    chunks: list[tuple[Sequence, int, bool]] = dataclasses.field(default_factory=list)
-    began: float = 0.0
-
-
-class PrefillRate:
-    """What a KV hit's reused tokens saved: an estimate at the prefill time per token measured on
-    prompts that reused nothing (an exponential average); before any such prompt (a process whose
-    first request hits the disk tier), at the hit's own rate over the tokens it prefilled, where it
-    prefilled OWN_RATE_MIN_TOKENS or more (fewer are mostly the step's fixed cost)."""
-    OWN_RATE_MIN_TOKENS = 16
-
-    def __init__(self):
-        self.ms_per_token: float | None = None
-
-    def account(self, reuse: KVReuseStats, prefilled: int, prefill_ms: float, own_ms: float) -> None:
-        """One prompt's prefill (`prefilled` tokens in `prefill_ms`; `own_ms` of it its own prefill's,
-        for the fallback rate): the rate updated where it reused nothing, the saving added to `reuse`."""
-        if reuse.reused_tokens == 0 and prefilled > 0:
-            rate = prefill_ms / prefilled
-            self.ms_per_token = rate if self.ms_per_token is None else 0.5 * (self.ms_per_token + rate)
-        rate = self.ms_per_token
-        if rate is None and prefilled >= self.OWN_RATE_MIN_TOKENS:
-            rate = own_ms / prefilled
-        if rate is not None:
-            reuse.prefill_ms_saved += reuse.reused_tokens * rate
 
 
 class EngineLoop:
@@ -224,7 +191,7 @@ class EngineLoop:
             if chunks:
                 self._prefill(chunks, self._blocks_for(chunks))
             if self.batch and self._speculating():
-                self._speculative_step()
+                speculative_step(self)
             elif self.batch:
                 self._launch_decode()
                 launched = True
@@ -336,63 +303,6 @@ class EngineLoop:
         logits (penalties, bias, min_p): verify steps do not, so the batch takes plain steps then."""
         return any(seq.spec is not None for seq in self.batch) and \
             not any(seq.processing is not None or seq.logprobs is not None for seq in self.batch)
-
-    def _speculative_step(self) -> None:
-        """A step of a batch with speculating rows: each such row's drafts (its request's proposer, up to
-        its tokens left and the tree limit) verified in one step for the whole batch (rows without a
-        tree take a bare root: their plain decode token), or a plain step where no row proposes."""
-        while self._in_flight:  # (the drafts follow from every token so far)
-            self._take(self._in_flight.popleft())
-        runner = self.runner
-        rows = list(self.batch)
-        if runner.needs_rows_each_step:
-            runner.prepare_decode_rows([s.slot for s in rows], [s.prompt for s in rows], [s.row.ids for s in rows],
-                                       [s.adapter for s in rows])
-        groups: dict = {}  # a request's Speculation -> its rows' batch indices
-        for i, seq in enumerate(rows):
-            if seq.spec is not None and not seq.done:
-                groups.setdefault(seq.spec, []).append(i)
-        # Each row's draft limit from its request's back-off, then one proposal per proposer (the
-        # runtime's one: a draft model proposes for every row in one batch of its own steps).
-        wanted: dict = {}  # proposer -> (batch indices, slots, limits)
-        for spec, index in groups.items():
-            for i in index:
-                seq = rows[i]
-                left = min(seq.max_new - len(seq.row.ids),
-                           runner.max_tree_drafts(len(seq.prompt), len(seq.prompt) + len(seq.row.ids)))
-                entry = wanted.setdefault(spec.proposer, ([], [], []))
-                entry[0].append(i)
-                entry[1].append(seq.slot)
-                entry[2].append(spec.limit(seq.spec_row, left))
-        trees = [None] * len(rows)
-        for proposer, (index, slots, limits) in wanted.items():
-            if any(limit > 0 for limit in limits):
-                began = time.perf_counter()
-                for i, tree in zip(index, proposer.propose(slots, limits)):
-                    trees[i] = tree
-                share = (time.perf_counter() - began) * 1e3 / len(index)
-                for i in index:
-                    rows[i].spec.stats.propose_ms += share
-        proposing = {spec for spec, index in groups.items() if any(trees[i] is not None for i in index)}
-        if not proposing:
-            self.step_counts["decode"] += 1
-            self._take(Launched(rows, runner.decode_launch()))
-            return
-        self.step_counts["verify"] += 1
-        host = runner.verify_sample_trees([(t.tokens, t.parents) if t is not None else ([0], [-1])
-                                           for t in trees]).tolist()  # one copy to the host
-        accepted = [row[-1] for row in host]
-        tokens = [row[:n + 1] for row, n in zip(host, accepted)]
-        for spec, index in groups.items():
-            if spec in proposing:
-                spec.record([rows[i].spec_row for i in index], [tokens[i] for i in index],
-                            [trees[i] for i in index], [accepted[i] for i in index])
-            else:
-                spec.record([rows[i].spec_row for i in index], [tokens[i] for i in index])
-        for seq, new in zip(rows, tokens):
-            if not seq.done:
-                seq.offset += len(new)
-                self._advance(seq, new)
 
     def _launch_mixed(self, chunks: list[tuple[Sequence, int]]) -> None:
         seqs = [seq for seq, _ in chunks]
