@@ -2,7 +2,7 @@
 # The device script: GPU tests (kernels vs their references on CUDA, end-to-end generation vs
 # transformers, CUDA-graph decode vs eager, no reference op in the hot path), then the kernel and
 # decode benchmarks; short tables last.
-# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|tests1|tests2|kernels|decode|lora|kv|threads|serving|vision|vocab|families|quant|host|backends ...]
+# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|tests1|tests2|kernels|decode|lora|kv|threads|serving|http|processing|vision|vocab|families|quant|host|backends ...]
 # (no argument: all of them). Results go to $OUT (the device tool's folder) or bench/results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -70,6 +70,17 @@ if [[ " $parts " == *" backends "* ]]; then
 fi
 if [[ " $parts " == *" serving "* ]]; then
   python3 bench/serving.py --prefill-budget 512 256 128 --separate-prefill --json "$out/serving.json" 2> "$out/serving.stderr" || { status=1; tail -30 "$out/serving.stderr"; }
+fi
+if [[ " $parts " == *" processing "* ]]; then
+  python3 bench/logit_processing.py --json "$out/logit_processing.json" 2> "$out/logit_processing.stderr" \
+    || { status=1; tail -30 "$out/logit_processing.stderr"; }
+fi
+if [[ " $parts " == *" http "* ]]; then
+  # The serve extra is not on the device: carry .whl/ (README's Serve section and bench/RESULTS.md say which wheels).
+  python3 -c "import fastapi, uvicorn" 2>/dev/null || python3 -m pip install -q --no-deps \
+    .whl/{fastapi,starlette,pydantic,pydantic_core,annotated_types,annotated_doc,typing_inspection,uvicorn}-*.whl
+  python3 bench/serving.py --http --json "$out/serving_http.json" 2> "$out/serving_http.stderr" \
+    || { status=1; tail -30 "$out/serving_http.stderr"; }
 fi
 if [[ " $parts " == *" threads "* ]]; then
   python3 bench/threads.py --json "$out/threads.json" 2> "$out/threads.stderr" || { status=1; tail -30 "$out/threads.stderr"; }

@@ -214,8 +214,10 @@ class DecodeSteps:
         buf = self.running("decode_sample_step")
         processing = self.state.processing_active
         key = DecodeKey(buf.size, buf.uses_lora, processing)
-        self._ensure_graph(key.size, key.lora, processing)
         graph = self.graphs.get(key)
+        if graph is None and self.graphs.enabled:  # (processing turned on under this batch: captured now)
+            self._ensure_graph(key.size, key.lora, processing)
+            graph = self.graphs.get(key)
         if graph is not None:
             graph.replay()
         else:
