@@ -20,6 +20,7 @@ from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from . import anthropic_api, openai_api
 from .errors import ApiError, anthropic_body, from_edgellm, invalid, openai_body
@@ -91,6 +92,14 @@ def create_app(state: ServerState) -> FastAPI:
             return _error(error, shape)
         return await call_next(request)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        """Routing errors (no such path, wrong method) in the API's error shape too."""
+        shape = anthropic_body if request.url.path.startswith("/v1/messages") else openai_body
+        message = {404: f"no such endpoint: {request.method} {request.url.path}",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return _error(ApiError(exc.status_code, message), shape)
+
     @app.get("/health")
     async def health():
         stats = state.runtime.serving_stats() if state.runtime is not None else {"waiting": 0, "running": 0}
@@ -116,6 +125,16 @@ def create_app(state: ServerState) -> FastAPI:
                  "parent": None if not adapter else base, "max_model_len": capacity}
                 for name, adapter in state.models().items()]
         return {"object": "list", "data": data}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str):
+        try:
+            state.serving_runtime()
+            if model_id not in state.models():
+                raise ApiError(404, f"The model `{model_id}` does not exist", param="model", code="model_not_found")
+        except ApiError as exc:
+            return _error(exc, openai_body)
+        return next(m for m in (await models())["data"] if m["id"] == model_id)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):

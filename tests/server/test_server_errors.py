@@ -172,3 +172,17 @@ def test_lora_loading_only_when_allowed(runtime, server, lora_adapters, tiny_mod
         assert _post(lora_url, "/v1/unload_lora_adapter", {"lora_name": "a"}).status_code == 404
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="a", prompt="w3 w7", max_tokens=5)
+
+
+def test_routing_errors_and_model_retrieval(server):
+    url, state = server
+    missing = httpx.get(url + "/v1/nothing-here")
+    assert missing.status_code == 404 and "no such endpoint" in missing.json()["error"]["message"]
+    wrong = httpx.get(url + "/v1/chat/completions")
+    assert wrong.status_code == 405 and "GET is not allowed" in wrong.json()["error"]["message"]
+    anthropic_shape = httpx.get(url + "/v1/messages")
+    assert anthropic_shape.json()["type"] == "error"
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    assert client.models.retrieve(state.settings.model_name).id == state.settings.model_name
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
