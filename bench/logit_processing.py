@@ -2,7 +2,8 @@
 processing kernel on [rows, vocab] float32 logits with every row enabled (against its torch reference,
 and against the bandwidth floor of the bytes it moves: logits read and written, counts, seen and bias
 read), and a decode step of 16 rows (graphs, 512-token contexts) with no slot processing (the plain
-graph), one slot, and every slot (penalties and bias; the step then also writes every row's logprobs).
+graph), one slot, and every slot processing (penalties, bias, min_p), then with logprobs written too (one
+slot asking: the step writes every row's).
 
 Run on a CUDA GPU:  python bench/logit_processing.py [--shape llama-3.2-1b] [--json F]
 """
@@ -79,6 +80,11 @@ def main() -> None:
         for slot in range(1, ROWS):
             runner.set_logit_processing(slot, SETTINGS, prompts[slot], 1.0)
         steps["every slot"] = per_call_us(lambda: runner.decode_launch().wait(), args.reps)
+        runner.want_logprobs(0, True)
+        steps["+ logprobs"] = per_call_us(lambda: runner.decode_launch().wait(), args.reps)
+        for slot in range(ROWS):
+            runner.clear_logit_processing(slot)
+        steps["logprobs only"] = per_call_us(lambda: runner.decode_launch().wait(), args.reps)
     print(f"logit processing  {args.shape}  copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     print("rows   vocab  kernel us  reference us  floor us  kernel/floor")
     for row in kernels:

@@ -67,9 +67,9 @@ class DecodeSteps:
                                                self.adapters.capacity)
         return self.buffers[size]
 
-    def step_body(self, buf: DecodeBuffers, uses_lora: bool, processing: bool = False) -> None:
+    def step_body(self, buf: DecodeBuffers, uses_lora: bool, processing: bool = False, logprobs: bool = False) -> None:
         """One decode step on `buf`, device work only: what a graph captures (processing: with the
-        rows' logit processing, engine/logit_processing.py)."""
+        rows' logit processing, engine/logit_processing.py; logprobs: writing buf.logprobs)."""
         state = self.state
         lengths = state.kv_cache.lengths
         scratch = state.kv_cache.scratch_slot
@@ -83,7 +83,7 @@ class DecodeSteps:
         buf.offsets += 1
         buf.tokens.copy_(state.sample(logits, buf.temperature, buf.top_k, buf.top_p, buf.seeds, buf.offsets,
                                       slots=buf.slots if processing else None, count=True,
-                                      logprobs=buf.logprobs if processing else None))
+                                      logprobs=buf.logprobs if logprobs else None))
         buf.logits = logits
 
     def capture_decode_graphs(self, batch_sizes=None, lora: bool = False) -> list[int]:
@@ -103,22 +103,22 @@ class DecodeSteps:
             sizes.append(size)
         return sorted(set(sizes))
 
-    def _ensure_graph(self, size: int, uses_lora: bool, processing: bool = False) -> None:
-        key = DecodeKey(size, uses_lora, processing)
+    def _ensure_graph(self, size: int, uses_lora: bool, processing: bool = False, logprobs: bool = False) -> None:
+        key = DecodeKey(size, uses_lora, processing, logprobs)
         if not self.graphs.enabled or self.graphs.get(key) is not None:
             return
         buf = self._buffers(size)
         if buf is self.active:  # (processing turned on under a running batch: its rows wait meanwhile)
             with self.rows_set_aside(buf):
-                self.graphs.capture(key, lambda: self.step_body(buf, uses_lora, processing))
+                self.graphs.capture(key, lambda: self.step_body(buf, uses_lora, processing, logprobs))
             return
         empty = torch.empty(0, dtype=torch.int64, device=self.state.device)
         buf.load(tokens=empty, slots=empty, temperature=empty, top_k=empty, top_p=empty, seeds=empty, offsets=empty,
                  lora=empty)
         buf.lora_used.zero_()
         # Warm-up and capture touch only the scratch slot: every row of `buf` is padding here.
-        self.graphs.capture(key, lambda: self.step_body(buf, uses_lora, processing))
-        if not processing:  # (verify steps take no rows that process their logits: the engine loop's rule)
+        self.graphs.capture(key, lambda: self.step_body(buf, uses_lora, processing, logprobs))
+        if not (processing or logprobs):  # (verify steps take no rows that process their logits: the engine loop's rule)
             self.verify.capture_graphs(buf, uses_lora)
 
     def start_decode(self, tokens, slots, temperature, top_k, top_p, seeds, offsets, lora=None) -> None:
@@ -179,7 +179,7 @@ class DecodeSteps:
     def _load_rows(self, rows: dict, lora_rows: list[int], slots: list[int] | None) -> None:
         size = self._padded_size(rows["slots"].shape[0])
         self.active = None
-        self._ensure_graph(size, any_adapter(lora_rows), self.state.processing_active)
+        self._ensure_graph(size, any_adapter(lora_rows), self.state.processing_active, self.state.logprobs_active)
         buf = self._buffers(size)
         buf.load(**rows)
         buf.lora_used.copy_(to_device(used_slot_list(lora_rows, self.adapters.capacity), torch.int32,
@@ -212,16 +212,15 @@ class DecodeSteps:
         """One decode step of the rows set by start_decode: returns their sampled tokens, [n] int64 on
         the device (a view of the static buffer, overwritten by the next step)."""
         buf = self.running("decode_sample_step")
-        processing = self.state.processing_active
-        key = DecodeKey(buf.size, buf.uses_lora, processing)
+        key = DecodeKey(buf.size, buf.uses_lora, self.state.processing_active, self.state.logprobs_active)
         graph = self.graphs.get(key)
         if graph is None and self.graphs.enabled:  # (processing turned on under this batch: captured now)
-            self._ensure_graph(key.size, key.lora, processing)
+            self._ensure_graph(key.size, key.lora, key.processing, key.logprobs)
             graph = self.graphs.get(key)
         if graph is not None:
             graph.replay()
         else:
-            self.step_body(buf, buf.uses_lora, processing)
+            self.step_body(buf, buf.uses_lora, key.processing, key.logprobs)
         return buf.tokens[:buf.live_rows]
 
     def decode_launch(self) -> "PendingTokens":
@@ -230,8 +229,8 @@ class DecodeSteps:
         these tokens on the device) before reading these with .wait(): the host's work on step n
         then overlaps the GPU's on step n + 1. At most two may be pending at a time."""
         tokens = self.decode_sample_step()
-        processing = self.state.processing_active  # (the step just launched wrote logprobs)
-        return self.pending(tokens, self.active.logprobs[:tokens.shape[0]] if processing else None)
+        wrote = self.state.logprobs_active  # (the step just launched wrote logprobs)
+        return self.pending(tokens, self.active.logprobs[:tokens.shape[0]] if wrote else None)
 
     def pending(self, tokens: torch.Tensor, logprobs: torch.Tensor | None = None) -> "PendingTokens":
         """A launched step's tokens (a device tensor of at most twice max_batch_size: engine/mixed_steps.py

@@ -32,10 +32,12 @@ from .logit_processing import LOGPROB_WIDTH
 @dataclasses.dataclass(frozen=True)
 class DecodeKey:
     """A decode step of `size` rows (the padded batch size). processing: the step runs the logit
-    processing kernels (engine/logit_processing.py: some slot has penalties, bias or min_p)."""
+    processing kernels (engine/logit_processing.py: some slot has penalties, bias or min_p); logprobs:
+    it writes its rows' token logprobs (some slot asks for them)."""
     size: int
     lora: bool
     processing: bool = False
+    logprobs: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +82,7 @@ class MixedKey:
     length: int
     lora: bool
     processing: bool = False  # (DecodeKey's)
+    logprobs: bool = False
 
 
 class DecodeBuffers:

@@ -6,8 +6,8 @@ written by those steps beside their tokens while some slot asks for them.
 Settings live by KV slot, not by batch row: a step passes its rows' slots, and a row joining or leaving
 the batch changes nothing here. enable() sets a slot's settings when its sequence is admitted (before
 its prompt's first chunk: the first token is processed too), disable() when it leaves; the steps' graphs
-carry the kernels only while some slot is enabled (`active`, part of the graph keys), so requests
-without these settings pay nothing. Token ids are logits columns: with a reduced vocabulary, ids outside
+carry the kernels only while some slot is enabled, and write logprobs only while some slot asks for
+them (two flags of the graph keys), so requests without these settings pay nothing. Token ids are logits columns: with a reduced vocabulary, ids outside
 it are dropped from the prompt's seen set and from logit_bias (they can never be sampled anyway).
 """
 
@@ -52,9 +52,14 @@ class LogitProcessing:
         self._column = None if vocab_map is None else {int(full): i for i, full in enumerate(vocab_map.tolist())}
 
     @property
-    def active(self) -> bool:
-        """Steps launched now process logits and write logprobs (part of their graph keys)."""
-        return bool(self.on or self.logprob_slots)
+    def processing(self) -> bool:
+        """Steps launched now run the processing kernels (part of their graph keys)."""
+        return bool(self.on)
+
+    @property
+    def logprobs(self) -> bool:
+        """Steps launched now write their rows' logprobs (part of their graph keys)."""
+        return bool(self.logprob_slots)
 
     def want_logprobs(self, slot: int, wanted: bool) -> None:
         (self.logprob_slots.add if wanted else self.logprob_slots.discard)(slot)

@@ -75,7 +75,8 @@ class MixedSteps:
         lora_rows = self.adapters.rows(lora, rows)
         uses_lora = any_adapter(dbuf.lora_host + lora_rows)
         ids = _id_arrays([p[c:] for p, c in zip(prompts, cached)], self.state.weights.embed.shape[0])
-        key = MixedKey(dbuf.size, rows, prefill_bucket(width), uses_lora, self.state.processing_active)
+        key = MixedKey(dbuf.size, rows, prefill_bucket(width), uses_lora, self.state.processing_active,
+                       self.state.logprobs_active)
         mbuf = self._buffers(rows, key.length, dbuf.size)
         graph = self._graph(key, dbuf, mbuf)
         # The chunk's integers in MixedBuffers.inputs' layout, one host-to-device copy.
@@ -93,9 +94,9 @@ class MixedSteps:
         if graph is not None:
             graph.replay()
         else:  # eager: the chunk's own width, no padding computed
-            self._body(dbuf, mbuf, uses_lora, width, key.processing)
+            self._body(dbuf, mbuf, uses_lora, width, key.processing, key.logprobs)
         return self.decode.pending(mbuf.tokens[:rows + dbuf.live_rows],
-                                   mbuf.logprobs[:rows + dbuf.live_rows] if key.processing else None)
+                                   mbuf.logprobs[:rows + dbuf.live_rows] if key.logprobs else None)
 
     def _buffers(self, rows: int, length: int, size: int) -> MixedBuffers:
         buf = self.buffers.get((rows, length, size))
@@ -112,7 +113,8 @@ class MixedSteps:
             # cache is touched, and the running rows are put back after.
             with self.decode.rows_set_aside(dbuf):
                 mbuf.reset()
-                graph = self.graphs.capture(key, lambda: self._body(dbuf, mbuf, key.lora, processing=key.processing))
+                graph = self.graphs.capture(key, lambda: self._body(dbuf, mbuf, key.lora, None, key.processing,
+                                                                    key.logprobs))
         return graph
 
     def capture_graphs(self, budget: int, lora: bool = False) -> list[MixedKey]:
@@ -131,11 +133,12 @@ class MixedSteps:
         return keys
 
     def _body(self, dbuf, mbuf: MixedBuffers, uses_lora: bool, width: int | None = None,
-              processing: bool = False) -> None:
+              processing: bool = False, logprobs: bool = False) -> None:
         """One mixed step on `dbuf` and `mbuf`, device work only (what a graph captures); width: the chunk
         tokens of each row computed (None: the buffers' whole length, as a graph must); processing: with
         the rows' logit processing (engine/logit_processing.py; the chunk rows' first tokens are counted
-        when they join, on the host: only the rows whose prompt ends in the chunk keep theirs)."""
+        when they join, on the host: only the rows whose prompt ends in the chunk keep theirs); logprobs:
+        writing every row's logprobs (mbuf.logprobs, in mbuf.tokens' order)."""
         state = self.state
         lengths = state.kv_cache.lengths
         scratch = state.kv_cache.scratch_slot
@@ -153,11 +156,11 @@ class MixedSteps:
         dbuf.offsets += 1
         dbuf.tokens.copy_(state.sample(logits[:size], dbuf.temperature, dbuf.top_k, dbuf.top_p, dbuf.seeds,
                                        dbuf.offsets, slots=dbuf.slots if processing else None, count=True,
-                                       logprobs=dbuf.logprobs if processing else None))
+                                       logprobs=dbuf.logprobs if logprobs else None))
         dbuf.logits = logits[:size]
         mbuf.tokens[:rows].copy_(state.sample(logits[size:], mbuf.temperature, mbuf.top_k, mbuf.top_p, mbuf.seeds,
                                               mbuf.first_offsets, slots=mbuf.slots if processing else None,
-                                              logprobs=mbuf.logprobs[:rows] if processing else None))
+                                              logprobs=mbuf.logprobs[:rows] if logprobs else None))
         mbuf.tokens[rows:].copy_(dbuf.tokens)
-        if processing:
+        if logprobs:
             mbuf.logprobs[rows:].copy_(dbuf.logprobs)

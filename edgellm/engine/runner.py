@@ -252,14 +252,14 @@ class LLMEngineRunner:
         device; kernels/sampling.py: the draw is keyed by seed and RNG offset), as full-vocabulary ids.
         slots: the rows' KV slots, whose logit processing (set_logit_processing) applies first.
         with_logprobs: returns (tokens, each row's logprobs as decode steps write them: LOGPROB_WIDTH values)."""
-        if slots is None or self.backend != "triton" or not self.state.processing_active:
-            if with_logprobs:
-                raise ConfigurationError("sample(with_logprobs=True) needs slots that asked for logprobs")
+        if self.backend != "triton":  # (the runtime refuses logit processing and logprobs there)
             return self.state.sample(logits, temperature, top_k, top_p, seeds, offsets)
+        processed = slots is not None and self.state.processing_active
         out = torch.empty(logits.shape[0], LOGPROB_WIDTH, dtype=torch.float32, device=self.device) \
             if with_logprobs else None
         tokens = self.state.sample(logits, temperature, top_k, top_p, seeds, offsets,
-                                   slots=to_device(slots, torch.int32, self.device), logprobs=out)
+                                   slots=to_device(slots, torch.int32, self.device) if processed else None,
+                                   logprobs=out)
         return (tokens, out.tolist()) if with_logprobs else tokens
 
     # ---- logit processing per slot (engine/logit_processing.py) ----

@@ -76,7 +76,12 @@ class EngineState:
     @property
     def processing_active(self) -> bool:
         """Some slot processes its logits now: steps launched now run the processing kernels."""
-        return self.processing is not None and self.processing.active
+        return self.processing is not None and self.processing.processing
+
+    @property
+    def logprobs_active(self) -> bool:
+        """Some slot reports logprobs now: steps launched now write them."""
+        return self.processing is not None and self.processing.logprobs
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids [...] -> input embeddings [..., hidden] in the engine dtype."""
