@@ -318,22 +318,28 @@ async def _openai_events(job, handle, chat: bool, text_of):
     (stream_options.include_usage) and [DONE]."""
     choices = len(handle.prompt_lengths)
     offsets = [0] * choices  # (completions' text_offset)
+    text_chunks = openai_api.TextChunks(job, chat)
     if chat:
-        for i in range(choices):
-            yield _sse(openai_api.chat_chunk(job, i, {"role": "assistant", "content": ""}))
+        yield "".join(_sse(openai_api.chat_chunk(job, i, {"role": "assistant", "content": ""}))
+                      for i in range(choices))
     async for pieces in handle.adeltas():
+        out = []  # (the chunks of one burst of deltas go out in one write)
         for item, text, reason, entries in _merged(pieces):
             logprobs = None
             if job.request.logprobs is not None and entries:
                 logprobs = openai_api.chat_logprobs(entries, text_of) if chat else \
                     openai_api.completion_logprobs(entries, text_of, offsets[item])
             offsets[item] += len(text)
-            if text or logprobs is not None:
-                yield _sse(openai_api.chat_chunk(job, item, {"content": text}, None, logprobs) if chat
-                           else openai_api.completion_chunk(job, item, text, None, logprobs))
+            if logprobs is not None:
+                out.append(_sse(openai_api.chat_chunk(job, item, {"content": text}, None, logprobs) if chat
+                                else openai_api.completion_chunk(job, item, text, None, logprobs)))
+            elif text:
+                out.append(text_chunks.sse(item, text))
             if reason is not None:
-                yield _sse(openai_api.chat_chunk(job, item, {}, reason) if chat
-                           else openai_api.completion_chunk(job, item, "", reason))
+                out.append(_sse(openai_api.chat_chunk(job, item, {}, reason) if chat
+                                else openai_api.completion_chunk(job, item, "", reason)))
+        if out:
+            yield "".join(out)
     if job.include_usage:
         yield _sse(openai_api.usage_chunk(job, handle.result(), chat))
     yield "data: [DONE]\n\n"

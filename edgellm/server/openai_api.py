@@ -5,6 +5,7 @@ them. No I/O here: app.py runs the jobs."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import uuid
 
@@ -209,6 +210,22 @@ def completion_chunk(job: Job, index: int, text: str, finish_reason: str | None 
     return {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
             "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
             **({"usage": None} if job.include_usage else {})}
+
+
+class TextChunks:
+    """The SSE line of a text-only chunk (chat_chunk's / completion_chunk's, JSON-encoded compactly) from
+    a prefix and suffix rendered once per request: a stream's per-token cost is one json.dumps of its text."""
+
+    def __init__(self, job: Job, chat: bool):
+        head = json.dumps({"id": job.id, "object": "chat.completion.chunk" if chat else "text_completion",
+                           "created": job.created, "model": job.model}, ensure_ascii=False, separators=(",", ":"))
+        self._head = head[:-1] + ',"choices":[{"index":'
+        self._field = ',"delta":{"content":' if chat else ',"text":'
+        self._tail = ('}' if chat else '') + ',"logprobs":null,"finish_reason":null}]' + \
+            (',"usage":null}' if job.include_usage else '}')
+
+    def sse(self, index: int, text: str) -> str:
+        return f"data: {self._head}{index}{self._field}{json.dumps(text, ensure_ascii=False)}{self._tail}\n\n"
 
 
 def usage_chunk(job: Job, response: LLMGenerationResponse, chat: bool) -> dict:

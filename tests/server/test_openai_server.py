@@ -211,3 +211,15 @@ def test_logprobs_in_chat_and_completions_streamed_or_not(runtime, client):
     assert lp.token_logprobs == pytest.approx([t.logprob for t in reference], abs=1e-5)
     assert [len(top) for top in lp.top_logprobs] == [2] * 5
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+
+
+@pytest.mark.parametrize("chat", [True, False])
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_fast_text_chunks_equal_the_chunk_objects_encoded(chat, include_usage):
+    from edgellm.server import openai_api
+
+    job = openai_api.Job(LLMGenerationRequest(requests=[{"prompt": "x"}]), 'mo"del/é', 1, True, include_usage, "id-1")
+    for text in ("plain", 'quotes " and \\ and \n', "émoji 🎉", ""):
+        expected = openai_api.chat_chunk(job, 3, {"content": text}) if chat else openai_api.completion_chunk(job, 3, text)
+        line = openai_api.TextChunks(job, chat).sse(3, text)
+        assert line == "data: " + json.dumps(expected, ensure_ascii=False, separators=(",", ":")) + "\n\n"
