@@ -80,7 +80,6 @@ class ServerState:
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="edgellm", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = ServerMetrics(lambda: state.runtime)
-    app.state.edgellm = state
 
     @app.middleware("http")
     async def check_api_key(request: Request, call_next):
