@@ -298,10 +298,12 @@ class EngineLoop:
         self._join(seqs, tokens.tolist(), logprobs)
 
     def _speculating(self) -> bool:
-        """Some row of the batch speculates: its next drafts follow from every token so far, so its
-        steps are read before the next is launched (no run-ahead). Not while a row processes its
-        logits (penalties, bias, min_p): verify steps do not, so the batch takes plain steps then."""
-        return any(seq.spec is not None for seq in self.batch) and \
+        """Some row of the batch may propose at the next step: its drafts follow from every token so
+        far, so its steps are read before the next is launched (no run-ahead). Rows whose back-off
+        sits the step out take plain steps, run ahead (_launch_decode spends their wait). Not while a
+        row processes its logits or reports logprobs: verify steps do neither, so the batch takes plain
+        steps then."""
+        return any(seq.spec is not None and not seq.spec.sits_out(seq.spec_row) for seq in self.batch) and \
             not any(seq.processing is not None or seq.logprobs is not None for seq in self.batch)
 
     def _launch_mixed(self, chunks: list[tuple[Sequence, int]]) -> None:
@@ -359,6 +361,9 @@ class EngineLoop:
             runner.prepare_decode_rows([s.slot for s in self.batch], [s.prompt for s in self.batch],
                                        [s.row.ids for s in self.batch], [s.adapter for s in self.batch])
         self.step_counts["decode"] += 1
+        for seq in self.batch:  # (speculating rows sitting this step out: one step of their wait spent)
+            if seq.spec is not None and seq.spec.sits_out(seq.spec_row):
+                seq.spec.pass_step(seq.spec_row)
         self._in_flight.append(Launched(list(self.batch), runner.decode_launch()))
 
     def _may_run_ahead(self) -> bool:

@@ -76,6 +76,17 @@ class Speculation:
         trees = self.proposer.propose([self.keys[row] for row in rows], limits)
         return trees if any(t is not None for t in trees) else None
 
+    def sits_out(self, row: int) -> bool:
+        """Row `row` will propose nothing at the next step (its back-off waits, or it stopped): the
+        engine loop may run that step ahead as a plain one (pass_step), not read every token first."""
+        backoff = self.backoff[row] if self.backoff is not None else None
+        return backoff is not None and (backoff.stopped or backoff.wait > 0)
+
+    def pass_step(self, row: int) -> None:
+        """A plain step the row sat out (sits_out): one step of its back-off's wait spent, as limit() spends it."""
+        if self.backoff is not None:
+            self.backoff[row].allows()
+
     def _cap(self, row: int) -> int:
         """Drafts this row may propose now: one while a costly proposer's row is not trusted."""
         return 1 if self.costly and self.backoff is not None and not self.backoff[row].trusted else self.max_drafts

@@ -68,6 +68,33 @@ def test_backoff_waits_longer_after_each_run_of_failures_and_resets_on_success()
     assert backoff.allows() and backoff.penalty == 1
 
 
+def test_sitting_out_and_passing_steps_follow_the_same_wait_as_limit():
+    """The engine loop runs a row's plain steps ahead while sits_out says it proposes nothing, spending
+    its wait with pass_step: the steps it sits out are the ones limit() would have refused."""
+    from edgellm.speculative.session import Speculation
+
+    class Cheap:
+        def begin(self, prompts):
+            pass
+
+        def extend(self, row, tokens):
+            pass
+
+    by_limit, by_pass = Speculation(Cheap(), [[5]], 4, adaptive=True), Speculation(Cheap(), [[5]], 4, adaptive=True)
+    refused, sat_out = [], []
+    for spec, record in ((by_limit, refused), (by_pass, sat_out)):
+        for _ in range(20):
+            if spec is by_pass and spec.sits_out(0):
+                spec.pass_step(0)
+                record.append(False)
+                continue
+            allowed = spec.limit(0, 100) > 0
+            record.append(allowed)
+            if allowed:
+                spec.backoff[0].update(0)  # (every draft rejected)
+    assert refused == sat_out and refused.count(False) >= 5
+
+
 def test_a_costly_proposer_probes_with_one_token_until_trusted_and_gives_up_if_never_right():
     from edgellm.speculative.session import Speculation
 
