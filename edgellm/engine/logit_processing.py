@@ -22,6 +22,7 @@ from .devices import to_device
 
 TOP_LOGPROBS = 20  # the most alternatives a token's logprobs report (OpenAI's top_logprobs bound)
 LOGPROB_WIDTH = 1 + 2 * TOP_LOGPROBS  # a row of step logprobs: the sampled token's, the top values, their ids
+_SCALARS = ("presence", "frequency", "repetition", "min_p", "temperature")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +46,9 @@ class LogitProcessing:
         self.seen = torch.zeros(slots, vocab, dtype=torch.uint8, device=device)
         self.bias = torch.zeros(slots, vocab, dtype=torch.float32, device=device)
         self.enabled = torch.zeros(slots, dtype=torch.int32, device=device)
-        self.scalars = {name: torch.zeros(slots, dtype=torch.float32, device=device)
-                        for name in ("presence", "frequency", "repetition", "min_p", "temperature")}
+        # The per-slot scalars, one row each of one table (enable() writes a slot's column in one copy).
+        self.table = torch.zeros(len(_SCALARS), slots, dtype=torch.float32, device=device)
+        self.scalars = dict(zip(_SCALARS, self.table.unbind(0)))
         self.on: set[int] = set()  # the enabled slots, on the host
         self.logprob_slots: set[int] = set()  # slots whose rows report token logprobs
         self._column = None if vocab_map is None else {int(full): i for i, full in enumerate(vocab_map.tolist())}
@@ -85,11 +87,9 @@ class LogitProcessing:
         if pairs:
             self.bias[slot, to_device([c for c, _ in pairs], torch.int64, device)] = \
                 to_device([v for _, v in pairs], torch.float32, device)
-        values = {"presence": settings.presence_penalty, "frequency": settings.frequency_penalty,
-                  "repetition": settings.repetition_penalty, "min_p": settings.min_p, "temperature": temperature}
-        row = to_device([values[name] for name in self.scalars], torch.float32, device)
-        for i, tensor in enumerate(self.scalars.values()):
-            tensor[slot:slot + 1].copy_(row[i:i + 1])
+        self.table[:, slot].copy_(to_device([settings.presence_penalty, settings.frequency_penalty,
+                                             settings.repetition_penalty, settings.min_p, temperature],
+                                            torch.float32, device))  # (in _SCALARS' order)
         self.enabled[slot:slot + 1].fill_(1)
         self.on.add(slot)
 

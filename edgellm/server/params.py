@@ -25,9 +25,6 @@ class Body:
         value = self._body.get(name, _MISSING)
         return default if value is _MISSING or value is None else value
 
-    def has(self, name: str) -> bool:
-        return self._body.get(name) is not None
-
     def number(self, name: str, default=None, *, low=None, high=None, low_open=False):
         value = self.raw(name, _MISSING)
         if value is _MISSING:

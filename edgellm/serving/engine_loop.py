@@ -291,10 +291,11 @@ class EngineLoop:
         device = logits.device
         settings = [to_device(values, dtype, device) for values, dtype in
                     zip(self._row_settings(seqs), (torch.float32, torch.int32, torch.float32, torch.int64, torch.int64))]
-        wanted = any(seq.logprobs is not None for seq in seqs)
-        tokens, logprobs = self.runner.sample(logits, *settings, slots=[seq.slot for seq in seqs],
-                                              with_logprobs=wanted) if wanted else \
-            (self.runner.sample(logits, *settings, slots=[seq.slot for seq in seqs]), None)
+        slots = [seq.slot for seq in seqs]
+        if any(seq.logprobs is not None for seq in seqs):
+            tokens, logprobs = self.runner.sample(logits, *settings, slots=slots, with_logprobs=True)
+        else:
+            tokens, logprobs = self.runner.sample(logits, *settings, slots=slots), None
         self._join(seqs, tokens.tolist(), logprobs)
 
     def _speculating(self) -> bool:
