@@ -77,8 +77,7 @@ if [[ " $parts " == *" processing "* ]]; then
 fi
 if [[ " $parts " == *" http "* ]]; then
   # The serve extra is not on the device: carry .whl/ (README's Serve section and bench/RESULTS.md say which wheels).
-  python3 -c "import fastapi, uvicorn" 2>/dev/null || python3 -m pip install -q --no-deps \
-    .whl/{fastapi,starlette,pydantic,pydantic_core,annotated_types,annotated_doc,typing_inspection,uvicorn}-*.whl
+  python3 -c "import fastapi, uvicorn" 2>/dev/null || python3 -m pip install -q --no-deps .whl/*.whl
   python3 bench/serving.py --http --json "$out/serving_http.json" 2> "$out/serving_http.stderr" \
     || { status=1; tail -30 "$out/serving_http.stderr"; }
 fi

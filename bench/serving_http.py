@@ -40,13 +40,14 @@ def ensure_tokenizer(model_dir: Path, vocab: int) -> None:
 
 
 def start_server(model_dir, *, max_batch: int, max_input: int, capacity: int, prefill_budget: int | None, device: str = "cuda",
-                 timeout: float = 300) -> tuple[subprocess.Popen, int]:
+                 timeout: float = 300, options: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:
     port = free_port()
     command = [sys.executable, "-m", "edgellm.cli", "serve", str(model_dir), "--port", str(port), "--device", device,
                "--dtype", "float16" if device == "cuda" else "float32", "--max-batch-size", str(max_batch), "--max-input-length", str(max_input),
                "--max-kv-cache-capacity", str(capacity), "--served-model-name", "bench", "--drain-timeout", "10"]
     if prefill_budget:
         command += ["--prefill-budget", str(prefill_budget)]
+    command += list(options)
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + timeout

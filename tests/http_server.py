@@ -1,6 +1,7 @@
 """A real uvicorn server of edgellm.server on 127.0.0.1 (a free port), in a thread of the test process,
-for the HTTP tests: running_server(runtime, settings) yields its base URL and state. Its worker threads
-(where requests are submitted) run the ops' torch references, as reference_ops tests do."""
+for the HTTP tests: running_server(runtime, settings) yields its base URL and state. Its event loop's
+thread and worker threads (where requests are submitted) run the ops' torch references, as
+reference_ops tests do."""
 
 from __future__ import annotations
 
@@ -45,7 +46,11 @@ def running_server(runtime, settings=None, *, drain_seconds: float = 5.0):
         state.ready(runtime)
     loop = asyncio.new_event_loop()
     loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(8, initializer=_reference_thread))
-    thread = threading.Thread(target=loop.run_until_complete, args=(uv.serve(),), daemon=True)
+    def run() -> None:
+        with use_reference():
+            loop.run_until_complete(uv.serve())
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not uv.started:

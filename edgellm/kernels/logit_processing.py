@@ -5,6 +5,8 @@ token (frequency x its count, presence once it occurred); then min_p: a token wh
 row's temperature is below min_p x the top token's is ruled out (its logit lowered to 200 temperatures
 under the row's best, where its probability is 0 in float32: no infinities reach the sampling kernel's
 bisection). Rows whose slot is not enabled are left as they are (padding rows sit on the scratch slot).
+Two launches over (row, block of the vocabulary): the penalties, each block's max noted; then min_p,
+whose cut needs the row's max.
 
 Per-slot state ([slots, vocab] or [slots]): counts (int32, output tokens so far), seen (uint8: the
 prompt's tokens), bias (float32), and the scalars presence, frequency, repetition, min_p, temperature,
@@ -15,46 +17,58 @@ import torch
 
 from ._triton import tl, triton
 
-_BLOCK = 4096
+_BLOCK = 1024  # logits per program: a 128K vocabulary row spreads over 126 programs
 _RULED_OUT = 200.0  # temperatures under the row's best logit: exp(-200) is 0 in float32
 
 
 @triton.jit
-def _process_kernel(logits_ptr, stride_row, vocab, row_slots_ptr, enabled_ptr, counts_ptr, seen_ptr, bias_ptr,
-                    presence_ptr, frequency_ptr, repetition_ptr, min_p_ptr, temperature_ptr, RULED_OUT: tl.constexpr,
-                    BLOCK: tl.constexpr):
+def _penalties_kernel(logits_ptr, stride_row, vocab, row_slots_ptr, enabled_ptr, counts_ptr, seen_ptr, bias_ptr,
+                      presence_ptr, frequency_ptr, repetition_ptr, block_max_ptr, BLOCK: tl.constexpr):
+    """One block of one row: bias and penalties applied in place, the block's new max to block_max."""
     row = tl.program_id(0)
+    block = tl.program_id(1)
     slot = tl.load(row_slots_ptr + row).to(tl.int64)
     if tl.load(enabled_ptr + slot) != 0:
         presence = tl.load(presence_ptr + slot)
         frequency = tl.load(frequency_ptr + slot)
         repetition = tl.load(repetition_ptr + slot)
-        min_p = tl.load(min_p_ptr + slot)
-        temperature = tl.load(temperature_ptr + slot)
+        offs = block * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < vocab
         row_ptr = logits_ptr + row.to(tl.int64) * stride_row
         state = slot * vocab
-        best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-        for start in range(0, vocab, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            mask = offs < vocab
-            x = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
-            x += tl.load(bias_ptr + state + offs, mask=mask, other=0.0)
-            count = tl.load(counts_ptr + state + offs, mask=mask, other=0)
-            seen = tl.load(seen_ptr + state + offs, mask=mask, other=0)
-            repeated = (seen != 0) | (count > 0)
-            x = tl.where(repeated, tl.where(x > 0, x / repetition, x * repetition), x)
-            x = x - frequency * count.to(tl.float32) - tl.where(count > 0, presence, 0.0)
-            tl.store(row_ptr + offs, x, mask=mask)
-            best = tl.maximum(best, tl.where(mask, x, float("-inf")))
-        if (min_p > 0) & (temperature > 0):
-            row_max = tl.max(best, axis=0)
-            cut = row_max + temperature * tl.log(min_p)
-            floor = row_max - RULED_OUT * temperature
-            for start in range(0, vocab, BLOCK):
-                offs = start + tl.arange(0, BLOCK)
-                mask = offs < vocab
-                x = tl.load(row_ptr + offs, mask=mask, other=0.0)
-                tl.store(row_ptr + offs, tl.where(x < cut, tl.minimum(x, floor), x), mask=mask)
+        x = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        x += tl.load(bias_ptr + state + offs, mask=mask, other=0.0)
+        count = tl.load(counts_ptr + state + offs, mask=mask, other=0)
+        seen = tl.load(seen_ptr + state + offs, mask=mask, other=0)
+        repeated = (seen != 0) | (count > 0)
+        x = tl.where(repeated, tl.where(x > 0, x / repetition, x * repetition), x)
+        x = x - frequency * count.to(tl.float32) - tl.where(count > 0, presence, 0.0)
+        tl.store(row_ptr + offs, x, mask=mask)
+        tl.store(block_max_ptr + row * tl.num_programs(1) + block, tl.max(tl.where(mask, x, float("-inf")), axis=0))
+
+
+@triton.jit
+def _min_p_kernel(logits_ptr, stride_row, vocab, row_slots_ptr, enabled_ptr, min_p_ptr, temperature_ptr,
+                  block_max_ptr, RULED_OUT: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
+    """One block of one row whose slot sets min_p: logits under the cut (from the row's max, the max of
+    the blocks' maxima) lowered to the floor."""
+    row = tl.program_id(0)
+    block = tl.program_id(1)
+    slot = tl.load(row_slots_ptr + row).to(tl.int64)
+    min_p = tl.load(min_p_ptr + slot)
+    temperature = tl.load(temperature_ptr + slot)
+    if (tl.load(enabled_ptr + slot) != 0) & (min_p > 0) & (temperature > 0):
+        blocks = tl.arange(0, BLOCKS)
+        maxima = tl.load(block_max_ptr + row * tl.num_programs(1) + blocks, mask=blocks < tl.num_programs(1),
+                         other=float("-inf"))
+        row_max = tl.max(maxima, axis=0)
+        cut = row_max + temperature * tl.log(min_p)
+        floor = row_max - RULED_OUT * temperature
+        offs = block * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < vocab
+        row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+        x = tl.load(row_ptr + offs, mask=mask, other=0.0)
+        tl.store(row_ptr + offs, tl.where(x < cut, tl.minimum(x, floor), x), mask=mask)
 
 
 @triton.jit
@@ -73,9 +87,14 @@ def process_logits(logits: torch.Tensor, row_slots: torch.Tensor, enabled: torch
     _check(logits, row_slots, counts)
     rows, vocab = logits.shape
     if rows:
-        _process_kernel[(rows,)](logits, logits.stride(0), vocab, row_slots, enabled, counts, seen, bias, presence,
-                                 frequency, repetition, min_p, temperature, RULED_OUT=_RULED_OUT,
-                                 BLOCK=_BLOCK if logits.is_cuda else 64, num_warps=8 if logits.is_cuda else 4)
+        block = _BLOCK if logits.is_cuda else 64
+        blocks = triton.cdiv(vocab, block)
+        block_max = torch.empty(rows, blocks, dtype=torch.float32, device=logits.device)
+        grid = (rows, blocks)
+        _penalties_kernel[grid](logits, logits.stride(0), vocab, row_slots, enabled, counts, seen, bias, presence,
+                                frequency, repetition, block_max, BLOCK=block, num_warps=4)
+        _min_p_kernel[grid](logits, logits.stride(0), vocab, row_slots, enabled, min_p, temperature, block_max,
+                            RULED_OUT=_RULED_OUT, BLOCK=block, BLOCKS=triton.next_power_of_2(blocks), num_warps=4)
     return logits
 
 

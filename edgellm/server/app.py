@@ -2,7 +2,7 @@
 endpoints on an LLMInferenceRuntime's submit(), plus /health, /metrics and run-time LoRA loading.
 
 Each generation request: its body read under a size cap and parsed (openai_api.py, anthropic_api.py),
-submitted from a worker thread (tokenization and image decoding stay off the event loop), then answered
+submitted (from a worker thread where it has images to decode and preprocess), then answered
 whole or as server-sent events from the handle's deltas (RequestHandle.adeltas: no thread waits on the
 engine). A client that goes away cancels its request, so its KV slot frees at the next engine step.
 Every error is answered in its API's shape (errors.py); the runtime stays usable after each.
@@ -81,15 +81,8 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="edgellm", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = ServerMetrics(lambda: state.runtime)
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        key = state.settings.api_key
-        if key is not None and request.url.path.startswith("/v1/") and not _authorized(request, key):
-            shape = anthropic_body if request.url.path == "/v1/messages" else openai_body
-            error = ApiError(401, "invalid or missing API key (Authorization: Bearer KEY or x-api-key: KEY)",
-                             code="invalid_api_key")
-            return _error(error, shape)
-        return await call_next(request)
+    if state.settings.api_key is not None:
+        app.add_middleware(_ApiKeyCheck, key=state.settings.api_key)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -189,7 +182,10 @@ def create_app(state: ServerState) -> FastAPI:
             runtime = state.serving_runtime()
             raw = await _json(request, state.settings.max_request_bytes)
             job = parse(raw, runtime.generation_defaults, state.models())
-            handle = await asyncio.to_thread(runtime.submit, job.request)
+            # Images are decoded and preprocessed on a worker thread; a text or token-id prompt is prepared
+            # on the event loop (tokenizing takes less than the thread's two hops add to its TTFT).
+            handle = await asyncio.to_thread(runtime.submit, job.request) if _has_images(job.request) \
+                else runtime.submit(job.request)
         except Exception as exc:  # noqa: BLE001
             error = from_edgellm(exc, state.settings.retry_after_s)
             metrics.requests.labels(endpoint, str(error.status)).inc()
@@ -238,12 +234,36 @@ def create_app(state: ServerState) -> FastAPI:
     return app
 
 
-def _authorized(request: Request, key: str) -> bool:
-    given = request.headers.get("x-api-key")
-    if given is None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        given = token.strip() if scheme.lower() == "bearer" else ""
-    return hmac.compare_digest(given.encode(), key.encode())
+class _ApiKeyCheck:
+    """ASGI middleware: /v1/ requests need the key ("Authorization: Bearer KEY" or "x-api-key: KEY",
+    compared in constant time). Plain ASGI rather than @app.middleware("http"), whose wrapper passes
+    every streamed chunk through a memory stream and a task switch."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path.startswith("/v1/") and not self._authorized(scope):
+            shape = anthropic_body if path == "/v1/messages" else openai_body
+            error = ApiError(401, "invalid or missing API key (Authorization: Bearer KEY or x-api-key: KEY)",
+                             code="invalid_api_key")
+            await _error(error, shape)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope) -> bool:
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-api-key")
+        if given is None:
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            given = token.strip() if scheme.lower() == b"bearer" else b""
+        return hmac.compare_digest(given, self.key)
+
+
+def _has_images(request) -> bool:
+    return any(isinstance(message.get("content"), list) and any(part.get("type") == "image" for part in message["content"])
+               for item in request.requests for message in item.get("messages", ()))
 
 
 def _begin(state: ServerState) -> None:

@@ -5,6 +5,7 @@ requests ("draining"), let the ones in flight finish for up to `drain_seconds`, 
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from typing import Callable
 
@@ -44,9 +45,12 @@ def server(load: Callable[[], object], settings: ServerSettings, *, host: str = 
 
 
 def serve(load: Callable[[], object], settings: ServerSettings, *, host: str = "127.0.0.1", port: int = 8000,
-          drain_seconds: float = 30.0, log_level: str = "warning") -> int:
-    """Serve until Ctrl-C / SIGTERM; returns the exit status (0 after a drain, 1 if the model failed to load)."""
+          drain_seconds: float = 30.0, log_level: str = "warning", switch_interval_ms: float | None = None) -> int:
+    """Serve until Ctrl-C / SIGTERM; returns the exit status (0 after a drain, 1 if the model failed to load).
+    switch_interval_ms: the process's GIL switch interval (the engine loop and the event loop share it)."""
     uv, state = server(load, settings, host=host, port=port, drain_seconds=drain_seconds, log_level=log_level)
+    if switch_interval_ms is not None:
+        sys.setswitchinterval(switch_interval_ms / 1e3)
 
     def loading() -> None:
         try:

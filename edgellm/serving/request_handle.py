@@ -5,10 +5,11 @@ LLMGenerationResponse of a finished handle, built on the engine loop's thread fr
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
-import queue
 import threading
 import time
+import weakref
 from typing import AsyncIterator, Callable, Iterator
 
 from ..engine.kv_store import KVReuseStats
@@ -38,7 +39,7 @@ class RequestHandle:
         self.submitted = time.perf_counter()
         self.image_preprocess_ms = 0.0  # loading and preprocessing its images, before submit (runtime.py)
         self._wake, self._respond = wake, respond
-        self._deltas: queue.Queue = queue.Queue()  # Deltas, then None once every item is done
+        self._deltas = _Pieces()  # Deltas, then None once every item is done
         self._notify: Callable[[], None] | None = None  # wakes an adeltas() consumer (from the loop's thread)
         self._finished = threading.Event()
         self._error: BaseException | None = None
@@ -74,24 +75,12 @@ class RequestHandle:
     async def adeltas(self) -> AsyncIterator[list[Delta]]:
         """deltas() for asyncio, a list at a time (every Delta queued since the last list): awaits the
         engine loop without holding a thread; a consumer slower than the engine gets fewer, longer lists."""
-        loop = asyncio.get_running_loop()
         ready = asyncio.Event()
-        scheduled = [False]  # one wake-up in the asyncio loop's queue at a time, however many pieces come
-
-        def wake():
-            scheduled[0] = False
-            ready.set()
-
-        def notify():
-            if not scheduled[0]:
-                scheduled[0] = True
-                loop.call_soon_threadsafe(wake)
-
-        self._notify = notify
+        self._notify = _waker(asyncio.get_running_loop()).wake_up(ready)
         try:
             while True:
                 ready.clear()  # (before draining: a piece queued after the drain sets it again)
-                pieces = list(self._ready())
+                pieces = self._deltas.take_all()
                 ended = bool(pieces) and pieces[-1] is None
                 if ended:
                     pieces.pop()
@@ -111,13 +100,6 @@ class RequestHandle:
             pass
         return self.result()
 
-    def _ready(self) -> Iterator[Delta | None]:
-        while True:
-            try:
-                yield self._deltas.get_nowait()
-            except queue.Empty:
-                return
-
     def _new_logprobs(self, item: int) -> tuple:
         """The item's token logprobs not handed out in a Delta yet (on the loop's thread)."""
         seq = self.sequences[item]
@@ -135,7 +117,7 @@ class RequestHandle:
 
     def ready_pieces(self) -> Iterator[tuple[int, str]]:
         """The (item, text delta) pairs queued so far, without waiting (EngineLoop.run_until)."""
-        for piece in self._ready():
+        for piece in self._deltas.take_all():
             if piece is None:
                 self._deltas.put(None)  # (stream() still ends on it)
                 return
@@ -226,3 +208,74 @@ def respond(handle: RequestHandle):
                         for seq in sequences],
         logprobs=[token_logprobs(seq.row.ids, seq.token_logprobs[:len(seq.row.ids)], seq.logprobs)
                   for seq in sequences] if sequences[0].logprobs is not None else None)
+
+
+class _Pieces:
+    """A handle's queued Deltas: put by the loop's thread, taken one at a time by a waiting thread
+    (deltas()) or all at once (adeltas(), ready_pieces()). A deque and a condition, cheaper than
+    queue.Queue for the take-all a streaming server does at every step."""
+
+    def __init__(self):
+        self._items: collections.deque = collections.deque()
+        self._added = threading.Condition(threading.Lock())
+        self._waiting = 0
+
+    def put(self, piece) -> None:
+        self._items.append(piece)  # (atomic; the lock only orders it with a waiter's check)
+        if self._waiting:
+            with self._added:
+                self._added.notify()
+
+    def get(self):
+        """The next piece, waiting for one."""
+        with self._added:
+            self._waiting += 1
+            try:
+                while not self._items:
+                    self._added.wait()
+            finally:
+                self._waiting -= 1
+            return self._items.popleft()
+
+    def take_all(self) -> list:
+        items = self._items
+        return [items.popleft() for _ in range(len(items))]
+
+
+class _LoopWaker:
+    """Wake-ups of one asyncio loop's adeltas() consumers from the engine loop's thread, coalesced: the
+    handles one engine step feeds cost one call_soon_threadsafe (one wake of the event loop), not one each."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[asyncio.Event] = []
+
+    def wake_up(self, event: asyncio.Event) -> Callable[[], None]:
+        """A notify() for the loop's thread: sets `event` in the asyncio loop soon."""
+        def notify() -> None:
+            with self._lock:
+                self._pending.append(event)
+                if len(self._pending) > 1:
+                    return  # (a wake-up is already scheduled; it sets this event too)
+            self._loop.call_soon_threadsafe(self._run)
+        return notify
+
+    def _run(self) -> None:
+        with self._lock:
+            events, self._pending = self._pending, []
+        for event in events:
+            event.set()
+
+
+_wakers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWaker]" = weakref.WeakKeyDictionary()
+_wakers_lock = threading.Lock()
+
+
+def _waker(loop: asyncio.AbstractEventLoop) -> _LoopWaker:
+    with _wakers_lock:
+        waker = _wakers.get(loop)
+        if waker is None:
+            waker = _wakers[loop] = _LoopWaker(loop)
+        return waker
+

@@ -110,25 +110,6 @@ def test_bad_processing_values_are_refused(runtime):
     assert len(_generate(runtime, 3, temperature=0)) == 3
 
 
-@pytest.mark.gpu
-def test_on_cuda_with_graphs_processed_rows_match_the_cpu(tiny_models, runtime):
-    """CUDA graphs with the processing kernels (captured on first use, beside running rows), float32:
-    the greedy outputs of processed and plain rows sharing the batch equal the CPU runtime's."""
-    from edgellm.engine.graphs import DecodeKey
-
-    cuda = LLMInferenceRuntime(tiny_models["llama"][0], device="cuda", dtype="float32", max_batch_size=3,
-                               prefill_budget=4, prefill_chunk_size=8)
-    cuda.capture_graphs()
-    settings = [dict(temperature=0), dict(temperature=0, repetition_penalty=1.6, logit_bias={33: 2.5}),
-                dict(temperature=0, presence_penalty=1.0, frequency_penalty=0.4, min_p=0.2)]
-    expected = [_generate(runtime, 30 if i == 0 else 12, **s) for i, s in enumerate(settings)]
-    handles = [cuda.submit(LLMGenerationRequest(requests=[{"input_ids": PROMPT}], ignore_eos=True,
-                                                max_generate_length=30 if i == 0 else 12, **s))
-               for i, s in enumerate(settings)]
-    assert [h.result(120).output_ids[0] for h in handles] == expected
-    assert any(isinstance(k, DecodeKey) and k.processing for k in cuda.runner.graphs.graphs)
-
-
 def test_logprobs_are_the_raw_logits_log_softmax(runtime, tiny_models):
     """Each token's logprob and its top alternatives: transformers' log-softmax at that step (the raw
     logits: penalties and temperature change the draw, not the reported logprobs), first token included."""

@@ -3,6 +3,7 @@ CPU, compiled kernels on a GPU), and the references against transformers' and Op
 repetition penalty as transformers' RepetitionPenaltyLogitsProcessor, presence/frequency as OpenAI
 documents them, min_p as transformers' MinPLogitsWarper (a ruled-out token's probability is 0)."""
 
+import pytest
 import torch
 
 from edgellm.kernels import logit_processing as lp
@@ -12,12 +13,12 @@ from kernel_cases import DEVICE, randn
 VOCAB, SLOTS = 300, 5  # (slot 4: the scratch slot, never enabled)
 
 
-def _state(seed=0):
+def _state(seed=0, vocab=VOCAB):
     g = torch.Generator().manual_seed(seed)
-    counts = torch.randint(0, 3, (SLOTS, VOCAB), generator=g, dtype=torch.int32)
+    counts = torch.randint(0, 3, (SLOTS, vocab), generator=g, dtype=torch.int32)
     counts[4] = 0
-    seen = (torch.rand(SLOTS, VOCAB, generator=g) < 0.1).to(torch.uint8)
-    bias = torch.where(torch.rand(SLOTS, VOCAB, generator=g) < 0.05, torch.randn(SLOTS, VOCAB, generator=g) * 5, 0.0)
+    seen = (torch.rand(SLOTS, vocab, generator=g) < 0.1).to(torch.uint8)
+    bias = torch.where(torch.rand(SLOTS, vocab, generator=g) < 0.05, torch.randn(SLOTS, vocab, generator=g) * 5, 0.0)
     scalars = dict(presence=torch.tensor([0.5, 0.0, -1.0, 1.5, 0.0]), frequency=torch.tensor([0.3, 0.0, 0.7, -0.4, 0.0]),
                    repetition=torch.tensor([1.3, 1.0, 0.8, 2.0, 1.0]), min_p=torch.tensor([0.0, 0.2, 0.05, 0.0, 0.0]),
                    temperature=torch.tensor([1.0, 0.7, 1.3, 0.0, 1.0]))
@@ -26,9 +27,10 @@ def _state(seed=0):
     return {k: v.to(DEVICE) for k, v in state.items()}
 
 
-def test_process_logits_kernel_matches_its_reference():
-    state = _state()
-    logits = randn(6, VOCAB, seed=1) * 4
+@pytest.mark.parametrize("vocab", [VOCAB, 2500])  # (2500: several blocks of the GPU's block size too)
+def test_process_logits_kernel_matches_its_reference(vocab):
+    state = _state(vocab=vocab)
+    logits = randn(6, vocab, seed=1) * 4
     row_slots = torch.tensor([3, 0, 2, 1, 4, 4], dtype=torch.int32, device=DEVICE)
     got = lp.process_logits(logits.clone(), row_slots, **state)
     expected = lp.process_logits_ref(logits.clone(), row_slots, **state)
