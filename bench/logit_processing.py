@@ -1,7 +1,7 @@
 """What per-slot logit processing costs (kernels/logit_processing.py, engine/logit_processing.py): the
-processing kernel on [rows, vocab] float32 logits with every row enabled (against its torch reference,
-and against the bandwidth floor of the bytes it moves: logits read and written, counts, seen and bias
-read), and a decode step of 16 rows (graphs, 512-token contexts) with no slot processing (the plain
+processing kernels on [rows, vocab] float32 logits with every row enabled (timed in a CUDA graph), against
+their torch reference (eager) and the bandwidth floor of the bytes they move (logits read and written
+twice, counts, seen and bias read), and a decode step of 16 rows (graphs, 512-token contexts) with no slot processing (the plain
 graph), one slot, and every slot processing (penalties, bias, min_p), then with logprobs written too (one
 slot asking: the step writes every row's).
 
@@ -35,6 +35,25 @@ def per_call_us(fn, reps: int) -> float:
     return seconds / reps * 1e6
 
 
+def graphed_us(fn, reps: int, per_graph: int = 20) -> float:
+    """fn's GPU time: `per_graph` calls captured in one CUDA graph, replayed (as a decode step runs them;
+    an eager call's time here would be Triton's launch overhead on the host)."""
+    fn()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(per_graph):
+            fn()
+    graph.replay()
+    rounds = max(1, reps // per_graph)
+    seconds, _ = timed(lambda: [graph.replay() for _ in range(rounds)])
+    return seconds / (rounds * per_graph) * 1e6
+
+
 def kernel_rows(vocab: int, reps: int, bandwidth: float) -> list[dict]:
     out = []
     for rows in (1, ROWS):
@@ -47,7 +66,7 @@ def kernel_rows(vocab: int, reps: int, bandwidth: float) -> list[dict]:
                      min_p=torch.full((slots,), 0.05, device="cuda"), temperature=torch.ones(slots, device="cuda"))
         logits = torch.randn(rows, vocab, device="cuda")
         row_slots = torch.arange(rows, dtype=torch.int32, device="cuda")
-        kernel = per_call_us(lambda: lp.process_logits(logits, row_slots, **state), reps)
+        kernel = graphed_us(lambda: lp.process_logits(logits, row_slots, **state), reps)
         reference = per_call_us(lambda: lp.process_logits_ref(logits, row_slots, **state), reps)
         moved = rows * vocab * (4 + 4 + 4 + 4 + 1) + rows * vocab * 4 * 2  # (min_p's second pass: read + write)
         out.append(dict(rows=rows, vocab=vocab, kernel_us=kernel, reference_us=reference,
