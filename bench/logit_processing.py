@@ -1,5 +1,5 @@
 """What per-slot logit processing costs (kernels/logit_processing.py, engine/logit_processing.py): the
-processing kernels on [rows, vocab] float32 logits with every row enabled (timed in a CUDA graph), against
+processing kernels on [rows, vocab] float32 logits with every row enabled and masked (timed in a CUDA graph), against
 their torch reference (eager) and the bandwidth floor of the bytes they move (logits read and written
 twice, counts, seen and bias read), and a decode step of 16 rows (graphs, 512-token contexts) with no slot processing (the plain
 graph), one slot, and every slot processing (penalties, bias, min_p), then with logprobs written too (one
@@ -63,12 +63,16 @@ def kernel_rows(vocab: int, reps: int, bandwidth: float) -> list[dict]:
                      seen=torch.randint(0, 2, (slots, vocab), dtype=torch.uint8, device="cuda"),
                      bias=torch.zeros(slots, vocab, device="cuda"), presence=torch.full((slots,), 0.5, device="cuda"),
                      frequency=torch.full((slots,), 0.3, device="cuda"), repetition=torch.full((slots,), 1.2, device="cuda"),
-                     min_p=torch.full((slots,), 0.05, device="cuda"), temperature=torch.ones(slots, device="cuda"))
+                     min_p=torch.full((slots,), 0.05, device="cuda"), temperature=torch.ones(slots, device="cuda"),
+                     masked=torch.ones(slots, dtype=torch.int32, device="cuda"),
+                     mask=torch.randint(-2**31, 2**31 - 1, (slots, (vocab + 31) // 32), dtype=torch.int32,
+                                        device="cuda"))
         logits = torch.randn(rows, vocab, device="cuda")
         row_slots = torch.arange(rows, dtype=torch.int32, device="cuda")
         kernel = graphed_us(lambda: lp.process_logits(logits, row_slots, **state), reps)
         reference = per_call_us(lambda: lp.process_logits_ref(logits, row_slots, **state), reps)
-        moved = rows * vocab * (4 + 4 + 4 + 4 + 1) + rows * vocab * 4 * 2  # (min_p's second pass: read + write)
+        moved = rows * vocab * (4 + 4 + 4 + 4 + 1) + rows * vocab // 8 + rows * vocab * 4 * 2  # (the mask's bits;
+        # the floor's second pass: read + write)
         out.append(dict(rows=rows, vocab=vocab, kernel_us=kernel, reference_us=reference,
                         floor_us=moved / bandwidth * 1e6))
         print(json.dumps(out[-1]), file=sys.stderr)

@@ -26,6 +26,11 @@ class InvalidRequestError(EdgeLLMError, ValueError):
     """A generation request (or one of its items) is malformed or exceeds the engine's limits."""
 
 
+class GrammarError(InvalidRequestError):
+    """A request's structured-output constraint (response_format, guided_*) cannot be used: malformed, or
+    refused by the grammar engine."""
+
+
 class ModelLoadError(EdgeLLMError):
     """A model directory cannot be loaded: missing files, unreadable or mismatched weights."""
 

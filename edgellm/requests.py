@@ -38,6 +38,7 @@ class GenerationItem:
     input_ids: list[int] | None = None            # token ids, used as they are
     lora_weights_name: str | None = None
     images: list[Any] | None = None               # with `prompt`: image paths, PIL images or encoded bytes
+    response_format: Any = None                   # this item's constraint (as LLMGenerationRequest's)
 
 
 @dataclasses.dataclass
@@ -73,6 +74,10 @@ class LLMGenerationRequest:
     # under the model's raw logits (before penalties, bias and temperature) and this many most likely
     # alternatives (0-20); None reports none.
     logprobs: int | None = None
+    # Structured output: OpenAI's response_format ({"type": "json_object"}, {"type": "json_schema",
+    # "json_schema": {"schema": ...}}) or an edgellm.grammar.GrammarSpec (regex, choice, EBNF): each item's
+    # output follows it (edgellm/grammar/); an item's own response_format wins.
+    response_format: Any = None
 
 
 @dataclasses.dataclass
@@ -183,7 +188,7 @@ def normalize_item(item, index: int) -> GenerationItem:
         unknown = set(item) - {f.name for f in dataclasses.fields(GenerationItem)}
         if unknown:
             raise InvalidRequestError(f"{where}: unknown keys {sorted(unknown)}; "
-                                      "allowed: messages, prompt, input_ids, lora_weights_name, images")
+                                      "allowed: messages, prompt, input_ids, lora_weights_name, images, response_format")
         item = GenerationItem(**item)
     elif not isinstance(item, GenerationItem):
         raise InvalidRequestError(f"{where}: must be a dict or GenerationItem, got {type(item).__name__}")

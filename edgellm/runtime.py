@@ -42,10 +42,12 @@ import torch
 from .engine.backends.export_format import is_export
 from .engine.kv_store import KVReuseSettings, KVReuseStats, TieredKVStore, model_identity
 from .engine.devices import resolve_device, resolve_dtype
+from .engine.logit_processing import LogitSettings
 from .engine.runner import LLMEngineRunner
-from .errors import (ConfigurationError, InvalidRequestError, LoraError, ReentrantRequestError, TokenizerError,
+from .errors import (ConfigurationError, GrammarError, InvalidRequestError, LoraError, ReentrantRequestError, TokenizerError,
                      VocabMapError)
 from .fifo_lock import FifoLock
+from .grammar import GrammarSpec, grammar_spec
 from .models import generation_config, resolve_model_dir, stop_token_ids
 from .multimodal import ImagePrompt, ImagePrompts, image_sources, template_messages
 from .serving.engine_loop import EngineLoop
@@ -142,6 +144,7 @@ class LLMInferenceRuntime:
             self.tokenizer, self._tokenizer_error = None, exc
         self.generation_defaults = generation_config(self.model_dir)
         self.eos_token_ids = self._eos_ids()
+        self._grammars = None  # the grammar engine of structured output, made on first use
         if self.runner.vocab_map is not None:
             missing = sorted(self.eos_token_ids - set(self.runner.vocab_map.tolist()))
             if missing:
@@ -291,6 +294,19 @@ class LLMInferenceRuntime:
         stops = stop_strings(request)
         if stops:
             self._require_tokenizer()
+        grammars = [self._grammar_spec(item.response_format if item.response_format is not None
+                                       else request.response_format, i) for i, item in enumerate(items)]
+        if any(grammars):
+            if self.runner.backend != "triton":
+                raise InvalidRequestError(f"structured output needs the triton backend (this runtime runs "
+                                          f"{self.runner.backend})")
+            if request.ignore_eos:
+                raise InvalidRequestError("structured output ends at the grammar's end of sequence: ignore_eos "
+                                          "cannot be set with response_format")
+            backend = self._grammar_backend()
+            for spec in set(filter(None, grammars)):
+                backend.compile(spec)  # (a bad schema or regex refused here, before any model work)
+            processing = processing or LogitSettings()  # (a masked slot runs the processing kernels)
         prompts, images = [], []
         preprocess_ms = 0.0
         for i, item in enumerate(items):
@@ -314,7 +330,25 @@ class LLMInferenceRuntime:
                     f"{request.max_generate_length or 1} exceeds the KV cache capacity {cfg.max_kv_cache_capacity}; "
                     f"max_generate_length may be at most {room} for this prompt")
             limits.append(request.max_generate_length or room)
-        return prompts, images, preprocess_ms, sampling, stops, adapters, limits, processing
+        return prompts, images, preprocess_ms, sampling, stops, adapters, limits, processing, grammars
+
+    def _grammar_spec(self, value, index: int):
+        """An item's constraint as a GrammarSpec (None: free text)."""
+        if value is None or isinstance(value, GrammarSpec):
+            return value
+        try:
+            return grammar_spec(value)
+        except GrammarError as exc:
+            raise GrammarError(f"request item {index}: {exc}") from None
+
+    def _grammar_backend(self):
+        """The tokenizer's grammar engine (edgellm/grammar/backend.py), made on first use."""
+        if self._grammars is None:
+            from .grammar.backend import GrammarBackend
+
+            tokenizer = self._require_tokenizer()
+            self._grammars = GrammarBackend(tokenizer, self.config.vocab_size, self.eos_token_ids)
+        return self._grammars
 
     def _place_images(self, item: GenerationItem, ids: list[int], index: int) -> ImagePrompt | None:
         """The item's images loaded, preprocessed and placed in its prompt (None: an item without images)."""
@@ -347,7 +381,7 @@ class LLMInferenceRuntime:
     def _submit(self, request: LLMGenerationRequest, priority: int) -> RequestHandle:
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
-        prompts, images, preprocess_ms, sampling, stops, adapters, limits, processing = self._prepare(request)
+        prompts, images, preprocess_ms, sampling, stops, adapters, limits, processing, grammars = self._prepare(request)
         spec = None
         if self._proposer is not None and request.speculative is not False:  # (each row joins it in its slot)
             config = self.speculative
@@ -360,9 +394,10 @@ class LLMInferenceRuntime:
                               eos_token_ids=frozenset() if request.ignore_eos else self.eos_token_ids,
                               priority=priority,
                               reuse=KVReuseStats() if self.kv_store is not None else None, spec=spec, spec_row=i,
-                              image=image, processing=processing, logprobs=request.logprobs)
-                     for i, (ids, image, adapter, limit, seed) in enumerate(zip(
-                         prompts, images, adapters, limits, item_seeds(sampling, len(prompts))))]
+                              image=image, processing=processing, logprobs=request.logprobs,
+                              grammar=self._grammars.row(constraint) if constraint is not None else None)
+                     for i, (ids, image, adapter, limit, seed, constraint) in enumerate(zip(
+                         prompts, images, adapters, limits, item_seeds(sampling, len(prompts)), grammars))]
         _share_prompts(sequences)
         handle = RequestHandle(sequences, self._loop.wake, self._respond)
         handle.image_preprocess_ms = preprocess_ms

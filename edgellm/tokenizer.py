@@ -105,6 +105,11 @@ class Tokenizer:
         """Every token string and its id (added tokens included)."""
         return self._tok.get_vocab(with_added_tokens=True)
 
+    def backend_json(self) -> str:
+        """The tokenizer's tokenizer.json as the tokenizers library serializes it (its model, normalizer,
+        pre-tokenizer and decoder: how token strings spell text)."""
+        return self._tok.to_str()
+
     def byte_token_ids(self) -> list[int]:
         """The tokens that can spell any text byte by byte: byte-level BPE's 256-character alphabet
         (GPT-2 style tokenizers), or SentencePiece's `<0x00>`..`<0xFF>` byte fallback."""

@@ -39,13 +39,20 @@ class LogitSettings:
 
 
 class LogitProcessing:
-    def __init__(self, slots: int, vocab: int, device: torch.device, vocab_map: torch.Tensor | None = None):
-        """slots: the KV cache's slots, the scratch slot included; vocab: the logits' width."""
+    def __init__(self, slots: int, vocab: int, device: torch.device, vocab_map: torch.Tensor | None = None,
+                 full_vocab: int | None = None):
+        """slots: the KV cache's slots, the scratch slot included; vocab: the logits' width; full_vocab: the
+        model's vocabulary (the token masks' width; default: vocab)."""
         self.vocab, self.device = vocab, device
         self.counts = torch.zeros(slots, vocab, dtype=torch.int32, device=device)
         self.seen = torch.zeros(slots, vocab, dtype=torch.uint8, device=device)
         self.bias = torch.zeros(slots, vocab, dtype=torch.float32, device=device)
         self.enabled = torch.zeros(slots, dtype=torch.int32, device=device)
+        # Allowed-token bitmasks (a grammar's, by full-vocabulary id: XGrammar's layout), read while masked.
+        self.mask_words = ((full_vocab or vocab) + 31) // 32
+        self.mask = torch.zeros(slots, self.mask_words, dtype=torch.int32, device=device)
+        self.masked = torch.zeros(slots, dtype=torch.int32, device=device)
+        self.full_ids = None if vocab_map is None else vocab_map.to(device=device, dtype=torch.int32)
         # The per-slot scalars, one row each of one table (enable() writes a slot's column in one copy).
         self.table = torch.zeros(len(_SCALARS), slots, dtype=torch.float32, device=device)
         self.scalars = dict(zip(_SCALARS, self.table.unbind(0)))
@@ -96,7 +103,15 @@ class LogitProcessing:
     def disable(self, slot: int) -> None:
         if slot in self.on:
             self.enabled[slot:slot + 1].zero_()
+            self.masked[slot:slot + 1].zero_()
             self.on.discard(slot)
+
+    def set_mask(self, slot: int, words: torch.Tensor) -> None:
+        """From the next step launched on, the enabled slot's row may draw only the tokens whose bits
+        `words` ([mask_words] int32, on the host: pinned, and not rewritten before this step has run)
+        sets; queued on the device behind the steps in flight."""
+        self.mask[slot].copy_(words, non_blocking=True)
+        self.masked[slot:slot + 1].fill_(1)
 
     def count(self, slot: int, token: int) -> None:
         """A token the slot's row got outside a decode step (its first, sampled after its prefill)."""
@@ -109,7 +124,8 @@ class LogitProcessing:
         """In place on logits [rows, vocab] float32; row_slots [rows] int32 (device)."""
         s = self.scalars
         return ops.process_logits(logits, row_slots, self.enabled, self.counts, self.seen, self.bias, s["presence"],
-                                  s["frequency"], s["repetition"], s["min_p"], s["temperature"])
+                                  s["frequency"], s["repetition"], s["min_p"], s["temperature"], self.masked, self.mask,
+                                  self.full_ids)
 
     def count_sampled(self, columns: torch.Tensor, row_slots: torch.Tensor) -> None:
         """Each row's sampled token (a logits column) added to its slot's counts, inside the step."""

@@ -279,8 +279,19 @@ class LLMEngineRunner:
     def _processing(self) -> LogitProcessing:
         if self.state.processing is None:
             width = self.vocab_map.shape[0] if self.vocab_map is not None else self.config.vocab_size
-            self.state.processing = LogitProcessing(self.kv_cache.scratch_slot + 1, width, self.device, self.vocab_map)
+            self.state.processing = LogitProcessing(self.kv_cache.scratch_slot + 1, width, self.device, self.vocab_map,
+                                                    self.config.vocab_size)
         return self.state.processing
+
+    def set_token_mask(self, slot: int, words: torch.Tensor) -> None:
+        """The next draws of the processed slot's row (set_logit_processing first) only among the tokens
+        whose bits `words` sets ([token_mask_words] int32 on the host, bit j of word i: token 32 i + j);
+        queued behind the steps in flight: the caller sets it before launching the step it is for."""
+        self._processing().set_mask(slot, words)
+
+    @property
+    def token_mask_words(self) -> int:
+        return (self.config.vocab_size + 31) // 32
 
     def clear_logit_processing(self, slot: int) -> None:
         if self.state.processing is not None:

@@ -262,7 +262,8 @@ class _ApiKeyCheck:
 
 
 def _has_images(request) -> bool:
-    return any(isinstance(message.get("content"), list) and any(part.get("type") == "image" for part in message["content"])
+    return any(isinstance(message.get("content"), list) and
+               any(part.get("type") == "image" for part in message["content"])
                for item in request.requests for message in item.get("messages", ()))
 
 

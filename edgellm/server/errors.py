@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import (EdgeLLMError, InvalidRequestError, LoraError, QueueFullError, RequestCancelledError,
-                      TokenizerError)
+from ..errors import (EdgeLLMError, GrammarError, InvalidRequestError, LoraError, QueueFullError,
+                      RequestCancelledError, TokenizerError)
 
 log = logging.getLogger("edgellm.server")
 
@@ -53,6 +53,8 @@ def from_edgellm(exc: Exception, retry_after: int = 1) -> ApiError:
         return exc
     if isinstance(exc, QueueFullError):
         return ApiError(429, str(exc), code="queue_full", headers={"Retry-After": str(retry_after)})
+    if isinstance(exc, GrammarError):
+        return ApiError(400, str(exc), param="response_format")
     if isinstance(exc, (InvalidRequestError, LoraError, TokenizerError)):
         return ApiError(400, str(exc))
     if isinstance(exc, RequestCancelledError):

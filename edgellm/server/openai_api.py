@@ -11,13 +11,14 @@ import uuid
 
 from ..requests import LLMGenerationRequest, LLMGenerationResponse
 from .errors import invalid
-from .params import Body, data_uri_bytes, message_of, model_adapter, processing, sampling
+from .params import Body, data_uri_bytes, message_of, model_adapter, processing, sampling, structured
 
 # Accepted and without effect on the output (OpenAI bookkeeping fields).
 _IGNORED = ("user", "store", "metadata", "service_tier", "parallel_tool_calls", "stream_options")
 _MAX_N = 16
+# (as LLMGenerationRequest names them)
 _REQUEST_FIELDS = ("temperature", "top_k", "top_p", "seed", "presence_penalty", "frequency_penalty",
-                   "repetition_penalty", "min_p", "logit_bias", "logprobs")  # (as LLMGenerationRequest names them)
+                   "repetition_penalty", "min_p", "logit_bias", "logprobs", "response_format")
 
 
 @dataclasses.dataclass
@@ -43,7 +44,7 @@ def _common(body: Body, defaults: dict, models: dict, logprobs: int | None) -> d
     include_usage = options.get("include_usage", False)
     if not isinstance(include_usage, bool):
         raise invalid("stream_options.include_usage must be true or false", "stream_options")
-    settings = {**sampling(body, defaults), **processing(body), "logprobs": logprobs}
+    settings = {**sampling(body, defaults), **processing(body), **structured(body), "logprobs": logprobs}
     stop = body.strings("stop", most=4)
     ignore_eos = body.boolean("ignore_eos")  # (an extra, as vLLM's: the stop token ids do not end the answer)
     return {"model": model, "adapter": adapter, "n": n, "stream": stream, "include_usage": include_usage,
@@ -67,9 +68,8 @@ def parse_chat(raw, defaults: dict, models: dict) -> Job:
     converted = [_message(m, i) for i, m in enumerate(messages)]
     max_tokens = body.integer("max_completion_tokens", low=1)
     legacy = body.integer("max_tokens", low=1)
-    for name in ("tools", "response_format", "functions"):
-        value = body.raw(name)
-        if value and not (name == "response_format" and value == {"type": "text"}):
+    for name in ("tools", "functions"):
+        if body.raw(name):
             raise invalid(f"{name} is not supported by this server yet", name)
     choice = body.raw("tool_choice")
     if choice not in (None, "none"):

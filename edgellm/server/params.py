@@ -7,6 +7,8 @@ import base64
 import binascii
 import math
 
+from ..errors import GrammarError
+from ..grammar import grammar_spec
 from .errors import ApiError, invalid
 
 _MISSING = object()
@@ -88,6 +90,19 @@ class Body:
         if extra:
             raise invalid(f"unrecognized request argument{'s' if len(extra) > 1 else ''}: {', '.join(extra)}",
                           extra[0])
+
+
+def structured(body: Body) -> dict:
+    """OpenAI's response_format and the extras guided_json, guided_regex, guided_choice and guided_grammar
+    (vLLM's names) as LLMGenerationRequest's response_format (a GrammarSpec, or None)."""
+    names = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+    given = {name: body.raw(name) for name in names}
+    fmt = body.raw("response_format")
+    try:
+        return {"response_format": grammar_spec(fmt, **given)}
+    except GrammarError as exc:
+        named = [name for name in names if given[name] is not None]
+        raise invalid(str(exc), named[0] if named and fmt is None else "response_format") from None
 
 
 def processing(body: Body) -> dict:

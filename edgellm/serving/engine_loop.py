@@ -163,6 +163,8 @@ class EngineLoop:
         for seq in admitted:  # (before its prompt's first chunk: its first token is processed too)
             if seq.processing is not None:
                 self.runner.set_logit_processing(seq.slot, seq.processing, seq.prompt, seq.temperature)
+            if seq.grammar is not None:  # (its first token's mask: the grammar's start)
+                self.runner.set_token_mask(seq.slot, seq.grammar.fill())
             if seq.logprobs is not None:
                 self.runner.want_logprobs(seq.slot, True)
         if self.kv_store is not None:
@@ -195,7 +197,7 @@ class EngineLoop:
             elif self.batch:
                 self._launch_decode()
                 launched = True
-        ahead = 1 if launched and self._may_run_ahead() and not self._speculating() else 0
+        ahead = 1 if launched and self._may_run_ahead() and not (self._speculating() or self._constrained()) else 0
         while len(self._in_flight) > ahead:
             self._take(self._in_flight.popleft())
         with self._work:
@@ -307,6 +309,11 @@ class EngineLoop:
         return any(seq.spec is not None and not seq.spec.sits_out(seq.spec_row) for seq in self.batch) and \
             not any(seq.processing is not None or seq.logprobs is not None for seq in self.batch)
 
+    def _constrained(self) -> bool:
+        """Some running row follows a grammar: its next mask follows from the token it drew last, so each
+        step is read before the next is launched (no run-ahead)."""
+        return any(seq.grammar is not None for seq in self.scheduler.running)
+
     def _launch_mixed(self, chunks: list[tuple[Sequence, int]]) -> None:
         seqs = [seq for seq, _ in chunks]
         temperature, top_k, top_p, seeds, _ = self._row_settings(seqs)
@@ -407,9 +414,29 @@ class EngineLoop:
         self._join(joining, tokens, rows)
 
     def _advance(self, seq: Sequence, tokens: list[int]) -> None:
+        grammar = seq.grammar
+        refused = False
+        if grammar is not None:  # (tokens drawn under its mask; the matcher moves on, EOS where it may end)
+            accepted = 0
+            while accepted < len(tokens) and not grammar.terminated and grammar.accept(tokens[accepted]):
+                accepted += 1
+            refused, tokens = accepted < len(tokens) and not grammar.terminated, tokens[:accepted]
         seq.token_times.extend([time.perf_counter()] * len(tokens))
-        advance_rows([seq.row], [0], [tokens], seq.eos_token_ids, seq.max_new,
-                     (lambda _, text: seq.on_text(text)) if seq.on_text is not None else None)
+        on_text = (lambda _, text: seq.on_text(text)) if seq.on_text is not None else None
+        advance_rows([seq.row], [0], [tokens], seq.eos_token_ids, seq.max_new, on_text)
+        if grammar is None or seq.done:
+            return
+        if refused or grammar.terminated:  # (a token the mask did not rule out; or its end without EOS)
+            if refused:
+                log.warning("a grammar refused a token its mask allowed; the row ends there")
+            seq.row.finish_reason = "stop"
+            text = seq.row.live_text
+            if text is not None and on_text is not None:
+                rest = text.delta(final=True)
+                if rest:
+                    on_text(0, rest)
+            return
+        self.runner.set_token_mask(seq.slot, grammar.fill())
 
     def _retire(self, finished: list[Sequence]) -> None:
         """Called holding self._work: the finished sequences leave the batch and give their slots back."""

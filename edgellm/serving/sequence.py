@@ -47,6 +47,7 @@ class Sequence:
     image: object | None = None  # a vision model's item with images: its ImagePrompt (multimodal.py; prompt = its ids)
     vision_ms: float = 0.0  # its share of the vision encoder's time
     processing: object | None = None  # penalties, logit bias, min_p: its LogitSettings (engine/logit_processing.py)
+    grammar: object | None = None  # structured output: its RowGrammar (grammar/backend.py), fed every token
     logprobs: int | None = None  # token logprobs with this many alternatives each (None: none reported)
     leader: "Sequence | None" = None  # an earlier item of its request with the same prompt and adapter, whose
     # prompt's KV is copied into this one's slot (all but the last token) instead of prefilled again

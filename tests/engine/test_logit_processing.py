@@ -43,7 +43,8 @@ def reference(model, prompt, new, *, presence=0.0, frequency=0.0, repetition=1.0
             logits = model(torch.tensor([ids])).logits[:, -1].float()
         logits = process_logits_ref(logits, torch.tensor([0], dtype=torch.int32), torch.tensor([1, 0]), counts, seen,
                                     bias_row, one(presence), one(frequency), one(repetition), one(min_p),
-                                    one(temperature))
+                                    one(temperature), torch.zeros(2, dtype=torch.int32),
+                                    torch.zeros(2, (vocab + 31) // 32, dtype=torch.int32))
         if temperature == 0:
             token = int(logits.argmax(-1))
         else:

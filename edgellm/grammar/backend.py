@@ -1,0 +1,139 @@
+"""The grammar engine: XGrammar (the `structured` extra), one GrammarBackend per tokenizer. It compiles a
+GrammarSpec once (cached by the spec: a compiled grammar serves every request that asks for it) and
+gives each constrained row a RowGrammar: its matcher, which fills the row's allowed-token bitmask
+before a step and accepts the token the row drew after it.
+
+Token strings reach XGrammar as tokenizer.json spells them, with the encoding it must undo (byte-level
+BPE, SentencePiece byte fallback, or raw); special tokens other than the stop tokens are left out (an
+empty string: never allowed), so a grammar's text cannot contain a chat template's markers. The stop
+tokens are allowed exactly where the grammar may end. JSON grammars also never allow a token holding a
+control byte other than tab, newline and carriage return: JSON admits none (strings escape them), and
+XGrammar's length-bounded strings would let them through.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+
+import torch
+
+from ..errors import GrammarError, InvalidRequestError
+from .spec import GrammarSpec
+
+
+def _xgrammar():
+    try:
+        import xgrammar
+    except ImportError:
+        raise InvalidRequestError("structured output (response_format, guided_*) needs XGrammar: "
+                                  "pip install 'edgellm[structured]'") from None
+    return xgrammar
+
+
+def _encoding(backend_json: str, vocab: dict) -> tuple[str, bool]:
+    """(XGrammar's vocabulary type name, add_prefix_space) from the tokenizer's serialized pipeline."""
+    spec = json.loads(backend_json)
+    parts = json.dumps([spec.get("decoder"), spec.get("pre_tokenizer"), spec.get("normalizer")])
+    if '"ByteLevel"' in json.dumps(spec.get("decoder")):
+        return "BYTE_LEVEL", False
+    prefix = '"Metaspace"' in parts and '"prepend_scheme": "never"' not in parts or '"Prepend"' in parts
+    if "<0x0A>" in vocab or '"ByteFallback"' in parts:
+        return "BYTE_FALLBACK", prefix
+    return "RAW", prefix
+
+
+_CONTROL = frozenset(range(32)) - {9, 10, 13}  # (bytes JSON never holds raw)
+
+
+def _token_bits(allowed: list[bool]) -> torch.Tensor:
+    """[ceil(n / 32)] int32 words, bit j of word i set where allowed[32 i + j] (XGrammar's layout)."""
+    bits = torch.tensor(allowed + [False] * (-len(allowed) % 32), dtype=torch.int64).view(-1, 32)
+    words = (bits << torch.arange(32, dtype=torch.int64)).sum(1)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
+class RowGrammar:
+    """One row's matcher: fill() the allowed tokens of its next draw, accept() what it drew."""
+
+    def __init__(self, matcher, words: int, only: torch.Tensor | None = None):
+        """only: [words] bits every mask is narrowed to (None: the grammar's own)."""
+        self._matcher = matcher
+        self._words = torch.zeros(1, words, dtype=torch.int32)
+        self._only = only
+
+    def fill(self) -> torch.Tensor:
+        """The next draw's allowed tokens as [words] int32 bits (reused: read it before the next fill)."""
+        self._matcher.fill_next_token_bitmask(self._words, 0)
+        if self._only is not None:
+            self._words[0] &= self._only
+        return self._words[0]
+
+    def accept(self, token: int) -> bool:
+        """False where the grammar refuses the token (the row must stop: its mask did not hold)."""
+        return bool(self._matcher.accept_token(token))
+
+    @property
+    def terminated(self) -> bool:
+        """A stop token was accepted where the grammar may end."""
+        return bool(self._matcher.is_terminated())
+
+
+class GrammarBackend:
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids):
+        """tokenizer: edgellm's Tokenizer; vocab_size: the model's (the logits' full width, the masks');
+        stop_token_ids: the tokens that end a row (end of sequence)."""
+        xg = _xgrammar()
+        vocab = tokenizer.vocab()
+        stops = sorted(set(stop_token_ids))
+        if not stops:
+            raise InvalidRequestError("structured output needs an end-of-sequence token (the grammar's end); "
+                                      "this model's tokenizer names none")
+        hidden = set(tokenizer.added_token_ids(special_only=True)) - set(stops)
+        encoded = [""] * vocab_size
+        for token, i in vocab.items():
+            if i < vocab_size and i not in hidden:
+                encoded[i] = token
+        kind, prefix = _encoding(tokenizer.backend_json(), vocab)
+        self.info = xg.TokenizerInfo(encoded, getattr(xg.VocabType, kind), vocab_size=vocab_size,
+                                     stop_token_ids=stops, add_prefix_space=prefix)
+        self.words = (vocab_size + 31) // 32
+        self._json_safe = _token_bits([not _CONTROL.intersection(token) for token in self.info.decoded_vocab] +
+                                      [True] * (vocab_size - len(self.info.decoded_vocab)))
+        self._compiler = xg.GrammarCompiler(self.info, max_threads=4)
+        self._compiled: dict[GrammarSpec, object] = {}
+        self._lock = threading.Lock()
+        self._xg = xg
+
+    def compile(self, spec: GrammarSpec):
+        """The compiled grammar (cached by spec); InvalidRequestError naming what the backend refused."""
+        with self._lock:
+            found = self._compiled.get(spec)
+        if found is not None:
+            return found
+        compiler = self._compiler
+        try:
+            if spec.kind == "json_object":  # (OpenAI's JSON mode: an object, any keys)
+                compiled = compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+            elif spec.kind == "json_schema":
+                compiled = compiler.compile_json_schema(spec.source, any_whitespace=False, strict_mode=True)
+            elif spec.kind == "regex":
+                compiled = compiler.compile_regex(spec.source)
+            elif spec.kind == "choice":
+                choices = " | ".join(json.dumps(c, ensure_ascii=False) for c in json.loads(spec.source))
+                compiled = compiler.compile_grammar(f"root ::= {choices}")
+            else:
+                compiled = compiler.compile_grammar(spec.source)
+        except Exception as exc:  # noqa: BLE001 (XGrammar raises RuntimeError/ValueError with the reason)
+            what = {"json_object": "JSON grammar", "json_schema": "JSON schema", "regex": "regular expression",
+                    "choice": "choice list", "ebnf": "EBNF grammar"}[spec.kind]
+            reason = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(exc).strip().splitlines()[0])  # (XGrammar's source line)
+            raise GrammarError(f"the {what} cannot be used: {reason}") from None
+        with self._lock:
+            self._compiled[spec] = compiled
+        return compiled
+
+    def row(self, spec: GrammarSpec) -> RowGrammar:
+        only = self._json_safe if spec.kind in ("json_object", "json_schema") else None
+        return RowGrammar(self._xg.GrammarMatcher(self.compile(spec)), self.words, only)
