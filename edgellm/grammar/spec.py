@@ -82,4 +82,4 @@ def _schema_text(schema, where: str) -> str:
             raise GrammarError(f"{where} is not valid JSON: {exc}") from None
     if not isinstance(schema, (dict, bool)):
         raise GrammarError(f"{where} must be a JSON schema (an object)")
-    return json.dumps(schema, sort_keys=True)
+    return json.dumps(schema)  # (key order kept: properties are generated in the order the schema lists them)
