@@ -10,7 +10,7 @@ from .errors import EdgeLLMError
 
 
 _RUN_SETTINGS = ("max_generate_length", "temperature", "top_k", "top_p", "seed", "stop", "lora_weights_name",
-                 "speculative")
+                 "speculative", "response_format")
 
 
 def run_batch_file(runtime, spec: dict) -> dict:

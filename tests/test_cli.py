@@ -268,3 +268,18 @@ def test_run_items_with_their_own_settings_stdin_stdout_and_labels(llama_dir, mo
     assert len(responses[0]["output_ids"]) == 2 and len(responses[1]["output_ids"]) == 5
     assert responses[1]["output_ids"] == responses[3]["output_ids"]
     assert responses[2]["error"].startswith("request 2: token ids [500]")
+
+
+def test_run_file_items_with_response_format(llama_dir, tmp_path):
+    """`edgellm run` files take response_format per item or for the file (edgellm's choice type here):
+    the constrained items' outputs are among the choices, the free one is not held to them."""
+    pytest.importorskip("xgrammar")
+    choice = {"type": "choice", "choices": ["w3", "w5"]}  # (one token each: this word-level vocabulary has no spaces)
+    spec = {"max_generate_length": 8, "temperature": 1.0, "seed": 3, "response_format": choice,
+            "requests": [{"prompt": "w1 w2"}, {"prompt": "w9", "seed": 4},
+                         {"prompt": "w1 w2", "response_format": {"type": "text"}}]}
+    (tmp_path / "in.json").write_text(json.dumps(spec))
+    assert main(["run", "-i", str(tmp_path / "in.json"), "-o", str(tmp_path / "out.json"), "-m", str(llama_dir)]) == 0
+    texts = [r["output_text"] for r in json.loads((tmp_path / "out.json").read_text())["responses"]]
+    assert texts[0] in ("w3", "w5") and texts[1] in ("w3", "w5")
+    assert texts[2] not in ("w3", "w5")

@@ -1,7 +1,8 @@
 """GrammarSpec: the constraint of a request's rows, from OpenAI's `response_format` ({"type": "text"},
-{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}) or one
-of the extras vLLM names guided_json, guided_regex, guided_choice and guided_grammar (EBNF, as XGrammar
-reads it). Checked for shape here; whether the backend can compile it is checked when it does
+{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}; and, for
+Python and `edgellm run` files, {"type": "regex", "regex": ...}, {"type": "choice", "choices": [...]},
+{"type": "grammar", "grammar": EBNF}) or one of the extras vLLM names guided_json, guided_regex,
+guided_choice and guided_grammar (EBNF, as XGrammar reads it). Checked for shape here; whether the backend can compile it is checked when it does
 (backend.py), both before any model work."""
 
 from __future__ import annotations
@@ -66,8 +67,12 @@ def _response_format(value) -> GrammarSpec:
     kind = value["type"]
     if kind == "json_object":
         return GrammarSpec("json_object", "")
+    extra = {"regex": "guided_regex", "choice": "guided_choice", "grammar": "guided_grammar"}
+    if kind in extra:
+        return grammar_spec(**{extra[kind]: value.get({"choice": "choices"}.get(kind, kind))})
     if kind != "json_schema":
-        raise GrammarError(f'response_format type {kind!r} is not one of "text", "json_object", "json_schema"')
+        raise GrammarError(f'response_format type {kind!r} is not one of "text", "json_object", "json_schema" '
+                           '(or edgellm\'s "regex", "choice", "grammar")')
     body = value.get("json_schema")
     if not isinstance(body, dict) or "schema" not in body:
         raise GrammarError('response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}')

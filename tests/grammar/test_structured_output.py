@@ -118,3 +118,6 @@ def test_grammar_spec_refuses_two_constraints_and_bad_extras():
     with pytest.raises(InvalidRequestError, match="guided_choice"):
         grammar_spec(guided_choice=[])
     assert grammar_spec({"type": "text"}) is None
+    assert grammar_spec({"type": "regex", "regex": "a+"}) == GrammarSpec("regex", "a+")
+    assert grammar_spec({"type": "choice", "choices": ["x", "y"]}) == grammar_spec(guided_choice=["x", "y"])
+    assert grammar_spec({"type": "grammar", "grammar": 'root ::= "a"'}) == GrammarSpec("ebnf", 'root ::= "a"')
