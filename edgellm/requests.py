@@ -39,6 +39,7 @@ class GenerationItem:
     lora_weights_name: str | None = None
     images: list[Any] | None = None               # with `prompt`: image paths, PIL images or encoded bytes
     response_format: Any = None                   # this item's constraint (as LLMGenerationRequest's)
+    tools: list[dict] | None = None               # with `messages`: OpenAI function definitions for the template
 
 
 @dataclasses.dataclass
@@ -166,6 +167,11 @@ def _validate_messages(messages, where: str) -> list[dict]:
     for j, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise InvalidRequestError(f"{where}: message {j} must be a dict with 'role' and 'content'")
+        if message.get("tool_calls") is not None:  # (an assistant's earlier calls, as transformers' templates take them)
+            if message["role"] != "assistant" or not isinstance(message["tool_calls"], list):
+                raise InvalidRequestError(f"{where}: message {j}: tool_calls is a list, on assistant messages")
+            if message["content"] is None:
+                continue
         if message["role"] not in ROLES:
             raise InvalidRequestError(f"{where}: message {j} has unknown role {message['role']!r}; "
                                       f"allowed roles: {', '.join(ROLES)}")
@@ -188,7 +194,7 @@ def normalize_item(item, index: int) -> GenerationItem:
         unknown = set(item) - {f.name for f in dataclasses.fields(GenerationItem)}
         if unknown:
             raise InvalidRequestError(f"{where}: unknown keys {sorted(unknown)}; "
-                                      "allowed: messages, prompt, input_ids, lora_weights_name, images, response_format")
+                                      "allowed: messages, prompt, input_ids, lora_weights_name, images, response_format, tools")
         item = GenerationItem(**item)
     elif not isinstance(item, GenerationItem):
         raise InvalidRequestError(f"{where}: must be a dict or GenerationItem, got {type(item).__name__}")
@@ -204,6 +210,8 @@ def normalize_item(item, index: int) -> GenerationItem:
                                       "content as {'type': 'image', 'image': ...} parts; input_ids items take none")
         if not isinstance(item.images, (list, tuple)) or not item.images:
             raise InvalidRequestError(f"{where}: images must be a non-empty list of paths, PIL images or bytes")
+    if item.tools is not None and (item.messages is None or not isinstance(item.tools, list)):
+        raise InvalidRequestError(f"{where}: tools (a list of function definitions) go with messages")
     if item.messages is not None:
         _validate_messages(item.messages, where)
     elif item.prompt is not None:

@@ -276,7 +276,7 @@ class LLMInferenceRuntime:
                                       "and takes no images")
         tokenizer = self._require_tokenizer()
         if item.messages is not None:
-            ids = tokenizer.encode_chat(template_messages(item.messages, text_only=self.vision is None))
+            ids = tokenizer.encode_chat(template_messages(item.messages, text_only=self.vision is None), item.tools)
         else:
             ids = tokenizer.encode(item.prompt)
         if not ids:

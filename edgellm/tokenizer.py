@@ -134,19 +134,21 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """The chat template's text; tools: OpenAI function definitions, as transformers passes them."""
         if not self.chat_template:
             raise TokenizerError("this model has no chat template (tokenizer_config.json or chat_template.jinja); "
                                  "send `prompt` (raw text) or `input_ids` instead of `messages`")
         try:
             return _compile_template(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None,
+                messages=messages, add_generation_prompt=add_generation_prompt, tools=tools, documents=None,
                 **self.special_tokens)
         except jinja2.exceptions.TemplateError as exc:
             raise TokenizerError(f"the model's chat template rejected the messages: {exc}") from exc
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Chat messages -> prompt ids, as transformers' apply_chat_template(tokenize=True) gives them:
         the template already writes any BOS, so no special tokens are added on top."""
-        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+        return self.encode(self.apply_chat_template(messages, tools=tools), add_special_tokens=False)
 

@@ -9,7 +9,16 @@ import torch
 SPECIALS = ["<s>", "</s>", "<|user|>", "<|assistant|>"]
 
 
-def byte_level_model(model_dir: Path) -> None:
+# A chat template in Qwen2.5's manner: the tools listed in the system turn, calls as <tool_call> JSON blocks.
+TOOL_TEMPLATE = (
+    "{%- if tools %}<|system|>You may call functions.<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools>"
+    "Answer with <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>.{% endif %}"
+    "{%- for m in messages %}<|{{ m['role'] }}|>{{ m['content'] or '' }}"
+    "{%- for c in m.get('tool_calls', []) %}<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}"
+    "{%- endfor %}<|assistant|>")
+
+
+def byte_level_model(model_dir: Path, chat_template: str | None = None) -> None:
     """A Llama of random weights whose tokenizer is byte-level BPE: the 256 byte characters, a few
     merges, then the special tokens."""
     import transformers
@@ -30,7 +39,8 @@ def byte_level_model(model_dir: Path) -> None:
     tok.save(str(model_dir / "tokenizer.json"))
     (model_dir / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-        "chat_template": "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}<|assistant|>"}))
+        "chat_template": chat_template or
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}<|assistant|>"}))
     config = transformers.LlamaConfig(vocab_size=len(vocab) + 3, hidden_size=32, intermediate_size=48,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                       bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], initializer_range=0.2)

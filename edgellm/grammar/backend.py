@@ -120,6 +120,13 @@ class GrammarBackend:
                 compiled = compiler.compile_json_schema(spec.source, any_whitespace=False, strict_mode=True)
             elif spec.kind == "regex":
                 compiled = compiler.compile_regex(spec.source)
+            elif spec.kind == "tagged_json":
+                parts = json.loads(spec.source)
+                xg = self._xg
+                literal = lambda text: [xg.Grammar.from_ebnf(f"root ::= {json.dumps(text)}")] if text else []  # noqa: E731
+                pieces = literal(parts["prefix"]) + [xg.Grammar.from_json_schema(
+                    json.dumps(parts["schema"]), any_whitespace=False, strict_mode=True)] + literal(parts["suffix"])
+                compiled = compiler.compile_grammar(xg.Grammar.concat(*pieces))
             elif spec.kind == "choice":
                 choices = " | ".join(json.dumps(c, ensure_ascii=False) for c in json.loads(spec.source))
                 compiled = compiler.compile_grammar(f"root ::= {choices}")
@@ -127,7 +134,7 @@ class GrammarBackend:
                 compiled = compiler.compile_grammar(spec.source)
         except Exception as exc:  # noqa: BLE001 (XGrammar raises RuntimeError/ValueError with the reason)
             what = {"json_object": "JSON grammar", "json_schema": "JSON schema", "regex": "regular expression",
-                    "choice": "choice list", "ebnf": "EBNF grammar"}[spec.kind]
+                    "choice": "choice list", "ebnf": "EBNF grammar", "tagged_json": "tool schema"}[spec.kind]
             reason = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(exc).strip().splitlines()[0])  # (XGrammar's source line)
             raise GrammarError(f"the {what} cannot be used: {reason}") from None
         with self._lock:
@@ -135,5 +142,5 @@ class GrammarBackend:
         return compiled
 
     def row(self, spec: GrammarSpec) -> RowGrammar:
-        only = self._json_safe if spec.kind in ("json_object", "json_schema") else None
+        only = self._json_safe if spec.kind in ("json_object", "json_schema", "tagged_json") else None
         return RowGrammar(self._xg.GrammarMatcher(self.compile(spec)), self.words, only)

@@ -12,13 +12,14 @@ import json
 
 from ..errors import GrammarError
 
-KINDS = ("json_object", "json_schema", "regex", "choice", "ebnf")
+KINDS = ("json_object", "json_schema", "regex", "choice", "ebnf", "tagged_json")
 
 
 @dataclasses.dataclass(frozen=True)
 class GrammarSpec:
     kind: str    # one of KINDS
-    source: str  # json_schema: the schema's JSON text; regex; choice: a JSON list of strings; ebnf; json_object: ""
+    source: str  # json_schema: the schema's JSON text; regex; choice: a JSON list of strings; ebnf; json_object: "";
+    # tagged_json: JSON text of {"prefix", "schema", "suffix"} (a tool call: the schema's JSON between two literals)
 
     def __post_init__(self):
         if self.kind not in KINDS:

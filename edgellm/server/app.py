@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ..tool_calls import call_constraint, tool_call_format
 from . import anthropic_api, openai_api
 from .errors import ApiError, anthropic_body, from_edgellm, invalid, openai_body
 from .metrics import ServerMetrics
@@ -182,6 +183,8 @@ def create_app(state: ServerState) -> FastAPI:
             runtime = state.serving_runtime()
             raw = await _json(request, state.settings.max_request_bytes)
             job = parse(raw, runtime.generation_defaults, state.models())
+            if getattr(job, "functions", None) is not None:
+                _offer_tools(job, runtime)
             # Images are decoded and preprocessed on a worker thread; a text or token-id prompt is prepared
             # on the event loop (tokenizing takes less than the thread's two hops add to its TTFT).
             handle = await asyncio.to_thread(runtime.submit, job.request) if _has_images(job.request) \
@@ -259,6 +262,19 @@ class _ApiKeyCheck:
             scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
             given = token.strip() if scheme.lower() == b"bearer" else b""
         return hmac.compare_digest(given, self.key)
+
+
+def _offer_tools(job, runtime) -> None:
+    """A chat request with tools: the model's call format noted (its answer is parsed for calls), and
+    with tool_choice "required" or a named function, its answer constrained to one such call."""
+    template = runtime.tokenizer.chat_template if runtime.tokenizer is not None else None
+    job.tool_format = tool_call_format(template)
+    if job.tool_format is None:
+        raise invalid("this model's chat template renders no tools, so it cannot be offered any", "tools")
+    choice = job.tool_choice
+    if choice == "required" or isinstance(choice, dict):
+        name = choice["function"]["name"] if isinstance(choice, dict) else None
+        job.request.response_format = call_constraint(job.tool_format, job.functions, name)
 
 
 def _has_images(request) -> bool:
@@ -342,6 +358,20 @@ async def _openai_events(job, handle, chat: bool, text_of):
     if chat:
         yield "".join(_sse(openai_api.chat_chunk(job, i, {"role": "assistant", "content": ""}))
                       for i in range(choices))
+    if chat and job.parses_tools:  # (calls are parsed from whole answers: each choice sent once it is done)
+        async for _ in handle.adeltas():
+            pass
+        response = handle.result()
+        for i, (text, reason) in enumerate(zip(response.output_texts, response.finish_reasons)):
+            message, reason = openai_api.answer_message(job, text, reason)
+            delta = {"content": message["content"]} if message.get("content") else {}
+            if "tool_calls" in message:
+                delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
+            yield _sse(openai_api.chat_chunk(job, i, delta)) + _sse(openai_api.chat_chunk(job, i, {}, reason))
+        if job.include_usage:
+            yield _sse(openai_api.usage_chunk(job, response, chat))
+        yield "data: [DONE]\n\n"
+        return
     async for pieces in handle.adeltas():
         out = []  # (the chunks of one burst of deltas go out in one write)
         for item, text, reason, entries in _merged(pieces):

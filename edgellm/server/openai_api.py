@@ -9,7 +9,9 @@ import json
 import time
 import uuid
 
+from ..errors import InvalidRequestError
 from ..requests import LLMGenerationRequest, LLMGenerationResponse
+from ..tool_calls import functions_of, parse_tool_calls
 from .errors import invalid
 from .params import Body, data_uri_bytes, message_of, model_adapter, processing, sampling, structured
 
@@ -31,6 +33,13 @@ class Job:
     include_usage: bool
     id: str
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    functions: dict | None = None  # the tools offered: name -> parameters schema (None: no tools)
+    tool_choice: str | dict = "auto"  # "auto", "none", "required" or {"type": "function", "function": {"name"}}
+    tool_format: str | None = None  # the model's tool-call format (tool_calls.py), set when it is served
+
+    @property
+    def parses_tools(self) -> bool:
+        return self.functions is not None and self.tool_choice != "none" and self.tool_format is not None
 
 
 def _common(body: Body, defaults: dict, models: dict, logprobs: int | None) -> dict:
@@ -68,19 +77,36 @@ def parse_chat(raw, defaults: dict, models: dict) -> Job:
     converted = [_message(m, i) for i, m in enumerate(messages)]
     max_tokens = body.integer("max_completion_tokens", low=1)
     legacy = body.integer("max_tokens", low=1)
-    for name in ("tools", "functions"):
-        if body.raw(name):
-            raise invalid(f"{name} is not supported by this server yet", name)
-    choice = body.raw("tool_choice")
-    if choice not in (None, "none"):
-        raise invalid("tool_choice is not supported by this server yet", "tool_choice")
+    if body.raw("functions"):
+        raise invalid("functions (deprecated by OpenAI) is not supported; send tools", "functions")
+    tools, choice = body.raw("tools"), body.raw("tool_choice")
+    functions = None
+    if tools:
+        try:
+            functions = functions_of(tools)
+        except InvalidRequestError as exc:
+            raise invalid(str(exc), "tools") from None
+    named = isinstance(choice, dict) and choice.get("type") == "function" and \
+        isinstance(choice.get("function"), dict) and isinstance(choice["function"].get("name"), str)
+    if choice is not None and choice not in ("auto", "none", "required") and not named:
+        raise invalid('tool_choice must be "auto", "none", "required" or {"type": "function", "function": '
+                      '{"name": ...}}', "tool_choice")
+    if choice not in (None, "auto", "none") and functions is None:
+        raise invalid("tool_choice needs tools", "tool_choice")
+    if named and choice["function"]["name"] not in functions:
+        raise invalid(f"tool_choice names {choice['function']['name']!r}, which is not among the tools", "tool_choice")
     wanted = body.boolean("logprobs")
     top = body.integer("top_logprobs", low=0, high=20)
     if top is not None and not wanted:
         raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
     fields = _common(body, defaults, models, (top or 0) if wanted else None)
     body.unknown()
-    return _job([{"messages": converted}], fields, max_tokens or legacy, "chatcmpl")
+    if functions is not None and choice not in (None, "auto", "none") and fields["response_format"] is not None:
+        raise invalid("response_format and a required tool call cannot both constrain the answer", "response_format")
+    item = {"messages": converted, **({"tools": tools} if functions is not None else {})}
+    job = _job([item], fields, max_tokens or legacy, "chatcmpl")
+    job.functions, job.tool_choice = functions, choice or "auto"
+    return job
 
 
 def _message(message, index: int) -> dict:
@@ -92,8 +118,16 @@ def _message(message, index: int) -> dict:
         role = "system"
     if role not in ("system", "user", "assistant", "tool"):
         raise invalid(f"{where}.role must be system, developer, user, assistant or tool, got {role!r}", "messages")
-    if message.get("tool_calls"):
-        raise invalid(f"{where}.tool_calls: tool calls are not supported by this server yet", "messages")
+    extra = {}
+    if message.get("tool_calls") is not None:
+        if role != "assistant" or not isinstance(message["tool_calls"], list):
+            raise invalid(f"{where}.tool_calls: a list, on assistant messages", "messages")
+        extra["tool_calls"] = [_earlier_call(call, f"{where}.tool_calls[{j}]")
+                               for j, call in enumerate(message["tool_calls"])]
+    if role == "tool" and isinstance(message.get("tool_call_id"), str):
+        extra["tool_call_id"] = message["tool_call_id"]
+    if extra and isinstance(content, (str, type(None))):
+        return {"role": role, "content": content or "", **extra}
     if isinstance(content, str):
         return {"role": role, "content": content}
     if content is None and role == "assistant":
@@ -114,6 +148,36 @@ def _message(message, index: int) -> dict:
     if role != "user" and any(p["type"] == "image" for p in parts):
         raise invalid(f"{where}: images go in user messages", "messages")
     return message_of(role, parts)
+
+
+def _earlier_call(call, where: str) -> dict:
+    """An assistant's earlier tool call as chat templates take it: the arguments as an object."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise invalid(f"{where} must be {{\"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}",
+                      "messages")
+    arguments = function.get("arguments", "{}")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments or "{}")
+        except ValueError:
+            raise invalid(f"{where}.function.arguments is not JSON", "messages") from None
+    return {"id": call.get("id"), "type": "function", "function": {"name": function["name"], "arguments": arguments}}
+
+
+def tool_call_entries(calls) -> list[dict]:
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": call.name, "arguments": call.arguments}} for call in calls]
+
+
+def answer_message(job: Job, text: str, reason: str) -> tuple[dict, str]:
+    """A choice's message and finish reason: its tool calls parsed out where the request offered tools."""
+    if job.parses_tools:
+        content, calls = parse_tool_calls(text, job.tool_format)
+        if calls:
+            return {"role": "assistant", "content": content or None, "tool_calls": tool_call_entries(calls)}, \
+                "tool_calls"
+    return {"role": "assistant", "content": text}, reason
 
 
 def parse_completion(raw, defaults: dict, models: dict) -> Job:
@@ -184,9 +248,11 @@ def completion_logprobs(entries, text_of, offset: int = 0) -> dict:
 
 def chat_response(job: Job, response: LLMGenerationResponse, text_of=None) -> dict:
     lps = response.logprobs
-    choices = [{"index": i, "message": {"role": "assistant", "content": text},
-                "logprobs": chat_logprobs(lps[i], text_of) if lps is not None else None, "finish_reason": reason}
-               for i, (text, reason) in enumerate(zip(response.output_texts, response.finish_reasons))]
+    choices = []
+    for i, (text, reason) in enumerate(zip(response.output_texts, response.finish_reasons)):
+        message, reason = answer_message(job, text, reason)
+        choices.append({"index": i, "message": message, "finish_reason": reason,
+                        "logprobs": chat_logprobs(lps[i], text_of) if lps is not None else None})
     return {"id": job.id, "object": "chat.completion", "created": job.created, "model": job.model,
             "choices": choices, "usage": usage(job, response), "system_fingerprint": None}
 
