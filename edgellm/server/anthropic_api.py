@@ -3,9 +3,12 @@ openai_api's shape, one item), its response and its stream's events written as A
 
 from __future__ import annotations
 
+import json
 import uuid
 
+from ..errors import InvalidRequestError
 from ..requests import LLMGenerationRequest, LLMGenerationResponse
+from ..tool_calls import functions_of, parse_tool_calls
 from .errors import invalid
 from .openai_api import Job
 from .params import Body, base64_bytes, message_of, model_adapter, sampling
@@ -23,17 +26,49 @@ def parse_messages(raw, defaults: dict, models: dict) -> Job:
     messages = body.raw("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid("messages: a non-empty list is required", "messages")
-    converted = _system(body.raw("system")) + [_message(m, i) for i, m in enumerate(messages)]
-    for name in ("tools", "tool_choice", "thinking"):
-        if body.raw(name):
-            raise invalid(f"{name}: not supported by this server yet", name)
+    converted = _system(body.raw("system")) + [m for i, one in enumerate(messages) for m in _messages(one, i)]
+    if body.raw("thinking"):
+        raise invalid("thinking: not supported by this server yet", "thinking")
+    tools, functions, choice = _tools(body.raw("tools"), body.raw("tool_choice"))
     settings = sampling(body, defaults, temperature_high=1.0)
     stop = body.strings("stop_sequences", most=16)
     stream = body.boolean("stream")
     body.unknown()
-    request = LLMGenerationRequest(requests=[{"messages": converted}], max_generate_length=max_tokens, stop=stop,
+    item = {"messages": converted, **({"tools": tools} if tools else {})}
+    request = LLMGenerationRequest(requests=[item], max_generate_length=max_tokens, stop=stop,
                                    lora_weights_name=adapter, **settings)
-    return Job(request, model, 1, stream, False, f"msg_{uuid.uuid4().hex}")
+    job = Job(request, model, 1, stream, False, f"msg_{uuid.uuid4().hex}")
+    job.functions, job.tool_choice = functions, choice
+    return job
+
+
+def _tools(tools, choice) -> tuple[list | None, dict | None, str | dict]:
+    """Anthropic's tools ({name, description, input_schema}) as OpenAI function definitions (what chat
+    templates take), their schemas by name, and tool_choice in OpenAI's terms (auto, any -> required,
+    tool -> a named function, none)."""
+    if not tools:
+        if choice:
+            raise invalid("tool_choice: needs tools", "tool_choice")
+        return None, None, "auto"
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools):
+        raise invalid("tools: a list of {name, description, input_schema}", "tools")
+    converted = [{"type": "function", "function": {"name": t["name"], "description": t.get("description", ""),
+                                                   "parameters": t.get("input_schema", {"type": "object"})}}
+                 for t in tools]
+    try:
+        functions = functions_of(converted)
+    except InvalidRequestError as exc:
+        raise invalid(f"tools: {exc}", "tools") from None
+    kind = choice.get("type", "auto") if isinstance(choice, dict) else choice or "auto"
+    if kind == "tool":
+        name = choice.get("name")
+        if name not in functions:
+            raise invalid(f"tool_choice.name: {name!r} is not among the tools", "tool_choice")
+        return converted, functions, {"type": "function", "function": {"name": name}}
+    mapped = {"auto": "auto", "any": "required", "none": "none"}.get(kind)
+    if mapped is None:
+        raise invalid('tool_choice.type: one of "auto", "any", "tool", "none"', "tool_choice")
+    return converted, functions, mapped
 
 
 def _system(system) -> list[dict]:
@@ -45,6 +80,42 @@ def _system(system) -> list[dict]:
                                         isinstance(b.get("text"), str) for b in system):
         return [{"role": "system", "content": "".join(b["text"] for b in system)}]
     raise invalid("system: must be a string or a list of text blocks", "system")
+
+
+def _messages(message, index: int) -> list[dict]:
+    """A message as chat-template messages: tool_use blocks become the assistant's tool_calls, a user's
+    tool_result blocks become tool messages (before the rest of the turn)."""
+    where = f"messages.{index}"
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        return [_message(message, index)]
+    calls = [b for b in content if isinstance(b, dict) and b.get("type") == "tool_use"]
+    results = [b for b in content if isinstance(b, dict) and b.get("type") == "tool_result"]
+    rest = [b for b in content if b not in calls and b not in results]
+    out = []
+    for j, block in enumerate(results):
+        if message.get("role") != "user":
+            raise invalid(f"{where}.content: tool_result blocks go in user messages", "messages")
+        out.append({"role": "tool", "tool_call_id": str(block.get("tool_use_id")),
+                    "content": _result_text(block.get("content"), f"{where}.content.{j}")})
+    if calls:
+        if message.get("role") != "assistant":
+            raise invalid(f"{where}.content: tool_use blocks go in assistant messages", "messages")
+        text = _message({"role": "assistant", "content": rest}, index)["content"] if rest else ""
+        out.append({"role": "assistant", "content": text, "tool_calls": [
+            {"id": b.get("id"), "type": "function",
+             "function": {"name": b.get("name"), "arguments": b.get("input", {})}} for b in calls]})
+    elif rest:
+        out.append(_message({**message, "content": rest}, index))
+    return out
+
+
+def _result_text(content, where: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(isinstance(b, dict) and b.get("type") == "text" for b in content):
+        return "".join(b.get("text", "") for b in content)
+    raise invalid(f"{where}.content: a string or text blocks", "messages")
 
 
 def _message(message, index: int) -> dict:
@@ -84,12 +155,45 @@ def stop_reason(reason: str, stop_sequence: str | None) -> str:
     return "stop_sequence" if stop_sequence is not None else "end_turn"
 
 
+def content_blocks(job: Job, response: LLMGenerationResponse) -> tuple[list[dict], str]:
+    """The answer's content blocks (its text; tool_use blocks where the request offered tools and the
+    model called them) and its stop reason."""
+    stop = response.stop_sequences[0]
+    text, reason = response.output_texts[0], stop_reason(response.finish_reasons[0], stop)
+    if job.parses_tools:
+        rest, calls = parse_tool_calls(text, job.tool_format)
+        if calls:
+            blocks = [{"type": "text", "text": rest}] if rest else []
+            return blocks + [{"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": call.name,
+                              "input": json.loads(call.arguments)} for call in calls], "tool_use"
+    return [{"type": "text", "text": text}], reason
+
+
 def message_response(job: Job, response: LLMGenerationResponse) -> dict:
     stop = response.stop_sequences[0]
-    return {"id": job.id, "type": "message", "role": "assistant", "model": job.model,
-            "content": [{"type": "text", "text": response.output_texts[0]}],
-            "stop_reason": stop_reason(response.finish_reasons[0], stop), "stop_sequence": stop,
+    blocks, reason = content_blocks(job, response)
+    return {"id": job.id, "type": "message", "role": "assistant", "model": job.model, "content": blocks,
+            "stop_reason": reason, "stop_sequence": stop,
             "usage": {"input_tokens": response.prompt_lengths[0], "output_tokens": len(response.output_ids[0])}}
+
+
+def block_events(blocks: list[dict], reason: str, response: LLMGenerationResponse) -> list[dict]:
+    """A whole answer's events after message_start: each block started, given in one delta, stopped;
+    then the message's delta and message_stop."""
+    events = []
+    for i, block in enumerate(blocks):
+        if block["type"] == "text":
+            events += [{"type": "content_block_start", "index": i, "content_block": {"type": "text", "text": ""}},
+                       {"type": "content_block_delta", "index": i,
+                        "delta": {"type": "text_delta", "text": block["text"]}}]
+        else:
+            events += [{"type": "content_block_start", "index": i, "content_block": {**block, "input": {}}},
+                       {"type": "content_block_delta", "index": i,
+                        "delta": {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}}]
+        events.append({"type": "content_block_stop", "index": i})
+    return events + [{"type": "message_delta", "delta": {"stop_reason": reason,
+                                                         "stop_sequence": response.stop_sequences[0]},
+                      "usage": {"output_tokens": len(response.output_ids[0])}}, {"type": "message_stop"}]
 
 
 def message_start(job: Job, prompt_tokens: int) -> dict:

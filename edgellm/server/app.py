@@ -397,6 +397,13 @@ async def _openai_events(job, handle, chat: bool, text_of):
 
 async def _anthropic_events(job, handle):
     yield _sse(anthropic_api.message_start(job, handle.prompt_lengths[0]), "message_start")
+    if job.parses_tools:  # (calls are parsed from the whole answer: its blocks sent once it is done)
+        async for _ in handle.adeltas():
+            pass
+        response = handle.result()
+        for event in anthropic_api.block_events(*anthropic_api.content_blocks(job, response), response):
+            yield _sse(event, event["type"])
+        return
     yield _sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
                "content_block_start")
     yield _sse({"type": "ping"}, "ping")

@@ -1,8 +1,9 @@
-"""Tool calls through the server (`openai` client, a real uvicorn server on 127.0.0.1), on a tiny random
-model whose chat template is in Qwen2.5's manner (<tool_call> JSON blocks): a named function or
+"""Tool calls through the server (`openai` and `anthropic` clients, a real uvicorn server on 127.0.0.1),
+on a tiny random model whose chat template is in Qwen2.5's manner (<tool_call> JSON blocks): a named function or
 "required" makes the answer one call whose arguments validate against the function's schema (streamed
 the same), "auto" answers text when the model writes no call, earlier calls and tool results in the
-history are rendered, and bad tools or tool_choice values are 400s naming the parameter."""
+history are rendered, and bad tools or tool_choice values are 400s naming the parameter; Anthropic's
+tool_use blocks (streamed too) and tool_result turns."""
 
 import json
 
@@ -101,3 +102,35 @@ def test_a_template_without_tools_refuses_them(tiny_models):
             plain.chat.completions.create(model=runtime.model_dir.name, messages=[
                 {"role": "user", "content": "w3"}], tools=TOOLS, max_tokens=4)
         assert caught.value.body["param"] == "tools"
+
+
+@pytest.fixture(scope="module")
+def claude(client):
+    anthropic = pytest.importorskip("anthropic")
+    return anthropic.Anthropic(base_url=str(client.base_url).removesuffix("/v1/"), api_key="unused", max_retries=0,
+                               timeout=60)
+
+
+ANTHROPIC_TOOLS = [{"name": "get_weather", "description": "Weather now", "input_schema": WEATHER}]
+
+
+def test_anthropic_tool_use_validates_streams_and_takes_results(claude):
+    got = claude.messages.create(model="model", max_tokens=120, messages=CHAT, tools=ANTHROPIC_TOOLS,
+                                 tool_choice={"type": "tool", "name": "get_weather"})
+    assert got.stop_reason == "tool_use"
+    (block,) = [b for b in got.content if b.type == "tool_use"]
+    assert block.name == "get_weather" and block.id.startswith("toolu_")
+    jsonschema.validate(block.input, WEATHER)
+    with claude.messages.stream(model="model", max_tokens=120, messages=CHAT, tools=ANTHROPIC_TOOLS,
+                                tool_choice={"type": "any"}) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "tool_use"
+    jsonschema.validate([b for b in final.content if b.type == "tool_use"][0].input, WEATHER)
+    history = CHAT + [{"role": "assistant", "content": [{"type": "tool_use", "id": block.id, "name": block.name,
+                                                         "input": block.input}]},
+                      {"role": "user", "content": [{"type": "tool_result", "tool_use_id": block.id,
+                                                    "content": "4 degrees"}]}]
+    answer = claude.messages.create(model="model", max_tokens=6, messages=history, tools=ANTHROPIC_TOOLS,
+                                    tool_choice={"type": "none"})
+    assert answer.content[0].type == "text" and answer.stop_reason in ("end_turn", "max_tokens")
+    assert answer.usage.input_tokens > got.usage.input_tokens
