@@ -58,6 +58,7 @@ from .requests import (GenerationItem, LLMGenerationRequest, LLMGenerationRespon
 from .speculative import SpeculativeConfig, Speculation, make_proposer
 from .streaming import GenerationRow, RowText
 from .tokenizer import Tokenizer
+from .tool_calls import generic_tool_messages, renders_tools
 from .engine.vocab_map import MAP_FILE
 from .vision import VisionEncoder, vision_config_of
 from .vision.graphs import GRAPH_MAX_PATCHES
@@ -276,7 +277,10 @@ class LLMInferenceRuntime:
                                       "and takes no images")
         tokenizer = self._require_tokenizer()
         if item.messages is not None:
-            ids = tokenizer.encode_chat(template_messages(item.messages, text_only=self.vision is None), item.tools)
+            messages, tools = item.messages, item.tools
+            if tools and not renders_tools(tokenizer.chat_template):  # (tools written into the messages instead)
+                messages, tools = generic_tool_messages(messages, tools), None
+            ids = tokenizer.encode_chat(template_messages(messages, text_only=self.vision is None), tools)
         else:
             ids = tokenizer.encode(item.prompt)
         if not ids:

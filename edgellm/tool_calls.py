@@ -1,7 +1,8 @@
 """Tool calls in a model's own format: which format its chat template teaches (tool_call_format), the
 calls parsed out of what it wrote (parse_tool_calls), and the constraint that makes it write one call of
 the tools offered, its arguments valid under the function's JSON schema (call_constraint: tool_choice
-"required" or a named function).
+"required" or a named function). A template that renders no tools gets them in Hermes' manner instead
+(generic_tool_messages: a system turn listing them, earlier calls and results written out as text).
 
 Formats: "hermes" (Qwen2.5 / Qwen3 / Hermes: <tool_call>{"name": ..., "arguments": {...}}</tool_call>, one
 block per call), "llama" (Llama 3.1-3.2: a JSON object {"name": ..., "parameters": {...}}, after
@@ -26,10 +27,14 @@ class ToolCall:
     arguments: str  # the arguments object as JSON text (OpenAI's function.arguments)
 
 
-def tool_call_format(chat_template: str | None) -> str | None:
-    """The format a chat template asks tool calls in (None: the template renders no tools)."""
-    if not chat_template or "tools" not in chat_template:
-        return None
+def renders_tools(chat_template: str | None) -> bool:
+    return bool(chat_template) and "tools" in chat_template
+
+
+def tool_call_format(chat_template: str | None) -> str:
+    """The format a chat template asks tool calls in (hermes where it renders no tools: generic_tool_messages)."""
+    if not renders_tools(chat_template):
+        return "hermes"
     if "<tool_call>" in chat_template:
         return "hermes"
     if "[TOOL_CALLS]" in chat_template:
@@ -69,6 +74,34 @@ def parse_tool_calls(text: str, fmt: str) -> tuple[str, list[ToolCall]]:
             return text, []
         calls.append(call)
     return ("", calls) if calls else (text, [])
+
+
+def generic_tool_messages(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """Messages for a template that renders no tools: the tools and how to call them in the system turn
+    (Hermes' <tools> and <tool_call> conventions), an assistant's earlier calls as <tool_call> text, tool
+    results as <tool_response> user turns."""
+    listed = "\n".join(json.dumps(tool.get("function", tool), ensure_ascii=False) for tool in tools)
+    preamble = ("You can call functions. Their signatures are in <tools></tools>:\n<tools>\n" + listed +
+                "\n</tools>\nTo call one, answer with <tool_call>\n{\"name\": <function name>, \"arguments\": "
+                "<arguments object>}\n</tool_call>")
+    out = []
+    for message in messages:
+        role, content = message["role"], message.get("content") or ""
+        if role == "assistant" and message.get("tool_calls"):
+            calls = "".join("<tool_call>\n" + json.dumps({"name": c["function"]["name"],
+                                                          "arguments": c["function"].get("arguments", {})},
+                                                         ensure_ascii=False) + "\n</tool_call>"
+                            for c in message["tool_calls"])
+            out.append({"role": "assistant", "content": content + calls})
+        elif role == "tool":
+            out.append({"role": "user", "content": f"<tool_response>\n{content}\n</tool_response>"})
+        else:
+            out.append({k: v for k, v in message.items() if k not in ("tool_calls", "tool_call_id")})
+    if out and out[0]["role"] == "system" and isinstance(out[0]["content"], str):
+        out[0] = {**out[0], "content": out[0]["content"] + "\n\n" + preamble}
+    else:
+        out.insert(0, {"role": "system", "content": preamble})
+    return out
 
 
 def _call(source: str, key: str) -> ToolCall | None:

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from edgellm.errors import InvalidRequestError
-from edgellm.tool_calls import ToolCall, call_constraint, functions_of, parse_tool_calls, tool_call_format
+from edgellm.tool_calls import (ToolCall, call_constraint, functions_of, generic_tool_messages, parse_tool_calls,
+                                tool_call_format)
 
 WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -17,7 +18,7 @@ def test_formats_from_templates():
     assert tool_call_format("{% if tools %}<tool_call>{% endif %}") == "hermes"
     assert tool_call_format("{% if tools %}[TOOL_CALLS]{% endif %}") == "mistral"
     assert tool_call_format("{% if tools %}<|python_tag|> parameters{% endif %}") == "llama"
-    assert tool_call_format("{% for m in messages %}{{ m.content }}{% endfor %}") is None
+    assert tool_call_format("{% for m in messages %}{{ m.content }}{% endfor %}") == "hermes"  # (generic messages)
 
 
 @pytest.mark.parametrize("fmt, text, content, calls", [
@@ -53,3 +54,19 @@ def test_required_call_constraint_is_one_call_of_an_offered_function():
     assert [o["properties"]["name"]["const"] for o in parts["schema"]["anyOf"]] == ["weather", "time"]
     llama = json.loads(call_constraint("llama", functions_of([WEATHER]), "weather").source)
     assert llama["schema"]["required"] == ["name", "parameters"] and llama["prefix"] == ""
+
+
+def test_generic_tool_messages_for_a_template_without_tools():
+    """The tools and the call convention go into the system turn; earlier calls and results become text."""
+    history = [{"role": "user", "content": "Weather?"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]},
+               {"role": "tool", "tool_call_id": "c1", "content": "4 C"}]
+    out = generic_tool_messages(history, [WEATHER])
+    assert out[0]["role"] == "system" and '"name": "weather"' in out[0]["content"] and "<tool_call>" in out[0]["content"]
+    assert out[2] == {"role": "assistant",
+                      "content": '<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call>'}
+    assert out[3] == {"role": "user", "content": "<tool_response>\n4 C\n</tool_response>"}
+    assert parse_tool_calls(out[2]["content"], "hermes")[1] == [ToolCall("weather", '{"city": "Oslo"}')]
+    kept = generic_tool_messages([{"role": "system", "content": "Be brief."}] + history[:1], [WEATHER])
+    assert kept[0]["content"].startswith("Be brief.\n\n") and len(kept) == 2

@@ -267,10 +267,9 @@ class _ApiKeyCheck:
 def _offer_tools(job, runtime) -> None:
     """A chat request with tools: the model's call format noted (its answer is parsed for calls), and
     with tool_choice "required" or a named function, its answer constrained to one such call."""
-    template = runtime.tokenizer.chat_template if runtime.tokenizer is not None else None
-    job.tool_format = tool_call_format(template)
-    if job.tool_format is None:
-        raise invalid("this model's chat template renders no tools, so it cannot be offered any", "tools")
+    if runtime.tokenizer is None:
+        raise invalid("this model has no tokenizer: chat requests with tools need its chat template", "tools")
+    job.tool_format = tool_call_format(runtime.tokenizer.chat_template)
     choice = job.tool_choice
     if choice == "required" or isinstance(choice, dict):
         name = choice["function"]["name"] if isinstance(choice, dict) else None

@@ -58,7 +58,7 @@ def _still_serving(url, state):
      "messages", "does not fetch"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,%%"}}]}]},
      "messages", "base64"),
-    ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "renders no tools"),
+    ({"messages": CHAT, "tools": [{"type": "function", "function": {"parameters": {}}}]}, "tools", "name"),
     ({"messages": CHAT, "presence_penalty": 2.5}, "presence_penalty", "[-2, 2]"),
     ({"messages": CHAT, "logit_bias": {"abc": 1}}, "logit_bias", "token ids"),
     ({"messages": CHAT, "logit_bias": {"5": 101}}, "logit_bias", "[-100, 100]"),

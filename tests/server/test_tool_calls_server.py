@@ -94,16 +94,6 @@ def test_bad_tools_get_a_400_naming_the_parameter(client, extra, param):
     assert caught.value.body["param"] == param
 
 
-def test_a_template_without_tools_refuses_them(tiny_models):
-    runtime = LLMInferenceRuntime(tiny_models["llama"][0], device="cpu", max_batch_size=2)
-    with running_server(runtime) as (url, _):
-        plain = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        with pytest.raises(openai.BadRequestError, match="renders no tools") as caught:
-            plain.chat.completions.create(model=runtime.model_dir.name, messages=[
-                {"role": "user", "content": "w3"}], tools=TOOLS, max_tokens=4)
-        assert caught.value.body["param"] == "tools"
-
-
 @pytest.fixture(scope="module")
 def claude(client):
     anthropic = pytest.importorskip("anthropic")
