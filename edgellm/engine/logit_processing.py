@@ -108,8 +108,8 @@ class LogitProcessing:
 
     def set_mask(self, slot: int, words: torch.Tensor) -> None:
         """From the next step launched on, the enabled slot's row may draw only the tokens whose bits
-        `words` ([mask_words] int32, on the host: pinned, and not rewritten before this step has run)
-        sets; queued on the device behind the steps in flight."""
+        `words` ([mask_words] int32, in pageable host memory: CUDA stages it before this returns, so the
+        caller may refill it at once) sets; queued on the device behind the steps in flight."""
         self.mask[slot].copy_(words, non_blocking=True)
         self.masked[slot:slot + 1].fill_(1)
 
