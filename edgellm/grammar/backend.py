@@ -7,8 +7,8 @@ Token strings reach XGrammar as tokenizer.json spells them, with the encoding it
 BPE, SentencePiece byte fallback, or raw); special tokens other than the stop tokens are left out (an
 empty string: never allowed), so a grammar's text cannot contain a chat template's markers. The stop
 tokens are allowed exactly where the grammar may end. JSON grammars also never allow a token holding a
-control byte other than tab, newline and carriage return: JSON admits none (strings escape them), and
-XGrammar's length-bounded strings would let them through.
+control byte other than newline: JSON strings admit none raw, and XGrammar's length-bounded strings would
+let them through.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ def _encoding(backend_json: str, vocab: dict) -> tuple[str, bool]:
     return "RAW", prefix
 
 
-_CONTROL = frozenset(range(32)) - {9, 10, 13}  # (bytes JSON never holds raw)
+# Bytes a JSON answer never needs raw: strings escape every control character, and the grammars are compiled
+# without free whitespace; newline stays (a tool call's literals hold one; XGrammar's strings exclude it).
+_CONTROL = frozenset(range(32)) - {10}
 
 
 def _token_bits(allowed: list[bool]) -> torch.Tensor:
