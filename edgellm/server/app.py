@@ -22,6 +22,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ..multimodal import image_sources
+from ..requests import GenerationItem
 from ..tool_calls import call_constraint, tool_call_format
 from . import anthropic_api, openai_api
 from .errors import ApiError, anthropic_body, from_edgellm, invalid, openai_body
@@ -277,9 +279,7 @@ def _offer_tools(job, runtime) -> None:
 
 
 def _has_images(request) -> bool:
-    return any(isinstance(message.get("content"), list) and
-               any(part.get("type") == "image" for part in message["content"])
-               for item in request.requests for message in item.get("messages", ()))
+    return any(image_sources(GenerationItem(**item)) for item in request.requests)
 
 
 def _begin(state: ServerState) -> None:
