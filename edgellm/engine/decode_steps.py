@@ -31,6 +31,7 @@ class DecodeSteps:
         self._host_tokens: list[torch.Tensor] | None = None  # decode_launch's pinned pair, used in turn
         self._host_logprobs: list[torch.Tensor] | None = None  # (and their logprobs')
         self._host_turn = 0
+        self._halves: bool | None = None  # between decode_launch_forward and _sample: the step's LoRA on/off
 
     def decode_step(self, inputs_embeds: torch.Tensor, slots=None, lora=None) -> torch.Tensor:
         """Append one token per row: inputs_embeds [b, 1, hidden] for cache slots `slots` (default
@@ -70,6 +71,10 @@ class DecodeSteps:
     def step_body(self, buf: DecodeBuffers, uses_lora: bool, processing: bool = False, logprobs: bool = False) -> None:
         """One decode step on `buf`, device work only: what a graph captures (processing: with the
         rows' logit processing, engine/logit_processing.py; logprobs: writing buf.logprobs)."""
+        self.sample_body(buf, self.forward_body(buf, uses_lora), processing, logprobs)
+
+    def forward_body(self, buf: DecodeBuffers, uses_lora: bool) -> torch.Tensor:
+        """A decode step's first half: the rows' tokens through the model, their KV appended; the logits."""
         state = self.state
         lengths = state.kv_cache.lengths
         scratch = state.kv_cache.scratch_slot
@@ -80,10 +85,14 @@ class DecodeSteps:
         logits = state.forward(embeds, buf.slots, starts, buf.q_lens,
                                lora=self.adapters.batch(buf.lora, buf.lora_used, uses_lora))
         lengths[buf.slot_index] = starts + 1
+        return logits
+
+    def sample_body(self, buf: DecodeBuffers, logits: torch.Tensor, processing: bool, logprobs: bool) -> None:
+        """A decode step's second half: the rows' next tokens drawn from `logits` into buf.tokens."""
         buf.offsets += 1
-        buf.tokens.copy_(state.sample(logits, buf.temperature, buf.top_k, buf.top_p, buf.seeds, buf.offsets,
-                                      slots=buf.slots if processing else None, count=True,
-                                      logprobs=buf.logprobs if logprobs else None))
+        buf.tokens.copy_(self.state.sample(logits, buf.temperature, buf.top_k, buf.top_p, buf.seeds, buf.offsets,
+                                           slots=buf.slots if processing else None, count=True,
+                                           logprobs=buf.logprobs if logprobs else None))
         buf.logits = logits
 
     def capture_decode_graphs(self, batch_sizes=None, lora: bool = False) -> list[int]:
@@ -103,22 +112,33 @@ class DecodeSteps:
             sizes.append(size)
         return sorted(set(sizes))
 
-    def _ensure_graph(self, size: int, uses_lora: bool, processing: bool = False, logprobs: bool = False) -> None:
-        key = DecodeKey(size, uses_lora, processing, logprobs)
+    def _ensure_graph(self, size: int, uses_lora: bool, processing: bool = False, logprobs: bool = False,
+                      part: str = "step") -> None:
+        key = DecodeKey(size, uses_lora, processing, logprobs, part)
         if not self.graphs.enabled or self.graphs.get(key) is not None:
             return
         buf = self._buffers(size)
+        if part == "forward":
+            def body():
+                buf.forward_logits[uses_lora] = self.forward_body(buf, uses_lora)
+        elif part == "sample":  # (reads its forward graph's output: that graph first)
+            self._ensure_graph(size, uses_lora, part="forward")
+            def body():
+                self.sample_body(buf, buf.forward_logits[uses_lora], processing, logprobs)
+        else:
+            def body():
+                self.step_body(buf, uses_lora, processing, logprobs)
         if buf is self.active:  # (processing turned on under a running batch: its rows wait meanwhile)
             with self.rows_set_aside(buf):
-                self.graphs.capture(key, lambda: self.step_body(buf, uses_lora, processing, logprobs))
+                self.graphs.capture(key, body)
             return
         empty = torch.empty(0, dtype=torch.int64, device=self.state.device)
         buf.load(tokens=empty, slots=empty, temperature=empty, top_k=empty, top_p=empty, seeds=empty, offsets=empty,
                  lora=empty)
         buf.lora_used.zero_()
         # Warm-up and capture touch only the scratch slot: every row of `buf` is padding here.
-        self.graphs.capture(key, lambda: self.step_body(buf, uses_lora, processing, logprobs))
-        if not (processing or logprobs):  # (verify steps take no rows that process their logits: the engine loop's rule)
+        self.graphs.capture(key, body)
+        if part == "step" and not (processing or logprobs):  # (verify steps take no rows that process their logits: the engine loop's rule)
             self.verify.capture_graphs(buf, uses_lora)
 
     def start_decode(self, tokens, slots, temperature, top_k, top_p, seeds, offsets, lora=None) -> None:
@@ -213,15 +233,21 @@ class DecodeSteps:
         the device (a view of the static buffer, overwritten by the next step)."""
         buf = self.running("decode_sample_step")
         key = DecodeKey(buf.size, buf.uses_lora, self.state.processing_active, self.state.logprobs_active)
-        graph = self.graphs.get(key)
-        if graph is None and self.graphs.enabled:  # (processing turned on under this batch: captured now)
-            self._ensure_graph(key.size, key.lora, key.processing, key.logprobs)
-            graph = self.graphs.get(key)
-        if graph is not None:
-            graph.replay()
-        else:
+        if not self._replay(key):
             self.step_body(buf, buf.uses_lora, key.processing, key.logprobs)
         return buf.tokens[:buf.live_rows]
+
+    def _replay(self, key: DecodeKey) -> bool:
+        """Replays the graph of `key` (captured now if missing: processing turned on under this batch);
+        False where graphs are off (the caller runs the step's body)."""
+        if not self.graphs.enabled:
+            return False
+        graph = self.graphs.get(key)
+        if graph is None:
+            self._ensure_graph(key.size, key.lora, key.processing, key.logprobs, key.part)
+            graph = self.graphs.get(key)
+        graph.replay()
+        return True
 
     def decode_launch(self) -> "PendingTokens":
         """decode_sample_step without waiting for it: queues the step and a copy of its tokens to
@@ -231,6 +257,27 @@ class DecodeSteps:
         tokens = self.decode_sample_step()
         wrote = self.state.logprobs_active  # (the step just launched wrote logprobs)
         return self.pending(tokens, self.active.logprobs[:tokens.shape[0]] if wrote else None)
+
+    def decode_launch_forward(self) -> None:
+        """A decode step's first half queued (the rows' forward, to the logits): the host may read the
+        previous step's tokens and set the next draw's token masks while the device runs it; then
+        decode_launch_sample queues the draw. Same rows, same result as decode_launch."""
+        buf = self.running("decode_launch_forward")
+        self._halves = buf.uses_lora
+        if not self._replay(DecodeKey(buf.size, self._halves, part="forward")):
+            buf.forward_logits[self._halves] = self.forward_body(buf, self._halves)
+
+    def decode_launch_sample(self) -> "PendingTokens":
+        """The second half of the step decode_launch_forward began: the draw, and its tokens' copy to the host."""
+        buf = self.running("decode_launch_sample")
+        if self._halves is None:
+            raise RuntimeError("decode_launch_sample without decode_launch_forward")
+        uses_lora, self._halves = self._halves, None
+        processing, logprobs = self.state.processing_active, self.state.logprobs_active
+        if not self._replay(DecodeKey(buf.size, uses_lora, processing, logprobs, "sample")):
+            self.sample_body(buf, buf.forward_logits[uses_lora], processing, logprobs)
+        tokens = buf.tokens[:buf.live_rows]
+        return self.pending(tokens, buf.logprobs[:tokens.shape[0]] if logprobs else None)
 
     def pending(self, tokens: torch.Tensor, logprobs: torch.Tensor | None = None) -> "PendingTokens":
         """A launched step's tokens (a device tensor of at most twice max_batch_size: engine/mixed_steps.py

@@ -33,11 +33,14 @@ from .logit_processing import LOGPROB_WIDTH
 class DecodeKey:
     """A decode step of `size` rows (the padded batch size). processing: the step runs the logit
     processing kernels (engine/logit_processing.py: some slot has penalties, bias or min_p); logprobs:
-    it writes its rows' token logprobs (some slot asks for them)."""
+    it writes its rows' token logprobs (some slot asks for them). part: "step" (the whole step), or one of its
+    two halves, "forward" (to the logits) and "sample" (processing and the draw), replayed apart where the
+    host sets the rows' token masks between them (engine loop, structured output)."""
     size: int
     lora: bool
     processing: bool = False
     logprobs: bool = False
+    part: str = "step"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +109,8 @@ class DecodeBuffers:
         self.lora_host: list[int] = []  # the live rows' LoRA slots, known on the host
         self.slots_host: list[int] | None = []  # their cache slots, where the host knows them (None: not)
         self.logits: torch.Tensor | None = None  # the last step's [size, vocab] float32 logits
+        # The forward half's logits by LoRA on/off (each forward graph's own output, which its sample graph reads).
+        self.forward_logits: dict[bool, torch.Tensor] = {}
         self.logprobs = torch.zeros(size, LOGPROB_WIDTH, dtype=torch.float32, device=device)  # (processing steps)
 
     @property

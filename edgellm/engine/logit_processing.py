@@ -106,12 +106,17 @@ class LogitProcessing:
             self.masked[slot:slot + 1].zero_()
             self.on.discard(slot)
 
-    def set_mask(self, slot: int, words: torch.Tensor) -> None:
-        """From the next step launched on, the enabled slot's row may draw only the tokens whose bits
-        `words` ([mask_words] int32, in pageable host memory: CUDA stages it before this returns, so the
-        caller may refill it at once) sets; queued on the device behind the steps in flight."""
-        self.mask[slot].copy_(words, non_blocking=True)
-        self.masked[slot:slot + 1].fill_(1)
+    def set_masks(self, slots: list[int], words: torch.Tensor) -> None:
+        """From the next step launched on, each enabled slot's row may draw only the tokens whose bits its
+        row of `words` ([len(slots), mask_words] int32, in pageable host memory: CUDA stages it before this
+        returns, so the caller may refill it at once) sets; queued on the device behind the steps in flight."""
+        if len(slots) == 1:
+            self.mask[slots[0]].copy_(words[0], non_blocking=True)
+            self.masked[slots[0]:slots[0] + 1].fill_(1)
+            return
+        index = torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)
+        self.mask.index_copy_(0, index, words[:len(slots)].to(self.device, non_blocking=True))
+        self.masked.index_fill_(0, index, 1)
 
     def count(self, slot: int, token: int) -> None:
         """A token the slot's row got outside a decode step (its first, sampled after its prefill)."""

@@ -10,7 +10,8 @@ The path of a step through the code, in the order a request meets it:
   prefill_steps.py   prefill_step / prefill_tokens: a prompt into its slot, chunk by chunk, replayed
                      from CUDA graphs (graphs.py) over static buffers;
   decode_steps.py    start_decode, then decode_sample_step / decode_launch per token: embedding, all
-                     layers, LM head and sampling in one graph per padded batch size; rows join
+                     layers, LM head and sampling in one graph per padded batch size (or in two
+                     halves, forward and draw, where token masks are set between); rows join
                      (add_decode_rows) and leave (keep_decode_rows) between steps; decode_step is the
                      seeds' eager step;
   mixed_steps.py     mixed_launch: a decode step and a chunk of waiting prompts in one forward (the
@@ -283,11 +284,12 @@ class LLMEngineRunner:
                                                     self.config.vocab_size)
         return self.state.processing
 
-    def set_token_mask(self, slot: int, words: torch.Tensor) -> None:
-        """The next draws of the processed slot's row (set_logit_processing first) only among the tokens
-        whose bits `words` sets ([token_mask_words] int32 on the host, bit j of word i: token 32 i + j);
-        queued behind the steps in flight: the caller sets it before launching the step it is for."""
-        self._processing().set_mask(slot, words)
+    def set_token_masks(self, slots: list[int], words: torch.Tensor) -> None:
+        """The next draws of the processed slots' rows (set_logit_processing first) only among the tokens
+        whose bits `words` sets ([len(slots), token_mask_words] int32 on the host, bit j of word i: token
+        32 i + j), row i for slots[i]; queued behind the steps in flight: the caller sets them before
+        launching the draw they are for."""
+        self._processing().set_masks(slots, words)
 
     @property
     def token_mask_words(self) -> int:
@@ -328,6 +330,8 @@ class LLMEngineRunner:
     end_decode = _run_by("_decode", DecodeSteps.end_decode)
     decode_sample_step = _run_by("_decode", DecodeSteps.decode_sample_step)
     decode_launch = _run_by("_decode", DecodeSteps.decode_launch)
+    decode_launch_forward = _run_by("_decode", DecodeSteps.decode_launch_forward)
+    decode_launch_sample = _run_by("_decode", DecodeSteps.decode_launch_sample)
     decode_logits = _run_by("_decode", DecodeSteps.decode_logits)
     mixed_launch = _run_by("_mixed", MixedSteps.mixed_launch)
     capture_mixed_graphs = _run_by("_mixed", MixedSteps.capture_graphs)
@@ -360,6 +364,12 @@ class LLMEngineRunner:
         """Whether mixed_launch runs here (engine/mixed_steps.py): the Triton backend, no per-slot RoPE
         offsets (LongRoPE, multimodal RoPE), and Switches.mixed_steps."""
         return self.backend == "triton" and self.switches.mixed_steps and self._mixed.available
+
+    @property
+    def launches_halves(self) -> bool:
+        """Whether a decode step may be queued in two halves (decode_launch_forward, then
+        decode_launch_sample): the Triton backend."""
+        return self.backend == "triton"
 
     @property
     def needs_rows_each_step(self) -> bool:

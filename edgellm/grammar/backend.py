@@ -1,7 +1,7 @@
 """The grammar engine: XGrammar (the `structured` extra), one GrammarBackend per tokenizer. It compiles a
 GrammarSpec once (cached by the spec: a compiled grammar serves every request that asks for it) and
-gives each constrained row a RowGrammar: its matcher, which fills the row's allowed-token bitmask
-before a step and accepts the token the row drew after it.
+gives each constrained row a RowGrammar: its matcher, which accepts the token the row drew; fill_masks
+writes a batch of rows' allowed-token bitmasks for their next draws at once.
 
 Token strings reach XGrammar as tokenizer.json spells them, with the encoding it must undo (byte-level
 BPE, SentencePiece byte fallback, or raw); special tokens other than the stop tokens are left out (an
@@ -57,20 +57,13 @@ def _token_bits(allowed: list[bool]) -> torch.Tensor:
 
 
 class RowGrammar:
-    """One row's matcher: fill() the allowed tokens of its next draw, accept() what it drew."""
+    """One row's matcher: fill_masks() the allowed tokens of its next draw, accept() what it drew."""
 
-    def __init__(self, matcher, words: int, only: torch.Tensor | None = None):
+    def __init__(self, matcher, backend: "GrammarBackend", only: torch.Tensor | None = None):
         """only: [words] bits every mask is narrowed to (None: the grammar's own)."""
         self._matcher = matcher
-        self._words = torch.zeros(1, words, dtype=torch.int32)
+        self._backend = backend
         self._only = only
-
-    def fill(self) -> torch.Tensor:
-        """The next draw's allowed tokens as [words] int32 bits (reused: read it before the next fill)."""
-        self._matcher.fill_next_token_bitmask(self._words, 0)
-        if self._only is not None:
-            self._words[0] &= self._only
-        return self._words[0]
 
     def accept(self, token: int) -> bool:
         """False where the grammar refuses the token (the row must stop: its mask did not hold)."""
@@ -80,6 +73,22 @@ class RowGrammar:
     def terminated(self) -> bool:
         """A stop token was accepted where the grammar may end."""
         return bool(self._matcher.is_terminated())
+
+
+def fill_masks(rows: list[RowGrammar]) -> torch.Tensor:
+    """The next draw's allowed tokens of each row (of one GrammarBackend), [len(rows), words] int32 bits
+    (a reused buffer: read it before the next call). Several rows are filled side by side on XGrammar's
+    threads: a batch's masks cost about one row's host time, not one per row."""
+    backend = rows[0]._backend
+    words = backend.mask_buffer(len(rows))
+    if len(rows) == 1:
+        rows[0]._matcher.fill_next_token_bitmask(words, 0)
+    else:
+        backend.batch.batch_fill_next_token_bitmask([row._matcher for row in rows], words)
+    for i, row in enumerate(rows):
+        if row._only is not None:
+            words[i] &= row._only
+    return words
 
 
 class GrammarBackend:
@@ -104,6 +113,8 @@ class GrammarBackend:
         self._json_safe = _token_bits([not _CONTROL.intersection(token) for token in self.info.decoded_vocab] +
                                       [True] * (vocab_size - len(self.info.decoded_vocab)))
         self._compiler = xg.GrammarCompiler(self.info, max_threads=4)
+        self.batch = xg.BatchGrammarMatcher(max_threads="auto")  # (fill_masks: rows side by side)
+        self._masks = torch.zeros(0, self.words, dtype=torch.int32)
         self._compiled: dict[GrammarSpec, object] = {}
         self._lock = threading.Lock()
         self._xg = xg
@@ -145,4 +156,10 @@ class GrammarBackend:
 
     def row(self, spec: GrammarSpec) -> RowGrammar:
         only = self._json_safe if spec.kind in ("json_object", "json_schema", "tagged_json") else None
-        return RowGrammar(self._xg.GrammarMatcher(self.compile(spec)), self.words, only)
+        return RowGrammar(self._xg.GrammarMatcher(self.compile(spec)), self, only)
+
+    def mask_buffer(self, rows: int) -> torch.Tensor:
+        """[rows, words] int32 host rows fill_masks writes (grown as batches grow; one engine loop uses it)."""
+        if self._masks.shape[0] < rows:
+            self._masks = torch.zeros(max(rows, 2 * self._masks.shape[0]), self.words, dtype=torch.int32)
+        return self._masks[:rows]

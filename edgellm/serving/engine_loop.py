@@ -13,6 +13,11 @@ An iteration, while any sequence waits or runs:
      deltas); a chunk row whose prompt that step completed has its first token (its settings, seed,
      RNG offset 0), saves its new blocks (KV reuse) and joins the decode batch (runner.add_decode_rows);
   5. finished rows leave the batch (runner.keep_decode_rows); their handles complete.
+Rows that follow a grammar (structured output) cannot run ahead: a row's next token mask follows from the
+token it drew last. While one runs, a plain decode step is launched in halves instead: its forward first,
+then the step before it is read (each constrained row's matcher accepts its token; their next masks are
+filled together on the grammar engine's threads and copied behind the forward), then its draw. The host's
+work on step n thus still hides behind the device's forward of step n + 1.
 The batch's rows change between launches without waiting for the step in flight: every change is
 queued on the device behind it. Running rows thus keep producing a token per step while long prompts
 prefill beside them, and a row's tokens depend only on its own prompt, settings and seed, never on its
@@ -39,6 +44,7 @@ from ..engine.devices import to_device
 from ..engine.graphs import prefill_bucket
 from ..multimodal import prefill_positions
 from ..engine.modes import caller_kernel_settings, kernel_settings
+from ..grammar.backend import fill_masks
 from ..streaming import advance_rows
 from .launched import Launched
 from .prefill_rate import PrefillRate
@@ -70,7 +76,8 @@ class EngineLoop:
         self.scheduler = Scheduler(runner.config.max_supported_batch_size, max_queued)
         self.batch: list[Sequence] = []  # the runner's decode rows, in its order
         self._in_flight: collections.deque = collections.deque()  # Launched steps not yet read, oldest first
-        self.step_counts: collections.Counter = collections.Counter()  # steps run by kind: decode, mixed, prefill, verify
+        self._masks_due: list[Sequence] = []  # constrained rows whose next token mask is still to be set
+        self.step_counts: collections.Counter = collections.Counter()  # steps run by kind: decode (decode_in_halves of them), mixed, prefill, verify
         self.shared_prompt_tokens = 0  # prompt tokens copied from a leader's slot instead of prefilled
         self._handles: dict[Sequence, RequestHandle] = {}
         self._work = threading.Condition()
@@ -164,9 +171,10 @@ class EngineLoop:
             if seq.processing is not None:
                 self.runner.set_logit_processing(seq.slot, seq.processing, seq.prompt, seq.temperature)
             if seq.grammar is not None:  # (its first token's mask: the grammar's start)
-                self.runner.set_token_mask(seq.slot, seq.grammar.fill())
+                self._masks_due.append(seq)
             if seq.logprobs is not None:
                 self.runner.want_logprobs(seq.slot, True)
+        self._set_masks()
         if self.kv_store is not None:
             for seq in admitted:
                 if seq.leader is None:  # (a follower copies its leader's prompt instead)
@@ -182,11 +190,13 @@ class EngineLoop:
             max(self.prefill_budget, self.runner.prefill_chunk_size)  # (nothing decodes: no one waits on it)
         with self._work:  # (LongRoPE: a prompt's rotation depends on its whole length, so it goes in one call)
             chunks = self.scheduler.prefill_chunks(budget, prefill_bucket, whole=self.runner.needs_rows_each_step)
-        launched = False
+        launched = halves = False
         if mixed and chunks:
             chunks = chunks[:1]  # one row a mixed step: the shapes runtime.capture_graphs() captures
             if self.kv_store is not None:  # the memory tiers' hits, copied before the step (queued first)
                 self.kv_store.copy_blocks(*self.kv_store.take_pending())
+            while self._constrained() and self._in_flight:  # (a step in halves in flight: the constrained
+                self._take(self._in_flight.popleft())  # rows' masks for this draw come from reading it)
             self._launch_mixed(chunks)
             launched = True
         else:
@@ -194,10 +204,14 @@ class EngineLoop:
                 self._prefill(chunks, self._blocks_for(chunks))
             if self.batch and self._speculating():
                 speculative_step(self)
+            elif self.batch and self._launches_halves():
+                self._launch_decode_in_halves()  # (it read the steps before it between its halves)
+                halves = True
             elif self.batch:
                 self._launch_decode()
                 launched = True
-        ahead = 1 if launched and self._may_run_ahead() and not (self._speculating() or self._constrained()) else 0
+        ahead = 1 if halves or launched and self._may_run_ahead() and not (self._speculating() or self._constrained()) \
+            else 0
         while len(self._in_flight) > ahead:
             self._take(self._in_flight.popleft())
         with self._work:
@@ -343,6 +357,7 @@ class EngineLoop:
             if seq.processing is not None:  # (a decode step counts its own tokens; the first comes from here)
                 self.runner.count_output_token(seq.slot, token)
             self._advance(seq, [token])
+        self._set_masks()
         running = [(seq, token) for seq, token in zip(seqs, first) if not seq.done]
         if running:
             seqs = [seq for seq, _ in running]
@@ -368,11 +383,32 @@ class EngineLoop:
         if runner.needs_rows_each_step:  # LongRoPE: rows about to pass the original context are recomputed
             runner.prepare_decode_rows([s.slot for s in self.batch], [s.prompt for s in self.batch],
                                        [s.row.ids for s in self.batch], [s.adapter for s in self.batch])
+        self._count_decode_step()
+        self._in_flight.append(Launched(list(self.batch), runner.decode_launch()))
+
+    def _count_decode_step(self) -> None:
         self.step_counts["decode"] += 1
         for seq in self.batch:  # (speculating rows sitting this step out: one step of their wait spent)
             if seq.spec is not None and seq.spec.sits_out(seq.spec_row):
                 seq.spec.pass_step(seq.spec_row)
-        self._in_flight.append(Launched(list(self.batch), runner.decode_launch()))
+
+    def _launches_halves(self) -> bool:
+        """A constrained row runs, and the step may go in halves: the runner has them, no row needs its
+        step's rows first (run-ahead's rule), and no step in flight is a mixed one (reading it may add rows
+        to the batch, which must not change between a step's halves)."""
+        return self._constrained() and self.runner.launches_halves and self._may_run_ahead() and \
+            not any(step.chunks for step in self._in_flight)
+
+    def _launch_decode_in_halves(self) -> None:
+        """A decode step's forward queued, then every step in flight read (the constrained rows' next masks
+        set, queued behind that forward), then its draw: the host's reading overlaps the forward."""
+        rows = list(self.batch)
+        self._count_decode_step()
+        self.step_counts["decode_in_halves"] += 1
+        self.runner.decode_launch_forward()
+        while self._in_flight:
+            self._take(self._in_flight.popleft())
+        self._in_flight.append(Launched(rows, self.runner.decode_launch_sample()))
 
     def _may_run_ahead(self) -> bool:
         """Whether a step is read only after the next is queued (Switches.run_ahead; not where each
@@ -399,6 +435,7 @@ class EngineLoop:
                     entry[0].append(seq.spec_row)
                     entry[1].append([token])
                 self._advance(seq, [token])
+        self._set_masks()
         for spec, (rows, new) in speculating.items():
             spec.record(rows, new)
         if not step.chunks:
@@ -436,7 +473,14 @@ class EngineLoop:
                 if rest:
                     on_text(0, rest)
             return
-        self.runner.set_token_mask(seq.slot, grammar.fill())
+        self._masks_due.append(seq)
+
+    def _set_masks(self) -> None:
+        """The due constrained rows' next token masks, filled together and queued behind the steps in flight."""
+        due = [seq for seq in self._masks_due if not seq.done]
+        self._masks_due.clear()
+        if due:
+            self.runner.set_token_masks([seq.slot for seq in due], fill_masks([seq.grammar for seq in due]))
 
     def _retire(self, finished: list[Sequence]) -> None:
         """Called holding self._work: the finished sequences leave the batch and give their slots back."""

@@ -9,7 +9,6 @@ import json
 import re
 
 import pytest
-import torch
 
 pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
@@ -94,6 +93,36 @@ def test_free_rows_beside_a_constrained_one_are_unchanged(runtime):
     assert handles[0].result(60).output_ids[0] == alone[0]
     assert [together.output_ids[0], together.output_ids[2]] == alone
     assert together.output_texts[1].startswith("{")
+
+
+def test_steps_in_halves_give_what_whole_steps_give(runtime, monkeypatch):
+    """While constrained rows run, decode steps go in halves (the forward; the step before read, the rows'
+    next masks filled together and set; the draw): the same tokens as whole steps each read before the next
+    (run-ahead off), for three grammars and a free row sampled side by side, and a second request's rows
+    (a choice list for three rows of one prompt, a free row) joining through mixed steps meanwhile."""
+    fmts = [{"type": "json_schema", "json_schema": {"name": "x", "schema": schema}} for schema in SCHEMAS]
+    first = LLMGenerationRequest(requests=[{"prompt": f"JSON {i}:", "response_format": fmt}
+                                           for i, fmt in enumerate(fmts)] + [{"prompt": "free"}],
+                                 max_generate_length=40, temperature=1.0, seed=7)
+    choice = grammar_spec(guided_choice=["left", "right"])
+    second = LLMGenerationRequest(requests=[{"prompt": "Pick:", "response_format": choice}] * 3 +
+                                  [{"prompt": "more free text"}], max_generate_length=12, temperature=1.0, seed=2)
+
+    def both():
+        handles = [runtime.submit(first), runtime.submit(second)]
+        return [h.result(120) for h in handles]
+
+    before = runtime._loop.step_counts["decode_in_halves"]
+    halves = both()
+    assert runtime._loop.step_counts["decode_in_halves"] - before >= 10
+    monkeypatch.setattr(runtime.runner, "switches", dataclasses.replace(runtime.runner.switches, run_ahead=False))
+    before = runtime._loop.step_counts["decode_in_halves"]
+    whole = both()
+    assert runtime._loop.step_counts["decode_in_halves"] == before
+    assert [r.output_ids for r in halves] == [r.output_ids for r in whole]
+    for text, schema in zip(halves[0].output_texts, SCHEMAS):
+        jsonschema.validate(json.loads(text), schema)
+    assert set(halves[1].output_texts[:3]) <= {"left", "right"}
 
 
 @pytest.mark.parametrize("fmt, words", [
