@@ -2,7 +2,7 @@
 # The device script: GPU tests (kernels vs their references on CUDA, end-to-end generation vs
 # transformers, CUDA-graph decode vs eager, no reference op in the hot path), then the kernel and
 # decode benchmarks; short tables last.
-# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|tests1|tests2|kernels|decode|lora|kv|threads|serving|http|processing|vision|vocab|families|quant|host|backends ...]
+# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|tests1|tests2|kernels|decode|lora|kv|threads|serving|http|processing|structured|vision|vocab|families|quant|host|backends ...]
 # (no argument: all of them). Results go to $OUT (the device tool's folder) or bench/results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -74,6 +74,15 @@ fi
 if [[ " $parts " == *" processing "* ]]; then
   python3 bench/logit_processing.py --json "$out/logit_processing.json" 2> "$out/logit_processing.stderr" \
     || { status=1; tail -30 "$out/logit_processing.stderr"; }
+fi
+if [[ " $parts " == *" structured "* ]]; then
+  # XGrammar and jsonschema are not on the device: carry .whl/ (bench/RESULTS.md, structured output, says which wheels).
+  python3 -c "import xgrammar, jsonschema" 2>/dev/null || python3 -m pip install -q --no-deps .whl/*.whl
+  python3 -m pytest -q -p no:cacheprovider tests/grammar/test_structured_output_gpu.py > "$out/structured_pytest.log" 2>&1 \
+    || { status=1; tail -30 "$out/structured_pytest.log"; }
+  echo "structured GPU test: $(grep -E "passed|failed|error" "$out/structured_pytest.log" | tail -1)"
+  python3 bench/structured_decode.py --json "$out/structured_decode.json" 2> "$out/structured_decode.stderr" \
+    || { status=1; tail -30 "$out/structured_decode.stderr"; }
 fi
 if [[ " $parts " == *" http "* ]]; then
   # The serve extra is not on the device: carry .whl/ (README's Serve section and bench/RESULTS.md say which wheels).

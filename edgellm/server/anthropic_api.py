@@ -177,23 +177,44 @@ def message_response(job: Job, response: LLMGenerationResponse) -> dict:
             "usage": {"input_tokens": response.prompt_lengths[0], "output_tokens": len(response.output_ids[0])}}
 
 
-def block_events(blocks: list[dict], reason: str, response: LLMGenerationResponse) -> list[dict]:
-    """A whole answer's events after message_start: each block started, given in one delta, stopped;
-    then the message's delta and message_stop."""
-    events = []
-    for i, block in enumerate(blocks):
-        if block["type"] == "text":
-            events += [{"type": "content_block_start", "index": i, "content_block": {"type": "text", "text": ""}},
-                       {"type": "content_block_delta", "index": i,
-                        "delta": {"type": "text_delta", "text": block["text"]}}]
-        else:
-            events += [{"type": "content_block_start", "index": i, "content_block": {**block, "input": {}}},
-                       {"type": "content_block_delta", "index": i,
-                        "delta": {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}}]
-        events.append({"type": "content_block_stop", "index": i})
-    return events + [{"type": "message_delta", "delta": {"stop_reason": reason,
-                                                         "stop_sequence": response.stop_sequences[0]},
-                      "usage": {"output_tokens": len(response.output_ids[0])}}, {"type": "message_stop"}]
+class StreamedBlocks:
+    """A streamed answer that may call tools, as Anthropic streams one: ToolCallStream events become
+    content blocks (text; tool_use, its input's JSON in input_json_delta pieces), each stopped when the
+    next starts."""
+
+    def __init__(self):
+        self.index, self.kind = -1, None
+
+    def events(self, events: list[tuple]) -> list[dict]:
+        out = []
+        for event in events:
+            if event[0] == "text":
+                if self.kind != "text":
+                    out += self._start({"type": "text", "text": ""})
+                out.append({"type": "content_block_delta", "index": self.index,
+                            "delta": {"type": "text_delta", "text": event[1]}})
+            elif event[0] == "call":
+                out += self._start({"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": event[2],
+                                    "input": {}})
+            else:
+                out.append({"type": "content_block_delta", "index": self.index,
+                            "delta": {"type": "input_json_delta", "partial_json": event[2]}})
+        return out
+
+    def end(self, response: LLMGenerationResponse, called: bool) -> list[dict]:
+        """The last block's stop (an empty text block where none began), the message's delta and stop."""
+        out = self._start({"type": "text", "text": ""}) if self.kind is None else []
+        stop = response.stop_sequences[0]
+        reason = "tool_use" if called else stop_reason(response.finish_reasons[0], stop)
+        return out + [{"type": "content_block_stop", "index": self.index},
+                      {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": stop},
+                       "usage": {"output_tokens": len(response.output_ids[0])}}, {"type": "message_stop"}]
+
+    def _start(self, block: dict) -> list[dict]:
+        out = [{"type": "content_block_stop", "index": self.index}] if self.kind is not None else []
+        self.index += 1
+        self.kind = block["type"]
+        return out + [{"type": "content_block_start", "index": self.index, "content_block": block}]
 
 
 def message_start(job: Job, prompt_tokens: int) -> dict:

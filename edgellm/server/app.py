@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 
 from ..multimodal import image_sources
 from ..requests import GenerationItem
+from ..tool_call_stream import ToolCallStream
 from ..tool_calls import call_constraint, tool_call_format
 from . import anthropic_api, openai_api
 from .errors import ApiError, anthropic_body, from_edgellm, invalid, openai_body
@@ -357,18 +358,21 @@ async def _openai_events(job, handle, chat: bool, text_of):
     if chat:
         yield "".join(_sse(openai_api.chat_chunk(job, i, {"role": "assistant", "content": ""}))
                       for i in range(choices))
-    if chat and job.parses_tools:  # (calls are parsed from whole answers: each choice sent once it is done)
-        async for _ in handle.adeltas():
-            pass
-        response = handle.result()
-        for i, (text, reason) in enumerate(zip(response.output_texts, response.finish_reasons)):
-            message, reason = openai_api.answer_message(job, text, reason)
-            delta = {"content": message["content"]} if message.get("content") else {}
-            if "tool_calls" in message:
-                delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
-            yield _sse(openai_api.chat_chunk(job, i, delta)) + _sse(openai_api.chat_chunk(job, i, {}, reason))
+    if chat and job.parses_tools:  # (each choice's calls read as they are written: tool_call_stream.py)
+        streams = [ToolCallStream(job.tool_format) for _ in range(choices)]
+        async for pieces in handle.adeltas():
+            out = []
+            for item, text, reason, _ in _merged(pieces):
+                stream = streams[item]
+                events = (stream.feed(text) if text else []) + (stream.finish() if reason is not None else [])
+                out += [_sse(openai_api.chat_chunk(job, item, delta)) for delta in openai_api.tool_stream_deltas(events)]
+                if reason is not None:
+                    reason = "tool_calls" if stream.calls and not stream.cut_off else reason
+                    out.append(_sse(openai_api.chat_chunk(job, item, {}, reason)))
+            if out:
+                yield "".join(out)
         if job.include_usage:
-            yield _sse(openai_api.usage_chunk(job, response, chat))
+            yield _sse(openai_api.usage_chunk(job, handle.result(), chat))
         yield "data: [DONE]\n\n"
         return
     async for pieces in handle.adeltas():
@@ -396,11 +400,14 @@ async def _openai_events(job, handle, chat: bool, text_of):
 
 async def _anthropic_events(job, handle):
     yield _sse(anthropic_api.message_start(job, handle.prompt_lengths[0]), "message_start")
-    if job.parses_tools:  # (calls are parsed from the whole answer: its blocks sent once it is done)
-        async for _ in handle.adeltas():
-            pass
-        response = handle.result()
-        for event in anthropic_api.block_events(*anthropic_api.content_blocks(job, response), response):
+    if job.parses_tools:  # (its calls read as they are written: tool_call_stream.py)
+        stream, blocks = ToolCallStream(job.tool_format), anthropic_api.StreamedBlocks()
+        async for pieces in handle.adeltas():
+            for _, text, reason, _ in _merged(pieces):
+                events = (stream.feed(text) if text else []) + (stream.finish() if reason is not None else [])
+                for event in blocks.events(events):
+                    yield _sse(event, event["type"])
+        for event in blocks.end(handle.result(), stream.calls > 0 and not stream.cut_off):
             yield _sse(event, event["type"])
         return
     yield _sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},

@@ -165,6 +165,21 @@ def _earlier_call(call, where: str) -> dict:
     return {"id": call.get("id"), "type": "function", "function": {"name": function["name"], "arguments": arguments}}
 
 
+def tool_stream_deltas(events: list[tuple]) -> list[dict]:
+    """ToolCallStream events as chat chunk deltas, as OpenAI streams calls: a call's first delta has its
+    index, id, type and name (arguments ""), the next ones pieces of its arguments."""
+    out = []
+    for event in events:
+        if event[0] == "text":
+            out.append({"content": event[1]})
+        elif event[0] == "call":
+            out.append({"tool_calls": [{"index": event[1], "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                                        "function": {"name": event[2], "arguments": ""}}]})
+        else:
+            out.append({"tool_calls": [{"index": event[1], "function": {"arguments": event[2]}}]})
+    return out
+
+
 def tool_call_entries(calls) -> list[dict]:
     return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
              "function": {"name": call.name, "arguments": call.arguments}} for call in calls]

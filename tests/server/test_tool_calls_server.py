@@ -55,9 +55,12 @@ def test_named_function_call_validates_and_streams_the_same(client):
     assert call.function.name == "get_weather"
     chunks = list(client.chat.completions.create(model="model", messages=CHAT, tools=TOOLS, tool_choice=named,
                                                  max_tokens=120, temperature=0.9, seed=3, stream=True))
-    deltas = [c.choices[0].delta for c in chunks if c.choices and c.choices[0].delta.tool_calls]
-    (streamed,) = deltas[0].tool_calls
-    assert (streamed.function.name, streamed.function.arguments) == (call.function.name, call.function.arguments)
+    deltas = [c.choices[0].delta.tool_calls[0] for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert deltas[0].id.startswith("call_") and deltas[0].function.name == "get_weather"
+    assert all(d.index == 0 and d.id is None and d.function.name is None for d in deltas[1:])
+    assert len(deltas) > 5  # (the arguments come piece by piece, as they are written)
+    arguments = "".join(d.function.arguments for d in deltas)
+    assert json.loads(arguments) == json.loads(call.function.arguments)
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
@@ -113,8 +116,9 @@ def test_anthropic_tool_use_validates_streams_and_takes_results(claude):
     jsonschema.validate(block.input, WEATHER)
     with claude.messages.stream(model="model", max_tokens=120, messages=CHAT, tools=ANTHROPIC_TOOLS,
                                 tool_choice={"type": "any"}) as stream:
+        pieces = [e.partial_json for e in stream if e.type == "input_json"]
         final = stream.get_final_message()
-    assert final.stop_reason == "tool_use"
+    assert final.stop_reason == "tool_use" and len(pieces) > 5  # (the input streams as it is written)
     jsonschema.validate([b for b in final.content if b.type == "tool_use"][0].input, WEATHER)
     history = CHAT + [{"role": "assistant", "content": [{"type": "tool_use", "id": block.id, "name": block.name,
                                                          "input": block.input}]},
