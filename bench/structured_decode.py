@@ -79,8 +79,8 @@ def main() -> None:
     args = parser.parse_args()
     model_dir = random_model_dir(args.shape, args.cache_dir)
     write_synthetic_tokenizer(model_dir, SHAPES[args.shape]["vocab_size"])
-    runtime = LLMInferenceRuntime(model_dir, device=args.device,
-                                  dtype="float16" if args.device == "cuda" else "float32", max_batch_size=max(args.batch),
+    dtype = "float16" if args.device == "cuda" else "float32"
+    runtime = LLMInferenceRuntime(model_dir, device=args.device, dtype=dtype, max_batch_size=max(args.batch),
                                   max_kv_cache_capacity=512)
     switches = runtime.runner.switches
     results = {}
@@ -103,7 +103,8 @@ def main() -> None:
     for rows, kinds in results.items():
         for kind, row in kinds.items():
             cost = row["step_ms"] / kinds["free"]["step_ms"] - 1
-            print(f"{rows:>5} {kind:<26} {row['step_ms']:8.3f} {row['tokens_per_s']:8.0f} {cost:+7.1%} {row['decoded']:7d}")
+            print(f"{rows:>5} {kind:<26} {row['step_ms']:8.3f} {row['tokens_per_s']:8.0f} {cost:+7.1%} "
+                  f"{row['decoded']:7d}")
     ordered = sorted(compile_ms)
     print(f"grammar compile ({len(CASES)} schemas of bench/structured.py, {SHAPES[args.shape]['vocab_size']} "
           f"tokens): median {ordered[len(ordered) // 2]:.1f} ms, max {ordered[-1]:.1f} ms")

@@ -138,7 +138,8 @@ class DecodeSteps:
         buf.lora_used.zero_()
         # Warm-up and capture touch only the scratch slot: every row of `buf` is padding here.
         self.graphs.capture(key, body)
-        if part == "step" and not (processing or logprobs):  # (verify steps take no rows that process their logits: the engine loop's rule)
+        # (verify steps take no rows that process their logits: the engine loop's rule)
+        if part == "step" and not (processing or logprobs):
             self.verify.capture_graphs(buf, uses_lora)
 
     def start_decode(self, tokens, slots, temperature, top_k, top_p, seeds, offsets, lora=None) -> None:

@@ -365,7 +365,8 @@ async def _openai_events(job, handle, chat: bool, text_of):
             for item, text, reason, _ in _merged(pieces):
                 stream = streams[item]
                 events = (stream.feed(text) if text else []) + (stream.finish() if reason is not None else [])
-                out += [_sse(openai_api.chat_chunk(job, item, delta)) for delta in openai_api.tool_stream_deltas(events)]
+                out += [_sse(openai_api.chat_chunk(job, item, delta))
+                        for delta in openai_api.tool_stream_deltas(events)]
                 if reason is not None:
                     reason = "tool_calls" if stream.calls and not stream.cut_off else reason
                     out.append(_sse(openai_api.chat_chunk(job, item, {}, reason)))

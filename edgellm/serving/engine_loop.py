@@ -77,7 +77,8 @@ class EngineLoop:
         self.batch: list[Sequence] = []  # the runner's decode rows, in its order
         self._in_flight: collections.deque = collections.deque()  # Launched steps not yet read, oldest first
         self._masks_due: list[Sequence] = []  # constrained rows whose next token mask is still to be set
-        self.step_counts: collections.Counter = collections.Counter()  # steps run by kind: decode (decode_in_halves of them), mixed, prefill, verify
+        # Steps run by kind: decode (decode_in_halves of them), mixed, prefill, verify.
+        self.step_counts: collections.Counter = collections.Counter()
         self.shared_prompt_tokens = 0  # prompt tokens copied from a leader's slot instead of prefilled
         self._handles: dict[Sequence, RequestHandle] = {}
         self._work = threading.Condition()
