@@ -2,7 +2,7 @@
 # The device script: GPU tests (kernels vs their references on CUDA, end-to-end generation vs
 # transformers, CUDA-graph decode vs eager, no reference op in the hot path), then the kernel and
 # decode benchmarks; short tables last.
-# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|tests1|tests2|kernels|decode|lora|kv|threads|serving|http|processing|structured|vision|vocab|families|quant|host|backends ...]
+# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|tests1|tests2|kernels|decode|lora|kv|threads|serving|http|ttft|processing|structured|vision|vocab|families|quant|host|backends ...]
 # (no argument: all of them). Results go to $OUT (the device tool's folder) or bench/results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -89,6 +89,11 @@ if [[ " $parts " == *" http "* ]]; then
   python3 -c "import fastapi, uvicorn" 2>/dev/null || python3 -m pip install -q --no-deps .whl/*.whl
   python3 bench/serving.py --http --json "$out/serving_http.json" 2> "$out/serving_http.stderr" \
     || { status=1; tail -30 "$out/serving_http.stderr"; }
+fi
+if [[ " $parts " == *" ttft "* ]]; then  # (the server's added TTFT at one client alone: ~1 min)
+  python3 -c "import fastapi, uvicorn" 2>/dev/null || python3 -m pip install -q --no-deps .whl/*.whl
+  python3 bench/serving_ttft.py --json "$out/serving_ttft.json" 2> "$out/serving_ttft.stderr" \
+    || { status=1; tail -30 "$out/serving_ttft.stderr"; }
 fi
 if [[ " $parts " == *" threads "* ]]; then
   python3 bench/threads.py --json "$out/threads.json" 2> "$out/threads.stderr" || { status=1; tail -30 "$out/threads.stderr"; }
