@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not bench/
@@ -28,8 +27,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))  # (after it: bench/com
 from common import write_synthetic_tokenizer  # noqa: E402
 from edgellm import LLMGenerationRequest, LLMInferenceRuntime  # noqa: E402
 from edgellm.benchmark import SHAPES, log, random_model_dir  # noqa: E402
-from edgellm.grammar import GrammarSpec  # noqa: E402
-from structured import CASES  # noqa: E402
+from structured import CASES, compile_times  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {"title": {"type": "string"}, "body": {"type": "string"}},
           "required": ["title", "body"], "additionalProperties": False}
@@ -92,12 +90,7 @@ def main() -> None:
         whole = run(runtime, rows, args.tokens, True, args.repeats)
         runtime.runner.switches = switches
         results[rows] = dict(free=free, json_schema=halves, json_schema_whole_steps=whole)
-    backend = runtime._grammar_backend()
-    compile_ms = []
-    for _, schema in CASES:
-        began = time.perf_counter()
-        backend.compile(GrammarSpec("json_schema", json.dumps(schema)))
-        compile_ms.append((time.perf_counter() - began) * 1e3)
+    compile_ms = compile_times(runtime)
     print(f"\n{args.shape}, {args.tokens} tokens a row, greedy (ms per step; cost against free decoding)")
     print(f"{'batch':>5} {'rows':<26} {'ms/step':>8} {'tok/s':>8} {'cost':>7} {'tokens':>7}")
     for rows, kinds in results.items():
