@@ -42,14 +42,19 @@ class ToolCallStream:
         """The answer ended inside a call's arguments (the token limit): that call's JSON is incomplete."""
         return self._state in ("args", "rest")
 
-    def feed(self, text: str) -> list[tuple]:
+    @property
+    def called(self) -> bool:
+        """The answer holds a whole call: its finish reason is a tool call's (tool_calls, tool_use)."""
+        return self.calls > 0 and not self.cut_off
+
+    def feed(self, text: str, final: bool = False) -> list[tuple]:
         """Events of what `text` (the next delta) makes certain: ("text", s), ("call", index, name),
-        ("arguments", index, s)."""
+        ("arguments", index, s); final: the answer ends with it (finish()'s events follow)."""
         self._text += text
         events: list[tuple] = []
         while self._step(events):
             pass
-        return events
+        return events + self.finish() if final else events
 
     def finish(self) -> list[tuple]:
         """The last events, once the answer is whole: the held text, or the calls only the whole text shows."""
@@ -63,7 +68,7 @@ class ToolCallStream:
             return events
         if self._state in ("args", "rest", "between") and self.calls:
             return events  # (a call the token limit cut off, or the calls' region open at the end)
-        content, calls = parse_tool_calls(self._text, self.fmt)
+        _, calls = parse_tool_calls(self._text, self.fmt)
         if len(calls) <= self.calls:  # (nothing more the whole text holds: the held text is content)
             if not self.calls:
                 events.append(("text", self._text[self._region:]))

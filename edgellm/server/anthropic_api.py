@@ -204,11 +204,7 @@ class StreamedBlocks:
     def end(self, response: LLMGenerationResponse, called: bool) -> list[dict]:
         """The last block's stop (an empty text block where none began), the message's delta and stop."""
         out = self._start({"type": "text", "text": ""}) if self.kind is None else []
-        stop = response.stop_sequences[0]
-        reason = "tool_use" if called else stop_reason(response.finish_reasons[0], stop)
-        return out + [{"type": "content_block_stop", "index": self.index},
-                      {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": stop},
-                       "usage": {"output_tokens": len(response.output_ids[0])}}, {"type": "message_stop"}]
+        return out + message_end(response, self.index, "tool_use" if called else None)
 
     def _start(self, block: dict) -> list[dict]:
         out = [{"type": "content_block_stop", "index": self.index}] if self.kind is not None else []
@@ -228,12 +224,12 @@ def text_delta(text: str) -> dict:
     return {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}
 
 
-def message_end(response: LLMGenerationResponse) -> list[dict]:
-    """The events after the last text delta: the block's stop, the message's delta with its stop
-    reason and usage, and message_stop."""
+def message_end(response: LLMGenerationResponse, index: int = 0, reason: str | None = None) -> list[dict]:
+    """The events after the last delta: block `index`'s stop, the message's delta with its stop reason
+    (default: the response's) and usage, and message_stop."""
     stop = response.stop_sequences[0]
-    return [{"type": "content_block_stop", "index": 0},
-            {"type": "message_delta", "delta": {"stop_reason": stop_reason(response.finish_reasons[0], stop),
+    return [{"type": "content_block_stop", "index": index},
+            {"type": "message_delta", "delta": {"stop_reason": reason or stop_reason(response.finish_reasons[0], stop),
                                                 "stop_sequence": stop},
              "usage": {"output_tokens": len(response.output_ids[0])}},
             {"type": "message_stop"}]

@@ -364,12 +364,10 @@ async def _openai_events(job, handle, chat: bool, text_of):
             out = []
             for item, text, reason, _ in _merged(pieces):
                 stream = streams[item]
-                events = (stream.feed(text) if text else []) + (stream.finish() if reason is not None else [])
                 out += [_sse(openai_api.chat_chunk(job, item, delta))
-                        for delta in openai_api.tool_stream_deltas(events)]
+                        for delta in openai_api.tool_stream_deltas(stream.feed(text, final=reason is not None))]
                 if reason is not None:
-                    reason = "tool_calls" if stream.calls and not stream.cut_off else reason
-                    out.append(_sse(openai_api.chat_chunk(job, item, {}, reason)))
+                    out.append(_sse(openai_api.chat_chunk(job, item, {}, "tool_calls" if stream.called else reason)))
             if out:
                 yield "".join(out)
         if job.include_usage:
@@ -405,10 +403,9 @@ async def _anthropic_events(job, handle):
         stream, blocks = ToolCallStream(job.tool_format), anthropic_api.StreamedBlocks()
         async for pieces in handle.adeltas():
             for _, text, reason, _ in _merged(pieces):
-                events = (stream.feed(text) if text else []) + (stream.finish() if reason is not None else [])
-                for event in blocks.events(events):
+                for event in blocks.events(stream.feed(text, final=reason is not None)):
                     yield _sse(event, event["type"])
-        for event in blocks.end(handle.result(), stream.calls > 0 and not stream.cut_off):
+        for event in blocks.end(handle.result(), stream.called):
             yield _sse(event, event["type"])
         return
     yield _sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
