@@ -13,11 +13,8 @@ An iteration, while any sequence waits or runs:
      deltas); a chunk row whose prompt that step completed has its first token (its settings, seed,
      RNG offset 0), saves its new blocks (KV reuse) and joins the decode batch (runner.add_decode_rows);
   5. finished rows leave the batch (runner.keep_decode_rows); their handles complete.
-Rows that follow a grammar (structured output) cannot run ahead: a row's next token mask follows from the
-token it drew last. While one runs, a plain decode step is launched in halves instead: its forward first,
-then the step before it is read (each constrained row's matcher accepts its token; their next masks are
-filled together on the grammar engine's threads and copied behind the forward), then its draw. The host's
-work on step n thus still hides behind the device's forward of step n + 1.
+Rows that follow a grammar (structured output) cannot run ahead; while one runs, a plain decode step goes in
+halves (constrained_rows.py), so the host's work on a step still hides behind the device's next forward.
 The batch's rows change between launches without waiting for the step in flight: every change is
 queued on the device behind it. Running rows thus keep producing a token per step while long prompts
 prefill beside them, and a row's tokens depend only on its own prompt, settings and seed, never on its
@@ -44,8 +41,8 @@ from ..engine.devices import to_device
 from ..engine.graphs import prefill_bucket
 from ..multimodal import prefill_positions
 from ..engine.modes import caller_kernel_settings, kernel_settings
-from ..grammar.backend import fill_masks
 from ..streaming import advance_rows
+from . import constrained_rows
 from .launched import Launched
 from .prefill_rate import PrefillRate
 from .request_handle import RequestHandle
@@ -175,7 +172,7 @@ class EngineLoop:
                 self._masks_due.append(seq)
             if seq.logprobs is not None:
                 self.runner.want_logprobs(seq.slot, True)
-        self._set_masks()
+        constrained_rows.set_masks(self)
         if self.kv_store is not None:
             for seq in admitted:
                 if seq.leader is None:  # (a follower copies its leader's prompt instead)
@@ -196,8 +193,8 @@ class EngineLoop:
             chunks = chunks[:1]  # one row a mixed step: the shapes runtime.capture_graphs() captures
             if self.kv_store is not None:  # the memory tiers' hits, copied before the step (queued first)
                 self.kv_store.copy_blocks(*self.kv_store.take_pending())
-            while self._constrained() and self._in_flight:  # (a step in halves in flight: the constrained
-                self._take(self._in_flight.popleft())  # rows' masks for this draw come from reading it)
+            while constrained_rows.constrained(self) and self._in_flight:  # (a step in halves in flight:
+                self._take(self._in_flight.popleft())  # the constrained rows' masks for this draw come from it)
             self._launch_mixed(chunks)
             launched = True
         else:
@@ -205,14 +202,14 @@ class EngineLoop:
                 self._prefill(chunks, self._blocks_for(chunks))
             if self.batch and self._speculating():
                 speculative_step(self)
-            elif self.batch and self._launches_halves():
-                self._launch_decode_in_halves()  # (it read the steps before it between its halves)
+            elif self.batch and constrained_rows.launches_halves(self):
+                constrained_rows.decode_in_halves(self)  # (it read the steps before it between its halves)
                 halves = True
             elif self.batch:
                 self._launch_decode()
                 launched = True
-        ahead = 1 if halves or launched and self._may_run_ahead() and not (self._speculating() or self._constrained()) \
-            else 0
+        ahead = 1 if halves or launched and self._may_run_ahead() and \
+            not (self._speculating() or constrained_rows.constrained(self)) else 0
         while len(self._in_flight) > ahead:
             self._take(self._in_flight.popleft())
         with self._work:
@@ -324,11 +321,6 @@ class EngineLoop:
         return any(seq.spec is not None and not seq.spec.sits_out(seq.spec_row) for seq in self.batch) and \
             not any(seq.processing is not None or seq.logprobs is not None for seq in self.batch)
 
-    def _constrained(self) -> bool:
-        """Some running row follows a grammar: its next mask follows from the token it drew last, so each
-        step is read before the next is launched (no run-ahead)."""
-        return any(seq.grammar is not None for seq in self.scheduler.running)
-
     def _launch_mixed(self, chunks: list[tuple[Sequence, int]]) -> None:
         seqs = [seq for seq, _ in chunks]
         temperature, top_k, top_p, seeds, _ = self._row_settings(seqs)
@@ -358,7 +350,7 @@ class EngineLoop:
             if seq.processing is not None:  # (a decode step counts its own tokens; the first comes from here)
                 self.runner.count_output_token(seq.slot, token)
             self._advance(seq, [token])
-        self._set_masks()
+        constrained_rows.set_masks(self)
         running = [(seq, token) for seq, token in zip(seqs, first) if not seq.done]
         if running:
             seqs = [seq for seq, _ in running]
@@ -393,24 +385,6 @@ class EngineLoop:
             if seq.spec is not None and seq.spec.sits_out(seq.spec_row):
                 seq.spec.pass_step(seq.spec_row)
 
-    def _launches_halves(self) -> bool:
-        """A constrained row runs, and the step may go in halves: the runner has them, no row needs its
-        step's rows first (run-ahead's rule), and no step in flight is a mixed one (reading it may add rows
-        to the batch, which must not change between a step's halves)."""
-        return self._constrained() and self.runner.launches_halves and self._may_run_ahead() and \
-            not any(step.chunks for step in self._in_flight)
-
-    def _launch_decode_in_halves(self) -> None:
-        """A decode step's forward queued, then every step in flight read (the constrained rows' next masks
-        set, queued behind that forward), then its draw: the host's reading overlaps the forward."""
-        rows = list(self.batch)
-        self._count_decode_step()
-        self.step_counts["decode_in_halves"] += 1
-        self.runner.decode_launch_forward()
-        while self._in_flight:
-            self._take(self._in_flight.popleft())
-        self._in_flight.append(Launched(rows, self.runner.decode_launch_sample()))
-
     def _may_run_ahead(self) -> bool:
         """Whether a step is read only after the next is queued (Switches.run_ahead; not where each
         step's rows must be known first: LongRoPE), so the host's work on one step hides behind the
@@ -436,7 +410,7 @@ class EngineLoop:
                     entry[0].append(seq.spec_row)
                     entry[1].append([token])
                 self._advance(seq, [token])
-        self._set_masks()
+        constrained_rows.set_masks(self)
         for spec, (rows, new) in speculating.items():
             spec.record(rows, new)
         if not step.chunks:
@@ -452,36 +426,14 @@ class EngineLoop:
         self._join(joining, tokens, rows)
 
     def _advance(self, seq: Sequence, tokens: list[int]) -> None:
-        grammar = seq.grammar
         refused = False
-        if grammar is not None:  # (tokens drawn under its mask; the matcher moves on, EOS where it may end)
-            accepted = 0
-            while accepted < len(tokens) and not grammar.terminated and grammar.accept(tokens[accepted]):
-                accepted += 1
-            refused, tokens = accepted < len(tokens) and not grammar.terminated, tokens[:accepted]
+        if seq.grammar is not None:
+            tokens, refused = constrained_rows.accept(seq, tokens)
         seq.token_times.extend([time.perf_counter()] * len(tokens))
         on_text = (lambda _, text: seq.on_text(text)) if seq.on_text is not None else None
         advance_rows([seq.row], [0], [tokens], seq.eos_token_ids, seq.max_new, on_text)
-        if grammar is None or seq.done:
-            return
-        if refused or grammar.terminated:  # (a token the mask did not rule out; or its end without EOS)
-            if refused:
-                log.warning("a grammar refused a token its mask allowed; the row ends there")
-            seq.row.finish_reason = "stop"
-            text = seq.row.live_text
-            if text is not None and on_text is not None:
-                rest = text.delta(final=True)
-                if rest:
-                    on_text(0, rest)
-            return
-        self._masks_due.append(seq)
-
-    def _set_masks(self) -> None:
-        """The due constrained rows' next token masks, filled together and queued behind the steps in flight."""
-        due = [seq for seq in self._masks_due if not seq.done]
-        self._masks_due.clear()
-        if due:
-            self.runner.set_token_masks([seq.slot for seq in due], fill_masks([seq.grammar for seq in due]))
+        if seq.grammar is not None and not seq.done:
+            constrained_rows.after_advance(self, seq, refused, on_text)
 
     def _retire(self, finished: list[Sequence]) -> None:
         """Called holding self._work: the finished sequences leave the batch and give their slots back."""
