@@ -361,16 +361,18 @@ def _forward_fused(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     o, gate/up, down (up to five launches fewer than the chain of separate ops; each fused op computes
     what the separate ones would). h is the residual stream (the sum that add_rms_norm would have
     written). The norm's statistics: at one row each GEMV reads its row of x for them (row_rstd); over
-    more rows the o and down GEMVs add up their output rows' sums of squares as they store them
-    (sumsq_out, one zeroed vector per norm), so the next GEMV's programs read one number per row
-    instead of a pass over x each (which lost: Switches.fused_norm_rows); the first layer's input norm
+    more rows the o and down GEMVs leave their output rows' sums of squares in parts as they store them
+    (sumsq_out, one zeroed [parts, rows] buffer per norm), so the next GEMV's programs read those parts
+    (added up in one order) instead of a pass over x each (which lost: Switches.fused_norm_rows); the first layer's input norm
     and the final norm stay kernels of their own there."""
     rows = hidden.shape[0] * hidden.shape[1]
     fuse_norm = rows <= switches.fused_norm_rows
     eps = cfg.rms_norm_eps
     n_layers = len(weights.layers)
     # (the last down GEMV's sums would feed the final norm, which stays a kernel of its own: no row for them)
-    sums = None if fuse_norm else torch.zeros(2 * n_layers - 1, rows, dtype=torch.float32, device=hidden.device)
+    parts = max(gemv.sumsq_parts(w, rows) for lw in weights.layers for w in (lw.o_proj, lw.down))
+    sums = None if fuse_norm else \
+        torch.zeros(2 * n_layers - 1, parts, rows, dtype=torch.float32, device=hidden.device)
 
     def project(x, weight, bias, norm_weight, sumsq=None, **epilogue):
         if fuse_norm or sumsq is not None:
@@ -433,8 +435,8 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, op
         return ops.gemv(x, weight, bias, residual=residual, sumsq_out=sumsq_out)
     y = _matmul(x, weight, bias, ops)
     y = y if residual is None else y + residual
-    if sumsq_out is not None:
-        sumsq_out += y.reshape(-1, y.shape[-1]).float().square().sum(-1)
+    if sumsq_out is not None:  # (all in its first part: gemv's sumsq_out)
+        sumsq_out[0] += y.reshape(-1, y.shape[-1]).float().square().sum(-1)
     return y
 
 

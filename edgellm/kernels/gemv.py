@@ -171,7 +171,7 @@ def _weight_tile(w_base, kk, k, n_ok, dtype: tl.constexpr, QUANT: tl.constexpr):
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                  t_ptr, lb_ptr, idx_ptr, used_ptr, scale_ptr, n_splits, end0, end1, s_bs,
-                 sc_ptr, zp_ptr, s_sn, group, nw_ptr, eps, r_ptr, s_rm, nsq_ptr, sq_ptr,
+                 sc_ptr, zp_ptr, s_sn, group, nw_ptr, eps, r_ptr, s_rm, nsq_ptr, s_nsq, n_parts, sq_ptr, s_sq,
                  cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr, starts_ptr, lens_ptr, seq_len, n_pos, half, n_q, n_kv,
                  c_slot, c_head, c_pos,
                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -179,7 +179,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                  SPLITS: tl.constexpr, BLOCK_GR: tl.constexpr, LORA_PRECISION: tl.constexpr, UNROLL: tl.constexpr,
                  ONE_ROW: tl.constexpr, QUANT: tl.constexpr, ROW_FMA: tl.constexpr, PREFETCH: tl.constexpr,
                  LINE: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                 ROPE: tl.constexpr, SUMSQ: tl.constexpr):
+                 ROPE: tl.constexpr, SUMSQ: tl.constexpr, BLOCK_P: tl.constexpr):
     j = tl.arange(0, BLOCK_N)
     if GLU:  # the tile's rows pair each output feature's gate row with its up row (n rows further)
         rows_n = tl.program_id(0) * (BLOCK_N // 2) + j // 2  # the output feature of each tile row
@@ -229,8 +229,11 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
     if NORM == 1:
         rstd = row_rstd(x_base, m_ok, k, eps, BLOCK_M, BLOCK_K)
-    elif NORM == 2:  # the rows' sums of squares, added up by the GEMV that wrote x (SUMSQ)
-        rstd = 1.0 / tl.sqrt(tl.load(nsq_ptr + rows_m, mask=m_ok, other=0.0) / k + eps)
+    elif NORM == 2:  # the rows' sums of squares from the parts the GEMV that wrote x left (SUMSQ), in a fixed order
+        p = tl.arange(0, BLOCK_P)
+        parts = tl.load(nsq_ptr + p[:, None] * s_nsq + rows_m[None, :], mask=(p < n_parts)[:, None] & m_ok[None, :],
+                        other=0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(parts, axis=0) / k + eps)
     if ROW_FMA:  # BLOCK_M is 1
         acc = _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, w_rows, s_sn, k, group, nw_ptr, tl.sum(rstd, axis=0),
                         BLOCK_N, BLOCK_K, NUM_STAGES, QUANT, NORM)[None, :]
@@ -281,9 +284,9 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
         if RESIDUAL:  # the residual stream's add, as the next norm kernel would do it
             out += tl.load(r_ptr + rows_m[:, None] * s_rm + out_cols[None, :], mask=mask, other=0.0)
         tl.store(y_ptr + rows_m[:, None] * s_ym + out_cols[None, :], out, mask=mask)
-        if SUMSQ:  # this tile's part of each output row's sum of squares, for the next GEMV's RMSNorm
-            f = tl.where(mask, out.to(tl.float32), 0.0)
-            tl.atomic_add(sq_ptr + rows_m, tl.sum(f * f, axis=1), mask=m_ok, sem="relaxed")
+        if SUMSQ:  # this tile's part of each output row's sum of squares, for the next GEMV's RMSNorm (no
+            f = tl.where(mask, out.to(tl.float32), 0.0)  # atomics: their order, and so the sum, varies by run)
+            tl.store(sq_ptr + tl.program_id(0) * s_sq + rows_m, tl.sum(f * f, axis=1), mask=m_ok)
 
 
 # Weight prefetch before the wait (H100): the first 4 KB of each row of a small matrix (SmolLM2-135M
@@ -303,6 +306,24 @@ def _prefetch_lines(pdl: int, quant: str | None, n: int, k: int, element: int) -
     if not pdl or quant is not None or wanted <= 0:
         return 0
     return min(pow2(wanted // 128), pow2(triton.cdiv(k * element, 128)))
+
+
+def _launch_tile(weight, row_fma: bool, pairs: bool, tile=None) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps, stages) of a launch: the given tile or the one chosen for the weight's
+    rows (glu: twice the outputs), K tiles no longer than the padded row (int4: whole blocks of 32)."""
+    quant = getattr(weight, "kind", None)
+    rows_w, k = weight.shape
+    block_n, block_k, warps, stages = tile or (_row_tile(quant, rows_w, k) if row_fma else _tile(quant, rows_w, k))
+    block_k = min(block_k, pow2(k, 32 if quant == "int4" else 16))
+    if pairs:
+        block_n = max(block_n, 2)  # a tile holds pairs of rows (gate and up; a rotation's two features)
+    return block_n, block_k, warps, stages
+
+
+def sumsq_parts(weight, rows: int, *, glu: str | None = None, tile=None) -> int:
+    """The parts (one per program) of a sumsq_out buffer for gemv(x of `rows` rows, weight, glu=, tile=)."""
+    block_n = _launch_tile(weight, rows == 1, glu is not None, tile)[0]
+    return triton.cdiv(weight.shape[0] // (2 if glu is not None else 1), block_n // 2 if glu is not None else block_n)
 
 
 def supports(weight) -> bool:
@@ -327,9 +348,10 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
     and appending the keys and values to the cache.
 
     Sums of squares, so that a norm over several rows needs no pass of its own over x: sumsq_out
-    ([rows] float32, zeroed by the caller) gets each output row's sum of squares added (of the result
-    as stored, the residual included); norm_sumsq ([rows] float32, with norm=): x's rows' sums of
-    squares, as an earlier GEMV's sumsq_out left them, which the norm then uses instead of reading x."""
+    ([parts, rows] float32, zeroed by the caller, parts >= sumsq_parts(...)) gets each program's part of
+    each output row's sum of squares (of the result as stored, the residual included); norm_sumsq
+    ([parts, rows] float32, with norm=): x's rows' sums of squares in parts, as an earlier GEMV's
+    sumsq_out left them, added up in a fixed order, which the norm then uses instead of reading x."""
     *lead, k = x.shape
     quant = getattr(weight, "kind", None)  # a QuantizedWeight (edgellm/quant)
     pairs = glu is not None or rope_append is not None  # tiles of row pairs: n counts pairs
@@ -340,7 +362,6 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
     if m > MAX_ROWS or weight.shape[1] != k or data.stride(-1) != 1:
         raise ValueError(f"gemv: x {tuple(x.shape)} (at most {MAX_ROWS} rows) does not fit weight {tuple(weight.shape)}")
     check_fusions(x, weight, lora, norm, glu, residual, lead, n, rope_append)
-    check_sums(m, norm, norm_sumsq, sumsq_out, rope_append)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     r2 = residual.reshape(-1, n).contiguous() if residual is not None else x2
@@ -348,9 +369,7 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
         row_fma = m == 1
     if row_fma and m != 1:
         raise ValueError(f"gemv: row_fma takes one row of x, got {m}")
-    rows_w = weight.shape[0]  # the tiles were chosen for the weight's rows (glu: twice the outputs)
-    block_n, block_k, warps, stages = tile or (_row_tile(quant, rows_w, k) if row_fma else _tile(quant, rows_w, k))
-    block_k = min(block_k, pow2(k, 32 if quant == "int4" else 16))  # int4 tiles are whole blocks of 32
+    block_n, block_k, warps, stages = _launch_tile(weight, row_fma, pairs, tile)
     if quant == "int4":
         if not supports(weight):
             raise ValueError(f"gemv: int4 groups must be a multiple of 32, got {weight.group}")
@@ -370,7 +389,7 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
     else:
         rope_args = (y, y, y, y, y, y, y, 1, 1, 1, 0, 0, 0, 0, 0)
     pdl = use_pdl(x)
-    prefetch = _prefetch_lines(pdl, quant, rows_w, k, data.element_size())
+    prefetch = _prefetch_lines(pdl, quant, weight.shape[0], k, data.element_size())
     if lora is None:
         lora_args = (y, y, y, y, y, 0, 0, 0, 0)
         constants = dict(HAS_LORA=False, GROUPS=1, RANK=16, SPLITS=1, BLOCK_GR=16, LORA_PRECISION="ieee", UNROLL=1,
@@ -383,18 +402,21 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
         lora_args = (t, b_stack, index, used, scale, t.shape[0], *_segment_ends(list(segments)), b_stack.stride(0))
         constants = {**delta_constants(t, b_stack, segments), "HAS_LORA": True, "ONE_ROW": m == 1}
         constants["LORA_PRECISION"] = constants.pop("PRECISION")
-    if pairs:
-        block_n = max(block_n, 2)  # a tile holds pairs of rows (gate and up; a rotation's two features)
-    _gemv_kernel[(triton.cdiv(n, block_n // 2 if pairs else block_n),)](
+    programs = triton.cdiv(n, block_n // 2 if pairs else block_n)
+    check_sums(m, programs, norm, norm_sumsq, sumsq_out, rope_append)
+    norm_sums = (norm_sumsq, norm_sumsq.stride(0), norm_sumsq.shape[0]) if norm_sumsq is not None else (y, 0, 0)
+    out_sums = (sumsq_out, sumsq_out.stride(0)) if sumsq_out is not None else (y, 0)
+    _gemv_kernel[(programs,)](
         x2, data, bias if bias is not None else y, y, m, n, k, x2.stride(0), data.stride(0), y.stride(0),
         *lora_args, scales, zeros, scales.stride(0) if scales.dim() == 2 else 1, weight.group if quant == "int4" else 1,
         norm[0] if norm is not None else x2, norm[1] if norm is not None else 0.0, r2, r2.stride(0),
-        norm_sumsq if norm_sumsq is not None else y, sumsq_out if sumsq_out is not None else y, *rope_args,
+        *norm_sums, *out_sums, *rope_args,
         HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), BLOCK_M=1 if row_fma else 16, BLOCK_N=block_n,
         BLOCK_K=block_k, NUM_STAGES=stages, PDL=pdl, **constants, QUANT=QUANT_CODES[quant], ROW_FMA=row_fma,
         PREFETCH=prefetch, LINE=128 // data.element_size(), NORM=0 if norm is None else 1 if norm_sumsq is None else 2,
         GLU=0 if glu is None else 1 + GATE_ACTIVATIONS.index(glu), RESIDUAL=residual is not None,
-        ROPE=rope_append is not None, SUMSQ=sumsq_out is not None, num_warps=warps, launch_pdl=pdl > 0)
+        ROPE=rope_append is not None, SUMSQ=sumsq_out is not None,
+        BLOCK_P=pow2(norm_sumsq.shape[0]) if norm_sumsq is not None else 1, num_warps=warps, launch_pdl=pdl > 0)
     return y.reshape(*lead, out_n)
 
 
@@ -405,11 +427,11 @@ def gemv_ref(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=
     """x @ weight^T (+ bias) in x's dtype: torch's linear (cuBLAS on the GPU), over the dequantized
     weight when it is packed; plus lora_expand_ref. The fused neighbours as their own references:
     rms_norm_ref before (from x itself: norm_sumsq only says what x's sums of squares are), glu_ref
-    (glu), the residual add or rope_kv_append_ref after; sumsq_out gets the result's sums of squares."""
+    (glu), the residual add or rope_kv_append_ref after; sumsq_out's first part gets the result's sums of squares."""
     *lead, _ = x.shape
     pairs = glu is not None or rope_append is not None
     check_fusions(x, weight, lora, norm, glu, residual, lead, weight.shape[0] // (2 if pairs else 1), rope_append)
-    check_sums(x.reshape(-1, x.shape[-1]).shape[0], norm, norm_sumsq, sumsq_out, rope_append)
+    check_sums(x.reshape(-1, x.shape[-1]).shape[0], 1, norm, norm_sumsq, sumsq_out, rope_append)
     if getattr(weight, "kind", None):
         from ..quant.formats import dequantize
 
@@ -431,6 +453,6 @@ def gemv_ref(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=
                                r.starts, r.lengths)
         return q.reshape(batch, seq, -1)
     y = y if residual is None else y + residual
-    if sumsq_out is not None:
-        sumsq_out += y.reshape(-1, y.shape[-1]).float().square().sum(-1)
+    if sumsq_out is not None:  # (all in its first part)
+        sumsq_out[0] += y.reshape(-1, y.shape[-1]).float().square().sum(-1)
     return y

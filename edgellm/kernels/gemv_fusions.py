@@ -130,12 +130,18 @@ def check_fusions(x, weight, lora, norm, glu, residual, lead, n, rope_append=Non
         raise ValueError(f"gemv: residual {tuple(residual.shape)} {residual.dtype} must be {(*lead, n)} {x.dtype}")
 
 
-def check_sums(rows: int, norm, norm_sumsq, sumsq_out, rope_append) -> None:
-    """gemv's norm_sumsq / sumsq_out: [rows] float32 vectors; norm_sumsq only with a norm, sumsq_out not
-    with the rope epilogue (which stores queries and cache entries, not a row of the stream)."""
+def check_sums(rows: int, programs: int, norm, norm_sumsq, sumsq_out, rope_append) -> None:
+    """gemv's norm_sumsq / sumsq_out: [parts, rows] float32, zeroed by the caller, whose parts add up to
+    each row's sum of squares (sumsq_out: at least one part per program, gemv.sumsq_parts: each program
+    stores its own, so the sum comes out in one order, whatever order the programs ran in); norm_sumsq
+    only with a norm, sumsq_out not with the rope epilogue (which stores queries and cache entries, not a
+    row of the stream)."""
     for name, t in (("norm_sumsq", norm_sumsq), ("sumsq_out", sumsq_out)):
-        if t is not None and (t.shape != (rows,) or t.dtype != torch.float32 or not t.is_contiguous()):
-            raise ValueError(f"gemv: {name} must be a contiguous float32 [{rows}], got {tuple(t.shape)} {t.dtype}")
+        if t is not None and (t.dim() != 2 or t.shape[1] != rows or t.dtype != torch.float32 or t.stride(1) != 1):
+            raise ValueError(f"gemv: {name} must be float32 [parts, {rows}] with contiguous rows, "
+                             f"got {tuple(t.shape)} {t.dtype}")
+    if sumsq_out is not None and sumsq_out.shape[0] < programs:
+        raise ValueError(f"gemv: sumsq_out needs a part for each of its {programs} programs, got {sumsq_out.shape[0]}")
     if norm_sumsq is not None and norm is None:
         raise ValueError("gemv: norm_sumsq is the norm's input statistics; it needs norm=")
     if sumsq_out is not None and rope_append is not None:

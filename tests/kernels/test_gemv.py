@@ -55,18 +55,24 @@ def test_gemv_fused_norm_glu_residual(dtype, m, n, k, quant):
             torch.testing.assert_close(gemv.gemv(x, w2, bias, residual=residual, tile=tile, row_fma=row_fma),
                                        expected_res, **tol)
     # The norm's statistics from the GEMV that wrote x (sumsq_out) instead of a pass over x (norm_sumsq).
-    sums = torch.zeros(m, dtype=torch.float32, device=DEVICE)
+    # Each program stores its part (no atomics: the same sum whatever order they ran in).
+    parts = gemv.sumsq_parts(w2, m)
+    sums = torch.zeros(parts + 1, m, dtype=torch.float32, device=DEVICE)
     out = gemv.gemv(x, w2, bias, residual=residual, sumsq_out=sums)
-    torch.testing.assert_close(sums, out.float().square().sum(-1), rtol=1e-4, atol=1e-4)
+    assert torch.count_nonzero(sums[:parts].sum(-1)) == parts and not sums[parts].any()
+    torch.testing.assert_close(sums.sum(0), out.float().square().sum(-1), rtol=1e-4, atol=1e-4)
     ref_sums = torch.zeros_like(sums)
     gemv.gemv_ref(x, w2, bias, residual=residual, sumsq_out=ref_sums)
-    torch.testing.assert_close(sums, ref_sums, rtol=5e-2, atol=1e-1)
-    torch.testing.assert_close(gemv.gemv(x, w, norm=(nw, 1e-5), norm_sumsq=x.float().square().sum(-1), glu="silu",
-                                         row_fma=False), expected_glu, **tol)
+    torch.testing.assert_close(sums.sum(0), ref_sums[0], rtol=5e-2, atol=1e-1)
+    in_parts = torch.stack([x[:, :k // 2].float().square().sum(-1), x[:, k // 2:].float().square().sum(-1)])
+    torch.testing.assert_close(gemv.gemv(x, w, norm=(nw, 1e-5), norm_sumsq=in_parts, glu="silu", row_fma=False),
+                               expected_glu, **tol)
     with pytest.raises(ValueError, match="norm_sumsq"):
         gemv.gemv(x, w2, norm_sumsq=sums)
     with pytest.raises(ValueError, match="sumsq_out"):
         gemv.gemv(x, w2, sumsq_out=sums.double())
+    with pytest.raises(ValueError, match="a part for each"):
+        gemv.gemv(x, w2, sumsq_out=sums[:parts - 1])
     gelu = gemv.gemv(x[None], w, glu="gelu_tanh")
     torch.testing.assert_close(gelu, glu.glu_ref(gemv.gemv_ref(x[None], w), activation="gelu_tanh"), **tol)
     torch.testing.assert_close(gemv.gemv_ref(x, w, norm=(nw, 1e-5), glu="silu"), expected_glu)
