@@ -2,7 +2,7 @@
 # The device script: GPU tests (kernels vs their references on CUDA, end-to-end generation vs
 # transformers, CUDA-graph decode vs eager, no reference op in the hot path), then the kernel and
 # decode benchmarks; short tables last.
-# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|tests1|tests2|kernels|decode|lora|kv|threads|serving|http|ttft|processing|structured|vision|vocab|families|quant|host|backends ...]
+# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|tests1|tests2|kernels|decode|lora|kv|threads|serving|http|ttft|processing|structured|determinism|vision|vocab|families|quant|host|backends ...]
 # (no argument: all of them). Results go to $OUT (the device tool's folder) or bench/results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -94,6 +94,16 @@ if [[ " $parts " == *" ttft "* ]]; then  # (the server's added TTFT at one clien
   python3 -c "import fastapi, uvicorn" 2>/dev/null || python3 -m pip install -q --no-deps .whl/*.whl
   python3 bench/serving_ttft.py --json "$out/serving_ttft.json" 2> "$out/serving_ttft.stderr" \
     || { status=1; tail -30 "$out/serving_ttft.stderr"; }
+fi
+if [[ " $parts " == *" determinism "* ]]; then  # (batch invariance: its tests, then decode with it off and on)
+  python3 -m pytest -q -p no:cacheprovider tests/engine/test_batch_invariance_gpu.py tests/kernels/test_batch_invariance.py \
+    > "$out/determinism_pytest.log" 2>&1 || { status=1; grep -E "^(FAILED|ERROR)|Error" "$out/determinism_pytest.log" | head -20; }
+  echo "determinism GPU tests: $(grep -E "passed|failed|error" "$out/determinism_pytest.log" | tail -1)"
+  for invariant in 0 1; do
+    EDGELLM_BATCH_INVARIANT=$invariant python3 bench/decode.py --batch 1 16 --ttft 128 1024 --no-baselines \
+      --json "$out/decode_invariant$invariant.json" 2> "$out/decode_invariant$invariant.stderr" \
+      || { status=1; tail -30 "$out/decode_invariant$invariant.stderr"; }
+  done
 fi
 if [[ " $parts " == *" threads "* ]]; then
   python3 bench/threads.py --json "$out/threads.json" 2> "$out/threads.stderr" || { status=1; tail -30 "$out/threads.stderr"; }

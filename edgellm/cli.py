@@ -30,6 +30,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="decode over a reduced vocabulary (a vocab_map.safetensors directory from `edgellm "
                         "reduce-vocab`; default: the model directory's, if it has one)")
     p.add_argument("--full-vocab", action="store_true", help="ignore a vocab_map.safetensors in the model directory")
+    p.add_argument("--deterministic", action="store_true",
+                   help="batch-invariant decoding: a request's tokens do not depend on what runs beside it "
+                        "(README: Deterministic decoding, what it costs)")
     _quantization_options(p)
     g = p.add_argument_group("KV reuse (saved prompt prefixes; any of these turns it on)")
     g.add_argument("--kv-reuse", action="store_true", help="reuse saved prefixes with the default device budget")
@@ -108,7 +111,8 @@ def _runtime(args, **extra):
                                   max_lora_rank=args.max_lora_rank, kv_reuse=_kv_reuse(args),
                                   speculative=_speculative(args),
                                   reduced_vocab_dir=False if args.full_vocab else args.reduced_vocab_dir,
-                                  quantization=args.quantization, quantize_lm_head=args.quantize_lm_head)
+                                  quantization=args.quantization, quantize_lm_head=args.quantize_lm_head,
+                                  deterministic=args.deterministic)
     if adapters:
         runtime.switch_lora_weights(next(iter(adapters)))
     return runtime

@@ -44,6 +44,7 @@ from .engine.kv_store import KVReuseSettings, KVReuseStats, TieredKVStore, model
 from .engine.devices import resolve_device, resolve_dtype
 from .engine.logit_processing import LogitSettings
 from .engine.runner import LLMEngineRunner
+from .engine.switches import Switches
 from .errors import (ConfigurationError, GrammarError, InvalidRequestError, LoraError, ReentrantRequestError, TokenizerError,
                      VocabMapError)
 from .fifo_lock import FifoLock
@@ -78,7 +79,7 @@ class LLMInferenceRuntime:
                  kv_reuse: KVReuseSettings | None = None, speculative: SpeculativeConfig | None = None,
                  reduced_vocab_dir: str | Path | bool | None = None, quantization: str | None = None,
                  quantize_lm_head: bool = False, max_queued: int | None = None,
-                 prefill_budget: int | None = None):
+                 prefill_budget: int | None = None, deterministic: bool = False):
         """model_dir=None runs the embedded default model (SmolLM2-135M-Instruct); a directory `edgellm
         export` wrote runs its graph on onnxruntime (the base model only: no LoRA, KV reuse, speculation,
         reduced vocabulary or quantization). cuda_graphs,
@@ -93,7 +94,11 @@ class LLMInferenceRuntime:
         "fp8") and quantize_lm_head: weight-only quantization at load (LLMEngineRunner). max_queued: how
         many sequences (request items) may wait for a KV slot before submit() refuses more with
         QueueFullError (default: no bound). prefill_budget: prompt tokens a step of the engine loop
-        prefills inside the running rows' decode step (default 384; serving/engine_loop.py)."""
+        prefills inside the running rows' decode step (default 384; serving/engine_loop.py).
+        deterministic: batch-invariant decoding (Switches.batch_invariant, also EDGELLM_BATCH_INVARIANT=1):
+        a request's logits, and so its tokens for a seed, come out bitwise the same whatever else runs
+        beside it and wherever a reused prefix ends; without it, the same batch gives the same output run
+        after run, but a row's last bits may change with its batch-mates (README: Deterministic decoding)."""
         if max_queued is not None and (not isinstance(max_queued, int) or max_queued < 1):
             raise ConfigurationError(f"max_queued must be a positive integer or None, got {max_queued!r}")
         if prefill_budget is not None and (not isinstance(prefill_budget, int) or prefill_budget < 1):
@@ -133,7 +138,8 @@ class LLMInferenceRuntime:
                                       max_verify_tokens=speculative.max_verify_tokens if speculative else 0,
                                       extra_device_bytes=reuse_device or None,
                                       vocab_map=self._vocab_map_path(reduced_vocab_dir),
-                                      quantization=quantization, quantize_lm_head=quantize_lm_head)
+                                      quantization=quantization, quantize_lm_head=quantize_lm_head,
+                                      switches=self._switches(deterministic))
         self.config = self.runner.config
         self.vision = ImagePrompts(VisionEncoder(self.model_dir, vision, device=self.runner.device,
                                                  dtype=self.runner.dtype, cuda_graphs=cuda_graphs),
@@ -175,6 +181,14 @@ class LLMInferenceRuntime:
         loop = self._loop
         return {"waiting": len(loop.scheduler.waiting), "running": len(loop.scheduler.running),
                 "steps": dict(loop.step_counts)}
+
+    @staticmethod
+    def _switches(deterministic: bool) -> Switches:
+        """The environment's switches (engine/switches.py), batch-invariant where asked."""
+        if not isinstance(deterministic, bool):
+            raise ConfigurationError(f"deterministic must be True or False, got {deterministic!r}")
+        switches = Switches.from_environment()
+        return dataclasses.replace(switches, batch_invariant=True) if deterministic else switches
 
     def kv_reuse_stats(self) -> KVReuseStats:
         """KV reuse over this runtime's life (a copy); each response carries its own."""

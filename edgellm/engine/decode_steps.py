@@ -44,7 +44,8 @@ class DecodeSteps:
         lora_batch = self.adapters.batch_of(self.adapters.rows(lora, batch))
         starts = state.kv_cache.lengths[slot_ids.long()]
         q_lens = torch.ones(batch, dtype=torch.int32, device=state.device)
-        logits = state.forward(inputs_embeds.to(state.dtype), slot_ids, starts, q_lens, lora=lora_batch)
+        logits = state.forward(inputs_embeds.to(state.dtype), slot_ids, starts, q_lens, lora=lora_batch,
+                               decode_step=True)
         state.kv_cache.lengths[slot_ids.long()] = starts + 1
         return logits
 
@@ -83,7 +84,7 @@ class DecodeSteps:
         starts = lengths[buf.slot_index]
         embeds = torch.nn.functional.embedding(buf.tokens, state.weights.embed)[:, None]
         logits = state.forward(embeds, buf.slots, starts, buf.q_lens,
-                               lora=self.adapters.batch(buf.lora, buf.lora_used, uses_lora))
+                               lora=self.adapters.batch(buf.lora, buf.lora_used, uses_lora), decode_step=True)
         lengths[buf.slot_index] = starts + 1
         return logits
 

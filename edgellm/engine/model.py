@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..kernels import gemv
 from ..kernels import ops as dispatched_ops
 from ..kernels._triton import early_release
+from ..kernels.dispatch import run_settings, run_with
 from ..quant.formats import QuantizedWeight
 from . import cpu_forward
 from .config import EngineConfig
@@ -86,7 +87,7 @@ def _shrink_operand(lora: LoraBatch | None, layer: int, group: str, rows: int):
     """The lora_a argument (A stack, index, used) for the op that produces this group's input, or None.
     Only for decode-sized batches: the fused shrink reads each row's A chunk in that row's programs,
     which at prefill sizes would re-read the adapters once per token (the tiled lora_shrink does not)."""
-    if lora is None or rows > gemv.MAX_ROWS:
+    if lora is None or not _gemv_rows(rows):
         return None
     return lora.stacks.layers[layer][group][0], lora.index, lora.used
 
@@ -147,7 +148,8 @@ def _attend(lw: LayerWeights, cfg: EngineConfig, q: torch.Tensor, keys, values, 
     batch, seq = q.shape[:2]
     scale = cfg.attention_scale
     t = None
-    if seq == 1:
+    settings = run_settings()  # (batch-invariant prefill: a one-token chunk's query as any chunk's)
+    if seq == 1 and (settings.decode_step or not settings.batch_invariant):
         out, t = _fused(ops.decode_attention, q[:, 0], keys, values, slots, ends, scale, window,
                         lora_a=_shrink_operand(lora, layer, "o", batch))
         out = out[:, None]
@@ -169,7 +171,7 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
                    lora: LoraBatch | None = None, tree: TokenTree | None = None,
                    every_token: bool = False, positions: torch.Tensor | None = None,
                    max_keys: int | None = None, before_attention=None, logits: bool = True,
-                   switches: Switches = DEFAULT_SWITCHES) -> torch.Tensor | None:
+                   switches: Switches = DEFAULT_SWITCHES, decode_step: bool = False) -> torch.Tensor | None:
     """hidden: input embeddings [B, S, H]; slots/starts/q_lens: [B] int tensors on the device.
     `rope`: RopeTables, or (cos, sin). `kernels`: where the ops come from (default: the dispatched
     `edgellm.kernels.ops`). `lora`: per-row LoRA adapters (None: the base model for every row).
@@ -177,6 +179,9 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     multimodal RoPE positions of the chunk's tokens (default: starts[b] + i, shifted by rope.offsets).
     `max_keys`: at most how many keys any row sees after this chunk (starts + q_lens), where the caller
     knows it: prefill attention then splits its keys only as far as they go (kernels/attention.py).
+    `decode_step`: the chunk is a decode step's (one token a row); with Switches.batch_invariant that,
+    not the number of rows, sends its projections to the GEMV and its queries to decode attention, and
+    everything else to prefill's kernels (kernels/matmul.py, prefill attention).
     `before_attention(layer)`: called before each layer's attention reads its cache (a KV hit's host
     blocks copied on a side stream: the layer waits for its own, engine/prefill_steps.py). `switches`:
     the fusion choices (engine/switches.py; the runner's, default the measured ones).
@@ -192,11 +197,25 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     the logits of each row's last real token, [B, vocab], float32; every_token: of every token of
     the chunk, [B, S, vocab].
     """
+    if switches.batch_invariant:
+        with run_with(decode_step=decode_step):
+            return _forward_logits(weights, cfg, cache, rope, hidden, slots, starts, q_lens, kernels, lora, tree,
+                                   every_token, positions, max_keys, before_attention, logits, switches)
+    return _forward_logits(weights, cfg, cache, rope, hidden, slots, starts, q_lens, kernels, lora, tree, every_token,
+                           positions, max_keys, before_attention, logits, switches)
+
+
+def _forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCache, rope, hidden: torch.Tensor,
+                    slots: torch.Tensor, starts: torch.Tensor, q_lens: torch.Tensor, kernels, lora: LoraBatch | None,
+                    tree: TokenTree | None, every_token: bool, positions: torch.Tensor | None, max_keys: int | None,
+                    before_attention, logits: bool, switches: Switches) -> torch.Tensor | None:
     ops = kernels or dispatched_ops
     if not isinstance(rope, RopeTables):
         rope = RopeTables(*rope)
     batch, seq, _ = hidden.shape
-    last_only = not every_token and tree is None and seq > 1 and not getattr(ops, "observe_linear", None)
+    # (Batch-invariant: the last layer runs on every token, as a one-token chunk's does.)
+    last_only = not every_token and tree is None and seq > 1 and not getattr(ops, "observe_linear", None) \
+        and not switches.batch_invariant
     row_lora = lora
     if lora is not None and seq > 1:  # the LoRA kernels take one adapter index per token
         lora = lora._replace(index=lora.index.repeat_interleave(seq))
@@ -366,7 +385,7 @@ def _forward_fused(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     (added up in one order) instead of a pass over x each (which lost: Switches.fused_norm_rows); the first layer's input norm
     and the final norm stay kernels of their own there."""
     rows = hidden.shape[0] * hidden.shape[1]
-    fuse_norm = rows <= switches.fused_norm_rows
+    fuse_norm = rows <= switches.fused_norm_rows and not switches.batch_invariant  # (one way for every batch)
     eps = cfg.rms_norm_eps
     n_layers = len(weights.layers)
     # (the last down GEMV's sums would feed the final norm, which stays a kernel of its own: no row for them)
@@ -445,10 +464,20 @@ def _matmul(x: torch.Tensor, weight, bias: torch.Tensor | None, ops) -> torch.Te
     per call: prefill's many tokens share it), engine/cpu_linear.py on the CPU."""
     if not x.is_cuda:
         return cpu_linear(x, weight, bias, ops.dequantize)
-    return F.linear(x, ops.dequantize(weight, x.dtype) if isinstance(weight, QuantizedWeight) else weight, bias)
+    weight = ops.dequantize(weight, x.dtype) if isinstance(weight, QuantizedWeight) else weight
+    if run_settings().batch_invariant:  # (fixed tiles: a row's sums whatever the rows around it)
+        return ops.matmul(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def _gemv_rows(rows: int) -> bool:
+    """Whether rows of this many tokens take the GEMV (and the fused decode path): a few rows; with
+    RunSettings.batch_invariant, a decode step's rows, however many (forward_logits' decode_step)."""
+    settings = run_settings()
+    return settings.decode_step if settings.batch_invariant else rows <= gemv.MAX_ROWS
 
 
 def _decode_sized(x: torch.Tensor, weight=None) -> bool:
-    """A few rows on the GPU: the GEMV's work (unless the weight is packed in a way it does not read)."""
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.numel() <= gemv.MAX_ROWS * x.shape[-1] \
+    """GEMV rows (_gemv_rows) on the GPU: the GEMV's work (unless the weight is packed in a way it does not read)."""
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _gemv_rows(x.numel() // x.shape[-1]) \
         and (weight is None or gemv.supports(weight))

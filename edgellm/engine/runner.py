@@ -362,8 +362,10 @@ class LLMEngineRunner:
     @property
     def takes_mixed_steps(self) -> bool:
         """Whether mixed_launch runs here (engine/mixed_steps.py): the Triton backend, no per-slot RoPE
-        offsets (LongRoPE, multimodal RoPE), and Switches.mixed_steps."""
-        return self.backend == "triton" and self.switches.mixed_steps and self._mixed.available
+        offsets (LongRoPE, multimodal RoPE), and Switches.mixed_steps (not batch_invariant: a decode row's
+        projections would run in the chunk's GEMM, not its own GEMV)."""
+        return self.backend == "triton" and self.switches.mixed_steps and not self.switches.batch_invariant \
+            and self._mixed.available
 
     @property
     def launches_halves(self) -> bool:

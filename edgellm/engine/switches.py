@@ -37,6 +37,12 @@ class Switches:
     # EDGELLM_MIXED_STEPS=0: the engine loop prefills admitted prompts in steps of their own between the
     # running rows' decode steps, instead of in the decode step's forward (engine/mixed_steps.py).
     mixed_steps: bool = True
+    # EDGELLM_BATCH_INVARIANT=1 (the runtime's deterministic=True): each row's logits come out bitwise the same
+    # whatever the batch around it (its size, the row's place, its neighbours) and wherever its prompt's
+    # chunks or a reused prefix begin: every decode row through the GEMV's tensor-core tile, prefill through
+    # kernels/matmul.py's fixed tiles instead of cuBLAS, attention split by the cache's size instead of the
+    # batch's, no mixed steps (README, "Deterministic decoding", says what it costs).
+    batch_invariant: bool = False
     # EDGELLM_FORBID_REF_ON_CUDA=1: a reference op on a CUDA tensor inside a step raises.
     forbid_reference_on_cuda: bool = False
     # EDGELLM_CPU_BLAS=0: on the CPU the forward runs the torch references instead of numpy's
@@ -71,13 +77,14 @@ class Switches:
                    fused_norm_rows=count("EDGELLM_FUSED_NORM_ROWS", cls.fused_norm_rows),
                    gemv_prefetch=count("EDGELLM_GEMV_PREFETCH", None), pdl=PDL_MODES[pdl],
                    run_ahead=flag("EDGELLM_RUN_AHEAD", True), mixed_steps=flag("EDGELLM_MIXED_STEPS", True),
+                   batch_invariant=flag("EDGELLM_BATCH_INVARIANT", False),
                    forbid_reference_on_cuda=flag("EDGELLM_FORBID_REF_ON_CUDA", False),
                    cpu_blas=flag("EDGELLM_CPU_BLAS", True))
 
     def run_settings(self) -> dict:
         """The kernels' RunSettings (kernels/dispatch.py) these switches change from the defaults: what
         a step runs under (an empty dict where none is changed; a debug block's own settings stay)."""
-        names = ("pdl", "gemv_prefetch", "forbid_reference_on_cuda")
+        names = ("pdl", "gemv_prefetch", "forbid_reference_on_cuda", "batch_invariant")
         return {name: getattr(self, name) for name in names if getattr(self, name) != getattr(Switches, name)}
 
 

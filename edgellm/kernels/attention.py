@@ -20,6 +20,7 @@ so the launch needs no host synchronisation (CUDA-graph safe).
 import torch
 
 from ._triton import dot_precision, pdl_release, pdl_wait, pow2, tl, triton, use_pdl
+from .dispatch import run_settings
 from .lora import fused_shrink_args, lora_shrink_ref, shrink_finish, shrink_tile
 
 _LOG2E = 1.4426950408889634
@@ -219,13 +220,17 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     group = heads // k_cache.shape[1]
     keys = k_cache.shape[2] if max_keys is None else min(max_keys, k_cache.shape[2])
     long_chunk = seq > LONG_PREFILL_QUERIES
+    invariant = run_settings().batch_invariant  # one tile for every chunk, keys unsplit: a query's sums
+    if invariant:  # then follow its own position only (key blocks from 0), whatever chunk it is in
+        tile, num_splits, pack = tile or _prefill_tile(block_d, False), 1, False
     if pack is None:
         pack = long_chunk or (num_splits != 1 and keys > PREFILL_SPLIT_MIN_KEYS)
     pack_rows = group if pack and group > 1 and group & (group - 1) == 0 else 1
     if tile is None:
         tile = _prefill_tile(block_d, long_chunk)
     block_m, block_n, warps, stages = tile
-    block_m = max(min(block_m, pow2(seq * pack_rows, 16)), pack_rows)
+    if not invariant:  # (short chunks: smaller tiles)
+        block_m = max(min(block_m, pow2(seq * pack_rows, 16)), pack_rows)
     q_blocks = triton.cdiv(seq, block_m // pack_rows)
     # Few query blocks (a short chunk, perhaps after a long cached prefix) leave most SMs idle while
     # each program walks every key: split the keys then, as decode does, and merge the parts. Not
@@ -352,9 +357,12 @@ def _sm_count(q: torch.Tensor) -> int:
 def _num_splits(q: torch.Tensor, batch: int, kv_heads: int, capacity: int) -> int:
     """Enough programs to fill the GPU (about two per SM), never more splits than key blocks. One
     off the GPU: the interpreter runs programs one after another, so a split is only extra work
-    (the kernel tests choose their splits)."""
+    (the kernel tests choose their splits). RunSettings.batch_invariant: as many as one row would
+    take, whatever the batch (a row's split boundaries, and so its sums, follow its length alone)."""
     if not q.is_cuda:
         return 1
+    if run_settings().batch_invariant:
+        batch = 1
     return max(1, min(triton.cdiv(2 * _sm_count(q), batch * kv_heads), triton.cdiv(capacity, 64), 64))
 
 

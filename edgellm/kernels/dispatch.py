@@ -25,6 +25,8 @@ class RunSettings(NamedTuple):
     pdl: str = "on"                         # programmatic dependent launch: on, off, early, late (_triton.use_pdl)
     early_release: bool = False             # a one-row decode step: PDL kernels release the next one early
     gemv_prefetch: int | None = None        # bytes of each weight row a GEMV prefetches (None: by size, gemv.py)
+    batch_invariant: bool = False           # each row computed in an order that no batch size changes (Switches)
+    decode_step: bool = False               # (batch_invariant) a decode step's forward: its rows take the GEMV
 
 
 _state = threading.local()

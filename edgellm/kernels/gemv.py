@@ -190,7 +190,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
     else:
         rows_n = tl.program_id(0) * BLOCK_N + j
         w_rows = rows_n
-    rows_m = tl.arange(0, BLOCK_M)
+    rows_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # (a block of 16 rows a program: more go to more)
     cols = tl.arange(0, BLOCK_K)
     n_ok = rows_n < n
     m_ok = rows_m < m
@@ -320,9 +320,16 @@ def _launch_tile(weight, row_fma: bool, pairs: bool, tile=None) -> tuple[int, in
     return block_n, block_k, warps, stages
 
 
+def _row_fma(rows: int) -> bool:
+    """Whether one row goes to the CUDA cores by default: it is faster, but it adds up each dot product in
+    another order than the tensor-core tile, so not where a row must come out the same at any batch size
+    (RunSettings.batch_invariant)."""
+    return rows == 1 and not run_settings().batch_invariant
+
+
 def sumsq_parts(weight, rows: int, *, glu: str | None = None, tile=None) -> int:
     """The parts (one per program) of a sumsq_out buffer for gemv(x of `rows` rows, weight, glu=, tile=)."""
-    block_n = _launch_tile(weight, rows == 1, glu is not None, tile)[0]
+    block_n = _launch_tile(weight, _row_fma(rows), glu is not None, tile)[0]
     return triton.cdiv(weight.shape[0] // (2 if glu is not None else 1), block_n // 2 if glu is not None else block_n)
 
 
@@ -335,10 +342,11 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
          lora=None, row_fma: bool | None = None, norm=None, glu: str | None = None,
          residual: torch.Tensor | None = None, rope_append: RopeAppend | None = None,
          norm_sumsq: torch.Tensor | None = None, sumsq_out: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [..., K] with at most MAX_ROWS rows in all; weight: [N, K], a tensor or a QuantizedWeight;
-    bias: [N] or None -> [..., N]. lora: None, or (t, b_stack, index, used, scale, segments) as
-    lora_expand takes them: adds each row's adapter delta in the epilogue. row_fma: one row of x on
-    the CUDA cores (default: when x has one row).
+    """x: [..., K] (made for up to MAX_ROWS rows in all; blocks of 16 rows go to programs of their own,
+    each reading the whole weight); weight: [N, K], a tensor or a QuantizedWeight; bias: [N] or None ->
+    [..., N]. lora: None, or (t, b_stack, index, used, scale, segments) as lora_expand takes them: adds
+    each row's adapter delta in the epilogue. row_fma: one row of x on the CUDA cores (default: when x
+    has one row, unless RunSettings.batch_invariant).
 
     Fused neighbours of a decode step (each saves a launch, computed as the separate kernel would):
     norm=(norm_weight, eps): x goes through rms_norm first; glu="silu" | "gelu_tanh": weight holds
@@ -359,14 +367,14 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     data = weight.data if quant else weight
-    if m > MAX_ROWS or weight.shape[1] != k or data.stride(-1) != 1:
-        raise ValueError(f"gemv: x {tuple(x.shape)} (at most {MAX_ROWS} rows) does not fit weight {tuple(weight.shape)}")
+    if weight.shape[1] != k or data.stride(-1) != 1:
+        raise ValueError(f"gemv: x {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
     check_fusions(x, weight, lora, norm, glu, residual, lead, n, rope_append)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     r2 = residual.reshape(-1, n).contiguous() if residual is not None else x2
     if row_fma is None:
-        row_fma = m == 1
+        row_fma = _row_fma(m)
     if row_fma and m != 1:
         raise ValueError(f"gemv: row_fma takes one row of x, got {m}")
     block_n, block_k, warps, stages = _launch_tile(weight, row_fma, pairs, tile)
@@ -400,13 +408,13 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
         if index.shape != (m,):
             raise ValueError(f"gemv: LoRA index {tuple(index.shape)} needs one entry per row of x ({m})")
         lora_args = (t, b_stack, index, used, scale, t.shape[0], *_segment_ends(list(segments)), b_stack.stride(0))
-        constants = {**delta_constants(t, b_stack, segments), "HAS_LORA": True, "ONE_ROW": m == 1}
+        constants = {**delta_constants(t, b_stack, segments), "HAS_LORA": True, "ONE_ROW": _row_fma(m)}
         constants["LORA_PRECISION"] = constants.pop("PRECISION")
     programs = triton.cdiv(n, block_n // 2 if pairs else block_n)
     check_sums(m, programs, norm, norm_sumsq, sumsq_out, rope_append)
     norm_sums = (norm_sumsq, norm_sumsq.stride(0), norm_sumsq.shape[0]) if norm_sumsq is not None else (y, 0, 0)
     out_sums = (sumsq_out, sumsq_out.stride(0)) if sumsq_out is not None else (y, 0)
-    _gemv_kernel[(programs,)](
+    _gemv_kernel[(programs, triton.cdiv(m, 1 if row_fma else 16))](
         x2, data, bias if bias is not None else y, y, m, n, k, x2.stride(0), data.stride(0), y.stride(0),
         *lora_args, scales, zeros, scales.stride(0) if scales.dim() == 2 else 1, weight.group if quant == "int4" else 1,
         norm[0] if norm is not None else x2, norm[1] if norm is not None else 0.0, r2, r2.stride(0),

@@ -8,7 +8,7 @@ from . import attention, gemv as _gemv, kv_append as _kv_append, lora, rope, rop
 from . import rms_norm as _rms_norm, glu as _glu, vocab_remap as _vocab_remap
 from . import kv_compact as _kv_compact, tree_accept, tree_attention as _tree_attention, tree_step
 from . import activation as _activation, layer_norm as _layer_norm, segment_attention as _segment_attention
-from . import dequantize as _dequantize, kv_blocks, logit_processing as _logit_processing
+from . import dequantize as _dequantize, kv_blocks, logit_processing as _logit_processing, matmul as _matmul
 from ._triton import HAS_TRITON
 from .dispatch import KernelOp
 
@@ -30,6 +30,7 @@ process_logits = _op("process_logits", _logit_processing)
 count_tokens = _op("count_tokens", _logit_processing)
 vocab_remap = _op("vocab_remap", _vocab_remap)
 gemv = _op("gemv", _gemv)
+matmul = _op("matmul", _matmul)
 rope_kv_append = _op("rope_kv_append", rope_append)
 lora_shrink = _op("lora_shrink", lora)
 lora_expand = _op("lora_expand", lora)
@@ -47,7 +48,7 @@ blocks_to_slot = _op("blocks_to_slot", kv_blocks, decider=1)  # the cache: the p
 blocks_from_slot = _op("blocks_from_slot", kv_blocks, decider=1)
 
 ALL_OPS = (rms_norm, add_rms_norm, rope_cos_sin_cache, apply_rope, kv_append, prefill_attention,
-           decode_attention, glu, sample, process_logits, count_tokens, vocab_remap, gemv, rope_kv_append, lora_shrink, lora_expand,
+           decode_attention, glu, sample, process_logits, count_tokens, vocab_remap, gemv, matmul, rope_kv_append, lora_shrink, lora_expand,
            accept_tree, kv_compact, tree_attention, tree_inputs, tree_commit, layer_norm, add_layer_norm, activation,
            segment_attention, dequantize, blocks_to_slot, blocks_from_slot)
 
