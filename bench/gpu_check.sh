@@ -103,6 +103,8 @@ if [[ " $parts " == *" determinism "* ]]; then  # (batch invariance: its tests, 
     EDGELLM_BATCH_INVARIANT=$invariant python3 bench/decode.py --batch 1 16 --ttft 128 1024 --no-baselines \
       --json "$out/decode_invariant$invariant.json" 2> "$out/decode_invariant$invariant.stderr" \
       || { status=1; tail -30 "$out/decode_invariant$invariant.stderr"; }
+    EDGELLM_BATCH_INVARIANT=$invariant python3 bench/serving.py --clients 16 --json "$out/serving_invariant$invariant.json" \
+      2> "$out/serving_invariant$invariant.stderr" || { status=1; tail -30 "$out/serving_invariant$invariant.stderr"; }
   done
 fi
 if [[ " $parts " == *" threads "* ]]; then
