@@ -1,9 +1,10 @@
 """Deterministic decoding on CUDA in float16 (issue: batch-invariant decoding). With Switches.batch_invariant
 a row's logits are bitwise the same at every step (its prefill's and each decode step's) alone and in
 batches of 2, 3, 8 and 16 with other neighbours at other places, and after a reused prefix as after a
-cold prefill; by default the same batch run twice gives the same bits; under continuous batching with
-random arrivals every request gets what it gets alone (deterministic=True). Random-weight SmolLM2-135M
-shape (the runner) and the tiny llama (the runtime, with its tokenizer)."""
+cold prefill; by default the same batch run twice gives the same bits (64 seeded requests through the
+runtime too); under continuous batching with random arrivals every request gets what it gets alone
+(deterministic=True). Random-weight SmolLM2-135M and Llama-3.2-1B shapes (the runner) and the tiny
+llama (the runtime, with its tokenizer)."""
 
 import random
 import threading
@@ -21,9 +22,9 @@ pytestmark = pytest.mark.gpu
 STEPS = 12
 
 
-@pytest.fixture(scope="module")
-def shape_dir(tmp_path_factory):
-    return random_model_dir("smollm2-135m", tmp_path_factory.mktemp("shapes"))
+@pytest.fixture(scope="module", params=["smollm2-135m", "llama-3.2-1b"])
+def shape_dir(request, tmp_path_factory):
+    return random_model_dir(request.param, tmp_path_factory.mktemp("shapes"))
 
 
 def _runner(model_dir, invariant: bool):
@@ -31,7 +32,7 @@ def _runner(model_dir, invariant: bool):
                            max_kv_cache_capacity=512, switches=Switches(batch_invariant=invariant))
 
 
-def _prompts(n, seed, vocab=49152):
+def _prompts(n, seed, vocab=49152):  # (within both shapes' vocabularies)
     rng = random.Random(seed)
     return [[rng.randrange(vocab) for _ in range(rng.randint(5, 300))] for _ in range(n)]
 
@@ -88,6 +89,18 @@ def test_a_reused_prefix_gives_the_cold_prefill_logits(shape_dir):
         runner.prefill_tokens([prompt[:cut]], slots=[1])
         hit = runner.prefill_tokens([prompt], slots=[1], cached_lengths=[cut])
         assert torch.equal(hit, cold), f"prefix of {cut}"
+
+
+def test_64_seeded_sampled_requests_twice_give_the_same_tokens(tiny_models):
+    """By default, through the runtime: 64 items of one request (sampled, each its own seed), twice."""
+    runtime = LLMInferenceRuntime(tiny_models["llama"][0], device="cuda", dtype="float16", max_batch_size=16)
+    rng = random.Random(1)
+    items = [{"prompt": " ".join(rng.choice(["w3", "w7", "w40", "w52", "w88"]) for _ in range(rng.randint(2, 40)))}
+             for _ in range(64)]
+    request = dict(requests=items, max_generate_length=24, temperature=0.8, top_k=40, top_p=0.9, seed=7)
+    first = runtime.handle_request(LLMGenerationRequest(**request)).output_ids
+    assert runtime.handle_request(LLMGenerationRequest(**request)).output_ids == first
+    assert len({tuple(ids) for ids in first}) > 32  # (the seeds differ per item: the rows do too)
 
 
 def test_requests_arriving_at_random_get_what_they_get_alone(tiny_models):
