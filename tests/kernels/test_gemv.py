@@ -174,3 +174,36 @@ def test_gemv_with_lora_epilogue(dtype, slots):
             torch.testing.assert_close(out[row], base[row], **tol)
         else:  # adapter 3 (scale 2): a real delta
             assert slot != 3 or not torch.allclose(out[row], base[row], **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv_takes_more_than_16_rows_in_blocks_of_16(dtype):
+    """Past 16 rows (batch-invariant decode of a bigger batch) each block of 16 rows goes to programs of
+    its own: the LoRA epilogue (adapters by row) and RoPE + the KV append agree with the references."""
+    m, k, segments, rank = 20, 96, (40, 12, 12), 16
+    n = sum(segments)
+    x, w = randn(m, k, dtype=dtype), randn(n, k, dtype=dtype, seed=1) * 0.2
+    a_stack = randn(4, 3 * rank, k, dtype=dtype, seed=3) * 0.2
+    b_stack = randn(4, n, rank, dtype=dtype, seed=4) * 0.2
+    slots = [(3, -1, 0, 1)[i % 4] for i in range(m)]
+    used = lora.used_slots(slots, 4, DEVICE)
+    index = torch.tensor(slots, dtype=torch.int32, device=DEVICE)
+    spec = (lora.lora_shrink(x, a_stack, index, used), b_stack, index, used, torch.tensor([1.0, 0.5, 0.0, 2.0],
+                                                                                           device=DEVICE), segments)
+    tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(gemv.gemv(x, w, lora=spec), gemv.gemv_ref(x, w, lora=spec), **tol)
+    # RoPE + the KV append over 9 rows of 2 tokens: slots 0..8, each row after a prefix of its own length.
+    batch, seq, hq, hkv, head_dim, capacity = 9, 2, 4, 2, 16, 16
+    xr, nw = randn(batch, seq, 40, dtype=dtype, seed=8), 1 + 0.1 * randn(40, dtype=dtype, seed=5)
+    wr = (randn((hq + 2 * hkv) * head_dim, 40, seed=1) / 40 ** 0.5).to(dtype)
+    cos, sin = rope.rope_cos_sin_cache_ref(rope.rope_inv_freq(head_dim, 10000.0).to(DEVICE), capacity)
+    caches = [randn(batch + 1, hkv, capacity, head_dim, dtype=dtype, seed=s) for s in (6, 7)]
+    mine, ref = [c.clone() for c in caches], [c.clone() for c in caches]
+    rope_spec = gemv.RopeAppend(cos, sin, *mine, torch.arange(batch, dtype=torch.int32, device=DEVICE),
+                                torch.arange(batch, dtype=torch.int32, device=DEVICE),
+                                torch.full((batch,), seq, dtype=torch.int32, device=DEVICE), hq)
+    q = gemv.gemv(xr, wr, norm=(nw, 1e-5), rope_append=rope_spec)
+    q_ref = gemv.gemv_ref(xr, wr, norm=(nw, 1e-5), rope_append=rope_spec._replace(k_cache=ref[0], v_cache=ref[1]))
+    torch.testing.assert_close(q, q_ref, **tol)
+    torch.testing.assert_close(mine[0], ref[0], **tol)
+    torch.testing.assert_close(mine[1], ref[1], **tol)
