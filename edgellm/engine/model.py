@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..kernels import gemv
 from ..kernels import ops as dispatched_ops
 from ..kernels._triton import early_release
-from ..kernels.dispatch import run_settings, run_with
+from ..kernels.dispatch import run_settings
 from ..quant.formats import QuantizedWeight
 from . import cpu_forward
 from .config import EngineConfig
@@ -171,7 +171,7 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
                    lora: LoraBatch | None = None, tree: TokenTree | None = None,
                    every_token: bool = False, positions: torch.Tensor | None = None,
                    max_keys: int | None = None, before_attention=None, logits: bool = True,
-                   switches: Switches = DEFAULT_SWITCHES, decode_step: bool = False) -> torch.Tensor | None:
+                   switches: Switches = DEFAULT_SWITCHES) -> torch.Tensor | None:
     """hidden: input embeddings [B, S, H]; slots/starts/q_lens: [B] int tensors on the device.
     `rope`: RopeTables, or (cos, sin). `kernels`: where the ops come from (default: the dispatched
     `edgellm.kernels.ops`). `lora`: per-row LoRA adapters (None: the base model for every row).
@@ -179,9 +179,9 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     multimodal RoPE positions of the chunk's tokens (default: starts[b] + i, shifted by rope.offsets).
     `max_keys`: at most how many keys any row sees after this chunk (starts + q_lens), where the caller
     knows it: prefill attention then splits its keys only as far as they go (kernels/attention.py).
-    `decode_step`: the chunk is a decode step's (one token a row); with Switches.batch_invariant that,
-    not the number of rows, sends its projections to the GEMV and its queries to decode attention, and
-    everything else to prefill's kernels (kernels/matmul.py, prefill attention).
+    With Switches.batch_invariant, whether the chunk is a decode step's (RunSettings.decode_step, set
+    by EngineState.forward), not its number of rows, sends its projections to the GEMV and its queries to
+    decode attention, and everything else to prefill's kernels (kernels/matmul.py, prefill attention).
     `before_attention(layer)`: called before each layer's attention reads its cache (a KV hit's host
     blocks copied on a side stream: the layer waits for its own, engine/prefill_steps.py). `switches`:
     the fusion choices (engine/switches.py; the runner's, default the measured ones).
@@ -197,18 +197,6 @@ def forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     the logits of each row's last real token, [B, vocab], float32; every_token: of every token of
     the chunk, [B, S, vocab].
     """
-    if switches.batch_invariant:
-        with run_with(decode_step=decode_step):
-            return _forward_logits(weights, cfg, cache, rope, hidden, slots, starts, q_lens, kernels, lora, tree,
-                                   every_token, positions, max_keys, before_attention, logits, switches)
-    return _forward_logits(weights, cfg, cache, rope, hidden, slots, starts, q_lens, kernels, lora, tree, every_token,
-                           positions, max_keys, before_attention, logits, switches)
-
-
-def _forward_logits(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCache, rope, hidden: torch.Tensor,
-                    slots: torch.Tensor, starts: torch.Tensor, q_lens: torch.Tensor, kernels, lora: LoraBatch | None,
-                    tree: TokenTree | None, every_token: bool, positions: torch.Tensor | None, max_keys: int | None,
-                    before_attention, logits: bool, switches: Switches) -> torch.Tensor | None:
     ops = kernels or dispatched_ops
     if not isinstance(rope, RopeTables):
         rope = RopeTables(*rope)
@@ -472,7 +460,7 @@ def _matmul(x: torch.Tensor, weight, bias: torch.Tensor | None, ops) -> torch.Te
 
 def _gemv_rows(rows: int) -> bool:
     """Whether rows of this many tokens take the GEMV (and the fused decode path): a few rows; with
-    RunSettings.batch_invariant, a decode step's rows, however many (forward_logits' decode_step)."""
+    RunSettings.batch_invariant, a decode step's rows, however many (RunSettings.decode_step)."""
     settings = run_settings()
     return settings.decode_step if settings.batch_invariant else rows <= gemv.MAX_ROWS
 

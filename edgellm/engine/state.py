@@ -42,9 +42,11 @@ class EngineState:
         """The block a step's kernels launch in: the kernels' RunSettings the switches change."""
         return run_with(**self._run_changes) if self._run_changes else contextlib.nullcontext()
 
-    def forward(self, embeds: torch.Tensor, slots, starts, q_lens, **options):
-        """model.forward_logits over this engine's weights, cache and RoPE tables, with its switches."""
-        with self.running():
+    def forward(self, embeds: torch.Tensor, slots, starts, q_lens, decode_step: bool = False, **options):
+        """model.forward_logits over this engine's weights, cache and RoPE tables, with its switches.
+        decode_step: the step is a decode step (RunSettings.decode_step: what sends rows to the GEMV
+        when the switches are batch-invariant)."""
+        with self.running(), run_with(decode_step=decode_step):
             return forward_logits(self.weights, self.config, self.kv_cache, self.rope, embeds, slots, starts, q_lens,
                                   switches=self.switches, **options)
 
