@@ -46,6 +46,7 @@ class DiskTier:
         self.enabled = True
         self.rejected = 0  # files found and refused (bad header, checksum, identity)
         self._queue: queue.Queue = queue.Queue()
+        self._pending: dict = {}  # key -> (block, ready) queued and not yet on disk: has() and read() see them
         self._writer: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
         try:
@@ -65,12 +66,19 @@ class DiskTier:
         return self.directory / f"{key.hex()}.kvb"
 
     def has(self, key: bytes) -> bool:
-        return self.enabled and self.path(key).is_file()
+        return self.enabled and (key in self._pending or self.path(key).is_file())
 
     def read(self, key: bytes) -> torch.Tensor | None:
-        """The block saved under `key` as a CPU tensor, or None (absent or refused)."""
+        """The block saved under `key` as a CPU tensor, or None (absent or refused); one still waiting for
+        the writer comes from memory (a prompt right behind the one that saved it finds its blocks)."""
         if not self.enabled:
             return None
+        pending = self._pending.get(key)
+        if pending is not None:
+            block, ready = pending
+            if ready is not None:
+                ready.synchronize()
+            return block
         path = self.path(key)
         try:
             with open(path, "rb") as f:
@@ -145,6 +153,7 @@ class DiskTier:
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_loop, name="edgellm-kv-disk", daemon=True)
             self._writer.start()
+        self._pending[key] = (block, ready)
         self._queue.put((key, block, ready))
 
     def _write_loop(self) -> None:
@@ -158,6 +167,7 @@ class DiskTier:
             except OSError as exc:
                 self._disable(exc)
             finally:
+                self._pending.pop(key, None)
                 self._queue.task_done()
 
     def _write_now(self, key: bytes, block: torch.Tensor) -> None:

@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import threading
 import warnings
 
 import pytest
@@ -201,6 +202,23 @@ def test_two_writers_of_one_key_never_leave_a_torn_file(tmp_path):
         assert w.exitcode == 0
     assert reader.read(b"\x01" * 20) is not None and set(seen) <= {1.0, 2.0}
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_block_still_waiting_for_the_writer_is_found(tmp_path):
+    """A block queued for the disk and not written yet (its copy in not finished: the writer waits on
+    `ready`) is there for has() and read() at once, from memory; then it is on disk."""
+    identity = {"model": "m", "dtype": "torch.float32", "layout": [2, 2, 2, 4, 16]}
+    tier = DiskTier(tmp_path, identity)
+    copied = threading.Event()
+    ready = type("Ready", (), {"synchronize": lambda self: copied.wait()})()
+    block = torch.randn(2, 2, 2, 4, 16)
+    key = b"\x02" * 20
+    tier.write(key, block, ready)
+    assert tier.has(key) and not tier.path(key).exists()
+    threading.Timer(0.2, copied.set).start()
+    assert torch.equal(tier.read(key), block)  # (waits for the copy)
+    tier.flush()
+    assert tier.path(key).exists() and torch.equal(DiskTier(tmp_path, identity).read(key), block)
 
 
 def test_unwritable_directory_turns_the_disk_tier_off_once(tiny_models, tmp_path, cold):
