@@ -377,9 +377,10 @@ def _forward_fused(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     eps = cfg.rms_norm_eps
     n_layers = len(weights.layers)
     # (the last down GEMV's sums would feed the final norm, which stays a kernel of its own: no row for them)
-    parts = max(gemv.sumsq_parts(w, rows) for lw in weights.layers for w in (lw.o_proj, lw.down))
-    sums = None if fuse_norm else \
-        torch.zeros(2 * n_layers - 1, parts, rows, dtype=torch.float32, device=hidden.device)
+    sums = None
+    if not fuse_norm:
+        parts = max(gemv.sumsq_parts(w, rows) for lw in weights.layers for w in (lw.o_proj, lw.down))
+        sums = torch.zeros(2 * n_layers - 1, parts, rows, dtype=torch.float32, device=hidden.device)
 
     def project(x, weight, bias, norm_weight, sumsq=None, **epilogue):
         if fuse_norm or sumsq is not None:

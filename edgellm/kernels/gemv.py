@@ -308,16 +308,18 @@ def _prefetch_lines(pdl: int, quant: str | None, n: int, k: int, element: int) -
     return min(pow2(wanted // 128), pow2(triton.cdiv(k * element, 128)))
 
 
-def _launch_tile(weight, row_fma: bool, pairs: bool, tile=None) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, warps, stages) of a launch: the given tile or the one chosen for the weight's
-    rows (glu: twice the outputs), K tiles no longer than the padded row (int4: whole blocks of 32)."""
+def _launch_tile(weight, row_fma: bool, pairs: bool, tile=None) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps, stages, programs along N) of a launch: the given tile or the one chosen
+    for the weight's rows (glu: twice the outputs), K tiles no longer than the padded row (int4: whole
+    blocks of 32); with pairs (glu, rope) a program's BLOCK_N rows make BLOCK_N / 2 outputs."""
     quant = getattr(weight, "kind", None)
     rows_w, k = weight.shape
     block_n, block_k, warps, stages = tile or (_row_tile(quant, rows_w, k) if row_fma else _tile(quant, rows_w, k))
     block_k = min(block_k, pow2(k, 32 if quant == "int4" else 16))
     if pairs:
         block_n = max(block_n, 2)  # a tile holds pairs of rows (gate and up; a rotation's two features)
-    return block_n, block_k, warps, stages
+    programs = triton.cdiv(rows_w // 2, block_n // 2) if pairs else triton.cdiv(rows_w, block_n)
+    return block_n, block_k, warps, stages, programs
 
 
 def _row_fma(rows: int) -> bool:
@@ -329,8 +331,7 @@ def _row_fma(rows: int) -> bool:
 
 def sumsq_parts(weight, rows: int, *, glu: str | None = None, tile=None) -> int:
     """The parts (one per program) of a sumsq_out buffer for gemv(x of `rows` rows, weight, glu=, tile=)."""
-    block_n = _launch_tile(weight, _row_fma(rows), glu is not None, tile)[0]
-    return triton.cdiv(weight.shape[0] // (2 if glu is not None else 1), block_n // 2 if glu is not None else block_n)
+    return _launch_tile(weight, _row_fma(rows), glu is not None, tile)[-1]
 
 
 def supports(weight) -> bool:
@@ -377,7 +378,7 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
         row_fma = _row_fma(m)
     if row_fma and m != 1:
         raise ValueError(f"gemv: row_fma takes one row of x, got {m}")
-    block_n, block_k, warps, stages = _launch_tile(weight, row_fma, pairs, tile)
+    block_n, block_k, warps, stages, programs = _launch_tile(weight, row_fma, pairs, tile)
     if quant == "int4":
         if not supports(weight):
             raise ValueError(f"gemv: int4 groups must be a multiple of 32, got {weight.group}")
@@ -410,7 +411,6 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
         lora_args = (t, b_stack, index, used, scale, t.shape[0], *_segment_ends(list(segments)), b_stack.stride(0))
         constants = {**delta_constants(t, b_stack, segments), "HAS_LORA": True, "ONE_ROW": _row_fma(m)}
         constants["LORA_PRECISION"] = constants.pop("PRECISION")
-    programs = triton.cdiv(n, block_n // 2 if pairs else block_n)
     check_sums(m, programs, norm, norm_sumsq, sumsq_out, rope_append)
     norm_sums = (norm_sumsq, norm_sumsq.stride(0), norm_sumsq.shape[0]) if norm_sumsq is not None else (y, 0, 0)
     out_sums = (sumsq_out, sumsq_out.stride(0)) if sumsq_out is not None else (y, 0)
