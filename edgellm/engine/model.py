@@ -346,13 +346,15 @@ ROPE_EPILOGUE_MIN_BYTES = 4 << 20
 
 
 def _rope_fusable(cfg: EngineConfig, rope: RopeTables, layer: int, tree, positions, rows: int,
-                  qkv_bytes: int, setting: bool | None = None) -> bool:
+                  qkv_bytes: int, setting: bool | None = None, invariant: bool = False) -> bool:
     """Whether the qkv GEMV finishes with RoPE and the KV append (gemv.RopeAppend): rotary positions
     over the whole head at the cache positions, from the model's one table (no q/k norms between the
     projection and the rotation, no trees, explicit or multimodal positions, per-layer tables), and
-    where it measured faster (ROPE_EPILOGUE_MIN_BYTES); setting (Switches.fused_rope) False / True:
-    never / wherever it can run."""
-    if setting is False or (setting is None and rows == 1 and qkv_bytes <= ROPE_EPILOGUE_MIN_BYTES):
+    where it measured faster (ROPE_EPILOGUE_MIN_BYTES; batch-invariant: at every batch size, since the
+    separate kernels round the queries elsewhere); setting (Switches.fused_rope) False / True: never /
+    wherever it can run."""
+    small = rows == 1 and qkv_bytes <= ROPE_EPILOGUE_MIN_BYTES and not invariant
+    if setting is False or (setting is None and small):
         return False
     return cfg.positions != "learned" and not cfg.qk_norm and tree is None and positions is None \
         and rope.offsets is None and 2 * rope.cos.shape[-1] == cfg.head_dim \
@@ -394,7 +396,8 @@ def _forward_fused(weights: ModelWeights, cfg: EngineConfig, cache: LinearKVCach
     with early_release(rows == 1):
         for index, lw in enumerate(weights.layers):
             keys, values = cache.layer(index)
-            rotate = _rope_fusable(cfg, rope, index, tree, positions, rows, lw.qkv.nbytes, switches.fused_rope)
+            rotate = _rope_fusable(cfg, rope, index, tree, positions, rows, lw.qkv.nbytes, switches.fused_rope,
+                                   switches.batch_invariant)
             spec = gemv.RopeAppend(rope.cos, rope.sin, keys, values, slots, starts, q_lens, cfg.num_attention_heads) \
                 if rotate else None
             qkv = project(h, lw.qkv, lw.qkv_bias, lw.input_norm, sumsq(2 * index - 1), rope_append=spec)

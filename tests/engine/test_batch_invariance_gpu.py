@@ -93,7 +93,7 @@ def test_a_reused_prefix_gives_the_cold_prefill_logits(shape_dir):
 
 def test_64_seeded_sampled_requests_twice_give_the_same_tokens(tiny_models):
     """By default, through the runtime: 64 items of one request (sampled, each its own seed), twice."""
-    runtime = LLMInferenceRuntime(tiny_models["llama"][0], device="cuda", dtype="float16", max_batch_size=16)
+    runtime = LLMInferenceRuntime(tiny_models["llama"][0], device="cuda", dtype="float16", max_batch_size=64)
     rng = random.Random(1)
     items = [{"prompt": " ".join(rng.choice(["w3", "w7", "w40", "w52", "w88"]) for _ in range(rng.randint(2, 40)))}
              for _ in range(64)]

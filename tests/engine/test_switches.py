@@ -65,4 +65,5 @@ def test_the_fusion_rules_follow_the_switches(tmp_path):
     assert not model._rope_fusable(cfg, rope, 0, None, None, 1, small, None)
     assert model._rope_fusable(cfg, rope, 0, None, None, 1, large, None)
     assert model._rope_fusable(cfg, rope, 0, None, None, 1, small, True)
+    assert model._rope_fusable(cfg, rope, 0, None, None, 1, small, None, invariant=True)  # (one way at any batch)
     assert not model._rope_fusable(cfg, rope, 0, None, None, 4, large, False)
