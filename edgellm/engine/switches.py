@@ -34,6 +34,9 @@ class Switches:
     pdl: str = "on"
     # EDGELLM_RUN_AHEAD=0: the runtime reads each decode step's tokens before queueing the next.
     run_ahead: bool = True
+    # EDGELLM_HAND_OVER=0: the engine loop goes on at once after putting first tokens in streams, instead
+    # of waiting (at most 0.5 ms) for the server's event loop to begin sending them (serving/request_handle.py).
+    hand_over: bool = True
     # EDGELLM_MIXED_STEPS=0: the engine loop prefills admitted prompts in steps of their own between the
     # running rows' decode steps, instead of in the decode step's forward (engine/mixed_steps.py).
     mixed_steps: bool = True
@@ -76,7 +79,8 @@ class Switches:
         return cls(fused_gemv=flag("EDGELLM_FUSED_GEMV", True), fused_rope=flag("EDGELLM_FUSED_ROPE", None),
                    fused_norm_rows=count("EDGELLM_FUSED_NORM_ROWS", cls.fused_norm_rows),
                    gemv_prefetch=count("EDGELLM_GEMV_PREFETCH", None), pdl=PDL_MODES[pdl],
-                   run_ahead=flag("EDGELLM_RUN_AHEAD", True), mixed_steps=flag("EDGELLM_MIXED_STEPS", True),
+                   run_ahead=flag("EDGELLM_RUN_AHEAD", True), hand_over=flag("EDGELLM_HAND_OVER", True),
+                   mixed_steps=flag("EDGELLM_MIXED_STEPS", True),
                    batch_invariant=flag("EDGELLM_BATCH_INVARIANT", False),
                    forbid_reference_on_cuda=flag("EDGELLM_FORBID_REF_ON_CUDA", False),
                    cpu_blas=flag("EDGELLM_CPU_BLAS", True))

@@ -45,7 +45,7 @@ from ..streaming import advance_rows
 from . import constrained_rows
 from .launched import Launched
 from .prefill_rate import PrefillRate
-from .request_handle import RequestHandle
+from .request_handle import RequestHandle, hand_over
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .speculative_step import speculative_step
@@ -357,6 +357,8 @@ class EngineLoop:
             self.runner.add_decode_rows([token for _, token in running], [seq.slot for seq in seqs],
                                         *self._row_settings(seqs), lora=[seq.adapter for seq in seqs])
             self.batch.extend(seqs)
+        if self.runner.switches.hand_over:  # (first tokens out to the streams before the next launch)
+            hand_over()
 
     def _save(self, seq: Sequence) -> None:
         """KV reuse, once a prompt is in its slot: its new whole blocks saved, and the prefill its reused

@@ -250,6 +250,8 @@ class _LoopWaker:
         self._loop = loop
         self._lock = threading.Lock()
         self._pending: list[asyncio.Event] = []
+        self._ran = threading.Event()  # (clear while a wake-up is scheduled and has not begun)
+        self._ran.set()
 
     def wake_up(self, event: asyncio.Event) -> Callable[[], None]:
         """A notify() for the loop's thread: sets `event` in the asyncio loop soon."""
@@ -258,14 +260,36 @@ class _LoopWaker:
                 self._pending.append(event)
                 if len(self._pending) > 1:
                     return  # (a wake-up is already scheduled; it sets this event too)
+                self._ran.clear()
             self._loop.call_soon_threadsafe(self._run)
         return notify
+
+    def wait_begun(self, timeout: float) -> None:
+        """Until the scheduled wake-up (if any) has begun on the asyncio loop, at most `timeout` s."""
+        if not self._ran.is_set():
+            self._ran.wait(timeout)
 
     def _run(self) -> None:
         with self._lock:
             events, self._pending = self._pending, []
+            self._ran.set()
         for event in events:
             event.set()
+
+
+# How long hand_over() waits for an event loop at most (one busy elsewhere, e.g. parsing a large body).
+HAND_OVER_S = 0.5e-3
+
+
+def hand_over() -> None:
+    """Called by the engine loop's thread once it has put first tokens in streams: it waits (the GIL
+    released) until each asyncio loop it woke has begun its wake-up, so that loop sends the first chunk
+    now rather than after the engine's next launch, which otherwise holds the shared GIL first (H100
+    host: part of the server's added time to first token). At most HAND_OVER_S per loop."""
+    with _wakers_lock:
+        wakers = list(_wakers.values())
+    for waker in wakers:
+        waker.wait_begun(HAND_OVER_S)
 
 
 _wakers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWaker]" = weakref.WeakKeyDictionary()
