@@ -3,8 +3,8 @@ a row's logits are bitwise the same at every step (its prefill's and each decode
 batches of 2, 3, 8 and 16 with other neighbours at other places, and after a reused prefix as after a
 cold prefill; by default the same batch run twice gives the same bits (64 seeded requests through the
 runtime too); under continuous batching with random arrivals every request gets what it gets alone
-(deterministic=True). Random-weight SmolLM2-135M and Llama-3.2-1B shapes (the runner) and the tiny
-llama (the runtime, with its tokenizer)."""
+(deterministic=True). Random-weight SmolLM2-135M and Llama-3.2-1B shapes and the real default model (the
+runner), the tiny llama and the default model (the runtime, with their tokenizers)."""
 
 import random
 import threading
@@ -17,13 +17,18 @@ from edgellm import LLMGenerationRequest, LLMInferenceRuntime
 from edgellm.benchmark import random_model_dir
 from edgellm.engine.runner import LLMEngineRunner
 from edgellm.engine.switches import Switches
+from edgellm.requests import SamplingSettings, item_seeds
 
 pytestmark = pytest.mark.gpu
 STEPS = 12
 
 
-@pytest.fixture(scope="module", params=["smollm2-135m", "llama-3.2-1b"])
+@pytest.fixture(scope="module", params=["smollm2-135m", "llama-3.2-1b", "default"])
 def shape_dir(request, tmp_path_factory):
+    """Random-weight shapes, and the real default model (its GGUF converted: bench/RESULTS.md says how it
+    reaches the device)."""
+    if request.param == "default":
+        return request.getfixturevalue("default_model_dir")
     return random_model_dir(request.param, tmp_path_factory.mktemp("shapes"))
 
 
@@ -133,3 +138,21 @@ def test_requests_arriving_at_random_get_what_they_get_alone(tiny_models):
     assert not errors, errors
     assert sum(a == b for a, b in zip(got, alone)) == len(requests)
     assert runtime._loop.step_counts["decode"] > 0 and runtime._loop.step_counts["mixed"] == 0
+
+
+def test_the_default_model_answers_alike_alone_batched_and_twice(default_model_dir):
+    """The real default model through the runtime, deterministic=True: 16 sampled chat prompts (each its
+    own seed) alone, then all in one request, then that request again: the same tokens every time."""
+    runtime = LLMInferenceRuntime(default_model_dir, device="cuda", dtype="float16", max_batch_size=16,
+                                  deterministic=True)
+    topics = ["the sea", "a train", "bread", "winter", "a lighthouse", "chess", "rain", "a violin"]
+    items = [{"messages": [{"role": "user", "content": f"Write two sentences about {topics[i % 8]}."}]}
+             for i in range(16)]
+    settings = dict(max_generate_length=32, temperature=0.8, top_k=40, top_p=0.9)
+    seeds = item_seeds(SamplingSettings(0.8, 40, 0.9, 7), len(items))  # (item i's seed inside the batch)
+    alone = [runtime.handle_request(LLMGenerationRequest(requests=[item], seed=seed, **settings)).output_ids[0]
+             for item, seed in zip(items, seeds)]
+    batched = runtime.handle_request(LLMGenerationRequest(requests=items, seed=7, **settings)).output_ids
+    assert batched == alone
+    assert runtime.handle_request(LLMGenerationRequest(requests=items, seed=7, **settings)).output_ids == batched
+    assert len({tuple(ids) for ids in alone}) > 8
