@@ -16,7 +16,8 @@ import torch
 
 from .dispatch import run_settings
 from ._triton import dot_precision, pdl_release, pdl_wait, pow2, prefetch_l2, tl, triton, use_pdl
-from .gemv_fusions import RopeAppend, check_fusions, check_sums, load_x, rope_append_epilogue, rope_operands, row_rstd
+from .gemv_fusions import (RopeAppend, check_fusions, check_sums, load_x, rope_append_epilogue, rope_operands, row_rstd,
+                           sum_in_order)
 from .rms_norm import rms_norm_ref
 from .rope_append import rope_kv_append_ref
 from .glu import GATE_ACTIVATIONS, gate_activation, glu_ref
@@ -229,14 +230,11 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
     if NORM == 1:
         rstd = row_rstd(x_base, m_ok, k, eps, BLOCK_M, BLOCK_K)
-    elif NORM == 2:  # the rows' sums of squares from the parts the GEMV that wrote x left (SUMSQ), added one
-        # after another: a tl.sum's order follows the tile's layout, which the buffer's strides change (one
-        # row's is specialised as 1), and so a row's rounding would change with the batch size
-        total = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for p in tl.static_range(BLOCK_P):
-            total += tl.load(nsq_ptr + p * s_nsq + rows_m, mask=m_ok & (rows_m * 0 + p < n_parts),
-                             other=0.0)
-        rstd = 1.0 / tl.sqrt(total / k + eps)
+    elif NORM == 2:  # the rows' sums of squares from the parts the GEMV that wrote x left (SUMSQ), in a fixed order
+        p = tl.arange(0, BLOCK_P)
+        parts = tl.load(nsq_ptr + p[:, None] * s_nsq + rows_m[None, :], mask=(p < n_parts)[:, None] & m_ok[None, :],
+                        other=0.0)
+        rstd = 1.0 / tl.sqrt(sum_in_order(parts, BLOCK_P, BLOCK_M) / k + eps)
     if ROW_FMA:  # BLOCK_M is 1
         acc = _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, w_rows, s_sn, k, group, nw_ptr, tl.sum(rstd, axis=0),
                         BLOCK_N, BLOCK_K, NUM_STAGES, QUANT, NORM)[None, :]

@@ -38,6 +38,37 @@ def row_rstd(x_base, m_ok, k, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr)
 
 
 @triton.jit
+def sum_in_order(parts, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr):
+    """parts [BLOCK_P, BLOCK_M] (BLOCK_P a power of two up to 1024) summed over axis 0 as one fixed tree:
+    the first half plus the second, again and again. A tl.sum adds in an order its layout decides, and
+    the layout follows the pointers' strides, which change with the batch size (one row's is specialised
+    as 1): a row's rounding would then depend on the rows around it. Each level adds two values, which
+    gives the same bits in either order."""
+    tl.static_assert(BLOCK_P <= 1024)
+    if BLOCK_P > 512:
+        parts = tl.sum(tl.reshape(parts, [2, 512, BLOCK_M]), axis=0)
+    if BLOCK_P > 256:
+        parts = tl.sum(tl.reshape(parts, [2, 256, BLOCK_M]), axis=0)
+    if BLOCK_P > 128:
+        parts = tl.sum(tl.reshape(parts, [2, 128, BLOCK_M]), axis=0)
+    if BLOCK_P > 64:
+        parts = tl.sum(tl.reshape(parts, [2, 64, BLOCK_M]), axis=0)
+    if BLOCK_P > 32:
+        parts = tl.sum(tl.reshape(parts, [2, 32, BLOCK_M]), axis=0)
+    if BLOCK_P > 16:
+        parts = tl.sum(tl.reshape(parts, [2, 16, BLOCK_M]), axis=0)
+    if BLOCK_P > 8:
+        parts = tl.sum(tl.reshape(parts, [2, 8, BLOCK_M]), axis=0)
+    if BLOCK_P > 4:
+        parts = tl.sum(tl.reshape(parts, [2, 4, BLOCK_M]), axis=0)
+    if BLOCK_P > 2:
+        parts = tl.sum(tl.reshape(parts, [2, 2, BLOCK_M]), axis=0)
+    if BLOCK_P > 1:
+        parts = tl.sum(tl.reshape(parts, [2, 1, BLOCK_M]), axis=0)
+    return tl.reshape(parts, [BLOCK_M])
+
+
+@triton.jit
 def rope_operands(rows_m, m_ok, cos_ptr, sin_ptr, slots_ptr, starts_ptr, lens_ptr, seq_len, n_pos, half, n_pairs,
                    BLOCK_N: tl.constexpr):
     """What the rope_append epilogue needs besides the tile, loaded before the K loop so that these
