@@ -180,7 +180,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                  SPLITS: tl.constexpr, BLOCK_GR: tl.constexpr, LORA_PRECISION: tl.constexpr, UNROLL: tl.constexpr,
                  ONE_ROW: tl.constexpr, QUANT: tl.constexpr, ROW_FMA: tl.constexpr, PREFETCH: tl.constexpr,
                  LINE: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                 ROPE: tl.constexpr, SUMSQ: tl.constexpr, BLOCK_P: tl.constexpr):
+                 ROPE: tl.constexpr, SUMSQ: tl.constexpr, BLOCK_P: tl.constexpr,
+                 ORDERED_SUMS: tl.constexpr):
     j = tl.arange(0, BLOCK_N)
     if GLU:  # the tile's rows pair each output feature's gate row with its up row (n rows further)
         rows_n = tl.program_id(0) * (BLOCK_N // 2) + j // 2  # the output feature of each tile row
@@ -234,7 +235,11 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
         p = tl.arange(0, BLOCK_P)
         parts = tl.load(nsq_ptr + p[:, None] * s_nsq + rows_m[None, :], mask=(p < n_parts)[:, None] & m_ok[None, :],
                         other=0.0)
-        rstd = 1.0 / tl.sqrt(sum_in_order(parts, BLOCK_P, BLOCK_M) / k + eps)
+        if ORDERED_SUMS:  # (batch-invariant: the same order at any batch size, sum_in_order says why)
+            total = sum_in_order(parts, BLOCK_P, BLOCK_M)
+        else:  # (one order per compiled kernel: the same bits run after run)
+            total = tl.sum(parts, axis=0)
+        rstd = 1.0 / tl.sqrt(total / k + eps)
     if ROW_FMA:  # BLOCK_M is 1
         acc = _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, w_rows, s_sn, k, group, nw_ptr, tl.sum(rstd, axis=0),
                         BLOCK_N, BLOCK_K, NUM_STAGES, QUANT, NORM)[None, :]
@@ -425,7 +430,8 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
         PREFETCH=prefetch, LINE=128 // data.element_size(), NORM=0 if norm is None else 1 if norm_sumsq is None else 2,
         GLU=0 if glu is None else 1 + GATE_ACTIVATIONS.index(glu), RESIDUAL=residual is not None,
         ROPE=rope_append is not None, SUMSQ=sumsq_out is not None,
-        BLOCK_P=pow2(norm_sumsq.shape[0]) if norm_sumsq is not None else 1, num_warps=warps, launch_pdl=pdl > 0)
+        BLOCK_P=pow2(norm_sumsq.shape[0]) if norm_sumsq is not None else 1, ORDERED_SUMS=run_settings().batch_invariant,
+        num_warps=warps, launch_pdl=pdl > 0)
     return y.reshape(*lead, out_n)
 
 
