@@ -1,9 +1,10 @@
 """Weight-only quantization on a CUDA GPU (issue 17): decode tokens/s at batch 1 and 16 and TTFT at
-1024 tokens on the Llama-3.2-1B shape (random weights) for fp16 / fp8 / int8 / int4, each in the same
-process, with the bytes a step reads; and the dequantizing GEMV alone on the layer shapes (timed in a
-CUDA graph) against reading its packed bytes at copy bandwidth, with K-tile candidates for each format.
+1024 tokens on a random-weight shape (default Llama-3.2-1B; --shape llama-3.1-8b where bytes dominate)
+for fp16 / fp8 / int8 / int4, each in the same process, with the bytes a step reads; and the
+dequantizing GEMV alone on that shape's layer matrices (timed in a CUDA graph) against reading its
+packed bytes at copy bandwidth, with K-tile candidates for each format.
 
-Run:  python bench/quant.py --json bench/results/quant.json
+Run:  python bench/quant.py [--shape llama-3.1-8b] --json bench/results/quant.json
 """
 
 from __future__ import annotations
@@ -64,10 +65,10 @@ def _copy(qw):
     return qw.clone() if isinstance(qw, torch.Tensor) else dataclasses.replace(qw, data=qw.data.clone())
 
 
-def kernel_rows(bandwidth, kinds=KINDS, tiles=TILES, row_tiles=ROW_TILES, batches=(1, 16)) -> list[dict]:
+def kernel_rows(bandwidth, kinds=KINDS, tiles=TILES, row_tiles=ROW_TILES, batches=(1, 16),
+                shape="llama-3.2-1b") -> list[dict]:
     rows = []
-    for n, k in ((3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192), (128256, 2048)):
-        # the 1B shape's qkv, o, gate_up, down, LM head
+    for n, k in benchmark.layer_matrices(shape).values():  # (qkv, o, gate/up, down, LM head)
         w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
         for m in batches:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
@@ -105,7 +106,7 @@ def main() -> int:
     kinds = [None if k == "fp16" else k for k in args.kinds]
     if "kernel" not in args.skip:
         out["kernel"] = kernel_rows(bandwidth, kinds, TILES if args.sweep == "all" else None,
-                                    None if args.sweep == "none" else ROW_TILES, args.gemv_batch)
+                                    None if args.sweep == "none" else ROW_TILES, args.gemv_batch, args.shape)
     if "decode" not in args.skip:
         out["decode"] = decode_rows(args.shape, args.batch, args.osl, args.iterations, bandwidth, kinds,
                                     (False, True) if args.lm_head else (False,))

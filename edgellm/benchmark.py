@@ -29,6 +29,14 @@ SHAPES = {
         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                           original_max_position_embeddings=8192),
         bos_token_id=128000, eos_token_id=128001, hidden_act="silu", torch_dtype="float16"),
+    # Llama 3.1 8B: 16 GB of fp16 weights, where a decode step is the bytes it reads (the quantization shape).
+    "llama-3.1-8b": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+        max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192),
+        bos_token_id=128000, eos_token_id=128001, hidden_act="silu", torch_dtype="float16"),
     "smollm2-135m": dict(
         architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=576, intermediate_size=1536,
         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
@@ -58,6 +66,18 @@ SHAPES = {
 }
 # The same Gemma 3 shape with every layer global: what the sliding windows save at long contexts.
 SHAPES["gemma3-1b-global"] = {**SHAPES["gemma3-1b"], "layer_types": ["full_attention"] * 26}
+
+
+def layer_matrices(shape: str) -> dict[str, tuple[int, int]]:
+    """(N, K) of the weight matrices one decode step reads in a llama-family shape: the fused qkv, o,
+    fused gate/up and down projections, and the LM head."""
+    hf = SHAPES[shape]
+    hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim", hidden // heads)
+    kv = hf.get("num_key_value_heads", heads) * head_dim
+    return {"qkv": (heads * head_dim + 2 * kv, hidden), "o": (hidden, heads * head_dim),
+            "gate_up": (2 * hf["intermediate_size"], hidden), "down": (hidden, hf["intermediate_size"]),
+            "lm_head": (hf["vocab_size"], hidden)}
 
 
 def log(message: str) -> None:

@@ -427,8 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="decode tokens/s and time to first token on the GPU",
                        description="Benchmark decode (tokens/s, ms per step, % of the bandwidth floor) and TTFT "
                                    "on a CUDA GPU, for a model directory or a named random-weight shape.")
-    p.add_argument("--shape", default=None, help="random fp16 weights of a named shape: llama-3.2-1b, smollm2-135m, "
-                                                 "gemma3-1b, gpt2-xl, phi4-mini")
+    p.add_argument("--shape", default=None, help="random fp16 weights of a named shape: llama-3.2-1b, llama-3.1-8b, "
+                                                 "smollm2-135m, gemma3-1b, gpt2-xl, phi4-mini")
     p.add_argument("--model-dir", "-m", default=None, help="a model directory instead of a named shape")
     p.add_argument("--isl", type=int, default=128, help="prompt length of the decode runs (default 128)")
     p.add_argument("--osl", type=int, default=None, help="decode steps per run (default 256; 64 with --backend)")
