@@ -470,6 +470,12 @@ def _gemv_rows(rows: int) -> bool:
 
 
 def _decode_sized(x: torch.Tensor, weight=None) -> bool:
-    """GEMV rows (_gemv_rows) on the GPU: the GEMV's work (unless the weight is packed in a way it does not read)."""
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _gemv_rows(x.numel() // x.shape[-1]) \
-        and (weight is None or gemv.supports(weight))
+    """GEMV rows (_gemv_rows) on the GPU: the GEMV's work (unless the weight is packed in a way it does not
+    read); a packed weight also up to gemv.PACKED_MAX_ROWS rows (outside batch invariance, whose
+    prefill chunks all take one path), where dequantizing it whole for cuBLAS would cost more than it reads."""
+    if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)) or \
+            (weight is not None and not gemv.supports(weight)):
+        return False
+    rows = x.numel() // x.shape[-1]
+    return _gemv_rows(rows) or (isinstance(weight, QuantizedWeight) and rows <= gemv.PACKED_MAX_ROWS
+                                and not run_settings().batch_invariant)

@@ -23,7 +23,10 @@ from .rope_append import rope_kv_append_ref
 from .glu import GATE_ACTIVATIONS, gate_activation, glu_ref
 from .lora import _segment_ends, check_expand_operands, delta_constants, extended_b, lora_delta, lora_expand_ref, lora_t
 
-MAX_ROWS = 16  # rows of x one launch handles (padded to 16 for tl.dot)
+MAX_ROWS = 16  # rows of x decode sends to the GEMV (a block of 16, padded for tl.dot; more to cuBLAS)
+# Packed weights (edgellm/quant) at up to this many rows stay in the GEMV, in blocks of up to 64 rows a
+# program, rather than being dequantized whole for cuBLAS at every step.
+PACKED_MAX_ROWS = 64
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): chosen from H100 sweeps (bench/gemv.py). The layer
 # matrices of a 2-16-row step (bench/chain.py --tiles, a step's GEMVs under PDL) want narrow 2-warp
 # tiles, five stages deep: more programs per SM, each with 64 KB in flight (Llama-3.2-1B shape, 16 rows:
@@ -192,7 +195,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
     else:
         rows_n = tl.program_id(0) * BLOCK_N + j
         w_rows = rows_n
-    rows_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # (a block of 16 rows a program: more go to more)
+    rows_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # (a block of rows a program: more go to more)
     cols = tl.arange(0, BLOCK_K)
     n_ok = rows_n < n
     m_ok = rows_m < m
@@ -328,6 +331,17 @@ def _launch_tile(weight, row_fma: bool, pairs: bool, tile=None) -> tuple[int, in
     return block_n, block_k, warps, stages, programs
 
 
+def _row_block(rows: int, row_fma: bool) -> int:
+    """Rows of x a program takes: one on the CUDA cores; else 16, or past 16 rows the power of two that
+    holds them, up to 64 (each program reads the whole weight: fewer blocks, fewer reads). Batch-invariant:
+    always 16 (another tile shape could add a row's products in another order)."""
+    if row_fma:
+        return 1
+    if rows <= 16 or run_settings().batch_invariant:
+        return 16
+    return min(64, pow2(rows))
+
+
 def _row_fma(rows: int) -> bool:
     """Whether one row goes to the CUDA cores by default: it is faster, but it adds up each dot product in
     another order than the tensor-core tile, so not where a row must come out the same at any batch size
@@ -349,8 +363,8 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
          lora=None, row_fma: bool | None = None, norm=None, glu: str | None = None,
          residual: torch.Tensor | None = None, rope_append: RopeAppend | None = None,
          norm_sumsq: torch.Tensor | None = None, sumsq_out: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [..., K] (made for up to MAX_ROWS rows in all; blocks of 16 rows go to programs of their own,
-    each reading the whole weight); weight: [N, K], a tensor or a QuantizedWeight; bias: [N] or None ->
+    """x: [..., K] (made for a few rows: blocks of 16, or up to 64 past 16 rows, go to programs of their
+    own, each reading the whole weight; _row_block); weight: [N, K], a tensor or a QuantizedWeight; bias: [N] or None ->
     [..., N]. lora: None, or (t, b_stack, index, used, scale, segments) as lora_expand takes them: adds
     each row's adapter delta in the epilogue. row_fma: one row of x on the CUDA cores (default: when x
     has one row, unless RunSettings.batch_invariant).
@@ -420,12 +434,13 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
     check_sums(m, programs, norm, norm_sumsq, sumsq_out, rope_append)
     norm_sums = (norm_sumsq, norm_sumsq.stride(0), norm_sumsq.shape[0]) if norm_sumsq is not None else (y, 0, 0)
     out_sums = (sumsq_out, sumsq_out.stride(0)) if sumsq_out is not None else (y, 0)
-    _gemv_kernel[(programs, triton.cdiv(m, 1 if row_fma else 16))](
+    block_m = _row_block(m, row_fma)
+    _gemv_kernel[(programs, triton.cdiv(m, block_m))](
         x2, data, bias if bias is not None else y, y, m, n, k, x2.stride(0), data.stride(0), y.stride(0),
         *lora_args, scales, zeros, scales.stride(0) if scales.dim() == 2 else 1, weight.group if quant == "int4" else 1,
         norm[0] if norm is not None else x2, norm[1] if norm is not None else 0.0, r2, r2.stride(0),
         *norm_sums, *out_sums, *rope_args,
-        HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), BLOCK_M=1 if row_fma else 16, BLOCK_N=block_n,
+        HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, NUM_STAGES=stages, PDL=pdl, **constants, QUANT=QUANT_CODES[quant], ROW_FMA=row_fma,
         PREFETCH=prefetch, LINE=128 // data.element_size(), NORM=0 if norm is None else 1 if norm_sumsq is None else 2,
         GLU=0 if glu is None else 1 + GATE_ACTIVATIONS.index(glu), RESIDUAL=residual is not None,

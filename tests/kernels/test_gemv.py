@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from edgellm.kernels import gemv, glu, lora, rms_norm, rope
+from edgellm.kernels.dispatch import run_with
 
 from kernel_cases import DEVICE, DTYPES, TOL, randn
 
@@ -143,6 +144,35 @@ def test_gemv_over_packed_weights(kind, dtype, m, n, k, bias):
     assert error < {"int8": 0.01, "fp8": 0.04, "int4": 0.12}[kind]
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("m", [40, 64])
+def test_packed_weights_take_up_to_64_rows_a_program(kind, m):
+    """Packed weights stay in the GEMV up to gemv.PACKED_MAX_ROWS rows, in one block of up to 64 rows a
+    program (not dequantized whole for cuBLAS): plain, with the residual and sums of squares the decode
+    chain asks for, and with the LoRA epilogue, against the references (K = 576: a ragged int4 group)."""
+    from edgellm.quant import quantize
+
+    dtype = torch.float16
+    k, n = 576, 72
+    assert gemv._row_block(m, False) == 64 and gemv.PACKED_MAX_ROWS >= m
+    x, qw = randn(m, k, dtype=dtype), quantize(randn(n, k, seed=1) / k ** 0.5, kind, dtype=dtype)
+    residual = randn(m, n, dtype=dtype, seed=2)
+    tol = dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(gemv.gemv(x, qw), gemv.gemv_ref(x, qw), **tol)
+    sums = torch.zeros(gemv.sumsq_parts(qw, m), m, dtype=torch.float32, device=DEVICE)
+    out = gemv.gemv(x, qw, residual=residual, sumsq_out=sums)
+    torch.testing.assert_close(out, gemv.gemv_ref(x, qw) + residual, **tol)
+    torch.testing.assert_close(sums.sum(0), out.float().square().sum(-1), rtol=1e-3, atol=1e-3)
+    segments, rank = (40, 16, 16), 8
+    slots = [(3, -1, 0, 1)[i % 4] for i in range(m)]
+    used = lora.used_slots(slots, 4, DEVICE)
+    index = torch.tensor(slots, dtype=torch.int32, device=DEVICE)
+    a_stack, b_stack = randn(4, 3 * rank, k, dtype=dtype, seed=3) * 0.05, randn(4, n, rank, dtype=dtype, seed=4) * 0.2
+    spec = (lora.lora_shrink(x, a_stack, index, used), b_stack, index, used, torch.tensor([1.0, 0.5, 0.0, 2.0],
+                                                                                           device=DEVICE), segments)
+    torch.testing.assert_close(gemv.gemv(x, qw, lora=spec), gemv.gemv_ref(x, qw, lora=spec), **tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("slots", [
     [3, -1, 0, 3, 1],  # three adapters and none: the first (prefetched) adapter and the looped ones
@@ -176,10 +206,16 @@ def test_gemv_with_lora_epilogue(dtype, slots):
             assert slot != 3 or not torch.allclose(out[row], base[row], **tol)
 
 
+@pytest.mark.parametrize("invariant", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gemv_takes_more_than_16_rows_in_blocks_of_16(dtype):
-    """Past 16 rows (batch-invariant decode of a bigger batch) each block of 16 rows goes to programs of
-    its own: the LoRA epilogue (adapters by row) and RoPE + the KV append agree with the references."""
+def test_gemv_takes_more_than_16_rows(dtype, invariant):
+    """Past 16 rows each block of rows goes to programs of its own (one block of 32 here; batch-invariant,
+    blocks of 16): the LoRA epilogue (adapters by row) and RoPE + the KV append agree with the references."""
+    with run_with(batch_invariant=invariant):
+        _more_than_16_rows(dtype)
+
+
+def _more_than_16_rows(dtype):
     m, k, segments, rank = 20, 96, (40, 12, 12), 16
     n = sum(segments)
     x, w = randn(m, k, dtype=dtype), randn(n, k, dtype=dtype, seed=1) * 0.2

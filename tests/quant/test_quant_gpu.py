@@ -35,3 +35,35 @@ def test_graphs_match_eager_and_float32(tiny_models, kind):
             runner.prefill_step(runner.embed(ids), [ids.shape[1]])
             out.append(runner.decode_step(runner.embed(ids[:, -1:])).float().cpu())
     torch.testing.assert_close(out[0], out[1], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "fp8"])
+def test_forty_rows_decode_through_the_packed_gemv(tiny_models, kind):
+    """A decode step of 40 rows reads packed weights in the GEMV (blocks of up to 64 rows,
+    gemv.PACKED_MAX_ROWS) instead of dequantizing them for cuBLAS: its logits stay near float32 over the
+    dequantized weights, and the runtime's greedy tokens for 40 rows match float32's."""
+    from edgellm.kernels import ops
+
+    model_dir = tiny_models["llama"][0]
+    prompts = [[(7 * i + j) % 90 + 3 for j in range(1 + i % 9)] for i in range(40)]
+    fp16 = LLMInferenceRuntime(model_dir, device="cuda", dtype="float16", cuda_graphs=False, quantization=kind,
+                               max_batch_size=64)
+    reference = LLMInferenceRuntime(model_dir, device="cuda", dtype="float32", cuda_graphs=False,
+                                    quantization=kind, max_batch_size=64)
+    dequantized = []
+    original = ops.dequantize
+    ops.dequantize = lambda *args, **kwargs: dequantized.append(1) or original(*args, **kwargs)
+    try:
+        out = []
+        for runtime in (fp16, reference):
+            runner = runtime.runner
+            ids = torch.tensor([p[-1:] for p in prompts], device="cuda")
+            with torch.inference_mode():
+                runner.prefill_step(runner.embed(torch.tensor([[5, 9, 13]] * 40, device="cuda")), [3] * 40)
+                dequantized.clear()
+                out.append(runner.decode_step(runner.embed(ids)).float().cpu())
+                if runtime is fp16:
+                    assert not dequantized  # (the GEMV read the packed weights)
+    finally:
+        ops.dequantize = original
+    torch.testing.assert_close(out[0], out[1], rtol=2e-2, atol=2e-2)
