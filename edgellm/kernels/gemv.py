@@ -399,6 +399,9 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
     if row_fma and m != 1:
         raise ValueError(f"gemv: row_fma takes one row of x, got {m}")
     block_n, block_k, warps, stages, programs = _launch_tile(weight, row_fma, pairs, tile)
+    block_m = _row_block(m, row_fma)
+    if block_m > 16 and tile is None:  # (x's tile of each pipeline stage within 16 KB of shared memory)
+        block_k = min(block_k, 8192 // block_m)
     if quant == "int4":
         if not supports(weight):
             raise ValueError(f"gemv: int4 groups must be a multiple of 32, got {weight.group}")
@@ -434,7 +437,6 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
     check_sums(m, programs, norm, norm_sumsq, sumsq_out, rope_append)
     norm_sums = (norm_sumsq, norm_sumsq.stride(0), norm_sumsq.shape[0]) if norm_sumsq is not None else (y, 0, 0)
     out_sums = (sumsq_out, sumsq_out.stride(0)) if sumsq_out is not None else (y, 0)
-    block_m = _row_block(m, row_fma)
     _gemv_kernel[(programs, triton.cdiv(m, block_m))](
         x2, data, bias if bias is not None else y, y, m, n, k, x2.stride(0), data.stride(0), y.stride(0),
         *lora_args, scales, zeros, scales.stride(0) if scales.dim() == 2 else 1, weight.group if quant == "int4" else 1,
