@@ -122,8 +122,8 @@ class GrammarBackend:
         self._json_safe = _token_bits([not _CONTROL.intersection(token) for token in self.info.decoded_vocab] +
                                       [True] * (vocab_size - len(self.info.decoded_vocab)))
         self._compiler = xg.GrammarCompiler(self.info, max_threads=4)
-        # One thread: a mask from XGrammar's cache takes about a microsecond a row (128k vocabulary), and
-        # handing the rows to more threads cost 70 us (2 cores) to 470 us (the H100 host's 16) a batch.
+        # One thread: a mask from XGrammar's cache takes 1-2 us a row (128k vocabulary), and handing 16
+        # rows to more threads cost 70 us (2 cores) to 290 us (the H100 host) a batch (bench/grammar_masks.py).
         self.batch = xg.BatchGrammarMatcher(max_threads=FILL_THREADS)
         self._masks = torch.zeros(0, self.words, dtype=torch.int32)
         self._compiled: dict[GrammarSpec, object] = {}
