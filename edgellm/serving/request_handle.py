@@ -265,8 +265,9 @@ class _LoopWaker:
         return notify
 
     def wait_begun(self, timeout: float) -> None:
-        """Until the scheduled wake-up (if any) has begun on the asyncio loop, at most `timeout` s."""
-        if not self._ran.is_set():
+        """Until the scheduled wake-up (if any) has begun on the asyncio loop, at most `timeout` s (not at
+        all for a loop that no longer runs: its wake-up never will)."""
+        if not self._ran.is_set() and self._loop.is_running():
             self._ran.wait(timeout)
 
     def _run(self) -> None:
