@@ -27,6 +27,7 @@ class RunSettings(NamedTuple):
     gemv_prefetch: int | None = None        # bytes of each weight row a GEMV prefetches (None: by size, gemv.py)
     batch_invariant: bool = False           # each row computed in an order that no batch size changes (Switches)
     decode_step: bool = False               # (batch_invariant) a decode step's forward: its rows take the GEMV
+    int4_codes: str = "f32"                 # how the int4 GEMV's tensor-core path makes codes floats (gemv.py)
 
 
 _state = threading.local()

@@ -79,11 +79,25 @@ def _zero_f32(z):
 
 
 @triton.jit
-def _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, NB: tl.constexpr):
+def _codes_f16(q):
+    """Codes 0..15 (int32) to float16 without a conversion instruction: q or-ed into the mantissa of
+    2^10 (0x6400) is the half 1024 + q exactly; the 1024 comes off, exactly, with the zero (_zero_f16)."""
+    return (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _zero_f16(z):
+    """A zero point (an integer 0..15, float32) as _codes_f16's codes carry it: 1024 + z, in float16."""
+    return (z + 1024.0).to(tl.float16)
+
+
+@triton.jit
+def _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, NB: tl.constexpr,
+               F16_CODES: tl.constexpr = False):
     """The int4 tile of NB blocks (32 columns, 16 bytes: formats.py) from byte b0 of each row, each
-    block inside one group: its low and high nibbles as _codes_f32 floats [BLOCK_N, NB, 16], the
-    blocks' scales and zeros [BLOCK_N, NB], and the low nibbles' columns [NB, 16] (the high ones'
-    are 16 further)."""
+    block inside one group: its low and high nibbles as _codes_f32 floats [BLOCK_N, NB, 16] (F16_CODES:
+    _codes_f16 halves), the blocks' scales and zeros [BLOCK_N, NB], and the low nibbles' columns
+    [NB, 16] (the high ones' are 16 further)."""
     blk = tl.arange(0, NB)
     t = tl.arange(0, 16)
     cols = 2 * b0 + blk[:, None] * 32 + t[None, :]
@@ -94,20 +108,25 @@ def _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, NB: tl.
     b_ok = n_ok[:, None] & (first < k)[None, :]
     s = tl.load(sc_ptr + at, mask=b_ok, other=0.0).to(tl.float32)
     z = tl.load(zp_ptr + at, mask=b_ok, other=0.0).to(tl.float32)
+    if F16_CODES:
+        return _codes_f16(packed & 0xF), _codes_f16(packed >> 4), s, z, cols
     return _codes_f32(packed & 0xF), _codes_f32(packed >> 4), s, z, cols
 
 
 @triton.jit
 def _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, group, nw_ptr, rstd, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr,
-               NORM: tl.constexpr):
+               NORM: tl.constexpr, F16_CODES: tl.constexpr):
     """x @ W^T over int4 tiles that each lie in one group (BLOCK_K <= group) on the tensor cores: the
     low and the high nibbles (less the zero: small integers, exact in fp16 / bf16) in two dots, the
-    group's scale on their [rows, features] result."""
+    group's scale on their [rows, features] result. F16_CODES (float16 x): the codes made halves from
+    their bits and the zero taken off in float16 (the same exact integers, no float32 -> float16
+    conversion of each code)."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for b0 in tl.range(0, (k + 1) // 2, BLOCK_K // 2, num_stages=NUM_STAGES):
-        lo, hi, _, z, cols = _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, BLOCK_K // 32)
-        zm = _zero_f32(z)[:, :, None]
+        lo, hi, _, z, cols = _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, BLOCK_K // 32,
+                                        F16_CODES)
+        zm = (_zero_f16(z) if F16_CODES else _zero_f32(z))[:, :, None]
         lo -= zm  # small integers, exact in fp16 / bf16
         hi -= zm
         x_lo = load_x(x_base[:, :, None] + cols[None], m_ok[:, None, None] & (cols < k)[None], nw_ptr + cols[None],
@@ -184,7 +203,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                  ONE_ROW: tl.constexpr, QUANT: tl.constexpr, ROW_FMA: tl.constexpr, PREFETCH: tl.constexpr,
                  LINE: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
                  ROPE: tl.constexpr, SUMSQ: tl.constexpr, BLOCK_P: tl.constexpr,
-                 ORDERED_SUMS: tl.constexpr):
+                 ORDERED_SUMS: tl.constexpr, F16_CODES: tl.constexpr):
     j = tl.arange(0, BLOCK_N)
     if GLU:  # the tile's rows pair each output feature's gate row with its up row (n rows further)
         rows_n = tl.program_id(0) * (BLOCK_N // 2) + j // 2  # the output feature of each tile row
@@ -248,7 +267,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                         BLOCK_N, BLOCK_K, NUM_STAGES, QUANT, NORM)[None, :]
     elif QUANT == 2:
         acc = _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, w_rows, s_sn, k, group, nw_ptr, rstd, BLOCK_M,
-                         BLOCK_N, BLOCK_K, NUM_STAGES, PRECISION, NORM)
+                         BLOCK_N, BLOCK_K, NUM_STAGES, PRECISION, NORM, F16_CODES)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if QUANT == 1:  # int8 codes less the row's zero: integers in -255..255, exact in fp16 and bf16
@@ -448,6 +467,7 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
         GLU=0 if glu is None else 1 + GATE_ACTIVATIONS.index(glu), RESIDUAL=residual is not None,
         ROPE=rope_append is not None, SUMSQ=sumsq_out is not None,
         BLOCK_P=pow2(norm_sumsq.shape[0]) if norm_sumsq is not None else 1, ORDERED_SUMS=run_settings().batch_invariant,
+        F16_CODES=quant == "int4" and x.dtype == torch.float16 and run_settings().int4_codes == "f16",
         num_warps=warps, launch_pdl=pdl > 0)
     return y.reshape(*lead, out_n)
 

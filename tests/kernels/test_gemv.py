@@ -136,6 +136,10 @@ def test_gemv_over_packed_weights(kind, dtype, m, n, k, bias):
         torch.testing.assert_close(gemv.gemv(x, qw, b, row_fma=False), ref, **tol)
         torch.testing.assert_close(gemv.gemv(x, qw, b, tile=(8, 256, 4, 2), row_fma=True), ref, **tol)
     torch.testing.assert_close(ref, torch.nn.functional.linear(x, dequantize(qw, dtype), b))
+    if kind == "int4" and dtype == torch.float16:  # (Switches.int4_codes: the same exact codes, the same bits)
+        with run_with(int4_codes="f16"):
+            halves = gemv.gemv(x, qw, b, row_fma=False)
+        assert torch.equal(halves, gemv.gemv(x, qw, b, row_fma=False))
     # the prefill path's one-pass unpacking
     from edgellm.kernels import dequantize as dequantize_kernel
     assert torch.equal(dequantize_kernel.dequantize(qw, dtype), dequantize_kernel.dequantize_ref(qw, dtype))
