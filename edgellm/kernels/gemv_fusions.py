@@ -45,26 +45,9 @@ def sum_in_order(parts, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr):
     as 1): a row's rounding would then depend on the rows around it. Each level adds two values, which
     gives the same bits in either order."""
     tl.static_assert(BLOCK_P <= 1024)
-    if BLOCK_P > 512:
-        parts = tl.sum(tl.reshape(parts, [2, 512, BLOCK_M]), axis=0)
-    if BLOCK_P > 256:
-        parts = tl.sum(tl.reshape(parts, [2, 256, BLOCK_M]), axis=0)
-    if BLOCK_P > 128:
-        parts = tl.sum(tl.reshape(parts, [2, 128, BLOCK_M]), axis=0)
-    if BLOCK_P > 64:
-        parts = tl.sum(tl.reshape(parts, [2, 64, BLOCK_M]), axis=0)
-    if BLOCK_P > 32:
-        parts = tl.sum(tl.reshape(parts, [2, 32, BLOCK_M]), axis=0)
-    if BLOCK_P > 16:
-        parts = tl.sum(tl.reshape(parts, [2, 16, BLOCK_M]), axis=0)
-    if BLOCK_P > 8:
-        parts = tl.sum(tl.reshape(parts, [2, 8, BLOCK_M]), axis=0)
-    if BLOCK_P > 4:
-        parts = tl.sum(tl.reshape(parts, [2, 4, BLOCK_M]), axis=0)
-    if BLOCK_P > 2:
-        parts = tl.sum(tl.reshape(parts, [2, 2, BLOCK_M]), axis=0)
-    if BLOCK_P > 1:
-        parts = tl.sum(tl.reshape(parts, [2, 1, BLOCK_M]), axis=0)
+    for level in tl.static_range(1, 11):  # (unrolled: each level's shape is known when it compiles)
+        if BLOCK_P >> level > 0:
+            parts = tl.sum(tl.reshape(parts, [2, BLOCK_P >> level, BLOCK_M]), axis=0)
     return tl.reshape(parts, [BLOCK_M])
 
 

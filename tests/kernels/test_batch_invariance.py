@@ -63,6 +63,8 @@ def test_gemv_gives_a_row_the_same_bits_alone_and_among_up_to_twenty(dtype):
             h = gemv.gemv(rows, w2, residual=rows, sumsq_out=sums)
             return gemv.gemv(h, w, norm=(nw, 1e-5), norm_sumsq=sums, glu="silu")
         assert torch.equal(two_steps(x)[7:8], two_steps(x[7:8]))
+        expected = gemv.gemv_ref(gemv.gemv_ref(x, w2, residual=x), w, norm=(nw, 1e-5), glu="silu")
+        torch.testing.assert_close(two_steps(x), expected, **TOL[dtype])  # (the parts' tree sums them all)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
