@@ -20,6 +20,7 @@ import threading
 import torch
 
 from ..errors import GrammarError, InvalidRequestError
+from . import utf8
 from .spec import GrammarSpec
 
 
@@ -64,10 +65,14 @@ class RowGrammar:
         self._matcher = matcher
         self._backend = backend
         self._only = only
+        self.utf8 = 0  # where its bytes stand inside a UTF-8 character (grammar/utf8.py STATES)
 
     def accept(self, token: int) -> bool:
         """False where the grammar refuses the token (the row must stop: its mask did not hold)."""
-        return bool(self._matcher.accept_token(token))
+        if not self._matcher.accept_token(token):
+            return False
+        self.utf8 = self._backend.utf8_after[self.utf8].get(token, 0)  # (grammar/utf8.py)
+        return True
 
     @property
     def terminated(self) -> bool:
@@ -88,10 +93,11 @@ def fill_masks(rows: list[RowGrammar]) -> torch.Tensor:
         rows[0]._matcher.fill_next_token_bitmask(words, 0)
     else:
         backend.batch.batch_fill_next_token_bitmask([row._matcher for row in rows], words)
-    narrowed: dict[int, tuple[torch.Tensor, list[int]]] = {}
+    narrowed: dict[tuple, tuple[torch.Tensor, list[int]]] = {}
     for i, row in enumerate(rows):
         if row._only is not None:
-            narrowed.setdefault(id(row._only), (row._only, []))[1].append(i)
+            narrowed.setdefault(("only", id(row._only)), (row._only, []))[1].append(i)
+        narrowed.setdefault(("utf8", row.utf8), (backend.utf8_masks[row.utf8], []))[1].append(i)
     for only, index in narrowed.values():
         if len(index) == len(rows):
             words &= only
@@ -121,6 +127,9 @@ class GrammarBackend:
         self.words = (vocab_size + 31) // 32
         self._json_safe = _token_bits([not _CONTROL.intersection(token) for token in self.info.decoded_vocab] +
                                       [True] * (vocab_size - len(self.info.decoded_vocab)))
+        decoded = [bytes(token) for token in self.info.decoded_vocab]
+        self.utf8_after = utf8.transitions(decoded + [b""] * (vocab_size - len(decoded)))
+        self.utf8_masks = [_token_bits([token in after for token in range(vocab_size)]) for after in self.utf8_after]
         self._compiler = xg.GrammarCompiler(self.info, max_threads=4)
         # One thread: a mask from XGrammar's cache takes 1-2 us a row (128k vocabulary), and handing 16
         # rows to more threads cost 70 us (2 cores) to 290 us (the H100 host) a batch (bench/grammar_masks.py).
