@@ -6,7 +6,7 @@ GEMV instead). Kernel: one program per [BLOCK_N, BLOCK_K] tile, reads the codes 
 import torch
 
 from ._triton import tl, triton
-from .gemv import QUANT_CODES, _codes_f32, _int4_tile, _weight_tile, _zero_f32
+from .gemv_weights import QUANT_CODES, _codes_f32, _int4_tile, _weight_tile, _zero_f32
 
 BLOCK_N, BLOCK_K = 32, 256
 

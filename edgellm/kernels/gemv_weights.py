@@ -1,0 +1,138 @@
+"""The GEMV's weight reading (kernels/gemv.py): packed codes made floats without conversion
+instructions, int4 tiles and their tensor-core dots, the one-row CUDA-core dot product, and a tile of
+full-precision, int8 or fp8 rows. kernels/dequantize.py unpacks with the same pieces."""
+
+from ._triton import tl, triton
+from .gemv_fusions import load_x
+
+
+# Weight formats (the QUANT constexpr): full precision, then quant/formats.py's kinds.
+QUANT_CODES = {None: 0, "int8": 1, "int4": 2, "fp8": 3}
+
+
+@triton.jit
+def _codes_f32(q):
+    """Integer codes (int32, 0..255) to float32 without a conversion instruction (those issue at an
+    eighth of the FMA rate on Hopper, slower than int4 bytes arrive): q or-ed into the mantissa of
+    2^23 is the float 2^23 + q exactly; the 2^23 comes off, exactly, with the zero (_zero_f32)."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _zero_f32(z):
+    """A zero point as _codes_f32's codes carry it: 2^23 + z, so _codes_f32(q) - _zero_f32(z) = q - z
+    exactly (integer zeros)."""
+    return z.to(tl.float32) + 8388608.0
+
+
+@triton.jit
+def _codes_f16(q):
+    """Codes 0..15 (int32) to float16 without a conversion instruction: q or-ed into the mantissa of
+    2^10 (0x6400) is the half 1024 + q exactly; the 1024 comes off, exactly, with the zero (_zero_f16)."""
+    return (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _zero_f16(z):
+    """A zero point (an integer 0..15, float32) as _codes_f16's codes carry it: 1024 + z, in float16."""
+    return (z + 1024.0).to(tl.float16)
+
+
+@triton.jit
+def _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, NB: tl.constexpr,
+               F16_CODES: tl.constexpr = False):
+    """The int4 tile of NB blocks (32 columns, 16 bytes: formats.py) from byte b0 of each row, each
+    block inside one group: its low and high nibbles as _codes_f32 floats [BLOCK_N, NB, 16] (F16_CODES:
+    _codes_f16 halves), the blocks' scales and zeros [BLOCK_N, NB], and the low nibbles' columns
+    [NB, 16] (the high ones' are 16 further)."""
+    blk = tl.arange(0, NB)
+    t = tl.arange(0, 16)
+    cols = 2 * b0 + blk[:, None] * 32 + t[None, :]
+    packed = tl.load(w_base[:, :, None] + (b0 + blk[:, None] * 16 + t[None, :])[None],
+                     mask=n_ok[:, None, None] & (cols < k)[None], other=0).to(tl.int32)
+    first = 2 * b0 + blk * 32  # each block's first column
+    at = rows_n[:, None] * s_sn + (first // group)[None, :]
+    b_ok = n_ok[:, None] & (first < k)[None, :]
+    s = tl.load(sc_ptr + at, mask=b_ok, other=0.0).to(tl.float32)
+    z = tl.load(zp_ptr + at, mask=b_ok, other=0.0).to(tl.float32)
+    if F16_CODES:
+        return _codes_f16(packed & 0xF), _codes_f16(packed >> 4), s, z, cols
+    return _codes_f32(packed & 0xF), _codes_f32(packed >> 4), s, z, cols
+
+
+@triton.jit
+def _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, group, nw_ptr, rstd, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr,
+               NORM: tl.constexpr, F16_CODES: tl.constexpr):
+    """x @ W^T over int4 tiles that each lie in one group (BLOCK_K <= group) on the tensor cores: the
+    low and the high nibbles (less the zero: small integers, exact in fp16 / bf16) in two dots, the
+    group's scale on their [rows, features] result. F16_CODES (float16 x): the codes made halves from
+    their bits and the zero taken off in float16 (the same exact integers, no float32 -> float16
+    conversion of each code)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for b0 in tl.range(0, (k + 1) // 2, BLOCK_K // 2, num_stages=NUM_STAGES):
+        lo, hi, _, z, cols = _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, BLOCK_K // 32,
+                                        F16_CODES)
+        zm = (_zero_f16(z) if F16_CODES else _zero_f32(z))[:, :, None]
+        lo -= zm  # small integers, exact in fp16 / bf16
+        hi -= zm
+        x_lo = load_x(x_base[:, :, None] + cols[None], m_ok[:, None, None] & (cols < k)[None], nw_ptr + cols[None],
+                     (cols < k)[None], rstd[:, None, None], NORM)
+        x_hi = load_x(x_base[:, :, None] + cols[None] + 16, m_ok[:, None, None] & (cols + 16 < k)[None],
+                     nw_ptr + cols[None] + 16, (cols + 16 < k)[None], rstd[:, None, None], NORM)
+        dtype = x_lo.dtype
+        d = tl.dot(tl.reshape(x_lo, [BLOCK_M, BLOCK_K // 2]),
+                   tl.trans(tl.reshape(lo.to(dtype), [BLOCK_N, BLOCK_K // 2])), input_precision=PRECISION)
+        d = tl.dot(tl.reshape(x_hi, [BLOCK_M, BLOCK_K // 2]),
+                   tl.trans(tl.reshape(hi.to(dtype), [BLOCK_N, BLOCK_K // 2])), acc=d, input_precision=PRECISION)
+        s = tl.load(sc_ptr + rows_n * s_sn + 2 * b0 // group, mask=n_ok, other=0.0).to(tl.float32)
+        acc += d * s[None, :]
+    return acc
+
+
+@triton.jit
+def _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, group, nw_ptr, rstd, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, QUANT: tl.constexpr, NORM: tl.constexpr):
+    """x[0] . W[rows_n] on the CUDA cores, [BLOCK_N] float32, less the per-channel scales (int8 / fp8
+    apply them after). Products accumulate elementwise in the tile (int4: per block of 32 columns, to
+    take the block's scale), reduced over K once at the end. NORM: x is RMS-normalised on the way in
+    (load_x)."""
+    if QUANT == 2:  # int4: blocks of 32 columns, each in one group: per block and row, the codes
+        # less the zero dotted with x, times the scale
+        acc = tl.zeros([BLOCK_N, BLOCK_K // 32], dtype=tl.float32)
+        for b0 in tl.range(0, (k + 1) // 2, BLOCK_K // 2, num_stages=NUM_STAGES):
+            lo, hi, s, z, cols = _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, BLOCK_K // 32)
+            x_lo = load_x(x_ptr + cols, cols < k, nw_ptr + cols, cols < k, rstd, NORM).to(tl.float32)[None]
+            x_hi = load_x(x_ptr + cols + 16, cols + 16 < k, nw_ptr + cols + 16, cols + 16 < k, rstd,
+                         NORM).to(tl.float32)[None]
+            zm = _zero_f32(z)[:, :, None]
+            acc += tl.sum((lo - zm) * x_lo + (hi - zm) * x_hi, axis=2) * s
+        return tl.sum(acc, axis=1)
+    else:
+        cols = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        if QUANT == 1:  # the row's zero, with the 2^23 of _codes_f32
+            zm = _zero_f32(tl.load(zp_ptr + rows_n, mask=n_ok, other=0.0))[:, None]
+        for k0 in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
+            kk = k0 + cols
+            x = load_x(x_ptr + kk, kk < k, nw_ptr + kk, kk < k, rstd, NORM).to(tl.float32)[None, :]
+            if QUANT == 1:
+                q = tl.load(w_base + kk[None, :], mask=n_ok[:, None] & (kk < k)[None, :], other=0).to(tl.int32)
+                acc += (_codes_f32(q) - zm) * x
+            else:
+                acc += _weight_tile(w_base, kk, k, n_ok, tl.float32, QUANT) * x
+        return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _weight_tile(w_base, kk, k, n_ok, dtype: tl.constexpr, QUANT: tl.constexpr):
+    """W[rows, kk] in the compute dtype: full precision, or int8 / fp8 codes (int8's are 0..255, exact
+    in fp16 and bf16; the per-channel zero and scale apply to the accumulator once, after the K loop)."""
+    k_ok = kk < k
+    if QUANT == 3:  # fp8 e4m3 stored as bytes: its bits moved into an fp16 (exponent bias 15 vs 7), x 2^8
+        bits = tl.load(w_base + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.int16)
+        half_bits = ((bits & 0x80) << 8) | ((bits & 0x7F) << 7)
+        w = (half_bits.to(tl.float16, bitcast=True) * 256.0).to(dtype)
+    else:
+        w = tl.load(w_base + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(dtype)
+    return w
