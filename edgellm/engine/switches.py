@@ -35,6 +35,9 @@ class Switches:
     # EDGELLM_INT4_CODES=f16: the int4 GEMV's tensor-core path (float16 activations) makes its codes
     # halves from their bits (1024 + q) instead of float32 codes converted (kernels/gemv.py): an A/B.
     int4_codes: str = "f32"
+    # EDGELLM_INT4_OPERANDS=weights: that path's dots take the unpacked weights as their first operand and
+    # the rows of x as the second (W x^T; kernels/gemv_weights.py says why): an A/B.
+    int4_operands: str = "rows"
     # EDGELLM_RUN_AHEAD=0: the runtime reads each decode step's tokens before queueing the next.
     run_ahead: bool = True
     # EDGELLM_HAND_OVER=0: the engine loop goes on at once after putting first tokens in streams, instead
@@ -76,15 +79,20 @@ class Switches:
                 raise ConfigurationError(f"{name} must be a non-negative integer, got {value!r}")
             return int(value)
 
-        int4_codes = env.get("EDGELLM_INT4_CODES", "f32")
-        if int4_codes not in ("f32", "f16"):
-            raise ConfigurationError(f"EDGELLM_INT4_CODES must be f32 or f16, got {int4_codes!r}")
+        def choice(name: str, values: tuple[str, ...]) -> str:
+            value = env.get(name, values[0])
+            if value not in values:
+                raise ConfigurationError(f"{name} must be {' or '.join(values)}, got {value!r}")
+            return value
+
+        int4_codes = choice("EDGELLM_INT4_CODES", ("f32", "f16"))
         pdl = env.get("EDGELLM_PDL", "1")
         if pdl not in PDL_MODES:
             raise ConfigurationError(f"EDGELLM_PDL must be one of {', '.join(PDL_MODES)}, got {pdl!r}")
         return cls(fused_gemv=flag("EDGELLM_FUSED_GEMV", True), fused_rope=flag("EDGELLM_FUSED_ROPE", None),
                    fused_norm_rows=count("EDGELLM_FUSED_NORM_ROWS", cls.fused_norm_rows),
                    gemv_prefetch=count("EDGELLM_GEMV_PREFETCH", None), pdl=PDL_MODES[pdl], int4_codes=int4_codes,
+                   int4_operands=choice("EDGELLM_INT4_OPERANDS", ("rows", "weights")),
                    run_ahead=flag("EDGELLM_RUN_AHEAD", True), hand_over=flag("EDGELLM_HAND_OVER", True),
                    mixed_steps=flag("EDGELLM_MIXED_STEPS", True),
                    batch_invariant=flag("EDGELLM_BATCH_INVARIANT", False),
@@ -94,7 +102,8 @@ class Switches:
     def run_settings(self) -> dict:
         """The kernels' RunSettings (kernels/dispatch.py) these switches change from the defaults: what
         a step runs under (an empty dict where none is changed; a debug block's own settings stay)."""
-        names = ("pdl", "gemv_prefetch", "forbid_reference_on_cuda", "batch_invariant", "int4_codes")
+        names = ("pdl", "gemv_prefetch", "forbid_reference_on_cuda", "batch_invariant", "int4_codes",
+                 "int4_operands")
         return {name: getattr(self, name) for name in names if getattr(self, name) != getattr(Switches, name)}
 
 

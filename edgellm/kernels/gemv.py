@@ -72,7 +72,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                  ONE_ROW: tl.constexpr, QUANT: tl.constexpr, ROW_FMA: tl.constexpr, PREFETCH: tl.constexpr,
                  LINE: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
                  ROPE: tl.constexpr, SUMSQ: tl.constexpr, BLOCK_P: tl.constexpr,
-                 ORDERED_SUMS: tl.constexpr, F16_CODES: tl.constexpr):
+                 ORDERED_SUMS: tl.constexpr, F16_CODES: tl.constexpr, WEIGHTS_FIRST: tl.constexpr):
     j = tl.arange(0, BLOCK_N)
     if GLU:  # the tile's rows pair each output feature's gate row with its up row (n rows further)
         rows_n = tl.program_id(0) * (BLOCK_N // 2) + j // 2  # the output feature of each tile row
@@ -136,7 +136,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                         BLOCK_N, BLOCK_K, NUM_STAGES, QUANT, NORM)[None, :]
     elif QUANT == 2:
         acc = _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, w_rows, s_sn, k, group, nw_ptr, rstd, BLOCK_M,
-                         BLOCK_N, BLOCK_K, NUM_STAGES, PRECISION, NORM, F16_CODES)
+                         BLOCK_N, BLOCK_K, NUM_STAGES, PRECISION, NORM, F16_CODES, WEIGHTS_FIRST)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if QUANT == 1:  # int8 codes less the row's zero: integers in -255..255, exact in fp16 and bf16
@@ -337,6 +337,7 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
         ROPE=rope_append is not None, SUMSQ=sumsq_out is not None,
         BLOCK_P=pow2(norm_sumsq.shape[0]) if norm_sumsq is not None else 1, ORDERED_SUMS=run_settings().batch_invariant,
         F16_CODES=quant == "int4" and x.dtype == torch.float16 and run_settings().int4_codes == "f16",
+        WEIGHTS_FIRST=quant == "int4" and run_settings().int4_operands == "weights",
         num_warps=warps, launch_pdl=pdl > 0)
     return y.reshape(*lead, out_n)
 

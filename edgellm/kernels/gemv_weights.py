@@ -39,11 +39,9 @@ def _zero_f16(z):
 
 
 @triton.jit
-def _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, NB: tl.constexpr,
-               F16_CODES: tl.constexpr = False):
+def _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, NB: tl.constexpr):
     """The int4 tile of NB blocks (32 columns, 16 bytes: formats.py) from byte b0 of each row, each
-    block inside one group: its low and high nibbles as _codes_f32 floats [BLOCK_N, NB, 16] (F16_CODES:
-    _codes_f16 halves), the blocks' scales and zeros [BLOCK_N, NB], and the low nibbles' columns
+    block inside one group: its low and high nibbles as _codes_f32 floats [BLOCK_N, NB, 16], the blocks' scales and zeros [BLOCK_N, NB], and the low nibbles' columns
     [NB, 16] (the high ones' are 16 further)."""
     blk = tl.arange(0, NB)
     t = tl.arange(0, 16)
@@ -55,38 +53,56 @@ def _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, NB: tl.
     b_ok = n_ok[:, None] & (first < k)[None, :]
     s = tl.load(sc_ptr + at, mask=b_ok, other=0.0).to(tl.float32)
     z = tl.load(zp_ptr + at, mask=b_ok, other=0.0).to(tl.float32)
-    if F16_CODES:
-        return _codes_f16(packed & 0xF), _codes_f16(packed >> 4), s, z, cols
     return _codes_f32(packed & 0xF), _codes_f32(packed >> 4), s, z, cols
 
 
 @triton.jit
 def _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, group, nw_ptr, rstd, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr,
-               NORM: tl.constexpr, F16_CODES: tl.constexpr):
-    """x @ W^T over int4 tiles that each lie in one group (BLOCK_K <= group) on the tensor cores: the
-    low and the high nibbles (less the zero: small integers, exact in fp16 / bf16) in two dots, the
-    group's scale on their [rows, features] result. F16_CODES (float16 x): the codes made halves from
-    their bits and the zero taken off in float16 (the same exact integers, no float32 -> float16
-    conversion of each code)."""
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+               NORM: tl.constexpr, F16_CODES: tl.constexpr, WEIGHTS_FIRST: tl.constexpr):
+    """x @ W^T [BLOCK_M, BLOCK_N] over int4 tiles that each lie in one group (BLOCK_K <= group) on the
+    tensor cores: a tile's BLOCK_K / 2 bytes of each row as they lie, their low and their high nibbles
+    (less the zero: small integers, exact in fp16 / bf16) in two dots against the x columns they hold
+    (byte c of the tile: column c + 16 (c // 16), and 16 further), the group's scale on the result.
+    WEIGHTS_FIRST: the dots as W x^T, the unpacked weights the first operand (with 64-row tiles, the
+    one a Hopper tensor-core MMA can take from registers: no trip through shared memory) and the few
+    rows of x the second. F16_CODES (float16 x): the codes made halves from their bits and the zero
+    taken off in float16 (the same exact integers, no float32 -> float16 conversion of each code)."""
+    if WEIGHTS_FIRST:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    c = tl.arange(0, BLOCK_K // 2)
+    lo_cols = c + (c // 16) * 16  # (the tile's low-nibble columns; formats.py's blocks of 32)
     for b0 in tl.range(0, (k + 1) // 2, BLOCK_K // 2, num_stages=NUM_STAGES):
-        lo, hi, _, z, cols = _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, BLOCK_K // 32,
-                                        F16_CODES)
-        zm = (_zero_f16(z) if F16_CODES else _zero_f32(z))[:, :, None]
-        lo -= zm  # small integers, exact in fp16 / bf16
-        hi -= zm
-        x_lo = load_x(x_base[:, :, None] + cols[None], m_ok[:, None, None] & (cols < k)[None], nw_ptr + cols[None],
-                     (cols < k)[None], rstd[:, None, None], NORM)
-        x_hi = load_x(x_base[:, :, None] + cols[None] + 16, m_ok[:, None, None] & (cols + 16 < k)[None],
-                     nw_ptr + cols[None] + 16, (cols + 16 < k)[None], rstd[:, None, None], NORM)
+        cols = 2 * b0 + lo_cols
+        packed = tl.load(w_base + (b0 + c)[None, :], mask=n_ok[:, None] & (cols < k)[None, :], other=0).to(tl.int32)
+        at = rows_n * s_sn + 2 * b0 // group
+        s = tl.load(sc_ptr + at, mask=n_ok, other=0.0).to(tl.float32)
+        z = tl.load(zp_ptr + at, mask=n_ok, other=0.0).to(tl.float32)
+        x_lo = load_x(x_base + cols[None, :], m_ok[:, None] & (cols < k)[None, :], nw_ptr + cols[None, :],
+                      (cols < k)[None, :], rstd[:, None], NORM)
+        x_hi = load_x(x_base + cols[None, :] + 16, m_ok[:, None] & (cols + 16 < k)[None, :],
+                      nw_ptr + cols[None, :] + 16, (cols + 16 < k)[None, :], rstd[:, None], NORM)
         dtype = x_lo.dtype
-        d = tl.dot(tl.reshape(x_lo, [BLOCK_M, BLOCK_K // 2]),
-                   tl.trans(tl.reshape(lo.to(dtype), [BLOCK_N, BLOCK_K // 2])), input_precision=PRECISION)
-        d = tl.dot(tl.reshape(x_hi, [BLOCK_M, BLOCK_K // 2]),
-                   tl.trans(tl.reshape(hi.to(dtype), [BLOCK_N, BLOCK_K // 2])), acc=d, input_precision=PRECISION)
-        s = tl.load(sc_ptr + rows_n * s_sn + 2 * b0 // group, mask=n_ok, other=0.0).to(tl.float32)
-        acc += d * s[None, :]
+        if F16_CODES:
+            zm = _zero_f16(z)[:, None]
+            lo = (_codes_f16(packed & 0xF) - zm).to(dtype)  # small integers, exact in fp16 / bf16
+            hi = (_codes_f16(packed >> 4) - zm).to(dtype)
+        else:
+            zm = _zero_f32(z)[:, None]
+            lo = (_codes_f32(packed & 0xF) - zm).to(dtype)
+            hi = (_codes_f32(packed >> 4) - zm).to(dtype)
+        if WEIGHTS_FIRST:
+            d = tl.dot(lo, tl.trans(x_lo), input_precision=PRECISION)
+            d = tl.dot(hi, tl.trans(x_hi), acc=d, input_precision=PRECISION)
+            acc += d * s[:, None]
+        else:
+            d = tl.dot(x_lo, tl.trans(lo), input_precision=PRECISION)
+            d = tl.dot(x_hi, tl.trans(hi), acc=d, input_precision=PRECISION)
+            acc += d * s[None, :]
+    if WEIGHTS_FIRST:
+        return tl.trans(acc)
     return acc
 
 
