@@ -33,7 +33,8 @@ from edgellm.quant import quantize  # noqa: E402
 from kernels import streamed_us  # noqa: E402  (bench/kernels.py)
 
 VARIANTS = [("rows", "f32"), ("weights", "f32"), ("weights", "f16")]
-TILES = [(32, 128, 2, 4), (64, 128, 4, 3), (64, 128, 4, 5), (64, 64, 4, 5), (128, 128, 8, 3), (128, 64, 4, 4)]
+TILES = [(32, 128, 2, 4), (64, 128, 4, 3), (64, 128, 4, 5), (64, 64, 4, 5), (128, 128, 8, 3), (128, 64, 4, 4),
+         (64, 128, 4, 4, 2), (64, 128, 4, 4, 4), (32, 128, 2, 4, 2)]  # (a fifth entry: split-K, kernels/split_k.py)
 
 
 def _copy(w):

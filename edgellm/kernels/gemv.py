@@ -20,6 +20,7 @@ from .gemv_weights import QUANT_CODES, _int4_dots, _row_gemv, _weight_tile
 from .gemv_fusions import (RopeAppend, check_fusions, check_sums, load_x, rope_append_epilogue, rope_operands, row_rstd,
                            sum_in_order)
 from .rms_norm import rms_norm_ref
+from .split_k import COUNTERS, counters, k_split, split_k_sum
 from .rope_append import rope_kv_append_ref
 from .glu import GATE_ACTIVATIONS, gate_activation, glu_ref
 from .lora import _segment_ends, check_expand_operands, delta_constants, extended_b, lora_delta, lora_expand_ref, lora_t
@@ -65,14 +66,15 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                  t_ptr, lb_ptr, idx_ptr, used_ptr, scale_ptr, n_splits, end0, end1, s_bs,
                  sc_ptr, zp_ptr, s_sn, group, nw_ptr, eps, r_ptr, s_rm, nsq_ptr, s_nsq, n_parts, sq_ptr, s_sq,
                  cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr, starts_ptr, lens_ptr, seq_len, n_pos, half, n_q, n_kv,
-                 c_slot, c_head, c_pos,
+                 c_slot, c_head, c_pos, ws_ptr, cnt_ptr, k_chunk,
                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NUM_STAGES: tl.constexpr, PDL: tl.constexpr, HAS_LORA: tl.constexpr, GROUPS: tl.constexpr, RANK: tl.constexpr,
                  SPLITS: tl.constexpr, BLOCK_GR: tl.constexpr, LORA_PRECISION: tl.constexpr, UNROLL: tl.constexpr,
                  ONE_ROW: tl.constexpr, QUANT: tl.constexpr, ROW_FMA: tl.constexpr, PREFETCH: tl.constexpr,
                  LINE: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
                  ROPE: tl.constexpr, SUMSQ: tl.constexpr, BLOCK_P: tl.constexpr,
-                 ORDERED_SUMS: tl.constexpr, F16_CODES: tl.constexpr, WEIGHTS_FIRST: tl.constexpr):
+                 ORDERED_SUMS: tl.constexpr, F16_CODES: tl.constexpr, WEIGHTS_FIRST: tl.constexpr,
+                 SPLIT_K: tl.constexpr):
     j = tl.arange(0, BLOCK_N)
     if GLU:  # the tile's rows pair each output feature's gate row with its up row (n rows further)
         rows_n = tl.program_id(0) * (BLOCK_N // 2) + j // 2  # the output feature of each tile row
@@ -131,17 +133,19 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
         else:  # (one order per compiled kernel: the same bits run after run)
             total = tl.sum(parts, axis=0)
         rstd = 1.0 / tl.sqrt(total / k + eps)
+    k_lo = tl.program_id(2) * k_chunk  # (split-K: this program's part of K; k_chunk a multiple of BLOCK_K)
+    k_hi = tl.minimum(k, k_lo + k_chunk)
     if ROW_FMA:  # BLOCK_M is 1
-        acc = _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, w_rows, s_sn, k, group, nw_ptr, tl.sum(rstd, axis=0),
-                        BLOCK_N, BLOCK_K, NUM_STAGES, QUANT, NORM)[None, :]
+        acc = _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, w_rows, s_sn, k, k_lo, k_hi, group, nw_ptr,
+                        tl.sum(rstd, axis=0), BLOCK_N, BLOCK_K, NUM_STAGES, QUANT, NORM)[None, :]
     elif QUANT == 2:
-        acc = _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, w_rows, s_sn, k, group, nw_ptr, rstd, BLOCK_M,
-                         BLOCK_N, BLOCK_K, NUM_STAGES, PRECISION, NORM, F16_CODES, WEIGHTS_FIRST)
+        acc = _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, w_rows, s_sn, k, k_lo, k_hi, group, nw_ptr, rstd,
+                         BLOCK_M, BLOCK_N, BLOCK_K, NUM_STAGES, PRECISION, NORM, F16_CODES, WEIGHTS_FIRST)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if QUANT == 1:  # int8 codes less the row's zero: integers in -255..255, exact in fp16 and bf16
             zero = tl.load(zp_ptr + w_rows, mask=n_ok, other=0.0).to(x_ptr.dtype.element_ty)[:, None]
-        for k0 in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
             kk = k0 + cols
             x = load_x(x_base + kk[None, :], m_ok[:, None] & (kk < k)[None, :], nw_ptr + kk[None, :], (kk < k)[None, :],
                       rstd[:, None], NORM)
@@ -149,6 +153,11 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
             if QUANT == 1:
                 w -= zero
             acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+    if SPLIT_K > 1:  # the last program of the tile to finish adds the parts up, in split order; the rest store nothing
+        acc, last = split_k_sum(acc, ws_ptr, cnt_ptr, BLOCK_M, BLOCK_N, SPLIT_K)
+        m_ok = m_ok & last
+        if ROPE:
+            live = live & last
     if QUANT == 1 or QUANT == 3:  # per-output-channel scales, once
         acc *= tl.load(sc_ptr + w_rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
@@ -206,17 +215,23 @@ def _prefetch_lines(pdl: int, quant: str | None, n: int, k: int, element: int) -
 
 
 def _launch_tile(weight, row_fma: bool, pairs: bool, tile=None) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, warps, stages, programs along N) of a launch: the given tile or the one chosen
+    """(BLOCK_N, BLOCK_K, warps, stages, programs along N) of a launch: the given tile (its fifth entry, if
+    any, is the split of K: _splits) or the one chosen
     for the weight's rows (glu: twice the outputs), K tiles no longer than the padded row (int4: whole
     blocks of 32); with pairs (glu, rope) a program's BLOCK_N rows make BLOCK_N / 2 outputs."""
     quant = getattr(weight, "kind", None)
     rows_w, k = weight.shape
-    block_n, block_k, warps, stages = tile or (_row_tile(quant, rows_w, k) if row_fma else _tile(quant, rows_w, k))
+    block_n, block_k, warps, stages = (tile or (_row_tile(quant, rows_w, k) if row_fma else _tile(quant, rows_w, k)))[:4]
     block_k = min(block_k, pow2(k, 32 if quant == "int4" else 16))
     if pairs:
         block_n = max(block_n, 2)  # a tile holds pairs of rows (gate and up; a rotation's two features)
     programs = triton.cdiv(rows_w // 2, block_n // 2) if pairs else triton.cdiv(rows_w, block_n)
     return block_n, block_k, warps, stages, programs
+
+
+def _splits(tile) -> int:
+    """The split of K a tile asks for (kernels/split_k.py): its fifth entry, else none."""
+    return tile[4] if tile is not None and len(tile) > 4 else 1
 
 
 def _row_block(rows: int, row_fma: bool) -> int:
@@ -295,6 +310,15 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
             raise ValueError(f"gemv: int4 groups must be a multiple of 32, got {weight.group}")
         if not row_fma:  # a tensor-core K tile lies in one group: the largest power of two dividing it
             block_k = min(block_k, weight.group & -weight.group)
+    splits, chunk = k_split(k, block_k, _splits(tile))
+    ws = cnt = None
+    if splits > 1:
+        cnt = counters(x.device)
+        if cnt is None or programs * triton.cdiv(m, block_m) > COUNTERS:
+            splits, chunk = 1, k
+        else:
+            ws = torch.empty(programs * triton.cdiv(m, block_m) * splits * block_m * block_n, dtype=torch.float32,
+                             device=x.device)
     if quant == "fp8":
         data = data.view(torch.uint8)  # decoded from its bits in the kernel (_weight_tile)
     scales = weight.scales if quant else data
@@ -325,11 +349,11 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
     check_sums(m, programs, norm, norm_sumsq, sumsq_out, rope_append)
     norm_sums = (norm_sumsq, norm_sumsq.stride(0), norm_sumsq.shape[0]) if norm_sumsq is not None else (y, 0, 0)
     out_sums = (sumsq_out, sumsq_out.stride(0)) if sumsq_out is not None else (y, 0)
-    _gemv_kernel[(programs, triton.cdiv(m, block_m))](
+    _gemv_kernel[(programs, triton.cdiv(m, block_m), splits)](
         x2, data, bias if bias is not None else y, y, m, n, k, x2.stride(0), data.stride(0), y.stride(0),
         *lora_args, scales, zeros, scales.stride(0) if scales.dim() == 2 else 1, weight.group if quant == "int4" else 1,
         norm[0] if norm is not None else x2, norm[1] if norm is not None else 0.0, r2, r2.stride(0),
-        *norm_sums, *out_sums, *rope_args,
+        *norm_sums, *out_sums, *rope_args, ws if ws is not None else y, cnt if cnt is not None else y, chunk,
         HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, NUM_STAGES=stages, PDL=pdl, **constants, QUANT=QUANT_CODES[quant], ROW_FMA=row_fma,
         PREFETCH=prefetch, LINE=128 // data.element_size(), NORM=0 if norm is None else 1 if norm_sumsq is None else 2,
@@ -337,7 +361,7 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
         ROPE=rope_append is not None, SUMSQ=sumsq_out is not None,
         BLOCK_P=pow2(norm_sumsq.shape[0]) if norm_sumsq is not None else 1, ORDERED_SUMS=run_settings().batch_invariant,
         F16_CODES=quant == "int4" and x.dtype == torch.float16 and run_settings().int4_codes == "f16",
-        WEIGHTS_FIRST=quant == "int4" and run_settings().int4_operands == "weights",
+        WEIGHTS_FIRST=quant == "int4" and run_settings().int4_operands == "weights", SPLIT_K=splits,
         num_warps=warps, launch_pdl=pdl > 0)
     return y.reshape(*lead, out_n)
 

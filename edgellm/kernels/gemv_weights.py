@@ -57,10 +57,11 @@ def _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, NB: tl.
 
 
 @triton.jit
-def _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, group, nw_ptr, rstd, BLOCK_M: tl.constexpr,
+def _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, k_lo, k_hi, group, nw_ptr, rstd,
+               BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr,
                NORM: tl.constexpr, F16_CODES: tl.constexpr, WEIGHTS_FIRST: tl.constexpr):
-    """x @ W^T [BLOCK_M, BLOCK_N] over int4 tiles that each lie in one group (BLOCK_K <= group) on the
+    """x @ W^T [BLOCK_M, BLOCK_N] over columns k_lo..k_hi (of k) in int4 tiles that each lie in one group (BLOCK_K <= group) on the
     tensor cores: a tile's BLOCK_K / 2 bytes of each row as they lie, their low and their high nibbles
     (less the zero: small integers, exact in fp16 / bf16) in two dots against the x columns they hold
     (byte c of the tile: column c + 16 (c // 16), and 16 further), the group's scale on the result.
@@ -74,7 +75,7 @@ def _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, grou
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     c = tl.arange(0, BLOCK_K // 2)
     lo_cols = c + (c // 16) * 16  # (the tile's low-nibble columns; formats.py's blocks of 32)
-    for b0 in tl.range(0, (k + 1) // 2, BLOCK_K // 2, num_stages=NUM_STAGES):
+    for b0 in tl.range(k_lo // 2, (k_hi + 1) // 2, BLOCK_K // 2, num_stages=NUM_STAGES):
         cols = 2 * b0 + lo_cols
         packed = tl.load(w_base + (b0 + c)[None, :], mask=n_ok[:, None] & (cols < k)[None, :], other=0).to(tl.int32)
         at = rows_n * s_sn + 2 * b0 // group
@@ -107,16 +108,16 @@ def _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, grou
 
 
 @triton.jit
-def _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, group, nw_ptr, rstd, BLOCK_N: tl.constexpr,
+def _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, k_lo, k_hi, group, nw_ptr, rstd, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, QUANT: tl.constexpr, NORM: tl.constexpr):
-    """x[0] . W[rows_n] on the CUDA cores, [BLOCK_N] float32, less the per-channel scales (int8 / fp8
+    """x[0] . W[rows_n] over columns k_lo..k_hi (of k) on the CUDA cores, [BLOCK_N] float32, less the per-channel scales (int8 / fp8
     apply them after). Products accumulate elementwise in the tile (int4: per block of 32 columns, to
     take the block's scale), reduced over K once at the end. NORM: x is RMS-normalised on the way in
     (load_x)."""
     if QUANT == 2:  # int4: blocks of 32 columns, each in one group: per block and row, the codes
         # less the zero dotted with x, times the scale
         acc = tl.zeros([BLOCK_N, BLOCK_K // 32], dtype=tl.float32)
-        for b0 in tl.range(0, (k + 1) // 2, BLOCK_K // 2, num_stages=NUM_STAGES):
+        for b0 in tl.range(k_lo // 2, (k_hi + 1) // 2, BLOCK_K // 2, num_stages=NUM_STAGES):
             lo, hi, s, z, cols = _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, BLOCK_K // 32)
             x_lo = load_x(x_ptr + cols, cols < k, nw_ptr + cols, cols < k, rstd, NORM).to(tl.float32)[None]
             x_hi = load_x(x_ptr + cols + 16, cols + 16 < k, nw_ptr + cols + 16, cols + 16 < k, rstd,
@@ -129,7 +130,7 @@ def _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, group, nw_pt
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         if QUANT == 1:  # the row's zero, with the 2^23 of _codes_f32
             zm = _zero_f32(tl.load(zp_ptr + rows_n, mask=n_ok, other=0.0))[:, None]
-        for k0 in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
             kk = k0 + cols
             x = load_x(x_ptr + kk, kk < k, nw_ptr + kk, kk < k, rstd, NORM).to(tl.float32)[None, :]
             if QUANT == 1:
