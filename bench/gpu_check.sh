@@ -2,7 +2,7 @@
 # The device script: GPU tests (kernels vs their references on CUDA, end-to-end generation vs
 # transformers, CUDA-graph decode vs eager, no reference op in the hot path), then the kernel and
 # decode benchmarks; short tables last.
-# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|tests1|tests2|kernels|decode|lora|kv|threads|serving|http|ttft|processing|structured|determinism|vision|vocab|families|quant|quant8b|host|backends ...]
+# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|tests1|tests2|kernels|decode|lora|kv|threads|serving|http|ttft|processing|structured|determinism|vision|vocab|families|quant|quant8b|packed|host|backends ...]
 # (no argument: all of them). Results go to $OUT (the device tool's folder) or bench/results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,6 +59,10 @@ fi
 if [[ " $parts " == *" quant8b "* ]]; then  # (the 8B shape: 16 GB of random weights written once, ~1-2 min)
   python3 bench/quant.py --shape llama-3.1-8b --sweep none --lm-head --batch 1 16 --json "$out/quant8b.json" \
     2> "$out/quant8b.stderr" || { status=1; tail -30 "$out/quant8b.stderr"; }
+fi
+if [[ " $parts " == *" packed "* ]]; then  # (the packed-weight GEMV's variants and tiles at 16 and 64 rows, 1B and 8B shapes)
+  python3 bench/packed_gemv.py --json "$out/packed_gemv.json" 2> "$out/packed_gemv.stderr" \
+    || { status=1; tail -30 "$out/packed_gemv.stderr"; }
 fi
 if [[ " $parts " == *" host "* ]]; then
   python3 bench/host_loop.py --json "$out/host_loop.json" 2> "$out/host_loop.stderr" || { status=1; tail -30 "$out/host_loop.stderr"; }

@@ -35,9 +35,10 @@ class Switches:
     # EDGELLM_INT4_CODES=f16: the int4 GEMV's tensor-core path (float16 activations) makes its codes
     # halves from their bits (1024 + q) instead of float32 codes converted (kernels/gemv.py): an A/B.
     int4_codes: str = "f32"
-    # EDGELLM_INT4_OPERANDS=weights: that path's dots take the unpacked weights as their first operand and
-    # the rows of x as the second (W x^T; kernels/gemv_weights.py says why): an A/B.
-    int4_operands: str = "rows"
+    # EDGELLM_PACKED_OPERANDS=weights: the GEMV's tensor-core dots over packed weights (int8, int4, fp8) take
+    # the unpacked weights as their first operand and the rows of x as the second (W x^T;
+    # kernels/gemv_weights.py `_int4_dots` says why): an A/B.
+    packed_operands: str = "rows"
     # EDGELLM_RUN_AHEAD=0: the runtime reads each decode step's tokens before queueing the next.
     run_ahead: bool = True
     # EDGELLM_HAND_OVER=0: the engine loop goes on at once after putting first tokens in streams, instead
@@ -92,7 +93,7 @@ class Switches:
         return cls(fused_gemv=flag("EDGELLM_FUSED_GEMV", True), fused_rope=flag("EDGELLM_FUSED_ROPE", None),
                    fused_norm_rows=count("EDGELLM_FUSED_NORM_ROWS", cls.fused_norm_rows),
                    gemv_prefetch=count("EDGELLM_GEMV_PREFETCH", None), pdl=PDL_MODES[pdl], int4_codes=int4_codes,
-                   int4_operands=choice("EDGELLM_INT4_OPERANDS", ("rows", "weights")),
+                   packed_operands=choice("EDGELLM_PACKED_OPERANDS", ("rows", "weights")),
                    run_ahead=flag("EDGELLM_RUN_AHEAD", True), hand_over=flag("EDGELLM_HAND_OVER", True),
                    mixed_steps=flag("EDGELLM_MIXED_STEPS", True),
                    batch_invariant=flag("EDGELLM_BATCH_INVARIANT", False),
@@ -103,7 +104,7 @@ class Switches:
         """The kernels' RunSettings (kernels/dispatch.py) these switches change from the defaults: what
         a step runs under (an empty dict where none is changed; a debug block's own settings stay)."""
         names = ("pdl", "gemv_prefetch", "forbid_reference_on_cuda", "batch_invariant", "int4_codes",
-                 "int4_operands")
+                 "packed_operands")
         return {name: getattr(self, name) for name in names if getattr(self, name) != getattr(Switches, name)}
 
 

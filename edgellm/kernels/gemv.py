@@ -142,7 +142,10 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
         acc = _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, w_rows, s_sn, k, k_lo, k_hi, group, nw_ptr, rstd,
                          BLOCK_M, BLOCK_N, BLOCK_K, NUM_STAGES, PRECISION, NORM, F16_CODES, WEIGHTS_FIRST)
     else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if WEIGHTS_FIRST:  # (packed weights: W x^T, gemv_weights._int4_dots says why)
+            acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if QUANT == 1:  # int8 codes less the row's zero: integers in -255..255, exact in fp16 and bf16
             zero = tl.load(zp_ptr + w_rows, mask=n_ok, other=0.0).to(x_ptr.dtype.element_ty)[:, None]
         for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
@@ -152,7 +155,12 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
             w = _weight_tile(w_base, kk, k, n_ok, x_ptr.dtype.element_ty, QUANT)
             if QUANT == 1:
                 w -= zero
-            acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+            if WEIGHTS_FIRST:
+                acc_t += tl.dot(w, tl.trans(x), input_precision=PRECISION)
+            else:
+                acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+        if WEIGHTS_FIRST:
+            acc = tl.trans(acc_t)
     if SPLIT_K > 1:  # the last program of the tile to finish adds the parts up, in split order; the rest store nothing
         acc, last = split_k_sum(acc, ws_ptr, cnt_ptr, BLOCK_M, BLOCK_N, SPLIT_K)
         m_ok = m_ok & last
@@ -361,7 +369,7 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
         ROPE=rope_append is not None, SUMSQ=sumsq_out is not None,
         BLOCK_P=pow2(norm_sumsq.shape[0]) if norm_sumsq is not None else 1, ORDERED_SUMS=run_settings().batch_invariant,
         F16_CODES=quant == "int4" and x.dtype == torch.float16 and run_settings().int4_codes == "f16",
-        WEIGHTS_FIRST=quant == "int4" and run_settings().int4_operands == "weights", SPLIT_K=splits,
+        WEIGHTS_FIRST=quant is not None and run_settings().packed_operands == "weights", SPLIT_K=splits,
         num_warps=warps, launch_pdl=pdl > 0)
     return y.reshape(*lead, out_n)
 

@@ -140,10 +140,9 @@ def test_gemv_over_packed_weights(kind, dtype, m, n, k, bias):
         with run_with(int4_codes="f16"):
             halves = gemv.gemv(x, qw, b, row_fma=False)
         assert torch.equal(halves, gemv.gemv(x, qw, b, row_fma=False))
-    if kind == "int4":  # (Switches.int4_operands: W x^T, the weights the first operand; a tile of 64 rows)
-        with run_with(int4_operands="weights"):
-            torch.testing.assert_close(gemv.gemv(x, qw, b, row_fma=False), ref, **tol)
-            torch.testing.assert_close(gemv.gemv(x, qw, b, tile=(64, 64, 4, 2), row_fma=False), ref, **tol)
+    with run_with(packed_operands="weights"):  # (Switches.packed_operands: W x^T, the weights first; 64-row tiles)
+        torch.testing.assert_close(gemv.gemv(x, qw, b, row_fma=False), ref, **tol)
+        torch.testing.assert_close(gemv.gemv(x, qw, b, tile=(64, 64, 4, 2), row_fma=False), ref, **tol)
     # the prefill path's one-pass unpacking
     from edgellm.kernels import dequantize as dequantize_kernel
     assert torch.equal(dequantize_kernel.dequantize(qw, dtype), dequantize_kernel.dequantize_ref(qw, dtype))

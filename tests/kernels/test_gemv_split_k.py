@@ -41,7 +41,7 @@ def test_split_k_equals_the_reference_with_each_epilogue(kind, m, splits):
         torch.testing.assert_close(out, gemv.gemv_ref(x, w2) + residual, **TOL)
         torch.testing.assert_close(sums.sum(0), out.float().square().sum(-1), rtol=1e-3, atol=1e-3)
     if kind == "int4":  # the weights-first dots too
-        with run_with(int4_operands="weights"):
+        with run_with(packed_operands="weights"):
             torch.testing.assert_close(gemv.gemv(x, w2, tile=(64, 128, 4, 2, splits), row_fma=False),
                                        gemv.gemv_ref(x, w2), **TOL)
     assert not split_k.counters(x.device).any()  # (each launch left its counters at zero)

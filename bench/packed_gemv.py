@@ -1,0 +1,123 @@
+"""The GEMV's tensor-core path over packed weights (int4: kernels/gemv_weights.py `_int4_dots`; int8:
+kernels/gemv.py) at 16-64 rows, variant by variant, on a shape's layer matrices (default: the Llama-3.2-1B and Llama-3.1-8B shapes), each timed in
+a CUDA graph over copies that do not fit the L2 (bench/kernels.py `streamed_us`), against its packed
+bytes at copy bandwidth and against fp16 and int8 through their default tiles in the same run.
+
+Variants: the dots' operand order (RunSettings.packed_operands: x W^T with the rows first, or W x^T with
+the unpacked weights first) and, for int4, how codes become floats (int4_codes: float32 bits, or float16
+bits), each over a few (BLOCK_N, BLOCK_K, warps, stages[, split-K]) tiles.
+
+Run on a CUDA GPU:  python bench/packed_gemv.py [--shape llama-3.2-1b llama-3.1-8b] [--rows 16 64] --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from edgellm import benchmark  # noqa: E402
+from edgellm.kernels import gemv  # noqa: E402
+from edgellm.kernels.dispatch import run_with  # noqa: E402
+from edgellm.quant import quantize  # noqa: E402
+from kernels import streamed_us  # noqa: E402  (bench/kernels.py)
+
+# (kind, operands, int4 codes) and the tiles each is timed with (a fifth entry: split-K, kernels/split_k.py)
+INT4_TILES = [(32, 128, 2, 4), (64, 128, 4, 3), (64, 128, 4, 5), (64, 64, 4, 5), (128, 128, 8, 3), (128, 64, 4, 4),
+              (64, 128, 4, 4, 2), (64, 128, 4, 4, 4), (32, 128, 2, 4, 2)]
+INT8_TILES = [(32, 512, 4, 4), (64, 256, 4, 4), (64, 128, 4, 4), (128, 256, 8, 3), (64, 256, 4, 4, 2)]
+VARIANTS = {("int4", "rows", "f32"): INT4_TILES, ("int4", "weights", "f32"): INT4_TILES,
+            ("int4", "weights", "f16"): INT4_TILES, ("int8", "rows", "f32"): INT8_TILES,
+            ("int8", "weights", "f32"): INT8_TILES}
+
+
+def _copies(w, nbytes: int) -> list:
+    """As many copies of a weight as bench/kernels.py `streamed_us` cycles (so none stays in the L2), made
+    once for all the variants timed on it."""
+    sets = max(2, min(32, -(-256 * 2 ** 20 // nbytes)))
+    return [w.clone() if isinstance(w, torch.Tensor) else dataclasses.replace(w, data=w.data.clone())
+            for _ in range(sets)]
+
+
+def _time(copies: list, x, nbytes: int, tile=None, **settings) -> float | None:
+    def fresh(i):
+        def call(weight=copies[i % len(copies)]):
+            with run_with(**settings):
+                return gemv.gemv(x, weight, tile=tile, row_fma=False)
+        return call
+    try:
+        return streamed_us(fresh, nbytes)
+    except Exception as error:  # noqa: BLE001 - a tile the compiler refuses (shared memory) is skipped, said
+        benchmark.log(f"    tile {tile} {settings}: {type(error).__name__}: {str(error)[:120]}")
+        return None
+
+
+def rows_for(shape: str, ms, bandwidth: float, variants=VARIANTS) -> list[dict]:
+    rows = []
+    for name, (n, k) in benchmark.layer_matrices(shape).items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+        weights = {"fp16": w, **{kind: quantize(w, kind) for kind in ("int8", "int4")}}
+        nbytes = {kind: w.numel() * 2 if kind == "fp16" else qw.nbytes for kind, qw in weights.items()}
+        copies = {kind: _copies(qw, nbytes[kind]) for kind, qw in weights.items()}
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            base = dict(shape=shape, matrix=name, n=n, k=k, m=m)
+            timed = [(kind, "default", None, {}) for kind in weights] + [
+                (kind, f"{operands}/{codes}", tile, dict(packed_operands=operands, int4_codes=codes))
+                for (kind, operands, codes), tiles in variants.items() for tile in tiles]
+            for kind, variant, tile, settings in timed:
+                us = _time(copies[kind], x, nbytes[kind], tile, **settings)
+                if us is not None:
+                    rows.append(dict(base, kind=kind, variant=variant, tile=tile, us=us,
+                                     pct=100 * nbytes[kind] / bandwidth * 1e6 / us))
+            for kind in ("int8", "int4"):
+                best = min((r for r in rows if (r["shape"], r["matrix"], r["m"], r["kind"]) == (shape, name, m, kind)),
+                           key=lambda r: r["us"])
+                benchmark.log(f"  {shape} {name} {n}x{k} m{m}: best {kind} {best['variant']} {best['tile']} "
+                              f"{best['us']:.1f} us ({best['pct']:.0f}% of floor)")
+        del w, weights, copies
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", nargs="+", default=["llama-3.2-1b", "llama-3.1-8b"])
+    parser.add_argument("--rows", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    bandwidth = benchmark.copy_bandwidth()
+    out = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name(), torch=torch.__version__,
+               commit=os.environ.get("EDGELLM_COMMIT", "unknown"), copy_TBps=bandwidth / 1e12, rows=[])
+    for shape in args.shape:
+        out["rows"] += rows_for(shape, args.rows, bandwidth)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1))
+    print(f"\n{out['device']}  torch {out['torch']}  commit {out['commit']}  copy {out['copy_TBps']:.2f} TB/s")
+    print(f"{'shape':13s} {'matrix':7s} {'n x k':12s} m   {'fp16 us':>8s} {'int8 us':>8s} {'int4 us':>8s} "
+          f"{'best int8':>9s} (% floor) variant, tile      {'best int4':>9s} (% floor) variant, tile")
+    keys = dict.fromkeys((r["shape"], r["matrix"], r["m"]) for r in out["rows"])
+    for shape, matrix, m in keys:
+        mine = [r for r in out["rows"] if (r["shape"], r["matrix"], r["m"]) == (shape, matrix, m)]
+        default = {r["kind"]: r for r in mine if r["variant"] == "default"}
+        best = {kind: min((r for r in mine if r["kind"] == kind), key=lambda r: r["us"]) for kind in ("int8", "int4")}
+        us = {kind: f"{default[kind]['us']:8.1f}" if kind in default else f"{'-':>8s}" for kind in ("fp16", "int8", "int4")}
+        n, k = mine[0]["n"], mine[0]["k"]
+        print(f"{shape:13s} {matrix:7s} {n:5d}x{k:<6d} {m:<3d} {us['fp16']} {us['int8']} {us['int4']} " + "  ".join(
+            f"{b['us']:9.1f} ({b['pct']:3.0f}%)  {b['variant']}, {str(b['tile']):18s}" for b in best.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
