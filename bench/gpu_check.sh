@@ -60,7 +60,7 @@ if [[ " $parts " == *" quant8b "* ]]; then  # (the 8B shape: 16 GB of random wei
   python3 bench/quant.py --shape llama-3.1-8b --sweep none --lm-head --batch 1 16 --json "$out/quant8b.json" \
     2> "$out/quant8b.stderr" || { status=1; tail -30 "$out/quant8b.stderr"; }
 fi
-if [[ " $parts " == *" packed "* ]]; then  # (the packed-weight GEMV's variants and tiles at 16 and 64 rows, 1B and 8B shapes)
+if [[ " $parts " == *" packed "* ]]; then  # (the packed-weight GEMV's variants and tiles at 1, 16 and 64 rows, 1B and 8B shapes)
   python3 bench/packed_gemv.py --json "$out/packed_gemv.json" 2> "$out/packed_gemv.stderr" \
     || { status=1; tail -30 "$out/packed_gemv.stderr"; }
 fi

@@ -1,5 +1,5 @@
 """The GEMV's tensor-core path over packed weights (int4: kernels/gemv_weights.py `_int4_dots`; int8:
-kernels/gemv.py) at 16-64 rows, variant by variant, on a shape's layer matrices (default: the Llama-3.2-1B and Llama-3.1-8B shapes), each timed in
+kernels/gemv.py) at 16-64 rows (and one row on the CUDA cores), variant by variant, on a shape's layer matrices (default: the Llama-3.2-1B and Llama-3.1-8B shapes), each timed in
 a CUDA graph over copies that do not fit the L2 (bench/kernels.py `streamed_us`), against its packed
 bytes at copy bandwidth and against fp16 and int8 through their default tiles in the same run.
 
@@ -7,7 +7,7 @@ Variants: the dots' operand order (RunSettings.packed_operands: x W^T with the r
 the unpacked weights first) and, for int4, how codes become floats (int4_codes: float32 bits, or float16
 bits), each over a few (BLOCK_N, BLOCK_K, warps, stages[, split-K]) tiles.
 
-Run on a CUDA GPU:  python bench/packed_gemv.py [--shape llama-3.2-1b llama-3.1-8b] [--rows 16 64] --json out.json
+Run on a CUDA GPU:  python bench/packed_gemv.py [--shape llama-3.2-1b llama-3.1-8b] [--rows 1 16 64] --json out.json
 """
 
 from __future__ import annotations
@@ -39,6 +39,10 @@ INT8_TILES = [(32, 512, 4, 4), (64, 256, 4, 4), (64, 128, 4, 4), (128, 256, 8, 3
 VARIANTS = {("int4", "rows", "f32"): INT4_TILES, ("int4", "weights", "f32"): INT4_TILES,
             ("int4", "weights", "f16"): INT4_TILES, ("int8", "rows", "f32"): INT8_TILES,
             ("int8", "weights", "f32"): INT8_TILES}
+# One row (batch 1) goes to the CUDA cores (gemv row_fma): (BLOCK_N, BLOCK_K, warps, stages) candidates
+ROW_TILES = [(2, 1024, 2, 3), (4, 512, 2, 3), (4, 1024, 2, 3), (4, 1024, 4, 3), (8, 512, 4, 3), (8, 1024, 4, 4),
+             (16, 256, 2, 3), (16, 512, 4, 4)]
+ROW_VARIANTS = {("int4", "rows", "f32"): ROW_TILES, ("int8", "rows", "f32"): ROW_TILES}
 
 
 def _copies(w, nbytes: int) -> list:
@@ -53,7 +57,7 @@ def _time(copies: list, x, nbytes: int, tile=None, **settings) -> float | None:
     def fresh(i):
         def call(weight=copies[i % len(copies)]):
             with run_with(**settings):
-                return gemv.gemv(x, weight, tile=tile, row_fma=False)
+                return gemv.gemv(x, weight, tile=tile, row_fma=x.shape[0] == 1)
         return call
     try:
         return streamed_us(fresh, nbytes)
@@ -74,7 +78,7 @@ def rows_for(shape: str, ms, bandwidth: float, variants=VARIANTS) -> list[dict]:
             base = dict(shape=shape, matrix=name, n=n, k=k, m=m)
             timed = [(kind, "default", None, {}) for kind in weights] + [
                 (kind, f"{operands}/{codes}", tile, dict(packed_operands=operands, int4_codes=codes))
-                for (kind, operands, codes), tiles in variants.items() for tile in tiles]
+                for (kind, operands, codes), tiles in (ROW_VARIANTS if m == 1 else variants).items() for tile in tiles]
             for kind, variant, tile, settings in timed:
                 us = _time(copies[kind], x, nbytes[kind], tile, **settings)
                 if us is not None:
@@ -93,7 +97,7 @@ def rows_for(shape: str, ms, bandwidth: float, variants=VARIANTS) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", nargs="+", default=["llama-3.2-1b", "llama-3.1-8b"])
-    parser.add_argument("--rows", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     bandwidth = benchmark.copy_bandwidth()
