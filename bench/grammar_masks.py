@@ -48,7 +48,9 @@ def main() -> None:
     write_synthetic_tokenizer(folder, args.vocab)
     tokenizer = Tokenizer.from_dir(folder)
     spec = grammar_spec(FORMAT)
+    began = time.perf_counter()
     backend = GrammarBackend(tokenizer, args.vocab, [0])
+    print(f"the backend for {args.vocab} tokens made in {(time.perf_counter() - began) * 1e3:.0f} ms")
     xg = backend._xg
     words = torch.zeros(args.rows, backend.words, dtype=torch.int32)
 
@@ -70,6 +72,9 @@ def main() -> None:
           f"at once {median_us(lambda: words.__iand__(only)):.0f} us")
     matchers = matchers_after('{"title": "')
     print(f"accepting a token one by one {median_us(lambda: ([m.accept_token(random.randrange(300, args.vocab - 300)) for m in matchers], [m.rollback(1) for m in matchers]), 50):.0f} us (with a rollback each)")
+    batch = xg.BatchGrammarMatcher(max_threads=1)
+    print(f"  in one batch_accept_token {median_us(lambda: (batch.batch_accept_token(matchers, [random.randrange(300, args.vocab - 300) for _ in matchers]), [m.rollback(1) for m in matchers]), 50):.0f} us (with a rollback each)")
+    print(f"  rollbacks alone {median_us(lambda: [m.rollback(0) for m in matchers], 50):.0f} us")
     if not torch.cuda.is_available():
         return
     device_masks = torch.zeros(args.rows, backend.words, dtype=torch.int32, device="cuda")
