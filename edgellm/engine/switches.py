@@ -32,9 +32,14 @@ class Switches:
     # EDGELLM_PDL=0 | early | late: programmatic dependent launch off / every kernel releasing the next
     # right after its wait / only after its loads; "on": early in one-row decode steps, late elsewhere.
     pdl: str = "on"
-    # EDGELLM_INT4_CODES=f16: the int4 GEMV's tensor-core path (float16 activations) makes its codes
-    # halves from their bits (1024 + q) instead of float32 codes converted (kernels/gemv.py): an A/B.
+    # EDGELLM_INT4_CODES=f16 | ptx | words | words-ptx: the int4 GEMV's tensor-core path (float16
+    # activations) makes its codes halves from their bits (1024 + q) instead of float32 codes converted,
+    # with Triton's ops or four bytes at a time in PTX (kernels/gemv_weights.py `_int4_halves`; the same
+    # bits out), or reads its bytes as 16-bit words in four dots (words; other sums): A/Bs.
     int4_codes: str = "f32"
+    # EDGELLM_INT8_CODES=ptx: the int8 GEMV's tensor-core path (float16) makes its codes halves with PTX,
+    # two bytes an instruction (kernels/gemv_weights.py `_int8_halves`): an A/B, the same bits out.
+    int8_codes: str = "bits"
     # EDGELLM_PACKED_OPERANDS=weights: the GEMV's tensor-core dots over packed weights (int8, int4, fp8) take
     # the unpacked weights as their first operand and the rows of x as the second (W x^T;
     # kernels/gemv_weights.py `_int4_dots` says why): an A/B.
@@ -86,7 +91,7 @@ class Switches:
                 raise ConfigurationError(f"{name} must be {' or '.join(values)}, got {value!r}")
             return value
 
-        int4_codes = choice("EDGELLM_INT4_CODES", ("f32", "f16"))
+        int4_codes = choice("EDGELLM_INT4_CODES", ("f32", "f16", "ptx", "words", "words-ptx"))
         pdl = env.get("EDGELLM_PDL", "1")
         if pdl not in PDL_MODES:
             raise ConfigurationError(f"EDGELLM_PDL must be one of {', '.join(PDL_MODES)}, got {pdl!r}")
@@ -94,6 +99,7 @@ class Switches:
                    fused_norm_rows=count("EDGELLM_FUSED_NORM_ROWS", cls.fused_norm_rows),
                    gemv_prefetch=count("EDGELLM_GEMV_PREFETCH", None), pdl=PDL_MODES[pdl], int4_codes=int4_codes,
                    packed_operands=choice("EDGELLM_PACKED_OPERANDS", ("rows", "weights")),
+                   int8_codes=choice("EDGELLM_INT8_CODES", ("bits", "ptx")),
                    run_ahead=flag("EDGELLM_RUN_AHEAD", True), hand_over=flag("EDGELLM_HAND_OVER", True),
                    mixed_steps=flag("EDGELLM_MIXED_STEPS", True),
                    batch_invariant=flag("EDGELLM_BATCH_INVARIANT", False),
@@ -104,7 +110,7 @@ class Switches:
         """The kernels' RunSettings (kernels/dispatch.py) these switches change from the defaults: what
         a step runs under (an empty dict where none is changed; a debug block's own settings stay)."""
         names = ("pdl", "gemv_prefetch", "forbid_reference_on_cuda", "batch_invariant", "int4_codes",
-                 "packed_operands")
+                 "int8_codes", "packed_operands")
         return {name: getattr(self, name) for name in names if getattr(self, name) != getattr(Switches, name)}
 
 

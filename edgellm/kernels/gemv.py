@@ -14,9 +14,9 @@ faster than the tensor-core tile, for fp16 a few percent, on the H100).
 
 import torch
 
-from .dispatch import run_settings
+from .dispatch import interpreter_on, run_settings
 from ._triton import dot_precision, pdl_release, pdl_wait, pow2, prefetch_l2, tl, triton, use_pdl
-from .gemv_weights import QUANT_CODES, _int4_dots, _row_gemv, _weight_tile
+from .gemv_weights import INT4_CODES, QUANT_CODES, _int4_dots, _row_gemv, _weight_tile
 from .gemv_fusions import (RopeAppend, check_fusions, check_sums, load_x, rope_append_epilogue, rope_operands, row_rstd,
                            sum_in_order)
 from .rms_norm import rms_norm_ref
@@ -64,7 +64,7 @@ def _row_tile(quant: str | None, n: int, k: int):
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                  t_ptr, lb_ptr, idx_ptr, used_ptr, scale_ptr, n_splits, end0, end1, s_bs,
-                 sc_ptr, zp_ptr, s_sn, group, nw_ptr, eps, r_ptr, s_rm, nsq_ptr, s_nsq, n_parts, sq_ptr, s_sq,
+                 sc_ptr, zp_ptr, s_sn, group: tl.constexpr, nw_ptr, eps, r_ptr, s_rm, nsq_ptr, s_nsq, n_parts, sq_ptr, s_sq,
                  cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr, starts_ptr, lens_ptr, seq_len, n_pos, half, n_q, n_kv,
                  c_slot, c_head, c_pos, ws_ptr, cnt_ptr, k_chunk,
                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -73,7 +73,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                  ONE_ROW: tl.constexpr, QUANT: tl.constexpr, ROW_FMA: tl.constexpr, PREFETCH: tl.constexpr,
                  LINE: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
                  ROPE: tl.constexpr, SUMSQ: tl.constexpr, BLOCK_P: tl.constexpr,
-                 ORDERED_SUMS: tl.constexpr, F16_CODES: tl.constexpr, WEIGHTS_FIRST: tl.constexpr,
+                 ORDERED_SUMS: tl.constexpr, CODES: tl.constexpr, WEIGHTS_FIRST: tl.constexpr,
                  SPLIT_K: tl.constexpr):
     j = tl.arange(0, BLOCK_N)
     if GLU:  # the tile's rows pair each output feature's gate row with its up row (n rows further)
@@ -140,20 +140,25 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                         tl.sum(rstd, axis=0), BLOCK_N, BLOCK_K, NUM_STAGES, QUANT, NORM)[None, :]
     elif QUANT == 2:
         acc = _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, w_rows, s_sn, k, k_lo, k_hi, group, nw_ptr, rstd,
-                         BLOCK_M, BLOCK_N, BLOCK_K, NUM_STAGES, PRECISION, NORM, F16_CODES, WEIGHTS_FIRST)
+                         BLOCK_M, BLOCK_N, BLOCK_K, NUM_STAGES, PRECISION, NORM, CODES, WEIGHTS_FIRST)
     else:
         if WEIGHTS_FIRST:  # (packed weights: W x^T, gemv_weights._int4_dots says why)
             acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         else:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if QUANT == 1:  # int8 codes less the row's zero: integers in -255..255, exact in fp16 and bf16
-            zero = tl.load(zp_ptr + w_rows, mask=n_ok, other=0.0).to(x_ptr.dtype.element_ty)[:, None]
+            zero = tl.load(zp_ptr + w_rows, mask=n_ok, other=0.0).to(tl.float32)
+            if x_ptr.dtype.element_ty == tl.float16:  # (taken off in _weight_tile then, with 1024: _int8_halves)
+                zero += 1024.0
+            zero = zero.to(x_ptr.dtype.element_ty)[:, None]
+        else:
+            zero = tl.zeros([BLOCK_N, 1], dtype=x_ptr.dtype.element_ty)
         for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
             kk = k0 + cols
             x = load_x(x_base + kk[None, :], m_ok[:, None] & (kk < k)[None, :], nw_ptr + kk[None, :], (kk < k)[None, :],
                       rstd[:, None], NORM)
-            w = _weight_tile(w_base, kk, k, n_ok, x_ptr.dtype.element_ty, QUANT)
-            if QUANT == 1:
+            w = _weight_tile(w_base, kk, k, n_ok, x_ptr.dtype.element_ty, QUANT, zero, CODES == 2)
+            if QUANT == 1 and x_ptr.dtype.element_ty != tl.float16:
                 w -= zero
             if WEIGHTS_FIRST:
                 acc_t += tl.dot(w, tl.trans(x), input_precision=PRECISION)
@@ -235,6 +240,20 @@ def _launch_tile(weight, row_fma: bool, pairs: bool, tile=None) -> tuple[int, in
         block_n = max(block_n, 2)  # a tile holds pairs of rows (gate and up; a rotation's two features)
     programs = triton.cdiv(rows_w // 2, block_n // 2) if pairs else triton.cdiv(rows_w, block_n)
     return block_n, block_k, warps, stages, programs
+
+
+def _int4_codes(quant: str | None, dtype: torch.dtype) -> int:
+    """The CODES constexpr (gemv_weights.INT4_CODES) of RunSettings.int4_codes (int8: 2 for its PTX, as
+    RunSettings.int8_codes asks): its halves need float16 activations, its PTX a compiled kernel (the
+    interpreter takes the same halves from Triton ops)."""
+    if quant not in ("int4", "int8") or dtype != torch.float16:
+        return 0
+    if quant == "int8":  # (int8: its PTX or not, RunSettings.int8_codes)
+        return 2 if run_settings().int8_codes == "ptx" and not interpreter_on() else 0
+    chosen = INT4_CODES[run_settings().int4_codes]
+    if interpreter_on() and chosen in (2, 4):  # (the PTX's twins: the same halves from Triton's ops)
+        return chosen - 1
+    return chosen
 
 
 def _splits(tile) -> int:
@@ -368,7 +387,7 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
         GLU=0 if glu is None else 1 + GATE_ACTIVATIONS.index(glu), RESIDUAL=residual is not None,
         ROPE=rope_append is not None, SUMSQ=sumsq_out is not None,
         BLOCK_P=pow2(norm_sumsq.shape[0]) if norm_sumsq is not None else 1, ORDERED_SUMS=run_settings().batch_invariant,
-        F16_CODES=quant == "int4" and x.dtype == torch.float16 and run_settings().int4_codes == "f16",
+        CODES=_int4_codes(quant, x.dtype),
         WEIGHTS_FIRST=quant is not None and run_settings().packed_operands == "weights", SPLIT_K=splits,
         num_warps=warps, launch_pdl=pdl > 0)
     return y.reshape(*lead, out_n)

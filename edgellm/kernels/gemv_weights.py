@@ -2,12 +2,15 @@
 instructions, int4 tiles and their tensor-core dots, the one-row CUDA-core dot product, and a tile of
 full-precision, int8 or fp8 rows. kernels/dequantize.py unpacks with the same pieces."""
 
-from ._triton import tl, triton
+from ._triton import HAS_TRITON, tl, triton
 from .gemv_fusions import load_x
 
 
 # Weight formats (the QUANT constexpr): full precision, then quant/formats.py's kinds.
 QUANT_CODES = {None: 0, "int8": 1, "int4": 2, "fp8": 3}
+# How the int4 tensor-core path makes its codes floats (RunSettings.int4_codes -> the CODES constexpr of
+# _int4_dots; f16 and ptx with float16 activations only, ptx in compiled kernels only).
+INT4_CODES = {"f32": 0, "f16": 1, "ptx": 2, "words": 3, "words-ptx": 4}
 
 
 @triton.jit
@@ -38,6 +41,91 @@ def _zero_f16(z):
     return (z + 1024.0).to(tl.float16)
 
 
+# The int4 codes of four bytes less their zero as float16, in PTX: 1.5-2 instructions a code where Triton's
+# elementwise ops take 4-5 (extract, or, convert, subtract, one code at a time). $2: the four bytes (pack=4);
+# $3, $4: four halves 1024 + z (_zero_f16); out $0, $1: the four codes' halves, two to a register. Each
+# pair of bytes is spread into the low byte of a 16-bit lane (prmt), its nibble kept and or-ed into the
+# exponent of 1024 (lop3: (a & b) | c), and the zero taken off two lanes at a time (sub.f16x2):
+# (1024 + q) - (1024 + z) = q - z exactly. The high nibbles: the same after a shift by 4.
+_NIBBLES_PTX = """{{
+.reg .b32 w, t0, t1;
+{shift}
+prmt.b32 t0, w, 0, 0x4140;
+prmt.b32 t1, w, 0, 0x4342;
+lop3.b32 t0, t0, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 t1, t1, 0x000F000F, 0x64006400, 0xEA;
+sub.f16x2 $0, t0, $3;
+sub.f16x2 $1, t1, $4;
+}}"""
+_LOW_PTX = tl.constexpr(_NIBBLES_PTX.format(shift="mov.b32 w, $2;")) if HAS_TRITON else None
+_HIGH_PTX = tl.constexpr(_NIBBLES_PTX.format(shift="shr.b32 w, $2, 4;")) if HAS_TRITON else None
+
+
+@triton.jit
+def _int4_halves(packed, zm, HIGH: tl.constexpr, PTX: tl.constexpr):
+    """The low (HIGH: high) nibbles of the uint8 tile `packed` less the zero, float16 q - z (exact):
+    zm (broadcast to the tile) is 1024 + z in float16 (_zero_f16). PTX: the four-byte PTX above
+    (compiled GPU kernels only; the same halves as the elementwise ops)."""
+    if PTX:
+        return tl.inline_asm_elementwise(_HIGH_PTX if HIGH else _LOW_PTX, "=r,=r,r,r,r",
+                                         [packed, tl.broadcast_to(zm, packed.shape)], dtype=tl.float16,
+                                         is_pure=True, pack=4)
+    q = packed.to(tl.int32)
+    return _codes_f16((q >> 4) if HIGH else (q & 0xF)) - zm
+
+
+# The same from 16-bit words (two bytes: four codes), two words a register, for nibble j (0..3) of each:
+# the nibble shifted down to the low 4 bits of each 16-bit lane, kept and or-ed into the exponent of 1024
+# (lop3), the zero taken off (sub.f16x2): 2.5 instructions for two codes, no byte shuffles.
+_WORD_PTX = """{{
+.reg .b32 t;
+shr.b32 t, $1, {shift};
+lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
+sub.f16x2 $0, t, $2;
+}}"""
+_WORD0_PTX, _WORD1_PTX, _WORD2_PTX, _WORD3_PTX = (
+    tuple(tl.constexpr(_WORD_PTX.format(shift=4 * j)) for j in range(4)) if HAS_TRITON else (None,) * 4)
+
+
+# int8 codes likewise: each pair of bytes spread into the low bytes of two 16-bit lanes whose high bytes
+# are 0x64 (prmt with a constant: the halves 1024 + q), the zero taken off (sub.f16x2): one instruction a code.
+_BYTES_PTX = tl.constexpr("""{
+.reg .b32 t0, t1;
+prmt.b32 t0, $2, 0x64646464, 0x4140;
+prmt.b32 t1, $2, 0x64646464, 0x4342;
+sub.f16x2 $0, t0, $3;
+sub.f16x2 $1, t1, $4;
+}""") if HAS_TRITON else None
+
+
+@triton.jit
+def _int8_halves(codes, zm, PTX: tl.constexpr):
+    """The uint8 tile `codes` less the zero, float16 q - z (exact): zm (broadcast) is 1024 + z in float16.
+    PTX: _BYTES_PTX (compiled kernels only; the same halves as the elementwise ops)."""
+    if PTX:
+        return tl.inline_asm_elementwise(_BYTES_PTX, "=r,=r,r,r,r", [codes, tl.broadcast_to(zm, codes.shape)],
+                                         dtype=tl.float16, is_pure=True, pack=4)
+    return _codes_f16(codes.to(tl.int32)) - zm
+
+
+@triton.jit
+def _int4_word_halves(words, zm, J: tl.constexpr, PTX: tl.constexpr):
+    """Nibble J of each int16 word of `words` less the zero, float16 q - z (exact; zm as _int4_halves)."""
+    if PTX:
+        if J == 0:
+            asm: tl.constexpr = _WORD0_PTX
+        elif J == 1:
+            asm: tl.constexpr = _WORD1_PTX
+        elif J == 2:
+            asm: tl.constexpr = _WORD2_PTX
+        else:
+            asm: tl.constexpr = _WORD3_PTX
+        return tl.inline_asm_elementwise(asm, "=r,r,r", [words, tl.broadcast_to(zm, words.shape)], dtype=tl.float16,
+                                         is_pure=True, pack=2)
+    q = (words.to(tl.int32) >> (4 * J)) & 0xF
+    return _codes_f16(q) - zm
+
+
 @triton.jit
 def _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, NB: tl.constexpr):
     """The int4 tile of NB blocks (32 columns, 16 bytes: formats.py) from byte b0 of each row, each
@@ -60,24 +148,36 @@ def _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, NB: tl.
 def _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, k_lo, k_hi, group, nw_ptr, rstd,
                BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr,
-               NORM: tl.constexpr, F16_CODES: tl.constexpr, WEIGHTS_FIRST: tl.constexpr):
+               NORM: tl.constexpr, CODES: tl.constexpr, WEIGHTS_FIRST: tl.constexpr):
     """x @ W^T [BLOCK_M, BLOCK_N] over columns k_lo..k_hi (of k) in int4 tiles that each lie in one group (BLOCK_K <= group) on the
     tensor cores: a tile's BLOCK_K / 2 bytes of each row as they lie, their low and their high nibbles
     (less the zero: small integers, exact in fp16 / bf16) in two dots against the x columns they hold
     (byte c of the tile: column c + 16 (c // 16), and 16 further), the group's scale on the result.
     WEIGHTS_FIRST: the dots as W x^T, the unpacked weights the first operand (with 64-row tiles, the
     one a Hopper tensor-core MMA can take from registers: no trip through shared memory) and the few
-    rows of x the second. F16_CODES (float16 x): the codes made halves from their bits and the zero
-    taken off in float16 (the same exact integers, no float32 -> float16 conversion of each code)."""
+    rows of x the second. CODES (INT4_CODES): 0 the codes made float32 from their bits, the zero taken
+    off, then converted; with float16 x, 1 the codes made halves from their bits and the zero taken off
+    in float16 (the same exact integers, no conversion of each code), 2 the same four bytes at a time in
+    PTX (_int4_halves); 3 the tile read as int16 words of four codes, in four dots of BLOCK_K / 4 (nibble
+    j of each word against its columns, x's even and odd ones split apart), 4 the same in PTX, two words
+    at a time (_int4_word_halves)."""
     if WEIGHTS_FIRST:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     c = tl.arange(0, BLOCK_K // 2)
     lo_cols = c + (c // 16) * 16  # (the tile's low-nibble columns; formats.py's blocks of 32)
+    if CODES >= 3:  # (the same bytes read as int16 words: four codes each)
+        w16_base = w_base.to(tl.pointer_type(tl.int16))
+        cw = tl.arange(0, BLOCK_K // 4)
+        word_cols = 32 * (cw // 8) + 2 * (cw % 8)  # (nibble 0's column; 1: +16, 2: +1, 3: +17)
     for b0 in tl.range(k_lo // 2, (k_hi + 1) // 2, BLOCK_K // 2, num_stages=NUM_STAGES):
         cols = 2 * b0 + lo_cols
-        packed = tl.load(w_base + (b0 + c)[None, :], mask=n_ok[:, None] & (cols < k)[None, :], other=0).to(tl.int32)
+        if CODES >= 3:
+            words = tl.load(w16_base + (b0 // 2 + cw)[None, :], mask=n_ok[:, None] & (2 * b0 + word_cols < k)[None, :],
+                            other=0)
+        else:
+            packed = tl.load(w_base + (b0 + c)[None, :], mask=n_ok[:, None] & (cols < k)[None, :], other=0)
         at = rows_n * s_sn + 2 * b0 // group
         s = tl.load(sc_ptr + at, mask=n_ok, other=0.0).to(tl.float32)
         z = tl.load(zp_ptr + at, mask=n_ok, other=0.0).to(tl.float32)
@@ -86,15 +186,38 @@ def _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, k_lo
         x_hi = load_x(x_base + cols[None, :] + 16, m_ok[:, None] & (cols + 16 < k)[None, :],
                       nw_ptr + cols[None, :] + 16, (cols + 16 < k)[None, :], rstd[:, None], NORM)
         dtype = x_lo.dtype
-        if F16_CODES:
+        if CODES >= 3:  # four dots of BLOCK_K / 4: nibble j of each word against its x columns
             zm = _zero_f16(z)[:, None]
-            lo = (_codes_f16(packed & 0xF) - zm).to(dtype)  # small integers, exact in fp16 / bf16
-            hi = (_codes_f16(packed >> 4) - zm).to(dtype)
+            lo_even, lo_odd = tl.split(tl.reshape(x_lo, [BLOCK_M, BLOCK_K // 4, 2]))
+            hi_even, hi_odd = tl.split(tl.reshape(x_hi, [BLOCK_M, BLOCK_K // 4, 2]))
+            w0 = _int4_word_halves(words, zm, 0, CODES == 4)
+            w1 = _int4_word_halves(words, zm, 1, CODES == 4)
+            w2 = _int4_word_halves(words, zm, 2, CODES == 4)
+            w3 = _int4_word_halves(words, zm, 3, CODES == 4)
+            if WEIGHTS_FIRST:
+                d = tl.dot(w0, tl.trans(lo_even), input_precision=PRECISION)
+                d = tl.dot(w1, tl.trans(hi_even), acc=d, input_precision=PRECISION)
+                d = tl.dot(w2, tl.trans(lo_odd), acc=d, input_precision=PRECISION)
+                d = tl.dot(w3, tl.trans(hi_odd), acc=d, input_precision=PRECISION)
+                acc += d * s[:, None]
+            else:
+                d = tl.dot(lo_even, tl.trans(w0), input_precision=PRECISION)
+                d = tl.dot(hi_even, tl.trans(w1), acc=d, input_precision=PRECISION)
+                d = tl.dot(lo_odd, tl.trans(w2), acc=d, input_precision=PRECISION)
+                d = tl.dot(hi_odd, tl.trans(w3), acc=d, input_precision=PRECISION)
+                acc += d * s[None, :]
+        elif CODES > 0:  # (float16 x)
+            zm = _zero_f16(z)[:, None]
+            lo = _int4_halves(packed, zm, False, CODES == 2)  # small integers, exact in fp16
+            hi = _int4_halves(packed, zm, True, CODES == 2)
         else:
             zm = _zero_f32(z)[:, None]
-            lo = (_codes_f32(packed & 0xF) - zm).to(dtype)
-            hi = (_codes_f32(packed >> 4) - zm).to(dtype)
-        if WEIGHTS_FIRST:
+            q = packed.to(tl.int32)
+            lo = (_codes_f32(q & 0xF) - zm).to(dtype)  # small integers, exact in fp16 / bf16
+            hi = (_codes_f32(q >> 4) - zm).to(dtype)
+        if CODES >= 3:
+            pass  # (the four dots above)
+        elif WEIGHTS_FIRST:
             d = tl.dot(lo, tl.trans(x_lo), input_precision=PRECISION)
             d = tl.dot(hi, tl.trans(x_hi), acc=d, input_precision=PRECISION)
             acc += d * s[:, None]
@@ -103,7 +226,7 @@ def _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, k_lo
             d = tl.dot(x_hi, tl.trans(hi), acc=d, input_precision=PRECISION)
             acc += d * s[None, :]
     if WEIGHTS_FIRST:
-        return tl.trans(acc)
+        acc = tl.trans(acc)
     return acc
 
 
@@ -142,11 +265,15 @@ def _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, k_lo, k_hi, 
 
 
 @triton.jit
-def _weight_tile(w_base, kk, k, n_ok, dtype: tl.constexpr, QUANT: tl.constexpr):
+def _weight_tile(w_base, kk, k, n_ok, dtype: tl.constexpr, QUANT: tl.constexpr, zm=None, PTX: tl.constexpr = False):
     """W[rows, kk] in the compute dtype: full precision, or int8 / fp8 codes (int8's are 0..255, exact
-    in fp16 and bf16; the per-channel zero and scale apply to the accumulator once, after the K loop)."""
+    in fp16 and bf16; the per-channel zero and scale apply to the accumulator once, after the K loop).
+    int8 codes for float16 come less their zero zm (1024 + z, float16) from their bits (_int8_halves: no
+    conversion instruction, which issued 128 a K step where the loop's other work was ~570)."""
     k_ok = kk < k
-    if QUANT == 3:  # fp8 e4m3 stored as bytes: its bits moved into an fp16 (exponent bias 15 vs 7), x 2^8
+    if QUANT == 1 and dtype == tl.float16:
+        w = _int8_halves(tl.load(w_base + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0), zm, PTX)
+    elif QUANT == 3:  # fp8 e4m3 stored as bytes: its bits moved into an fp16 (exponent bias 15 vs 7), x 2^8
         bits = tl.load(w_base + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.int16)
         half_bits = ((bits & 0x80) << 8) | ((bits & 0x7F) << 7)
         w = (half_bits.to(tl.float16, bitcast=True) * 256.0).to(dtype)

@@ -136,10 +136,25 @@ def test_gemv_over_packed_weights(kind, dtype, m, n, k, bias):
         torch.testing.assert_close(gemv.gemv(x, qw, b, row_fma=False), ref, **tol)
         torch.testing.assert_close(gemv.gemv(x, qw, b, tile=(8, 256, 4, 2), row_fma=True), ref, **tol)
     torch.testing.assert_close(ref, torch.nn.functional.linear(x, dequantize(qw, dtype), b))
-    if kind == "int4" and dtype == torch.float16:  # (Switches.int4_codes: the same exact codes, the same bits)
-        with run_with(int4_codes="f16"):
-            halves = gemv.gemv(x, qw, b, row_fma=False)
-        assert torch.equal(halves, gemv.gemv(x, qw, b, row_fma=False))
+    if kind == "int4" and dtype == torch.float16:  # (Switches.int4_codes: the same exact codes, the same bits;
+        first_words = {}
+        for codes in ("f16", "ptx"):  # ptx: its own PTX in a compiled kernel, the f16 ops in the interpreter)
+            for operands in ("rows", "weights"):
+                with run_with(int4_codes=codes, packed_operands=operands):
+                    halves = gemv.gemv(x, qw, b, row_fma=False)
+                with run_with(packed_operands=operands):
+                    assert torch.equal(halves, gemv.gemv(x, qw, b, row_fma=False)), (codes, operands)
+                with run_with(int4_codes=codes.replace("f16", "words").replace("ptx", "words-ptx"),
+                              packed_operands=operands):  # (the bytes as 16-bit words: four dots, other sums)
+                    words = gemv.gemv(x, qw, b, row_fma=False)
+                torch.testing.assert_close(words, ref, **tol)
+                assert torch.equal(words, first_words.setdefault(operands, words)), (codes, operands)
+    if kind == "int8":  # (Switches.int8_codes: its PTX in a compiled kernel, the same halves, the same bits)
+        for operands in ("rows", "weights"):
+            with run_with(packed_operands=operands):
+                bits = gemv.gemv(x, qw, b, row_fma=False)
+            with run_with(packed_operands=operands, int8_codes="ptx"):
+                assert torch.equal(gemv.gemv(x, qw, b, row_fma=False), bits), operands
     with run_with(packed_operands="weights"):  # (Switches.packed_operands: W x^T, the weights first; 64-row tiles)
         torch.testing.assert_close(gemv.gemv(x, qw, b, row_fma=False), ref, **tol)
         torch.testing.assert_close(gemv.gemv(x, qw, b, tile=(64, 64, 4, 2), row_fma=False), ref, **tol)

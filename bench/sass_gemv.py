@@ -1,0 +1,164 @@
+"""Offline, no GPU: the GEMV (kernels/gemv.py) compiled for Hopper (sm_90) by this machine's Triton, and
+the SASS instructions of each variant counted, in all and by kind: what each way of unpacking packed
+weights costs per weight before any device time is spent on it. The launch is the real launcher's
+(gemv.gemv on CPU tensors, its kernel call caught instead of run), with the launcher's specialisations
+(16-byte-aligned pointers, sizes divisible by 16 marked so, ints equal to 1 as constants).
+
+Run:  python bench/sass_gemv.py [--rows 1 16] [--n 2048 --k 2048]
+The GPU machine's Triton may compile differently; the counts are for comparing variants here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edgellm.kernels import gemv  # noqa: E402
+from edgellm.kernels.dispatch import run_with  # noqa: E402
+from edgellm.quant import quantize  # noqa: E402
+
+TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.uint8: "u8", torch.int32: "i32",
+         torch.int64: "i64", torch.int8: "i8"}
+
+
+class _Caught:
+    """Stands in for the kernel: [grid](*args, **kwargs) keeps the call."""
+
+    def __init__(self):
+        self.call = None
+
+    def __getitem__(self, grid):
+        def keep(*args, **kwargs):
+            self.call = (args, kwargs)
+        return keep
+
+
+def compile_call(args, kwargs):
+    """The caught call compiled for sm_90: the compiled kernel (asm: ttgir, ptx, cubin)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = gemv._gemv_kernel
+    names = fn.arg_names
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(names):
+        if name in kwargs or fn.params[i].is_constexpr:
+            signature[name] = "constexpr"
+            constexprs[name] = kwargs[name] if name in kwargs else args[i]
+            continue
+        value = args[i]
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + TYPES[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            if value == 1:
+                signature[name] = "constexpr"
+                constexprs[name] = 1
+            else:
+                signature[name] = "i32" if abs(value) < 2 ** 31 else "i64"
+                if value % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "fp32"
+    source = ASTSource(fn, signature, constexprs, attrs)
+    options = {"num_warps": kwargs.get("num_warps", 4)}
+    if "num_stages" in kwargs:
+        options["num_stages"] = kwargs["num_stages"]
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def sass(compiled) -> str:
+    from triton.tools.disasm import get_sass
+
+    return get_sass(compiled.asm["cubin"])
+
+
+def counts(text: str) -> collections.Counter:
+    """Opcodes of the SASS (without predicates and modifiers)."""
+    ops = collections.Counter()
+    for line in text.splitlines():
+        found = re.match(r"^[-0-9:A-Z]+\t(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if found:
+            ops[found.group(2)] += 1
+    return ops
+
+
+def loop_body(text: str) -> str:
+    """The longest loop of the SASS: from a label to the last branch back to it (the K loop)."""
+    lines = text.splitlines()
+    labels = {re.match(r"^(\w+):", line).group(1): i for i, line in enumerate(lines) if re.match(r"^\w+:$", line)}
+    best = (0, 0)
+    for i, line in enumerate(lines):
+        found = re.search(r"BRA (\w+);", line)
+        if found and labels.get(found.group(1), i) < i and i - labels[found.group(1)] > best[1] - best[0]:
+            best = (labels[found.group(1)], i + 1)
+    return "\n".join(lines[best[0]:best[1]])
+
+
+def variant(x, weight, tile, row_fma, **settings):
+    caught = _Caught()
+    real = gemv._gemv_kernel
+    gemv._gemv_kernel = caught
+    try:
+        with run_with(**settings):
+            gemv.gemv(x, weight, tile=tile, row_fma=row_fma)
+    finally:
+        gemv._gemv_kernel = real
+    args, kwargs = caught.call
+    # (weights a thread unpacks per trip around the K loop)
+    per_thread = kwargs["BLOCK_N"] * kwargs["BLOCK_K"] // (32 * kwargs["num_warps"])
+    return compile_call(args, {k: v for k, v in kwargs.items() if k != "launch_pdl"}), per_thread
+
+
+KINDS = ("CVT", "F2F", "I2F", "F2I", "HADD2", "HFMA2", "HMUL2", "FADD", "FFMA", "FMUL", "LOP3", "PRMT", "SHF", "IMAD",
+         "LDG", "LDS", "STS", "LDSM", "HMMA", "HGMMA", "BAR", "SHFL")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--n", type=int, default=2048)
+    parser.add_argument("--k", type=int, default=2048)
+    args = parser.parse_args()
+    w = torch.randn(args.n, args.k, dtype=torch.float16) * 0.02
+    weights = {"fp16": w, "int8": quantize(w, "int8"), "int4": quantize(w, "int4")}
+    cases = []
+    for m in args.rows:
+        x = torch.randn(m, args.k, dtype=torch.float16)
+        if m == 1:
+            cases += [(f"m1 {kind} fma", x, weights[kind], None, True, {}) for kind in weights]
+        for kind in weights:
+            cases.append((f"m{m} {kind} dot", x, weights[kind], None, False, {}))
+        for operands in ("rows", "weights"):
+            for codes in ("f32", "f16", "ptx", "words", "words-ptx"):
+                cases.append((f"m{m} int4 {operands}/{codes} (64,128,4,3)", x, weights["int4"], (64, 128, 4, 3), False,
+                              dict(packed_operands=operands, int4_codes=codes)))
+            for codes in ("bits", "ptx"):
+                cases.append((f"m{m} int8 {operands}/{codes} (64,128,4,3)", x, weights["int8"], (64, 128, 4, 3), False,
+                              dict(packed_operands=operands, int8_codes=codes)))
+    print(f"{'variant':40s} {'kernel':>6s} {'loop':>5s} {'/ weight':>8s}  loop by kind: " + " ".join(f"{k:>5s}" for k in KINDS))
+    for name, x, weight, tile, row_fma, settings in cases:
+        try:
+            compiled, per_thread = variant(x, weight, tile, row_fma, **settings)
+            text = sass(compiled)
+        except Exception as error:  # noqa: BLE001 - a variant that does not compile is reported as such
+            print(f"{name:40s} failed: {type(error).__name__}: {str(error).splitlines()[0][:150]}")
+            continue
+        ops = counts(loop_body(text))
+        print(f"{name:40s} {sum(counts(text).values()):6d} {sum(ops.values()):5d} {sum(ops.values()) / per_thread:8.2f}  "
+              + " " * 14 + " ".join(f"{ops[k]:5d}" for k in KINDS))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
