@@ -61,8 +61,10 @@ if [[ " $parts " == *" quant8b "* ]]; then  # (the 8B shape: 16 GB of random wei
     2> "$out/quant8b.stderr" || { status=1; tail -30 "$out/quant8b.stderr"; }
 fi
 if [[ " $parts " == *" packed "* ]]; then  # (the packed-weight GEMV's variants and tiles at 1, 16 and 64 rows, 1B and 8B shapes)
-  python3 bench/packed_gemv.py --json "$out/packed_gemv.json" 2> "$out/packed_gemv.stderr" \
-    || { status=1; tail -30 "$out/packed_gemv.stderr"; }
+  for shape in llama-3.2-1b llama-3.1-8b; do  # (one process a shape: ~5 min each)
+    python3 bench/packed_gemv.py --shape $shape --json "$out/packed_gemv_$shape.json" 2> "$out/packed_gemv_$shape.stderr" \
+      || { status=1; tail -30 "$out/packed_gemv_$shape.stderr"; }
+  done
 fi
 if [[ " $parts " == *" host "* ]]; then
   python3 bench/host_loop.py --json "$out/host_loop.json" 2> "$out/host_loop.stderr" || { status=1; tail -30 "$out/host_loop.stderr"; }

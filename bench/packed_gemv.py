@@ -1,11 +1,14 @@
 """The GEMV's tensor-core path over packed weights (int4: kernels/gemv_weights.py `_int4_dots`; int8:
-kernels/gemv.py) at 16-64 rows (and one row on the CUDA cores), variant by variant, on a shape's layer matrices (default: the Llama-3.2-1B and Llama-3.1-8B shapes), each timed in
+kernels/gemv.py) at 1, 16 and 64 rows, variant by variant, on a shape's layer matrices (default: the
+Llama-3.2-1B and Llama-3.1-8B shapes), each timed in
 a CUDA graph over copies that do not fit the L2 (bench/kernels.py `streamed_us`), against its packed
 bytes at copy bandwidth and against fp16 and int8 through their default tiles in the same run.
 
 Variants: the dots' operand order (RunSettings.packed_operands: x W^T with the rows first, or W x^T with
-the unpacked weights first) and, for int4, how codes become floats (int4_codes: float32 bits, or float16
-bits), each over a few (BLOCK_N, BLOCK_K, warps, stages[, split-K]) tiles.
+the unpacked weights first), how codes become floats (int4_codes: float32 bits, halves in PTX, 16-bit
+words in PTX; int8_codes: Triton's ops or PTX), each over a few (BLOCK_N, BLOCK_K, warps, stages) tiles,
+whole and with K split (kernels/split_k.py) where the tiles alone leave SMs idle; one row also on the
+tensor cores (x padded to 16 rows) beside the CUDA-core tiles.
 
 Run on a CUDA GPU:  python bench/packed_gemv.py [--shape llama-3.2-1b llama-3.1-8b] [--rows 1 16 64] --json out.json
 """
@@ -32,17 +35,26 @@ from edgellm.kernels.dispatch import run_with  # noqa: E402
 from edgellm.quant import quantize  # noqa: E402
 from kernels import streamed_us  # noqa: E402  (bench/kernels.py)
 
-# (kind, operands, int4 codes) and the tiles each is timed with (a fifth entry: split-K, kernels/split_k.py)
-INT4_TILES = [(32, 128, 2, 4), (64, 128, 4, 3), (64, 128, 4, 5), (64, 64, 4, 5), (128, 128, 8, 3), (128, 64, 4, 4),
-              (64, 128, 4, 4, 2), (64, 128, 4, 4, 4), (32, 128, 2, 4, 2)]
-INT8_TILES = [(32, 512, 4, 4), (64, 256, 4, 4), (64, 128, 4, 4), (128, 256, 8, 3), (64, 256, 4, 4, 2)]
-VARIANTS = {("int4", "rows", "f32"): INT4_TILES, ("int4", "weights", "f32"): INT4_TILES,
-            ("int4", "weights", "f16"): INT4_TILES, ("int8", "rows", "f32"): INT8_TILES,
-            ("int8", "weights", "f32"): INT8_TILES}
-# One row (batch 1) goes to the CUDA cores (gemv row_fma): (BLOCK_N, BLOCK_K, warps, stages) candidates
-ROW_TILES = [(2, 1024, 2, 3), (4, 512, 2, 3), (4, 1024, 2, 3), (4, 1024, 4, 3), (8, 512, 4, 3), (8, 1024, 4, 4),
-             (16, 256, 2, 3), (16, 512, 4, 4)]
-ROW_VARIANTS = {("int4", "rows", "f32"): ROW_TILES, ("int8", "rows", "f32"): ROW_TILES}
+# Tensor-core candidates: (kind, dots' operands, codes) -> tiles (BLOCK_N, BLOCK_K, warps, stages); each is
+# timed whole and, where its tiles leave SMs idle, with K split to fill them (split_for). bench/sass_gemv.py
+# chose these: wider tiles spread a K step's fixed work (x, addresses, masks) over more weights.
+INT4_TILES = [(64, 128, 4, 3), (128, 128, 4, 3), (256, 128, 8, 3)]
+INT8_TILES = [(32, 512, 4, 4), (64, 256, 4, 4), (128, 256, 8, 3)]
+VARIANTS = {**{("int4", operands, codes): INT4_TILES for operands in ("rows", "weights")
+               for codes in ("f32", "ptx", "words-ptx")},
+            ("int8", "rows", "bits"): INT8_TILES, ("int8", "rows", "ptx"): INT8_TILES,
+            ("int8", "weights", "bits"): INT8_TILES[1:2]}
+# One row (batch 1): the CUDA-core tiles (gemv row_fma), and the tensor-core path with x padded to 16 rows
+ROW_TILES = [(4, 512, 2, 3), (4, 1024, 4, 3), (8, 512, 4, 3), (16, 256, 2, 3)]
+ROW_VARIANTS = {("int4", "rows", "f32"): ROW_TILES, ("int8", "rows", "bits"): ROW_TILES}
+ONE_ROW_DOTS = {("int4", "weights", "ptx"): INT4_TILES[:2], ("int4", "rows", "ptx"): INT4_TILES[:2],
+                ("int4", "weights", "words-ptx"): INT4_TILES[1:2], ("int8", "rows", "ptx"): INT8_TILES[:2]}
+
+
+def split_for(n: int, k: int, m: int, tile, sms: int) -> int:
+    """The split of K that gives about two programs an SM (1: the tile's programs do already)."""
+    programs = -(-n // tile[0]) * -(-m // max(16, min(64, m)))
+    return max(1, min(16, k // tile[1], round(2 * sms / programs)))
 
 
 def _copies(w, nbytes: int) -> list:
@@ -53,11 +65,11 @@ def _copies(w, nbytes: int) -> list:
             for _ in range(sets)]
 
 
-def _time(copies: list, x, nbytes: int, tile=None, **settings) -> float | None:
+def _time(copies: list, x, nbytes: int, tile=None, row_fma=None, **settings) -> float | None:
     def fresh(i):
         def call(weight=copies[i % len(copies)]):
             with run_with(**settings):
-                return gemv.gemv(x, weight, tile=tile, row_fma=x.shape[0] == 1)
+                return gemv.gemv(x, weight, tile=tile, row_fma=row_fma)
         return call
     try:
         return streamed_us(fresh, nbytes)
@@ -68,6 +80,7 @@ def _time(copies: list, x, nbytes: int, tile=None, **settings) -> float | None:
 
 def rows_for(shape: str, ms, bandwidth: float, variants=VARIANTS) -> list[dict]:
     rows = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for name, (n, k) in benchmark.layer_matrices(shape).items():
         w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
         weights = {"fp16": w, **{kind: quantize(w, kind) for kind in ("int8", "int4")}}
@@ -76,11 +89,18 @@ def rows_for(shape: str, ms, bandwidth: float, variants=VARIANTS) -> list[dict]:
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             base = dict(shape=shape, matrix=name, n=n, k=k, m=m)
-            timed = [(kind, "default", None, {}) for kind in weights] + [
-                (kind, f"{operands}/{codes}", tile, dict(packed_operands=operands, int4_codes=codes))
-                for (kind, operands, codes), tiles in (ROW_VARIANTS if m == 1 else variants).items() for tile in tiles]
-            for kind, variant, tile, settings in timed:
-                us = _time(copies[kind], x, nbytes[kind], tile, **settings)
+            timed = [(kind, "default", None, None, {}) for kind in weights]
+            if m == 1:
+                timed += [(kind, f"fma {operands}/{codes}", tile, True, {})
+                          for (kind, operands, codes), tiles in ROW_VARIANTS.items() for tile in tiles]
+            for (kind, operands, codes), tiles in (ONE_ROW_DOTS if m == 1 else variants).items():
+                settings = dict(packed_operands=operands, **{f"{kind}_codes": codes})
+                for tile in tiles:
+                    split = split_for(n, k, m, tile, sms)
+                    timed += [(kind, f"{operands}/{codes}", tile + (s,) if s > 1 else tile, False, settings)
+                              for s in sorted({1, split})]
+            for kind, variant, tile, row_fma, settings in timed:
+                us = _time(copies[kind], x, nbytes[kind], tile, row_fma, **settings)
                 if us is not None:
                     rows.append(dict(base, kind=kind, variant=variant, tile=tile, us=us,
                                      pct=100 * nbytes[kind] / bandwidth * 1e6 / us))
