@@ -61,6 +61,10 @@ if [[ " $parts " == *" quant8b "* ]]; then  # (the 8B shape: 16 GB of random wei
     2> "$out/quant8b.stderr" || { status=1; tail -30 "$out/quant8b.stderr"; }
 fi
 if [[ " $parts " == *" packed "* ]]; then  # (the packed-weight GEMV's variants and tiles at 1, 16 and 64 rows, 1B and 8B shapes)
+  # (first the compiled kernels against their references: the PTX codes' bits, split-K's ordering)
+  python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gemv.py tests/kernels/test_gemv_split_k.py \
+    > "$out/packed_pytest.log" 2>&1 || { status=1; grep -E "^(FAILED|ERROR)" "$out/packed_pytest.log" | head -20; }
+  echo "packed GEMV GPU tests: $(grep -E "passed|failed|error" "$out/packed_pytest.log" | tail -1)"
   for shape in llama-3.2-1b llama-3.1-8b; do  # (one process a shape: ~5 min each)
     python3 bench/packed_gemv.py --shape $shape --json "$out/packed_gemv_$shape.json" 2> "$out/packed_gemv_$shape.stderr" \
       || { status=1; tail -30 "$out/packed_gemv_$shape.stderr"; }

@@ -17,7 +17,7 @@ import torch
 
 from ._triton import tl, triton
 
-COUNTERS = 1 << 16  # tiles (output blocks x row blocks) one launch may split: 256 KB of int32 a stream
+COUNTERS = 1 << 16  # tiles (output blocks x row blocks) one launch may split: 256 KB of int32 a device
 _counters: dict = {}
 
 
@@ -42,10 +42,13 @@ def split_k_sum(acc, ws_ptr, cnt_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 
 
 def counters(device: torch.device) -> torch.Tensor | None:
-    """The zeroed counters of this device's current stream (made on first use; None while a CUDA graph
-    is being captured and there are none yet: made inside the capture they would belong to the graph)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device.type, device.index, stream)
+    """The device's zeroed counters (made on first use; None while a CUDA graph is being captured and
+    there are none yet: made inside the capture they would belong to the graph; the engine's captures
+    run their steps eagerly first). One set a device: the GEMVs that split K run on one stream at a
+    time, one after another (a captured step replays on the stream that launches it)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (device.type, device.index)
     if key not in _counters:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None

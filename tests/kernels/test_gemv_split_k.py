@@ -75,3 +75,30 @@ def test_split_k_keeps_the_lora_and_rope_epilogues():
     torch.testing.assert_close(q, q_ref, **TOL)
     torch.testing.assert_close(caches[0], caches[2], **TOL)
     torch.testing.assert_close(caches[1], caches[3], **TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (marker gpu)")
+@pytest.mark.parametrize("kind,codes", [("int4", "f32"), ("int4", "ptx"), ("int4", "words-ptx"), ("int8", "ptx"),
+                                        (None, "f32")])
+def test_split_k_on_the_gpu_adds_in_one_order_at_full_size(kind, codes):
+    """Compiled, at a layer's size, many programs racing to count in: every run the same bits, graph
+    replays too, close to the reference; the counters back at zero (their ordering is the GPU's to get
+    right: the interpreter runs programs one after another)."""
+    k, n, m = 4096, 4096, 16
+    x, w = randn(m, k, dtype=torch.float16), _weight(n, k, kind)
+    settings = dict(packed_operands="weights") if kind else {}
+    settings.update({f"{kind}_codes": codes} if kind else {})
+    tile = (128, 128, 4, 3, 8) if kind else (16, 256, 2, 5, 4)
+    with run_with(**settings):
+        first = gemv.gemv(x, w, tile=tile)
+        torch.testing.assert_close(first, gemv.gemv_ref(x, w), **TOL)
+        for _ in range(20):
+            assert torch.equal(gemv.gemv(x, w, tile=tile), first)
+        graph, out = torch.cuda.CUDAGraph(), None
+        with torch.cuda.graph(graph):
+            out = gemv.gemv(x, w, tile=tile)
+        for _ in range(20):
+            graph.replay()
+            assert torch.equal(out, first)
+    assert not split_k.counters(x.device).any()
