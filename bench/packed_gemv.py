@@ -6,7 +6,7 @@ bytes at copy bandwidth and against fp16 and int8 through their default tiles in
 
 Variants: the dots' operand order (RunSettings.packed_operands: x W^T with the rows first, or W x^T with
 the unpacked weights first), how codes become floats (int4_codes: float32 bits, halves in PTX, 16-bit
-words in PTX; int8_codes: Triton's ops or PTX), each over a few (BLOCK_N, BLOCK_K, warps, stages) tiles,
+words in PTX; byte_codes: Triton's ops or PTX), each over a few (BLOCK_N, BLOCK_K, warps, stages) tiles,
 whole and with K split (kernels/split_k.py) where the tiles alone leave SMs idle; one row also on the
 tensor cores (x padded to 16 rows) beside the CUDA-core tiles.
 
@@ -49,6 +49,9 @@ ROW_TILES = [(4, 512, 2, 3), (4, 1024, 4, 3), (8, 512, 4, 3), (16, 256, 2, 3)]
 ROW_VARIANTS = {("int4", "rows", "f32"): ROW_TILES, ("int8", "rows", "bits"): ROW_TILES}
 ONE_ROW_DOTS = {("int4", "weights", "ptx"): INT4_TILES[:2], ("int4", "rows", "ptx"): INT4_TILES[:2],
                 ("int4", "weights", "words-ptx"): INT4_TILES[1:2], ("int8", "rows", "ptx"): INT8_TILES[:2]}
+
+
+CODES_SETTING = {"int4": "int4_codes", "int8": "byte_codes"}
 
 
 def split_for(n: int, k: int, m: int, tile, sms: int) -> int:
@@ -94,7 +97,7 @@ def rows_for(shape: str, ms, bandwidth: float, variants=VARIANTS) -> list[dict]:
                 timed += [(kind, f"fma {operands}/{codes}", tile, True, {})
                           for (kind, operands, codes), tiles in ROW_VARIANTS.items() for tile in tiles]
             for (kind, operands, codes), tiles in (ONE_ROW_DOTS if m == 1 else variants).items():
-                settings = dict(packed_operands=operands, **{f"{kind}_codes": codes})
+                settings = dict(packed_operands=operands, **{CODES_SETTING[kind]: codes})
                 for tile in tiles:
                     split = split_for(n, k, m, tile, sms)
                     timed += [(kind, f"{operands}/{codes}", tile + (s,) if s > 1 else tile, False, settings)

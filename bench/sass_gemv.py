@@ -145,7 +145,7 @@ def main() -> int:
                               dict(packed_operands=operands, int4_codes=codes)))
             for codes in ("bits", "ptx"):
                 cases.append((f"m{m} int8 {operands}/{codes} (64,128,4,3)", x, weights["int8"], (64, 128, 4, 3), False,
-                              dict(packed_operands=operands, int8_codes=codes)))
+                              dict(packed_operands=operands, byte_codes=codes)))
     print(f"{'variant':40s} {'kernel':>6s} {'loop':>5s} {'/ weight':>8s}  loop by kind: " + " ".join(f"{k:>5s}" for k in KINDS))
     for name, x, weight, tile, row_fma, settings in cases:
         try:

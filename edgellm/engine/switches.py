@@ -37,9 +37,10 @@ class Switches:
     # with Triton's ops or four bytes at a time in PTX (kernels/gemv_weights.py `_int4_halves`; the same
     # bits out), or reads its bytes as 16-bit words in four dots (words; other sums): A/Bs.
     int4_codes: str = "f32"
-    # EDGELLM_INT8_CODES=ptx: the int8 GEMV's tensor-core path (float16) makes its codes halves with PTX,
-    # two bytes an instruction (kernels/gemv_weights.py `_int8_halves`): an A/B, the same bits out.
-    int8_codes: str = "bits"
+    # EDGELLM_BYTE_CODES=ptx: the int8 and fp8 GEMVs' tensor-core path (float16) makes its codes halves with
+    # PTX, two bytes an instruction (kernels/gemv_weights.py `_int8_halves`, `_fp8_halves`): an A/B, the
+    # same bits out.
+    byte_codes: str = "bits"
     # EDGELLM_PACKED_OPERANDS=weights: the GEMV's tensor-core dots over packed weights (int8, int4, fp8) take
     # the unpacked weights as their first operand and the rows of x as the second (W x^T;
     # kernels/gemv_weights.py `_int4_dots` says why): an A/B.
@@ -99,7 +100,7 @@ class Switches:
                    fused_norm_rows=count("EDGELLM_FUSED_NORM_ROWS", cls.fused_norm_rows),
                    gemv_prefetch=count("EDGELLM_GEMV_PREFETCH", None), pdl=PDL_MODES[pdl], int4_codes=int4_codes,
                    packed_operands=choice("EDGELLM_PACKED_OPERANDS", ("rows", "weights")),
-                   int8_codes=choice("EDGELLM_INT8_CODES", ("bits", "ptx")),
+                   byte_codes=choice("EDGELLM_BYTE_CODES", ("bits", "ptx")),
                    run_ahead=flag("EDGELLM_RUN_AHEAD", True), hand_over=flag("EDGELLM_HAND_OVER", True),
                    mixed_steps=flag("EDGELLM_MIXED_STEPS", True),
                    batch_invariant=flag("EDGELLM_BATCH_INVARIANT", False),
@@ -110,7 +111,7 @@ class Switches:
         """The kernels' RunSettings (kernels/dispatch.py) these switches change from the defaults: what
         a step runs under (an empty dict where none is changed; a debug block's own settings stay)."""
         names = ("pdl", "gemv_prefetch", "forbid_reference_on_cuda", "batch_invariant", "int4_codes",
-                 "int8_codes", "packed_operands")
+                 "byte_codes", "packed_operands")
         return {name: getattr(self, name) for name in names if getattr(self, name) != getattr(Switches, name)}
 
 

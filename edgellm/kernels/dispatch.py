@@ -28,7 +28,7 @@ class RunSettings(NamedTuple):
     batch_invariant: bool = False           # each row computed in an order that no batch size changes (Switches)
     decode_step: bool = False               # (batch_invariant) a decode step's forward: its rows take the GEMV
     int4_codes: str = "f32"                 # how the int4 GEMV's tensor-core path makes codes floats (gemv.py)
-    int8_codes: str = "bits"                # the int8 one's: "bits" (Triton ops) or "ptx" (gemv_weights.py)
+    byte_codes: str = "bits"                # int8 / fp8 ones: "bits" (Triton ops) or "ptx" (gemv_weights.py)
     packed_operands: str = "rows"           # packed weights' tensor-core dots: x W^T, or W x^T "weights" (gemv.py)
 
 

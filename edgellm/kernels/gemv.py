@@ -137,7 +137,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
     k_hi = tl.minimum(k, k_lo + k_chunk)
     if ROW_FMA:  # BLOCK_M is 1
         acc = _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, w_rows, s_sn, k, k_lo, k_hi, group, nw_ptr,
-                        tl.sum(rstd, axis=0), BLOCK_N, BLOCK_K, NUM_STAGES, QUANT, NORM)[None, :]
+                        tl.sum(rstd, axis=0), BLOCK_N, BLOCK_K, NUM_STAGES, QUANT, NORM, QUANT == 3 and CODES == 2)[None, :]
     elif QUANT == 2:
         acc = _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, w_rows, s_sn, k, k_lo, k_hi, group, nw_ptr, rstd,
                          BLOCK_M, BLOCK_N, BLOCK_K, NUM_STAGES, PRECISION, NORM, CODES, WEIGHTS_FIRST)
@@ -243,13 +243,13 @@ def _launch_tile(weight, row_fma: bool, pairs: bool, tile=None) -> tuple[int, in
 
 
 def _int4_codes(quant: str | None, dtype: torch.dtype) -> int:
-    """The CODES constexpr (gemv_weights.INT4_CODES) of RunSettings.int4_codes (int8: 2 for its PTX, as
-    RunSettings.int8_codes asks): its halves need float16 activations, its PTX a compiled kernel (the
+    """The CODES constexpr (gemv_weights.INT4_CODES) of RunSettings.int4_codes (int8, fp8: 2 for their PTX,
+    as RunSettings.byte_codes asks): its halves need float16 activations, its PTX a compiled kernel (the
     interpreter takes the same halves from Triton ops)."""
-    if quant not in ("int4", "int8") or dtype != torch.float16:
+    if quant is None or dtype != torch.float16:
         return 0
-    if quant == "int8":  # (int8: its PTX or not, RunSettings.int8_codes)
-        return 2 if run_settings().int8_codes == "ptx" and not interpreter_on() else 0
+    if quant in ("int8", "fp8"):  # (one-byte codes: their PTX or not, RunSettings.byte_codes)
+        return 2 if run_settings().byte_codes == "ptx" and not interpreter_on() else 0
     chosen = INT4_CODES[run_settings().int4_codes]
     if interpreter_on() and chosen in (2, 4):  # (the PTX's twins: the same halves from Triton's ops)
         return chosen - 1

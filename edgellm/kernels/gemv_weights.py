@@ -108,6 +108,27 @@ def _int8_halves(codes, zm, PTX: tl.constexpr):
     return _codes_f16(codes.to(tl.int32)) - zm
 
 
+# fp8 e4m3 codes to float16 in Hopper's conversion, two bytes an instruction ($2: four bytes; $0, $1:
+# their halves, exact: every e4m3 value is a float16).
+_FP8_PTX = tl.constexpr("""{
+.reg .b16 lo, hi;
+mov.b32 {lo, hi}, $2;
+cvt.rn.f16x2.e4m3x2 $0, lo;
+cvt.rn.f16x2.e4m3x2 $1, hi;
+}""") if HAS_TRITON else None
+
+
+@triton.jit
+def _fp8_halves(bits, PTX: tl.constexpr):
+    """The e4m3 bytes `bits` (uint8) as float16 values: PTX, Hopper's conversion; else its bits moved
+    into a half's (exponent bias 15 against 7) and scaled by 2^8 (the same values)."""
+    if PTX:
+        return tl.inline_asm_elementwise(_FP8_PTX, "=r,=r,r", [bits], dtype=tl.float16, is_pure=True, pack=4)
+    wide = bits.to(tl.int16)
+    half_bits = ((wide & 0x80) << 8) | ((wide & 0x7F) << 7)
+    return half_bits.to(tl.float16, bitcast=True) * 256.0
+
+
 @triton.jit
 def _int4_word_halves(words, zm, J: tl.constexpr, PTX: tl.constexpr):
     """Nibble J of each int16 word of `words` less the zero, float16 q - z (exact; zm as _int4_halves)."""
@@ -232,11 +253,12 @@ def _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, k_lo
 
 @triton.jit
 def _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, k_lo, k_hi, group, nw_ptr, rstd, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, QUANT: tl.constexpr, NORM: tl.constexpr):
+              BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, QUANT: tl.constexpr, NORM: tl.constexpr,
+              PTX: tl.constexpr = False):
     """x[0] . W[rows_n] over columns k_lo..k_hi (of k) on the CUDA cores, [BLOCK_N] float32, less the per-channel scales (int8 / fp8
     apply them after). Products accumulate elementwise in the tile (int4: per block of 32 columns, to
     take the block's scale), reduced over K once at the end. NORM: x is RMS-normalised on the way in
-    (load_x)."""
+    (load_x). PTX: fp8 codes through _fp8_halves' PTX."""
     if QUANT == 2:  # int4: blocks of 32 columns, each in one group: per block and row, the codes
         # less the zero dotted with x, times the scale
         acc = tl.zeros([BLOCK_N, BLOCK_K // 32], dtype=tl.float32)
@@ -260,7 +282,7 @@ def _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, k_lo, k_hi, 
                 q = tl.load(w_base + kk[None, :], mask=n_ok[:, None] & (kk < k)[None, :], other=0).to(tl.int32)
                 acc += (_codes_f32(q) - zm) * x
             else:
-                acc += _weight_tile(w_base, kk, k, n_ok, tl.float32, QUANT) * x
+                acc += _weight_tile(w_base, kk, k, n_ok, tl.float32, QUANT, PTX=PTX) * x
         return tl.sum(acc, axis=1)
 
 
@@ -269,14 +291,13 @@ def _weight_tile(w_base, kk, k, n_ok, dtype: tl.constexpr, QUANT: tl.constexpr, 
     """W[rows, kk] in the compute dtype: full precision, or int8 / fp8 codes (int8's are 0..255, exact
     in fp16 and bf16; the per-channel zero and scale apply to the accumulator once, after the K loop).
     int8 codes for float16 come less their zero zm (1024 + z, float16) from their bits (_int8_halves: no
-    conversion instruction, which issued 128 a K step where the loop's other work was ~570)."""
+    conversion instruction, which issued 128 a K step where the loop's other work was ~570). PTX: int8
+    and fp8 codes through their PTX (compiled kernels, float16 x)."""
     k_ok = kk < k
     if QUANT == 1 and dtype == tl.float16:
         w = _int8_halves(tl.load(w_base + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0), zm, PTX)
-    elif QUANT == 3:  # fp8 e4m3 stored as bytes: its bits moved into an fp16 (exponent bias 15 vs 7), x 2^8
-        bits = tl.load(w_base + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.int16)
-        half_bits = ((bits & 0x80) << 8) | ((bits & 0x7F) << 7)
-        w = (half_bits.to(tl.float16, bitcast=True) * 256.0).to(dtype)
+    elif QUANT == 3:  # fp8 e4m3 stored as bytes (_fp8_halves)
+        w = _fp8_halves(tl.load(w_base + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0), PTX).to(dtype)
     else:
         w = tl.load(w_base + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(dtype)
     return w

@@ -149,12 +149,12 @@ def test_gemv_over_packed_weights(kind, dtype, m, n, k, bias):
                     words = gemv.gemv(x, qw, b, row_fma=False)
                 torch.testing.assert_close(words, ref, **tol)
                 assert torch.equal(words, first_words.setdefault(operands, words)), (codes, operands)
-    if kind == "int8":  # (Switches.int8_codes: its PTX in a compiled kernel, the same halves, the same bits)
-        for operands in ("rows", "weights"):
+    if kind in ("int8", "fp8"):  # (Switches.byte_codes: PTX in a compiled kernel, the same halves, the same bits)
+        for operands, row_fma in [("rows", False), ("weights", False)] + [("rows", True)] * (m == 1):
             with run_with(packed_operands=operands):
-                bits = gemv.gemv(x, qw, b, row_fma=False)
-            with run_with(packed_operands=operands, int8_codes="ptx"):
-                assert torch.equal(gemv.gemv(x, qw, b, row_fma=False), bits), operands
+                bits = gemv.gemv(x, qw, b, row_fma=row_fma)
+            with run_with(packed_operands=operands, byte_codes="ptx"):
+                assert torch.equal(gemv.gemv(x, qw, b, row_fma=row_fma), bits), (operands, row_fma)
     with run_with(packed_operands="weights"):  # (Switches.packed_operands: W x^T, the weights first; 64-row tiles)
         torch.testing.assert_close(gemv.gemv(x, qw, b, row_fma=False), ref, **tol)
         torch.testing.assert_close(gemv.gemv(x, qw, b, tile=(64, 64, 4, 2), row_fma=False), ref, **tol)

@@ -88,7 +88,7 @@ def test_split_k_on_the_gpu_adds_in_one_order_at_full_size(kind, codes):
     k, n, m = 4096, 4096, 16
     x, w = randn(m, k, dtype=torch.float16), _weight(n, k, kind)
     settings = dict(packed_operands="weights") if kind else {}
-    settings.update({f"{kind}_codes": codes} if kind else {})
+    settings.update({"int4_codes" if kind == "int4" else "byte_codes": codes} if kind else {})
     tile = (128, 128, 4, 3, 8) if kind else (16, 256, 2, 5, 4)
     with run_with(**settings):
         first = gemv.gemv(x, w, tile=tile)
