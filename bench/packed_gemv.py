@@ -43,15 +43,16 @@ INT8_TILES = [(32, 512, 4, 4), (64, 256, 4, 4), (128, 256, 8, 3)]
 VARIANTS = {**{("int4", operands, codes): INT4_TILES for operands in ("rows", "weights")
                for codes in ("f32", "ptx", "words-ptx")},
             ("int8", "rows", "bits"): INT8_TILES, ("int8", "rows", "ptx"): INT8_TILES,
-            ("int8", "weights", "bits"): INT8_TILES[1:2]}
+            ("int8", "weights", "bits"): INT8_TILES[1:2], ("fp8", "rows", "ptx"): INT8_TILES}
 # One row (batch 1): the CUDA-core tiles (gemv row_fma), and the tensor-core path with x padded to 16 rows
 ROW_TILES = [(4, 512, 2, 3), (4, 1024, 4, 3), (8, 512, 4, 3), (16, 256, 2, 3)]
-ROW_VARIANTS = {("int4", "rows", "f32"): ROW_TILES, ("int8", "rows", "bits"): ROW_TILES}
+ROW_VARIANTS = {("int4", "rows", "f32"): ROW_TILES, ("int8", "rows", "bits"): ROW_TILES,
+                ("fp8", "rows", "ptx"): ROW_TILES[:2]}
 ONE_ROW_DOTS = {("int4", "weights", "ptx"): INT4_TILES[:2], ("int4", "rows", "ptx"): INT4_TILES[:2],
                 ("int4", "weights", "words-ptx"): INT4_TILES[1:2], ("int8", "rows", "ptx"): INT8_TILES[:2]}
 
 
-CODES_SETTING = {"int4": "int4_codes", "int8": "byte_codes"}
+CODES_SETTING = {"int4": "int4_codes", "int8": "byte_codes", "fp8": "byte_codes"}
 
 
 def split_for(n: int, k: int, m: int, tile, sms: int) -> int:
@@ -86,7 +87,7 @@ def rows_for(shape: str, ms, bandwidth: float, variants=VARIANTS) -> list[dict]:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for name, (n, k) in benchmark.layer_matrices(shape).items():
         w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
-        weights = {"fp16": w, **{kind: quantize(w, kind) for kind in ("int8", "int4")}}
+        weights = {"fp16": w, **{kind: quantize(w, kind) for kind in ("int8", "int4", "fp8")}}
         nbytes = {kind: w.numel() * 2 if kind == "fp16" else qw.nbytes for kind, qw in weights.items()}
         copies = {kind: _copies(qw, nbytes[kind]) for kind, qw in weights.items()}
         for m in ms:
@@ -94,7 +95,7 @@ def rows_for(shape: str, ms, bandwidth: float, variants=VARIANTS) -> list[dict]:
             base = dict(shape=shape, matrix=name, n=n, k=k, m=m)
             timed = [(kind, "default", None, None, {}) for kind in weights]
             if m == 1:
-                timed += [(kind, f"fma {operands}/{codes}", tile, True, {})
+                timed += [(kind, f"fma {operands}/{codes}", tile, True, {CODES_SETTING[kind]: codes})
                           for (kind, operands, codes), tiles in ROW_VARIANTS.items() for tile in tiles]
             for (kind, operands, codes), tiles in (ONE_ROW_DOTS if m == 1 else variants).items():
                 settings = dict(packed_operands=operands, **{CODES_SETTING[kind]: codes})
@@ -107,7 +108,7 @@ def rows_for(shape: str, ms, bandwidth: float, variants=VARIANTS) -> list[dict]:
                 if us is not None:
                     rows.append(dict(base, kind=kind, variant=variant, tile=tile, us=us,
                                      pct=100 * nbytes[kind] / bandwidth * 1e6 / us))
-            for kind in ("int8", "int4"):
+            for kind in ("int8", "int4", "fp8"):
                 best = min((r for r in rows if (r["shape"], r["matrix"], r["m"], r["kind"]) == (shape, name, m, kind)),
                            key=lambda r: r["us"])
                 benchmark.log(f"  {shape} {name} {n}x{k} m{m}: best {kind} {best['variant']} {best['tile']} "
@@ -132,17 +133,18 @@ def main() -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=1))
     print(f"\n{out['device']}  torch {out['torch']}  commit {out['commit']}  copy {out['copy_TBps']:.2f} TB/s")
-    print(f"{'shape':13s} {'matrix':7s} {'n x k':12s} m   {'fp16 us':>8s} {'int8 us':>8s} {'int4 us':>8s} "
-          f"{'best int8':>9s} (% floor) variant, tile      {'best int4':>9s} (% floor) variant, tile")
+    print(f"{'shape':13s} {'matrix':7s} {'n x k':12s} {'m':3s} {'kind':5s} {'fp16 us':>8s} {'default':>8s} "
+          f"{'best us':>8s} {'% floor':>7s} {'x fp16':>6s}  best variant, tile")
     keys = dict.fromkeys((r["shape"], r["matrix"], r["m"]) for r in out["rows"])
     for shape, matrix, m in keys:
         mine = [r for r in out["rows"] if (r["shape"], r["matrix"], r["m"]) == (shape, matrix, m)]
         default = {r["kind"]: r for r in mine if r["variant"] == "default"}
-        best = {kind: min((r for r in mine if r["kind"] == kind), key=lambda r: r["us"]) for kind in ("int8", "int4")}
-        us = {kind: f"{default[kind]['us']:8.1f}" if kind in default else f"{'-':>8s}" for kind in ("fp16", "int8", "int4")}
-        n, k = mine[0]["n"], mine[0]["k"]
-        print(f"{shape:13s} {matrix:7s} {n:5d}x{k:<6d} {m:<3d} {us['fp16']} {us['int8']} {us['int4']} " + "  ".join(
-            f"{b['us']:9.1f} ({b['pct']:3.0f}%)  {b['variant']}, {str(b['tile']):18s}" for b in best.values()))
+        for kind in ("int8", "int4", "fp8"):
+            best = min((r for r in mine if r["kind"] == kind), key=lambda r: r["us"])
+            fp16 = default["fp16"]["us"] if "fp16" in default else float("nan")
+            print(f"{shape:13s} {matrix:7s} {best['n']:5d}x{best['k']:<6d} {m:<3d} {kind:5s} {fp16:8.1f} "
+                  f"{default[kind]['us'] if kind in default else float('nan'):8.1f} {best['us']:8.1f} {best['pct']:6.0f}% "
+                  f"{fp16 / best['us']:6.2f}  {best['variant']}, {best['tile']}")
     return 0
 
 
