@@ -52,9 +52,9 @@ fi
 if [[ " $parts " == *" quant "* ]]; then
   python3 bench/quant.py --sweep none --lm-head --batch 1 16 32 64 --json "$out/quant.json" 2> "$out/quant.stderr" \
     || { status=1; tail -30 "$out/quant.stderr"; }
-  # (the A/B of the int4 codes' unpacking: decode rows only, the engine reads the switch)
-  EDGELLM_INT4_CODES=f16 python3 bench/quant.py --skip kernel --kinds int4 --lm-head --batch 1 16 32 64 \
-    --json "$out/quant_f16codes.json" 2> "$out/quant_f16codes.stderr" || { status=1; tail -30 "$out/quant_f16codes.stderr"; }
+  # (the A/B of the codes' unpacking in PTX: decode rows only, the engine reads the switches)
+  EDGELLM_INT4_CODES=ptx EDGELLM_BYTE_CODES=ptx python3 bench/quant.py --skip kernel --lm-head --batch 1 16 32 64 \
+    --json "$out/quant_ptx.json" 2> "$out/quant_ptx.stderr" || { status=1; tail -30 "$out/quant_ptx.stderr"; }
 fi
 if [[ " $parts " == *" quant8b "* ]]; then  # (the 8B shape: 16 GB of random weights written once, ~1-2 min)
   python3 bench/quant.py --shape llama-3.1-8b --sweep none --lm-head --batch 1 16 --json "$out/quant8b.json" \
