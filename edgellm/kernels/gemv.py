@@ -139,7 +139,11 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
         acc = _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, w_rows, s_sn, k, k_lo, k_hi, group, nw_ptr,
                         tl.sum(rstd, axis=0), BLOCK_N, BLOCK_K, NUM_STAGES, QUANT, NORM, QUANT == 3 and CODES == 2)[None, :]
     elif QUANT == 2:
-        acc = _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, w_rows, s_sn, k, k_lo, k_hi, group, nw_ptr, rstd,
+        if CODES >= 3:  # (the rows as int16 words, from the base pointer: the compiler keeps its alignment)
+            w16_base = w_ptr.to(tl.pointer_type(tl.int16)) + w_rows.to(tl.int64)[:, None] * (s_wn // 2)
+        else:
+            w16_base = w_base
+        acc = _int4_dots(x_base, m_ok, w_base, w16_base, n_ok, sc_ptr, zp_ptr, w_rows, s_sn, k, k_lo, k_hi, group, nw_ptr, rstd,
                          BLOCK_M, BLOCK_N, BLOCK_K, NUM_STAGES, PRECISION, NORM, CODES, WEIGHTS_FIRST)
     else:
         if WEIGHTS_FIRST:  # (packed weights: W x^T, gemv_weights._int4_dots says why)

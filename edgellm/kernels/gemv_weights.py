@@ -166,7 +166,7 @@ def _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, NB: tl.
 
 
 @triton.jit
-def _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, k_lo, k_hi, group, nw_ptr, rstd,
+def _int4_dots(x_base, m_ok, w_base, w16_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, k_lo, k_hi, group, nw_ptr, rstd,
                BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr,
                NORM: tl.constexpr, CODES: tl.constexpr, WEIGHTS_FIRST: tl.constexpr):
@@ -189,7 +189,6 @@ def _int4_dots(x_base, m_ok, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, k_lo
     c = tl.arange(0, BLOCK_K // 2)
     lo_cols = c + (c // 16) * 16  # (the tile's low-nibble columns; formats.py's blocks of 32)
     if CODES >= 3:  # (the same bytes read as int16 words: four codes each)
-        w16_base = w_base.to(tl.pointer_type(tl.int16))
         cw = tl.arange(0, BLOCK_K // 4)
         word_cols = 32 * (cw // 8) + 2 * (cw % 8)  # (nibble 0's column; 1: +16, 2: +1, 3: +17)
     for b0 in tl.range(k_lo // 2, (k_hi + 1) // 2, BLOCK_K // 2, num_stages=NUM_STAGES):
