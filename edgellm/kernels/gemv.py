@@ -137,7 +137,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
     k_hi = tl.minimum(k, k_lo + k_chunk)
     if ROW_FMA:  # BLOCK_M is 1
         acc = _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, w_rows, s_sn, k, k_lo, k_hi, group, nw_ptr,
-                        tl.sum(rstd, axis=0), BLOCK_N, BLOCK_K, NUM_STAGES, QUANT, NORM, QUANT == 3 and CODES == 2)[None, :]
+                        tl.sum(rstd, axis=0), BLOCK_N, BLOCK_K, NUM_STAGES, QUANT, NORM, CODES == 2)[None, :]
     elif QUANT == 2:
         if CODES >= 3:  # (the rows as int16 words, from the base pointer: the compiler keeps its alignment)
             w16_base = w_ptr.to(tl.pointer_type(tl.int16)) + w_rows.to(tl.int64)[:, None] * (s_wn // 2)

@@ -148,21 +148,35 @@ def _int4_word_halves(words, zm, J: tl.constexpr, PTX: tl.constexpr):
 
 
 @triton.jit
-def _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, NB: tl.constexpr):
-    """The int4 tile of NB blocks (32 columns, 16 bytes: formats.py) from byte b0 of each row, each
-    block inside one group: its low and high nibbles as _codes_f32 floats [BLOCK_N, NB, 16], the blocks' scales and zeros [BLOCK_N, NB], and the low nibbles' columns
-    [NB, 16] (the high ones' are 16 further)."""
+def cols_of(b0, BLOCK_K: tl.constexpr):
+    """The low-nibble columns [BLOCK_K // 32, 16] of the int4 blocks from byte b0 (_int4_block_bytes)."""
+    return 2 * b0 + tl.arange(0, BLOCK_K // 32)[:, None] * 32 + tl.arange(0, 16)[None, :]
+
+
+@triton.jit
+def _int4_block_bytes(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, NB: tl.constexpr):
+    """The int4 tile of NB blocks (32 columns, 16 bytes: formats.py) from byte b0 of each row, each block
+    inside one group: its bytes (uint8) [BLOCK_N, NB, 16], the blocks' scales and zeros [BLOCK_N, NB] (float32),
+    and the low nibbles' columns [NB, 16] (the high ones' are 16 further)."""
     blk = tl.arange(0, NB)
     t = tl.arange(0, 16)
-    cols = 2 * b0 + blk[:, None] * 32 + t[None, :]
+    cols = cols_of(b0, NB * 32)
     packed = tl.load(w_base[:, :, None] + (b0 + blk[:, None] * 16 + t[None, :])[None],
-                     mask=n_ok[:, None, None] & (cols < k)[None], other=0).to(tl.int32)
+                     mask=n_ok[:, None, None] & (cols < k)[None], other=0)
     first = 2 * b0 + blk * 32  # each block's first column
     at = rows_n[:, None] * s_sn + (first // group)[None, :]
     b_ok = n_ok[:, None] & (first < k)[None, :]
     s = tl.load(sc_ptr + at, mask=b_ok, other=0.0).to(tl.float32)
     z = tl.load(zp_ptr + at, mask=b_ok, other=0.0).to(tl.float32)
-    return _codes_f32(packed & 0xF), _codes_f32(packed >> 4), s, z, cols
+    return packed, s, z, cols
+
+
+@triton.jit
+def _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, NB: tl.constexpr):
+    """_int4_block_bytes with the low and high nibbles as _codes_f32 floats [BLOCK_N, NB, 16]."""
+    packed, s, z, cols = _int4_block_bytes(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, NB)
+    q = packed.to(tl.int32)
+    return _codes_f32(q & 0xF), _codes_f32(q >> 4), s, z, cols
 
 
 @triton.jit
@@ -257,17 +271,26 @@ def _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, k_lo, k_hi, 
     """x[0] . W[rows_n] over columns k_lo..k_hi (of k) on the CUDA cores, [BLOCK_N] float32, less the per-channel scales (int8 / fp8
     apply them after). Products accumulate elementwise in the tile (int4: per block of 32 columns, to
     take the block's scale), reduced over K once at the end. NORM: x is RMS-normalised on the way in
-    (load_x). PTX: fp8 codes through _fp8_halves' PTX."""
+    (load_x). PTX: int4 and fp8 codes through their PTX (_int4_halves, _fp8_halves)."""
     if QUANT == 2:  # int4: blocks of 32 columns, each in one group: per block and row, the codes
         # less the zero dotted with x, times the scale
         acc = tl.zeros([BLOCK_N, BLOCK_K // 32], dtype=tl.float32)
         for b0 in tl.range(k_lo // 2, (k_hi + 1) // 2, BLOCK_K // 2, num_stages=NUM_STAGES):
-            lo, hi, s, z, cols = _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, BLOCK_K // 32)
+            cols = cols_of(b0, BLOCK_K)
             x_lo = load_x(x_ptr + cols, cols < k, nw_ptr + cols, cols < k, rstd, NORM).to(tl.float32)[None]
             x_hi = load_x(x_ptr + cols + 16, cols + 16 < k, nw_ptr + cols + 16, cols + 16 < k, rstd,
-                         NORM).to(tl.float32)[None]
-            zm = _zero_f32(z)[:, :, None]
-            acc += tl.sum((lo - zm) * x_lo + (hi - zm) * x_hi, axis=2) * s
+                          NORM).to(tl.float32)[None]
+            if PTX:  # the codes less the zero as halves, four bytes at a time (exact), then float32
+                packed, s, z, _ = _int4_block_bytes(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group,
+                                                       BLOCK_K // 32)
+                zm = _zero_f16(z)[:, :, None]
+                lo = _int4_halves(packed, zm, False, True).to(tl.float32)
+                hi = _int4_halves(packed, zm, True, True).to(tl.float32)
+                acc += tl.sum(lo * x_lo + hi * x_hi, axis=2) * s
+            else:
+                lo, hi, s, z, _ = _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, BLOCK_K // 32)
+                zm = _zero_f32(z)[:, :, None]
+                acc += tl.sum((lo - zm) * x_lo + (hi - zm) * x_hi, axis=2) * s
         return tl.sum(acc, axis=1)
     else:
         cols = tl.arange(0, BLOCK_K)

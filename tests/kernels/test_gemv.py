@@ -149,6 +149,10 @@ def test_gemv_over_packed_weights(kind, dtype, m, n, k, bias):
                     words = gemv.gemv(x, qw, b, row_fma=False)
                 torch.testing.assert_close(words, ref, **tol)
                 assert torch.equal(words, first_words.setdefault(operands, words)), (codes, operands)
+        if m == 1:  # (one row on the CUDA cores: the PTX halves, made float32, give the same products)
+            with run_with(int4_codes="ptx"):
+                halves = gemv.gemv(x, qw, b, row_fma=True)
+            assert torch.equal(halves, gemv.gemv(x, qw, b, row_fma=True))
     if kind in ("int8", "fp8"):  # (Switches.byte_codes: PTX in a compiled kernel, the same halves, the same bits)
         for operands, row_fma in [("rows", False), ("weights", False)] + [("rows", True)] * (m == 1):
             with run_with(packed_operands=operands):
