@@ -45,6 +45,14 @@ class Switches:
     # the unpacked weights as their first operand and the rows of x as the second (W x^T;
     # kernels/gemv_weights.py `_int4_dots` says why): an A/B.
     packed_operands: str = "rows"
+    # EDGELLM_INT4_TILE / EDGELLM_BYTE_TILE=<BLOCK_N>,<BLOCK_K>,<warps>,<stages>: the tile of the int4 / the
+    # int8 and fp8 GEMVs' tensor-core path; EDGELLM_GEMV_SPLIT=auto: those GEMVs split K where their tiles
+    # alone leave SMs idle (kernels/split_k.py); EDGELLM_PACKED_ROW_DOTS=1: one row of packed weights on the
+    # tensor cores instead of the CUDA cores. A/Bs of bench/packed_gemv.py's candidates in whole decode steps.
+    int4_tile: tuple | None = None
+    byte_tile: tuple | None = None
+    gemv_split: str = "off"
+    packed_row_dots: bool = False
     # EDGELLM_RUN_AHEAD=0: the runtime reads each decode step's tokens before queueing the next.
     run_ahead: bool = True
     # EDGELLM_HAND_OVER=0: the engine loop goes on at once after putting first tokens in streams, instead
@@ -93,6 +101,17 @@ class Switches:
             return value
 
         int4_codes = choice("EDGELLM_INT4_CODES", ("f32", "f16", "ptx", "words", "words-ptx"))
+        def tile(name: str):
+            value = env.get(name)
+            if value is None:
+                return None
+            parts = value.split(",")
+            if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts) or \
+                    any(int(p) & (int(p) - 1) for p in parts[:3]):
+                raise ConfigurationError(f"{name} must be BLOCK_N,BLOCK_K,warps,stages (the first three powers "
+                                         f"of two), got {value!r}")
+            return tuple(int(p) for p in parts)
+
         pdl = env.get("EDGELLM_PDL", "1")
         if pdl not in PDL_MODES:
             raise ConfigurationError(f"EDGELLM_PDL must be one of {', '.join(PDL_MODES)}, got {pdl!r}")
@@ -101,6 +120,9 @@ class Switches:
                    gemv_prefetch=count("EDGELLM_GEMV_PREFETCH", None), pdl=PDL_MODES[pdl], int4_codes=int4_codes,
                    packed_operands=choice("EDGELLM_PACKED_OPERANDS", ("rows", "weights")),
                    byte_codes=choice("EDGELLM_BYTE_CODES", ("bits", "ptx")),
+                   int4_tile=tile("EDGELLM_INT4_TILE"), byte_tile=tile("EDGELLM_BYTE_TILE"),
+                   gemv_split=choice("EDGELLM_GEMV_SPLIT", ("off", "auto")),
+                   packed_row_dots=flag("EDGELLM_PACKED_ROW_DOTS", False),
                    run_ahead=flag("EDGELLM_RUN_AHEAD", True), hand_over=flag("EDGELLM_HAND_OVER", True),
                    mixed_steps=flag("EDGELLM_MIXED_STEPS", True),
                    batch_invariant=flag("EDGELLM_BATCH_INVARIANT", False),
@@ -111,7 +133,7 @@ class Switches:
         """The kernels' RunSettings (kernels/dispatch.py) these switches change from the defaults: what
         a step runs under (an empty dict where none is changed; a debug block's own settings stay)."""
         names = ("pdl", "gemv_prefetch", "forbid_reference_on_cuda", "batch_invariant", "int4_codes",
-                 "byte_codes", "packed_operands")
+                 "byte_codes", "packed_operands", "int4_tile", "byte_tile", "gemv_split", "packed_row_dots")
         return {name: getattr(self, name) for name in names if getattr(self, name) != getattr(Switches, name)}
 
 

@@ -20,7 +20,7 @@ from .gemv_weights import INT4_CODES, QUANT_CODES, _int4_dots, _row_gemv, _weigh
 from .gemv_fusions import (RopeAppend, check_fusions, check_sums, load_x, rope_append_epilogue, rope_operands, row_rstd,
                            sum_in_order)
 from .rms_norm import rms_norm_ref
-from .split_k import COUNTERS, counters, k_split, split_k_sum
+from .split_k import COUNTERS, auto_splits, counters, k_split, sm_count, split_k_sum
 from .rope_append import rope_kv_append_ref
 from .glu import GATE_ACTIVATIONS, gate_activation, glu_ref
 from .lora import _segment_ends, check_expand_operands, delta_constants, extended_b, lora_delta, lora_expand_ref, lora_t
@@ -45,6 +45,9 @@ WIDE_QUANT_TILE = (64, 256, 4, 4)
 def _tile(quant: str | None, n: int, k: int):
     if quant is None:
         return LAYER_TILE if n <= 16 * k else DEFAULT_TILE
+    chosen = run_settings().int4_tile if quant == "int4" else run_settings().byte_tile  # (A/B switches)
+    if chosen is not None:
+        return chosen
     return WIDE_QUANT_TILE if quant in ("int8", "fp8") and n >= 8192 else QUANT_TILES[quant]
 
 
@@ -276,16 +279,19 @@ def _row_block(rows: int, row_fma: bool) -> int:
     return min(64, pow2(rows))
 
 
-def _row_fma(rows: int) -> bool:
+def _row_fma(rows: int, weight=None) -> bool:
     """Whether one row goes to the CUDA cores by default: it is faster, but it adds up each dot product in
     another order than the tensor-core tile, so not where a row must come out the same at any batch size
-    (RunSettings.batch_invariant)."""
-    return rows == 1 and not run_settings().batch_invariant
+    (RunSettings.batch_invariant); packed weights not under RunSettings.packed_row_dots (an A/B)."""
+    settings = run_settings()
+    if settings.packed_row_dots and getattr(weight, "kind", None) is not None:
+        return False
+    return rows == 1 and not settings.batch_invariant
 
 
 def sumsq_parts(weight, rows: int, *, glu: str | None = None, tile=None) -> int:
     """The parts (one per program) of a sumsq_out buffer for gemv(x of `rows` rows, weight, glu=, tile=)."""
-    return _launch_tile(weight, _row_fma(rows), glu is not None, tile)[-1]
+    return _launch_tile(weight, _row_fma(rows, weight), glu is not None, tile)[-1]
 
 
 def supports(weight) -> bool:
@@ -329,7 +335,7 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
         x2 = x2.contiguous()
     r2 = residual.reshape(-1, n).contiguous() if residual is not None else x2
     if row_fma is None:
-        row_fma = _row_fma(m)
+        row_fma = _row_fma(m, weight)
     if row_fma and m != 1:
         raise ValueError(f"gemv: row_fma takes one row of x, got {m}")
     block_n, block_k, warps, stages, programs = _launch_tile(weight, row_fma, pairs, tile)
@@ -341,7 +347,10 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
             raise ValueError(f"gemv: int4 groups must be a multiple of 32, got {weight.group}")
         if not row_fma:  # a tensor-core K tile lies in one group: the largest power of two dividing it
             block_k = min(block_k, weight.group & -weight.group)
-    splits, chunk = k_split(k, block_k, _splits(tile))
+    wanted = _splits(tile)
+    if tile is None and quant is not None and not row_fma and run_settings().gemv_split == "auto":
+        wanted = auto_splits(programs, k, block_k, sm_count(x.device))
+    splits, chunk = k_split(k, block_k, wanted)
     ws = cnt = None
     if splits > 1:
         cnt = counters(x.device)

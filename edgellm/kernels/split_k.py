@@ -61,3 +61,22 @@ def k_split(k: int, block_k: int, wanted: int) -> tuple[int, int]:
     tile stays in one group), none empty (so there may be fewer than wanted)."""
     chunk = triton.cdiv(triton.cdiv(k, max(1, wanted)), block_k) * block_k
     return triton.cdiv(k, chunk), chunk
+
+
+def auto_splits(programs: int, k: int, block_k: int, sms: int) -> int:
+    """RunSettings.gemv_split "auto": the split that gives about two programs an SM to a matrix whose
+    output tiles alone leave SMs idle (a function of the matrix and tile only, never of the batch)."""
+    return max(1, min(16, k // block_k, round(2 * sms / programs)))
+
+
+_sms: dict = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """The device's SMs (the H100's 132 off CUDA, so the interpreter splits as the GPU would)."""
+    if device.type != "cuda":
+        return 132
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sms:
+        _sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sms[index]

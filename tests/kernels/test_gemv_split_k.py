@@ -102,3 +102,20 @@ def test_split_k_on_the_gpu_adds_in_one_order_at_full_size(kind, codes):
             graph.replay()
             assert torch.equal(out, first)
     assert not split_k.counters(x.device).any()
+
+
+@pytest.mark.parametrize("m", [1, 5])
+def test_the_engine_switches_pick_tile_split_and_cores(m):
+    """RunSettings.int4_tile / gemv_split="auto" / packed_row_dots (the decode A/Bs of Switches): the
+    GEMV takes the tile, splits K by the matrix alone (auto_splits: the same for any batch) and puts one
+    row on the tensor cores; the result as the reference's, the sums of squares' parts as many as asked."""
+    k, n = 576, 40
+    x, w = randn(m, k, dtype=torch.float16), _weight(n, k, "int4")
+    residual = randn(m, n, dtype=torch.float16, seed=3)
+    with run_with(int4_tile=(16, 64, 4, 2), gemv_split="auto", packed_row_dots=True):
+        assert not gemv._row_fma(1, w) and gemv._row_fma(1, None)
+        assert split_k.auto_splits(3, k, 64, split_k.sm_count(x.device)) == 9  # (3 programs of 16 rows)
+        sums = torch.zeros(gemv.sumsq_parts(w, m), m, dtype=torch.float32, device=DEVICE)
+        out = gemv.gemv(x, w, residual=residual, sumsq_out=sums)
+    torch.testing.assert_close(out, gemv.gemv_ref(x, w) + residual, **TOL)
+    torch.testing.assert_close(sums.sum(0), out.float().square().sum(-1), rtol=1e-3, atol=1e-3)
