@@ -249,7 +249,7 @@ def _launch_tile(weight, row_fma: bool, pairs: bool, tile=None) -> tuple[int, in
     return block_n, block_k, warps, stages, programs
 
 
-def _int4_codes(quant: str | None, dtype: torch.dtype) -> int:
+def _codes_mode(quant: str | None, dtype: torch.dtype) -> int:
     """The CODES constexpr (gemv_weights.INT4_CODES) of RunSettings.int4_codes (int8, fp8: 2 for their PTX,
     as RunSettings.byte_codes asks): its halves need float16 activations, its PTX a compiled kernel (the
     interpreter takes the same halves from Triton ops)."""
@@ -400,7 +400,7 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
         GLU=0 if glu is None else 1 + GATE_ACTIVATIONS.index(glu), RESIDUAL=residual is not None,
         ROPE=rope_append is not None, SUMSQ=sumsq_out is not None,
         BLOCK_P=pow2(norm_sumsq.shape[0]) if norm_sumsq is not None else 1, ORDERED_SUMS=run_settings().batch_invariant,
-        CODES=_int4_codes(quant, x.dtype),
+        CODES=_codes_mode(quant, x.dtype),
         WEIGHTS_FIRST=quant is not None and run_settings().packed_operands == "weights", SPLIT_K=splits,
         num_warps=warps, launch_pdl=pdl > 0)
     return y.reshape(*lead, out_n)

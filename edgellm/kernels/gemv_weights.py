@@ -1,6 +1,7 @@
 """The GEMV's weight reading (kernels/gemv.py): packed codes made floats without conversion
 instructions, int4 tiles and their tensor-core dots, the one-row CUDA-core dot product, and a tile of
-full-precision, int8 or fp8 rows. kernels/dequantize.py unpacks with the same pieces."""
+full-precision, int8 or fp8 rows. kernels/dequantize.py unpacks with the same pieces. No op of its own,
+so no `_ref` here: what these compute is checked through gemv.gemv_ref and dequantize.dequantize_ref."""
 
 from ._triton import HAS_TRITON, tl, triton
 from .gemv_fusions import load_x

@@ -9,7 +9,7 @@ nothing. The sum is the same whichever program finishes last, so it is the same 
 the split count depends on the matrix alone (split_count), never on the batch, so a row's bits do not
 depend on its batch either. The counters are left at zero by the last program, ready for the next
 kernel, which cannot reach them before this one has finished (a PDL kernel's counting comes after its
-wait)."""
+wait). No op of its own, so no `_ref` here: a split GEMV's reference is gemv.gemv_ref."""
 
 from __future__ import annotations
 
