@@ -241,25 +241,24 @@ def _int4_dots(x_base, m_ok, w_base, w16_base, n_ok, sc_ptr, zp_ptr, rows_n, s_s
                 d = tl.dot(lo_odd, tl.trans(w2), acc=d, input_precision=PRECISION)
                 d = tl.dot(hi_odd, tl.trans(w3), acc=d, input_precision=PRECISION)
                 acc += d * s[None, :]
-        elif CODES > 0:  # (float16 x)
-            zm = _zero_f16(z)[:, None]
-            lo = _int4_halves(packed, zm, False, CODES == 2)  # small integers, exact in fp16
-            hi = _int4_halves(packed, zm, True, CODES == 2)
-        else:
-            zm = _zero_f32(z)[:, None]
-            q = packed.to(tl.int32)
-            lo = (_codes_f32(q & 0xF) - zm).to(dtype)  # small integers, exact in fp16 / bf16
-            hi = (_codes_f32(q >> 4) - zm).to(dtype)
-        if CODES >= 3:
-            pass  # (the four dots above)
-        elif WEIGHTS_FIRST:
-            d = tl.dot(lo, tl.trans(x_lo), input_precision=PRECISION)
-            d = tl.dot(hi, tl.trans(x_hi), acc=d, input_precision=PRECISION)
-            acc += d * s[:, None]
-        else:
-            d = tl.dot(x_lo, tl.trans(lo), input_precision=PRECISION)
-            d = tl.dot(x_hi, tl.trans(hi), acc=d, input_precision=PRECISION)
-            acc += d * s[None, :]
+        else:  # two dots: the low nibbles, then the high ones
+            if CODES > 0:  # (float16 x)
+                zm = _zero_f16(z)[:, None]
+                lo = _int4_halves(packed, zm, False, CODES == 2)  # small integers, exact in fp16
+                hi = _int4_halves(packed, zm, True, CODES == 2)
+            else:
+                zm = _zero_f32(z)[:, None]
+                q = packed.to(tl.int32)
+                lo = (_codes_f32(q & 0xF) - zm).to(dtype)  # small integers, exact in fp16 / bf16
+                hi = (_codes_f32(q >> 4) - zm).to(dtype)
+            if WEIGHTS_FIRST:
+                d = tl.dot(lo, tl.trans(x_lo), input_precision=PRECISION)
+                d = tl.dot(hi, tl.trans(x_hi), acc=d, input_precision=PRECISION)
+                acc += d * s[:, None]
+            else:
+                d = tl.dot(x_lo, tl.trans(lo), input_precision=PRECISION)
+                d = tl.dot(x_hi, tl.trans(hi), acc=d, input_precision=PRECISION)
+                acc += d * s[None, :]
     if WEIGHTS_FIRST:
         acc = tl.trans(acc)
     return acc
