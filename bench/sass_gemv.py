@@ -5,6 +5,7 @@ weights costs per weight before any device time is spent on it. The launch is th
 (16-byte-aligned pointers, sizes divisible by 16 marked so, ints equal to 1 as constants).
 
 Run:  python bench/sass_gemv.py [--rows 1 16] [--n 2048 --k 2048]
+      python bench/sass_gemv.py --check    (every switch's variant compiles, its loop as written: CI runs it)
 The GPU machine's Triton may compile differently; the counts are for comparing variants here.
 """
 
@@ -105,13 +106,15 @@ def loop_body(text: str) -> str:
     return "\n".join(lines[best[0]:best[1]])
 
 
-def variant(x, weight, tile, row_fma, **settings):
+def variant(x, weight, tile, row_fma, fused=None, **settings):
+    """gemv(x, weight, tile=, row_fma=, **fused) under `settings` compiled: (the kernel, weights a thread
+    unpacks per trip around the K loop)."""
     caught = _Caught()
     real = gemv._gemv_kernel
     gemv._gemv_kernel = caught
     try:
         with run_with(**settings):
-            gemv.gemv(x, weight, tile=tile, row_fma=row_fma)
+            gemv.gemv(x, weight, tile=tile, row_fma=row_fma, **(fused or {}))
     finally:
         gemv._gemv_kernel = real
     args, kwargs = caught.call
@@ -124,12 +127,84 @@ KINDS = ("CVT", "F2F", "I2F", "F2I", "HADD2", "HFMA2", "HMUL2", "FADD", "FFMA", 
          "LDG", "LDS", "STS", "LDSM", "HMMA", "HGMMA", "BAR", "SHFL")
 
 
+def check() -> int:
+    """Every variant the GEMV's switches select, with the epilogues split-K must keep, compiled for sm_90,
+    and the instructions each was written to issue (or not) in its K loop: what the interpreter cannot
+    see (it runs no PTX and checks no return types). 0 when all hold, else 1, each miss said."""
+    from edgellm.kernels import lora, rope
+
+    torch.manual_seed(0)
+    k, n, m = 512, 256, 16
+    w = torch.randn(2 * n, k, dtype=torch.float16) * 0.02
+    weights = {kind: quantize(w, kind) for kind in ("int8", "int4", "fp8")}
+    weights["fp16"] = w
+    x, x1 = torch.randn(m, k, dtype=torch.float16), torch.randn(1, k, dtype=torch.float16)
+    norm = (torch.ones(k, dtype=torch.float16), 1e-5)
+    residual = torch.randn(m, 2 * n, dtype=torch.float16)
+    sums = torch.zeros(64, m, dtype=torch.float32)
+    slots = [3, -1, 0, 1] * (m // 4)
+    used = lora.used_slots(slots, 4, "cpu")
+    index = torch.tensor(slots, dtype=torch.int32)
+    spec = (torch.zeros(1, m, 48, dtype=torch.float16), torch.randn(4, 2 * n, 16, dtype=torch.float16), index, used,
+            torch.ones(4), (2 * n - 32, 16, 16))
+    cos, sin = rope.rope_cos_sin_cache_ref(rope.rope_inv_freq(64, 10000.0), 32)
+    caches = [torch.zeros(m + 1, 2, 32, 64, dtype=torch.float16) for _ in range(2)]
+    ints = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    rope_spec = gemv.RopeAppend(cos, sin, *caches, ints(*range(m)), ints(*[3] * m), ints(*[1] * m), 4)
+    split = (64, 128, 4, 3, 2)
+    cases = [  # (name, x, weight, tile, row_fma, fused, settings, wanted opcodes, unwanted opcodes)
+        ("fp16 split + rope", x[:, None], weights["fp16"], (16, 128, 4, 3, 2), False, dict(rope_append=rope_spec), {},
+         (), ()),
+        ("fp16 split + lora", x, weights["fp16"], (16, 128, 4, 3, 2), False, dict(lora=spec), {}, (), ()),
+    ]
+    for operands in ("rows", "weights"):
+        mma = ("HGMMA",) if operands == "weights" else ("HMMA",)
+        for codes in ("f32", "f16", "ptx", "words", "words-ptx"):
+            settings = dict(packed_operands=operands, int4_codes=codes)
+            free = ("I2F", "F2F") if codes != "f32" else ()
+            cases += [(f"int4 {operands}/{codes}", x, weights["int4"], (64, 128, 4, 3), False, {}, settings, mma, free),
+                      (f"int4 {operands}/{codes} split + norm, glu", x, weights["int4"], split, False,
+                       dict(norm=norm, glu="silu"), settings, mma, free)]
+        for kind in ("int8", "fp8"):
+            for codes in ("bits", "ptx"):
+                settings = dict(packed_operands=operands, byte_codes=codes)
+                wanted = mma + (("F2FP",) if kind == "fp8" and codes == "ptx" else ())
+                cases.append((f"{kind} {operands}/{codes} split + residual, sums", x, weights[kind], (64, 256, 4, 3, 2),
+                              False, dict(residual=residual, sumsq_out=sums), settings, wanted, ("I2F",)))
+    for kind in ("int4", "int8", "fp8", "fp16"):
+        for codes in ("f32", "ptx"):
+            settings = dict(int4_codes=codes, byte_codes="ptx" if codes == "ptx" else "bits")
+            cases.append((f"{kind} one row, CUDA cores, {codes}", x1, weights[kind], None, True, dict(norm=norm), settings,
+                          (), ()))
+    failures = 0
+    for name, xx, weight, tile, row_fma, fused, settings, wanted, unwanted in cases:
+        try:
+            compiled, _ = variant(xx, weight, tile, row_fma, fused, **settings)
+            ops = counts(loop_body(sass(compiled)))
+        except Exception as error:  # noqa: BLE001 - reported, counted
+            failures += 1
+            print(f"FAIL {name}: does not compile: {type(error).__name__}: {str(error).strip().splitlines()[-1][:200]}")
+            continue
+        missing = [op for op in wanted if not ops[op]]
+        present = [op for op in unwanted if ops[op]]
+        if missing or present:
+            failures += 1
+            print(f"FAIL {name}: its K loop lacks {missing} / issues {present}")
+        else:
+            print(f"ok   {name}")
+    print(f"{len(cases) - failures} of {len(cases)} variants compile for sm_90 as written")
+    return 1 if failures else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--n", type=int, default=2048)
     parser.add_argument("--k", type=int, default=2048)
+    parser.add_argument("--check", action="store_true", help="compile every switch's variant, check its loop, exit 1 on a miss")
     args = parser.parse_args()
+    if args.check:
+        return check()
     w = torch.randn(args.n, args.k, dtype=torch.float16) * 0.02
     weights = {"fp16": w, "int8": quantize(w, "int8"), "int4": quantize(w, "int4")}
     cases = []
