@@ -142,11 +142,14 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
         acc = _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, w_rows, s_sn, k, k_lo, k_hi, group, nw_ptr,
                         tl.sum(rstd, axis=0), BLOCK_N, BLOCK_K, NUM_STAGES, QUANT, NORM, CODES == 2)[None, :]
     elif QUANT == 2:
-        if CODES >= 3:  # (the rows as int16 words, from the base pointer: the compiler keeps its alignment)
+        if CODES >= 3:  # (the weight rows as int16 words, x's and the norm weight's as int32 pairs of halves)
             w16_base = w_ptr.to(tl.pointer_type(tl.int16)) + w_rows.to(tl.int64)[:, None] * (s_wn // 2)
+            x32_base = x_ptr.to(tl.pointer_type(tl.int32)) + rows_m[:, None] * (s_xm // 2)
+            nw32_ptr = nw_ptr.to(tl.pointer_type(tl.int32))
         else:
-            w16_base = w_base
-        acc = _int4_dots(x_base, m_ok, w_base, w16_base, n_ok, sc_ptr, zp_ptr, w_rows, s_sn, k, k_lo, k_hi, group, nw_ptr, rstd,
+            w16_base, x32_base, nw32_ptr = w_base, x_base, nw_ptr
+        acc = _int4_dots(x_base, x32_base, m_ok, w_base, w16_base, n_ok, sc_ptr, zp_ptr, w_rows, s_sn, k, k_lo, k_hi,
+                         group, nw_ptr, nw32_ptr, rstd,
                          BLOCK_M, BLOCK_N, BLOCK_K, NUM_STAGES, PRECISION, NORM, CODES, WEIGHTS_FIRST)
     else:
         if WEIGHTS_FIRST:  # (packed weights: W x^T, gemv_weights._int4_dots says why)
@@ -249,7 +252,7 @@ def _launch_tile(weight, row_fma: bool, pairs: bool, tile=None) -> tuple[int, in
     return block_n, block_k, warps, stages, programs
 
 
-def _codes_mode(quant: str | None, dtype: torch.dtype) -> int:
+def _codes_mode(quant: str | None, dtype: torch.dtype, pairs_aligned: bool = True) -> int:
     """The CODES constexpr (gemv_weights.INT4_CODES) of RunSettings.int4_codes (int8, fp8: 2 for their PTX,
     as RunSettings.byte_codes asks): its halves need float16 activations, its PTX a compiled kernel (the
     interpreter takes the same halves from Triton ops)."""
@@ -259,8 +262,16 @@ def _codes_mode(quant: str | None, dtype: torch.dtype) -> int:
         return 2 if run_settings().byte_codes == "ptx" and not interpreter_on() else 0
     chosen = INT4_CODES[run_settings().int4_codes]
     if interpreter_on() and chosen in (2, 4):  # (the PTX's twins: the same halves from Triton's ops)
-        return chosen - 1
+        chosen -= 1
+    if chosen >= 3 and not pairs_aligned:  # (words read x as 32-bit pairs: even columns at 4-byte addresses)
+        chosen = 2 if chosen == 4 else 1
     return chosen
+
+
+def _pairs_aligned(x2: torch.Tensor, norm) -> bool:
+    """Whether x's rows (and the norm weight) can be read as 32-bit pairs of halves (the int4 words path)."""
+    tensors = [x2] + ([norm[0]] if norm is not None else [])
+    return x2.shape[-1] % 2 == 0 and x2.stride(0) % 2 == 0 and all(t.data_ptr() % 4 == 0 for t in tensors)
 
 
 def _splits(tile) -> int:
@@ -400,7 +411,7 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
         GLU=0 if glu is None else 1 + GATE_ACTIVATIONS.index(glu), RESIDUAL=residual is not None,
         ROPE=rope_append is not None, SUMSQ=sumsq_out is not None,
         BLOCK_P=pow2(norm_sumsq.shape[0]) if norm_sumsq is not None else 1, ORDERED_SUMS=run_settings().batch_invariant,
-        CODES=_codes_mode(quant, x.dtype),
+        CODES=_codes_mode(quant, x.dtype, _pairs_aligned(x2, norm)),
         WEIGHTS_FIRST=quant is not None and run_settings().packed_operands == "weights", SPLIT_K=splits,
         num_warps=warps, launch_pdl=pdl > 0)
     return y.reshape(*lead, out_n)

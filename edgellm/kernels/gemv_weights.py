@@ -181,8 +181,24 @@ def _int4_tile(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, NB: tl.
 
 
 @triton.jit
-def _int4_dots(x_base, m_ok, w_base, w16_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, k_lo, k_hi, group, nw_ptr, rstd,
-               BLOCK_M: tl.constexpr,
+def _x_pairs(x32_base, at, ok, nw32_ptr, rstd, NORM: tl.constexpr):
+    """Columns 2a and 2a + 1 of x's rows (float16) at the 32-bit words `at` [W] (x32_base [BLOCK_M, 1]: the
+    rows' starts as int32 pointers): (even, odd) [BLOCK_M, W], each a 16-bit half of the words (no shuffle
+    between threads); NORM: RMS-normalised as load_x does (nw32_ptr: the norm weight's words)."""
+    pairs = tl.load(x32_base + at[None, :], mask=ok, other=0)
+    even = (pairs & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    odd = (pairs >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    if NORM:
+        weights = tl.load(nw32_ptr + at[None, :], mask=ok, other=0)
+        even = (even.to(tl.float32) * rstd[:, None]).to(tl.float16) * \
+            (weights & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        odd = (odd.to(tl.float32) * rstd[:, None]).to(tl.float16) * (weights >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    return even, odd
+
+
+@triton.jit
+def _int4_dots(x_base, x32_base, m_ok, w_base, w16_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, k_lo, k_hi, group, nw_ptr, nw32_ptr,
+               rstd, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr,
                NORM: tl.constexpr, CODES: tl.constexpr, WEIGHTS_FIRST: tl.constexpr):
     """x @ W^T [BLOCK_M, BLOCK_N] over columns k_lo..k_hi (of k) in int4 tiles that each lie in one group (BLOCK_K <= group) on the
@@ -209,22 +225,22 @@ def _int4_dots(x_base, m_ok, w_base, w16_base, n_ok, sc_ptr, zp_ptr, rows_n, s_s
     for b0 in tl.range(k_lo // 2, (k_hi + 1) // 2, BLOCK_K // 2, num_stages=NUM_STAGES):
         cols = 2 * b0 + lo_cols
         if CODES >= 3:
-            words = tl.load(w16_base + (b0 // 2 + cw)[None, :], mask=n_ok[:, None] & (2 * b0 + word_cols < k)[None, :],
-                            other=0)
+            # (a word whose block starts before k is stored, zero-padded: masked by the row's word count, runs
+            # of 8 words stay one vector load)
+            words = tl.load(w16_base + (b0 // 2 + cw)[None, :],
+                            mask=n_ok[:, None] & (b0 // 2 + cw < (k + 31) // 32 * 8)[None, :], other=0)
         else:
             packed = tl.load(w_base + (b0 + c)[None, :], mask=n_ok[:, None] & (cols < k)[None, :], other=0)
         at = rows_n * s_sn + 2 * b0 // group
         s = tl.load(sc_ptr + at, mask=n_ok, other=0.0).to(tl.float32)
         z = tl.load(zp_ptr + at, mask=n_ok, other=0.0).to(tl.float32)
-        x_lo = load_x(x_base + cols[None, :], m_ok[:, None] & (cols < k)[None, :], nw_ptr + cols[None, :],
-                      (cols < k)[None, :], rstd[:, None], NORM)
-        x_hi = load_x(x_base + cols[None, :] + 16, m_ok[:, None] & (cols + 16 < k)[None, :],
-                      nw_ptr + cols[None, :] + 16, (cols + 16 < k)[None, :], rstd[:, None], NORM)
-        dtype = x_lo.dtype
         if CODES >= 3:  # four dots of BLOCK_K / 4: nibble j of each word against its x columns
             zm = _zero_f16(z)[:, None]
-            lo_even, lo_odd = tl.split(tl.reshape(x_lo, [BLOCK_M, BLOCK_K // 4, 2]))
-            hi_even, hi_odd = tl.split(tl.reshape(x_hi, [BLOCK_M, BLOCK_K // 4, 2]))
+            x_at = b0 + word_cols // 2  # (x as 32-bit pairs of columns: nibbles 0 and 2's, then 16 further 1 and 3's)
+            x_ok = m_ok[:, None] & (2 * x_at < k)[None, :]
+            lo_even, lo_odd = _x_pairs(x32_base, x_at, x_ok, nw32_ptr, rstd, NORM)
+            hi_even, hi_odd = _x_pairs(x32_base, x_at + 8, m_ok[:, None] & (2 * x_at + 16 < k)[None, :], nw32_ptr, rstd,
+                                       NORM)
             w0 = _int4_word_halves(words, zm, 0, CODES == 4)
             w1 = _int4_word_halves(words, zm, 1, CODES == 4)
             w2 = _int4_word_halves(words, zm, 2, CODES == 4)
@@ -242,6 +258,11 @@ def _int4_dots(x_base, m_ok, w_base, w16_base, n_ok, sc_ptr, zp_ptr, rows_n, s_s
                 d = tl.dot(hi_odd, tl.trans(w3), acc=d, input_precision=PRECISION)
                 acc += d * s[None, :]
         else:  # two dots: the low nibbles, then the high ones
+            x_lo = load_x(x_base + cols[None, :], m_ok[:, None] & (cols < k)[None, :], nw_ptr + cols[None, :],
+                          (cols < k)[None, :], rstd[:, None], NORM)
+            x_hi = load_x(x_base + cols[None, :] + 16, m_ok[:, None] & (cols + 16 < k)[None, :],
+                          nw_ptr + cols[None, :] + 16, (cols + 16 < k)[None, :], rstd[:, None], NORM)
+            dtype = x_lo.dtype
             if CODES > 0:  # (float16 x)
                 zm = _zero_f16(z)[:, None]
                 lo = _int4_halves(packed, zm, False, CODES == 2)  # small integers, exact in fp16

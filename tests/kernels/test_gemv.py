@@ -68,6 +68,15 @@ def test_gemv_fused_norm_glu_residual(dtype, m, n, k, quant):
     in_parts = torch.stack([x[:, :k // 2].float().square().sum(-1), x[:, k // 2:].float().square().sum(-1)])
     torch.testing.assert_close(gemv.gemv(x, w, norm=(nw, 1e-5), norm_sumsq=in_parts, glu="silu", row_fma=False),
                                expected_glu, **tol)
+    if quant == "int4" and dtype == torch.float16:  # (the words path: x and the norm weight read as 32-bit pairs)
+        with run_with(int4_codes="words"):
+            torch.testing.assert_close(gemv.gemv(x, w, norm=(nw, 1e-5), glu="silu", row_fma=False), expected_glu, **tol)
+            torch.testing.assert_close(gemv.gemv(x, w, norm=(nw, 1e-5), norm_sumsq=in_parts, glu="silu", row_fma=False),
+                                       expected_glu, **tol)
+            shifted = torch.cat([x[:, :1], x], dim=1)[:, 1:]  # (rows an odd number of halves apart: not pairs)
+            assert not gemv._pairs_aligned(shifted, None)
+            torch.testing.assert_close(gemv.gemv(shifted, w2, bias, residual=residual, row_fma=False), expected_res,
+                                       **tol)
     with pytest.raises(ValueError, match="norm_sumsq"):
         gemv.gemv(x, w2, norm_sumsq=sums)
     with pytest.raises(ValueError, match="sumsq_out"):
