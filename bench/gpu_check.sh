@@ -56,7 +56,7 @@ if [[ " $parts " == *" quant "* ]]; then
   EDGELLM_INT4_CODES=ptx EDGELLM_BYTE_CODES=ptx python3 bench/quant.py --skip kernel --lm-head --batch 1 16 32 64 \
     --json "$out/quant_ptx.json" 2> "$out/quant_ptx.stderr" || { status=1; tail -30 "$out/quant_ptx.stderr"; }
   # (and with bench/packed_gemv.py's wider tiles, K split to fill the SMs, one row on the tensor cores)
-  EDGELLM_INT4_CODES=ptx EDGELLM_BYTE_CODES=ptx EDGELLM_INT4_TILE=128,128,4,3 EDGELLM_BYTE_TILE=64,256,4,3 \
+  EDGELLM_INT4_CODES=words-ptx EDGELLM_BYTE_CODES=ptx EDGELLM_INT4_TILE=128,128,4,3 EDGELLM_BYTE_TILE=64,256,4,3 \
     EDGELLM_GEMV_SPLIT=auto EDGELLM_PACKED_ROW_DOTS=1 python3 bench/quant.py --skip kernel --kinds int8 int4 fp8 \
     --lm-head --batch 1 16 32 64 --json "$out/quant_ptx_wide.json" 2> "$out/quant_ptx_wide.stderr" \
     || { status=1; tail -30 "$out/quant_ptx_wide.stderr"; }
@@ -64,7 +64,7 @@ fi
 if [[ " $parts " == *" quant8b "* ]]; then  # (the 8B shape: 16 GB of random weights written once, ~1-2 min)
   python3 bench/quant.py --shape llama-3.1-8b --sweep none --lm-head --batch 1 16 --json "$out/quant8b.json" \
     2> "$out/quant8b.stderr" || { status=1; tail -30 "$out/quant8b.stderr"; }
-  EDGELLM_INT4_CODES=ptx EDGELLM_BYTE_CODES=ptx EDGELLM_INT4_TILE=128,128,4,3 EDGELLM_BYTE_TILE=64,256,4,3 \
+  EDGELLM_INT4_CODES=words-ptx EDGELLM_BYTE_CODES=ptx EDGELLM_INT4_TILE=128,128,4,3 EDGELLM_BYTE_TILE=64,256,4,3 \
     EDGELLM_GEMV_SPLIT=auto EDGELLM_PACKED_ROW_DOTS=1 python3 bench/quant.py --shape llama-3.1-8b --skip kernel \
     --kinds int8 int4 fp8 --lm-head --batch 1 16 --json "$out/quant8b_ptx_wide.json" 2> "$out/quant8b_ptx_wide.stderr" \
     || { status=1; tail -30 "$out/quant8b_ptx_wide.stderr"; }

@@ -49,7 +49,8 @@ ROW_TILES = [(4, 512, 2, 3), (4, 1024, 4, 3), (8, 512, 4, 3), (16, 256, 2, 3)]
 ROW_VARIANTS = {("int4", "rows", "f32"): ROW_TILES, ("int8", "rows", "bits"): ROW_TILES,
                 ("fp8", "rows", "ptx"): ROW_TILES[:2]}
 ONE_ROW_DOTS = {("int4", "weights", "ptx"): INT4_TILES[:2], ("int4", "rows", "ptx"): INT4_TILES[:2],
-                ("int4", "weights", "words-ptx"): INT4_TILES[1:2], ("int8", "rows", "ptx"): INT8_TILES[:2]}
+                ("int4", "weights", "words-ptx"): INT4_TILES, ("int4", "rows", "words-ptx"): INT4_TILES,
+                ("int8", "rows", "ptx"): INT8_TILES[:2]}
 
 
 CODES_SETTING = {"int4": "int4_codes", "int8": "byte_codes", "fp8": "byte_codes"}
