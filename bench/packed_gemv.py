@@ -146,7 +146,40 @@ def main() -> int:
             print(f"{shape:13s} {matrix:7s} {best['n']:5d}x{best['k']:<6d} {m:<3d} {kind:5s} {fp16:8.1f} "
                   f"{default[kind]['us'] if kind in default else float('nan'):8.1f} {best['us']:8.1f} {best['pct']:6.0f}% "
                   f"{fp16 / best['us']:6.2f}  {best['variant']}, {best['tile']}")
+    print_choices(out["rows"])
     return 0
+
+
+def print_choices(rows: list[dict]) -> None:
+    """For each format and row count, the candidates (variant, tile; split-K folded in as "auto" where it
+    was timed) closest to each matrix's best across all matrices: the geometric mean of their time over
+    the best, what a default must be chosen by."""
+    import math
+
+    best = {}
+    for r in rows:
+        key = (r["shape"], r["matrix"], r["m"], r["kind"])
+        best[key] = min(best.get(key, math.inf), r["us"])
+    scores: dict = {}
+    for r in rows:
+        if r["kind"] == "fp16":
+            continue
+        tile = tuple(r["tile"][:4]) if r["tile"] else None
+        key = (r["kind"], r["m"], r["variant"], tile)
+        entry = scores.setdefault(key, {})
+        matrix = (r["shape"], r["matrix"])
+        ratio = r["us"] / best[(r["shape"], r["matrix"], r["m"], r["kind"])]
+        entry[matrix] = min(entry.get(matrix, math.inf), ratio)  # (split where it helped: what "auto" would pick)
+    print("\ncandidates by the geometric mean of time / best over the matrices (1.00: best on every one)")
+    for kind, m in sorted({(k[0], k[1]) for k in scores}):
+        ranked = []
+        for (k, mm, variant, tile), entry in scores.items():
+            if (k, mm) != (kind, m):
+                continue
+            ratios = list(entry.values())
+            ranked.append((math.exp(sum(map(math.log, ratios)) / len(ratios)), len(ratios), variant, tile))
+        for mean, count, variant, tile in sorted(ranked)[:3]:
+            print(f"  {kind:5s} m{m:<3d} {mean:5.2f}  over {count:2d} matrices  {variant}, {tile}")
 
 
 if __name__ == "__main__":
