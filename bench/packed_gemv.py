@@ -32,11 +32,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 from edgellm import benchmark  # noqa: E402
 from edgellm.kernels import gemv  # noqa: E402
 from edgellm.kernels.dispatch import run_with  # noqa: E402
+from edgellm.kernels.split_k import auto_splits  # noqa: E402
 from edgellm.quant import quantize  # noqa: E402
 from kernels import streamed_us  # noqa: E402  (bench/kernels.py)
 
 # Tensor-core candidates: (kind, dots' operands, codes) -> tiles (BLOCK_N, BLOCK_K, warps, stages); each is
-# timed whole and, where its tiles leave SMs idle, with K split to fill them (split_for). bench/sass_gemv.py
+# timed whole and, where its tiles leave SMs idle, with K split as EDGELLM_GEMV_SPLIT=auto would (split_for). bench/sass_gemv.py
 # chose these: wider tiles spread a K step's fixed work (x, addresses, masks) over more weights.
 INT4_TILES = [(64, 128, 4, 3), (128, 128, 4, 3), (256, 128, 8, 3)]
 INT8_TILES = [(32, 512, 4, 4), (64, 256, 4, 4), (128, 256, 8, 3)]
@@ -56,10 +57,9 @@ ONE_ROW_DOTS = {("int4", "weights", "ptx"): INT4_TILES[:2], ("int4", "rows", "pt
 CODES_SETTING = {"int4": "int4_codes", "int8": "byte_codes", "fp8": "byte_codes"}
 
 
-def split_for(n: int, k: int, m: int, tile, sms: int) -> int:
-    """The split of K that gives about two programs an SM (1: the tile's programs do already)."""
-    programs = -(-n // tile[0]) * -(-m // max(16, min(64, m)))
-    return max(1, min(16, k // tile[1], round(2 * sms / programs)))
+def split_for(n: int, k: int, tile, sms: int) -> int:
+    """The split RunSettings.gemv_split "auto" would give this matrix and tile (kernels/split_k.py)."""
+    return auto_splits(-(-n // tile[0]), k, tile[1], sms)
 
 
 def _copies(w, nbytes: int) -> list:
@@ -101,7 +101,7 @@ def rows_for(shape: str, ms, bandwidth: float, variants=VARIANTS) -> list[dict]:
             for (kind, operands, codes), tiles in (ONE_ROW_DOTS if m == 1 else variants).items():
                 settings = dict(packed_operands=operands, **{CODES_SETTING[kind]: codes})
                 for tile in tiles:
-                    split = split_for(n, k, m, tile, sms)
+                    split = split_for(n, k, tile, sms)
                     timed += [(kind, f"{operands}/{codes}", tile + (s,) if s > 1 else tile, False, settings)
                               for s in sorted({1, split})]
             for kind, variant, tile, row_fma, settings in timed:
