@@ -37,8 +37,8 @@ from edgellm.quant import quantize  # noqa: E402
 from kernels import streamed_us  # noqa: E402  (bench/kernels.py)
 
 # Tensor-core candidates: (kind, dots' operands, codes) -> tiles (BLOCK_N, BLOCK_K, warps, stages); each is
-# timed whole and, where its tiles leave SMs idle, with K split as EDGELLM_GEMV_SPLIT=auto would (split_for). bench/sass_gemv.py
-# chose these: wider tiles spread a K step's fixed work (x, addresses, masks) over more weights.
+# timed whole and, where its tiles leave SMs idle, with K split as EDGELLM_GEMV_SPLIT=auto would (split_for).
+# bench/sass_gemv.py chose these: wider tiles spread a K step's fixed work (x, addresses, masks) over more weights.
 INT4_TILES = [(64, 128, 4, 3), (128, 128, 4, 3), (256, 128, 8, 3)]
 INT8_TILES = [(32, 512, 4, 4), (64, 256, 4, 4), (128, 256, 8, 3)]
 VARIANTS = {**{("int4", operands, codes): INT4_TILES for operands in ("rows", "weights")
