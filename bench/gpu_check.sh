@@ -55,9 +55,10 @@ if [[ " $parts " == *" quant "* ]]; then
   # (the A/B of the codes' unpacking in PTX: decode rows only, the engine reads the switches)
   EDGELLM_INT4_CODES=ptx EDGELLM_BYTE_CODES=ptx python3 bench/quant.py --skip kernel --lm-head --batch 1 16 32 64 \
     --json "$out/quant_ptx.json" 2> "$out/quant_ptx.stderr" || { status=1; tail -30 "$out/quant_ptx.stderr"; }
-  # (and with bench/packed_gemv.py's wider tiles, K split to fill the SMs, one row on the tensor cores)
+  # (and with bench/packed_gemv.py's wider tiles, K split to fill the SMs, one row on the tensor cores, int4
+  # prefill read packed: its TTFT rows)
   EDGELLM_INT4_CODES=words-ptx EDGELLM_BYTE_CODES=ptx EDGELLM_INT4_TILE=128,128,4,3 EDGELLM_BYTE_TILE=64,256,4,3 \
-    EDGELLM_GEMV_SPLIT=auto EDGELLM_PACKED_ROW_DOTS=1 python3 bench/quant.py --skip kernel --kinds int8 int4 fp8 \
+    EDGELLM_GEMV_SPLIT=auto EDGELLM_PACKED_ROW_DOTS=1 EDGELLM_PACKED_PREFILL=gemm python3 bench/quant.py --skip kernel --kinds int8 int4 fp8 \
     --lm-head --batch 1 16 32 64 --json "$out/quant_ptx_wide.json" 2> "$out/quant_ptx_wide.stderr" \
     || { status=1; tail -30 "$out/quant_ptx_wide.stderr"; }
 fi
@@ -65,13 +66,14 @@ if [[ " $parts " == *" quant8b "* ]]; then  # (the 8B shape: 16 GB of random wei
   python3 bench/quant.py --shape llama-3.1-8b --sweep none --lm-head --batch 1 16 --json "$out/quant8b.json" \
     2> "$out/quant8b.stderr" || { status=1; tail -30 "$out/quant8b.stderr"; }
   EDGELLM_INT4_CODES=words-ptx EDGELLM_BYTE_CODES=ptx EDGELLM_INT4_TILE=128,128,4,3 EDGELLM_BYTE_TILE=64,256,4,3 \
-    EDGELLM_GEMV_SPLIT=auto EDGELLM_PACKED_ROW_DOTS=1 python3 bench/quant.py --shape llama-3.1-8b --skip kernel \
+    EDGELLM_GEMV_SPLIT=auto EDGELLM_PACKED_ROW_DOTS=1 EDGELLM_PACKED_PREFILL=gemm python3 bench/quant.py --shape llama-3.1-8b --skip kernel \
     --kinds int8 int4 fp8 --lm-head --batch 1 16 --json "$out/quant8b_ptx_wide.json" 2> "$out/quant8b_ptx_wide.stderr" \
     || { status=1; tail -30 "$out/quant8b_ptx_wide.stderr"; }
 fi
 if [[ " $parts " == *" packed "* ]]; then  # (the packed-weight GEMV's variants and tiles at 1, 16 and 64 rows, 1B and 8B shapes)
   # (first the compiled kernels against their references: the PTX codes' bits, split-K's ordering)
   python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gemv.py tests/kernels/test_gemv_split_k.py \
+    tests/kernels/test_matmul_int4.py tests/quant/test_quant_gpu.py \
     > "$out/packed_pytest.log" 2>&1 || { status=1; grep -E "^(FAILED|ERROR)" "$out/packed_pytest.log" | head -20; }
   echo "packed GEMV GPU tests: $(grep -E "passed|failed|error" "$out/packed_pytest.log" | tail -1)"
   for shape in llama-3.2-1b llama-3.1-8b; do  # (one process a shape: ~5 min each)

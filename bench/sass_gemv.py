@@ -30,7 +30,7 @@ TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", t
 
 
 class _Caught:
-    """Stands in for the kernel: [grid](*args, **kwargs) keeps the call."""
+    """Stands in for a kernel: [grid](*args, **kwargs) keeps the call."""
 
     def __init__(self):
         self.call = None
@@ -41,13 +41,14 @@ class _Caught:
         return keep
 
 
-def compile_call(args, kwargs):
-    """The caught call compiled for sm_90: the compiled kernel (asm: ttgir, ptx, cubin)."""
+def compile_call(args, kwargs, fn=None):
+    """The caught call of `fn` (default: the GEMV's kernel) compiled for sm_90: the compiled kernel (asm:
+    ttgir, ptx, cubin)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = gemv._gemv_kernel
+    fn = fn or gemv._gemv_kernel
     names = fn.arg_names
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(names):
@@ -127,6 +128,22 @@ KINDS = ("CVT", "F2F", "I2F", "F2I", "HADD2", "HFMA2", "HMUL2", "FADD", "FFMA", 
          "LDG", "LDS", "STS", "LDSM", "HMMA", "HGMMA", "BAR", "SHFL")
 
 
+def matmul_variant(x, weight, **settings):
+    """kernels/matmul.py's call of matmul(x, weight) under `settings`, compiled for sm_90."""
+    from edgellm.kernels import matmul
+
+    caught = _Caught()
+    real = matmul._matmul_kernel
+    matmul._matmul_kernel = caught
+    try:
+        with run_with(**settings):
+            matmul.matmul(x, weight)
+    finally:
+        matmul._matmul_kernel = real
+    args, kwargs = caught.call
+    return compile_call(args, kwargs, real)
+
+
 def check() -> int:
     """Every variant the GEMV's switches select, with the epilogues split-K must keep, compiled for sm_90,
     and the instructions each was written to issue (or not) in its K loop: what the interpreter cannot
@@ -176,10 +193,14 @@ def check() -> int:
             settings = dict(int4_codes=codes, byte_codes="ptx" if codes == "ptx" else "bits")
             cases.append((f"{kind} one row, CUDA cores, {codes}", x1, weights[kind], None, True, dict(norm=norm), settings,
                           (), ()))
+    for codes in ("f32", "f16", "ptx"):  # (prefill over packed int4: kernels/matmul.py)
+        cases.append((f"int4 prefill matmul, {codes}", torch.randn(256, k, dtype=torch.float16), weights["int4"], None,
+                      "matmul", {}, dict(int4_codes=codes), ("HGMMA",), ("I2F", "F2F") if codes != "f32" else ()))
     failures = 0
     for name, xx, weight, tile, row_fma, fused, settings, wanted, unwanted in cases:
         try:
-            compiled, _ = variant(xx, weight, tile, row_fma, fused, **settings)
+            compiled = matmul_variant(xx, weight, **settings) if row_fma == "matmul" else \
+                variant(xx, weight, tile, row_fma, fused, **settings)[0]
             ops = counts(loop_body(sass(compiled)))
         except Exception as error:  # noqa: BLE001 - reported, counted
             failures += 1

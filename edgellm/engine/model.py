@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..kernels import gemv
+from ..kernels import gemv, matmul
 from ..kernels import ops as dispatched_ops
 from ..kernels._triton import early_release
 from ..kernels.dispatch import run_settings
@@ -456,7 +456,10 @@ def _matmul(x: torch.Tensor, weight, bias: torch.Tensor | None, ops) -> torch.Te
     per call: prefill's many tokens share it), engine/cpu_linear.py on the CPU."""
     if not x.is_cuda:
         return cpu_linear(x, weight, bias, ops.dequantize)
-    weight = ops.dequantize(weight, x.dtype) if isinstance(weight, QuantizedWeight) else weight
+    if isinstance(weight, QuantizedWeight):
+        if run_settings().packed_prefill == "gemm" and matmul.supports(weight):  # (int4 read packed: an A/B)
+            return ops.matmul(x, weight, bias)
+        weight = ops.dequantize(weight, x.dtype)
     if run_settings().batch_invariant:  # (fixed tiles: a row's sums whatever the rows around it)
         return ops.matmul(x, weight, bias)
     return F.linear(x, weight, bias)

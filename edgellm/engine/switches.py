@@ -53,6 +53,9 @@ class Switches:
     byte_tile: tuple | None = None
     gemv_split: str = "off"
     packed_row_dots: bool = False
+    # EDGELLM_PACKED_PREFILL=gemm: prefill multiplies by int4 weights as they are packed (kernels/matmul.py,
+    # unpacked tile by tile) instead of writing a dequantized float16 copy for cuBLAS: an A/B of TTFT.
+    packed_prefill: str = "dequantize"
     # EDGELLM_RUN_AHEAD=0: the runtime reads each decode step's tokens before queueing the next.
     run_ahead: bool = True
     # EDGELLM_HAND_OVER=0: the engine loop goes on at once after putting first tokens in streams, instead
@@ -123,6 +126,7 @@ class Switches:
                    int4_tile=tile("EDGELLM_INT4_TILE"), byte_tile=tile("EDGELLM_BYTE_TILE"),
                    gemv_split=choice("EDGELLM_GEMV_SPLIT", ("off", "auto")),
                    packed_row_dots=flag("EDGELLM_PACKED_ROW_DOTS", False),
+                   packed_prefill=choice("EDGELLM_PACKED_PREFILL", ("dequantize", "gemm")),
                    run_ahead=flag("EDGELLM_RUN_AHEAD", True), hand_over=flag("EDGELLM_HAND_OVER", True),
                    mixed_steps=flag("EDGELLM_MIXED_STEPS", True),
                    batch_invariant=flag("EDGELLM_BATCH_INVARIANT", False),
@@ -133,7 +137,8 @@ class Switches:
         """The kernels' RunSettings (kernels/dispatch.py) these switches change from the defaults: what
         a step runs under (an empty dict where none is changed; a debug block's own settings stay)."""
         names = ("pdl", "gemv_prefetch", "forbid_reference_on_cuda", "batch_invariant", "int4_codes",
-                 "byte_codes", "packed_operands", "int4_tile", "byte_tile", "gemv_split", "packed_row_dots")
+                 "byte_codes", "packed_operands", "int4_tile", "byte_tile", "gemv_split", "packed_row_dots",
+                 "packed_prefill")
         return {name: getattr(self, name) for name in names if getattr(self, name) != getattr(Switches, name)}
 
 

@@ -34,6 +34,7 @@ class RunSettings(NamedTuple):
     byte_tile: tuple | None = None          # the same for int8 and fp8
     gemv_split: str = "off"                 # "auto": packed weights' tensor-core GEMVs split K to fill the SMs (split_k.py)
     packed_row_dots: bool = False           # one row of packed weights on the tensor cores, not the CUDA cores
+    packed_prefill: str = "dequantize"      # "gemm": prefill reads int4 weights packed (kernels/matmul.py)
 
 
 _state = threading.local()

@@ -18,16 +18,16 @@ def test_defaults_and_every_variable():
            "EDGELLM_GEMV_PREFETCH": "0", "EDGELLM_PDL": "early", "EDGELLM_RUN_AHEAD": "0",
            "EDGELLM_HAND_OVER": "0", "EDGELLM_FORBID_REF_ON_CUDA": "1", "EDGELLM_INT4_CODES": "f16",
            "EDGELLM_PACKED_OPERANDS": "weights", "EDGELLM_BYTE_CODES": "ptx", "EDGELLM_INT4_TILE": "128,128,4,3",
-           "EDGELLM_GEMV_SPLIT": "auto", "EDGELLM_PACKED_ROW_DOTS": "1"}
+           "EDGELLM_GEMV_SPLIT": "auto", "EDGELLM_PACKED_ROW_DOTS": "1", "EDGELLM_PACKED_PREFILL": "gemm"}
     got = Switches.from_environment(env)
     assert got == Switches(fused_gemv=False, fused_rope=True, fused_norm_rows=16, gemv_prefetch=0, pdl="early",
                            run_ahead=False, hand_over=False, forbid_reference_on_cuda=True, int4_codes="f16",
                            packed_operands="weights", byte_codes="ptx", int4_tile=(128, 128, 4, 3),
-                           gemv_split="auto", packed_row_dots=True)
+                           gemv_split="auto", packed_row_dots=True, packed_prefill="gemm")
     assert got.run_settings() == {"pdl": "early", "gemv_prefetch": 0, "forbid_reference_on_cuda": True,
                                   "int4_codes": "f16", "byte_codes": "ptx",
                                   "packed_operands": "weights", "int4_tile": (128, 128, 4, 3), "gemv_split": "auto",
-                                  "packed_row_dots": True}
+                                  "packed_row_dots": True, "packed_prefill": "gemm"}
     assert Switches().run_settings() == {}  # the defaults change nothing a debug block sets
     assert Switches.from_environment({"EDGELLM_PDL": "0"}).pdl == "off"
     assert Switches.from_environment({"EDGELLM_FUSED_ROPE": "0"}).fused_rope is False
@@ -37,7 +37,8 @@ def test_defaults_and_every_variable():
                                         ("EDGELLM_FUSED_NORM_ROWS", "-1"), ("EDGELLM_GEMV_PREFETCH", "4k"),
                                         ("EDGELLM_INT4_CODES", "f8"), ("EDGELLM_PACKED_OPERANDS", "x"),
                                         ("EDGELLM_BYTE_CODES", "f16"), ("EDGELLM_INT4_TILE", "128,128,4"),
-                                        ("EDGELLM_BYTE_TILE", "96,256,4,3"), ("EDGELLM_GEMV_SPLIT", "on")])
+                                        ("EDGELLM_BYTE_TILE", "96,256,4,3"), ("EDGELLM_GEMV_SPLIT", "on"),
+                                        ("EDGELLM_PACKED_PREFILL", "int4")])
 def test_a_bad_value_names_its_variable(name, value):
     with pytest.raises(ConfigurationError, match=name):
         Switches.from_environment({name: value})

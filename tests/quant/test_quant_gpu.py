@@ -67,3 +67,35 @@ def test_forty_rows_decode_through_the_packed_gemv(tiny_models, kind):
     finally:
         ops.dequantize = original
     torch.testing.assert_close(out[0], out[1], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("codes", ["f32", "ptx", "words-ptx"])
+def test_int4_prefill_read_packed_matches_the_dequantized_path(tiny_models, monkeypatch, codes):
+    """EDGELLM_PACKED_PREFILL=gemm (kernels/matmul.py over the packed int4 weights, no dequantized copy)
+    and the decode A/B switches: a long prefill's logits near float32 over the dequantized weights, no
+    dequantize in the step, and the greedy tokens of the default path."""
+    from edgellm.kernels import ops
+
+    model_dir = tiny_models["llama"][0]
+    request = LLMGenerationRequest(requests=[{"input_ids": p} for p in PROMPTS], max_generate_length=12, temperature=0)
+    plain = LLMInferenceRuntime(model_dir, device="cuda", dtype="float16", cuda_graphs=False, quantization="int4")
+    for name, value in (("EDGELLM_PACKED_PREFILL", "gemm"), ("EDGELLM_INT4_CODES", codes),
+                        ("EDGELLM_GEMV_SPLIT", "auto"), ("EDGELLM_PACKED_ROW_DOTS", "1")):
+        monkeypatch.setenv(name, value)
+    packed = LLMInferenceRuntime(model_dir, device="cuda", dtype="float16", quantization="int4")
+    reference = LLMInferenceRuntime(model_dir, device="cuda", dtype="float32", cuda_graphs=False, quantization="int4")
+    assert packed.handle_request(request).output_ids == plain.handle_request(request).output_ids
+    ids = torch.tensor([[(3 * j) % 90 + 5 for j in range(200)]], device="cuda")
+    dequantized = []
+    original = ops.dequantize
+    ops.dequantize = lambda *args, **kwargs: dequantized.append(1) or original(*args, **kwargs)
+    try:
+        out = []
+        for runtime in (packed, reference):
+            with torch.inference_mode():
+                out.append(runtime.runner.prefill_step(runtime.runner.embed(ids), [ids.shape[1]]).float().cpu())
+            if runtime is packed:
+                assert not dequantized  # (the prefill read the packed weights)
+    finally:
+        ops.dequantize = original
+    torch.testing.assert_close(out[0], out[1], rtol=2e-2, atol=2e-2)
