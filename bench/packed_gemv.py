@@ -10,7 +10,8 @@ words in PTX; byte_codes: Triton's ops or PTX), each over a few (BLOCK_N, BLOCK_
 whole and with K split (kernels/split_k.py) where the tiles alone leave SMs idle; one row also on the
 tensor cores (x padded to 16 rows) beside the CUDA-core tiles.
 
-Run on a CUDA GPU:  python bench/packed_gemv.py [--shape llama-3.2-1b llama-3.1-8b] [--rows 1 16 64] --json out.json
+Run on a CUDA GPU:  python bench/packed_gemv.py [--shape llama-3.2-1b llama-3.1-8b] [--rows 1 16 64] [--prefill 1024] --json out.json
+(--prefill: also each matrix at a 1024-token prefill: fp16 cuBLAS, int4 dequantized + cuBLAS, int4 read packed)
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def _time(copies: list, x, nbytes: int, tile=None, row_fma=None, **settings) -> 
         return None
 
 
-def rows_for(shape: str, ms, bandwidth: float, variants=VARIANTS) -> list[dict]:
+def rows_for(shape: str, ms, bandwidth: float, variants=VARIANTS, prefill: int = 1024) -> list[dict]:
     rows = []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for name, (n, k) in benchmark.layer_matrices(shape).items():
@@ -114,8 +115,44 @@ def rows_for(shape: str, ms, bandwidth: float, variants=VARIANTS) -> list[dict]:
                            key=lambda r: r["us"])
                 benchmark.log(f"  {shape} {name} {n}x{k} m{m}: best {kind} {best['variant']} {best['tile']} "
                               f"{best['us']:.1f} us ({best['pct']:.0f}% of floor)")
+        rows += prefill_rows(shape, name, w, weights["int4"], copies, prefill)
         del w, weights, copies
         torch.cuda.empty_cache()
+    return rows
+
+
+def prefill_rows(shape: str, name: str, w, qw, copies: dict, m: int) -> list[dict]:
+    """A prefill's m tokens through the matrix: fp16 cuBLAS, int4 dequantized then cuBLAS (the default
+    path), and kernels/matmul.py reading int4 packed (EDGELLM_PACKED_PREFILL=gemm) with each codes mode;
+    TFLOP/s from 2 m n k."""
+    import torch.nn.functional as F
+
+    from edgellm.kernels import dequantize as dequantize_kernel, matmul
+
+    if not m:
+        return []
+    n, k = w.shape
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    cases = [("fp16 cuBLAS", copies["fp16"], lambda weight: F.linear(x, weight), {}),
+             ("int4 dequantized + cuBLAS", copies["int4"],
+              lambda weight: F.linear(x, dequantize_kernel.dequantize(weight, torch.float16)), {})]
+    cases += [(f"int4 matmul {codes}", copies["int4"], lambda weight: matmul.matmul(x, weight), dict(int4_codes=codes))
+              for codes in ("f32", "ptx")]
+    rows = []
+    for variant, weights, call, settings in cases:
+        def fresh(i, weights=weights, call=call, settings=settings):
+            def run(weight=weights[i % len(weights)]):
+                with run_with(**settings):
+                    return call(weight)
+            return run
+        try:
+            us = streamed_us(fresh, qw.nbytes)
+        except Exception as error:  # noqa: BLE001 - reported, skipped
+            benchmark.log(f"    prefill {variant}: {type(error).__name__}: {str(error)[:120]}")
+            continue
+        rows.append(dict(shape=shape, matrix=name, n=n, k=k, m=m, kind="prefill", variant=variant, tile=None, us=us,
+                         tflops=2 * m * n * k / us / 1e6))
+        benchmark.log(f"  {shape} {name} prefill {m} tokens, {variant}: {us:.1f} us ({rows[-1]['tflops']:.0f} TFLOP/s)")
     return rows
 
 
@@ -123,22 +160,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", nargs="+", default=["llama-3.2-1b", "llama-3.1-8b"])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--prefill", type=int, default=1024, help="tokens of the prefill comparison (0: none)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     bandwidth = benchmark.copy_bandwidth()
     out = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name(), torch=torch.__version__,
                commit=os.environ.get("EDGELLM_COMMIT", "unknown"), copy_TBps=bandwidth / 1e12, rows=[])
     for shape in args.shape:
-        out["rows"] += rows_for(shape, args.rows, bandwidth)
+        out["rows"] += rows_for(shape, args.rows, bandwidth, prefill=args.prefill)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=1))
     print(f"\n{out['device']}  torch {out['torch']}  commit {out['commit']}  copy {out['copy_TBps']:.2f} TB/s")
     print(f"{'shape':13s} {'matrix':7s} {'n x k':12s} {'m':3s} {'kind':5s} {'fp16 us':>8s} {'default':>8s} "
           f"{'best us':>8s} {'% floor':>7s} {'x fp16':>6s}  best variant, tile")
-    keys = dict.fromkeys((r["shape"], r["matrix"], r["m"]) for r in out["rows"])
+    decode = [r for r in out["rows"] if r["kind"] != "prefill"]
+    keys = dict.fromkeys((r["shape"], r["matrix"], r["m"]) for r in decode)
     for shape, matrix, m in keys:
-        mine = [r for r in out["rows"] if (r["shape"], r["matrix"], r["m"]) == (shape, matrix, m)]
+        mine = [r for r in decode if (r["shape"], r["matrix"], r["m"]) == (shape, matrix, m)]
         default = {r["kind"]: r for r in mine if r["variant"] == "default"}
         for kind in ("int8", "int4", "fp8"):
             best = min((r for r in mine if r["kind"] == kind), key=lambda r: r["us"])
@@ -146,7 +185,10 @@ def main() -> int:
             print(f"{shape:13s} {matrix:7s} {best['n']:5d}x{best['k']:<6d} {m:<3d} {kind:5s} {fp16:8.1f} "
                   f"{default[kind]['us'] if kind in default else float('nan'):8.1f} {best['us']:8.1f} {best['pct']:6.0f}% "
                   f"{fp16 / best['us']:6.2f}  {best['variant']}, {best['tile']}")
-    print_choices(out["rows"])
+    print_choices(decode)
+    for r in (r for r in out["rows"] if r["kind"] == "prefill"):
+        print(f"{r['shape']:13s} {r['matrix']:7s} {r['n']:5d}x{r['k']:<6d} prefill {r['m']} tokens  {r['variant']:26s} "
+              f"{r['us']:8.1f} us  {r['tflops']:4.0f} TFLOP/s")
     return 0
 
 
