@@ -35,7 +35,7 @@ class Switches:
     # EDGELLM_INT4_CODES=f16 | ptx | words | words-ptx: the int4 GEMV's tensor-core path (float16
     # activations) makes its codes halves from their bits (1024 + q) instead of float32 codes converted,
     # with Triton's ops or four bytes at a time in PTX (kernels/gemv_weights.py `_int4_halves`; the same
-    # bits out), or reads its bytes as 16-bit words in four dots (words; other sums): A/Bs.
+    # bits out), or reads its bytes as 16-bit words in four dots (words, up to 16 rows a program; other sums): A/Bs.
     int4_codes: str = "f32"
     # EDGELLM_BYTE_CODES=ptx: the int8 and fp8 GEMVs' tensor-core path (float16) makes its codes halves with
     # PTX, two bytes an instruction (kernels/gemv_weights.py `_int8_halves`, `_fp8_halves`): an A/B, the

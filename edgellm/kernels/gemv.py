@@ -252,10 +252,10 @@ def _launch_tile(weight, row_fma: bool, pairs: bool, tile=None) -> tuple[int, in
     return block_n, block_k, warps, stages, programs
 
 
-def _codes_mode(quant: str | None, dtype: torch.dtype, pairs_aligned: bool = True) -> int:
+def _codes_mode(quant: str | None, dtype: torch.dtype, words: bool = True) -> int:
     """The CODES constexpr (gemv_weights.INT4_CODES) of RunSettings.int4_codes (int8, fp8: 2 for their PTX,
     as RunSettings.byte_codes asks): its halves need float16 activations, its PTX a compiled kernel (the
-    interpreter takes the same halves from Triton ops)."""
+    interpreter takes the same halves from Triton ops), its words (3, 4) `words` (else the bytes: 1, 2)."""
     if quant is None or dtype != torch.float16:
         return 0
     if quant in ("int8", "fp8"):  # (one-byte codes: their PTX or not, RunSettings.byte_codes)
@@ -263,13 +263,16 @@ def _codes_mode(quant: str | None, dtype: torch.dtype, pairs_aligned: bool = Tru
     chosen = INT4_CODES[run_settings().int4_codes]
     if interpreter_on() and chosen in (2, 4):  # (the PTX's twins: the same halves from Triton's ops)
         chosen -= 1
-    if chosen >= 3 and not pairs_aligned:  # (words read x as 32-bit pairs: even columns at 4-byte addresses)
+    if chosen >= 3 and not words:  # (words read x as 32-bit pairs; past 16 rows a program, bytes)
         chosen = 2 if chosen == 4 else 1
     return chosen
 
 
 def _pairs_aligned(x2: torch.Tensor, norm) -> bool:
-    """Whether x's rows (and the norm weight) can be read as 32-bit pairs of halves (the int4 words path)."""
+    """Whether x's rows (and the norm weight) can be read as 32-bit pairs of halves (the int4 words path,
+    taken up to 16 rows a program: past them its x tile costs more than the words save, bench/sass_gemv.py;
+    the engine's rows are always aligned, so a row's path, and its sums, do not change with the batch
+    below 17 rows)."""
     tensors = [x2] + ([norm[0]] if norm is not None else [])
     return x2.shape[-1] % 2 == 0 and x2.stride(0) % 2 == 0 and all(t.data_ptr() % 4 == 0 for t in tensors)
 
@@ -411,7 +414,7 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
         GLU=0 if glu is None else 1 + GATE_ACTIVATIONS.index(glu), RESIDUAL=residual is not None,
         ROPE=rope_append is not None, SUMSQ=sumsq_out is not None,
         BLOCK_P=pow2(norm_sumsq.shape[0]) if norm_sumsq is not None else 1, ORDERED_SUMS=run_settings().batch_invariant,
-        CODES=_codes_mode(quant, x.dtype, _pairs_aligned(x2, norm)),
+        CODES=_codes_mode(quant, x.dtype, _pairs_aligned(x2, norm) and block_m <= 16),
         WEIGHTS_FIRST=quant is not None and run_settings().packed_operands == "weights", SPLIT_K=splits,
         num_warps=warps, launch_pdl=pdl > 0)
     return y.reshape(*lead, out_n)
