@@ -30,9 +30,9 @@ class RunSettings(NamedTuple):
     int4_codes: str = "f32"                 # how the int4 GEMV's tensor-core path makes codes floats (gemv.py)
     byte_codes: str = "bits"                # int8 / fp8 ones: "bits" (Triton ops) or "ptx" (gemv_weights.py)
     packed_operands: str = "rows"           # packed weights' tensor-core dots: x W^T, or W x^T "weights" (gemv.py)
-    int4_tile: tuple | None = None          # (BLOCK_N, BLOCK_K, warps, stages) of int4's tensor-core path (None: gemv.py's)
+    int4_tile: tuple | None = None          # (BLOCK_N, BLOCK_K, warps, stages) of int4's tensor-core path
     byte_tile: tuple | None = None          # the same for int8 and fp8
-    gemv_split: str = "off"                 # "auto": packed weights' tensor-core GEMVs split K to fill the SMs (split_k.py)
+    gemv_split: str = "off"                 # "auto": packed tensor-core GEMVs split K to fill the SMs (split_k.py)
     packed_row_dots: bool = False           # one row of packed weights on the tensor cores, not the CUDA cores
     packed_prefill: str = "dequantize"      # "gemm": prefill reads int4 weights packed (kernels/matmul.py)
 

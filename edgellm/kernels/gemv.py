@@ -67,7 +67,8 @@ def _row_tile(quant: str | None, n: int, k: int):
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                  t_ptr, lb_ptr, idx_ptr, used_ptr, scale_ptr, n_splits, end0, end1, s_bs,
-                 sc_ptr, zp_ptr, s_sn, group: tl.constexpr, nw_ptr, eps, r_ptr, s_rm, nsq_ptr, s_nsq, n_parts, sq_ptr, s_sq,
+                 sc_ptr, zp_ptr, s_sn, group: tl.constexpr, nw_ptr, eps, r_ptr, s_rm, nsq_ptr, s_nsq, n_parts, sq_ptr,
+                 s_sq,
                  cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr, starts_ptr, lens_ptr, seq_len, n_pos, half, n_q, n_kv,
                  c_slot, c_head, c_pos, ws_ptr, cnt_ptr, k_chunk,
                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -244,7 +245,8 @@ def _launch_tile(weight, row_fma: bool, pairs: bool, tile=None) -> tuple[int, in
     blocks of 32); with pairs (glu, rope) a program's BLOCK_N rows make BLOCK_N / 2 outputs."""
     quant = getattr(weight, "kind", None)
     rows_w, k = weight.shape
-    block_n, block_k, warps, stages = (tile or (_row_tile(quant, rows_w, k) if row_fma else _tile(quant, rows_w, k)))[:4]
+    chosen = tile or (_row_tile(quant, rows_w, k) if row_fma else _tile(quant, rows_w, k))
+    block_n, block_k, warps, stages = chosen[:4]
     block_k = min(block_k, pow2(k, 32 if quant == "int4" else 16))
     if pairs:
         block_n = max(block_n, 2)  # a tile holds pairs of rows (gate and up; a rotation's two features)

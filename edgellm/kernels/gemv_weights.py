@@ -192,27 +192,28 @@ def _x_pairs(x32_base, at, ok, nw32_ptr, rstd, NORM: tl.constexpr):
         weights = tl.load(nw32_ptr + at[None, :], mask=ok, other=0)
         even = (even.to(tl.float32) * rstd[:, None]).to(tl.float16) * \
             (weights & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-        odd = (odd.to(tl.float32) * rstd[:, None]).to(tl.float16) * (weights >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+        odd = (odd.to(tl.float32) * rstd[:, None]).to(tl.float16) * \
+            (weights >> 16).to(tl.int16).to(tl.float16, bitcast=True)
     return even, odd
 
 
 @triton.jit
-def _int4_dots(x_base, x32_base, m_ok, w_base, w16_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, k_lo, k_hi, group, nw_ptr, nw32_ptr,
-               rstd, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr,
-               NORM: tl.constexpr, CODES: tl.constexpr, WEIGHTS_FIRST: tl.constexpr):
-    """x @ W^T [BLOCK_M, BLOCK_N] over columns k_lo..k_hi (of k) in int4 tiles that each lie in one group (BLOCK_K <= group) on the
-    tensor cores: a tile's BLOCK_K / 2 bytes of each row as they lie, their low and their high nibbles
-    (less the zero: small integers, exact in fp16 / bf16) in two dots against the x columns they hold
-    (byte c of the tile: column c + 16 (c // 16), and 16 further), the group's scale on the result.
-    WEIGHTS_FIRST: the dots as W x^T, the unpacked weights the first operand (with 64-row tiles, the
-    one a Hopper tensor-core MMA can take from registers: no trip through shared memory) and the few
-    rows of x the second. CODES (INT4_CODES): 0 the codes made float32 from their bits, the zero taken
-    off, then converted; with float16 x, 1 the codes made halves from their bits and the zero taken off
-    in float16 (the same exact integers, no conversion of each code), 2 the same four bytes at a time in
-    PTX (_int4_halves); 3 the tile read as int16 words of four codes, in four dots of BLOCK_K / 4 (nibble
-    j of each word against its columns, x's even and odd ones split apart), 4 the same in PTX, two words
-    at a time (_int4_word_halves)."""
+def _int4_dots(x_base, x32_base, m_ok, w_base, w16_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, k_lo, k_hi, group,
+               nw_ptr, nw32_ptr, rstd, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr, NORM: tl.constexpr, CODES: tl.constexpr,
+               WEIGHTS_FIRST: tl.constexpr):
+    """x @ W^T [BLOCK_M, BLOCK_N] over columns k_lo..k_hi (of k) in int4 tiles that each lie in one group
+    (BLOCK_K <= group) on the tensor cores: a tile's BLOCK_K / 2 bytes of each row as they lie, their low
+    and their high nibbles (less the zero: small integers, exact in fp16 / bf16) in two dots against the x
+    columns they hold (byte c of the tile: column c + 16 (c // 16), and 16 further), the group's scale on
+    the result. WEIGHTS_FIRST: the dots as W x^T, the unpacked weights the first operand (with 64-row
+    tiles, the one a Hopper tensor-core MMA can take from registers: no trip through shared memory) and
+    the few rows of x the second. CODES (INT4_CODES): 0 the codes made float32 from their bits, the zero
+    taken off, then converted; with float16 x, 1 the codes made halves from their bits and the zero taken
+    off in float16 (the same exact integers, no conversion of each code), 2 the same four bytes at a time
+    in PTX (_int4_halves); 3 the tile's bytes read as int16 words of four codes, in four dots of
+    BLOCK_K / 4 (nibble j of each word against its columns; x, and the norm weight, read as 32-bit pairs
+    of halves: _x_pairs), 4 the same in PTX, two words at a time (_int4_word_halves)."""
     if WEIGHTS_FIRST:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
@@ -286,13 +287,14 @@ def _int4_dots(x_base, x32_base, m_ok, w_base, w16_base, n_ok, sc_ptr, zp_ptr, r
 
 
 @triton.jit
-def _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, k_lo, k_hi, group, nw_ptr, rstd, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, QUANT: tl.constexpr, NORM: tl.constexpr,
-              PTX: tl.constexpr = False):
-    """x[0] . W[rows_n] over columns k_lo..k_hi (of k) on the CUDA cores, [BLOCK_N] float32, less the per-channel scales (int8 / fp8
-    apply them after). Products accumulate elementwise in the tile (int4: per block of 32 columns, to
-    take the block's scale), reduced over K once at the end. NORM: x is RMS-normalised on the way in
-    (load_x). PTX: int4 and fp8 codes through their PTX (_int4_halves, _fp8_halves)."""
+def _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, k_lo, k_hi, group, nw_ptr, rstd,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, QUANT: tl.constexpr,
+              NORM: tl.constexpr, PTX: tl.constexpr = False):
+    """x[0] . W[rows_n] over columns k_lo..k_hi (of k) on the CUDA cores, [BLOCK_N] float32, less the
+    per-channel scales (int8 / fp8 apply them after). Products accumulate elementwise in the tile (int4:
+    per block of 32 columns, to take the block's scale), reduced over K once at the end. NORM: x is
+    RMS-normalised on the way in (load_x). PTX: int4 and fp8 codes through their PTX (_int4_halves,
+    _fp8_halves)."""
     if QUANT == 2:  # int4: blocks of 32 columns, each in one group: per block and row, the codes
         # less the zero dotted with x, times the scale
         acc = tl.zeros([BLOCK_N, BLOCK_K // 32], dtype=tl.float32)
