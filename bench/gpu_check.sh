@@ -2,7 +2,7 @@
 # The device script: GPU tests (kernels vs their references on CUDA, end-to-end generation vs
 # transformers, CUDA-graph decode vs eager, no reference op in the hot path), then the kernel and
 # decode benchmarks; short tables last.
-# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|tests1|tests2|kernels|decode|lora|kv|threads|serving|http|ttft|processing|structured|determinism|vision|vocab|families|quant|quant8b|packed|host|backends ...]
+# Usage on the GPU machine, from the repository root:  EDGELLM_COMMIT=<sha> bash bench/gpu_check.sh [tests|tests1|tests2|kernels|decode|lora|kv|threads|serving|http|ttft|processing|structured|determinism|vision|vocab|families|quant|quant8b|packed|packed8b|host|backends ...]
 # (no argument: all of them). Results go to $OUT (the device tool's folder) or bench/results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -70,16 +70,18 @@ if [[ " $parts " == *" quant8b "* ]]; then  # (the 8B shape: 16 GB of random wei
     --kinds int8 int4 fp8 --lm-head --batch 1 16 --json "$out/quant8b_ptx_wide.json" 2> "$out/quant8b_ptx_wide.stderr" \
     || { status=1; tail -30 "$out/quant8b_ptx_wide.stderr"; }
 fi
-if [[ " $parts " == *" packed "* ]]; then  # (the packed-weight GEMV's variants and tiles at 1, 16 and 64 rows, 1B and 8B shapes)
-  # (first the compiled kernels against their references: the PTX codes' bits, split-K's ordering)
+if [[ " $parts " == *" packed "* ]]; then  # (the packed-weight GEMV's variants at 1, 16 and 64 rows, 1B shape: ~5 min)
+  # (first the compiled kernels against their references: the PTX codes' bits, split-K's order)
   python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gemv.py tests/kernels/test_gemv_split_k.py \
     tests/kernels/test_matmul_int4.py tests/quant/test_quant_gpu.py \
     > "$out/packed_pytest.log" 2>&1 || { status=1; grep -E "^(FAILED|ERROR)" "$out/packed_pytest.log" | head -20; }
   echo "packed GEMV GPU tests: $(grep -E "passed|failed|error" "$out/packed_pytest.log" | tail -1)"
-  for shape in llama-3.2-1b llama-3.1-8b; do  # (one process a shape: ~5 min each)
-    python3 bench/packed_gemv.py --shape $shape --json "$out/packed_gemv_$shape.json" 2> "$out/packed_gemv_$shape.stderr" \
-      || { status=1; tail -30 "$out/packed_gemv_$shape.stderr"; }
-  done
+  python3 bench/packed_gemv.py --shape llama-3.2-1b --json "$out/packed_gemv_llama-3.2-1b.json" \
+    2> "$out/packed_gemv_llama-3.2-1b.stderr" || { status=1; tail -30 "$out/packed_gemv_llama-3.2-1b.stderr"; }
+fi
+if [[ " $parts " == *" packed8b "* ]]; then  # (the same on the 8B shape's matrices: ~5 min)
+  python3 bench/packed_gemv.py --shape llama-3.1-8b --json "$out/packed_gemv_llama-3.1-8b.json" \
+    2> "$out/packed_gemv_llama-3.1-8b.stderr" || { status=1; tail -30 "$out/packed_gemv_llama-3.1-8b.stderr"; }
 fi
 if [[ " $parts " == *" host "* ]]; then
   python3 bench/host_loop.py --json "$out/host_loop.json" 2> "$out/host_loop.stderr" || { status=1; tail -30 "$out/host_loop.stderr"; }

@@ -84,7 +84,9 @@ def _time(copies: list, x, nbytes: int, tile=None, row_fma=None, **settings) -> 
         return None
 
 
-def rows_for(shape: str, ms, bandwidth: float, variants=VARIANTS, prefill: int = 1024) -> list[dict]:
+def rows_for(shape: str, ms, bandwidth: float, variants=VARIANTS, prefill: int = 1024, save=None) -> list[dict]:
+    """Every candidate's rows on the shape's matrices; save(rows so far) after each matrix (a run cut short
+    keeps what it timed)."""
     rows = []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for name, (n, k) in benchmark.layer_matrices(shape).items():
@@ -116,6 +118,8 @@ def rows_for(shape: str, ms, bandwidth: float, variants=VARIANTS, prefill: int =
                 benchmark.log(f"  {shape} {name} {n}x{k} m{m}: best {kind} {best['variant']} {best['tile']} "
                               f"{best['us']:.1f} us ({best['pct']:.0f}% of floor)")
         rows += prefill_rows(shape, name, w, weights["int4"], copies, prefill)
+        if save is not None:
+            save(rows)
         del w, weights, copies
         torch.cuda.empty_cache()
     return rows
@@ -166,11 +170,14 @@ def main() -> int:
     bandwidth = benchmark.copy_bandwidth()
     out = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name(), torch=torch.__version__,
                commit=os.environ.get("EDGELLM_COMMIT", "unknown"), copy_TBps=bandwidth / 1e12, rows=[])
+    def save(rows_so_far):
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(dict(out, rows=out["rows"] + rows_so_far), indent=1))
+
     for shape in args.shape:
-        out["rows"] += rows_for(shape, args.rows, bandwidth, prefill=args.prefill)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
+        out["rows"] += rows_for(shape, args.rows, bandwidth, prefill=args.prefill, save=save)
+    save([])
     print(f"\n{out['device']}  torch {out['torch']}  commit {out['commit']}  copy {out['copy_TBps']:.2f} TB/s")
     print(f"{'shape':13s} {'matrix':7s} {'n x k':12s} {'m':3s} {'kind':5s} {'fp16 us':>8s} {'default':>8s} "
           f"{'best us':>8s} {'% floor':>7s} {'x fp16':>6s}  best variant, tile")
