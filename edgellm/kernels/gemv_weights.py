@@ -10,7 +10,7 @@ from .gemv_fusions import load_x
 # Weight formats (the QUANT constexpr): full precision, then quant/formats.py's kinds.
 QUANT_CODES = {None: 0, "int8": 1, "int4": 2, "fp8": 3}
 # How the int4 tensor-core path makes its codes floats (RunSettings.int4_codes -> the CODES constexpr of
-# _int4_dots; f16 and ptx with float16 activations only, ptx in compiled kernels only).
+# _int4_dots; all but f32 with float16 activations only, the PTX ones in compiled kernels only).
 INT4_CODES = {"f32": 0, "f16": 1, "ptx": 2, "words": 3, "words-ptx": 4}
 
 
@@ -31,14 +31,15 @@ def _zero_f32(z):
 
 @triton.jit
 def _codes_f16(q):
-    """Codes 0..15 (int32) to float16 without a conversion instruction: q or-ed into the mantissa of
-    2^10 (0x6400) is the half 1024 + q exactly; the 1024 comes off, exactly, with the zero (_zero_f16)."""
+    """Codes 0..255 (int32: int4's, int8's) to float16 without a conversion instruction: q or-ed into the
+    mantissa of 2^10 (0x6400) is the half 1024 + q exactly (integers to 2048 are); the 1024 comes off,
+    exactly, with the zero (_zero_f16)."""
     return (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
 def _zero_f16(z):
-    """A zero point (an integer 0..15, float32) as _codes_f16's codes carry it: 1024 + z, in float16."""
+    """A zero point (an integer 0..255, float32) as _codes_f16's codes carry it: 1024 + z, in float16."""
     return (z + 1024.0).to(tl.float16)
 
 
