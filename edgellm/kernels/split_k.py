@@ -6,8 +6,8 @@ The parts are added in one fixed order, with no floating-point atomics (the dete
 program stores its part to a workspace, counts itself in with an integer atomic, and the one that
 counts last adds the SPLIT_K parts in split order (0, 1, ...) and runs the epilogue; the others store
 nothing. The sum is the same whichever program finishes last, so it is the same run after run, and
-the split count depends on the matrix alone (a tile's entry, auto_splits), never on the batch, so a row's bits do not
-depend on its batch either. The counters are left at zero by the last program, ready for the next
+the split count depends on the matrix alone (a tile's entry, auto_splits), never on the batch, so a
+row's bits do not depend on its batch either. The counters are left at zero by the last program, ready for the next
 kernel, which cannot reach them before this one has finished (a PDL kernel's counting comes after its
 wait). No op of its own, so no `_ref` here: a split GEMV's reference is gemv.gemv_ref."""
 
