@@ -76,17 +76,25 @@ def _int4_halves(packed, zm, HIGH: tl.constexpr, PTX: tl.constexpr):
     return _codes_f16((q >> 4) if HIGH else (q & 0xF)) - zm
 
 
-# The same from 16-bit words (two bytes: four codes), two words a register, for nibble j (0..3) of each:
-# the nibble shifted down to the low 4 bits of each 16-bit lane, kept and or-ed into the exponent of 1024
-# (lop3), the zero taken off (sub.f16x2): 2.5 instructions for two codes, no byte shuffles.
-_WORD_PTX = """{{
-.reg .b32 t;
-shr.b32 t, $1, {shift};
-lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 $0, t, $2;
-}}"""
-_WORD0_PTX, _WORD1_PTX, _WORD2_PTX, _WORD3_PTX = (
-    tuple(tl.constexpr(_WORD_PTX.format(shift=4 * j)) for j in range(4)) if HAS_TRITON else (None,) * 4)
+# The same from 16-bit words (two bytes: four codes), two words a register, all four nibbles at once
+# ($4: the words; $5: two halves 1024 + z; $6: two halves -(64 + z); out $0..$3: nibble j's halves). A
+# nibble kept where it lies: at bits 0-3 of each 16-bit lane, or-ed into the exponent of 1024, it is the
+# half 1024 + q (less 1024 + z: q - z, sub.f16x2); at bits 4-7, 1024 + 16 q (times 1/16, less 64 + z:
+# q - z, one fma.f16x2); the upper byte's two nibbles the same after one shift by 8. All exact: 9
+# instructions for 8 codes, no byte shuffles.
+_WORDS_PTX = tl.constexpr("""{
+.reg .b32 t, u, sixteenth;
+mov.b32 sixteenth, 0x2C002C00;
+lop3.b32 t, $4, 0x000F000F, 0x64006400, 0xEA;
+sub.f16x2 $0, t, $5;
+lop3.b32 t, $4, 0x00F000F0, 0x64006400, 0xEA;
+fma.rn.f16x2 $1, t, sixteenth, $6;
+shr.b32 u, $4, 8;
+lop3.b32 t, u, 0x000F000F, 0x64006400, 0xEA;
+sub.f16x2 $2, t, $5;
+lop3.b32 t, u, 0x00F000F0, 0x64006400, 0xEA;
+fma.rn.f16x2 $3, t, sixteenth, $6;
+}""") if HAS_TRITON else None
 
 
 # int8 codes likewise: each pair of bytes spread into the low bytes of two 16-bit lanes whose high bytes
@@ -132,21 +140,18 @@ def _fp8_halves(bits, PTX: tl.constexpr):
 
 
 @triton.jit
-def _int4_word_halves(words, zm, J: tl.constexpr, PTX: tl.constexpr):
-    """Nibble J of each int16 word of `words` less the zero, float16 q - z (exact; zm as _int4_halves)."""
+def _int4_word_halves(words, z, PTX: tl.constexpr):
+    """The four nibbles of each int16 word of `words` (nibble j: bits 4j..4j+3) less the zero, float16 q - z
+    (exact): four tiles, nibble 0's first. z [BLOCK_N, 1] float32 (an integer). PTX: _WORDS_PTX."""
     if PTX:
-        if J == 0:
-            asm: tl.constexpr = _WORD0_PTX
-        elif J == 1:
-            asm: tl.constexpr = _WORD1_PTX
-        elif J == 2:
-            asm: tl.constexpr = _WORD2_PTX
-        else:
-            asm: tl.constexpr = _WORD3_PTX
-        return tl.inline_asm_elementwise(asm, "=r,r,r", [words, tl.broadcast_to(zm, words.shape)], dtype=tl.float16,
-                                         is_pure=True, pack=2)
-    q = (words.to(tl.int32) >> (4 * J)) & 0xF
-    return _codes_f16(q) - zm
+        zm = tl.broadcast_to(_zero_f16(z), words.shape)
+        zo = tl.broadcast_to((-64.0 - z).to(tl.float16), words.shape)
+        return tl.inline_asm_elementwise(_WORDS_PTX, "=r,=r,=r,=r,r,r,r", [words, zm, zo],
+                                         dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=2)
+    q = words.to(tl.int32)
+    zm = _zero_f16(z)
+    return (_codes_f16(q & 0xF) - zm, _codes_f16((q >> 4) & 0xF) - zm, _codes_f16((q >> 8) & 0xF) - zm,
+            _codes_f16((q >> 12) & 0xF) - zm)
 
 
 @triton.jit
@@ -214,7 +219,7 @@ def _int4_dots(x_base, x32_base, m_ok, w_base, w16_base, n_ok, sc_ptr, zp_ptr, r
     off in float16 (the same exact integers, no conversion of each code), 2 the same four bytes at a time
     in PTX (_int4_halves); 3 the tile's bytes read as int16 words of four codes, in four dots of
     BLOCK_K / 4 (nibble j of each word against its columns; x, and the norm weight, read as 32-bit pairs
-    of halves: _x_pairs), 4 the same in PTX, two words at a time (_int4_word_halves)."""
+    of halves: _x_pairs), 4 the same in PTX, two words (eight codes) at a time (_int4_word_halves)."""
     if WEIGHTS_FIRST:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
@@ -237,16 +242,12 @@ def _int4_dots(x_base, x32_base, m_ok, w_base, w16_base, n_ok, sc_ptr, zp_ptr, r
         s = tl.load(sc_ptr + at, mask=n_ok, other=0.0).to(tl.float32)
         z = tl.load(zp_ptr + at, mask=n_ok, other=0.0).to(tl.float32)
         if CODES >= 3:  # four dots of BLOCK_K / 4: nibble j of each word against its x columns
-            zm = _zero_f16(z)[:, None]
             x_at = b0 + word_cols // 2  # (x as 32-bit pairs of columns: nibbles 0 and 2's, then 16 further 1 and 3's)
             x_ok = m_ok[:, None] & (2 * x_at < k)[None, :]
             lo_even, lo_odd = _x_pairs(x32_base, x_at, x_ok, nw32_ptr, rstd, NORM)
             hi_even, hi_odd = _x_pairs(x32_base, x_at + 8, m_ok[:, None] & (2 * x_at + 16 < k)[None, :], nw32_ptr, rstd,
                                        NORM)
-            w0 = _int4_word_halves(words, zm, 0, CODES == 4)
-            w1 = _int4_word_halves(words, zm, 1, CODES == 4)
-            w2 = _int4_word_halves(words, zm, 2, CODES == 4)
-            w3 = _int4_word_halves(words, zm, 3, CODES == 4)
+            w0, w1, w2, w3 = _int4_word_halves(words, z[:, None], CODES == 4)
             if WEIGHTS_FIRST:
                 d = tl.dot(w0, tl.trans(lo_even), input_precision=PRECISION)
                 d = tl.dot(w1, tl.trans(hi_even), acc=d, input_precision=PRECISION)
