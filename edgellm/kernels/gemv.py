@@ -78,7 +78,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
                  LINE: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
                  ROPE: tl.constexpr, SUMSQ: tl.constexpr, BLOCK_P: tl.constexpr,
                  ORDERED_SUMS: tl.constexpr, CODES: tl.constexpr, WEIGHTS_FIRST: tl.constexpr,
-                 SPLIT_K: tl.constexpr):
+                 SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr):
     j = tl.arange(0, BLOCK_N)
     if GLU:  # the tile's rows pair each output feature's gate row with its up row (n rows further)
         rows_n = tl.program_id(0) * (BLOCK_N // 2) + j // 2  # the output feature of each tile row
@@ -151,7 +151,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym,
             w16_base, x32_base, nw32_ptr = w_base, x_base, nw_ptr
         acc = _int4_dots(x_base, x32_base, m_ok, w_base, w16_base, n_ok, sc_ptr, zp_ptr, w_rows, s_sn, k, k_lo, k_hi,
                          group, nw_ptr, nw32_ptr, rstd,
-                         BLOCK_M, BLOCK_N, BLOCK_K, NUM_STAGES, PRECISION, NORM, CODES, WEIGHTS_FIRST)
+                         BLOCK_M, BLOCK_N, BLOCK_K, NUM_STAGES, PRECISION, NORM, CODES, WEIGHTS_FIRST, EVEN_K)
     else:
         if WEIGHTS_FIRST:  # (packed weights: W x^T, gemv_weights._int4_dots says why)
             acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -418,6 +418,7 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
         BLOCK_P=pow2(norm_sumsq.shape[0]) if norm_sumsq is not None else 1, ORDERED_SUMS=run_settings().batch_invariant,
         CODES=_codes_mode(quant, x.dtype, _pairs_aligned(x2, norm) and block_m <= 16),
         WEIGHTS_FIRST=quant is not None and run_settings().packed_operands == "weights", SPLIT_K=splits,
+        EVEN_K=quant == "int4" and k % block_k == 0,
         num_warps=warps, launch_pdl=pdl > 0)
     return y.reshape(*lead, out_n)
 

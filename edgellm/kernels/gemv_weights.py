@@ -207,7 +207,7 @@ def _x_pairs(x32_base, at, ok, nw32_ptr, rstd, NORM: tl.constexpr):
 def _int4_dots(x_base, x32_base, m_ok, w_base, w16_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, k_lo, k_hi, group,
                nw_ptr, nw32_ptr, rstd, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr, NORM: tl.constexpr, CODES: tl.constexpr,
-               WEIGHTS_FIRST: tl.constexpr):
+               WEIGHTS_FIRST: tl.constexpr, EVEN_K: tl.constexpr = False):
     """x @ W^T [BLOCK_M, BLOCK_N] over columns k_lo..k_hi (of k) in int4 tiles that each lie in one group
     (BLOCK_K <= group) on the tensor cores: a tile's BLOCK_K / 2 bytes of each row as they lie, their low
     and their high nibbles (less the zero: small integers, exact in fp16 / bf16) in two dots against the x
@@ -219,7 +219,8 @@ def _int4_dots(x_base, x32_base, m_ok, w_base, w16_base, n_ok, sc_ptr, zp_ptr, r
     off in float16 (the same exact integers, no conversion of each code), 2 the same four bytes at a time
     in PTX (_int4_halves); 3 the tile's bytes read as int16 words of four codes, in four dots of
     BLOCK_K / 4 (nibble j of each word against its columns; x, and the norm weight, read as 32-bit pairs
-    of halves: _x_pairs), 4 the same in PTX, two words (eight codes) at a time (_int4_word_halves)."""
+    of halves: _x_pairs), 4 the same in PTX, two words (eight codes) at a time (_int4_word_halves).
+    EVEN_K: k a whole number of tiles, so only the rows' bounds mask the loads."""
     if WEIGHTS_FIRST:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
@@ -234,8 +235,13 @@ def _int4_dots(x_base, x32_base, m_ok, w_base, w16_base, n_ok, sc_ptr, zp_ptr, r
         if CODES >= 3:
             # (a word whose block starts before k is stored, zero-padded: masked by the row's word count, runs
             # of 8 words stay one vector load)
-            words = tl.load(w16_base + (b0 // 2 + cw)[None, :],
-                            mask=n_ok[:, None] & (b0 // 2 + cw < (k + 31) // 32 * 8)[None, :], other=0)
+            if EVEN_K:  # (whole tiles: the rows' bounds are the only mask)
+                words = tl.load(w16_base + (b0 // 2 + cw)[None, :], mask=n_ok[:, None], other=0)
+            else:
+                words = tl.load(w16_base + (b0 // 2 + cw)[None, :],
+                                mask=n_ok[:, None] & (b0 // 2 + cw < (k + 31) // 32 * 8)[None, :], other=0)
+        elif EVEN_K:
+            packed = tl.load(w_base + (b0 + c)[None, :], mask=n_ok[:, None], other=0)
         else:
             packed = tl.load(w_base + (b0 + c)[None, :], mask=n_ok[:, None] & (cols < k)[None, :], other=0)
         at = rows_n * s_sn + 2 * b0 // group
@@ -243,10 +249,14 @@ def _int4_dots(x_base, x32_base, m_ok, w_base, w16_base, n_ok, sc_ptr, zp_ptr, r
         z = tl.load(zp_ptr + at, mask=n_ok, other=0.0).to(tl.float32)
         if CODES >= 3:  # four dots of BLOCK_K / 4: nibble j of each word against its x columns
             x_at = b0 + word_cols // 2  # (x as 32-bit pairs of columns: nibbles 0 and 2's, then 16 further 1 and 3's)
-            x_ok = m_ok[:, None] & (2 * x_at < k)[None, :]
-            lo_even, lo_odd = _x_pairs(x32_base, x_at, x_ok, nw32_ptr, rstd, NORM)
-            hi_even, hi_odd = _x_pairs(x32_base, x_at + 8, m_ok[:, None] & (2 * x_at + 16 < k)[None, :], nw32_ptr, rstd,
-                                       NORM)
+            if EVEN_K:
+                lo_ok = m_ok[:, None]
+                hi_ok = lo_ok
+            else:
+                lo_ok = m_ok[:, None] & (2 * x_at < k)[None, :]
+                hi_ok = m_ok[:, None] & (2 * x_at + 16 < k)[None, :]
+            lo_even, lo_odd = _x_pairs(x32_base, x_at, lo_ok, nw32_ptr, rstd, NORM)
+            hi_even, hi_odd = _x_pairs(x32_base, x_at + 8, hi_ok, nw32_ptr, rstd, NORM)
             w0, w1, w2, w3 = _int4_word_halves(words, z[:, None], CODES == 4)
             if WEIGHTS_FIRST:
                 d = tl.dot(w0, tl.trans(lo_even), input_precision=PRECISION)
