@@ -246,17 +246,18 @@ def make_runner(model_dir: str | Path, *, batches, isl: int, osl: int, ttft_lens
 
 def run(model: str, *, batches=(1, 4, 16, 64), isl: int = 128, osl: int = 256, ttft_lens=(128, 1024, 4096),
         iterations: int = 3, dtype: str = "float16", cuda_graphs: bool = True, cache_dir: str | Path = "/tmp/edgellm-bench",
-        runner=None) -> dict:
-    """Our figures for one model (a directory or a named shape), on `runner` if given (built for
-    these sizes by make_runner). Returns a JSON-ready dict."""
+        runner=None, quantization: str | None = None, quantize_lm_head: bool = False) -> dict:
+    """Our figures for one model (a directory or a named shape; its weights packed at load with
+    `quantization`), on `runner` if given (built for these sizes by make_runner). Returns a JSON-ready dict."""
     if not torch.cuda.is_available():
         raise ConfigurationError("the benchmark needs a CUDA GPU")
     if runner is None:
         model_dir = random_model_dir(model, cache_dir) if model in SHAPES else Path(model)
         runner = make_runner(model_dir, batches=batches, isl=isl, osl=osl, ttft_lens=ttft_lens, dtype=dtype,
-                             cuda_graphs=cuda_graphs)
+                             cuda_graphs=cuda_graphs, quantization=quantization, quantize_lm_head=quantize_lm_head)
     bandwidth = copy_bandwidth(runner.device)
     result = dict(model=model, dtype=dtype, cuda_graphs=cuda_graphs, copy_TBps=bandwidth / 1e12,
+                  quantization=(quantization or "none") + ("+head" if quantize_lm_head else ""),
                   weight_gb=weight_bytes(runner) / 1e9, decode=[], ttft=[])
     for batch in batches:
         row = bench_decode(runner, batch, isl, osl, iterations, bandwidth)
@@ -272,8 +273,9 @@ def run(model: str, *, batches=(1, 4, 16, 64), isl: int = 128, osl: int = 256, t
 
 
 def print_table(result: dict, label: str = "edgellm") -> None:
-    print(f"{label}  {result['model']}  {result['dtype']}  copy {result['copy_TBps']:.2f} TB/s  "
-          f"weights {result['weight_gb']:.2f} GB")
+    packed = result.get("quantization", "none")
+    print(f"{label}  {result['model']}  {result['dtype']}" + (f" {packed}" if packed != "none" else "") +
+          f"  copy {result['copy_TBps']:.2f} TB/s  weights {result['weight_gb']:.2f} GB")
     print(f"{'batch':>5s} {'tok/s':>9s} {'ms/step':>8s} {'floor ms':>8s} {'% floor':>7s} {'peak GB':>7s}")
     for r in result["decode"]:
         print(f"{r['batch']:5d} {r['tokens_per_s']:9.0f} {r['ms_per_step']:8.3f} "

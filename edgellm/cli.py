@@ -322,9 +322,13 @@ def cmd_bench(args) -> int:
         return 0
     model = args.shape or args.model_dir
     if args.backend:
+        if args.quantization:
+            raise EdgeLLMError("--quantization times our engine alone: drop --backend (or --quantization)")
         return _bench_backends(args, model)
     if model is None:
         raise EdgeLLMError("give --shape (" + ", ".join(benchmark.SHAPES) + ") or --model-dir")
+    if args.quantize_lm_head and not args.quantization:
+        raise EdgeLLMError("--quantize-lm-head needs --quantization")
     if args.plot:  # fail before the GPU work, not after it
         import importlib.util
 
@@ -332,8 +336,8 @@ def cmd_bench(args) -> int:
             raise EdgeLLMError("--plot needs matplotlib: pip install matplotlib (the plot extra)")
     result = benchmark.run(model, batches=args.batch or [1, 4, 16, 64], isl=args.isl, osl=args.osl or 256,
                            ttft_lens=args.ttft, iterations=args.iterations, dtype=args.dtype or "float16",
-                           cuda_graphs=not args.no_cuda_graphs,
-                           cache_dir=args.cache_dir)
+                           cuda_graphs=not args.no_cuda_graphs, cache_dir=args.cache_dir,
+                           quantization=args.quantization, quantize_lm_head=args.quantize_lm_head)
     benchmark.print_table(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -443,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="with --backend: cpu or cuda (default: cuda when available)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly")
     p.add_argument("--cache-dir", default="/tmp/edgellm-bench", help="where random-weight models are written")
+    _quantization_options(p)
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--plot", default=None, metavar="OUT.png",
                    help="draw decode tokens/s per batch size against the bandwidth floor and (from bench/decode.py "

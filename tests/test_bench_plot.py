@@ -56,3 +56,16 @@ def test_plot_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
     with pytest.raises(ConfigurationError, match="matplotlib"):
         plot_decode([OURS], tmp_path / "x.png")
+
+
+def test_bench_takes_a_quantization_and_refuses_what_does_not_fit(capsys):
+    """`edgellm bench --quantization int4 [--quantize-lm-head]` times the packed engine (bench/quant.py's
+    formats from the command line); the mismatches are told before any GPU work."""
+    assert main(["bench", "--shape", "llama-3.1-8b", "--quantize-lm-head"]) != 0  # (the head alone: no format)
+    assert "--quantize-lm-head needs --quantization" in capsys.readouterr().err
+    assert main(["bench", "--backend", "triton", "--quantization", "int4"]) != 0
+    assert "drop --backend" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--quantization", "int5"])
+    assert "invalid choice: 'int5'" in capsys.readouterr().err
+
