@@ -14,9 +14,9 @@ faster than the tensor-core tile, for fp16 a few percent, on the H100).
 
 import torch
 
-from .dispatch import interpreter_on, run_settings
+from .dispatch import run_settings
 from ._triton import dot_precision, pdl_release, pdl_wait, pow2, prefetch_l2, tl, triton, use_pdl
-from .gemv_weights import INT4_CODES, QUANT_CODES, _int4_dots, _row_gemv, _weight_tile
+from .gemv_weights import QUANT_CODES, _int4_dots, _row_gemv, _weight_tile, codes_mode
 from .gemv_fusions import (RopeAppend, check_fusions, check_sums, load_x, rope_append_epilogue, rope_operands, row_rstd,
                            sum_in_order)
 from .rms_norm import rms_norm_ref
@@ -254,22 +254,6 @@ def _launch_tile(weight, row_fma: bool, pairs: bool, tile=None) -> tuple[int, in
     return block_n, block_k, warps, stages, programs
 
 
-def _codes_mode(quant: str | None, dtype: torch.dtype, words: bool = True) -> int:
-    """The CODES constexpr (gemv_weights.INT4_CODES) of RunSettings.int4_codes (int8, fp8: 2 for their PTX,
-    as RunSettings.byte_codes asks): its halves need float16 activations, its PTX a compiled kernel (the
-    interpreter takes the same halves from Triton ops), its words (3, 4) `words` (else the bytes: 1, 2)."""
-    if quant is None or dtype != torch.float16:
-        return 0
-    if quant in ("int8", "fp8"):  # (one-byte codes: their PTX or not, RunSettings.byte_codes)
-        return 2 if run_settings().byte_codes == "ptx" and not interpreter_on() else 0
-    chosen = INT4_CODES[run_settings().int4_codes]
-    if interpreter_on() and chosen in (2, 4):  # (the PTX's twins: the same halves from Triton's ops)
-        chosen -= 1
-    if chosen >= 3 and not words:  # (words read x as 32-bit pairs; past 16 rows a program, bytes)
-        chosen = 2 if chosen == 4 else 1
-    return chosen
-
-
 def _pairs_aligned(x2: torch.Tensor, norm) -> bool:
     """Whether x's rows (and the norm weight) can be read as 32-bit pairs of halves (the int4 words path,
     taken up to 16 rows a program: past them its x tile costs more than the words save, bench/sass_gemv.py;
@@ -416,7 +400,7 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
         GLU=0 if glu is None else 1 + GATE_ACTIVATIONS.index(glu), RESIDUAL=residual is not None,
         ROPE=rope_append is not None, SUMSQ=sumsq_out is not None,
         BLOCK_P=pow2(norm_sumsq.shape[0]) if norm_sumsq is not None else 1, ORDERED_SUMS=run_settings().batch_invariant,
-        CODES=_codes_mode(quant, x.dtype, _pairs_aligned(x2, norm) and block_m <= 16),
+        CODES=codes_mode(quant, x.dtype, _pairs_aligned(x2, norm) and block_m <= 16),
         WEIGHTS_FIRST=quant is not None and run_settings().packed_operands == "weights", SPLIT_K=splits,
         EVEN_K=quant == "int4" and k % block_k == 0,
         num_warps=warps, launch_pdl=pdl > 0)

@@ -3,7 +3,9 @@ instructions, int4 tiles and their tensor-core dots, the one-row CUDA-core dot p
 full-precision, int8 or fp8 rows. kernels/dequantize.py unpacks with the same pieces. No op of its own,
 so no `_ref` here: what these compute is checked through gemv.gemv_ref and dequantize.dequantize_ref."""
 
-from ._triton import HAS_TRITON, tl, triton
+import torch
+
+from ._triton import HAS_TRITON, interpreter_on, run_settings, tl, triton
 from .gemv_fusions import load_x
 
 
@@ -12,6 +14,22 @@ QUANT_CODES = {None: 0, "int8": 1, "int4": 2, "fp8": 3}
 # How the int4 tensor-core path makes its codes floats (RunSettings.int4_codes -> the CODES constexpr of
 # _int4_dots; all but f32 with float16 activations only, the PTX ones in compiled kernels only).
 INT4_CODES = {"f32": 0, "f16": 1, "ptx": 2, "words": 3, "words-ptx": 4}
+
+
+def codes_mode(quant: str | None, dtype: torch.dtype, words: bool = True) -> int:
+    """The CODES constexpr (INT4_CODES) of RunSettings.int4_codes (int8, fp8: 2 for their PTX,
+    as RunSettings.byte_codes asks): its halves need float16 activations, its PTX a compiled kernel (the
+    interpreter takes the same halves from Triton ops), its words (3, 4) `words` (else the bytes: 1, 2)."""
+    if quant is None or dtype != torch.float16:
+        return 0
+    if quant in ("int8", "fp8"):  # (one-byte codes: their PTX or not, RunSettings.byte_codes)
+        return 2 if run_settings().byte_codes == "ptx" and not interpreter_on() else 0
+    chosen = INT4_CODES[run_settings().int4_codes]
+    if interpreter_on() and chosen in (2, 4):  # (the PTX's twins: the same halves from Triton's ops)
+        chosen -= 1
+    if chosen >= 3 and not words:  # (words read x as 32-bit pairs; past 16 rows a program, bytes)
+        chosen = 2 if chosen == 4 else 1
+    return chosen
 
 
 @triton.jit

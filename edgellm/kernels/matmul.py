@@ -16,8 +16,8 @@ packed bytes written, then read back by cuBLAS; RunSettings.packed_prefill).
 import torch
 import torch.nn.functional as F
 
-from ._triton import dot_precision, interpreter_on, run_settings, tl, triton
-from .gemv_weights import _codes_f32, _int4_halves, _zero_f16, _zero_f32
+from ._triton import dot_precision, tl, triton
+from .gemv_weights import _int4_dots, codes_mode
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): one tile for every shape (the invariance needs one);
 # 128 x 128 x 64 with 8 warps is Triton's usual choice for large fp16 GEMMs on Hopper.
@@ -25,39 +25,10 @@ TILE = (128, 128, 64, 8, 3)
 
 
 @triton.jit
-def _int4_step(x_ptrs, x_ok, w_ptrs, n_ok, sc_ptr, zp_ptr, cols, s_sn, k0, k, group,
-               PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, CODES: tl.constexpr):
-    """One K step over int4 weights (formats.py's blocks of 32; BLOCK_K within one group): x [rows, BLOCK_K]
-    against the step's BLOCK_K / 2 bytes of each weight row, their low and their high nibbles less the zero
-    in two dots (byte c: columns c + 16 (c // 16) and 16 further, as the GEMV reads them), times the
-    group's scale. CODES: 0 float32 codes converted; 1 (float16) halves from their bits, 2 the same in PTX."""
-    c = tl.arange(0, BLOCK_K // 2)
-    lo_cols = k0 + c + (c // 16) * 16
-    packed = tl.load(w_ptrs + k0 // 2, mask=n_ok[:, None] & (lo_cols < k)[None, :], other=0)
-    at = cols * s_sn + k0 // group
-    s = tl.load(sc_ptr + at, mask=n_ok, other=0.0).to(tl.float32)
-    z = tl.load(zp_ptr + at, mask=n_ok, other=0.0).to(tl.float32)
-    x_lo = tl.load(x_ptrs + lo_cols[None, :], mask=x_ok[:, None] & (lo_cols < k)[None, :], other=0.0)
-    x_hi = tl.load(x_ptrs + lo_cols[None, :] + 16, mask=x_ok[:, None] & (lo_cols + 16 < k)[None, :], other=0.0)
-    if CODES > 0:
-        zm = _zero_f16(z)[:, None]
-        lo = _int4_halves(packed, zm, False, CODES == 2)
-        hi = _int4_halves(packed, zm, True, CODES == 2)
-    else:
-        zm = _zero_f32(z)[:, None]
-        q = packed.to(tl.int32)
-        lo = (_codes_f32(q & 0xF) - zm).to(x_lo.dtype)  # small integers, exact in fp16 / bf16
-        hi = (_codes_f32(q >> 4) - zm).to(x_lo.dtype)
-    d = tl.dot(x_lo, tl.trans(lo), input_precision=PRECISION)
-    d = tl.dot(x_hi, tl.trans(hi), d, input_precision=PRECISION)
-    return d * s[None, :]
-
-
-@triton.jit
 def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym, sc_ptr, zp_ptr, s_sn, group: tl.constexpr,
                    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr, INT4: tl.constexpr,
-                   CODES: tl.constexpr):
+                   CODES: tl.constexpr, EVEN_K: tl.constexpr):
     # Programs walk the tiles in groups of GROUP_M row blocks, so neighbours share weight tiles in L2.
     pid = tl.program_id(0)
     blocks_m = tl.cdiv(m, BLOCK_M)
@@ -71,12 +42,12 @@ def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, m, n, k, s_xm, s_wn, s_ym, sc_ptr
     cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if INT4:  # (a packed int4 weight, unpacked tile by tile: prefill without a dequantized copy)
+    if INT4:  # (a packed int4 weight, unpacked tile by tile as the GEMV's dots do: no dequantized copy)
         x_rows = x_ptr + rows.to(tl.int64)[:, None] * s_xm
-        w_rows = w_ptr + cols.to(tl.int64)[:, None] * s_wn + tl.arange(0, BLOCK_K // 2)[None, :]
-        for k0 in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
-            acc += _int4_step(x_rows, rows < m, w_rows, cols < n, sc_ptr, zp_ptr, cols, s_sn, k0, k, group, PRECISION,
-                              BLOCK_K, CODES)
+        w_rows = w_ptr + cols.to(tl.int64)[:, None] * s_wn
+        acc = _int4_dots(x_rows, x_rows, rows < m, w_rows, w_rows, cols < n, sc_ptr, zp_ptr, cols, s_sn, k, 0, k,
+                         group, x_ptr, x_ptr, tl.zeros([BLOCK_M], dtype=tl.float32), BLOCK_M, BLOCK_N, BLOCK_K,
+                         NUM_STAGES, PRECISION, 0, CODES, False, EVEN_K)
     else:
         x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * s_xm + kk[None, :]
         w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * s_wn + kk[None, :]
@@ -100,8 +71,8 @@ def supports(weight) -> bool:
 
 def matmul(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None) -> torch.Tensor:
     """x [..., K] @ weight [N, K]^T (+ bias [N]) -> [..., N] in x's dtype; weight a tensor or an int4
-    QuantizedWeight (edgellm/quant: unpacked tile by tile, no dequantized copy; the PTX codes of
-    RunSettings.int4_codes "ptx" with float16 x); tile=(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) overrides
+    QuantizedWeight (edgellm/quant: unpacked tile by tile, no dequantized copy; codes as
+    RunSettings.int4_codes asks, gemv_weights.codes_mode, its bytes path: 128-row tiles); tile=(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) overrides
     TILE (tests: the interpreter's tiles are small)."""
     *lead, k = x.shape
     kind = getattr(weight, "kind", None)
@@ -120,18 +91,16 @@ def matmul(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=No
     m, n = x2.shape[0], weight.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m, block_n, block_k, warps, stages = tile or TILE
-    codes = 0
     if kind == "int4":
         block_k = min(max(32, block_k), weight.group & -weight.group)  # (a K tile in one group, whole blocks)
-        if x.dtype == torch.float16 and run_settings().int4_codes in ("f16", "ptx", "words", "words-ptx"):
-            codes = 2 if "ptx" in run_settings().int4_codes and not interpreter_on() else 1
     scales = weight.scales if kind else y
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     _matmul_kernel[grid](x2, data, bias if bias is not None else y, y, m, n, k, x2.stride(0), data.stride(0),
                          y.stride(0), scales, weight.zeros if kind else y, scales.stride(0) if kind else 0,
                          weight.group if kind else 1, HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype),
                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, NUM_STAGES=stages,
-                         INT4=kind == "int4", CODES=codes, num_warps=warps)
+                         INT4=kind == "int4", CODES=codes_mode(kind, x.dtype, words=False),
+                         EVEN_K=kind == "int4" and k % block_k == 0, num_warps=warps)
     return y.reshape(*lead, n)
 
 
