@@ -41,6 +41,18 @@ class _Caught:
         return keep
 
 
+def _caught(module, name: str, launch, settings: dict):
+    """(args, kwargs) of the kernel module.<name> that launch() calls under `settings`, caught, not run."""
+    caught, real = _Caught(), getattr(module, name)
+    setattr(module, name, caught)
+    try:
+        with run_with(**settings):
+            launch()
+    finally:
+        setattr(module, name, real)
+    return caught.call
+
+
 def compile_call(args, kwargs, fn=None):
     """The caught call of `fn` (default: the GEMV's kernel) compiled for sm_90: the compiled kernel (asm:
     ttgir, ptx, cubin)."""
@@ -110,15 +122,8 @@ def loop_body(text: str) -> str:
 def variant(x, weight, tile, row_fma, fused=None, **settings):
     """gemv(x, weight, tile=, row_fma=, **fused) under `settings` compiled: (the kernel, weights a thread
     unpacks per trip around the K loop)."""
-    caught = _Caught()
-    real = gemv._gemv_kernel
-    gemv._gemv_kernel = caught
-    try:
-        with run_with(**settings):
-            gemv.gemv(x, weight, tile=tile, row_fma=row_fma, **(fused or {}))
-    finally:
-        gemv._gemv_kernel = real
-    args, kwargs = caught.call
+    args, kwargs = _caught(gemv, "_gemv_kernel", lambda: gemv.gemv(x, weight, tile=tile, row_fma=row_fma,
+                                                                  **(fused or {})), settings)
     # (weights a thread unpacks per trip around the K loop)
     per_thread = kwargs["BLOCK_N"] * kwargs["BLOCK_K"] // (32 * kwargs["num_warps"])
     return compile_call(args, {k: v for k, v in kwargs.items() if k != "launch_pdl"}), per_thread
@@ -132,16 +137,8 @@ def matmul_variant(x, weight, **settings):
     """kernels/matmul.py's call of matmul(x, weight) under `settings`, compiled for sm_90."""
     from edgellm.kernels import matmul
 
-    caught = _Caught()
-    real = matmul._matmul_kernel
-    matmul._matmul_kernel = caught
-    try:
-        with run_with(**settings):
-            matmul.matmul(x, weight)
-    finally:
-        matmul._matmul_kernel = real
-    args, kwargs = caught.call
-    return compile_call(args, kwargs, real)
+    args, kwargs = _caught(matmul, "_matmul_kernel", lambda: matmul.matmul(x, weight), settings)
+    return compile_call(args, kwargs, matmul._matmul_kernel)
 
 
 def check() -> int:

@@ -353,12 +353,11 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
     splits, chunk = k_split(k, block_k, wanted)
     ws = cnt = None
     if splits > 1:
-        cnt = counters(x.device)
-        if cnt is None or programs * triton.cdiv(m, block_m) > COUNTERS:
+        cnt, tiles = counters(x.device), programs * triton.cdiv(m, block_m)
+        if cnt is None or tiles > COUNTERS:
             splits, chunk = 1, k
         else:
-            ws = torch.empty(programs * triton.cdiv(m, block_m) * splits * block_m * block_n, dtype=torch.float32,
-                             device=x.device)
+            ws = torch.empty(tiles * splits * block_m * block_n, dtype=torch.float32, device=x.device)
     if quant == "fp8":
         data = data.view(torch.uint8)  # decoded from its bits in the kernel (_weight_tile)
     scales = weight.scales if quant else data
