@@ -399,7 +399,7 @@ def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, tile=None
         GLU=0 if glu is None else 1 + GATE_ACTIVATIONS.index(glu), RESIDUAL=residual is not None,
         ROPE=rope_append is not None, SUMSQ=sumsq_out is not None,
         BLOCK_P=pow2(norm_sumsq.shape[0]) if norm_sumsq is not None else 1, ORDERED_SUMS=run_settings().batch_invariant,
-        CODES=codes_mode(quant, x.dtype, _pairs_aligned(x2, norm) and block_m <= 16),
+        CODES=codes_mode(quant, x.dtype, quant == "int4" and block_m <= 16 and _pairs_aligned(x2, norm)),
         WEIGHTS_FIRST=quant is not None and run_settings().packed_operands == "weights", SPLIT_K=splits,
         EVEN_K=quant == "int4" and k % block_k == 0,
         num_warps=warps, launch_pdl=pdl > 0)

@@ -173,7 +173,7 @@ def _int4_word_halves(words, z, PTX: tl.constexpr):
 
 
 @triton.jit
-def cols_of(b0, BLOCK_K: tl.constexpr):
+def _cols_of(b0, BLOCK_K: tl.constexpr):
     """The low-nibble columns [BLOCK_K // 32, 16] of the int4 blocks from byte b0 (_int4_block_bytes)."""
     return 2 * b0 + tl.arange(0, BLOCK_K // 32)[:, None] * 32 + tl.arange(0, 16)[None, :]
 
@@ -185,7 +185,7 @@ def _int4_block_bytes(w_base, sc_ptr, zp_ptr, rows_n, n_ok, s_sn, b0, k, group, 
     and the low nibbles' columns [NB, 16] (the high ones' are 16 further)."""
     blk = tl.arange(0, NB)
     t = tl.arange(0, 16)
-    cols = cols_of(b0, NB * 32)
+    cols = _cols_of(b0, NB * 32)
     packed = tl.load(w_base[:, :, None] + (b0 + blk[:, None] * 16 + t[None, :])[None],
                      mask=n_ok[:, None, None] & (cols < k)[None], other=0)
     first = 2 * b0 + blk * 32  # each block's first column
@@ -329,7 +329,7 @@ def _row_gemv(x_ptr, w_base, n_ok, sc_ptr, zp_ptr, rows_n, s_sn, k, k_lo, k_hi, 
         # less the zero dotted with x, times the scale
         acc = tl.zeros([BLOCK_N, BLOCK_K // 32], dtype=tl.float32)
         for b0 in tl.range(k_lo // 2, (k_hi + 1) // 2, BLOCK_K // 2, num_stages=NUM_STAGES):
-            cols = cols_of(b0, BLOCK_K)
+            cols = _cols_of(b0, BLOCK_K)
             x_lo = load_x(x_ptr + cols, cols < k, nw_ptr + cols, cols < k, rstd, NORM).to(tl.float32)[None]
             x_hi = load_x(x_ptr + cols + 16, cols + 16 < k, nw_ptr + cols + 16, cols + 16 < k, rstd,
                           NORM).to(tl.float32)[None]
